@@ -1,0 +1,1 @@
+"""Triton kernels of armijo_fused (installed as ``armijo_fused.kernels``)."""

@@ -1,0 +1,131 @@
+"""The readable torch reference of every fused pass: the ground truth of the kernel tests.
+
+All passes work on one flat fp32 buffer laid out by :class:`FlatLayout` and share one signature
+across the three backends (``torch_backend``, ``triton_backend``, ``cpp_backend``):
+
+``first_pass(rule, param, grad, states, scalars, weight_decay, eta, gscale, layout) -> sums``
+    Fold the gradient into the state, form the direction and move θ to the first trial point::
+
+        g      = grad * gscale[0]            # the true gradient (gscale[0] undoes AMP scaling)
+        g_in   = g * gscale[1]               # what the state absorbs (gscale[1] clips)
+        state  <- rule.update_state(g_in)
+        d      = u(state, g_in) + wd * θ0    # the applied direction, decoupled weight decay
+        θ      <- θ0 - eta[b] * d            # eta is per block, a device tensor
+        sums[b] = (<g, d>, |g|^2, |d|^2)     # fp32, per block
+
+``move(rule, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale, layout,
+precond_old, precond_new, compute_sums) -> sums | None``
+    θ sits at θ0 - eta_old * d_old; move it to θ0 - eta_new * d_new without a copy of θ0: θ0 is
+    recovered as (θ + eta_old * u_old) / (1 - eta_old * wd_old). ``precond`` selects the fallback
+    direction (rule.precond_grad, no weight decay) instead of ``u + wd θ0``. A block whose step size
+    and direction are unchanged is left untouched (the kernels exit early there). Serves
+    backtracking, the final scaling by lr_t/lr_0, the revert (eta_new = 0) and the fallback.
+
+``grad_sq_norm(grad, layout) -> [nblocks]``: per-block Σ grad², the pre-pass behind the non-finite
+    check and clipping inside the optimizer.
+
+``gscale`` is a float32 device tensor of two entries; if either is not finite the pass writes
+nothing and returns zero sums, so a step with a non-finite gradient leaves θ and state untouched
+without a host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..directions.base import DirectionRule
+from ..storage.layout import FlatLayout
+
+name = "torch"
+
+
+def _blocks(layout: FlatLayout):
+    for b in range(layout.nblocks):
+        yield b, slice(layout.block_offsets[b], layout.block_offsets[b + 1])
+
+
+def _block_sums(g: Tensor, d: Tensor) -> Tensor:
+    g, d = g.float(), d.float()
+    return torch.stack([(g * d).sum(), (g * g).sum(), (d * d).sum()])
+
+
+def _unpack_scale(gscale: Tensor) -> tuple[float, float] | None:
+    unscale, clip = (float(x) for x in gscale.tolist())
+    if not (torch.isfinite(torch.tensor([unscale, clip])).all()):
+        return None
+    return unscale, clip
+
+
+def first_pass(
+    rule: DirectionRule,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    eta: Tensor,
+    gscale: Tensor,
+    layout: FlatLayout,
+) -> Tensor:
+    sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
+    scale = _unpack_scale(gscale)
+    if scale is None:
+        return sums
+    g = grad * scale[0]
+    g_in = g * scale[1]
+    rule.update_state(g_in, states, scalars)
+    d = rule.direction(g_in, states, scalars) + weight_decay * param
+    for b, sl in _blocks(layout):
+        param[sl].sub_(eta[b].to(param.dtype) * d[sl])
+        sums[b] = _block_sums(g[sl], d[sl])
+    return sums
+
+
+def _direction(rule, g_in, states, scalars, weight_decay, precond):
+    if precond:
+        return rule.precond_grad(g_in, states, scalars), 0.0
+    return rule.direction(g_in, states, scalars), weight_decay
+
+
+def move(
+    rule: DirectionRule,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    eta_old: Tensor,
+    eta_new: Tensor,
+    gscale: Tensor,
+    layout: FlatLayout,
+    precond_old: bool = False,
+    precond_new: bool = False,
+    compute_sums: bool = False,
+) -> Tensor | None:
+    sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
+    scale = _unpack_scale(gscale)
+    if scale is None:
+        return sums if compute_sums else None
+    g = grad * scale[0]
+    g_in = g * scale[1]
+    u_old, wd_old = _direction(rule, g_in, states, scalars, weight_decay, precond_old)
+    u_new, wd_new = _direction(rule, g_in, states, scalars, weight_decay, precond_new)
+    for b, sl in _blocks(layout):
+        e_old, e_new = float(eta_old[b]), float(eta_new[b])
+        theta0 = (param[sl] + e_old * u_old[sl]) / (1.0 - e_old * wd_old)
+        d_new = u_new[sl] + wd_new * theta0
+        if e_old != e_new or precond_old != precond_new:
+            param[sl].copy_(theta0 - e_new * d_new)
+        if compute_sums:
+            sums[b] = _block_sums(g[sl], d_new)
+    return sums if compute_sums else None
+
+
+def grad_sq_norm(grad: Tensor, layout: FlatLayout) -> Tensor:
+    out = torch.empty(layout.nblocks, dtype=torch.float32, device=grad.device)
+    for b, sl in _blocks(layout):
+        out[b] = grad[sl].float().square().sum()
+    return out

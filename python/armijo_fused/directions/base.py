@@ -1,0 +1,71 @@
+"""The interface every direction rule implements.
+
+A direction rule says how the optimizer state absorbs a gradient and which update direction it
+yields. It owns three things and nothing else:
+
+* ``state_names``: the flat fp32 state buffers it keeps (all start at zero);
+* ``scalars(group, step)``: the host-side numbers its kernels need, in a fixed order of
+  ``NUM_SCALARS`` floats (bias corrections are computed here, on the host, from the step count);
+* the torch reference math (``update_state``, ``direction``, ``precond_grad``), which is the ground
+  truth the Triton and C++ twins are tested against.
+
+Notation used by every pass (DESIGN.md §2): ``u`` is the rule's direction without weight decay,
+``d = u + wd * theta0`` the applied direction with decoupled weight decay, and the fallback
+direction ``precond_grad`` is the preconditioned gradient with neither momentum nor weight decay,
+which is a descent direction whenever the gradient is non-zero.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+from torch import Tensor
+
+NUM_SCALARS = 5
+
+
+class DirectionRule:
+    """Base class of the six direction rules; subclasses are stateless singletons."""
+
+    name: ClassVar[str]
+    #: index used by the fused kernels (Triton ``RULE`` constexpr, C++ switch); never reorder.
+    rule_id: ClassVar[int]
+    state_names: ClassVar[tuple[str, ...]] = ()
+    #: whether recomputing ``u`` from the state needs the gradient too (retry pass traffic).
+    direction_reads_grad: ClassVar[bool] = False
+    #: the group keys this rule reads, with their defaults (validated by ``validate``).
+    hyperparameters: ClassVar[dict[str, object]] = {}
+
+    def validate(self, group: dict) -> None:
+        """Raise ``ValueError`` naming the bad hyperparameter."""
+
+    def scalars(self, group: dict, step: int) -> tuple[float, ...]:
+        """The ``NUM_SCALARS`` host scalars of this step (``step`` counts from 1)."""
+        return (0.0,) * NUM_SCALARS
+
+    # -- torch reference twin ------------------------------------------------------------------
+    def update_state(self, g: Tensor, states: Sequence[Tensor], s: Sequence[float]) -> None:
+        """Fold the gradient into the state, in place."""
+
+    def direction(self, g: Tensor, states: Sequence[Tensor], s: Sequence[float]) -> Tensor:
+        """``u`` from the already updated state (a new tensor)."""
+        raise NotImplementedError
+
+    def precond_grad(self, g: Tensor, states: Sequence[Tensor], s: Sequence[float]) -> Tensor:
+        """The fallback descent direction: the gradient under the rule's preconditioner."""
+        return g.clone()
+
+
+def _pad(*values: float) -> tuple[float, ...]:
+    return tuple(float(v) for v in values) + (0.0,) * (NUM_SCALARS - len(values))
+
+
+def check_range(group: dict, key: str, lo: float, hi: float, *, lo_open=False, hi_open=True):
+    """Raise a ValueError naming ``key`` unless ``lo <= group[key] < hi`` (open ends as flagged)."""
+    v = group[key]
+    ok_lo = v > lo if lo_open else v >= lo
+    ok_hi = v < hi if hi_open else v <= hi
+    if not (isinstance(v, (int, float)) and ok_lo and ok_hi):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"invalid {key}: {v!r} (expected a number in {lb}{lo}, {hi}{rb})")

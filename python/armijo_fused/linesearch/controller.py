@@ -1,0 +1,161 @@
+"""The backtracking controller: trials, the Armijo test, backtracking and the fallbacks.
+
+It drives the fused passes through a :class:`Passes` object (one launch per flat buffer) and never
+touches tensors element-wise itself. One search, for step sizes η_b per buffer (equal in the
+global mode):
+
+1. ``first``: state update, direction d, sums ⟨g_b, d_b⟩, θ ← θ0 − η d (one fused pass).
+2. Trial forward; then one host read of [f0, f(trial), per-buffer sums] (one sync per trial).
+3. If Σ_b η_b ⟨g_b, d_b⟩ ≤ 0 the direction is not a descent direction (momentum can do that):
+   move to the fallback direction (preconditioned gradient, always descent) at the same η and
+   re-evaluate; counted in ``non_descent``.
+4. Armijo: accept when f(trial) ≤ f0 − c · Σ_b η_b ⟨g_b, d_b⟩, in float64 on the host, on the
+   direction actually applied. A non-finite trial loss is a rejection.
+5. Else η ← β·η, move θ in place to the new trial point (one fused pass), go to 2.
+6. Once the predicted decrease c·η·⟨g,d⟩ is below the loss's float resolution, the comparison
+   is decided by rounding: the search stops there (``unresolved``), takes no step and keeps η.
+7. After ``max_trials`` rejections: the documented fallback is to take no step (θ moves back to
+   θ0; the state keeps the gradient, as an Adam step with lr 0 would), and the policy resets η to
+   its running average.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SearchResult:
+    accepted: float | None  # the accepted step size (unscaled), None when trials ran out
+    trials: int
+    loss_before: float
+    loss_after: float  # loss at the accepted trial point (nan when none)
+    gd: float  # Σ ⟨g, d⟩ of the applied direction
+    grad_sq: float  # Σ ‖g‖²
+    non_descent: bool = False
+    unresolved: bool = False  # the predicted decrease fell below the loss's float resolution
+    skipped: bool = False  # the guard was not finite (non-finite gradient or f0): nothing moved
+    history: list = field(default_factory=list)  # (eta, loss) per trial
+
+
+class Passes:
+    """The interface the controller needs; implemented over the optimizer's flat buffers.
+
+    It remembers where θ sits (``eta``: one step size per flat buffer, ``precond``: whether the
+    fallback direction is in use), so a move names only its destination and a revert is one call.
+    """
+
+    eta: list
+    precond: bool
+
+    def first(self, eta: Sequence[float]) -> list[Tensor]: ...
+
+    def move_to(
+        self, eta: Sequence[float], *, precond: bool | None = None, compute_sums: bool = False
+    ) -> list[Tensor] | None: ...
+
+
+def read_floats(tensors: Sequence[Tensor]) -> list[float]:
+    """Bring small device tensors to the host in one transfer per device (the search's sync)."""
+    out = []
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append((i, t.detach().reshape(-1).double()))
+    values: dict[int, list[float]] = {}
+    for items in by_device.values():
+        flat = torch.cat([t for _, t in items]).tolist()
+        pos = 0
+        for i, t in items:
+            values[i] = flat[pos : pos + t.numel()]
+            pos += t.numel()
+    for i in range(len(tensors)):
+        out.extend(values[i])
+    return out
+
+
+def armijo_search(
+    passes: Passes,
+    evaluate: Callable[[], Tensor],
+    f0: Tensor,
+    eta0: Sequence[float],
+    *,
+    c: float,
+    backtrack: float,
+    max_trials: int,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    guard: Tensor | None = None,
+    resolution: float = 1e-6,
+) -> SearchResult:
+    """Run one backtracking search; θ ends at the accepted trial point (or at θ0 if none).
+
+    ``guard``: a small device tensor read along with the first trial; if any entry is not finite
+    the passes wrote nothing (see torch_backend.py) and the search ends as skipped.
+    ``resolution``: relative float resolution of the loss; once c·η·<g,d> < resolution·|f0| the
+    search stops without a step (``unresolved``), since rounding decides such comparisons.
+    """
+    eta = list(eta0)
+    sums = passes.first(eta)
+    precond = False
+    non_descent = False
+    history = []
+    f_before = math.nan
+    gd = grad_sq = math.nan
+    unresolved = False
+    for trial in range(1, max_trials + 1):
+        ft = evaluate()
+        vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
+        if guard is not None and trial == 1:
+            vec.append(guard.reshape(-1))
+        if reduce is not None:
+            vec = [reduce(torch.cat([v.double().to(vec[0].device) for v in vec]))]
+        vals = read_floats(vec)
+        f_before, f_trial, per_buf = vals[0], vals[1], vals[2:]
+        if guard is not None and trial == 1:
+            g_vals, per_buf = per_buf[len(per_buf) - guard.numel() :], per_buf[: -guard.numel()]
+            if not all(math.isfinite(x) for x in g_vals):
+                return SearchResult(None, 1, f_before, math.nan, math.nan, math.nan, skipped=True,
+                                    history=[(eta[0] if eta else 0.0, f_trial)])
+        gd_b, gsq_b = _buffer_sums(per_buf, sums)
+        gd, grad_sq = sum(gd_b), sum(gsq_b)
+        decrease = sum(e * x for e, x in zip(eta, gd_b))
+        history.append((eta[0] if eta else 0.0, f_trial))
+        if not math.isfinite(f_before):
+            break  # caller handles; θ reverted below
+        if decrease <= 0.0 and not precond and grad_sq > 0.0:
+            # Not a descent direction: switch to the preconditioned gradient at the same η.
+            sums = passes.move_to(eta, precond=True, compute_sums=True)
+            precond = non_descent = True
+            continue
+        if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
+            return SearchResult(eta[0], trial, f_before, f_trial, gd, grad_sq,
+                                non_descent=non_descent, history=history)
+        if c * decrease < resolution * abs(f_before):
+            # The predicted decrease is below what the loss can resolve (float rounding): more
+            # backtracking measures noise. Take no step and leave η alone (not a collapse).
+            unresolved = True
+            break
+        if trial == max_trials:
+            break
+        eta = [backtrack * e for e in eta]
+        passes.move_to(eta)
+    # No acceptable step: back to θ0 (the documented fallback).
+    passes.move_to([0.0] * len(eta))
+    return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
+                        non_descent=non_descent, unresolved=unresolved, history=history)
+
+
+def _buffer_sums(per_buf: list[float], sums: Sequence[Tensor]):
+    """Split the host copy of the concatenated [nblocks, 3] sums into per-buffer ⟨g,d⟩, ‖g‖²."""
+    gd, gsq, pos = [], [], 0
+    for s in sums:
+        n = s.numel()
+        rows = per_buf[pos : pos + n]
+        pos += n
+        gd.append(sum(rows[0::3]))
+        gsq.append(sum(rows[1::3]))
+    return gd, gsq

@@ -1,0 +1,55 @@
+"""The step-size policy: where the next search starts, and the guard against collapse.
+
+State (kept in every param group so schedulers, DCP and ``load_state_dict`` carry it):
+
+* ``step_size`` η: the step size the last search accepted; non-search steps apply it, and the next
+  search starts from ``η · growth`` (capped by ``max_step``), since backtracking can only shrink.
+* ``step_size_avg``: the running geometric average of accepted step sizes,
+  ``log η̄ ← a · log η̄ + (1 - a) · log η`` with ``a = avg_decay``.
+
+Collapse guard: one noisy mini-batch can make the search accept a step orders of magnitude smaller
+than usual, or none at all (trials exhausted). Carried over, such a step size stalls training for
+many steps while growth (×1.2 per search) climbs back. So an accepted step below
+``collapse_ratio · η̄`` (default 1e-2: two orders of magnitude), or an exhausted search, does not
+enter the average and the step size is reset to η̄ instead (DESIGN.md §8, lesson 3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepSizePolicy:
+    growth: float = 1.2
+    avg_decay: float = 0.9
+    collapse_ratio: float = 1e-2
+    max_step: float | None = None
+
+    def validate(self) -> None:
+        if not (self.growth >= 1.0 and math.isfinite(self.growth)):
+            raise ValueError(f"invalid growth: {self.growth!r} (expected a finite number >= 1)")
+        if not 0.0 <= self.avg_decay < 1.0:
+            raise ValueError(f"invalid avg_decay: {self.avg_decay!r} (expected 0 <= avg_decay < 1)")
+        if not 0.0 <= self.collapse_ratio < 1.0:
+            raise ValueError(
+                f"invalid collapse_ratio: {self.collapse_ratio!r} (expected 0 <= ratio < 1)"
+            )
+        if self.max_step is not None and not self.max_step > 0:
+            raise ValueError(f"invalid max_step: {self.max_step!r} (expected > 0 or None)")
+
+    def cap(self, eta: float) -> float:
+        return eta if self.max_step is None else min(eta, self.max_step)
+
+    def first_trial(self, step_size: float) -> float:
+        return self.cap(step_size * self.growth)
+
+    def after_search(self, step_size_avg: float, accepted: float | None) -> tuple[float, float, bool]:
+        """(new step_size, new step_size_avg, collapsed?) after a search that accepted ``accepted``
+        (None: trials exhausted)."""
+        if accepted is None or accepted < self.collapse_ratio * step_size_avg:
+            return self.cap(step_size_avg), step_size_avg, True
+        a = self.avg_decay
+        avg = math.exp(a * math.log(step_size_avg) + (1.0 - a) * math.log(accepted))
+        return accepted, avg, False

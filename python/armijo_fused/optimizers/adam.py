@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from .base import ArmijoOptimizer
+from .common_doc import LINESEARCH_ARGS
+
+
+class ArmijoAdam(ArmijoOptimizer):
+    __doc__ = r"""Adam-family directions with a stochastic Armijo line search on the step size.
+
+    .. math::
+        \begin{aligned}
+        &g_k = \nabla f_k(\theta_{k-1}) \text{ on the mini-batch; } f_0 = f_k(\theta_{k-1}) \\
+        &m_k = \beta_1 m_{k-1} + (1-\beta_1) g_k,\quad v_k = \beta_2 v_{k-1} + (1-\beta_2) g_k^2 \\
+        &u_k = \begin{cases}
+            \hat m_k / (\sqrt{\hat v_k} + \epsilon) & \text{adam} \\
+            (\beta_1 \hat m_k + (1-\beta_1) g_k / (1-\beta_1^k)) / (\sqrt{\hat v_k} + \epsilon)
+                & \text{nadam} \\
+            g_k / (\sqrt{v_k} + \epsilon),\ v_k = \alpha v_{k-1} + (1-\alpha) g_k^2 & \text{rmsprop}
+          \end{cases} \\
+        &d_k = u_k + \lambda \theta_{k-1} \quad\text{(decoupled weight decay, AdamW style)} \\
+        &\eta \leftarrow \min(\eta_{k-1} \cdot \text{growth}, \text{max\_step}) \\
+        &\textbf{while } f_k(\theta_{k-1} - \eta d_k) > f_0 - c\,\eta \langle g_k, d_k \rangle
+            \textbf{ and trials} < \text{max\_trials}: \ \eta \leftarrow \text{backtrack}\cdot\eta \\
+        &\theta_k = \theta_{k-1} - \eta \, (\text{lr}_t / \text{lr}_0) \, d_k
+        \end{aligned}
+
+    with :math:`\hat m_k = m_k / (1-\beta_1^k)`, :math:`\hat v_k = v_k / (1-\beta_2^k)`. If
+    :math:`\langle g_k, d_k \rangle \le 0` (momentum can point uphill) the step uses the fallback
+    direction :math:`g_k / (\sqrt{\hat v_k} + \epsilon)` instead. The search runs on the steps the
+    cadence picks; the others apply the last accepted η.
+
+    Args:
+        params (iterable): parameters or param groups (dicts), as for any torch optimizer
+        lr (float or Tensor, optional): reference value of the learning rate; only the ratio of
+            the scheduled lr to it matters (see below) (default: 1.0)
+        direction ("adam" | "nadam" | "rmsprop", optional): the update direction (default: "adam")
+        betas (Tuple[float, float], optional): adam/nadam moment coefficients (default: (0.9, 0.999))
+        alpha (float, optional): rmsprop's second-moment coefficient (default: 0.99)
+        eps (float, optional): added to the denominator (default: 1e-8)
+        weight_decay (float, optional): decoupled weight decay λ (default: 0)
+        init_step_size (float, optional): η before the first search; Adam directions have entries
+            of order 1, so this is the usual Adam learning rate (default: 1e-3)
+{LINESEARCH_ARGS}
+    Example:
+        >>> opt = ArmijoAdam(model.parameters(), model=model)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = loss_fn(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> opt.step(closure)
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        direction: str = "adam",
+        betas=(0.9, 0.999),
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        init_step_size: float = 1e-3,
+        c: float = 0.2,
+        backtrack: float = 0.5,
+        growth: float = 1.2,
+        max_trials: int = 20,
+        max_step: float | None = None,
+        collapse_ratio: float = 1e-2,
+        cadence="adaptive",
+        max_interval: int = 10,
+        max_grad_norm: float | None = None,
+        check_finite: bool = True,
+        backend: str = "auto",
+        layerwise: bool = False,
+        model=None,
+    ):
+        if direction not in ("adam", "nadam", "rmsprop"):
+            raise ValueError(
+                f"invalid direction for ArmijoAdam: {direction!r} (choose adam, nadam or rmsprop; "
+                "sgd, momentum and nesterov are ArmijoSGD's)"
+            )
+        rule_defaults = {"betas": tuple(betas), "eps": eps}
+        if direction == "rmsprop":
+            rule_defaults = {"alpha": alpha, "eps": eps}
+        super().__init__(
+            params, lr=lr, direction=direction, weight_decay=weight_decay,
+            init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth,
+            max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio,
+            cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
+            check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
+            rule_defaults=rule_defaults,
+        )
+
+
+ArmijoAdam.__doc__ = ArmijoAdam.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from .base import ArmijoOptimizer
+from .common_doc import LINESEARCH_ARGS
+
+
+class ArmijoSGD(ArmijoOptimizer):
+    __doc__ = r"""SGD-family directions with a stochastic Armijo line search (SLS, Vaswani et al. 2019).
+
+    .. math::
+        \begin{aligned}
+        &g_k = \nabla f_k(\theta_{k-1}) \text{ on the mini-batch; } f_0 = f_k(\theta_{k-1}) \\
+        &u_k = \begin{cases}
+            g_k & \text{sgd} \\
+            b_k,\ b_k = \mu b_{k-1} + g_k & \text{momentum} \\
+            g_k + \mu b_k & \text{nesterov}
+          \end{cases} \qquad d_k = u_k + \lambda \theta_{k-1} \\
+        &\eta \leftarrow \min(\eta_{k-1} \cdot \text{growth}, \text{max\_step}) \\
+        &\textbf{while } f_k(\theta_{k-1} - \eta d_k) > f_0 - c\,\eta \langle g_k, d_k \rangle
+            \textbf{ and trials} < \text{max\_trials}: \ \eta \leftarrow \text{backtrack}\cdot\eta \\
+        &\theta_k = \theta_{k-1} - \eta \, (\text{lr}_t / \text{lr}_0) \, d_k
+        \end{aligned}
+
+    If :math:`\langle g_k, d_k \rangle \le 0` (momentum can point uphill) the step falls back to
+    :math:`d_k = g_k`. The search runs on the steps the cadence picks; the others apply the last
+    accepted η.
+
+    Args:
+        params (iterable): parameters or param groups (dicts), as for any torch optimizer
+        lr (float or Tensor, optional): reference value of the learning rate; only the ratio of
+            the scheduled lr to it matters (see below) (default: 1.0)
+        direction ("sgd" | "momentum" | "nesterov", optional): the update direction
+            (default: "sgd")
+        momentum (float, optional): μ for momentum and nesterov (default: 0.9)
+        weight_decay (float, optional): decoupled weight decay λ (default: 0)
+        init_step_size (float, optional): η before the first search; SLS starts at 1 and lets the
+            first search backtrack (default: 1.0)
+{LINESEARCH_ARGS}
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        direction: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        init_step_size: float = 1.0,
+        c: float = 0.2,
+        backtrack: float = 0.5,
+        growth: float = 1.2,
+        max_trials: int = 20,
+        max_step: float | None = None,
+        collapse_ratio: float = 1e-2,
+        cadence="adaptive",
+        max_interval: int = 10,
+        max_grad_norm: float | None = None,
+        check_finite: bool = True,
+        backend: str = "auto",
+        layerwise: bool = False,
+        model=None,
+    ):
+        if direction not in ("sgd", "momentum", "nesterov"):
+            raise ValueError(
+                f"invalid direction for ArmijoSGD: {direction!r} (choose sgd, momentum or "
+                "nesterov; adam, nadam and rmsprop are ArmijoAdam's)"
+            )
+        rule_defaults = {} if direction == "sgd" else {"momentum": momentum}
+        super().__init__(
+            params, lr=lr, direction=direction, weight_decay=weight_decay,
+            init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth,
+            max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio,
+            cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
+            check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
+            rule_defaults=rule_defaults,
+        )
+
+
+ArmijoSGD.__doc__ = ArmijoSGD.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS)

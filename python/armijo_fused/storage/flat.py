@@ -1,0 +1,128 @@
+"""Flat storage: a group's parameters, gradients and state in contiguous buffers.
+
+One :class:`FlatBuffer` holds the parameters of one param group that share a (device, dtype); the
+model's tensors are re-pointed as views into it (``p.data``, ``p.grad`` and the optimizer state
+``state[p][name]``), so one kernel launch covers the whole group and no copy of θ is ever made.
+
+The model stays in charge of its tensors, so the buffer re-validates them at every step
+(:meth:`FlatBuffer.sync`), at the cost of a pointer comparison per tensor:
+
+* a gradient that arrived as a new tensor (``zero_grad(set_to_none=True)`` elsewhere) is copied in
+  and the view re-attached; a missing gradient (parameter unused this step) counts as zero;
+* state tensors replaced by ``load_state_dict`` are copied in and re-pointed;
+* a parameter whose storage moved (``model.to()``, accelerate swapping in new tensors) makes
+  ``sync`` return False and the optimizer rebuilds the buffer from the tensors as they are now.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..directions.base import DirectionRule
+from .layout import DEFAULT_TILE, FlatLayout, make_layout
+
+
+class FlatBuffer:
+    def __init__(
+        self,
+        group_index: int,
+        params: Sequence[Tensor],
+        rule: DirectionRule,
+        state: dict,
+        *,
+        block_ids: Sequence[int] | None = None,
+        tile: int = DEFAULT_TILE,
+    ):
+        if not params:
+            raise ValueError("a flat buffer needs at least one parameter")
+        self.group_index = group_index
+        self.rule = rule
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        block_ids = list(block_ids) if block_ids is not None else [0] * len(params)
+        if sorted(block_ids) != block_ids:
+            raise ValueError("parameters must be ordered by block")
+        nblocks = block_ids[-1] + 1
+        block_numels = [0] * nblocks
+        for p, b in zip(params, block_ids):
+            block_numels[b] += p.numel()
+        self.layout: FlatLayout = make_layout(block_numels, tile=tile, device=self.device)
+
+        # Element offset of each parameter: blocks start on tile boundaries (see layout.py).
+        self.params = list(params)
+        self.block_ids = block_ids
+        self.offsets = []
+        cursor = {b: self.layout.block_offsets[b] for b in range(nblocks)}
+        for p, b in zip(params, block_ids):
+            self.offsets.append(cursor[b])
+            cursor[b] += p.numel()
+
+        n = self.layout.numel
+        kw = dict(dtype=self.dtype, device=self.device)
+        self.param = torch.zeros(n, **kw)
+        self.grad = torch.zeros(n, **kw)
+        self.states = [torch.zeros(n, **kw) for _ in rule.state_names]
+        self._param_views = [self._view(self.param, i) for i in range(len(params))]
+        self._grad_views = [self._view(self.grad, i) for i in range(len(params))]
+        self._state_views = [
+            [self._view(s, i) for s in self.states] for i in range(len(params))
+        ]
+        self._adopt(state)
+
+    def _view(self, flat: Tensor, i: int) -> Tensor:
+        p, o = self.params[i], self.offsets[i]
+        return flat[o : o + p.numel()].view(p.shape)
+
+    def _adopt(self, state: dict) -> None:
+        """Copy the tensors' current values in and re-point the model at the views."""
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                self._param_views[i].copy_(p.detach())
+                p.data = self._param_views[i]
+                if p.grad is not None:
+                    self._grad_views[i].copy_(p.grad)
+                p.grad = self._grad_views[i]
+                pstate = state[p]
+                for name, view in zip(self.rule.state_names, self._state_views[i]):
+                    old = pstate.get(name)
+                    if old is not None:
+                        view.copy_(old)
+                    pstate[name] = view
+
+    def sync(self, state: dict) -> bool:
+        """Re-validate the views before a step; False means the parameters moved: rebuild."""
+        for i, p in enumerate(self.params):
+            pv = self._param_views[i]
+            if p.data_ptr() != pv.data_ptr() or p.shape != pv.shape:
+                return False
+            g = p.grad
+            if g is not self._grad_views[i]:
+                if g is None:
+                    self._grad_views[i].zero_()
+                else:
+                    if g.is_sparse:
+                        raise RuntimeError(
+                            "armijo_fused optimizers do not support sparse gradients "
+                            f"(parameter of shape {tuple(p.shape)} has one)"
+                        )
+                    if g.data_ptr() != self._grad_views[i].data_ptr():
+                        self._grad_views[i].copy_(g)
+                p.grad = self._grad_views[i]
+            pstate = state[p]
+            for name, view in zip(self.rule.state_names, self._state_views[i]):
+                old = pstate.get(name)
+                if old is not view:
+                    if old is not None:
+                        view.copy_(old)
+                    pstate[name] = view
+        return True
+
+    def zero_grad(self) -> None:
+        """Zero the flat gradient and keep the views attached (one launch, not one per tensor)."""
+        self.grad.zero_()
+        for i, p in enumerate(self.params):
+            if p.grad is not self._grad_views[i]:
+                p.grad = self._grad_views[i]

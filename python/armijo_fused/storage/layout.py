@@ -1,0 +1,60 @@
+"""The layout of one flat buffer: blocks padded to whole tiles.
+
+Every fused pass runs one program (Triton) or one work item (C++) per *tile* of ``tile`` elements.
+Each block (a set of parameters that shares one step size) starts on a tile boundary, so a tile
+belongs to exactly one block and the per-block reductions are per-tile partial sums added up in a
+fixed order: deterministic, no atomics. Padding elements hold zeros in θ, g and every state buffer;
+all six rules map zeros to a zero direction, so the padding never moves and adds nothing to a sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: elements per tile; the Triton BLOCK_SIZE and the C++ chunk. 2048 fp32 = 8 KiB per stream.
+DEFAULT_TILE = 2048
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    numel: int  # padded length: a multiple of ``tile``
+    tile: int
+    block_offsets: tuple[int, ...]  # element offset where each block starts, plus the end
+    block_numels: tuple[int, ...]  # real (unpadded) elements per block
+    tile_block: Tensor  # int32 [numel // tile]: the block each tile belongs to
+    block_tiles: Tensor  # int32 [nblocks + 1]: first tile of each block, plus the end
+
+    @property
+    def nblocks(self) -> int:
+        return len(self.block_numels)
+
+    @property
+    def ntiles(self) -> int:
+        return self.numel // self.tile
+
+
+def make_layout(block_numels, *, tile: int = DEFAULT_TILE, device="cpu") -> FlatLayout:
+    """Lay out blocks of the given sizes back to back, each padded to a whole number of tiles."""
+    block_numels = tuple(int(n) for n in block_numels)
+    if not block_numels:
+        raise ValueError("a flat layout needs at least one block")
+    if any(n < 0 for n in block_numels):
+        raise ValueError(f"block sizes must be non-negative, got {block_numels}")
+    if tile <= 0 or tile & (tile - 1):
+        raise ValueError(f"tile must be a positive power of two, got {tile}")
+    tiles_per_block = [max(1, -(-n // tile)) for n in block_numels]
+    block_tiles = [0]
+    for t in tiles_per_block:
+        block_tiles.append(block_tiles[-1] + t)
+    tile_block = [b for b, t in enumerate(tiles_per_block) for _ in range(t)]
+    return FlatLayout(
+        numel=block_tiles[-1] * tile,
+        tile=tile,
+        block_offsets=tuple(t * tile for t in block_tiles),
+        block_numels=block_numels,
+        tile_block=torch.tensor(tile_block, dtype=torch.int32, device=device),
+        block_tiles=torch.tensor(block_tiles, dtype=torch.int32, device=device),
+    )
