@@ -12,8 +12,9 @@ global mode):
 4. Armijo: accept when f(trial) ≤ f0 − c · Σ_b η_b ⟨g_b, d_b⟩, in float64 on the host, on the
    direction actually applied. A non-finite trial loss is a rejection.
 5. Else η ← β·η, move θ in place to the new trial point (one fused pass), go to 2.
-6. Once the predicted decrease c·η·⟨g,d⟩ is below the loss's float resolution, the comparison
-   is decided by rounding: the search stops there (``unresolved``), takes no step and keeps η.
+6. Once the predicted decrease c·η·⟨g,d⟩ is below the loss's float resolution, or the trial
+   loss equals f0 exactly (e.g. a loss that underflowed to 0), the comparison is decided by
+   rounding: the search stops there (``unresolved``), takes no step and keeps η.
 7. After ``max_trials`` rejections: the documented fallback is to take no step (θ moves back to
    θ0; the state keeps the gradient, as an Adam step with lr 0 would), and the policy resets η to
    its running average.
@@ -131,14 +132,15 @@ def armijo_search(
             sums = passes.move_to(eta, precond=True, compute_sums=True)
             precond = non_descent = True
             continue
+        if c * decrease <= resolution * abs(f_before) or f_trial == f_before:
+            # The predicted decrease is below what the loss can resolve (float rounding, or a
+            # gradient that underflowed on a batch already fit): the test carries no information
+            # either way. Take no step and leave η alone (neither growth nor collapse).
+            unresolved = True
+            break
         if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
             return SearchResult(eta[0], trial, f_before, f_trial, gd, grad_sq,
                                 non_descent=non_descent, history=history)
-        if c * decrease < resolution * abs(f_before):
-            # The predicted decrease is below what the loss can resolve (float rounding): more
-            # backtracking measures noise. Take no step and leave η alone (not a collapse).
-            unresolved = True
-            break
         if trial == max_trials:
             break
         eta = [backtrack * e for e in eta]

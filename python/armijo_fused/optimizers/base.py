@@ -287,7 +287,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             new_eta, new_avg, collapsed = g0["step_size"], prev_avg, False
         else:
             new_eta, new_avg, collapsed = self.policy.after_search(prev_avg, accepted)
-        settled = self.cadence.settled(accepted, prev_avg) and not collapsed
+        # An unresolved search (the loss cannot see the step) says nothing about η moving.
+        settled = (result.unresolved or self.cadence.settled(accepted, prev_avg)) and not collapsed
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled)
         for g in groups:
             g.update(step_size=new_eta, step_size_avg=new_avg, next_search=next_search,

@@ -1,0 +1,443 @@
+"""Behaviour of ArmijoSGD / ArmijoAdam on the torch reference backend (issue 3 acceptance)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
+from problems import PROBLEMS, make_closure, minibatches
+
+SGD_DIRS = ("sgd", "momentum", "nesterov")
+ADAM_DIRS = ("adam", "nadam", "rmsprop")
+ALL_DIRS = SGD_DIRS + ADAM_DIRS
+
+
+def make_opt(direction, params, **kw):
+    kw.setdefault("backend", "torch")
+    cls = ArmijoSGD if direction in SGD_DIRS else ArmijoAdam
+    return cls(params, direction=direction, **kw)
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+# -- the Armijo condition itself -------------------------------------------------------------------
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("direction", ALL_DIRS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_accepted_step_satisfies_armijo(problem, direction, seed):
+    model, loss_fn, data = PROBLEMS[problem](seed=seed)
+    opt = make_opt(direction, model.parameters(), cadence="every", weight_decay=0.01)
+    accepted = 0
+    for xb, yb in zip(range(40), minibatches(data, 32, seed)):
+        xb, yb = yb
+        before = opt.step(make_closure(opt, loss_fn, xb, yb))
+        s = opt.stats
+        with torch.no_grad():
+            after = float(loss_fn(xb, yb))  # recomputed independently at the new parameters
+        assert s["searched"] and s["loss_before"] == pytest.approx(float(before))
+        # the loss on the batch never rises (rounding of the fp32 forward aside)
+        assert after <= s["loss_before"] + 1e-6 * abs(s["loss_before"])
+        if s["step_size"] > 0:
+            accepted += 1
+            assert s["gd"] > 0
+            bound = s["loss_before"] - opt.c * s["step_size"] * s["gd"]
+            assert after <= bound + 1e-6 * abs(s["loss_before"])
+            assert s["loss_after"] == pytest.approx(after, rel=1e-5, abs=1e-7)
+        else:  # exhausted or unresolved: no step was taken
+            assert after == pytest.approx(s["loss_before"], rel=1e-6)
+    assert accepted >= 10
+
+
+def test_loss_decreases_to_the_optimum_on_least_squares():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=3)
+    opt = ArmijoSGD(model.parameters(), backend="torch", cadence="every")
+    X, y = data
+    for _ in range(60):
+        opt.step(make_closure(opt, loss_fn, X, y))
+    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(len(X), 1)], 1), y.unsqueeze(1)).solution
+    best = float(((torch.cat([X, torch.ones(len(X), 1)], 1) @ sol).squeeze(1) - y).pow(2).mean())
+    assert float(loss_fn(X, y)) <= best * (1 + 1e-4)
+
+
+# -- each direction rule matches its formula, step by step ----------------------------------------
+def _reference_direction(direction, g, st, k, h):
+    """Tuning Playbook update rules, written out independently of the package."""
+    b1, b2, eps, mu, alpha = h["b1"], h["b2"], h["eps"], h["mu"], h["alpha"]
+    if direction == "sgd":
+        return g, g
+    if direction in ("momentum", "nesterov"):
+        st["b"] = mu * st.get("b", torch.zeros_like(g)) + g
+        u = st["b"] if direction == "momentum" else g + mu * st["b"]
+        return u, g
+    if direction == "rmsprop":
+        st["v"] = alpha * st.get("v", torch.zeros_like(g)) + (1 - alpha) * g * g
+        u = g / (st["v"].sqrt() + eps)
+        return u, u
+    st["m"] = b1 * st.get("m", torch.zeros_like(g)) + (1 - b1) * g
+    st["v"] = b2 * st.get("v", torch.zeros_like(g)) + (1 - b2) * g * g
+    denom = (st["v"] / (1 - b2**k)).sqrt() + eps
+    if direction == "adam":
+        u = (st["m"] / (1 - b1**k)) / denom
+    else:
+        u = ((b1 * st["m"] + (1 - b1) * g) / (1 - b1**k)) / denom
+    return u, g / denom
+
+
+@pytest.mark.parametrize("direction", ALL_DIRS)
+def test_direction_rule_matches_its_formula(direction):
+    model, loss_fn, data = PROBLEMS["logistic_regression"](seed=1)
+    wd = 0.05
+    opt = make_opt(direction, model.parameters(), cadence=3, weight_decay=wd)
+    h = dict(b1=0.9, b2=0.999, eps=1e-8, mu=0.9, alpha=0.99)
+    st = {}
+    searched = plain = 0
+    for k, (xb, yb) in zip(range(1, 16), minibatches(data, 64, 1)):
+        theta = flat(model)
+        opt.zero_grad()
+        loss = loss_fn(xb, yb)
+        loss.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+        opt.step(loss_fn=lambda xb=xb, yb=yb: loss_fn(xb, yb), loss=loss)
+        s = opt.stats
+        u, fallback = _reference_direction(direction, g, st, k, h)
+        d = fallback if s["non_descent"] else u + wd * theta
+        expected = theta - s["applied_step"] * d
+        torch.testing.assert_close(flat(model), expected, rtol=1e-5, atol=1e-6)
+        searched += s["searched"]
+        plain += not s["searched"]
+    assert searched == 5 and plain == 10
+
+
+# -- step sizes, schedules and cadence --------------------------------------------------------------
+def test_scheduler_lr_multiplies_the_applied_step_and_is_never_written():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), lr=3e-4, backend="torch", cadence="every")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: [0.0, 0.5, 0.25][min(step, 2)])
+    X, y = data
+    for expected_factor in (0.0, 0.5, 0.25):
+        theta = flat(model)
+        lr_before = opt.param_groups[0]["lr"]
+        opt.step(make_closure(opt, loss_fn, X, y))
+        assert opt.param_groups[0]["lr"] == lr_before  # the optimizer never writes lr
+        s = opt.stats
+        assert s["lr_factor"] == pytest.approx(expected_factor)
+        assert s["applied_step"] == pytest.approx(s["step_size"] * expected_factor)
+        if expected_factor == 0.0:
+            assert torch.equal(flat(model), theta)  # warmup from lr = 0 works
+        sched.step()
+
+
+def test_tensor_lr_is_accepted():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), lr=torch.tensor(1e-3), backend="torch")
+    opt.step(make_closure(opt, loss_fn, *data))
+    assert opt.stats["lr_factor"] == 1.0
+
+
+def test_adaptive_cadence_searches_rarely_once_settled():
+    model, loss_fn, data = PROBLEMS["logistic_regression"](seed=0, n=2048)
+    opt = ArmijoAdam(model.parameters(), backend="torch")  # cadence="adaptive" by default
+    searched_late = 0
+    for step, (xb, yb) in zip(range(1, 601), minibatches(data, 64, 0)):
+        opt.step(make_closure(opt, loss_fn, xb, yb))
+        if step > 200:
+            searched_late += opt.stats["searched"]
+    assert searched_late / 400 <= 0.15
+    assert opt.param_groups[0]["searches"] >= 20  # it did search, early on and now and then
+
+
+def test_integer_cadence():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoSGD(model.parameters(), backend="torch", cadence=4)
+    flags = []
+    for _ in range(9):
+        opt.step(make_closure(opt, loss_fn, *data))
+        flags.append(opt.stats["searched"])
+    assert flags == [True, False, False, False, True, False, False, False, True]
+
+
+def test_collapse_guard_resets_to_the_running_average():
+    from armijo_fused.linesearch.policy import StepSizePolicy
+
+    p = StepSizePolicy()
+    eta, avg, collapsed = p.after_search(1e-3, 1e-7)
+    assert collapsed and eta == 1e-3 and avg == 1e-3
+    eta, avg, collapsed = p.after_search(1e-3, None)  # trials exhausted
+    assert collapsed and eta == 1e-3
+    eta, avg, collapsed = p.after_search(1e-3, 2e-3)
+    assert not collapsed and eta == 2e-3 and 1e-3 < avg < 2e-3
+
+
+def test_max_step_caps_the_search():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoSGD(model.parameters(), backend="torch", cadence="every", max_step=0.05)
+    for _ in range(10):
+        opt.step(make_closure(opt, loss_fn, *data))
+        assert opt.stats["step_size"] <= 0.05
+
+
+# -- the API forms -------------------------------------------------------------------------------
+def _count_backwards(model):
+    count = [0]
+    p = next(model.parameters())
+    p.register_hook(lambda g: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def test_closure_with_backward_runs_backward_once_per_step():
+    model, loss_fn, data = PROBLEMS["logistic_regression"](seed=0)
+    backwards = _count_backwards(model)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    for _ in range(5):
+        opt.step(make_closure(opt, loss_fn, *data))
+    assert backwards[0] == 5
+    assert opt.stats["backwards"] == 5
+    assert opt.stats["forwards"] >= 10  # the training forward plus at least one trial per step
+
+
+def test_loss_fn_form_and_registered_closure_agree_with_closure_form():
+    results = []
+    for form in ("closure", "loss_fn", "loss_fn_no_loss", "registered"):
+        model, loss_fn, data = PROBLEMS["logistic_regression"](seed=2)
+        opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+        backwards = _count_backwards(model)
+        for _ in range(4):
+            if form == "closure":
+                opt.step(make_closure(opt, loss_fn, *data))
+                continue
+            opt.zero_grad()
+            loss = loss_fn(*data)
+            loss.backward()
+            if form == "loss_fn":
+                out = opt.step(loss_fn=lambda: loss_fn(*data), loss=loss)
+                assert float(out) == float(loss)
+            elif form == "loss_fn_no_loss":
+                opt.step(loss_fn=lambda: loss_fn(*data))
+            else:
+                opt.set_closure(lambda: loss_fn(*data))
+                opt.step()
+        assert backwards[0] == 4
+        results.append(flat(model))
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=1e-6, atol=1e-7)
+
+
+def test_step_returns_the_loss_before_the_step():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoSGD(model.parameters(), backend="torch")
+    with torch.no_grad():
+        expected = float(loss_fn(*data))
+    assert float(opt.step(make_closure(opt, loss_fn, *data))) == pytest.approx(expected)
+
+
+def test_state_init_path_zero_grads_lr_zero_no_closure():
+    model, _, _ = PROBLEMS["logistic_regression"](seed=0)
+    theta = flat(model)
+    opt = ArmijoAdam(model.parameters(), lr=0.0, backend="torch")
+    opt.step()  # what distributed checkpointing calls to create the state
+    assert torch.equal(flat(model), theta)
+    for p in model.parameters():
+        assert set(opt.state[p]) == {"exp_avg", "exp_avg_sq"}
+        assert torch.count_nonzero(opt.state[p]["exp_avg"]) == 0
+
+
+def test_stats_fields_after_a_step():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    opt.step(make_closure(opt, loss_fn, *data))
+    s = opt.stats
+    for key in ("step_size", "trials", "searched", "loss_before", "loss_after", "forwards",
+                "backwards", "gd", "grad_norm"):
+        assert key in s
+    assert isinstance(s["step_size"], float) and isinstance(s["trials"], int)
+    assert isinstance(s["searched"], bool)
+    expected_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
+    assert s["grad_norm"] == pytest.approx(expected_norm, rel=1e-5)
+
+
+# -- resume ---------------------------------------------------------------------------------------
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 1))
+
+
+def _train(model, opt, batches, steps):
+    for _ in range(steps):
+        xb, yb = next(batches)
+        opt.step(make_closure(opt, lambda: ((model(xb).squeeze(-1) - yb) ** 2).mean()))
+
+
+@pytest.mark.parametrize("direction", ["adam", "momentum"])
+@pytest.mark.parametrize("split", [7, 13])
+def test_save_load_continue_is_bit_identical(direction, split):
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(512, 6, generator=g), torch.randn(512, generator=g)
+
+    def batches():
+        return minibatches((X, y), 32, seed=5)
+
+    model = _mlp(0)
+    opt = make_opt(direction, model.parameters(), model=model, weight_decay=0.01)
+    stream = batches()
+    torch.manual_seed(1)
+    _train(model, opt, stream, split)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "rng": torch.get_rng_state()}, buf)
+    _train(model, opt, stream, 20)
+    uninterrupted = flat(model)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model2 = _mlp(123)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = make_opt(direction, model2.parameters(), model=model2, weight_decay=0.01)
+    opt2.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    stream2 = batches()
+    for _ in range(split):
+        next(stream2)
+    _train(model2, opt2, stream2, 20)
+    assert torch.equal(flat(model2), uninterrupted)
+    for key in ("step", "step_size", "step_size_avg", "next_search", "searches"):
+        assert opt2.param_groups[0][key] == opt.param_groups[0][key]
+
+
+# -- trials leave no trace ------------------------------------------------------------------------
+class DropBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(),
+                                 nn.Dropout(0.3), nn.Linear(12, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+def test_trial_forward_replays_the_dropout_mask_and_restores_batchnorm():
+    from armijo_fused.linesearch.trial import TrialEnv, capture_rng
+
+    torch.manual_seed(0)
+    model = DropBN().train()
+    X = torch.randn(32, 5)
+    rng = capture_rng()
+    f0 = model(X).sum()
+    stats_after_training_forward = model.net[1].running_mean.clone()
+    env = TrialEnv([model], rng_before=rng)
+    draws_after = torch.rand(3)
+    torch.set_rng_state(env.rng_after[0])
+    with env.trial():
+        f_trial = model(X).sum()
+    with env.trial():
+        f_trial2 = model(X).sum()
+    env.close()
+    assert torch.equal(f_trial, f0) and torch.equal(f_trial2, f0)  # same mask, same params
+    assert torch.equal(model.net[1].running_mean, stats_after_training_forward)
+    assert torch.equal(torch.rand(3), draws_after)
+    assert not f_trial.requires_grad
+
+
+def test_dropout_and_batchnorm_results_do_not_depend_on_whether_trials_ran():
+    # The step size is pinned (growth 1, max_step = init), so a run that searches every step and
+    # one that searches once take the same steps; trials in between must change nothing else:
+    # parameters, BatchNorm statistics and the RNG stream end bitwise equal.
+    def run(cadence):
+        torch.manual_seed(0)
+        model = DropBN()
+        g = torch.Generator().manual_seed(1)
+        X, y = torch.randn(64, 5, generator=g), torch.randn(64, generator=g)
+        opt = ArmijoSGD(model.parameters(), backend="torch", cadence=cadence, model=model,
+                        init_step_size=1e-3, growth=1.0, max_step=1e-3)
+        torch.manual_seed(42)
+        for _ in range(6):
+            opt.step(make_closure(opt, lambda: ((model(X) - y) ** 2).mean()))
+        assert int(model.net[1].num_batches_tracked) == 6  # trials did not count as batches
+        return flat(model), model.net[1].running_var.clone(), torch.rand(2), opt
+
+    theta_a, bn_a, rng_a, opt_a = run("every")  # searches (and accepts η = 1e-3) every step
+    theta_b, bn_b, rng_b, opt_b = run(1000)  # searches once, then applies η = 1e-3 without trials
+    assert opt_a.param_groups[0]["searches"] == 6 and opt_b.param_groups[0]["searches"] == 1
+    assert opt_a.stats["step_size"] == 1e-3 and opt_a.stats["trials"] == 1
+    assert torch.equal(theta_a, theta_b)
+    assert torch.equal(bn_a, bn_b)
+    assert torch.equal(rng_a, rng_b)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_clear_errors_for_wrong_usage():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    with pytest.raises(ValueError, match="invalid lr"):
+        ArmijoAdam(model.parameters(), lr=-1.0)
+    with pytest.raises(ValueError, match="invalid c"):
+        ArmijoAdam(model.parameters(), c=1.5)
+    with pytest.raises(ValueError, match="invalid backtrack"):
+        ArmijoSGD(model.parameters(), backtrack=1.0)
+    with pytest.raises(ValueError, match="invalid betas"):
+        ArmijoAdam(model.parameters(), betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="invalid cadence"):
+        ArmijoAdam(model.parameters(), cadence="sometimes")
+    with pytest.raises(ValueError, match="invalid direction for ArmijoSGD"):
+        ArmijoSGD(model.parameters(), direction="adam")
+    with pytest.raises(ValueError, match="invalid backend"):
+        ArmijoAdam(model.parameters(), backend="cuda")
+    with pytest.raises(ValueError, match="invalid max_trials"):
+        ArmijoAdam(model.parameters(), max_trials=0)
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    opt.zero_grad()
+    loss_fn(*data).backward()
+    with pytest.raises(RuntimeError, match="needs the loss at trial points"):
+        opt.step()
+    with pytest.raises(ValueError, match="not both"):
+        opt.step(lambda: 0.0, loss_fn=lambda: 0.0)
+    theta = flat(model)
+    with pytest.raises(ValueError, match="expected a scalar loss"):
+        opt.step(loss_fn=lambda: model(data[0]))
+    assert torch.equal(flat(model), theta)  # nothing half-done
+
+
+def test_non_finite_first_loss_raises_and_touches_nothing():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    theta = flat(model)
+    opt.zero_grad()
+    loss_fn(*data).backward()
+    with pytest.raises(ValueError, match="first step is not finite"):
+        opt.step(loss_fn=lambda: loss_fn(*data), loss=torch.tensor(float("nan")))
+    assert torch.equal(flat(model), theta)
+    assert all(torch.count_nonzero(s) == 0 for st in opt.state.values() for s in st.values())
+
+
+def test_closure_raising_mid_search_restores_parameters():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    opt.step(make_closure(opt, loss_fn, *data))
+    theta = flat(model)
+    calls = [0]
+
+    def flaky():
+        calls[0] += 1
+        if calls[0] > 1:
+            raise KeyError("data loader died")
+        return loss_fn(*data)
+
+    opt.zero_grad()
+    loss_fn(*data).backward()
+    with pytest.raises(KeyError, match="data loader died"):
+        opt.step(loss_fn=flaky)
+    torch.testing.assert_close(flat(model), theta, rtol=0, atol=1e-6)
+
+
+def test_copy_deepcopy_of_model_is_unaffected():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    snapshot = copy.deepcopy(model)
+    opt = ArmijoSGD(model.parameters(), backend="torch")
+    opt.step(make_closure(opt, loss_fn, *data))
+    assert not torch.equal(flat(model), flat(snapshot))
