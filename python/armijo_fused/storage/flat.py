@@ -25,6 +25,15 @@ from ..directions.base import DirectionRule
 from .layout import DEFAULT_TILE, FlatLayout, make_layout
 
 
+def _dense(p: Tensor, g: Tensor) -> Tensor:
+    if g.is_sparse:
+        raise RuntimeError(
+            "armijo_fused optimizers do not support sparse gradients "
+            f"(the parameter of shape {tuple(p.shape)} has one; use sparse=False)"
+        )
+    return g
+
+
 class FlatBuffer:
     def __init__(
         self,
@@ -83,7 +92,7 @@ class FlatBuffer:
                 self._param_views[i].copy_(p.detach())
                 p.data = self._param_views[i]
                 if p.grad is not None:
-                    self._grad_views[i].copy_(p.grad)
+                    self._grad_views[i].copy_(_dense(p, p.grad))
                 p.grad = self._grad_views[i]
                 pstate = state[p]
                 for name, view in zip(self.rule.state_names, self._state_views[i]):
@@ -102,14 +111,8 @@ class FlatBuffer:
             if g is not self._grad_views[i]:
                 if g is None:
                     self._grad_views[i].zero_()
-                else:
-                    if g.is_sparse:
-                        raise RuntimeError(
-                            "armijo_fused optimizers do not support sparse gradients "
-                            f"(parameter of shape {tuple(p.shape)} has one)"
-                        )
-                    if g.data_ptr() != self._grad_views[i].data_ptr():
-                        self._grad_views[i].copy_(g)
+                elif g.data_ptr() != self._grad_views[i].data_ptr():
+                    self._grad_views[i].copy_(_dense(p, g))
                 p.grad = self._grad_views[i]
             pstate = state[p]
             for name, view in zip(self.rule.state_names, self._state_views[i]):

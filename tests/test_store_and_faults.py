@@ -1,0 +1,250 @@
+"""The flat store keeps up with the model; faults leave nothing half-done."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
+from problems import PROBLEMS, make_closure
+
+
+def flat(params):
+    return torch.cat([p.detach().reshape(-1) for p in params]).clone()
+
+
+def state_snapshot(opt):
+    return {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+
+
+def assert_state_equal(opt, snap):
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, snap[id(p)][k]), k
+
+
+def _model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    return model, lambda: nn.functional.mse_loss(model(x), y)
+
+
+# -- the store -------------------------------------------------------------------------------------
+def test_parameters_gradients_and_state_are_views_of_one_flat_buffer():
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    opt.step(make_closure(opt, loss))
+    (buf,) = opt._buffers
+    for p in model.parameters():
+        assert p.untyped_storage().data_ptr() == buf.param.untyped_storage().data_ptr()
+        assert p.grad.untyped_storage().data_ptr() == buf.grad.untyped_storage().data_ptr()
+        for s, flat_s in zip(opt.state[p].values(), buf.states):
+            assert s.untyped_storage().data_ptr() == flat_s.untyped_storage().data_ptr()
+    grads = [p.grad for p in model.parameters()]
+    opt.zero_grad()  # keeps the views, zeroes in place
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+def test_gradients_that_arrive_as_new_tensors_are_gathered():
+    results = []
+    for outside_zero_grad in (False, True):
+        model, loss = _model_and_data()
+        opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+        for _ in range(4):
+            if outside_zero_grad:
+                model.zero_grad(set_to_none=True)  # e.g. a trainer that owns zero_grad
+            else:
+                opt.zero_grad()
+            l0 = loss()
+            l0.backward()
+            opt.step(loss_fn=loss, loss=l0)
+        results.append(flat(model.parameters()))
+    assert torch.equal(results[0], results[1])
+
+
+def test_parameters_swapped_into_param_groups_are_detected():
+    model, loss = _model_and_data()
+    opt = ArmijoSGD(model.parameters(), backend="torch")
+    opt.step(make_closure(opt, loss))
+    old = model[2].weight
+    new = nn.Parameter(old.detach().clone() + 1.0)
+    model[2].weight = new
+    opt.param_groups[0]["params"][2] = new
+    before = new.detach().clone()
+    opt.step(make_closure(opt, loss))
+    assert not torch.equal(new.detach(), before)  # the new tensor is optimized
+    assert new.untyped_storage().data_ptr() == opt._buffers[0].param.untyped_storage().data_ptr()
+
+
+def test_model_moved_after_construction_is_rebuilt():
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    opt.step(make_closure(opt, loss))
+    model.double()  # every parameter now points elsewhere (and has another dtype)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
+    assert opt._buffers[0].dtype == torch.float64
+    assert all(s.dtype == torch.float64 for st in opt.state.values() for s in st.values())
+
+
+def test_load_state_dict_into_a_running_optimizer_repoints_the_state():
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    for _ in range(3):
+        opt.step(make_closure(opt, loss))
+    sd = {k: v for k, v in opt.state_dict().items()}
+    saved = {k: {n: t.clone() for n, t in s.items()} for k, s in sd["state"].items()}
+    for _ in range(2):
+        opt.step(make_closure(opt, loss))
+    opt.load_state_dict({"state": saved, "param_groups": sd["param_groups"]})
+    opt.step(make_closure(opt, loss))
+    (buf,) = opt._buffers
+    for p in model.parameters():
+        for s in opt.state[p].values():
+            assert s.untyped_storage().data_ptr() == buf.states[0].untyped_storage().data_ptr() \
+                or s.untyped_storage().data_ptr() == buf.states[1].untyped_storage().data_ptr()
+
+
+# -- non-finite values ----------------------------------------------------------------------------
+@pytest.mark.parametrize("cadence", ["every", 1000])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_skips_the_step_and_touches_nothing(cadence, bad):
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence=cadence)
+    opt.step(make_closure(opt, loss))  # first step: searches either way
+    theta, snap = flat(model.parameters()), state_snapshot(opt)
+    group = dict(opt.param_groups[0])
+
+    def poisoned():
+        opt.zero_grad()
+        out = loss()
+        out.backward()
+        model[0].weight.grad[0, 0] = bad
+        return out
+
+    opt.step(poisoned)
+    assert opt.stats["skipped"]
+    assert torch.equal(flat(model.parameters()), theta)
+    assert_state_equal(opt, snap)
+    assert opt.param_groups[0]["step_size"] == group["step_size"]
+    opt.step(make_closure(opt, loss))  # and training goes on
+    assert not opt.stats["skipped"]
+    assert torch.isfinite(flat(model.parameters())).all()
+
+
+def test_non_finite_trial_loss_is_a_rejection():
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    calls = [0]
+
+    def sometimes_nan():
+        calls[0] += 1
+        out = loss()
+        return out * float("nan") if calls[0] == 1 else out  # the first trial sees NaN
+
+    opt.zero_grad()
+    l0 = loss()
+    l0.backward()
+    opt.step(loss_fn=sometimes_nan, loss=l0)
+    s = opt.stats
+    assert s["trials"] >= 2 and s["step_size"] > 0 and s["loss_after"] < s["loss_before"]
+
+
+def test_exhausted_trials_take_no_step_and_training_continues():
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", max_trials=4)
+    opt.step(make_closure(opt, loss))
+    theta = flat(model.parameters())
+    opt.zero_grad()
+    l0 = loss()
+    l0.backward()
+    opt.step(loss_fn=lambda: loss() + 1.0, loss=l0)  # every trial looks worse
+    s = opt.stats
+    assert s["exhausted"] and s["trials"] == 4 and s["step_size"] == 0.0
+    torch.testing.assert_close(flat(model.parameters()), theta, rtol=0, atol=1e-6)
+    opt.step(make_closure(opt, loss))
+    assert opt.stats["step_size"] > 0
+
+
+# -- degenerate inputs -----------------------------------------------------------------------------
+def test_zero_gradients_take_no_step():
+    model, _ = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    theta = flat(model.parameters())
+    opt.zero_grad()
+    opt.step(loss_fn=lambda: torch.tensor(1.0))
+    assert torch.equal(flat(model.parameters()), theta)
+    assert opt.stats["unresolved"]
+
+
+def test_frozen_parameters_and_parameters_without_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    model[0].weight.requires_grad_(False)
+    unused = nn.Parameter(torch.randn(()))  # 0-dim, never receives a gradient
+    frozen = model[0].weight.detach().clone()
+    opt = ArmijoAdam([{"params": list(model.parameters())}, {"params": []},
+                      {"params": [unused]}], backend="torch", cadence="every")
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert torch.equal(model[0].weight, frozen)
+    assert unused.shape == () and torch.isfinite(unused)
+    assert opt.stats["step_size"] > 0
+
+
+def test_non_contiguous_and_tied_parameters():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied
+    nc = nn.Parameter(torch.randn(4, 3).t())  # non-contiguous
+    params = list(emb.parameters()) + list(head.parameters()) + [nc]
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = ArmijoSGD(params, backend="torch", cadence="every")
+    tokens = torch.randint(0, 10, (16,))
+
+    def loss():
+        return nn.functional.cross_entropy(head(emb(tokens)) + nc.sum(), tokens)
+
+    for _ in range(5):
+        opt.step(make_closure(opt, loss))
+    assert head.weight is emb.weight
+    assert float(loss()) < 2.3  # it learned, with the tied weight updated once per step
+
+
+def test_sparse_gradients_are_a_clear_error():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = ArmijoSGD(emb.parameters(), backend="torch")
+    tokens = torch.randint(0, 10, (8,))
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step(make_closure(opt, lambda: emb(tokens).sum()))
+
+
+def test_half_precision_parameters_are_a_clear_error():
+    with pytest.raises(TypeError, match="not supported yet"):
+        ArmijoAdam(nn.Linear(2, 2).to(torch.bfloat16).parameters())
+
+
+def test_explicit_backend_that_cannot_run_is_a_clear_error():
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter makes Triton usable on CPU tensors")
+    with pytest.raises(RuntimeError, match="cannot run on cpu"):
+        opt.step(make_closure(opt, loss))
+
+
+def test_float64_parameters_run_on_the_torch_backend():
+    model, loss = _model_and_data()
+    model.double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    opt = ArmijoAdam(model.parameters())  # auto picks torch for float64
+    opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
+    assert opt._buffers[0].backend.name == "torch"
+    assert PROBLEMS  # shared problems module imported for the other tests
