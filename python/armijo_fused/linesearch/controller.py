@@ -23,8 +23,9 @@ global mode):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ from torch import Tensor
 
 @dataclass
 class SearchResult:
-    accepted: float | None  # the accepted step size (unscaled), None when trials ran out
+    accepted: list | None  # the accepted step size per block (unscaled); None: no step taken
     trials: int
     loss_before: float
     loss_after: float  # loss at the accepted trial point (nan when none)
@@ -41,7 +42,8 @@ class SearchResult:
     non_descent: bool = False
     unresolved: bool = False  # the predicted decrease fell below the loss's float resolution
     skipped: bool = False  # the guard was not finite (non-finite gradient or f0): nothing moved
-    history: list = field(default_factory=list)  # (eta, loss) per trial
+    history: list = field(default_factory=list)  # (eta per block, loss) per trial
+    block_gd: list = field(default_factory=list)  # <g_b, d_b> per block
 
 
 class Passes:
@@ -88,24 +90,39 @@ def armijo_search(
     c: float,
     backtrack: float,
     max_trials: int,
+    search: Sequence[int] | None = None,
+    sums: list[Tensor] | None = None,
+    allow_fallback: bool = True,
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
     resolution: float = 1e-6,
 ) -> SearchResult:
     """Run one backtracking search; θ ends at the accepted trial point (or at θ0 if none).
 
+    ``eta0`` holds one step size per block (all flat buffers' blocks, in order). ``search``: the
+    blocks whose step size backtracks (None: all, the global search); the others keep theirs, and
+    the test is the combined one, Σ over all blocks. If half of ``max_trials`` pass without
+    acceptance, every block backtracks from then on, since the blocks held fixed may be the ones
+    overshooting. ``sums``: per-block sums of a first pass that already ran (θ is then moved to
+    ``eta0``); by default the first pass runs here. ``allow_fallback``: switch to the
+    preconditioned gradient when Σ η⟨g,d⟩ <= 0 (else such a search ends unresolved).
     ``guard``: a small device tensor read along with the first trial; if any entry is not finite
     the passes wrote nothing (see torch_backend.py) and the search ends as skipped.
-    ``resolution``: relative float resolution of the loss; once c·η·<g,d> < resolution·|f0| the
-    search stops without a step (``unresolved``), since rounding decides such comparisons.
+    ``resolution``: relative float resolution of the loss; once c·Σ η⟨g,d⟩ <= resolution·|f0|
+    the search stops without a step (``unresolved``), since rounding decides such comparisons.
     """
     eta = list(eta0)
-    sums = passes.first(eta)
+    if sums is None:
+        sums = passes.first(eta)
+    else:
+        passes.move_to(eta)
+    moving = set(range(len(eta))) if search is None else set(search)
     precond = False
     non_descent = False
     history = []
     f_before = math.nan
     gd = grad_sq = math.nan
+    gd_b: list[float] = []
     unresolved = False
     for trial in range(1, max_trials + 1):
         ft = evaluate()
@@ -115,19 +132,19 @@ def armijo_search(
         if reduce is not None:
             vec = [reduce(torch.cat([v.double().to(vec[0].device) for v in vec]))]
         vals = read_floats(vec)
-        f_before, f_trial, per_buf = vals[0], vals[1], vals[2:]
+        f_before, f_trial, rows = vals[0], vals[1], vals[2:]
         if guard is not None and trial == 1:
-            g_vals, per_buf = per_buf[len(per_buf) - guard.numel() :], per_buf[: -guard.numel()]
+            g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]
             if not all(math.isfinite(x) for x in g_vals):
                 return SearchResult(None, 1, f_before, math.nan, math.nan, math.nan, skipped=True,
-                                    history=[(eta[0] if eta else 0.0, f_trial)])
-        gd_b, gsq_b = _buffer_sums(per_buf, sums)
+                                    history=[(list(eta), f_trial)])
+        gd_b, gsq_b = rows[0::3], rows[1::3]
         gd, grad_sq = sum(gd_b), sum(gsq_b)
         decrease = sum(e * x for e, x in zip(eta, gd_b))
-        history.append((eta[0] if eta else 0.0, f_trial))
+        history.append((list(eta), f_trial))
         if not math.isfinite(f_before):
             break  # caller handles; θ reverted below
-        if decrease <= 0.0 and not precond and grad_sq > 0.0:
+        if decrease <= 0.0 and not precond and grad_sq > 0.0 and allow_fallback:
             # Not a descent direction: switch to the preconditioned gradient at the same η.
             sums = passes.move_to(eta, precond=True, compute_sums=True)
             precond = non_descent = True
@@ -139,25 +156,16 @@ def armijo_search(
             unresolved = True
             break
         if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
-            return SearchResult(eta[0], trial, f_before, f_trial, gd, grad_sq,
-                                non_descent=non_descent, history=history)
+            return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
+                                non_descent=non_descent, history=history, block_gd=gd_b)
         if trial == max_trials:
             break
-        eta = [backtrack * e for e in eta]
+        if trial >= max_trials // 2:
+            moving = set(range(len(eta)))
+        eta = [backtrack * e if b in moving else e for b, e in enumerate(eta)]
         passes.move_to(eta)
     # No acceptable step: back to θ0 (the documented fallback).
     passes.move_to([0.0] * len(eta))
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
-                        non_descent=non_descent, unresolved=unresolved, history=history)
-
-
-def _buffer_sums(per_buf: list[float], sums: Sequence[Tensor]):
-    """Split the host copy of the concatenated [nblocks, 3] sums into per-buffer ⟨g,d⟩, ‖g‖²."""
-    gd, gsq, pos = [], [], 0
-    for s in sums:
-        n = s.numel()
-        rows = per_buf[pos : pos + n]
-        pos += n
-        gd.append(sum(rows[0::3]))
-        gsq.append(sum(rows[1::3]))
-    return gd, gsq
+                        non_descent=non_descent, unresolved=unresolved, history=history,
+                        block_gd=gd_b)

@@ -88,9 +88,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         layerwise: bool,
         model: torch.nn.Module | None,
         rule_defaults: dict,
+        block_search: str = "round_robin",
+        merge_below: float | None = None,
         tile: int = DEFAULT_TILE,
     ):
-        lr_value = _lr_value(lr)
+        _lr_value(lr)  # validates; schedulers own the value
         rule = get_rule(direction)
         _check_number("weight_decay", weight_decay, 0.0)
         _check_number("init_step_size", init_step_size, 0.0, lo_open=True)
@@ -102,10 +104,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             _check_number("max_grad_norm", max_grad_norm, 0.0, lo_open=True)
         if backend not in ("auto", "triton", "cpp", "torch"):
             raise ValueError(f"invalid backend: {backend!r} (choose auto, triton, cpp or torch)")
-        if layerwise:
-            raise NotImplementedError(
-                "layerwise=True (a step size per block) is not implemented yet; use layerwise=False"
+        if block_search not in ("round_robin", "stale", "exact"):
+            raise ValueError(
+                f"invalid block_search: {block_search!r} (choose round_robin, stale or exact)"
             )
+        if merge_below is not None:
+            _check_number("merge_below", merge_below, 0.0, lo_open=True)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.rule = rule
@@ -115,7 +119,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self.c, self.backtrack, self.max_trials = float(c), float(backtrack), max_trials
         self.max_grad_norm, self.check_finite = max_grad_norm, bool(check_finite)
         self.backend, self.tile = backend, tile
+        self.layerwise, self.block_search = bool(layerwise), block_search
+        self.merge_below = merge_below
         self._modules = [model] if model is not None else []
+        self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._closure: Callable | None = None
         self._pending_rng = None
         self._buffers: list[FlatBuffer] | None = None
@@ -145,6 +152,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             group.setdefault("searches", 0)
             group.setdefault("forwards", 0)
             group.setdefault("backwards", 0)
+        if self.layerwise and len(self.param_groups) == 1 and not self._names:
+            raise ValueError(
+                "layerwise=True needs blocks: pass one param group per block (for instance "
+                "armijo_fused.blocks.param_groups(model)) or model= to split by module names"
+            )
+        self._init_step_size = float(init_step_size)
 
     # -- user-facing hooks ---------------------------------------------------------------------
     def set_closure(self, closure: Callable | None, model: torch.nn.Module | None = None) -> None:
@@ -217,19 +230,21 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             self._advance(k)
             return f0
         passes = _FlatPasses(self, buffers, k, f0)
+        table = self._block_table()
+        etas = [self._eta(gi, lb) for gi, lb in table]
+        block_factors = [factors[gi] for gi, _ in table]
 
         if not search:
             with torch.no_grad():
-                sums = passes.first([groups[b.group_index]["step_size"] * factors[b.group_index]
-                                     for b in buffers])
+                sums = passes.first([e * f for e, f in zip(etas, block_factors)])
             self._advance(k)
-            eta = g0["step_size"]
             self.stats = StepStats(
-                step=k, searched=False, step_size=eta, applied_step=eta * factors[0],
+                step=k, searched=False, step_size=self._report(etas),
+                applied_step=self._report([e * f for e, f in zip(etas, block_factors)]),
                 lr_factor=factors[0], trials=0, loss_before=f0 if f0 is not None else math.nan,
                 loss_after=math.nan, gd=sum(s[:, 0].sum() for s in sums),
-                grad_norm=passes.grad_norm(), non_descent=False, exhausted=False,
-                unresolved=False, collapsed=False, skipped=passes.skipped(),
+                grad_norm=passes.grad_norm(), non_descent=False, unresolved=False,
+                exhausted=False, collapsed=False, skipped=passes.skipped(), searched_blocks=[],
                 forwards=g0["forwards"], backwards=g0["backwards"],
             )
             return f0
@@ -244,69 +259,205 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             self._count(forwards=1)
             return _as_loss(out, what)
 
+        plan = self._search_plan(table)
         try:
             with torch.no_grad():
                 if f0 is None:
                     f0 = trial_loss()
                 passes.set_loss(f0)
-                if k == 1 or g0["searches"] == 0:
+                if g0["searches"] == 0:
                     f0_value = float(f0)
                     if not math.isfinite(f0_value):
                         raise ValueError(
                             f"the loss at the first step is not finite ({f0_value}); check the "
                             "model, the data and the loss function before optimizing"
                         )
-                eta0 = [self.policy.first_trial(groups[b.group_index]["step_size"])
-                        for b in buffers]
-                if any(g["weight_decay"] > 0 for g in groups):
-                    # keep 1 - η·wd away from 0: θ0 is recovered by dividing by it
-                    cap = min(0.5 / g["weight_decay"] for g in groups if g["weight_decay"] > 0)
-                    eta0 = [min(e, cap) for e in eta0]
-                result = armijo_search(
-                    passes, trial_loss, f0, eta0,
-                    c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
-                    guard=passes.guard(),
-                )
+                result, accepted = self._run_search(passes, trial_loss, f0, etas, plan)
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
-                if result.accepted is not None:
-                    final = [passes.eta[i] * factors[b.group_index] for i, b in enumerate(buffers)]
+                if accepted is not None:
+                    final = [a * f for a, f in zip(accepted, block_factors)]
                     if final != passes.eta:
                         passes.move_to(final)
         except BaseException:
             with torch.no_grad():
-                passes.move_to([0.0] * len(buffers))  # θ back to θ0; the error propagates
+                passes.move_to([0.0] * len(table))  # θ back to θ0; the error propagates
             raise
         finally:
             env.close()
 
-        # 4. Bookkeeping: step size, cadence, counters, telemetry.
+        # 4. Bookkeeping: step sizes, cadence, counters, telemetry.
         skipped = result.skipped or not math.isfinite(result.loss_before)
-        accepted = None if skipped else result.accepted
-        prev_avg = g0["step_size_avg"]
-        if skipped or result.unresolved:
-            new_eta, new_avg, collapsed = g0["step_size"], prev_avg, False
-        else:
-            new_eta, new_avg, collapsed = self.policy.after_search(prev_avg, accepted)
-        # An unresolved search (the loss cannot see the step) says nothing about η moving.
-        settled = (result.unresolved or self.cadence.settled(accepted, prev_avg)) and not collapsed
+        settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
+                                                     skipped, k)
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled)
         for g in groups:
-            g.update(step_size=new_eta, step_size_avg=new_avg, next_search=next_search,
-                     search_interval=interval, searches=g["searches"] + 1)
+            g.update(next_search=next_search, search_interval=interval,
+                     searches=g["searches"] + 1)
         self._advance(k)
+        taken = accepted if accepted is not None else [0.0] * len(table)
         self.stats = StepStats(
-            step=k, searched=True, step_size=accepted if accepted is not None else 0.0,
-            applied_step=(accepted or 0.0) * factors[0], lr_factor=factors[0],
-            trials=result.trials, loss_before=result.loss_before, loss_after=result.loss_after,
-            gd=result.gd, grad_norm=math.sqrt(result.grad_sq) if result.grad_sq >= 0 else math.nan,
+            step=k, searched=True, step_size=self._report(taken),
+            applied_step=self._report([a * f for a, f in zip(taken, block_factors)]),
+            lr_factor=factors[0], trials=result.trials, loss_before=result.loss_before,
+            loss_after=result.loss_after, gd=result.gd,
+            grad_norm=math.sqrt(result.grad_sq) if result.grad_sq >= 0 else math.nan,
             non_descent=result.non_descent, unresolved=result.unresolved,
-            exhausted=result.accepted is None and not (skipped or result.unresolved),
-            collapsed=collapsed, skipped=skipped, next_step_size=new_eta,
+            exhausted=accepted is None and not (skipped or result.unresolved),
+            collapsed=collapsed, skipped=skipped, searched_blocks=sorted(set().union(*plan)),
+            next_step_size=self._report([self._eta(gi, lb) for gi, lb in table]),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         return f0
 
+    # -- the search plan and the step-size bookkeeping -----------------------------------------
+    def _search_plan(self, table) -> list[list[int]]:
+        """Which blocks backtrack, as a list of searches run one after the other.
+
+        Global: one search over all blocks (they share η). Layer-wise ``round_robin`` / ``stale``:
+        one block (with the blocks merged into it) per search step, tested with the combined
+        Armijo condition, so it costs what a global search costs. ``exact``: every block in turn,
+        the others frozen at θ0.
+        """
+        if not self.layerwise:
+            return [list(range(len(table)))]
+        owners = {}
+        for b, (gi, lb) in enumerate(table):
+            owners.setdefault((gi, self.param_groups[gi]["block_owner"][lb]), []).append(b)
+        members = list(owners.values())
+        if self.block_search == "exact":
+            return members
+        g0 = self.param_groups[0]
+        if self.block_search == "round_robin":
+            chosen = members[g0.get("block_cursor", 0) % len(members)]
+            for g in self.param_groups:
+                g["block_cursor"] = (g0.get("block_cursor", 0) + 1) % len(members)
+        else:  # most stale: the block searched longest ago
+            def last(m):
+                gi, lb = table[m[0]]
+                return self.param_groups[gi]["block_searched_at"][lb]
+            chosen = min(members, key=last)
+        return [chosen]
+
+    def _run_search(self, passes, trial_loss, f0, etas, plan):
+        kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
+                  guard=passes.guard())
+        if len(plan) == 1:  # global, or one block with the combined test
+            eta0 = [self.policy.first_trial(e) if b in plan[0] else e for b, e in enumerate(etas)]
+            eta0 = self._cap_for_weight_decay(eta0)
+            result = armijo_search(passes, trial_loss, f0, eta0,
+                                   search=None if not self.layerwise else plan[0], **kw)
+            return result, result.accepted
+        # exact: each block alone, the others at θ0, from one first pass
+        n = len(etas)
+        sums = passes.first([0.0] * n)
+        accepted = [0.0] * n
+        results = []
+        for members in plan:
+            eta0 = [self.policy.first_trial(etas[b]) if b in members else 0.0 for b in range(n)]
+            r = armijo_search(passes, trial_loss, f0, self._cap_for_weight_decay(eta0),
+                              search=members, sums=sums, allow_fallback=False, **kw)
+            kw["guard"] = None
+            results.append((members, r))
+            if r.skipped:
+                return r, None
+            if r.accepted is not None:
+                for b in members:
+                    accepted[b] = r.accepted[b]
+            passes.move_to([0.0] * n)
+        merged = results[0][1]
+        merged.trials = sum(r.trials for _, r in results)
+        merged.unresolved = all(r.unresolved for _, r in results)
+        merged.non_descent = False
+        merged.exact = [(m, r.accepted) for m, r in results]
+        return merged, accepted
+
+    def _cap_for_weight_decay(self, eta):
+        # keep 1 - η·wd away from 0: θ0 is recovered by dividing by it
+        wds = [g["weight_decay"] for g in self.param_groups if g["weight_decay"] > 0]
+        return [min(e, 0.5 / max(wds)) for e in eta] if wds else eta
+
+    def _update_step_sizes(self, table, etas, plan, result, accepted, skipped, k):
+        """Policy update per searched block; returns (settled, collapsed) for the cadence."""
+        if skipped or result.unresolved:
+            return result.unresolved, False
+        exact = getattr(result, "exact", None)
+        outcomes = exact if exact is not None else [(plan[0], accepted)]
+        settled_all, collapsed_any = True, False
+        new = list(etas)
+        found = {}  # block -> the step size its search accepted this step
+        for members, acc in outcomes:
+            gi, lb = table[members[0]]
+            avg = self._eta(gi, lb, key="step_size_avg")
+            a = acc[members[0]] if acc is not None else None
+            if a is not None:
+                found.update({b: a for b in members})
+            eta, new_avg, collapsed = self.policy.after_search(avg, a)
+            settled_all &= self.cadence.settled(a, avg) and not collapsed
+            collapsed_any |= collapsed
+            for b in members:
+                new[b] = eta
+                self._set_eta(*table[b], new_avg, key="step_size_avg")
+                if self.layerwise:
+                    g, lb_b = self.param_groups[table[b][0]], table[b][1]
+                    g["block_searched_at"][lb_b] = k
+        if exact is None and accepted is not None:
+            # blocks held fixed but shrunk in the joint phase keep the step that passed the test
+            searched = set(plan[0])
+            for b, a in enumerate(accepted):
+                if b not in searched and a != etas[b]:
+                    new[b] = a
+        for b, (gi, lb) in enumerate(table):
+            self._set_eta(gi, lb, new[b])
+        if self.layerwise and self.merge_below is not None:
+            small = {table[b]: a for b, a in found.items() if 0.0 < a < self.merge_below}
+            self._merge_collapsed(small)
+        return settled_all, collapsed_any
+
+    def _merge_collapsed(self, small):
+        """Merge each block whose search just accepted an η below ``merge_below`` into its
+        neighbour in the same group (the previous block, else the next): from then on they share
+        one step size. A block that has already absorbed another is not merged again, so one
+        stiff block cannot drag the whole group into a chain of merges. ``small`` maps
+        (group index, block index) to the step size just accepted."""
+        for gi, g in enumerate(self.param_groups):
+            owner = g["block_owner"]
+            for lb in range(len(owner)):
+                if owner[lb] != lb or (gi, lb) not in small or owner.count(lb) > 1:
+                    continue
+                others = [o for o in range(len(owner)) if owner[o] == o and o != lb]
+                if not others:
+                    continue
+                target = max((o for o in others if o < lb), default=min(others))
+                # the merged block starts from the small step: the stiff part must pass the test
+                eta = small[(gi, lb)]
+                for m in range(len(owner)):
+                    if owner[m] in (lb, target):
+                        owner[m] = target
+                        g["step_size"][m] = g["step_size_avg"][m] = eta
+
+    def _report(self, values):
+        return list(values) if self.layerwise else values[0]
+
     # -- helpers -------------------------------------------------------------------------------
+    def _eta(self, gi, lb, key="step_size"):
+        v = self.param_groups[gi][key]
+        return v[lb] if isinstance(v, list) else v
+
+    def _set_eta(self, gi, lb, value, key="step_size"):
+        if self.layerwise:
+            self.param_groups[gi][key][lb] = value
+        else:
+            for g in self.param_groups:  # global: every group shares η
+                g[key] = value
+
+    def _block_table(self):
+        """(group index, block index within the group) of every block, in buffer order."""
+        table = []
+        for b in self._buffers:
+            for local in range(b.layout.nblocks):
+                table.append((b.group_index, b.group_blocks[local]))
+        return table
+
     def _lr_factor(self, group) -> float:
         """lr_t / lr_0: the scheduler's multiplier of the applied step (DESIGN.md §2.6)."""
         lr_t = _lr_value(group["lr"])
@@ -330,6 +481,33 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 if p.requires_grad:
                     yield gi, p
 
+    def _group_blocks(self, gi, params) -> list[int]:
+        """Block index (within group gi) of each parameter; sets up the group's block state."""
+        group = self.param_groups[gi]
+        if not self.layerwise:
+            return [0] * len(params)
+        if len(self.param_groups) > 1 or not self._names:
+            names = [group.get("block", f"group.{gi}")]
+            ids = [0] * len(params)
+        else:
+            from ..blocks import block_name
+
+            names, ids = [], []
+            for p in params:
+                name = block_name(self._names.get(id(p), "unnamed"))
+                if name not in names:
+                    names.append(name)
+                ids.append(names.index(name))
+        if group.get("block_names") != names:
+            eta = group["step_size"] if not isinstance(group["step_size"], list) \
+                else self._init_step_size
+            avg = group["step_size_avg"] if not isinstance(group["step_size_avg"], list) \
+                else self._init_step_size
+            group.update(block_names=names, step_size=[eta] * len(names),
+                         step_size_avg=[avg] * len(names), block_owner=list(range(len(names))),
+                         block_searched_at=[0] * len(names))
+        return ids
+
     def _sync_buffers(self) -> list[FlatBuffer]:
         """The flat buffers, re-validated against ``param_groups`` (rebuilt if anything moved)."""
         key = tuple((gi, id(p)) for gi, p in self._trainable())
@@ -339,14 +517,21 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         by_slot: dict = {}
         for gi, p in self._trainable():
             by_slot.setdefault((gi, p.device, p.dtype), []).append(p)
-        self._buffers = [
-            FlatBuffer(gi, plist, self.rule, self.state, tile=self.tile)
-            for (gi, _, _), plist in by_slot.items()
-        ]
-        self._buffer_key = key
-        for b in self._buffers:
-            b.backend = resolve_backend(self.backend, b.device, b.dtype)
-        return self._buffers
+        if self.layerwise and len({gi for gi, _, _ in by_slot}) != len(by_slot):
+            raise ValueError("layerwise=True needs each param group on one device and dtype")
+        buffers = []
+        for (gi, _, _), plist in by_slot.items():
+            ids = self._group_blocks(gi, plist)
+            order = sorted(range(len(plist)), key=lambda i: ids[i])  # params ordered by block
+            used = sorted(set(ids))  # buffer-local block index -> group block index
+            local = [used.index(ids[i]) for i in order]
+            buf = FlatBuffer(gi, [plist[i] for i in order], self.rule, self.state,
+                             block_ids=local, tile=self.tile)
+            buf.group_blocks = used
+            buf.backend = resolve_backend(self.backend, buf.device, buf.dtype)
+            buffers.append(buf)
+        self._buffers, self._buffer_key = buffers, key
+        return buffers
 
 
 class _FlatPasses(Passes):
@@ -354,7 +539,11 @@ class _FlatPasses(Passes):
 
     def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], step: int, f0):
         self.opt, self.buffers = opt, buffers
-        self.eta = [0.0] * len(buffers)
+        self.slices, pos = [], 0
+        for b in buffers:
+            self.slices.append(slice(pos, pos + b.layout.nblocks))
+            pos += b.layout.nblocks
+        self.eta = [0.0] * pos
         self.precond = False
         groups = opt.param_groups
         self.scalars = [opt.rule.scalars(groups[b.group_index], step) for b in buffers]
@@ -388,15 +577,15 @@ class _FlatPasses(Passes):
                                    torch.full_like(self._scale0, math.nan))
         self._gscale = {b.device: self._scale0.to(b.device) for b in self.buffers}
 
-    def _eta(self, b: FlatBuffer, value: float) -> Tensor:
-        return torch.full((b.layout.nblocks,), value, dtype=torch.float32, device=b.device)
+    def _eta(self, i: int, eta) -> Tensor:
+        return torch.tensor(eta[self.slices[i]], dtype=torch.float32, device=self.buffers[i].device)
 
     def first(self, eta):
         sums = []
         for i, b in enumerate(self.buffers):
             sums.append(b.backend.first_pass(
                 self.opt.rule, b.param, b.grad, b.states, self.scalars[i], self.wd[i],
-                self._eta(b, eta[i]), self._gscale[b.device], b.layout))
+                self._eta(i, eta), self._gscale[b.device], b.layout))
         self.eta = list(eta)
         self._first_sums = sums
         return sums
@@ -407,7 +596,7 @@ class _FlatPasses(Passes):
         for i, b in enumerate(self.buffers):
             s = b.backend.move(
                 self.opt.rule, b.param, b.grad, b.states, self.scalars[i], self.wd[i],
-                self._eta(b, self.eta[i]), self._eta(b, eta[i]), self._gscale[b.device], b.layout,
+                self._eta(i, self.eta), self._eta(i, eta), self._gscale[b.device], b.layout,
                 self.precond, precond, compute_sums)
             out.append(s)
         self.eta, self.precond = list(eta), precond

@@ -27,8 +27,21 @@ LINESEARCH_ARGS = r"""
             (default: True)
         backend ("auto" | "triton" | "cpp" | "torch", optional): who runs the fused passes;
             auto takes Triton on CUDA, C++ on CPU, torch otherwise (default: "auto")
-        layerwise (bool, optional): one step size per block; not implemented yet, must be False
+        layerwise (bool, optional): one step size per block. Blocks are the param groups when
+            several are given (``armijo_fused.blocks.param_groups(model)`` makes one per layer),
+            else found from ``model``'s parameter names (embeddings, each layer, final norm,
+            head). Step sizes, their averages and merges are per block in the group's lists
+            ``step_size``, ``step_size_avg``, ``block_owner``; ``stats['step_size']`` is a list
             (default: False)
+        block_search ("round_robin" | "stale" | "exact", optional): layer-wise schedule.
+            round_robin / stale: one block per search step (in turn / the one searched longest
+            ago), tested with the combined Armijo condition over all blocks, so a search costs
+            what a global one costs; after half of ``max_trials`` rejections all blocks backtrack.
+            exact: every block in turn with the others frozen, one search per block (small
+            models) (default: "round_robin")
+        merge_below (float, optional): a block whose step size falls below this value merges
+            with its neighbour (the previous block, else the next) and shares its step size from
+            then on (default: None, never)
         model (nn.Module, optional): the model, so trial forwards restore its buffers
             (BatchNorm statistics) afterwards (default: None)
 

@@ -59,6 +59,8 @@ class ArmijoSGD(ArmijoOptimizer):
         check_finite: bool = True,
         backend: str = "auto",
         layerwise: bool = False,
+        block_search: str = "round_robin",
+        merge_below: float | None = None,
         model=None,
     ):
         if direction not in ("sgd", "momentum", "nesterov"):
@@ -73,7 +75,7 @@ class ArmijoSGD(ArmijoOptimizer):
             max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio,
             cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
-            rule_defaults=rule_defaults,
+            rule_defaults=rule_defaults, block_search=block_search, merge_below=merge_below,
         )
 
 

@@ -1,0 +1,73 @@
+"""Blocks: which parameters share one step size in the layer-wise search (and in diagnostics).
+
+Transformers' curvature differs strongly between embeddings, each transformer block and the
+final norm / head (block heterogeneity), so the natural blocks follow the model's layers. Names
+are read from ``model.named_parameters()``:
+
+=====================  ===================================================================
+block name             parameters
+=====================  ===================================================================
+``embeddings``         token / position embeddings (``wte``, ``wpe``, ``embed_tokens``,
+                       ``embeddings.*`` in BERT, ``tok_embeddings``)
+``layer.<i>``          everything under a numbered layer container: ``h.<i>`` (GPT-2,
+                       nanoGPT), ``layer.<i>`` (BERT), ``layers.<i>`` (Llama, torchtitan),
+                       ``blocks.<i>``, ``block.<i>``
+``final``              the last norm before the head (``ln_f``, ``norm``, ``final_layernorm``)
+``head``               the output head (``lm_head``, ``head``, ``cls``, ``pooler``, ``classifier``,
+                       ``output``)
+``<i>``                children of an ``nn.Sequential`` (names start with a number)
+``<first name>``       anything else: its top-level module name
+=====================  ===================================================================
+
+Tied parameters (a head sharing the embedding matrix) appear once, in the block of the first name
+``named_parameters`` gives them, as torch does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+from torch import nn
+
+_LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block)\.(\d+)\.")
+_EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions"
+                    r"|word_embeddings|position_embeddings|token_type_embeddings)(?:\.|$)")
+_FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm)\.")
+_HEAD = re.compile(r"^(?:lm_head|head|cls|pooler|classifier|output|score)\.|\.(?:pooler)\.")
+
+
+def block_name(param_name: str) -> str:
+    """The block a parameter belongs to, from its qualified name (see the module docstring)."""
+    m = _LAYER.search(param_name)
+    if m:
+        return f"layer.{int(m.group(1))}"
+    if _EMBED.search(param_name):
+        return "embeddings"
+    if _FINAL.search(param_name):
+        return "final"
+    if _HEAD.search(param_name):
+        return "head"
+    first = param_name.split(".", 1)[0]
+    return first
+
+
+def assign_blocks(model: nn.Module, *, trainable_only: bool = True) -> OrderedDict[str, list]:
+    """Ordered ``{block name: [parameters]}`` in the order the blocks first appear."""
+    blocks: OrderedDict[str, list] = OrderedDict()
+    for name, p in model.named_parameters():  # yields each (tied) parameter once
+        if trainable_only and not p.requires_grad:
+            continue
+        blocks.setdefault(block_name(name), []).append(p)
+    return blocks
+
+
+def param_groups(model: nn.Module, **group_options) -> list[dict]:
+    """One param group per block, named ``block`` (pass to an optimizer with layerwise=True).
+
+    ``group_options`` are copied into every group (e.g. ``weight_decay=0.1``).
+    """
+    return [
+        {"params": params, "block": name, **group_options}
+        for name, params in assign_blocks(model).items()
+    ]

@@ -1,0 +1,196 @@
+"""Layer-wise line search: a step size per block (issue 5)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from armijo_fused import ArmijoAdam, ArmijoSGD
+from armijo_fused.blocks import assign_blocks, param_groups
+from problems import make_closure
+from torch import nn
+
+
+def block_quadratic(block_L, *, dim=16, inner=2.0, seed=0):
+    """f(θ) = Σ_b ½ θ_bᵀ A_b θ_b; A_b has eigenvalues evenly spread in [L_b / inner, L_b]."""
+    g = torch.Generator().manual_seed(seed)
+    params, mats = [], []
+    for L in block_L:
+        Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+        ev = torch.linspace(L / inner, L, dim, dtype=torch.float64)
+        mats.append((Q * ev) @ Q.T)
+        params.append(nn.Parameter(torch.randn(dim, generator=g, dtype=torch.float64)))
+
+    def f():
+        return sum(0.5 * p @ A @ p for p, A in zip(params, mats))
+
+    return params, f
+
+
+def iterations_to(tol, params, f, cap, **kw):
+    """Steps until f/f(θ0) <= tol (None if not within ``cap``)."""
+    opt = ArmijoSGD([{"params": [p]} for p in params], cadence="every", **kw)
+    with torch.no_grad():
+        f0 = float(f())
+    for it in range(1, cap + 1):
+        opt.step(make_closure(opt, f))
+        with torch.no_grad():
+            if float(f()) / f0 <= tol:
+                return it
+    return None
+
+
+HETEROGENEOUS = [1.0, 17.0, 290.0, 5000.0]  # condition number 5000 across blocks
+HOMOGENEOUS = [1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["exact", "round_robin"])
+def test_layerwise_beats_global_fivefold_on_heterogeneous_blocks(mode):
+    n_layerwise = iterations_to(1e-6, *block_quadratic(HETEROGENEOUS), cap=2000,
+                                layerwise=True, block_search=mode)
+    assert n_layerwise is not None
+    # global SGD has not got there in five times as many iterations
+    assert iterations_to(1e-6, *block_quadratic(HETEROGENEOUS), cap=5 * n_layerwise) is None
+
+
+@pytest.mark.parametrize("mode", ["exact", "round_robin", "stale"])
+def test_layerwise_is_no_worse_than_global_on_homogeneous_blocks(mode):
+    n_global = iterations_to(1e-6, *block_quadratic(HOMOGENEOUS, inner=50.0), cap=1000)
+    n_layerwise = iterations_to(1e-6, *block_quadratic(HOMOGENEOUS, inner=50.0), cap=1000,
+                                layerwise=True, block_search=mode)
+    assert n_global is not None and n_layerwise is not None
+    assert n_layerwise <= 1.2 * n_global
+
+
+def test_each_block_finds_its_own_step_size():
+    params, f = block_quadratic(HETEROGENEOUS)
+    opt = ArmijoSGD([{"params": [p]} for p in params], cadence="every", layerwise=True,
+                    block_search="exact")
+    for _ in range(6):
+        opt.step(make_closure(opt, f))
+    etas = opt.stats["step_size"]
+    assert isinstance(etas, list) and len(etas) == 4
+    for eta, L in zip(etas, HETEROGENEOUS):
+        assert 0.1 / L < eta < 2.0 / L  # the Armijo range of an L-smooth quadratic, c = 0.2
+
+
+def test_round_robin_searches_one_block_per_step_in_turn():
+    params, f = block_quadratic(HETEROGENEOUS)
+    opt = ArmijoSGD([{"params": [p]} for p in params], cadence="every", layerwise=True)
+    seen = []
+    for _ in range(8):
+        opt.step(make_closure(opt, f))
+        seen.append(opt.stats["searched_blocks"])
+    assert seen == [[0], [1], [2], [3], [0], [1], [2], [3]]
+
+
+def test_stale_schedule_searches_the_block_searched_longest_ago():
+    params, f = block_quadratic(HETEROGENEOUS)
+    opt = ArmijoSGD([{"params": [p]} for p in params], cadence="every", layerwise=True,
+                    block_search="stale")
+    for _ in range(5):
+        opt.step(make_closure(opt, f))
+    assert opt.stats["searched_blocks"] == [0]  # all four searched once, block 0 longest ago
+
+
+class Tiny(nn.Module):
+    """nanoGPT-style names: transformer.wte / transformer.h.<i> / transformer.ln_f / lm_head."""
+
+    def __init__(self, vocab=11, d=8, layers=2):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, d),
+            h=nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d)) for _ in range(layers)),
+            ln_f=nn.LayerNorm(d),
+        ))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, idx):
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = x + block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+def test_blocks_are_found_from_module_names():
+    model = Tiny()
+    assert list(assign_blocks(model)) == ["embeddings", "layer.0", "layer.1", "final"]
+    groups = param_groups(model, weight_decay=0.1)
+    assert [g["block"] for g in groups] == ["embeddings", "layer.0", "layer.1", "final"]
+    assert all(g["weight_decay"] == 0.1 for g in groups)
+
+
+def _lm_loss(model, tokens):
+    return nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
+                                       tokens[:, 1:].flatten())
+
+
+def test_single_group_with_model_splits_into_named_blocks():
+    torch.manual_seed(0)
+    model = Tiny()
+    tokens = torch.randint(0, 11, (4, 9))
+    opt = ArmijoAdam(model.parameters(), layerwise=True, model=model, cadence="every")
+    losses = []
+    for _ in range(8):
+        losses.append(float(opt.step(make_closure(opt, lambda: _lm_loss(model, tokens)))))
+    assert opt.param_groups[0]["block_names"] == ["embeddings", "layer.0", "layer.1", "final"]
+    assert len(opt.stats["step_size"]) == 4
+    assert losses[-1] < losses[0]
+
+
+def test_layerwise_needs_blocks():
+    with pytest.raises(ValueError, match="layerwise=True needs blocks"):
+        ArmijoAdam(nn.Linear(2, 2).parameters(), layerwise=True)
+    with pytest.raises(ValueError, match="invalid block_search"):
+        ArmijoAdam(nn.Linear(2, 2).parameters(), block_search="random")
+
+
+def test_collapsed_block_merges_with_its_neighbour_and_state_dict_records_it():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.a, model.b, model.c = (nn.Parameter(torch.randn(8)) for _ in range(3))
+    curvature = (1.0, 1.0, 1e4)  # the stiff block c needs η ~ 1e-4
+
+    def loss():
+        return sum(0.5 * s * (p * p).sum() for p, s in zip((model.a, model.b, model.c), curvature))
+
+    opt = ArmijoSGD(model.parameters(), cadence="every", layerwise=True, model=model,
+                    block_search="exact", merge_below=1e-3)
+    for _ in range(3):
+        opt.step(make_closure(opt, loss))
+    g = opt.param_groups[0]
+    assert g["block_names"] == ["a", "b", "c"]
+    assert g["block_owner"] == [0, 1, 1]  # c merged into its neighbour b
+    assert g["step_size"][2] == g["step_size"][1]
+    assert opt.state_dict()["param_groups"][0]["block_owner"] == [0, 1, 1]
+    opt.step(make_closure(opt, loss))
+    assert opt.stats["searched_blocks"] == [0, 1, 2]  # exact mode: a alone, then b with c
+    assert opt.stats["step_size"][1] == opt.stats["step_size"][2]
+
+
+def test_layerwise_resume_is_bit_identical():
+    def build():
+        torch.manual_seed(0)
+        model = Tiny()
+        return model, ArmijoAdam(model.parameters(), layerwise=True, model=model, cadence=3)
+
+    tokens = torch.randint(0, 11, (4, 9), generator=torch.Generator().manual_seed(1))
+    model, opt = build()
+    for _ in range(5):
+        opt.step(make_closure(opt, lambda: _lm_loss(model, tokens)))
+    buf = io.BytesIO()
+    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
+    for _ in range(5):
+        opt.step(make_closure(opt, lambda: _lm_loss(model, tokens)))
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    model2, opt2 = build()
+    model2.load_state_dict(ck["m"])
+    opt2.load_state_dict(ck["o"])
+    for _ in range(5):
+        opt2.step(make_closure(opt2, lambda: _lm_loss(model2, tokens)))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert opt2.param_groups[0]["step_size"] == opt.param_groups[0]["step_size"]
