@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DirectionRule, _pad, check_range
+from .base import DirectionRule, _pad, check_range, unmix
 
 
 class RMSProp(DirectionRule):
@@ -37,6 +37,9 @@ class RMSProp(DirectionRule):
     def update_state(self, g, states, s):
         (v,) = states
         v.mul_(s[0]).addcmul_(g, g, value=1.0 - s[0])
+
+    def undo_state(self, g, states, s):
+        unmix(states[0], (1.0 - s[0]) * g * g, s[0])
 
     def direction(self, g, states, s):
         return g / (states[0].sqrt() + s[1])
@@ -67,6 +70,11 @@ class Adam(DirectionRule):
         m, v = states
         m.mul_(s[0]).add_(g, alpha=1.0 - s[0])
         v.mul_(s[1]).addcmul_(g, g, value=1.0 - s[1])
+
+    def undo_state(self, g, states, s):
+        m, v = states
+        unmix(m, (1.0 - s[0]) * g, s[0])
+        unmix(v, (1.0 - s[1]) * g * g, s[1])
 
     def _denominator(self, v, s):
         return torch.sqrt(v * s[3]) + s[4]

@@ -17,7 +17,8 @@ which is a descent direction whenever the gradient is non-zero.
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -47,6 +48,11 @@ class DirectionRule:
     def update_state(self, g: Tensor, states: Sequence[Tensor], s: Sequence[float]) -> None:
         """Fold the gradient into the state, in place."""
 
+    def undo_state(self, g: Tensor, states: Sequence[Tensor], s: Sequence[float]) -> None:
+        """Invert ``update_state`` in place (to rounding): the error path of a step that raised
+        after the first pass. A coefficient of 0 means the old state had no influence on any
+        later step, so zero stands in for it."""
+
     def direction(self, g: Tensor, states: Sequence[Tensor], s: Sequence[float]) -> Tensor:
         """``u`` from the already updated state (a new tensor)."""
         raise NotImplementedError
@@ -58,6 +64,14 @@ class DirectionRule:
 
 def _pad(*values: float) -> tuple[float, ...]:
     return tuple(float(v) for v in values) + (0.0,) * (NUM_SCALARS - len(values))
+
+
+def unmix(state: Tensor, new: Tensor, keep: float) -> None:
+    """Invert ``state <- keep * state + new`` in place."""
+    if keep > 0.0:
+        state.sub_(new).div_(keep)
+    else:
+        state.zero_()
 
 
 def check_range(group: dict, key: str, lo: float, hi: float, *, lo_open=False, hi_open=True):

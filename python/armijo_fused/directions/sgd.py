@@ -11,7 +11,7 @@ offered. The fallback direction of all three is the plain gradient.
 
 from __future__ import annotations
 
-from .base import DirectionRule, _pad, check_range
+from .base import DirectionRule, _pad, check_range, unmix
 
 
 class SGD(DirectionRule):
@@ -37,6 +37,9 @@ class Momentum(DirectionRule):
     def update_state(self, g, states, s):
         (buf,) = states
         buf.mul_(s[0]).add_(g)
+
+    def undo_state(self, g, states, s):
+        unmix(states[0], g, s[0])
 
     def direction(self, g, states, s):
         return states[0].clone()

@@ -108,6 +108,8 @@ def armijo_search(
     preconditioned gradient when Σ η⟨g,d⟩ <= 0 (else such a search ends unresolved).
     ``guard``: a small device tensor read along with the first trial; if any entry is not finite
     the passes wrote nothing (see torch_backend.py) and the search ends as skipped.
+    ``reduce``: mean over ranks (distributed runs) of the trial loss, the per-block sums and the
+    guard, in one collective per trial; ``f0`` must already be reduced.
     ``resolution``: relative float resolution of the loss; once c·Σ η⟨g,d⟩ <= resolution·|f0|
     the search stops without a step (``unresolved``), since rounding decides such comparisons.
     """
@@ -129,8 +131,9 @@ def armijo_search(
         vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
         if guard is not None and trial == 1:
             vec.append(guard.reshape(-1))
-        if reduce is not None:
-            vec = [reduce(torch.cat([v.double().to(vec[0].device) for v in vec]))]
+        if reduce is not None:  # f0 is reduced once by the caller; the rest in one collective
+            rest = torch.cat([v.double().to(vec[0].device) for v in vec[1:]])
+            vec = [vec[0].double().to(rest.device), reduce(rest)]
         vals = read_floats(vec)
         f_before, f_trial, rows = vals[0], vals[1], vals[2:]
         if guard is not None and trial == 1:

@@ -76,6 +76,8 @@ class ArmijoAdam(ArmijoOptimizer):
         layerwise: bool = False,
         block_search: str = "round_robin",
         merge_below: float | None = None,
+        exact_revert: bool = False,
+        process_group=None,
         model=None,
     ):
         if direction not in ("adam", "nadam", "rmsprop"):
@@ -93,6 +95,7 @@ class ArmijoAdam(ArmijoOptimizer):
             cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
             rule_defaults=rule_defaults, block_search=block_search, merge_below=merge_below,
+            exact_revert=exact_revert, process_group=process_group,
         )
 
 

@@ -90,6 +90,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         rule_defaults: dict,
         block_search: str = "round_robin",
         merge_below: float | None = None,
+        exact_revert: bool = False,
+        process_group=None,
         tile: int = DEFAULT_TILE,
     ):
         _lr_value(lr)  # validates; schedulers own the value
@@ -121,6 +123,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self.backend, self.tile = backend, tile
         self.layerwise, self.block_search = bool(layerwise), block_search
         self.merge_below = merge_below
+        self.exact_revert = bool(exact_revert)
+        self.process_group = process_group
         self._modules = [model] if model is not None else []
         self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._closure: Callable | None = None
@@ -260,10 +264,14 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             return _as_loss(out, what)
 
         plan = self._search_plan(table)
+        reduce = self._reducer()
+        snapshot = passes.snapshot() if self.exact_revert else None
         try:
             with torch.no_grad():
                 if f0 is None:
                     f0 = trial_loss()
+                if reduce is not None:  # the loss of the global batch, identical on every rank
+                    f0 = reduce(f0.double().reshape(1)).reshape(())
                 passes.set_loss(f0)
                 if g0["searches"] == 0:
                     f0_value = float(f0)
@@ -272,15 +280,21 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                             f"the loss at the first step is not finite ({f0_value}); check the "
                             "model, the data and the loss function before optimizing"
                         )
-                result, accepted = self._run_search(passes, trial_loss, f0, etas, plan)
+                result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce)
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
                 if accepted is not None:
                     final = [a * f for a, f in zip(accepted, block_factors)]
                     if final != passes.eta:
                         passes.move_to(final)
         except BaseException:
+            # Nothing half-done survives: θ back to θ0 and the state to before the first pass
+            # (bitwise from the snapshot with exact_revert, else by inverting the update).
             with torch.no_grad():
-                passes.move_to([0.0] * len(table))  # θ back to θ0; the error propagates
+                if snapshot is not None:
+                    passes.restore(snapshot)
+                elif passes.started:
+                    passes.move_to([0.0] * len(table))
+                    passes.undo_state()
             raise
         finally:
             env.close()
@@ -338,9 +352,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             chosen = min(members, key=last)
         return [chosen]
 
-    def _run_search(self, passes, trial_loss, f0, etas, plan):
+    def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
-                  guard=passes.guard())
+                  guard=passes.guard(), reduce=reduce)
         if len(plan) == 1:  # global, or one block with the combined test
             eta0 = [self.policy.first_trial(e) if b in plan[0] else e for b, e in enumerate(etas)]
             eta0 = self._cap_for_weight_decay(eta0)
@@ -458,6 +472,29 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 table.append((b.group_index, b.group_blocks[local]))
         return table
 
+    def _reducer(self):
+        """All-reduce (mean over ranks) of the search's scalars, or None on a single process.
+
+        With DDP every rank holds the same averaged gradient and state, so the per-block sums
+        agree already; the trial losses differ (each rank sees its own micro-batch) and their mean
+        is the loss of the global batch. One collective per trial carries all of them, and a NaN
+        on any rank becomes a NaN everywhere, so every rank takes the same decision.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return None
+        group = self.process_group
+
+        def mean_over_ranks(t: Tensor) -> Tensor:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            return t / world
+
+        return mean_over_ranks
+
     def _lr_factor(self, group) -> float:
         """lr_t / lr_0: the scheduler's multiplier of the applied step (DESIGN.md §2.6)."""
         lr_t = _lr_value(group["lr"])
@@ -550,6 +587,7 @@ class _FlatPasses(Passes):
         self.wd = [float(groups[b.group_index]["weight_decay"]) for b in buffers]
         self._grad_sq = None
         self._first_sums = None
+        self.started = False  # has a first pass folded this gradient into the state?
         with torch.no_grad():
             self._gscale = self._make_gscale(f0)
 
@@ -588,7 +626,28 @@ class _FlatPasses(Passes):
                 self._eta(i, eta), self._gscale[b.device], b.layout))
         self.eta = list(eta)
         self._first_sums = sums
+        self.started = True
         return sums
+
+    def snapshot(self):
+        """Copies of θ and the state of every buffer (``exact_revert``: memory for bitwise)."""
+        return [(b.param.clone(), [s.clone() for s in b.states]) for b in self.buffers]
+
+    def restore(self, snapshot) -> None:
+        for b, (param, states) in zip(self.buffers, snapshot):
+            b.param.copy_(param)
+            for s, saved in zip(b.states, states):
+                s.copy_(saved)
+        self.eta, self.precond = [0.0] * len(self.eta), False
+
+    def undo_state(self) -> None:
+        """Take this step's gradient back out of the state (torch math; an error path only)."""
+        scale = [float(x) for x in self._scale0.tolist()]
+        if not all(math.isfinite(x) for x in scale):
+            return  # the first pass wrote nothing
+        for i, b in enumerate(self.buffers):
+            g_in = b.grad.float() * (scale[0] * scale[1])
+            self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
 
     def move_to(self, eta, *, precond=None, compute_sums=False):
         precond = self.precond if precond is None else precond

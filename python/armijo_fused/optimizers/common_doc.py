@@ -39,9 +39,18 @@ LINESEARCH_ARGS = r"""
             what a global one costs; after half of ``max_trials`` rejections all blocks backtrack.
             exact: every block in turn with the others frozen, one search per block (small
             models) (default: "round_robin")
-        merge_below (float, optional): a block whose step size falls below this value merges
-            with its neighbour (the previous block, else the next) and shares its step size from
-            then on (default: None, never)
+        merge_below (float, optional): a block whose search accepts a step size below this
+            value merges with its neighbour (the previous block, else the next) and shares one
+            step size with it from then on, starting from the small one; a block that already
+            absorbed another is not merged again (default: None, never)
+        exact_revert (bool, optional): keep a copy of θ and the state during a search so that a
+            closure raising mid-search restores them bitwise; otherwise θ is moved back along
+            the line and the gradient taken back out of the state, exact to rounding. Costs one
+            copy of θ and the state per search step (default: False)
+        process_group (optional): the group whose ranks decide together under DDP; the trial
+            losses and per-block sums are averaged over it in one all-reduce per trial, so every
+            rank accepts the same step. Used only when torch.distributed is initialised with
+            more than one rank (default: None, the world)
         model (nn.Module, optional): the model, so trial forwards restore its buffers
             (BatchNorm statistics) afterwards (default: None)
 

@@ -1,0 +1,64 @@
+"""The C++ CPU backend: the three fused passes of :mod:`.torch_backend`, same signatures.
+
+Each call is one vectorised, OpenMP-parallel pass over the flat buffer
+(``csrc/cpu/passes.cpp``); the math, the gscale convention and the skip rules are documented in
+:mod:`.torch_backend`, which is the ground truth the C++ kernels are tested against. Per-block
+sums are per-tile partial sums added in tile order, so they are the same bit for bit on every
+run and for every thread count.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from .. import ops
+from ..directions.base import DirectionRule
+from ..storage.layout import FlatLayout
+
+name = "cpp"
+
+
+def first_pass(
+    rule: DirectionRule,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    eta: Tensor,
+    gscale: Tensor,
+    layout: FlatLayout,
+) -> Tensor:
+    return ops.first_pass(
+        rule.rule_id, param, grad, states, scalars, weight_decay, eta, gscale,
+        layout.tile_block, layout.block_tiles, layout.tile,
+    )
+
+
+def move(
+    rule: DirectionRule,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    eta_old: Tensor,
+    eta_new: Tensor,
+    gscale: Tensor,
+    layout: FlatLayout,
+    precond_old: bool = False,
+    precond_new: bool = False,
+    compute_sums: bool = False,
+) -> Tensor | None:
+    sums = ops.move(
+        rule.rule_id, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
+        layout.tile_block, layout.block_tiles, layout.tile, precond_old, precond_new,
+        compute_sums,
+    )
+    return sums if compute_sums else None
+
+
+def grad_sq_norm(grad: Tensor, layout: FlatLayout) -> Tensor:
+    return ops.grad_sq_norm(grad, layout.tile_block, layout.block_tiles, layout.tile)

@@ -1,0 +1,151 @@
+"""Triton backend: launch wrappers of the fused passes (kernels in ``armijo_fused.kernels``).
+
+Same three passes and signatures as ``torch_backend`` (read its docstring for the math). Each
+wrapper checks its inputs, allocates, builds the grid (one program per tile, ``BLOCK_SIZE`` =
+``layout.tile``) and launches; the math is in the kernels. Step sizes and ``gscale`` stay on the
+device and are read inside the kernels, so no pass syncs with the host. Per-block sums are per-tile
+partials added in a fixed order by a second tiny kernel (deterministic, no atomics).
+
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..directions.base import DirectionRule
+from ..kernels.first_pass import first_pass_kernel
+from ..kernels.move import move_kernel
+from ..kernels.reductions import SUM_COLS, block_sum_kernel, tile_sq_sum_kernel
+from ..kernels.rules import DIRECTION_READS_GRAD, STATE_COUNT, kernel_scalars
+from ..storage.layout import FlatLayout
+
+name = "triton"
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: tiles summed per loop iteration of the block reduction.
+_TILES_PER_ITER = 128
+
+
+def _num_warps(tile: int) -> int:
+    # a memory-bound element-wise pass: ~16 fp32 elements per thread keeps loads 128-bit wide
+    return max(1, min(16, tile // 512))
+
+
+def _check(rule: DirectionRule, param: Tensor, grad: Tensor | None, states: Sequence[Tensor],
+           layout: FlatLayout) -> None:
+    def same(t: Tensor, what: str) -> None:
+        if t.dtype != torch.float32:
+            raise TypeError(f"triton backend: {what} must be float32, got {t.dtype}")
+        if t.device != param.device:
+            raise ValueError(f"triton backend: {what} is on {t.device}, param on {param.device}")
+        if not t.is_contiguous() or t.numel() != layout.numel:
+            raise ValueError(
+                f"triton backend: {what} must be a contiguous flat buffer of layout.numel="
+                f"{layout.numel} elements, got shape {tuple(t.shape)}"
+            )
+
+    same(param, "param")
+    if grad is not None:
+        same(grad, "grad")
+    want = STATE_COUNT[rule.rule_id]
+    if len(states) != want or len(rule.state_names) != want:
+        raise ValueError(
+            f"triton backend: rule {rule.name!r} keeps {want} state buffers, got {len(states)}"
+        )
+    for i, s in enumerate(states):
+        same(s, f"states[{i}]")
+    if param.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(
+            f"triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {param.device}"
+        )
+
+
+def _state_ptrs(param: Tensor, states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    # rules with fewer than two buffers get param as a placeholder the kernel never touches
+    padded = list(states) + [param] * (2 - len(states))
+    return padded[0], padded[1]
+
+
+def _block_sums(partials: Tensor, layout: FlatLayout) -> Tensor:
+    ncols = partials.shape[1]
+    out = torch.empty(layout.nblocks, ncols, dtype=torch.float32, device=partials.device)
+    block_sum_kernel[(layout.nblocks,)](
+        partials, layout.block_tiles, out, NCOLS=ncols, TILES_PER_ITER=_TILES_PER_ITER
+    )
+    return out
+
+
+def first_pass(
+    rule: DirectionRule,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    eta: Tensor,
+    gscale: Tensor,
+    layout: FlatLayout,
+) -> Tensor:
+    _check(rule, param, grad, states, layout)
+    s0, s1, s2, s3, s4, om0, om1 = kernel_scalars(scalars)
+    st0, st1 = _state_ptrs(param, states)
+    partials = torch.empty(layout.ntiles, SUM_COLS, dtype=torch.float32, device=param.device)
+    first_pass_kernel[(layout.ntiles,)](
+        param, grad, st0, st1, eta, gscale, layout.tile_block, partials,
+        layout.numel, float(weight_decay), s0, s1, s2, s3, s4, om0, om1,
+        RULE=rule.rule_id, NSTATES=len(states), BLOCK_SIZE=layout.tile,
+        num_warps=_num_warps(layout.tile),
+    )
+    return _block_sums(partials, layout)
+
+
+def move(
+    rule: DirectionRule,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    eta_old: Tensor,
+    eta_new: Tensor,
+    gscale: Tensor,
+    layout: FlatLayout,
+    precond_old: bool = False,
+    precond_new: bool = False,
+    compute_sums: bool = False,
+) -> Tensor | None:
+    _check(rule, param, grad, states, layout)
+    precond_old, precond_new, compute_sums = bool(precond_old), bool(precond_new), bool(compute_sums)
+    load_grad = (compute_sums or precond_old or precond_new
+                 or DIRECTION_READS_GRAD[rule.rule_id])
+    s0, s1, s2, s3, s4, om0, _ = kernel_scalars(scalars)
+    st0, st1 = _state_ptrs(param, states)
+    partials = param  # placeholder: the kernel writes partials only with COMPUTE_SUMS
+    if compute_sums:
+        partials = torch.empty(layout.ntiles, SUM_COLS, dtype=torch.float32, device=param.device)
+    move_kernel[(layout.ntiles,)](
+        param, grad, st0, st1, eta_old, eta_new, gscale, layout.tile_block, partials,
+        layout.numel, float(weight_decay), s0, s1, s2, s3, s4, om0,
+        RULE=rule.rule_id, NSTATES=len(states), PRECOND_OLD=precond_old,
+        PRECOND_NEW=precond_new, COMPUTE_SUMS=compute_sums, LOAD_GRAD=load_grad,
+        BLOCK_SIZE=layout.tile, num_warps=_num_warps(layout.tile),
+    )
+    return _block_sums(partials, layout) if compute_sums else None
+
+
+def grad_sq_norm(grad: Tensor, layout: FlatLayout) -> Tensor:
+    if grad.numel() != layout.numel or not grad.is_contiguous():
+        raise ValueError(
+            f"triton backend: grad must be a contiguous flat buffer of layout.numel="
+            f"{layout.numel} elements, got shape {tuple(grad.shape)}"
+        )
+    partials = torch.empty(layout.ntiles, 1, dtype=torch.float32, device=grad.device)
+    tile_sq_sum_kernel[(layout.ntiles,)](
+        grad, partials, layout.numel, BLOCK_SIZE=layout.tile, num_warps=_num_warps(layout.tile)
+    )
+    return _block_sums(partials, layout)[:, 0]

@@ -1,0 +1,60 @@
+"""Command line: ``python -m armijo_fused <command>`` (also installed as ``armijo-fused``).
+
+Commands:
+    demo     train a small transformer on Shakespeare with ArmijoAdam and AdamW
+             (:mod:`armijo_fused.demo`)
+    report   read a training run's step-size telemetry and summarise it
+             (:mod:`armijo_fused.diagnostics.report`)
+
+Each command's own options follow it (``python -m armijo_fused demo --help``). Modules are
+imported only when their command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _run_demo(argv) -> int:
+    from .demo import main
+
+    return main(argv)
+
+
+def _run_report(argv) -> int:
+    try:
+        from .diagnostics.report import main
+    except ImportError as e:
+        raise SystemExit(f"the report command is not available in this installation ({e})") from e
+    return main(argv)
+
+
+COMMANDS = {
+    "demo": (_run_demo, "train a small transformer on Shakespeare: ArmijoAdam vs AdamW"),
+    "report": (_run_report, "summarise the line-search telemetry of a run"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m armijo_fused",
+                                description="armijo_fused command line")
+    sub = p.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    for name, (_, text) in COMMANDS.items():
+        # the command parses its own options (and its own --help)
+        c = sub.add_parser(name, help=text, description=text, add_help=False)
+        c.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = _parser().parse_args(argv[:1])  # the command name; the rest belongs to the command
+    run = COMMANDS[ns.command][0]
+    result = run(argv[1:])
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+r"""Hessian-vector products by double backward, averaged over a fixed set of batches.
+
+For a loss :math:`f(\theta) = \frac1B \sum_{b=1}^{B} f_b(\theta)` over ``B`` fixed batches,
+
+.. math::
+
+    H v = \nabla_\theta \big\langle \nabla_\theta f(\theta),\, v \big\rangle
+        = \frac1B \sum_b \nabla_\theta \big\langle \nabla_\theta f_b(\theta),\, v \big\rangle
+
+(Pearlmutter's trick): one backward with ``create_graph=True`` gives the gradient as a
+differentiable function of θ, a second backward of ⟨g, v⟩ gives Hv. Nothing of size n×n is ever
+formed.
+
+A :class:`HessianOperator` is the linear map ``v -> H_SS v`` restricted to a subset S of the
+coordinates (*segments*: whole parameters, or a range of rows of one, e.g. one attention head of a
+Q projection). For a block S this is the diagonal block ``H_SS`` of the full Hessian, whose
+spectrum is what block-wise diagnostics look at. Vectors are flat float64 tensors (Lanczos runs in
+float64); the products themselves run in the parameters' dtype.
+
+Guards:
+
+- The model is put in eval mode for every forward (dropout off, BatchNorm on running statistics)
+  and each module's mode is restored afterwards: the Hessian of a random function is meaningless.
+- ``check_deterministic``: the loss on the first batch is evaluated twice and must agree, which
+  catches dropout called as ``F.dropout(x, training=True)`` that eval mode cannot switch off.
+- Fused attention kernels often have no double backward (torch's CPU flash attention, the
+  memory-efficient and flash CUDA kernels, flash-attn). With ``sdpa_math=True`` (default) every
+  forward runs under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` so that
+  ``F.scaled_dot_product_attention`` takes the differentiable math path; any remaining
+  ``RuntimeError`` from the second backward is re-raised naming the likely cause and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["HessianOperator", "Segment", "eval_mode", "DoubleBackwardError"]
+
+
+class DoubleBackwardError(RuntimeError):
+    """The model's graph cannot be differentiated twice (see :class:`HessianOperator`)."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: Optional[nn.Module]):
+    """Put ``model`` in eval mode and restore every module's own ``training`` flag afterwards."""
+    if model is None:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _sdpa_math_context(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no SDPA backend selection to make
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Coordinates of one parameter: all of it, or rows ``start:stop`` along dim 0."""
+
+    param: Tensor
+    start: Optional[int] = None
+    stop: Optional[int] = None
+
+    @property
+    def numel(self) -> int:
+        if self.start is None:
+            return self.param.numel()
+        row = self.param[0].numel() if self.param.dim() > 1 else 1
+        return (self.stop - self.start) * row
+
+    def take(self, full: Tensor) -> Tensor:
+        """This segment's part of a tensor shaped like the parameter."""
+        return full if self.start is None else full[self.start:self.stop]
+
+    def embed(self, flat: Tensor) -> Tensor:
+        """A tensor shaped like the parameter, ``flat`` on this segment and zero elsewhere."""
+        p = self.param
+        if self.start is None:
+            return flat.view_as(p)
+        out = torch.zeros_like(p)
+        out[self.start:self.stop] = flat.view((self.stop - self.start,) + tuple(p.shape[1:]))
+        return out
+
+
+_DOUBLE_BACKWARD_HINT = (
+    "the Hessian-vector product needs a double backward (the gradient of the gradient), and a "
+    "kernel in this model has none. The usual cause is a fused attention kernel (PyTorch's "
+    "flash / memory-efficient scaled_dot_product_attention, flash-attn, xformers, a custom "
+    "Triton kernel) or a custom autograd.Function marked once_differentiable. Fix: run the "
+    "diagnostics with the math attention backend, e.g. "
+    "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH): ...` "
+    "(the diagnostics do this when sdpa_math=True), or switch the model to its eager/'math' "
+    "attention implementation (HuggingFace: attn_implementation='eager')"
+)
+
+
+class HessianOperator:
+    r"""The linear map :math:`v \mapsto H_{SS} v` of a loss averaged over fixed batches.
+
+    Args:
+        loss_fn (callable): ``loss_fn(batch)`` returns the scalar loss on one batch at the
+            current parameters (``loss_fn()`` when ``batches`` is None).
+        params (sequence of Tensor | Segment): the coordinates S. Tensors mean whole
+            parameters; :class:`Segment` selects rows of one.
+        batches (sequence, optional): the fixed batches; H is their average (default: None, one
+            call of ``loss_fn()``)
+        model (nn.Module, optional): put in eval mode around every forward (default: None)
+        graph_params (sequence of Tensor, optional): the parameters the gradient graph is built
+            for; share one :class:`HessianOperator` cache across blocks with :meth:`restrict`
+            (default: the parameters of ``params``)
+        cache_graph (bool, optional): keep the gradient graph of every batch between products
+            (one forward + backward per batch in all, at the memory of B retained graphs);
+            False recomputes it for every product (default: True)
+        sdpa_math (bool, optional): run the forwards under the math SDPA backend so attention
+            has a double backward (default: True)
+        check_deterministic (bool, optional): evaluate the first batch twice and raise if the
+            losses differ (active dropout) (default: True)
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Tensor],
+        params: Sequence,
+        batches: Optional[Sequence[Any]] = None,
+        *,
+        model: Optional[nn.Module] = None,
+        graph_params: Optional[Sequence[Tensor]] = None,
+        cache_graph: bool = True,
+        sdpa_math: bool = True,
+        check_deterministic: bool = True,
+    ):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.segments = [s if isinstance(s, Segment) else Segment(s) for s in params]
+        if not self.segments:
+            raise ValueError("HessianOperator needs at least one parameter")
+        for s in self.segments:
+            if not s.param.requires_grad:
+                raise ValueError(
+                    f"a parameter of shape {tuple(s.param.shape)} does not require grad: the "
+                    "Hessian with respect to it is not defined by autograd"
+                )
+        if batches is not None and len(batches) == 0:
+            raise ValueError("batches is empty: pass at least one batch (or None)")
+        self._shared = _GradCache(
+            loss_fn, batches, model, graph_params or _unique([s.param for s in self.segments]),
+            cache_graph, sdpa_math, check_deterministic,
+        )
+        self._index = self._shared.index_of(self.segments)
+        self.dim = sum(s.numel for s in self.segments)
+        first = self.segments[0].param
+        self.device = first.device
+        self.matvecs = 0
+
+    def restrict(self, segments: Sequence) -> HessianOperator:
+        """The operator of a sub-block ``H_TT``, sharing this one's batches and cached graphs.
+
+        Every parameter of ``segments`` must be among this operator's ``graph_params``."""
+        op = object.__new__(HessianOperator)
+        op.segments = [s if isinstance(s, Segment) else Segment(s) for s in segments]
+        if not op.segments:
+            raise ValueError("restrict() needs at least one segment")
+        op._shared = self._shared
+        op._index = self._shared.index_of(op.segments)
+        op.dim = sum(s.numel for s in op.segments)
+        op.device = op.segments[0].param.device
+        op.matvecs = 0
+        return op
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.matvec(v)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H_SS v`` for a flat vector ``v`` of length ``dim`` (returned in float64)."""
+        if v.dim() != 1 or v.numel() != self.dim:
+            raise ValueError(f"expected a flat vector of {self.dim} elements, got {tuple(v.shape)}")
+        pieces, offset = [], 0
+        for s in self.segments:
+            pieces.append(s.embed(v[offset:offset + s.numel].to(s.param.dtype)))
+            offset += s.numel
+        full = self._shared.hvp(self._index, pieces)
+        self.matvecs += 1
+        out = [s.take(h).reshape(-1).to(torch.float64) for s, h in zip(self.segments, full)]
+        return torch.cat(out)
+
+
+def _unique(params):
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class _GradCache:
+    """Per-batch gradient graphs shared by every block operator of one model."""
+
+    def __init__(self, loss_fn, batches, model, graph_params, cache_graph, sdpa_math,
+                 check_deterministic):
+        self.loss_fn = loss_fn
+        self.batches = list(batches) if batches is not None else None
+        self.model = model
+        self.params = list(graph_params)
+        self.cache_graph = cache_graph
+        self.sdpa_math = sdpa_math
+        self.check_deterministic = check_deterministic
+        self._graphs: Optional[list] = None
+        self._checked = False
+
+    def index_of(self, segments):
+        ids = {id(p): i for i, p in enumerate(self.params)}
+        try:
+            return [ids[id(s.param)] for s in segments]
+        except KeyError:
+            raise ValueError(
+                "a block parameter is not among the parameters the gradient graph is built for "
+                "(graph_params)"
+            ) from None
+
+    def _loss(self, batch) -> Tensor:
+        out = self.loss_fn() if self.batches is None else self.loss_fn(batch)
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            raise TypeError(f"loss_fn must return a scalar tensor, got {out!r:.80}")
+        return out.reshape(())
+
+    def _batches(self):
+        return [None] if self.batches is None else self.batches
+
+    def _gradients(self, batch):
+        with torch.enable_grad(), eval_mode(self.model), _sdpa_math_context(self.sdpa_math):
+            loss = self._loss(batch)
+            if not loss.requires_grad:
+                raise ValueError("the loss does not depend on the parameters (no grad_fn)")
+            try:
+                grads = torch.autograd.grad(loss, self.params, create_graph=True,
+                                            allow_unused=True)
+            except RuntimeError as e:
+                raise DoubleBackwardError(f"{_DOUBLE_BACKWARD_HINT}. Original error: {e}") from e
+        return grads
+
+    def _check(self):
+        if self._checked or not self.check_deterministic:
+            return
+        self._checked = True
+        first = self._batches()[0]
+        with torch.no_grad(), eval_mode(self.model), _sdpa_math_context(self.sdpa_math):
+            a, b = float(self._loss(first)), float(self._loss(first))
+        if a != b and abs(a - b) > 1e-6 * max(1.0, abs(a)):
+            raise RuntimeError(
+                f"the loss is not deterministic (two evaluations on the same batch gave {a} and "
+                f"{b}): dropout or another random layer is active even in eval mode (e.g. "
+                "F.dropout(x, training=True)). The Hessian of a random function is not defined; "
+                "disable it for the diagnostics (or pass check_deterministic=False)"
+            )
+
+    def hvp(self, index, pieces):
+        self._check()
+        n = len(self._batches())
+        total = [None] * len(index)
+        if self.cache_graph and self._graphs is None:
+            self._graphs = [self._gradients(b) for b in self._batches()]
+        for bi, batch in enumerate(self._batches()):
+            grads = self._graphs[bi] if self.cache_graph else self._gradients(batch)
+            outs, ins, vs, where = [], [], [], []
+            for j, (i, v) in enumerate(zip(index, pieces)):
+                g = grads[i]
+                if g is not None and g.requires_grad:  # else the gradient is constant: H row = 0
+                    outs.append(g)
+                    vs.append(v)
+                ins.append(self.params[i])
+                where.append(j)
+            if outs:
+                try:
+                    with _sdpa_math_context(self.sdpa_math):
+                        hv = torch.autograd.grad(outs, ins, grad_outputs=vs,
+                                                 retain_graph=self.cache_graph, allow_unused=True)
+                except RuntimeError as e:
+                    raise DoubleBackwardError(f"{_DOUBLE_BACKWARD_HINT}. Original error: {e}") \
+                        from e
+            else:
+                hv = [None] * len(ins)
+            for j, h in zip(where, hv):
+                h = torch.zeros_like(ins[j]) if h is None else h.detach()
+                total[j] = h if total[j] is None else total[j] + h
+        return [t / n for t in total]

@@ -1,0 +1,263 @@
+"""Training telemetry: what every step did, for plots and for choosing a clipping threshold.
+
+After each ``optimizer.step()`` the recorder stores one record::
+
+    {"step", "loss", "step_size": [per block], "applied_step": [per block], "trials",
+     "searched", "grad_norm"}
+
+from ``opt.stats`` when the optimizer has them (the armijo_fused optimizers; ``grad_norm`` there is
+the norm of the true, unclipped gradient), or, for a plain torch optimizer, from its param groups
+(``lr`` as the step size) and the gradient norm computed here from ``p.grad`` (call ``record``
+after ``step`` and before ``zero_grad``). Use ``record(loss)`` in the loop, or ``attach(opt)`` to
+record after every step through ``Optimizer.register_step_post_hook``.
+
+Clipping: ``suggest_clip(90)`` is the 90th percentile of the recorded gradient norms — a
+threshold that clips the 10% largest gradients and leaves the typical step alone; ``check_clip(c)``
+returns the fraction of steps whose gradient norm exceeds c and warns when that is more than half
+(a threshold that clips most steps is no longer a safeguard but a rescaled learning rate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = ["TelemetryRecorder"]
+
+_FORMAT = "armijo_fused.telemetry/1"
+
+
+def _float(x) -> float:
+    if x is None:
+        return math.nan
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().float().reshape(-1)[0]) if x.numel() else math.nan
+    return float(x)
+
+
+def _floats(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return [_float(v) for v in x]
+    return [_float(x)]
+
+
+def _grad_norm(optimizer) -> float:
+    """‖g‖₂ over every parameter of ``optimizer`` with a gradient (float64 accumulation)."""
+    total, seen = 0.0, False
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if g.is_sparse:
+                g = g.coalesce().values()
+            total += float(g.detach().double().square().sum())
+            seen = True
+    return math.sqrt(total) if seen else math.nan
+
+
+def _block_names(optimizer, count: int) -> list:
+    names: list = []
+    for gi, group in enumerate(optimizer.param_groups):
+        if "block_names" in group:
+            names.extend(group["block_names"])
+        else:
+            names.append(group.get("block", f"group.{gi}"))
+    if len(names) == count:
+        return [str(n) for n in names]
+    if count == 1:
+        return ["global"]
+    return [f"block.{i}" for i in range(count)]
+
+
+class TelemetryRecorder:
+    """Per-step loss, step sizes per block, trials, search flag and gradient norm.
+
+    Args:
+        optimizer (torch.optim.Optimizer, optional): the default optimizer of ``record``.
+    """
+
+    def __init__(self, optimizer=None):
+        self.optimizer = optimizer
+        self.records: list[dict] = []
+        self.block_names: list[str] = []
+        self.meta: dict = {}
+        self._handle = None
+
+    # -- recording ------------------------------------------------------------------------------
+    def record(self, loss=None, optimizer=None) -> dict:
+        """Store what the last ``optimizer.step()`` did; returns the record."""
+        opt = optimizer or self.optimizer
+        if opt is None:
+            raise ValueError("record() needs an optimizer: pass one here or to the recorder")
+        stats = getattr(opt, "stats", None)
+        if isinstance(stats, Mapping) and "step_size" in stats:
+            step_size = _floats(stats["step_size"])
+            rec = {
+                "step": int(stats.get("step", len(self.records) + 1)),
+                "loss": _float(loss if loss is not None else stats.get("loss_before")),
+                "step_size": step_size,
+                "applied_step": _floats(stats.get("applied_step", stats["step_size"])),
+                "trials": int(stats.get("trials", 0)),
+                "searched": bool(stats.get("searched", False)),
+                "grad_norm": _float(stats.get("grad_norm")),
+            }
+        else:
+            step_size = [_float(g["lr"]) for g in opt.param_groups]
+            rec = {
+                "step": len(self.records) + 1, "loss": _float(loss),
+                "step_size": step_size, "applied_step": list(step_size), "trials": 0,
+                "searched": False, "grad_norm": _grad_norm(opt),
+            }
+        names = _block_names(opt, len(rec["step_size"]))
+        if not self.block_names:
+            self.block_names = names
+        elif len(names) != len(self.block_names):
+            raise ValueError(
+                f"the number of blocks changed from {len(self.block_names)} to {len(names)}: "
+                "record one optimizer per recorder"
+            )
+        self.records.append(rec)
+        return rec
+
+    def attach(self, optimizer=None):
+        """Record after every ``optimizer.step()`` (a step post-hook); returns the hook handle.
+
+        The loss comes from ``opt.stats['loss_before']`` (armijo_fused) or is NaN (plain torch
+        optimizers: call ``record(loss)`` yourself to keep it)."""
+        opt = optimizer or self.optimizer
+        if opt is None:
+            raise ValueError("attach() needs an optimizer")
+        self.optimizer = opt
+        self._handle = opt.register_step_post_hook(lambda o, args, kwargs: self.record(None, o))
+        return self._handle
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    # -- views ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def column(self, key: str) -> np.ndarray:
+        return np.array([r[key] for r in self.records], dtype=np.float64)
+
+    @property
+    def grad_norms(self) -> np.ndarray:
+        return self.column("grad_norm")
+
+    @property
+    def losses(self) -> np.ndarray:
+        return self.column("loss")
+
+    def step_sizes(self, key: str = "step_size") -> dict:
+        """``{block: array over steps}`` of the searched (or, with key='applied_step', applied)
+        step sizes."""
+        arr = np.array([r[key] for r in self.records], dtype=np.float64).reshape(
+            len(self.records), -1)
+        return {n: arr[:, i] for i, n in enumerate(self.block_names)}
+
+    # -- clipping -------------------------------------------------------------------------------
+    def suggest_clip(self, percentile: float = 90.0) -> float:
+        """The ``percentile``-th percentile of the finite recorded gradient norms."""
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        g = self.grad_norms
+        g = g[np.isfinite(g)]
+        if g.size == 0:
+            raise ValueError("no finite gradient norm recorded yet")
+        return float(np.percentile(g, percentile))
+
+    def clipped_fraction(self, threshold: float) -> float:
+        """Fraction of recorded steps whose gradient norm exceeds ``threshold``."""
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        g = self.grad_norms
+        g = g[np.isfinite(g)]
+        return float(np.mean(g > threshold)) if g.size else math.nan
+
+    def check_clip(self, threshold: Optional[float] = None) -> float:
+        """``clipped_fraction`` at ``threshold`` (default: the optimizer's ``max_grad_norm``),
+        with a warning when more than half of the steps would be clipped."""
+        if threshold is None:
+            threshold = getattr(self.optimizer, "max_grad_norm", None)
+            if threshold is None:
+                raise ValueError("check_clip() needs a threshold (the optimizer has none)")
+        frac = self.clipped_fraction(threshold)
+        if frac > 0.5:
+            warnings.warn(
+                f"{100 * frac:.0f}% of the recorded steps have a gradient norm above the clipping "
+                f"threshold {threshold:g}: clipping then rescales most steps instead of guarding "
+                f"against rare spikes; the 90th percentile of the norms is "
+                f"{self.suggest_clip(90):.4g}",
+                UserWarning, stacklevel=2,
+            )
+        return frac
+
+    def summary(self) -> dict:
+        g = self.grad_norms
+        finite = g[np.isfinite(g)]
+        return {
+            "steps": len(self.records),
+            "searched_steps": int(sum(r["searched"] for r in self.records)),
+            "trials": int(sum(r["trials"] for r in self.records)),
+            "final_loss": self.records[-1]["loss"] if self.records else math.nan,
+            "grad_norm_median": float(np.median(finite)) if finite.size else math.nan,
+            "clip_p90": float(np.percentile(finite, 90)) if finite.size else math.nan,
+        }
+
+    # -- persistence ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        def clean(v):  # JSON has no NaN / inf: store null
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return {
+            "format": _FORMAT, "block_names": list(self.block_names), "meta": dict(self.meta),
+            "records": [{k: clean(v) for k, v in r.items()} for r in self.records],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TelemetryRecorder:
+        if d.get("format") != _FORMAT:
+            raise ValueError(f"not a telemetry file (format {d.get('format')!r}, "
+                             f"expected {_FORMAT!r})")
+        rec = cls()
+        rec.block_names = list(d.get("block_names", []))
+        rec.meta = dict(d.get("meta", {}))
+
+        def nan(v):
+            if v is None:
+                return math.nan
+            if isinstance(v, list):
+                return [nan(x) for x in v]
+            return v
+
+        for r in d["records"]:
+            rec.records.append({k: (nan(v) if k in ("loss", "grad_norm", "step_size",
+                                                    "applied_step") else v)
+                                for k, v in r.items()})
+        return rec
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> TelemetryRecorder:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(data)

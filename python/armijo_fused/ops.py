@@ -1,0 +1,122 @@
+"""Typed Python wrappers over the compiled ops ``torch.ops.armijo_fused.*`` (C++, CPU).
+
+Importing ``armijo_fused._C`` loads the extension, which registers three ops (schemas in
+``csrc/ops.cpp``, CPU kernels in ``csrc/cpu/passes.cpp``); the math of each is documented in
+:mod:`armijo_fused.backends.torch_backend`. Calls go through ``torch.ops`` rather than the pybind
+module so that ``torch.compile`` can trace them; the fake (meta) implementations below tell it the
+output shapes without running a kernel.
+
+* ``first_pass(rule_id, param, grad, states, scalars, weight_decay, eta, gscale, tile_block,
+  block_tiles, tile) -> sums [nblocks, 3]``: writes ``param`` and ``states``.
+* ``move(rule_id, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
+  tile_block, block_tiles, tile, precond_old, precond_new, compute_sums) -> sums [nblocks, 3]``:
+  writes ``param`` only (zeros when ``compute_sums`` is False).
+* ``grad_sq_norm(grad, tile_block, block_tiles, tile) -> [nblocks]``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as e:  # not built: pip install --no-build-isolation -e .
+    _C = None
+    _IMPORT_ERROR = e
+
+
+def available() -> bool:
+    """Whether the compiled extension is loaded and its ops are registered."""
+    return _C is not None and hasattr(torch.ops.armijo_fused, "first_pass")
+
+
+def why_unavailable() -> str:
+    """A one-line reason when :func:`available` is False (empty otherwise)."""
+    if available():
+        return ""
+    if _IMPORT_ERROR is not None:
+        return (
+            f"armijo_fused._C is not built or cannot load ({_IMPORT_ERROR}); build it with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    return "armijo_fused._C loaded but registered no ops"
+
+
+def _require():
+    if not available():
+        raise RuntimeError(why_unavailable())
+
+
+def first_pass(
+    rule_id: int,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    eta: Tensor,
+    gscale: Tensor,
+    tile_block: Tensor,
+    block_tiles: Tensor,
+    tile: int,
+) -> Tensor:
+    _require()
+    return torch.ops.armijo_fused.first_pass(
+        int(rule_id), param, grad, list(states), [float(s) for s in scalars],
+        float(weight_decay), eta, gscale, tile_block, block_tiles, int(tile),
+    )
+
+
+def move(
+    rule_id: int,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    eta_old: Tensor,
+    eta_new: Tensor,
+    gscale: Tensor,
+    tile_block: Tensor,
+    block_tiles: Tensor,
+    tile: int,
+    precond_old: bool = False,
+    precond_new: bool = False,
+    compute_sums: bool = False,
+) -> Tensor:
+    _require()
+    return torch.ops.armijo_fused.move(
+        int(rule_id), param, grad, list(states), [float(s) for s in scalars],
+        float(weight_decay), eta_old, eta_new, gscale, tile_block, block_tiles, int(tile),
+        bool(precond_old), bool(precond_new), bool(compute_sums),
+    )
+
+
+def grad_sq_norm(grad: Tensor, tile_block: Tensor, block_tiles: Tensor, tile: int) -> Tensor:
+    _require()
+    return torch.ops.armijo_fused.grad_sq_norm(grad, tile_block, block_tiles, int(tile))
+
+
+if available():
+
+    def _nblocks(block_tiles: Tensor) -> int:
+        return block_tiles.shape[0] - 1
+
+    @torch.library.register_fake("armijo_fused::first_pass")
+    def _first_pass_fake(rule, param, grad, states, scalars, weight_decay, eta, gscale,
+                         tile_block, block_tiles, tile):
+        return param.new_empty((_nblocks(block_tiles), 3))
+
+    @torch.library.register_fake("armijo_fused::move")
+    def _move_fake(rule, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
+                   tile_block, block_tiles, tile, precond_old, precond_new, compute_sums):
+        return param.new_empty((_nblocks(block_tiles), 3))
+
+    @torch.library.register_fake("armijo_fused::grad_sq_norm")
+    def _grad_sq_norm_fake(grad, tile_block, block_tiles, tile):
+        return grad.new_empty((_nblocks(block_tiles),))
