@@ -16,11 +16,13 @@ from torch import Tensor
 from ..backends import resolve_backend
 from ..directions import get_rule
 from ..linesearch import trial as trial_mod
+from ..linesearch.batched import batched_armijo_search, stacked_loss
 from ..linesearch.cadence import Cadence
 from ..linesearch.controller import Passes, armijo_search, read_floats
 from ..linesearch.policy import StepSizePolicy
 from ..storage.flat import FlatBuffer
 from ..storage.layout import DEFAULT_TILE
+from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
 
 #: keys of the line-search state kept in every param group (identical across groups when global).
@@ -92,6 +94,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         merge_below: float | None = None,
         exact_revert: bool = False,
         process_group=None,
+        candidates: int | None = None,
         tile: int = DEFAULT_TILE,
     ):
         _lr_value(lr)  # validates; schedulers own the value
@@ -114,6 +117,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             _check_number("merge_below", merge_below, 0.0, lo_open=True)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if candidates is not None:
+            if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 2:
+                raise ValueError(f"invalid candidates: {candidates!r} (expected an int >= 2 or None)")
+            if model is None:
+                raise ValueError("candidates needs model=: trial weights are swapped into it")
+            if layerwise:
+                raise ValueError("candidates works with the global search (layerwise=False)")
         self.rule = rule
         self.policy = StepSizePolicy(growth=growth, collapse_ratio=collapse_ratio, max_step=max_step)
         self.policy.validate()
@@ -124,6 +134,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self.layerwise, self.block_search = bool(layerwise), block_search
         self.merge_below = merge_below
         self.exact_revert = bool(exact_revert)
+        self.candidates = candidates
         self.process_group = process_group
         self._modules = [model] if model is not None else []
         self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
@@ -241,6 +252,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if not search:
             with torch.no_grad():
                 sums = passes.first([e * f for e, f in zip(etas, block_factors)])
+            self._reshard_fsdp()
             self._advance(k)
             self.stats = StepStats(
                 step=k, searched=False, step_size=self._report(etas),
@@ -258,10 +270,19 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         what = "the closure" if closure is not None else "loss_fn"
 
         def trial_loss() -> Tensor:
+            self._reshard_fsdp()  # FSDP2: the forward must all-gather the moved shards
             with env.trial():
                 out = evaluate()
             self._count(forwards=1)
             return _as_loss(out, what)
+
+        def trial_losses(etas, precond) -> Tensor:  # batched candidates: one forward for all
+            params, stacked = passes.trial_points(etas, precond)
+            names = [self._names[id(p)] for p in params]
+            with env.trial():
+                out = stacked_loss(self._modules[0], evaluate, names)(stacked)
+            self._count(forwards=1)
+            return out.detach()
 
         plan = self._search_plan(table)
         reduce = self._reducer()
@@ -280,7 +301,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                             f"the loss at the first step is not finite ({f0_value}); check the "
                             "model, the data and the loss function before optimizing"
                         )
-                result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce)
+                result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
+                                                    trial_losses)
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
                 if accepted is not None:
                     final = [a * f for a, f in zip(accepted, block_factors)]
@@ -298,6 +320,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             raise
         finally:
             env.close()
+            self._reshard_fsdp()  # the next training forward gathers the final weights
 
         # 4. Bookkeeping: step sizes, cadence, counters, telemetry.
         skipped = result.skipped or not math.isfinite(result.loss_before)
@@ -352,12 +375,16 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             chosen = min(members, key=last)
         return [chosen]
 
-    def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None):
+    def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
                   guard=passes.guard(), reduce=reduce)
         if len(plan) == 1:  # global, or one block with the combined test
             eta0 = [self.policy.first_trial(e) if b in plan[0] else e for b, e in enumerate(etas)]
             eta0 = self._cap_for_weight_decay(eta0)
+            if self.candidates is not None:
+                result = batched_armijo_search(passes, trial_losses, f0, eta0[0],
+                                               candidates=self.candidates, **kw)
+                return result, result.accepted
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=None if not self.layerwise else plan[0], **kw)
             return result, result.accepted
@@ -553,22 +580,47 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 return self._buffers
         by_slot: dict = {}
         for gi, p in self._trainable():
-            by_slot.setdefault((gi, p.device, p.dtype), []).append(p)
-        if self.layerwise and len({gi for gi, _, _ in by_slot}) != len(by_slot):
+            by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
+        if self.layerwise and len({gi for gi, _, _, _ in by_slot}) != len(by_slot):
             raise ValueError("layerwise=True needs each param group on one device and dtype")
         buffers = []
-        for (gi, _, _), plist in by_slot.items():
+        for (gi, _, _, dtensor), plist in by_slot.items():
             ids = self._group_blocks(gi, plist)
             order = sorted(range(len(plist)), key=lambda i: ids[i])  # params ordered by block
             used = sorted(set(ids))  # buffer-local block index -> group block index
             local = [used.index(ids[i]) for i in order]
-            buf = FlatBuffer(gi, [plist[i] for i in order], self.rule, self.state,
-                             block_ids=local, tile=self.tile)
+            if dtensor:  # FSDP2 shards: FSDP owns their storage, so work on copies of them
+                buf = ShardedBuffer(gi, [plist[i] for i in order], self.rule, self.state,
+                                    block_ids=local, tile=self.tile,
+                                    process_group=self.process_group)
+            else:
+                buf = FlatBuffer(gi, [plist[i] for i in order], self.rule, self.state,
+                                 block_ids=local, tile=self.tile)
             buf.group_blocks = used
             buf.backend = resolve_backend(self.backend, buf.device, buf.dtype)
             buffers.append(buf)
         self._buffers, self._buffer_key = buffers, key
+        self._sharded = any(isinstance(b, ShardedBuffer) for b in buffers)
+        if self._sharded:
+            if not self._modules:
+                raise ValueError(
+                    "DTensor (FSDP2) parameters need the model: pass model= to the optimizer or "
+                    "to set_closure(fn, model=...), so that every FSDP module is resharded "
+                    "between trial forwards and they see the moved weights"
+                )
         return buffers
+
+    def _reshard_fsdp(self) -> None:
+        """Reshard every FSDP2 module of the model (a no-op where already sharded).
+
+        FSDP2 keeps a module's parameters unsharded after a forward that no backward follows
+        (always the root's, by default): a later forward would then reuse the gathered copy of
+        the weights from before the optimizer moved the shards. Resharding before each trial
+        forward and after the step makes the next forward all-gather the moved shards.
+        """
+        if getattr(self, "_sharded", False):
+            for m in fsdp_modules(self._modules):
+                m.reshard()
 
 
 class _FlatPasses(Passes):
@@ -597,7 +649,8 @@ class _FlatPasses(Passes):
         need_norm = opt.check_finite or opt.max_grad_norm is not None
         scale = torch.ones(2, dtype=torch.float32, device=dev0)
         if need_norm:
-            sq = sum(b.backend.grad_sq_norm(b.grad, b.layout).to(dev0).sum() for b in self.buffers)
+            sq = self._sum_over_shards(
+                [b.backend.grad_sq_norm(b.grad, b.layout).to(dev0).sum() for b in self.buffers])
             self._grad_sq = sq
             if opt.max_grad_norm is not None:
                 clip = (opt.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
@@ -607,6 +660,19 @@ class _FlatPasses(Passes):
         if f0 is not None:
             self.set_loss(f0)
         return {b.device: self._scale0.to(b.device) for b in self.buffers}
+
+    def _sum_over_shards(self, per_buffer: list) -> Tensor:
+        """Σ g² over the model from each buffer's local sum. FSDP2: the sharded buffers' sums
+        are summed over the ranks (one all-reduce), so clipping and the non-finite guard agree
+        on every rank; other buffers hold whole tensors and count once."""
+        sharded = [isinstance(b, ShardedBuffer) and b.sum_scale != 1.0 for b in self.buffers]
+        sq = sum(x for x, s in zip(per_buffer, sharded) if not s)
+        if any(sharded):
+            part = sum(x for x, s in zip(per_buffer, sharded) if s).clone()
+            torch.distributed.all_reduce(part, op=torch.distributed.ReduceOp.SUM,
+                                         group=self.opt.process_group)
+            sq = sq + part
+        return sq
 
     def set_loss(self, f0: Tensor) -> None:
         """Fold a non-finite f0 into gscale: the passes then write nothing (no sync needed)."""
@@ -624,10 +690,30 @@ class _FlatPasses(Passes):
             sums.append(b.backend.first_pass(
                 self.opt.rule, b.param, b.grad, b.states, self.scalars[i], self.wd[i],
                 self._eta(i, eta), self._gscale[b.device], b.layout))
+        sums = self._written(sums)
         self.eta = list(eta)
         self._first_sums = sums
         self.started = True
         return sums
+
+    def trial_points(self, etas, precond):
+        """θ0 − η_k d for every η_k, stacked: (params, [K, *shape] tensors), θ at θ0 (torch math,
+        one read of θ and the state per buffer)."""
+        scale = self._scale0[0] * self._scale0[1]
+        params, stacked = [], []
+        for i, b in enumerate(self.buffers):
+            e = torch.tensor(etas, dtype=b.param.dtype, device=b.device)[:, None]
+            g_in = b.grad * scale.to(b.device)
+            rule, s = self.opt.rule, self.scalars[i]
+            if precond:
+                d = rule.precond_grad(g_in, b.states, s)
+            else:
+                d = rule.direction(g_in, b.states, s) + self.wd[i] * b.param
+            trial = b.param[None] - e * d[None]
+            for p, off in zip(b.params, b.offsets):
+                params.append(p)
+                stacked.append(trial[:, off : off + p.numel()].view(len(etas), *p.shape))
+        return params, stacked
 
     def snapshot(self):
         """Copies of θ and the state of every buffer (``exact_revert``: memory for bitwise)."""
@@ -638,7 +724,18 @@ class _FlatPasses(Passes):
             b.param.copy_(param)
             for s, saved in zip(b.states, states):
                 s.copy_(saved)
+        self._written(None)
         self.eta, self.precond = [0.0] * len(self.eta), False
+
+    def _written(self, sums):
+        """After a pass: sharded buffers copy θ back into the DTensor shards and scale their
+        local sums by the shard count, so the optimizer's mean over ranks forms Σ over shards."""
+        for i, b in enumerate(self.buffers):
+            if isinstance(b, ShardedBuffer):
+                b.after_write()
+                if sums is not None and b.sum_scale != 1.0:
+                    sums[i] = sums[i] * b.sum_scale
+        return sums
 
     def undo_state(self) -> None:
         """Take this step's gradient back out of the state (torch math; an error path only)."""
@@ -658,8 +755,9 @@ class _FlatPasses(Passes):
                 self._eta(i, self.eta), self._eta(i, eta), self._gscale[b.device], b.layout,
                 self.precond, precond, compute_sums)
             out.append(s)
+        out = self._written(out if compute_sums else None)
         self.eta, self.precond = list(eta), precond
-        return out if compute_sums else None
+        return out
 
     def grad_norm(self):
         if self._grad_sq is not None:

@@ -51,6 +51,12 @@ LINESEARCH_ARGS = r"""
             losses and per-block sums are averaged over it in one all-reduce per trial, so every
             rank accepts the same step. Used only when torch.distributed is initialised with
             more than one rank (default: None, the world)
+        candidates (int, optional): test this many step sizes of the backtracking sequence
+            (η0, βη0, β²η0, ...) in one batched forward (torch.func.vmap over stacked trial
+            weights) and accept the first that passes: the step sequential backtracking would
+            accept, in fewer dependent forwards, for K times the parameter and activation memory.
+            Needs ``model=``, the global search, and a model without dropout or in-place buffer
+            updates in the trial forward (default: None, sequential)
         model (nn.Module, optional): the model, so trial forwards restore its buffers
             (BatchNorm statistics) afterwards (default: None)
 

@@ -63,6 +63,7 @@ class ArmijoSGD(ArmijoOptimizer):
         merge_below: float | None = None,
         exact_revert: bool = False,
         process_group=None,
+        candidates: int | None = None,
         model=None,
     ):
         if direction not in ("sgd", "momentum", "nesterov"):
@@ -78,7 +79,7 @@ class ArmijoSGD(ArmijoOptimizer):
             cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
             rule_defaults=rule_defaults, block_search=block_search, merge_below=merge_below,
-            exact_revert=exact_revert, process_group=process_group,
+            exact_revert=exact_revert, process_group=process_group, candidates=candidates,
         )
 
 

@@ -1,0 +1,123 @@
+"""Batched candidates: K step sizes of the backtracking sequence tested in one forward.
+
+Sequential backtracking tests η0, βη0, β²η0, ... one forward at a time and accepts the first that
+passes the Armijo test. The batched search tests the same sequence K at a time: the K trial points
+θ0 − η_k d are stacked and the loss is evaluated on all of them in one batched forward
+(``torch.func.functional_call`` under ``torch.func.vmap``). It accepts the first η_k of the
+sequence that passes, which is the step sequential backtracking would accept on the same batch,
+and it takes ceil(trials / K) dependent forwards instead of ``trials``. The price is K copies of
+the parameters and K times the activations, so it is an option for models and batches that fit.
+
+Trial forwards under vmap see the same RNG for all K candidates (``randomness="same"``) and must
+not update buffers in place (BatchNorm in train mode): models with dropout or batch statistics
+should keep the sequential search.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .controller import Passes, SearchResult, read_floats
+
+
+class _CallLoss(nn.Module):
+    """Holds the model so that ``functional_call`` can swap its parameters around ``fn()``."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[], Tensor]):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self) -> Tensor:
+        return self.fn()
+
+
+def stacked_loss(model: nn.Module, fn: Callable[[], Tensor], names: Sequence[str]):
+    """``losses(stacked)``: ``stacked`` holds one [K, *shape] tensor per name; returns [K] losses
+    of ``fn()`` evaluated with the model's parameters replaced by each slice in turn."""
+    wrapper = _CallLoss(model, fn)
+    keys = ["model." + n for n in names]
+
+    def one(*tensors):
+        out = torch.func.functional_call(wrapper, dict(zip(keys, tensors)), (), strict=False)
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            raise ValueError("the loss function must return a scalar tensor for batched candidates")
+        return out.reshape(())
+
+    def losses(stacked: Sequence[Tensor]) -> Tensor:
+        return torch.func.vmap(one, randomness="same")(*stacked)
+
+    return losses
+
+
+def batched_armijo_search(
+    passes: Passes,
+    evaluate_many: Callable[[Sequence[float], bool], Tensor],
+    f0: Tensor,
+    eta0: float,
+    *,
+    c: float,
+    backtrack: float,
+    max_trials: int,
+    candidates: int,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    guard: Tensor | None = None,
+    resolution: float = 1e-6,
+) -> SearchResult:
+    """Global search over the sequence η0·backtrack^j, j < max_trials, ``candidates`` at a time.
+
+    ``evaluate_many(etas, precond)`` returns the [K] losses at θ0 − η_k d (the trial weights are
+    built from θ0, so θ stays at θ0 until the accepted step is applied by one ``move_to``).
+    Decisions follow :func:`armijo_search`: non-descent → preconditioned gradient (the first
+    round's losses are then discarded), unresolved → no step, nothing accepted within
+    ``max_trials`` → no step. One host read per batched forward.
+    """
+    nblocks = len(passes.eta)
+    zeros = [0.0] * nblocks
+    sums = passes.first(zeros)  # state update and sums; θ stays at θ0
+    eta_seq = [eta0 * backtrack**j for j in range(max_trials)]
+    precond = non_descent = False
+    history: list = []
+    f_before = gd = grad_sq = math.nan
+    start = 0
+    while start < max_trials:
+        etas = eta_seq[start : start + candidates]
+        losses = evaluate_many(etas, precond)
+        vec = [losses.reshape(-1)] + [s.reshape(-1) for s in sums]
+        if guard is not None and start == 0 and not precond:
+            vec.append(guard.reshape(-1))
+        rest = torch.cat([v.double().to(f0.device) for v in vec])
+        if reduce is not None:
+            rest = reduce(rest)
+        vals = read_floats([f0.reshape(1), rest])
+        f_before, f_k, rows = vals[0], vals[1 : 1 + len(etas)], vals[1 + len(etas) :]
+        if guard is not None and start == 0 and not precond:
+            g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]
+            if not all(math.isfinite(x) for x in g_vals):
+                return SearchResult(None, len(etas), f_before, math.nan, math.nan, math.nan,
+                                    skipped=True)
+        gd, grad_sq = sum(rows[0::3]), sum(rows[1::3])
+        if not math.isfinite(f_before):
+            break
+        if gd <= 0.0 and not precond and grad_sq > 0.0:
+            sums = passes.move_to(zeros, precond=True, compute_sums=True)
+            precond = non_descent = True
+            continue  # same candidates along the fallback direction
+        for eta, ft in zip(etas, f_k):
+            history.append(([eta] * nblocks, ft))
+            unresolved = c * eta * gd <= resolution * abs(f_before) or ft == f_before
+            if not unresolved and math.isfinite(ft) and ft <= f_before - c * eta * gd:
+                passes.move_to([eta] * nblocks)
+                return SearchResult([eta] * nblocks, len(history), f_before, ft, gd, grad_sq,
+                                    non_descent=non_descent, history=history)
+            if unresolved:
+                return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
+                                    non_descent=non_descent, unresolved=True, history=history)
+        start += len(etas)
+    return SearchResult(None, max(len(history), 1), f_before, math.nan, gd, grad_sq,
+                        non_descent=non_descent, history=history)

@@ -1,0 +1,78 @@
+"""Batched candidate evaluation (issue 5): the same accepted step as sequential backtracking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from armijo_fused import ArmijoAdam, ArmijoSGD
+from torch import nn
+
+
+def _run(cls, candidates, steps=8, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    opt = cls(model.parameters(), cadence="every", model=model, candidates=candidates,
+              backend="torch", **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    trace = []
+    for _ in range(steps):
+        opt.step(closure)
+        trace.append((opt.stats["step_size"], opt.stats["trials"], opt.stats["non_descent"]))
+    return trace, opt.param_groups[0]["forwards"], [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (ArmijoSGD, {"direction": "sgd", "init_step_size": 10.0}),   # several trials at first
+    (ArmijoSGD, {"direction": "momentum", "momentum": 0.99}),    # momentum may point uphill
+    (ArmijoAdam, {"init_step_size": 1.0}),
+    (ArmijoAdam, {"direction": "nadam", "weight_decay": 0.1}),
+])
+@pytest.mark.parametrize("k", [2, 3, 8])
+def test_batched_accepts_the_step_sequential_backtracking_accepts(cls, kw, k):
+    seq, seq_forwards, seq_params = _run(cls, None, **kw)
+    bat, bat_forwards, bat_params = _run(cls, k, **kw)
+    assert [t[0] for t in bat] == [t[0] for t in seq]  # the same accepted η, bit for bit
+    assert [t[2] for t in bat] == [t[2] for t in seq]  # the same fallbacks to precond
+    # the same number of candidates needed (a non-descent switch wastes a round differently)
+    assert [t[1] for t in bat if not t[2]] == [t[1] for t in seq if not t[2]]
+    for p, q in zip(bat_params, seq_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    if any(t[1] > 1 for t in seq):
+        assert bat_forwards < seq_forwards  # fewer dependent forwards when trials > 1
+
+
+def test_batched_search_with_no_acceptable_step_takes_no_step():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+    opt = ArmijoSGD(model.parameters(), cadence="every", model=model, candidates=4, max_trials=3,
+                    init_step_size=1e6, backend="torch")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.stats["exhausted"] and opt.stats["trials"] == 3
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
+
+
+def test_candidates_argument_is_checked():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="candidates needs model="):
+        ArmijoAdam(model.parameters(), candidates=4)
+    with pytest.raises(ValueError, match="invalid candidates"):
+        ArmijoAdam(model.parameters(), candidates=1, model=model)
+    with pytest.raises(ValueError, match="global search"):
+        ArmijoAdam(model.parameters(), candidates=4, model=model, layerwise=True)
