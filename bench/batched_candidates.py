@@ -2,9 +2,11 @@
 
 Runs the same optimizer (ArmijoAdam, cadence="every") with ``candidates=None`` and with
 ``candidates=K`` on an MLP regression task where the first trial usually overshoots
-(``growth=4``: each search starts at 4x the last accepted step, so 2-3 trials are typical), and records ms per step, trials per step and
-forwards per step. Writes bench/results/batched_candidates_<device>.json with device, versions
-and commit. Usage: python bench/batched_candidates.py [--device cuda] [--steps 30] [--k 4]
+(``growth=4``: each search starts at 4x the last accepted step, so 2-3 trials are typical),
+and records ms, trials and forwards per step. Writes
+bench/results/batched_candidates_<device>.json with device, versions and commit.
+
+Usage: python bench/batched_candidates.py [--device cuda] [--steps 30] [--k 2 4 8]
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import subprocess
 import time
 
 import torch
-from torch import nn
-
 from armijo_fused import ArmijoAdam
+from torch import nn
 
 
 def _commit():

@@ -224,11 +224,6 @@ def test_sparse_gradients_are_a_clear_error():
         opt.step(make_closure(opt, lambda: emb(tokens).sum()))
 
 
-def test_half_precision_parameters_are_a_clear_error():
-    with pytest.raises(TypeError, match="not supported yet"):
-        ArmijoAdam(nn.Linear(2, 2).to(torch.bfloat16).parameters())
-
-
 def test_explicit_backend_that_cannot_run_is_a_clear_error():
     model, loss = _model_and_data()
     opt = ArmijoAdam(model.parameters(), backend="triton")

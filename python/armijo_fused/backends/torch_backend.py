@@ -74,7 +74,7 @@ def first_pass(
     scale = _unpack_scale(gscale)
     if scale is None:
         return sums
-    g = grad * scale[0]
+    g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
     g_in = g * scale[1]
     rule.update_state(g_in, states, scalars)
     d = rule.direction(g_in, states, scalars) + weight_decay * param
@@ -109,7 +109,7 @@ def move(
     scale = _unpack_scale(gscale)
     if scale is None:
         return sums if compute_sums else None
-    g = grad * scale[0]
+    g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
     g_in = g * scale[1]
     u_old, wd_old = _direction(rule, g_in, states, scalars, weight_decay, precond_old)
     u_new, wd_new = _direction(rule, g_in, states, scalars, weight_decay, precond_new)

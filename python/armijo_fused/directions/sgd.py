@@ -17,6 +17,7 @@ from .base import DirectionRule, _pad, check_range, unmix
 class SGD(DirectionRule):
     name = "sgd"
     rule_id = 0
+    direction_reads_grad = True  # u = g
 
     def direction(self, g, states, s):
         return g.clone()

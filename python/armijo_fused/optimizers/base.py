@@ -153,11 +153,6 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise TypeError(f"parameters must be floating point, got {p.dtype}")
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    raise TypeError(
-                        f"{p.dtype} parameters are not supported yet: keep parameters in float32 "
-                        "and train under torch.autocast for bf16/fp16 compute"
-                    )
             group.setdefault("lr_ref", _lr_value(group["lr"]))
             group.setdefault("step", 0)
             group.setdefault("step_size", float(init_step_size))
@@ -173,6 +168,19 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 "armijo_fused.blocks.param_groups(model)) or model= to split by module names"
             )
         self._init_step_size = float(init_step_size)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that state tensors keep their saved dtype: torch casts them to the
+        parameter's dtype, which would round the fp32 moments and master weights of bf16/fp16
+        parameters."""
+        saved = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            for key, value in saved.get(pid, {}).items():
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device)
 
     # -- user-facing hooks ---------------------------------------------------------------------
     def set_closure(self, closure: Callable | None, model: torch.nn.Module | None = None) -> None:
@@ -703,7 +711,7 @@ class _FlatPasses(Passes):
         params, stacked = [], []
         for i, b in enumerate(self.buffers):
             e = torch.tensor(etas, dtype=b.param.dtype, device=b.device)[:, None]
-            g_in = b.grad * scale.to(b.device)
+            g_in = b.grad.float() * scale.to(b.device)
             rule, s = self.opt.rule, self.scalars[i]
             if precond:
                 d = rule.precond_grad(g_in, b.states, s)
@@ -712,7 +720,7 @@ class _FlatPasses(Passes):
             trial = b.param[None] - e * d[None]
             for p, off in zip(b.params, b.offsets):
                 params.append(p)
-                stacked.append(trial[:, off : off + p.numel()].view(len(etas), *p.shape))
+                stacked.append(trial[:, off : off + p.numel()].view(len(etas), *p.shape).to(p.dtype))
         return params, stacked
 
     def snapshot(self):
@@ -728,9 +736,12 @@ class _FlatPasses(Passes):
         self.eta, self.precond = [0.0] * len(self.eta), False
 
     def _written(self, sums):
-        """After a pass: sharded buffers copy θ back into the DTensor shards and scale their
-        local sums by the shard count, so the optimizer's mean over ranks forms Σ over shards."""
+        """After a pass: bf16/fp16 buffers publish their fp32 master into the model's tensors;
+        sharded buffers copy θ back into the DTensor shards and scale their local sums by the
+        shard count, so the optimizer's mean over ranks forms Σ over shards."""
         for i, b in enumerate(self.buffers):
+            if getattr(b, "master", False):
+                b.publish()
             if isinstance(b, ShardedBuffer):
                 b.after_write()
                 if sums is not None and b.sum_scale != 1.0:

@@ -12,17 +12,26 @@ The model stays in charge of its tensors, so the buffer re-validates them at eve
 * state tensors replaced by ``load_state_dict`` are copied in and re-pointed;
 * a parameter whose storage moved (``model.to()``, accelerate swapping in new tensors) makes
   ``sync`` return False and the optimizer rebuilds the buffer from the tensors as they are now.
+
+bf16 / fp16 parameters get fp32 master weights: ``param`` is then the fp32 master (what the passes
+update, kept in the optimizer state as ``master`` so resume is exact), the model's tensors are
+views of ``model_param`` in their own dtype, and :meth:`publish` writes the master into them,
+rounded once. Trial points are always written from the master, so no rounding accumulates over
+trials or steps. Gradients stay in the model's dtype.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..directions.base import DirectionRule
 from .layout import DEFAULT_TILE, FlatLayout, make_layout
+
+#: parameter dtypes that get fp32 master weights
+MASTER_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _dense(p: Tensor, g: Tensor) -> Tensor:
@@ -71,13 +80,19 @@ class FlatBuffer:
 
         n = self.layout.numel
         kw = dict(dtype=self.dtype, device=self.device)
-        self.param = torch.zeros(n, **kw)
+        self.master = self.dtype in MASTER_DTYPES
+        self.state_names = rule.state_names + (("master",) if self.master else ())
+        fp32 = dict(dtype=torch.float32, device=self.device)
+        self.param = torch.zeros(n, **(fp32 if self.master else kw))
+        self.model_param = torch.zeros(n, **kw) if self.master else self.param
         self.grad = torch.zeros(n, **kw)
-        self.states = [torch.zeros(n, **kw) for _ in rule.state_names]
-        self._param_views = [self._view(self.param, i) for i in range(len(params))]
+        self.states = [torch.zeros(n, **(fp32 if self.master else kw)) for _ in rule.state_names]
+        self._param_views = [self._view(self.model_param, i) for i in range(len(params))]
+        self._master_views = [self._view(self.param, i) for i in range(len(params))]
         self._grad_views = [self._view(self.grad, i) for i in range(len(params))]
         self._state_views = [
-            [self._view(s, i) for s in self.states] for i in range(len(params))
+            [self._view(s, i) for s in self.states] + ([self._master_views[i]] if self.master else [])
+            for i in range(len(params))
         ]
         self._adopt(state)
 
@@ -90,16 +105,19 @@ class FlatBuffer:
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 self._param_views[i].copy_(p.detach())
+                if self.master:
+                    self._master_views[i].copy_(p.detach())  # overwritten by a saved master
                 p.data = self._param_views[i]
                 if p.grad is not None:
                     self._grad_views[i].copy_(_dense(p, p.grad))
                 p.grad = self._grad_views[i]
                 pstate = state[p]
-                for name, view in zip(self.rule.state_names, self._state_views[i]):
+                for name, view in zip(self.state_names, self._state_views[i]):
                     old = pstate.get(name)
                     if old is not None:
                         view.copy_(old)
                     pstate[name] = view
+            self.publish()
 
     def sync(self, state: dict) -> bool:
         """Re-validate the views before a step; False means the parameters moved: rebuild."""
@@ -115,13 +133,24 @@ class FlatBuffer:
                     self._grad_views[i].copy_(_dense(p, g))
                 p.grad = self._grad_views[i]
             pstate = state[p]
-            for name, view in zip(self.rule.state_names, self._state_views[i]):
+            reloaded = False
+            for name, view in zip(self.state_names, self._state_views[i]):
                 old = pstate.get(name)
                 if old is not view:
                     if old is not None:
                         view.copy_(old)
+                        reloaded |= name == "master"
                     pstate[name] = view
+            if reloaded:
+                with torch.no_grad():
+                    self._param_views[i].copy_(self._master_views[i])
         return True
+
+    def publish(self) -> None:
+        """Write the fp32 master into the model's bf16/fp16 tensors (no-op for fp32)."""
+        if self.master:
+            with torch.no_grad():
+                self.model_param.copy_(self.param)
 
     def zero_grad(self) -> None:
         """Zero the flat gradient and keep the views attached (one launch, not one per tensor)."""
