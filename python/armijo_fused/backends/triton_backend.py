@@ -12,7 +12,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tes
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -27,20 +27,28 @@ from ..storage.layout import FlatLayout
 name = "triton"
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: tiles summed per loop iteration of the block reduction.
 _TILES_PER_ITER = 128
 
 
 def _num_warps(tile: int) -> int:
-    # a memory-bound element-wise pass: ~16 fp32 elements per thread keeps loads 128-bit wide
+    # a memory-bound element-wise pass: 16 fp32 elements per thread, as 128-bit loads
     return max(1, min(16, tile // 512))
+
+
+def _launch_options(tile: int) -> dict:
+    # No fused multiply-adds: the torch twin rounds every product, and a memory-bound pass gains
+    # nothing from FMA. Explicit also because Triton's default for it is changing (3.10).
+    return {"num_warps": _num_warps(tile), "enable_fp_fusion": False}
 
 
 def _check(rule: DirectionRule, param: Tensor, grad: Tensor | None, states: Sequence[Tensor],
            layout: FlatLayout) -> None:
-    def same(t: Tensor, what: str) -> None:
-        if t.dtype != torch.float32:
-            raise TypeError(f"triton backend: {what} must be float32, got {t.dtype}")
+    def same(t: Tensor, what: str, dtypes=(torch.float32,)) -> None:
+        if t.dtype not in dtypes:
+            names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"triton backend: {what} must be {names}, got {t.dtype}")
         if t.device != param.device:
             raise ValueError(f"triton backend: {what} is on {t.device}, param on {param.device}")
         if not t.is_contiguous() or t.numel() != layout.numel:
@@ -50,8 +58,11 @@ def _check(rule: DirectionRule, param: Tensor, grad: Tensor | None, states: Sequ
             )
 
     same(param, "param")
-    if grad is not None:
-        same(grad, "grad")
+    if grad is not None:  # a half-precision gradient is read as is and widened in the kernel
+        same(grad, "grad", _GRAD_DTYPES)
+    if not 0 <= rule.rule_id < len(STATE_COUNT):
+        raise ValueError(f"triton backend: rule {rule.name!r} (rule_id {rule.rule_id}) has no "
+                         "kernel twin in armijo_fused/kernels/rules.py")
     want = STATE_COUNT[rule.rule_id]
     if len(states) != want or len(rule.state_names) != want:
         raise ValueError(
@@ -65,6 +76,25 @@ def _check(rule: DirectionRule, param: Tensor, grad: Tensor | None, states: Sequ
         )
 
 
+def _check_scalars(param: Tensor, layout: FlatLayout, **tensors: Tensor) -> None:
+    """The device-side scalars (step sizes, gscale) and the layout's tables live with param."""
+    sizes = {"gscale": 2}
+    for what, t in tensors.items():
+        n = sizes.get(what, layout.nblocks)
+        if t.dtype != torch.float32 or t.numel() != n or not t.is_contiguous():
+            raise ValueError(
+                f"triton backend: {what} must be a contiguous float32 tensor of {n} entries, "
+                f"got {t.dtype} of shape {tuple(t.shape)}"
+            )
+    for what, t in dict(tensors, tile_block=layout.tile_block,
+                        block_tiles=layout.block_tiles).items():
+        if t.device != param.device:
+            raise ValueError(
+                f"triton backend: {what} is on {t.device}, param on {param.device} "
+                "(build the layout with device=param.device)"
+            )
+
+
 def _state_ptrs(param: Tensor, states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     # rules with fewer than two buffers get param as a placeholder the kernel never touches
     padded = list(states) + [param] * (2 - len(states))
@@ -75,7 +105,8 @@ def _block_sums(partials: Tensor, layout: FlatLayout) -> Tensor:
     ncols = partials.shape[1]
     out = torch.empty(layout.nblocks, ncols, dtype=torch.float32, device=partials.device)
     block_sum_kernel[(layout.nblocks,)](
-        partials, layout.block_tiles, out, NCOLS=ncols, TILES_PER_ITER=_TILES_PER_ITER
+        partials, layout.block_tiles, out, NCOLS=ncols, TILES_PER_ITER=_TILES_PER_ITER,
+        num_warps=4, enable_fp_fusion=False,
     )
     return out
 
@@ -92,6 +123,7 @@ def first_pass(
     layout: FlatLayout,
 ) -> Tensor:
     _check(rule, param, grad, states, layout)
+    _check_scalars(param, layout, eta=eta, gscale=gscale)
     s0, s1, s2, s3, s4, om0, om1 = kernel_scalars(scalars)
     st0, st1 = _state_ptrs(param, states)
     partials = torch.empty(layout.ntiles, SUM_COLS, dtype=torch.float32, device=param.device)
@@ -99,7 +131,7 @@ def first_pass(
         param, grad, st0, st1, eta, gscale, layout.tile_block, partials,
         layout.numel, float(weight_decay), s0, s1, s2, s3, s4, om0, om1,
         RULE=rule.rule_id, NSTATES=len(states), BLOCK_SIZE=layout.tile,
-        num_warps=_num_warps(layout.tile),
+        **_launch_options(layout.tile),
     )
     return _block_sums(partials, layout)
 
@@ -120,6 +152,7 @@ def move(
     compute_sums: bool = False,
 ) -> Tensor | None:
     _check(rule, param, grad, states, layout)
+    _check_scalars(param, layout, eta_old=eta_old, eta_new=eta_new, gscale=gscale)
     precond_old, precond_new, compute_sums = bool(precond_old), bool(precond_new), bool(compute_sums)
     load_grad = (compute_sums or precond_old or precond_new
                  or DIRECTION_READS_GRAD[rule.rule_id])
@@ -133,19 +166,22 @@ def move(
         layout.numel, float(weight_decay), s0, s1, s2, s3, s4, om0,
         RULE=rule.rule_id, NSTATES=len(states), PRECOND_OLD=precond_old,
         PRECOND_NEW=precond_new, COMPUTE_SUMS=compute_sums, LOAD_GRAD=load_grad,
-        BLOCK_SIZE=layout.tile, num_warps=_num_warps(layout.tile),
+        BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
     )
     return _block_sums(partials, layout) if compute_sums else None
 
 
 def grad_sq_norm(grad: Tensor, layout: FlatLayout) -> Tensor:
+    if grad.dtype not in _GRAD_DTYPES:
+        raise TypeError(f"triton backend: grad must be float32, bfloat16 or float16, got {grad.dtype}")
     if grad.numel() != layout.numel or not grad.is_contiguous():
         raise ValueError(
             f"triton backend: grad must be a contiguous flat buffer of layout.numel="
             f"{layout.numel} elements, got shape {tuple(grad.shape)}"
         )
+    _check_scalars(grad, layout)
     partials = torch.empty(layout.ntiles, 1, dtype=torch.float32, device=grad.device)
     tile_sq_sum_kernel[(layout.ntiles,)](
-        grad, partials, layout.numel, BLOCK_SIZE=layout.tile, num_warps=_num_warps(layout.tile)
+        grad, partials, layout.numel, BLOCK_SIZE=layout.tile, **_launch_options(layout.tile)
     )
     return _block_sums(partials, layout)[:, 0]

@@ -1,0 +1,278 @@
+"""GPU speed of the Triton first pass and retry against torch's AdamW step, in % of copy bandwidth.
+
+Parameter lists shaped like GPT-2 124M and GPT-2 1.5B (fp32, tied embeddings), one block per
+transformer layer (plus one for the embeddings and one for the final layer norm), laid out in one
+flat buffer as the optimizer does. Passes timed (CUDA events, warm-up, median of ``--repeats``):
+
+* ``first_pass`` (Adam rule): reads θ, g, m, v, writes θ, m, v          28 B/param
+* ``move_all``: a global retry, every block's η changes: reads θ, m, v, writes θ   16 B/param
+* ``move_one_block``: a layer-wise retry, one block's η changes; the other tiles exit early
+  (the byte budget counts that block's 16 B/param only)
+* ``adamw_fused``: ``torch.optim.AdamW(fused=True).step()``              28 B/param
+* ``adamw_foreach``: ``torch.optim.AdamW(foreach=True).step()``          28 B/param (its minimum)
+
+on the same parameter list (the AdamW parameters and gradients are views of the flat buffers).
+The device's copy bandwidth is measured with ``dst.copy_(src)`` on a large tensor (bytes = 2 ×
+size); each pass reports ms, GB/s from its byte budget and that as a % of the copy bandwidth.
+Writes ``bench/results/kernels_<device-slug>.json`` (device, torch / triton / CUDA versions, git
+commit) and a PNG bar chart beside it.
+
+Usage: python bench/bench_kernels.py [--models gpt2-124m,gpt2-1.5b] [--repeats 30] [--tiles 2048]
+Without CUDA it prints that it needs CUDA and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+#: GPT-2 configurations: (vocab, context, width, layers)
+MODELS = {
+    "gpt2-124m": (50257, 1024, 768, 12),
+    "gpt2-1.5b": (50257, 1024, 1600, 48),
+}
+#: parameters of each model (tied lm_head): the shape lists are checked against these
+EXPECTED_PARAMS = {"gpt2-124m": 124_439_808, "gpt2-1.5b": 1_557_611_200}
+BYTES_PER_PARAM = {"first_pass": 28, "move_all": 16, "move_one_block": 16,
+                   "adamw_fused": 28, "adamw_foreach": 28}
+
+
+def gpt2_blocks(vocab: int, ctx: int, d: int, layers: int) -> list[list[tuple[int, ...]]]:
+    """Tensor shapes per block: embeddings, one block per transformer layer, the final norm."""
+    layer = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),  # ln_1, attn c_attn, c_proj
+             (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, mlp c_fc, c_proj
+    return [[(vocab, d), (ctx, d)]] + [list(layer) for _ in range(layers)] + [[(d,), (d,)]]
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def device_slug(name: str) -> str:
+    out = "".join(c.lower() if c.isalnum() else "-" for c in name)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cuda_median_ms(fn, repeats: int, warmup: int = 5) -> tuple[float, list[float]]:
+    """Median over ``repeats`` of one call timed with CUDA events (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), times
+
+
+def copy_bandwidth(repeats: int, nbytes: int = 2 << 30) -> dict:
+    """GB/s of ``dst.copy_(src)`` on ``nbytes`` fp32 (read + write = 2 × nbytes)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms, _ = cuda_median_ms(lambda: dst.copy_(src), repeats)
+    return {"bytes": 2 * nbytes, "ms": ms, "gb_per_s": 2 * nbytes / ms / 1e6}
+
+
+class FlatModel:
+    """θ, g, m, v of one model in flat buffers, and the model's tensors as views of θ and g."""
+
+    def __init__(self, blocks, tile: int):
+        from armijo_fused.storage.layout import make_layout
+
+        self.layout = make_layout([sum(numel(s) for s in b) for b in blocks], tile=tile,
+                                  device="cuda")
+        n = self.layout.numel
+        self.param = torch.zeros(n, device="cuda")
+        self.grad = torch.zeros(n, device="cuda")
+        self.states = [torch.zeros(n, device="cuda") for _ in range(2)]
+        self.params = []
+        for b, shapes in enumerate(blocks):
+            off = self.layout.block_offsets[b]
+            for shape in shapes:
+                k = numel(shape)
+                self.param[off:off + k].normal_(0.0, 0.02)
+                self.grad[off:off + k].normal_(0.0, 1e-3)
+                p = torch.nn.Parameter(self.param[off:off + k].view(shape))
+                p.grad = self.grad[off:off + k].view(shape)
+                self.params.append(p)
+                off += k
+        assert self.params[0].data_ptr() == self.param.data_ptr()  # views, not copies
+
+    @property
+    def nparams(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def bench_model(name: str, tile: int, repeats: int, copy_gbs: float) -> dict:
+    from armijo_fused.backends import triton_backend as tri
+    from armijo_fused.directions import get_rule
+
+    blocks = gpt2_blocks(*MODELS[name])
+    model = FlatModel(blocks, tile)
+    n = model.nparams
+    if n != EXPECTED_PARAMS[name]:
+        raise AssertionError(f"{name}: {n} parameters, expected {EXPECTED_PARAMS[name]}")
+    rule = get_rule("adam")
+    group = {"betas": (0.9, 0.999), "eps": 1e-8}
+    scalars = rule.scalars(group, 10)
+    nb = model.layout.nblocks
+    eta = torch.full((nb,), 1e-3, device="cuda")
+    eta_half = eta * 0.5
+    one = 1 + MODELS[name][3] // 2  # a transformer layer in the middle
+    eta_one = eta.clone()
+    eta_one[one] *= 0.5
+    gscale = torch.ones(2, device="cuda")
+    args = (rule, model.param, model.grad, model.states, scalars, 0.1)
+
+    def first():
+        tri.first_pass(*args, eta, gscale, model.layout)
+
+    def move_all():
+        tri.move(*args, eta, eta_half, gscale, model.layout)
+
+    def move_one():
+        tri.move(*args, eta, eta_one, gscale, model.layout)
+
+    rows = {}
+    rows["first_pass"] = cuda_median_ms(first, repeats)
+    rows["move_all"] = cuda_median_ms(move_all, repeats)
+    rows["move_one_block"] = cuda_median_ms(move_one, repeats)
+    for impl in ("fused", "foreach"):
+        opt = torch.optim.AdamW(model.params, lr=1e-3, weight_decay=0.1,
+                                **{impl: True})
+        rows[f"adamw_{impl}"] = cuda_median_ms(opt.step, repeats)
+        del opt  # free its moments before the next one
+        torch.cuda.empty_cache()
+
+    one_numel = sum(numel(s) for s in blocks[one])
+    out = {"params": n, "padded": model.layout.numel, "blocks": nb, "tile": tile,
+           "num_warps": tri._num_warps(tile), "changed_block_params": one_numel, "passes": {}}
+    for key, (ms, times) in rows.items():
+        moved = one_numel if key == "move_one_block" else n
+        gbs = BYTES_PER_PARAM[key] * moved / ms / 1e6
+        out["passes"][key] = {
+            "ms": ms, "bytes_per_param": BYTES_PER_PARAM[key], "params_moved": moved,
+            "gb_per_s": gbs, "pct_of_copy": 100.0 * gbs / copy_gbs,
+            "ms_min": min(times), "ms_max": max(times),
+        }
+    p = out["passes"]
+    out["first_pass_over_adamw_fused"] = p["first_pass"]["ms"] / p["adamw_fused"]["ms"]
+    out["move_all_over_first_pass"] = p["move_all"]["ms"] / p["first_pass"]["ms"]
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    keys = list(BYTES_PER_PARAM)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        passes = result["models"][m]["passes"]
+        ms = [passes[k]["ms"] for k in keys]
+        bars = ax.bar(range(len(keys)), ms, color=["C0", "C0", "C2", "C1", "C3"])
+        for bar, k in zip(bars, keys):
+            ax.annotate(f"{passes[k]['pct_of_copy']:.0f}%", (bar.get_x() + bar.get_width() / 2,
+                        bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(keys, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("ms per call (median)")
+        ax.set_title(f"{m}: {result['models'][m]['params'] / 1e6:.0f}M params")
+    fig.suptitle(f"{result['device']} — labels: % of copy bandwidth "
+                 f"({result['copy']['gb_per_s']:.0f} GB/s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls per pass (>= 20)")
+    ap.add_argument("--tiles", default="2048",
+                    help="comma-separated tile sizes (BLOCK_SIZE) to try; the fastest first "
+                         "pass per model is reported")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/...)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs CUDA (a GPU): the Triton kernels are timed on the device. "
+              "Nothing measured.")
+        return 0
+    if args.repeats < 20:
+        ap.error("--repeats must be at least 20")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    tiles = [int(t) for t in args.tiles.split(",")]
+
+    import triton
+
+    dev = torch.cuda.get_device_name()
+    copy = copy_bandwidth(args.repeats)
+    print(f"{dev}: copy bandwidth {copy['gb_per_s']:.0f} GB/s")
+    result = {
+        "device": dev, "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "repeats": args.repeats,
+        "copy": copy, "models": {}, "tile_sweep": {},
+    }
+    for m in models:
+        runs = {}
+        for tile in tiles:
+            runs[tile] = bench_model(m, tile, args.repeats, copy["gb_per_s"])
+            torch.cuda.empty_cache()  # the model's buffers are gone: return them to the device
+            fp = runs[tile]["passes"]["first_pass"]
+            print(f"  {m} tile {tile}: first pass {fp['ms']:.3f} ms ({fp['pct_of_copy']:.0f}%)")
+        best = min(runs, key=lambda t: runs[t]["passes"]["first_pass"]["ms"])
+        result["models"][m] = runs[best]
+        if len(tiles) > 1:
+            result["tile_sweep"][m] = {str(t): r["passes"]["first_pass"]["ms"]
+                                       for t, r in runs.items()}
+        print(f"{m} ({runs[best]['params'] / 1e6:.1f}M params, tile {best}):")
+        for key, row in runs[best]["passes"].items():
+            print(f"  {key:15s} {row['ms']:9.3f} ms  {row['gb_per_s']:7.0f} GB/s  "
+                  f"{row['pct_of_copy']:5.1f}% of copy")
+        print(f"  first_pass / fused AdamW = {runs[best]['first_pass_over_adamw_fused']:.3f}")
+
+    out = args.out or RESULTS / f"kernels_{device_slug(dev)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The first pass of a step: state update, direction, per-tile sums and the first trial point.
+
+One program per tile of ``BLOCK_SIZE`` elements (the layout's tile), block ``tile_block[tile]``::
+
+    g      = grad * gscale[0]                  # true gradient (undo AMP scaling)
+    g_in   = g * gscale[1]                     # what the state absorbs (clipping)
+    state <- update_state(state, g_in)
+    d      = u(state, g_in) + wd * θ0          # applied direction, decoupled weight decay
+    θ     <- θ0 - eta[block] * d
+    partial[tile] = (Σ g·d, Σ g², Σ d²)
+
+Traffic per element: reads θ, g and the state, writes θ and the state (28 B for Adam in fp32).
+If either gscale entry is not finite the program writes zero partials and nothing else.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
+from .rules import direction, load_states, store_states, update_state
+
+
+@triton.jit
+def first_pass_kernel(
+    param_ptr,
+    grad_ptr,
+    state0_ptr,
+    state1_ptr,
+    eta_ptr,
+    gscale_ptr,
+    tile_block_ptr,
+    partial_ptr,
+    n_elements,
+    weight_decay,
+    s0,
+    s1,
+    s2,
+    s3,
+    s4,
+    om0,
+    om1,
+    RULE: tl.constexpr,
+    NSTATES: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    tile = tl.program_id(0).to(tl.int64)
+    unscale = tl.load(gscale_ptr)
+    clip = tl.load(gscale_ptr + 1)
+    if not (is_finite(unscale) & is_finite(clip)):
+        store_zero_tile_sums(partial_ptr, tile)
+        return
+
+    offs = tile * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    eta = tl.load(eta_ptr + tl.load(tile_block_ptr + tile))
+
+    theta = tl.load(param_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * unscale
+    g_in = g * clip
+    a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
+
+    a, b = update_state(g_in, a, b, s0, s1, om0, om1, RULE)
+    d = direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE) + weight_decay * theta
+
+    tl.store(param_ptr + offs, theta - eta * d, mask=mask)
+    store_states(state0_ptr, state1_ptr, offs, mask, a, b, NSTATES)
+    store_tile_sums(partial_ptr, tile, g, d)

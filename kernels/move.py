@@ -1,0 +1,100 @@
+"""The retry pass: move θ along the line from eta_old to eta_new without a copy of θ0.
+
+One program per tile; ``u`` is recomputed from the (already updated) state, never stored::
+
+    u_old = precond_grad if PRECOND_OLD else u,   wd_old = 0 if PRECOND_OLD else wd
+    θ0    = (θ + eta_old * u_old) / (1 - eta_old * wd_old)
+    d_new = u_new + wd_new * θ0                 # u_new, wd_new likewise from PRECOND_NEW
+    θ    <- θ0 - eta_new * d_new
+    partial[tile] = (Σ g·d_new, Σ g², Σ d_new²)  # only when COMPUTE_SUMS
+
+A tile whose block keeps its step size (eta_old == eta_new, read from device memory) and its
+direction (PRECOND_OLD == PRECOND_NEW) does not write θ; without COMPUTE_SUMS it returns before
+touching anything else, so queued retries of other blocks cost nothing here. ``LOAD_GRAD`` is
+False when neither direction, nor the sums, read the gradient (momentum, adam): the pass then
+reads θ and the state and writes θ (16 B per element for Adam). If either gscale entry is not
+finite, nothing is written and the partials are zero.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
+from .rules import direction, load_states, precond_grad
+
+
+@triton.jit
+def _line_direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE: tl.constexpr, PRECOND: tl.constexpr):
+    if PRECOND:
+        u = precond_grad(g, a, b, s1, s3, s4, RULE)
+    else:
+        u = direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE)
+    return u
+
+
+@triton.jit
+def move_kernel(
+    param_ptr,
+    grad_ptr,
+    state0_ptr,
+    state1_ptr,
+    eta_old_ptr,
+    eta_new_ptr,
+    gscale_ptr,
+    tile_block_ptr,
+    partial_ptr,
+    n_elements,
+    weight_decay,
+    s0,
+    s1,
+    s2,
+    s3,
+    s4,
+    om0,
+    RULE: tl.constexpr,
+    NSTATES: tl.constexpr,
+    PRECOND_OLD: tl.constexpr,
+    PRECOND_NEW: tl.constexpr,
+    COMPUTE_SUMS: tl.constexpr,
+    LOAD_GRAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    tile = tl.program_id(0).to(tl.int64)
+    block = tl.load(tile_block_ptr + tile)
+    eta_old = tl.load(eta_old_ptr + block)
+    eta_new = tl.load(eta_new_ptr + block)
+    if PRECOND_OLD == PRECOND_NEW and not COMPUTE_SUMS:
+        if eta_old == eta_new:
+            return  # this block is not moving: no traffic beyond three scalars
+    unscale = tl.load(gscale_ptr)
+    clip = tl.load(gscale_ptr + 1)
+    if not (is_finite(unscale) & is_finite(clip)):
+        if COMPUTE_SUMS:
+            store_zero_tile_sums(partial_ptr, tile)
+        return
+
+    offs = tile * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    theta = tl.load(param_ptr + offs, mask=mask, other=0.0)
+    a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
+    g = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    if LOAD_GRAD:
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * unscale
+    g_in = g * clip
+
+    u_old = _line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_OLD)
+    wd_old = 0.0 if PRECOND_OLD else weight_decay
+    theta0 = tl.div_rn(theta + eta_old * u_old, 1.0 - eta_old * wd_old)
+    u_new = _line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_NEW)
+    wd_new = 0.0 if PRECOND_NEW else weight_decay
+    d_new = u_new + wd_new * theta0
+
+    theta_new = theta0 - eta_new * d_new
+    if PRECOND_OLD != PRECOND_NEW:
+        tl.store(param_ptr + offs, theta_new, mask=mask)
+    elif eta_old != eta_new:  # an unchanged block keeps θ bitwise
+        tl.store(param_ptr + offs, theta_new, mask=mask)
+    if COMPUTE_SUMS:
+        store_tile_sums(partial_ptr, tile, g, d_new)

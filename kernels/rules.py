@@ -1,0 +1,118 @@
+"""The six direction rules as Triton helpers, chosen at compile time by the ``RULE`` constexpr.
+
+``RULE`` is ``DirectionRule.rule_id``: 0 sgd, 1 momentum, 2 nesterov, 3 rmsprop, 4 adam, 5 nadam.
+Each helper is the element-wise twin of the torch reference in ``armijo_fused.directions`` and
+keeps its operation order, so both round the same way. The state is at most two fp32 tensors
+``a`` and ``b`` (momentum buffer / square average / exp_avg, exp_avg_sq); unused ones are zeros.
+
+Host scalars (``kernel_scalars``): the rule's five scalars ``s0..s4`` plus ``om0 = 1 - s0`` and
+``om1 = 1 - s1`` computed in float64 on the host, as the torch twin does, rather than in fp32::
+
+    momentum / nesterov: s0 = mu
+    rmsprop:             s0 = alpha, s1 = eps
+    adam / nadam:        s0 = beta1, s1 = beta2, s2 = 1/bc1, s3 = 1/bc2, s4 = eps
+
+Divisions and square roots use the IEEE round-to-nearest forms (``div_rn``, ``sqrt_rn``): on a GPU
+``/`` and ``tl.sqrt`` are approximate, which would break parity with torch for no speed gain in a
+memory-bound pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import triton
+import triton.language as tl
+
+#: state buffers each rule keeps, by rule_id (must equal ``len(rule.state_names)``).
+STATE_COUNT = (0, 1, 1, 1, 2, 2)
+#: whether ``u`` recomputed from the state reads the gradient, by rule_id. SGD's ``u`` is ``g``.
+DIRECTION_READS_GRAD = (True, False, True, True, False, True)
+
+
+def kernel_scalars(scalars: Sequence[float]) -> tuple[float, ...]:
+    """``(s0, s1, s2, s3, s4, 1 - s0, 1 - s1)`` as Python floats (the kernels take fp32)."""
+    s = [float(x) for x in scalars]
+    if len(s) != 5:
+        raise ValueError(f"a direction rule passes 5 host scalars, got {len(s)}: {s}")
+    return (*s, 1.0 - s[0], 1.0 - s[1])
+
+
+@triton.jit
+def load_states(state0_ptr, state1_ptr, offs, mask, NSTATES: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The rule's state at ``offs`` as fp32 (zeros for the buffers it does not keep)."""
+    a = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    b = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    if NSTATES >= 1:
+        a = tl.load(state0_ptr + offs, mask=mask, other=0.0)
+    if NSTATES >= 2:
+        b = tl.load(state1_ptr + offs, mask=mask, other=0.0)
+    return a, b
+
+
+@triton.jit
+def store_states(state0_ptr, state1_ptr, offs, mask, a, b, NSTATES: tl.constexpr):
+    if NSTATES >= 1:
+        tl.store(state0_ptr + offs, a, mask=mask)
+    if NSTATES >= 2:
+        tl.store(state1_ptr + offs, b, mask=mask)
+
+
+@triton.jit
+def update_state(g, a, b, s0, s1, om0, om1, RULE: tl.constexpr):
+    """Fold ``g`` into the state: returns the new ``(a, b)``.
+
+    momentum, nesterov: a <- s0 a + g;  rmsprop: a <- s0 a + (1-s0) g^2;
+    adam, nadam: a <- s0 a + (1-s0) g,  b <- s1 b + (1-s1) g^2;  sgd: nothing.
+    """
+    if RULE == 1 or RULE == 2:
+        a = a * s0 + g
+    if RULE == 3:
+        a = a * s0 + om0 * g * g
+    if RULE == 4 or RULE == 5:
+        a = a * s0 + om0 * g
+        b = b * s1 + om1 * g * g
+    return a, b
+
+
+@triton.jit
+def _adam_denominator(b, s3, s4):
+    # sqrt(v / bc2) + eps, with 1/bc2 = s3
+    return tl.sqrt_rn(b * s3) + s4
+
+
+@triton.jit
+def direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE: tl.constexpr):
+    """``u`` from the updated state, without weight decay.
+
+    sgd: g;  momentum: a;  nesterov: g + s0 a;  rmsprop: g / (sqrt(a) + s1);
+    adam: (a s2) / (sqrt(b s3) + s4);  nadam: ((s0 a + (1-s0) g) s2) / (sqrt(b s3) + s4).
+    """
+    if RULE == 0:
+        u = g
+    elif RULE == 1:
+        u = a
+    elif RULE == 2:
+        u = g + s0 * a
+    elif RULE == 3:
+        u = tl.div_rn(g, tl.sqrt_rn(a) + s1)
+    elif RULE == 4:
+        u = tl.div_rn(a * s2, _adam_denominator(b, s3, s4))
+    else:
+        u = tl.div_rn((s0 * a + om0 * g) * s2, _adam_denominator(b, s3, s4))
+    return u
+
+
+@triton.jit
+def precond_grad(g, a, b, s1, s3, s4, RULE: tl.constexpr):
+    """The fallback descent direction: g under the rule's preconditioner (no momentum, no wd).
+
+    sgd, momentum, nesterov: g;  rmsprop: g / (sqrt(a) + s1);  adam, nadam: g / (sqrt(b s3) + s4).
+    """
+    if RULE <= 2:
+        p = g
+    elif RULE == 3:
+        p = tl.div_rn(g, tl.sqrt_rn(a) + s1)
+    else:
+        p = tl.div_rn(g, _adam_denominator(b, s3, s4))
+    return p

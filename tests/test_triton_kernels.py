@@ -1,0 +1,442 @@
+"""Parity of the Triton passes with the torch reference (backends/torch_backend.py).
+
+On a machine without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set by
+conftest); on a CUDA machine the same checks run on CUDA tensors with compiled Triton in
+``TestCompiledTriton`` (marked ``gpu``), and the interpreter tests are skipped.
+Tolerances are fp32 rounding: the kernels keep the torch twin's operation order, but a GPU may
+fuse multiply-adds, so the compiled checks allow a few ulps more.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from armijo_fused import ArmijoAdam, ArmijoSGD
+from armijo_fused.backends import torch_backend as ref
+from armijo_fused.directions import RULES
+from kernel_cases import make_case
+from torch import nn
+
+tri = pytest.importorskip("armijo_fused.backends.triton_backend")
+from armijo_fused.kernels.rules import DIRECTION_READS_GRAD  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (no CUDA)")
+pytestmark = pytest.mark.timeout(120)
+
+RULE_NAMES = list(RULES)
+# (block sizes, tile): one element; several blocks, none a multiple of the tile; an empty block
+# between two others; a size that is an exact multiple.
+SHAPES = [((1,), 1024), ((3000, 17, 1), 1024), ((777, 0, 2049), 1024), ((4096,), 1024)]
+MULTI = ((777, 0, 2049), 1024)
+TOL = {"cpu": dict(rtol=1e-6, atol=1e-7), "cuda": dict(rtol=1e-5, atol=1e-6)}
+SUM_TOL = {"cpu": dict(rtol=1e-5, atol=1e-6), "cuda": dict(rtol=1e-5, atol=1e-6)}
+#: [unscale, clip]: both factors away from 1, so the passes must apply each where it belongs
+GSCALE = (0.5, 0.25)
+
+
+def _args(case):
+    return case.param, case.grad, case.states, case.scalars, case.weight_decay
+
+
+def first(backend, rule, case, eta=None):
+    eta = case.eta if eta is None else eta
+    p, g, st, sc, wd = _args(case)
+    return backend.first_pass(rule, p, g, st, sc, wd, eta, case.gscale, case.layout)
+
+
+def move(backend, rule, case, eta_old, eta_new, po=False, pn=False, sums=False):
+    p, g, st, sc, wd = _args(case)
+    return backend.move(rule, p, g, st, sc, wd, eta_old, eta_new, case.gscale, case.layout,
+                        po, pn, sums)
+
+
+def assert_same_case(a, b, tol):
+    torch.testing.assert_close(b.param, a.param, **tol)
+    for sa, sb in zip(a.states, b.states):
+        torch.testing.assert_close(sb, sa, **tol)
+
+
+def after_first_pass(rule_name, shape, device, seed=0):
+    """A case whose θ sits at the first trial point (θ0 - eta d), as in a real search."""
+    case = make_case(rule_name, *shape, seed=seed, device=device)
+    case.gscale = torch.tensor(GSCALE, device=device)
+    first(ref, RULES[rule_name], case)
+    return case
+
+
+def new_etas(eta):
+    """Halve every block's step size but block 1's (an unchanged block when there are several)."""
+    new = eta * 0.5
+    if new.numel() > 1:
+        new[1] = eta[1]
+    return new
+
+
+# -- the checks, shared by the interpreter tests and the compiled-GPU class ---------------------
+def check_first_pass(rule_name, shape, device):
+    rule = RULES[rule_name]
+    a = make_case(rule_name, *shape, seed=1, device=device)
+    a.gscale = torch.tensor(GSCALE, device=device)
+    b = a.clone()
+    sa, sb = first(ref, rule, a), first(tri, rule, b)
+    assert sb.shape == (a.layout.nblocks, 3) and sb.dtype == torch.float32
+    assert_same_case(a, b, TOL[device])
+    torch.testing.assert_close(sb, sa, **SUM_TOL[device])
+
+
+def check_move(rule_name, po, pn, compute_sums, device):
+    rule = RULES[rule_name]
+    a = after_first_pass(rule_name, MULTI, device)
+    b = a.clone()
+    eta_new = new_etas(a.eta)
+    kept = slice(a.layout.block_offsets[1], a.layout.block_offsets[2])
+    theta_kept = b.param[kept].clone()
+    ra = move(ref, rule, a, a.eta, eta_new, po, pn, compute_sums)
+    rb = move(tri, rule, b, b.eta, eta_new, po, pn, compute_sums)
+    assert_same_case(a, b, TOL[device])
+    if po == pn:  # the unchanged block is not written at all
+        assert torch.equal(b.param[kept], theta_kept)
+    if compute_sums:
+        torch.testing.assert_close(rb, ra, **SUM_TOL[device])
+    else:
+        assert rb is None and ra is None
+
+
+def check_unchanged_blocks_untouched(rule_name, compute_sums, device):
+    rule = RULES[rule_name]
+    a = after_first_pass(rule_name, MULTI, device)
+    b = a.clone()
+    before = b.param.clone()
+    ra = move(ref, rule, a, a.eta, a.eta.clone(), sums=compute_sums)
+    rb = move(tri, rule, b, b.eta, b.eta.clone(), sums=compute_sums)
+    assert torch.equal(b.param, before)  # bitwise, not merely close
+    if compute_sums:  # the sums are still those of the current direction
+        torch.testing.assert_close(rb, ra, **SUM_TOL[device])
+
+
+def check_revert(rule_name, device):
+    rule = RULES[rule_name]
+    start = make_case(rule_name, *MULTI, seed=2, device=device)
+    a, b = start.clone(), start.clone()
+    first(ref, rule, a)
+    first(tri, rule, b)
+    assert not torch.equal(b.param, start.param)  # the first pass did move θ
+    zero = torch.zeros_like(a.eta)
+    move(ref, rule, a, a.eta, zero)
+    move(tri, rule, b, b.eta, zero)
+    assert_same_case(a, b, TOL[device])
+    # back at θ0 up to the rounding of the round trip
+    torch.testing.assert_close(b.param, start.param, rtol=1e-5, atol=1e-6)
+
+
+def check_grad_sq_norm(shape, device):
+    case = make_case("adam", *shape, seed=3, device=device)
+    got = tri.grad_sq_norm(case.grad, case.layout)
+    want = ref.grad_sq_norm(case.grad, case.layout)
+    assert got.shape == (case.layout.nblocks,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, **SUM_TOL[device])
+
+
+def check_nonfinite_gscale_writes_nothing(rule_name, bad, device):
+    rule = RULES[rule_name]
+    case = after_first_pass(rule_name, MULTI, device)
+    case.gscale = torch.tensor(bad, dtype=torch.float32, device=device)
+    before = case.clone()
+    sums = first(tri, rule, case)
+    assert torch.equal(sums, torch.zeros_like(sums))
+    msums = move(tri, rule, case, case.eta, new_etas(case.eta), False, True, True)
+    assert torch.equal(msums, torch.zeros_like(msums))
+    assert torch.equal(case.param, before.param)
+    for s, s0 in zip(case.states, before.states):
+        assert torch.equal(s, s0)
+
+
+def check_deterministic(rule_name, device):
+    rule = RULES[rule_name]
+    start = make_case(rule_name, (20000, 3000), 2048, seed=4, device=device)
+    runs = []
+    for _ in range(2):
+        c = start.clone()
+        s1 = first(tri, rule, c)
+        s2 = move(tri, rule, c, c.eta, c.eta * 0.5, sums=True)
+        runs.append((c.param, *c.states, s1, s2, tri.grad_sq_norm(c.grad, c.layout)))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+def check_half_grads(rule_name, dtype, device):
+    rule = RULES[rule_name]
+    a = after_first_pass(rule_name, MULTI, device)
+    a.grad = a.grad.to(dtype)
+    b = a.clone()
+    torch.testing.assert_close(first(tri, rule, b), first(ref, rule, a), **SUM_TOL[device])
+    ra = move(ref, rule, a, a.eta, new_etas(a.eta), False, True, True)
+    rb = move(tri, rule, b, b.eta, new_etas(b.eta), False, True, True)
+    assert_same_case(a, b, TOL[device])
+    torch.testing.assert_close(rb, ra, **SUM_TOL[device])
+    torch.testing.assert_close(tri.grad_sq_norm(b.grad, b.layout),
+                               ref.grad_sq_norm(a.grad, a.layout), **SUM_TOL[device])
+
+
+def tiny_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
+                         nn.Linear(24, 1))
+
+
+def run_optimizer(cls, backend, device, steps=5, **kw):
+    model = tiny_model(0).to(device)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(64, 12, generator=g).to(device)
+    y = torch.randn(64, 1, generator=g).to(device)
+    opt = cls(model.parameters(), backend=backend, cadence="every", **kw)
+    etas = []
+    for _ in range(steps):
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(X), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        etas.append(opt.stats["step_size"])
+    return etas, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def check_optimizer(cls, direction, device, **kw):
+    n = sum(p.numel() for p in tiny_model(0).parameters())
+    assert n <= 2048
+    etas_ref, theta_ref = run_optimizer(cls, "torch", device, direction=direction, **kw)
+    etas_tri, theta_tri = run_optimizer(cls, "triton", device, direction=direction, **kw)
+    assert etas_tri == etas_ref
+    assert any(e > 0 for e in etas_ref)  # steps were taken, so the comparison means something
+    torch.testing.assert_close(theta_tri, theta_ref, rtol=1e-5, atol=1e-5)
+
+
+# -- interpreter (CPU) tests -------------------------------------------------------------------
+@interpreted
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-tile{s[1]}")
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_first_pass_matches_torch(rule_name, shape):
+    check_first_pass(rule_name, shape, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("compute_sums", [False, True], ids=["nosums", "sums"])
+@pytest.mark.parametrize("po,pn", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_move_matches_torch(rule_name, po, pn, compute_sums):
+    check_move(rule_name, po, pn, compute_sums, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("compute_sums", [False, True], ids=["nosums", "sums"])
+@pytest.mark.parametrize("rule_name", ["sgd", "adam"])
+def test_move_leaves_unchanged_blocks_bitwise(rule_name, compute_sums):
+    check_unchanged_blocks_untouched(rule_name, compute_sums, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_move_to_zero_reverts_to_theta0(rule_name):
+    check_revert(rule_name, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-tile{s[1]}")
+def test_grad_sq_norm_matches_torch(shape):
+    check_grad_sq_norm(shape, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("bad", [(math.nan, 1.0), (1.0, math.inf), (-math.inf, 1.0)])
+@pytest.mark.parametrize("rule_name", ["momentum", "nadam"])
+def test_nonfinite_gscale_writes_nothing(rule_name, bad):
+    check_nonfinite_gscale_writes_nothing(rule_name, bad, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("rule_name", ["nesterov", "adam"])
+def test_two_runs_are_bitwise_equal(rule_name):
+    check_deterministic(rule_name, "cpu")
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_direction_reads_grad_table_matches_the_torch_rules(rule_name):
+    """The kernels skip the gradient load in ``move`` by this table: it must say the truth."""
+    rule = RULES[rule_name]
+    case = make_case(rule_name, (300,), 256)
+    u1 = rule.direction(case.grad, case.states, case.scalars)
+    u2 = rule.direction(case.grad * 2.0 + 1.0, case.states, case.scalars)
+    assert DIRECTION_READS_GRAD[rule.rule_id] == (not torch.equal(u1, u2))
+
+
+@interpreted
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_move_without_sums_reads_grad_only_when_the_direction_does(rule_name):
+    # a NaN gradient poisons θ exactly when the pass loads it
+    rule = RULES[rule_name]
+    a = after_first_pass(rule_name, MULTI, "cpu")
+    b = a.clone()
+    b.grad.fill_(math.nan)
+    move(ref, rule, a, a.eta, a.eta * 0.5)
+    move(tri, rule, b, b.eta, b.eta * 0.5)
+    if DIRECTION_READS_GRAD[rule.rule_id]:
+        assert torch.isnan(b.param).any()
+    else:
+        torch.testing.assert_close(b.param, a.param, **TOL["cpu"])
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule_name", ["nesterov", "nadam"])
+def test_half_precision_gradients_are_widened_like_torch(rule_name, dtype):
+    check_half_grads(rule_name, dtype, "cpu")
+
+
+@interpreted
+def test_wrapper_names_bad_inputs():
+    rule = RULES["adam"]
+    case = make_case("adam", (100,), 1024)
+    with pytest.raises(ValueError, match="layout.numel"):
+        tri.first_pass(rule, case.param[:50], case.grad, case.states, case.scalars, 0.0,
+                       case.eta, case.gscale, case.layout)
+    with pytest.raises(TypeError, match="float32"):
+        tri.first_pass(rule, case.param.double(), case.grad, case.states, case.scalars, 0.0,
+                       case.eta, case.gscale, case.layout)
+    with pytest.raises(ValueError, match="eta must be a contiguous float32"):
+        tri.first_pass(rule, case.param, case.grad, case.states, case.scalars, 0.0,
+                       case.eta.double(), case.gscale, case.layout)
+    with pytest.raises(ValueError, match="gscale must be"):
+        tri.move(rule, case.param, case.grad, case.states, case.scalars, 0.0, case.eta,
+                 case.eta, case.gscale[:1], case.layout)
+    with pytest.raises(ValueError, match="2 state buffers"):
+        tri.move(rule, case.param, case.grad, case.states[:1], case.scalars, 0.0, case.eta,
+                 case.eta, case.gscale, case.layout)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "cls,direction,kw",
+    [(ArmijoAdam, "adam", dict(weight_decay=0.01)),
+     (ArmijoSGD, "nesterov", dict(weight_decay=0.0))],
+    ids=["adam", "sgd-nesterov"],
+)
+def test_optimizer_on_triton_matches_torch(cls, direction, kw):
+    check_optimizer(cls, direction, "cpu", **kw)
+
+
+def compiled_access_counts() -> dict:
+    """Global vector loads/stores and FMAs in the sm_90 PTX of three passes (no GPU needed).
+
+    Run in a process without TRITON_INTERPRET (kernels decorated under the interpreter cannot be
+    compiled): see ``test_compiled_passes_move_the_byte_budget``.
+    """
+    import triton
+    from armijo_fused.kernels.first_pass import first_pass_kernel
+    from armijo_fused.kernels.move import move_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def ptx(kernel, constexprs):
+        names = list(kernel.arg_names)
+        sig = {}
+        for n in names:
+            if n.endswith("_ptr"):
+                sig[n] = "*i32" if n == "tile_block_ptr" else "*fp32"
+            else:
+                sig[n] = "constexpr" if n.isupper() else "i32" if n == "n_elements" else "fp32"
+        # what the launcher specialises at run time: 16-byte aligned pointers and sizes
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if n.endswith("_ptr") or n == "n_elements"}
+        src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 4, "enable_fp_fusion": False})
+        text = k.asm["ptx"]
+        return {"ld": len(re.findall(r"ld\.global\.v4", text)),
+                "st": len(re.findall(r"st\.global\.v4", text)),
+                "fma": len(re.findall(r"fma\.rn\.f32", text))}
+
+    adam = {"RULE": 4, "NSTATES": 2, "BLOCK_SIZE": 2048}
+    retry = dict(adam, PRECOND_OLD=False, PRECOND_NEW=False, COMPUTE_SUMS=False)
+    return {"first": ptx(first_pass_kernel, adam),
+            "retry": ptx(move_kernel, dict(retry, LOAD_GRAD=False)),
+            "nadam_retry": ptx(move_kernel, dict(retry, RULE=5, LOAD_GRAD=True))}
+
+
+def test_compiled_passes_move_the_byte_budget():
+    """Adam: the first pass reads 4 streams and writes 3 (28 B), the retry reads θ, m, v and
+    writes θ (16 B, no gradient load), NAdam's retry also reads g, and no FMA is emitted."""
+    import triton
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no CUDA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_triton_kernels as t; "
+            "print(json.dumps(t.compiled_access_counts()))")
+    here = str(Path(__file__).resolve().parent)
+    out = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    c = json.loads(out.stdout.strip().splitlines()[-1])
+    first, retry, nadam_retry = c["first"], c["retry"], c["nadam_retry"]
+    k = first["ld"] // 4  # vector loads per stream
+    assert k >= 1 and first == {"ld": 4 * k, "st": 3 * k, "fma": 0}
+    assert retry == {"ld": 3 * k, "st": k, "fma": 0}
+    assert nadam_retry == {"ld": 4 * k, "st": k, "fma": 0}  # NAdam's u reads g: 20 B
+
+
+# -- compiled Triton on a CUDA device: the same checks -------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestCompiledTriton:
+    @pytest.mark.parametrize("shape", SHAPES + [((20000, 3000), 2048), ((300000,), 4096)],
+                             ids=str)
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_first_pass(self, rule_name, shape):
+        check_first_pass(rule_name, shape, "cuda")
+
+    @pytest.mark.parametrize("compute_sums", [False, True])
+    @pytest.mark.parametrize("po,pn", [(False, False), (False, True), (True, False), (True, True)])
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_move(self, rule_name, po, pn, compute_sums):
+        check_move(rule_name, po, pn, compute_sums, "cuda")
+
+    @pytest.mark.parametrize("compute_sums", [False, True])
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_unchanged_blocks_untouched(self, rule_name, compute_sums):
+        check_unchanged_blocks_untouched(rule_name, compute_sums, "cuda")
+
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_revert(self, rule_name):
+        check_revert(rule_name, "cuda")
+
+    @pytest.mark.parametrize("shape", SHAPES, ids=str)
+    def test_grad_sq_norm(self, shape):
+        check_grad_sq_norm(shape, "cuda")
+
+    @pytest.mark.parametrize("bad", [(math.nan, 1.0), (1.0, math.inf)])
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_nonfinite_gscale(self, rule_name, bad):
+        check_nonfinite_gscale_writes_nothing(rule_name, bad, "cuda")
+
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_deterministic(self, rule_name):
+        check_deterministic(rule_name, "cuda")
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_half_precision_gradients(self, rule_name, dtype):
+        check_half_grads(rule_name, dtype, "cuda")
+
+    def test_optimizer(self):
+        check_optimizer(ArmijoAdam, "adam", "cuda", weight_decay=0.01)
