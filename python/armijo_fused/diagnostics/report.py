@@ -272,6 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--percentile", type=float, default=90.0,
                    help="percentile of the gradient norm suggested as clip (default: 90)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: 1 for the demo model, whose "
+                        "products are thousands of tiny ops that extra threads only slow down)")
     return p
 
 
@@ -283,6 +286,12 @@ def main(argv=None) -> int:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     model_name = args.model or ("demo" if args.telemetry is None else None)
+    threads = args.threads if args.threads is not None else (1 if model_name == "demo" else None)
+    if threads is not None:
+        if threads < 1:
+            print("error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(threads)
     notes, spectra, telemetry = [], None, None
     if args.telemetry is not None:
         try:

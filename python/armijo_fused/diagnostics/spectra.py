@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
-from ..blocks import assign_blocks, block_name
+from ..blocks import assign_blocks
 from .hvp import HessianOperator, Segment
 from .slq import Spectrum, estimate_spectrum
 
@@ -92,7 +92,7 @@ def _head_segments(model, name, p, num_heads) -> Optional[list]:
 
 
 def model_blocks(model: nn.Module, granularity: str = "block", *,
-                 num_heads: Optional[int] = None) -> "OrderedDict[str, list]":
+                 num_heads: Optional[int] = None) -> OrderedDict[str, list]:
     """``{block name: [tensors or Segments]}`` of the trainable parameters (see module doc)."""
     if granularity == "block":
         return OrderedDict((k, list(v)) for k, v in assign_blocks(model).items())
@@ -171,7 +171,7 @@ def block_spectra(
     cache_graph: bool = True,
     check_deterministic: bool = True,
     **spectrum_kwargs,
-) -> "OrderedDict[str, Spectrum]":
+) -> OrderedDict[str, Spectrum]:
     """``{block: Spectrum}`` of every diagonal Hessian block ``H_bb``.
 
     ``blocks`` overrides ``granularity`` with an explicit ``{name: [tensors or Segments]}``
@@ -207,7 +207,3 @@ def block_spectra(
         out[name] = estimate_spectrum(base.restrict(segs), name=name, **kw)
     return out
 
-
-def block_of(param_name: str) -> str:
-    """The optimizer block of a parameter name (re-exported for convenience)."""
-    return block_name(param_name)

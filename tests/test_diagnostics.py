@@ -1,0 +1,435 @@
+"""Diagnostics (issue 8): Hessian spectra by SLQ, block heterogeneity, telemetry, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from armijo_fused import ArmijoAdam
+from armijo_fused.diagnostics import (
+    DoubleBackwardError,
+    HessianOperator,
+    Segment,
+    TelemetryRecorder,
+    block_spectra,
+    hessian_spectrum,
+    heterogeneity,
+    hutchinson_trace,
+    js_distance,
+    lanczos,
+    model_blocks,
+    ritz,
+)
+from armijo_fused.diagnostics.report import BuiltinTransformer, build_demo, main
+from torch import nn
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The products are thousands of tiny ops: on a shared CPU, intra-op threads only wait on
+    each other (measured 17x slower with 2 threads under load), so the tests use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- quadratics with known spectra -----------------------------------------------------------------
+def sym_with_eigs(eigs, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigs)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
+
+
+def quad_stderr(A, probe):
+    """Standard error of one SLQ probe's estimate of tr(A)/n (Hutchinson variance / n)."""
+    n = A.shape[0]
+    off = A - torch.diag(torch.diag(A))
+    var = 2 * float(off.square().sum()) if probe == "rademacher" else 2 * float(A.square().sum())
+    return math.sqrt(var) / n
+
+
+def test_lanczos_recovers_all_eigenvalues_with_full_reorthogonalisation():
+    eigs = np.concatenate([np.linspace(-2, 3, 29), [40.0]])  # a spread that breaks plain Lanczos
+    A = sym_with_eigs(eigs, 0)
+    alpha, beta = lanczos(lambda v: A @ v, torch.ones(30, dtype=torch.float64), 30)
+    theta, tau = ritz(alpha, beta)
+    np.testing.assert_allclose(np.sort(theta.numpy()), np.sort(eigs), atol=1e-8)
+    assert float(tau.sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_slq_moments_and_top_eigenvalue_match_a_known_quadratic(probe):
+    n, probes = 120, 16
+    eigs = np.concatenate([np.linspace(0.1, 4.0, n - 2), [7.0, 12.0]])
+    A = sym_with_eigs(eigs, 1)
+    x = nn.Parameter(torch.randn(n, dtype=torch.float64))
+    spec = hessian_spectrum(None, lambda: 0.5 * x @ A @ x, params=[x], num_probes=probes,
+                            num_steps=25, probe=probe, seed=3, power_iters=200)
+    se = quad_stderr(A, probe) / math.sqrt(probes)
+    # 4 standard errors: a correct estimator fails this with probability < 1e-4
+    assert spec.moment(1) == pytest.approx(eigs.mean(), abs=4 * se)
+    A2 = A @ A
+    assert spec.moment(2) == pytest.approx((eigs**2).mean(), abs=4 * quad_stderr(A2, probe)
+                                           / math.sqrt(probes))
+    assert spec.ritz_max == pytest.approx(12.0, rel=1e-6)  # extreme Ritz values converge first
+    assert spec.top_eigenvalue == pytest.approx(12.0, rel=1e-3)  # power iteration, gap 7/12
+    grid, dens = spec.density()
+    assert np.trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_hutchinson_trace_within_its_standard_error():
+    n = 80
+    eigs = np.linspace(-1.0, 5.0, n)
+    A = sym_with_eigs(eigs, 2)
+    x = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+    op = HessianOperator(lambda: 0.5 * x @ A @ x, [x])
+    est, err = hutchinson_trace(op, op.dim, num_samples=64, seed=5)
+    exact_se = quad_stderr(A, "rademacher") * n / 8  # per-sample std / sqrt(64)
+    assert est == pytest.approx(eigs.sum(), abs=4 * exact_se)
+    assert 0.3 * exact_se < err < 3 * exact_se  # the reported error is of the right size
+
+
+def coupled_blocks(seed=0):
+    """f = ½x₁ᵀA₁x₁ + ½x₂ᵀA₂x₂ + x₁ᵀCx₂: H_11 = A₁, H_22 = A₂ whatever the coupling C."""
+    e1 = np.concatenate([np.linspace(0.5, 2.0, 58), [3.0, 5.0]])
+    e2 = np.concatenate([np.linspace(-3.0, 20.0, 69), [40.0]])
+    A1, A2 = sym_with_eigs(e1, seed), sym_with_eigs(e2, seed + 1)
+    C = 0.3 * torch.randn(60, 70, generator=torch.Generator().manual_seed(seed + 2),
+                          dtype=torch.float64)
+    x1 = nn.Parameter(torch.randn(60, dtype=torch.float64))
+    x2 = nn.Parameter(torch.randn(70, dtype=torch.float64))
+
+    def f():
+        return 0.5 * x1 @ A1 @ x1 + 0.5 * x2 @ A2 @ x2 + x1 @ C @ x2
+
+    full = torch.cat([torch.cat([A1, C], 1), torch.cat([C.T, A2], 1)])
+    return (x1, x2), f, (A1, A2, full), (e1, e2)
+
+
+def test_block_spectra_match_the_diagonal_blocks_and_the_full_hessian():
+    (x1, x2), f, (A1, A2, H), (e1, e2) = coupled_blocks()
+    probes = 16
+    spectra = block_spectra(None, f, blocks={"a": [x1], "b": [x2]}, num_probes=probes,
+                            num_steps=30, power_iters=300, seed=1)
+    for name, A, eigs in (("a", A1, e1), ("b", A2, e2)):
+        s = spectra[name]
+        assert s.dim == len(eigs)
+        se = quad_stderr(A, "rademacher") / math.sqrt(probes)
+        assert s.moment(1) == pytest.approx(eigs.mean(), abs=4 * se), name
+        assert s.ritz_max == pytest.approx(eigs.max(), rel=1e-5), name
+        assert s.top_eigenvalue == pytest.approx(eigs.max(), rel=2e-3), name
+    full = hessian_spectrum(None, f, params=[x1, x2], num_probes=probes, num_steps=40,
+                            power_iters=0, trace_samples=0, seed=2)
+    exact = torch.linalg.eigvalsh(H).numpy()
+    assert full.dim == 130
+    se = quad_stderr(H, "rademacher") / math.sqrt(probes)
+    assert full.moment(1) == pytest.approx(exact.mean(), abs=4 * se)
+    assert full.ritz_max == pytest.approx(exact.max(), rel=1e-5)
+    assert full.ritz_min == pytest.approx(exact.min(), rel=1e-4)
+
+
+def test_row_segments_give_the_sub_block_of_the_hessian():
+    W = nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+    A = sym_with_eigs(np.linspace(1, 20, 20), 7)
+    f = lambda: 0.5 * W.reshape(-1) @ A @ W.reshape(-1)
+    op = HessianOperator(f, [Segment(W, 1, 3)])  # rows 1, 2 -> flat coordinates 5..14
+    assert op.dim == 10
+    v = torch.randn(10, dtype=torch.float64)
+    torch.testing.assert_close(op(v), A[5:15, 5:15] @ v)
+    both = op.restrict([Segment(W, 0, 1), Segment(W, 3, 4)])
+    idx = list(range(0, 5)) + list(range(15, 20))
+    torch.testing.assert_close(both(v), A[idx][:, idx] @ v)
+
+
+# -- guards ------------------------------------------------------------------------------------
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(6, 12), nn.Dropout(0.5), nn.Linear(12, 1)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.tanh(self.fc1(x))))
+
+
+def test_eval_mode_during_products_and_modes_restored():
+    torch.manual_seed(0)
+    net = DropoutNet()
+    net.train()
+    net.fc2.eval()  # a mixed state must come back exactly
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    loss = lambda b: F.mse_loss(net(b[0]), b[1])
+    s1 = hessian_spectrum(net, loss, [(x, y)], num_probes=2, num_steps=8, power_iters=0)
+    s2 = hessian_spectrum(net, loss, [(x, y)], num_probes=2, num_steps=8, power_iters=0)
+    np.testing.assert_allclose(s1.nodes[0], s2.nodes[0])  # dropout off: a deterministic Hessian
+    assert net.training and net.drop.training and net.fc1.training and not net.fc2.training
+
+
+def test_active_dropout_is_reported():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 1)
+    x = torch.randn(16, 6)
+    loss = lambda: F.dropout(lin(x), 0.5, training=True).square().mean()
+    with pytest.raises(RuntimeError, match="not deterministic"):
+        hessian_spectrum(lin, loss, num_probes=1, num_steps=4, power_iters=0)
+
+
+class _KernelBackward(torch.autograd.Function):
+    """The backward of a fused kernel, which (like flash attention's) has no derivative."""
+
+    @staticmethod
+    def forward(ctx, x, g):
+        return 2 * x * g
+
+    @staticmethod
+    def backward(ctx, gg):
+        raise RuntimeError("derivative for my_kernel_backward is not implemented")
+
+
+class _Kernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.square()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _KernelBackward.apply(x, g)
+
+
+def test_missing_double_backward_names_the_cause_and_the_fix():
+    w = nn.Parameter(torch.randn(5))
+    with pytest.raises(DoubleBackwardError, match="sdpa_kernel"):
+        hessian_spectrum(None, lambda: _Kernel.apply(w).sum() * w.sum(), params=[w],
+                         num_probes=1, num_steps=3, power_iters=0)
+
+
+def test_fused_attention_without_double_backward_and_the_math_backend():
+    torch.manual_seed(0)
+    model = BuiltinTransformer(vocab=16, context=8, d=8, n_layer=1, n_head=2)
+    x = torch.randint(0, 16, (2, 8))
+    batches = [(x, x.roll(-1, 1))]
+    loss = lambda b: model(b[0], b[1])
+    try:  # does this torch's default SDPA path lack a double backward here?
+        hessian_spectrum(model, loss, batches, num_probes=1, num_steps=2, power_iters=0,
+                         sdpa_math=False)
+        fused_fails = False
+    except DoubleBackwardError as e:
+        fused_fails = True
+        assert "math" in str(e) and "attention" in str(e)
+    s = hessian_spectrum(model, loss, batches, num_probes=1, num_steps=4, power_iters=0)
+    assert np.isfinite(s.nodes[0]).all()
+    if not fused_fails:
+        pytest.skip("this torch build's CPU SDPA has a double backward; error path not reached")
+
+
+# -- blocks and heterogeneity ------------------------------------------------------------------
+def test_head_granularity_splits_q_and_k_per_head():
+    model = BuiltinTransformer(vocab=16, context=8, d=8, n_layer=2, n_head=2)
+    blocks = model_blocks(model, "head")
+    names = list(blocks)
+    for layer in (0, 1):
+        base = f"layers.{layer}.attn.qkv.weight"
+        for tag in ("q.h0", "q.h1", "k.h0", "k.h1", "v"):
+            assert f"{base}[{tag}]" in names
+    seg = blocks["layers.0.attn.qkv.weight[k.h1]"][0]
+    assert (seg.start, seg.stop, seg.numel) == (12, 16, 32)
+    # coordinates covered exactly once: per-head split is a partition of the parameters
+    total = sum(s.numel if isinstance(s, Segment) else s.numel() for v in blocks.values()
+                for s in v)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert list(model_blocks(model, "block")) == ["embeddings", "layer.0", "layer.1", "final"]
+
+
+def test_head_granularity_on_the_package_transformer():
+    models = pytest.importorskip("armijo_fused.models")
+    model = models.TransformerLM(models.tiny(vocab_size=16, context=8))
+    names = list(model_blocks(model, "head"))
+    heads = model.cfg.n_heads
+    assert sum("[q.h" in n for n in names) == heads * model.cfg.n_layers
+    assert sum("[k.h" in n for n in names) == heads * model.cfg.n_layers
+
+
+def test_js_distance_properties():
+    p = np.array([1.0, 2.0, 3.0, 0.0])
+    q = np.array([0.0, 0.0, 0.0, 5.0])
+    assert js_distance(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert js_distance(p, q) == pytest.approx(1.0)  # disjoint supports
+    r = np.array([1.0, 1.0, 1.0, 1.0])
+    assert js_distance(p, r) == pytest.approx(js_distance(r, p))
+    assert 0 < js_distance(p, r) < 1
+    with pytest.raises(ValueError, match="nonnegative"):
+        js_distance(-p, q)
+
+
+def test_normalisation_removes_scale_only():
+    n = 60
+    e = np.linspace(0.5, 3.0, n)
+    mats = [sym_with_eigs(e, 0), sym_with_eigs(10 * e, 1), sym_with_eigs(e[::-1] ** 3, 2)]
+    xs = [nn.Parameter(torch.randn(n, dtype=torch.float64)) for _ in mats]
+    f = lambda: sum(0.5 * x @ A @ x for x, A in zip(xs, mats))
+    sp = block_spectra(None, f, blocks={"a": [xs[0]], "a10": [xs[1]], "cubed": [xs[2]]},
+                       num_probes=8, num_steps=30, power_iters=0)
+    raw = heterogeneity(sp, normalize="none")
+    scaled = heterogeneity(sp, normalize="max_abs")
+    i = {k: j for j, k in enumerate(raw.names)}
+    assert scaled.matrix[i["a"], i["a10"]] < 0.1  # same shape, another scale
+    assert raw.matrix[i["a"], i["a10"]] > 0.5
+    assert scaled.matrix[i["a"], i["cubed"]] > 3 * scaled.matrix[i["a"], i["a10"]]
+    assert raw.top_spread > 0.3 and raw.top_eigenvalues["a10"] == pytest.approx(30.0, rel=1e-4)
+    assert raw.trace_per_dim["a"] == pytest.approx(e.mean(), rel=0.1)
+
+
+def _tiny_transformer(seed):
+    torch.manual_seed(seed)
+    model = BuiltinTransformer(vocab=64, context=16, d=32, n_layer=2, n_head=2)
+    g = torch.Generator().manual_seed(seed + 100)
+    batches = []
+    for _ in range(2):
+        x = torch.randint(0, 64, (8, 16), generator=g)
+        batches.append((x, x.roll(-1, 1)))
+    return model, lambda b: model(b[0], b[1]), batches
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
+                          nn.Linear(128, 64))
+    g = torch.Generator().manual_seed(seed + 100)
+    batches = [(torch.randn(64, 32, generator=g), torch.randint(0, 64, (64,), generator=g))
+               for _ in range(2)]
+    return model, lambda b: F.cross_entropy(model(b[0]), b[1]), batches
+
+
+def test_transformer_blocks_are_more_heterogeneous_than_an_mlp_of_similar_size():
+    scores = {}
+    for kind, make in (("transformer", _tiny_transformer), ("mlp", _mlp)):
+        for seed in (0, 1):
+            model, loss, batches = make(seed)
+            if seed == 0:
+                scores[kind + "_params"] = sum(p.numel() for p in model.parameters())
+            sp = block_spectra(model, loss, batches, num_probes=3, num_steps=20, power_iters=0,
+                               seed=seed)
+            scores[(kind, seed)] = heterogeneity(sp).score
+    # similar sizes: within 15% of each other
+    assert abs(scores["transformer_params"] / scores["mlp_params"] - 1) < 0.15
+    worst_tf = min(scores[("transformer", s)] for s in (0, 1))
+    best_mlp = max(scores[("mlp", s)] for s in (0, 1))
+    assert worst_tf > best_mlp + 0.05, scores  # a margin, on every seed pair
+
+
+# -- telemetry -----------------------------------------------------------------------------------
+def _small_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    return model, lambda: F.mse_loss(model(x), y)
+
+
+def test_recorder_with_the_layerwise_armijo_optimizer(tmp_path):
+    model, loss_fn = _small_problem()
+    opt = ArmijoAdam(model.parameters(), layerwise=True, model=model, cadence="every")
+    rec = TelemetryRecorder(opt)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    for _ in range(6):
+        loss = opt.step(closure)
+        r = rec.record(loss)
+        assert r["step_size"] == pytest.approx(list(opt.stats["step_size"]))
+        assert r["grad_norm"] == pytest.approx(opt.stats["grad_norm"])
+        assert r["trials"] == opt.stats["trials"] and r["searched"]
+    assert rec.block_names == opt.param_groups[0]["block_names"] == ["0", "2"]
+    assert set(rec.step_sizes()) == {"0", "2"} and len(rec.step_sizes()["2"]) == 6
+    path = tmp_path / "t.json"
+    rec.save(path)
+    back = TelemetryRecorder.load(path)
+    assert back.block_names == rec.block_names
+    np.testing.assert_allclose(back.grad_norms, rec.grad_norms)
+    np.testing.assert_allclose(back.step_sizes()["0"], rec.step_sizes()["0"])
+
+
+def test_recorder_with_a_plain_torch_optimizer_computes_the_gradient_norm(tmp_path):
+    model, loss_fn = _small_problem(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = TelemetryRecorder()
+    rec.attach(opt)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        expected = math.sqrt(sum(float(p.grad.double().square().sum())
+                                 for p in model.parameters()))
+        opt.step()  # the hook records
+        assert rec.records[-1]["grad_norm"] == pytest.approx(expected, rel=1e-12)
+    rec.detach()
+    opt.step()
+    assert len(rec) == 5 and rec.block_names == ["group.0"]
+    assert rec.records[0]["step_size"] == [0.05]
+    rec.records[0]["grad_norm"] = float("nan")  # NaN survives the JSON round trip as null
+    rec.save(tmp_path / "t.json")
+    assert json.loads((tmp_path / "t.json").read_text())["records"][0]["grad_norm"] is None
+    assert math.isnan(TelemetryRecorder.load(tmp_path / "t.json").records[0]["grad_norm"])
+
+
+def test_clip_suggestion_and_warning():
+    rec = TelemetryRecorder()
+    norms = np.linspace(1.0, 10.0, 10)
+    rec.block_names = ["global"]
+    for i, g in enumerate(norms):
+        rec.records.append({"step": i + 1, "loss": 1.0, "step_size": [0.1],
+                            "applied_step": [0.1], "trials": 1, "searched": True,
+                            "grad_norm": float(g)})
+    assert rec.suggest_clip() == pytest.approx(np.percentile(norms, 90))
+    assert rec.suggest_clip(50) == pytest.approx(5.5)
+    with pytest.warns(UserWarning, match="70% of the recorded steps"):
+        assert rec.check_clip(3.5) == pytest.approx(0.7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rec.check_clip(5.0) == pytest.approx(0.5)  # exactly half: no warning
+    with pytest.raises(ValueError, match="percentile"):
+        rec.suggest_clip(0)
+
+
+# -- the report ------------------------------------------------------------------------------------
+def test_report_command_on_the_demo_model(tmp_path, capsys):
+    out = tmp_path / "rep"
+    rc = main(["--model", "demo", "--out", str(out), "--probes", "1", "--steps", "6",
+               "--power-iters", "5", "--batches", "1", "--batch-size", "4", "--seq-len", "16",
+               "--train-steps", "4", "--clip", "1e-6"])
+    assert rc == 0
+    for name in ("spectra.png", "heterogeneity.png", "step_sizes.png", "grad_norms.png",
+                 "summary.md", "telemetry.json", "spectra.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    md = (out / "summary.md").read_text()
+    model, _, _, _ = build_demo(batches=1, batch_size=4, seq_len=16)
+    blocks = list(model_blocks(model, "block"))
+    assert len(blocks) >= 3
+    for b in blocks:
+        assert f"| {b} |" in md, b
+    assert "Jensen–Shannon" in md and "warning" in md  # every step clips at 1e-6
+    # plot the recorded run alone
+    out2 = tmp_path / "rep2"
+    assert main(["--telemetry", str(out / "telemetry.json"), "--out", str(out2)]) == 0
+    assert (out2 / "step_sizes.png").is_file() and (out2 / "grad_norms.png").is_file()
+    assert not (out2 / "spectra.png").exists()
+
+
+def test_report_rejects_a_bad_telemetry_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"format\": \"something else\", \"records\": []}")
+    assert main(["--telemetry", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not a telemetry file" in capsys.readouterr().err
