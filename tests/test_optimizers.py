@@ -8,10 +8,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from armijo_fused import ArmijoAdam, ArmijoSGD
 from problems import PROBLEMS, make_closure, minibatches
+from torch import nn
 
 SGD_DIRS = ("sgd", "momentum", "nesterov")
 ADAM_DIRS = ("adam", "nadam", "rmsprop")

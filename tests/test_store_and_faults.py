@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from armijo_fused import ArmijoAdam, ArmijoSGD
 from problems import PROBLEMS, make_closure
+from torch import nn
 
 
 def flat(params):

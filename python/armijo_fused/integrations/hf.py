@@ -1,0 +1,139 @@
+"""HuggingFace ``Trainer`` integration: :class:`LineSearchTrainer`.
+
+Trainer calls ``optimizer.step()`` bare after the last micro-batch of an accumulation window, so
+the optimizer needs a registered loss-only closure (``set_closure``) that re-evaluates the loss of
+that window at the trial parameters. ``LineSearchTrainer`` keeps the window's micro-batches and
+registers such a closure:
+
+.. math::
+    f(\\theta) = \\sum_{j \\in \\text{window}} \\ell_j(\\theta) / n_j
+
+with exactly the normalisation ``training_step`` used for the backward (``n_j`` is
+``num_items_in_batch`` when the model normalises by it, else the number of micro-batches), under
+``compute_loss_context_manager`` (the same autocast), with the window's RNG state (the same dropout
+masks). The loss at θ0 is the sum of the training losses the window already computed, so a search
+costs only the trial forwards.
+
+Trainer's external gradient clipping (``args.max_grad_norm``, 1.0 by default) would make the
+Armijo test use a gradient that is not ∇f; it is moved into the optimizer's ``max_grad_norm``
+(which shapes the direction only) and ``args.max_grad_norm`` is set to 0.
+
+Works with ``optimizers=(opt, scheduler)``, ``optimizer_cls_and_kwargs=(ArmijoAdam, kwargs)``,
+checkpoint / resume (the line-search state lives in ``param_groups`` and the state dict) and DDP
+(the optimizer averages trial losses over the ranks). Optimizers that are not armijo_fused's are
+left alone: the class then behaves exactly like ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import Trainer
+
+from ..optimizers.base import ArmijoOptimizer
+
+
+def armijo_optimizer(optimizer) -> ArmijoOptimizer | None:
+    """The ArmijoOptimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, ArmijoOptimizer) and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if isinstance(optimizer, ArmijoOptimizer) else None
+
+
+class LineSearchTrainer(Trainer):
+    """``transformers.Trainer`` for armijo_fused optimizers (a drop-in subclass).
+
+    Example:
+        >>> opt = ArmijoAdam(model.parameters(), weight_decay=0.01)
+        >>> trainer = LineSearchTrainer(model=model, args=args, train_dataset=ds,
+        ...                             optimizers=(opt, None))
+        >>> trainer.train()
+
+    or ``LineSearchTrainer(..., optimizer_cls_and_kwargs=(ArmijoAdam, {"weight_decay": 0.01}))``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ls_clip = None
+        self._ls_window: list = []  # prepared micro-batches of the current window
+        self._ls_losses: list = []  # their training losses, normalised as for the backward
+        self._ls_expected = 0  # micro-batches in the current window
+        self._ls_num_items = None
+        self._ls_model = None
+        self._ls_f0 = None  # the window's loss at θ0, handed to the first call of a search
+        self._ls_registered = None
+
+    # -- the window ------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._ls_window, self._ls_losses, self._ls_f0 = [], [], None
+        self._ls_expected, self._ls_num_items = len(batch_samples), num_items
+        return batch_samples, num_items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        opt = armijo_optimizer(self.optimizer)
+        if opt is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._ls_register(opt)
+        if not self._ls_window:
+            opt.capture_rng()  # trials replay the window from here: the same dropout masks
+        self._ls_window.append(self._prepare_inputs(inputs))
+        self._ls_model, self._ls_num_items = model, num_items_in_batch
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._ls_losses.append(loss.detach())
+        if len(self._ls_window) >= self._ls_expected:
+            self._ls_f0 = torch.stack([v.float().reshape(()) for v in self._ls_losses]).sum()
+        return loss
+
+    def _ls_register(self, opt: ArmijoOptimizer) -> None:
+        if self._ls_registered is opt:
+            return
+        # Trainer clips outside the optimizer by default; that would falsify the Armijo test
+        if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+            self._ls_clip = float(self.args.max_grad_norm)
+            self.args.max_grad_norm = 0.0
+        if self._ls_clip is not None:
+            if opt.max_grad_norm is None:
+                opt.max_grad_norm = self._ls_clip
+            elif opt.max_grad_norm != self._ls_clip:
+                warnings.warn(
+                    f"TrainingArguments.max_grad_norm={self._ls_clip} is ignored: the optimizer "
+                    f"clips to its own max_grad_norm={opt.max_grad_norm}", stacklevel=3)
+        opt.set_closure(self._ls_trial_loss, model=self.model)
+        self._ls_registered = opt
+
+    def _ls_scaled_for_ga(self, num_items) -> bool:
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        return bool((self.model_accepts_loss_kwargs and num_items is not None)
+                    or self.compute_loss_func is not None)
+
+    def _ls_trial_loss(self):
+        """The window's loss at the current parameters, normalised as ``training_step`` does."""
+        if self._ls_f0 is not None:  # the first call of a search is at θ0: reuse the training loss
+            f0, self._ls_f0 = self._ls_f0, None
+            return f0
+        if not self._ls_window:
+            raise RuntimeError(
+                "LineSearchTrainer: the optimizer asked for a trial loss but no micro-batch was "
+                "recorded (training_step was bypassed?)"
+            )
+        total = None
+        for inputs in self._ls_window:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(self._ls_model, inputs,
+                                         num_items_in_batch=self._ls_num_items)
+            if self.args.n_gpu > 1:
+                loss = loss.mean()
+            if not self._ls_scaled_for_ga(self._ls_num_items):
+                loss = loss / self.current_gradient_accumulation_steps
+            loss = loss.float()
+            total = loss if total is None else total + loss
+        return total
+
+
+__all__ = ["LineSearchTrainer", "armijo_optimizer"]

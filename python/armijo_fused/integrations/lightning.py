@@ -1,0 +1,165 @@
+"""PyTorch Lightning integration: :class:`ArmijoLightningMixin` for automatic optimization.
+
+Lightning hands the optimizer a closure that runs ``training_step``, ``backward`` and
+``zero_grad``. Calling it for every trial would also run the hooks and the logging of a training
+step and, were backward not suppressed, a second backward per trial. The mixin instead passes a
+*loss-only* function beside Lightning's closure: Lightning's closure runs once (the training
+forward and backward, with its hooks), and every trial evaluates
+
+.. math::
+    f(\\theta) = \\frac{1}{A} \\sum_{j \\in \\text{window}} \\ell(\\text{batch}_j; \\theta)
+
+over the micro-batches of the accumulation window (A = ``accumulate_grad_batches``, the
+normalisation Lightning applies before its backward), under the precision plugin's autocast, from
+the RNG state the window started with (the same dropout masks), with ``self.log`` silenced. The
+loss at θ0 is the sum of the window's training losses, so a search costs only its trials.
+
+Precision: ``32-true`` and ``bf16-mixed`` step through ``optimizer.step(closure)`` (the combined
+closure: Lightning's on the first call, the loss-only function inside trials); fp16 with a
+``GradScaler`` (``MixedPrecision("16-mixed", ...)``) steps through
+``scaler.step(optimizer, loss_fn=..., loss=...)``, after Lightning has unscaled the gradient; an
+overflow skips the step with the state untouched. Lightning turns ``precision="16-mixed"`` on CPU
+into ``bf16-mixed``; pass the plugin explicitly for fp16 on CPU.
+
+Usage::
+
+    class LitModel(ArmijoLightningMixin, L.LightningModule):
+        def training_step(self, batch, batch_idx): ...
+        def armijo_loss(self, batch, batch_idx): ...   # optional: loss only, no logging
+        def configure_optimizers(self):
+            return ArmijoAdam(self.parameters(), model=self)
+
+The mixin uses the hooks ``on_train_batch_start`` / ``on_train_batch_end`` and
+``optimizer_step``; a subclass that overrides them must call ``super()``.
+Manual optimization: see docs/integrations.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..linesearch.trial import in_trial
+from ..optimizers.base import ArmijoOptimizer
+
+
+def _raw(optimizer):
+    """The ArmijoOptimizer under Lightning's ``LightningOptimizer`` wrapper (or None)."""
+    raw = getattr(optimizer, "optimizer", optimizer)
+    return raw if isinstance(raw, ArmijoOptimizer) else None
+
+
+def _loss_of(out, what: str):
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{what} must return a loss tensor (or a dict with 'loss'), got "
+                        f"{type(out).__name__}")
+    return out
+
+
+class ArmijoLightningMixin:
+    """Mix into a ``LightningModule`` (before it in the bases) to train with armijo_fused
+    optimizers under automatic optimization; other optimizers step as usual."""
+
+    # -- what a trial evaluates ----------------------------------------------------------------
+    def armijo_loss(self, batch, batch_idx):
+        """The loss of one micro-batch at the current parameters, for trial forwards (no
+        backward, no autograd graph). Default: ``training_step``'s loss, with ``self.log``
+        silenced; override with a loss-only forward when training_step does more work."""
+        return _loss_of(self.training_step(batch, batch_idx), "training_step")
+
+    def log(self, *args, **kwargs):
+        if in_trial():  # trial forwards must not reach the logged metrics
+            return None
+        return super().log(*args, **kwargs)
+
+    def log_dict(self, *args, **kwargs):
+        if in_trial():
+            return None
+        return super().log_dict(*args, **kwargs)
+
+    # -- the accumulation window ---------------------------------------------------------------
+    def _armijo_state(self):
+        if "_armijo_window" not in self.__dict__:
+            self.__dict__["_armijo_window"] = []
+            self.__dict__["_armijo_losses"] = []
+        return self.__dict__["_armijo_window"], self.__dict__["_armijo_losses"]
+
+    def on_train_batch_start(self, batch, batch_idx):
+        out = super().on_train_batch_start(batch, batch_idx)
+        window, losses = self._armijo_state()
+        if not window:
+            losses.clear()
+            opts = self.trainer.optimizers if self._trainer is not None else []
+            for opt in opts:
+                if isinstance(opt, ArmijoOptimizer):
+                    opt.capture_rng()  # trials replay the window's dropout masks
+        window.append((batch, batch_idx))
+        return out
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        out = super().on_train_batch_end(outputs, batch, batch_idx)
+        window, losses = self._armijo_state()
+        if window:  # no step yet: an accumulation micro-batch; keep its (normalised) loss
+            if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
+                losses.append(outputs["loss"].detach())
+        return out
+
+    # -- the step ------------------------------------------------------------------------------
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        raw = _raw(optimizer)
+        if raw is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        window, losses = self._armijo_state()
+        if not window:
+            raise RuntimeError(
+                "ArmijoLightningMixin recorded no micro-batch for this step: on_train_batch_start "
+                "was overridden without calling super().on_train_batch_start(batch, batch_idx)"
+            )
+        window, earlier = list(window), list(losses)
+        self._armijo_state()[0].clear()
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        plugin = trainer.precision_plugin
+
+        def trial_loss():
+            total = None
+            with plugin.train_step_context():
+                for batch, idx in window:
+                    loss = _loss_of(self.armijo_loss(batch, idx), "armijo_loss").float()
+                    total = loss / accumulate if total is None else total + loss / accumulate
+            return total
+
+        f0 = torch.zeros((), dtype=torch.float64)
+
+        def training_closure():
+            # Lightning's closure: forward + backward of the last micro-batch, hooks included
+            loss = optimizer_closure() if optimizer_closure is not None else None
+            if loss is None:
+                raise RuntimeError(
+                    "training_step returned None: armijo_fused needs the loss of every step")
+            value = loss.detach().double() + sum(v.double() for v in earlier)
+            f0.copy_(value)
+            return value
+
+        def combined():
+            return trial_loss() if in_trial() else training_closure()
+
+        if getattr(plugin, "scaler", None) is not None:
+            # fp16: the plugin runs the closure, unscales, then scaler.step(opt, **kwargs)
+            return optimizer.step(closure=combined, loss_fn=trial_loss, loss=f0)
+        # 32-true / bf16-mixed: the plugin wraps the closure with its post-closure hooks
+        # (on_before_optimizer_step, gradient clipping); run those for the training call only
+        after = getattr(plugin, "_after_closure", None)
+        if after is not None:
+            plugin._after_closure = lambda model, opt: None if in_trial() else after(model, opt)
+        try:
+            return optimizer.step(closure=combined)
+        finally:
+            if after is not None:
+                del plugin._after_closure
+
+
+__all__ = ["ArmijoLightningMixin"]

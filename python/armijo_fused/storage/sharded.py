@@ -1,0 +1,201 @@
+"""Storage for DTensor parameters (FSDP2 ``fully_shard``): flat buffers over the local shards.
+
+FSDP2 owns the storage of its sharded parameters: its all-gather reads from it, so the model's
+tensors cannot be re-pointed into our buffer as :class:`~armijo_fused.storage.flat.FlatBuffer`
+does (assigning ``p.data`` would also strip the DTensor wrapper). :class:`ShardedBuffer` keeps the
+same interface (``param``, ``grad``, ``states``, ``layout``) over *copies* of the local shards:
+
+* ``sync`` (start of every step): the local shard of each parameter and of its gradient are copied
+  into the flat buffers (two ``torch._foreach_copy_`` launches), so anything that wrote the shards
+  between steps (DCP load, ``load_state_dict``, a user) is picked up;
+* ``after_write`` (after every pass that moves θ): the flat θ is copied back into the local shards,
+  so the next all-gather, and hence the next (trial) forward, sees the moved weights;
+* the optimizer state lives only in the flat buffers; ``state[p][name]`` is a DTensor with the
+  parameter's mesh and placements whose local tensor is a view into them, so ``state_dict`` and
+  torch.distributed.checkpoint see sharded state like that of any torch optimizer.
+
+The per-block sums of the passes are partial sums over this rank's shard. The true sums
+⟨g_b, d_b⟩ = Σ_ranks ⟨g_b, d_b⟩_local are formed by the optimizer's one all-reduce per trial,
+which averages over the ranks: the local sums are multiplied by ``sum_scale`` = the number of
+shards first (mean of W·s_r = Σ s_r). That needs the shards to span the optimizer's process group
+(a 1-D mesh over the world, FSDP2's default); other meshes (HSDP, 2-D) are refused.
+
+Cost against the flat path: one copy of θ and g per step and one copy of θ per pass, and one
+extra buffer each for θ and g. Replicated DTensors (no ``Shard`` placement) are stored the same
+way with ``sum_scale`` 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..directions.base import DirectionRule
+from .layout import DEFAULT_TILE, FlatLayout, make_layout
+
+
+def dtensor_class():
+    """``torch.distributed.tensor.DTensor`` or None when this torch has no DTensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _local(t: Tensor) -> Tensor:
+    # the local shard itself (not an autograd view of it), so in-place writes land in FSDP's storage
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def _is_sharded(p) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return any(isinstance(pl, Shard) for pl in p.placements)
+
+
+class ShardedBuffer:
+    """Flat θ / g / state buffers over the local shards of one group's DTensor parameters."""
+
+    sharded = True
+
+    def __init__(
+        self,
+        group_index: int,
+        params: Sequence[Tensor],
+        rule: DirectionRule,
+        state: dict,
+        *,
+        block_ids: Sequence[int] | None = None,
+        tile: int = DEFAULT_TILE,
+        process_group=None,
+    ):
+        if not params:
+            raise ValueError("a sharded buffer needs at least one parameter")
+        if not all(is_dtensor(p) for p in params):
+            raise TypeError("ShardedBuffer takes DTensor parameters only")
+        self.group_index = group_index
+        self.rule = rule
+        self.params = list(params)
+        mesh = self.params[0].device_mesh
+        placements = tuple(self.params[0].placements)
+        for p in self.params:
+            if p.device_mesh != mesh or tuple(p.placements) != placements:
+                raise ValueError(
+                    "the DTensor parameters of one param group must share one device mesh and "
+                    "placements (give each mesh its own param group)"
+                )
+        if mesh.ndim != 1:
+            raise NotImplementedError(
+                f"DTensor parameters on a {mesh.ndim}-D device mesh are not supported (HSDP, "
+                "tensor parallel): armijo_fused supports FSDP2 on a 1-D mesh"
+            )
+        self.sum_scale = 1.0
+        if _is_sharded(self.params[0]):
+            dist = torch.distributed
+            world = dist.get_world_size(process_group)
+            if mesh.size() != world:
+                raise NotImplementedError(
+                    f"the parameters are sharded over a mesh of {mesh.size()} ranks but the "
+                    f"optimizer's process group has {world}: the per-block sums would be "
+                    "reduced over the wrong ranks (pass process_group= the mesh's group)"
+                )
+            self.sum_scale = float(world)
+        local = [_local(p) for p in self.params]
+        self.device = local[0].device
+        self.dtype = local[0].dtype
+        block_ids = list(block_ids) if block_ids is not None else [0] * len(params)
+        if sorted(block_ids) != block_ids:
+            raise ValueError("parameters must be ordered by block")
+        nblocks = block_ids[-1] + 1
+        block_numels = [0] * nblocks
+        for t, b in zip(local, block_ids):
+            block_numels[b] += t.numel()
+        self.layout: FlatLayout = make_layout(block_numels, tile=tile, device=self.device)
+        self.block_ids = block_ids
+        self.offsets = []
+        cursor = {b: self.layout.block_offsets[b] for b in range(nblocks)}
+        for t, b in zip(local, block_ids):
+            self.offsets.append(cursor[b])
+            cursor[b] += t.numel()
+
+        n = self.layout.numel
+        kw = dict(dtype=self.dtype, device=self.device)
+        self.param = torch.zeros(n, **kw)
+        self.grad = torch.zeros(n, **kw)
+        self.states = [torch.zeros(n, **kw) for _ in rule.state_names]
+        self._shapes = [t.shape for t in local]
+        self._param_views = [self._view(self.param, i) for i in range(len(local))]
+        self._grad_views = [self._view(self.grad, i) for i in range(len(local))]
+        self._state_dt = [
+            [self._wrap(self._view(s, i), p) for s in self.states] for i, p in enumerate(self.params)
+        ]
+        self.sync(state)
+
+    def _view(self, flat: Tensor, i: int) -> Tensor:
+        o, shape = self.offsets[i], self._shapes[i]
+        return flat[o : o + shape.numel()].view(shape)
+
+    @staticmethod
+    def _wrap(view: Tensor, p) -> Tensor:
+        DTensor = dtensor_class()
+        with torch.no_grad():
+            return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                      shape=p.shape, stride=p.stride())
+
+    def sync(self, state: dict) -> bool:
+        """Copy the local shards of θ and g in and re-attach the state; False: rebuild needed."""
+        local = [_local(p) for p in self.params]
+        if any(t.shape != s for t, s in zip(local, self._shapes)):
+            return False
+        with torch.no_grad():
+            torch._foreach_copy_(self._param_views, local)
+            for i, p in enumerate(self.params):
+                g = p.grad
+                if g is None:
+                    self._grad_views[i].zero_()
+                else:
+                    g = _local(g)
+                    if g.is_sparse:
+                        raise RuntimeError("armijo_fused optimizers do not support sparse gradients")
+                    self._grad_views[i].copy_(g)
+                pstate = state[p]
+                for name, dt in zip(self.rule.state_names, self._state_dt[i]):
+                    old = pstate.get(name)
+                    if old is not dt:
+                        if old is not None:
+                            dt._local_tensor.copy_(_local(old))
+                        pstate[name] = dt
+        return True
+
+    def after_write(self) -> None:
+        """Copy the flat θ back into the local shards (after every pass that moved θ)."""
+        with torch.no_grad():
+            torch._foreach_copy_([_local(p) for p in self.params], self._param_views)
+
+    def zero_grad(self) -> None:
+        """FSDP2 writes a fresh gradient DTensor after the next backward: drop the current one."""
+        for p in self.params:
+            p.grad = None
+
+
+def fsdp_modules(modules) -> list:
+    """Every FSDP2 module (``fully_shard``-ed) inside ``modules``, outermost first."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    found, seen = [], set()
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, FSDPModule) and id(m) not in seen:
+                seen.add(id(m))
+                found.append(m)
+    return found

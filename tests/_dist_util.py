@@ -1,0 +1,93 @@
+"""Run a function on N CPU processes with the gloo backend, torchrun-free, with a hard timeout.
+
+``run_ranks(fn, world=2, timeout=90, args=...)`` spawns ``world`` processes (spawn start method),
+initialises gloo on a free localhost port, calls ``fn(rank, world, *args)`` in each and returns the
+list of what each rank returned (anything torch.save can write). A rank that raises fails the test
+with its traceback; ranks still running at ``timeout`` are killed and the test fails with a message
+saying so (a deadlock shows up as this timeout, never as a hung test run).
+``fn`` must be importable by name (a module-level function of a test module or of this one).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world, port, out_dir, args, env):
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)  # two ranks share a 2-core machine
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        if env.get("_AF_INIT", "1") == "1":
+            torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn, *, world: int = 2, timeout: float = 90.0, args=(), init: bool = True,
+              env: dict | None = None):
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the per-rank results.
+
+    ``init=False`` leaves ``init_process_group`` to ``fn`` (the env vars of torchrun are set).
+    """
+    ctx = mp.get_context("spawn")
+    env = dict(env or {})
+    env["_AF_INIT"] = "1" if init else "0"
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = free_port()
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, port, out_dir, args, env),
+                             daemon=False) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        results = []
+        errors = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"rank{r}.pt")
+            if not os.path.exists(path):
+                results.append(None)
+                continue
+            rec = torch.load(path, weights_only=False)
+            if rec["ok"]:
+                results.append(rec["result"])
+            else:
+                errors.append(f"rank {r} raised:\n{rec['error']}")
+                results.append(None)
+        if errors:
+            raise AssertionError("\n".join(errors))
+        if hung:
+            raise AssertionError(
+                f"ranks {hung} still running after {timeout:.0f} s (deadlock?); killed them"
+            )
+        missing = [r for r, x in enumerate(results) if x is None]
+        if missing:
+            codes = [procs[r].exitcode for r in missing]
+            raise AssertionError(f"ranks {missing} died without a result (exit codes {codes})")
+        return results

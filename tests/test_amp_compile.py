@@ -1,0 +1,143 @@
+"""GradScaler (``scaler.step(opt, loss_fn=...)``), autocast, and torch.compile'd models, on CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from armijo_fused import ArmijoAdam
+from torch import nn
+
+pytestmark = [pytest.mark.timeout(300)]
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 1))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(64, 8, generator=g)
+    return x, torch.cos(x[:, :1] * 2) + x[:, 1:2]
+
+
+def snapshot(opt, model):
+    return ([p.detach().clone() for p in model.parameters()],
+            {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+             for st in opt.state.values() for k, v in st.items()},
+            [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups])
+
+
+def test_gradscaler_step_with_loss_fn_matches_the_unscaled_run():
+    plain, scaled = make_model(), make_model()
+    opt_p = ArmijoAdam(plain.parameters(), model=plain, cadence="every", backend="torch")
+    opt_s = ArmijoAdam(scaled.parameters(), model=scaled, cadence="every", backend="torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(4):
+        x, y = batch(step)
+        opt_p.zero_grad()
+        loss = nn.functional.mse_loss(plain(x), y)
+        loss.backward()
+        opt_p.step(loss_fn=lambda x=x, y=y: nn.functional.mse_loss(plain(x), y), loss=loss)
+
+        opt_s.zero_grad()
+        loss = nn.functional.mse_loss(scaled(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt_s, loss_fn=lambda x=x, y=y: nn.functional.mse_loss(scaled(x), y),
+                    loss=loss)
+        scaler.update()
+        assert opt_s.stats["step_size"] == opt_p.stats["step_size"]
+    # scaling by a power of two is exact, so the unscaled gradients are the plain ones
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_gradscaler_overflow_skips_the_step_and_leaves_state_untouched():
+    model = make_model()
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    calls = []
+
+    def step(x, y, poison=False):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if poison:
+            with torch.no_grad():
+                next(model.parameters()).grad[0, 0] = float("inf")  # what an fp16 overflow gives
+
+        def loss_fn():
+            calls.append(1)
+            return nn.functional.mse_loss(model(x), y)
+
+        scaler.step(opt, loss_fn=loss_fn, loss=loss)
+        scaler.update()
+
+    step(*batch(0))
+    before = snapshot(opt, model)
+    scale_before, n_calls = scaler.get_scale(), len(calls)
+    step(*batch(1), poison=True)
+    after = snapshot(opt, model)
+    assert scaler.get_scale() < scale_before  # the scaler saw the overflow
+    assert len(calls) == n_calls  # no trial forward ran
+    for a, b in zip(before[0], after[0]):
+        assert torch.equal(a, b)
+    assert before[1].keys() == after[1].keys()
+    for k in before[1]:
+        assert torch.equal(before[1][k], after[1][k]) if isinstance(before[1][k], torch.Tensor) \
+            else before[1][k] == after[1][k]
+    assert before[2] == after[2]  # step counter, step size, cadence untouched
+    step(*batch(2))  # and training goes on
+    assert opt.param_groups[0]["step"] == 2
+
+
+def test_bf16_autocast_trials_run_under_the_same_autocast():
+    model = make_model()
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+    seen = []
+    for step in range(3):
+        x, y = batch(step)
+
+        def loss_fn(x=x, y=y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            seen.append(out.dtype)
+            return nn.functional.mse_loss(out.float(), y)
+
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss_fn=loss_fn, loss=loss)
+        s = opt.stats
+        if s["step_size"] > 0:
+            assert s["loss_after"] <= s["loss_before"] - opt.c * s["step_size"] * s["gd"] + 1e-6
+    assert set(seen) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_model_trains_like_the_eager_one(backend):
+    eager = make_model()
+    compiled_base = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_base, backend=backend)
+    opt_e = ArmijoAdam(eager.parameters(), model=eager, cadence="every")
+    opt_c = ArmijoAdam(compiled_base.parameters(), model=compiled_base, cadence="every")
+    for step in range(4):
+        x, y = batch(step)
+        for model, opt in ((eager, opt_e), (compiled, opt_c)):
+            def closure(model=model, opt=opt, x=x, y=y):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)  # trials run the compiled forward under no_grad
+        assert opt_c.stats["trials"] == opt_e.stats["trials"]
+        assert opt_c.stats["step_size"] == pytest.approx(opt_e.stats["step_size"], rel=1e-6)
+    for p, q in zip(eager.parameters(), compiled_base.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    # the flat store re-pointed the parameters after compilation; the graph still reads them
+    with torch.no_grad():
+        x, _ = batch(99)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)

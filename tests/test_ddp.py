@@ -1,0 +1,141 @@
+"""DDP on CPU / gloo, 2 ranks, different data per rank (DESIGN.md §5.6).
+
+Every rank must take the same decisions (step sizes, trial counts) and hold the same parameters,
+equal to one process training on the concatenated batch; a non-finite loss on one rank rejects the
+trial everywhere; ranks whose losses differ by orders of magnitude still agree (no deadlock: the
+number of collectives per step is the same on every rank); BatchNorm running statistics are left
+as the training forward set them (the optimizer's ``model=`` argument).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _dist_util import run_ranks
+from armijo_fused import ArmijoAdam, ArmijoSGD
+from torch import nn
+
+pytestmark = [pytest.mark.timeout(150)]
+
+BATCH = 32
+
+
+def make_model(bn=False):
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 16)]
+    if bn:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.Tanh(), nn.Linear(16, 1)]
+    return nn.Sequential(*layers)
+
+
+def batch(step, scale=1.0):
+    g = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(BATCH, 8, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True)) * scale
+    return x, y
+
+
+def half(t, rank, world):
+    n = t.shape[0] // world
+    return t[rank * n:(rank + 1) * n]
+
+
+def run(model, opt, steps, rank=None, world=1, scale=1.0, poison=None):
+    """Train ``steps`` steps. ``poison(step, trial)``: True makes that trial's loss NaN here."""
+    log = []
+    for step in range(steps):
+        x, y = batch(step, scale)
+        if rank is not None:
+            x, y = half(x, rank, world), half(y, rank, world)
+        count = [0]
+
+        def loss_fn(x=x, y=y, step=step, count=count):
+            count[0] += 1
+            v = nn.functional.mse_loss(model(x), y)
+            return v * math.nan if poison is not None and poison(step, count[0]) else v
+
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss_fn=loss_fn, loss=loss)
+        s = opt.stats
+        log.append((s["step_size"], s["trials"], s["loss_before"]))
+    return log
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _rank_match(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every", init_step_size=0.3)
+    log = run(ddp, opt, 5, rank, world)
+
+    # BatchNorm: the statistics after the step are the ones the training forward left
+    bn_model = make_model(bn=True)
+    bn_ddp = DDP(bn_model)
+    bn_opt = ArmijoSGD(bn_model.parameters(), model=bn_model, cadence="every")
+    x, y = batch(0)
+    x, y = half(x, rank, world), half(y, rank, world)
+    bn_opt.zero_grad()
+    loss = nn.functional.mse_loss(bn_ddp(x), y)
+    loss.backward()
+    stats_after_forward = [b.clone() for b in bn_model[1].buffers()]
+    bn_opt.step(loss_fn=lambda: nn.functional.mse_loss(bn_ddp(x), y), loss=loss)
+    bn_kept = all(torch.equal(a, b) for a, b in zip(stats_after_forward, bn_model[1].buffers()))
+    return {"log": log, "params": params(model), "bn_kept": bn_kept,
+            "bn_trials": bn_opt.stats["trials"]}
+
+
+def _rank_disagree(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # rank 1 returns NaN for the first trial of step 0 only
+    model = make_model()
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every", init_step_size=0.01)
+    nan_log = run(DDP(model), opt, 2, rank, world,
+                  poison=lambda step, trial: rank == 1 and step == 0 and trial == 1)
+    nan_params = params(model)
+    # rank 1's targets are 1000x rank 0's: very different losses, one decision
+    model2 = make_model()
+    opt2 = ArmijoAdam(model2.parameters(), model=model2, cadence="every")
+    far_log = run(DDP(model2), opt2, 3, rank, world, scale=1000.0 if rank == 1 else 1.0)
+    return {"nan_log": nan_log, "nan_params": nan_params, "far_log": far_log,
+            "far_params": params(model2)}
+
+
+def test_ddp_ranks_agree_with_the_single_process_run():
+    ref = make_model()
+    ref_log = run(ref, ArmijoAdam(ref.parameters(), model=ref, cadence="every", init_step_size=0.3),
+                  5)
+    assert sum(t for _, t, _ in ref_log) > 5  # some search backtracked
+    r0, r1 = run_ranks(_rank_match, world=2, timeout=120)
+    assert r0["log"] == r1["log"]  # identical step sizes, trial counts and (reduced) losses
+    for (eta, trials, f0), (eta_r, trials_r, f0_r) in zip(r0["log"], ref_log):
+        assert trials == trials_r
+        assert eta == pytest.approx(eta_r, rel=1e-6)
+        assert f0 == pytest.approx(f0_r, rel=1e-5)
+    for p, q, ref_p in zip(r0["params"], r1["params"], params(ref)):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6)
+    assert r0["bn_kept"] and r1["bn_kept"] and r0["bn_trials"] >= 1
+
+
+def test_ddp_nonfinite_on_one_rank_rejects_everywhere_and_far_losses_agree():
+    r0, r1 = run_ranks(_rank_disagree, world=2, timeout=120)
+    # the NaN on rank 1 rejected the first trial on both ranks: a second trial ran, at η·β
+    assert r0["nan_log"] == r1["nan_log"]
+    eta0, trials0, _ = r0["nan_log"][0]
+    assert trials0 >= 2 and eta0 < 0.01 * 1.2
+    for p, q in zip(r0["nan_params"], r1["nan_params"]):
+        assert torch.equal(p, q)
+    assert r0["far_log"] == r1["far_log"]
+    for p, q in zip(r0["far_params"], r1["far_params"]):
+        assert torch.equal(p, q)

@@ -1,0 +1,208 @@
+"""FSDP2 (``fully_shard``) on CPU / gloo, 2 ranks: DTensor parameters, resharding between trials,
+the single-process reference, and a torch.distributed.checkpoint round trip.
+
+Each rank trains on its half of every batch; FSDP2 averages the gradient over the ranks and the
+optimizer averages the trial losses, so the run must match one process that trains on the whole
+batch (the flat-buffer path) to float tolerance, step sizes and trial counts included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _dist_util import run_ranks
+from armijo_fused import ArmijoAdam, ArmijoOptimizer
+from torch import nn
+
+pytestmark = [pytest.mark.timeout(150)]
+
+STEPS = 5
+BATCH = 32
+
+
+class Net(nn.Module):
+    """The root owns ``inp`` and ``out`` (FSDP2 keeps a root unsharded after a forward), the two
+    blocks are FSDP modules of their own."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(2))
+        self.out = nn.Linear(d, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, 8, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(BATCH, 1, generator=g)
+    return x, y
+
+
+def shard(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    for b in model.blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def make_opt(model, **kw):
+    kw.setdefault("cadence", "every")
+    return ArmijoAdam(model.parameters(), model=model, weight_decay=0.01, **kw)
+
+
+def train(model, opt, steps, rank=None, world=1, record=None, start=0):
+    """``steps`` steps; rank r sees rows [r·B/W, (r+1)·B/W) of each batch (all rows if rank None)."""
+    out = []
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        if rank is not None:
+            n = BATCH // world
+            x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+        def loss_fn(x=x, y=y):
+            v = nn.functional.mse_loss(model(x), y)
+            if record is not None and torch.is_grad_enabled() is False:
+                record.append(float(v))
+            return v
+
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss_fn=loss_fn, loss=loss)
+        s = opt.stats
+        out.append((s["step_size"], s["trials"], s["loss_before"], s["loss_after"]))
+    return out
+
+
+def full_params(model):
+    return [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+            for p in model.parameters()]
+
+
+# -- rank bodies (module level: the spawned processes import them) ---------------------------------
+def _rank_reference_run(rank, world):
+    model = shard(make_model())
+    params = list(model.parameters())
+    from torch.distributed.tensor import DTensor
+
+    assert all(isinstance(p, DTensor) for p in params)
+    opt = make_opt(model, max_grad_norm=1.0, init_step_size=0.3)
+    log = train(model, opt, STEPS, rank, world)
+    state = opt.state[params[0]]
+    return {"log": log, "params": full_params(model),
+            "state_is_dtensor": all(isinstance(v, DTensor) for v in state.values()
+                                    if isinstance(v, torch.Tensor))}
+
+
+def _trial_losses(rank, world, reshard):
+    if not reshard:  # the negative control: what happens without resharding between trials
+        ArmijoOptimizer._reshard_fsdp = lambda self: None
+    model = shard(make_model())
+    # a first trial far too long: the search must backtrack, so several trials run per step
+    opt = make_opt(model, init_step_size=3.0)
+    trials = []
+    train(model, opt, 2, rank, world, record=trials)
+    return trials
+
+
+def _rank_trials(rank, world):
+    return {"with": _trial_losses(rank, world, True), "without": _trial_losses(rank, world, False)}
+
+
+def _rank_dcp(rank, world, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = shard(make_model())
+    opt = make_opt(model)
+    train(model, opt, 3, rank, world)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(sd, checkpoint_id=path)
+    torch.distributed.barrier()
+    log_a = train(model, opt, 2, rank, world, start=3)
+    params_a = full_params(model)
+
+    model2 = shard(make_model())
+    opt2 = make_opt(model2)
+    before = full_params(model2)
+    assert not opt2.state
+    # DCP's state-init path: step() with zero grads, lr = 0 and no closure builds the state
+    sd2 = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    init_ok = len(opt2.state) == len(list(model2.parameters())) and all(
+        torch.equal(a, b) for a, b in zip(before, full_params(model2)))
+    dcp.load(sd2, checkpoint_id=path)
+    set_model_state_dict(model2, sd2["model"])
+    set_optimizer_state_dict(model2, opt2, sd2["optim"])
+    log_b = train(model2, opt2, 2, rank, world, start=3)
+    return {"init_ok": init_ok, "log_a": log_a, "log_b": log_b, "a": params_a,
+            "b": full_params(model2)}
+
+
+# -- tests -----------------------------------------------------------------------------------------
+def test_fsdp2_matches_the_single_process_run():
+    ref_model = make_model()
+    ref_opt = make_opt(ref_model, max_grad_norm=1.0, init_step_size=0.3)
+    ref_log = train(ref_model, ref_opt, STEPS)
+    ref_params = full_params(ref_model)
+    assert sum(t for _, t, _, _ in ref_log) > STEPS  # the search did backtrack somewhere
+
+    results = run_ranks(_rank_reference_run, world=2, timeout=120)
+    for r in results:
+        assert r["state_is_dtensor"]
+        for (eta, trials, f0, f1), (eta_r, trials_r, f0_r, f1_r) in zip(r["log"], ref_log):
+            assert trials == trials_r
+            assert eta == pytest.approx(eta_r, rel=1e-6)
+            assert f0 == pytest.approx(f0_r, rel=1e-5)
+            assert f1 == pytest.approx(f1_r, rel=1e-5, nan_ok=True)
+        for p, q in zip(r["params"], ref_params):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(p, q)
+
+
+def test_trial_forwards_see_the_moved_weights():
+    ref_model = make_model()
+    ref_trials = []
+    train(ref_model, make_opt(ref_model, init_step_size=3.0), 2, record=ref_trials)
+    assert len(ref_trials) >= 4  # backtracking happened
+
+    results = run_ranks(_rank_trials, world=2, timeout=120)
+    # the trial loss each rank sees on its half; their mean is the reference's trial loss
+    with_r = [r["with"] for r in results]
+    assert len(with_r[0]) == len(with_r[1]) == len(ref_trials)
+    for a, b, ref in zip(*with_r, ref_trials):
+        assert (a + b) / 2 == pytest.approx(ref, rel=1e-5)
+    # the negative control: without resharding the root (FSDP2 leaves it unsharded after a
+    # forward with no backward) keeps the weights of trial 1, and the trial losses go wrong
+    without = [r["without"] for r in results]
+    wrong = [abs((a + b) / 2 - ref) > 1e-3 * abs(ref) for a, b, ref in zip(*without, ref_trials)]
+    assert any(wrong)
+
+
+def test_dcp_round_trip_with_the_state_init_path(tmp_path):
+    results = run_ranks(_rank_dcp, world=2, timeout=120, args=(str(tmp_path / "ckpt"),))
+    for r in results:
+        assert r["init_ok"]
+        assert r["log_a"] == r["log_b"]
+        for p, q in zip(r["a"], r["b"]):
+            assert torch.equal(p, q)

@@ -1,0 +1,136 @@
+"""HuggingFace Trainer: LineSearchTrainer on a tiny randomly initialised GPT-2, on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from _dist_util import run_ranks  # noqa: E402
+from armijo_fused import ArmijoAdam  # noqa: E402
+from armijo_fused.integrations.hf import LineSearchTrainer, armijo_optimizer  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(240)]
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n=32, length=16, vocab=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        # a learnable pattern: each sequence counts up from a random start
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        self.ids = (start + torch.arange(length)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_gpt2(dropout=0.0):
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                  resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                max_steps=4, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+class CheckWindowLoss(transformers.TrainerCallback):
+    """Before each step: the registered closure, evaluated at θ0 on the kept window, equals the
+    sum of the window's training losses (same micro-batches, same normalisation)."""
+
+    def __init__(self):
+        self.trainer, self.checked = None, 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        t = self.trainer
+        cached, t._ls_f0 = t._ls_f0, None
+        with torch.no_grad():
+            fresh = float(t._ls_trial_loss())
+        t._ls_f0 = cached
+        assert len(t._ls_window) == 2
+        assert fresh == pytest.approx(float(cached), rel=1e-5)
+        self.checked += 1
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_optimizers_tuple_accumulation_and_the_window_closure(tmp_path):
+    model = tiny_gpt2()
+    before = params(model)
+    opt = ArmijoAdam(model.parameters(), weight_decay=0.01, cadence="every")
+    check = CheckWindowLoss()
+    trainer = LineSearchTrainer(model=model, args=args(tmp_path), train_dataset=TokenData(),
+                                optimizers=(opt, None), callbacks=[check])
+    check.trainer = trainer
+    out = trainer.train()
+    assert check.checked == 4
+    assert armijo_optimizer(trainer.optimizer) is opt
+    assert opt.param_groups[0]["step"] == 4 and opt.param_groups[0]["searches"] == 4
+    # clipping moved from Trainer into the optimizer
+    assert trainer.args.max_grad_norm == 0.0 and opt.max_grad_norm == 1.0
+    assert opt.stats["trials"] >= 1 and torch.isfinite(torch.tensor(out.training_loss))
+    assert any(not torch.equal(before[n], p) for n, p in params(model).items())
+
+
+def test_optimizer_cls_and_kwargs(tmp_path):
+    model = tiny_gpt2()
+    trainer = LineSearchTrainer(
+        model=model, args=args(tmp_path, max_steps=2), train_dataset=TokenData(),
+        optimizer_cls_and_kwargs=(ArmijoAdam, {"weight_decay": 0.01, "cadence": "every"}))
+    trainer.train()
+    opt = armijo_optimizer(trainer.optimizer)
+    assert isinstance(opt, ArmijoAdam) and len(opt.param_groups) == 2  # decay / no decay
+    assert opt.param_groups[0]["searches"] == 2
+    assert opt._closure is not None
+
+
+def test_checkpoint_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    def run(out, resume=None):
+        model = tiny_gpt2(dropout=0.1)  # dropout: the RNG state must be restored and replayed
+        opt = ArmijoAdam(model.parameters(), weight_decay=0.01)
+        trainer = LineSearchTrainer(
+            model=model, args=args(out, save_strategy="steps", save_steps=2),
+            train_dataset=TokenData(), optimizers=(opt, None))
+        trainer.train(resume_from_checkpoint=resume)
+        return params(model), opt
+
+    full, opt_a = run(tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / "optimizer.pt").exists()
+    resumed, opt_b = run(tmp_path / "b", resume=str(ckpt))
+    keys = ("step", "step_size", "step_size_avg", "next_search", "searches")
+    assert [opt_a.param_groups[0][k] for k in keys] == [opt_b.param_groups[0][k] for k in keys]
+    for n in full:
+        torch.testing.assert_close(resumed[n], full[n], rtol=1e-6, atol=1e-7)
+
+
+def _rank_trainer(rank, world, out):
+    model = tiny_gpt2()
+    opt = ArmijoAdam(model.parameters(), weight_decay=0.01, cadence="every")
+    trainer = LineSearchTrainer(
+        model=model, args=args(os.path.join(out, str(rank)), max_steps=3, ddp_backend="gloo"),
+        train_dataset=TokenData(), optimizers=(opt, None))
+    trainer.train()
+    assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 2
+    return {"params": params(model), "groups": [opt.param_groups[0][k] for k in
+                                                ("step", "step_size", "searches", "forwards")]}
+
+
+def test_trainer_under_two_process_ddp(tmp_path):
+    r0, r1 = run_ranks(_rank_trainer, world=2, timeout=180, init=False, args=(str(tmp_path),))
+    assert r0["groups"] == r1["groups"] and r0["groups"][0] == 3
+    for n in r0["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n])

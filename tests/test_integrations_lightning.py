@@ -1,0 +1,173 @@
+"""PyTorch Lightning: ArmijoLightningMixin under automatic optimization, on CPU.
+
+32-true, bf16-mixed and fp16 with a GradScaler (an explicit MixedPrecision plugin: Lightning maps
+``precision="16-mixed"`` on CPU to bf16), gradient accumulation 2, ``ddp_spawn`` with 2 devices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+L = pytest.importorskip("lightning.pytorch")
+
+from armijo_fused import ArmijoAdam  # noqa: E402
+from armijo_fused.integrations.lightning import ArmijoLightningMixin  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(240)]
+
+
+def dataset(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return torch.utils.data.TensorDataset(x, torch.sin(x.sum(1, keepdim=True)))
+
+
+class LitRegressor(ArmijoLightningMixin, L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        self.backwards = 0
+        self.before_step_calls = 0
+        self.window_f0 = []  # Σ loss/A over the window at θ0, computed independently
+        self.loss_before = []  # what the optimizer used as f0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x).float(), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_after_backward(self):
+        self.backwards += 1
+
+    def on_before_optimizer_step(self, optimizer):
+        self.before_step_calls += 1
+        with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
+            self.window_f0.append(sum(
+                float(nn.functional.mse_loss(self.net(x).float(), y)) for x, y in self._mine)
+                / self.trainer.accumulate_grad_batches)
+        self._mine = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        self._mine = getattr(self, "_mine", []) + [batch]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        opt = self.trainer.optimizers[0]
+        if len(self.loss_before) < opt.param_groups[0]["step"]:
+            self.loss_before.append(opt.stats["loss_before"])
+
+    def configure_optimizers(self):
+        return ArmijoAdam(self.parameters(), model=self, cadence="every", weight_decay=0.01)
+
+
+def fit(precision=None, plugins=None, **kw):
+    model = LitRegressor()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        precision=precision, plugins=plugins, **kw)
+    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    return model, trainer
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed-scaler"])
+def test_automatic_optimization_with_accumulation(precision):
+    plugins = None
+    if precision == "16-mixed-scaler":
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+        precision = None
+    model, trainer = fit(precision, plugins)
+    opt = trainer.optimizers[0]
+    steps = opt.param_groups[0]["step"]
+    assert trainer.global_step == 4
+    # one backward per micro-batch, none per trial; Lightning's post-closure hooks once per step
+    assert model.backwards == 8
+    assert model.before_step_calls == 4
+    assert opt.param_groups[0]["searches"] >= 1
+    if plugins is None:
+        assert steps == 4
+        # f0 is the window's loss: both micro-batches, divided by accumulate_grad_batches
+        assert model.loss_before == pytest.approx(model.window_f0, rel=1e-4)
+    else:  # fp16: the scaler may skip a step on overflow (the first, at scale 2**16)
+        assert 1 <= steps <= 4
+    assert torch.isfinite(torch.tensor(model.loss_before)).all()
+
+
+class SaveParams(L.Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_end(self, trainer, module):
+        opt = trainer.optimizers[0]
+        torch.save({"params": [p.detach().clone() for p in module.parameters()],
+                    "log": module.loss_before, "step": opt.param_groups[0]["step"],
+                    "eta": opt.param_groups[0]["step_size"],
+                    "world": torch.distributed.get_world_size()},
+                   os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+
+
+def test_ddp_spawn_two_devices(tmp_path):
+    model = LitRegressor()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, accumulate_grad_batches=2,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[SaveParams(str(tmp_path))])
+    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == 2 and r0["step"] == r1["step"] == 3
+    assert r0["log"] == r1["log"] and r0["eta"] == r1["eta"]  # f0 averaged over the ranks
+    for p, q in zip(r0["params"], r1["params"]):
+        assert torch.equal(p, q)
+
+
+class LitManual(L.LightningModule):
+    """The documented manual-optimization route: the trial is the closure Lightning passes on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        self.automatic_optimization = False
+        self.backwards = 0
+
+    def armijo_loss(self, batch):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.optimizer.capture_rng()
+        opt.zero_grad()
+        loss = self.armijo_loss(batch)
+        self.manual_backward(loss)
+        opt.step(closure=lambda: self.armijo_loss(batch))
+        return loss
+
+    def on_after_backward(self):
+        self.backwards += 1
+
+    def configure_optimizers(self):
+        return ArmijoAdam(self.parameters(), model=self, cadence="every")
+
+
+def test_manual_optimization_route():
+    model = LitManual()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    opt = trainer.optimizers[0]
+    assert opt.param_groups[0]["step"] == 3 and opt.param_groups[0]["searches"] == 3
+    assert model.backwards == 3  # none in the trials
+    s = opt.stats
+    if s["step_size"] > 0:
+        assert s["loss_after"] <= s["loss_before"] - opt.c * s["step_size"] * s["gd"] + 1e-6
