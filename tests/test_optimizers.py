@@ -394,8 +394,8 @@ def test_clear_errors_for_wrong_usage():
     loss_fn(*data).backward()
     with pytest.raises(RuntimeError, match="needs the loss at trial points"):
         opt.step()
-    with pytest.raises(ValueError, match="not both"):
-        opt.step(lambda: 0.0, loss_fn=lambda: 0.0)
+    with pytest.raises(ValueError, match="pass loss= only without a closure"):
+        opt.step(lambda: 0.0, loss_fn=lambda: 0.0, loss=0.0)
     theta = flat(model)
     with pytest.raises(ValueError, match="expected a scalar loss"):
         opt.step(loss_fn=lambda: model(data[0]))
@@ -440,3 +440,30 @@ def test_copy_deepcopy_of_model_is_unaffected():
     opt = ArmijoSGD(model.parameters(), backend="torch")
     opt.step(make_closure(opt, loss_fn, *data))
     assert not torch.equal(flat(model), flat(snapshot))
+
+
+def test_closure_for_the_gradient_and_loss_fn_for_the_trials():
+    # Lightning-style: the closure (with hooks and backward) runs once; trials use loss_fn only.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    opt = ArmijoAdam(model.parameters(), cadence="every", backend="torch", init_step_size=1.0)
+    calls = {"closure": 0, "loss_fn": 0}
+
+    def closure():
+        calls["closure"] += 1
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    def loss_fn():
+        calls["loss_fn"] += 1
+        return nn.functional.mse_loss(model(x), y)
+
+    losses = [float(opt.step(closure, loss_fn=loss_fn)) for _ in range(5)]
+    assert calls["closure"] == 5
+    # every search ran at least one trial, all of them through loss_fn
+    assert calls["loss_fn"] >= 5
+    assert calls["loss_fn"] == opt.param_groups[0]["forwards"] - 5
+    assert losses[-1] < losses[0]

@@ -216,10 +216,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         torch style); it is called once with autograd on, then for trials without autograd or
         backward. ``step(loss_fn=fn, loss=loss)``: after your own backward; ``fn()`` returns the
         loss at the current parameters, ``loss`` the loss you already have (else ``fn`` gives
-        it). ``step()``: uses the closure registered with ``set_closure``.
+        it). ``step(closure, loss_fn=fn)``: the closure runs once for the loss and gradient
+        (Lightning's training closure, which also runs hooks), ``fn`` serves the trials, so no
+        trial repeats the closure's side effects. ``step()``: uses the closure registered with
+        ``set_closure``.
         """
-        if closure is not None and loss_fn is not None:
-            raise ValueError("pass either closure or loss_fn to step(), not both")
+        if closure is not None and loss_fn is not None and loss is not None:
+            raise ValueError("pass loss= only without a closure: the closure computes the loss")
         for name, fn in (("closure", closure), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
@@ -227,7 +230,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         g0 = groups[0]
         k = g0["step"] + 1
         factors = [self._lr_factor(g) for g in groups]
-        evaluate = closure or loss_fn or self._closure
+        evaluate = loss_fn or closure or self._closure
         search = self.cadence.should_search(k, g0["next_search"])
         if evaluate is None:
             if any(f != 0.0 for f in factors):
@@ -275,7 +278,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
         # 2. The search, on trial forwards that leave no trace.
         env = trial_mod.TrialEnv(self._modules, rng_before)
-        what = "the closure" if closure is not None else "loss_fn"
+        what = "loss_fn" if loss_fn is not None else "the closure"
 
         def trial_loss() -> Tensor:
             self._reshard_fsdp()  # FSDP2: the forward must all-gather the moved shards
