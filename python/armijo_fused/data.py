@@ -109,7 +109,7 @@ def load_shakespeare(val_fraction: float = 0.1, max_plays: int | None = None) ->
     """Read, clean and encode the plays; hold out the last ``val_fraction`` of each play.
 
     ``max_plays`` keeps only the first plays (in sorted file order) for quick runs; the
-    vocabulary is still built from those plays only, so it is the same for a given selection.
+    vocabulary is then built from the plays read, so it depends on the selection.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"invalid val_fraction: {val_fraction!r} (expected 0 < x < 1)")

@@ -195,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=16,
                    help="fixed batches for the final train / validation loss")
     p.add_argument("--max-plays", type=int, default=None, help="use only the first N plays")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: a model this small gains little from "
+                        "more, and OpenMP threads stall badly on a shared, busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -234,7 +237,7 @@ def _plot(path: str, runs: dict, steps: int) -> None:
         ax2.semilogy(c["step"], c["step_size"], lw=1, label="searched η")
         ax2.semilogy(c["step"], c["applied_step"], lw=1, label="applied η · lr_t / lr_0")
         ks = [k for k, s in zip(c["step"], c["searched"]) if s]
-        ax2.semilogy(ks, [c["step_size"][k - 1] for k in ks], ".", ms=3,
+        ax2.semilogy(ks, [c["step_size"][k - 1] for k in ks], "o", ms=4,
                      label="steps with a search")
     adamw = next((r for r in runs.values() if "lr" in r["curve"]), None)
     if adamw is not None:
@@ -254,6 +257,8 @@ def main(argv=None) -> int:
     from . import ArmijoAdam
 
     device = _device(args.device)
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     data = load_shakespeare(max_plays=args.max_plays)
     cfg = TransformerConfig(vocab_size=data.vocab_size, context=args.context,

