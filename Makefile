@@ -34,6 +34,8 @@ test-gpu: setup-gpu
 
 bench: setup
 	$(PY) bench/bench_kernels.py
+	$(PY) bench/cpu_first_pass.py
+	$(PY) bench/layerwise.py
 	$(PY) bench/step_bench.py
 	$(PY) bench/compare_peers_small.py
 	$(PY) bench/convergence.py

@@ -3,7 +3,8 @@
 Commands:
     demo     train a small transformer on Shakespeare with ArmijoAdam and AdamW
              (:mod:`armijo_fused.demo`)
-    report   read a training run's step-size telemetry and summarise it
+    report   block Hessian spectra, heterogeneity and line-search telemetry of a model or a
+             recorded run, as PNG plots and a markdown summary
              (:mod:`armijo_fused.diagnostics.report`)
 
 Each command's own options follow it (``python -m armijo_fused demo --help``). Modules are
@@ -32,7 +33,7 @@ def _run_report(argv) -> int:
 
 COMMANDS = {
     "demo": (_run_demo, "train a small transformer on Shakespeare: ArmijoAdam vs AdamW"),
-    "report": (_run_report, "summarise the line-search telemetry of a run"),
+    "report": (_run_report, "block Hessian spectra, heterogeneity and step-size telemetry plots"),
 }
 
 

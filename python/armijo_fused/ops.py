@@ -16,7 +16,7 @@ output shapes without running a kernel.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -45,6 +45,23 @@ def why_unavailable() -> str:
             "`pip install --no-build-isolation -e .`"
         )
     return "armijo_fused._C loaded but registered no ops"
+
+
+def cpu_simd() -> str:
+    """The instruction set the CPU kernels run with: avx2, sse2, neon or scalar."""
+    _require()
+    return _C.cpu_simd()
+
+
+def set_cpu_simd(name: str) -> str:
+    """Choose the CPU kernels ("auto", "baseline" or "avx2"); returns the one now in use.
+
+    Every choice gives bitwise the same results (same lanes, same reduction order, no fused
+    multiply-add); this is for tests and benchmarks. ``ARMIJO_FUSED_SIMD=baseline`` in the
+    environment sets the default.
+    """
+    _require()
+    return _C.set_cpu_simd(name)
 
 
 def _require():

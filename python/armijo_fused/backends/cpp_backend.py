@@ -9,7 +9,7 @@ run and for every thread count.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 

@@ -1,0 +1,372 @@
+// The CPU ops: validation, the parallel loop over tiles (at::parallel_for, i.e. torch's OpenMP
+// pool and torch.set_num_threads) and the per-block reductions. The tile kernels themselves
+// (one read and one write of each buffer, vectorised) are in kernels.h, built once per
+// instruction set (kernels_base.cpp, kernels_avx2.cpp) and picked at run time.
+//
+// Determinism: every tile writes its own partial sums (accumulated in double in a fixed order
+// inside the tile); the tiles of a block are then added in tile order. The result depends only on
+// the layout, never on the number of threads or on how tiles were split between them.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cpu/tile_args.h"
+#include "ops.h"
+#include "passes.h"
+
+namespace armijo_fused {
+inline namespace base {
+const TileKernels* tile_kernels();  // kernels_base.cpp
+}
+#if ARMIJO_HAVE_AVX2
+inline namespace avx2 {
+const TileKernels* tile_kernels();  // kernels_avx2.cpp
+}
+#endif
+
+namespace {
+
+// Elements per parallel work item at least: below this, splitting costs more than it saves.
+constexpr int64_t kGrainElems = 1 << 15;
+
+bool cpu_has_avx2() {
+#if ARMIJO_HAVE_AVX2
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
+}
+
+// The kernels to run: AVX2 where the CPU has it, unless ARMIJO_FUSED_SIMD=baseline (or
+// set_cpu_simd) says otherwise. Both give bitwise the same results; this only changes speed.
+const TileKernels* choose_kernels(const std::string& want) {
+#if ARMIJO_HAVE_AVX2
+  if ((want == "auto" || want == "avx2") && cpu_has_avx2()) return avx2::tile_kernels();
+#endif
+  TORCH_CHECK(want == "auto" || want == "baseline" || want == base::tile_kernels()->isa,
+              "armijo_fused: SIMD ", want, " is not available on this machine/build (choose "
+              "auto, baseline", cpu_has_avx2() ? " or avx2)" : ")");
+  return base::tile_kernels();
+}
+
+const TileKernels*& active_kernels() {
+  static const TileKernels* k = [] {
+    const char* env = std::getenv("ARMIJO_FUSED_SIMD");
+    return choose_kernels(env && *env ? env : "auto");
+  }();
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: every message names the op, the argument and what was expected.
+
+struct Layout {
+  const int32_t* tile_block;
+  const int32_t* block_tiles;
+  int64_t ntiles;
+  int64_t nblocks;
+  int64_t tile;
+};
+
+void check_fp32_buffer(const char* op, const char* what, const at::Tensor& t, int64_t numel) {
+  TORCH_CHECK(t.defined(), "armijo_fused.", op, ": ", what, " is an undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), "armijo_fused.", op, ": ", what,
+              " must be a CPU tensor for the C++ CPU kernels, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "armijo_fused.", op, ": ", what,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, "armijo_fused.", op, ": ", what,
+              " must be a 1-D flat buffer, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "armijo_fused.", op, ": ", what, " must be contiguous");
+  if (numel >= 0) {
+    TORCH_CHECK(t.numel() == numel, "armijo_fused.", op, ": ", what, " has ", t.numel(),
+                " elements but param has ", numel,
+                " (every buffer has the layout's padded length)");
+  }
+}
+
+void check_rule(const char* op, int64_t rule) {
+  TORCH_CHECK(rule >= 0 && rule < kNumRules, "armijo_fused.", op, ": unknown rule id ", rule,
+              " (expected 0..5: sgd, momentum, nesterov, rmsprop, adam, nadam)");
+}
+
+void check_states(const char* op, int64_t rule, at::TensorList states, int64_t numel) {
+  const int want = num_states(static_cast<int>(rule));
+  TORCH_CHECK(static_cast<int>(states.size()) == want, "armijo_fused.", op, ": rule ",
+              rule_name(static_cast<int>(rule)), " (id ", rule, ") keeps ", want,
+              " state buffer(s), got ", states.size());
+  for (size_t i = 0; i < states.size(); ++i) {
+    const std::string what = "states[" + std::to_string(i) + "]";
+    check_fp32_buffer(op, what.c_str(), states[i], numel);
+  }
+}
+
+void check_scalars(const char* op, at::ArrayRef<double> scalars) {
+  TORCH_CHECK(static_cast<int>(scalars.size()) == kNumScalars, "armijo_fused.", op,
+              ": scalars must hold the rule's ", kNumScalars, " host scalars, got ",
+              scalars.size());
+}
+
+// The kernels use __restrict__ pointers: the buffers they write must not share memory.
+void check_disjoint(const char* op, const std::vector<std::pair<const char*, const at::Tensor*>>& bufs) {
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    for (size_t j = i + 1; j < bufs.size(); ++j) {
+      const auto* a = static_cast<const char*>(bufs[i].second->data_ptr());
+      const auto* b = static_cast<const char*>(bufs[j].second->data_ptr());
+      const auto na = bufs[i].second->nbytes(), nb = bufs[j].second->nbytes();
+      const bool overlap = na > 0 && nb > 0 && a < b + nb && b < a + na;
+      TORCH_CHECK(!overlap, "armijo_fused.", op, ": ", bufs[i].first, " and ", bufs[j].first,
+                  " share memory; each buffer must be a separate tensor");
+    }
+  }
+}
+
+Layout check_layout(const char* op, const at::Tensor& tile_block, const at::Tensor& block_tiles,
+                    int64_t tile, int64_t numel) {
+  TORCH_CHECK(tile > 0, "armijo_fused.", op, ": tile must be positive, got ", tile);
+  TORCH_CHECK(numel % tile == 0, "armijo_fused.", op, ": the buffers have ", numel,
+              " elements, not a whole number of tiles of ", tile);
+  const int64_t ntiles = numel / tile;
+  for (const auto& [t, what] : {std::pair<const at::Tensor*, const char*>{&tile_block, "tile_block"},
+                                {&block_tiles, "block_tiles"}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kInt && t->dim() == 1 &&
+                    t->is_contiguous(),
+                "armijo_fused.", op, ": ", what,
+                " must be a contiguous 1-D int32 CPU tensor (layout.", what, "), got ",
+                t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(tile_block.numel() == ntiles, "armijo_fused.", op, ": tile_block has ",
+              tile_block.numel(), " entries but the buffers hold ", ntiles, " tiles of ", tile);
+  TORCH_CHECK(block_tiles.numel() >= 2, "armijo_fused.", op,
+              ": block_tiles needs nblocks + 1 >= 2 entries, got ", block_tiles.numel());
+  Layout L{tile_block.data_ptr<int32_t>(), block_tiles.data_ptr<int32_t>(), ntiles,
+           block_tiles.numel() - 1, tile};
+  TORCH_CHECK(L.block_tiles[0] == 0 && L.block_tiles[L.nblocks] == ntiles, "armijo_fused.", op,
+              ": block_tiles must run from 0 to the tile count ", ntiles, ", got ",
+              L.block_tiles[0], " .. ", L.block_tiles[L.nblocks]);
+  for (int64_t b = 0; b < L.nblocks; ++b) {
+    TORCH_CHECK(L.block_tiles[b] < L.block_tiles[b + 1], "armijo_fused.", op,
+                ": block_tiles must increase strictly (every block has a tile), got ",
+                L.block_tiles[b], " then ", L.block_tiles[b + 1], " at block ", b);
+    for (int64_t t = L.block_tiles[b]; t < L.block_tiles[b + 1]; ++t) {
+      TORCH_CHECK(L.tile_block[t] == b, "armijo_fused.", op, ": tile_block[", t, "] is ",
+                  L.tile_block[t], " but block_tiles puts that tile in block ", b);
+    }
+  }
+  return L;
+}
+
+void check_eta(const char* op, const char* what, const at::Tensor& eta, int64_t nblocks) {
+  TORCH_CHECK(eta.device().is_cpu() && eta.scalar_type() == at::kFloat && eta.dim() == 1 &&
+                  eta.is_contiguous() && eta.numel() == nblocks,
+              "armijo_fused.", op, ": ", what,
+              " must be a contiguous float32 CPU tensor with one step size per block (",
+              nblocks, "), got ", eta.scalar_type(), " of shape ", eta.sizes(), " on ",
+              eta.device());
+}
+
+// [unscale, clip], or nothing when either is not finite (then the pass writes nothing).
+bool read_gscale(const char* op, const at::Tensor& gscale, float* unscale, float* clip) {
+  TORCH_CHECK(gscale.device().is_cpu() && gscale.scalar_type() == at::kFloat &&
+                  gscale.numel() == 2 && gscale.is_contiguous(),
+              "armijo_fused.", op,
+              ": gscale must be a contiguous float32 CPU tensor of 2 entries [unscale, clip], "
+              "got ",
+              gscale.scalar_type(), " of shape ", gscale.sizes(), " on ", gscale.device());
+  const float* s = gscale.data_ptr<float>();
+  *unscale = s[0];
+  *clip = s[1];
+  return std::isfinite(s[0]) && std::isfinite(s[1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: the tile loop, the per-block reduction.
+
+// Runs f(t) for every tile. Threads take chunks of tiles from a shared counter rather than a
+// fixed half each, so a thread the OS delays (a busy 2-core machine) does not hold up the pass.
+// Which thread runs a tile never changes its result: every tile writes its own partial sums.
+template <typename F>
+void for_each_tile(const Layout& L, F&& f) {
+  const int64_t chunk = std::max<int64_t>(1, kGrainElems / L.tile);  // tiles per grab
+  const int64_t nchunks = (L.ntiles + chunk - 1) / chunk;
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), nchunks);
+  if (nthreads <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < L.ntiles; ++t) f(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) {
+      const int64_t end = std::min(L.ntiles, (c + 1) * chunk);
+      for (int64_t t = c * chunk; t < end; ++t) f(t);
+    }
+  });
+}
+
+// Per-tile partial sums (width per tile) -> fp32 [nblocks, width], tiles added in order.
+at::Tensor reduce_blocks(const std::vector<double>& partial, const Layout& L, int width) {
+  at::Tensor out = width == 1 ? at::zeros({L.nblocks}, at::kFloat)
+                              : at::zeros({L.nblocks, width}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (int64_t b = 0; b < L.nblocks; ++b) {
+    for (int j = 0; j < width; ++j) {
+      double acc = 0.0;
+      for (int64_t t = L.block_tiles[b]; t < L.block_tiles[b + 1]; ++t) acc += partial[t * width + j];
+      o[b * width + j] = static_cast<float>(acc);
+    }
+  }
+  return out;
+}
+
+struct Bufs {
+  float* p;
+  const float* g;
+  float* a;  // first state buffer (or nullptr)
+  float* b;  // second state buffer (or nullptr)
+};
+
+Bufs buffers(const at::Tensor& param, const at::Tensor& grad, at::TensorList states) {
+  return {param.data_ptr<float>(), grad.data_ptr<float>(),
+          states.size() > 0 ? states[0].data_ptr<float>() : nullptr,
+          states.size() > 1 ? states[1].data_ptr<float>() : nullptr};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
+                          at::TensorList states, at::ArrayRef<double> scalars,
+                          double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,
+                          const at::Tensor& tile_block, const at::Tensor& block_tiles,
+                          int64_t tile) {
+  const char* op = "first_pass";
+  check_rule(op, rule);
+  check_fp32_buffer(op, "param", param, -1);
+  const int64_t n = param.numel();
+  check_fp32_buffer(op, "grad", grad, n);
+  check_states(op, rule, states, n);
+  check_scalars(op, scalars);
+  std::vector<std::pair<const char*, const at::Tensor*>> bufs{{"param", &param}, {"grad", &grad}};
+  if (states.size() > 0) bufs.emplace_back("states[0]", &states[0]);
+  if (states.size() > 1) bufs.emplace_back("states[1]", &states[1]);
+  check_disjoint(op, bufs);
+  const Layout L = check_layout(op, tile_block, block_tiles, tile, n);
+  check_eta(op, "eta", eta, L.nblocks);
+  float unscale, clip;
+  if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
+
+  const Bufs B = buffers(param, grad, states);
+  const float* etas = eta.data_ptr<float>();
+  const float wd = static_cast<float>(weight_decay);
+  std::vector<double> partial(L.ntiles * 3, 0.0);
+  const TileKernels* k = active_kernels();
+  const int r = static_cast<int>(rule);
+  for_each_tile(L, [&](int64_t t) {
+    const int64_t o = t * L.tile;
+    const FirstTile args{scalars.data(), unscale, clip, wd, etas[L.tile_block[t]],
+                         B.p + o, B.g + o, B.a ? B.a + o : nullptr, B.b ? B.b + o : nullptr,
+                         L.tile, &partial[t * 3]};
+    k->first(r, args);
+  });
+  return reduce_blocks(partial, L, 3);
+}
+
+at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
+                    at::TensorList states, at::ArrayRef<double> scalars, double weight_decay,
+                    const at::Tensor& eta_old, const at::Tensor& eta_new,
+                    const at::Tensor& gscale, const at::Tensor& tile_block,
+                    const at::Tensor& block_tiles, int64_t tile, bool precond_old,
+                    bool precond_new, bool compute_sums) {
+  const char* op = "move";
+  check_rule(op, rule);
+  check_fp32_buffer(op, "param", param, -1);
+  const int64_t n = param.numel();
+  check_fp32_buffer(op, "grad", grad, n);
+  check_states(op, rule, states, n);
+  check_scalars(op, scalars);
+  std::vector<std::pair<const char*, const at::Tensor*>> bufs{{"param", &param}, {"grad", &grad}};
+  if (states.size() > 0) bufs.emplace_back("states[0]", &states[0]);
+  if (states.size() > 1) bufs.emplace_back("states[1]", &states[1]);
+  check_disjoint(op, bufs);
+  const Layout L = check_layout(op, tile_block, block_tiles, tile, n);
+  check_eta(op, "eta_old", eta_old, L.nblocks);
+  check_eta(op, "eta_new", eta_new, L.nblocks);
+  float unscale, clip;
+  if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
+
+  // Per block: the scalars of the move, and whether θ changes at all.
+  const float* eo = eta_old.data_ptr<float>();
+  const float* en = eta_new.data_ptr<float>();
+  const double wd_old = precond_old ? 0.0 : weight_decay;
+  const float wd_new = precond_new ? 0.f : static_cast<float>(weight_decay);
+  std::vector<MoveTile> ms(L.nblocks);
+  std::vector<char> changed(L.nblocks);
+  bool any_work = compute_sums;
+  for (int64_t b = 0; b < L.nblocks; ++b) {
+    // 1 - e_old*wd_old in double, then rounded: as the torch twin divides by a Python float
+    const float den = static_cast<float>(1.0 - static_cast<double>(eo[b]) * wd_old);
+    ms[b] = MoveTile{scalars.data(), unscale, clip, eo[b], den, wd_new, en[b],
+                     nullptr, nullptr, nullptr, nullptr, L.tile, nullptr};
+    changed[b] = eo[b] != en[b] || precond_old != precond_new;
+    any_work = any_work || changed[b];
+  }
+  if (!any_work) return at::zeros({L.nblocks, 3}, at::kFloat);
+
+  const Bufs B = buffers(param, grad, states);
+  std::vector<double> partial(compute_sums ? L.ntiles * 3 : 0, 0.0);
+  const TileKernels* k = active_kernels();
+  const int r = static_cast<int>(rule);
+  for_each_tile(L, [&](int64_t t) {
+    const int32_t blk = L.tile_block[t];
+    // an unchanged block is only read, for its sums, or skipped altogether
+    if (!changed[blk] && !compute_sums) return;
+    const int64_t o = t * L.tile;
+    MoveTile args = ms[blk];
+    args.p = B.p + o;
+    args.g = B.g + o;
+    args.a = B.a ? B.a + o : nullptr;
+    args.b = B.b ? B.b + o : nullptr;
+    args.out = compute_sums ? &partial[t * 3] : nullptr;
+    k->move(r, precond_old, precond_new, changed[blk] != 0, compute_sums, args);
+  });
+  if (!compute_sums) return at::zeros({L.nblocks, 3}, at::kFloat);
+  return reduce_blocks(partial, L, 3);
+}
+
+at::Tensor grad_sq_norm_cpu(const at::Tensor& grad, const at::Tensor& tile_block,
+                            const at::Tensor& block_tiles, int64_t tile) {
+  const char* op = "grad_sq_norm";
+  check_fp32_buffer(op, "grad", grad, -1);
+  const Layout L = check_layout(op, tile_block, block_tiles, tile, grad.numel());
+  const float* g = grad.data_ptr<float>();
+  std::vector<double> partial(L.ntiles, 0.0);
+  const TileKernels* k = active_kernels();
+  for_each_tile(L, [&](int64_t t) { partial[t] = k->sq(g + t * L.tile, L.tile); });
+  return reduce_blocks(partial, L, 1);
+}
+
+const char* cpu_simd() { return active_kernels()->isa; }
+
+const char* set_cpu_simd(const std::string& name) {
+  active_kernels() = choose_kernels(name);
+  return active_kernels()->isa;
+}
+
+}  // namespace armijo_fused
+
+TORCH_LIBRARY_IMPL(armijo_fused, CPU, m) {
+  m.impl("first_pass", &armijo_fused::first_pass_cpu);
+  m.impl("move", &armijo_fused::move_cpu);
+  m.impl("grad_sq_norm", &armijo_fused::grad_sq_norm_cpu);
+}
