@@ -171,8 +171,10 @@ def test_collapse_guard_resets_to_the_running_average():
     assert collapsed and eta == 1e-3 and avg == 1e-3
     eta, avg, collapsed = p.after_search(1e-3, None)  # trials exhausted
     assert collapsed and eta == 1e-3
-    eta, avg, collapsed = p.after_search(1e-3, 2e-3)
-    assert not collapsed and eta == 2e-3 and 1e-3 < avg < 2e-3
+    eta, avg, collapsed = p.after_search(1e-3, 2e-3)  # smoothed: the geometric mean
+    assert not collapsed and eta == avg and abs(avg - (1e-3 * 2e-3) ** 0.5) < 1e-12
+    eta, avg, collapsed = StepSizePolicy(smoothing=0.0).after_search(1e-3, 2e-3)
+    assert not collapsed and eta == 2e-3 == avg  # unsmoothed: the accepted step
 
 
 def test_max_step_caps_the_search():

@@ -65,6 +65,7 @@ class ArmijoAdam(ArmijoOptimizer):
         c: float = 0.2,
         backtrack: float = 0.5,
         growth: float = 1.2,
+        smoothing: float = 0.5,
         max_trials: int = 20,
         max_step: float | None = None,
         collapse_ratio: float = 1e-2,
@@ -91,7 +92,7 @@ class ArmijoAdam(ArmijoOptimizer):
             rule_defaults = {"alpha": alpha, "eps": eps}
         super().__init__(
             params, lr=lr, direction=direction, weight_decay=weight_decay,
-            init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth,
+            init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth, smoothing=smoothing,
             max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio,
             cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,

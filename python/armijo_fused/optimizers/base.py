@@ -79,6 +79,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         c: float,
         backtrack: float,
         growth: float,
+        smoothing: float,
         max_trials: int,
         max_step: float | None,
         collapse_ratio: float,
@@ -125,7 +126,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             if layerwise:
                 raise ValueError("candidates works with the global search (layerwise=False)")
         self.rule = rule
-        self.policy = StepSizePolicy(growth=growth, collapse_ratio=collapse_ratio, max_step=max_step)
+        self.policy = StepSizePolicy(growth=growth, smoothing=smoothing,
+                                     collapse_ratio=collapse_ratio, max_step=max_step)
         self.policy.validate()
         self.cadence = Cadence(cadence, max_interval=max_interval)
         self.c, self.backtrack, self.max_trials = float(c), float(backtrack), max_trials

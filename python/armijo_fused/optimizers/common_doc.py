@@ -8,6 +8,13 @@ LINESEARCH_ARGS = r"""
         backtrack (float, optional): factor that shrinks η after a rejected trial (default: 0.5)
         growth (float, optional): factor that grows the accepted η before the next search,
             since backtracking can only shrink it (default: 1.2)
+        smoothing (float, optional): s in log η̄ ← s log η̄ + (1 - s) log η_accepted; the steps
+            without a search apply the smoothed η̄ and the next search starts from growth · η̄.
+            A test on one noisy batch is greedy, and smoothing keeps a lucky batch's large step
+            from being carried over; 0 applies the accepted step as is. Default: 0.5 for
+            ArmijoAdam (measured on language modelling, bench/results/convergence_cpu.md), 0 for
+            ArmijoSGD (measured on deterministic quadratics, where smoothing only slows the
+            layer-wise search; set 0.5 for noisy mini-batches)
         max_trials (int, optional): trials per search; when all are rejected the step is not
             taken (θ stays at θ0) and η resets to its running average (default: 20)
         max_step (float, optional): cap on the searched η (default: None)

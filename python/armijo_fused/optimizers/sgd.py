@@ -50,6 +50,7 @@ class ArmijoSGD(ArmijoOptimizer):
         c: float = 0.2,
         backtrack: float = 0.5,
         growth: float = 1.2,
+        smoothing: float = 0.0,
         max_trials: int = 20,
         max_step: float | None = None,
         collapse_ratio: float = 1e-2,
@@ -74,7 +75,7 @@ class ArmijoSGD(ArmijoOptimizer):
         rule_defaults = {} if direction == "sgd" else {"momentum": momentum}
         super().__init__(
             params, lr=lr, direction=direction, weight_decay=weight_decay,
-            init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth,
+            init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth, smoothing=smoothing,
             max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio,
             cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
