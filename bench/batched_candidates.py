@@ -14,32 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
+import sys
 import time
 
 import torch
 from armijo_fused import ArmijoAdam
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convergence import environment  # noqa: E402  (the shared environment record)
 from torch import nn
-
-
-def _commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except Exception:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def run(device, candidates, steps, width, depth, batch, init_step_size, seed=0):
@@ -101,8 +84,7 @@ def main(argv=None):
               f"{r['forwards_per_step']:14.2f}")
     print(f"same accepted steps as sequential: {same}")
     result = dict(
-        benchmark="batched_candidates", device=_device_name(device), device_type=device.type,
-        torch=torch.__version__, commit=_commit(), args=vars(args),
+        benchmark="batched_candidates", env=environment(device), args=vars(args),
         same_accepted_as_sequential=same, rows=rows,
     )
     os.makedirs(args.out, exist_ok=True)

@@ -16,33 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 
 import torch
 from armijo_fused import ArmijoAdam
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare
 from armijo_fused.models import TransformerConfig, TransformerLM
-
-
-def _commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except Exception:
-        name = platform.processor() or "cpu"
-    return f"{name} ({torch.get_num_threads()} threads)"
+from convergence import environment  # noqa: E402  (the shared environment record)
 
 
 def _cadence(value):
@@ -143,9 +127,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"layerwise_{device.type}")
     plot(rows, stem + ".png")
-    result = dict(benchmark="layerwise", device=_device_name(device), torch=torch.__version__,
-                  commit=_commit(), args=vars(args), time_ratio_layerwise_over_global=ratio,
-                  rows=rows)
+    result = dict(benchmark="layerwise", env=environment(device), args=vars(args),
+                  time_ratio_layerwise_over_global=ratio, rows=rows)
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {stem}.json and {stem}.png")
