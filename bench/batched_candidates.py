@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+
 from armijo_fused import ArmijoAdam
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

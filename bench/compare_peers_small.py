@@ -32,11 +32,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from armijo_fused import ArmijoAdam  # noqa: E402
-from armijo_fused.blocks import assign_blocks  # noqa: E402
-from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare  # noqa: E402
-from armijo_fused.demo import closure_step, evaluate, train  # noqa: E402
-from armijo_fused.models import TransformerConfig, TransformerLM  # noqa: E402
 from convergence import (  # noqa: E402
     RESULTS,
     adam_sls_step,
@@ -45,6 +40,12 @@ from convergence import (  # noqa: E402
     result_slug,
     salsa_step,
 )
+
+from armijo_fused import ArmijoAdam  # noqa: E402
+from armijo_fused.blocks import assign_blocks  # noqa: E402
+from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare  # noqa: E402
+from armijo_fused.demo import closure_step, evaluate, train  # noqa: E402
+from armijo_fused.models import TransformerConfig, TransformerLM  # noqa: E402
 
 OPTIMIZERS = ("ArmijoAdam", "ArmijoAdam every", "ArmijoAdam layerwise", "SaLSa", "AdamSLS",
               "AdamSLS layerwise")

@@ -47,6 +47,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
 from armijo_fused import ArmijoAdam
 from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare
 from armijo_fused.demo import (

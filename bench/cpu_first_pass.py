@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from armijo_fused import ops
 from armijo_fused.backends import cpp_backend, torch_backend
 from armijo_fused.directions import get_rule

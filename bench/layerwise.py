@@ -21,12 +21,14 @@ import sys
 import time
 
 import torch
+
 from armijo_fused import ArmijoAdam
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convergence import environment  # noqa: E402  (the shared environment record)
+
 from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare
 from armijo_fused.models import TransformerConfig, TransformerLM
-from convergence import environment  # noqa: E402  (the shared environment record)
 
 
 def _cadence(value):

@@ -35,10 +35,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from armijo_fused import ArmijoAdam  # noqa: E402
-from armijo_fused.data import BatchSampler, load_shakespeare  # noqa: E402
-from armijo_fused.demo import closure_step, plain_step  # noqa: E402
-from armijo_fused.models import TransformerLM, gpt2_small_like, tiny  # noqa: E402
 from convergence import (  # noqa: E402
     RESULTS,
     adam_sls_step,
@@ -46,6 +42,11 @@ from convergence import (  # noqa: E402
     result_slug,
     salsa_step,
 )
+
+from armijo_fused import ArmijoAdam  # noqa: E402
+from armijo_fused.data import BatchSampler, load_shakespeare  # noqa: E402
+from armijo_fused.demo import closure_step, plain_step  # noqa: E402
+from armijo_fused.models import TransformerLM, gpt2_small_like, tiny  # noqa: E402
 
 OPTIMIZERS = ("AdamW fused", "ArmijoAdam every", "ArmijoAdam adaptive", "ArmijoAdam layerwise",
               "SaLSa", "AdamSLS")

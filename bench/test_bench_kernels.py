@@ -18,8 +18,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gpt2_small():
-    from armijo_fused.storage.layout import DEFAULT_TILE
     from bench_kernels import MODELS, FlatModel, gpt2_blocks
+
+    from armijo_fused.storage.layout import DEFAULT_TILE
 
     return FlatModel(gpt2_blocks(*MODELS["gpt2-124m"]), DEFAULT_TILE)
 

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 import transformers
+
 from armijo_fused import ArmijoAdam
 from armijo_fused.integrations.hf import LineSearchTrainer
 

@@ -12,9 +12,10 @@ import argparse
 
 import lightning.pytorch as L
 import torch
+from torch import nn
+
 from armijo_fused import ArmijoAdam
 from armijo_fused.integrations.lightning import ArmijoLightningMixin
-from torch import nn
 
 
 class LitRegressor(ArmijoLightningMixin, L.LightningModule):

@@ -20,9 +20,10 @@ import math
 import time
 
 import torch
-from armijo_fused import ArmijoAdam
 from torch import nn
 from torch.nn import functional as F
+
+from armijo_fused import ArmijoAdam
 
 
 class Block(nn.Module):

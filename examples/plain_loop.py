@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from armijo_fused import ArmijoAdam
 from torch import nn
+
+from armijo_fused import ArmijoAdam
 
 
 def make(seed=0):

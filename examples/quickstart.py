@@ -10,8 +10,9 @@ import copy
 import time
 
 import torch
-from armijo_fused import ArmijoAdam
 from torch import nn
+
+from armijo_fused import ArmijoAdam
 
 
 def make_data(n=4096, dim=32, classes=4, seed=0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from armijo_fused.directions import RULES
 from armijo_fused.storage.layout import FlatLayout, make_layout
 

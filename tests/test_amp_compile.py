@@ -6,8 +6,9 @@ import copy
 
 import pytest
 import torch
-from armijo_fused import ArmijoAdam
 from torch import nn
+
+from armijo_fused import ArmijoAdam
 
 pytestmark = [pytest.mark.timeout(300)]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from armijo_fused import ArmijoAdam, ArmijoSGD
 from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
 
 
 def _run(cls, candidates, steps=8, seed=0, **kw):

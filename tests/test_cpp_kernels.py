@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import SHAPES, make_case
+from torch import nn
+
 from armijo_fused import ArmijoAdam, ArmijoSGD, ops
 from armijo_fused.backends import cpp_backend as cpp
 from armijo_fused.backends import resolve_backend
 from armijo_fused.backends import torch_backend as ref
 from armijo_fused.directions import RULES
 from armijo_fused.storage.layout import make_layout
-from kernel_cases import SHAPES, make_case
-from torch import nn
 
 pytestmark = [
     pytest.mark.skipif(not ops.available(), reason=f"C++ extension unavailable: "

@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 from _dist_util import run_ranks
-from armijo_fused import ArmijoAdam, ArmijoSGD
 from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
 
 pytestmark = [pytest.mark.timeout(150)]
 

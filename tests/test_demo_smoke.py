@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+
 from armijo_fused import cli
 from armijo_fused.demo import warmup_cosine
 

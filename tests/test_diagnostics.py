@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from armijo_fused import ArmijoAdam
 from armijo_fused.diagnostics import (
     DoubleBackwardError,
@@ -26,7 +28,6 @@ from armijo_fused.diagnostics import (
     ritz,
 )
 from armijo_fused.diagnostics.report import BuiltinTransformer, build_demo, main
-from torch import nn
 
 pytestmark = pytest.mark.timeout(120)
 

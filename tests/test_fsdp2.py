@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from _dist_util import run_ranks
-from armijo_fused import ArmijoAdam, ArmijoOptimizer
 from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoOptimizer
 
 pytestmark = [pytest.mark.timeout(150)]
 

@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from _dist_util import run_ranks  # noqa: E402
+
 from armijo_fused import ArmijoAdam  # noqa: E402
 from armijo_fused.integrations.hf import LineSearchTrainer, armijo_optimizer  # noqa: E402
 

@@ -6,10 +6,11 @@ import io
 
 import pytest
 import torch
-from armijo_fused import ArmijoAdam, ArmijoSGD
-from armijo_fused.blocks import assign_blocks, param_groups
 from problems import make_closure
 from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
+from armijo_fused.blocks import assign_blocks, param_groups
 
 
 def block_quadratic(block_L, *, dim=16, inner=2.0, seed=0):

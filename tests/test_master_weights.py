@@ -6,9 +6,10 @@ import io
 
 import pytest
 import torch
+from torch import nn
+
 from armijo_fused import ArmijoAdam, ArmijoSGD
 from armijo_fused.directions import get_rule
-from torch import nn
 
 
 def _setup(dtype, seed=0, **kw):

@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from armijo_fused import ArmijoAdam
 from armijo_fused.blocks import assign_blocks, block_name
 from armijo_fused.models import TransformerConfig, TransformerLM, gpt2_small_like, tiny

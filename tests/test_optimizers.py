@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
-from armijo_fused import ArmijoAdam, ArmijoSGD
 from problems import PROBLEMS, make_closure, minibatches
 from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
 
 SGD_DIRS = ("sgd", "momentum", "nesterov")
 ADAM_DIRS = ("adam", "nadam", "rmsprop")

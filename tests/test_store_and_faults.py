@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from armijo_fused import ArmijoAdam, ArmijoSGD
 from problems import PROBLEMS, make_closure
 from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
 
 
 def flat(params):

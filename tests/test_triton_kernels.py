@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import make_case
+from torch import nn
+
 from armijo_fused import ArmijoAdam, ArmijoSGD
 from armijo_fused.backends import torch_backend as ref
 from armijo_fused.directions import RULES
-from kernel_cases import make_case
-from torch import nn
 
 tri = pytest.importorskip("armijo_fused.backends.triton_backend")
 from armijo_fused.kernels.rules import DIRECTION_READS_GRAD  # noqa: E402
@@ -342,10 +343,11 @@ def compiled_access_counts() -> dict:
     compiled): see ``test_compiled_passes_move_the_byte_budget``.
     """
     import triton
-    from armijo_fused.kernels.first_pass import first_pass_kernel
-    from armijo_fused.kernels.move import move_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from armijo_fused.kernels.first_pass import first_pass_kernel
+    from armijo_fused.kernels.move import move_kernel
 
     def ptx(kernel, constexprs):
         names = list(kernel.arg_names)
