@@ -20,9 +20,16 @@ class StepStats(Mapping):
     def __getitem__(self, key):
         v = self._values[key]
         if isinstance(v, Tensor):
-            v = bool(v) if v.dtype == torch.bool else float(v)
+            v = self._value(v)
+            self._values[key] = v
+        elif isinstance(v, list) and any(isinstance(x, Tensor) for x in v):
+            v = [self._value(x) if isinstance(x, Tensor) else x for x in v]
             self._values[key] = v
         return v
+
+    @staticmethod
+    def _value(t: Tensor):
+        return bool(t) if t.dtype == torch.bool else float(t)
 
     def __iter__(self):
         return iter(self._values)

@@ -17,6 +17,7 @@ which is a descent direction whenever the gradient is non-zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -77,9 +78,9 @@ def unmix(state: Tensor, new: Tensor, keep: float) -> None:
 def check_range(group: dict, key: str, lo: float, hi: float, *, lo_open=False, hi_open=True):
     """Raise a ValueError naming ``key`` unless ``lo <= group[key] < hi`` (open ends as flagged)."""
     v = group[key]
-    ok_lo = v > lo if lo_open else v >= lo
-    ok_hi = v < hi if hi_open else v <= hi
-    if not (isinstance(v, (int, float)) and ok_lo and ok_hi):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"
         raise ValueError(f"invalid {key}: {v!r} (expected a number in {lb}{lo}, {hi}{rb})")

@@ -7,7 +7,10 @@ still moving and backs off once it has settled, as SaLSa does:
 * after each search, the step size counts as settled when it lies within a factor ``tolerance``
   (default 2) of its running average η̄ (see policy.py);
 * settled: the interval to the next search doubles, up to ``max_interval`` (default 10, the sparse
-  cadence measured in DESIGN.md §8 to keep quality); moving: it halves, down to 1.
+  cadence measured in DESIGN.md §8 to keep quality); moving: it halves, down to 1;
+* a search that accepted nothing (trials exhausted) makes the next step search again, with any
+  cadence: the step size it falls back to was just rejected, and steps without a search would
+  apply it blindly.
 
 Cadence state (``next_search``, ``search_interval``) lives in the param groups like the step sizes.
 """
@@ -25,7 +28,7 @@ class Cadence:
             raise ValueError(f"invalid cadence: {spec!r} (expected 'every', 'adaptive' or an int k)")
         if isinstance(spec, int) and spec < 1:
             raise ValueError(f"invalid cadence: {spec!r} (an int cadence must be >= 1)")
-        if max_interval < 1:
+        if isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 1:
             raise ValueError(f"invalid max_interval: {max_interval!r} (expected >= 1)")
         if not tolerance > 1.0:
             raise ValueError(f"invalid cadence tolerance: {tolerance!r} (expected > 1)")
@@ -37,10 +40,13 @@ class Cadence:
         """``step`` is the 1-based index of the step about to be taken."""
         if self.spec == "adaptive":
             return step >= next_search
-        return (step - 1) % self.spec == 0
+        return (step - 1) % self.spec == 0 or step == next_search
 
-    def after_search(self, step: int, interval: int, settled: bool) -> tuple[int, int]:
+    def after_search(self, step: int, interval: int, settled: bool,
+                     exhausted: bool = False) -> tuple[int, int]:
         """(next_search, interval) after searching at ``step``."""
+        if exhausted:
+            return step + 1, 1
         if self.spec != "adaptive":
             return step + self.spec, self.spec
         interval = min(interval * 2, self.max_interval) if settled else max(interval // 2, 1)

@@ -31,7 +31,7 @@ _LS_KEYS = ("step", "step_size", "step_size_avg", "next_search", "search_interva
 
 
 def _check_number(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
@@ -43,8 +43,8 @@ def _lr_value(lr) -> float:
         if lr.numel() != 1:
             raise ValueError(f"invalid lr: a tensor lr must hold one value, got shape {tuple(lr.shape)}")
         lr = float(lr)
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
-        raise ValueError(f"invalid lr: {lr!r} (expected a number >= 0)")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0.0 <= lr < math.inf:
+        raise ValueError(f"invalid lr: {lr!r} (expected a finite number >= 0)")
     return float(lr)
 
 
@@ -147,29 +147,39 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self.stats: StepStats = StepStats()
 
         defaults = dict(lr=lr, weight_decay=weight_decay, **rule_defaults)
+        self._init_step_size = float(init_step_size)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            _lr_value(group["lr"])
-            _check_number("weight_decay", group["weight_decay"], 0.0)
-            rule.validate(group)
-            for p in group["params"]:
-                if not p.is_floating_point():
-                    raise TypeError(f"parameters must be floating point, got {p.dtype}")
-            group.setdefault("lr_ref", _lr_value(group["lr"]))
-            group.setdefault("step", 0)
-            group.setdefault("step_size", float(init_step_size))
-            group.setdefault("step_size_avg", float(init_step_size))
-            group.setdefault("next_search", 1)
-            group.setdefault("search_interval", 1)
-            group.setdefault("searches", 0)
-            group.setdefault("forwards", 0)
-            group.setdefault("backwards", 0)
+            self._init_group(group)
         if self.layerwise and len(self.param_groups) == 1 and not self._names:
             raise ValueError(
                 "layerwise=True needs blocks: pass one param group per block (for instance "
                 "armijo_fused.blocks.param_groups(model)) or model= to split by module names"
             )
-        self._init_step_size = float(init_step_size)
+
+    def _init_group(self, group: dict) -> None:
+        """Validate a param group and give it the line-search keys. A group added later
+        (``add_param_group``, progressive unfreezing) joins the current global step size."""
+        _lr_value(group["lr"])
+        _check_number("weight_decay", group["weight_decay"], 0.0)
+        self.rule.validate(group)
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"parameters must be floating point, got {p.dtype}")
+        first = self.param_groups[0]
+        joining = group is not first and not self.layerwise and "step_size" in first
+        group.setdefault("lr_ref", _lr_value(group["lr"]))
+        for key in _LS_KEYS:
+            default = {"step_size": self._init_step_size,
+                       "step_size_avg": self._init_step_size,
+                       "next_search": 1, "search_interval": 1}.get(key, 0)
+            group.setdefault(key, first[key] if joining else default)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_init_step_size") and len(self.param_groups) > 1 \
+                and "step" in self.param_groups[0]:
+            self._init_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts them to the
@@ -267,9 +277,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 sums = passes.first([e * f for e, f in zip(etas, block_factors)])
             self._reshard_fsdp()
             self._advance(k)
+            moved = (~passes.skipped()).float()  # a skipped step moved nothing (read lazily)
             self.stats = StepStats(
-                step=k, searched=False, step_size=self._report(etas),
-                applied_step=self._report([e * f for e, f in zip(etas, block_factors)]),
+                step=k, searched=False, step_size=self._report([moved * e for e in etas]),
+                applied_step=self._report([moved * (e * f) for e, f in zip(etas, block_factors)]),
                 lr_factor=factors[0], trials=0, loss_before=f0 if f0 is not None else math.nan,
                 loss_after=math.nan, gd=sum(s[:, 0].sum() for s in sums),
                 grad_norm=passes.grad_norm(), non_descent=False, unresolved=False,
@@ -339,7 +350,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         skipped = result.skipped or not math.isfinite(result.loss_before)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
                                                      skipped, k)
-        next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled)
+        exhausted = accepted is None and not (skipped or result.unresolved)
+        next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
+                                                          exhausted)
+        if self.layerwise and self.block_search == "round_robin":
+            self._advance_cursor()
         for g in groups:
             g.update(next_search=next_search, search_interval=interval,
                      searches=g["searches"] + 1)
@@ -352,7 +367,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             loss_after=result.loss_after, gd=result.gd,
             grad_norm=math.sqrt(result.grad_sq) if result.grad_sq >= 0 else math.nan,
             non_descent=result.non_descent, unresolved=result.unresolved,
-            exhausted=accepted is None and not (skipped or result.unresolved),
+            exhausted=exhausted,
             collapsed=collapsed, skipped=skipped, searched_blocks=sorted(set().union(*plan)),
             next_step_size=self._report([self._eta(gi, lb) for gi, lb in table]),
             forwards=g0["forwards"], backwards=g0["backwards"],
@@ -377,16 +392,21 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if self.block_search == "exact":
             return members
         g0 = self.param_groups[0]
-        if self.block_search == "round_robin":
+        if self.block_search == "round_robin":  # the cursor moves once the search completes
             chosen = members[g0.get("block_cursor", 0) % len(members)]
-            for g in self.param_groups:
-                g["block_cursor"] = (g0.get("block_cursor", 0) + 1) % len(members)
         else:  # most stale: the block searched longest ago
             def last(m):
                 gi, lb = table[m[0]]
                 return self.param_groups[gi]["block_searched_at"][lb]
             chosen = min(members, key=last)
         return [chosen]
+
+    def _advance_cursor(self) -> None:
+        n_members = len({(gi, self.param_groups[gi]["block_owner"][lb])
+                         for gi, lb in self._block_table()})
+        nxt = (self.param_groups[0].get("block_cursor", 0) + 1) % n_members
+        for g in self.param_groups:
+            g["block_cursor"] = nxt
 
     def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
