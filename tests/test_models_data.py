@@ -154,7 +154,7 @@ def test_armijo_adam_makes_progress_on_rezero_model():
     first = float(opt.step(closure))
     assert opt.stats["searched"] and not opt.stats["exhausted"]
     assert opt.stats["step_size"] > 0
-    for _ in range(40):
+    for _ in range(100):  # the smoothed step size climbs from 1e-3 over the first ~80 steps
         last = float(opt.step(closure))
     assert last < 0.7 * first
     gates = [float(b.attn_gate.detach()) for b in model.layers]

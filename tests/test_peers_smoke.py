@@ -73,7 +73,9 @@ def test_convergence_all_optimizers_few_steps(tmp_path):
     adamw = sorted(r["final_train"] for r in res["runs"] if r["name"].startswith("AdamW"))
     assert s["best_adamw_train"] == adamw[0] and s["median_adamw_train"] == adamw[1]
     a = next(r for r in res["runs"] if r["name"] == "ArmijoAdam")
-    assert s["ArmijoAdam"]["ratio_to_best_adamw"] == pytest.approx(a["final_train"] / adamw[0])
+    # the result file keeps 6 significant digits
+    assert s["ArmijoAdam"]["ratio_to_best_adamw"] == pytest.approx(a["final_train"] / adamw[0],
+                                                                   rel=1e-5)
     assert s["acceptance"]["better_than_median"] == (a["final_train"] < adamw[1])
     assert (tmp_path / "convergence_cpu-smoke.png").exists()
     assert "ArmijoAdam (defaults) final training loss" in \
