@@ -72,14 +72,16 @@ def test_convergence_all_optimizers_few_steps(tmp_path):
     s = res["summary"]["0"]
     adamw = sorted(r["final_train"] for r in res["runs"] if r["name"].startswith("AdamW"))
     assert s["best_adamw_train"] == adamw[0] and s["median_adamw_train"] == adamw[1]
-    a = next(r for r in res["runs"] if r["name"] == "ArmijoAdam")
+    a = next(r for r in res["runs"] if r["name"] == "ArmijoAdam+cosine")  # the judged run
+    assert s["acceptance"]["judged"] == "ArmijoAdam+cosine"
     # the result file keeps 6 significant digits
-    assert s["ArmijoAdam"]["ratio_to_best_adamw"] == pytest.approx(a["final_train"] / adamw[0],
-                                                                   rel=1e-5)
+    ratio = s["ArmijoAdam+cosine"]["ratio_to_best_adamw"]
+    assert ratio == pytest.approx(a["final_train"] / adamw[0], rel=1e-5)
     assert s["acceptance"]["better_than_median"] == (a["final_train"] < adamw[1])
     assert (tmp_path / "convergence_cpu-smoke.png").exists()
-    assert "ArmijoAdam (defaults) final training loss" in \
-        (tmp_path / "convergence_cpu-smoke.md").read_text()
+    report = (tmp_path / "convergence_cpu-smoke.md").read_text()
+    assert "warmup + cosine schedule attached): final training loss" in report
+    assert "ArmijoAdam without a schedule" in report
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path")
