@@ -16,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """For modules that step tiny tensors, where a second intra-op thread buys nothing and, on a
+    loaded 2-core machine, costs 10x in OpenMP synchronisation. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

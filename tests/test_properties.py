@@ -63,14 +63,7 @@ def _triton_module():
     return triton_backend
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tests step tiny tensors, where a second intra-op thread buys nothing and, on a
-    loaded 2-core machine, costs 10x in OpenMP synchronisation. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 CPP, TRITON = _cpp_module(), _triton_module()

@@ -26,6 +26,7 @@ import os
 
 import pytest
 import torch
+from _backends import needs_cpp  # noqa: E402
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -33,26 +34,11 @@ from armijo_fused import ArmijoAdam, ArmijoSGD
 SGD_DIRS = ("sgd", "momentum", "nesterov")
 
 
-def _cpp_available() -> bool:
-    try:
-        from armijo_fused import ops
-    except Exception:  # being written elsewhere: not importable means not available
-        return False
-    return ops.available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tests step tiny tensors, where a second intra-op thread buys nothing and, on a
-    loaded 2-core machine, costs 10x in OpenMP synchronisation. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-CPP = _cpp_available()
-needs_cpp = pytest.mark.skipif(not CPP, reason="armijo_fused.ops (C++ extension) not available")
 
 STEPS = 10
 _g = torch.Generator().manual_seed(0)

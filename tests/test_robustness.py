@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from _backends import needs_cpp
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -30,27 +31,8 @@ INVERSE_TOL = dict(rtol=1e-5, atol=1e-6)
 COUNTERS = ("forwards", "backwards")
 
 
-def _cpp_available() -> bool:
-    try:
-        from armijo_fused import ops
-    except Exception:  # the extension is being written; an import error means "not here"
-        return False
-    return ops.available()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tests step tiny tensors, where a second intra-op thread buys nothing and, on a
-    loaded 2-core machine, costs 10x in OpenMP synchronisation. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-CPP = _cpp_available()
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
-    not CPP, reason="armijo_fused.ops (C++ extension) not available"))]
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+BACKENDS = ["torch", pytest.param("cpp", marks=needs_cpp)]
 
 
 def make_opt(direction, params, **kw):
@@ -721,7 +703,7 @@ def test_mixed_dtypes_are_supported_per_dtype_buffer():
         o.step(make_closure(o, lambda: a.sum() + b.sum().float()))
 
 
-@pytest.mark.skipif(not CPP, reason="armijo_fused.ops (C++ extension) not available")
+@needs_cpp
 def test_fused_backend_named_for_float64_is_a_clear_error():
     w = nn.Parameter(torch.randn(4, dtype=torch.float64))
     opt = ArmijoAdam([w], backend="cpp")

@@ -29,6 +29,7 @@ import random
 
 import pytest
 import torch
+from _backends import needs_cpp  # noqa: E402
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -38,26 +39,11 @@ FAULTS = (("nan_batch", 0.02), ("inf_grad", 0.01), ("raise", 0.03), ("liar", 0.0
           ("flat", 0.01))
 
 
-def _cpp_available() -> bool:
-    try:
-        from armijo_fused import ops
-    except Exception:  # being written elsewhere: not importable means not available
-        return False
-    return ops.available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tests step tiny tensors, where a second intra-op thread buys nothing and, on a
-    loaded 2-core machine, costs 10x in OpenMP synchronisation. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-CPP = _cpp_available()
-needs_cpp = pytest.mark.skipif(not CPP, reason="armijo_fused.ops (C++ extension) not available")
 
 
 class Injected(Exception):
