@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import device_slug, git_commit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -59,22 +61,6 @@ def numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def device_slug(name: str) -> str:
-    out = "".join(c.lower() if c.isalnum() else "-" for c in name)
-    while "--" in out:
-        out = out.replace("--", "-")
-    return out.strip("-")
-
-
-def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def cuda_median_ms(fn, repeats: int, warmup: int = 5) -> tuple[float, list[float]]:

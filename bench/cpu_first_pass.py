@@ -22,11 +22,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import cpu_model, git_commit  # noqa: E402
 
 from armijo_fused import ops
 from armijo_fused.backends import cpp_backend, torch_backend
@@ -67,27 +70,6 @@ def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        root = HERE.parent
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
