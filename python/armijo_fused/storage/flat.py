@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..directions.base import DirectionRule
-from .layout import DEFAULT_TILE, FlatLayout, make_layout
+from .layout import DEFAULT_TILE, place_tensors
 
 #: parameter dtypes that get fp32 master weights
 MASTER_DTYPES = (torch.bfloat16, torch.float16)
@@ -61,22 +61,11 @@ class FlatBuffer:
         self.device = params[0].device
         self.dtype = params[0].dtype
         block_ids = list(block_ids) if block_ids is not None else [0] * len(params)
-        if sorted(block_ids) != block_ids:
-            raise ValueError("parameters must be ordered by block")
-        nblocks = block_ids[-1] + 1
-        block_numels = [0] * nblocks
-        for p, b in zip(params, block_ids):
-            block_numels[b] += p.numel()
-        self.layout: FlatLayout = make_layout(block_numels, tile=tile, device=self.device)
-
         # Element offset of each parameter: blocks start on tile boundaries (see layout.py).
+        self.layout, self.offsets = place_tensors([p.numel() for p in params], block_ids,
+                                                  tile=tile, device=self.device)
         self.params = list(params)
         self.block_ids = block_ids
-        self.offsets = []
-        cursor = {b: self.layout.block_offsets[b] for b in range(nblocks)}
-        for p, b in zip(params, block_ids):
-            self.offsets.append(cursor[b])
-            cursor[b] += p.numel()
 
         n = self.layout.numel
         kw = dict(dtype=self.dtype, device=self.device)

@@ -58,3 +58,22 @@ def make_layout(block_numels, *, tile: int = DEFAULT_TILE, device="cpu") -> Flat
         tile_block=torch.tensor(tile_block, dtype=torch.int32, device=device),
         block_tiles=torch.tensor(block_tiles, dtype=torch.int32, device=device),
     )
+
+
+def place_tensors(numels, block_ids, *, tile: int = DEFAULT_TILE,
+                  device="cpu") -> tuple[FlatLayout, list[int]]:
+    """Lay out tensors of ``numels`` elements, grouped into blocks by ``block_ids`` (ascending):
+    the layout, and the element offset of each tensor (blocks start on tile boundaries)."""
+    block_ids = list(block_ids)
+    if sorted(block_ids) != block_ids:
+        raise ValueError("parameters must be ordered by block")
+    block_numels = [0] * (block_ids[-1] + 1)
+    for n, b in zip(numels, block_ids):
+        block_numels[b] += n
+    layout = make_layout(block_numels, tile=tile, device=device)
+    cursor = list(layout.block_offsets[:-1])
+    offsets = []
+    for n, b in zip(numels, block_ids):
+        offsets.append(cursor[b])
+        cursor[b] += n
+    return layout, offsets

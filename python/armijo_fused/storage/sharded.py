@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..directions.base import DirectionRule
-from .layout import DEFAULT_TILE, FlatLayout, make_layout
+from .layout import DEFAULT_TILE, place_tensors
 
 
 def dtensor_class():
@@ -112,19 +112,9 @@ class ShardedBuffer:
         self.device = local[0].device
         self.dtype = local[0].dtype
         block_ids = list(block_ids) if block_ids is not None else [0] * len(params)
-        if sorted(block_ids) != block_ids:
-            raise ValueError("parameters must be ordered by block")
-        nblocks = block_ids[-1] + 1
-        block_numels = [0] * nblocks
-        for t, b in zip(local, block_ids):
-            block_numels[b] += t.numel()
-        self.layout: FlatLayout = make_layout(block_numels, tile=tile, device=self.device)
+        self.layout, self.offsets = place_tensors([t.numel() for t in local], block_ids,
+                                                  tile=tile, device=self.device)
         self.block_ids = block_ids
-        self.offsets = []
-        cursor = {b: self.layout.block_offsets[b] for b in range(nblocks)}
-        for t, b in zip(local, block_ids):
-            self.offsets.append(cursor[b])
-            cursor[b] += t.numel()
 
         n = self.layout.numel
         kw = dict(dtype=self.dtype, device=self.device)
