@@ -14,8 +14,8 @@ normalisation Lightning applies before its backward), under the precision plugin
 the RNG state the window started with (the same dropout masks), with ``self.log`` silenced. The
 loss at θ0 is the sum of the window's training losses, so a search costs only its trials.
 
-Precision: ``32-true`` and ``bf16-mixed`` step through ``optimizer.step(closure)`` (the combined
-closure: Lightning's on the first call, the loss-only function inside trials); fp16 with a
+Precision: ``32-true`` and ``bf16-mixed`` step through ``optimizer.step(closure, loss_fn=...)``
+(Lightning's closure, wrapped with its hooks, runs once; trials call only the loss); fp16 with a
 ``GradScaler`` (``MixedPrecision("16-mixed", ...)``) steps through
 ``scaler.step(optimizer, loss_fn=..., loss=...)``, after Lightning has unscaled the gradient; an
 overflow skips the step with the state untouched. Lightning turns ``precision="16-mixed"`` on CPU
@@ -144,22 +144,16 @@ class ArmijoLightningMixin:
             f0.copy_(value)
             return value
 
-        def combined():
-            return trial_loss() if in_trial() else training_closure()
-
         if getattr(plugin, "scaler", None) is not None:
-            # fp16: the plugin runs the closure, unscales, then scaler.step(opt, **kwargs)
+            # fp16: the plugin runs the closure itself, unscales, then calls
+            # scaler.step(opt, **kwargs), which refuses a closure: trials go through loss_fn
+            def combined():
+                return trial_loss() if in_trial() else training_closure()
+
             return optimizer.step(closure=combined, loss_fn=trial_loss, loss=f0)
         # 32-true / bf16-mixed: the plugin wraps the closure with its post-closure hooks
-        # (on_before_optimizer_step, gradient clipping); run those for the training call only
-        after = getattr(plugin, "_after_closure", None)
-        if after is not None:
-            plugin._after_closure = lambda model, opt: None if in_trial() else after(model, opt)
-        try:
-            return optimizer.step(closure=combined)
-        finally:
-            if after is not None:
-                del plugin._after_closure
-
+        # (on_before_optimizer_step, gradient clipping); step(closure, loss_fn=...) runs that
+        # wrapped closure once for the gradient and only trial_loss for the trials
+        return optimizer.step(closure=training_closure, loss_fn=trial_loss)
 
 __all__ = ["ArmijoLightningMixin"]
