@@ -99,15 +99,27 @@ def run(names, args) -> dict:
             rows.append({"name": name, "skipped": str(e)})
             continue
         sampler = BatchSampler(data.train, args.batch, args.context, seed=args.seed)
+        # count the passes ourselves rather than trust each optimizer's bookkeeping: a forward
+        # pre-hook on the model and a gradient hook on a weight every backward reaches
+        counts = {"forwards": 0, "backwards": 0}
+        hooks = [
+            model.register_forward_pre_hook(lambda m, a: counts.__setitem__(
+                "forwards", counts["forwards"] + 1)),
+            model.wte.weight.register_hook(lambda g: counts.__setitem__(
+                "backwards", counts["backwards"] + 1)),
+        ]
         try:
             curve = train(step, sampler, args.steps, name=name, progress=not args.quiet)
         except Exception as e:  # a peer that fails on this task: record why, keep going
             print(f"  {name} failed: {type(e).__name__}: {e}", flush=True)
             rows.append({"name": name, "error": f"{type(e).__name__}: {e}"})
             continue
+        for h in hooks:
+            h.remove()
         n = len(curve["step"])
         rows.append({
-            "name": name, "steps": n,
+            "name": name, "steps": n, "forwards": counts["forwards"],
+            "backwards": counts["backwards"],
             "final_train": evaluate(model, eval_sets["train"]),
             "final_val": evaluate(model, eval_sets["val"]),
             "forwards_per_step": peer_forwards(opt, n),
@@ -124,14 +136,15 @@ def run(names, args) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"{'optimizer':22s} {'train loss':>10s} {'val loss':>9s} {'fwd/step':>9s} "
-             f"{'ms/step':>8s}"]
+             f"{'forwards':>9s} {'backwards':>9s} {'ms/step':>8s}"]
     for r in result["rows"]:
         if "final_train" not in r:
             why = r.get("skipped") or r.get("error")
             lines.append(f"{r['name']:22s} {'—':>10s}  ({why})")
             continue
         lines.append(f"{r['name']:22s} {r['final_train']:10.4f} {r['final_val']:9.4f} "
-                     f"{r['forwards_per_step']:9.2f} {r['ms_per_step']:8.1f}")
+                     f"{r['forwards_per_step']:9.2f} {r['forwards']:9d} {r['backwards']:9d} "
+                     f"{r['ms_per_step']:8.1f}")
     return "\n".join(lines)
 
 
