@@ -245,12 +245,11 @@ Bufs buffers(const at::Tensor& param, const at::Tensor& grad, at::TensorList sta
 // ---------------------------------------------------------------------------------------------
 // The ops.
 
-at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
-                          at::TensorList states, at::ArrayRef<double> scalars,
-                          double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,
-                          const at::Tensor& tile_block, const at::Tensor& block_tiles,
-                          int64_t tile) {
-  const char* op = "first_pass";
+// The checks every pass makes on its buffers and layout; returns the layout.
+static Layout check_pass_inputs(const char* op, int64_t rule, const at::Tensor& param,
+                                const at::Tensor& grad, at::TensorList states,
+                                at::ArrayRef<double> scalars, const at::Tensor& tile_block,
+                                const at::Tensor& block_tiles, int64_t tile) {
   check_rule(op, rule);
   check_fp32_buffer(op, "param", param, -1);
   const int64_t n = param.numel();
@@ -261,7 +260,17 @@ at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tenso
   if (states.size() > 0) bufs.emplace_back("states[0]", &states[0]);
   if (states.size() > 1) bufs.emplace_back("states[1]", &states[1]);
   check_disjoint(op, bufs);
-  const Layout L = check_layout(op, tile_block, block_tiles, tile, n);
+  return check_layout(op, tile_block, block_tiles, tile, n);
+}
+
+at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
+                          at::TensorList states, at::ArrayRef<double> scalars,
+                          double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,
+                          const at::Tensor& tile_block, const at::Tensor& block_tiles,
+                          int64_t tile) {
+  const char* op = "first_pass";
+  const Layout L =
+      check_pass_inputs(op, rule, param, grad, states, scalars, tile_block, block_tiles, tile);
   check_eta(op, "eta", eta, L.nblocks);
   float unscale, clip;
   if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
@@ -289,17 +298,8 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
                     const at::Tensor& block_tiles, int64_t tile, bool precond_old,
                     bool precond_new, bool compute_sums) {
   const char* op = "move";
-  check_rule(op, rule);
-  check_fp32_buffer(op, "param", param, -1);
-  const int64_t n = param.numel();
-  check_fp32_buffer(op, "grad", grad, n);
-  check_states(op, rule, states, n);
-  check_scalars(op, scalars);
-  std::vector<std::pair<const char*, const at::Tensor*>> bufs{{"param", &param}, {"grad", &grad}};
-  if (states.size() > 0) bufs.emplace_back("states[0]", &states[0]);
-  if (states.size() > 1) bufs.emplace_back("states[1]", &states[1]);
-  check_disjoint(op, bufs);
-  const Layout L = check_layout(op, tile_block, block_tiles, tile, n);
+  const Layout L =
+      check_pass_inputs(op, rule, param, grad, states, scalars, tile_block, block_tiles, tile);
   check_eta(op, "eta_old", eta_old, L.nblocks);
   check_eta(op, "eta_new", eta_new, L.nblocks);
   float unscale, clip;
