@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -83,13 +84,12 @@ def closure_step(opt: torch.optim.Optimizer, model: nn.Module,
     """``step(x, y)`` for optimizers that take a torch-style closure (zero_grad + loss +
     backward), e.g. ArmijoAdam or LBFGS. Returns the loss at the parameters before the step."""
 
+    ac = autocast or nullcontext
+
     def step(x, y):
         def closure():
             opt.zero_grad()
-            if autocast is not None:
-                with autocast():
-                    loss = model(x, y)
-            else:
+            with ac():
                 loss = model(x, y)
             loss.backward()
             return loss
@@ -103,12 +103,11 @@ def plain_step(opt: torch.optim.Optimizer, model: nn.Module,
                autocast: Callable | None = None) -> Callable:
     """``step(x, y)`` for ordinary optimizers: zero_grad, forward, backward, step."""
 
+    ac = autocast or nullcontext
+
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        if autocast is not None:
-            with autocast():
-                loss = model(x, y)
-        else:
+        with ac():
             loss = model(x, y)
         loss.backward()
         opt.step()
