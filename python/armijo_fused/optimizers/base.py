@@ -385,10 +385,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """
         if not self.layerwise:
             return [list(range(len(table)))]
-        owners = {}
-        for b, (gi, lb) in enumerate(table):
-            owners.setdefault((gi, self.param_groups[gi]["block_owner"][lb]), []).append(b)
-        members = list(owners.values())
+        members = self._merged_blocks(table)
         if self.block_search == "exact":
             return members
         g0 = self.param_groups[0]
@@ -401,9 +398,15 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             chosen = min(members, key=last)
         return [chosen]
 
+    def _merged_blocks(self, table) -> list[list[int]]:
+        """The blocks that search together: each block with the blocks merged into it."""
+        owners = {}
+        for b, (gi, lb) in enumerate(table):
+            owners.setdefault((gi, self.param_groups[gi]["block_owner"][lb]), []).append(b)
+        return list(owners.values())
+
     def _advance_cursor(self) -> None:
-        n_members = len({(gi, self.param_groups[gi]["block_owner"][lb])
-                         for gi, lb in self._block_table()})
+        n_members = len(self._merged_blocks(self._block_table()))
         nxt = (self.param_groups[0].get("block_cursor", 0) + 1) % n_members
         for g in self.param_groups:
             g["block_cursor"] = nxt
