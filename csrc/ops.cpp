@@ -1,18 +1,19 @@
 // The schemas of the fused passes, declared once; each device registers its kernels in its own
 // file (CPU: csrc/cpu/passes.cpp). Alias annotations say what each op writes, so torch.compile
 // (functionalisation) and opcheck see the in-place updates: first_pass writes param and the
-// states, move writes param only.
+// states, move writes param only; both also write model_param (the model's bf16/fp16 copy of
+// fp32 master weights) when given.
 #include <torch/library.h>
 
 TORCH_LIBRARY(armijo_fused, m) {
   m.def(
       "first_pass(int rule, Tensor(a!) param, Tensor grad, Tensor(b!)[] states, "
       "float[] scalars, float weight_decay, Tensor eta, Tensor gscale, Tensor tile_block, "
-      "Tensor block_tiles, int tile) -> Tensor");
+      "Tensor block_tiles, int tile, Tensor(c!)? model_param=None) -> Tensor");
   m.def(
       "move(int rule, Tensor(a!) param, Tensor grad, Tensor[] states, float[] scalars, "
       "float weight_decay, Tensor eta_old, Tensor eta_new, Tensor gscale, Tensor tile_block, "
-      "Tensor block_tiles, int tile, bool precond_old, bool precond_new, bool compute_sums) "
-      "-> Tensor");
+      "Tensor block_tiles, int tile, bool precond_old, bool precond_new, bool compute_sums, "
+      "Tensor(c!)? model_param=None) -> Tensor");
   m.def("grad_sq_norm(Tensor grad, Tensor tile_block, Tensor block_tiles, int tile) -> Tensor");
 }

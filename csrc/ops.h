@@ -2,25 +2,28 @@
 //
 // They are registered as the torch ops armijo_fused::{first_pass, move, grad_sq_norm} (schemas in
 // csrc/ops.cpp) and follow python/armijo_fused/backends/torch_backend.py, which documents the
-// math. Buffers are 1-D contiguous fp32 of the padded layout length; the layout comes as
-// tile_block (int32 [ntiles], block of each tile), block_tiles (int32 [nblocks + 1], first tile
-// of each block plus the end) and tile (elements per tile).
+// math. Buffers are 1-D contiguous fp32 of the padded layout length (grad may be bf16/fp16);
+// the layout comes as tile_block (int32 [ntiles], block of each tile), block_tiles (int32
+// [nblocks + 1], first tile of each block plus the end) and tile (elements per tile).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
 
 #include <string>
 
 namespace armijo_fused {
 
 // Update the state with g_in = grad*gscale[0]*gscale[1], form d = u + wd*θ, step θ -= eta[b]*d.
-// Returns fp32 [nblocks, 3] = (Σ g·d, Σ g², Σ d²) with g = grad*gscale[0].
+// Returns fp32 [nblocks, 3] = (Σ g·d, Σ g², Σ d²) with g = grad*gscale[0]. With model_param
+// (bf16/fp16, fp32 master weights), every element of θ written is also written there, rounded.
 at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
                           at::TensorList states, at::ArrayRef<double> scalars,
                           double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,
                           const at::Tensor& tile_block, const at::Tensor& block_tiles,
-                          int64_t tile);
+                          int64_t tile,
+                          const c10::optional<at::Tensor>& model_param = c10::nullopt);
 
 // Move θ from θ0 - eta_old*d_old to θ0 - eta_new*d_new (states are only read). Blocks whose
 // step size and direction are unchanged are not written. Returns the sums of d_new as above
@@ -30,7 +33,8 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
                     const at::Tensor& eta_old, const at::Tensor& eta_new,
                     const at::Tensor& gscale, const at::Tensor& tile_block,
                     const at::Tensor& block_tiles, int64_t tile, bool precond_old,
-                    bool precond_new, bool compute_sums);
+                    bool precond_new, bool compute_sums,
+                    const c10::optional<at::Tensor>& model_param = c10::nullopt);
 
 // Per-block Σ grad², fp32 [nblocks].
 at::Tensor grad_sq_norm_cpu(const at::Tensor& grad, const at::Tensor& tile_block,

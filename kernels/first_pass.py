@@ -7,9 +7,11 @@ One program per tile of ``BLOCK_SIZE`` elements (the layout's tile), block ``til
     state <- update_state(state, g_in)
     d      = u(state, g_in) + wd * θ0          # applied direction, decoupled weight decay
     θ     <- θ0 - eta[block] * d
+    model <- bf16/fp16(θ)                      # only WRITE_MODEL: fp32 master weights
     partial[tile] = (Σ g·d, Σ g², Σ d²)
 
-Traffic per element: reads θ, g and the state, writes θ and the state (28 B for Adam in fp32).
+Traffic per element: reads θ, g and the state, writes θ and the state (28 B for Adam in fp32;
+with a bf16 model and fp32 master, g is 2 B and the model copy adds 2 B: 28 B too).
 If either gscale entry is not finite the program writes zero partials and nothing else.
 """
 
@@ -19,12 +21,13 @@ import triton
 import triton.language as tl
 
 from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
-from .rules import direction, load_states, store_states, update_state
+from .rules import direction, load_states, store_states, store_theta, update_state
 
 
 @triton.jit
 def first_pass_kernel(
     param_ptr,
+    model_ptr,
     grad_ptr,
     state0_ptr,
     state1_ptr,
@@ -43,6 +46,7 @@ def first_pass_kernel(
     om1,
     RULE: tl.constexpr,
     NSTATES: tl.constexpr,
+    WRITE_MODEL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
@@ -64,6 +68,6 @@ def first_pass_kernel(
     a, b = update_state(g_in, a, b, s0, s1, om0, om1, RULE)
     d = direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE) + weight_decay * theta
 
-    tl.store(param_ptr + offs, theta - eta * d, mask=mask)
+    store_theta(param_ptr, model_ptr, offs, mask, theta - eta * d, WRITE_MODEL)
     store_states(state0_ptr, state1_ptr, offs, mask, a, b, NSTATES)
     store_tile_sums(partial_ptr, tile, g, d)

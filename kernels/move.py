@@ -5,7 +5,7 @@ One program per tile; ``u`` is recomputed from the (already updated) state, neve
     u_old = precond_grad if PRECOND_OLD else u,   wd_old = 0 if PRECOND_OLD else wd
     θ0    = (θ + eta_old * u_old) / (1 - eta_old * wd_old)
     d_new = u_new + wd_new * θ0                 # u_new, wd_new likewise from PRECOND_NEW
-    θ    <- θ0 - eta_new * d_new
+    θ    <- θ0 - eta_new * d_new               # and the model's bf16/fp16 copy with WRITE_MODEL
     partial[tile] = (Σ g·d_new, Σ g², Σ d_new²)  # only when COMPUTE_SUMS
 
 A tile whose block keeps its step size (eta_old == eta_new, read from device memory) and its
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
-from .rules import direction, load_states, precond_grad
+from .rules import direction, load_states, precond_grad, store_theta
 
 
 @triton.jit
@@ -37,6 +37,7 @@ def _line_direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE: tl.constexpr, PRECON
 @triton.jit
 def move_kernel(
     param_ptr,
+    model_ptr,
     grad_ptr,
     state0_ptr,
     state1_ptr,
@@ -59,6 +60,7 @@ def move_kernel(
     PRECOND_NEW: tl.constexpr,
     COMPUTE_SUMS: tl.constexpr,
     LOAD_GRAD: tl.constexpr,
+    WRITE_MODEL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
@@ -93,8 +95,8 @@ def move_kernel(
 
     theta_new = theta0 - eta_new * d_new
     if PRECOND_OLD != PRECOND_NEW:
-        tl.store(param_ptr + offs, theta_new, mask=mask)
+        store_theta(param_ptr, model_ptr, offs, mask, theta_new, WRITE_MODEL)
     elif eta_old != eta_new:  # an unchanged block keeps θ bitwise
-        tl.store(param_ptr + offs, theta_new, mask=mask)
+        store_theta(param_ptr, model_ptr, offs, mask, theta_new, WRITE_MODEL)
     if COMPUTE_SUMS:
         store_tile_sums(partial_ptr, tile, g, d_new)

@@ -59,6 +59,29 @@ def store_states(state0_ptr, state1_ptr, offs, mask, a, b, NSTATES: tl.constexpr
 
 
 @triton.jit
+def round_to_model(theta, DTYPE: tl.constexpr):
+    """fp32 θ rounded to the model's bf16/fp16, to nearest even (torch's casts). bf16 is rounded
+    on the bits, as c10::BFloat16 does, NaN to the quiet NaN 0x7FC0: the interpreter's own bf16
+    cast truncates, and this way CI's interpreted kernels and the GPU's agree bit for bit."""
+    if DTYPE == tl.bfloat16:
+        bits = theta.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(theta == theta, bits, 0x7FC0)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return theta.to(DTYPE)
+
+
+@triton.jit
+def store_theta(param_ptr, model_ptr, offs, mask, theta, WRITE_MODEL: tl.constexpr):
+    """Write the new θ; a bf16/fp16 model with fp32 master weights (``param_ptr`` is then the
+    master) also gets its own copy, rounded once, in the same pass."""
+    tl.store(param_ptr + offs, theta, mask=mask)
+    if WRITE_MODEL:
+        tl.store(model_ptr + offs, round_to_model(theta, model_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def update_state(g, a, b, s0, s1, om0, om1, RULE: tl.constexpr):
     """Fold ``g`` into the state: returns the new ``(a, b)``.
 

@@ -78,3 +78,13 @@ def make_case(rule_name, block_sizes, tile, *, seed=0, weight_decay=0.01, step=3
         eta=eta,
         gscale=torch.tensor([1.0, 1.0], device=device),
     )
+
+
+def rounding_edge_values() -> torch.Tensor:
+    """fp32 values where a cast to bf16/fp16 can go wrong: exact ties to even (down and up),
+    the largest finite fp32 (rounds to inf in fp16), subnormals, ±0, ±inf, and random values."""
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF, 0x7F7FFFFF, 0xFF7FFFFF,
+                         0x00000001, 0x00008000, 0x00018000, 0x80000000, 0, 0x7F800000,
+                         0xFF800000, 0x477FF000, 0x33800000], dtype=torch.int64)
+    edge = bits.to(torch.int32).view(torch.float32)  # int64 -> int32 wraps: the same bits
+    return torch.cat([edge, torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 100])

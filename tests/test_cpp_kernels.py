@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import SHAPES, make_case
+from kernel_cases import SHAPES, make_case, rounding_edge_values
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD, ops
@@ -183,6 +183,76 @@ def test_move_to_zero_reverts_to_theta0(rule_name, po):
     torch.testing.assert_close(c.param, theta0, rtol=1e-5, atol=1e-6)
 
 
+# -- bf16/fp16 models: half gradients in, the model's half copy of the fp32 master out ----------
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_half_gradients_and_model_copy_match_torch(rule_name, dtype, simd):
+    """A half gradient is widened as torch widens it; every θ written lands in the model copy
+    rounded once (bitwise torch's cast of the master), and a block the retry leaves alone keeps
+    its copy untouched."""
+    rule = RULES[rule_name]
+    a = case(rule_name, MULTI, seed=11)
+    a.grad = a.grad.to(dtype)
+    b = a.clone()
+    model_a, model_b = a.param.to(dtype), a.param.to(dtype)
+    assert_sums_close(cpp.first_pass(rule, b.param, b.grad, b.states, b.scalars,
+                                     b.weight_decay, b.eta, b.gscale, b.layout, model_b),
+                      ref.first_pass(rule, a.param, a.grad, a.states, a.scalars,
+                                     a.weight_decay, a.eta, a.gscale, a.layout, model_a))
+    assert_case_close(b, a)
+    assert torch.equal(model_b, b.param.to(dtype))
+    assert not torch.equal(model_b, a.param.to(dtype).zero_())  # the copy was written
+
+    eta_new = b.eta * 0.5
+    eta_new[1] = b.eta[1]  # block 1 keeps its step size: neither θ nor its copy is written
+    kept = slice(b.layout.block_offsets[1], b.layout.block_offsets[2])
+    model_b[kept] = 0  # a marker the retry must not overwrite
+    ra = ref.move(rule, a.param, a.grad, a.states, a.scalars, a.weight_decay, a.eta, eta_new,
+                  a.gscale, a.layout, False, False, True, model_a)
+    rb = cpp.move(rule, b.param, b.grad, b.states, b.scalars, b.weight_decay, b.eta, eta_new,
+                  b.gscale, b.layout, False, False, True, model_b)
+    assert_sums_close(rb, ra)
+    assert_case_close(b, a)
+    moved = torch.ones_like(model_b, dtype=torch.bool)
+    moved[kept] = False
+    assert torch.equal(model_b[moved], b.param.to(dtype)[moved])
+    assert torch.equal(model_b[kept], torch.zeros_like(model_b[kept]))
+
+    # the fallback direction changes every block: the whole copy is rewritten
+    ref.move(rule, a.param, a.grad, a.states, a.scalars, a.weight_decay, eta_new, eta_new,
+             a.gscale, a.layout, False, True, False, model_a)
+    cpp.move(rule, b.param, b.grad, b.states, b.scalars, b.weight_decay, eta_new, eta_new,
+             b.gscale, b.layout, False, True, False, model_b)
+    assert_case_close(b, a)
+    assert torch.equal(model_b, b.param.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_model_copy_rounds_to_nearest_even_like_torch(dtype, simd):
+    """SGD with a zero gradient and no weight decay writes θ unchanged: the copy is the cast.
+    (±inf is left out: d = 0 + 0·inf is NaN there.)"""
+    x = rounding_edge_values()
+    x = x[torch.isfinite(x)]
+    c = make_case("sgd", (x.numel(),), 256, weight_decay=0.0)
+    c.param[: x.numel()] = x
+    c.grad.zero_()
+    model = torch.zeros(c.layout.numel, dtype=dtype)
+    cpp.first_pass(RULES["sgd"], c.param, c.grad, c.states, c.scalars, 0.0, c.eta,
+                   torch.ones(2), c.layout, model)
+    assert torch.equal(model.view(torch.int16), c.param.to(dtype).view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_grad_sq_norm_of_half_gradients(dtype, simd):
+    c = case("sgd", ((3000, 17, 1), 512), seed=12)
+    g = c.grad.to(dtype)
+    torch.testing.assert_close(cpp.grad_sq_norm(g, c.layout), ref.grad_sq_norm(g, c.layout),
+                               rtol=2e-6, atol=1e-30)
+
+
 # -- grad norm and the non-finite guard -----------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_grad_sq_norm_matches_torch(shape, simd):
@@ -290,6 +360,13 @@ def _op_args(c, **over):
          r"tile_block\[\d+\] is 0 but block_tiles puts that tile in block 1"),
         (lambda c: dict(states=[c.states[0], c.states[0]]), r"states\[0\] and states\[1\] share"),
         (lambda c: dict(grad=c.param), r"param and grad share memory"),
+        (lambda c: dict(grad=c.grad.double()), r"grad must be float32, bfloat16 or float16"),
+        (lambda c: dict(model_param=c.param.clone()),
+         r"model_param \(the model's copy of the fp32 master\) must be bfloat16 or float16"),
+        (lambda c: dict(model_param=torch.zeros(8, dtype=torch.bfloat16)),
+         r"model_param has 8 elements but param has \d+"),
+        (lambda c: dict(model_param=c.grad.view(torch.bfloat16)[: c.grad.numel()]),
+         r"grad and model_param share memory"),
     ],
 )
 def test_clear_errors(change, match):
@@ -307,7 +384,7 @@ def test_move_and_norm_errors():
     with pytest.raises(RuntimeError, match=r"rule momentum \(id 1\) keeps 1 state buffer"):
         ops.move(rid, c.param, c.grad, [], c.scalars, 0.0, c.eta, c.eta, c.gscale,
                  c.layout.tile_block, c.layout.block_tiles, c.layout.tile)
-    with pytest.raises(RuntimeError, match=r"grad must be float32, got Int"):
+    with pytest.raises(RuntimeError, match=r"grad must be float32, bfloat16 or float16, got Int"):
         ops.grad_sq_norm(c.grad.int(), c.layout.tile_block, c.layout.block_tiles, c.layout.tile)
 
 
@@ -327,6 +404,18 @@ def test_opcheck_schemas_and_fake_impls():
     )
     torch.library.opcheck(torch.ops.armijo_fused.grad_sq_norm.default,
                           (c.grad, lay.tile_block, lay.block_tiles, lay.tile))
+    # a bf16 model with fp32 master weights: half gradient, and the model copy the ops write
+    g16, model = c.grad.bfloat16(), c.param.bfloat16()
+    torch.library.opcheck(
+        torch.ops.armijo_fused.first_pass.default,
+        (4, c.param, g16, c.states, list(c.scalars), 0.01, c.eta, c.gscale, lay.tile_block,
+         lay.block_tiles, lay.tile, model),
+    )
+    torch.library.opcheck(
+        torch.ops.armijo_fused.move.default,
+        (4, c.param, g16, c.states, list(c.scalars), 0.01, c.eta, c.eta * 0.5, c.gscale,
+         lay.tile_block, lay.block_tiles, lay.tile, False, False, False, model),
+    )
 
 
 def test_torch_compile_traces_the_ops_and_keeps_their_writes():

@@ -1,22 +1,31 @@
-"""bf16 / fp16 parameters with fp32 master weights (issue 4): trial points come from the master."""
+"""bf16 / fp16 parameters with fp32 master weights (issue 4): trial points come from the master.
+
+Every backend runs these: the fused ones (C++ on CPU, Triton interpreted on CPU) take the fp32
+master as their buffer, read the half gradient and write the model's half copy in the same pass.
+"""
 
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
+from _backends import CPP
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
 from armijo_fused.directions import get_rule
 
+BACKENDS = ["torch"] + (["cpp"] if CPP else []) + (
+    ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 
-def _setup(dtype, seed=0, **kw):
+
+def _setup(dtype, seed=0, backend="torch", **kw):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).to(dtype)
     x, y = torch.randn(32, 6).to(dtype), torch.randn(32, 1).to(dtype)
-    opt = ArmijoAdam(model.parameters(), cadence="every", backend="torch", model=model, **kw)
+    opt = ArmijoAdam(model.parameters(), cadence="every", backend=backend, model=model, **kw)
 
     def closure():
         opt.zero_grad()
@@ -31,21 +40,24 @@ def _masters(opt, model):
     return [opt.state[p]["master"] for p in model.parameters()]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_parameters_train_with_fp32_masters(dtype):
-    model, opt, closure = _setup(dtype)
+def test_half_parameters_train_with_fp32_masters(dtype, backend):
+    model, opt, closure = _setup(dtype, backend=backend)
     losses = [float(opt.step(closure)) for _ in range(15)]
+    assert opt._buffers[0].backend.name == backend
     assert losses[-1] < 0.9 * losses[0]
     for p, m in zip(model.parameters(), _masters(opt, model)):
         assert p.dtype == dtype and m.dtype == torch.float32
         assert torch.equal(p.detach(), m.to(dtype))  # the model holds the master, rounded once
 
 
-def test_trial_points_are_written_from_the_master_without_accumulated_rounding():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trial_points_are_written_from_the_master_without_accumulated_rounding(backend):
     # Rejected trials must leave the master where one step from θ0 puts it, to fp32 rounding
     # (θ0 is recovered from the fp32 trial point each time): far below bf16's resolution (~4e-3
     # relative), which is what recovering it from the rounded bf16 copy would cost.
-    model, opt, closure = _setup(torch.bfloat16)
+    model, opt, closure = _setup(torch.bfloat16, backend=backend)
     for _ in range(2):
         opt.step(closure)
     opt.param_groups[0].update(step_size=3.0, step_size_avg=3.0)  # overshoot: several trials
@@ -99,3 +111,24 @@ def test_half_resume_is_bit_identical_on_the_same_data():
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["master"], opt2.state[q]["master"])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_backends_match_torch_on_half_models(dtype, backend):
+    """Same accepted step sizes as the torch reference, masters to fp32 rounding, and the model
+    is its master rounded once."""
+    runs = {}
+    for name in ("torch", backend):
+        model, opt, closure = _setup(dtype, seed=4, backend=name, weight_decay=0.01)
+        assert opt.step(closure) is not None and opt._buffers[0].backend.name == name
+        etas = [opt.stats["step_size"]]
+        for _ in range(7):
+            opt.step(closure)
+            etas.append(opt.stats["step_size"])
+        runs[name] = (etas, _masters(opt, model), list(model.parameters()))
+    (e_ref, m_ref, _), (e_got, m_got, p_got) = runs["torch"], runs[backend]
+    assert e_got == pytest.approx(e_ref, rel=1e-5) and max(e_ref) > 0
+    for a, b, p in zip(m_ref, m_got, p_got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        assert torch.equal(p.detach(), b.to(dtype))

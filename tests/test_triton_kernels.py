@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import make_case
+from kernel_cases import make_case, rounding_edge_values
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -27,7 +27,10 @@ from armijo_fused.backends import torch_backend as ref
 from armijo_fused.directions import RULES
 
 tri = pytest.importorskip("armijo_fused.backends.triton_backend")
-from armijo_fused.kernels.rules import DIRECTION_READS_GRAD  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from armijo_fused.kernels.rules import DIRECTION_READS_GRAD, store_theta  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (no CUDA)")
@@ -188,6 +191,38 @@ def check_half_grads(rule_name, dtype, device):
                                ref.grad_sq_norm(a.grad, a.layout), **SUM_TOL[device])
 
 
+def check_model_copy(rule_name, dtype, device):
+    """bf16/fp16 model with fp32 master weights: every θ the kernels write lands in the model's
+    copy rounded once (bitwise torch's cast of the master); a block the retry leaves alone keeps
+    its copy untouched."""
+    rule = RULES[rule_name]
+    a = make_case(rule_name, *MULTI, seed=5, device=device)
+    a.gscale = torch.tensor(GSCALE, device=device)
+    a.grad = a.grad.to(dtype)
+    b = a.clone()
+    model_a, model_b = a.param.to(dtype), a.param.to(dtype)
+    p, g, st, sc, wd = _args(a)
+    sa = ref.first_pass(rule, p, g, st, sc, wd, a.eta, a.gscale, a.layout, model_a)
+    p, g, st, sc, wd = _args(b)
+    sb = tri.first_pass(rule, p, g, st, sc, wd, b.eta, b.gscale, b.layout, model_b)
+    torch.testing.assert_close(sb, sa, **SUM_TOL[device])
+    assert_same_case(a, b, TOL[device])
+    assert torch.equal(model_b, b.param.to(dtype))
+
+    eta_new = new_etas(b.eta)  # block 1 keeps its step size
+    kept = slice(b.layout.block_offsets[1], b.layout.block_offsets[2])
+    model_b[kept] = 0  # a marker the retry must not overwrite
+    for c, m in ((a, model_a), (b, model_b)):
+        p, g, st, sc, wd = _args(c)
+        (ref if c is a else tri).move(rule, p, g, st, sc, wd, c.eta, eta_new, c.gscale,
+                                      c.layout, False, False, False, m)
+    assert_same_case(a, b, TOL[device])
+    moved = torch.ones(b.layout.numel, dtype=torch.bool, device=device)
+    moved[kept] = False
+    assert torch.equal(model_b[moved], b.param.to(dtype)[moved])
+    assert not model_b[kept].any()
+
+
 def tiny_model(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
@@ -304,6 +339,34 @@ def test_half_precision_gradients_are_widened_like_torch(rule_name, dtype):
     check_half_grads(rule_name, dtype, "cpu")
 
 
+@triton.jit
+def round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """The kernels' store of θ with a model copy, alone: reads x, writes x and its copy."""
+    offs = tl.arange(0, BLOCK)
+    store_theta(x_ptr, out_ptr, offs, offs < n, tl.load(x_ptr + offs, mask=offs < n), True)
+
+
+def check_round_to_model(dtype, device):
+    x = rounding_edge_values().to(device)
+    out = torch.empty(x.numel(), dtype=dtype, device=device)
+    round_kernel[(1,)](x, out, x.numel(), BLOCK=2048)
+    want = x.cpu().to(dtype)
+    assert torch.equal(out.cpu().view(torch.int16), want.view(torch.int16))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_copy_rounds_to_nearest_even_like_torch(dtype):
+    check_round_to_model(dtype, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule_name", ["momentum", "adam", "nadam"])
+def test_model_copy_of_master_weights_is_rounded_once(rule_name, dtype):
+    check_model_copy(rule_name, dtype, "cpu")
+
+
 @interpreted
 def test_wrapper_names_bad_inputs():
     rule = RULES["adam"]
@@ -320,6 +383,12 @@ def test_wrapper_names_bad_inputs():
     with pytest.raises(ValueError, match="gscale must be"):
         tri.move(rule, case.param, case.grad, case.states, case.scalars, 0.0, case.eta,
                  case.eta, case.gscale[:1], case.layout)
+    with pytest.raises(TypeError, match="model_param .* must be bfloat16 or float16"):
+        tri.first_pass(rule, case.param, case.grad, case.states, case.scalars, 0.0,
+                       case.eta, case.gscale, case.layout, case.param.clone())
+    with pytest.raises(ValueError, match="model_param must be a contiguous flat buffer"):
+        tri.first_pass(rule, case.param, case.grad, case.states, case.scalars, 0.0,
+                       case.eta, case.gscale, case.layout, case.param[:10].bfloat16())
     with pytest.raises(ValueError, match="2 state buffers"):
         tri.move(rule, case.param, case.grad, case.states[:1], case.scalars, 0.0, case.eta,
                  case.eta, case.gscale, case.layout)
@@ -349,12 +418,12 @@ def compiled_access_counts() -> dict:
     from armijo_fused.kernels.first_pass import first_pass_kernel
     from armijo_fused.kernels.move import move_kernel
 
-    def ptx(kernel, constexprs):
+    def ptx(kernel, constexprs, half=()):
         names = list(kernel.arg_names)
         sig = {}
         for n in names:
             if n.endswith("_ptr"):
-                sig[n] = "*i32" if n == "tile_block_ptr" else "*fp32"
+                sig[n] = "*i32" if n == "tile_block_ptr" else "*bf16" if n in half else "*fp32"
             else:
                 sig[n] = "constexpr" if n.isupper() else "i32" if n == "n_elements" else "fp32"
         # what the launcher specialises at run time: 16-byte aligned pointers and sizes
@@ -368,16 +437,21 @@ def compiled_access_counts() -> dict:
                 "st": len(re.findall(r"st\.global\.v4", text)),
                 "fma": len(re.findall(r"fma\.rn\.f32", text))}
 
-    adam = {"RULE": 4, "NSTATES": 2, "BLOCK_SIZE": 2048}
+    adam = {"RULE": 4, "NSTATES": 2, "BLOCK_SIZE": 2048, "WRITE_MODEL": False}
     retry = dict(adam, PRECOND_OLD=False, PRECOND_NEW=False, COMPUTE_SUMS=False)
+    # bf16 model, fp32 master: bf16 gradient in, bf16 copy of θ out
+    bf16 = dict(half=("grad_ptr", "model_ptr"))
     return {"first": ptx(first_pass_kernel, adam),
             "retry": ptx(move_kernel, dict(retry, LOAD_GRAD=False)),
-            "nadam_retry": ptx(move_kernel, dict(retry, RULE=5, LOAD_GRAD=True))}
+            "nadam_retry": ptx(move_kernel, dict(retry, RULE=5, LOAD_GRAD=True)),
+            "first_bf16": ptx(first_pass_kernel, dict(adam, WRITE_MODEL=True), **bf16),
+            "retry_bf16": ptx(move_kernel, dict(retry, LOAD_GRAD=False, WRITE_MODEL=True), **bf16)}
 
 
 def test_compiled_passes_move_the_byte_budget():
     """Adam: the first pass reads 4 streams and writes 3 (28 B), the retry reads θ, m, v and
-    writes θ (16 B, no gradient load), NAdam's retry also reads g, and no FMA is emitted."""
+    writes θ (16 B, no gradient load), NAdam's retry also reads g, and no FMA is emitted; with a
+    bf16 model and fp32 master weights the bf16 gradient and model copy add no other traffic."""
     import triton
 
     if "nvidia" not in triton.backends.backends:
@@ -395,6 +469,11 @@ def test_compiled_passes_move_the_byte_budget():
     assert k >= 1 and first == {"ld": 4 * k, "st": 3 * k, "fma": 0}
     assert retry == {"ld": 3 * k, "st": k, "fma": 0}
     assert nadam_retry == {"ld": 4 * k, "st": k, "fma": 0}  # NAdam's u reads g: 20 B
+    # bf16 model with fp32 master: the gradient read and the model copy written are half-width
+    # vectors, so the first pass stays at 28 B per parameter and the retry moves 18 B
+    h = k // 2
+    assert c["first_bf16"] == {"ld": 3 * k + h, "st": 3 * k + h, "fma": 0}
+    assert c["retry_bf16"] == {"ld": 3 * k, "st": k + h, "fma": 0}
 
 
 # -- compiled Triton on a CUDA device: the same checks -------------------------------------------
@@ -439,6 +518,15 @@ class TestCompiledTriton:
     @pytest.mark.parametrize("rule_name", RULE_NAMES)
     def test_half_precision_gradients(self, rule_name, dtype):
         check_half_grads(rule_name, dtype, "cuda")
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_model_copy(self, rule_name, dtype):
+        check_model_copy(rule_name, dtype, "cuda")
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_round_to_model(self, dtype):
+        check_round_to_model(dtype, "cuda")
 
     def test_optimizer(self):
         check_optimizer(ArmijoAdam, "adam", "cuda", weight_decay=0.01)

@@ -9,7 +9,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -92,6 +95,33 @@ void check_fp32_buffer(const char* op, const char* what, const at::Tensor& t, in
                 " elements but param has ", numel,
                 " (every buffer has the layout's padded length)");
   }
+}
+
+// A gradient may be fp32, bf16 or fp16 (a half gradient is widened a tile at a time).
+void check_grad_buffer(const char* op, const at::Tensor& g, int64_t numel) {
+  TORCH_CHECK(g.defined(), "armijo_fused.", op, ": grad is an undefined tensor");
+  const auto st = g.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "armijo_fused.", op,
+              ": grad must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK(g.device().is_cpu(), "armijo_fused.", op,
+              ": grad must be a CPU tensor for the C++ CPU kernels, got device ", g.device());
+  TORCH_CHECK(g.dim() == 1, "armijo_fused.", op, ": grad must be a 1-D flat buffer, got shape ",
+              g.sizes());
+  TORCH_CHECK(g.is_contiguous(), "armijo_fused.", op, ": grad must be contiguous");
+  TORCH_CHECK(numel < 0 || g.numel() == numel, "armijo_fused.", op, ": grad has ", g.numel(),
+              " elements but param has ", numel, " (every buffer has the layout's padded length)");
+}
+
+// The model's bf16/fp16 copy of θ (fp32 master weights): same length as param.
+void check_model_copy(const char* op, const at::Tensor& m, int64_t numel) {
+  TORCH_CHECK(m.scalar_type() == at::kBFloat16 || m.scalar_type() == at::kHalf, "armijo_fused.",
+              op, ": model_param (the model's copy of the fp32 master) must be bfloat16 or "
+              "float16, got ", m.scalar_type());
+  TORCH_CHECK(m.device().is_cpu() && m.dim() == 1 && m.is_contiguous(), "armijo_fused.", op,
+              ": model_param must be a contiguous 1-D CPU tensor, got shape ", m.sizes(), " on ",
+              m.device());
+  TORCH_CHECK(m.numel() == numel, "armijo_fused.", op, ": model_param has ", m.numel(),
+              " elements but param has ", numel);
 }
 
 void check_rule(const char* op, int64_t rule) {
@@ -227,17 +257,63 @@ at::Tensor reduce_blocks(const std::vector<double>& partial, const Layout& L, in
   return out;
 }
 
+// bf16/fp16 at the edges of a tile. The kernels compute in fp32: a half gradient is widened into
+// a per-thread scratch tile first, and the model's half copy of θ (fp32 master weights) is written
+// from the tile the kernel has just updated. Both touch the tile while it is in cache, so half
+// inputs and outputs cost no pass over memory of their own, and the copy is the master rounded
+// once (to nearest even, like torch's casts), never a rounded value updated again.
+template <typename T>
+void widen(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+void narrow(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
 struct Bufs {
   float* p;
-  const float* g;
   float* a;  // first state buffer (or nullptr)
   float* b;  // second state buffer (or nullptr)
+  const void* g;
+  at::ScalarType g_type;
+  void* model;  // the model's bf16/fp16 copy of p, or nullptr (fp32 parameters)
+  at::ScalarType model_type;
+
+  // The fp32 gradient of elements [o, o + n): the buffer itself, or widened into scratch.
+  const float* grad_tile(int64_t o, int64_t n) const {
+    if (g_type == at::kFloat) return static_cast<const float*>(g) + o;
+    thread_local std::vector<float> scratch;
+    scratch.resize(n);
+    if (g_type == at::kBFloat16) {
+      widen(static_cast<const c10::BFloat16*>(g) + o, scratch.data(), n);
+    } else {
+      widen(static_cast<const c10::Half*>(g) + o, scratch.data(), n);
+    }
+    return scratch.data();
+  }
+
+  // Round elements [o, o + n) of θ, just written, into the model's copy.
+  void publish_tile(int64_t o, int64_t n) const {
+    if (model == nullptr) return;
+    if (model_type == at::kBFloat16) {
+      narrow(p + o, static_cast<c10::BFloat16*>(model) + o, n);
+    } else {
+      narrow(p + o, static_cast<c10::Half*>(model) + o, n);
+    }
+  }
 };
 
-Bufs buffers(const at::Tensor& param, const at::Tensor& grad, at::TensorList states) {
-  return {param.data_ptr<float>(), grad.data_ptr<float>(),
+Bufs buffers(const at::Tensor& param, const at::Tensor& grad, at::TensorList states,
+             const c10::optional<at::Tensor>& model_param) {
+  const bool copy = model_param.has_value() && model_param->defined();
+  return {param.data_ptr<float>(),
           states.size() > 0 ? states[0].data_ptr<float>() : nullptr,
-          states.size() > 1 ? states[1].data_ptr<float>() : nullptr};
+          states.size() > 1 ? states[1].data_ptr<float>() : nullptr,
+          grad.data_ptr(), grad.scalar_type(),
+          copy ? model_param->data_ptr() : nullptr,
+          copy ? model_param->scalar_type() : at::kFloat};
 }
 
 }  // namespace
@@ -249,16 +325,21 @@ Bufs buffers(const at::Tensor& param, const at::Tensor& grad, at::TensorList sta
 static Layout check_pass_inputs(const char* op, int64_t rule, const at::Tensor& param,
                                 const at::Tensor& grad, at::TensorList states,
                                 at::ArrayRef<double> scalars, const at::Tensor& tile_block,
-                                const at::Tensor& block_tiles, int64_t tile) {
+                                const at::Tensor& block_tiles, int64_t tile,
+                                const c10::optional<at::Tensor>& model_param) {
   check_rule(op, rule);
   check_fp32_buffer(op, "param", param, -1);
   const int64_t n = param.numel();
-  check_fp32_buffer(op, "grad", grad, n);
+  check_grad_buffer(op, grad, n);
   check_states(op, rule, states, n);
   check_scalars(op, scalars);
   std::vector<std::pair<const char*, const at::Tensor*>> bufs{{"param", &param}, {"grad", &grad}};
   if (states.size() > 0) bufs.emplace_back("states[0]", &states[0]);
   if (states.size() > 1) bufs.emplace_back("states[1]", &states[1]);
+  if (model_param.has_value() && model_param->defined()) {
+    check_model_copy(op, *model_param, n);
+    bufs.emplace_back("model_param", &*model_param);
+  }
   check_disjoint(op, bufs);
   return check_layout(op, tile_block, block_tiles, tile, n);
 }
@@ -267,15 +348,15 @@ at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tenso
                           at::TensorList states, at::ArrayRef<double> scalars,
                           double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,
                           const at::Tensor& tile_block, const at::Tensor& block_tiles,
-                          int64_t tile) {
+                          int64_t tile, const c10::optional<at::Tensor>& model_param) {
   const char* op = "first_pass";
-  const Layout L =
-      check_pass_inputs(op, rule, param, grad, states, scalars, tile_block, block_tiles, tile);
+  const Layout L = check_pass_inputs(op, rule, param, grad, states, scalars, tile_block,
+                                     block_tiles, tile, model_param);
   check_eta(op, "eta", eta, L.nblocks);
   float unscale, clip;
   if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
 
-  const Bufs B = buffers(param, grad, states);
+  const Bufs B = buffers(param, grad, states, model_param);
   const float* etas = eta.data_ptr<float>();
   const float wd = static_cast<float>(weight_decay);
   std::vector<double> partial(L.ntiles * 3, 0.0);
@@ -284,9 +365,10 @@ at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tenso
   for_each_tile(L, [&](int64_t t) {
     const int64_t o = t * L.tile;
     const FirstTile args{scalars.data(), unscale, clip, wd, etas[L.tile_block[t]],
-                         B.p + o, B.g + o, B.a ? B.a + o : nullptr, B.b ? B.b + o : nullptr,
-                         L.tile, &partial[t * 3]};
+                         B.p + o, B.grad_tile(o, L.tile), B.a ? B.a + o : nullptr,
+                         B.b ? B.b + o : nullptr, L.tile, &partial[t * 3]};
     k->first(r, args);
+    B.publish_tile(o, L.tile);
   });
   return reduce_blocks(partial, L, 3);
 }
@@ -296,10 +378,11 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
                     const at::Tensor& eta_old, const at::Tensor& eta_new,
                     const at::Tensor& gscale, const at::Tensor& tile_block,
                     const at::Tensor& block_tiles, int64_t tile, bool precond_old,
-                    bool precond_new, bool compute_sums) {
+                    bool precond_new, bool compute_sums,
+                    const c10::optional<at::Tensor>& model_param) {
   const char* op = "move";
-  const Layout L =
-      check_pass_inputs(op, rule, param, grad, states, scalars, tile_block, block_tiles, tile);
+  const Layout L = check_pass_inputs(op, rule, param, grad, states, scalars, tile_block,
+                                     block_tiles, tile, model_param);
   check_eta(op, "eta_old", eta_old, L.nblocks);
   check_eta(op, "eta_new", eta_new, L.nblocks);
   float unscale, clip;
@@ -323,10 +406,13 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
   }
   if (!any_work) return at::zeros({L.nblocks, 3}, at::kFloat);
 
-  const Bufs B = buffers(param, grad, states);
+  const Bufs B = buffers(param, grad, states, model_param);
   std::vector<double> partial(compute_sums ? L.ntiles * 3 : 0, 0.0);
   const TileKernels* k = active_kernels();
   const int r = static_cast<int>(rule);
+  // a retry of Adam or momentum without sums reads no gradient: do not widen one either
+  const bool reads_grad = compute_sums || direction_reads_grad(r, precond_old) ||
+                          direction_reads_grad(r, precond_new);
   for_each_tile(L, [&](int64_t t) {
     const int32_t blk = L.tile_block[t];
     // an unchanged block is only read, for its sums, or skipped altogether
@@ -334,11 +420,12 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
     const int64_t o = t * L.tile;
     MoveTile args = ms[blk];
     args.p = B.p + o;
-    args.g = B.g + o;
+    args.g = reads_grad ? B.grad_tile(o, L.tile) : nullptr;
     args.a = B.a ? B.a + o : nullptr;
     args.b = B.b ? B.b + o : nullptr;
     args.out = compute_sums ? &partial[t * 3] : nullptr;
     k->move(r, precond_old, precond_new, changed[blk] != 0, compute_sums, args);
+    if (changed[blk]) B.publish_tile(o, L.tile);
   });
   if (!compute_sums) return at::zeros({L.nblocks, 3}, at::kFloat);
   return reduce_blocks(partial, L, 3);
@@ -347,12 +434,12 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
 at::Tensor grad_sq_norm_cpu(const at::Tensor& grad, const at::Tensor& tile_block,
                             const at::Tensor& block_tiles, int64_t tile) {
   const char* op = "grad_sq_norm";
-  check_fp32_buffer(op, "grad", grad, -1);
+  check_grad_buffer(op, grad, -1);
   const Layout L = check_layout(op, tile_block, block_tiles, tile, grad.numel());
-  const float* g = grad.data_ptr<float>();
+  const Bufs B{nullptr, nullptr, nullptr, grad.data_ptr(), grad.scalar_type(), nullptr, at::kFloat};
   std::vector<double> partial(L.ntiles, 0.0);
   const TileKernels* k = active_kernels();
-  for_each_tile(L, [&](int64_t t) { partial[t] = k->sq(g + t * L.tile, L.tile); });
+  for_each_tile(L, [&](int64_t t) { partial[t] = k->sq(B.grad_tile(t * L.tile, L.tile), L.tile); });
   return reduce_blocks(partial, L, 1);
 }
 

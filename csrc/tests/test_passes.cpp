@@ -2,12 +2,14 @@
 // (one switch per rule, no templates, no SIMD), on random data for every rule, with sizes that
 // are not multiples of the tile, several blocks, all four fallback combinations of the retry, the
 // skip of unchanged blocks, the non-finite gscale guard, determinism across thread counts, the
-// dispatcher registration and the error messages. Exit status 0 only if every check passed.
+// dispatcher registration, the error messages, and bf16 gradients with a bf16 model copy. Exit
+// status 0 only if every check passed.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -420,6 +422,49 @@ void test_errors() {
                "not a whole number of tiles");
 }
 
+// bf16 model with fp32 master: a bf16 gradient must give bitwise the fp32 result for the same
+// (bf16-representable) gradient values, and the model copy must be c10's rounding of θ.
+void test_half_model(int rule) {
+  std::mt19937 rng(60 + rule);
+  const Layout L = make_layout({3000, 17, 2051}, 512);
+  const auto s = host_scalars(rule);
+  State st = random_state(rule, L, rng);
+  for (float& g : st.g) g = static_cast<float>(c10::BFloat16(g));  // exactly representable
+  const auto eta = random_eta(L, rng);
+  Tensors full = to_tensors(st), half = to_tensors(st);
+  half.g = full.g.to(at::kBFloat16);
+  at::Tensor model = at::zeros({L.n()}, at::kBFloat16);
+  const at::Tensor tb = i32(L.tile_block), bt = i32(L.block_tiles);
+  const at::Tensor gscale = f32({kUnscale, kClip});
+  const std::string name = "half model rule " + std::to_string(rule);
+
+  auto same = [&](const std::string& what) {
+    check(vec(half.p) == vec(full.p), name + " " + what + ": param differs from the fp32 run");
+    for (size_t k = 0; k < full.states.size(); ++k) {
+      check(vec(half.states[k]) == vec(full.states[k]), name + " " + what + ": state differs");
+    }
+    const auto* m = model.data_ptr<c10::BFloat16>();
+    const auto p = vec(half.p);
+    bool ok = true;
+    for (int64_t i = 0; i < L.n(); ++i) ok = ok && m[i].x == c10::BFloat16(p[i]).x;
+    check(ok, name + " " + what + ": the model copy is not θ rounded to bf16");
+  };
+  at::Tensor a = armijo_fused::first_pass_cpu(rule, full.p, full.g, full.states, s, kWd,
+                                              f32(eta), gscale, tb, bt, L.tile);
+  at::Tensor b = armijo_fused::first_pass_cpu(rule, half.p, half.g, half.states, s, kWd,
+                                              f32(eta), gscale, tb, bt, L.tile, model);
+  check(vec(a) == vec(b), name + " first_pass sums differ from the fp32 run");
+  same("first_pass");
+  std::vector<float> e_new = eta;
+  for (float& e : e_new) e *= 0.5f;
+  a = armijo_fused::move_cpu(rule, full.p, full.g, full.states, s, kWd, f32(eta), f32(e_new),
+                             gscale, tb, bt, L.tile, false, true, true);
+  b = armijo_fused::move_cpu(rule, half.p, half.g, half.states, s, kWd, f32(eta), f32(e_new),
+                             gscale, tb, bt, L.tile, false, true, true, model);
+  check(vec(a) == vec(b), name + " move sums differ from the fp32 run");
+  same("move");
+}
+
 void test_dispatcher() {
   // The ops are reachable by name, as torch.ops.armijo_fused.* finds them.
   auto op = c10::Dispatcher::singleton()
@@ -450,6 +495,7 @@ int main() {
     test_rule(rule, {77777, 5}, 2048, 40 + rule);          // several parallel work items
     test_rule(rule, {13}, 2, 50 + rule);                   // tiles shorter than a vector
     test_non_finite_gscale(rule);
+    test_half_model(rule);
   }
   test_determinism();
   at::set_num_threads(threads);

@@ -7,11 +7,15 @@ module so that ``torch.compile`` can trace them; the fake (meta) implementations
 output shapes without running a kernel.
 
 * ``first_pass(rule_id, param, grad, states, scalars, weight_decay, eta, gscale, tile_block,
-  block_tiles, tile) -> sums [nblocks, 3]``: writes ``param`` and ``states``.
+  block_tiles, tile, model_param=None) -> sums [nblocks, 3]``: writes ``param`` and ``states``.
 * ``move(rule_id, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
-  tile_block, block_tiles, tile, precond_old, precond_new, compute_sums) -> sums [nblocks, 3]``:
-  writes ``param`` only (zeros when ``compute_sums`` is False).
+  tile_block, block_tiles, tile, precond_old, precond_new, compute_sums, model_param=None)
+  -> sums [nblocks, 3]``: writes ``param`` only (zeros when ``compute_sums`` is False).
 * ``grad_sq_norm(grad, tile_block, block_tiles, tile) -> [nblocks]``.
+
+``grad`` may be fp32, bf16 or fp16 (widened in the kernel). ``model_param``, for bf16/fp16
+models with fp32 master weights (``param`` is then the master), is the model's own copy: every
+element of θ a pass writes is written there too, rounded once, in the same pass.
 """
 
 from __future__ import annotations
@@ -81,11 +85,12 @@ def first_pass(
     tile_block: Tensor,
     block_tiles: Tensor,
     tile: int,
+    model_param: Tensor | None = None,
 ) -> Tensor:
     _require()
     return torch.ops.armijo_fused.first_pass(
         int(rule_id), param, grad, list(states), [float(s) for s in scalars],
-        float(weight_decay), eta, gscale, tile_block, block_tiles, int(tile),
+        float(weight_decay), eta, gscale, tile_block, block_tiles, int(tile), model_param,
     )
 
 
@@ -105,12 +110,13 @@ def move(
     precond_old: bool = False,
     precond_new: bool = False,
     compute_sums: bool = False,
+    model_param: Tensor | None = None,
 ) -> Tensor:
     _require()
     return torch.ops.armijo_fused.move(
         int(rule_id), param, grad, list(states), [float(s) for s in scalars],
         float(weight_decay), eta_old, eta_new, gscale, tile_block, block_tiles, int(tile),
-        bool(precond_old), bool(precond_new), bool(compute_sums),
+        bool(precond_old), bool(precond_new), bool(compute_sums), model_param,
     )
 
 
@@ -126,12 +132,13 @@ if available():
 
     @torch.library.register_fake("armijo_fused::first_pass")
     def _first_pass_fake(rule, param, grad, states, scalars, weight_decay, eta, gscale,
-                         tile_block, block_tiles, tile):
+                         tile_block, block_tiles, tile, model_param=None):
         return param.new_empty((_nblocks(block_tiles), 3))
 
     @torch.library.register_fake("armijo_fused::move")
     def _move_fake(rule, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
-                   tile_block, block_tiles, tile, precond_old, precond_new, compute_sums):
+                   tile_block, block_tiles, tile, precond_old, precond_new, compute_sums,
+                   model_param=None):
         return param.new_empty((_nblocks(block_tiles), 3))
 
     @torch.library.register_fake("armijo_fused::grad_sq_norm")

@@ -4,7 +4,8 @@ Each call is one vectorised, OpenMP-parallel pass over the flat buffer
 (``csrc/cpu/passes.cpp``); the math, the gscale convention and the skip rules are documented in
 :mod:`.torch_backend`, which is the ground truth the C++ kernels are tested against. Per-block
 sums are per-tile partial sums added in tile order, so they are the same bit for bit on every
-run and for every thread count.
+run and for every thread count. bf16/fp16 gradients, and the model's bf16/fp16 copy of fp32
+master weights, are converted a tile at a time inside the same pass.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ def first_pass(
     eta: Tensor,
     gscale: Tensor,
     layout: FlatLayout,
+    model_param: Tensor | None = None,
 ) -> Tensor:
     return ops.first_pass(
         rule.rule_id, param, grad, states, scalars, weight_decay, eta, gscale,
-        layout.tile_block, layout.block_tiles, layout.tile,
+        layout.tile_block, layout.block_tiles, layout.tile, model_param,
     )
 
 
@@ -51,11 +53,12 @@ def move(
     precond_old: bool = False,
     precond_new: bool = False,
     compute_sums: bool = False,
+    model_param: Tensor | None = None,
 ) -> Tensor | None:
     sums = ops.move(
         rule.rule_id, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
         layout.tile_block, layout.block_tiles, layout.tile, precond_old, precond_new,
-        compute_sums,
+        compute_sums, model_param,
     )
     return sums if compute_sums else None
 

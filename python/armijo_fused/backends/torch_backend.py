@@ -3,7 +3,8 @@
 All passes work on one flat fp32 buffer laid out by :class:`FlatLayout` and share one signature
 across the three backends (``torch_backend``, ``triton_backend``, ``cpp_backend``):
 
-``first_pass(rule, param, grad, states, scalars, weight_decay, eta, gscale, layout) -> sums``
+``first_pass(rule, param, grad, states, scalars, weight_decay, eta, gscale, layout,
+model_param=None) -> sums``
     Fold the gradient into the state, form the direction and move θ to the first trial point::
 
         g      = grad * gscale[0]            # the true gradient (gscale[0] undoes AMP scaling)
@@ -14,7 +15,7 @@ across the three backends (``torch_backend``, ``triton_backend``, ``cpp_backend`
         sums[b] = (<g, d>, |g|^2, |d|^2)     # fp32, per block
 
 ``move(rule, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale, layout,
-precond_old, precond_new, compute_sums) -> sums | None``
+precond_old, precond_new, compute_sums, model_param=None) -> sums | None``
     θ sits at θ0 - eta_old * d_old; move it to θ0 - eta_new * d_new without a copy of θ0: θ0 is
     recovered as (θ + eta_old * u_old) / (1 - eta_old * wd_old). ``precond`` selects the fallback
     direction (rule.precond_grad, no weight decay) instead of ``u + wd θ0``. A block whose step size
@@ -23,6 +24,11 @@ precond_old, precond_new, compute_sums) -> sums | None``
 
 ``grad_sq_norm(grad, layout) -> [nblocks]``: per-block Σ grad², the pre-pass behind the non-finite
     check and clipping inside the optimizer.
+
+``model_param``: for bf16/fp16 models with fp32 master weights, ``param`` is the fp32 master and
+``model_param`` the model's own tensor storage; every element of θ a pass writes is written there
+too, rounded once from the master (the fused kernels do it in the same pass). ``grad`` may be
+fp32, bf16 or fp16; the math always runs in fp32.
 
 ``gscale`` is a float32 device tensor of two entries; if either is not finite the pass writes
 nothing and returns zero sums, so a step with a non-finite gradient leaves θ and state untouched
@@ -69,6 +75,7 @@ def first_pass(
     eta: Tensor,
     gscale: Tensor,
     layout: FlatLayout,
+    model_param: Tensor | None = None,
 ) -> Tensor:
     sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
     scale = _unpack_scale(gscale)
@@ -81,6 +88,8 @@ def first_pass(
     for b, sl in _blocks(layout):
         param[sl].sub_(eta[b].to(param.dtype) * d[sl])
         sums[b] = _block_sums(g[sl], d[sl])
+    if model_param is not None:
+        model_param.copy_(param)
     return sums
 
 
@@ -104,6 +113,7 @@ def move(
     precond_old: bool = False,
     precond_new: bool = False,
     compute_sums: bool = False,
+    model_param: Tensor | None = None,
 ) -> Tensor | None:
     sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
     scale = _unpack_scale(gscale)
@@ -119,6 +129,8 @@ def move(
         d_new = u_new[sl] + wd_new * theta0
         if e_old != e_new or precond_old != precond_new:
             param[sl].copy_(theta0 - e_new * d_new)
+            if model_param is not None:
+                model_param[sl].copy_(param[sl])
         if compute_sums:
             sums[b] = _block_sums(g[sl], d_new)
     return sums if compute_sums else None

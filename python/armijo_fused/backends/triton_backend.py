@@ -6,6 +6,9 @@ wrapper checks its inputs, allocates, builds the grid (one program per tile, ``B
 device and are read inside the kernels, so no pass syncs with the host. Per-block sums are per-tile
 partials added in a fixed order by a second tiny kernel (deterministic, no atomics).
 
+Gradients may be fp32, bf16 or fp16 (widened in the kernel); ``model_param``, for bf16/fp16 models
+with fp32 master weights, receives each θ written, rounded once, from the same pass.
+
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
@@ -95,6 +98,22 @@ def _check_scalars(param: Tensor, layout: FlatLayout, **tensors: Tensor) -> None
             )
 
 
+def _check_model_param(param: Tensor, model_param: Tensor | None, layout: FlatLayout) -> None:
+    if model_param is None:
+        return
+    if model_param.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError("triton backend: model_param (the model's copy of the fp32 master) must "
+                        f"be bfloat16 or float16, got {model_param.dtype}")
+    if model_param.device != param.device:
+        raise ValueError(f"triton backend: model_param is on {model_param.device}, "
+                         f"param on {param.device}")
+    if not model_param.is_contiguous() or model_param.numel() != layout.numel:
+        raise ValueError(
+            f"triton backend: model_param must be a contiguous flat buffer of layout.numel="
+            f"{layout.numel} elements, got shape {tuple(model_param.shape)}"
+        )
+
+
 def _state_ptrs(param: Tensor, states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     # rules with fewer than two buffers get param as a placeholder the kernel never touches
     padded = list(states) + [param] * (2 - len(states))
@@ -121,16 +140,19 @@ def first_pass(
     eta: Tensor,
     gscale: Tensor,
     layout: FlatLayout,
+    model_param: Tensor | None = None,
 ) -> Tensor:
     _check(rule, param, grad, states, layout)
     _check_scalars(param, layout, eta=eta, gscale=gscale)
+    _check_model_param(param, model_param, layout)
     s0, s1, s2, s3, s4, om0, om1 = kernel_scalars(scalars)
     st0, st1 = _state_ptrs(param, states)
     partials = torch.empty(layout.ntiles, SUM_COLS, dtype=torch.float32, device=param.device)
     first_pass_kernel[(layout.ntiles,)](
-        param, grad, st0, st1, eta, gscale, layout.tile_block, partials,
-        layout.numel, float(weight_decay), s0, s1, s2, s3, s4, om0, om1,
-        RULE=rule.rule_id, NSTATES=len(states), BLOCK_SIZE=layout.tile,
+        param, param if model_param is None else model_param, grad, st0, st1, eta, gscale,
+        layout.tile_block, partials, layout.numel, float(weight_decay), s0, s1, s2, s3, s4, om0,
+        om1, RULE=rule.rule_id, NSTATES=len(states), WRITE_MODEL=model_param is not None,
+        BLOCK_SIZE=layout.tile,
         **_launch_options(layout.tile),
     )
     return _block_sums(partials, layout)
@@ -150,9 +172,11 @@ def move(
     precond_old: bool = False,
     precond_new: bool = False,
     compute_sums: bool = False,
+    model_param: Tensor | None = None,
 ) -> Tensor | None:
     _check(rule, param, grad, states, layout)
     _check_scalars(param, layout, eta_old=eta_old, eta_new=eta_new, gscale=gscale)
+    _check_model_param(param, model_param, layout)
     precond_old, precond_new, compute_sums = bool(precond_old), bool(precond_new), bool(compute_sums)
     load_grad = (compute_sums or precond_old or precond_new
                  or DIRECTION_READS_GRAD[rule.rule_id])
@@ -162,11 +186,11 @@ def move(
     if compute_sums:
         partials = torch.empty(layout.ntiles, SUM_COLS, dtype=torch.float32, device=param.device)
     move_kernel[(layout.ntiles,)](
-        param, grad, st0, st1, eta_old, eta_new, gscale, layout.tile_block, partials,
-        layout.numel, float(weight_decay), s0, s1, s2, s3, s4, om0,
-        RULE=rule.rule_id, NSTATES=len(states), PRECOND_OLD=precond_old,
+        param, param if model_param is None else model_param, grad, st0, st1, eta_old, eta_new,
+        gscale, layout.tile_block, partials, layout.numel, float(weight_decay), s0, s1, s2, s3,
+        s4, om0, RULE=rule.rule_id, NSTATES=len(states), PRECOND_OLD=precond_old,
         PRECOND_NEW=precond_new, COMPUTE_SUMS=compute_sums, LOAD_GRAD=load_grad,
-        BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
+        WRITE_MODEL=model_param is not None, BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
     )
     return _block_sums(partials, layout) if compute_sums else None
 

@@ -633,7 +633,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 buf = FlatBuffer(gi, [plist[i] for i in order], self.rule, self.state,
                                  block_ids=local, tile=self.tile)
             buf.group_blocks = used
-            buf.backend = resolve_backend(self.backend, buf.device, buf.dtype)
+            # the passes work on buf.param: the fp32 master for a bf16/fp16 model
+            buf.backend = resolve_backend(self.backend, buf.device, buf.param.dtype)
             buffers.append(buf)
         self._buffers, self._buffer_key = buffers, key
         self._sharded = any(isinstance(b, ShardedBuffer) for b in buffers)
@@ -657,6 +658,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if getattr(self, "_sharded", False):
             for m in fsdp_modules(self._modules):
                 m.reshard()
+
+
+def _model_copy(buf) -> Tensor | None:
+    """The model's bf16/fp16 tensor storage when ``buf.param`` is its fp32 master: the passes
+    write every θ they move there too, rounded once, in the same pass over memory."""
+    return buf.model_param if getattr(buf, "master", False) else None
 
 
 class _FlatPasses(Passes):
@@ -725,7 +732,7 @@ class _FlatPasses(Passes):
         for i, b in enumerate(self.buffers):
             sums.append(b.backend.first_pass(
                 self.opt.rule, b.param, b.grad, b.states, self.scalars[i], self.wd[i],
-                self._eta(i, eta), self._gscale[b.device], b.layout))
+                self._eta(i, eta), self._gscale[b.device], b.layout, _model_copy(b)))
         sums = self._written(sums)
         self.eta = list(eta)
         self._first_sums = sums
@@ -760,16 +767,17 @@ class _FlatPasses(Passes):
             b.param.copy_(param)
             for s, saved in zip(b.states, states):
                 s.copy_(saved)
+        for b in self.buffers:
+            if getattr(b, "master", False):
+                b.publish()  # a copy, not a pass: the model's tensors get the master here
         self._written(None)
         self.eta, self.precond = [0.0] * len(self.eta), False
 
     def _written(self, sums):
-        """After a pass: bf16/fp16 buffers publish their fp32 master into the model's tensors;
+        """After a pass (which has already written a bf16/fp16 model's copy of its fp32 master):
         sharded buffers copy θ back into the DTensor shards and scale their local sums by the
         shard count, so the optimizer's mean over ranks forms Σ over shards."""
         for i, b in enumerate(self.buffers):
-            if getattr(b, "master", False):
-                b.publish()
             if isinstance(b, ShardedBuffer):
                 b.after_write()
                 if sums is not None and b.sum_scale != 1.0:
@@ -792,7 +800,7 @@ class _FlatPasses(Passes):
             s = b.backend.move(
                 self.opt.rule, b.param, b.grad, b.states, self.scalars[i], self.wd[i],
                 self._eta(i, self.eta), self._eta(i, eta), self._gscale[b.device], b.layout,
-                self.precond, precond, compute_sums)
+                self.precond, precond, compute_sums, _model_copy(b))
             out.append(s)
         out = self._written(out if compute_sums else None)
         self.eta, self.precond = list(eta), precond

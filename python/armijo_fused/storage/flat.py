@@ -14,10 +14,13 @@ The model stays in charge of its tensors, so the buffer re-validates them at eve
   ``sync`` return False and the optimizer rebuilds the buffer from the tensors as they are now.
 
 bf16 / fp16 parameters get fp32 master weights: ``param`` is then the fp32 master (what the passes
-update, kept in the optimizer state as ``master`` so resume is exact), the model's tensors are
-views of ``model_param`` in their own dtype, and :meth:`publish` writes the master into them,
-rounded once. Trial points are always written from the master, so no rounding accumulates over
-trials or steps. Gradients stay in the model's dtype.
+update, kept in the optimizer state as ``master`` so resume is exact) and the model's tensors are
+views of ``model_param`` in their own dtype. Each pass that moves θ also writes its value into
+``model_param``, rounded once, in the same pass over memory (the backends' ``model_param``
+argument); :meth:`publish` does the same as a separate copy where θ changes outside a pass
+(adoption, a reloaded master, a restored snapshot). Trial points are always written from the
+master, so no rounding accumulates over trials or steps. Gradients stay in the model's dtype and
+the kernels widen them as they read them.
 """
 
 from __future__ import annotations
