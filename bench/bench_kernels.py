@@ -8,6 +8,9 @@ flat buffer as the optimizer does. Passes timed (CUDA events, warm-up, median of
 * ``move_all``: a global retry, every block's η changes: reads θ, m, v, writes θ   16 B/param
 * ``move_one_block``: a layer-wise retry, one block's η changes; the other tiles exit early
   (the byte budget counts that block's 16 B/param only)
+* ``first_pass_bf16_master``: a bf16 model with fp32 master weights: the first pass on the
+  master with a bf16 gradient, writing the model's bf16 copy of θ too          28 B/param
+* ``move_all_bf16_master``: its global retry: reads θ, m, v, writes θ and the bf16 copy  18 B/param
 * ``adamw_fused``: ``torch.optim.AdamW(fused=True).step()``              28 B/param
 * ``adamw_foreach``: ``torch.optim.AdamW(foreach=True).step()``          28 B/param (its minimum)
 
@@ -46,6 +49,7 @@ MODELS = {
 #: parameters of each model (tied lm_head): the shape lists are checked against these
 EXPECTED_PARAMS = {"gpt2-124m": 124_439_808, "gpt2-1.5b": 1_557_611_200}
 BYTES_PER_PARAM = {"first_pass": 28, "move_all": 16, "move_one_block": 16,
+                   "first_pass_bf16_master": 28, "move_all_bf16_master": 18,
                    "adamw_fused": 28, "adamw_foreach": 28}
 
 
@@ -117,6 +121,26 @@ class FlatModel:
         return sum(p.numel() for p in self.params)
 
 
+def bench_bf16_master(model: FlatModel, rule, scalars, eta, eta_half, gscale, repeats) -> dict:
+    """A bf16 model with fp32 master weights (``model.param`` plays the master): the first pass
+    and a global retry with a bf16 gradient, each writing the model's bf16 copy of θ."""
+    from armijo_fused.backends import triton_backend as tri
+
+    grad16 = model.grad.to(torch.bfloat16)
+    model16 = model.param.to(torch.bfloat16)
+
+    def first():
+        tri.first_pass(rule, model.param, grad16, model.states, scalars, 0.1, eta, gscale,
+                       model.layout, model16)
+
+    def move_all():
+        tri.move(rule, model.param, grad16, model.states, scalars, 0.1, eta, eta_half, gscale,
+                 model.layout, model_param=model16)
+
+    return {"first_pass_bf16_master": cuda_median_ms(first, repeats),
+            "move_all_bf16_master": cuda_median_ms(move_all, repeats)}
+
+
 def bench_model(name: str, tile: int, repeats: int, copy_gbs: float) -> dict:
     from armijo_fused.backends import triton_backend as tri
     from armijo_fused.directions import get_rule
@@ -151,6 +175,9 @@ def bench_model(name: str, tile: int, repeats: int, copy_gbs: float) -> dict:
     rows["first_pass"] = cuda_median_ms(first, repeats)
     rows["move_all"] = cuda_median_ms(move_all, repeats)
     rows["move_one_block"] = cuda_median_ms(move_one, repeats)
+
+    rows.update(bench_bf16_master(model, rule, scalars, eta, eta_half, gscale, repeats))
+    torch.cuda.empty_cache()
     for impl in ("fused", "foreach"):
         opt = torch.optim.AdamW(model.params, lr=1e-3, weight_decay=0.1,
                                 **{impl: True})
@@ -187,7 +214,7 @@ def plot(result: dict, path: Path) -> None:
     for ax, m in zip(axes[0], models):
         passes = result["models"][m]["passes"]
         ms = [passes[k]["ms"] for k in keys]
-        bars = ax.bar(range(len(keys)), ms, color=["C0", "C0", "C2", "C1", "C3"])
+        bars = ax.bar(range(len(keys)), ms, color=["C0", "C0", "C2", "C4", "C4", "C1", "C3"])
         for bar, k in zip(bars, keys):
             ax.annotate(f"{passes[k]['pct_of_copy']:.0f}%", (bar.get_x() + bar.get_width() / 2,
                         bar.get_height()), ha="center", va="bottom", fontsize=8)
@@ -248,7 +275,7 @@ def main(argv=None) -> int:
                                        for t, r in runs.items()}
         print(f"{m} ({runs[best]['params'] / 1e6:.1f}M params, tile {best}):")
         for key, row in runs[best]["passes"].items():
-            print(f"  {key:15s} {row['ms']:9.3f} ms  {row['gb_per_s']:7.0f} GB/s  "
+            print(f"  {key:22s} {row['ms']:9.3f} ms  {row['gb_per_s']:7.0f} GB/s  "
                   f"{row['pct_of_copy']:5.1f}% of copy")
         print(f"  first_pass / fused AdamW = {runs[best]['first_pass_over_adamw_fused']:.3f}")
 

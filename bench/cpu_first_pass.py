@@ -6,6 +6,11 @@ step does (moments, direction, decoupled weight decay, parameter update) plus th
 reductions of the line search, in one read of (θ, g, m, v) and one write of (θ, m, v): 28 bytes
 per parameter. The retry (``move``) reads θ, m, v and writes θ: 16 bytes per parameter.
 
+A bf16 model with fp32 master weights runs the same passes on the master with the bf16 gradient,
+writing the model's bf16 copy of θ in the same pass: 28 bytes per parameter again (g and the copy
+are 2 bytes each). It is timed against the same pass followed by a separate copy of the master
+into the model (what a pass without the fused copy costs).
+
 Parameters are a GPT-like list of tensors (token and position embeddings, per layer attention and
 MLP matrices with biases and layer norms) totalling about 10M; the C++ passes run on one flat
 buffer holding them, the AdamW steps on the tensor list. Each timing is the median of repeated
@@ -117,6 +122,17 @@ def main() -> None:
                          layout)
         flip[0] = 1 - i
 
+    grad16 = grad.to(torch.bfloat16)
+    model16 = param.to(torch.bfloat16)
+
+    def cpp_first_bf16():  # bf16 model, fp32 master: the model copy written inside the pass
+        cpp_backend.first_pass(rule, param, grad16, states, scalars, wd, eta, gscale, layout,
+                               model16)
+
+    def cpp_first_bf16_then_copy():  # the same without the fused copy: a pass, then a copy
+        cpp_backend.first_pass(rule, param, grad16, states, scalars, wd, eta, gscale, layout)
+        model16.copy_(param)
+
     def torch_first():
         torch_backend.first_pass(rule, param, grad, states, scalars, wd, eta, gscale, layout)
 
@@ -146,6 +162,8 @@ def main() -> None:
     candidates = {
         "cpp first_pass (flat)": cpp_first,
         "cpp move / retry (flat)": cpp_move,
+        "cpp first_pass (bf16 model, fp32 master)": cpp_first_bf16,
+        "cpp first_pass, then copy to bf16 model": cpp_first_bf16_then_copy,
     }
     if simd == "avx2":  # the portable build too, for scale
         base = ops.set_cpu_simd("baseline")
@@ -168,6 +186,7 @@ def main() -> None:
     bytes_per = {k: 28 for k in rows if k.startswith("cpp first_pass")}
     bytes_per.update({k: 16 for k in rows if k.startswith("cpp move")})
     bytes_per["copy (read+write, 8 B/param)"] = 8
+    bytes_per["cpp first_pass, then copy to bf16 model"] = 28 + 6  # + read θ 4 B, write 2 B
     print(f"{n / 1e6:.2f}M parameters in {len(shapes)} tensors; {threads} torch threads; "
           f"{simd} kernels; load average before {load_before[0]:.2f}")
     print(f"{'pass':40s} {'median ms':>10s} {'GB/s':>8s}")
@@ -181,6 +200,10 @@ def main() -> None:
     if "AdamW(fused=True).step" in rows:
         ratio_fused = rows["AdamW(fused=True).step"][0] / first
         print(f"AdamW(fused=True).step / cpp first_pass = {ratio_fused:.2f}x")
+    bf16 = rows["cpp first_pass (bf16 model, fp32 master)"][0]
+    ratio_bf16 = rows["cpp first_pass, then copy to bf16 model"][0] / bf16
+    print(f"bf16 model: pass then copy / fused copy = {ratio_bf16:.2f}x; fused bf16-master pass / "
+          f"fp32 pass = {bf16 / first:.2f}x")
 
     result = {
         "benchmark": "cpu_first_pass",
@@ -199,6 +222,8 @@ def main() -> None:
         "timings_ms": {k: {"median": v[0], "runs": v[1]} for k, v in rows.items()},
         "ratio_adamw_foreach_over_cpp_first_pass": ratio,
         "ratio_adamw_fused_over_cpp_first_pass": ratio_fused,
+        "ratio_unfused_over_fused_bf16_master": ratio_bf16,
+        "ratio_bf16_master_over_fp32_first_pass": bf16 / first,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
