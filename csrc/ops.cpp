@@ -16,4 +16,15 @@ TORCH_LIBRARY(armijo_fused, m) {
       "Tensor block_tiles, int tile, bool precond_old, bool precond_new, bool compute_sums, "
       "Tensor(c!)? model_param=None) -> Tensor");
   m.def("grad_sq_norm(Tensor grad, Tensor tile_block, Tensor block_tiles, int tile) -> Tensor");
+  // Tile-table twins (θ and g reached through per-tile addresses: FSDP2 shards). They write θ
+  // through those addresses, which no schema can name, so they are for eager use only.
+  m.def(
+      "first_pass_table(int rule, Tensor param_ptrs, Tensor grad_ptrs, Tensor lengths, "
+      "Tensor(b!)[] states, float[] scalars, float weight_decay, Tensor eta, Tensor gscale, "
+      "Tensor tile_block, Tensor block_tiles, int tile) -> Tensor");
+  m.def(
+      "move_table(int rule, Tensor param_ptrs, Tensor grad_ptrs, Tensor lengths, Tensor[] states, "
+      "float[] scalars, float weight_decay, Tensor eta_old, Tensor eta_new, Tensor gscale, "
+      "Tensor tile_block, Tensor block_tiles, int tile, bool precond_old, bool precond_new, "
+      "bool compute_sums) -> Tensor");
 }

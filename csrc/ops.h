@@ -36,6 +36,22 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
                     bool precond_new, bool compute_sums,
                     const c10::optional<at::Tensor>& model_param = c10::nullopt);
 
+// The same two passes with θ and g reached through a tile table (per tile: the address of its
+// first θ and g element, int64, and its count of real elements, int32); states stay flat.
+at::Tensor first_pass_table_cpu(int64_t rule, const at::Tensor& param_ptrs,
+                                const at::Tensor& grad_ptrs, const at::Tensor& lengths,
+                                at::TensorList states, at::ArrayRef<double> scalars,
+                                double weight_decay, const at::Tensor& eta,
+                                const at::Tensor& gscale, const at::Tensor& tile_block,
+                                const at::Tensor& block_tiles, int64_t tile);
+at::Tensor move_table_cpu(int64_t rule, const at::Tensor& param_ptrs, const at::Tensor& grad_ptrs,
+                          const at::Tensor& lengths, at::TensorList states,
+                          at::ArrayRef<double> scalars, double weight_decay,
+                          const at::Tensor& eta_old, const at::Tensor& eta_new,
+                          const at::Tensor& gscale, const at::Tensor& tile_block,
+                          const at::Tensor& block_tiles, int64_t tile, bool precond_old,
+                          bool precond_new, bool compute_sums);
+
 // Per-block Σ grad², fp32 [nblocks].
 at::Tensor grad_sq_norm_cpu(const at::Tensor& grad, const at::Tensor& tile_block,
                             const at::Tensor& block_tiles, int64_t tile);

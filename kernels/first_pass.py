@@ -10,6 +10,9 @@ One program per tile of ``BLOCK_SIZE`` elements (the layout's tile), block ``til
     model <- bf16/fp16(θ)                      # only WRITE_MODEL: fp32 master weights
     partial[tile] = (Σ g·d, Σ g², Σ d²)
 
+With ``TABLE``, θ and g are found through a tile table (FSDP2 shards that stay in place:
+``storage/table.py``) instead of the flat buffers; the states stay flat.
+
 Traffic per element: reads θ, g and the state, writes θ and the state (28 B for Adam in fp32;
 with a bf16 model and fp32 master, g is 2 B and the model copy adds 2 B: 28 B too).
 If either gscale entry is not finite the program writes zero partials and nothing else.
@@ -21,7 +24,29 @@ import triton
 import triton.language as tl
 
 from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
-from .rules import direction, load_states, store_states, store_theta, update_state
+from .rules import direction, load_states, store_states, store_theta, tile_pointers, update_state
+
+
+@triton.jit
+def _first_pass_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, state1_ptr, eta,
+                     partial_ptr, tile, unscale, clip, n_elements, weight_decay,
+                     s0, s1, s2, s3, s4, om0, om1, RULE: tl.constexpr, NSTATES: tl.constexpr,
+                     WRITE_MODEL: tl.constexpr, TABLE: tl.constexpr, FULL: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr):
+    offs = tile * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    theta_ptrs, grad_ptrs, mask = tile_pointers(param_ptr, grad_ptr, lengths_ptr, tile, offs,
+                                                n_elements, BLOCK_SIZE, TABLE, FULL)
+    theta = tl.load(theta_ptrs, mask=mask, other=0.0)
+    g = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32) * unscale
+    g_in = g * clip
+    a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
+
+    a, b = update_state(g_in, a, b, s0, s1, om0, om1, RULE)
+    d = direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE) + weight_decay * theta
+
+    store_theta(theta_ptrs, model_ptr + offs, mask, theta - eta * d, WRITE_MODEL)
+    store_states(state0_ptr, state1_ptr, offs, mask, a, b, NSTATES)
+    store_tile_sums(partial_ptr, tile, g, d)
 
 
 @triton.jit
@@ -29,6 +54,8 @@ def first_pass_kernel(
     param_ptr,
     model_ptr,
     grad_ptr,
+    lengths_ptr,
+    tiles_ptr,
     state0_ptr,
     state1_ptr,
     eta_ptr,
@@ -47,27 +74,19 @@ def first_pass_kernel(
     RULE: tl.constexpr,
     NSTATES: tl.constexpr,
     WRITE_MODEL: tl.constexpr,
+    TABLE: tl.constexpr,
+    FULL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
+    if TABLE:  # launched once over the full tiles (FULL) and once over the others
+        tile = tl.load(tiles_ptr + tile).to(tl.int64)
     unscale = tl.load(gscale_ptr)
     clip = tl.load(gscale_ptr + 1)
     if not (is_finite(unscale) & is_finite(clip)):
         store_zero_tile_sums(partial_ptr, tile)
         return
-
-    offs = tile * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_elements
     eta = tl.load(eta_ptr + tl.load(tile_block_ptr + tile))
-
-    theta = tl.load(param_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * unscale
-    g_in = g * clip
-    a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
-
-    a, b = update_state(g_in, a, b, s0, s1, om0, om1, RULE)
-    d = direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE) + weight_decay * theta
-
-    store_theta(param_ptr, model_ptr, offs, mask, theta - eta * d, WRITE_MODEL)
-    store_states(state0_ptr, state1_ptr, offs, mask, a, b, NSTATES)
-    store_tile_sums(partial_ptr, tile, g, d)
+    _first_pass_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, state1_ptr, eta,
+                     partial_ptr, tile, unscale, clip, n_elements, weight_decay, s0, s1, s2, s3,
+                     s4, om0, om1, RULE, NSTATES, WRITE_MODEL, TABLE, FULL, BLOCK_SIZE)

@@ -13,7 +13,8 @@ direction (PRECOND_OLD == PRECOND_NEW) does not write θ; without COMPUTE_SUMS i
 touching anything else, so queued retries of other blocks cost nothing here. ``LOAD_GRAD`` is
 False when neither direction, nor the sums, read the gradient (momentum, adam): the pass then
 reads θ and the state and writes θ (16 B per element for Adam). If either gscale entry is not
-finite, nothing is written and the partials are zero.
+finite, nothing is written and the partials are zero. ``TABLE``: θ and g through a tile table,
+as in the first pass.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
-from .rules import direction, load_states, precond_grad, store_theta
+from .rules import direction, load_states, precond_grad, store_theta, tile_pointers
 
 
 @triton.jit
@@ -35,10 +36,45 @@ def _line_direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE: tl.constexpr, PRECON
 
 
 @triton.jit
+def _move_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, state1_ptr, eta_old,
+               eta_new, partial_ptr, tile, unscale, clip, n_elements, weight_decay,
+               s0, s1, s2, s3, s4, om0, RULE: tl.constexpr, NSTATES: tl.constexpr,
+               PRECOND_OLD: tl.constexpr, PRECOND_NEW: tl.constexpr, COMPUTE_SUMS: tl.constexpr,
+               LOAD_GRAD: tl.constexpr, WRITE_MODEL: tl.constexpr, TABLE: tl.constexpr,
+               FULL: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    offs = tile * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    theta_ptrs, grad_ptrs, mask = tile_pointers(param_ptr, grad_ptr, lengths_ptr, tile, offs,
+                                                n_elements, BLOCK_SIZE, TABLE, FULL)
+    theta = tl.load(theta_ptrs, mask=mask, other=0.0)
+    a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
+    g = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    if LOAD_GRAD:
+        g = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32) * unscale
+    g_in = g * clip
+
+    u_old = _line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_OLD)
+    wd_old = 0.0 if PRECOND_OLD else weight_decay
+    theta0 = tl.div_rn(theta + eta_old * u_old, 1.0 - eta_old * wd_old)
+    u_new = _line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_NEW)
+    wd_new = 0.0 if PRECOND_NEW else weight_decay
+    d_new = u_new + wd_new * theta0
+
+    theta_new = theta0 - eta_new * d_new
+    if PRECOND_OLD != PRECOND_NEW:
+        store_theta(theta_ptrs, model_ptr + offs, mask, theta_new, WRITE_MODEL)
+    elif eta_old != eta_new:  # an unchanged block keeps θ bitwise
+        store_theta(theta_ptrs, model_ptr + offs, mask, theta_new, WRITE_MODEL)
+    if COMPUTE_SUMS:
+        store_tile_sums(partial_ptr, tile, g, d_new)
+
+
+@triton.jit
 def move_kernel(
     param_ptr,
     model_ptr,
     grad_ptr,
+    lengths_ptr,
+    tiles_ptr,
     state0_ptr,
     state1_ptr,
     eta_old_ptr,
@@ -61,9 +97,13 @@ def move_kernel(
     COMPUTE_SUMS: tl.constexpr,
     LOAD_GRAD: tl.constexpr,
     WRITE_MODEL: tl.constexpr,
+    TABLE: tl.constexpr,
+    FULL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
+    if TABLE:  # launched once over the full tiles (FULL) and once over the others
+        tile = tl.load(tiles_ptr + tile).to(tl.int64)
     block = tl.load(tile_block_ptr + tile)
     eta_old = tl.load(eta_old_ptr + block)
     eta_new = tl.load(eta_new_ptr + block)
@@ -76,27 +116,7 @@ def move_kernel(
         if COMPUTE_SUMS:
             store_zero_tile_sums(partial_ptr, tile)
         return
-
-    offs = tile * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_elements
-    theta = tl.load(param_ptr + offs, mask=mask, other=0.0)
-    a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
-    g = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    if LOAD_GRAD:
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * unscale
-    g_in = g * clip
-
-    u_old = _line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_OLD)
-    wd_old = 0.0 if PRECOND_OLD else weight_decay
-    theta0 = tl.div_rn(theta + eta_old * u_old, 1.0 - eta_old * wd_old)
-    u_new = _line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_NEW)
-    wd_new = 0.0 if PRECOND_NEW else weight_decay
-    d_new = u_new + wd_new * theta0
-
-    theta_new = theta0 - eta_new * d_new
-    if PRECOND_OLD != PRECOND_NEW:
-        store_theta(param_ptr, model_ptr, offs, mask, theta_new, WRITE_MODEL)
-    elif eta_old != eta_new:  # an unchanged block keeps θ bitwise
-        store_theta(param_ptr, model_ptr, offs, mask, theta_new, WRITE_MODEL)
-    if COMPUTE_SUMS:
-        store_tile_sums(partial_ptr, tile, g, d_new)
+    _move_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, state1_ptr, eta_old,
+               eta_new, partial_ptr, tile, unscale, clip, n_elements, weight_decay, s0, s1, s2,
+               s3, s4, om0, RULE, NSTATES, PRECOND_OLD, PRECOND_NEW, COMPUTE_SUMS, LOAD_GRAD,
+               WRITE_MODEL, TABLE, FULL, BLOCK_SIZE)

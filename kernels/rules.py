@@ -73,12 +73,38 @@ def round_to_model(theta, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def store_theta(param_ptr, model_ptr, offs, mask, theta, WRITE_MODEL: tl.constexpr):
-    """Write the new θ; a bf16/fp16 model with fp32 master weights (``param_ptr`` is then the
-    master) also gets its own copy, rounded once, in the same pass."""
-    tl.store(param_ptr + offs, theta, mask=mask)
+def tile_pointers(param_ptr, grad_ptr, lengths_ptr, tile, offs, n_elements,
+                  BLOCK_SIZE: tl.constexpr, TABLE: tl.constexpr, FULL: tl.constexpr):
+    """Pointers to this tile's θ and g, and the mask of its real elements. Flat: at ``offs`` in
+    the flat buffers. ``TABLE``: ``param_ptr`` / ``grad_ptr`` are the tile table's int64
+    addresses (one per tile, 16-byte aligned) and ``lengths_ptr`` its real-element counts; a
+    launch over ``FULL`` tiles (all BLOCK_SIZE elements real) takes the flat mask, which the
+    compiler can prove uniform over a vector, so its loads and stores stay 16-byte vectors; the
+    other launch (each tensor's last tile) masks element by element."""
+    if TABLE:
+        local = tl.arange(0, BLOCK_SIZE)
+        if FULL:
+            mask = offs < n_elements
+        else:
+            mask = local < tl.load(lengths_ptr + tile)
+        theta_base = tl.load(param_ptr + tile).to(tl.pointer_type(tl.float32))
+        grad_base = tl.load(grad_ptr + tile).to(tl.pointer_type(tl.float32))
+        theta_ptrs = tl.multiple_of(theta_base, 16) + local
+        grad_ptrs = tl.multiple_of(grad_base, 16) + local
+    else:
+        mask = offs < n_elements
+        theta_ptrs = param_ptr + offs
+        grad_ptrs = grad_ptr + offs
+    return theta_ptrs, grad_ptrs, mask
+
+
+@triton.jit
+def store_theta(theta_ptrs, model_ptrs, mask, theta, WRITE_MODEL: tl.constexpr):
+    """Write the new θ; a bf16/fp16 model with fp32 master weights (``theta_ptrs`` then point
+    into the master) also gets its own copy, rounded once, in the same pass."""
+    tl.store(theta_ptrs, theta, mask=mask)
     if WRITE_MODEL:
-        tl.store(model_ptr + offs, round_to_model(theta, model_ptr.dtype.element_ty), mask=mask)
+        tl.store(model_ptrs, round_to_model(theta, model_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit

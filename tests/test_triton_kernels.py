@@ -343,7 +343,8 @@ def test_half_precision_gradients_are_widened_like_torch(rule_name, dtype):
 def round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """The kernels' store of θ with a model copy, alone: reads x, writes x and its copy."""
     offs = tl.arange(0, BLOCK)
-    store_theta(x_ptr, out_ptr, offs, offs < n, tl.load(x_ptr + offs, mask=offs < n), True)
+    store_theta(x_ptr + offs, out_ptr + offs, offs < n, tl.load(x_ptr + offs, mask=offs < n),
+                True)
 
 
 def check_round_to_model(dtype, device):
@@ -418,12 +419,14 @@ def compiled_access_counts() -> dict:
     from armijo_fused.kernels.first_pass import first_pass_kernel
     from armijo_fused.kernels.move import move_kernel
 
-    def ptx(kernel, constexprs, half=()):
+    def ptx(kernel, constexprs, half=(), table=False):
         names = list(kernel.arg_names)
         sig = {}
         for n in names:
             if n.endswith("_ptr"):
-                sig[n] = "*i32" if n == "tile_block_ptr" else "*bf16" if n in half else "*fp32"
+                sig[n] = "*i32" if n in ("tile_block_ptr", "lengths_ptr", "tiles_ptr") else (
+                    "*i64" if table and n in ("param_ptr", "grad_ptr") else
+                    "*bf16" if n in half else "*fp32")
             else:
                 sig[n] = "constexpr" if n.isupper() else "i32" if n == "n_elements" else "fp32"
         # what the launcher specialises at run time: 16-byte aligned pointers and sizes
@@ -437,7 +440,8 @@ def compiled_access_counts() -> dict:
                 "st": len(re.findall(r"st\.global\.v4", text)),
                 "fma": len(re.findall(r"fma\.rn\.f32", text))}
 
-    adam = {"RULE": 4, "NSTATES": 2, "BLOCK_SIZE": 2048, "WRITE_MODEL": False}
+    adam = {"RULE": 4, "NSTATES": 2, "BLOCK_SIZE": 2048, "WRITE_MODEL": False, "TABLE": False,
+            "FULL": True}
     retry = dict(adam, PRECOND_OLD=False, PRECOND_NEW=False, COMPUTE_SUMS=False)
     # bf16 model, fp32 master: bf16 gradient in, bf16 copy of θ out
     bf16 = dict(half=("grad_ptr", "model_ptr"))
@@ -445,7 +449,10 @@ def compiled_access_counts() -> dict:
             "retry": ptx(move_kernel, dict(retry, LOAD_GRAD=False)),
             "nadam_retry": ptx(move_kernel, dict(retry, RULE=5, LOAD_GRAD=True)),
             "first_bf16": ptx(first_pass_kernel, dict(adam, WRITE_MODEL=True), **bf16),
-            "retry_bf16": ptx(move_kernel, dict(retry, LOAD_GRAD=False, WRITE_MODEL=True), **bf16)}
+            "retry_bf16": ptx(move_kernel, dict(retry, LOAD_GRAD=False, WRITE_MODEL=True), **bf16),
+            # θ and g through a tile table (FSDP2 shards in place)
+            "first_table": ptx(first_pass_kernel, dict(adam, TABLE=True), table=True),
+            "retry_table": ptx(move_kernel, dict(retry, LOAD_GRAD=False, TABLE=True), table=True)}
 
 
 def test_compiled_passes_move_the_byte_budget():
@@ -474,6 +481,8 @@ def test_compiled_passes_move_the_byte_budget():
     h = k // 2
     assert c["first_bf16"] == {"ld": 3 * k + h, "st": 3 * k + h, "fma": 0}
     assert c["retry_bf16"] == {"ld": 3 * k, "st": k + h, "fma": 0}
+    # θ and g through a tile table: the full-tile launch keeps every access a 16-byte vector
+    assert c["first_table"] == first and c["retry_table"] == retry
 
 
 # -- compiled Triton on a CUDA device: the same checks -------------------------------------------

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/tile_args.h"
@@ -280,6 +281,19 @@ struct Bufs {
   at::ScalarType g_type;
   void* model;  // the model's bf16/fp16 copy of p, or nullptr (fp32 parameters)
   at::ScalarType model_type;
+  // A tile table (storage/table.py) instead of the flat p and g: per tile, the address of its
+  // first θ and g element and its count of real elements. nullptr: the flat buffers.
+  const int64_t* p_table = nullptr;
+  const int64_t* g_table = nullptr;
+  const int32_t* lengths = nullptr;
+
+  float* theta(int64_t t, int64_t o) const {
+    return p_table ? reinterpret_cast<float*>(p_table[t]) : p + o;
+  }
+  const float* grad_of(int64_t t, int64_t o, int64_t n) const {
+    return g_table ? reinterpret_cast<const float*>(g_table[t]) : grad_tile(o, n);
+  }
+  int64_t count(int64_t t, int64_t tile) const { return lengths ? lengths[t] : tile; }
 
   // The fp32 gradient of elements [o, o + n): the buffer itself, or widened into scratch.
   const float* grad_tile(int64_t o, int64_t n) const {
@@ -344,6 +358,26 @@ static Layout check_pass_inputs(const char* op, int64_t rule, const at::Tensor& 
   return check_layout(op, tile_block, block_tiles, tile, n);
 }
 
+// The first pass over every tile, wherever θ and g are (flat buffers or a tile table).
+static at::Tensor run_first(const Layout& L, int r, const Bufs& B, at::ArrayRef<double> scalars,
+                            double weight_decay, const at::Tensor& eta, float unscale,
+                            float clip) {
+  const float* etas = eta.data_ptr<float>();
+  const float wd = static_cast<float>(weight_decay);
+  std::vector<double> partial(L.ntiles * 3, 0.0);
+  const TileKernels* k = active_kernels();
+  for_each_tile(L, [&](int64_t t) {
+    const int64_t o = t * L.tile;
+    const int64_t n = B.count(t, L.tile);
+    const FirstTile args{scalars.data(), unscale, clip, wd, etas[L.tile_block[t]],
+                         B.theta(t, o), B.grad_of(t, o, L.tile), B.a ? B.a + o : nullptr,
+                         B.b ? B.b + o : nullptr, n, &partial[t * 3]};
+    k->first(r, args);
+    B.publish_tile(o, n);
+  });
+  return reduce_blocks(partial, L, 3);
+}
+
 at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
                           at::TensorList states, at::ArrayRef<double> scalars,
                           double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,
@@ -355,39 +389,15 @@ at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tenso
   check_eta(op, "eta", eta, L.nblocks);
   float unscale, clip;
   if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
-
-  const Bufs B = buffers(param, grad, states, model_param);
-  const float* etas = eta.data_ptr<float>();
-  const float wd = static_cast<float>(weight_decay);
-  std::vector<double> partial(L.ntiles * 3, 0.0);
-  const TileKernels* k = active_kernels();
-  const int r = static_cast<int>(rule);
-  for_each_tile(L, [&](int64_t t) {
-    const int64_t o = t * L.tile;
-    const FirstTile args{scalars.data(), unscale, clip, wd, etas[L.tile_block[t]],
-                         B.p + o, B.grad_tile(o, L.tile), B.a ? B.a + o : nullptr,
-                         B.b ? B.b + o : nullptr, L.tile, &partial[t * 3]};
-    k->first(r, args);
-    B.publish_tile(o, L.tile);
-  });
-  return reduce_blocks(partial, L, 3);
+  return run_first(L, static_cast<int>(rule), buffers(param, grad, states, model_param), scalars,
+                   weight_decay, eta, unscale, clip);
 }
 
-at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
-                    at::TensorList states, at::ArrayRef<double> scalars, double weight_decay,
-                    const at::Tensor& eta_old, const at::Tensor& eta_new,
-                    const at::Tensor& gscale, const at::Tensor& tile_block,
-                    const at::Tensor& block_tiles, int64_t tile, bool precond_old,
-                    bool precond_new, bool compute_sums,
-                    const c10::optional<at::Tensor>& model_param) {
-  const char* op = "move";
-  const Layout L = check_pass_inputs(op, rule, param, grad, states, scalars, tile_block,
-                                     block_tiles, tile, model_param);
-  check_eta(op, "eta_old", eta_old, L.nblocks);
-  check_eta(op, "eta_new", eta_new, L.nblocks);
-  float unscale, clip;
-  if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
-
+// A move over every tile, wherever θ and g are (flat buffers or a tile table).
+static at::Tensor run_move(const Layout& L, int r, const Bufs& B, at::ArrayRef<double> scalars,
+                           double weight_decay, const at::Tensor& eta_old,
+                           const at::Tensor& eta_new, float unscale, float clip,
+                           bool precond_old, bool precond_new, bool compute_sums) {
   // Per block: the scalars of the move, and whether θ changes at all.
   const float* eo = eta_old.data_ptr<float>();
   const float* en = eta_new.data_ptr<float>();
@@ -406,10 +416,8 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
   }
   if (!any_work) return at::zeros({L.nblocks, 3}, at::kFloat);
 
-  const Bufs B = buffers(param, grad, states, model_param);
   std::vector<double> partial(compute_sums ? L.ntiles * 3 : 0, 0.0);
   const TileKernels* k = active_kernels();
-  const int r = static_cast<int>(rule);
   // a retry of Adam or momentum without sums reads no gradient: do not widen one either
   const bool reads_grad = compute_sums || direction_reads_grad(r, precond_old) ||
                           direction_reads_grad(r, precond_new);
@@ -419,16 +427,113 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
     if (!changed[blk] && !compute_sums) return;
     const int64_t o = t * L.tile;
     MoveTile args = ms[blk];
-    args.p = B.p + o;
-    args.g = reads_grad ? B.grad_tile(o, L.tile) : nullptr;
+    args.n = B.count(t, L.tile);
+    args.p = B.theta(t, o);
+    args.g = reads_grad ? B.grad_of(t, o, L.tile) : nullptr;
     args.a = B.a ? B.a + o : nullptr;
     args.b = B.b ? B.b + o : nullptr;
     args.out = compute_sums ? &partial[t * 3] : nullptr;
     k->move(r, precond_old, precond_new, changed[blk] != 0, compute_sums, args);
-    if (changed[blk]) B.publish_tile(o, L.tile);
+    if (changed[blk]) B.publish_tile(o, args.n);
   });
   if (!compute_sums) return at::zeros({L.nblocks, 3}, at::kFloat);
   return reduce_blocks(partial, L, 3);
+}
+
+at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
+                    at::TensorList states, at::ArrayRef<double> scalars, double weight_decay,
+                    const at::Tensor& eta_old, const at::Tensor& eta_new,
+                    const at::Tensor& gscale, const at::Tensor& tile_block,
+                    const at::Tensor& block_tiles, int64_t tile, bool precond_old,
+                    bool precond_new, bool compute_sums,
+                    const c10::optional<at::Tensor>& model_param) {
+  const char* op = "move";
+  const Layout L = check_pass_inputs(op, rule, param, grad, states, scalars, tile_block,
+                                     block_tiles, tile, model_param);
+  check_eta(op, "eta_old", eta_old, L.nblocks);
+  check_eta(op, "eta_new", eta_new, L.nblocks);
+  float unscale, clip;
+  if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
+  return run_move(L, static_cast<int>(rule), buffers(param, grad, states, model_param), scalars,
+                  weight_decay, eta_old, eta_new, unscale, clip, precond_old, precond_new,
+                  compute_sums);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same passes over a tile table (python/armijo_fused/storage/table.py): θ and g stay in
+// tensors the optimizer does not own (FSDP2 shards) and each tile is found through its pointers.
+// The states are flat buffers of the layout's length. The table's tensors are written through raw
+// addresses, which the op schemas cannot name: these ops are for eager use.
+
+static Bufs table_inputs(const char* op, int64_t rule, const at::Tensor& param_ptrs,
+                         const at::Tensor& grad_ptrs, const at::Tensor& lengths,
+                         at::TensorList states, at::ArrayRef<double> scalars,
+                         const at::Tensor& tile_block, const at::Tensor& block_tiles,
+                         int64_t tile, Layout* L) {
+  check_rule(op, rule);
+  check_scalars(op, scalars);
+  const int64_t ntiles = tile_block.numel();
+  for (const auto& [t, what, type] :
+       {std::tuple<const at::Tensor*, const char*, at::ScalarType>{&param_ptrs, "param_ptrs",
+                                                                   at::kLong},
+        {&grad_ptrs, "grad_ptrs", at::kLong},
+        {&lengths, "lengths", at::kInt}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == type && t->dim() == 1 &&
+                    t->is_contiguous() && t->numel() == ntiles,
+                "armijo_fused.", op, ": ", what, " must be a contiguous 1-D ", type,
+                " CPU tensor with one entry per tile (", ntiles, "), got ", t->scalar_type(),
+                " of shape ", t->sizes(), " on ", t->device());
+  }
+  *L = check_layout(op, tile_block, block_tiles, tile, ntiles * tile);
+  check_states(op, rule, states, ntiles * tile);
+  const int32_t* len = lengths.data_ptr<int32_t>();
+  for (int64_t t = 0; t < ntiles; ++t) {
+    TORCH_CHECK(len[t] >= 0 && len[t] <= tile, "armijo_fused.", op, ": lengths[", t, "] is ",
+                len[t], ", outside 0..", tile);
+  }
+  Bufs B{nullptr,
+         states.size() > 0 ? states[0].data_ptr<float>() : nullptr,
+         states.size() > 1 ? states[1].data_ptr<float>() : nullptr,
+         nullptr, at::kFloat, nullptr, at::kFloat};
+  B.p_table = param_ptrs.data_ptr<int64_t>();
+  B.g_table = grad_ptrs.data_ptr<int64_t>();
+  B.lengths = len;
+  return B;
+}
+
+at::Tensor first_pass_table_cpu(int64_t rule, const at::Tensor& param_ptrs,
+                                const at::Tensor& grad_ptrs, const at::Tensor& lengths,
+                                at::TensorList states, at::ArrayRef<double> scalars,
+                                double weight_decay, const at::Tensor& eta,
+                                const at::Tensor& gscale, const at::Tensor& tile_block,
+                                const at::Tensor& block_tiles, int64_t tile) {
+  const char* op = "first_pass_table";
+  Layout L;
+  const Bufs B = table_inputs(op, rule, param_ptrs, grad_ptrs, lengths, states, scalars,
+                              tile_block, block_tiles, tile, &L);
+  check_eta(op, "eta", eta, L.nblocks);
+  float unscale, clip;
+  if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
+  return run_first(L, static_cast<int>(rule), B, scalars, weight_decay, eta, unscale, clip);
+}
+
+at::Tensor move_table_cpu(int64_t rule, const at::Tensor& param_ptrs, const at::Tensor& grad_ptrs,
+                          const at::Tensor& lengths, at::TensorList states,
+                          at::ArrayRef<double> scalars, double weight_decay,
+                          const at::Tensor& eta_old, const at::Tensor& eta_new,
+                          const at::Tensor& gscale, const at::Tensor& tile_block,
+                          const at::Tensor& block_tiles, int64_t tile, bool precond_old,
+                          bool precond_new, bool compute_sums) {
+  const char* op = "move_table";
+  Layout L;
+  const Bufs B = table_inputs(op, rule, param_ptrs, grad_ptrs, lengths, states, scalars,
+                              tile_block, block_tiles, tile, &L);
+  check_eta(op, "eta_old", eta_old, L.nblocks);
+  check_eta(op, "eta_new", eta_new, L.nblocks);
+  float unscale, clip;
+  if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
+  return run_move(L, static_cast<int>(rule), B, scalars, weight_decay, eta_old, eta_new,
+                  unscale, clip, precond_old, precond_new, compute_sums);
 }
 
 at::Tensor grad_sq_norm_cpu(const at::Tensor& grad, const at::Tensor& tile_block,
@@ -456,4 +561,6 @@ TORCH_LIBRARY_IMPL(armijo_fused, CPU, m) {
   m.impl("first_pass", &armijo_fused::first_pass_cpu);
   m.impl("move", &armijo_fused::move_cpu);
   m.impl("grad_sq_norm", &armijo_fused::grad_sq_norm_cpu);
+  m.impl("first_pass_table", &armijo_fused::first_pass_table_cpu);
+  m.impl("move_table", &armijo_fused::move_table_cpu);
 }

@@ -120,6 +120,32 @@ def move(
     )
 
 
+def first_pass_table(rule_id: int, param_ptrs: Tensor, grad_ptrs: Tensor, lengths: Tensor,
+                     states: Sequence[Tensor], scalars: Sequence[float], weight_decay: float,
+                     eta: Tensor, gscale: Tensor, tile_block: Tensor, block_tiles: Tensor,
+                     tile: int) -> Tensor:
+    """:func:`first_pass` with θ and g reached through a tile table (``storage.table``)."""
+    _require()
+    return torch.ops.armijo_fused.first_pass_table(
+        int(rule_id), param_ptrs, grad_ptrs, lengths, list(states), [float(s) for s in scalars],
+        float(weight_decay), eta, gscale, tile_block, block_tiles, int(tile),
+    )
+
+
+def move_table(rule_id: int, param_ptrs: Tensor, grad_ptrs: Tensor, lengths: Tensor,
+               states: Sequence[Tensor], scalars: Sequence[float], weight_decay: float,
+               eta_old: Tensor, eta_new: Tensor, gscale: Tensor, tile_block: Tensor,
+               block_tiles: Tensor, tile: int, precond_old: bool = False,
+               precond_new: bool = False, compute_sums: bool = False) -> Tensor:
+    """:func:`move` with θ and g reached through a tile table (``storage.table``)."""
+    _require()
+    return torch.ops.armijo_fused.move_table(
+        int(rule_id), param_ptrs, grad_ptrs, lengths, list(states), [float(s) for s in scalars],
+        float(weight_decay), eta_old, eta_new, gscale, tile_block, block_tiles, int(tile),
+        bool(precond_old), bool(precond_new), bool(compute_sums),
+    )
+
+
 def grad_sq_norm(grad: Tensor, tile_block: Tensor, block_tiles: Tensor, tile: int) -> Tensor:
     _require()
     return torch.ops.armijo_fused.grad_sq_norm(grad, tile_block, block_tiles, int(tile))

@@ -17,6 +17,8 @@ from torch import Tensor
 from .. import ops
 from ..directions.base import DirectionRule
 from ..storage.layout import FlatLayout
+from ..storage.table import TileTable
+from ..storage.table import grad_sq_norm as table_grad_sq_norm
 
 name = "cpp"
 
@@ -32,7 +34,13 @@ def first_pass(
     gscale: Tensor,
     layout: FlatLayout,
     model_param: Tensor | None = None,
+    table: TileTable | None = None,
 ) -> Tensor:
+    if table is not None:
+        return ops.first_pass_table(
+            rule.rule_id, table.param_ptrs, table.grad_ptrs, table.lengths, states, scalars,
+            weight_decay, eta, gscale, layout.tile_block, layout.block_tiles, layout.tile,
+        )
     return ops.first_pass(
         rule.rule_id, param, grad, states, scalars, weight_decay, eta, gscale,
         layout.tile_block, layout.block_tiles, layout.tile, model_param,
@@ -54,7 +62,15 @@ def move(
     precond_new: bool = False,
     compute_sums: bool = False,
     model_param: Tensor | None = None,
+    table: TileTable | None = None,
 ) -> Tensor | None:
+    if table is not None:
+        sums = ops.move_table(
+            rule.rule_id, table.param_ptrs, table.grad_ptrs, table.lengths, states, scalars,
+            weight_decay, eta_old, eta_new, gscale, layout.tile_block, layout.block_tiles,
+            layout.tile, precond_old, precond_new, compute_sums,
+        )
+        return sums if compute_sums else None
     sums = ops.move(
         rule.rule_id, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
         layout.tile_block, layout.block_tiles, layout.tile, precond_old, precond_new,
@@ -63,5 +79,7 @@ def move(
     return sums if compute_sums else None
 
 
-def grad_sq_norm(grad: Tensor, layout: FlatLayout) -> Tensor:
+def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:
+    if table is not None:
+        return table_grad_sq_norm(table)
     return ops.grad_sq_norm(grad, layout.tile_block, layout.block_tiles, layout.tile)

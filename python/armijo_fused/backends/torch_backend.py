@@ -30,6 +30,11 @@ precond_old, precond_new, compute_sums, model_param=None) -> sums | None``
 too, rounded once from the master (the fused kernels do it in the same pass). ``grad`` may be
 fp32, bf16 or fp16; the math always runs in fp32.
 
+``table``: a :class:`~armijo_fused.storage.table.TileTable` of tensors that stay where they are
+(FSDP2 shards). The passes then ignore ``param`` and ``grad`` and read and write θ and g in
+those tensors; here by gathering them into flat temporaries and scattering θ back, in the fused
+backends through the table's pointers. The states stay flat buffers of the table's layout.
+
 ``gscale`` is a float32 device tensor of two entries; if either is not finite the pass writes
 nothing and returns zero sums, so a step with a non-finite gradient leaves θ and state untouched
 without a host sync.
@@ -44,6 +49,8 @@ from torch import Tensor
 
 from ..directions.base import DirectionRule
 from ..storage.layout import FlatLayout
+from ..storage.table import TileTable, gather, scatter
+from ..storage.table import grad_sq_norm as table_grad_sq_norm
 
 name = "torch"
 
@@ -76,7 +83,13 @@ def first_pass(
     gscale: Tensor,
     layout: FlatLayout,
     model_param: Tensor | None = None,
+    table: TileTable | None = None,
 ) -> Tensor:
+    if table is not None:
+        param, grad = gather(table.params, table), gather(table.grads, table)
+        sums = first_pass(rule, param, grad, states, scalars, weight_decay, eta, gscale, layout)
+        scatter(param, table.params, table)
+        return sums
     sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
     scale = _unpack_scale(gscale)
     if scale is None:
@@ -114,7 +127,14 @@ def move(
     precond_new: bool = False,
     compute_sums: bool = False,
     model_param: Tensor | None = None,
+    table: TileTable | None = None,
 ) -> Tensor | None:
+    if table is not None:
+        param, grad = gather(table.params, table), gather(table.grads, table)
+        sums = move(rule, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
+                    layout, precond_old, precond_new, compute_sums)
+        scatter(param, table.params, table)
+        return sums
     sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
     scale = _unpack_scale(gscale)
     if scale is None:
@@ -136,7 +156,9 @@ def move(
     return sums if compute_sums else None
 
 
-def grad_sq_norm(grad: Tensor, layout: FlatLayout) -> Tensor:
+def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:
+    if table is not None:
+        return table_grad_sq_norm(table)
     out = torch.empty(layout.nblocks, dtype=torch.float32, device=grad.device)
     for b, sl in _blocks(layout):
         out[b] = grad[sl].float().square().sum()

@@ -26,6 +26,8 @@ from ..kernels.move import move_kernel
 from ..kernels.reductions import SUM_COLS, block_sum_kernel, tile_sq_sum_kernel
 from ..kernels.rules import DIRECTION_READS_GRAD, STATE_COUNT, kernel_scalars
 from ..storage.layout import FlatLayout
+from ..storage.table import TileTable
+from ..storage.table import grad_sq_norm as table_grad_sq_norm
 
 name = "triton"
 
@@ -114,6 +116,36 @@ def _check_model_param(param: Tensor, model_param: Tensor | None, layout: FlatLa
         )
 
 
+def _check_table(rule: DirectionRule, table: TileTable, states: Sequence[Tensor],
+                 layout: FlatLayout) -> None:
+    dev = table.param_ptrs.device
+    if dev.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(f"triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {dev}")
+    for what, t, dtype in (("param_ptrs", table.param_ptrs, torch.int64),
+                           ("grad_ptrs", table.grad_ptrs, torch.int64),
+                           ("lengths", table.lengths, torch.int32)):
+        if t.dtype != dtype or t.numel() != layout.ntiles or t.device != dev:
+            raise ValueError(f"triton backend: table.{what} must be {dtype} with one entry per "
+                             f"tile ({layout.ntiles}) on {dev}")
+    want = STATE_COUNT[rule.rule_id]
+    if len(states) != want:
+        raise ValueError(
+            f"triton backend: rule {rule.name!r} keeps {want} state buffers, got {len(states)}")
+    for i, st in enumerate(states):
+        if st.dtype != torch.float32 or st.numel() != layout.numel or st.device != dev:
+            raise ValueError(f"triton backend: states[{i}] must be a float32 flat buffer of "
+                             f"{layout.numel} elements on {dev}")
+
+
+def _launches(table: TileTable | None, layout: FlatLayout) -> list[tuple[Tensor, bool]]:
+    """(tile list, FULL) per launch: one over every tile for flat buffers; for a table one over
+    its full tiles (vectorised) and one over the rest (masked per element), skipping empties."""
+    if table is None:
+        return [(layout.tile_block, True)]  # only its length is used: the grid
+    return [(t, full) for t, full in ((table.full_tiles, True), (table.partial_tiles, False))
+            if t.numel()]
+
+
 def _state_ptrs(param: Tensor, states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     # rules with fewer than two buffers get param as a placeholder the kernel never touches
     padded = list(states) + [param] * (2 - len(states))
@@ -141,20 +173,29 @@ def first_pass(
     gscale: Tensor,
     layout: FlatLayout,
     model_param: Tensor | None = None,
+    table: TileTable | None = None,
 ) -> Tensor:
-    _check(rule, param, grad, states, layout)
+    if table is None:
+        _check(rule, param, grad, states, layout)
+        _check_model_param(param, model_param, layout)
+        lengths = layout.tile_block  # placeholder: read only with TABLE
+    else:  # θ and g through the table: param and grad are its address columns
+        _check_table(rule, table, states, layout)
+        if model_param is not None:
+            raise ValueError("triton backend: a tile table takes no model_param (fp32 only)")
+        param, grad, lengths = table.param_ptrs, table.grad_ptrs, table.lengths
     _check_scalars(param, layout, eta=eta, gscale=gscale)
-    _check_model_param(param, model_param, layout)
     s0, s1, s2, s3, s4, om0, om1 = kernel_scalars(scalars)
-    st0, st1 = _state_ptrs(param, states)
+    st0, st1 = _state_ptrs(states[0] if states else eta, states)
     partials = torch.empty(layout.ntiles, SUM_COLS, dtype=torch.float32, device=param.device)
-    first_pass_kernel[(layout.ntiles,)](
-        param, param if model_param is None else model_param, grad, st0, st1, eta, gscale,
-        layout.tile_block, partials, layout.numel, float(weight_decay), s0, s1, s2, s3, s4, om0,
-        om1, RULE=rule.rule_id, NSTATES=len(states), WRITE_MODEL=model_param is not None,
-        BLOCK_SIZE=layout.tile,
-        **_launch_options(layout.tile),
-    )
+    for tiles, full in _launches(table, layout):
+        first_pass_kernel[(tiles.numel(),)](
+            param, st0 if model_param is None else model_param, grad, lengths, tiles, st0, st1,
+            eta, gscale, layout.tile_block, partials, layout.numel, float(weight_decay), s0, s1,
+            s2, s3, s4, om0, om1, RULE=rule.rule_id, NSTATES=len(states),
+            WRITE_MODEL=model_param is not None, TABLE=table is not None, FULL=full,
+            BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
+        )
     return _block_sums(partials, layout)
 
 
@@ -173,29 +214,41 @@ def move(
     precond_new: bool = False,
     compute_sums: bool = False,
     model_param: Tensor | None = None,
+    table: TileTable | None = None,
 ) -> Tensor | None:
-    _check(rule, param, grad, states, layout)
+    if table is None:
+        _check(rule, param, grad, states, layout)
+        _check_model_param(param, model_param, layout)
+        lengths = layout.tile_block  # placeholder: read only with TABLE
+    else:
+        _check_table(rule, table, states, layout)
+        if model_param is not None:
+            raise ValueError("triton backend: a tile table takes no model_param (fp32 only)")
+        param, grad, lengths = table.param_ptrs, table.grad_ptrs, table.lengths
     _check_scalars(param, layout, eta_old=eta_old, eta_new=eta_new, gscale=gscale)
-    _check_model_param(param, model_param, layout)
     precond_old, precond_new, compute_sums = bool(precond_old), bool(precond_new), bool(compute_sums)
     load_grad = (compute_sums or precond_old or precond_new
                  or DIRECTION_READS_GRAD[rule.rule_id])
     s0, s1, s2, s3, s4, om0, _ = kernel_scalars(scalars)
-    st0, st1 = _state_ptrs(param, states)
-    partials = param  # placeholder: the kernel writes partials only with COMPUTE_SUMS
+    st0, st1 = _state_ptrs(states[0] if states else eta_old, states)
+    partials = eta_old  # placeholder: the kernel writes partials only with COMPUTE_SUMS
     if compute_sums:
         partials = torch.empty(layout.ntiles, SUM_COLS, dtype=torch.float32, device=param.device)
-    move_kernel[(layout.ntiles,)](
-        param, param if model_param is None else model_param, grad, st0, st1, eta_old, eta_new,
-        gscale, layout.tile_block, partials, layout.numel, float(weight_decay), s0, s1, s2, s3,
-        s4, om0, RULE=rule.rule_id, NSTATES=len(states), PRECOND_OLD=precond_old,
-        PRECOND_NEW=precond_new, COMPUTE_SUMS=compute_sums, LOAD_GRAD=load_grad,
-        WRITE_MODEL=model_param is not None, BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
-    )
+    for tiles, full in _launches(table, layout):
+        move_kernel[(tiles.numel(),)](
+            param, st0 if model_param is None else model_param, grad, lengths, tiles, st0, st1,
+            eta_old, eta_new, gscale, layout.tile_block, partials, layout.numel,
+            float(weight_decay), s0, s1, s2, s3, s4, om0, RULE=rule.rule_id, NSTATES=len(states),
+            PRECOND_OLD=precond_old, PRECOND_NEW=precond_new, COMPUTE_SUMS=compute_sums,
+            LOAD_GRAD=load_grad, WRITE_MODEL=model_param is not None, TABLE=table is not None,
+            FULL=full, BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
+        )
     return _block_sums(partials, layout) if compute_sums else None
 
 
-def grad_sq_norm(grad: Tensor, layout: FlatLayout) -> Tensor:
+def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:
+    if table is not None:
+        return table_grad_sq_norm(table)
     if grad.dtype not in _GRAD_DTYPES:
         raise TypeError(f"triton backend: grad must be float32, bfloat16 or float16, got {grad.dtype}")
     if grad.numel() != layout.numel or not grad.is_contiguous():

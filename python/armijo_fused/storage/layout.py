@@ -45,7 +45,10 @@ def make_layout(block_numels, *, tile: int = DEFAULT_TILE, device="cpu") -> Flat
         raise ValueError(f"block sizes must be non-negative, got {block_numels}")
     if tile <= 0 or tile & (tile - 1):
         raise ValueError(f"tile must be a positive power of two, got {tile}")
-    tiles_per_block = [max(1, -(-n // tile)) for n in block_numels]
+    return _layout(block_numels, [max(1, -(-n // tile)) for n in block_numels], tile, device)
+
+
+def _layout(block_numels, tiles_per_block, tile: int, device) -> FlatLayout:
     block_tiles = [0]
     for t in tiles_per_block:
         block_tiles.append(block_tiles[-1] + t)
@@ -54,7 +57,7 @@ def make_layout(block_numels, *, tile: int = DEFAULT_TILE, device="cpu") -> Flat
         numel=block_tiles[-1] * tile,
         tile=tile,
         block_offsets=tuple(t * tile for t in block_tiles),
-        block_numels=block_numels,
+        block_numels=tuple(block_numels),
         tile_block=torch.tensor(tile_block, dtype=torch.int32, device=device),
         block_tiles=torch.tensor(block_tiles, dtype=torch.int32, device=device),
     )
@@ -76,4 +79,29 @@ def place_tensors(numels, block_ids, *, tile: int = DEFAULT_TILE,
     for n, b in zip(numels, block_ids):
         offsets.append(cursor[b])
         cursor[b] += n
+    return layout, offsets
+
+
+def place_tensors_tiled(numels, block_ids, *, tile: int = DEFAULT_TILE,
+                        device="cpu") -> tuple[FlatLayout, list[int]]:
+    """Like :func:`place_tensors`, but every tensor starts on a tile boundary, so that a tile
+    covers part of one tensor only: the layout of a tile table (``storage.table``), whose passes
+    find each tile's θ and g through a pointer rather than in a flat buffer. An empty tensor gets
+    no tile; a block with no elements keeps one (empty) tile."""
+    block_ids = list(block_ids)
+    if sorted(block_ids) != block_ids:
+        raise ValueError("parameters must be ordered by block")
+    if tile <= 0 or tile & (tile - 1):
+        raise ValueError(f"tile must be a positive power of two, got {tile}")
+    nblocks = block_ids[-1] + 1
+    block_numels, tiles = [0] * nblocks, [0] * nblocks
+    for n, b in zip(numels, block_ids):
+        block_numels[b] += int(n)
+        tiles[b] += -(-int(n) // tile)
+    layout = _layout(block_numels, [max(1, t) for t in tiles], tile, device)
+    cursor = list(layout.block_offsets[:-1])
+    offsets = []
+    for n, b in zip(numels, block_ids):
+        offsets.append(cursor[b])
+        cursor[b] += -(-int(n) // tile) * tile
     return layout, offsets
