@@ -96,7 +96,10 @@ def full_params(model):
 
 
 # -- rank bodies (module level: the spawned processes import them) ---------------------------------
-def _rank_reference_run(rank, world):
+def _rank_reference_run(rank, world, in_place):
+    from armijo_fused.storage.sharded import ShardedBuffer
+
+    ShardedBuffer.default_in_place = in_place
     model = shard(make_model())
     params = list(model.parameters())
     from torch.distributed.tensor import DTensor
@@ -106,8 +109,35 @@ def _rank_reference_run(rank, world):
     log = train(model, opt, STEPS, rank, world)
     state = opt.state[params[0]]
     return {"log": log, "params": full_params(model),
+            "in_place": [b.in_place for b in opt._buffers],
             "state_is_dtensor": all(isinstance(v, DTensor) for v in state.values()
                                     if isinstance(v, torch.Tensor))}
+
+
+def _rank_in_place_buffer(rank, world):
+    """The in-place buffer's flat views: ``param`` gathers the shards, ``set_param`` writes them,
+    ``grad`` gathers this step's gradient shards."""
+    from armijo_fused.storage.sharded import _local
+
+    model = shard(make_model())
+    opt = make_opt(model)
+    train(model, opt, 1, rank, world)
+    out = []
+    for buf in opt._buffers:
+        shards = [_local(p) for p in buf.params]
+        before = [t.clone() for t in shards]
+        flat = buf.param
+        gathered = all(torch.equal(flat[o:o + t.numel()], t.reshape(-1))
+                       for t, o in zip(shards, buf.offsets))
+        grads = buf.grad
+        grad_ok = all(torch.equal(grads[o:o + t.numel()], _local(p.grad).reshape(-1))
+                      for t, o, p in zip(shards, buf.offsets, buf.params) if p.grad is not None)
+        buf.set_param(torch.full_like(flat, 7.0))
+        sevens = all(bool((t == 7.0).all()) for t in shards)
+        buf.set_param(flat)
+        restored = all(torch.equal(t, b) for t, b in zip(shards, before))
+        out.append((buf.in_place, gathered, grad_ok, sevens, restored))
+    return out
 
 
 def _trial_losses(rank, world, reshard):
@@ -160,16 +190,20 @@ def _rank_dcp(rank, world, path):
 
 
 # -- tests -----------------------------------------------------------------------------------------
-def test_fsdp2_matches_the_single_process_run():
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copies"])
+def test_fsdp2_matches_the_single_process_run(in_place):
+    """In place, the passes read and write the shards through a tile table; with copies they run
+    on flat copies of them. Both must give the single-process run."""
     ref_model = make_model()
     ref_opt = make_opt(ref_model, max_grad_norm=1.0, init_step_size=0.3)
     ref_log = train(ref_model, ref_opt, STEPS)
     ref_params = full_params(ref_model)
     assert sum(t for _, t, _, _ in ref_log) > STEPS  # the search did backtrack somewhere
 
-    results = run_ranks(_rank_reference_run, world=2, timeout=120)
+    results = run_ranks(_rank_reference_run, world=2, timeout=120, args=(in_place,))
     for r in results:
         assert r["state_is_dtensor"]
+        assert r["in_place"] and all(m == in_place for m in r["in_place"])
         for (eta, trials, f0, f1), (eta_r, trials_r, f0_r, f1_r) in zip(r["log"], ref_log):
             assert trials == trials_r
             assert eta == pytest.approx(eta_r, rel=1e-6)
@@ -179,6 +213,11 @@ def test_fsdp2_matches_the_single_process_run():
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     for p, q in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(p, q)
+
+
+def test_in_place_buffer_reads_and_writes_the_shards():
+    for r in run_ranks(_rank_in_place_buffer, world=2, timeout=120):
+        assert r and all(row == (True, True, True, True, True) for row in r), r
 
 
 def test_trial_forwards_see_the_moved_weights():

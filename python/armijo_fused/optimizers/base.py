@@ -634,7 +634,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                                  block_ids=local, tile=self.tile)
             buf.group_blocks = used
             # the passes work on buf.param: the fp32 master for a bf16/fp16 model
-            buf.backend = resolve_backend(self.backend, buf.device, buf.param.dtype)
+            buf.backend = resolve_backend(self.backend, buf.device,
+                                          torch.float32 if getattr(buf, "master", False)
+                                          else buf.dtype)
             buffers.append(buf)
         self._buffers, self._buffer_key = buffers, key
         self._sharded = any(isinstance(b, ShardedBuffer) for b in buffers)
@@ -658,6 +660,20 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if getattr(self, "_sharded", False):
             for m in fsdp_modules(self._modules):
                 m.reshard()
+
+
+def _table(buf):
+    """The tile table of a sharded buffer that works on the shards in place (else None)."""
+    return getattr(buf, "table", None)
+
+
+def _flat_param(buf) -> Tensor | None:
+    # in place, the passes find θ through the table: no flat buffer to pass (or gather)
+    return None if _table(buf) is not None else buf.param
+
+
+def _flat_grad(buf) -> Tensor | None:
+    return None if _table(buf) is not None else buf.grad
 
 
 def _model_copy(buf) -> Tensor | None:
@@ -693,7 +709,8 @@ class _FlatPasses(Passes):
         scale = torch.ones(2, dtype=torch.float32, device=dev0)
         if need_norm:
             sq = self._sum_over_shards(
-                [b.backend.grad_sq_norm(b.grad, b.layout).to(dev0).sum() for b in self.buffers])
+                [b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b)).to(dev0).sum()
+                 for b in self.buffers])
             self._grad_sq = sq
             if opt.max_grad_norm is not None:
                 clip = (opt.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
@@ -731,8 +748,9 @@ class _FlatPasses(Passes):
         sums = []
         for i, b in enumerate(self.buffers):
             sums.append(b.backend.first_pass(
-                self.opt.rule, b.param, b.grad, b.states, self.scalars[i], self.wd[i],
-                self._eta(i, eta), self._gscale[b.device], b.layout, _model_copy(b)))
+                self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
+                self.wd[i], self._eta(i, eta), self._gscale[b.device], b.layout, _model_copy(b),
+                table=_table(b)))
         sums = self._written(sums)
         self.eta = list(eta)
         self._first_sums = sums
@@ -764,13 +782,9 @@ class _FlatPasses(Passes):
 
     def restore(self, snapshot) -> None:
         for b, (param, states) in zip(self.buffers, snapshot):
-            b.param.copy_(param)
+            b.set_param(param)  # and the model's copy of a master, or the shards
             for s, saved in zip(b.states, states):
                 s.copy_(saved)
-        for b in self.buffers:
-            if getattr(b, "master", False):
-                b.publish()  # a copy, not a pass: the model's tensors get the master here
-        self._written(None)
         self.eta, self.precond = [0.0] * len(self.eta), False
 
     def _written(self, sums):
@@ -798,9 +812,9 @@ class _FlatPasses(Passes):
         out = []
         for i, b in enumerate(self.buffers):
             s = b.backend.move(
-                self.opt.rule, b.param, b.grad, b.states, self.scalars[i], self.wd[i],
-                self._eta(i, self.eta), self._eta(i, eta), self._gscale[b.device], b.layout,
-                self.precond, precond, compute_sums, _model_copy(b))
+                self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
+                self.wd[i], self._eta(i, self.eta), self._eta(i, eta), self._gscale[b.device],
+                b.layout, self.precond, precond, compute_sums, _model_copy(b), table=_table(b))
             out.append(s)
         out = self._written(out if compute_sums else None)
         self.eta, self.precond = list(eta), precond

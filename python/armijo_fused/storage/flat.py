@@ -138,6 +138,12 @@ class FlatBuffer:
                     self._param_views[i].copy_(self._master_views[i])
         return True
 
+    def set_param(self, flat: Tensor) -> None:
+        """Write θ (the master for bf16/fp16) from a flat buffer and publish it to the model."""
+        with torch.no_grad():
+            self.param.copy_(flat)
+        self.publish()
+
     def publish(self) -> None:
         """Write the fp32 master into the model's bf16/fp16 tensors (no-op for fp32)."""
         if self.master:

@@ -3,13 +3,23 @@
 FSDP2 owns the storage of its sharded parameters: its all-gather reads from it, so the model's
 tensors cannot be re-pointed into our buffer as :class:`~armijo_fused.storage.flat.FlatBuffer`
 does (assigning ``p.data`` would also strip the DTensor wrapper). :class:`ShardedBuffer` keeps the
-same interface (``param``, ``grad``, ``states``, ``layout``) over *copies* of the local shards:
+same interface (``param``, ``grad``, ``states``, ``layout``) in one of two ways:
 
-* ``sync`` (start of every step): the local shard of each parameter and of its gradient are copied
-  into the flat buffers (two ``torch._foreach_copy_`` launches), so anything that wrote the shards
-  between steps (DCP load, ``load_state_dict``, a user) is picked up;
-* ``after_write`` (after every pass that moves θ): the flat θ is copied back into the local shards,
-  so the next all-gather, and hence the next (trial) forward, sees the moved weights;
+* **in place** (the default when every local shard is a contiguous, 16-byte aligned fp32 tensor):
+  a tile table (:mod:`.table`) points the passes at the shards and at this step's gradient shards,
+  so θ is read and written where FSDP2 keeps it and nothing is copied. ``sync`` rebuilds the
+  table's gradient column (FSDP2 writes a new gradient tensor after every backward); ``param`` and
+  ``grad`` are gathered copies, for the rare readers (batched candidates, ``exact_revert``), and
+  :meth:`set_param` writes θ back.
+* **copies** (otherwise, e.g. bf16 shards): ``sync`` copies the local shard of each parameter and
+  of its gradient into flat buffers (two ``torch._foreach_copy_`` launches), and ``after_write``
+  (after every pass that moves θ) copies the flat θ back into the local shards, so the next
+  all-gather, and hence the next (trial) forward, sees the moved weights.
+
+In both:
+
+* anything that wrote the shards between steps (DCP load, ``load_state_dict``, a user) is seen at
+  the next step;
 * the optimizer state lives only in the flat buffers; ``state[p][name]`` is a DTensor with the
   parameter's mesh and placements whose local tensor is a view into them, so ``state_dict`` and
   torch.distributed.checkpoint see sharded state like that of any torch optimizer.
@@ -20,9 +30,9 @@ which averages over the ranks: the local sums are multiplied by ``sum_scale`` = 
 shards first (mean of W·s_r = Σ s_r). That needs the shards to span the optimizer's process group
 (a 1-D mesh over the world, FSDP2's default); other meshes (HSDP, 2-D) are refused.
 
-Cost against the flat path: one copy of θ and g per step and one copy of θ per pass, and one
-extra buffer each for θ and g. Replicated DTensors (no ``Shard`` placement) are stored the same
-way with ``sum_scale`` 1.
+Cost of the copies against the in-place path: one copy of θ and g per step and one copy of θ per
+pass, and one extra buffer each for θ and g. Replicated DTensors (no ``Shard`` placement) are
+stored the same way with ``sum_scale`` 1.
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ import torch
 from torch import Tensor
 
 from ..directions.base import DirectionRule
-from .layout import DEFAULT_TILE, place_tensors
+from .layout import DEFAULT_TILE, place_tensors, place_tensors_tiled
+from .table import gather, make_table, scatter, table_ok, with_grads
 
 
 def dtensor_class():
@@ -65,6 +76,9 @@ class ShardedBuffer:
     """Flat θ / g / state buffers over the local shards of one group's DTensor parameters."""
 
     sharded = True
+    #: in_place when the constructor is not told: None chooses in place wherever the shards allow
+    #: it; False forces the copies (tests and benchmarks compare the two)
+    default_in_place: bool | None = None
 
     def __init__(
         self,
@@ -76,6 +90,7 @@ class ShardedBuffer:
         block_ids: Sequence[int] | None = None,
         tile: int = DEFAULT_TILE,
         process_group=None,
+        in_place: bool | None = None,
     ):
         if not params:
             raise ValueError("a sharded buffer needs at least one parameter")
@@ -111,19 +126,31 @@ class ShardedBuffer:
         local = [_local(p) for p in self.params]
         self.device = local[0].device
         self.dtype = local[0].dtype
+        why = table_ok(local)
+        in_place = self.default_in_place if in_place is None else in_place
+        if in_place and why:
+            raise ValueError(f"in_place=True, but {why}")
+        self.in_place = not why if in_place is None else in_place
         block_ids = list(block_ids) if block_ids is not None else [0] * len(params)
-        self.layout, self.offsets = place_tensors([t.numel() for t in local], block_ids,
-                                                  tile=tile, device=self.device)
+        place = place_tensors_tiled if self.in_place else place_tensors
+        self.layout, self.offsets = place([t.numel() for t in local], block_ids, tile=tile,
+                                          device=self.device)
         self.block_ids = block_ids
 
         n = self.layout.numel
         kw = dict(dtype=self.dtype, device=self.device)
-        self.param = torch.zeros(n, **kw)
-        self.grad = torch.zeros(n, **kw)
         self.states = [torch.zeros(n, **kw) for _ in rule.state_names]
         self._shapes = [t.shape for t in local]
-        self._param_views = [self._view(self.param, i) for i in range(len(local))]
-        self._grad_views = [self._view(self.grad, i) for i in range(len(local))]
+        self._ptrs = [t.data_ptr() for t in local]
+        self.table = None
+        if self.in_place:
+            self._zero_grads = {}  # a zero gradient for a parameter that got none this step
+            self.table = make_table(self.layout, self.offsets, local, local, self.device)
+        else:
+            self._param = torch.zeros(n, **kw)
+            self._grad = torch.zeros(n, **kw)
+            self._param_views = [self._view(self._param, i) for i in range(len(local))]
+            self._grad_views = [self._view(self._grad, i) for i in range(len(local))]
         self._state_dt = [
             [self._wrap(self._view(s, i), p) for s in self.states] for i, p in enumerate(self.params)
         ]
@@ -140,22 +167,69 @@ class ShardedBuffer:
             return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
                                       shape=p.shape, stride=p.stride())
 
+    @property
+    def param(self) -> Tensor:
+        """θ as one flat buffer: the buffer itself with copies, a gathered copy in place (write
+        it back with :meth:`set_param`)."""
+        return gather(self.table.params, self.table) if self.in_place else self._param
+
+    @property
+    def grad(self) -> Tensor:
+        """g as one flat buffer (a gathered copy in place)."""
+        return gather(self.table.grads, self.table) if self.in_place else self._grad
+
+    def set_param(self, flat: Tensor) -> None:
+        """Write θ from a flat buffer of the layout (restoring a snapshot)."""
+        with torch.no_grad():
+            if self.in_place:
+                scatter(flat, self.table.params, self.table)
+            else:
+                self._param.copy_(flat)
+                self.after_write()
+
+    def _grad_shards(self) -> list[Tensor]:
+        """This step's local gradient shards, as tensors the table can address."""
+        out = []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:  # unused this step: counts as zero
+                if i not in self._zero_grads:
+                    self._zero_grads[i] = torch.zeros(self._shapes[i], dtype=self.dtype,
+                                                      device=self.device)
+                g = self._zero_grads[i]
+            else:
+                g = _local(g)
+                if g.is_sparse:
+                    raise RuntimeError("armijo_fused optimizers do not support sparse gradients")
+                if table_ok([g]) or g.shape != self._shapes[i]:  # not addressable as it is
+                    g = g.to(self.dtype).reshape(self._shapes[i]).clone()
+            out.append(g)
+        return out
+
     def sync(self, state: dict) -> bool:
-        """Copy the local shards of θ and g in and re-attach the state; False: rebuild needed."""
+        """Take this step's θ and g (copies in, or the table's gradient column in place) and
+        re-attach the state; False: the shards moved or changed shape, rebuild needed."""
         local = [_local(p) for p in self.params]
         if any(t.shape != s for t, s in zip(local, self._shapes)):
             return False
+        if self.in_place and [t.data_ptr() for t in local] != self._ptrs:
+            return False
         with torch.no_grad():
-            torch._foreach_copy_(self._param_views, local)
+            if self.in_place:
+                self.table = with_grads(self.table, self._grad_shards())
+            else:
+                torch._foreach_copy_(self._param_views, local)
             for i, p in enumerate(self.params):
-                g = p.grad
-                if g is None:
-                    self._grad_views[i].zero_()
-                else:
-                    g = _local(g)
-                    if g.is_sparse:
-                        raise RuntimeError("armijo_fused optimizers do not support sparse gradients")
-                    self._grad_views[i].copy_(g)
+                if not self.in_place:
+                    g = p.grad
+                    if g is None:
+                        self._grad_views[i].zero_()
+                    else:
+                        g = _local(g)
+                        if g.is_sparse:
+                            raise RuntimeError(
+                                "armijo_fused optimizers do not support sparse gradients")
+                        self._grad_views[i].copy_(g)
                 pstate = state[p]
                 for name, dt in zip(self.rule.state_names, self._state_dt[i]):
                     old = pstate.get(name)
@@ -166,7 +240,10 @@ class ShardedBuffer:
         return True
 
     def after_write(self) -> None:
-        """Copy the flat θ back into the local shards (after every pass that moved θ)."""
+        """Copy the flat θ back into the local shards (after every pass that moved θ); in place
+        the passes wrote the shards themselves."""
+        if self.in_place:
+            return
         with torch.no_grad():
             torch._foreach_copy_([_local(p) for p in self.params], self._param_views)
 

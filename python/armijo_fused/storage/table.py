@@ -16,7 +16,7 @@ temporaries, runs the flat reference and scatters θ back, which defines what th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -106,11 +106,24 @@ def make_table(layout: FlatLayout, offsets: Sequence[int], params: Sequence[Tens
         param_ptrs=_tile_addresses(params, offsets, layout, dummy).to(device),
         grad_ptrs=_tile_addresses(grads, offsets, layout, dummy).to(device),
         lengths=lengths.to(device),
-        tensor_blocks=layout.tile_block.cpu()[[o // tile for o in offsets]].long().to(device)
-        if offsets else torch.zeros(0, dtype=torch.int64, device=device),
+        # an empty tensor may sit past the last tile: any block will do, it adds a zero norm
+        tensor_blocks=layout.tile_block.cpu()[[min(o // tile, layout.ntiles - 1)
+                                               for o in offsets]].long().to(device),
         full_tiles=(lengths == tile).nonzero().flatten().int().to(device),
         partial_tiles=(lengths != tile).nonzero().flatten().int().to(device),
     )
+
+
+def with_grads(table: TileTable, grads: Sequence[Tensor]) -> TileTable:
+    """The table with new gradient tensors (same shapes): FSDP2 writes a new gradient after
+    every backward, so the g column is rebuilt at every step; θ's column stays."""
+    grads = [g.reshape(-1) for g in grads]
+    why = table_ok(grads)
+    if why:
+        raise ValueError(why)
+    dummy = next((p.data_ptr() for p in table.params if p.numel()), 0)
+    ptrs = _tile_addresses(grads, table.offsets, table.layout, dummy)
+    return replace(table, grads=grads, grad_ptrs=ptrs.to(table.grad_ptrs.device))
 
 
 def gather(tensors: Sequence[Tensor], table: TileTable) -> Tensor:
