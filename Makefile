@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/layerwise.py
 	$(PY) bench/step_bench.py
 	$(PY) bench/compare_peers_small.py
+	$(PY) bench/fsdp2_in_place.py
 	$(PY) bench/convergence.py
 
 demo: setup
