@@ -74,7 +74,7 @@ def run_rank(rank: int, world: int, port: int, out: str, args: dict) -> None:
         for kind, cadence in (("step", 10**6), ("search_step", "every")):
             opt = ArmijoAdam(model.parameters(), model=model, cadence=cadence)
             ts = []
-            for i in range(args["steps"] + 2):
+            for _ in range(args["steps"] + 2):
                 opt.zero_grad()
                 loss = loss_fn()
                 loss.backward()
