@@ -35,20 +35,20 @@ def backend(name):
     return importlib.import_module(f"armijo_fused.backends.{name}_backend")
 
 
-def make(rule_name, seed=0):
+def make(rule_name, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     numels, blocks = [n for n, _ in TENSORS], [b for _, b in TENSORS]
-    layout, offsets = place_tensors_tiled(numels, blocks, tile=TILE)
-    params = [torch.randn(n, generator=gen) for n in numels]
-    grads = [torch.randn(n, generator=gen) * 0.1 for n in numels]
+    layout, offsets = place_tensors_tiled(numels, blocks, tile=TILE, device=device)
+    params = [torch.randn(n, generator=gen).to(device) for n in numels]
+    grads = [(torch.randn(n, generator=gen) * 0.1).to(device) for n in numels]
     states = []
     for name in RULES[rule_name].state_names:
         s = torch.zeros(layout.numel)
         for n, off in zip(numels, offsets):
             x = torch.randn(n, generator=gen) * 1e-2
             s[off:off + n] = x.abs() if name in ("exp_avg_sq", "square_avg") else x
-        states.append(s)
-    eta = torch.rand(layout.nblocks, generator=gen) * 1e-2 + 1e-3
+        states.append(s.to(device))
+    eta = (torch.rand(layout.nblocks, generator=gen) * 1e-2 + 1e-3).to(device)
     return layout, offsets, params, grads, states, eta
 
 
@@ -61,8 +61,9 @@ def clone_case(case):
 def run(name, rule_name, case, gscale=(0.5, 0.25)):
     layout, offsets, params, grads, states, eta = case
     rule, b = RULES[rule_name], backend(name)
-    table = make_table(layout, offsets, params, grads, "cpu")
-    scal, wd, gs = rule.scalars(GROUP, 3), 0.01, torch.tensor(gscale)
+    device = params[0].device
+    table = make_table(layout, offsets, params, grads, device)
+    scal, wd, gs = rule.scalars(GROUP, 3), 0.01, torch.tensor(gscale, device=device)
     out = [b.first_pass(rule, None, None, states, scal, wd, eta, gs, layout, table=table)]
     new = eta * 0.5
     new[1] = eta[1]  # block 1 keeps its step size
@@ -77,10 +78,8 @@ def run(name, rule_name, case, gscale=(0.5, 0.25)):
     return out
 
 
-@pytest.mark.parametrize("name", FUSED)
-@pytest.mark.parametrize("rule_name", list(RULES))
-def test_table_passes_match_the_torch_twin(rule_name, name):
-    start = make(rule_name, seed=1)
+def check_against_twin(rule_name, name, device):
+    start = make(rule_name, seed=1, device=device)
     a, b = clone_case(start), clone_case(start)
     want, got = run("torch", rule_name, a), run(name, rule_name, b)
     assert got[2] is None and want[2] is None
@@ -92,6 +91,19 @@ def test_table_passes_match_the_torch_twin(rule_name, name):
             assert not torch.equal(p, p0)  # θ was written in place, in the caller's tensor
     for s, t in zip(b[4], a[4]):
         torch.testing.assert_close(s, t, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("rule_name", list(RULES))
+def test_table_passes_match_the_torch_twin(rule_name, name):
+    check_against_twin(rule_name, name, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rule_name", list(RULES))
+def test_compiled_triton_table_passes_match_the_torch_twin(rule_name):
+    check_against_twin(rule_name, "triton", "cuda")
 
 
 @pytest.mark.parametrize("name", ["torch"] + FUSED)

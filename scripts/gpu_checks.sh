@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every check and benchmark this project needs a GPU for, in one run that fits a short device
+# slot (about 10 minutes on an H100/H200). Each stage has its own time limit and the run goes on
+# after a stage fails, so one problem does not cost the rest; the exit status is that of the worst
+# stage. Results land in bench/results/ and, when $OUT is set (the device tool's output folder),
+# are copied there together with the log.
+#
+# Usage (on the GPU machine, from the repository root): bash scripts/gpu_checks.sh [--quick]
+#   --quick: fewer repeats and steps (a first look when the slot is short)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+QUICK=0
+[[ "${1:-}" == "--quick" ]] && QUICK=1
+status=0
+LOG=${OUT:-/tmp}/gpu_checks.log
+: >"$LOG"
+STAMP=$(mktemp)  # results newer than this are this run's
+
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -25
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
+  ((rc > status)) && status=$rc
+}
+
+stage install 240 $PY -m pip install -q --no-build-isolation --no-deps -e .
+$PY - <<'PY' | tee -a "$LOG"
+import torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
+PY
+stage tests-gpu 240 $PY -m pytest -m gpu -q -x -p no:randomly
+if ((QUICK)); then
+  stage kernels 150 $PY bench/bench_kernels.py --repeats 20
+  stage step 150 $PY bench/step_bench.py --steps 20 --warmup 5
+  stage batched 90 $PY bench/batched_candidates.py --device cuda --steps 10
+else
+  stage kernels 200 $PY bench/bench_kernels.py --repeats 30
+  stage step 240 $PY bench/step_bench.py
+  stage batched 120 $PY bench/batched_candidates.py --device cuda
+  stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200
+fi
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT/results"
+  find bench/results -newer "$STAMP" -type f -exec cp {} "$OUT/results/" \;
+fi
+echo "== done, worst exit status $status" | tee -a "$LOG"
+exit $status
