@@ -72,3 +72,13 @@ def environment(device: torch.device) -> dict:
 
 def result_slug(device: torch.device) -> str:
     return "cpu" if device.type != "cuda" else device_slug(torch.cuda.get_device_name(device))
+
+
+def write_result(path, result: dict) -> None:
+    """Write a benchmark's result as indented JSON (creating the folder) and say where."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")

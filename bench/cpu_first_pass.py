@@ -23,7 +23,6 @@ Usage: python bench/cpu_first_pass.py [--params 10e6] [--repeats 30] [--threads 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import cpu_model, git_commit  # noqa: E402
+from _env import cpu_model, git_commit, write_result  # noqa: E402
 
 from armijo_fused import ops
 from armijo_fused.backends import cpp_backend, torch_backend
@@ -225,10 +224,7 @@ def main() -> None:
         "ratio_unfused_over_fused_bf16_master": ratio_bf16,
         "ratio_bf16_master_over_fp32_first_pass": bf16 / first,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ Usage: python bench/fsdp2_in_place.py [--width 768] [--layers 8] [--steps 20]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -34,7 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import cpu_model, git_commit  # noqa: E402
+from _env import environment, write_result  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -123,17 +121,11 @@ def main() -> None:
         ratios[kind] = b / a
         print(f"{kind:12s} in place {a:8.2f} ms   copies {b:8.2f} ms   copies / in place "
               f"{b / a:.2f}x")
-    result = {
-        "benchmark": "fsdp2_in_place",
-        "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine()},
-        "torch": torch.__version__, "python": platform.python_version(),
-        "git_commit": git_commit(), "world": world, "args": vars(args),
-        "params": r0["params"], "ranks": ranks, "copies_over_in_place": ratios,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, {
+        "benchmark": "fsdp2_in_place", **environment(torch.device("cpu")),
+        "torch_threads": 1, "world": world, "args": vars(args), "params": r0["params"],
+        "ranks": ranks, "copies_over_in_place": ratios,
+    })
 
 
 if __name__ == "__main__":
