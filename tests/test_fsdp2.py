@@ -140,6 +140,49 @@ def _rank_in_place_buffer(rank, world):
     return out
 
 
+def _rank_failed_step(rank, world, exact):
+    """A trial forward that raises mid-search: the shards and the state must be as before the
+    step (bitwise with exact_revert, which restores through set_param; to rounding otherwise)."""
+    from armijo_fused.storage.sharded import _local
+
+    model = shard(make_model())
+    opt = make_opt(model, exact_revert=exact, init_step_size=3.0)
+    train(model, opt, 2, rank, world)
+    params = list(model.parameters())
+    before = [_local(p).clone() for p in params]
+    state_before = [{k: _local(v).clone() for k, v in opt.state[p].items()
+                     if isinstance(v, torch.Tensor)} for p in params]
+    x, y = batch(7)
+    n = BATCH // world
+    x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        if len(calls) == 2:  # the second trial fails, after θ has moved twice
+            raise RuntimeError("trial failed")
+        return nn.functional.mse_loss(model(x), y)
+
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    raised = False
+    try:
+        opt.step(loss_fn=loss_fn, loss=loss)
+    except RuntimeError:
+        raised = True
+    same = []
+    for p, b, sb in zip(params, before, state_before):
+        now = {k: _local(v) for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+        if exact:
+            same.append(torch.equal(_local(p), b) and all(torch.equal(now[k], v)
+                                                           for k, v in sb.items()))
+        else:
+            same.append(torch.allclose(_local(p), b, rtol=1e-5, atol=1e-6) and all(
+                torch.allclose(now[k], v, rtol=1e-4, atol=1e-7) for k, v in sb.items()))
+    return {"raised": raised, "same": same, "in_place": [b.in_place for b in opt._buffers]}
+
+
 def _trial_losses(rank, world, reshard):
     if not reshard:  # the negative control: what happens without resharding between trials
         ArmijoOptimizer._reshard_fsdp = lambda self: None
@@ -218,6 +261,12 @@ def test_fsdp2_matches_the_single_process_run(in_place):
 def test_in_place_buffer_reads_and_writes_the_shards():
     for r in run_ranks(_rank_in_place_buffer, world=2, timeout=120):
         assert r and all(row == (True, True, True, True, True) for row in r), r
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact_revert", "inverse"])
+def test_a_failed_step_leaves_the_shards_and_state_as_they_were(exact):
+    for r in run_ranks(_rank_failed_step, world=2, timeout=120, args=(exact,)):
+        assert r["raised"] and all(r["in_place"]) and r["same"] and all(r["same"]), r
 
 
 def test_trial_forwards_see_the_moved_weights():
