@@ -17,7 +17,9 @@ namespace armijo_fused {
 
 // Update the state with g_in = grad*gscale[0]*gscale[1], form d = u + wd*θ, step θ -= eta[b]*d.
 // Returns fp32 [nblocks, 3] = (Σ g·d, Σ g², Σ d²) with g = grad*gscale[0]. With model_param
-// (bf16/fp16, fp32 master weights), every element of θ written is also written there, rounded.
+// (bf16/fp16, fp32 master weights), every element of θ written is also written there, rounded;
+// first, where the model's value is not the master rounded (the user wrote the weights since the
+// last step), the model's value replaces the master.
 at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
                           at::TensorList states, at::ArrayRef<double> scalars,
                           double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,

@@ -6,6 +6,7 @@ One program per tile of ``BLOCK_SIZE`` elements (the layout's tile), block ``til
     g_in   = g * gscale[1]                     # what the state absorbs (clipping)
     state <- update_state(state, g_in)
     d      = u(state, g_in) + wd * θ0          # applied direction, decoupled weight decay
+    θ0    <- model where bf16/fp16(θ0) != model  # only WRITE_MODEL: the user wrote the model
     θ     <- θ0 - eta[block] * d
     model <- bf16/fp16(θ)                      # only WRITE_MODEL: fp32 master weights
     partial[tile] = (Σ g·d, Σ g², Σ d²)
@@ -14,7 +15,7 @@ With ``TABLE``, θ and g are found through a tile table (FSDP2 shards that stay 
 ``storage/table.py``) instead of the flat buffers; the states stay flat.
 
 Traffic per element: reads θ, g and the state, writes θ and the state (28 B for Adam in fp32;
-with a bf16 model and fp32 master, g is 2 B and the model copy adds 2 B: 28 B too).
+with a bf16 model and fp32 master, g is 2 B and the model copy is read and written: 30 B).
 If either gscale entry is not finite the program writes zero partials and nothing else.
 """
 
@@ -24,7 +25,15 @@ import triton
 import triton.language as tl
 
 from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
-from .rules import direction, load_states, store_states, store_theta, tile_pointers, update_state
+from .rules import (
+    direction,
+    load_states,
+    round_to_model,
+    store_states,
+    store_theta,
+    tile_pointers,
+    update_state,
+)
 
 
 @triton.jit
@@ -37,6 +46,11 @@ def _first_pass_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, st
     theta_ptrs, grad_ptrs, mask = tile_pointers(param_ptr, grad_ptr, lengths_ptr, tile, offs,
                                                 n_elements, BLOCK_SIZE, TABLE, FULL)
     theta = tl.load(theta_ptrs, mask=mask, other=0.0)
+    if WRITE_MODEL:  # weights the user wrote into the model since the last step win
+        model = tl.load(model_ptr + offs, mask=mask, other=0.0)
+        written = round_to_model(theta, model_ptr.dtype.element_ty).to(tl.float32) != model.to(
+            tl.float32)
+        theta = tl.where(written, model.to(tl.float32), theta)
     g = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32) * unscale
     g_in = g * clip
     a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)

@@ -231,6 +231,31 @@ def test_half_gradients_and_model_copy_match_torch(rule_name, dtype, simd):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("rule_name", ["sgd", "adam"])
+def test_weights_written_into_the_model_replace_the_master(rule_name, dtype, simd):
+    """Elements of the model copy that are not the master rounded (the user loaded or initialised
+    weights) are where the first pass starts from; the rest keep the exact fp32 master."""
+    rule = RULES[rule_name]
+    a = case(rule_name, MULTI, seed=13)
+    a.grad = a.grad.to(dtype)
+    model = a.param.to(dtype)
+    written = torch.zeros(a.layout.numel, dtype=torch.bool)
+    written[::7] = True
+    model[written] = 0.5
+    b = a.clone()
+    model_a, model_b = model.clone(), model.clone()
+    zero = torch.zeros_like(a.eta)  # no step: θ after the pass is where the pass started
+    assert_sums_close(cpp.first_pass(rule, b.param, b.grad, b.states, b.scalars, 0.0, zero,
+                                     b.gscale, b.layout, model_b),
+                      ref.first_pass(rule, a.param, a.grad, a.states, a.scalars, 0.0, zero,
+                                     a.gscale, a.layout, model_a))
+    assert torch.equal(b.param, a.param) and torch.equal(model_b, model_a)
+    assert torch.equal(b.param[written], torch.full_like(b.param[written], 0.5))
+    start = case(rule_name, MULTI, seed=13).param
+    assert torch.equal(b.param[~written], start[~written])  # the fp32 master, not its rounding
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_model_copy_rounds_to_nearest_even_like_torch(dtype, simd):
     """SGD with a zero gradient and no weight decay writes θ unchanged: the copy is the cast.
     (±inf is left out: d = 0 + 0·inf is NaN there.)"""

@@ -132,3 +132,45 @@ def test_fused_backends_match_torch_on_half_models(dtype, backend):
     for a, b, p in zip(m_ref, m_got, p_got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
         assert torch.equal(p.detach(), b.to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_loaded_into_the_model_are_not_overwritten_by_a_stale_master(dtype, backend):
+    """model.load_state_dict (or any write into the weights) after training started: the next
+    step starts from the loaded weights; before the fix it rewrote the old master over them."""
+    model, opt, closure = _setup(dtype, backend=backend)
+    for _ in range(3):
+        opt.step(closure)
+    loaded = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    model.load_state_dict(loaded)
+    opt.param_groups[0].update(step_size=1e-6, step_size_avg=1e-6)  # a tiny first trial
+    opt.step(closure)
+    for p, m in zip(model.parameters(), _masters(opt, model)):
+        torch.testing.assert_close(m, torch.full_like(m, 0.5), rtol=0, atol=1e-3)
+        assert torch.equal(p.detach(), m.to(dtype))
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact_revert", "inverse"])
+def test_a_failed_step_after_loading_weights_keeps_the_loaded_weights(exact):
+    """The loaded weights survive a step that fails mid-search, and the next step starts there."""
+    model, opt, closure = _setup(torch.bfloat16, exact_revert=exact)
+    for _ in range(2):
+        opt.step(closure)
+    model.load_state_dict({k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()})
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 2:  # the first trial forward, after the first pass moved θ
+            raise RuntimeError("trial failed")
+        return closure()
+
+    with pytest.raises(RuntimeError, match="trial failed"):
+        opt.step(failing)
+    for p in model.parameters():
+        assert torch.equal(p.detach(), torch.full_like(p, 0.5))
+    opt.param_groups[0].update(step_size=1e-6, step_size_avg=1e-6)
+    opt.step(closure)
+    for m in _masters(opt, model):
+        torch.testing.assert_close(m, torch.full_like(m, 0.5), rtol=0, atol=1e-3)

@@ -223,6 +223,24 @@ def check_model_copy(rule_name, dtype, device):
     assert not model_b[kept].any()
 
 
+def check_written_weights_replace_the_master(dtype, device):
+    """Model elements that are not the master rounded (weights the user wrote) are the first
+    pass's starting point; the others keep the fp32 master."""
+    rule = RULES["adam"]
+    a = make_case("adam", *MULTI, seed=6, device=device)
+    a.gscale = torch.tensor(GSCALE, device=device)
+    start = a.param.clone()
+    model = a.param.to(dtype)
+    written = torch.zeros(a.layout.numel, dtype=torch.bool, device=device)
+    written[::7] = True
+    model[written] = 0.5
+    zero = torch.zeros_like(a.eta)  # no step: θ after the pass is where it started
+    p, g, st, sc, _ = _args(a)
+    tri.first_pass(rule, p, g.to(dtype), st, sc, 0.0, zero, a.gscale, a.layout, model)
+    assert torch.equal(a.param[written], torch.full_like(a.param[written], 0.5))
+    assert torch.equal(a.param[~written], start[~written])
+
+
 def tiny_model(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
@@ -369,6 +387,12 @@ def test_model_copy_of_master_weights_is_rounded_once(rule_name, dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_written_into_the_model_replace_the_master(dtype):
+    check_written_weights_replace_the_master(dtype, "cpu")
+
+
+@interpreted
 def test_wrapper_names_bad_inputs():
     rule = RULES["adam"]
     case = make_case("adam", (100,), 1024)
@@ -476,10 +500,11 @@ def test_compiled_passes_move_the_byte_budget():
     assert k >= 1 and first == {"ld": 4 * k, "st": 3 * k, "fma": 0}
     assert retry == {"ld": 3 * k, "st": k, "fma": 0}
     assert nadam_retry == {"ld": 4 * k, "st": k, "fma": 0}  # NAdam's u reads g: 20 B
-    # bf16 model with fp32 master: the gradient read and the model copy written are half-width
-    # vectors, so the first pass stays at 28 B per parameter and the retry moves 18 B
+    # bf16 model with fp32 master: the gradient read and the model copy read (to take weights
+    # the user wrote) and written are half-width vectors: the first pass moves 30 B per
+    # parameter, the retry 18 B
     h = k // 2
-    assert c["first_bf16"] == {"ld": 3 * k + h, "st": 3 * k + h, "fma": 0}
+    assert c["first_bf16"] == {"ld": 3 * k + 2 * h, "st": 3 * k + h, "fma": 0}
     assert c["retry_bf16"] == {"ld": 3 * k, "st": k + h, "fma": 0}
     # θ and g through a tile table: the full-tile launch keeps every access a 16-byte vector
     assert c["first_table"] == first and c["retry_table"] == retry
@@ -532,6 +557,10 @@ class TestCompiledTriton:
     @pytest.mark.parametrize("rule_name", RULE_NAMES)
     def test_model_copy(self, rule_name, dtype):
         check_model_copy(rule_name, dtype, "cuda")
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_written_weights_replace_the_master(self, dtype):
+        check_written_weights_replace_the_master(dtype, "cuda")
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     def test_round_to_model(self, dtype):

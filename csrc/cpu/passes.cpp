@@ -20,8 +20,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/tile_args.h"
@@ -263,14 +265,53 @@ at::Tensor reduce_blocks(const std::vector<double>& partial, const Layout& L, in
 // from the tile the kernel has just updated. Both touch the tile while it is in cache, so half
 // inputs and outputs cost no pass over memory of their own, and the copy is the master rounded
 // once (to nearest even, like torch's casts), never a rounded value updated again.
+// One element each way. bf16 is converted on its raw bits (uint16_t), branch-free, so that the
+// loops below vectorise (c10::BFloat16's own conversion branches on NaN); the rounding is c10's:
+// to nearest even, NaN to the quiet NaN 0x7FC0. fp16 goes through c10::Half.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : r);
+}
+
+inline float to_float(uint16_t h) { return bf16_to_float(h); }
+inline float to_float(c10::Half h) { return static_cast<float>(h); }
+
+template <typename T>
+inline T from_float(float f) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    return float_to_bf16(f);
+  } else {
+    return static_cast<T>(f);
+  }
+}
+
+// T is uint16_t (the bits of bf16) or c10::Half.
 template <typename T>
 void widen(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
 template <typename T>
 void narrow(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
+}
+
+template <typename T>
+void adopt(const T* __restrict__ model, float* __restrict__ master, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = to_float(model[i]);
+    const float x = master[i];
+    master[i] = to_float(from_float<T>(x)) != m ? m : x;  // a select, not a branch
+  }
 }
 
 struct Bufs {
@@ -301,18 +342,29 @@ struct Bufs {
     thread_local std::vector<float> scratch;
     scratch.resize(n);
     if (g_type == at::kBFloat16) {
-      widen(static_cast<const c10::BFloat16*>(g) + o, scratch.data(), n);
+      widen(static_cast<const uint16_t*>(g) + o, scratch.data(), n);
     } else {
       widen(static_cast<const c10::Half*>(g) + o, scratch.data(), n);
     }
     return scratch.data();
   }
 
+  // Before the first pass: where the model's copy is not the master rounded, the user wrote the
+  // weights since the last step (load_state_dict, an initialiser) and the model's value wins.
+  void adopt_model_tile(int64_t o, int64_t n) const {
+    if (model == nullptr) return;
+    if (model_type == at::kBFloat16) {
+      adopt(static_cast<const uint16_t*>(model) + o, p + o, n);
+    } else {
+      adopt(static_cast<const c10::Half*>(model) + o, p + o, n);
+    }
+  }
+
   // Round elements [o, o + n) of θ, just written, into the model's copy.
   void publish_tile(int64_t o, int64_t n) const {
     if (model == nullptr) return;
     if (model_type == at::kBFloat16) {
-      narrow(p + o, static_cast<c10::BFloat16*>(model) + o, n);
+      narrow(p + o, static_cast<uint16_t*>(model) + o, n);
     } else {
       narrow(p + o, static_cast<c10::Half*>(model) + o, n);
     }
@@ -369,6 +421,7 @@ static at::Tensor run_first(const Layout& L, int r, const Bufs& B, at::ArrayRef<
   for_each_tile(L, [&](int64_t t) {
     const int64_t o = t * L.tile;
     const int64_t n = B.count(t, L.tile);
+    B.adopt_model_tile(o, n);
     const FirstTile args{scalars.data(), unscale, clip, wd, etas[L.tile_block[t]],
                          B.theta(t, o), B.grad_of(t, o, L.tile), B.a ? B.a + o : nullptr,
                          B.b ? B.b + o : nullptr, n, &partial[t * 3]};

@@ -433,7 +433,7 @@ void test_half_model(int rule) {
   const auto eta = random_eta(L, rng);
   Tensors full = to_tensors(st), half = to_tensors(st);
   half.g = full.g.to(at::kBFloat16);
-  at::Tensor model = at::zeros({L.n()}, at::kBFloat16);
+  at::Tensor model = full.p.to(at::kBFloat16);  // the model holds its master, rounded
   const at::Tensor tb = i32(L.tile_block), bt = i32(L.block_tiles);
   const at::Tensor gscale = f32({kUnscale, kClip});
   const std::string name = "half model rule " + std::to_string(rule);

@@ -27,8 +27,11 @@ precond_old, precond_new, compute_sums, model_param=None) -> sums | None``
 
 ``model_param``: for bf16/fp16 models with fp32 master weights, ``param`` is the fp32 master and
 ``model_param`` the model's own tensor storage; every element of θ a pass writes is written there
-too, rounded once from the master (the fused kernels do it in the same pass). ``grad`` may be
-fp32, bf16 or fp16; the math always runs in fp32.
+too, rounded once from the master (the fused kernels do it in the same pass). The first pass
+first takes the model's side where the two disagree (the master rounds to something else than
+the model holds): the user wrote the weights since the last step (``load_state_dict``, an
+initialiser, a weight swap), and the model's value is then the starting point, not the stale
+master. ``grad`` may be fp32, bf16 or fp16; the math always runs in fp32.
 
 ``table``: a :class:`~armijo_fused.storage.table.TileTable` of tensors that stay where they are
 (FSDP2 shards). The passes then ignore ``param`` and ``grad`` and read and write θ and g in
@@ -94,6 +97,9 @@ def first_pass(
     scale = _unpack_scale(gscale)
     if scale is None:
         return sums
+    if model_param is not None:  # weights written by the user since the last step win
+        written = param.to(model_param.dtype) != model_param
+        param[written] = model_param[written].float()
     g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
     g_in = g * scale[1]
     rule.update_state(g_in, states, scalars)

@@ -778,13 +778,19 @@ class _FlatPasses(Passes):
 
     def snapshot(self):
         """Copies of θ and the state of every buffer (``exact_revert``: memory for bitwise)."""
-        return [(b.param.clone(), [s.clone() for s in b.states]) for b in self.buffers]
+        # a bf16/fp16 model's own tensors too: they may hold weights the master has not taken
+        # yet (written by the user since the last step; the first pass takes them)
+        return [(b.param.clone(), [s.clone() for s in b.states],
+                 b.model_param.clone() if getattr(b, "master", False) else None)
+                for b in self.buffers]
 
     def restore(self, snapshot) -> None:
-        for b, (param, states) in zip(self.buffers, snapshot):
+        for b, (param, states, model) in zip(self.buffers, snapshot):
             b.set_param(param)  # and the model's copy of a master, or the shards
             for s, saved in zip(b.states, states):
                 s.copy_(saved)
+            if model is not None:
+                b.model_param.copy_(model)
         self.eta, self.precond = [0.0] * len(self.eta), False
 
     def _written(self, sums):

@@ -19,8 +19,10 @@ views of ``model_param`` in their own dtype. Each pass that moves θ also writes
 ``model_param``, rounded once, in the same pass over memory (the backends' ``model_param``
 argument); :meth:`publish` does the same as a separate copy where θ changes outside a pass
 (adoption, a reloaded master, a restored snapshot). Trial points are always written from the
-master, so no rounding accumulates over trials or steps. Gradients stay in the model's dtype and
-the kernels widen them as they read them.
+master, so no rounding accumulates over trials or steps. Weights written into the model's tensors
+by the user between steps (``load_state_dict``, an initialiser, a swap) are not lost: the first
+pass of the next step takes the model's value wherever it is not the master rounded. Gradients
+stay in the model's dtype and the kernels widen them as they read them.
 """
 
 from __future__ import annotations
