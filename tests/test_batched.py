@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -9,12 +11,12 @@ from torch import nn
 from armijo_fused import ArmijoAdam, ArmijoSGD
 
 
-def _run(cls, candidates, steps=8, seed=0, **kw):
+def _run(cls, candidates, steps=8, seed=0, backend="torch", **kw):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     opt = cls(model.parameters(), cadence="every", model=model, candidates=candidates,
-              backend="torch", **kw)
+              backend=backend, **kw)
 
     def closure():
         opt.zero_grad()
@@ -47,6 +49,21 @@ def test_batched_accepts_the_step_sequential_backtracking_accepts(cls, kw, k):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     if any(t[1] > 1 for t in seq):
         assert bat_forwards < seq_forwards  # fewer dependent forwards when trials > 1
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs triton (interpreted on CPU or a GPU)")
+@pytest.mark.parametrize("cls,kw", [
+    (ArmijoSGD, {"direction": "sgd", "init_step_size": 10.0}),
+    (ArmijoAdam, {"direction": "nadam", "weight_decay": 0.1, "init_step_size": 1.0}),
+])
+def test_batched_on_triton_accepts_what_the_torch_reference_accepts(cls, kw):
+    """The trial points come from the Triton kernel (kernels/candidates.py) on this backend."""
+    ref, _, ref_params = _run(cls, 3, **kw)
+    got, _, got_params = _run(cls, 3, backend="triton", **kw)
+    assert [t[:2] for t in got] == [t[:2] for t in ref] and any(t[1] > 1 for t in ref)
+    for p, q in zip(got_params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_batched_search_with_no_acceptable_step_takes_no_step():

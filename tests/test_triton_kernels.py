@@ -241,6 +241,24 @@ def check_written_weights_replace_the_master(dtype, device):
     assert torch.equal(a.param[~written], start[~written])
 
 
+def check_trial_points(rule_name, precond, device):
+    """The K trial points of batched candidates: one pass, the torch twin's values, θ and the
+    state untouched."""
+    rule = RULES[rule_name]
+    a = make_case(rule_name, *MULTI, seed=8, device=device)
+    a.gscale = torch.tensor(GSCALE, device=device)
+    first(ref, rule, a, eta=torch.zeros_like(a.eta))  # the search's first pass: state only
+    before = a.clone()
+    etas = [0.3, 0.15, 0.075]
+    p, g, st, sc, wd = _args(a)
+    got = tri.trial_points(rule, p, g, st, sc, wd, etas, a.gscale, a.layout, precond)
+    want = ref.trial_points(rule, p, g, st, sc, wd, etas, a.gscale, a.layout, precond)
+    assert got.shape == (3, a.layout.numel) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL[device])
+    assert_same_case(before, a, dict(rtol=0, atol=0))
+    assert not torch.equal(got[0], got[1])
+
+
 def tiny_model(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
@@ -393,6 +411,13 @@ def test_weights_written_into_the_model_replace_the_master(dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("precond", [False, True])
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_trial_points_match_torch(rule_name, precond):
+    check_trial_points(rule_name, precond, "cpu")
+
+
+@interpreted
 def test_wrapper_names_bad_inputs():
     rule = RULES["adam"]
     case = make_case("adam", (100,), 1024)
@@ -440,6 +465,7 @@ def compiled_access_counts() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from armijo_fused.kernels.candidates import trial_points_kernel
     from armijo_fused.kernels.first_pass import first_pass_kernel
     from armijo_fused.kernels.move import move_kernel
 
@@ -452,7 +478,8 @@ def compiled_access_counts() -> dict:
                     "*i64" if table and n in ("param_ptr", "grad_ptr") else
                     "*bf16" if n in half else "*fp32")
             else:
-                sig[n] = "constexpr" if n.isupper() else "i32" if n == "n_elements" else "fp32"
+                sig[n] = ("constexpr" if n.isupper() else
+                          "i32" if n in ("n_elements", "n_candidates") else "fp32")
         # what the launcher specialises at run time: 16-byte aligned pointers and sizes
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                  if n.endswith("_ptr") or n == "n_elements"}
@@ -476,7 +503,9 @@ def compiled_access_counts() -> dict:
             "retry_bf16": ptx(move_kernel, dict(retry, LOAD_GRAD=False, WRITE_MODEL=True), **bf16),
             # θ and g through a tile table (FSDP2 shards in place)
             "first_table": ptx(first_pass_kernel, dict(adam, TABLE=True), table=True),
-            "retry_table": ptx(move_kernel, dict(retry, LOAD_GRAD=False, TABLE=True), table=True)}
+            "retry_table": ptx(move_kernel, dict(retry, LOAD_GRAD=False, TABLE=True), table=True),
+            "trial_points": ptx(trial_points_kernel, {"RULE": 4, "NSTATES": 2, "PRECOND": False,
+                                                      "BLOCK_SIZE": 2048})}
 
 
 def test_compiled_passes_move_the_byte_budget():
@@ -508,6 +537,9 @@ def test_compiled_passes_move_the_byte_budget():
     assert c["retry_bf16"] == {"ld": 3 * k, "st": k + h, "fma": 0}
     # θ and g through a tile table: the full-tile launch keeps every access a 16-byte vector
     assert c["first_table"] == first and c["retry_table"] == retry
+    # batched candidates: θ, m, v read once (Adam's direction does not read g once the state is
+    # updated), then one vector store per candidate in the loop
+    assert c["trial_points"] == {"ld": 3 * k, "st": k, "fma": 0}
 
 
 # -- compiled Triton on a CUDA device: the same checks -------------------------------------------
@@ -557,6 +589,11 @@ class TestCompiledTriton:
     @pytest.mark.parametrize("rule_name", RULE_NAMES)
     def test_model_copy(self, rule_name, dtype):
         check_model_copy(rule_name, dtype, "cuda")
+
+    @pytest.mark.parametrize("precond", [False, True])
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_trial_points(self, rule_name, precond):
+        check_trial_points(rule_name, precond, "cuda")
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     def test_written_weights_replace_the_master(self, dtype):

@@ -19,6 +19,7 @@ from ..directions.base import DirectionRule
 from ..storage.layout import FlatLayout
 from ..storage.table import TileTable
 from ..storage.table import grad_sq_norm as table_grad_sq_norm
+from . import torch_backend
 
 name = "cpp"
 
@@ -77,6 +78,15 @@ def move(
         compute_sums, model_param,
     )
     return sums if compute_sums else None
+
+
+def trial_points(rule: DirectionRule, param: Tensor, grad: Tensor, states: Sequence[Tensor],
+                 scalars: Sequence[float], weight_decay: float, etas: Sequence[float],
+                 gscale: Tensor, layout: FlatLayout, precond: bool = False) -> Tensor:
+    """The torch math (:func:`.torch_backend.trial_points`): on a CPU the batched forward that
+    follows costs K forwards of compute, next to which this pass does not count."""
+    return torch_backend.trial_points(rule, param, grad, states, scalars, weight_decay, etas,
+                                      gscale, layout, precond)
 
 
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:

@@ -22,6 +22,12 @@ precond_old, precond_new, compute_sums, model_param=None) -> sums | None``
     and direction are unchanged is left untouched (the kernels exit early there). Serves
     backtracking, the final scaling by lr_t/lr_0, the revert (eta_new = 0) and the fallback.
 
+``trial_points(rule, param, grad, states, scalars, weight_decay, etas, gscale, layout, precond)
+-> [K, numel]``
+    The K trial points θ0 - eta_k d of a batched-candidates search, θ at θ0 and the state already
+    updated (the first pass ran with eta 0): d = u + wd θ0, or the fallback rule.precond_grad
+    with ``precond``. One read of θ, g and the state, K writes; nothing else is written.
+
 ``grad_sq_norm(grad, layout) -> [nblocks]``: per-block Σ grad², the pre-pass behind the non-finite
     check and clipping inside the optimizer.
 
@@ -160,6 +166,26 @@ def move(
         if compute_sums:
             sums[b] = _block_sums(g[sl], d_new)
     return sums if compute_sums else None
+
+
+def trial_points(
+    rule: DirectionRule,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    etas: Sequence[float],
+    gscale: Tensor,
+    layout: FlatLayout,
+    precond: bool = False,
+) -> Tensor:
+    unscale, clip = (float(x) for x in gscale.tolist())
+    g_in = grad.float() * unscale * clip
+    u, wd = _direction(rule, g_in, states, scalars, weight_decay, precond)
+    d = u if precond else u + wd * param
+    e = torch.tensor(list(etas), dtype=torch.float32, device=param.device)
+    return param[None] - e[:, None] * d[None]
 
 
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..directions.base import DirectionRule
+from ..kernels.candidates import trial_points_kernel
 from ..kernels.first_pass import first_pass_kernel
 from ..kernels.move import move_kernel
 from ..kernels.reductions import SUM_COLS, block_sum_kernel, tile_sq_sum_kernel
@@ -244,6 +245,34 @@ def move(
             FULL=full, BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
         )
     return _block_sums(partials, layout) if compute_sums else None
+
+
+def trial_points(
+    rule: DirectionRule,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    scalars: Sequence[float],
+    weight_decay: float,
+    etas: Sequence[float],
+    gscale: Tensor,
+    layout: FlatLayout,
+    precond: bool = False,
+) -> Tensor:
+    _check(rule, param, grad, states, layout)
+    _check_scalars(param, layout, gscale=gscale)
+    if not etas:
+        raise ValueError("triton backend: trial_points needs at least one step size")
+    s0, s1, s2, s3, s4, om0, _ = kernel_scalars(scalars)
+    st0, st1 = _state_ptrs(param, states)
+    e = torch.tensor(list(etas), dtype=torch.float32, device=param.device)
+    out = torch.empty(len(etas), layout.numel, dtype=torch.float32, device=param.device)
+    trial_points_kernel[(layout.ntiles,)](
+        param, grad, st0, st1, e, gscale, out, layout.numel, len(etas), float(weight_decay),
+        s0, s1, s2, s3, s4, om0, RULE=rule.rule_id, NSTATES=len(states), PRECOND=bool(precond),
+        BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
+    )
+    return out
 
 
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..backends import resolve_backend
+from ..backends import resolve_backend, torch_backend
 from ..directions import get_rule
 from ..linesearch import trial as trial_mod
 from ..linesearch.batched import batched_armijo_search, stacked_loss
@@ -758,19 +758,15 @@ class _FlatPasses(Passes):
         return sums
 
     def trial_points(self, etas, precond):
-        """θ0 − η_k d for every η_k, stacked: (params, [K, *shape] tensors), θ at θ0 (torch math,
-        one read of θ and the state per buffer)."""
-        scale = self._scale0[0] * self._scale0[1]
+        """θ0 − η_k d for every η_k, stacked: (params, [K, *shape] tensors), θ at θ0: one pass
+        per buffer that reads θ, g and the state once and writes the K trial points."""
         params, stacked = [], []
         for i, b in enumerate(self.buffers):
-            e = torch.tensor(etas, dtype=b.param.dtype, device=b.device)[:, None]
-            g_in = b.grad.float() * scale.to(b.device)
-            rule, s = self.opt.rule, self.scalars[i]
-            if precond:
-                d = rule.precond_grad(g_in, b.states, s)
-            else:
-                d = rule.direction(g_in, b.states, s) + self.wd[i] * b.param
-            trial = b.param[None] - e * d[None]
+            # a tile table has no flat θ for a kernel: its gathered copies, in torch math
+            backend = torch_backend if _table(b) is not None else b.backend
+            trial = backend.trial_points(self.opt.rule, b.param, b.grad, b.states, self.scalars[i],
+                                         self.wd[i], etas, self._gscale[b.device], b.layout,
+                                         precond)
             for p, off in zip(b.params, b.offsets):
                 params.append(p)
                 stacked.append(trial[:, off : off + p.numel()].view(len(etas), *p.shape).to(p.dtype))
