@@ -183,6 +183,57 @@ def _rank_failed_step(rank, world, exact):
     return {"raised": raised, "same": same, "in_place": [b.in_place for b in opt._buffers]}
 
 
+def _rank_bf16_shards(rank, world):
+    """bf16 shards: an fp32 master and fp32 state (as DTensors, for DCP), the shards hold the
+    master rounded, and weights written into the shards between steps are taken over."""
+    from torch.distributed.tensor import DTensor
+
+    from armijo_fused.storage.sharded import _local
+
+    model = shard(make_model().to(torch.bfloat16))
+    opt = make_opt(model, init_step_size=0.3)
+    n = BATCH // world
+
+    def run(steps, start):
+        losses = []
+        for _ in range(start, start + steps):
+            x, y = batch(0)  # one batch: the loss must go down
+            x, y = x[rank * n:(rank + 1) * n].bfloat16(), y[rank * n:(rank + 1) * n].bfloat16()
+
+            def loss_fn(x=x, y=y):
+                return nn.functional.mse_loss(model(x).float(), y.float())
+
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            opt.step(loss_fn=loss_fn, loss=loss)
+            losses.append(float(opt.stats["loss_before"]))
+        return losses
+
+    losses = run(8, 0)
+    params = list(model.parameters())
+    masters = [opt.state[p]["master"] for p in params]
+    out = {
+        "master_dtensor_fp32": all(isinstance(m, DTensor) and m.dtype == torch.float32
+                                   for m in masters),
+        "state_fp32": all(v.dtype == torch.float32 for p in params
+                          for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)),
+        "shards_are_rounded_masters": all(torch.equal(_local(p), _local(m).bfloat16())
+                                          for p, m in zip(params, masters)),
+        "master_finer_than_bf16": any(not torch.equal(_local(m), _local(m).bfloat16().float())
+                                      for m in masters),
+        "first_loss": losses[0], "last_loss": losses[-1],
+        "copies": [not b.in_place for b in opt._buffers],
+    }
+    for p in params:  # weights written into the shards (a user, a model-only checkpoint load)
+        _local(p).fill_(0.5)
+    opt.param_groups[0].update(step_size=1e-7, step_size_avg=1e-7)
+    run(1, 8)
+    out["written_taken"] = all(
+        torch.allclose(_local(m), torch.full_like(_local(m), 0.5), atol=1e-3) for m in masters)
+    return out
+
+
 def _trial_losses(rank, world, reshard):
     if not reshard:  # the negative control: what happens without resharding between trials
         ArmijoOptimizer._reshard_fsdp = lambda self: None
@@ -267,6 +318,15 @@ def test_in_place_buffer_reads_and_writes_the_shards():
 def test_a_failed_step_leaves_the_shards_and_state_as_they_were(exact):
     for r in run_ranks(_rank_failed_step, world=2, timeout=120, args=(exact,)):
         assert r["raised"] and all(r["in_place"]) and r["same"] and all(r["same"]), r
+
+
+def test_bf16_shards_get_fp32_master_weights():
+    for r in run_ranks(_rank_bf16_shards, world=2, timeout=120):
+        copies = r.pop("copies")
+        assert copies and all(copies)  # half shards take the copies path, with a master
+        flags = {k: v for k, v in r.items() if isinstance(v, bool)}
+        assert all(flags.values()), flags
+        assert r["last_loss"] < r["first_loss"]
 
 
 def test_trial_forwards_see_the_moved_weights():

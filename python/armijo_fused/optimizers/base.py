@@ -679,7 +679,7 @@ def _flat_grad(buf) -> Tensor | None:
 def _model_copy(buf) -> Tensor | None:
     """The model's bf16/fp16 tensor storage when ``buf.param`` is its fp32 master: the passes
     write every θ they move there too, rounded once, in the same pass over memory."""
-    return buf.model_param if getattr(buf, "master", False) else None
+    return getattr(buf, "model_param", None) if getattr(buf, "master", False) else None
 
 
 class _FlatPasses(Passes):
@@ -777,7 +777,7 @@ class _FlatPasses(Passes):
         # a bf16/fp16 model's own tensors too: they may hold weights the master has not taken
         # yet (written by the user since the last step; the first pass takes them)
         return [(b.param.clone(), [s.clone() for s in b.states],
-                 b.model_param.clone() if getattr(b, "master", False) else None)
+                 b.model_param.clone() if _model_copy(b) is not None else None)
                 for b in self.buffers]
 
     def restore(self, snapshot) -> None:

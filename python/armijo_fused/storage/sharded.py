@@ -14,7 +14,11 @@ same interface (``param``, ``grad``, ``states``, ``layout``) in one of two ways:
 * **copies** (otherwise, e.g. bf16 shards): ``sync`` copies the local shard of each parameter and
   of its gradient into flat buffers (two ``torch._foreach_copy_`` launches), and ``after_write``
   (after every pass that moves θ) copies the flat θ back into the local shards, so the next
-  all-gather, and hence the next (trial) forward, sees the moved weights.
+  all-gather, and hence the next (trial) forward, sees the moved weights. bf16/fp16 shards get
+  fp32 master weights there, as :class:`FlatBuffer` gives them: the flat θ is the master (state
+  ``master``) and the states are fp32; ``sync`` keeps the master and takes a shard's value only
+  where it is not the master rounded (weights written since the last step), and ``after_write``
+  rounds the master into the shards.
 
 In both:
 
@@ -43,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..directions.base import DirectionRule
+from .flat import MASTER_DTYPES
 from .layout import DEFAULT_TILE, place_tensors, place_tensors_tiled
 from .table import gather, make_table, scatter, table_ok, with_grads
 
@@ -76,6 +81,7 @@ class ShardedBuffer:
     """Flat θ / g / state buffers over the local shards of one group's DTensor parameters."""
 
     sharded = True
+    model_param = None  # bf16/fp16 shards get the master's rounding in after_write, not in a pass
     #: in_place when the constructor is not told: None chooses in place wherever the shards allow
     #: it; False forces the copies (tests and benchmarks compare the two)
     default_in_place: bool | None = None
@@ -139,7 +145,11 @@ class ShardedBuffer:
 
         n = self.layout.numel
         kw = dict(dtype=self.dtype, device=self.device)
-        self.states = [torch.zeros(n, **kw) for _ in rule.state_names]
+        # half-precision shards (never in place: a table takes fp32) get an fp32 master
+        self.master = self.dtype in MASTER_DTYPES
+        self.state_names = rule.state_names + (("master",) if self.master else ())
+        fp = dict(kw, dtype=torch.float32) if self.master else kw
+        self.states = [torch.zeros(n, **fp) for _ in rule.state_names]
         self._shapes = [t.shape for t in local]
         self._ptrs = [t.data_ptr() for t in local]
         self.table = None
@@ -147,12 +157,14 @@ class ShardedBuffer:
             self._zero_grads = {}  # a zero gradient for a parameter that got none this step
             self.table = make_table(self.layout, self.offsets, local, local, self.device)
         else:
-            self._param = torch.zeros(n, **kw)
+            self._param = torch.zeros(n, **fp)  # the fp32 master for half shards
             self._grad = torch.zeros(n, **kw)
             self._param_views = [self._view(self._param, i) for i in range(len(local))]
             self._grad_views = [self._view(self._grad, i) for i in range(len(local))]
+        masters = [self._param] if self.master else []
         self._state_dt = [
-            [self._wrap(self._view(s, i), p) for s in self.states] for i, p in enumerate(self.params)
+            [self._wrap(self._view(s, i), p) for s in self.states + masters]
+            for i, p in enumerate(self.params)
         ]
         self.sync(state)
 
@@ -217,7 +229,7 @@ class ShardedBuffer:
         with torch.no_grad():
             if self.in_place:
                 self.table = with_grads(self.table, self._grad_shards())
-            else:
+            elif not self.master:
                 torch._foreach_copy_(self._param_views, local)
             for i, p in enumerate(self.params):
                 if not self.in_place:
@@ -231,12 +243,15 @@ class ShardedBuffer:
                                 "armijo_fused optimizers do not support sparse gradients")
                         self._grad_views[i].copy_(g)
                 pstate = state[p]
-                for name, dt in zip(self.rule.state_names, self._state_dt[i]):
+                for name, dt in zip(self.state_names, self._state_dt[i]):
                     old = pstate.get(name)
                     if old is not dt:
                         if old is not None:
                             dt._local_tensor.copy_(_local(old))
                         pstate[name] = dt
+            if self.master:  # after a reloaded master: the shards win only where they changed
+                for view, t in zip(self._param_views, local):
+                    view.copy_(torch.where(view.to(t.dtype) != t, t.float(), view))
         return True
 
     def after_write(self) -> None:
