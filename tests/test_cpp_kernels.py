@@ -307,12 +307,21 @@ def test_non_finite_gscale_writes_nothing(rule_name, bad):
 
 
 # -- determinism -----------------------------------------------------------------------------------
-def _passes(rule, c):
+def _passes(rule, c, half=None):
+    """First pass, a retry with sums, the gradient norm; with ``half`` a half-precision model
+    (half gradient, a model copy in which every 5th weight was written since the last step)."""
     c = c.clone()
-    s1 = run_first(cpp, rule, c)
-    s2 = run_move(cpp, rule, c, c.eta, c.eta * 0.5, pn=True, sums=True)
+    model = None
+    if half is not None:
+        c.grad = c.grad.to(half)
+        model = c.param.to(half)
+        model[::5] = 0.25
+    s1 = cpp.first_pass(rule, c.param, c.grad, c.states, c.scalars, c.weight_decay, c.eta,
+                        c.gscale, c.layout, model)
+    s2 = cpp.move(rule, c.param, c.grad, c.states, c.scalars, c.weight_decay, c.eta,
+                  c.eta * 0.5, c.gscale, c.layout, False, True, True, model)
     s3 = cpp.grad_sq_norm(c.grad, c.layout)
-    return [s1, s2, s3, c.param] + list(c.states)
+    return [s1, s2, s3, c.param] + list(c.states) + ([model] if model is not None else [])
 
 
 @pytest.mark.parametrize("rule_name", ["adam", "nesterov"])
@@ -334,15 +343,17 @@ def test_bitwise_deterministic_across_runs_and_threads(rule_name):
 
 
 @pytest.mark.skipif(len(SIMDS) < 2, reason="one kernel build on this machine (no AVX2)")
+@pytest.mark.parametrize("half", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
-def test_bitwise_identical_across_instruction_sets(rule_name):
+def test_bitwise_identical_across_instruction_sets(rule_name, half):
+    """bf16 included: its conversions run inside the SIMD kernels, lane by lane."""
     rule, c = RULES[rule_name], case(rule_name, ((150_001, 70_000, 999), 2048), seed=7)
     before = ops.cpu_simd()
     try:
         results = {}
         for name in SIMDS:
             ops.set_cpu_simd(name)
-            results[name] = _passes(rule, c)
+            results[name] = _passes(rule, c, half)
     finally:
         ops.set_cpu_simd(before)
     for x, y in zip(results["baseline"], results["avx2"]):

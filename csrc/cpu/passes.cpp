@@ -260,39 +260,19 @@ at::Tensor reduce_blocks(const std::vector<double>& partial, const Layout& L, in
   return out;
 }
 
-// bf16/fp16 at the edges of a tile. The kernels compute in fp32: a half gradient is widened into
-// a per-thread scratch tile first, and the model's half copy of θ (fp32 master weights) is written
-// from the tile the kernel has just updated. Both touch the tile while it is in cache, so half
-// inputs and outputs cost no pass over memory of their own, and the copy is the master rounded
-// once (to nearest even, like torch's casts), never a rounded value updated again.
-// One element each way. bf16 is converted on its raw bits (uint16_t), branch-free, so that the
-// loops below vectorise (c10::BFloat16's own conversion branches on NaN); the rounding is c10's:
-// to nearest even, NaN to the quiet NaN 0x7FC0. fp16 goes through c10::Half.
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
+// Half precision around the tile kernels, where they do not handle it themselves: an fp16
+// gradient (and a bf16 one for grad_sq_norm) is widened into a per-thread scratch tile, and an
+// fp16 model copy is checked before the kernel (adopt) and written after it (narrow), while the
+// tile is in cache. bf16 gradients and model copies are read and written inside the SIMD kernels
+// (csrc/cpu/kernels.h). Either way the copy is the master rounded once (to nearest even, like
+// torch's casts), never a rounded value updated again.
+inline float to_float(uint16_t bf16_bits) {  // bf16: the top half of an fp32
+  const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(f != f ? 0x7FC0u : r);
-}
-
-inline float to_float(uint16_t h) { return bf16_to_float(h); }
 inline float to_float(c10::Half h) { return static_cast<float>(h); }
-
-template <typename T>
-inline T from_float(float f) {
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    return float_to_bf16(f);
-  } else {
-    return static_cast<T>(f);
-  }
-}
 
 // T is uint16_t (the bits of bf16) or c10::Half.
 template <typename T>
@@ -300,20 +280,20 @@ void widen(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-template <typename T>
-void narrow(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
+void narrow(const float* __restrict__ src, c10::Half* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 
-template <typename T>
-void adopt(const T* __restrict__ model, float* __restrict__ master, int64_t n) {
+void adopt(const c10::Half* __restrict__ model, float* __restrict__ master, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const float m = to_float(model[i]);
+    const float m = static_cast<float>(model[i]);
     const float x = master[i];
-    master[i] = to_float(from_float<T>(x)) != m ? m : x;  // a select, not a branch
+    master[i] = static_cast<float>(static_cast<c10::Half>(x)) != m ? m : x;
   }
 }
 
+// Where a pass finds each tile's data: flat buffers or a tile table; bf16 through g16 / model16
+// into the kernels, fp16 through the helpers above.
 struct Bufs {
   float* p;
   float* a;  // first state buffer (or nullptr)
@@ -331,8 +311,16 @@ struct Bufs {
   float* theta(int64_t t, int64_t o) const {
     return p_table ? reinterpret_cast<float*>(p_table[t]) : p + o;
   }
+  // The fp32 gradient of a tile for the kernels (nullptr for bf16: they read g16_at).
   const float* grad_of(int64_t t, int64_t o, int64_t n) const {
-    return g_table ? reinterpret_cast<const float*>(g_table[t]) : grad_tile(o, n);
+    if (g_table) return reinterpret_cast<const float*>(g_table[t]);
+    return g_type == at::kBFloat16 ? nullptr : grad_tile(o, n);
+  }
+  const uint16_t* g16_at(int64_t o) const {
+    return g_type == at::kBFloat16 && !g_table ? static_cast<const uint16_t*>(g) + o : nullptr;
+  }
+  uint16_t* model16_at(int64_t o) const {
+    return model && model_type == at::kBFloat16 ? static_cast<uint16_t*>(model) + o : nullptr;
   }
   int64_t count(int64_t t, int64_t tile) const { return lengths ? lengths[t] : tile; }
 
@@ -349,25 +337,15 @@ struct Bufs {
     return scratch.data();
   }
 
-  // Before the first pass: where the model's copy is not the master rounded, the user wrote the
-  // weights since the last step (load_state_dict, an initialiser) and the model's value wins.
+  // fp16 model, before the first pass: where the model's copy is not the master rounded, the
+  // user wrote the weights since the last step (load_state_dict, an initialiser): they win.
   void adopt_model_tile(int64_t o, int64_t n) const {
-    if (model == nullptr) return;
-    if (model_type == at::kBFloat16) {
-      adopt(static_cast<const uint16_t*>(model) + o, p + o, n);
-    } else {
-      adopt(static_cast<const c10::Half*>(model) + o, p + o, n);
-    }
+    if (model && model_type == at::kHalf) adopt(static_cast<const c10::Half*>(model) + o, p + o, n);
   }
 
-  // Round elements [o, o + n) of θ, just written, into the model's copy.
+  // fp16 model: round elements [o, o + n) of θ, just written, into the model's copy.
   void publish_tile(int64_t o, int64_t n) const {
-    if (model == nullptr) return;
-    if (model_type == at::kBFloat16) {
-      narrow(p + o, static_cast<uint16_t*>(model) + o, n);
-    } else {
-      narrow(p + o, static_cast<c10::Half*>(model) + o, n);
-    }
+    if (model && model_type == at::kHalf) narrow(p + o, static_cast<c10::Half*>(model) + o, n);
   }
 };
 
@@ -422,9 +400,11 @@ static at::Tensor run_first(const Layout& L, int r, const Bufs& B, at::ArrayRef<
     const int64_t o = t * L.tile;
     const int64_t n = B.count(t, L.tile);
     B.adopt_model_tile(o, n);
-    const FirstTile args{scalars.data(), unscale, clip, wd, etas[L.tile_block[t]],
-                         B.theta(t, o), B.grad_of(t, o, L.tile), B.a ? B.a + o : nullptr,
-                         B.b ? B.b + o : nullptr, n, &partial[t * 3]};
+    FirstTile args{scalars.data(), unscale, clip, wd, etas[L.tile_block[t]],
+                   B.theta(t, o), B.grad_of(t, o, L.tile), B.a ? B.a + o : nullptr,
+                   B.b ? B.b + o : nullptr, n, &partial[t * 3]};
+    args.g16 = B.g16_at(o);
+    args.model16 = B.model16_at(o);
     k->first(r, args);
     B.publish_tile(o, n);
   });
@@ -483,6 +463,8 @@ static at::Tensor run_move(const Layout& L, int r, const Bufs& B, at::ArrayRef<d
     args.n = B.count(t, L.tile);
     args.p = B.theta(t, o);
     args.g = reads_grad ? B.grad_of(t, o, L.tile) : nullptr;
+    args.g16 = reads_grad ? B.g16_at(o) : nullptr;
+    args.model16 = B.model16_at(o);
     args.a = B.a ? B.a + o : nullptr;
     args.b = B.b ? B.b + o : nullptr;
     args.out = compute_sums ? &partial[t * 3] : nullptr;

@@ -13,6 +13,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "passes.h"
 
@@ -35,6 +37,23 @@ namespace simd {
 
 constexpr int kLanes = 8;
 
+// bf16 (its raw bits) <-> fp32, one element: to nearest even, NaN to the quiet NaN 0x7FC0 (c10's
+// rounding). The vector versions below take the same integer steps lane by lane, so every ISA
+// (and the scalar tail) gives the same bits.
+ARMIJO_INLINE float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+ARMIJO_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : r);
+}
+
 // The final reduction of eight double lanes, in one fixed order for every ISA.
 ARMIJO_INLINE double reduce8(const double* l) {
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
@@ -55,6 +74,37 @@ ARMIJO_INLINE F8 operator-(F8 a, F8 b) { return _mm256_sub_ps(a.v, b.v); }
 ARMIJO_INLINE F8 operator*(F8 a, F8 b) { return _mm256_mul_ps(a.v, b.v); }
 ARMIJO_INLINE F8 operator/(F8 a, F8 b) { return _mm256_div_ps(a.v, b.v); }
 ARMIJO_INLINE F8 vsqrt(F8 a) { return _mm256_sqrt_ps(a.v); }
+
+// (a != b) ? if_ne : if_eq, lane by lane; NaN compares unequal, as in C++.
+ARMIJO_INLINE F8 select_ne(F8 a, F8 b, F8 if_ne, F8 if_eq) {
+  return _mm256_blendv_ps(if_eq.v, if_ne.v, _mm256_cmp_ps(a.v, b.v, _CMP_NEQ_UQ));
+}
+
+ARMIJO_INLINE F8 load_bf16(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// The bf16 bits of each lane, rounded, in the low half of its 32 bits.
+ARMIJO_INLINE __m256i bf16_bits(F8 x) {
+  const __m256i u = _mm256_castps_si256(x.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256 nan = _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+}
+
+ARMIJO_INLINE F8 round_bf16(F8 x) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(x), 16));
+}
+
+ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
+  const __m256i r = bf16_bits(x);                    // every lane <= 0xFFFF: packus is exact
+  const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit half: r0-3 r0-3 | r4-7 r4-7
+  const __m256i ordered = _mm256_permute4x64_epi64(packed, 0x08);  // 64-bit words 0 and 2
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(ordered));
+}
 
 // Eight fp32 lanes summed in eight double lanes (each conversion is exact).
 struct DAcc8 {
@@ -92,6 +142,43 @@ ARMIJO_INLINE F8 operator*(F8 a, F8 b) { return {_mm_mul_ps(a.lo, b.lo), _mm_mul
 ARMIJO_INLINE F8 operator/(F8 a, F8 b) { return {_mm_div_ps(a.lo, b.lo), _mm_div_ps(a.hi, b.hi)}; }
 ARMIJO_INLINE F8 vsqrt(F8 a) { return {_mm_sqrt_ps(a.lo), _mm_sqrt_ps(a.hi)}; }
 
+ARMIJO_INLINE __m128 select_ne4(__m128 a, __m128 b, __m128 if_ne, __m128 if_eq) {
+  const __m128 ne = _mm_cmpneq_ps(a, b);  // NaN compares unequal, as in C++
+  return _mm_or_ps(_mm_and_ps(ne, if_ne), _mm_andnot_ps(ne, if_eq));
+}
+
+ARMIJO_INLINE F8 select_ne(F8 a, F8 b, F8 if_ne, F8 if_eq) {
+  return {select_ne4(a.lo, b.lo, if_ne.lo, if_eq.lo), select_ne4(a.hi, b.hi, if_ne.hi, if_eq.hi)};
+}
+
+ARMIJO_INLINE F8 load_bf16(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i z = _mm_setzero_si128();  // (0, h) word pairs are h << 16 as 32-bit lanes
+  return {_mm_castsi128_ps(_mm_unpacklo_epi16(z, v)), _mm_castsi128_ps(_mm_unpackhi_epi16(z, v))};
+}
+
+ARMIJO_INLINE __m128i bf16_bits4(__m128 x) {
+  const __m128i u = _mm_castps_si128(x);
+  const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+  const __m128i r = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(u, _mm_set1_epi32(0x7FFF)), lsb), 16);
+  const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
+  return _mm_or_si128(_mm_and_si128(nan, _mm_set1_epi32(0x7FC0)), _mm_andnot_si128(nan, r));
+}
+
+ARMIJO_INLINE F8 round_bf16(F8 x) {
+  return {_mm_castsi128_ps(_mm_slli_epi32(bf16_bits4(x.lo), 16)),
+          _mm_castsi128_ps(_mm_slli_epi32(bf16_bits4(x.hi), 16))};
+}
+
+ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
+  // SSE2 packs with signed saturation: shift 0..0xFFFF to the signed range and back
+  const __m128i bias = _mm_set1_epi32(0x8000);
+  const __m128i packed = _mm_packs_epi32(_mm_sub_epi32(bf16_bits4(x.lo), bias),
+                                         _mm_sub_epi32(bf16_bits4(x.hi), bias));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_xor_si128(packed, _mm_set1_epi16(static_cast<short>(0x8000))));
+}
+
 struct DAcc8 {
   __m128d q[4] = {_mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd()};
   ARMIJO_INLINE void add(F8 x) {
@@ -125,6 +212,34 @@ ARMIJO_INLINE F8 operator-(F8 a, F8 b) { return {vsubq_f32(a.lo, b.lo), vsubq_f3
 ARMIJO_INLINE F8 operator*(F8 a, F8 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
 ARMIJO_INLINE F8 operator/(F8 a, F8 b) { return {vdivq_f32(a.lo, b.lo), vdivq_f32(a.hi, b.hi)}; }
 ARMIJO_INLINE F8 vsqrt(F8 a) { return {vsqrtq_f32(a.lo), vsqrtq_f32(a.hi)}; }
+
+ARMIJO_INLINE F8 select_ne(F8 a, F8 b, F8 if_ne, F8 if_eq) {
+  // vceqq is false for NaN: NaN compares unequal, as in C++
+  return {vbslq_f32(vceqq_f32(a.lo, b.lo), if_eq.lo, if_ne.lo),
+          vbslq_f32(vceqq_f32(a.hi, b.hi), if_eq.hi, if_ne.hi)};
+}
+
+ARMIJO_INLINE F8 load_bf16(const uint16_t* p) {
+  const uint16x8_t v = vld1q_u16(p);
+  return {vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(v), 16)),
+          vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(v), 16))};
+}
+
+ARMIJO_INLINE uint32x4_t bf16_bits4(float32x4_t x) {
+  const uint32x4_t u = vreinterpretq_u32_f32(x);
+  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+  const uint32x4_t r = vshrq_n_u32(vaddq_u32(vaddq_u32(u, vdupq_n_u32(0x7FFF)), lsb), 16);
+  return vbslq_u32(vceqq_f32(x, x), r, vdupq_n_u32(0x7FC0));
+}
+
+ARMIJO_INLINE F8 round_bf16(F8 x) {
+  return {vreinterpretq_f32_u32(vshlq_n_u32(bf16_bits4(x.lo), 16)),
+          vreinterpretq_f32_u32(vshlq_n_u32(bf16_bits4(x.hi), 16))};
+}
+
+ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
+  vst1q_u16(p, vcombine_u16(vmovn_u32(bf16_bits4(x.lo)), vmovn_u32(bf16_bits4(x.hi))));
+}
 
 struct DAcc8 {
   float64x2_t q[4] = {vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0)};
@@ -171,6 +286,28 @@ ARMIJO_INLINE F8 vsqrt(F8 a) {
   F8 r;
   for (int i = 0; i < 8; ++i) r.v[i] = std::sqrt(a.v[i]);
   return r;
+}
+
+ARMIJO_INLINE F8 select_ne(F8 a, F8 b, F8 if_ne, F8 if_eq) {
+  F8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] != b.v[i] ? if_ne.v[i] : if_eq.v[i];
+  return r;
+}
+
+ARMIJO_INLINE F8 load_bf16(const uint16_t* p) {
+  F8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = bf16_to_float(p[i]);
+  return r;
+}
+
+ARMIJO_INLINE F8 round_bf16(F8 x) {
+  F8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = bf16_to_float(float_to_bf16(x.v[i]));
+  return r;
+}
+
+ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
+  for (int i = 0; i < 8; ++i) p[i] = float_to_bf16(x.v[i]);
 }
 
 struct DAcc8 {

@@ -4,8 +4,9 @@ Each call is one vectorised, OpenMP-parallel pass over the flat buffer
 (``csrc/cpu/passes.cpp``); the math, the gscale convention and the skip rules are documented in
 :mod:`.torch_backend`, which is the ground truth the C++ kernels are tested against. Per-block
 sums are per-tile partial sums added in tile order, so they are the same bit for bit on every
-run and for every thread count. bf16/fp16 gradients, and the model's bf16/fp16 copy of fp32
-master weights, are converted a tile at a time inside the same pass.
+run and for every thread count. A bf16 gradient and a bf16 model's copy of its fp32 master are
+read and written by the SIMD kernels themselves; fp16 ones are converted a tile at a time around
+them, inside the same pass.
 """
 
 from __future__ import annotations
