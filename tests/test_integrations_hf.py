@@ -51,17 +51,19 @@ class CheckWindowLoss(transformers.TrainerCallback):
     sum of the window's training losses (same micro-batches, same normalisation)."""
 
     def __init__(self):
-        self.trainer, self.checked = None, 0
+        self.trainer, self.checked, self.trials = None, 0, []
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         t = self.trainer
-        cached, t._ls_f0 = t._ls_f0, None
+        provided = armijo_optimizer(t.optimizer)._pending_loss  # what training_step handed over
         with torch.no_grad():
             fresh = float(t._ls_trial_loss())
-        t._ls_f0 = cached
         assert len(t._ls_window) == 2
-        assert fresh == pytest.approx(float(cached), rel=1e-5)
+        assert provided is not None and fresh == pytest.approx(float(provided), rel=1e-5)
         self.checked += 1
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.trials.append(armijo_optimizer(self.trainer.optimizer).stats["trials"])
 
 
 def params(model):
@@ -83,6 +85,10 @@ def test_optimizers_tuple_accumulation_and_the_window_closure(tmp_path):
     # clipping moved from Trainer into the optimizer
     assert trainer.args.max_grad_norm == 0.0 and opt.max_grad_norm == 1.0
     assert opt.stats["trials"] >= 1 and torch.isfinite(torch.tensor(out.training_loss))
+    # the loss at θ0 came from the training forwards (provide_loss): the counter holds one
+    # training forward per step and the trial forwards, and nothing for f(θ0)
+    assert len(check.trials) == 4
+    assert opt.param_groups[0]["forwards"] == 4 + sum(check.trials)
     assert any(not torch.equal(before[n], p) for n, p in params(model).items())
 
 

@@ -232,6 +232,41 @@ def test_loss_fn_form_and_registered_closure_agree_with_closure_form():
         torch.testing.assert_close(r, results[0], rtol=1e-6, atol=1e-7)
 
 
+def test_provide_loss_spares_the_closure_call_at_theta0():
+    """A bare step() with a registered closure evaluates f(θ0) with it, unless the loop gave the
+    loss with provide_loss: then the closure runs for the trials only, and the step is the same."""
+    runs = []
+    for provide in (False, True):
+        model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+        opt = ArmijoSGD(model.parameters(), backend="torch", cadence="every")
+        calls = []
+
+        def trial():
+            calls.append(1)
+            return loss_fn(*data)
+
+        opt.set_closure(trial)
+        trials = 0
+        for _ in range(3):
+            opt.zero_grad()
+            loss = loss_fn(*data)
+            loss.backward()
+            if provide:
+                opt.provide_loss(loss)
+            opt.step()
+            trials += opt.stats["trials"]
+        assert len(calls) == trials + (0 if provide else 3)
+        runs.append(flat(model))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-7)
+
+
+def test_provide_loss_rejects_a_non_scalar():
+    model, _, _ = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoSGD(model.parameters())
+    with pytest.raises(ValueError, match="expected a scalar loss"):
+        opt.provide_loss(torch.ones(3))
+
+
 def test_step_returns_the_loss_before_the_step():
     model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
     opt = ArmijoSGD(model.parameters(), backend="torch")

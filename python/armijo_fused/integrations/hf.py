@@ -11,8 +11,9 @@ registers such a closure:
 with exactly the normalisation ``training_step`` used for the backward (``n_j`` is
 ``num_items_in_batch`` when the model normalises by it, else the number of micro-batches), under
 ``compute_loss_context_manager`` (the same autocast), with the window's RNG state (the same dropout
-masks). The loss at θ0 is the sum of the training losses the window already computed, so a search
-costs only the trial forwards.
+masks). The loss at θ0 is the sum of the training losses the window already computed, handed to
+the optimizer with ``provide_loss``, so a search costs only the trial forwards (and the forward
+counters in ``stats`` count only those).
 
 Trainer's external gradient clipping (``args.max_grad_norm``, 1.0 by default) would make the
 Armijo test use a gradient that is not ∇f; it is moved into the optimizer's ``max_grad_norm``
@@ -63,13 +64,12 @@ class LineSearchTrainer(Trainer):
         self._ls_expected = 0  # micro-batches in the current window
         self._ls_num_items = None
         self._ls_model = None
-        self._ls_f0 = None  # the window's loss at θ0, handed to the first call of a search
         self._ls_registered = None
 
     # -- the window ------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._ls_window, self._ls_losses, self._ls_f0 = [], [], None
+        self._ls_window, self._ls_losses = [], []
         self._ls_expected, self._ls_num_items = len(batch_samples), num_items
         return batch_samples, num_items
 
@@ -84,8 +84,8 @@ class LineSearchTrainer(Trainer):
         self._ls_model, self._ls_num_items = model, num_items_in_batch
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._ls_losses.append(loss.detach())
-        if len(self._ls_window) >= self._ls_expected:
-            self._ls_f0 = torch.stack([v.float().reshape(()) for v in self._ls_losses]).sum()
+        if len(self._ls_window) >= self._ls_expected:  # the window's loss at θ0, for the search
+            opt.provide_loss(torch.stack([v.float().reshape(()) for v in self._ls_losses]).sum())
         return loss
 
     def _ls_register(self, opt: ArmijoOptimizer) -> None:
@@ -114,9 +114,6 @@ class LineSearchTrainer(Trainer):
 
     def _ls_trial_loss(self):
         """The window's loss at the current parameters, normalised as ``training_step`` does."""
-        if self._ls_f0 is not None:  # the first call of a search is at θ0: reuse the training loss
-            f0, self._ls_f0 = self._ls_f0, None
-            return f0
         if not self._ls_window:
             raise RuntimeError(
                 "LineSearchTrainer: the optimizer asked for a trial loss but no micro-batch was "

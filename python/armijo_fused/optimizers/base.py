@@ -142,6 +142,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._closure: Callable | None = None
         self._pending_rng = None
+        self._pending_loss = None
         self._buffers: list[FlatBuffer] | None = None
         self._buffer_key = None
         self.stats: StepStats = StepStats()
@@ -205,6 +206,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if model is not None:
             self._modules = [model]
 
+    def provide_loss(self, loss) -> None:
+        """Give the next ``step()`` the loss at the current parameters, which your loop has
+        already computed (a trainer that calls ``step()`` bare after its own forward/backward):
+        a search then takes it as f(θ0) instead of calling the registered closure once more.
+        Used once; a later call replaces it."""
+        self._pending_loss = _as_loss(loss, "loss")
+
     def capture_rng(self) -> None:
         """Record the RNG state before your training forward, so that trial forwards replay its
         dropout masks when you pass ``loss=`` to ``step`` (the closure form needs no call)."""
@@ -256,7 +264,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         # 1. The loss at θ0 and the gradient, from the training forward/backward.
         rng_before = self._pending_rng or trial_mod.capture_rng()
         self._pending_rng = None
-        f0 = loss
+        f0 = loss if loss is not None or closure is not None else self._pending_loss
+        self._pending_loss = None
         if closure is not None:
             with torch.enable_grad():
                 f0 = closure()
