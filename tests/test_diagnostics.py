@@ -408,10 +408,12 @@ def test_clip_suggestion_and_warning():
 # -- the report ------------------------------------------------------------------------------------
 def test_report_command_on_the_demo_model(tmp_path, capsys):
     out = tmp_path / "rep"
+    threads = torch.get_num_threads()
     rc = main(["--model", "demo", "--out", str(out), "--probes", "1", "--steps", "6",
                "--power-iters", "5", "--batches", "1", "--batch-size", "4", "--seq-len", "16",
-               "--train-steps", "4", "--clip", "1e-6"])
+               "--train-steps", "4", "--clip", "1e-6", "--threads", str(threads + 1)])
     assert rc == 0
+    assert torch.get_num_threads() == threads  # the report's own thread count does not leak
     for name in ("spectra.png", "heterogeneity.png", "step_sizes.png", "grad_norms.png",
                  "summary.md", "telemetry.json", "spectra.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

@@ -287,11 +287,19 @@ def main(argv=None) -> int:
             return 2
     model_name = args.model or ("demo" if args.telemetry is None else None)
     threads = args.threads if args.threads is not None else (1 if model_name == "demo" else None)
+    if threads is not None and threads < 1:
+        print("error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    before = torch.get_num_threads()
     if threads is not None:
-        if threads < 1:
-            print("error: --threads must be >= 1", file=sys.stderr)
-            return 2
         torch.set_num_threads(threads)
+    try:
+        return _report(args, model_name)
+    finally:  # called in-process (tests, a notebook): leave torch's thread count as it was
+        torch.set_num_threads(before)
+
+
+def _report(args, model_name) -> int:
     notes, spectra, telemetry = [], None, None
     if args.telemetry is not None:
         try:
