@@ -11,6 +11,8 @@ flat buffer as the optimizer does. Passes timed (CUDA events, warm-up, median of
 * ``first_pass_bf16_master``: a bf16 model with fp32 master weights: the first pass on the
   master with a bf16 gradient, reading and writing the model's bf16 copy of θ  30 B/param
 * ``move_all_bf16_master``: its global retry: reads θ, m, v, writes θ and the bf16 copy  18 B/param
+* ``first_pass_table`` / ``move_all_table``: the same two passes through a tile table, on
+  separate tensors that stay in place (the FSDP2 path: ``storage/table.py``)  28 / 16 B/param
 * ``adamw_fused``: ``torch.optim.AdamW(fused=True).step()``              28 B/param
 * ``adamw_foreach``: ``torch.optim.AdamW(foreach=True).step()``          28 B/param (its minimum)
 
@@ -50,6 +52,7 @@ MODELS = {
 EXPECTED_PARAMS = {"gpt2-124m": 124_439_808, "gpt2-1.5b": 1_557_611_200}
 BYTES_PER_PARAM = {"first_pass": 28, "move_all": 16, "move_one_block": 16,
                    "first_pass_bf16_master": 30, "move_all_bf16_master": 18,
+                   "first_pass_table": 28, "move_all_table": 16,
                    "adamw_fused": 28, "adamw_foreach": 28}
 
 
@@ -141,6 +144,36 @@ def bench_bf16_master(model: FlatModel, rule, scalars, eta, eta_half, gscale, re
             "move_all_bf16_master": cuda_median_ms(move_all, repeats)}
 
 
+def bench_table(blocks, tile: int, rule, scalars, repeats: int) -> dict:
+    """The first pass and a global retry through a tile table, on one tensor per parameter (as
+    FSDP2 keeps its shards) rather than a flat buffer; freed before returning."""
+    from armijo_fused.backends import triton_backend as tri
+    from armijo_fused.storage.layout import place_tensors_tiled
+    from armijo_fused.storage.table import make_table
+
+    shapes = [s for b in blocks for s in b]
+    block_ids = [i for i, b in enumerate(blocks) for _ in b]
+    params = [torch.empty(s, device="cuda").normal_(0.0, 0.02) for s in shapes]
+    grads = [torch.empty(s, device="cuda").normal_(0.0, 1e-3) for s in shapes]
+    layout, offsets = place_tensors_tiled([numel(s) for s in shapes], block_ids, tile=tile,
+                                          device="cuda")
+    table = make_table(layout, offsets, params, grads, "cuda")
+    states = [torch.zeros(layout.numel, device="cuda") for _ in range(2)]
+    eta = torch.full((layout.nblocks,), 1e-3, device="cuda")
+    eta_half = eta * 0.5
+    gscale = torch.ones(2, device="cuda")
+
+    def first():
+        tri.first_pass(rule, None, None, states, scalars, 0.1, eta, gscale, layout, table=table)
+
+    def move_all():
+        tri.move(rule, None, None, states, scalars, 0.1, eta, eta_half, gscale, layout,
+                 table=table)
+
+    return {"first_pass_table": cuda_median_ms(first, repeats),
+            "move_all_table": cuda_median_ms(move_all, repeats)}
+
+
 def bench_model(name: str, tile: int, repeats: int, copy_gbs: float) -> dict:
     from armijo_fused.backends import triton_backend as tri
     from armijo_fused.directions import get_rule
@@ -177,6 +210,8 @@ def bench_model(name: str, tile: int, repeats: int, copy_gbs: float) -> dict:
     rows["move_one_block"] = cuda_median_ms(move_one, repeats)
 
     rows.update(bench_bf16_master(model, rule, scalars, eta, eta_half, gscale, repeats))
+    rows.update(bench_table(blocks, tile, rule, scalars, repeats))
+    torch.cuda.empty_cache()
     torch.cuda.empty_cache()
     for impl in ("fused", "foreach"):
         opt = torch.optim.AdamW(model.params, lr=1e-3, weight_decay=0.1,
@@ -214,7 +249,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, m in zip(axes[0], models):
         passes = result["models"][m]["passes"]
         ms = [passes[k]["ms"] for k in keys]
-        bars = ax.bar(range(len(keys)), ms, color=["C0", "C0", "C2", "C4", "C4", "C1", "C3"])
+        bars = ax.bar(range(len(keys)), ms,
+                      color=["C0", "C0", "C2", "C4", "C4", "C5", "C5", "C1", "C3"])
         for bar, k in zip(bars, keys):
             ax.annotate(f"{passes[k]['pct_of_copy']:.0f}%", (bar.get_x() + bar.get_width() / 2,
                         bar.get_height()), ha="center", va="bottom", fontsize=8)
