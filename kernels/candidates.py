@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rules import direction, load_states, precond_grad
+from .rules import line_direction, load_states
 
 
 @triton.jit
@@ -51,10 +51,9 @@ def trial_points_kernel(
     theta = tl.load(param_ptr + offs, mask=mask, other=0.0)
     g_in = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * unscale * clip
     a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
-    if PRECOND:
-        d = precond_grad(g_in, a, b, s1, s3, s4, RULE)
-    else:
-        d = direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE) + weight_decay * theta
+    d = line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND)
+    if not PRECOND:  # the fallback direction carries no weight decay
+        d = d + weight_decay * theta
 
     for k in range(n_candidates):
         eta = tl.load(etas_ptr + k)

@@ -23,16 +23,7 @@ import triton
 import triton.language as tl
 
 from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
-from .rules import direction, load_states, precond_grad, store_theta, tile_pointers
-
-
-@triton.jit
-def _line_direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE: tl.constexpr, PRECOND: tl.constexpr):
-    if PRECOND:
-        u = precond_grad(g, a, b, s1, s3, s4, RULE)
-    else:
-        u = direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE)
-    return u
+from .rules import line_direction, load_states, store_theta, tile_pointers
 
 
 @triton.jit
@@ -52,10 +43,10 @@ def _move_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, state1_p
         g = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32) * unscale
     g_in = g * clip
 
-    u_old = _line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_OLD)
+    u_old = line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_OLD)
     wd_old = 0.0 if PRECOND_OLD else weight_decay
     theta0 = tl.div_rn(theta + eta_old * u_old, 1.0 - eta_old * wd_old)
-    u_new = _line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_NEW)
+    u_new = line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_NEW)
     wd_new = 0.0 if PRECOND_NEW else weight_decay
     d_new = u_new + wd_new * theta0
 

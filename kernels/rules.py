@@ -165,3 +165,14 @@ def precond_grad(g, a, b, s1, s3, s4, RULE: tl.constexpr):
     else:
         p = tl.div_rn(g, _adam_denominator(b, s3, s4))
     return p
+
+
+@triton.jit
+def line_direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE: tl.constexpr, PRECOND: tl.constexpr):
+    """``u`` of the search line: the rule's direction, or with ``PRECOND`` the fallback
+    preconditioned gradient (the caller adds weight decay to the former only)."""
+    if PRECOND:
+        u = precond_grad(g, a, b, s1, s3, s4, RULE)
+    else:
+        u = direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE)
+    return u
