@@ -39,6 +39,7 @@ bench: setup
 	$(PY) bench/step_bench.py
 	$(PY) bench/compare_peers_small.py
 	$(PY) bench/fsdp2_in_place.py
+	$(PY) bench/half_precision.py
 	$(PY) bench/convergence.py
 
 demo: setup
