@@ -1,7 +1,8 @@
 """PyTorch Lightning: ArmijoLightningMixin under automatic optimization, on CPU.
 
 32-true, bf16-mixed and fp16 with a GradScaler (an explicit MixedPrecision plugin: Lightning maps
-``precision="16-mixed"`` on CPU to bf16), gradient accumulation 2, ``ddp_spawn`` with 2 devices.
+``precision="16-mixed"`` on CPU to bf16), ``bf16-true`` (bf16 parameters, fp32 masters), gradient
+accumulation 2, ``ddp_spawn`` with 2 devices.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def fit(precision=None, plugins=None, **kw):
     return model, trainer
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed-scaler"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true", "16-mixed-scaler"])
 def test_automatic_optimization_with_accumulation(precision):
     plugins = None
     if precision == "16-mixed-scaler":
@@ -100,6 +101,11 @@ def test_automatic_optimization_with_accumulation(precision):
     else:  # fp16: the scaler may skip a step on overflow (the first, at scale 2**16)
         assert 1 <= steps <= 4
     assert torch.isfinite(torch.tensor(model.loss_before)).all()
+    if precision == "bf16-true":  # bf16 parameters: the optimizer keeps fp32 masters and moments
+        p = next(model.parameters())
+        assert p.dtype == torch.bfloat16
+        assert {k: v.dtype for k, v in opt.state[p].items() if torch.is_tensor(v)} == {
+            "exp_avg": torch.float32, "exp_avg_sq": torch.float32, "master": torch.float32}
 
 
 class SaveParams(L.Callback):
