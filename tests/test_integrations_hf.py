@@ -92,6 +92,24 @@ def test_optimizers_tuple_accumulation_and_the_window_closure(tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in params(model).items())
 
 
+def test_a_bf16_model_trains_with_fp32_masters(tmp_path):
+    """A model loaded in bf16 (torch_dtype=torch.bfloat16): the optimizer keeps fp32 master
+    weights and moments; the model's tensors stay bf16 and move."""
+    model = tiny_gpt2().to(torch.bfloat16)
+    before = params(model)
+    opt = ArmijoAdam(model.parameters(), weight_decay=0.01, cadence="every")
+    trainer = LineSearchTrainer(model=model, args=args(tmp_path, max_steps=3),
+                                train_dataset=TokenData(), optimizers=(opt, None))
+    out = trainer.train()
+    p = next(model.parameters())
+    assert p.dtype == torch.bfloat16 and opt.param_groups[0]["searches"] == 3
+    assert {k: v.dtype for k, v in opt.state[p].items() if torch.is_tensor(v)} == {
+        "exp_avg": torch.float32, "exp_avg_sq": torch.float32, "master": torch.float32}
+    assert torch.equal(p.detach(), opt.state[p]["master"].to(torch.bfloat16))
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert any(not torch.equal(before[n], q) for n, q in params(model).items())
+
+
 def test_optimizer_cls_and_kwargs(tmp_path):
     model = tiny_gpt2()
     trainer = LineSearchTrainer(
