@@ -14,5 +14,5 @@ if [[ -f "$BUILD/CMakeCache.txt" ]] && ! grep -q "CMAKE_GENERATOR:INTERNAL=${GEN
   rm -rf "$BUILD"  # generator changed: start clean
 fi
 cmake -S . -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DTorch_DIR="$TORCH_DIR"
-cmake --build "$BUILD" --target test_passes test_simd_bf16 -j "${JOBS:-2}"
+cmake --build "$BUILD" --target test_passes test_simd_half -j "${JOBS:-2}"
 ctest --test-dir "$BUILD" --output-on-failure

@@ -19,15 +19,15 @@ namespace armijo_fused {
 inline namespace ARMIJO_ISA {
 namespace {
 
-using simd::bf16_to_float;
 using simd::DAcc8;
 using simd::F8;
-using simd::float_to_bf16;
+using simd::float_to_half;
+using simd::half_to_float;
 using simd::kLanes;
-using simd::load_bf16;
-using simd::round_bf16;
+using simd::load_half;
+using simd::round_half;
 using simd::select_ne;
-using simd::store_bf16;
+using simd::store_half;
 
 // Vectors whose products are summed in fp32 before they go to the double accumulators.
 constexpr int kChunk = 8;
@@ -68,22 +68,23 @@ void first_tile_impl(const FirstTile& t) {
   float* __restrict__ b = t.b;
   const uint16_t* __restrict__ g16 = t.g16;
   uint16_t* __restrict__ m16 = t.model16;
+  const bool h = t.fp16;
   const int64_t n = t.n;
   Sums3 sums;
   const F8 vu(t.unscale), vc(t.clip), vwd(t.wd), veta(t.eta);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     F8 th = F8::load(p + i), sa(0.f), sb(0.f), g, d;
-    if (m16) {  // a weight written into the bf16 model since the last step wins
-      const F8 m = load_bf16(m16 + i);
-      th = select_ne(round_bf16(th), m, m, th);
+    if (m16) {  // a weight written into the half model since the last step wins
+      const F8 m = load_half(m16 + i, h);
+      th = select_ne(round_half(th, h), m, m, th);
     }
     if constexpr (NS >= 1) sa = F8::load(a + i);
     if constexpr (NS >= 2) sb = F8::load(b + i);
-    const F8 graw = g16 ? load_bf16(g16 + i) : F8::load(gr + i);
+    const F8 graw = g16 ? load_half(g16 + i, h) : F8::load(gr + i);
     first_step<R>(kv, vu, vc, vwd, veta, th, graw, sa, sb, g, d);
     th.store(p + i);
-    if (m16) store_bf16(th, m16 + i);
+    if (m16) store_half(th, m16 + i, h);
     if constexpr (NS >= 1) sa.store(a + i);
     if constexpr (NS >= 2) sb.store(b + i);
     sums.add(g, d);
@@ -94,15 +95,15 @@ void first_tile_impl(const FirstTile& t) {
   for (; i < n; ++i) {
     float th = p[i], sa = 0.f, sb = 0.f, g, d;
     if (m16) {
-      const float m = bf16_to_float(m16[i]);
-      th = bf16_to_float(float_to_bf16(th)) != m ? m : th;
+      const float m = half_to_float(m16[i], h);
+      th = half_to_float(float_to_half(th, h), h) != m ? m : th;
     }
     if constexpr (NS >= 1) sa = a[i];
     if constexpr (NS >= 2) sb = b[i];
-    const float graw = g16 ? bf16_to_float(g16[i]) : gr[i];
+    const float graw = g16 ? half_to_float(g16[i], h) : gr[i];
     first_step<R>(ks, t.unscale, t.clip, t.wd, t.eta, th, graw, sa, sb, g, d);
     p[i] = th;
-    if (m16) m16[i] = float_to_bf16(th);
+    if (m16) m16[i] = float_to_half(th, h);
     if constexpr (NS >= 1) a[i] = sa;
     if constexpr (NS >= 2) b[i] = sb;
     gd += static_cast<double>(g * d);
@@ -127,6 +128,7 @@ void move_tile_impl(const MoveTile& t) {
   const float* __restrict__ b = t.b;
   const uint16_t* __restrict__ g16 = t.g16;
   uint16_t* __restrict__ m16 = t.model16;
+  const bool h = t.fp16;
   const int64_t n = t.n;
   Sums3 sums;
   const F8 vu(t.unscale), vc(t.clip), veo(t.e_old), vden(t.den_old), vwd(t.wd_new), ven(t.e_new);
@@ -135,11 +137,11 @@ void move_tile_impl(const MoveTile& t) {
     F8 th = F8::load(p + i), sa(0.f), sb(0.f), g(0.f), d;
     if constexpr (NS >= 1) sa = F8::load(a + i);
     if constexpr (NS >= 2) sb = F8::load(b + i);
-    if constexpr (kGrad) g = (g16 ? load_bf16(g16 + i) : F8::load(gr + i)) * vu;
+    if constexpr (kGrad) g = (g16 ? load_half(g16 + i, h) : F8::load(gr + i)) * vu;
     move_step<R, PO, PN>(kv, g * vc, sa, sb, veo, vden, vwd, ven, th, d);
     if constexpr (WRITE) {
       th.store(p + i);
-      if (m16) store_bf16(th, m16 + i);
+      if (m16) store_half(th, m16 + i, h);
     }
     if constexpr (SUMS) sums.add(g, d);
   }
@@ -150,11 +152,11 @@ void move_tile_impl(const MoveTile& t) {
     float th = p[i], sa = 0.f, sb = 0.f, g = 0.f, d;
     if constexpr (NS >= 1) sa = a[i];
     if constexpr (NS >= 2) sb = b[i];
-    if constexpr (kGrad) g = (g16 ? bf16_to_float(g16[i]) : gr[i]) * t.unscale;
+    if constexpr (kGrad) g = (g16 ? half_to_float(g16[i], h) : gr[i]) * t.unscale;
     move_step<R, PO, PN>(ks, g * t.clip, sa, sb, t.e_old, t.den_old, t.wd_new, t.e_new, th, d);
     if constexpr (WRITE) {
       p[i] = th;
-      if (m16) m16[i] = float_to_bf16(th);
+      if (m16) m16[i] = float_to_half(th, h);
     }
     if constexpr (SUMS) {
       gd += static_cast<double>(g * d);

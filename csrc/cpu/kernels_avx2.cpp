@@ -1,7 +1,8 @@
-// The tile kernels built for AVX2 (armijo_fused::avx2::tile_kernels()), chosen at run time on
-// CPUs that have it. The rest of the extension keeps the portable -march=x86-64-v2 flags: only
-// the code below this pragma is compiled for AVX2, and it lives in its own namespace, so no AVX2
-// instruction can reach a CPU without AVX2. (No FMA: the lanes must round like the baseline's.)
+// The tile kernels built for AVX2 with F16C (armijo_fused::avx2::tile_kernels()), chosen at run
+// time on CPUs that have both (F16C converts fp16). The rest of the extension keeps the portable
+// -march=x86-64-v2 flags: only the code below this pragma is compiled for AVX2, and it lives in
+// its own namespace, so no AVX2 instruction can reach a CPU without AVX2. (No FMA: the lanes must
+// round like the baseline's.)
 #include "cpu/tile_args.h"
 
 #if ARMIJO_HAVE_AVX2
@@ -13,10 +14,10 @@
 #include <type_traits>
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,f16c"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 #endif
 
 #define ARMIJO_ISA avx2

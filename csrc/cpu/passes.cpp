@@ -47,7 +47,7 @@ constexpr int64_t kGrainElems = 1 << 15;
 
 bool cpu_has_avx2() {
 #if ARMIJO_HAVE_AVX2
-  return __builtin_cpu_supports("avx2");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif
@@ -260,12 +260,9 @@ at::Tensor reduce_blocks(const std::vector<double>& partial, const Layout& L, in
   return out;
 }
 
-// Half precision around the tile kernels, where they do not handle it themselves: an fp16
-// gradient (and a bf16 one for grad_sq_norm) is widened into a per-thread scratch tile, and an
-// fp16 model copy is checked before the kernel (adopt) and written after it (narrow), while the
-// tile is in cache. bf16 gradients and model copies are read and written inside the SIMD kernels
-// (csrc/cpu/kernels.h). Either way the copy is the master rounded once (to nearest even, like
-// torch's casts), never a rounded value updated again.
+// Half precision: bf16 and fp16 gradients and model copies are read and written by the SIMD tile
+// kernels themselves (csrc/cpu/kernels.h). Only grad_sq_norm widens a half gradient here, a tile
+// at a time into a per-thread scratch buffer, while the tile is in cache.
 inline float to_float(uint16_t bf16_bits) {  // bf16: the top half of an fp32
   const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
   float f;
@@ -280,20 +277,8 @@ void widen(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-void narrow(const float* __restrict__ src, c10::Half* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-}
-
-void adopt(const c10::Half* __restrict__ model, float* __restrict__ master, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float m = static_cast<float>(model[i]);
-    const float x = master[i];
-    master[i] = static_cast<float>(static_cast<c10::Half>(x)) != m ? m : x;
-  }
-}
-
-// Where a pass finds each tile's data: flat buffers or a tile table; bf16 through g16 / model16
-// into the kernels, fp16 through the helpers above.
+// Where a pass finds each tile's data: flat buffers or a tile table; half-precision buffers go
+// to the kernels as raw bits (g16, model16), bf16 or fp16 as `fp16` says.
 struct Bufs {
   float* p;
   float* a;  // first state buffer (or nullptr)
@@ -311,17 +296,20 @@ struct Bufs {
   float* theta(int64_t t, int64_t o) const {
     return p_table ? reinterpret_cast<float*>(p_table[t]) : p + o;
   }
-  // The fp32 gradient of a tile for the kernels (nullptr for bf16: they read g16_at).
-  const float* grad_of(int64_t t, int64_t o, int64_t n) const {
+  bool grad_half() const { return !g_table && g_type != at::kFloat; }
+  // The fp32 gradient of a tile (nullptr for a half gradient: the kernels read g16_at).
+  const float* grad_of(int64_t t, int64_t o) const {
     if (g_table) return reinterpret_cast<const float*>(g_table[t]);
-    return g_type == at::kBFloat16 ? nullptr : grad_tile(o, n);
+    return grad_half() ? nullptr : static_cast<const float*>(g) + o;
   }
   const uint16_t* g16_at(int64_t o) const {
-    return g_type == at::kBFloat16 && !g_table ? static_cast<const uint16_t*>(g) + o : nullptr;
+    return grad_half() ? static_cast<const uint16_t*>(g) + o : nullptr;
   }
   uint16_t* model16_at(int64_t o) const {
-    return model && model_type == at::kBFloat16 ? static_cast<uint16_t*>(model) + o : nullptr;
+    return model ? static_cast<uint16_t*>(model) + o : nullptr;
   }
+  // grad and model copy share a dtype (checked): the kind of every half buffer of the pass
+  bool fp16() const { return g_type == at::kHalf || (model && model_type == at::kHalf); }
   int64_t count(int64_t t, int64_t tile) const { return lengths ? lengths[t] : tile; }
 
   // The fp32 gradient of elements [o, o + n): the buffer itself, or widened into scratch.
@@ -335,17 +323,6 @@ struct Bufs {
       widen(static_cast<const c10::Half*>(g) + o, scratch.data(), n);
     }
     return scratch.data();
-  }
-
-  // fp16 model, before the first pass: where the model's copy is not the master rounded, the
-  // user wrote the weights since the last step (load_state_dict, an initialiser): they win.
-  void adopt_model_tile(int64_t o, int64_t n) const {
-    if (model && model_type == at::kHalf) adopt(static_cast<const c10::Half*>(model) + o, p + o, n);
-  }
-
-  // fp16 model: round elements [o, o + n) of θ, just written, into the model's copy.
-  void publish_tile(int64_t o, int64_t n) const {
-    if (model && model_type == at::kHalf) narrow(p + o, static_cast<c10::Half*>(model) + o, n);
   }
 };
 
@@ -382,6 +359,9 @@ static Layout check_pass_inputs(const char* op, int64_t rule, const at::Tensor& 
   if (states.size() > 1) bufs.emplace_back("states[1]", &states[1]);
   if (model_param.has_value() && model_param->defined()) {
     check_model_copy(op, *model_param, n);
+    TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == model_param->scalar_type(),
+                "armijo_fused.", op, ": a half-precision grad must have model_param's dtype (",
+                model_param->scalar_type(), "), got ", grad.scalar_type());
     bufs.emplace_back("model_param", &*model_param);
   }
   check_disjoint(op, bufs);
@@ -399,14 +379,13 @@ static at::Tensor run_first(const Layout& L, int r, const Bufs& B, at::ArrayRef<
   for_each_tile(L, [&](int64_t t) {
     const int64_t o = t * L.tile;
     const int64_t n = B.count(t, L.tile);
-    B.adopt_model_tile(o, n);
     FirstTile args{scalars.data(), unscale, clip, wd, etas[L.tile_block[t]],
-                   B.theta(t, o), B.grad_of(t, o, L.tile), B.a ? B.a + o : nullptr,
+                   B.theta(t, o), B.grad_of(t, o), B.a ? B.a + o : nullptr,
                    B.b ? B.b + o : nullptr, n, &partial[t * 3]};
     args.g16 = B.g16_at(o);
     args.model16 = B.model16_at(o);
+    args.fp16 = B.fp16();
     k->first(r, args);
-    B.publish_tile(o, n);
   });
   return reduce_blocks(partial, L, 3);
 }
@@ -462,14 +441,14 @@ static at::Tensor run_move(const Layout& L, int r, const Bufs& B, at::ArrayRef<d
     MoveTile args = ms[blk];
     args.n = B.count(t, L.tile);
     args.p = B.theta(t, o);
-    args.g = reads_grad ? B.grad_of(t, o, L.tile) : nullptr;
+    args.g = reads_grad ? B.grad_of(t, o) : nullptr;
     args.g16 = reads_grad ? B.g16_at(o) : nullptr;
     args.model16 = B.model16_at(o);
+    args.fp16 = B.fp16();
     args.a = B.a ? B.a + o : nullptr;
     args.b = B.b ? B.b + o : nullptr;
     args.out = compute_sums ? &partial[t * 3] : nullptr;
     k->move(r, precond_old, precond_new, changed[blk] != 0, compute_sums, args);
-    if (changed[blk]) B.publish_tile(o, args.n);
   });
   if (!compute_sums) return at::zeros({L.nblocks, 3}, at::kFloat);
   return reduce_blocks(partial, L, 3);

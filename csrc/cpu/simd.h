@@ -54,6 +54,46 @@ ARMIJO_INLINE uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(f != f ? 0x7FC0u : r);
 }
 
+// fp16 (its raw bits) <-> fp32, one element, IEEE: to nearest even, subnormals kept, overflow to
+// inf, NaN to the quiet NaN 0x7E00 with its sign (c10::Half's results). The F16C and NEON vector
+// versions convert in hardware, NaN first made that quiet NaN, so every ISA gives the same bits.
+ARMIJO_INLINE float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  uint32_t u;
+  if (exp == 0x1F) {
+    u = sign | 0x7F800000u | (mant << 13);  // inf, NaN (payload kept)
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (mant << 13);  // normal: rebias 15 -> 127
+  } else {
+    const float f = static_cast<float>(mant) * 5.9604644775390625e-08f;  // subnormal: mant·2^-24
+    std::memcpy(&u, &f, sizeof u);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+ARMIJO_INLINE uint16_t float_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return sign | 0x7E00u;   // NaN
+  if (a >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 rounds to inf; inf
+  if (a >= 0x38800000u) {                       // a normal fp16: round at bit 13, rebias
+    const uint32_t r = a + 0x0FFFu + ((a >> 13) & 1u);
+    return sign | static_cast<uint16_t>((r >> 13) - (112u << 10));
+  }
+  const uint32_t e = a >> 23;
+  if (e < 102) return sign;  // below 2^-25 (or exactly half of it, a tie): ±0
+  // subnormal: the value in units of 2^-24, rounded to nearest even
+  const uint32_t m = (a & 0x7FFFFFu) | 0x800000u, shift = 126 - e;  // shift in 14..24
+  const uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+  return sign | static_cast<uint16_t>(q + (rem > half || (rem == half && (q & 1u))));
+}
+
 // The final reduction of eight double lanes, in one fixed order for every ISA.
 ARMIJO_INLINE double reduce8(const double* l) {
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
@@ -97,6 +137,25 @@ ARMIJO_INLINE __m256i bf16_bits(F8 x) {
 
 ARMIJO_INLINE F8 round_bf16(F8 x) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(x), 16));
+}
+
+ARMIJO_INLINE F8 load_f16(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// NaN lanes made the quiet NaN with their sign, which converts to 0x7E00 / 0xFE00 as the scalar
+// helper gives (F16C would keep the payload).
+ARMIJO_INLINE __m128i f16_bits(F8 x) {
+  const __m256 nan = _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q);
+  const __m256 quiet = _mm256_or_ps(_mm256_and_ps(x.v, _mm256_set1_ps(-0.0f)),
+                                    _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
+  return _mm256_cvtps_ph(_mm256_blendv_ps(x.v, quiet, nan), _MM_FROUND_TO_NEAREST_INT);
+}
+
+ARMIJO_INLINE F8 round_f16(F8 x) { return _mm256_cvtph_ps(f16_bits(x)); }
+
+ARMIJO_INLINE void store_f16(F8 x, uint16_t* p) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f16_bits(x));
 }
 
 ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
@@ -170,6 +229,26 @@ ARMIJO_INLINE F8 round_bf16(F8 x) {
           _mm_castsi128_ps(_mm_slli_epi32(bf16_bits4(x.hi), 16))};
 }
 
+// SSE2 has no fp16 conversion: lane by lane, with the scalar helpers.
+ARMIJO_INLINE F8 load_f16(const uint16_t* p) {
+  alignas(16) float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = f16_to_float(p[i]);
+  return F8::load(f);
+}
+
+ARMIJO_INLINE void store_f16(F8 x, uint16_t* p) {
+  alignas(16) float f[8];
+  x.store(f);
+  for (int i = 0; i < 8; ++i) p[i] = float_to_f16(f[i]);
+}
+
+ARMIJO_INLINE F8 round_f16(F8 x) {
+  alignas(16) float f[8];
+  x.store(f);
+  for (int i = 0; i < 8; ++i) f[i] = f16_to_float(float_to_f16(f[i]));
+  return F8::load(f);
+}
+
 ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
   // SSE2 packs with signed saturation: shift 0..0xFFFF to the signed range and back
   const __m128i bias = _mm_set1_epi32(0x8000);
@@ -241,6 +320,29 @@ ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
   vst1q_u16(p, vcombine_u16(vmovn_u32(bf16_bits4(x.lo)), vmovn_u32(bf16_bits4(x.hi))));
 }
 
+ARMIJO_INLINE F8 load_f16(const uint16_t* p) {
+  const uint16x8_t v = vld1q_u16(p);
+  return {vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(v))),
+          vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(v)))};
+}
+
+// NaN lanes made the quiet NaN with their sign first, as in the scalar helper.
+ARMIJO_INLINE float16x4_t f16_half(float32x4_t x) {
+  const uint32x4_t quiet = vorrq_u32(vandq_u32(vreinterpretq_u32_f32(x), vdupq_n_u32(0x80000000u)),
+                                     vdupq_n_u32(0x7FC00000u));
+  const float32x4_t y = vbslq_f32(vceqq_f32(x, x), x, vreinterpretq_f32_u32(quiet));
+  return vcvt_f16_f32(y);
+}
+
+ARMIJO_INLINE void store_f16(F8 x, uint16_t* p) {
+  vst1q_u16(p, vcombine_u16(vreinterpret_u16_f16(f16_half(x.lo)),
+                            vreinterpret_u16_f16(f16_half(x.hi))));
+}
+
+ARMIJO_INLINE F8 round_f16(F8 x) {
+  return {vcvt_f32_f16(f16_half(x.lo)), vcvt_f32_f16(f16_half(x.hi))};
+}
+
 struct DAcc8 {
   float64x2_t q[4] = {vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0)};
   ARMIJO_INLINE void add(F8 x) {
@@ -310,6 +412,22 @@ ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
   for (int i = 0; i < 8; ++i) p[i] = float_to_bf16(x.v[i]);
 }
 
+ARMIJO_INLINE F8 load_f16(const uint16_t* p) {
+  F8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = f16_to_float(p[i]);
+  return r;
+}
+
+ARMIJO_INLINE F8 round_f16(F8 x) {
+  F8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = f16_to_float(float_to_f16(x.v[i]));
+  return r;
+}
+
+ARMIJO_INLINE void store_f16(F8 x, uint16_t* p) {
+  for (int i = 0; i < 8; ++i) p[i] = float_to_f16(x.v[i]);
+}
+
 struct DAcc8 {
   double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   ARMIJO_INLINE void add(F8 x) {
@@ -319,6 +437,24 @@ struct DAcc8 {
 };
 
 #endif
+
+// A half-precision buffer of either kind (raw bits): fp16 when `fp16`, else bf16. The branch is
+// the same for a whole pass, so it predicts perfectly.
+ARMIJO_INLINE F8 load_half(const uint16_t* p, bool fp16) { return fp16 ? load_f16(p) : load_bf16(p); }
+ARMIJO_INLINE F8 round_half(F8 x, bool fp16) { return fp16 ? round_f16(x) : round_bf16(x); }
+ARMIJO_INLINE void store_half(F8 x, uint16_t* p, bool fp16) {
+  if (fp16) {
+    store_f16(x, p);
+  } else {
+    store_bf16(x, p);
+  }
+}
+ARMIJO_INLINE float half_to_float(uint16_t h, bool fp16) {
+  return fp16 ? f16_to_float(h) : bf16_to_float(h);
+}
+ARMIJO_INLINE uint16_t float_to_half(float f, bool fp16) {
+  return fp16 ? float_to_f16(f) : float_to_bf16(f);
+}
 
 }  // namespace simd
 }  // namespace ARMIJO_ISA

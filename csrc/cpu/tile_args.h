@@ -16,9 +16,9 @@
 namespace armijo_fused {
 
 // One tile of the first pass: n elements from p, g, a, b; the three sums go to out[0..2].
-// A bf16 gradient comes as its raw bits in g16 (g unused); a bf16 model with p as its fp32
-// master comes as model16: a weight written into it since the last step replaces the master's,
-// and the new θ is written into it, rounded.
+// A half-precision gradient comes as its raw bits in g16 (g unused); a half model with p as its
+// fp32 master comes as model16: a weight written into it since the last step replaces the
+// master's, and the new θ is written into it, rounded. Both are bf16, or fp16 when fp16.
 struct FirstTile {
   const double* scalars;  // the rule's 5 host scalars
   float unscale, clip, wd, eta;
@@ -30,6 +30,7 @@ struct FirstTile {
   double* out;
   const uint16_t* g16 = nullptr;
   uint16_t* model16 = nullptr;
+  bool fp16 = false;
 };
 
 // One tile of a move; den_old = 1 - e_old * wd_old rounded to fp32, wd_new 0 for a fallback.
@@ -44,6 +45,7 @@ struct MoveTile {
   double* out;  // written only when sums
   const uint16_t* g16 = nullptr;  // as in FirstTile
   uint16_t* model16 = nullptr;    // written where θ is
+  bool fp16 = false;
 };
 
 struct TileKernels {

@@ -4,9 +4,9 @@ Each call is one vectorised, OpenMP-parallel pass over the flat buffer
 (``csrc/cpu/passes.cpp``); the math, the gscale convention and the skip rules are documented in
 :mod:`.torch_backend`, which is the ground truth the C++ kernels are tested against. Per-block
 sums are per-tile partial sums added in tile order, so they are the same bit for bit on every
-run and for every thread count. A bf16 gradient and a bf16 model's copy of its fp32 master are
-read and written by the SIMD kernels themselves; fp16 ones are converted a tile at a time around
-them, inside the same pass.
+run and for every thread count. A bf16/fp16 gradient and a half model's copy of its fp32 master
+are read and written by the SIMD kernels themselves (fp16 through F16C with AVX2; lane by lane
+on the SSE2 baseline).
 """
 
 from __future__ import annotations
