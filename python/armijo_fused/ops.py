@@ -1,6 +1,6 @@
 """Typed Python wrappers over the compiled ops ``torch.ops.armijo_fused.*`` (C++, CPU).
 
-Importing ``armijo_fused._C`` loads the extension, which registers three ops (schemas in
+Importing ``armijo_fused._C`` loads the extension, which registers five ops (schemas in
 ``csrc/ops.cpp``, CPU kernels in ``csrc/cpu/passes.cpp``); the math of each is documented in
 :mod:`armijo_fused.backends.torch_backend`. Calls go through ``torch.ops`` rather than the pybind
 module so that ``torch.compile`` can trace them; the fake (meta) implementations below tell it the
@@ -12,10 +12,14 @@ output shapes without running a kernel.
   tile_block, block_tiles, tile, precond_old, precond_new, compute_sums, model_param=None)
   -> sums [nblocks, 3]``: writes ``param`` only (zeros when ``compute_sums`` is False).
 * ``grad_sq_norm(grad, tile_block, block_tiles, tile) -> [nblocks]``.
+* ``first_pass_table`` / ``move_table``: the same two passes with θ and g reached through a tile
+  table (``param_ptrs``, ``grad_ptrs``, ``lengths``: :mod:`armijo_fused.storage.table`) instead
+  of flat buffers. They write through raw addresses no schema can name: eager use only.
 
 ``grad`` may be fp32, bf16 or fp16 (widened in the kernel). ``model_param``, for bf16/fp16
-models with fp32 master weights (``param`` is then the master), is the model's own copy: every
-element of θ a pass writes is written there too, rounded once, in the same pass.
+models with fp32 master weights (``param`` is then the master), is the model's own copy: the
+first pass takes its value where it is not the master rounded (weights written since the last
+step), and every element of θ a pass writes is written there too, rounded once, in the same pass.
 """
 
 from __future__ import annotations
