@@ -129,6 +129,13 @@ def main() -> None:
         cpp_backend.first_pass(rule, param, grad16, states, scalars, wd, eta, gscale, layout,
                                model16)
 
+    grad_f16 = grad.to(torch.float16)
+    model_f16 = param.to(torch.float16)
+
+    def cpp_first_fp16():  # the same with an fp16 model (F16C under AVX2)
+        cpp_backend.first_pass(rule, param, grad_f16, states, scalars, wd, eta, gscale, layout,
+                               model_f16)
+
     def cpp_first_bf16_unfused():  # the same work in separate passes over memory
         torch.where(param.to(torch.bfloat16) != model16, model16.float(), param, out=param)
         cpp_backend.first_pass(rule, param, grad16, states, scalars, wd, eta, gscale, layout)
@@ -164,6 +171,7 @@ def main() -> None:
         "cpp first_pass (flat)": cpp_first,
         "cpp move / retry (flat)": cpp_move,
         "cpp first_pass (bf16 model, fp32 master)": cpp_first_bf16,
+        "cpp first_pass (fp16 model, fp32 master)": cpp_first_fp16,
         "bf16 model, unfused (take, pass, copy)": cpp_first_bf16_unfused,
     }
     if simd == "avx2":  # the portable build too, for scale
@@ -188,6 +196,7 @@ def main() -> None:
     bytes_per.update({k: 16 for k in rows if k.startswith("cpp move")})
     bytes_per["copy (read+write, 8 B/param)"] = 8
     bytes_per["cpp first_pass (bf16 model, fp32 master)"] = 30
+    bytes_per["cpp first_pass (fp16 model, fp32 master)"] = 30
     bytes_per["bf16 model, unfused (take, pass, copy)"] = 12 + 28 + 6  # take: read 6 B, write 4 B
     print(f"{n / 1e6:.2f}M parameters in {len(shapes)} tensors; {threads} torch threads; "
           f"{simd} kernels; load average before {load_before[0]:.2f}")
