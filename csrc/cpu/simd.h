@@ -229,26 +229,6 @@ ARMIJO_INLINE F8 round_bf16(F8 x) {
           _mm_castsi128_ps(_mm_slli_epi32(bf16_bits4(x.hi), 16))};
 }
 
-// SSE2 has no fp16 conversion: lane by lane, with the scalar helpers.
-ARMIJO_INLINE F8 load_f16(const uint16_t* p) {
-  alignas(16) float f[8];
-  for (int i = 0; i < 8; ++i) f[i] = f16_to_float(p[i]);
-  return F8::load(f);
-}
-
-ARMIJO_INLINE void store_f16(F8 x, uint16_t* p) {
-  alignas(16) float f[8];
-  x.store(f);
-  for (int i = 0; i < 8; ++i) p[i] = float_to_f16(f[i]);
-}
-
-ARMIJO_INLINE F8 round_f16(F8 x) {
-  alignas(16) float f[8];
-  x.store(f);
-  for (int i = 0; i < 8; ++i) f[i] = f16_to_float(float_to_f16(f[i]));
-  return F8::load(f);
-}
-
 ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
   // SSE2 packs with signed saturation: shift 0..0xFFFF to the signed range and back
   const __m128i bias = _mm_set1_epi32(0x8000);
@@ -396,38 +376,6 @@ ARMIJO_INLINE F8 select_ne(F8 a, F8 b, F8 if_ne, F8 if_eq) {
   return r;
 }
 
-ARMIJO_INLINE F8 load_bf16(const uint16_t* p) {
-  F8 r;
-  for (int i = 0; i < 8; ++i) r.v[i] = bf16_to_float(p[i]);
-  return r;
-}
-
-ARMIJO_INLINE F8 round_bf16(F8 x) {
-  F8 r;
-  for (int i = 0; i < 8; ++i) r.v[i] = bf16_to_float(float_to_bf16(x.v[i]));
-  return r;
-}
-
-ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) {
-  for (int i = 0; i < 8; ++i) p[i] = float_to_bf16(x.v[i]);
-}
-
-ARMIJO_INLINE F8 load_f16(const uint16_t* p) {
-  F8 r;
-  for (int i = 0; i < 8; ++i) r.v[i] = f16_to_float(p[i]);
-  return r;
-}
-
-ARMIJO_INLINE F8 round_f16(F8 x) {
-  F8 r;
-  for (int i = 0; i < 8; ++i) r.v[i] = f16_to_float(float_to_f16(x.v[i]));
-  return r;
-}
-
-ARMIJO_INLINE void store_f16(F8 x, uint16_t* p) {
-  for (int i = 0; i < 8; ++i) p[i] = float_to_f16(x.v[i]);
-}
-
 struct DAcc8 {
   double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   ARMIJO_INLINE void add(F8 x) {
@@ -436,6 +384,41 @@ struct DAcc8 {
   ARMIJO_INLINE double sum() const { return reduce8(l); }
 };
 
+#endif
+
+// Conversions lane by lane through the scalar helpers, where an ISA has no vector one: fp16 on
+// SSE2, bf16 and fp16 on the scalar fallback. The same bits as the vector versions by definition.
+template <float (*ToFloat)(uint16_t)>
+ARMIJO_INLINE F8 load_lanes(const uint16_t* p) {
+  alignas(32) float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = ToFloat(p[i]);
+  return F8::load(f);
+}
+
+template <uint16_t (*FromFloat)(float)>
+ARMIJO_INLINE void store_lanes(F8 x, uint16_t* p) {
+  alignas(32) float f[8];
+  x.store(f);
+  for (int i = 0; i < 8; ++i) p[i] = FromFloat(f[i]);
+}
+
+template <float (*ToFloat)(uint16_t), uint16_t (*FromFloat)(float)>
+ARMIJO_INLINE F8 round_lanes(F8 x) {
+  alignas(32) float f[8];
+  x.store(f);
+  for (int i = 0; i < 8; ++i) f[i] = ToFloat(FromFloat(f[i]));
+  return F8::load(f);
+}
+
+#if !defined(ARMIJO_SIMD_AVX2) && !(defined(__aarch64__) && defined(__ARM_NEON))
+ARMIJO_INLINE F8 load_f16(const uint16_t* p) { return load_lanes<f16_to_float>(p); }
+ARMIJO_INLINE void store_f16(F8 x, uint16_t* p) { store_lanes<float_to_f16>(x, p); }
+ARMIJO_INLINE F8 round_f16(F8 x) { return round_lanes<f16_to_float, float_to_f16>(x); }
+#endif
+#if !defined(ARMIJO_SIMD_AVX2) && !defined(__SSE2__) && !(defined(__aarch64__) && defined(__ARM_NEON))
+ARMIJO_INLINE F8 load_bf16(const uint16_t* p) { return load_lanes<bf16_to_float>(p); }
+ARMIJO_INLINE void store_bf16(F8 x, uint16_t* p) { store_lanes<float_to_bf16>(x, p); }
+ARMIJO_INLINE F8 round_bf16(F8 x) { return round_lanes<bf16_to_float, float_to_bf16>(x); }
 #endif
 
 // A half-precision buffer of either kind (raw bits): fp16 when `fp16`, else bf16. The branch is
