@@ -88,6 +88,9 @@ class FlatBuffer:
             [self._view(s, i) for s in self.states] + ([self._master_views[i]] if self.master else [])
             for i in range(len(params))
         ]
+        # what sync() compares each step: tensor, its view's address and shape, grad view, states
+        self._checks = [(p, pv.data_ptr(), pv.shape, gv, sv) for p, pv, gv, sv in
+                        zip(self.params, self._param_views, self._grad_views, self._state_views)]
         self._adopt(state)
 
     def _view(self, flat: Tensor, i: int) -> Tensor:
@@ -115,20 +118,21 @@ class FlatBuffer:
 
     def sync(self, state: dict) -> bool:
         """Re-validate the views before a step; False means the parameters moved: rebuild."""
-        for i, p in enumerate(self.params):
-            pv = self._param_views[i]
-            if p.data_ptr() != pv.data_ptr() or p.shape != pv.shape:
+        # runs every step over every tensor: one tuple per tensor, cached (see _checks)
+        names = self.state_names
+        for i, (p, ptr, shape, gview, views) in enumerate(self._checks):
+            if p.data_ptr() != ptr or p.shape != shape:
                 return False
             g = p.grad
-            if g is not self._grad_views[i]:
+            if g is not gview:
                 if g is None:
-                    self._grad_views[i].zero_()
-                elif g.data_ptr() != self._grad_views[i].data_ptr():
-                    self._grad_views[i].copy_(_dense(p, g))
-                p.grad = self._grad_views[i]
+                    gview.zero_()
+                elif g.data_ptr() != gview.data_ptr():
+                    gview.copy_(_dense(p, g))
+                p.grad = gview
             pstate = state[p]
             reloaded = False
-            for name, view in zip(self.state_names, self._state_views[i]):
+            for name, view in zip(names, views):
                 old = pstate.get(name)
                 if old is not view:
                     if old is not None:
