@@ -26,8 +26,11 @@ from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
 
 #: keys of the line-search state kept in every param group (identical across groups when global).
-_LS_KEYS = ("step", "step_size", "step_size_avg", "next_search", "search_interval",
+_LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "next_search", "search_interval",
             "searches", "forwards", "backwards")
+# ``step`` counts step() calls (cadence, schedules); ``folded`` counts the gradients folded into
+# the state, the count behind bias corrections: a skipped step (non-finite gradient or loss) adds
+# to the first and not to the second, as torch's Adam does for a step GradScaler skips.
 
 
 def _check_number(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False):
@@ -143,6 +146,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._closure: Callable | None = None
         self._pending_rng = None
         self._pending_loss = None
+        self._pending_skip = None  # (pinned flag, event) of a GPU step whose skip is unread
         self._buffers: list[FlatBuffer] | None = None
         self._buffer_key = None
         self.stats: StepStats = StepStats()
@@ -182,12 +186,19 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 and "step" in self.param_groups[0]:
             self._init_group(self.param_groups[-1])
 
+    def state_dict(self) -> dict:
+        self._settle_skip()  # the checkpoint must hold the count of the steps that folded
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts them to the
         parameter's dtype, which would round the fp32 moments and master weights of bf16/fp16
         parameters."""
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
+        self._pending_skip = None  # a flag of the steps before the load is no longer ours
+        for g in self.param_groups:  # checkpoints from before ``folded``: no skip recorded
+            g.setdefault("folded", g["step"])
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
@@ -246,6 +257,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         for name, fn in (("closure", closure), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        self._settle_skip()
         groups = self.param_groups
         g0 = groups[0]
         k = g0["step"] + 1
@@ -274,9 +286,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             f0 = _as_loss(f0, "the closure" if closure is not None else "loss")
         buffers = self._sync_buffers()
         if not buffers:
-            self._advance(k)
+            self._advance(k, folded=False)
             return f0
-        passes = _FlatPasses(self, buffers, k, f0)
+        passes = _FlatPasses(self, buffers, g0["folded"] + 1, f0)
         table = self._block_table()
         etas = [self._eta(gi, lb) for gi, lb in table]
         block_factors = [factors[gi] for gi, _ in table]
@@ -285,7 +297,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 sums = passes.first([e * f for e, f in zip(etas, block_factors)])
             self._reshard_fsdp()
-            self._advance(k)
+            self._advance_unsettled(k, passes)
             moved = (~passes.skipped()).float()  # a skipped step moved nothing (read lazily)
             self.stats = StepStats(
                 step=k, searched=False, step_size=self._report([moved * e for e in etas]),
@@ -367,7 +379,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         for g in groups:
             g.update(next_search=next_search, search_interval=interval,
                      searches=g["searches"] + 1)
-        self._advance(k)
+        self._advance(k, folded=not skipped)
         taken = accepted if accepted is not None else [0.0] * len(table)
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken),
@@ -580,9 +592,38 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             g["forwards"] += forwards
             g["backwards"] += backwards
 
-    def _advance(self, k):
+    def _advance(self, k, folded: bool):
         for g in self.param_groups:
             g["step"] = k
+            g["folded"] += int(folded)
+
+    def _advance_unsettled(self, k, passes) -> None:
+        """A step without a search, whose skip flag lives on the device. On a CPU it is read now
+        (free); on a GPU the step counts as folded and the flag is copied to pinned memory
+        without a sync, then read when the next step (or state_dict) needs the count: by then
+        the GPU is long past it, and the skip is taken back."""
+        if not passes.can_skip:
+            return self._advance(k, folded=True)
+        flag = passes.skipped()
+        if flag.device.type == "cpu":
+            return self._advance(k, folded=not bool(flag))
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_skip = (host, event)
+        self._advance(k, folded=True)
+
+    def _settle_skip(self) -> None:
+        """Take back the fold count of a GPU step without a search that turned out skipped."""
+        pending, self._pending_skip = self._pending_skip, None
+        if pending is None:
+            return
+        host, event = pending
+        event.synchronize()
+        if bool(host):
+            for g in self.param_groups:
+                g["folded"] -= 1
 
     def _trainable(self):
         for gi, group in enumerate(self.param_groups):
@@ -695,6 +736,7 @@ class _FlatPasses(Passes):
     """Runs each fused pass once per flat buffer with that buffer's backend."""
 
     def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], step: int, f0):
+        """``step``: the bias-correction count of this step (gradients folded, this one included)."""
         self.opt, self.buffers = opt, buffers
         self.slices, pos = [], 0
         for b in buffers:
@@ -715,6 +757,7 @@ class _FlatPasses(Passes):
         """Per-device [unscale, clip] (NaN when the gradient or f0 is not finite): no sync."""
         opt, dev0 = self.opt, self.buffers[0].device
         need_norm = opt.check_finite or opt.max_grad_norm is not None
+        self.can_skip = need_norm or f0 is not None  # else the guard stays [1, 1]
         scale = torch.ones(2, dtype=torch.float32, device=dev0)
         if need_norm:
             sq = self._sum_over_shards(
@@ -746,6 +789,7 @@ class _FlatPasses(Passes):
     def set_loss(self, f0: Tensor) -> None:
         """Fold a non-finite f0 into gscale: the passes then write nothing (no sync needed)."""
         f0 = f0.to(self._scale0.device)
+        self.can_skip = True
         self._scale0 = torch.where(torch.isfinite(f0), self._scale0,
                                    torch.full_like(self._scale0, math.nan))
         self._gscale = {b.device: self._scale0.to(b.device) for b in self.buffers}
