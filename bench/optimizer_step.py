@@ -1,0 +1,158 @@
+"""Optimizer-side time of a whole ArmijoAdam step against a fused AdamW step.
+
+Issue 4's line: "the optimizer-side time of a whole ArmijoAdam step with one accepted trial
+(everything except the model's forward/backward) ≤ 1.1× a fused AdamW step at 124M". This times
+``step()`` itself, host work included (the Python of the controller, the kernel launches, the one
+read of the first trial's sums), on a parameter list shaped like GPT-2 124M (fp32) on a GPU, or
+the 10M GPT-like list of ``cpu_first_pass.py`` on a CPU (C++ backend).
+
+The model is left out on purpose: the loss at θ0 is a given scalar and the trial "forward" returns
+a precomputed scalar far below it, so the first trial is accepted and costs no model time. What is
+left is exactly the optimizer's share of a step:
+
+* ``armijo_search``: a step with a search: the guard's gradient read (``check_finite``), the first
+  pass, one host read of the sums and the loss, the Armijo test, the step-size bookkeeping;
+* ``armijo_plain``: a step without a search (the adaptive cadence's usual step): the guard and the
+  first pass, no host sync;
+* each with ``check_finite=True`` (the default; one extra read of g, 4 B/param) and ``False``;
+* ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(...).step()`` on the same shapes.
+
+Each row: median wall ms of ``--repeats`` calls (device synchronised around each call, so host
+work counts; the cases interleaved round by round), after warm-up; and the ratio to
+``adamw_fused``. Writes
+``bench/results/optimizer_step_<device>.json`` (device, versions, commit).
+
+Usage: python bench/optimizer_step.py [--device cuda|cpu] [--repeats 30] [--params 10e6 (cpu)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import environment, result_slug, write_result  # noqa: E402
+from bench_kernels import MODELS, gpt2_blocks  # noqa: E402
+from cpu_first_pass import gpt_shapes  # noqa: E402
+
+from armijo_fused import ArmijoAdam  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def shapes_for(device: torch.device, params: float) -> tuple[str, list[tuple[int, ...]]]:
+    if device.type == "cuda":
+        return "gpt2-124m", [s for block in gpt2_blocks(*MODELS["gpt2-124m"]) for s in block]
+    return f"gpt-like-{params / 1e6:g}M", gpt_shapes(params)
+
+
+def make_params(shapes, device) -> list[torch.nn.Parameter]:
+    g = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(0.02 * torch.randn(s, generator=g, device=device))
+        p.grad = 1e-3 * torch.randn(s, generator=g, device=device)
+        params.append(p)
+    return params
+
+
+def interleaved_wall_ms(fns: dict, device, repeats: int, warmup: int = 3) -> dict:
+    """Median wall ms of each callable, the device synchronised before and after each call (host
+    work counts). One call of each per round, so a change in the machine's load hits all alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def armijo_case(shapes, device, *, search: bool, check_finite: bool):
+    params = make_params(shapes, device)
+    backend = "triton" if device.type == "cuda" else "cpp"
+    opt = ArmijoAdam(params, backend=backend, check_finite=check_finite,
+                     cadence="every" if search else 10**9, weight_decay=0.1)
+    f0 = torch.zeros((), device=device)
+    far_below = torch.full((), -1e30, device=device)  # any η passes the Armijo test
+
+    def step():
+        opt.step(loss_fn=lambda: far_below, loss=f0)
+
+    step()  # the first step always searches; it also builds the flat buffers
+    return step, opt, params
+
+
+def adamw_case(shapes, device, impl: str):
+    params = make_params(shapes, device)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, **{impl: True})
+    return opt.step, opt, params
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--params", type=float, default=10e6, help="CPU parameter count")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    name, shapes = shapes_for(device, args.params)
+
+    cases = {
+        "adamw_fused": lambda: adamw_case(shapes, device, "fused"),
+        "adamw_foreach": lambda: adamw_case(shapes, device, "foreach"),
+    }
+    for search in (True, False):
+        for cf in (True, False):
+            key = f"armijo_{'search' if search else 'plain'}{'' if cf else '_no_check_finite'}"
+            cases[key] = lambda s=search, c=cf: armijo_case(shapes, device, search=s,
+                                                            check_finite=c)
+    built = {key: build() for key, build in cases.items()}  # 124M: 2 GB each, all fit at once
+    times = interleaved_wall_ms({key: b[0] for key, b in built.items()}, device, args.repeats)
+    rows = {}
+    for key, (_, opt, _) in built.items():
+        ts = times[key]
+        rows[key] = {"ms": statistics.median(ts), "ms_min": min(ts), "ms_max": max(ts)}
+        if key.startswith("armijo"):
+            stats = opt.stats
+            rows[key].update(searched=bool(stats["searched"]), trials=int(stats["trials"]),
+                             skipped=bool(stats["skipped"]))
+        print(f"{key:34s} {rows[key]['ms']:8.3f} ms", flush=True)
+    ref = rows["adamw_fused"]["ms"]
+    for row in rows.values():
+        row["over_adamw_fused"] = row["ms"] / ref
+    print(f"whole ArmijoAdam step with one accepted trial / fused AdamW: "
+          f"{rows['armijo_search']['over_adamw_fused']:.3f} (check_finite=False: "
+          f"{rows['armijo_search_no_check_finite']['over_adamw_fused']:.3f}); without a search "
+          f"{rows['armijo_plain']['over_adamw_fused']:.3f}")
+    result = {
+        "environment": environment(device), "params": name,
+        "numel": sum(_numel(s) for s in shapes),
+        "repeats": args.repeats, "rows": rows,
+    }
+    out = args.out or HERE / "results" / f"optimizer_step_{result_slug(device)}.json"
+    write_result(out, result)
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""bench/optimizer_step.py on a tiny CPU parameter list: the script runs and its rows mean what
+they say (the search row searched once with one accepted trial, the plain row did not search)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from _backends import needs_cpp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+@needs_cpp
+def test_optimizer_step_bench_runs_small(tmp_path):
+    import optimizer_step
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "opt.json"
+    try:
+        assert optimizer_step.main(["--device", "cpu", "--params", "2e5", "--repeats", "2",
+                                    "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert res["environment"]["device"] == "cpu" and res["numel"] > 1e5
+    assert rows["adamw_fused"]["over_adamw_fused"] == 1.0
+    for key in ("armijo_search", "armijo_search_no_check_finite"):
+        assert rows[key]["searched"] and rows[key]["trials"] == 1 and not rows[key]["skipped"]
+    for key in ("armijo_plain", "armijo_plain_no_check_finite"):
+        assert not rows[key]["searched"] and rows[key]["trials"] == 0
+    assert all(r["ms"] > 0 for r in rows.values())
