@@ -605,12 +605,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if not passes.can_skip:
             return self._advance(k, folded=True)
         flag = passes.skipped()
-        if flag.device.type == "cpu":
+        if flag.device.type != "cuda":  # CPU: free; other accelerators: one read
             return self._advance(k, folded=not bool(flag))
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
         host.copy_(flag, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(flag.device))
         self._pending_skip = (host, event)
         self._advance(k, folded=True)
 
