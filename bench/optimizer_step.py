@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("optimizer_step.py --device cuda needs CUDA; nothing measured")
+        return 0
     name, shapes = shapes_for(device, args.params)
 
     cases = {

@@ -46,12 +46,12 @@ PY
 stage tests-gpu 240 $PY -m pytest -m gpu -q -x -p no:randomly
 if ((QUICK)); then
   stage kernels 150 $PY bench/bench_kernels.py --repeats 20
-  stage optimizer-step 60 $PY bench/optimizer_step.py --repeats 15
+  stage optimizer-step 60 $PY bench/optimizer_step.py --device cuda --repeats 15
   stage step 150 $PY bench/step_bench.py --steps 20 --warmup 5
   stage batched 90 $PY bench/batched_candidates.py --device cuda --steps 10
 else
   stage kernels 200 $PY bench/bench_kernels.py --repeats 30
-  stage optimizer-step 90 $PY bench/optimizer_step.py --repeats 30
+  stage optimizer-step 90 $PY bench/optimizer_step.py --device cuda --repeats 30
   stage step 240 $PY bench/step_bench.py
   stage batched 120 $PY bench/batched_candidates.py --device cuda
   stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200
