@@ -28,13 +28,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import cpu_model, git_commit, write_result  # noqa: E402
+from _timing import interleaved_times  # noqa: E402
 
 from armijo_fused import ops
 from armijo_fused.backends import cpp_backend, torch_backend
@@ -63,17 +63,8 @@ def _numel(shape) -> int:
 
 
 def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median wall time (ms) of each callable. Runs are interleaved (one of each per round), so a
-    change in the machine's load during the benchmark hits every candidate alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    """(median ms, all times) of each callable, timed interleaved (bench/_timing.py)."""
+    times = interleaved_times(fns, repeats, warmup)
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
 

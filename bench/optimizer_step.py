@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment, result_slug, write_result  # noqa: E402
+from _timing import interleaved_times  # noqa: E402
 from bench_kernels import MODELS, gpt2_blocks  # noqa: E402
 from cpu_first_pass import gpt_shapes  # noqa: E402
 
@@ -59,24 +59,6 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
         p.grad = 1e-3 * torch.randn(s, generator=g, device=device)
         params.append(p)
     return params
-
-
-def interleaved_wall_ms(fns: dict, device, repeats: int, warmup: int = 3) -> dict:
-    """Median wall ms of each callable, the device synchronised before and after each call (host
-    work counts). One call of each per round, so a change in the machine's load hits all alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {key: [] for key in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[key].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def armijo_case(shapes, device, *, search: bool, check_finite: bool):
@@ -123,7 +105,8 @@ def main(argv=None) -> int:
             cases[key] = lambda s=search, c=cf: armijo_case(shapes, device, search=s,
                                                             check_finite=c)
     built = {key: build() for key, build in cases.items()}  # 124M: 2 GB each, all fit at once
-    times = interleaved_wall_ms({key: b[0] for key, b in built.items()}, device, args.repeats)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None  # host work counts too
+    times = interleaved_times({key: b[0] for key, b in built.items()}, args.repeats, sync=sync)
     rows = {}
     for key, (_, opt, _) in built.items():
         ts = times[key]
