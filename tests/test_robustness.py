@@ -283,6 +283,12 @@ def test_skipped_step_does_not_count_in_the_bias_correction(backend, cadence, ba
             assert torch.equal(opt.state[p][name], twin_opt.state[q][name]), name
 
 
+@pytest.mark.parametrize("module", [nn.Linear(3, 2), nn.Sequential(nn.Linear(3, 2))])
+def test_a_module_passed_as_params_is_named(module):
+    with pytest.raises(TypeError, match=r"pass model.parameters\(\)"):
+        ArmijoAdam(module)
+
+
 def test_checkpoint_without_the_fold_count_resumes_with_the_step_count():
     model = nn.Linear(3, 2)
     opt = ArmijoAdam(model.parameters(), cadence="every")

@@ -153,6 +153,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
         defaults = dict(lr=lr, weight_decay=weight_decay, **rule_defaults)
         self._init_step_size = float(init_step_size)
+        if isinstance(params, torch.nn.Module):  # torch's own error: "'Linear' is not iterable"
+            raise TypeError(
+                f"params is a module ({type(params).__name__}): pass model.parameters() (and "
+                "model=model to let trials restore its buffers and name its layers)")
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._init_group(group)
