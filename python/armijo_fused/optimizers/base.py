@@ -147,6 +147,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._pending_rng = None
         self._pending_loss = None
         self._pending_skip = None  # (pinned flag, event) of a GPU step whose skip is unread
+        self._skip_host = None
         self._buffers: list[FlatBuffer] | None = None
         self._buffer_key = None
         self.stats: StepStats = StepStats()
@@ -611,9 +612,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         flag = passes.skipped()
         if flag.device.type != "cuda":  # CPU: free; other accelerators: one read
             return self._advance(k, folded=not bool(flag))
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        if self._skip_host is None:  # one pinned flag and event, reused: settled before reuse
+            self._skip_host = (torch.empty((), dtype=torch.bool, pin_memory=True),
+                               torch.cuda.Event())
+        host, event = self._skip_host
         host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(flag.device))
         self._pending_skip = (host, event)
         self._advance(k, folded=True)
