@@ -49,6 +49,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def cpu_caches() -> dict:
+    """Cache sizes of CPU 0 as Linux reports them ({"L1d": "48K", "L2": "2048K", ...}): a
+    working set that fits the last level is partly timed from cache, not memory."""
+    out = {}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((d / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        out[f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind, "")] = size
+    return out
+
+
 def environment(device: torch.device) -> dict:
     """Device, versions and commit: what every result file records."""
     if device.type == "cuda":
@@ -59,6 +72,7 @@ def environment(device: torch.device) -> dict:
         "device": "cuda" if device.type == "cuda" else "cpu",
         "device_name": name,
         "cpu_count": os.cpu_count(),
+        "cpu_caches": cpu_caches(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import cpu_model, git_commit, write_result  # noqa: E402
+from _env import cpu_caches, cpu_model, git_commit, write_result  # noqa: E402
 from _timing import interleaved_times  # noqa: E402
 
 from armijo_fused import ops
@@ -210,7 +210,7 @@ def main() -> None:
     result = {
         "benchmark": "cpu_first_pass",
         "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
-                   "simd": simd},
+                   "simd": simd, "caches": cpu_caches()},
         "torch": torch.__version__,
         "python": platform.python_version(),
         "git_commit": git_commit(),
