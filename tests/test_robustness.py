@@ -939,6 +939,27 @@ def test_hyperparameters_of_the_wrong_type_are_named(cls, kw, name):
         cls(model.parameters(), **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_group_added_later_gets_its_own_bias_correction(backend):
+    # progressive unfreezing: the new group's moments start at zero, so its first Adam direction
+    # must be m̂/√v̂ = sign(g), not the under-corrected one of the optimizer's step count
+    torch.manual_seed(0)
+    base, extra = nn.Linear(4, 1), nn.Parameter(torch.randn(5))
+    x = torch.randn(8, 4)
+    opt = ArmijoAdam(base.parameters(), backend=backend, cadence="every")
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: base(x).pow(2).mean()))
+    opt.add_param_group({"params": [extra]})
+    assert opt.param_groups[1]["folded"] == 0 and opt.param_groups[0]["folded"] == 3
+    before = extra.detach().clone()
+    target = torch.linspace(-1.0, 1.0, 5)
+    opt.step(make_closure(opt, lambda: base(x).pow(2).mean() + (extra - target).pow(2).sum()))
+    g = 2 * (before - target)
+    eta = opt.stats["step_size"]
+    assert eta > 0 and [g["folded"] for g in opt.param_groups] == [4, 1]
+    torch.testing.assert_close(extra.detach(), before - eta * torch.sign(g), rtol=1e-5, atol=1e-7)
+
+
 def test_add_param_group_after_construction():
     torch.manual_seed(0)
     base, extra = nn.Linear(4, 1), nn.Parameter(torch.randn(3))

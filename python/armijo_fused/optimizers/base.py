@@ -29,8 +29,9 @@ from ..telemetry import StepStats
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "next_search", "search_interval",
             "searches", "forwards", "backwards")
 # ``step`` counts step() calls (cadence, schedules); ``folded`` counts the gradients folded into
-# the state, the count behind bias corrections: a skipped step (non-finite gradient or loss) adds
-# to the first and not to the second, as torch's Adam does for a step GradScaler skips.
+# the group's state, the count behind its bias corrections: a skipped step (non-finite gradient or
+# loss) adds to the first and not to the second, as torch's Adam does for a step GradScaler skips,
+# and a group added later (progressive unfreezing) starts at 0 with its zero moments.
 
 
 def _check_number(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False):
@@ -183,7 +184,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             default = {"step_size": self._init_step_size,
                        "step_size_avg": self._init_step_size,
                        "next_search": 1, "search_interval": 1}.get(key, 0)
-            group.setdefault(key, first[key] if joining else default)
+            group.setdefault(key, first[key] if joining and key != "folded" else default)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -291,9 +292,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             f0 = _as_loss(f0, "the closure" if closure is not None else "loss")
         buffers = self._sync_buffers()
         if not buffers:
-            self._advance(k, folded=False)
+            self._advance(k, folded=())
             return f0
-        passes = _FlatPasses(self, buffers, g0["folded"] + 1, f0)
+        passes = _FlatPasses(self, buffers, f0)
         table = self._block_table()
         etas = [self._eta(gi, lb) for gi, lb in table]
         block_factors = [factors[gi] for gi, _ in table]
@@ -384,7 +385,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         for g in groups:
             g.update(next_search=next_search, search_interval=interval,
                      searches=g["searches"] + 1)
-        self._advance(k, folded=not skipped)
+        self._advance(k, folded=() if skipped else passes.groups)
         taken = accepted if accepted is not None else [0.0] * len(table)
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken),
@@ -597,10 +598,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             g["forwards"] += forwards
             g["backwards"] += backwards
 
-    def _advance(self, k, folded: bool):
+    def _advance(self, k, folded):
+        """Count the step; ``folded``: the indices of the groups whose state took its gradient."""
         for g in self.param_groups:
             g["step"] = k
-            g["folded"] += int(folded)
+        for gi in folded:
+            self.param_groups[gi]["folded"] += 1
 
     def _advance_unsettled(self, k, passes) -> None:
         """A step without a search, whose skip flag lives on the device. On a CPU it is read now
@@ -608,29 +611,29 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         without a sync, then read when the next step (or state_dict) needs the count: by then
         the GPU is long past it, and the skip is taken back."""
         if not passes.can_skip:
-            return self._advance(k, folded=True)
+            return self._advance(k, folded=passes.groups)
         flag = passes.skipped()
         if flag.device.type != "cuda":  # CPU: free; other accelerators: one read
-            return self._advance(k, folded=not bool(flag))
+            return self._advance(k, folded=() if bool(flag) else passes.groups)
         if self._skip_host is None:  # one pinned flag and event, reused: settled before reuse
             self._skip_host = (torch.empty((), dtype=torch.bool, pin_memory=True),
                                torch.cuda.Event())
         host, event = self._skip_host
         host.copy_(flag, non_blocking=True)
         event.record(torch.cuda.current_stream(flag.device))
-        self._pending_skip = (host, event)
-        self._advance(k, folded=True)
+        self._pending_skip = (host, event, passes.groups)
+        self._advance(k, folded=passes.groups)
 
     def _settle_skip(self) -> None:
         """Take back the fold count of a GPU step without a search that turned out skipped."""
         pending, self._pending_skip = self._pending_skip, None
         if pending is None:
             return
-        host, event = pending
+        host, event, groups = pending
         event.synchronize()
         if bool(host):
-            for g in self.param_groups:
-                g["folded"] -= 1
+            for gi in groups:
+                self.param_groups[gi]["folded"] -= 1
 
     def _trainable(self):
         for gi, group in enumerate(self.param_groups):
@@ -742,9 +745,9 @@ def _model_copy(buf) -> Tensor | None:
 class _FlatPasses(Passes):
     """Runs each fused pass once per flat buffer with that buffer's backend."""
 
-    def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], step: int, f0):
-        """``step``: the bias-correction count of this step (gradients folded, this one included)."""
+    def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], f0):
         self.opt, self.buffers = opt, buffers
+        self.groups = sorted({b.group_index for b in buffers})  # whose state this step updates
         self.slices, pos = [], 0
         for b in buffers:
             self.slices.append(slice(pos, pos + b.layout.nblocks))
@@ -752,7 +755,9 @@ class _FlatPasses(Passes):
         self.eta = [0.0] * pos
         self.precond = False
         groups = opt.param_groups
-        self.scalars = [opt.rule.scalars(groups[b.group_index], step) for b in buffers]
+        # bias corrections count the gradients in each group's state, this one included
+        self.scalars = [opt.rule.scalars(groups[b.group_index], groups[b.group_index]["folded"] + 1)
+                        for b in buffers]
         self.wd = [float(groups[b.group_index]["weight_decay"]) for b in buffers]
         self._grad_sq = None
         self._first_sums = None
