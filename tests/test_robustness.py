@@ -960,6 +960,31 @@ def test_a_group_added_later_gets_its_own_bias_correction(backend):
     torch.testing.assert_close(extra.detach(), before - eta * torch.sign(g), rtol=1e-5, atol=1e-7)
 
 
+def test_unfreezing_inside_a_group_warns_and_adding_a_group_does_not():
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    x = torch.randn(8, 4)
+    model[1].weight.requires_grad_(False)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first build and the steps: nothing to say
+        for _ in range(2):
+            opt.step(closure)
+    model[1].weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) became trainable .* 2 step\(s\) "
+                                         r"\(1.weight\).*add_param_group"):
+        opt.step(closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: its state exists from now on
+        opt.step(closure)
+        extra = nn.Parameter(torch.randn(2))
+        opt.add_param_group({"params": [extra]})
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean() + extra.pow(2).sum()))
+
+
 def test_add_param_group_after_construction():
     torch.manual_seed(0)
     base, extra = nn.Linear(4, 1), nn.Parameter(torch.randn(3))

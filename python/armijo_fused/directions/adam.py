@@ -52,6 +52,7 @@ class Adam(DirectionRule):
     name = "adam"
     rule_id = 4
     state_names = ("exp_avg", "exp_avg_sq")
+    bias_corrected = True
     hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-8}
 
     def validate(self, group):

@@ -35,6 +35,9 @@ class DirectionRule:
     state_names: ClassVar[tuple[str, ...]] = ()
     #: whether recomputing ``u`` from the state needs the gradient too (retry pass traffic).
     direction_reads_grad: ClassVar[bool] = False
+    #: whether ``scalars`` corrects the state for its zero start by the fold count (Adam's bias
+    #: corrections): parameters that join a group late then need a group of their own.
+    bias_corrected: ClassVar[bool] = False
     #: the group keys this rule reads, with their defaults (validated by ``validate``).
     hyperparameters: ClassVar[dict[str, object]] = {}
 

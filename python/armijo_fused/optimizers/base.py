@@ -8,6 +8,7 @@ policy, cadence and side-effect-free trials (``linesearch/``).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -674,6 +675,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if self._buffers is not None and key == self._buffer_key:
             if all(b.sync(self.state) for b in self._buffers):
                 return self._buffers
+        self._warn_late_joiners()
         by_slot: dict = {}
         for gi, p in self._trainable():
             by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
@@ -708,6 +710,27 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     "between trial forwards and they see the moved weights"
                 )
         return buffers
+
+    def _warn_late_joiners(self) -> None:
+        """Parameters that became trainable (``requires_grad``) inside a group that has already
+        folded gradients: bias corrections are counted per group, so their zero moments get the
+        group's count and their first directions are mis-corrected. Say so, and how to avoid it."""
+        if not self.rule.bias_corrected:
+            return
+        first = self.rule.state_names[0]
+        late = [(gi, p) for gi, p in self._trainable()
+                if self.param_groups[gi]["folded"] > 0 and first not in self.state.get(p, {})]
+        if not late:
+            return
+        names = [self._names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for _, p in late]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        folded = self.param_groups[late[0][0]]["folded"]
+        warnings.warn(
+            f"{len(late)} parameter(s) became trainable inside a param group that has already "
+            f"taken {folded} step(s) ({shown}): their moments start at zero but share the group's "
+            "bias correction, so their first directions are mis-corrected (up to ~3x Adam's). "
+            "Unfreeze by adding them as a new group (optimizer.add_param_group) instead of "
+            "switching requires_grad on inside an existing one.", stacklevel=4)
 
     def _reshard_fsdp(self) -> None:
         """Reshard every FSDP2 module of the model (a no-op where already sharded).
