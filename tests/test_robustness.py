@@ -985,6 +985,33 @@ def test_unfreezing_inside_a_group_warns_and_adding_a_group_does_not():
         opt.step(make_closure(opt, lambda: model(x).pow(2).mean() + extra.pow(2).sum()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["momentum", "nesterov"])
+def test_steps_without_a_search_keep_the_tested_step_length(direction, backend, monkeypatch):
+    # A constant gradient: momentum grows d from g towards g/(1-μ) after the one search, so the
+    # searched η applied as is would move ~10x further than the step the search tested. The cap
+    # keeps each plain step within 2x the accepted length (plus one step of lag in ‖d‖).
+    import armijo_fused.optimizers.base as base
+
+    def displacements(ratio):
+        monkeypatch.setattr(base, "STEP_LENGTH_RATIO", ratio)
+        theta = nn.Parameter(torch.zeros(10))
+        a = torch.linspace(0.5, 1.5, 10)
+        opt = ArmijoSGD([theta], direction=direction, momentum=0.9, backend=backend,
+                        cadence=1000)
+        out = []
+        for _ in range(40):
+            before = theta.detach().clone()
+            opt.step(make_closure(opt, lambda: (a * theta).sum()))
+            out.append(float((theta.detach() - before).norm()))
+        return out
+
+    capped, free = displacements(2.0), displacements(math.inf)
+    assert capped[0] == free[0] > 0  # the searched step is the same
+    assert max(capped) <= 3.0 * capped[0]
+    assert max(free) > 5.0 * free[0]  # what the cap prevents
+
+
 def test_add_param_group_after_construction():
     torch.manual_seed(0)
     base, extra = nn.Linear(4, 1), nn.Parameter(torch.randn(3))

@@ -114,7 +114,8 @@ def batched_armijo_search(
             if not unresolved and math.isfinite(ft) and ft <= f_before - c * eta * gd:
                 passes.move_to([eta] * nblocks)
                 return SearchResult([eta] * nblocks, len(history), f_before, ft, gd, grad_sq,
-                                    non_descent=non_descent, history=history)
+                                    non_descent=non_descent, history=history,
+                                    block_dd=list(rows[2::3]))
             if unresolved:
                 return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                                     non_descent=non_descent, unresolved=True, history=history)

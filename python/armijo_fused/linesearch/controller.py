@@ -44,6 +44,7 @@ class SearchResult:
     skipped: bool = False  # the guard was not finite (non-finite gradient or f0): nothing moved
     history: list = field(default_factory=list)  # (eta per block, loss) per trial
     block_gd: list = field(default_factory=list)  # <g_b, d_b> per block
+    block_dd: list = field(default_factory=list)  # ‖d_b‖² per block (of the accepted direction)
 
 
 class Passes:
@@ -141,7 +142,7 @@ def armijo_search(
             if not all(math.isfinite(x) for x in g_vals):
                 return SearchResult(None, 1, f_before, math.nan, math.nan, math.nan, skipped=True,
                                     history=[(list(eta), f_trial)])
-        gd_b, gsq_b = rows[0::3], rows[1::3]
+        gd_b, gsq_b, dd_b = rows[0::3], rows[1::3], rows[2::3]
         gd, grad_sq = sum(gd_b), sum(gsq_b)
         decrease = sum(e * x for e, x in zip(eta, gd_b))
         history.append((list(eta), f_trial))
@@ -160,7 +161,8 @@ def armijo_search(
             break
         if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
-                                non_descent=non_descent, history=history, block_gd=gd_b)
+                                non_descent=non_descent, history=history, block_gd=gd_b,
+                                block_dd=dd_b)
         if trial == max_trials:
             break
         if trial >= max_trials // 2:

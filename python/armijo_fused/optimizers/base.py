@@ -27,12 +27,15 @@ from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
 
 #: keys of the line-search state kept in every param group (identical across groups when global).
-_LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "next_search", "search_interval",
-            "searches", "forwards", "backwards")
+_LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "next_search",
+            "search_interval", "searches", "forwards", "backwards")
 # ``step`` counts step() calls (cadence, schedules); ``folded`` counts the gradients folded into
 # the group's state, the count behind its bias corrections: a skipped step (non-finite gradient or
 # loss) adds to the first and not to the second, as torch's Adam does for a step GradScaler skips,
 # and a group added later (progressive unfreezing) starts at 0 with its zero moments.
+# ``step_length``: η·‖d‖ of the last accepted step, per block (0: none yet); steps without a
+# search move at most STEP_LENGTH_RATIO times that far (see ``_length_caps``).
+STEP_LENGTH_RATIO = 2.0
 
 
 def _check_number(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False):
@@ -149,6 +152,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._pending_rng = None
         self._pending_loss = None
         self._pending_skip = None  # (pinned flag, event) of a GPU step whose skip is unread
+        self._last_dd = None  # (buffers, per-buffer ‖d_b‖² of the last first pass): _length_caps
+        self._sharded = False
+        self._resumed_dd = None  # the ‖d_b‖² a loaded checkpoint carried
         self._skip_host = None
         self._buffers: list[FlatBuffer] | None = None
         self._buffer_key = None
@@ -195,7 +201,15 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
-        return super().state_dict()
+        # the last pass's ‖d_b‖², behind the next plain step's length cap: host floats (one read
+        # per checkpoint), per buffer in buffer order, so a resumed run caps as this one would
+        last = self._last_dd
+        self.param_groups[0]["last_dd"] = (
+            [dd.tolist() for dd in last[1]] if last is not None and not self._sharded else None)
+        try:
+            return super().state_dict()  # copies the groups' entries
+        finally:
+            del self.param_groups[0]["last_dd"]  # a checkpoint's entry, not live state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts them to the
@@ -204,6 +218,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
         self._pending_skip = None  # a flag of the steps before the load is no longer ours
+        self._last_dd = None
+        self._resumed_dd = self.param_groups[0].pop("last_dd", None)  # taken up by _length_caps
         for g in self.param_groups:  # checkpoints from before ``folded``: no skip recorded
             g.setdefault("folded", g["step"])
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -302,7 +318,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
         if not search:
             with torch.no_grad():
-                sums = passes.first([e * f for e, f in zip(etas, block_factors)])
+                caps = self._length_caps(buffers)
+                sums = passes.first([e * f for e, f in zip(etas, block_factors)], caps=caps,
+                                    factors=block_factors)
+                self._last_dd = (buffers, [s[:, 2] for s in sums])
+                if caps is not None:  # the η each block applied, on the device (read lazily)
+                    per_block = [c for cap in caps for c in cap]
+                    etas = [c.clamp(max=e) for c, e in zip(per_block, etas)]
             self._reshard_fsdp()
             self._advance_unsettled(k, passes)
             moved = (~passes.skipped()).float()  # a skipped step moved nothing (read lazily)
@@ -378,6 +400,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         skipped = result.skipped or not math.isfinite(result.loss_before)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
                                                      skipped, k)
+        if passes._first_sums is not None:
+            self._last_dd = (buffers, [s[:, 2] for s in passes._first_sums])
+        if accepted is not None and not skipped and result.block_dd:
+            self._record_step_length(table, accepted, result.block_dd)
         exhausted = accepted is None and not (skipped or result.unresolved)
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
                                                           exhausted)
@@ -540,6 +566,55 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                         owner[m] = target
                         g["step_size"][m] = g["step_size_avg"][m] = eta
 
+    def _record_step_length(self, table, accepted, block_dd) -> None:
+        """η·‖d‖ of the accepted step: per block (layer-wise), or of the whole step (global)."""
+        if self.layerwise:
+            for (gi, lb), a, dd in zip(table, accepted, block_dd):
+                if a > 0:
+                    self._set_eta(gi, lb, a * math.sqrt(max(dd, 0.0)), key="step_length")
+        elif accepted[0] > 0:
+            gi, lb = table[0]
+            self._set_eta(gi, lb, accepted[0] * math.sqrt(max(sum(block_dd), 0.0)),
+                          key="step_length")
+
+    def _length_caps(self, buffers) -> list[Tensor] | None:
+        """Per buffer, the largest η each block may apply on a step without a search.
+
+        The search accepted η for the direction d it tested. Between searches momentum keeps
+        growing d (d ≈ g when the buffer is young, up to g/(1-μ) once it has built up), so the
+        same η moves ever further than the step that was tested, and SGD with (Nesterov)
+        momentum diverged on noisy problems between searches. So a step without a search moves
+        at most STEP_LENGTH_RATIO times the accepted step's length η·‖d‖: η ≤ ratio·length/‖d‖,
+        with ‖d‖ from the previous step's first pass, on the device (no sync). Adam's ‖d‖ hardly
+        changes between searches, so there the cap rarely binds. None: no cap (no accepted step
+        yet, buffers rebuilt since, or FSDP2 shards, whose local sums differ between ranks)."""
+        saved, self._resumed_dd = self._resumed_dd, None
+        if self._last_dd is None and saved:  # just resumed
+            if len(saved) == len(buffers) and all(
+                    len(v) == b.layout.nblocks for v, b in zip(saved, buffers)):
+                self._last_dd = (buffers, [torch.tensor(v, dtype=torch.float32, device=b.device)
+                                           for v, b in zip(saved, buffers)])
+        last = self._last_dd
+        if last is None or last[0] is not buffers or self._sharded:
+            return None
+        table = self._block_table()
+        lengths = [self._eta(gi, lb, key="step_length") for gi, lb in table]
+        if not any(x > 0 for x in lengths):
+            return None
+        ref = [x if x > 0 else math.inf for x in lengths]
+        if not self.layerwise:  # one length for the whole step: ‖d‖ over every block
+            dev0 = buffers[0].device
+            norm = sum(dd.sum().to(dev0) for dd in last[1]).sqrt()
+            cap = torch.nan_to_num(STEP_LENGTH_RATIO * ref[0] / norm, nan=math.inf)
+            return [cap.to(b.device).expand(b.layout.nblocks) for b in buffers]
+        caps, pos = [], 0
+        for b, dd in zip(buffers, last[1]):
+            n = b.layout.nblocks
+            r = torch.tensor(ref[pos : pos + n], dtype=torch.float32, device=dd.device)
+            caps.append(torch.nan_to_num(STEP_LENGTH_RATIO * r / dd.sqrt(), nan=math.inf))
+            pos += n
+        return caps
+
     def _report(self, values):
         return list(values) if self.layerwise else values[0]
 
@@ -665,7 +740,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             avg = group["step_size_avg"] if not isinstance(group["step_size_avg"], list) \
                 else self._init_step_size
             group.update(block_names=names, step_size=[eta] * len(names),
-                         step_size_avg=[avg] * len(names), block_owner=list(range(len(names))),
+                         step_size_avg=[avg] * len(names), step_length=[0.0] * len(names),
+                         block_owner=list(range(len(names))),
                          block_searched_at=[0] * len(names))
         return ids
 
@@ -832,12 +908,17 @@ class _FlatPasses(Passes):
     def _eta(self, i: int, eta) -> Tensor:
         return torch.tensor(eta[self.slices[i]], dtype=torch.float32, device=self.buffers[i].device)
 
-    def first(self, eta):
+    def first(self, eta, caps=None, factors=None):
+        """``caps``: per buffer, a device tensor of the largest searched η per block (a step
+        without a search, see ``_length_caps``); the pass applies min(η, cap)·factor."""
         sums = []
         for i, b in enumerate(self.buffers):
+            eta_i = self._eta(i, eta)
+            if caps is not None:
+                eta_i = torch.minimum(eta_i, caps[i] * self._eta(i, factors))
             sums.append(b.backend.first_pass(
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
-                self.wd[i], self._eta(i, eta), self._gscale[b.device], b.layout, _model_copy(b),
+                self.wd[i], eta_i, self._gscale[b.device], b.layout, _model_copy(b),
                 table=_table(b)))
         sums = self._written(sums)
         self.eta = list(eta)
