@@ -403,7 +403,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if passes._first_sums is not None:
             self._last_dd = (buffers, [s[:, 2] for s in passes._first_sums])
         if accepted is not None and not skipped and result.block_dd:
-            self._record_step_length(table, accepted, result.block_dd)
+            self._record_step_length(table, result.block_dd)
         exhausted = accepted is None and not (skipped or result.unresolved)
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
                                                           exhausted)
@@ -566,28 +566,31 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                         owner[m] = target
                         g["step_size"][m] = g["step_size_avg"][m] = eta
 
-    def _record_step_length(self, table, accepted, block_dd) -> None:
-        """η·‖d‖ of the accepted step: per block (layer-wise), or of the whole step (global)."""
+    def _record_step_length(self, table, block_dd) -> None:
+        """η·‖d‖ after a search: the η the next steps will apply (after the policy's update)
+        times the length of the direction the search tested; per block (layer-wise), or of the
+        whole step (global). Only ‖d‖ growing since the search makes the cap bind, not η."""
         if self.layerwise:
-            for (gi, lb), a, dd in zip(table, accepted, block_dd):
-                if a > 0:
-                    self._set_eta(gi, lb, a * math.sqrt(max(dd, 0.0)), key="step_length")
-        elif accepted[0] > 0:
+            for (gi, lb), dd in zip(table, block_dd):
+                self._set_eta(gi, lb, self._eta(gi, lb) * math.sqrt(max(dd, 0.0)),
+                              key="step_length")
+        else:
             gi, lb = table[0]
-            self._set_eta(gi, lb, accepted[0] * math.sqrt(max(sum(block_dd), 0.0)),
+            self._set_eta(gi, lb, self._eta(gi, lb) * math.sqrt(max(sum(block_dd), 0.0)),
                           key="step_length")
 
     def _length_caps(self, buffers) -> list[Tensor] | None:
         """Per buffer, the largest η each block may apply on a step without a search.
 
-        The search accepted η for the direction d it tested. Between searches momentum keeps
+        The search tested its η on the direction d of that step. Between searches momentum keeps
         growing d (d ≈ g when the buffer is young, up to g/(1-μ) once it has built up), so the
-        same η moves ever further than the step that was tested, and SGD with (Nesterov)
-        momentum diverged on noisy problems between searches. So a step without a search moves
-        at most STEP_LENGTH_RATIO times the accepted step's length η·‖d‖: η ≤ ratio·length/‖d‖,
-        with ‖d‖ from the previous step's first pass, on the device (no sync). Adam's ‖d‖ hardly
-        changes between searches, so there the cap rarely binds. None: no cap (no accepted step
-        yet, buffers rebuilt since, or FSDP2 shards, whose local sums differ between ranks)."""
+        same η moves ever further than what was tested, and SGD with (Nesterov) momentum
+        diverged on noisy problems between searches. So a step without a search moves at most
+        STEP_LENGTH_RATIO times η·‖d_search‖ (``step_length``): η ≤ ratio·length/‖d‖, with ‖d‖
+        from the previous step's first pass, on the device (no sync). The cap binds only when
+        ‖d‖ has grown past the ratio since the search; Adam's ‖d‖ hardly changes. None: no cap
+        (no search yet, buffers rebuilt since, or FSDP2 shards, whose local sums differ between
+        ranks)."""
         saved, self._resumed_dd = self._resumed_dd, None
         if self._last_dd is None and saved:  # just resumed
             if len(saved) == len(buffers) and all(
