@@ -318,7 +318,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
         if not search:
             with torch.no_grad():
-                caps = self._length_caps(buffers)
+                caps = self._length_caps(table, buffers)
                 sums = passes.first([e * f for e, f in zip(etas, block_factors)], caps=caps,
                                     factors=block_factors)
                 self._last_dd = (buffers, [s[:, 2] for s in sums])
@@ -579,7 +579,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             self._set_eta(gi, lb, self._eta(gi, lb) * math.sqrt(max(sum(block_dd), 0.0)),
                           key="step_length")
 
-    def _length_caps(self, buffers) -> list[Tensor] | None:
+    def _length_caps(self, table, buffers) -> list[Tensor] | None:
         """Per buffer, the largest η each block may apply on a step without a search.
 
         The search tested its η on the direction d of that step. Between searches momentum keeps
@@ -600,7 +600,6 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         last = self._last_dd
         if last is None or last[0] is not buffers or self._sharded:
             return None
-        table = self._block_table()
         lengths = [self._eta(gi, lb, key="step_length") for gi, lb in table]
         if not any(x > 0 for x in lengths):
             return None
