@@ -94,3 +94,33 @@ def test_candidates_argument_is_checked():
         ArmijoAdam(model.parameters(), candidates=1, model=model)
     with pytest.raises(ValueError, match="global search"):
         ArmijoAdam(model.parameters(), candidates=4, model=model, layerwise=True)
+
+
+def test_batched_trial_points_keep_a_channels_last_layout():
+    # the K trial points are read from the flat buffer in the parameter's own element order
+    def run(candidates):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 1))
+        model = model.to(memory_format=torch.channels_last)
+        x, y = torch.randn(16, 3, 6, 6), torch.randn(16, 1)
+        opt = ArmijoAdam(model.parameters(), cadence="every", model=model, backend="torch",
+                         candidates=candidates, init_step_size=1.0)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        etas = []
+        for _ in range(5):
+            opt.step(closure)
+            etas.append((opt.stats["step_size"], opt.stats["trials"]))
+        return etas, [p.detach().clone() for p in model.parameters()]
+
+    seq, seq_params = run(None)
+    bat, bat_params = run(4)
+    assert any(trials > 1 for _, trials in seq)  # the candidates were needed
+    assert [e for e, _ in bat] == [e for e, _ in seq]
+    for p, q in zip(bat_params, seq_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -683,7 +683,8 @@ def test_large_parameter_spanning_many_tiles(backend):
     assert opt._buffers[0].layout.ntiles == 129
 
 
-def test_non_contiguous_and_channels_last_parameters_train_like_contiguous_ones():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_channels_last_parameters_train_like_contiguous_ones(backend):
     def build(contiguous):
         torch.manual_seed(0)
         conv = nn.Conv2d(3, 4, 3)
@@ -700,15 +701,25 @@ def test_non_contiguous_and_channels_last_parameters_train_like_contiguous_ones(
     for contiguous in (True, False):
         conv, lin = build(contiguous)
         params = list(conv.parameters()) + list(lin.parameters())
-        opt = ArmijoAdam(params, backend="torch", cadence="every")
+        opt = ArmijoAdam(params, backend=backend, cadence="every")
 
         def loss(conv=conv, lin=lin):
             return conv(x).pow(2).mean() + lin(z).pow(2).mean()
 
+        strides = [p.stride() for p in params]
         for _ in range(4):
             opt.step(make_closure(opt, loss))
         out.append(torch.cat([p.detach().reshape(-1) for p in params]))
         assert conv(x).shape == (2, 4, 4, 4)  # the model still runs on the re-pointed views
+        # the layout is the model's: a channels_last weight stays channels_last (the convolution
+        # it picks does not change under the optimizer), and so do its gradient and state
+        assert [p.stride() for p in params] == strides
+        assert [p.grad.stride() for p in params] == strides
+        assert [opt.state[p]["exp_avg"].stride() for p in params] == strides
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) != contiguous
+        buf = opt._buffers[0]
+        assert all(buf.param.data_ptr() <= p.data_ptr() < buf.param.data_ptr()
+                   + 4 * buf.param.numel() for p in params)  # still views of the flat buffer
     # not bitwise: the first forward ran a channels_last convolution, which rounds differently
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
 

@@ -938,9 +938,9 @@ class _FlatPasses(Passes):
             trial = backend.trial_points(self.opt.rule, b.param, b.grad, b.states, self.scalars[i],
                                          self.wd[i], etas, self._gscale[b.device], b.layout,
                                          precond)
-            for p, off in zip(b.params, b.offsets):
+            for j, (p, off) in enumerate(zip(b.params, b.offsets)):
                 params.append(p)
-                stacked.append(trial[:, off : off + p.numel()].view(len(etas), *p.shape).to(p.dtype))
+                stacked.append(b.shaped(trial[:, off : off + p.numel()], j).to(p.dtype))
         return params, stacked
 
     def snapshot(self):

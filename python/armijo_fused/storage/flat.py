@@ -48,6 +48,20 @@ def _dense(p: Tensor, g: Tensor) -> Tensor:
     return g
 
 
+def _dense_strides(t: Tensor) -> tuple[int, ...] | None:
+    """t's strides if its elements fill numel() consecutive slots in some order of the
+    dimensions (channels_last, a transpose) but not the row-major one; None if t is contiguous
+    or not dense (such a tensor's view in the buffer is then row-major)."""
+    if t.is_contiguous():
+        return None
+    expected = 1
+    for d in sorted((d for d in range(t.dim()) if t.shape[d] > 1), key=t.stride):
+        if t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return tuple(t.stride())
+
+
 class FlatBuffer:
     def __init__(
         self,
@@ -71,6 +85,7 @@ class FlatBuffer:
                                                   tile=tile, device=self.device)
         self.params = list(params)
         self.block_ids = block_ids
+        self.strides = [_dense_strides(p) for p in self.params]  # None: contiguous
 
         n = self.layout.numel
         kw = dict(dtype=self.dtype, device=self.device)
@@ -94,8 +109,18 @@ class FlatBuffer:
         self._adopt(state)
 
     def _view(self, flat: Tensor, i: int) -> Tensor:
-        p, o = self.params[i], self.offsets[i]
-        return flat[o : o + p.numel()].view(p.shape)
+        o = self.offsets[i]
+        return self.shaped(flat[o : o + self.params[i].numel()], i)
+
+    def shaped(self, chunk: Tensor, i: int) -> Tensor:
+        """``chunk`` (``[..., numel]``: tensor i's slots in a buffer) in tensor i's shape, each
+        element where tensor i keeps it: a channels_last or transposed weight keeps its strides,
+        so the model's layout (and the kernels it picks) does not change under the optimizer."""
+        p, strides = self.params[i], self.strides[i]
+        lead = tuple(chunk.shape[:-1])
+        if strides is None:
+            return chunk.view(lead + tuple(p.shape))
+        return chunk.as_strided(lead + tuple(p.shape), tuple(chunk.stride()[:-1]) + strides)
 
     def _adopt(self, state: dict) -> None:
         """Copy the tensors' current values in and re-point the model at the views."""
