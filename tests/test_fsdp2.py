@@ -245,6 +245,23 @@ def _trial_losses(rank, world, reshard):
     return trials
 
 
+def _rank_candidates_refused(rank, world):
+    """Batched candidates swap plain trial tensors into the model, which FSDP2 shards cannot
+    take: the first step says so before anything moves (it used to run and never move θ)."""
+    from armijo_fused.storage.sharded import _local
+
+    model = shard(make_model())
+    opt = make_opt(model, candidates=3)
+    before = [_local(p).clone() for p in model.parameters()]
+    message = ""
+    try:
+        train(model, opt, 1, rank, world)
+    except ValueError as e:
+        message = str(e)
+    same = all(torch.equal(a, _local(p)) for a, p in zip(before, model.parameters()))
+    return {"message": message, "same": same, "step": opt.param_groups[0]["step"]}
+
+
 def _rank_trials(rank, world):
     return {"with": _trial_losses(rank, world, True), "without": _trial_losses(rank, world, False)}
 
@@ -327,6 +344,12 @@ def test_bf16_shards_get_fp32_master_weights():
         flags = {k: v for k, v in r.items() if isinstance(v, bool)}
         assert all(flags.values()), flags
         assert r["last_loss"] < r["first_loss"]
+
+
+def test_batched_candidates_are_refused_before_anything_moves():
+    for r in run_ranks(_rank_candidates_refused, world=2, timeout=120):
+        assert "candidates= does not support FSDP2" in r["message"], r
+        assert r["same"] and r["step"] == 0, r
 
 
 def test_trial_forwards_see_the_moved_weights():

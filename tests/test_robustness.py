@@ -14,6 +14,7 @@ inverting the update, exact to a few fp32 ulps (``INVERSE_TOL``).
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -722,6 +723,54 @@ def test_non_contiguous_and_channels_last_parameters_train_like_contiguous_ones(
                    + 4 * buf.param.numel() for p in params)  # still views of the flat buffer
     # not bitwise: the first forward ran a channels_last convolution, which rounds differently
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_parameter_listed_twice_is_one_parameter():
+    # tied weights gathered from two modules' parameter lists: torch warns and steps it twice;
+    # here it is one view, so <g, d> counts it once and the store is not rebuilt every step
+    from armijo_fused.storage import flat
+
+    def run(params_of):
+        torch.manual_seed(0)
+        emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        head.weight = emb.weight
+        tokens = torch.randint(0, 10, (16,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's "duplicate parameters"
+            opt = ArmijoAdam(params_of(emb, head), backend="torch", cadence="every")
+        gds = []
+        for _ in range(3):
+            opt.step(make_closure(opt, lambda: nn.functional.cross_entropy(head(emb(tokens)),
+                                                                          tokens)))
+            gds.append(opt.stats["gd"])
+        return gds, emb.weight.detach().clone()
+
+    built = []
+    real_init = flat.FlatBuffer.__init__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flat.FlatBuffer, "__init__",
+                   lambda self, *a, **k: (built.append(1), real_init(self, *a, **k))[1])
+        twice = run(lambda e, h: list(e.parameters()) + list(h.parameters()))
+    once = run(lambda e, h: list(e.parameters()))
+    assert len(built) == 1  # built once, not every step
+    assert twice[0] == once[0]
+    assert torch.equal(twice[1], once[1])
+
+
+def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
+    torch.manual_seed(0)
+    base, extra = nn.Linear(4, 1), nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = ArmijoAdam(base.parameters(), backend="torch", cadence="every")
+    opt.step(make_closure(opt, lambda: base(x).pow(2).mean()))
+    for bad in ({"weight_decay": -1.0}, {"betas": (0.9, 1.5)}):
+        with pytest.raises(ValueError, match="invalid"):
+            opt.add_param_group({"params": list(extra.parameters()), **bad})
+        assert len(opt.param_groups) == 1
+    opt.step(make_closure(opt, lambda: base(x).pow(2).mean()))  # failed with KeyError before
+    opt.add_param_group({"params": list(extra.parameters())})  # and the same group, valid
+    opt.step(make_closure(opt, lambda: (base(x) + extra(x)).pow(2).mean()))
+    assert opt.param_groups[1]["folded"] == 1
 
 
 def test_tied_parameters_in_layerwise_mode_and_across_groups():

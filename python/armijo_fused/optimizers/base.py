@@ -197,7 +197,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_init_step_size") and len(self.param_groups) > 1 \
                 and "step" in self.param_groups[0]:
-            self._init_group(self.param_groups[-1])
+            try:
+                self._init_group(self.param_groups[-1])
+            except Exception:  # a refused group must not stay half set up
+                self.param_groups.pop()
+                raise
 
     def state_dict(self) -> dict:
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
@@ -715,8 +719,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
     def _trainable(self):
         for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.requires_grad:
+            seen = set()  # a tensor listed twice (tied weights gathered twice; torch warns) is
+            for p in group["params"]:  # one parameter: one view, counted once in <g, d>
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
                     yield gi, p
 
     def _group_blocks(self, gi, params) -> list[int]:
@@ -781,6 +787,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._buffers, self._buffer_key = buffers, key
         self._sharded = any(isinstance(b, ShardedBuffer) for b in buffers)
         if self._sharded:
+            if self.candidates is not None:  # trial weights swapped in would not be shards
+                raise ValueError("candidates= does not support FSDP2 (DTensor) parameters: "
+                                 "use the sequential search (candidates=None)")
             if not self._modules:
                 raise ValueError(
                     "DTensor (FSDP2) parameters need the model: pass model= to the optimizer or "
