@@ -88,7 +88,13 @@ def main(argv=None):
     torch.manual_seed(0)
     ctx, vocab = 32, 64
     model = TinyGPT(vocab=vocab, ctx=ctx).to(device)
-    opt = ArmijoAdam(model.parameters(), weight_decay=0.1, max_grad_norm=1.0, model=model)
+    # nanoGPT's configure_optimizers with the class swapped: torch's arguments, fused=True
+    # included, are taken as they are; lr's value only matters through the schedule's ratio
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = ArmijoAdam(groups, lr=6e-4, betas=(0.9, 0.95), fused=True,
+                     max_grad_norm=1.0, model=model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args.steps, args.steps // 10))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
     scaler = torch.amp.GradScaler(device) if args.dtype == "fp16" else None

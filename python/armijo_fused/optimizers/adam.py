@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from .base import ArmijoOptimizer
 from .common_doc import LINESEARCH_ARGS
+from .torch_compat import TORCH_ARGS, check_torch_keywords
 
 
 class ArmijoAdam(ArmijoOptimizer):
@@ -33,14 +34,19 @@ class ArmijoAdam(ArmijoOptimizer):
         params (iterable): parameters or param groups (dicts), as for any torch optimizer
         lr (float or Tensor, optional): reference value of the learning rate; only the ratio of
             the scheduled lr to it matters (see below) (default: 1.0)
-        direction ("adam" | "nadam" | "rmsprop", optional): the update direction (default: "adam")
         betas (Tuple[float, float], optional): adam/nadam moment coefficients (default: (0.9, 0.999))
-        alpha (float, optional): rmsprop's second-moment coefficient (default: 0.99)
         eps (float, optional): added to the denominator (default: 1e-8)
         weight_decay (float, optional): decoupled weight decay λ (default: 0)
+        amsgrad (bool, optional): only False (default: False)
+        direction ("adam" | "nadam" | "rmsprop", optional): the update direction (default: "adam")
+        alpha (float, optional): rmsprop's second-moment coefficient (default: 0.99)
         init_step_size (float, optional): η before the first search; Adam directions have entries
             of order 1, so this is the usual Adam learning rate (default: 1e-3)
-{LINESEARCH_ARGS}
+{TORCH_ARGS}{LINESEARCH_ARGS}
+    The positional order is torch.optim.AdamW's (params, lr, betas, eps, weight_decay), so
+    ``torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)`` becomes
+    ``ArmijoAdam(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)``.
+
     Example:
         >>> opt = ArmijoAdam(model.parameters(), model=model)
         >>> def closure():
@@ -55,12 +61,13 @@ class ArmijoAdam(ArmijoOptimizer):
         self,
         params,
         lr=1.0,
-        direction: str = "adam",
         betas=(0.9, 0.999),
-        alpha: float = 0.99,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        amsgrad: bool = False,
         *,
+        direction: str = "adam",
+        alpha: float = 0.99,
         init_step_size: float = 1e-3,
         c: float = 0.2,
         backtrack: float = 0.5,
@@ -81,7 +88,17 @@ class ArmijoAdam(ArmijoOptimizer):
         process_group=None,
         candidates: int | None = None,
         model=None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
+        check_torch_keywords("ArmijoAdam", foreach=foreach, fused=fused, maximize=maximize,
+                             capturable=capturable, differentiable=differentiable)
+        if amsgrad:
+            raise ValueError("ArmijoAdam does not support amsgrad=True (the Adam, NAdam and "
+                             "RMSProp directions keep no running maximum)")
         if direction not in ("adam", "nadam", "rmsprop"):
             raise ValueError(
                 f"invalid direction for ArmijoAdam: {direction!r} (choose adam, nadam or rmsprop; "
@@ -101,4 +118,5 @@ class ArmijoAdam(ArmijoOptimizer):
         )
 
 
-ArmijoAdam.__doc__ = ArmijoAdam.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS)
+ArmijoAdam.__doc__ = ArmijoAdam.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS).replace(
+    "{TORCH_ARGS}", TORCH_ARGS)

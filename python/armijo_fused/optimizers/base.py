@@ -184,6 +184,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if not p.is_floating_point():
                 raise TypeError(f"parameters must be floating point, got {p.dtype}")
+        # torch >= 2.6 takes named_parameters(): their names find the blocks without model=
+        for name, p in zip(group.get("param_names", ()), group["params"]):
+            self._names.setdefault(id(p), name)
         first = self.param_groups[0]
         joining = group is not first and not self.layerwise and "step_size" in first
         group.setdefault("lr_ref", _lr_value(group["lr"]))

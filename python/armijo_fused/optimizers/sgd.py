@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from .base import ArmijoOptimizer
 from .common_doc import LINESEARCH_ARGS
+from .torch_compat import TORCH_ARGS, check_torch_keywords, sgd_direction
 
 
 class ArmijoSGD(ArmijoOptimizer):
@@ -29,23 +30,31 @@ class ArmijoSGD(ArmijoOptimizer):
         params (iterable): parameters or param groups (dicts), as for any torch optimizer
         lr (float or Tensor, optional): reference value of the learning rate; only the ratio of
             the scheduled lr to it matters (see below) (default: 1.0)
-        direction ("sgd" | "momentum" | "nesterov", optional): the update direction
-            (default: "sgd")
-        momentum (float, optional): μ for momentum and nesterov (default: 0.9)
+        momentum (float, optional): μ. As in torch.optim.SGD, a non-zero value gives the
+            momentum direction, with ``nesterov=True`` the Nesterov one (default: None: plain
+            SGD, or 0.9 when ``direction`` names a momentum rule)
+        dampening (float, optional): only 0, torch.optim.SGD's default (default: 0)
         weight_decay (float, optional): decoupled weight decay λ (default: 0)
+        nesterov (bool, optional): the Nesterov direction (needs momentum) (default: False)
+        direction ("sgd" | "momentum" | "nesterov", optional): the update direction by name,
+            instead of ``momentum``/``nesterov`` (default: None: from those)
         init_step_size (float, optional): η before the first search; SLS starts at 1 and lets the
             first search backtrack (default: 1.0)
-{LINESEARCH_ARGS}
+{TORCH_ARGS}{LINESEARCH_ARGS}
+    Example:
+        >>> opt = ArmijoSGD(model.parameters(), momentum=0.9, nesterov=True, model=model)
     """
 
     def __init__(
         self,
         params,
         lr=1.0,
-        direction: str = "sgd",
-        momentum: float = 0.9,
+        momentum: float | None = None,
+        dampening: float = 0.0,
         weight_decay: float = 0.0,
+        nesterov: bool = False,
         *,
+        direction: str | None = None,
         init_step_size: float = 1.0,
         c: float = 0.2,
         backtrack: float = 0.5,
@@ -66,12 +75,15 @@ class ArmijoSGD(ArmijoOptimizer):
         process_group=None,
         candidates: int | None = None,
         model=None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
-        if direction not in ("sgd", "momentum", "nesterov"):
-            raise ValueError(
-                f"invalid direction for ArmijoSGD: {direction!r} (choose sgd, momentum or "
-                "nesterov; adam, nadam and rmsprop are ArmijoAdam's)"
-            )
+        check_torch_keywords("ArmijoSGD", foreach=foreach, fused=fused, maximize=maximize,
+                             capturable=capturable, differentiable=differentiable)
+        direction, momentum = sgd_direction(direction, momentum, dampening, nesterov)
         rule_defaults = {} if direction == "sgd" else {"momentum": momentum}
         super().__init__(
             params, lr=lr, direction=direction, weight_decay=weight_decay,
@@ -84,4 +96,5 @@ class ArmijoSGD(ArmijoOptimizer):
         )
 
 
-ArmijoSGD.__doc__ = ArmijoSGD.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS)
+ArmijoSGD.__doc__ = ArmijoSGD.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS).replace(
+    "{TORCH_ARGS}", TORCH_ARGS)
