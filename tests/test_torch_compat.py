@@ -6,6 +6,7 @@ keywords (``fused=True``, ``foreach``, ``nesterov``); SGD code chooses momentum 
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -133,3 +134,83 @@ def test_named_parameters_name_the_blocks_without_a_model():
         opt.step(loss_fn=lambda: model(x).float().mean(), loss=torch.zeros(()))
     assert by_names.param_groups[0]["block_names"] == by_model.param_groups[0]["block_names"]
     assert len(by_names.param_groups[0]["block_names"]) > 2
+
+
+# == torch.optim checkpoints: a run started with AdamW / SGD continues with the line search ======
+def _torch_run(make, steps=3, sched=False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = make(model.parameters())
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5) if sched else None
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if lr_sched is not None:
+            lr_sched.step()
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()  # the gradient of the next step, for both optimizers
+    return model, opt, (lambda: nn.functional.mse_loss(model(x), y)), loss.detach()
+
+
+@pytest.mark.parametrize("sched", [False, True], ids=["no-schedule", "schedule"])
+def test_an_adamw_checkpoint_continues_with_its_moments_count_and_learning_rate(sched):
+    model, adamw, loss_fn, f0 = _torch_run(
+        lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1), sched=sched)
+    theta = [p.detach().clone() for p in model.parameters()]
+    ours = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    ours.load_state_dict(copy.deepcopy(adamw.state_dict()))
+    g = ours.param_groups[0]
+    assert g["folded"] == 3 and g["step_size"] == 3e-3 and g["weight_decay"] == 0.1
+    assert g["lr"] == (1.5e-3 if sched else 3e-3)  # the schedule's place is kept
+    for p in model.parameters():
+        assert torch.equal(ours.state[p]["exp_avg"], adamw.state[p]["exp_avg"])
+    # AdamW's own next step, for reference (then undone)
+    adamw.step()
+    reference = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), theta):
+            p.copy_(t)
+    # a trial accepted at once: θ moves by growth·η·lr_t/lr_0 along AdamW's direction
+    ours.step(loss_fn=lambda: f0 - 1e6, loss=f0)
+    assert ours.stats["trials"] == 1
+    ratio = 1.2  # the first trial is growth · η, and lr_t / lr_0 is what AdamW applied over η
+    for p, t, r in zip(model.parameters(), theta, reference):
+        torch.testing.assert_close(t - p.detach(), ratio * (t - r), rtol=1e-4, atol=1e-8)
+
+
+def test_an_sgd_momentum_checkpoint_continues_its_buffer():
+    model, sgd, loss_fn, f0 = _torch_run(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    ours = ArmijoSGD(model.parameters(), momentum=0.9, backend="torch")
+    ours.load_state_dict(copy.deepcopy(sgd.state_dict()))
+    for p in model.parameters():
+        assert torch.equal(ours.state[p]["momentum_buffer"], sgd.state[p]["momentum_buffer"])
+    assert ours.param_groups[0]["step_size"] == 0.05
+    ours.step(loss_fn=loss_fn, loss=f0)
+    assert ours.stats["searched"] and float(loss_fn().detach()) < float(f0)
+
+
+@pytest.mark.parametrize("make, ours, match", [
+    (lambda p: torch.optim.AdamW(p, amsgrad=True), lambda p: ArmijoAdam(p), "amsgrad=True"),
+    (lambda p: torch.optim.RMSprop(p, centered=True), lambda p: ArmijoAdam(p, direction="rmsprop"),
+     "centered=True"),
+    (lambda p: torch.optim.AdamW(p), lambda p: ArmijoSGD(p, momentum=0.9),
+     r"holds \['exp_avg', 'exp_avg_sq', 'step'\]; ArmijoSGD\(direction='momentum'\) continues "
+     r"from \['momentum_buffer'\]"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: ArmijoSGD(p),
+     "uses momentum=0.9; ArmijoSGD\\(direction='sgd'\\) keeps no momentum buffer"),
+])
+def test_a_checkpoint_the_rules_cannot_continue_is_refused_and_changes_nothing(make, ours, match):
+    model, theirs, loss_fn, f0 = _torch_run(make)
+    opt = ours(model.parameters())
+    opt.step(loss_fn=loss_fn, loss=f0)  # some state of its own to lose
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(theirs.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, per in before["state"].items():
+        assert all(torch.equal(v, after["state"][k][n]) for n, v in per.items())

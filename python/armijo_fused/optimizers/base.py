@@ -25,6 +25,7 @@ from ..storage.flat import FlatBuffer
 from ..storage.layout import DEFAULT_TILE
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
+from .torch_compat import from_torch_state_dict, is_torch_state_dict
 
 #: keys of the line-search state kept in every param group (identical across groups when global).
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "next_search",
@@ -221,7 +222,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts them to the
         parameter's dtype, which would round the fp32 moments and master weights of bf16/fp16
-        parameters."""
+        parameters. A torch.optim checkpoint (AdamW, Adam, RMSprop, SGD, ...) is taken over: its
+        moments and step count continue, η starts at its learning rate
+        (:func:`~armijo_fused.optimizers.torch_compat.from_torch_state_dict`)."""
+        if is_torch_state_dict(state_dict):
+            state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
+                                               state_dict)
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
         self._pending_skip = None  # a flag of the steps before the load is no longer ours

@@ -63,3 +63,78 @@ def sgd_direction(direction, momentum, dampening, nesterov) -> tuple[str, float 
                              "direction='momentum', or leave direction out")
         return "sgd", None
     return direction, 0.9 if momentum is None else float(momentum)
+
+
+# torch options whose saved value changes the math in a way the rules do not implement
+_REFUSED_IN_CHECKPOINTS = ("amsgrad", "maximize", "centered", "dampening")
+# hyperparameters taken from a torch checkpoint where the live group has them
+_TAKEN = ("lr", "initial_lr", "betas", "eps", "alpha", "momentum", "weight_decay")
+
+
+def _float(x) -> float:
+    return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict: dict) -> dict:
+    """A torch.optim checkpoint (AdamW, Adam, NAdam, RMSprop, SGD) as one of ours.
+
+    The moments carry over by name (torch's ``exp_avg``/``exp_avg_sq``, ``square_avg`` and
+    ``momentum_buffer`` are the rules' state names); the per-parameter ``step`` becomes the
+    group's bias-correction count ``folded``; the step size starts at the learning rate the run
+    used, η = lr_0 (``initial_lr`` under a scheduler, else ``lr``), so that the first step moves
+    as the torch optimizer would have, and the next step searches. Anything the rules cannot
+    continue (amsgrad's maximum, a centred RMSprop, a direction whose state is missing) is a
+    ``ValueError`` that names it, raised before anything changes.
+    """
+    saved_groups = state_dict.get("param_groups", [])
+    if len(saved_groups) != len(live_groups):
+        raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this {owner} "
+                         f"{len(live_groups)}")
+    saved_state = state_dict.get("state", {})
+    groups, state = [], {}
+    for gi, (saved, live) in enumerate(zip(saved_groups, live_groups)):
+        for key in _REFUSED_IN_CHECKPOINTS:
+            if saved.get(key):
+                raise ValueError(f"the state_dict comes from a torch optimizer with {key}="
+                                 f"{saved[key]!r}, which {owner} does not implement")
+        if saved.get("momentum") and "momentum" not in live:
+            raise ValueError(f"the state_dict's group {gi} uses momentum={saved['momentum']!r}; "
+                             f"{owner}(direction={rule.name!r}) keeps no momentum buffer")
+        steps = []
+        for pid in saved["params"]:
+            per = saved_state.get(pid) or {}
+            if not per:
+                continue  # never stepped: fresh state, as in torch
+            missing = [n for n in rule.state_names if per.get(n) is None]
+            if missing:
+                raise ValueError(
+                    f"the state_dict's per-parameter state holds {sorted(per)}; "
+                    f"{owner}(direction={rule.name!r}) continues from {list(rule.state_names)}: "
+                    f"load the checkpoint of the matching torch optimizer (exp_avg/exp_avg_sq: "
+                    f"AdamW, Adam, NAdam; square_avg: RMSprop; momentum_buffer: SGD)")
+            state[pid] = {n: per[n] for n in rule.state_names}
+            if "step" in per:
+                steps.append(int(_float(per["step"])))
+        group = {k: v for k, v in live.items() if k != "params"}
+        group.update({k: saved[k] for k in _TAKEN if k in saved and (k in live or k == "initial_lr")})
+        folded = max(steps, default=0)
+        eta = _float(saved.get("initial_lr", saved["lr"]))
+        blocks = len(live["step_size"]) if isinstance(live["step_size"], list) else None
+
+        def per_block(value, blocks=blocks):
+            return [value] * blocks if blocks is not None else value
+
+        group.update(params=list(saved["params"]), lr_ref=_float(saved["lr"]), step=folded,
+                     folded=folded, step_size=per_block(eta), step_size_avg=per_block(eta),
+                     step_length=per_block(0.0), next_search=folded + 1, search_interval=1,
+                     searches=0, forwards=0, backwards=0)
+        if blocks is not None:  # layer-wise: every block starts unmerged, none searched yet
+            group.update(block_owner=list(range(blocks)), block_searched_at=[0] * blocks)
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def is_torch_state_dict(state_dict: dict) -> bool:
+    """A checkpoint of a torch.optim optimizer rather than of ours (no line-search keys)."""
+    groups = state_dict.get("param_groups") or [{}]
+    return not any("step_size" in g for g in groups)
