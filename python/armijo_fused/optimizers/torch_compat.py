@@ -1,11 +1,13 @@
-"""The keywords of torch.optim's constructors, taken so that swapping the class is the only change.
+"""torch.optim's constructor keywords and checkpoints, taken so that swapping the class is the
+only change to a training script.
 
 nanoGPT builds ``torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)``, torchtitan passes
 ``fused`` and ``foreach`` from its config, and SGD code says ``SGD(params, lr, momentum=0.9,
 nesterov=True)``. The optimizers take the same positional order as torch's and these keywords:
 ``foreach``/``fused`` are accepted and change nothing (every pass is fused; ``backend`` picks the
 kernels); options that would change the math and are not implemented are refused by name rather
-than ignored.
+than ignored. :func:`from_torch_state_dict` turns a torch optimizer's checkpoint into ours, so a
+run started with AdamW or SGD continues with the line search.
 """
 
 from __future__ import annotations
