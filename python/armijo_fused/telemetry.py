@@ -2,7 +2,9 @@
 
 Values that live on the device (the gradient norm, ⟨g,d⟩ of a step that did not search) are kept
 as tensors and turned into floats only when read, so a training loop that never looks at the
-statistics never waits for the GPU on non-search steps.
+statistics never waits for the GPU on non-search steps. A value may also be given as a function
+of no arguments, called on first read: telemetry that takes device ops to form (a step without a
+search) then costs no kernel launches unless someone reads it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ class StepStats(Mapping):
 
     def __getitem__(self, key):
         v = self._values[key]
+        if callable(v) and not isinstance(v, Tensor):
+            v = self._values[key] = v()
         if isinstance(v, Tensor):
             v = self._value(v)
             self._values[key] = v

@@ -23,6 +23,7 @@ from ..linesearch.controller import Passes, armijo_search, read_floats
 from ..linesearch.policy import StepSizePolicy
 from ..storage.flat import FlatBuffer
 from ..storage.layout import DEFAULT_TILE
+from ..storage.scalars import device_floats, to_device
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
 from .torch_compat import from_torch_state_dict, is_torch_state_dict
@@ -157,6 +158,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._sharded = False
         self._resumed_dd = None  # the ‖d_b‖² a loaded checkpoint carried
         self._skip_host = None
+        self._constants: dict = {}  # per device: see _ones2
         self._buffers: list[FlatBuffer] | None = None
         self._buffer_key = None
         self.stats: StepStats = StepStats()
@@ -324,7 +326,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if not buffers:
             self._advance(k, folded=())
             return f0
-        passes = _FlatPasses(self, buffers, f0)
+        passes = _FlatPasses(self, buffers, None if search else f0)  # a search sets f0 below
         table = self._block_table()
         etas = [self._eta(gi, lb) for gi, lb in table]
         block_factors = [factors[gi] for gi, _ in table]
@@ -335,19 +337,24 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 sums = passes.first([e * f for e, f in zip(etas, block_factors)], caps=caps,
                                     factors=block_factors)
                 self._last_dd = (buffers, [s[:, 2] for s in sums])
-                if caps is not None:  # the η each block applied, on the device (read lazily)
-                    per_block = [c for cap in caps for c in cap]
-                    etas = [c.clamp(max=e) for c, e in zip(per_block, etas)]
             self._reshard_fsdp()
             self._advance_unsettled(k, passes)
-            moved = (~passes.skipped()).float()  # a skipped step moved nothing (read lazily)
+
+            # telemetry: device values, formed only when read (each op is a launch on a GPU)
+            def applied(scaled: bool):
+                moved = (~passes.skipped()).float()  # a skipped step moved nothing
+                per_block = etas if caps is None else [  # the η each block applied
+                    c.clamp(max=e) for c, e in zip((c for cap in caps for c in cap), etas)]
+                return self._report([moved * (e * f if scaled else e)
+                                     for e, f in zip(per_block, block_factors)])
+
             self.stats = StepStats(
-                step=k, searched=False, step_size=self._report([moved * e for e in etas]),
-                applied_step=self._report([moved * (e * f) for e, f in zip(etas, block_factors)]),
-                lr_factor=factors[0], trials=0, loss_before=f0 if f0 is not None else math.nan,
-                loss_after=math.nan, gd=sum(s[:, 0].sum() for s in sums),
-                grad_norm=passes.grad_norm(), non_descent=False, unresolved=False,
-                exhausted=False, collapsed=False, skipped=passes.skipped(), searched_blocks=[],
+                step=k, searched=False, step_size=lambda: applied(False),
+                applied_step=lambda: applied(True), lr_factor=factors[0], trials=0,
+                loss_before=f0 if f0 is not None else math.nan, loss_after=math.nan,
+                gd=lambda: _total([s[:, 0].sum() for s in sums]), grad_norm=passes.grad_norm,
+                non_descent=False, unresolved=False, exhausted=False, collapsed=False,
+                skipped=passes.skipped, searched_blocks=[],
                 forwards=g0["forwards"], backwards=g0["backwards"],
             )
             return f0
@@ -608,7 +615,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if self._last_dd is None and saved:  # just resumed
             if len(saved) == len(buffers) and all(
                     len(v) == b.layout.nblocks for v, b in zip(saved, buffers)):
-                self._last_dd = (buffers, [torch.tensor(v, dtype=torch.float32, device=b.device)
+                self._last_dd = (buffers, [device_floats(v, b.device)
                                            for v, b in zip(saved, buffers)])
         last = self._last_dd
         if last is None or last[0] is not buffers or self._sharded:
@@ -619,13 +626,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         ref = [x if x > 0 else math.inf for x in lengths]
         if not self.layerwise:  # one length for the whole step: ‖d‖ over every block
             dev0 = buffers[0].device
-            norm = sum(dd.sum().to(dev0) for dd in last[1]).sqrt()
+            norm = _total([dd.sum().to(dev0) for dd in last[1]]).sqrt()
             cap = torch.nan_to_num(STEP_LENGTH_RATIO * ref[0] / norm, nan=math.inf)
             return [cap.to(b.device).expand(b.layout.nblocks) for b in buffers]
         caps, pos = [], 0
         for b, dd in zip(buffers, last[1]):
             n = b.layout.nblocks
-            r = torch.tensor(ref[pos : pos + n], dtype=torch.float32, device=dd.device)
+            r = device_floats(ref[pos : pos + n], dd.device)
             caps.append(torch.nan_to_num(STEP_LENGTH_RATIO * r / dd.sqrt(), nan=math.inf))
             pos += n
         return caps
@@ -634,6 +641,14 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         return list(values) if self.layerwise else values[0]
 
     # -- helpers -------------------------------------------------------------------------------
+    def _ones2(self, device) -> Tensor:
+        """A constant [1, 1] on ``device`` (the guard of a step that needs none), made once."""
+        constants = self.__dict__.setdefault("_constants", {})  # (also when unpickled)
+        ones = constants.get(device)
+        if ones is None:
+            ones = constants[device] = torch.ones(2, dtype=torch.float32, device=device)
+        return ones
+
     def _eta(self, gi, lb, key="step_size"):
         v = self.param_groups[gi][key]
         return v[lb] if isinstance(v, list) else v
@@ -764,7 +779,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
     def _sync_buffers(self) -> list[FlatBuffer]:
         """The flat buffers, re-validated against ``param_groups`` (rebuilt if anything moved)."""
-        key = tuple((gi, id(p)) for gi, p in self._trainable())
+        # which tensors train, group by group (list comprehensions: this runs every step)
+        key = tuple([(len(g["params"]), *[id(p) if p.requires_grad else 0 for p in g["params"]])
+                     for g in self.param_groups])
         if self._buffers is not None and key == self._buffer_key:
             if all(b.sync(self.state) for b in self._buffers):
                 return self._buffers
@@ -861,6 +878,14 @@ def _model_copy(buf) -> Tensor | None:
     return getattr(buf, "model_param", None) if getattr(buf, "master", False) else None
 
 
+def _total(tensors: list) -> Tensor:
+    """Σ of a non-empty list of tensors (``sum`` would add a 0 first: one more launch)."""
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out + t
+    return out
+
+
 class _FlatPasses(Passes):
     """Runs each fused pass once per flat buffer with that buffer's backend."""
 
@@ -885,48 +910,60 @@ class _FlatPasses(Passes):
             self._gscale = self._make_gscale(f0)
 
     def _make_gscale(self, f0):
-        """Per-device [unscale, clip] (NaN when the gradient or f0 is not finite): no sync."""
+        """Per-device [unscale, clip] (NaN when the gradient or f0 is not finite): no sync.
+
+        Built from a probe, a device number that is finite iff the step may be taken (Σ g²,
+        plus 0·f0), in as few small ops as possible: each one is a kernel launch on a GPU, and
+        they all run before the first pass can start."""
         opt, dev0 = self.opt, self.buffers[0].device
         need_norm = opt.check_finite or opt.max_grad_norm is not None
         self.can_skip = need_norm or f0 is not None  # else the guard stays [1, 1]
-        scale = torch.ones(2, dtype=torch.float32, device=dev0)
+        self._base = opt._ones2(dev0)  # shared and never written
+        self._probe = None
         if need_norm:
             sq = self._sum_over_shards(
-                [b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b)).to(dev0).sum()
+                [b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b)).sum().to(dev0)
                  for b in self.buffers])
-            self._grad_sq = sq
+            self._grad_sq = self._probe = sq
             if opt.max_grad_norm is not None:
                 clip = (opt.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-                scale[1] = clip
-            scale = torch.where(torch.isfinite(sq), scale, torch.full_like(scale, math.nan))
-        self._scale0 = scale
+                self._base = torch.cat([self._base[:1], clip.reshape(1).float()])
         if f0 is not None:
             self.set_loss(f0)
-        return {b.device: self._scale0.to(b.device) for b in self.buffers}
+        else:
+            self._set_scale()
+        return self._gscale
+
+    def _set_scale(self) -> None:
+        probe = self._probe
+        self._scale0 = (self._base if probe is None
+                        else torch.where(torch.isfinite(probe), self._base, math.nan))
+        self._skipped = None
+        self._gscale = {b.device: self._scale0.to(b.device) for b in self.buffers}
 
     def _sum_over_shards(self, per_buffer: list) -> Tensor:
         """Σ g² over the model from each buffer's local sum. FSDP2: the sharded buffers' sums
         are summed over the ranks (one all-reduce), so clipping and the non-finite guard agree
         on every rank; other buffers hold whole tensors and count once."""
         sharded = [isinstance(b, ShardedBuffer) and b.sum_scale != 1.0 for b in self.buffers]
-        sq = sum(x for x, s in zip(per_buffer, sharded) if not s)
+        whole = [x for x, s in zip(per_buffer, sharded) if not s]
+        sq = _total(whole) if whole else None
         if any(sharded):
-            part = sum(x for x, s in zip(per_buffer, sharded) if s).clone()
+            part = _total([x for x, s in zip(per_buffer, sharded) if s]).clone()
             torch.distributed.all_reduce(part, op=torch.distributed.ReduceOp.SUM,
                                          group=self.opt.process_group)
-            sq = sq + part
+            sq = part if sq is None else sq + part
         return sq
 
     def set_loss(self, f0: Tensor) -> None:
         """Fold a non-finite f0 into gscale: the passes then write nothing (no sync needed)."""
-        f0 = f0.to(self._scale0.device)
+        zero = to_device(f0, self._base.device) * 0  # NaN iff f0 is not finite
         self.can_skip = True
-        self._scale0 = torch.where(torch.isfinite(f0), self._scale0,
-                                   torch.full_like(self._scale0, math.nan))
-        self._gscale = {b.device: self._scale0.to(b.device) for b in self.buffers}
+        self._probe = zero if self._grad_sq is None else self._grad_sq + zero
+        self._set_scale()
 
     def _eta(self, i: int, eta) -> Tensor:
-        return torch.tensor(eta[self.slices[i]], dtype=torch.float32, device=self.buffers[i].device)
+        return device_floats(eta[self.slices[i]], self.buffers[i].device)
 
     def first(self, eta, caps=None, factors=None):
         """``caps``: per buffer, a device tensor of the largest searched η per block (a step
@@ -935,7 +972,10 @@ class _FlatPasses(Passes):
         for i, b in enumerate(self.buffers):
             eta_i = self._eta(i, eta)
             if caps is not None:
-                eta_i = torch.minimum(eta_i, caps[i] * self._eta(i, factors))
+                f = set(factors[self.slices[i]])  # one lr factor (one schedule): no H2D copy
+                cap = (caps[i] if f == {1.0} else caps[i] * f.pop() if len(f) == 1
+                       else caps[i] * self._eta(i, factors))
+                eta_i = torch.minimum(eta_i, cap)
             sums.append(b.backend.first_pass(
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
                 self.wd[i], eta_i, self._gscale[b.device], b.layout, _model_copy(b),
@@ -1020,7 +1060,9 @@ class _FlatPasses(Passes):
         return self._scale0
 
     def skipped(self):
-        return ~torch.isfinite(self._scale0).all()
+        if self._skipped is None:  # read by the step, the fold count and the telemetry
+            self._skipped = torch.isnan(self._scale0[0])  # the guard puts NaN in both entries
+        return self._skipped
 
 
 __all__ = ["ArmijoOptimizer", "read_floats"]

@@ -1,0 +1,126 @@
+"""A step without a search never makes the host wait for the GPU (DESIGN.md §2: "no host sync").
+
+On a GPU, ``torch.tensor(list, device="cuda")`` synchronises the stream (pageable memcpy), and
+``item``/``tolist``/``bool``/``float`` of a device tensor wait for every queued kernel, the
+backward included. Such a wait would serialise the step behind the backward.
+
+* CPU (CI): every torch call made during steps without a search is recorded, and none of those
+  that would wait on a GPU may appear outside the two places that handle them
+  (``storage/scalars.py`` copies through pinned memory; the fold count reads its flag on a CPU
+  only). This catches a new ``torch.tensor(..., device=...)`` in the step path on any machine.
+* GPU (``-m gpu``): the same steps under ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+from _backends import needs_cpp
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
+
+READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
+MAKERS = {"tensor", "as_tensor"}
+# where such calls are intended: device_floats (pinned, non_blocking on CUDA) and the fold
+# count's flag, read at once only when it is not on a GPU
+ALLOWED = ("storage/scalars.py", "_advance_unsettled")
+
+
+class SyncAudit(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in READS or (name in MAKERS and kwargs.get("device") is not None):
+            frames = [f for f in traceback.extract_stack()[:-1] if "armijo_fused" in f.filename]
+            where = [f"{f.filename.split('armijo_fused/')[-1]}:{f.lineno} {f.name}"
+                     for f in frames]
+            if where and not any(a in w for w in where for a in ALLOWED):
+                self.found.append((name, where[-1]))
+        return func(*args, **kwargs)
+
+
+CASES = {
+    "adam": lambda p, **kw: ArmijoAdam(p, weight_decay=0.1, **kw),
+    "adam-clip": lambda p, **kw: ArmijoAdam(p, max_grad_norm=0.5, **kw),
+    "adam-layerwise": lambda p, **kw: ArmijoAdam(p, layerwise=True, **kw),
+    "nesterov": lambda p, **kw: ArmijoSGD(p, momentum=0.9, nesterov=True, **kw),
+}
+
+
+def _model(device="cpu"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(device)
+    x, y = torch.randn(32, 8, device=device), torch.randn(32, 1, device=device)
+    return model, (lambda: nn.functional.mse_loss(model(x), y))
+
+
+def _plain_steps(case, backend, device, n, audit=None):
+    model, loss_fn = _model(device)
+    groups = [{"params": m.parameters()} for m in (model[0], model[2])]
+    opt = CASES[case](groups, backend=backend, cadence=3)
+    plain = 0
+    for _ in range(12):  # searches on steps 1, 4, 7, ...: the others are plain
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        search = opt.cadence.should_search(opt.param_groups[0]["step"] + 1,
+                                           opt.param_groups[0]["next_search"])
+        if search or audit is None:
+            opt.step(loss_fn=loss_fn, loss=loss)
+        else:
+            # the previous plain step's skip flag is read at the start of this one (a wait on
+            # its event, which the GPU passed long ago in a training loop: _advance_unsettled)
+            opt._settle_skip()
+            with audit:
+                opt.step(loss_fn=loss_fn, loss=loss)
+            plain += 1
+    assert plain >= n
+    return opt
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", list(CASES))
+def test_steps_without_a_search_make_no_call_that_waits_for_a_gpu(case):
+    audit = SyncAudit()
+    opt = _plain_steps(case, "cpp", "cpu", 6, audit)
+    assert audit.found == [], audit.found
+    eta = opt.stats["step_size"]  # the telemetry is still there, formed when read
+    assert opt.stats["trials"] == 0 and min(eta if isinstance(eta, list) else [eta]) > 0
+
+
+def test_the_audit_sees_a_synchronising_call():
+    audit = SyncAudit()
+    from armijo_fused.optimizers import base
+
+    real = base.device_floats
+    try:  # as the step sizes were made before: torch.tensor(list, device=...)
+        base.device_floats = lambda v, d: torch.tensor(v, dtype=torch.float32, device=d)
+        _plain_steps("adam", "torch", "cpu", 6, audit)
+    finally:
+        base.device_floats = real
+    assert any(name == "tensor" for name, _ in audit.found), audit.found
+
+
+class GpuSyncError:
+    """Any synchronising CUDA call inside raises (torch's sync debug mode)."""
+
+    def __enter__(self):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_steps_without_a_search_do_not_synchronise_the_gpu(case):
+    opt = _plain_steps(case, "triton", "cuda", 6, GpuSyncError())
+    assert opt.stats["trials"] == 0
