@@ -27,6 +27,7 @@ from ..kernels.move import move_kernel
 from ..kernels.reductions import SUM_COLS, block_sum_kernel, tile_sq_sum_kernel
 from ..kernels.rules import DIRECTION_READS_GRAD, STATE_COUNT, kernel_scalars
 from ..storage.layout import FlatLayout
+from ..storage.scalars import device_floats
 from ..storage.table import TileTable
 from ..storage.table import grad_sq_norm as table_grad_sq_norm
 
@@ -265,7 +266,7 @@ def trial_points(
         raise ValueError("triton backend: trial_points needs at least one step size")
     s0, s1, s2, s3, s4, om0, _ = kernel_scalars(scalars)
     st0, st1 = _state_ptrs(param, states)
-    e = torch.tensor(list(etas), dtype=torch.float32, device=param.device)
+    e = device_floats(list(etas), param.device)  # no stream sync (storage/scalars.py)
     out = torch.empty(len(etas), layout.numel, dtype=torch.float32, device=param.device)
     trial_points_kernel[(layout.ntiles,)](
         param, grad, st0, st1, e, gscale, out, layout.numel, len(etas), float(weight_decay),
