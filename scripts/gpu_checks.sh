@@ -43,7 +43,7 @@ import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
-stage tests-gpu 240 $PY -m pytest -m gpu -q -x -p no:randomly
+stage tests-gpu 240 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly
 if ((QUICK)); then
   stage kernels 150 $PY bench/bench_kernels.py --repeats 20
   stage optimizer-step 60 $PY bench/optimizer_step.py --device cuda --repeats 15
