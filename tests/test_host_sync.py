@@ -96,6 +96,30 @@ def test_steps_without_a_search_make_no_call_that_waits_for_a_gpu(case):
     assert opt.stats["trials"] == 0 and min(eta if isinstance(eta, list) else [eta]) > 0
 
 
+@needs_cpp
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+def test_a_search_reads_the_device_once_per_trial(layerwise):
+    # issue 4: "at most one host sync per trial"; the first step (buffers built, the first
+    # loss checked for finiteness) is left out
+    model, loss_fn = _model()
+    groups = [{"params": m.parameters()} for m in (model[0], model[2])]
+    opt = ArmijoAdam(groups, backend="cpp", cadence="every", init_step_size=1.0,
+                     layerwise=layerwise)
+    reads = []
+    for step in range(5):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        audit = SyncAudit()
+        with audit:
+            opt.step(loss_fn=loss_fn, loss=loss)
+        if step > 0:
+            assert len(audit.found) == opt.stats["trials"], audit.found
+            assert all(w.endswith(" read_floats") for _, w in audit.found), audit.found
+            reads.append(opt.stats["trials"])
+    assert max(reads) > 1  # searches that backtracked were checked too
+
+
 def test_the_audit_sees_a_synchronising_call():
     audit = SyncAudit()
     from armijo_fused.optimizers import base
