@@ -11,10 +11,14 @@ from torch import nn
 from armijo_fused import ArmijoAdam, ArmijoSGD
 
 
-def _run(cls, candidates, steps=8, seed=0, backend="torch", **kw):
-    torch.manual_seed(seed)
+def _mlp():
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    return model, torch.randn(64, 8), torch.randn(64, 1)
+
+
+def _run(cls, candidates, steps=8, seed=0, backend="torch", build=_mlp, **kw):
+    torch.manual_seed(seed)
+    model, x, y = build()
     opt = cls(model.parameters(), cadence="every", model=model, candidates=candidates,
               backend=backend, **kw)
 
@@ -98,29 +102,14 @@ def test_candidates_argument_is_checked():
 
 def test_batched_trial_points_keep_a_channels_last_layout():
     # the K trial points are read from the flat buffer in the parameter's own element order
-    def run(candidates):
-        torch.manual_seed(0)
+    def conv():
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 1))
         model = model.to(memory_format=torch.channels_last)
-        x, y = torch.randn(16, 3, 6, 6), torch.randn(16, 1)
-        opt = ArmijoAdam(model.parameters(), cadence="every", model=model, backend="torch",
-                         candidates=candidates, init_step_size=1.0)
+        return model, torch.randn(16, 3, 6, 6), torch.randn(16, 1)
 
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
-        etas = []
-        for _ in range(5):
-            opt.step(closure)
-            etas.append((opt.stats["step_size"], opt.stats["trials"]))
-        return etas, [p.detach().clone() for p in model.parameters()]
-
-    seq, seq_params = run(None)
-    bat, bat_params = run(4)
-    assert any(trials > 1 for _, trials in seq)  # the candidates were needed
-    assert [e for e, _ in bat] == [e for e, _ in seq]
+    seq, _, seq_params = _run(ArmijoAdam, None, steps=5, build=conv, init_step_size=1.0)
+    bat, _, bat_params = _run(ArmijoAdam, 4, steps=5, build=conv, init_step_size=1.0)
+    assert any(trials > 1 for _, trials, _ in seq)  # the candidates were needed
+    assert [t[0] for t in bat] == [t[0] for t in seq]
     for p, q in zip(bat_params, seq_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
