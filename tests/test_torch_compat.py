@@ -214,3 +214,20 @@ def test_a_checkpoint_the_rules_cannot_continue_is_refused_and_changes_nothing(m
     assert after["state"].keys() == before["state"].keys()
     for k, per in before["state"].items():
         assert all(torch.equal(v, after["state"][k][n]) for n, v in per.items())
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+def test_a_checkpoint_with_a_learning_rate_per_group(layerwise):
+    def two_groups(params):
+        ps = list(params)
+        return torch.optim.AdamW([{"params": ps[:2], "lr": 1e-3}, {"params": ps[2:], "lr": 1e-4}])
+
+    model, adamw, loss_fn, f0 = _torch_run(two_groups)
+    groups = [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}]
+    ours = ArmijoAdam(groups, backend="torch", layerwise=layerwise)
+    ours.load_state_dict(copy.deepcopy(adamw.state_dict()))
+    etas = [g["step_size"] for g in ours.param_groups]
+    # one global step size is one number for every group; layer-wise, each block keeps its own
+    assert etas == ([1e-3, 1e-4] if layerwise else [1e-3, 1e-3])
+    ours.step(loss_fn=loss_fn, loss=f0)
+    assert ours.stats["searched"] and float(loss_fn().detach()) < float(f0)

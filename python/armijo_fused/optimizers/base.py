@@ -229,7 +229,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         (:func:`~armijo_fused.optimizers.torch_compat.from_torch_state_dict`)."""
         if is_torch_state_dict(state_dict):
             state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
-                                               state_dict)
+                                               state_dict, layerwise=self.layerwise)
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
         self._pending_skip = None  # a flag of the steps before the load is no longer ours

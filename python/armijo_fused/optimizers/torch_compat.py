@@ -77,7 +77,8 @@ def _float(x) -> float:
     return float(x.item()) if hasattr(x, "item") else float(x)
 
 
-def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict: dict) -> dict:
+def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict: dict,
+                          layerwise: bool = False) -> dict:
     """A torch.optim checkpoint (AdamW, Adam, NAdam, RMSprop, SGD) as one of ours.
 
     The moments carry over by name (torch's ``exp_avg``/``exp_avg_sq``, ``square_avg`` and
@@ -86,7 +87,8 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
     used, η = lr_0 (``initial_lr`` under a scheduler, else ``lr``), so that the first step moves
     as the torch optimizer would have, and the next step searches. Anything the rules cannot
     continue (amsgrad's maximum, a centred RMSprop, a direction whose state is missing) is a
-    ``ValueError`` that names it, raised before anything changes.
+    ``ValueError`` that names it, raised before anything changes. With one global step size
+    (``layerwise=False``) every group starts from the first group's η.
     """
     saved_groups = state_dict.get("param_groups", [])
     if len(saved_groups) != len(live_groups):
@@ -120,7 +122,8 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         group = {k: v for k, v in live.items() if k != "params"}
         group.update({k: saved[k] for k in _TAKEN if k in saved and (k in live or k == "initial_lr")})
         folded = max(steps, default=0)
-        eta = _float(saved.get("initial_lr", saved["lr"]))
+        lead = saved if layerwise else saved_groups[0]  # global: one η shared by every group
+        eta = _float(lead.get("initial_lr", lead["lr"]))
         blocks = len(live["step_size"]) if isinstance(live["step_size"], list) else None
 
         def per_block(value, blocks=blocks):
