@@ -87,6 +87,7 @@ class ArmijoAdam(ArmijoOptimizer):
         exact_revert: bool = False,
         process_group=None,
         candidates: int | None = None,
+        flat: bool = True,
         model=None,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -115,6 +116,7 @@ class ArmijoAdam(ArmijoOptimizer):
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
             rule_defaults=rule_defaults, block_search=block_search, merge_below=merge_below,
             exact_revert=exact_revert, process_group=process_group, candidates=candidates,
+            flat=flat,
         )
 
 

@@ -22,6 +22,7 @@ from ..linesearch.cadence import Cadence
 from ..linesearch.controller import Passes, armijo_search, read_floats
 from ..linesearch.policy import StepSizePolicy
 from ..storage.flat import FlatBuffer
+from ..storage.in_place import InPlaceBuffer
 from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import device_floats, to_device
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
@@ -106,6 +107,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         exact_revert: bool = False,
         process_group=None,
         candidates: int | None = None,
+        flat: bool = True,
         tile: int = DEFAULT_TILE,
     ):
         _lr_value(lr)  # validates; schedulers own the value
@@ -135,6 +137,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 raise ValueError("candidates needs model=: trial weights are swapped into it")
             if layerwise:
                 raise ValueError("candidates works with the global search (layerwise=False)")
+            if not flat:
+                raise ValueError("candidates needs the flat buffers (flat=True): the K trial "
+                                 "points are cut from them")
         self.rule = rule
         self.policy = StepSizePolicy(growth=growth, smoothing=smoothing,
                                      collapse_ratio=collapse_ratio, max_step=max_step)
@@ -147,6 +152,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self.merge_below = merge_below
         self.exact_revert = bool(exact_revert)
         self.candidates = candidates
+        self.flat = bool(flat)
         self.process_group = process_group
         self._modules = [model] if model is not None else []
         self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
@@ -801,6 +807,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 buf = ShardedBuffer(gi, [plist[i] for i in order], self.rule, self.state,
                                     block_ids=local, tile=self.tile,
                                     process_group=self.process_group)
+            elif not self.flat:  # the tensors stay where they are (storage/in_place.py)
+                buf = InPlaceBuffer(gi, [plist[i] for i in order], self.rule, self.state,
+                                    block_ids=local, tile=self.tile)
             else:
                 buf = FlatBuffer(gi, [plist[i] for i in order], self.rule, self.state,
                                  block_ids=local, tile=self.tile)
@@ -811,7 +820,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                                           else buf.dtype)
             buffers.append(buf)
         self._buffers, self._buffer_key = buffers, key
-        self._sharded = any(isinstance(b, ShardedBuffer) for b in buffers)
+        self._sharded = any(getattr(b, "distributed", False) for b in buffers)
         if self._sharded:
             if self.candidates is not None:  # trial weights swapped in would not be shards
                 raise ValueError("candidates= does not support FSDP2 (DTensor) parameters: "

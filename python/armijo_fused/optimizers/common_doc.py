@@ -65,6 +65,11 @@ LINESEARCH_ARGS = r"""
             accept, in fewer dependent forwards, for K times the parameter and activation memory.
             Needs ``model=``, the global search, and a model without dropout or in-place buffer
             updates in the trial forward (default: None, sequential)
+        flat (bool, optional): re-point the parameters into one flat buffer per group, so one
+            kernel launch covers the group. False leaves them where they are (for CUDA graphs
+            captured earlier, shared storage, code that holds ``p.data``): the passes reach
+            contiguous fp32 tensors through per-tile pointer tables at the same bytes per
+            parameter, and copy the others in and out around each pass (default: True)
         model (nn.Module, optional): the model, so trial forwards restore its buffers
             (BatchNorm statistics) afterwards (default: None)
 

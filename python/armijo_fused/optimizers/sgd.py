@@ -74,6 +74,7 @@ class ArmijoSGD(ArmijoOptimizer):
         exact_revert: bool = False,
         process_group=None,
         candidates: int | None = None,
+        flat: bool = True,
         model=None,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -93,6 +94,7 @@ class ArmijoSGD(ArmijoOptimizer):
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
             rule_defaults=rule_defaults, block_search=block_search, merge_below=merge_below,
             exact_revert=exact_revert, process_group=process_group, candidates=candidates,
+            flat=flat,
         )
 
 

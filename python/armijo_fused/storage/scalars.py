@@ -24,7 +24,10 @@ def device_floats(values: Sequence[float], device: torch.device,
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """``t`` on ``device``; a CPU tensor goes to CUDA without a sync."""
-    if t.device == torch.device(device):
+    """``t`` on ``device``; a CPU tensor goes to CUDA through pinned memory, without a sync."""
+    device = torch.device(device)
+    if t.device == device:
         return t
-    return t.to(device, non_blocking=t.device.type == "cpu")
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -81,6 +81,7 @@ class ShardedBuffer:
     """Flat θ / g / state buffers over the local shards of one group's DTensor parameters."""
 
     sharded = True
+    distributed = True  # DTensors: trials reshard FSDP modules, local sums span the ranks
     model_param = None  # bf16/fp16 shards get the master's rounding in after_write, not in a pass
     #: in_place when the constructor is not told: None chooses in place wherever the shards allow
     #: it; False forces the copies (tests and benchmarks compare the two)
@@ -100,35 +101,10 @@ class ShardedBuffer:
     ):
         if not params:
             raise ValueError("a sharded buffer needs at least one parameter")
-        if not all(is_dtensor(p) for p in params):
-            raise TypeError("ShardedBuffer takes DTensor parameters only")
         self.group_index = group_index
         self.rule = rule
         self.params = list(params)
-        mesh = self.params[0].device_mesh
-        placements = tuple(self.params[0].placements)
-        for p in self.params:
-            if p.device_mesh != mesh or tuple(p.placements) != placements:
-                raise ValueError(
-                    "the DTensor parameters of one param group must share one device mesh and "
-                    "placements (give each mesh its own param group)"
-                )
-        if mesh.ndim != 1:
-            raise NotImplementedError(
-                f"DTensor parameters on a {mesh.ndim}-D device mesh are not supported (HSDP, "
-                "tensor parallel): armijo_fused supports FSDP2 on a 1-D mesh"
-            )
-        self.sum_scale = 1.0
-        if _is_sharded(self.params[0]):
-            dist = torch.distributed
-            world = dist.get_world_size(process_group)
-            if mesh.size() != world:
-                raise NotImplementedError(
-                    f"the parameters are sharded over a mesh of {mesh.size()} ranks but the "
-                    f"optimizer's process group has {world}: the per-block sums would be "
-                    "reduced over the wrong ranks (pass process_group= the mesh's group)"
-                )
-            self.sum_scale = float(world)
+        self.sum_scale = self._distribution(process_group)
         local = [_local(p) for p in self.params]
         self.device = local[0].device
         self.dtype = local[0].dtype
@@ -155,6 +131,7 @@ class ShardedBuffer:
         self.table = None
         if self.in_place:
             self._zero_grads = {}  # a zero gradient for a parameter that got none this step
+            self._grad_ptrs = None  # the gradients the table addresses (see sync)
             self.table = make_table(self.layout, self.offsets, local, local, self.device)
         else:
             self._param = torch.zeros(n, **fp)  # the fp32 master for half shards
@@ -167,6 +144,35 @@ class ShardedBuffer:
             for i, p in enumerate(self.params)
         ]
         self.sync(state)
+
+    def _distribution(self, process_group) -> float:
+        """Check the DTensors' mesh; the factor that turns the mean over ranks of the local
+        sums into their sum over the shards (1 for replicated tensors)."""
+        if not all(is_dtensor(p) for p in self.params):
+            raise TypeError("ShardedBuffer takes DTensor parameters only")
+        mesh = self.params[0].device_mesh
+        placements = tuple(self.params[0].placements)
+        for p in self.params:
+            if p.device_mesh != mesh or tuple(p.placements) != placements:
+                raise ValueError(
+                    "the DTensor parameters of one param group must share one device mesh and "
+                    "placements (give each mesh its own param group)"
+                )
+        if mesh.ndim != 1:
+            raise NotImplementedError(
+                f"DTensor parameters on a {mesh.ndim}-D device mesh are not supported (HSDP, "
+                "tensor parallel): armijo_fused supports FSDP2 on a 1-D mesh"
+            )
+        if not _is_sharded(self.params[0]):
+            return 1.0
+        world = torch.distributed.get_world_size(process_group)
+        if mesh.size() != world:
+            raise NotImplementedError(
+                f"the parameters are sharded over a mesh of {mesh.size()} ranks but the "
+                f"optimizer's process group has {world}: the per-block sums would be "
+                "reduced over the wrong ranks (pass process_group= the mesh's group)"
+            )
+        return float(world)
 
     def _view(self, flat: Tensor, i: int) -> Tensor:
         o, shape = self.offsets[i], self._shapes[i]
@@ -228,7 +234,10 @@ class ShardedBuffer:
             return False
         with torch.no_grad():
             if self.in_place:
-                self.table = with_grads(self.table, self._grad_shards())
+                grads = self._grad_shards()
+                ptrs = [g.data_ptr() for g in grads]
+                if ptrs != self._grad_ptrs:  # new gradient tensors: rebuild the g column
+                    self.table, self._grad_ptrs = with_grads(self.table, grads), ptrs
             elif not self.master:
                 torch._foreach_copy_(self._param_views, local)
             for i, p in enumerate(self.params):
@@ -247,7 +256,7 @@ class ShardedBuffer:
                     old = pstate.get(name)
                     if old is not dt:
                         if old is not None:
-                            dt._local_tensor.copy_(_local(old))
+                            _local(dt).copy_(_local(old))
                         pstate[name] = dt
             if self.master:  # after a reloaded master: the shards win only where they changed
                 for view, t in zip(self._param_views, local):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .layout import FlatLayout
+from .scalars import to_device
 
 #: the byte alignment every tensor of a table must have: the kernels load 16-byte vectors
 TABLE_ALIGN = 16
@@ -123,7 +124,7 @@ def with_grads(table: TileTable, grads: Sequence[Tensor]) -> TileTable:
         raise ValueError(why)
     dummy = next((p.data_ptr() for p in table.params if p.numel()), 0)
     ptrs = _tile_addresses(grads, table.offsets, table.layout, dummy)
-    return replace(table, grads=grads, grad_ptrs=ptrs.to(table.grad_ptrs.device))
+    return replace(table, grads=grads, grad_ptrs=to_device(ptrs, table.grad_ptrs.device))
 
 
 def gather(tensors: Sequence[Tensor], table: TileTable) -> Tensor:

@@ -1,0 +1,150 @@
+"""``flat=False``: the passes run on the parameters where they are (issue 4's opt-out path).
+
+The parameters keep their storage (``p.data_ptr()`` never changes), the optimizer owns only its
+state, and every result is the flat store's: same rules, same kernels through a tile table.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from _backends import needs_cpp
+from problems import make_closure
+from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
+from armijo_fused.storage.in_place import InPlaceBuffer
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+BACKENDS = ["torch", pytest.param("cpp", marks=needs_cpp),
+            pytest.param("triton", marks=pytest.mark.skipif(
+                os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                reason="needs triton (interpreted on CPU or a GPU)"))]
+DIRECTIONS = {
+    "adam": dict(cls=ArmijoAdam, weight_decay=0.1),
+    "nadam": dict(cls=ArmijoAdam, direction="nadam"),
+    "rmsprop": dict(cls=ArmijoAdam, direction="rmsprop"),
+    "sgd": dict(cls=ArmijoSGD),
+    "momentum": dict(cls=ArmijoSGD, momentum=0.9),
+    "nesterov": dict(cls=ArmijoSGD, momentum=0.9, nesterov=True),
+}
+
+
+def _run(flat, backend="torch", direction="adam", steps=8, dtype=torch.float32, layerwise=False,
+         channels_last=False, **extra):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 5),
+                          nn.Tanh(), nn.Linear(5, 1)).to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x, y = torch.randn(16, 3, 6, 6, dtype=dtype), torch.randn(16, 1, dtype=dtype)
+    kw = dict(DIRECTIONS[direction])
+    cls = kw.pop("cls")
+    params = ([{"params": m.parameters()} for m in (model[0], model[3], model[5])]
+              if layerwise else model.parameters())
+    opt = cls(params, backend=backend, flat=flat, cadence=3, layerwise=layerwise, **kw, **extra)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    trace = []
+    for _ in range(steps):
+        opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
+        trace.append((opt.stats["step_size"], opt.stats["trials"]))
+    moved = [p.data_ptr() for p in model.parameters()] != ptrs
+    return opt, model, trace, moved
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_in_place_steps_are_the_flat_stores_and_leave_the_storage_alone(backend, direction):
+    steps = 4 if backend == "triton" else 8  # the interpreter is slow
+    opt, model, trace, moved = _run(False, backend, direction, steps=steps)
+    ref_opt, ref_model, ref_trace, ref_moved = _run(True, backend, direction, steps=steps)
+    assert isinstance(opt._buffers[0], InPlaceBuffer) and opt._buffers[0].in_place
+    assert not moved and ref_moved  # flat=True re-points p.data, flat=False never does
+    assert [t[1] for t in trace] == [t[1] for t in ref_trace]
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        for name, v in opt.state[p].items():
+            torch.testing.assert_close(v, ref_opt.state[q][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["layerwise", "bf16", "channels_last"])
+def test_in_place_layer_wise_half_and_strided_parameters(case):
+    kw = {"layerwise": dict(layerwise=True), "bf16": dict(dtype=torch.bfloat16),
+          "channels_last": dict(channels_last=True)}[case]
+    opt, model, trace, moved = _run(False, **kw)
+    ref_opt, ref_model, ref_trace, _ = _run(True, **kw)
+    assert not moved
+    # a table takes contiguous fp32 tensors; the others are copied in and out around the passes
+    assert opt._buffers[0].in_place == (case == "layerwise")
+    assert [t[1] for t in trace] == [t[1] for t in ref_trace]
+    tol = dict(rtol=1e-2, atol=1e-3) if case == "bf16" else dict(rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, **tol)
+
+
+def test_in_place_gradients_stay_the_models_and_are_zeroed_where_they_are():
+    opt, model, _, _ = _run(False, steps=3)
+    grads = [p.grad for p in model.parameters()]
+    opt.zero_grad()
+    assert [p.grad for p in model.parameters()] == grads  # the same tensors, zeroed
+    assert all(int(g.count_nonzero()) == 0 for g in grads)
+    buf = opt._buffers[0]
+    # no θ or g held by the optimizer: only the rule's state, in flat buffers
+    assert not hasattr(buf, "_param") and not hasattr(buf, "_grad")
+
+
+def test_in_place_resume_is_bitwise():
+    def run(split):
+        opt, model, _, _ = _run(False, steps=split)
+        torch.manual_seed(1)
+        x, y = torch.randn(16, 3, 6, 6), torch.randn(16, 1)
+        saved = (copy.deepcopy(opt.state_dict()),  # state_dict() holds the live tensors
+                 {k: v.clone() for k, v in model.state_dict().items()})
+        return opt, model, x, y, saved
+
+    opt, model, x, y, (opt_sd, model_sd) = run(4)
+
+    def cont(o, m):
+        for _ in range(4):
+            o.step(make_closure(o, lambda: nn.functional.mse_loss(m(x), y)))
+        return [p.detach().clone() for p in m.parameters()]
+
+    straight = cont(opt, model)
+    fresh_opt, fresh_model, _, _ = _run(False, steps=0)
+    fresh_model.load_state_dict(model_sd)
+    fresh_opt.load_state_dict(opt_sd)
+    resumed = cont(fresh_opt, fresh_model)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_a_non_finite_gradient_in_place_leaves_everything_untouched():
+    opt, model, _, _ = _run(False, steps=3)
+    theta = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    x = torch.randn(16, 3, 6, 6)
+
+    def loss():
+        return model(x).mean()
+
+    def nan_closure():
+        opt.zero_grad()
+        out = model(x).mean()
+        out.backward()
+        next(model.parameters()).grad[0].fill_(float("nan"))
+        return out
+
+    opt.step(nan_closure, loss_fn=loss)
+    assert opt.stats["skipped"]
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
+    for p in model.parameters():
+        assert all(torch.equal(v, state[id(p)][k]) for k, v in opt.state[p].items())
+
+
+def test_candidates_need_the_flat_store():
+    with pytest.raises(ValueError, match=r"candidates needs the flat buffers \(flat=True\)"):
+        model = nn.Linear(3, 1)
+        ArmijoAdam(model.parameters(), model=model, candidates=2, flat=False)
