@@ -52,6 +52,7 @@ CASES = {
     "adam-clip": lambda p, **kw: ArmijoAdam(p, max_grad_norm=0.5, **kw),
     "adam-layerwise": lambda p, **kw: ArmijoAdam(p, layerwise=True, **kw),
     "nesterov": lambda p, **kw: ArmijoSGD(p, momentum=0.9, nesterov=True, **kw),
+    "adam-in-place": lambda p, **kw: ArmijoAdam(p, flat=False, **kw),
 }
 
 
