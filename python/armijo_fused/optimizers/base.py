@@ -274,8 +274,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._pending_rng = trial_mod.capture_rng()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients. They stay views of the flat gradient buffer (``set_to_none`` is
-        ignored once the buffers exist), so the next backward accumulates in place."""
+        """Zero the gradients. They stay views of the flat gradient buffer (``flat=False``: the
+        same tensors, zeroed where they are; FSDP2: dropped, FSDP writes new ones), so the next
+        backward accumulates in place: ``set_to_none`` is ignored once the buffers exist."""
         if trial_mod.in_trial():
             return
         if self._buffers is None:
