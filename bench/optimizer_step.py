@@ -15,6 +15,8 @@ left is exactly the optimizer's share of a step:
 * ``armijo_plain``: a step without a search (the adaptive cadence's usual step): the guard and the
   first pass, no host sync;
 * each with ``check_finite=True`` (the default; one extra read of g, 4 B/param) and ``False``;
+* ``armijo_plain_in_place``: ``armijo_plain`` with ``flat=False`` (the passes reach the
+  parameters where they are, through a tile table);
 * ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(...).step()`` on the same shapes.
 
 Each row: median wall ms of ``--repeats`` calls (device synchronised around each call, so host
@@ -61,11 +63,11 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
     return params
 
 
-def armijo_case(shapes, device, *, search: bool, check_finite: bool):
+def armijo_case(shapes, device, *, search: bool, check_finite: bool, flat: bool = True):
     params = make_params(shapes, device)
     backend = "triton" if device.type == "cuda" else "cpp"
     opt = ArmijoAdam(params, backend=backend, check_finite=check_finite,
-                     cadence="every" if search else 10**9, weight_decay=0.1)
+                     cadence="every" if search else 10**9, weight_decay=0.1, flat=flat)
     f0 = torch.zeros((), device=device)
     far_below = torch.full((), -1e30, device=device)  # any η passes the Armijo test
 
@@ -104,6 +106,9 @@ def main(argv=None) -> int:
             key = f"armijo_{'search' if search else 'plain'}{'' if cf else '_no_check_finite'}"
             cases[key] = lambda s=search, c=cf: armijo_case(shapes, device, search=s,
                                                             check_finite=c)
+    # flat=False: the same passes on the tensors where they are, through a tile table
+    cases["armijo_plain_in_place"] = lambda: armijo_case(shapes, device, search=False,
+                                                         check_finite=True, flat=False)
     built = {key: build() for key, build in cases.items()}  # 124M: 2 GB each, all fit at once
     sync = torch.cuda.synchronize if device.type == "cuda" else None  # host work counts too
     times = interleaved_times({key: b[0] for key, b in built.items()}, args.repeats, sync=sync)
