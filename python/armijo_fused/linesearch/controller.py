@@ -69,10 +69,11 @@ def read_floats(tensors: Sequence[Tensor]) -> list[float]:
     out = []
     by_device: dict = {}
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append((i, t.detach().reshape(-1).double()))
+        by_device.setdefault(t.device, []).append((i, t.detach().reshape(-1)))
     values: dict[int, list[float]] = {}
     for items in by_device.values():
-        flat = torch.cat([t for _, t in items]).tolist()
+        # cat promotes to the widest dtype (exact), then one cast: launches are host time
+        flat = torch.cat([t for _, t in items]).double().tolist()
         pos = 0
         for i, t in items:
             values[i] = flat[pos : pos + t.numel()]
