@@ -982,9 +982,12 @@ class _FlatPasses(Passes):
         for i, b in enumerate(self.buffers):
             eta_i = self._eta(i, eta)
             if caps is not None:
-                f = set(factors[self.slices[i]])  # one lr factor (one schedule): no H2D copy
-                cap = (caps[i] if f == {1.0} else caps[i] * f.pop() if len(f) == 1
-                       else caps[i] * self._eta(i, factors))
+                f = set(factors[self.slices[i]])
+                if len(f) > 1:  # groups on different schedules: a factor per block
+                    cap = caps[i] * self._eta(i, factors)
+                else:  # one schedule: a scalar, no copy to the device (none without one)
+                    f = f.pop()
+                    cap = caps[i] if f == 1.0 else caps[i] * f
                 eta_i = torch.minimum(eta_i, cap)
             sums.append(b.backend.first_pass(
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],

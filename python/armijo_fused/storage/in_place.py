@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sharded import ShardedBuffer
+from .sharded import ShardedBuffer, is_dtensor
 
 
 class InPlaceBuffer(ShardedBuffer):
     distributed = False
 
     def _distribution(self, process_group) -> float:
-        if any(type(p).__name__ == "DTensor" for p in self.params):
+        if any(is_dtensor(p) for p in self.params):
             raise TypeError("InPlaceBuffer takes plain tensors; DTensors go to ShardedBuffer")
         return 1.0  # whole tensors: the local sums are the sums
 

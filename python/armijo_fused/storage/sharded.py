@@ -80,7 +80,6 @@ def _is_sharded(p) -> bool:
 class ShardedBuffer:
     """Flat θ / g / state buffers over the local shards of one group's DTensor parameters."""
 
-    sharded = True
     distributed = True  # DTensors: trials reshard FSDP modules, local sums span the ranks
     model_param = None  # bf16/fp16 shards get the master's rounding in after_write, not in a pass
     #: in_place when the constructor is not told: None chooses in place wherever the shards allow
