@@ -159,3 +159,28 @@ def test_trainer_under_two_process_ddp(tmp_path):
     assert r0["groups"] == r1["groups"] and r0["groups"][0] == 3
     for n in r0["params"]:
         assert torch.equal(r0["params"][n], r1["params"][n])
+
+
+def test_a_run_started_with_adamw_resumes_with_the_line_search(tmp_path):
+    # HF's plain Trainer with its AdamW saves optimizer.pt; LineSearchTrainer with ArmijoAdam
+    # built the same way (optimizer_cls_and_kwargs: HF's decay / no-decay groups) resumes from it
+    model = tiny_gpt2()
+    transformers.Trainer(model=model, args=args(tmp_path / "adamw", save_strategy="steps",
+                                                 save_steps=2, learning_rate=3e-3),
+                         train_dataset=TokenData()).train()
+    ckpt = tmp_path / "adamw" / "checkpoint-2"
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert "step_size" not in saved["param_groups"][0]  # torch's AdamW, not ours
+
+    model = tiny_gpt2()
+    trainer = LineSearchTrainer(
+        model=model, args=args(tmp_path / "armijo", learning_rate=3e-3),
+        train_dataset=TokenData(),
+        optimizer_cls_and_kwargs=(ArmijoAdam, {"weight_decay": 0.01, "cadence": "every"}))
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    opt = armijo_optimizer(trainer.optimizer)
+    g = opt.param_groups[0]
+    assert trainer.state.global_step == 4
+    assert g["folded"] == 4 and g["searches"] == 2  # AdamW's 2 steps, then 2 searched steps
+    assert g["initial_lr"] == 3e-3  # the schedule continued from where AdamW's left it
+    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values())
