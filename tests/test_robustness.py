@@ -1082,3 +1082,19 @@ def test_add_param_group_after_construction():
     extra0 = extra.detach().clone()
     opt.step(make_closure(opt, lambda: base(x).pow(2).mean() + extra.pow(2).sum()))
     assert not torch.equal(extra.detach(), extra0)
+
+
+def test_a_per_tensor_state_dict_replaced_by_user_code_is_reattached():
+    # opt.state[p] = {} (code that "resets" a tensor's state) must not leave state_dict()
+    # showing something other than the live flat state
+    torch.manual_seed(0)
+    lin, x = nn.Linear(4, 1), torch.randn(8, 4)
+    opt = ArmijoAdam(lin.parameters(), backend="torch", cadence=2)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: lin(x).pow(2).mean()))
+    opt.state[lin.weight] = {}
+    opt.step(make_closure(opt, lambda: lin(x).pow(2).mean()))
+    buf = opt._buffers[0]
+    live = opt.state_dict()["state"][0]["exp_avg"]
+    start = buf.states[0].data_ptr()
+    assert start <= live.data_ptr() < start + 4 * buf.states[0].numel()

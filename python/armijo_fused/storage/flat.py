@@ -104,7 +104,6 @@ class FlatBuffer:
             for i in range(len(params))
         ]
         # what sync() compares each step: tensor, its view's address and shape, grad view, states
-        self._state_ref, self._pstates = None, []  # see sync
         self._checks = [(p, pv.data_ptr(), pv.shape, gv, sv) for p, pv, gv, sv in
                         zip(self.params, self._param_views, self._grad_views, self._state_views)]
         self._adopt(state)
@@ -144,13 +143,10 @@ class FlatBuffer:
 
     def sync(self, state: dict) -> bool:
         """Re-validate the views before a step; False means the parameters moved: rebuild."""
-        # runs every step over every tensor: one tuple per tensor, cached (see _checks), and the
-        # per-tensor state dicts, looked up again only when the state itself was replaced
-        # (load_state_dict): a lookup by tensor calls Tensor.__hash__ in Python
+        # runs every step over every tensor: one tuple per tensor, cached (see _checks); the
+        # state dict of each tensor is looked up every time, since code may replace one
+        # (opt.state[p] = {...}) and state_dict() must then still show the live state
         names = self.state_names
-        if state is not self._state_ref:
-            self._state_ref, self._pstates = state, [state[p] for p in self.params]
-        pstates = self._pstates
         for i, (p, ptr, shape, gview, views) in enumerate(self._checks):
             if p.data_ptr() != ptr or p.shape != shape:
                 return False
@@ -161,7 +157,7 @@ class FlatBuffer:
                 elif g.data_ptr() != gview.data_ptr():
                     gview.copy_(_dense(p, g))
                 p.grad = gview
-            pstate = pstates[i]
+            pstate = state[p]
             reloaded = False
             for name, view in zip(names, views):
                 old = pstate.get(name)
