@@ -130,7 +130,6 @@ class ShardedBuffer:
         self.table = None
         if self.in_place:
             self._zero_grads = {}  # a zero gradient for a parameter that got none this step
-            self._grad_ptrs = None  # the gradients the table addresses (see sync)
             self.table = make_table(self.layout, self.offsets, local, local, self.device)
         else:
             self._param = torch.zeros(n, **fp)  # the fp32 master for half shards
@@ -234,9 +233,8 @@ class ShardedBuffer:
         with torch.no_grad():
             if self.in_place:
                 grads = self._grad_shards()
-                ptrs = [g.data_ptr() for g in grads]
-                if ptrs != self._grad_ptrs:  # new gradient tensors: rebuild the g column
-                    self.table, self._grad_ptrs = with_grads(self.table, grads), ptrs
+                if [g.data_ptr() for g in grads] != [g.data_ptr() for g in self.table.grads]:
+                    self.table = with_grads(self.table, grads)  # new gradients: new g column
             elif not self.master:
                 torch._foreach_copy_(self._param_views, local)
             for i, p in enumerate(self.params):
