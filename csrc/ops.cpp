@@ -27,4 +27,7 @@ TORCH_LIBRARY(armijo_fused, m) {
       "float[] scalars, float weight_decay, Tensor eta_old, Tensor eta_new, Tensor gscale, "
       "Tensor tile_block, Tensor block_tiles, int tile, bool precond_old, bool precond_new, "
       "bool compute_sums) -> Tensor");
+  m.def(
+      "grad_sq_norm_table(Tensor grad_ptrs, Tensor lengths, Tensor tile_block, "
+      "Tensor block_tiles, int tile) -> Tensor");
 }

@@ -53,6 +53,10 @@ at::Tensor move_table_cpu(int64_t rule, const at::Tensor& param_ptrs, const at::
                           const at::Tensor& gscale, const at::Tensor& tile_block,
                           const at::Tensor& block_tiles, int64_t tile, bool precond_old,
                           bool precond_new, bool compute_sums);
+// grad_sq_norm with g reached through a tile table: per-block Σ g² over each tile's real elements.
+at::Tensor grad_sq_norm_table_cpu(const at::Tensor& grad_ptrs, const at::Tensor& lengths,
+                                  const at::Tensor& tile_block, const at::Tensor& block_tiles,
+                                  int64_t tile);
 
 // Per-block Σ grad², fp32 [nblocks].
 at::Tensor grad_sq_norm_cpu(const at::Tensor& grad, const at::Tensor& tile_block,

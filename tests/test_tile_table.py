@@ -136,3 +136,20 @@ def test_tiled_placement_starts_every_tensor_on_a_tile():
     assert layout.block_numels == (3005, 700, 0, 1025)
     # block 0: 1 + 6 tiles, block 1: 2 tiles (the empty tensor has none), block 2: one empty tile
     assert layout.block_offsets == (0, 7 * TILE, 9 * TILE, 10 * TILE, 13 * TILE)
+
+
+@pytest.mark.skipif(not CPP, reason="needs the compiled extension")
+def test_cpp_table_norm_rejects_malformed_columns():
+    from armijo_fused import ops
+
+    layout, offsets, params, grads, _, _ = make("sgd")
+    table = make_table(layout, offsets, params, grads, "cpu")
+    args = (layout.tile_block, layout.block_tiles, layout.tile)
+    bad = table.lengths.clone()
+    bad[0] = TILE + 1
+    with pytest.raises(RuntimeError, match=r"lengths\[0\] is 513, outside 0..512"):
+        ops.grad_sq_norm_table(table.grad_ptrs, bad, *args)
+    with pytest.raises(RuntimeError, match="grad_ptrs must be a contiguous 1-D Long"):
+        ops.grad_sq_norm_table(table.grad_ptrs.int(), table.lengths, *args)
+    with pytest.raises(RuntimeError, match="one entry per tile"):
+        ops.grad_sq_norm_table(table.grad_ptrs[1:], table.lengths[1:], *args)

@@ -479,6 +479,28 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
 // The states are flat buffers of the layout's length. The table's tensors are written through raw
 // addresses, which the op schemas cannot name: these ops are for eager use.
 
+// Each column of a table (an address or a length per tile) is a contiguous 1-D CPU tensor with
+// one entry per tile; every length lies in 0..tile.
+static void check_table_columns(const char* op, const at::Tensor* param_ptrs,
+                                const at::Tensor& grad_ptrs, const at::Tensor& lengths,
+                                int64_t ntiles, int64_t tile) {
+  std::vector<std::tuple<const at::Tensor*, const char*, at::ScalarType>> columns{
+      {&grad_ptrs, "grad_ptrs", at::kLong}, {&lengths, "lengths", at::kInt}};
+  if (param_ptrs) columns.emplace(columns.begin(), param_ptrs, "param_ptrs", at::kLong);
+  for (const auto& [t, what, type] : columns) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == type && t->dim() == 1 &&
+                    t->is_contiguous() && t->numel() == ntiles,
+                "armijo_fused.", op, ": ", what, " must be a contiguous 1-D ", type,
+                " CPU tensor with one entry per tile (", ntiles, "), got ", t->scalar_type(),
+                " of shape ", t->sizes(), " on ", t->device());
+  }
+  const int32_t* len = lengths.data_ptr<int32_t>();
+  for (int64_t t = 0; t < ntiles; ++t) {
+    TORCH_CHECK(len[t] >= 0 && len[t] <= tile, "armijo_fused.", op, ": lengths[", t, "] is ",
+                len[t], ", outside 0..", tile);
+  }
+}
+
 static Bufs table_inputs(const char* op, int64_t rule, const at::Tensor& param_ptrs,
                          const at::Tensor& grad_ptrs, const at::Tensor& lengths,
                          at::TensorList states, at::ArrayRef<double> scalars,
@@ -487,31 +509,16 @@ static Bufs table_inputs(const char* op, int64_t rule, const at::Tensor& param_p
   check_rule(op, rule);
   check_scalars(op, scalars);
   const int64_t ntiles = tile_block.numel();
-  for (const auto& [t, what, type] :
-       {std::tuple<const at::Tensor*, const char*, at::ScalarType>{&param_ptrs, "param_ptrs",
-                                                                   at::kLong},
-        {&grad_ptrs, "grad_ptrs", at::kLong},
-        {&lengths, "lengths", at::kInt}}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == type && t->dim() == 1 &&
-                    t->is_contiguous() && t->numel() == ntiles,
-                "armijo_fused.", op, ": ", what, " must be a contiguous 1-D ", type,
-                " CPU tensor with one entry per tile (", ntiles, "), got ", t->scalar_type(),
-                " of shape ", t->sizes(), " on ", t->device());
-  }
+  check_table_columns(op, &param_ptrs, grad_ptrs, lengths, ntiles, tile);
   *L = check_layout(op, tile_block, block_tiles, tile, ntiles * tile);
   check_states(op, rule, states, ntiles * tile);
-  const int32_t* len = lengths.data_ptr<int32_t>();
-  for (int64_t t = 0; t < ntiles; ++t) {
-    TORCH_CHECK(len[t] >= 0 && len[t] <= tile, "armijo_fused.", op, ": lengths[", t, "] is ",
-                len[t], ", outside 0..", tile);
-  }
   Bufs B{nullptr,
          states.size() > 0 ? states[0].data_ptr<float>() : nullptr,
          states.size() > 1 ? states[1].data_ptr<float>() : nullptr,
          nullptr, at::kFloat, nullptr, at::kFloat};
   B.p_table = param_ptrs.data_ptr<int64_t>();
   B.g_table = grad_ptrs.data_ptr<int64_t>();
-  B.lengths = len;
+  B.lengths = lengths.data_ptr<int32_t>();
   return B;
 }
 
@@ -562,6 +569,24 @@ at::Tensor grad_sq_norm_cpu(const at::Tensor& grad, const at::Tensor& tile_block
   return reduce_blocks(partial, L, 1);
 }
 
+// grad_sq_norm over a tile table: each tile's real elements, read through its g address.
+at::Tensor grad_sq_norm_table_cpu(const at::Tensor& grad_ptrs, const at::Tensor& lengths,
+                                  const at::Tensor& tile_block, const at::Tensor& block_tiles,
+                                  int64_t tile) {
+  const char* op = "grad_sq_norm_table";
+  const int64_t ntiles = tile_block.numel();
+  check_table_columns(op, nullptr, grad_ptrs, lengths, ntiles, tile);
+  const Layout L = check_layout(op, tile_block, block_tiles, tile, ntiles * tile);
+  const int64_t* g = grad_ptrs.data_ptr<int64_t>();
+  const int32_t* len = lengths.data_ptr<int32_t>();
+  std::vector<double> partial(L.ntiles, 0.0);
+  const TileKernels* k = active_kernels();
+  for_each_tile(L, [&](int64_t t) {
+    partial[t] = k->sq(reinterpret_cast<const float*>(g[t]), len[t]);
+  });
+  return reduce_blocks(partial, L, 1);
+}
+
 const char* cpu_simd() { return active_kernels()->isa; }
 
 const char* set_cpu_simd(const std::string& name) {
@@ -577,4 +602,5 @@ TORCH_LIBRARY_IMPL(armijo_fused, CPU, m) {
   m.impl("grad_sq_norm", &armijo_fused::grad_sq_norm_cpu);
   m.impl("first_pass_table", &armijo_fused::first_pass_table_cpu);
   m.impl("move_table", &armijo_fused::move_table_cpu);
+  m.impl("grad_sq_norm_table", &armijo_fused::grad_sq_norm_table_cpu);
 }

@@ -1,6 +1,6 @@
 """Typed Python wrappers over the compiled ops ``torch.ops.armijo_fused.*`` (C++, CPU).
 
-Importing ``armijo_fused._C`` loads the extension, which registers five ops (schemas in
+Importing ``armijo_fused._C`` loads the extension, which registers six ops (schemas in
 ``csrc/ops.cpp``, CPU kernels in ``csrc/cpu/passes.cpp``); the math of each is documented in
 :mod:`armijo_fused.backends.torch_backend`. Calls go through ``torch.ops`` rather than the pybind
 module so that ``torch.compile`` can trace them; the fake (meta) implementations below tell it the
@@ -12,9 +12,10 @@ output shapes without running a kernel.
   tile_block, block_tiles, tile, precond_old, precond_new, compute_sums, model_param=None)
   -> sums [nblocks, 3]``: writes ``param`` only (zeros when ``compute_sums`` is False).
 * ``grad_sq_norm(grad, tile_block, block_tiles, tile) -> [nblocks]``.
-* ``first_pass_table`` / ``move_table``: the same two passes with θ and g reached through a tile
-  table (``param_ptrs``, ``grad_ptrs``, ``lengths``: :mod:`armijo_fused.storage.table`) instead
-  of flat buffers. They write through raw addresses no schema can name: eager use only.
+* ``first_pass_table`` / ``move_table`` / ``grad_sq_norm_table``: the same passes with θ and g
+  reached through a tile table (``param_ptrs``, ``grad_ptrs``, ``lengths``:
+  :mod:`armijo_fused.storage.table`) instead of flat buffers. The first two write through raw
+  addresses no schema can name: eager use only.
 
 ``grad`` may be fp32, bf16 or fp16 (widened in the kernel). ``model_param``, for bf16/fp16
 models with fp32 master weights (``param`` is then the master), is the model's own copy: the
@@ -153,6 +154,14 @@ def move_table(rule_id: int, param_ptrs: Tensor, grad_ptrs: Tensor, lengths: Ten
 def grad_sq_norm(grad: Tensor, tile_block: Tensor, block_tiles: Tensor, tile: int) -> Tensor:
     _require()
     return torch.ops.armijo_fused.grad_sq_norm(grad, tile_block, block_tiles, int(tile))
+
+
+def grad_sq_norm_table(grad_ptrs: Tensor, lengths: Tensor, tile_block: Tensor,
+                       block_tiles: Tensor, tile: int) -> Tensor:
+    """:func:`grad_sq_norm` with g reached through a tile table (``storage.table``)."""
+    _require()
+    return torch.ops.armijo_fused.grad_sq_norm_table(grad_ptrs, lengths, tile_block,
+                                                     block_tiles, int(tile))
 
 
 if available():

@@ -19,7 +19,6 @@ from .. import ops
 from ..directions.base import DirectionRule
 from ..storage.layout import FlatLayout
 from ..storage.table import TileTable
-from ..storage.table import grad_sq_norm as table_grad_sq_norm
 from . import torch_backend
 
 name = "cpp"
@@ -92,5 +91,6 @@ def trial_points(rule: DirectionRule, param: Tensor, grad: Tensor, states: Seque
 
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:
     if table is not None:
-        return table_grad_sq_norm(table)
+        return ops.grad_sq_norm_table(table.grad_ptrs, table.lengths, layout.tile_block,
+                                      layout.block_tiles, layout.tile)
     return ops.grad_sq_norm(grad, layout.tile_block, layout.block_tiles, layout.tile)
