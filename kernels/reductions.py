@@ -50,6 +50,23 @@ def tile_sq_sum_kernel(x_ptr, partial_ptr, n_elements, BLOCK_SIZE: tl.constexpr)
 
 
 @triton.jit
+def table_tile_sq_sum_kernel(grad_ptr, lengths_ptr, tiles_ptr, partial_ptr,
+                             BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr):
+    """partial[tile] = Σ g² over one tile of a tile table (``storage/table.py``): ``grad_ptr``
+    holds each tile's int64 g address, ``lengths_ptr`` its real elements; this launch covers the
+    tiles listed at ``tiles_ptr``. ``FULL`` tiles need no per-element mask (vector loads)."""
+    tile = tl.load(tiles_ptr + tl.program_id(0)).to(tl.int64)
+    local = tl.arange(0, BLOCK_SIZE)
+    if FULL:
+        mask = local < BLOCK_SIZE
+    else:
+        mask = local < tl.load(lengths_ptr + tile)
+    base = tl.load(grad_ptr + tile).to(tl.pointer_type(tl.float32))
+    g = tl.load(tl.multiple_of(base, 16) + local, mask=mask, other=0.0)
+    tl.store(partial_ptr + tile, tl.sum(g * g, axis=0))
+
+
+@triton.jit
 def block_sum_kernel(
     partial_ptr,
     block_tiles_ptr,

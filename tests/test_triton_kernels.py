@@ -469,6 +469,7 @@ def compiled_access_counts() -> dict:
     from armijo_fused.kernels.candidates import trial_points_kernel
     from armijo_fused.kernels.first_pass import first_pass_kernel
     from armijo_fused.kernels.move import move_kernel
+    from armijo_fused.kernels.reductions import table_tile_sq_sum_kernel, tile_sq_sum_kernel
 
     def ptx(kernel, constexprs, half=(), table=False):
         names = list(kernel.arg_names)
@@ -506,13 +507,18 @@ def compiled_access_counts() -> dict:
             "first_table": ptx(first_pass_kernel, dict(adam, TABLE=True), table=True),
             "retry_table": ptx(move_kernel, dict(retry, LOAD_GRAD=False, TABLE=True), table=True),
             "trial_points": ptx(trial_points_kernel, {"RULE": 4, "NSTATES": 2, "PRECOND": False,
-                                                      "BLOCK_SIZE": 2048})}
+                                                      "BLOCK_SIZE": 2048}),
+            # the non-finite guard's Σ g², flat and through a table
+            "guard": ptx(tile_sq_sum_kernel, {"BLOCK_SIZE": 2048}),
+            "guard_table": ptx(table_tile_sq_sum_kernel, {"BLOCK_SIZE": 2048, "FULL": True},
+                               table=True)}
 
 
 def test_compiled_passes_move_the_byte_budget():
     """Adam: the first pass reads 4 streams and writes 3 (28 B), the retry reads θ, m, v and
     writes θ (16 B, no gradient load), NAdam's retry also reads g, and no FMA is emitted; with a
-    bf16 model and fp32 master weights the bf16 gradient and model copy add no other traffic."""
+    bf16 model and fp32 master weights the bf16 gradient and model copy add no other traffic; the
+    guard reads g once, flat or through a table."""
     import triton
 
     if "nvidia" not in triton.backends.backends:
@@ -541,6 +547,9 @@ def test_compiled_passes_move_the_byte_budget():
     # batched candidates: θ, m, v read once (Adam's direction does not read g once the state is
     # updated), then one vector store per candidate in the loop
     assert c["trial_points"] == {"ld": 3 * k, "st": k, "fma": 0}
+    # the guard reads g once (4 B), in 16-byte vectors through a table's full tiles too
+    assert c["guard"] == {"ld": k, "st": 0, "fma": 0}
+    assert c["guard_table"] == c["guard"]
 
 
 # -- compiled Triton on a CUDA device: the same checks -------------------------------------------

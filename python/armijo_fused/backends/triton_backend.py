@@ -24,12 +24,16 @@ from ..directions.base import DirectionRule
 from ..kernels.candidates import trial_points_kernel
 from ..kernels.first_pass import first_pass_kernel
 from ..kernels.move import move_kernel
-from ..kernels.reductions import SUM_COLS, block_sum_kernel, tile_sq_sum_kernel
+from ..kernels.reductions import (
+    SUM_COLS,
+    block_sum_kernel,
+    table_tile_sq_sum_kernel,
+    tile_sq_sum_kernel,
+)
 from ..kernels.rules import DIRECTION_READS_GRAD, STATE_COUNT, kernel_scalars
 from ..storage.layout import FlatLayout
 from ..storage.scalars import device_floats
 from ..storage.table import TileTable
-from ..storage.table import grad_sq_norm as table_grad_sq_norm
 
 name = "triton"
 
@@ -118,8 +122,7 @@ def _check_model_param(param: Tensor, model_param: Tensor | None, layout: FlatLa
         )
 
 
-def _check_table(rule: DirectionRule, table: TileTable, states: Sequence[Tensor],
-                 layout: FlatLayout) -> None:
+def _check_table_columns(table: TileTable, layout: FlatLayout) -> None:
     dev = table.param_ptrs.device
     if dev.type != "cuda" and not _INTERPRET:
         raise RuntimeError(f"triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {dev}")
@@ -129,6 +132,12 @@ def _check_table(rule: DirectionRule, table: TileTable, states: Sequence[Tensor]
         if t.dtype != dtype or t.numel() != layout.ntiles or t.device != dev:
             raise ValueError(f"triton backend: table.{what} must be {dtype} with one entry per "
                              f"tile ({layout.ntiles}) on {dev}")
+
+
+def _check_table(rule: DirectionRule, table: TileTable, states: Sequence[Tensor],
+                 layout: FlatLayout) -> None:
+    _check_table_columns(table, layout)
+    dev = table.param_ptrs.device
     want = STATE_COUNT[rule.rule_id]
     if len(states) != want:
         raise ValueError(
@@ -278,7 +287,7 @@ def trial_points(
 
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:
     if table is not None:
-        return table_grad_sq_norm(table)
+        return _table_grad_sq_norm(table, layout)
     if grad.dtype not in _GRAD_DTYPES:
         raise TypeError(f"triton backend: grad must be float32, bfloat16 or float16, got {grad.dtype}")
     if grad.numel() != layout.numel or not grad.is_contiguous():
@@ -291,4 +300,17 @@ def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = Non
     tile_sq_sum_kernel[(layout.ntiles,)](
         grad, partials, layout.numel, BLOCK_SIZE=layout.tile, **_launch_options(layout.tile)
     )
+    return _block_sums(partials, layout)[:, 0]
+
+
+def _table_grad_sq_norm(table: TileTable, layout: FlatLayout) -> Tensor:
+    """Per-block Σ g² through the table: per-tile partials in the flat guard's order, one
+    launch per kind of tile (full / the rest), then the fixed-order block sums."""
+    _check_table_columns(table, layout)
+    partials = torch.empty(layout.ntiles, 1, dtype=torch.float32, device=table.grad_ptrs.device)
+    for tiles, full in _launches(table, layout):
+        table_tile_sq_sum_kernel[(tiles.numel(),)](
+            table.grad_ptrs, table.lengths, tiles, partials, BLOCK_SIZE=layout.tile, FULL=full,
+            **_launch_options(layout.tile),
+        )
     return _block_sums(partials, layout)[:, 0]
