@@ -456,39 +456,45 @@ def test_optimizer_on_triton_matches_torch(cls, direction, kw):
     check_optimizer(cls, direction, "cpu", **kw)
 
 
+def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=False) -> str:
+    """The sm_90 PTX of one kernel variant, compiled without a GPU (16-byte aligned pointers and
+    sizes, as the launcher specialises them at run time). ``half``: the pointer arguments that are
+    ``half_type``; ``table``: ``param_ptr``/``grad_ptr`` are a tile table's int64 addresses."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)
+    sig = {}
+    for n in names:
+        if n.endswith("_ptr"):
+            sig[n] = "*i32" if n in ("tile_block_ptr", "lengths_ptr", "tiles_ptr",
+                                     "block_tiles_ptr") else (
+                "*i64" if table and n in ("param_ptr", "grad_ptr") else
+                f"*{half_type}" if n in half else "*fp32")
+        else:
+            sig[n] = ("constexpr" if n.isupper() else
+                      "i32" if n in ("n_elements", "n_candidates") else "fp32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n.endswith("_ptr") or n == "n_elements"}
+    src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "enable_fp_fusion": False})
+    return k.asm["ptx"]
+
+
 def compiled_access_counts() -> dict:
-    """Global vector loads/stores and FMAs in the sm_90 PTX of three passes (no GPU needed).
+    """Global vector loads/stores and FMAs in the sm_90 PTX of the passes (no GPU needed).
 
     Run in a process without TRITON_INTERPRET (kernels decorated under the interpreter cannot be
     compiled): see ``test_compiled_passes_move_the_byte_budget``.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from armijo_fused.kernels.candidates import trial_points_kernel
     from armijo_fused.kernels.first_pass import first_pass_kernel
     from armijo_fused.kernels.move import move_kernel
     from armijo_fused.kernels.reductions import table_tile_sq_sum_kernel, tile_sq_sum_kernel
 
     def ptx(kernel, constexprs, half=(), table=False):
-        names = list(kernel.arg_names)
-        sig = {}
-        for n in names:
-            if n.endswith("_ptr"):
-                sig[n] = "*i32" if n in ("tile_block_ptr", "lengths_ptr", "tiles_ptr") else (
-                    "*i64" if table and n in ("param_ptr", "grad_ptr") else
-                    "*bf16" if n in half else "*fp32")
-            else:
-                sig[n] = ("constexpr" if n.isupper() else
-                          "i32" if n in ("n_elements", "n_candidates") else "fp32")
-        # what the launcher specialises at run time: 16-byte aligned pointers and sizes
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if n.endswith("_ptr") or n == "n_elements"}
-        src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 4, "enable_fp_fusion": False})
-        text = k.asm["ptx"]
+        text = compile_for_sm90(kernel, constexprs, half=half, table=table)
         return {"ld": len(re.findall(r"ld\.global\.v4", text)),
                 "st": len(re.findall(r"st\.global\.v4", text)),
                 "fma": len(re.findall(r"fma\.rn\.f32", text))}
@@ -514,23 +520,96 @@ def compiled_access_counts() -> dict:
                                table=True)}
 
 
-def test_compiled_passes_move_the_byte_budget():
-    """Adam: the first pass reads 4 streams and writes 3 (28 B), the retry reads θ, m, v and
-    writes θ (16 B, no gradient load), NAdam's retry also reads g, and no FMA is emitted; with a
-    bf16 model and fp32 master weights the bf16 gradient and model copy add no other traffic; the
-    guard reads g once, flat or through a table."""
+def compile_every_variant() -> int:
+    """Compile every variant the Triton backend can launch to sm_90 PTX; returns how many.
+
+    Rules × the flags each wrapper passes (model copy in bf16/fp16, tile table with full and
+    partial tiles, the retry's preconditioner switches and sums, batched candidates, the guard and
+    the block sums), so a construct that one Triton version cannot compile fails here, on any
+    machine, rather than on a GPU. Like ``compiled_access_counts``, run without the interpreter.
+    """
+    from armijo_fused.kernels.candidates import trial_points_kernel
+    from armijo_fused.kernels.first_pass import first_pass_kernel
+    from armijo_fused.kernels.move import move_kernel
+    from armijo_fused.kernels.reductions import (
+        block_sum_kernel,
+        table_tile_sq_sum_kernel,
+        tile_sq_sum_kernel,
+    )
+    from armijo_fused.kernels.rules import STATE_COUNT
+
+    n = 0
+
+    def build(kernel, constexprs, **kw):
+        nonlocal n
+        assert compile_for_sm90(kernel, constexprs, **kw)
+        n += 1
+
+    flat = {"WRITE_MODEL": False, "TABLE": False, "FULL": True, "BLOCK_SIZE": 2048}
+    stores = [(dict(flat), {}),  # fp32; a bf16/fp16 model with its half gradient; a table
+              (dict(flat, WRITE_MODEL=True), {"half": ("grad_ptr", "model_ptr")}),
+              (dict(flat, WRITE_MODEL=True),
+               {"half": ("grad_ptr", "model_ptr"), "half_type": "fp16"}),
+              (dict(flat, WRITE_MODEL=True), {"half": ("model_ptr",)}),
+              (dict(flat, TABLE=True), {"table": True}),
+              (dict(flat, TABLE=True, FULL=False), {"table": True})]
+    for rule, nstates in enumerate(STATE_COUNT):
+        rk = {"RULE": rule, "NSTATES": nstates}
+        for c, kw in stores:
+            build(first_pass_kernel, dict(c, **rk), **kw)
+        for po in (False, True):
+            for pn in (False, True):
+                for sums in (False, True):
+                    grad = sums or po or pn or DIRECTION_READS_GRAD[rule]
+                    retry = dict(rk, PRECOND_OLD=po, PRECOND_NEW=pn, COMPUTE_SUMS=sums,
+                                 LOAD_GRAD=grad)
+                    build(move_kernel, dict(flat, **retry))
+                    if not (po or pn):
+                        for c, kw in stores[1:]:
+                            build(move_kernel, dict(c, **retry), **kw)
+        for precond in (False, True):
+            build(trial_points_kernel, dict(rk, PRECOND=precond, BLOCK_SIZE=2048))
+    for block in (1024, 2048, 4096):
+        build(tile_sq_sum_kernel, {"BLOCK_SIZE": block})
+    for half_type in ("bf16", "fp16"):
+        build(tile_sq_sum_kernel, {"BLOCK_SIZE": 2048}, half=("x_ptr",), half_type=half_type)
+    for full in (True, False):
+        build(table_tile_sq_sum_kernel, {"BLOCK_SIZE": 2048, "FULL": full}, table=True)
+    for ncols in (1, 3):
+        build(block_sum_kernel, {"NCOLS": ncols, "TILES_PER_ITER": 128})
+    return n
+
+
+def run_compiler(helper: str):
+    """Call ``helper`` of this module in a fresh process without the interpreter (kernels
+    decorated under it cannot be compiled) and return its JSON result."""
     import triton
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton has no CUDA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_triton_kernels as t; "
-            "print(json.dumps(t.compiled_access_counts()))")
+            f"print(json.dumps(t.{helper}()))")
     here = str(Path(__file__).resolve().parent)
     out = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True,
-                         text=True, timeout=300, check=False)
+                         text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    c = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(700)
+def test_every_launchable_variant_compiles_for_sm90():
+    """Every kernel variant the Triton backend can launch compiles to sm_90 PTX (165 of them), so
+    a construct this Triton cannot compile shows up in CI, not in the first minutes on a GPU."""
+    assert run_compiler("compile_every_variant") == 165
+
+
+def test_compiled_passes_move_the_byte_budget():
+    """Adam: the first pass reads 4 streams and writes 3 (28 B), the retry reads θ, m, v and
+    writes θ (16 B, no gradient load), NAdam's retry also reads g, and no FMA is emitted; with a
+    bf16 model and fp32 master weights the bf16 gradient and model copy add no other traffic; the
+    guard reads g once, flat or through a table."""
+    c = run_compiler("compiled_access_counts")
     first, retry, nadam_retry = c["first"], c["retry"], c["nadam_retry"]
     k = first["ld"] // 4  # vector loads per stream
     assert k >= 1 and first == {"ld": 4 * k, "st": 3 * k, "fma": 0}
