@@ -638,6 +638,84 @@ def test_groups_that_are_empty_frozen_or_gradient_free():
     assert gain.shape == () and float(gain.detach()) != gain0 and math.isfinite(float(gain.detach()))
 
 
+def _two_part_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [{}, {"layerwise": True}, {"layerwise": True,
+                                                             "block_search": "exact"}],
+                         ids=["global", "round_robin", "exact"])
+def test_a_group_with_lr_zero_stays_bitwise_and_out_of_the_search(backend, mode):
+    """A group whose lr is 0 (frozen by lr, as torch users do) keeps θ bitwise, in trials too,
+    and is not part of the Armijo test: the other group trains exactly as an optimizer that only
+    holds it, step sizes included."""
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    a, b = _two_part_model(), _two_part_model()
+    kw = dict(backend=backend, cadence="every", weight_decay=0.1, **mode)
+    # one group per layer (one block each in layer-wise mode); b lacks the frozen one
+    opt_a = ArmijoAdam([{"params": a[0].parameters(), "lr": 0.0},
+                        {"params": a[2].parameters()}, {"params": a[4].parameters()}],
+                       model=a, **kw)
+    opt_b = ArmijoAdam([{"params": b[2].parameters()}, {"params": b[4].parameters()}],
+                       model=b, **kw)
+    frozen_before = [p.detach().clone() for p in a[0].parameters()]
+    touched = []
+    hook = a[0].register_forward_pre_hook(
+        lambda m, inp: touched.append(not torch.equal(m.weight, frozen_before[0])))
+    for _ in range(6):
+        la = opt_a.step(make_closure(opt_a, lambda: (a(x) - y).pow(2).mean()))
+        lb = opt_b.step(make_closure(opt_b, lambda: (b(x) - y).pow(2).mean()))
+        assert float(la) == float(lb)
+        sa, sb = opt_a.stats, opt_b.stats
+        assert sa["trials"] == sb["trials"] >= 1
+        if mode:  # the frozen block keeps its η; the others' equal b's
+            assert sa["step_size"][0] == 1e-3 and sa["step_size"][1:] == sb["step_size"]
+            assert sa["searched_blocks"] == [i + 1 for i in sb["searched_blocks"]]
+        else:
+            assert sa["step_size"] == sb["step_size"]
+    hook.remove()
+    assert not any(touched)  # no trial forward saw the frozen group moved
+    assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), frozen_before))
+    assert int(torch.count_nonzero(opt_a.state[a[0].weight]["exp_avg"])) > 0  # as torch: folded
+    for p, q in zip(list(a[2].parameters()) + list(a[4].parameters()),
+                    list(b[2].parameters()) + list(b[4].parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_where_every_lr_is_zero_searches_nothing_and_moves_nothing():
+    """Warmup from 0 (transformers' get_linear_schedule_with_warmup): the first step's lr is 0,
+    so it tests nothing (no trial forward) and moves nothing; the next step searches."""
+    model = _two_part_model()
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = ArmijoAdam(model.parameters(), model=model, backend="torch")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(make_closure(opt, lambda: (model(x) - y).pow(2).mean()))
+    assert opt.stats["trials"] == 0 and not opt.stats["searched"]
+    assert opt.stats["forwards"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    sched.step()
+    opt.step(make_closure(opt, lambda: (model(x) - y).pow(2).mean()))
+    assert opt.stats["searched"] and opt.stats["trials"] >= 1
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_candidates_with_a_group_at_lr_zero_keep_it_fixed():
+    model = _two_part_model()
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = ArmijoAdam([{"params": model[0].parameters(), "lr": 0.0},
+                      {"params": list(model[2].parameters()) + list(model[4].parameters())}],
+                     model=model, backend="torch", cadence="every", candidates=3)
+    before = [p.detach().clone() for p in model[0].parameters()]
+    w4 = model[4].weight.detach().clone()
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: (model(x) - y).pow(2).mean()))
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), before))
+    assert not torch.equal(model[4].weight, w4)
+
+
 def test_only_frozen_parameters_is_a_no_op_that_returns_the_loss():
     model = nn.Linear(3, 1).requires_grad_(False)
     opt = ArmijoAdam(model.parameters(), backend="torch")

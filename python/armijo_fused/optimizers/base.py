@@ -333,10 +333,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if not buffers:
             self._advance(k, folded=())
             return f0
-        passes = _FlatPasses(self, buffers, None if search else f0)  # a search sets f0 below
         table = self._block_table()
         etas = [self._eta(gi, lb) for gi, lb in table]
         block_factors = [factors[gi] for gi, _ in table]
+        if all(f == 0.0 for f in block_factors):
+            search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
+        passes = _FlatPasses(self, buffers, None if search else f0)  # a search sets f0 below
 
         if not search:
             with torch.no_grad():
@@ -385,7 +387,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             self._count(forwards=1)
             return out.detach()
 
-        plan = self._search_plan(table)
+        # a group whose lr is 0 at this step (frozen, warmup from 0) stays at θ0 in every trial
+        # and out of the test: its η is 0 in the passes, so its θ is not touched at all
+        frozen = [f == 0.0 for f in block_factors]
+        plan = self._search_plan(table, frozen)
         reduce = self._reducer()
         snapshot = passes.snapshot() if self.exact_revert else None
         try:
@@ -403,7 +408,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                             "model, the data and the loss function before optimizing"
                         )
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
-                                                    trial_losses)
+                                                    trial_losses, frozen)
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
                 if accepted is not None:
                     final = [a * f for a, f in zip(accepted, block_factors)]
@@ -425,8 +430,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
         # 4. Bookkeeping: step sizes, cadence, counters, telemetry.
         skipped = result.skipped or not math.isfinite(result.loss_before)
+        accepted = self._fill_frozen(accepted, etas, frozen)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
-                                                     skipped, k)
+                                                     skipped, k, frozen)
         if passes._first_sums is not None:
             self._last_dd = (buffers, [s[:, 2] for s in passes._first_sums])
         if accepted is not None and not skipped and result.block_dd:
@@ -456,22 +462,26 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         return f0
 
     # -- the search plan and the step-size bookkeeping -----------------------------------------
-    def _search_plan(self, table) -> list[list[int]]:
+    def _search_plan(self, table, frozen) -> list[list[int]]:
         """Which blocks backtrack, as a list of searches run one after the other.
 
         Global: one search over all blocks (they share η). Layer-wise ``round_robin`` / ``stale``:
         one block (with the blocks merged into it) per search step, tested with the combined
         Armijo condition, so it costs what a global search costs. ``exact``: every block in turn,
-        the others frozen at θ0.
+        the others frozen at θ0. ``frozen`` blocks (lr 0 now) are in no search; the caller makes
+        sure some block is not frozen.
         """
         if not self.layerwise:
-            return [list(range(len(table)))]
-        members = self._merged_blocks(table)
+            return [[b for b in range(len(table)) if not frozen[b]]]
+        every = self._merged_blocks(table)
+        members = [m for m in every if not frozen[m[0]]]
         if self.block_search == "exact":
             return members
         g0 = self.param_groups[0]
         if self.block_search == "round_robin":  # the cursor moves once the search completes
-            chosen = members[g0.get("block_cursor", 0) % len(members)]
+            n, at = len(every), g0.get("block_cursor", 0)
+            pos = next(i % n for i in range(at, at + n) if not frozen[every[i % n][0]])
+            chosen, self._cursor_next = every[pos], (pos + 1) % n
         else:  # most stale: the block searched longest ago
             def last(m):
                 gi, lb = table[m[0]]
@@ -487,23 +497,26 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         return list(owners.values())
 
     def _advance_cursor(self) -> None:
-        n_members = len(self._merged_blocks(self._block_table()))
-        nxt = (self.param_groups[0].get("block_cursor", 0) + 1) % n_members
+        """Past the block just searched (blocks frozen by lr 0 were stepped over)."""
         for g in self.param_groups:
-            g["block_cursor"] = nxt
+            g["block_cursor"] = self._cursor_next
 
-    def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None):
+    def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None,
+                    frozen=None):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
                   guard=passes.guard(), reduce=reduce)
+        frozen = frozen or [False] * len(etas)
         if len(plan) == 1:  # global, or one block with the combined test
-            eta0 = [self.policy.first_trial(e) if b in plan[0] else e for b, e in enumerate(etas)]
+            eta0 = [self.policy.first_trial(e) if b in plan[0] else 0.0 if frozen[b] else e
+                    for b, e in enumerate(etas)]
             eta0 = self._cap_for_weight_decay(eta0)
-            if self.candidates is not None:
+            if self.candidates is not None and not any(frozen):  # (candidates share one η)
                 result = batched_armijo_search(passes, trial_losses, f0, eta0[0],
                                                candidates=self.candidates, **kw)
                 return result, result.accepted
+            partial = self.layerwise or any(frozen)
             result = armijo_search(passes, trial_loss, f0, eta0,
-                                   search=None if not self.layerwise else plan[0], **kw)
+                                   search=plan[0] if partial else None, **kw)
             return result, result.accepted
         # exact: each block alone, the others at θ0, from one first pass
         n = len(etas)
@@ -529,13 +542,23 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         merged.exact = [(m, r.accepted) for m, r in results]
         return merged, accepted
 
+    def _fill_frozen(self, accepted, etas, frozen):
+        """The accepted step sizes with the frozen blocks' (0 in the passes) filled in, so the
+        bookkeeping sees no collapse there: the shared η (global) or the block's own η."""
+        if accepted is None or not any(frozen):
+            return accepted
+        shared = next(a for a, f in zip(accepted, frozen) if not f)
+        keep = etas if self.layerwise else [shared] * len(etas)
+        return [k if f else a for a, k, f in zip(accepted, keep, frozen)]
+
     def _cap_for_weight_decay(self, eta):
         # keep 1 - η·wd away from 0: θ0 is recovered by dividing by it
         wds = [g["weight_decay"] for g in self.param_groups if g["weight_decay"] > 0]
         return [min(e, 0.5 / max(wds)) for e in eta] if wds else eta
 
-    def _update_step_sizes(self, table, etas, plan, result, accepted, skipped, k):
-        """Policy update per searched block; returns (settled, collapsed) for the cadence."""
+    def _update_step_sizes(self, table, etas, plan, result, accepted, skipped, k, frozen):
+        """Policy update per searched block; returns (settled, collapsed) for the cadence.
+        ``frozen`` blocks (lr 0 at this step) were not searched and keep their η."""
         if skipped or result.unresolved:
             return result.unresolved, False
         exact = getattr(result, "exact", None)
@@ -562,10 +585,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             # blocks held fixed but shrunk in the joint phase keep the step that passed the test
             searched = set(plan[0])
             for b, a in enumerate(accepted):
-                if b not in searched and a != etas[b]:
+                if b not in searched and not frozen[b] and a != etas[b]:
                     new[b] = a
         for b, (gi, lb) in enumerate(table):
-            self._set_eta(gi, lb, new[b])
+            if not frozen[b]:  # (global: any block sets the shared η)
+                self._set_eta(gi, lb, new[b])
         if self.layerwise and self.merge_below is not None:
             small = {table[b]: a for b, a in found.items() if 0.0 < a < self.merge_below}
             self._merge_collapsed(small)

@@ -76,5 +76,7 @@ LINESEARCH_ARGS = r"""
     The group's ``lr`` belongs to your scheduler and is never written: the parameters move by
     η · lr_t / lr_0, where lr_0 is the group's ``initial_lr`` (set by torch schedulers) or the
     ``lr`` given here. Without a scheduler the factor is 1 and the value of ``lr`` does not matter.
-    ``lr`` may be a 0-dim tensor.
+    ``lr`` may be a 0-dim tensor. A group whose lr is 0 at a step stays exactly where it is, in
+    the trials too, and is left out of the Armijo test (its state still takes the gradient); a
+    step where every lr is 0 (a warmup from 0) runs no search.
 """
