@@ -338,7 +338,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         block_factors = [factors[gi] for gi, _ in table]
         if all(f == 0.0 for f in block_factors):
             search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
-        passes = _FlatPasses(self, buffers, None if search else f0)  # a search sets f0 below
+        passes = _FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
 
         if not search:
             with torch.no_grad():
@@ -912,6 +912,11 @@ def _model_copy(buf) -> Tensor | None:
     return getattr(buf, "model_param", None) if getattr(buf, "master", False) else None
 
 
+def _scalar_sum(x: Tensor) -> Tensor:
+    """Σ of a small tensor as a 0-dim one; a view, not a launch, when it has one element."""
+    return x.reshape(()) if x.numel() == 1 else x.sum()
+
+
 def _total(tensors: list) -> Tensor:
     """Σ of a non-empty list of tensors (``sum`` would add a 0 first: one more launch)."""
     out = tensors[0]
@@ -923,7 +928,8 @@ def _total(tensors: list) -> Tensor:
 class _FlatPasses(Passes):
     """Runs each fused pass once per flat buffer with that buffer's backend."""
 
-    def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], f0):
+    def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], f0,
+                 loss_follows: bool = False):
         self.opt, self.buffers = opt, buffers
         self.groups = sorted({b.group_index for b in buffers})  # whose state this step updates
         self.slices, pos = [], 0
@@ -940,15 +946,17 @@ class _FlatPasses(Passes):
         self._grad_sq = None
         self._first_sums = None
         self.started = False  # has a first pass folded this gradient into the state?
+        self._gscale = None  # per device; set by _set_scale
         with torch.no_grad():
-            self._gscale = self._make_gscale(f0)
+            self._make_gscale(None if loss_follows else f0, loss_follows)
 
-    def _make_gscale(self, f0):
+    def _make_gscale(self, f0, loss_follows=False):
         """Per-device [unscale, clip] (NaN when the gradient or f0 is not finite): no sync.
 
-        Built from a probe, a device number that is finite iff the step may be taken (Σ g²,
-        plus 0·f0), in as few small ops as possible: each one is a kernel launch on a GPU, and
-        they all run before the first pass can start."""
+        Built from a probe, a device number that is finite iff the step may be taken (Σ g² + f0),
+        in as few small ops as possible: each one is a kernel launch on a GPU, and they all run
+        before the first pass can start. ``loss_follows``: a search, whose ``set_loss`` forms
+        the guard once f0 is known (no pass runs before it)."""
         opt, dev0 = self.opt, self.buffers[0].device
         need_norm = opt.check_finite or opt.max_grad_norm is not None
         self.can_skip = need_norm or f0 is not None  # else the guard stays [1, 1]
@@ -956,22 +964,22 @@ class _FlatPasses(Passes):
         self._probe = None
         if need_norm:
             sq = self._sum_over_shards(
-                [b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b)).sum().to(dev0)
-                 for b in self.buffers])
+                [_scalar_sum(b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b)))
+                 .to(dev0) for b in self.buffers])
             self._grad_sq = self._probe = sq
             if opt.max_grad_norm is not None:
                 clip = (opt.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
                 self._base = torch.cat([self._base[:1], clip.reshape(1).float()])
         if f0 is not None:
             self.set_loss(f0)
-        else:
+        elif not loss_follows:
             self._set_scale()
-        return self._gscale
 
     def _set_scale(self) -> None:
+        # base + 0·probe is base where the probe is finite and NaN in both entries where it is
+        # not (0·inf = 0·NaN = NaN): two launches, where isfinite + where takes five
         probe = self._probe
-        self._scale0 = (self._base if probe is None
-                        else torch.where(torch.isfinite(probe), self._base, math.nan))
+        self._scale0 = self._base if probe is None else self._base + probe * 0
         self._skipped = None
         self._gscale = {b.device: self._scale0.to(b.device) for b in self.buffers}
 
@@ -990,10 +998,11 @@ class _FlatPasses(Passes):
         return sq
 
     def set_loss(self, f0: Tensor) -> None:
-        """Fold a non-finite f0 into gscale: the passes then write nothing (no sync needed)."""
-        zero = to_device(f0, self._base.device) * 0  # NaN iff f0 is not finite
+        """Fold a non-finite f0 into gscale: the passes then write nothing (no sync needed).
+        (Σ g² + f0 is not finite iff either is not, short of an overflow past 1.7e38.)"""
+        f0 = to_device(f0, self._base.device)
         self.can_skip = True
-        self._probe = zero if self._grad_sq is None else self._grad_sq + zero
+        self._probe = f0 if self._grad_sq is None else self._grad_sq + f0
         self._set_scale()
 
     def _eta(self, i: int, eta) -> Tensor:

@@ -103,9 +103,12 @@ class FlatBuffer:
             [self._view(s, i) for s in self.states] + ([self._master_views[i]] if self.master else [])
             for i in range(len(params))
         ]
-        # what sync() compares each step: tensor, its view's address and shape, grad view, states
-        self._checks = [(p, pv.data_ptr(), pv.shape, gv, sv) for p, pv, gv, sv in
-                        zip(self.params, self._param_views, self._grad_views, self._state_views)]
+        # what sync() compares each step: tensor, its view's address and shape, grad view, and
+        # (name, view) of each state entry; one flat tuple per tensor, since the loop is host
+        # time before the first pass
+        self._checks = [(i, p, pv.data_ptr(), pv.shape, gv, tuple(zip(self.state_names, sv)))
+                        for i, (p, pv, gv, sv) in enumerate(zip(
+                            self.params, self._param_views, self._grad_views, self._state_views))]
         self._adopt(state)
 
     def _view(self, flat: Tensor, i: int) -> Tensor:
@@ -146,8 +149,7 @@ class FlatBuffer:
         # runs every step over every tensor: one tuple per tensor, cached (see _checks); the
         # state dict of each tensor is looked up every time, since code may replace one
         # (opt.state[p] = {...}) and state_dict() must then still show the live state
-        names = self.state_names
-        for i, (p, ptr, shape, gview, views) in enumerate(self._checks):
+        for i, p, ptr, shape, gview, entries in self._checks:
             if p.data_ptr() != ptr or p.shape != shape:
                 return False
             g = p.grad
@@ -158,18 +160,21 @@ class FlatBuffer:
                     gview.copy_(_dense(p, g))
                 p.grad = gview
             pstate = state[p]
-            reloaded = False
-            for name, view in zip(names, views):
-                old = pstate.get(name)
-                if old is not view:
-                    if old is not None:
-                        view.copy_(old)
-                        reloaded |= name == "master"
-                    pstate[name] = view
-            if reloaded:
+            for name, view in entries:
+                if pstate.get(name) is not view:
+                    self._reattach(i, pstate, name, view)
+        return True
+
+    def _reattach(self, i: int, pstate: dict, name: str, view: Tensor) -> None:
+        """A state entry of tensor i that is not its view any more (user code replaced it, or
+        the tensor's whole state dict): take its value and put the view back."""
+        old = pstate.get(name)
+        if old is not None:
+            view.copy_(old)
+            if name == "master":  # θ follows a replaced master
                 with torch.no_grad():
                     self._param_views[i].copy_(self._master_views[i])
-        return True
+        pstate[name] = view
 
     def set_param(self, flat: Tensor) -> None:
         """Write θ (the master for bf16/fp16) from a flat buffer and publish it to the model."""
