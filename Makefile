@@ -35,6 +35,7 @@ test-gpu: setup-gpu
 bench: setup
 	$(PY) bench/bench_kernels.py
 	$(PY) bench/optimizer_step.py
+	$(PY) bench/host_overhead.py
 	$(PY) bench/cpu_first_pass.py
 	$(PY) bench/layerwise.py
 	$(PY) bench/step_bench.py

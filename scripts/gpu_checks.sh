@@ -47,11 +47,13 @@ stage tests-gpu 240 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly
 if ((QUICK)); then
   stage kernels 150 $PY bench/bench_kernels.py --repeats 20
   stage optimizer-step 60 $PY bench/optimizer_step.py --device cuda --repeats 15
+  stage host-overhead 30 $PY bench/host_overhead.py --device cuda --repeats 100
   stage step 150 $PY bench/step_bench.py --steps 20 --warmup 5
   stage batched 90 $PY bench/batched_candidates.py --device cuda --steps 10
 else
   stage kernels 200 $PY bench/bench_kernels.py --repeats 30
   stage optimizer-step 90 $PY bench/optimizer_step.py --device cuda --repeats 30
+  stage host-overhead 40 $PY bench/host_overhead.py --device cuda
   stage step 240 $PY bench/step_bench.py
   stage batched 120 $PY bench/batched_candidates.py --device cuda
   stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200

@@ -33,3 +33,24 @@ def test_optimizer_step_bench_runs_small(tmp_path):
     for key in ("armijo_plain", "armijo_plain_no_check_finite"):
         assert not rows[key]["searched"] and rows[key]["trials"] == 0
     assert all(r["ms"] > 0 for r in rows.values())
+
+
+@needs_cpp
+def test_host_overhead_bench_counts_the_launches_of_a_step(tmp_path):
+    """bench/host_overhead.py runs; and a step dispatches few operations, each a launch on a GPU
+    before or around the passes: one guard, one first pass and a handful of scalar ops (a count,
+    so it is exact on any machine; it was 19 with a search and 19 without before the guard became
+    base + 0·probe)."""
+    import host_overhead
+
+    out = tmp_path / "host.json"
+    assert host_overhead.main(["--device", "cpu", "--repeats", "3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    search, plain = rows["armijo_search"], rows["armijo_plain"]
+    assert search["searched"] and search["trials"] == 1 and not search["non_descent"]
+    assert not plain["searched"] and plain["trials"] == 0
+    for row in (search, plain):
+        assert row["op_counts"]["armijo_fused.first_pass.default"] == 1
+        assert row["op_counts"]["armijo_fused.grad_sq_norm.default"] == 1
+    assert search["ops"] <= 8 and plain["ops"] <= 13
+    assert rows["adamw_foreach"]["ops"] > rows["adamw_fused"]["ops"]
