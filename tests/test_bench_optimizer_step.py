@@ -52,5 +52,5 @@ def test_host_overhead_bench_counts_the_launches_of_a_step(tmp_path):
     for row in (search, plain):
         assert row["op_counts"]["armijo_fused.first_pass.default"] == 1
         assert row["op_counts"]["armijo_fused.grad_sq_norm.default"] == 1
-    assert search["ops"] <= 8 and plain["ops"] <= 13
+    assert search["ops"] <= 8 and plain["ops"] <= 11
     assert rows["adamw_foreach"]["ops"] > rows["adamw_fused"]["ops"]

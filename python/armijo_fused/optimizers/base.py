@@ -657,14 +657,14 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         ref = [x if x > 0 else math.inf for x in lengths]
         if not self.layerwise:  # one length for the whole step: ‖d‖ over every block
             dev0 = buffers[0].device
-            norm = _total([dd.sum().to(dev0) for dd in last[1]]).sqrt()
-            cap = torch.nan_to_num(STEP_LENGTH_RATIO * ref[0] / norm, nan=math.inf)
+            inv_norm = _total([_scalar_sum(dd).to(dev0) for dd in last[1]]).rsqrt()
+            cap = torch.nan_to_num(inv_norm * (STEP_LENGTH_RATIO * ref[0]), nan=math.inf)
             return [cap.to(b.device).expand(b.layout.nblocks) for b in buffers]
         caps, pos = [], 0
         for b, dd in zip(buffers, last[1]):
             n = b.layout.nblocks
             r = device_floats(ref[pos : pos + n], dd.device)
-            caps.append(torch.nan_to_num(STEP_LENGTH_RATIO * r / dd.sqrt(), nan=math.inf))
+            caps.append(torch.nan_to_num(dd.rsqrt() * (STEP_LENGTH_RATIO * r), nan=math.inf))
             pos += n
         return caps
 
