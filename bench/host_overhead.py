@@ -8,7 +8,9 @@ step's wall time is its host time (launches included). For each case it reports
 
 * ``us``: median wall µs of one ``step()`` (device synchronised around each call);
 * ``ops``: the torch operations the step dispatches (views and detaches excluded: they launch
-  nothing), counted with a ``TorchDispatchMode`` on the step after the timing.
+  nothing), counted with a ``TorchDispatchMode`` on the step after the timing. The C++ passes
+  are torch operations and count; Triton launches (on a GPU: two for the guard, two per pass)
+  are not and do not.
 
 Cases: ArmijoAdam with a search (one accepted trial, a precomputed loss), without a search, and
 ``torch.optim.AdamW`` fused / foreach on the same tensors. Writes
