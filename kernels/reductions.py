@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .rules import table_tile
+
 #: partial-sum columns of the first pass and the move: (Σ g·d, Σ g², Σ d²).
 SUM_COLS = 3
 
@@ -56,13 +58,8 @@ def table_tile_sq_sum_kernel(grad_ptr, lengths_ptr, tiles_ptr, partial_ptr,
     holds each tile's int64 g address, ``lengths_ptr`` its real elements; this launch covers the
     tiles listed at ``tiles_ptr``. ``FULL`` tiles need no per-element mask (vector loads)."""
     tile = tl.load(tiles_ptr + tl.program_id(0)).to(tl.int64)
-    local = tl.arange(0, BLOCK_SIZE)
-    if FULL:
-        mask = local < BLOCK_SIZE
-    else:
-        mask = local < tl.load(lengths_ptr + tile)
-    base = tl.load(grad_ptr + tile).to(tl.pointer_type(tl.float32))
-    g = tl.load(tl.multiple_of(base, 16) + local, mask=mask, other=0.0)
+    grad_ptrs, mask = table_tile(grad_ptr, lengths_ptr, tile, BLOCK_SIZE, FULL)
+    g = tl.load(grad_ptrs, mask=mask, other=0.0)
     tl.store(partial_ptr + tile, tl.sum(g * g, axis=0))
 
 

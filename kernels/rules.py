@@ -73,24 +73,30 @@ def round_to_model(theta, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def table_tile(addr_ptr, lengths_ptr, tile, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr):
+    """Pointers to one tile of a tile table and the mask of its real elements: ``addr_ptr``
+    holds each tile's int64 address (16-byte aligned), ``lengths_ptr`` its real-element count.
+    A ``FULL`` tile (all BLOCK_SIZE elements real) gets a mask the compiler knows is all true,
+    so its loads and stores stay 16-byte vectors; other tiles mask element by element."""
+    local = tl.arange(0, BLOCK_SIZE)
+    if FULL:
+        mask = local < BLOCK_SIZE
+    else:
+        mask = local < tl.load(lengths_ptr + tile)
+    base = tl.load(addr_ptr + tile).to(tl.pointer_type(tl.float32))
+    return tl.multiple_of(base, 16) + local, mask
+
+
+@triton.jit
 def tile_pointers(param_ptr, grad_ptr, lengths_ptr, tile, offs, n_elements,
                   BLOCK_SIZE: tl.constexpr, TABLE: tl.constexpr, FULL: tl.constexpr):
     """Pointers to this tile's θ and g, and the mask of its real elements. Flat: at ``offs`` in
-    the flat buffers. ``TABLE``: ``param_ptr`` / ``grad_ptr`` are the tile table's int64
-    addresses (one per tile, 16-byte aligned) and ``lengths_ptr`` its real-element counts; a
-    launch over ``FULL`` tiles (all BLOCK_SIZE elements real) takes the flat mask, which the
-    compiler can prove uniform over a vector, so its loads and stores stay 16-byte vectors; the
-    other launch (each tensor's last tile) masks element by element."""
+    the flat buffers. ``TABLE``: ``param_ptr`` / ``grad_ptr`` are the tile table's address
+    columns (:func:`table_tile`); a launch covers either full tiles or the rest (each tensor's
+    last tile)."""
     if TABLE:
-        local = tl.arange(0, BLOCK_SIZE)
-        if FULL:
-            mask = offs < n_elements
-        else:
-            mask = local < tl.load(lengths_ptr + tile)
-        theta_base = tl.load(param_ptr + tile).to(tl.pointer_type(tl.float32))
-        grad_base = tl.load(grad_ptr + tile).to(tl.pointer_type(tl.float32))
-        theta_ptrs = tl.multiple_of(theta_base, 16) + local
-        grad_ptrs = tl.multiple_of(grad_base, 16) + local
+        theta_ptrs, mask = table_tile(param_ptr, lengths_ptr, tile, BLOCK_SIZE, FULL)
+        grad_ptrs, _ = table_tile(grad_ptr, lengths_ptr, tile, BLOCK_SIZE, FULL)
     else:
         mask = offs < n_elements
         theta_ptrs = param_ptr + offs
