@@ -60,6 +60,15 @@ class CheckWindowLoss(transformers.TrainerCallback):
             fresh = float(t._ls_trial_loss())
         assert len(t._ls_window) == 2
         assert provided is not None and fresh == pytest.approx(float(provided), rel=1e-5)
+        # Trainer zeroes with model.zero_grad() (None); the window's backward still accumulated
+        # into the optimizer's flat gradient buffer, not into new tensors it would copy in
+        opt = armijo_optimizer(t.optimizer)
+        if opt._buffers is not None:
+            (buf,) = opt._buffers
+            base = buf.grad.untyped_storage().data_ptr()
+            assert all(p.grad.untyped_storage().data_ptr() == base
+                       for p in t.model.parameters() if p.requires_grad)
+            assert not buf.gathered
         self.checked += 1
 
     def on_optimizer_step(self, args, state, control, **kw):

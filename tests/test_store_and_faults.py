@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from problems import PROBLEMS, make_closure
@@ -49,18 +51,23 @@ def test_parameters_gradients_and_state_are_views_of_one_flat_buffer():
 
 
 def test_gradients_that_arrive_as_new_tensors_are_gathered():
+    """Gathered, with the same result; and a warning, once, that says what it costs."""
     results = []
     for outside_zero_grad in (False, True):
         model, loss = _model_and_data()
         opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
-        for _ in range(4):
-            if outside_zero_grad:
-                model.zero_grad(set_to_none=True)  # e.g. a trainer that owns zero_grad
-            else:
-                opt.zero_grad()
-            l0 = loss()
-            l0.backward()
-            opt.step(loss_fn=loss, loss=l0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                if outside_zero_grad:
+                    model.zero_grad(set_to_none=True)  # e.g. a trainer that owns zero_grad
+                else:
+                    opt.zero_grad()
+                l0 = loss()
+                l0.backward()
+                opt.step(loss_fn=loss, loss=l0)
+        said = [w for w in caught if "arrived as new tensors" in str(w.message)]
+        assert len(said) == (1 if outside_zero_grad else 0)
         results.append(flat(model.parameters()))
     assert torch.equal(results[0], results[1])
 

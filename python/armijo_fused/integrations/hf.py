@@ -80,6 +80,10 @@ class LineSearchTrainer(Trainer):
         self._ls_register(opt)
         if not self._ls_window:
             opt.capture_rng()  # trials replay the window from here: the same dropout masks
+            # Trainer zeroes with model.zero_grad() (gradients set to None), after which the
+            # backward would allocate new gradients for the optimizer to copy in; its own
+            # zero_grad puts back the flat buffer's views, zeroed, to accumulate into
+            opt.zero_grad()
         self._ls_window.append(self._prepare_inputs(inputs))
         self._ls_model, self._ls_num_items = model, num_items_in_batch
         loss = super().training_step(model, inputs, num_items_in_batch)

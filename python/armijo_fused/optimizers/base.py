@@ -166,6 +166,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._skip_host = None
         self._constants: dict = {}  # per device: see _ones2
         self._buffers: list[FlatBuffer] | None = None
+        self._gathered_warned = False
         self._buffer_key = None
         self.stats: StepStats = StepStats()
 
@@ -815,6 +816,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                      for g in self.param_groups])
         if self._buffers is not None and key == self._buffer_key:
             if all(b.sync(self.state) for b in self._buffers):
+                self._warn_gathered_grads()
                 return self._buffers
         self._warn_late_joiners()
         by_slot: dict = {}
@@ -857,6 +859,21 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     "between trial forwards and they see the moved weights"
                 )
         return buffers
+
+    def _warn_gathered_grads(self) -> None:
+        """Gradients that arrived as new tensors (``model.zero_grad()`` sets them to None, then
+        backward allocates new ones) are copied into the flat buffer at every step: correct, but
+        one more pass over the gradients, and their memory twice until the copy. Say so, once."""
+        if getattr(self, "_gathered_warned", False) or not any(
+                getattr(b, "gathered", False) for b in self._buffers):
+            return
+        self._gathered_warned = True
+        warnings.warn(
+            f"{type(self).__name__}: the gradients arrived as new tensors (zero_grad with "
+            "set_to_none on the model, or .grad assigned), so every step copies them into the "
+            "optimizer's flat gradient buffer: one extra pass over the gradients, and the "
+            "gradient memory twice until the copy. Call the optimizer's zero_grad() instead "
+            "(it zeroes the buffer in place, and the backward accumulates into it).", stacklevel=4)
 
     def _warn_late_joiners(self) -> None:
         """Parameters that became trainable (``requires_grad``) inside a group that has already

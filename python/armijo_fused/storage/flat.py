@@ -95,6 +95,7 @@ class FlatBuffer:
         self.param = torch.zeros(n, **(fp32 if self.master else kw))
         self.model_param = torch.zeros(n, **kw) if self.master else self.param
         self.grad = torch.zeros(n, **kw)
+        self.gathered = False  # has sync() copied in a gradient that arrived as a new tensor?
         self.states = [torch.zeros(n, **(fp32 if self.master else kw)) for _ in rule.state_names]
         self._param_views = [self._view(self.model_param, i) for i in range(len(params))]
         self._master_views = [self._view(self.param, i) for i in range(len(params))]
@@ -158,6 +159,7 @@ class FlatBuffer:
                     gview.zero_()
                 elif g.data_ptr() != gview.data_ptr():
                     gview.copy_(_dense(p, g))
+                    self.gathered = True
                 p.grad = gview
             pstate = state[p]
             for name, view in entries:
