@@ -244,6 +244,34 @@ def test_one_checkpoint_seeds_several_optimizers_without_aliasing():
     assert ck["opt"]["param_groups"] == saved_groups
 
 
+def test_a_live_optimizers_state_dict_is_taken_at_load_time():
+    """torch.distributed.checkpoint's get/set_optimizer_state_dict between two optimizers in one
+    process: the state dict holds the source's live tensors. The target takes their values when
+    it loads, not later: the source stepping on in between does not leak into the target (it
+    did: the target copied them in at its next step)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt, _ = build("adam", cadence=2)
+    torch.manual_seed(7)
+    train(model, opt, None, 0, 3)
+    ref_model, ref_opt, _ = build("adam", seed=1, cadence=2)
+    ref_model.load_state_dict(model.state_dict())
+    ref_opt.load_state_dict(torch.load(io.BytesIO(checkpoint(model, opt, None)),
+                                       weights_only=True)["opt"])  # a copy, through bytes
+    other, opt2, _ = build("adam", seed=1, cadence=2)
+    other.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(other, opt2, get_optimizer_state_dict(model, opt))
+    torch.manual_seed(8)
+    train(model, opt, None, 3, 5)  # the source goes on
+    for m, o in ((ref_model, ref_opt), (other, opt2)):
+        torch.manual_seed(9)
+        train(m, o, None, 3, 5)
+    assert_same_run(ref_model, ref_opt, other, opt2)
+
+
 # -- across backends ------------------------------------------------------------------------------
 def _structure(sd):
     state = {i: {k: (tuple(v.shape), v.dtype) for k, v in s.items()} for i, s in sd["state"].items()}

@@ -250,6 +250,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             for key, value in saved.get(pid, {}).items():
                 if isinstance(value, Tensor) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device)
+        if self._buffers is not None:
+            # copy the values into the flat buffers now: a state dict of a live optimizer holds
+            # its tensors, which go on changing with its steps (torch.distributed.checkpoint's
+            # get/set_optimizer_state_dict between two optimizers in one process)
+            with torch.no_grad():
+                self._sync_buffers()
 
     # -- user-facing hooks ---------------------------------------------------------------------
     def set_closure(self, closure: Callable | None, model: torch.nn.Module | None = None) -> None:
