@@ -140,3 +140,32 @@ def test_ddp_nonfinite_on_one_rank_rejects_everywhere_and_far_losses_agree():
     assert r0["far_log"] == r1["far_log"]
     for p, q in zip(r0["far_params"], r1["far_params"]):
         assert torch.equal(p, q)
+
+
+def _rank_bucket_view(rank, world):
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    runs = {}
+    for bucket_view in (False, True):
+        model = make_model()
+        opt = ArmijoAdam(model.parameters(), model=model, cadence="every", init_step_size=0.3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            log = run(DDP(model, gradient_as_bucket_view=bucket_view), opt, 4, rank, world)
+        said = [str(w.message) for w in caught if "arrived as new tensors" in str(w.message)]
+        runs[bucket_view] = {"log": log, "params": params(model), "said": said}
+    return runs
+
+
+def test_ddp_gradient_as_bucket_view_trains_the_same_and_says_what_it_costs():
+    """DDP with gradient_as_bucket_view=True re-points every gradient to its bucket at every
+    backward, so the step copies them into its flat buffer: the run is the same, and a warning
+    (once) says what it costs and what to turn off."""
+    r0, r1 = run_ranks(_rank_bucket_view, world=2, timeout=120)
+    for r in (r0, r1):
+        assert r[False]["log"] == r[True]["log"]
+        assert all(torch.equal(p, q) for p, q in zip(r[False]["params"], r[True]["params"]))
+        assert r[False]["said"] == []
+        assert len(r[True]["said"]) == 1 and "gradient_as_bucket_view" in r[True]["said"][0]

@@ -166,7 +166,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._skip_host = None
         self._constants: dict = {}  # per device: see _ones2
         self._buffers: list[FlatBuffer] | None = None
-        self._gathered_warned = False
+        self._gathered_steps = 0  # steps whose gradients arrived as new tensors
         self._buffer_key = None
         self.stats: StepStats = StepStats()
 
@@ -868,18 +868,28 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
     def _warn_gathered_grads(self) -> None:
         """Gradients that arrived as new tensors (``model.zero_grad()`` sets them to None, then
-        backward allocates new ones) are copied into the flat buffer at every step: correct, but
-        one more pass over the gradients, and their memory twice until the copy. Say so, once."""
-        if getattr(self, "_gathered_warned", False) or not any(
-                getattr(b, "gathered", False) for b in self._buffers):
+        backward allocates new ones) are copied into the flat buffer: correct, but one more pass
+        over the gradients, and their memory twice until the copy. Once can be normal (the
+        first step after the store is built can see it); at a second step it is the loop's
+        habit (or DDP's ``gradient_as_bucket_view``, which re-points them at every backward):
+        say so, once."""
+        gathered = False
+        for b in self._buffers:
+            gathered |= getattr(b, "gathered", False)
+            b.gathered = False
+        if not gathered:
             return
-        self._gathered_warned = True
+        seen = self.__dict__.get("_gathered_steps", 0) + 1
+        self._gathered_steps = seen
+        if seen != 2:
+            return
         warnings.warn(
-            f"{type(self).__name__}: the gradients arrived as new tensors (zero_grad with "
-            "set_to_none on the model, or .grad assigned), so every step copies them into the "
-            "optimizer's flat gradient buffer: one extra pass over the gradients, and the "
-            "gradient memory twice until the copy. Call the optimizer's zero_grad() instead "
-            "(it zeroes the buffer in place, and the backward accumulates into it).", stacklevel=4)
+            f"{type(self).__name__}: the gradients arrived as new tensors again (zero_grad with "
+            "set_to_none on the model, DDP with gradient_as_bucket_view=True, or .grad "
+            "assigned), so every step copies them into the optimizer's flat gradient buffer: "
+            "one extra pass over the gradients, and their memory twice. Zero them with the "
+            "optimizer's zero_grad() (in place: the backward accumulates into its buffer), and "
+            "leave DDP's gradient_as_bucket_view off.", stacklevel=4)
 
     def _warn_late_joiners(self) -> None:
         """Parameters that became trainable (``requires_grad``) inside a group that has already
