@@ -177,3 +177,39 @@ def test_manual_optimization_route():
     s = opt.stats
     if s["step_size"] > 0:
         assert s["loss_after"] <= s["loss_before"] - opt.c * s["step_size"] * s["gd"] + 1e-6
+
+
+class LitClipped(LitRegressor):
+    def __init__(self):
+        super().__init__()
+        self.lightning_clips = 0
+        self.grad_norms = []  # ‖g‖ as the optimizer saw it, per step
+
+    def clip_gradients(self, *args, **kwargs):
+        self.lightning_clips += 1
+        return super().clip_gradients(*args, **kwargs)
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.grad_norms.append(float(torch.cat([p.grad.flatten() for p in self.parameters()])
+                                     .norm()))
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clip_val_moves_into_the_optimizer(algorithm):
+    """Trainer(gradient_clip_val=...) by norm: the optimizer clips (max_grad_norm) and the Armijo
+    test keeps the true gradient, which Lightning no longer clips; by value it stays Lightning's."""
+    model = LitClipped()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1e-3,
+        gradient_clip_algorithm=algorithm)
+    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    opt = trainer.optimizers[0]
+    if algorithm == "norm":
+        assert opt.max_grad_norm == 1e-3 and model.lightning_clips == 0
+        # the optimizer saw the true gradient and clips only its direction
+        assert min(model.grad_norms) > 1e-2
+        assert opt.stats["grad_norm"] == pytest.approx(model.grad_norms[-1], rel=1e-4)
+    else:
+        assert opt.max_grad_norm is None and model.lightning_clips == 3

@@ -36,6 +36,7 @@ Manual optimization: see docs/integrations.md.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -155,5 +156,28 @@ class ArmijoLightningMixin:
         # (on_before_optimizer_step, gradient clipping); step(closure, loss_fn=...) runs that
         # wrapped closure once for the gradient and only trial_loss for the trials
         return optimizer.step(closure=training_closure, loss_fn=trial_loss)
+
+    # -- clipping ------------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        """``Trainer(gradient_clip_val=...)`` clips the gradient before the step, so the Armijo
+        test would use a gradient that is not ∇f. Clipping by norm moves into the optimizer's
+        ``max_grad_norm`` instead, which shapes the direction only (as LineSearchTrainer does
+        with HF's ``max_grad_norm``). Clipping by value has no such form: it stays Lightning's,
+        and the test then runs on the clipped gradient."""
+        raw = _raw(optimizer)
+        algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
+                        or "norm")
+        if raw is None or not gradient_clip_val or algorithm != "norm":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                       gradient_clip_algorithm)
+        value = float(gradient_clip_val)
+        if raw.max_grad_norm is None:
+            raw.max_grad_norm = value
+        elif raw.max_grad_norm != value and not self.__dict__.get("_armijo_clip_warned"):
+            self.__dict__["_armijo_clip_warned"] = True
+            warnings.warn(f"Trainer(gradient_clip_val={value}) is ignored: the optimizer clips "
+                          f"to its own max_grad_norm={raw.max_grad_norm}", stacklevel=2)
+
 
 __all__ = ["ArmijoLightningMixin"]
