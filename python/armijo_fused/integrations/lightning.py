@@ -29,8 +29,10 @@ Usage::
         def configure_optimizers(self):
             return ArmijoAdam(self.parameters(), model=self)
 
-The mixin uses the hooks ``on_train_batch_start`` / ``on_train_batch_end`` and
-``optimizer_step``; a subclass that overrides them must call ``super()``.
+The mixin uses the hooks ``on_train_batch_start`` / ``on_train_batch_end``, ``optimizer_step``
+and ``configure_gradient_clipping`` (clipping by norm moves into the optimizer's
+``max_grad_norm``, so the Armijo test keeps the true gradient); a subclass that overrides them
+must call ``super()``.
 Manual optimization: see docs/integrations.md.
 """
 
