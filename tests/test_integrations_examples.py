@@ -45,3 +45,10 @@ def test_hf_and_lightning_examples(tmp_path):
     loss = load("hf_trainer").main(["--steps", "4", "--out", str(tmp_path)])
     assert math.isfinite(loss)
     assert math.isfinite(load("lightning_module").main(["--steps", "6"]))
+
+
+def test_accelerate_loop():
+    pytest.importorskip("accelerate")
+    losses = load("accelerate_loop").main(["--steps", "12"])
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
