@@ -326,7 +326,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             search = False  # lr = 0 and no closure: the state-initialisation path (DCP)
 
         # 1. The loss at θ0 and the gradient, from the training forward/backward.
-        rng_before = self._pending_rng or trial_mod.capture_rng()
+        # the RNG state the training forward starts from, for the trials to replay (a search
+        # only: with CUDA this reads every device's generator)
+        rng_before = self._pending_rng or (trial_mod.capture_rng() if search else None)
         self._pending_rng = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None
