@@ -321,7 +321,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__}.step() needs the loss at trial points: pass a closure "
                     "(step(closure)), a loss function (step(loss_fn=fn, loss=loss)), or register "
-                    "one with set_closure(fn)"
+                    "one with set_closure(fn); HF Trainer: use armijo_fused.integrations.hf."
+                    "LineSearchTrainer; Lightning: armijo_fused.integrations.lightning."
+                    "ArmijoLightningMixin"
                 )
             search = False  # lr = 0 and no closure: the state-initialisation path (DCP)
 
