@@ -43,7 +43,8 @@ import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
-stage tests-gpu 240 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly
+JUNIT=${OUT:-/tmp}/gpu_tests.xml  # read by scripts/acceptance_report.py
+stage tests-gpu 240 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly --junitxml "$JUNIT"
 if ((QUICK)); then
   stage kernels 150 $PY bench/bench_kernels.py --repeats 20
   stage optimizer-step 60 $PY bench/optimizer_step.py --device cuda --repeats 15
@@ -58,6 +59,8 @@ else
   stage batched 120 $PY bench/batched_candidates.py --device cuda
   stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200
 fi
+# every GPU acceptance line with its number, bound and verdict (MISSING: no result written)
+stage acceptance 30 $PY scripts/acceptance_report.py --junit "$JUNIT"
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT/results"
   find bench/results -newer "$STAMP" -type f -exec cp {} "$OUT/results/" \;

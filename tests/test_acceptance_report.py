@@ -1,0 +1,88 @@
+"""scripts/acceptance_report.py: reads GPU result files and JUnit XML into verdicts.
+
+The inputs here are made up, in the structure the benchmarks write, to check the report's logic:
+a bound met is PASS, one missed is FAIL, an absent file is MISSING, and the CPU result files
+committed in bench/results are never taken for GPU ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_report():
+    spec = importlib.util.spec_from_file_location("acceptance_report",
+                                                  ROOT / "scripts" / "acceptance_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (dataclasses look their module up there)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def verdicts(lines):
+    return {line.what: line.verdict() for line in lines}
+
+
+def test_committed_cpu_results_are_not_gpu_results():
+    rep = load_report()
+    lines = rep.report(ROOT / "bench" / "results", None)
+    assert lines and all(line.verdict() == "MISSING" for line in lines)
+
+
+def write(path: Path, data) -> None:
+    path.write_text(json.dumps(data))
+
+
+def test_bounds_give_pass_and_fail(tmp_path):
+    rep = load_report()
+
+    def passes(first, move, bf16):
+        return {"first_pass": {"pct_of_copy": first, "gb_per_s": 3000.0},
+                "move_all": {"pct_of_copy": move}, "first_pass_bf16_master": {"pct_of_copy": bf16},
+                "move_all_bf16_master": {"pct_of_copy": bf16}, "adamw_fused": {"ms": 1.0}}
+
+    write(tmp_path / "kernels_nvidia-h200.json", {"device": "NVIDIA H200", "models": {
+        "gpt2-124m": {"passes": passes(93.0, 88.0, 86.0), "first_pass_over_adamw_fused": 0.85},
+        "gpt2-1.5b": {"passes": passes(95.0, 91.0, 84.0), "first_pass_over_adamw_fused": 0.95}}})
+    write(tmp_path / "optimizer_step_nvidia-h200.json", {"rows": {"armijo_search": {
+        "searched": True, "trials": 1, "over_adamw_fused": 1.08}}})
+    write(tmp_path / "step_nvidia-h200.json", {"rows": [
+        {"name": "AdamW fused", "ms_median": 100.0, "x_adamw_fused": 1.0},
+        {"name": "ArmijoAdam adaptive", "ms_median": 108.0, "x_adamw_fused": 1.08},
+        {"name": "ArmijoAdam every", "ms_median": 145.0, "x_adamw_fused": 1.45},
+        {"name": "SaLSa", "ms_median": 250.0, "x_adamw_fused": 2.5}]})
+    write(tmp_path / "batched_candidates_cuda.json", {"same_accepted_as_sequential": True, "rows": [
+        {"candidates": None, "ms_per_step": 10.0, "trials_per_step": 3.0},
+        {"candidates": 2, "ms_per_step": 8.0}, {"candidates": 4, "ms_per_step": 9.0}]})
+    junit = tmp_path / "gpu_tests.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_triton_kernels.TestCompiledTriton" name="test_a"/>'
+        '<testcase classname="tests.test_triton_kernels.TestCompiledTriton" name="test_b">'
+        '<failure message="x"/></testcase>'
+        '<testcase classname="tests.test_memory" '
+        'name="test_peak_memory_of_a_search_step_matches_fused_adamw"/>'
+        '</testsuite></testsuites>')
+    v = verdicts(rep.report(tmp_path, junit))
+    assert v["gpt2-124m first_pass: % of copy bandwidth"] == "PASS"
+    assert v["gpt2-124m move_all: % of copy bandwidth"] == "FAIL"
+    assert v["gpt2-124m first_pass_bf16_master: % of copy bandwidth"] == "PASS"
+    assert v["gpt2-1.5b first_pass_bf16_master: % of copy bandwidth"] == "FAIL"
+    assert v["gpt2-124m first pass / AdamW(fused) step"] == "PASS"
+    assert v["gpt2-1.5b first pass / AdamW(fused) step"] == "FAIL"
+    assert v["kernels file names the device, GB/s beside AdamW(fused)"] == "PASS"
+    assert v["124M optimizer step with one accepted trial / AdamW(fused)"] == "PASS"
+    assert v["training step, ArmijoAdam adaptive / AdamW(fused)"] == "PASS"
+    assert v["training step, ArmijoAdam every-step search / AdamW(fused)"] == "FAIL"
+    assert v["SaLSa ms/step / ArmijoAdam adaptive ms/step"] == "PASS"  # 250 / 108
+    assert v["batched candidates ms/step / sequential (trials > 1), best K"] == "PASS"
+    assert v["batched candidates accept what sequential accepts (GPU)"] == "PASS"
+    assert v["compiled Triton kernels agree with the reference (2 tests ran)"] == "FAIL"
+    assert v["peak memory of a search step <= AdamW(fused)'s (1 tests ran)"] == "PASS"
+    assert v["no host sync on steps without a search (0 tests ran)"] == "MISSING"
+    assert load_report().main(["--results", str(tmp_path), "--junit", str(junit)]) == 0
