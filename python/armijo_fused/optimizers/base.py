@@ -877,12 +877,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         first step after the store is built can see it); at a second step it is the loop's
         habit (or DDP's ``gradient_as_bucket_view``, which re-points them at every backward):
         say so, once."""
-        gathered = False
-        for b in self._buffers:
-            gathered |= getattr(b, "gathered", False)
-            b.gathered = False
+        gathered = [b for b in self._buffers if getattr(b, "gathered", False)]
         if not gathered:
             return
+        for b in gathered:
+            b.gathered = False
         seen = self.__dict__.get("_gathered_steps", 0) + 1
         self._gathered_steps = seen
         if seen != 2:
