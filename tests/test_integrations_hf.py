@@ -52,6 +52,7 @@ class CheckWindowLoss(transformers.TrainerCallback):
 
     def __init__(self):
         self.trainer, self.checked, self.trials = None, 0, []
+        self.grad_norms, self.logged_norms, self.true_norms = [], [], []
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         t = self.trainer
@@ -69,10 +70,18 @@ class CheckWindowLoss(transformers.TrainerCallback):
             assert all(p.grad.untyped_storage().data_ptr() == base
                        for p in t.model.parameters() if p.requires_grad)
             assert not buf.gathered
+        self.true_norms.append(float(torch.cat(
+            [p.grad.flatten() for p in t.model.parameters() if p.grad is not None]).norm()))
         self.checked += 1
 
     def on_optimizer_step(self, args, state, control, **kw):
-        self.trials.append(armijo_optimizer(self.trainer.optimizer).stats["trials"])
+        stats = armijo_optimizer(self.trainer.optimizer).stats
+        self.trials.append(stats["trials"])
+        self.grad_norms.append(float(stats["grad_norm"]))
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "grad_norm" in logs:
+            self.logged_norms.append(logs["grad_norm"])
 
 
 def params(model):
@@ -87,8 +96,16 @@ def test_optimizers_tuple_accumulation_and_the_window_closure(tmp_path):
     trainer = LineSearchTrainer(model=model, args=args(tmp_path), train_dataset=TokenData(),
                                 optimizers=(opt, None), callbacks=[check])
     check.trainer = trainer
+    clips = []
+    clip = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda *a, **k: clips.append(1) or clip(*a, **k)
     out = trainer.train()
     assert check.checked == 4
+    # the logged ‖g‖ is the optimizer's (its guard forms it), not a clip_grad_norm_ pass of
+    # Trainer's own over every gradient
+    assert clips == [] and len(check.logged_norms) == 4
+    assert check.logged_norms == pytest.approx(check.grad_norms, rel=1e-6)
+    assert check.logged_norms == pytest.approx(check.true_norms, rel=1e-5)  # ‖g‖ before the step
     assert armijo_optimizer(trainer.optimizer) is opt
     assert opt.param_groups[0]["step"] == 4 and opt.param_groups[0]["searches"] == 4
     # clipping moved from Trainer into the optimizer

@@ -65,6 +65,7 @@ class LineSearchTrainer(Trainer):
         self._ls_num_items = None
         self._ls_model = None
         self._ls_registered = None
+        self._ls_grad_norm = None  # the ‖g‖ Trainer logs, filled in by each step
 
     # -- the window ------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -107,7 +108,32 @@ class LineSearchTrainer(Trainer):
                     f"TrainingArguments.max_grad_norm={self._ls_clip} is ignored: the optimizer "
                     f"clips to its own max_grad_norm={opt.max_grad_norm}", stacklevel=3)
         opt.set_closure(self._ls_trial_loss, model=self.model)
+        opt.register_step_post_hook(self._ls_after_step)
         self._ls_registered = opt
+
+    # -- the logged gradient norm ------------------------------------------------------------------
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer logs ‖g‖ from a ``clip_grad_norm_(inf)`` of its own: a read of every gradient
+        for the norm, then a read and a write to scale them by 1. The optimizer's step forms
+        ‖g‖ anyway (its non-finite guard), so hand Trainer a device scalar that the step fills
+        in (``_ls_after_step``); Trainer reads it only when it logs."""
+        opt = armijo_optimizer(self.optimizer)
+        if opt is None or grad_norm is not None or self._ls_registered is not opt:
+            return super()._get_grad_norm(model, grad_norm)
+        if self._ls_grad_norm is None:
+            self._ls_grad_norm = torch.empty((), device=self.args.device)
+        self._ls_grad_norm.fill_(float("nan"))  # stays NaN if the step does not run (fp16 skip)
+        return self._ls_grad_norm
+
+    def _ls_after_step(self, optimizer, args, kwargs) -> None:
+        if self._ls_grad_norm is None:
+            return
+        value = optimizer.stats["grad_norm"]
+        with torch.no_grad():
+            if isinstance(value, torch.Tensor):
+                self._ls_grad_norm.copy_(value.reshape(()))
+            else:
+                self._ls_grad_norm.fill_(float(value))
 
     def _ls_scaled_for_ga(self, num_items) -> bool:
         flag = getattr(self, "loss_is_scaled_for_ga", None)
