@@ -272,6 +272,38 @@ def test_a_live_optimizers_state_dict_is_taken_at_load_time():
     assert_same_run(ref_model, ref_opt, other, opt2)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kw", [{}, {"layerwise": True}, {"direction": "nesterov"}],
+                         ids=["adam", "layerwise", "nesterov"])
+def test_copied_and_pickled_optimizers_continue_bit_identically(how, kw):
+    """copy.deepcopy((model, opt)) and torch.save((model, opt)) / torch.load: torch's optimizers
+    survive both. This one lost its configuration (torch pickles only defaults, state and
+    param_groups) and its first step failed with an AttributeError; now the copy continues
+    exactly as the original does, and a registered closure (which evaluates the original model)
+    is not carried."""
+    import copy
+
+    direction = kw.pop("direction", "adam")
+    # (a LambdaLR of a local lambda does not pickle; a deepcopy also copies the scheduler, whose
+    # step wrapper on the optimizer must not come along)
+    model, opt, scheduler = build(direction, cadence=2, sched=how == "deepcopy", **kw)
+    torch.manual_seed(7)
+    train(model, opt, scheduler, 0, 3)
+    opt.set_closure(lambda: loss_of(model, 0))
+    if how == "deepcopy":
+        model2, opt2, scheduler2 = copy.deepcopy((model, opt, scheduler))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt, scheduler), buf)
+        buf.seek(0)
+        model2, opt2, scheduler2 = torch.load(buf, weights_only=False)
+    assert opt2._closure is None and opt._closure is not None
+    for m, o, s in ((model, opt, scheduler), (model2, opt2, scheduler2)):
+        torch.manual_seed(8)
+        train(m, o, s, 3, 7)
+    assert_same_run(model, opt, model2, opt2)
+
+
 # -- across backends ------------------------------------------------------------------------------
 def _structure(sd):
     state = {i: {k: (tuple(v.shape), v.dtype) for k, v in s.items()} for i, s in sd["state"].items()}
@@ -350,3 +382,12 @@ def test_state_dict_saved_on_torch_resumes_on_triton_interpreter():
     assert opt2._buffers[0].backend.name == "triton"
     assert got == pytest.approx(ref, rel=1e-6)
     torch.testing.assert_close(flat(lin2), flat(lin), rtol=1e-5, atol=1e-6)
+
+
+def test_an_optimizer_with_a_process_group_refuses_to_be_copied():
+    import copy
+
+    model = nn.Linear(3, 1)
+    opt = ArmijoAdam(model.parameters(), process_group=object())  # stands for a ProcessGroup
+    with pytest.raises(TypeError, match="process_group cannot be copied or pickled"):
+        copy.deepcopy(opt)

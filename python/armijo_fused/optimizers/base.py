@@ -216,6 +216,49 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 self.param_groups.pop()
                 raise
 
+    # -- copies and pickling -------------------------------------------------------------------
+    #: what a copy or a pickle carries besides torch's (defaults, state, param_groups): the
+    #: configuration. The rest is rebuilt: the flat buffers (from the state, at the next step),
+    #: device handles, what a step in flight holds, and a registered closure (it evaluates the
+    #: original model, not the copy: register it again). Not ``self.__dict__`` wholesale: a
+    #: scheduler puts a ``step`` wrapper there that calls the original optimizer.
+    _CARRIED = ("rule", "policy", "cadence", "c", "backtrack", "max_trials", "max_grad_norm",
+                "check_finite", "backend", "tile", "layerwise", "block_search", "merge_below",
+                "exact_revert", "candidates", "flat", "process_group", "_modules",
+                "_resumed_dd", "_gathered_steps", "_init_step_size")
+
+    def __getstate__(self) -> dict:
+        """torch's optimizers pickle only (defaults, state, param_groups) and rebuild the rest
+        from the class; this one also needs its configuration (direction rule, policy, cadence,
+        backend, ...)."""
+        if self.__dict__.get("process_group") is not None:
+            raise TypeError(
+                f"a {type(self).__name__} with an explicit process_group cannot be copied or "
+                "pickled (a torch ProcessGroup cannot be); copy its state_dict() instead")
+        self._settle_skip()
+        out = super().__getstate__()
+        out.update({k: self.__dict__[k] for k in self._CARRIED if k in self.__dict__})
+        last = self._last_dd  # the next plain step's length cap, as state_dict() carries it
+        if last is not None and not self._sharded:
+            out["_resumed_dd"] = [dd.tolist() for dd in last[1]]
+        # block names are keyed by the tensors' ids, which a copy changes: carry them by position
+        out["_names"] = [[self._names.get(id(p)) for p in g["params"]] for g in self.param_groups]
+        return out
+
+    def __setstate__(self, state: dict) -> None:
+        if "defaults" not in state:  # torch's load_state_dict: only state and param_groups
+            return super().__setstate__(state)
+        names = state.pop("_names", None)
+        super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
+        for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_loss",
+                    "_pending_skip", "_skip_host", "_last_dd"):
+            setattr(self, key, None)
+        self._sharded, self._constants, self.stats = False, {}, StepStats()
+        self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])
+                       for p, n in zip(g["params"], ns) if n is not None}
+        if not self._names and getattr(self, "_modules", None):
+            self._names = {id(p): n for n, p in self._modules[0].named_parameters()}
+
     def state_dict(self) -> dict:
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
         # the last pass's ‖d_b‖², behind the next plain step's length cap: host floats (one read
