@@ -971,6 +971,35 @@ def test_wrong_calls_are_clear_errors_that_change_nothing(call, exc, match):
     assert nothing_leaked()
 
 
+@pytest.mark.parametrize("src, dst, match", [
+    (dict(cls=ArmijoSGD, momentum=0.9), dict(cls=ArmijoAdam), "lack 'betas', 'eps'"),
+    (dict(cls=ArmijoAdam), dict(cls=ArmijoSGD, momentum=0.9), "lack 'momentum'"),
+    (dict(cls=ArmijoAdam, direction="rmsprop"), dict(cls=ArmijoAdam), "lack 'betas'"),
+])
+def test_a_state_dict_of_another_direction_is_refused_and_changes_nothing(src, dst, match):
+    """It replaced the groups' hyperparameters and left moments the rule cannot use, and the
+    next step failed with a KeyError; now the load is refused by name, and the optimizer goes
+    on as it was."""
+    model, x = _usage_setup()
+
+    def make(spec):
+        spec = dict(spec)
+        return spec.pop("cls")(model.parameters(), backend="torch", **spec)
+
+    def step(opt):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+
+    source, target = make(src), make(dst)
+    step(source)
+    step(target)
+    before = {k: v for k, v in target.param_groups[0].items() if k != "params"}
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(source.state_dict())
+    assert {k: v for k, v in target.param_groups[0].items() if k != "params"} == before
+    step(target)  # still usable
+    assert target.param_groups[0]["step"] == 2
+
+
 @pytest.mark.parametrize("lr", [-1e-3, math.nan, torch.tensor([1e-3, 2e-3]), "1e-3", True])
 @pytest.mark.parametrize("where", ["argument", "group"])
 def test_invalid_lr_is_named(lr, where):

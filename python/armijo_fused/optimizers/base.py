@@ -280,6 +280,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if is_torch_state_dict(state_dict):
             state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
                                                state_dict, layerwise=self.layerwise)
+        self._check_loadable(state_dict)
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
         self._pending_skip = None  # a flag of the steps before the load is no longer ours
@@ -299,6 +300,27 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             # get/set_optimizer_state_dict between two optimizers in one process)
             with torch.no_grad():
                 self._sync_buffers()
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """A state dict of another direction (an ArmijoSGD's into an ArmijoAdam) replaced the
+        groups' hyperparameters and left moments it cannot use, and the next step failed with a
+        KeyError. Refuse it by name before anything changes."""
+        who = f"{type(self).__name__} (direction {self.rule.name!r})"
+        needed = list(self.rule.hyperparameters)
+        for group in state_dict.get("param_groups", []):
+            missing = [k for k in needed if k not in group]
+            if missing:
+                raise ValueError(
+                    f"the state dict's param groups lack {', '.join(map(repr, missing))}: it was "
+                    f"saved by an optimizer with another direction than this {who}")
+        known = set(self.rule.state_names) | {"master"}
+        for pstate in state_dict.get("state", {}).values():
+            foreign = sorted(k for k, v in pstate.items() if torch.is_tensor(v) and k not in known)
+            if foreign:
+                raise ValueError(
+                    f"the state dict holds {', '.join(map(repr, foreign))}, which this {who} "
+                    f"does not keep (it keeps {', '.join(self.rule.state_names) or 'no state'}): "
+                    "it was saved by an optimizer with another direction")
 
     # -- user-facing hooks ---------------------------------------------------------------------
     def set_closure(self, closure: Callable | None, model: torch.nn.Module | None = None) -> None:
