@@ -213,3 +213,29 @@ def test_gradient_clip_val_moves_into_the_optimizer(algorithm):
         assert opt.stats["grad_norm"] == pytest.approx(model.grad_norms[-1], rel=1e-4)
     else:
         assert opt.max_grad_norm is None and model.lightning_clips == 3
+
+
+def test_resume_from_a_lightning_checkpoint_continues_bit_identically(tmp_path):
+    """Lightning saves optimizer.state_dict() in its checkpoint and loads it back (moving the
+    state to the device); the resumed run equals the uninterrupted one."""
+
+    def trainer(epochs, **kw):
+        return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, **kw)
+
+    def loader():
+        return torch.utils.data.DataLoader(dataset(n=32), batch_size=8)
+
+    full = LitRegressor()
+    trainer(2, enable_checkpointing=False).fit(full, loader())
+    first = LitRegressor()
+    t1 = trainer(1, default_root_dir=tmp_path)
+    t1.fit(first, loader())
+    resumed = LitRegressor()
+    trainer(2, default_root_dir=tmp_path).fit(resumed, loader(),
+                                              ckpt_path=t1.checkpoint_callback.last_model_path
+                                              or t1.checkpoint_callback.best_model_path)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    a, b = full.trainer.optimizers[0], resumed.trainer.optimizers[0]
+    assert a.param_groups[0]["step"] == b.param_groups[0]["step"] == 8
+    assert a.param_groups[0]["step_size"] == b.param_groups[0]["step_size"]
