@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from armijo_fused import ArmijoAdam
-from armijo_fused.integrations.hf import armijo_optimizer
+from armijo_fused.integrations import armijo_optimizer
 
 
 def make(seed=0):

@@ -33,15 +33,7 @@ import torch
 from transformers import Trainer
 
 from ..optimizers.base import ArmijoOptimizer
-
-
-def armijo_optimizer(optimizer) -> ArmijoOptimizer | None:
-    """The ArmijoOptimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, ArmijoOptimizer) and seen < 8:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return optimizer if isinstance(optimizer, ArmijoOptimizer) else None
+from . import armijo_optimizer
 
 
 class LineSearchTrainer(Trainer):
