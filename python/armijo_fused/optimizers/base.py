@@ -238,9 +238,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._settle_skip()
         out = super().__getstate__()
         out.update({k: self.__dict__[k] for k in self._CARRIED if k in self.__dict__})
-        last = self._last_dd  # the next plain step's length cap, as state_dict() carries it
-        if last is not None and not self._sharded:
-            out["_resumed_dd"] = [dd.tolist() for dd in last[1]]
+        saved_dd = self._saved_dd()  # the next plain step's length cap, as state_dict() has it
+        if saved_dd is not None:
+            out["_resumed_dd"] = saved_dd
         # block names are keyed by the tensors' ids, which a copy changes: carry them by position
         out["_names"] = [[self._names.get(id(p)) for p in g["params"]] for g in self.param_groups]
         return out
@@ -259,13 +259,15 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if not self._names and getattr(self, "_modules", None):
             self._names = {id(p): n for n, p in self._modules[0].named_parameters()}
 
+    def _saved_dd(self) -> list | None:
+        """The last pass's ‖d_b‖², behind the next plain step's length cap, as host floats (one
+        read), per buffer in buffer order, so a resumed run or a copy caps as this one would."""
+        last = self._last_dd
+        return [dd.tolist() for dd in last[1]] if last is not None and not self._sharded else None
+
     def state_dict(self) -> dict:
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
-        # the last pass's ‖d_b‖², behind the next plain step's length cap: host floats (one read
-        # per checkpoint), per buffer in buffer order, so a resumed run caps as this one would
-        last = self._last_dd
-        self.param_groups[0]["last_dd"] = (
-            [dd.tolist() for dd in last[1]] if last is not None and not self._sharded else None)
+        self.param_groups[0]["last_dd"] = self._saved_dd()
         try:
             return super().state_dict()  # copies the groups' entries
         finally:
