@@ -45,12 +45,7 @@ import torch
 
 from ..linesearch.trial import in_trial
 from ..optimizers.base import ArmijoOptimizer
-
-
-def _raw(optimizer):
-    """The ArmijoOptimizer under Lightning's ``LightningOptimizer`` wrapper (or None)."""
-    raw = getattr(optimizer, "optimizer", optimizer)
-    return raw if isinstance(raw, ArmijoOptimizer) else None
+from . import armijo_optimizer
 
 
 def _loss_of(out, what: str):
@@ -112,7 +107,7 @@ class ArmijoLightningMixin:
 
     # -- the step ------------------------------------------------------------------------------
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        raw = _raw(optimizer)
+        raw = armijo_optimizer(optimizer)
         if raw is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         window, losses = self._armijo_state()
@@ -167,7 +162,7 @@ class ArmijoLightningMixin:
         ``max_grad_norm`` instead, which shapes the direction only (as LineSearchTrainer does
         with HF's ``max_grad_norm``). Clipping by value has no such form: it stays Lightning's,
         and the test then runs on the clipped gradient."""
-        raw = _raw(optimizer)
+        raw = armijo_optimizer(optimizer)
         algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
                         or "norm")
         if raw is None or not gradient_clip_val or algorithm != "norm":
