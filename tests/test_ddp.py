@@ -142,6 +142,49 @@ def test_ddp_nonfinite_on_one_rank_rejects_everywhere_and_far_losses_agree():
         assert torch.equal(p, q)
 
 
+def _rank_padding_batch(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # token classification with ignore_index: at steps 3, 6 and 7 rank 1's micro-batch is all
+    # padding, so its mean loss is NaN (0/0) while its gradient is 0 and DDP's mean is finite
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    ddp = DDP(model)
+    opt = ArmijoAdam(model.parameters(), model=model)  # adaptive: most steps do not search
+    log = []
+    for step in range(10):
+        g = torch.Generator().manual_seed(100 + 2 * step + rank)
+        x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+        if rank == 1 and step in (3, 6, 7):
+            y = torch.full_like(y, -100)
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(ddp(x), y, ignore_index=-100)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        s = opt.stats
+        f0 = float(s["loss_before"])
+        log.append((bool(s["searched"]), bool(s["skipped"]), float(s["applied_step"]),
+                    f0 if math.isfinite(f0) else None))  # (NaN != NaN)
+    return {"log": log, "params": params(model), "folded": opt.param_groups[0]["folded"]}
+
+
+def test_ddp_a_rank_with_a_nan_loss_skips_everywhere_on_steps_without_a_search():
+    # the skip guard of a step without a search took the rank's own loss: rank 1 skipped and
+    # rank 0 stepped, and the replicas drifted apart with no error
+    r0, r1 = run_ranks(_rank_padding_batch, world=2, timeout=120)
+    assert r0["log"] == r1["log"], (r0["log"], r1["log"])
+    plain_skips = [i for i, (searched, skipped, _, _) in enumerate(r0["log"])
+                   if skipped and not searched]
+    assert plain_skips  # the case under test happened
+    assert r0["folded"] == r1["folded"]
+    for p, q in zip(r0["params"], r1["params"]):
+        assert torch.equal(p, q)
+
+
 def _rank_bucket_view(rank, world):
     import warnings
 

@@ -434,6 +434,67 @@ def test_keyboard_interrupt_mid_search_restores_bitwise():
     assert nothing_leaked()
 
 
+class TwoGroupRun(Run):
+    """Run with two param groups: two flat buffers, so a pass is two launches."""
+
+    def __init__(self, direction="adam", seed=0, **kw):
+        torch.manual_seed(seed)
+        self.model = net()
+        g = torch.Generator().manual_seed(seed + 1)
+        self.x, self.y = torch.randn(32, 6, generator=g), torch.randn(32, 1, generator=g)
+        kw.setdefault("weight_decay", 0.01)
+        m = self.model
+        groups = [{"params": list(m[0].parameters()) + list(m[1].parameters())},
+                  {"params": list(m[4].parameters())}]
+        self.opt = make_opt(direction, groups, model=m, **kw)
+        torch.manual_seed(seed + 2)
+
+
+def _fail_on_call(monkeypatch, backend, name, at_call, exc):
+    """Make the backend's pass ``name`` raise on its ``at_call``-th launch (1-based)."""
+    from armijo_fused.backends import cpp_backend, torch_backend
+
+    module = {"torch": torch_backend, "cpp": cpp_backend}[backend]
+    original, calls = getattr(module, name), [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise exc("injected: the second buffer's launch failed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("where", ["first_pass", "move", "plain"])
+def test_a_pass_failing_between_two_buffers_rolls_back_the_first(where, exc, backend,
+                                                                  monkeypatch):
+    # Two groups are two launches per pass: an error (or Ctrl-C) after the first buffer's
+    # launch must undo that buffer's update too, in a step with a search and in one without.
+    run = TwoGroupRun("adam", backend=backend, cadence=1000 if where == "plain" else "every")
+    run.steps(2)
+    if where == "move":  # a first trial far too long: the search backtracks (move runs)
+        for g in run.opt.param_groups:
+            g["step_size"] = 5.0
+    before = run.snapshot()
+    calls = _fail_on_call(monkeypatch, backend, "move" if where == "move" else "first_pass",
+                          2, exc)
+    with pytest.raises(exc, match="injected"):
+        run.opt.step(run.closure)
+    assert calls[0] >= 2  # (the rollback moves the first buffer back: more calls)
+    monkeypatch.undo()
+    after = run.snapshot()
+    after["buffers"] = before["buffers"]  # the training forward itself ran (BatchNorm moved)
+    after["rng"] = before["rng"]
+    assert_snapshots(before, after, exact=False)
+    assert nothing_leaked()
+    run.steps(1)
+    assert torch.isfinite(run.theta()).all() and not run.opt.stats["skipped"]
+
+
 @pytest.mark.parametrize("exact", [False, True], ids=["inverse", "exact_revert"])
 def test_raising_after_the_non_descent_fallback_restores_theta0(exact):
     # Adam's momentum points uphill once the gradient flips: the search moves to the
@@ -615,6 +676,45 @@ def test_zero_gradients_take_no_step_and_produce_no_nan(direction, wd, backend):
     else:  # θ0 is recovered from θ0 - η·wd·θ0 by a division: exact to rounding
         torch.testing.assert_close(after, theta, rtol=1e-6, atol=0)
     assert all(bool(torch.isfinite(v).all()) for s in opt.state.values() for v in s.values())
+
+
+def _mlp_regression(offset=0.0, **kw):
+    """An MLP on random targets (loss ~1, ⟨g,d⟩ ~5 at the start), optimizer and closure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    x, y = torch.randn(256, 16), torch.randn(256, 1)
+    opt = ArmijoAdam(model.parameters(), model=model, backend="torch", **kw)
+    return opt, make_closure(opt, lambda: nn.functional.mse_loss(model(x), y) + offset)
+
+
+def test_a_small_c_still_searches():
+    # "unresolved" compares the predicted decrease η⟨g,d⟩ with the loss's resolution, not its
+    # c-fraction: at the textbook c = 1e-4 every search was unresolved and η never moved
+    opt, closure = _mlp_regression(c=1e-4)
+    for _ in range(20):
+        opt.step(closure)
+        assert not (opt.stats["searched"] and opt.stats["unresolved"])
+    assert opt.param_groups[0]["step_size"] > 1e-3
+
+
+def test_a_constant_offset_in_the_loss_does_not_stop_the_search():
+    # the same gradient, a loss 1000 larger: fp32 still resolves these decreases (ulp 6e-5)
+    runs = [_mlp_regression(offset) for offset in (0.0, 1000.0)]
+    for _ in range(60):
+        for opt, closure in runs:
+            opt.step(closure)
+            assert not opt.stats["unresolved"]
+    assert [o.param_groups[0]["searches"] for o, _ in runs] == [runs[0][0].param_groups[0]["searches"]] * 2
+
+
+def test_loss_resolution_follows_the_loss_dtype():
+    from armijo_fused.linesearch.controller import loss_resolution
+
+    assert loss_resolution(torch.tensor(1.0)) == 8 * torch.finfo(torch.float32).eps
+    assert loss_resolution(torch.tensor(1.0, dtype=torch.float64)) == loss_resolution(
+        torch.tensor(1.0))  # a Python float arrives as float64: usually one's .item()
+    assert loss_resolution(torch.tensor(1.0, dtype=torch.bfloat16)) == 8 * 2.0 ** -7
+    assert loss_resolution(torch.tensor(1.0, dtype=torch.float16)) == 8 * 2.0 ** -10
 
 
 def test_groups_that_are_empty_frozen_or_gradient_free():

@@ -19,7 +19,7 @@ from ..directions import get_rule
 from ..linesearch import trial as trial_mod
 from ..linesearch.batched import batched_armijo_search, stacked_loss
 from ..linesearch.cadence import Cadence
-from ..linesearch.controller import Passes, armijo_search, read_floats
+from ..linesearch.controller import Passes, armijo_search, loss_resolution, read_floats
 from ..linesearch.policy import StepSizePolicy
 from ..storage.flat import FlatBuffer
 from ..storage.in_place import InPlaceBuffer
@@ -416,15 +416,27 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         block_factors = [factors[gi] for gi, _ in table]
         if all(f == 0.0 for f in block_factors):
             search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
+        reduce = self._reducer()
+        if not search and f0 is not None and reduce is not None:
+            # the guard skips the step if f0 is not finite: on every rank or on none (a rank's
+            # batch of padding only has a NaN mean loss and a zero gradient); a search reduces
+            # f0 below, with its first trial's sums
+            f0 = reduce(f0.double().reshape(1)).reshape(())
         passes = _FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
 
         if not search:
-            with torch.no_grad():
-                caps = self._length_caps(table, buffers)
-                sums = passes.first([e * f for e, f in zip(etas, block_factors)], caps=caps,
-                                    factors=block_factors)
-                self._last_dd = (buffers, [s[:, 2] for s in sums])
-            self._reshard_fsdp()
+            try:
+                with torch.no_grad():
+                    caps = self._length_caps(table, buffers)
+                    sums = passes.first([e * f for e, f in zip(etas, block_factors)], caps=caps,
+                                        factors=block_factors)
+            except BaseException:  # a pass raised, or an interrupt came between two launches
+                with torch.no_grad():
+                    passes.rollback()
+                raise
+            finally:
+                self._reshard_fsdp()
+            self._last_dd = (buffers, [s[:, 2] for s in sums])
             self._advance_unsettled(k, passes)
 
             # telemetry: device values, formed only when read (each op is a launch on a GPU)
@@ -469,12 +481,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         # and out of the test: its η is 0 in the passes, so its θ is not touched at all
         frozen = [f == 0.0 for f in block_factors]
         plan = self._search_plan(table, frozen)
-        reduce = self._reducer()
         snapshot = passes.snapshot() if self.exact_revert else None
         try:
             with torch.no_grad():
                 if f0 is None:
                     f0 = trial_loss()
+                resolution = loss_resolution(f0)  # of the loss's own dtype, before the mean
                 if reduce is not None:  # the loss of the global batch, identical on every rank
                     f0 = reduce(f0.double().reshape(1)).reshape(())
                 passes.set_loss(f0)
@@ -486,7 +498,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                             "model, the data and the loss function before optimizing"
                         )
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
-                                                    trial_losses, frozen)
+                                                    trial_losses, frozen, resolution)
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
                 if accepted is not None:
                     final = [a * f for a, f in zip(accepted, block_factors)]
@@ -498,9 +510,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 if snapshot is not None:
                     passes.restore(snapshot)
-                elif passes.started:
-                    passes.move_to([0.0] * len(table))
-                    passes.undo_state()
+                else:
+                    passes.rollback()
             raise
         finally:
             env.close()
@@ -580,9 +591,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             g["block_cursor"] = self._cursor_next
 
     def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None,
-                    frozen=None):
+                    frozen=None, resolution=None):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
-                  guard=passes.guard(), reduce=reduce)
+                  guard=passes.guard(), reduce=reduce,
+                  resolution=loss_resolution(f0) if resolution is None else resolution)
         frozen = frozen or [False] * len(etas)
         if len(plan) == 1:  # global, or one block with the combined test
             eta0 = [self.policy.first_trial(e) if b in plan[0] else 0.0 if frozen[b] else e
@@ -1048,7 +1060,11 @@ class _FlatPasses(Passes):
         self.wd = [float(groups[b.group_index]["weight_decay"]) for b in buffers]
         self._grad_sq = None
         self._first_sums = None
-        self.started = False  # has a first pass folded this gradient into the state?
+        # per buffer, where a pass has left it: the device η it sits at and whether along the
+        # fallback direction (None: no pass yet, θ and state as before the step). Kept buffer by
+        # buffer, so an error between two buffers' launches rolls back exactly those passed.
+        self._at: list = [None] * len(buffers)
+        self._precond_at = [False] * len(buffers)
         self._gscale = None  # per device; set by _set_scale
         with torch.no_grad():
             self._make_gscale(None if loss_follows else f0, loss_follows)
@@ -1129,11 +1145,19 @@ class _FlatPasses(Passes):
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
                 self.wd[i], eta_i, self._gscale[b.device], b.layout, _model_copy(b),
                 table=_table(b)))
+            self._passed(i, eta_i, eta, False)
         sums = self._written(sums)
-        self.eta = list(eta)
         self._first_sums = sums
-        self.started = True
         return sums
+
+    @property
+    def started(self) -> bool:
+        """Has a first pass folded this step's gradient into some buffer's state?"""
+        return any(at is not None for at in self._at)
+
+    def _passed(self, i: int, eta_i: Tensor, eta, precond: bool) -> None:
+        self._at[i], self._precond_at[i] = eta_i, precond
+        self.eta[self.slices[i]] = eta[self.slices[i]]
 
     def trial_points(self, etas, precond):
         """θ0 − η_k d for every η_k, stacked: (params, [K, *shape] tensors), θ at θ0: one pass
@@ -1165,7 +1189,13 @@ class _FlatPasses(Passes):
                 s.copy_(saved)
             if model is not None:
                 b.model_param.copy_(model)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Every buffer is at θ0 with the state from before the step."""
         self.eta, self.precond = [0.0] * len(self.eta), False
+        self._at = [None] * len(self.buffers)
+        self._precond_at = [False] * len(self.buffers)
 
     def _written(self, sums):
         """After a pass (which has already written a bf16/fp16 model's copy of its fp32 master):
@@ -1178,26 +1208,43 @@ class _FlatPasses(Passes):
                     sums[i] = sums[i] * b.sum_scale
         return sums
 
-    def undo_state(self) -> None:
-        """Take this step's gradient back out of the state (torch math; an error path only)."""
+    def rollback(self) -> None:
+        """θ back to θ0 (to rounding, along the line) and this step's gradient taken back out
+        of the state, in every buffer a pass has reached (an error path: a pass or a trial
+        raised, or an interrupt came between two buffers' launches)."""
+        if not self.started:
+            return  # (nor may the guard exist yet: a search forms it once f0 is known)
         scale = [float(x) for x in self._scale0.tolist()]
-        if not all(math.isfinite(x) for x in scale):
-            return  # the first pass wrote nothing
+        folded = all(math.isfinite(x) for x in scale)  # else the first pass wrote nothing
         for i, b in enumerate(self.buffers):
-            g_in = b.grad.float() * (scale[0] * scale[1])
-            self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
+            if self._at[i] is None:
+                continue
+            zero = self._at[i] * 0
+            b.backend.move(
+                self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
+                self.wd[i], self._at[i], zero, self._gscale[b.device], b.layout,
+                self._precond_at[i], False, False, _model_copy(b), table=_table(b))
+            if isinstance(b, ShardedBuffer):
+                b.after_write()
+            if folded:
+                g_in = b.grad.float() * (scale[0] * scale[1])
+                self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
+        self._forget()
 
     def move_to(self, eta, *, precond=None, compute_sums=False):
         precond = self.precond if precond is None else precond
         out = []
         for i, b in enumerate(self.buffers):
+            eta_i = self._eta(i, eta)
             s = b.backend.move(
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
-                self.wd[i], self._eta(i, self.eta), self._eta(i, eta), self._gscale[b.device],
-                b.layout, self.precond, precond, compute_sums, _model_copy(b), table=_table(b))
+                self.wd[i], self._at[i], eta_i, self._gscale[b.device],
+                b.layout, self._precond_at[i], precond, compute_sums, _model_copy(b),
+                table=_table(b))
+            self._passed(i, eta_i, eta, precond)
             out.append(s)
         out = self._written(out if compute_sums else None)
-        self.eta, self.precond = list(eta), precond
+        self.precond = precond
         return out
 
     def grad_norm(self):
