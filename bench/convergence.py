@@ -134,7 +134,10 @@ def build(name: str, model, args, steps: int, device, autocast):
     """(optimizer, step fn, scheduler, record fn, eval hooks) for one entry of the comparison."""
     sched, record, hooks = None, None, (None, None)
     if name.startswith("ArmijoAdam"):
-        opt = ArmijoAdam(model.parameters(), weight_decay=args.wd, model=model)
+        kw = {}
+        if " init=" in name:  # --init-step-sizes: the same run from another initial η
+            kw["init_step_size"] = float(name.split(" init=")[1])
+        opt = ArmijoAdam(model.parameters(), weight_decay=args.wd, model=model, **kw)
         step, record = closure_step(opt, model, autocast), armijo_record(opt)
         base = record
 
@@ -143,7 +146,7 @@ def build(name: str, model, args, steps: int, device, autocast):
             return {**base(), "collapsed": bool(s["collapsed"]),
                     "exhausted": bool(s["exhausted"])}
 
-        if name.endswith("+cosine"):
+        if "+cosine" in name:
             sched = warmup_cosine(opt, steps)
     elif name.startswith("AdamW"):
         lr = float(name.split("=")[1])
@@ -179,6 +182,9 @@ def build(name: str, model, args, steps: int, device, autocast):
 def optimizer_names(args) -> list[str]:
     names = ["ArmijoAdam", "ArmijoAdam+cosine"] + [f"AdamW lr={lr:g}" for lr in args.lrs] + \
         ["SaLSa", "Prodigy", "ScheduleFree"]
+    if args.init_step_sizes:  # sensitivity to the initial step size, against the same sweep
+        names = [f"ArmijoAdam+cosine init={x:g}" for x in args.init_step_sizes] + \
+            [f"AdamW lr={lr:g}" for lr in args.lrs]
     if args.only:
         keep = [n for n in names if any(n.startswith(o) for o in args.only)]
         if not keep:
@@ -411,6 +417,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=[0], help="comma separated")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
                    help="optimizer name prefixes to run (e.g. ArmijoAdam,AdamW)")
+    p.add_argument("--init-step-sizes", type=_floats, default=None, metavar="X,Y,...",
+                   help="instead of the comparison: ArmijoAdam+cosine from each of these "
+                        "initial step sizes (init_step_size), against the AdamW sweep")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--max-plays", type=int, default=None, help="plays (or modules) kept")

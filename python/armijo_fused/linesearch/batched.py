@@ -67,7 +67,7 @@ def batched_armijo_search(
     candidates: int,
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
-    resolution: float = 1e-6,
+    resolution: float = 8.0 * torch.finfo(torch.float32).eps,
 ) -> SearchResult:
     """Global search over the sequence η0·backtrack^j, j < max_trials, ``candidates`` at a time.
 
@@ -110,7 +110,7 @@ def batched_armijo_search(
             continue  # same candidates along the fallback direction
         for eta, ft in zip(etas, f_k):
             history.append(([eta] * nblocks, ft))
-            unresolved = c * eta * gd <= resolution * abs(f_before) or ft == f_before
+            unresolved = eta * gd <= resolution * abs(f_before) or ft == f_before
             if not unresolved and math.isfinite(ft) and ft <= f_before - c * eta * gd:
                 passes.move_to([eta] * nblocks)
                 return SearchResult([eta] * nblocks, len(history), f_before, ft, gd, grad_sq,

@@ -12,7 +12,7 @@ global mode):
 4. Armijo: accept when f(trial) ≤ f0 − c · Σ_b η_b ⟨g_b, d_b⟩, in float64 on the host, on the
    direction actually applied. A non-finite trial loss is a rejection.
 5. Else η ← β·η, move θ in place to the new trial point (one fused pass), go to 2.
-6. Once the predicted decrease c·η·⟨g,d⟩ is below the loss's float resolution, or the trial
+6. Once the predicted decrease η·⟨g,d⟩ is below the loss's float resolution, or the trial
    loss equals f0 exactly (e.g. a loss that underflowed to 0), the comparison is decided by
    rounding: the search stops there (``unresolved``), takes no step and keeps η.
 7. After ``max_trials`` rejections: the documented fallback is to take no step (θ moves back to
@@ -83,6 +83,15 @@ def read_floats(tensors: Sequence[Tensor]) -> list[float]:
     return out
 
 
+def loss_resolution(loss: Tensor) -> float:
+    """The relative resolution of a loss value: 8 units in the last place of its dtype, so a
+    decrease below it is decided by rounding in f(trial) and f0. fp32 (and a Python float,
+    usually one's ``.item()``, and a float64 loss, to stay on the safe side): 9.5e-7; a
+    bf16 / fp16 loss (autocast without an fp32 loss): 6.3e-2 / 7.8e-3."""
+    dtype = loss.dtype if loss.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return 8.0 * torch.finfo(dtype).eps
+
+
 def armijo_search(
     passes: Passes,
     evaluate: Callable[[], Tensor],
@@ -97,7 +106,7 @@ def armijo_search(
     allow_fallback: bool = True,
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
-    resolution: float = 1e-6,
+    resolution: float = 8.0 * torch.finfo(torch.float32).eps,
 ) -> SearchResult:
     """Run one backtracking search; θ ends at the accepted trial point (or at θ0 if none).
 
@@ -112,8 +121,11 @@ def armijo_search(
     the passes wrote nothing (see torch_backend.py) and the search ends as skipped.
     ``reduce``: mean over ranks (distributed runs) of the trial loss, the per-block sums and the
     guard, in one collective per trial; ``f0`` must already be reduced.
-    ``resolution``: relative float resolution of the loss; once c·Σ η⟨g,d⟩ <= resolution·|f0|
-    the search stops without a step (``unresolved``), since rounding decides such comparisons.
+    ``resolution``: relative float resolution of the loss (:func:`loss_resolution`); once the
+    predicted decrease Σ η⟨g,d⟩ <= resolution·|f0| the search stops without a step
+    (``unresolved``), since rounding decides such comparisons. The predicted decrease, not its
+    c-fraction: with a small ``c`` the test is close to f(trial) <= f0, which a measurable
+    decrease still decides (c·Σ η⟨g,d⟩ made every search unresolved at c = 1e-4).
     """
     eta = list(eta0)
     if sums is None:
@@ -154,7 +166,7 @@ def armijo_search(
             sums = passes.move_to(eta, precond=True, compute_sums=True)
             precond = non_descent = True
             continue
-        if c * decrease <= resolution * abs(f_before) or f_trial == f_before:
+        if decrease <= resolution * abs(f_before) or f_trial == f_before:
             # The predicted decrease is below what the loss can resolve (float rounding, or a
             # gradient that underflowed on a batch already fit): the test carries no information
             # either way. Take no step and leave η alone (neither growth nor collapse).
