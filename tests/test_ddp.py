@@ -185,6 +185,25 @@ def test_ddp_a_rank_with_a_nan_loss_skips_everywhere_on_steps_without_a_search()
         assert torch.equal(p, q)
 
 
+def _rank_zero(rank, world):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = make_model()
+    try:
+        ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ArmijoAdam)
+    except TypeError as e:
+        return str(e)
+    return None
+
+
+def test_zero_redundancy_optimizer_is_refused_by_name():
+    # each rank's optimizer would search along its own shard only: a test on a point that is
+    # never applied (and collectives of different sizes when the ranks hold different blocks)
+    for message in run_ranks(_rank_zero, world=2, timeout=60):
+        assert message is not None and "ZeroRedundancyOptimizer" in message
+        assert "FSDP2" in message
+
+
 def _rank_bucket_view(rank, world):
     import warnings
 

@@ -386,12 +386,13 @@ def test_dropout_and_batchnorm_results_do_not_depend_on_whether_trials_ran():
     # The step size is pinned (growth 1, max_step = init), so a run that searches every step and
     # one that searches once take the same steps; trials in between must change nothing else:
     # parameters, BatchNorm statistics and the RNG stream end bitwise equal.
-    def run(cadence):
+    def run(cadence, given=True):
         torch.manual_seed(0)
         model = DropBN()
         g = torch.Generator().manual_seed(1)
         X, y = torch.randn(64, 5, generator=g), torch.randn(64, generator=g)
-        opt = ArmijoSGD(model.parameters(), backend="torch", cadence=cadence, model=model,
+        opt = ArmijoSGD(model.parameters(), backend="torch", cadence=cadence,
+                        model=model if given else None,
                         init_step_size=1e-3, growth=1.0, max_step=1e-3)
         torch.manual_seed(42)
         for _ in range(6):
@@ -406,6 +407,21 @@ def test_dropout_and_batchnorm_results_do_not_depend_on_whether_trials_ran():
     assert torch.equal(theta_a, theta_b)
     assert torch.equal(bn_a, bn_b)
     assert torch.equal(rng_a, rng_b)
+    # without model= (the drop-in form) the modules owning the parameters are found: the same
+    theta_c, bn_c, rng_c, _ = run("every", given=False)
+    assert torch.equal(theta_c, theta_a) and torch.equal(bn_c, bn_a)
+    assert torch.equal(rng_c, rng_a)
+
+
+def test_owned_buffers_finds_the_modules_of_the_parameters():
+    from armijo_fused.linesearch.trial import owned_buffers
+
+    model = DropBN()
+    found = owned_buffers(model.parameters())
+    bn = model.net[1]
+    assert len(found) == 3  # two Linear and the BatchNorm: the modules holding parameters
+    assert any(bufs is bn._buffers for bufs, _ in found)
+    assert owned_buffers([]) == [] and owned_buffers([nn.Parameter(torch.ones(2))]) == []
 
 
 # -- errors ---------------------------------------------------------------------------------------

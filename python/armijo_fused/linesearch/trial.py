@@ -11,7 +11,9 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
   the steps that follow draw the same numbers whether or not trials ran.
 * Buffers: the persistent buffers of the registered modules (BatchNorm statistics, counters) are
   copied before the trials and restored after them. Non-persistent buffers are treated as caches;
-  if a trial modifies one anyway, a warning names it.
+  if a trial modifies one anyway, a warning names it. Without a registered model the modules that
+  own the parameters are found once (:func:`owned_buffers`) and their buffers kept the same way.
+  (Nothing is patched around a forward for this: a compiled model would recompile every trial.)
 * Autograd: trials run under ``torch.no_grad()``; ``Tensor.backward``, ``torch.autograd.backward``
   and ``zero_grad`` of modules and optimizers are no-ops inside a trial, so a closure that does
   ``zero_grad(); loss.backward()`` (LBFGS / Lightning style) costs a forward only.
@@ -20,6 +22,7 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 
 import torch
@@ -76,21 +79,57 @@ def backward_suppressed():
         ) = saved
 
 
+def owned_buffers(params) -> list[tuple[dict, set]]:
+    """The buffers of the modules that hold ``params``, as (``_buffers``,
+    ``_non_persistent_buffers_set``) of each, for an optimizer built without ``model=``: their
+    BatchNorm statistics must survive the trials too.
+
+    A parameter does not know its module; the garbage collector's referrer lists do: a parameter
+    is held by its module's ``_parameters`` dict, which is held by the module's ``__dict__``,
+    where ``_buffers`` sits beside it. Two scans of the heap, once per optimizer (tens to a few
+    hundred ms). Modules with buffers but no parameters (a BatchNorm with ``affine=False``) are
+    not found: pass ``model=`` for those.
+    """
+    params = list(params)
+    if not params:
+        return []
+    ids = {id(p) for p in params}
+    holders = [r for r in gc.get_referrers(*params)
+               if type(r) is dict and any(id(v) in ids for v in r.values())]
+    if not holders:
+        return []
+    held = {id(d) for d in holders}
+    found = {}
+    for r in gc.get_referrers(*holders):
+        attrs = r if type(r) is dict else getattr(r, "__dict__", None)
+        if (type(attrs) is dict and id(attrs.get("_parameters")) in held
+                and type(attrs.get("_buffers")) is dict):
+            found[id(attrs)] = (attrs["_buffers"],
+                                attrs.get("_non_persistent_buffers_set", set()))
+    return list(found.values())
+
+
 class TrialEnv:
-    def __init__(self, modules=(), rng_before=None):
+    """``modules``: the registered models; ``buffers``: (``_buffers``, non-persistent names) of
+    modules found without one (:func:`owned_buffers`)."""
+
+    def __init__(self, modules=(), rng_before=None, buffers=()):
         self.rng_before = rng_before if rng_before is not None else capture_rng()
         self.rng_after = capture_rng()
         self._saved = []
         self._caches = []
-        for module in modules:
-            for m in module.modules():
-                for name, buf in m._buffers.items():
-                    if buf is None:
-                        continue
-                    if name in m._non_persistent_buffers_set:
+        owned = [(m, m._buffers, m._non_persistent_buffers_set)
+                 for module in modules for m in module.modules()]
+        owned += [(None, bufs, non_persistent) for bufs, non_persistent in buffers]
+        for m, bufs, non_persistent in owned:
+            for name, buf in bufs.items():
+                if buf is None:
+                    continue
+                if name in non_persistent:
+                    if m is not None:
                         self._caches.append((m, name, buf, buf._version))
-                    else:
-                        self._saved.append((buf, buf.detach().clone()))
+                else:
+                    self._saved.append((buf, buf.detach().clone()))
         self.used = False
 
     @contextlib.contextmanager

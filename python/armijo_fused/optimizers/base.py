@@ -8,6 +8,7 @@ policy, cadence and side-effect-free trials (``linesearch/``).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Callable
 
@@ -72,6 +73,29 @@ def _as_loss(value, what: str) -> Tensor:
     raise TypeError(f"{what} returned {type(value).__name__}; expected a scalar loss tensor or float")
 
 
+def _refuse_zero_redundancy(name: str) -> None:
+    """``ZeroRedundancyOptimizer(params, optimizer_class=ArmijoAdam)`` builds one optimizer per
+    rank over that rank's shard of the parameters: its trials would move only that shard, so the
+    Armijo test would judge a point that is never applied (and ranks holding different numbers
+    of blocks would send collectives of different sizes). It constructs the optimizer from its
+    own ``__init__`` / ``add_param_group``: look for it a few frames up."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is None:
+        return
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), zero.ZeroRedundancyOptimizer):
+            raise TypeError(
+                f"{name} cannot run inside torch.distributed.optim.ZeroRedundancyOptimizer: "
+                "each rank would search along its own shard of the parameters only. Use DDP "
+                "(the optimizer over all parameters on every rank) or FSDP2 (fully_shard, "
+                "which shards the optimizer state and which the line search supports)"
+            )
+        frame = frame.f_back
+
+
 class ArmijoOptimizer(torch.optim.Optimizer):
     """Base class: a direction rule searched along by a stochastic Armijo line search.
 
@@ -111,6 +135,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         tile: int = DEFAULT_TILE,
     ):
         _lr_value(lr)  # validates; schedulers own the value
+        _refuse_zero_redundancy(type(self).__name__)
         rule = get_rule(direction)
         _check_number("weight_decay", weight_decay, 0.0)
         _check_number("init_step_size", init_step_size, 0.0, lo_open=True)
@@ -459,7 +484,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             return f0
 
         # 2. The search, on trial forwards that leave no trace.
-        env = trial_mod.TrialEnv(self._modules, rng_before)
+        env = trial_mod.TrialEnv(self._modules, rng_before, self._owned_buffers())
         what = "loss_fn" if loss_fn is not None else "the closure"
 
         def trial_loss() -> Tensor:
@@ -948,6 +973,17 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     "between trial forwards and they see the moved weights"
                 )
         return buffers
+
+    def _owned_buffers(self) -> list:
+        """Without a registered model: the buffers of the modules that own the parameters
+        (BatchNorm statistics), found once and again after the parameters change."""
+        if self._modules:
+            return []
+        key = tuple(id(p) for g in self.param_groups for p in g["params"])
+        if getattr(self, "_owned", (None, None))[0] != key:
+            self._owned = (key, trial_mod.owned_buffers(
+                p for g in self.param_groups for p in g["params"]))
+        return self._owned[1]
 
     def _warn_gathered_grads(self) -> None:
         """Gradients that arrived as new tensors (``model.zero_grad()`` sets them to None, then
