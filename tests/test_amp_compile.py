@@ -142,3 +142,31 @@ def test_compiled_model_trains_like_the_eager_one(backend):
     with torch.no_grad():
         x, _ = batch(99)
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_training_step_runs_the_optimizer_step_eagerly():
+    # torch.compile of a function that calls opt.step: the step is not traced (it reads losses
+    # on the host); traced, it specialised on every step size and recompiled at each step
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        model = make_model()
+        opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+
+        def train_step(x, y, model=model, opt=opt):
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            return opt.step(closure)
+
+        fn = torch.compile(train_step, backend="eager") if compiled else train_step
+        with torch._dynamo.config.patch(error_on_recompile=compiled):
+            for step in range(6):
+                fn(*batch(step))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))

@@ -113,3 +113,26 @@ def test_batched_trial_points_keep_a_channels_last_layout():
     assert [t[0] for t in bat] == [t[0] for t in seq]
     for p, q in zip(bat_params, seq_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batchnorm_in_training_mode_is_refused_by_name_before_anything_moves():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    opt = ArmijoAdam(model.parameters(), model=model, candidates=3, cadence="every")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"candidates=.*\b1\b.*BatchNorm1d.*training mode"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta))
+    assert all(not s or all(not v.any() for v in s.values() if torch.is_tensor(v))
+               for s in opt.state.values())  # no moments were folded
+    model.eval()  # statistics frozen: batchable (dropout would be too)
+    opt.step(closure)
+    assert opt.stats["step_size"] > 0

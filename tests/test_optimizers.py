@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from problems import PROBLEMS, make_closure, minibatches
@@ -521,3 +523,35 @@ def test_closure_for_the_gradient_and_loss_fn_for_the_trials():
     assert calls["loss_fn"] >= 5
     assert calls["loss_fn"] == opt.param_groups[0]["forwards"] - 5
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("convert", [float, np.float32, np.float64], ids=["float", "np32", "np64"])
+def test_a_loss_fn_may_return_a_python_or_numpy_scalar(convert):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss_fn=lambda: convert(nn.functional.mse_loss(model(x), y).item()), loss=loss)
+        assert opt.stats["trials"] >= 1 and opt.stats["step_size"] > 0
+
+
+def test_groups_with_different_lr_get_a_warning_that_one_step_size_moves_them():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    groups = [{"params": model[0].parameters(), "lr": 1e-5},
+              {"params": model[1].parameters(), "lr": 1e-3}]
+    with pytest.warns(UserWarning, match=r"different lr \(1e-05 … 0.001\).*layerwise=True"):
+        ArmijoAdam(groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = [{"params": model[0].parameters(), "weight_decay": 0.1},
+                {"params": model[1].parameters(), "weight_decay": 0.0}]  # HF's two groups
+        ArmijoAdam(same, lr=3e-4)
+        ArmijoAdam([{"params": model[0].parameters(), "lr": 1e-5},
+                    {"params": model[1].parameters(), "lr": 1e-3}], layerwise=True)
+        opt = ArmijoAdam(model[0].parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="different lr"):
+        opt.add_param_group({"params": model[1].parameters(), "lr": 1e-4})

@@ -37,6 +37,21 @@ class _CallLoss(nn.Module):
         return self.fn()
 
 
+def check_batchable(model: nn.Module) -> None:
+    """Refuse, before anything moves, a model whose forward vmap cannot batch over K weight
+    sets: a BatchNorm (or InstanceNorm) that updates its running statistics in place."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    for name, m in model.named_modules():
+        if isinstance(m, _NormBase) and m.training and m.track_running_stats:
+            raise ValueError(
+                f"candidates= cannot batch the trial forward over {name or 'the model'} "
+                f"({type(m).__name__} in training mode updates its running statistics in "
+                "place): use the sequential search (candidates=None), or "
+                "track_running_stats=False"
+            )
+
+
 def stacked_loss(model: nn.Module, fn: Callable[[], Tensor], names: Sequence[str]):
     """``losses(stacked)``: ``stacked`` holds one [K, *shape] tensor per name; returns [K] losses
     of ``fn()`` evaluated with the model's parameters replaced by each slice in turn."""

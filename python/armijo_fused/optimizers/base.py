@@ -8,6 +8,7 @@ policy, cadence and side-effect-free trials (``linesearch/``).
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 from typing import Callable
@@ -18,7 +19,7 @@ from torch import Tensor
 from ..backends import resolve_backend, torch_backend
 from ..directions import get_rule
 from ..linesearch import trial as trial_mod
-from ..linesearch.batched import batched_armijo_search, stacked_loss
+from ..linesearch.batched import batched_armijo_search, check_batchable, stacked_loss
 from ..linesearch.cadence import Cadence
 from ..linesearch.controller import Passes, armijo_search, loss_resolution, read_floats
 from ..linesearch.policy import StepSizePolicy
@@ -68,7 +69,7 @@ def _as_loss(value, what: str) -> Tensor:
                 "(reduce it, e.g. with .mean())"
             )
         return value.detach().reshape(())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         return torch.tensor(float(value), dtype=torch.float64)
     raise TypeError(f"{what} returned {type(value).__name__}; expected a scalar loss tensor or float")
 
@@ -204,6 +205,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._init_group(group)
+        self._warn_group_lrs(stacklevel=4)  # the caller of ArmijoAdam(...)
         if self.layerwise and len(self.param_groups) == 1 and not self._names:
             raise ValueError(
                 "layerwise=True needs blocks: pass one param group per block (for instance "
@@ -240,6 +242,21 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             except Exception:  # a refused group must not stay half set up
                 self.param_groups.pop()
                 raise
+            self._warn_group_lrs()
+
+    def _warn_group_lrs(self, stacklevel: int = 3) -> None:
+        """Groups given different learning rates (a faster head, layer-wise lr decay) ask for
+        a ratio that torch's optimizers apply and one searched step size does not: say so once."""
+        lrs = sorted({g["lr_ref"] for g in self.param_groups if g["lr_ref"] > 0})
+        if self.layerwise or len(lrs) < 2 or getattr(self, "_warned_lrs", False):
+            return
+        self._warned_lrs = True
+        warnings.warn(
+            f"{type(self).__name__}: the param groups have different lr ({lrs[0]:g} … "
+            f"{lrs[-1]:g}), but one searched step size η moves them all: each group follows "
+            "its own schedule (η · lr_t / lr_0), not the ratio between the groups' lr. For a "
+            "step size per group pass layerwise=True; a group at lr 0 stays frozen",
+            stacklevel=stacklevel)
 
     # -- copies and pickling -------------------------------------------------------------------
     #: what a copy or a pickle carries besides torch's (defaults, state, param_groups): the
@@ -384,6 +401,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             buf.zero_grad()
 
     # -- the step ------------------------------------------------------------------------------
+    # Not traced when a compiled function calls it: the search reads losses on the host, so a
+    # trace would break there anyway, and specialising on each step size recompiled every step
+    # until dynamo's limit. The model's forward inside the closure stays compiled.
+    @torch.compiler.disable
     def step(self, closure=None, *, loss_fn: Callable | None = None, loss=None):
         """One optimizer step; returns the loss at the parameters before the step (or None).
 
@@ -505,6 +526,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         # a group whose lr is 0 at this step (frozen, warmup from 0) stays at θ0 in every trial
         # and out of the test: its η is 0 in the passes, so its θ is not touched at all
         frozen = [f == 0.0 for f in block_factors]
+        if self.candidates is not None and not any(frozen):
+            check_batchable(self._modules[0])
         plan = self._search_plan(table, frozen)
         snapshot = passes.snapshot() if self.exact_revert else None
         try:
