@@ -134,7 +134,7 @@ def build(name: str, model, args, steps: int, device, autocast):
     """(optimizer, step fn, scheduler, record fn, eval hooks) for one entry of the comparison."""
     sched, record, hooks = None, None, (None, None)
     if name.startswith("ArmijoAdam"):
-        kw = {}
+        kw = dict(args.armijo_kw or {})
         if " init=" in name:  # --init-step-sizes: the same run from another initial η
             kw["init_step_size"] = float(name.split(" init=")[1])
         opt = ArmijoAdam(model.parameters(), weight_decay=args.wd, model=model, **kw)
@@ -296,6 +296,8 @@ def markdown(result: dict) -> str:
         f" weight decay {args['wd']}, seeds {args['seeds']}; torch {env['torch']}, "
         f"{env['torch_threads']} thread(s); commit `{env['git_commit']}`, {env['date']}.",
         "",
+        *([f"ArmijoAdam runs with `{json.dumps(args['armijo_kw'])}` besides the defaults.", ""]
+          if args.get("armijo_kw") else []),
         f"Final losses on fixed batches ({args['eval_batches']} batches of the training text; "
         "validation: held-out text). Forwards per step include the training forward.",
         "",
@@ -333,6 +335,19 @@ def markdown(result: dict) -> str:
             lines += [f"ArmijoAdam without a schedule (the searched η applied as is): "
                       f"{b['final_train']:.4f} = {b['ratio_to_best_adamw']:.3f} × best, "
                       f"{b['ratio_to_median_adamw']:.3f} × median.", ""]
+    starts = [r for r in result["runs"] if " init=" in r["name"]]
+    if starts:  # --init-step-sizes: how much the initial step size matters
+        lines += ["Sensitivity to `init_step_size` (ArmijoAdam with the sweep's schedule, "
+                  "× best AdamW; AdamW itself over its lr sweep: "
+                  + ", ".join(f"seed {seed} {min(rs):.3f} … {max(rs):.3f}" for seed, rs in (
+                      (seed, [r["final_train"] / s["best_adamw_train"] for r in result["runs"]
+                              if r["seed"] == int(seed) and r["name"].startswith("AdamW")])
+                      for seed, s in result["summary"].items()) if rs) + "):", ""]
+        for seed, s in result["summary"].items():
+            cells = [f"{r['name'].split(' init=')[1]}: {r['final_train'] / s['best_adamw_train']:.3f}"
+                     for r in starts if r["seed"] == int(seed)]
+            lines.append(f"- seed {seed}: " + ", ".join(cells))
+        lines.append("")
     for r in result["runs"]:
         if r["name"].startswith("ArmijoAdam"):
             o = r["observations"]
@@ -420,6 +435,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init-step-sizes", type=_floats, default=None, metavar="X,Y,...",
                    help="instead of the comparison: ArmijoAdam+cosine from each of these "
                         "initial step sizes (init_step_size), against the AdamW sweep")
+    p.add_argument("--armijo-kw", type=json.loads, default=None, metavar="JSON",
+                   help='extra ArmijoAdam arguments for every ArmijoAdam run, e.g. '
+                        '\'{"cadence": "every"}\'')
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--max-plays", type=int, default=None, help="plays (or modules) kept")
@@ -492,7 +510,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"convergence_{result_slug(device)}{args.tag}"
+    stem = f"convergence_{result_slug(device)}" + (f"-{args.tag.lstrip('-')}" if args.tag else "")
     write_json(out / f"{stem}.json", result)
     (out / f"{stem}.md").write_text(markdown(result))
     plot(result, out / f"{stem}.png")

@@ -126,6 +126,16 @@ def assert_snapshots(a, b, *, exact):
     assert torch.equal(a["rng"], b["rng"])
 
 
+def assert_restored_but_the_training_forward(before, run, *, exact):
+    """After a step that raised: everything as in ``before`` except what the training forward
+    itself did (BatchNorm statistics moved, RNG drawn), and no trial patch left behind."""
+    after = run.snapshot()
+    after["buffers"] = before["buffers"]
+    after["rng"] = before["rng"]
+    assert_snapshots(before, after, exact=exact)
+    assert nothing_leaked()
+
+
 def second_moments_non_negative(opt):
     return all(bool((v >= 0).all()) for s in opt.state.values()
                for k, v in s.items() if k in ("exp_avg_sq", "square_avg"))
@@ -406,11 +416,7 @@ def test_closure_raising_restores_everything(at_call, exact):
     before = run.snapshot()
     with pytest.raises(RuntimeError, match="illegal memory access"):
         run.opt.step(flaky)
-    after = run.snapshot()
-    after["buffers"] = before["buffers"]  # the training forward itself ran (BatchNorm moved)
-    after["rng"] = before["rng"]
-    assert_snapshots(before, after, exact=exact)
-    assert nothing_leaked()
+    assert_restored_but_the_training_forward(before, run, exact=exact)
     run.steps(1)
     assert torch.isfinite(run.theta()).all() and run.opt.stats["step_size"] > 0
 
@@ -486,11 +492,7 @@ def test_a_pass_failing_between_two_buffers_rolls_back_the_first(where, exc, bac
         run.opt.step(run.closure)
     assert calls[0] >= 2  # (the rollback moves the first buffer back: more calls)
     monkeypatch.undo()
-    after = run.snapshot()
-    after["buffers"] = before["buffers"]  # the training forward itself ran (BatchNorm moved)
-    after["rng"] = before["rng"]
-    assert_snapshots(before, after, exact=False)
-    assert nothing_leaked()
+    assert_restored_but_the_training_forward(before, run, exact=False)
     run.steps(1)
     assert torch.isfinite(run.theta()).all() and not run.opt.stats["skipped"]
 
