@@ -86,6 +86,33 @@ def test_parameters_swapped_into_param_groups_are_detected():
     assert new.untyped_storage().data_ptr() == opt._buffers[0].param.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("how", ["attribute", "assign"])
+def test_parameters_replaced_in_the_model_alone_are_warned_about_once(how):
+    # the model's tensor replaced without telling the optimizer: torch's optimizers silently
+    # train the old tensor too; with model= given, this one can see it and says so
+    model, loss = _model_and_data()
+    extra = nn.Parameter(torch.ones(()))  # optimized but never the model's: no warning for it
+    opt = ArmijoSGD([*model.parameters(), extra], backend="torch", model=model, cadence="every")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.step(make_closure(opt, loss))
+        new = nn.Parameter(model[2].weight.detach().clone())
+        model[2].weight = new  # also swapped into param_groups: that is supported, no warning
+        opt.param_groups[0]["params"][2] = new
+        opt.step(make_closure(opt, loss))
+    if how == "attribute":
+        model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+    else:
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    with pytest.warns(UserWarning, match=r"no longer holds \d+ of the optimized parameters "
+                                         r"\(0\.weight"):
+        opt.step(make_closure(opt, loss))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(make_closure(opt, loss))  # once
+
+
 def test_model_moved_after_construction_is_rebuilt():
     model, loss = _model_and_data()
     opt = ArmijoAdam(model.parameters(), backend="torch")

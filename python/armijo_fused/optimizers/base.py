@@ -505,6 +505,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             return f0
 
         # 2. The search, on trial forwards that leave no trace.
+        self._check_model_still_holds_params()
         env = trial_mod.TrialEnv(self._modules, rng_before, self._owned_buffers())
         what = "loss_fn" if loss_fn is not None else "the closure"
 
@@ -996,6 +997,31 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     "between trial forwards and they see the moved weights"
                 )
         return buffers
+
+    def _check_model_still_holds_params(self) -> None:
+        """With ``model=``: a parameter the model held and holds no more was replaced
+        (``module.weight = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``). The
+        optimizer would go on training the old tensor while the model's own never moves, and
+        every search would see no effect of its steps: say so, once. (Parameters the model never
+        held, such as a free-standing temperature, are not its business.)"""
+        if not self._modules or getattr(self, "_warned_replaced", False):
+            return
+        held = {id(p) for m in self._modules for p in m.parameters()}
+        ours = [p for g in self.param_groups for p in g["params"]]
+        if getattr(self, "_in_model", None) is None:
+            self._in_model = {id(p) for p in ours if id(p) in held}
+            return
+        gone = [p for p in ours if id(p) in self._in_model and id(p) not in held]
+        if gone:
+            self._warned_replaced = True
+            names = [self._names.get(id(p), f"of shape {tuple(p.shape)}") for p in gone[:3]]
+            warnings.warn(
+                f"{type(self).__name__}: the model no longer holds {len(gone)} of the optimized "
+                f"parameters ({', '.join(names)}{', ...' if len(gone) > 3 else ''}): replaced "
+                "by new tensors (module.weight = nn.Parameter(...), load_state_dict(..., "
+                "assign=True))? The optimizer still trains the old ones. Copy new values in "
+                "place (load_state_dict without assign), or build the optimizer again",
+                stacklevel=3)
 
     def _owned_buffers(self) -> list:
         """Without a registered model: the buffers of the modules that own the parameters
