@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import warnings
@@ -388,7 +389,7 @@ def test_dropout_and_batchnorm_results_do_not_depend_on_whether_trials_ran():
     # The step size is pinned (growth 1, max_step = init), so a run that searches every step and
     # one that searches once take the same steps; trials in between must change nothing else:
     # parameters, BatchNorm statistics and the RNG stream end bitwise equal.
-    def run(cadence, given=True):
+    def run(cadence, given=True, hidden=False):
         torch.manual_seed(0)
         model = DropBN()
         g = torch.Generator().manual_seed(1)
@@ -397,8 +398,12 @@ def test_dropout_and_batchnorm_results_do_not_depend_on_whether_trials_ran():
                         model=model if given else None,
                         init_step_size=1e-3, growth=1.0, max_step=1e-3)
         torch.manual_seed(42)
+        models = [model]  # hidden: the loss reaches the model through a list only
         for _ in range(6):
-            opt.step(make_closure(opt, lambda: ((model(X) - y) ** 2).mean()))
+            if hidden:
+                opt.step(make_closure(opt, lambda: ((models[0](X) - y) ** 2).mean()))
+            else:
+                opt.step(make_closure(opt, lambda: ((model(X) - y) ** 2).mean()))
         assert int(model.net[1].num_batches_tracked) == 6  # trials did not count as batches
         return flat(model), model.net[1].running_var.clone(), torch.rand(2), opt
 
@@ -409,10 +414,35 @@ def test_dropout_and_batchnorm_results_do_not_depend_on_whether_trials_ran():
     assert torch.equal(theta_a, theta_b)
     assert torch.equal(bn_a, bn_b)
     assert torch.equal(rng_a, rng_b)
-    # without model= (the drop-in form) the modules owning the parameters are found: the same
-    theta_c, bn_c, rng_c, _ = run("every", given=False)
-    assert torch.equal(theta_c, theta_a) and torch.equal(bn_c, bn_a)
-    assert torch.equal(rng_c, rng_a)
+    # without model= (the drop-in form): the model the closure reaches, or else the modules
+    # that own the parameters (a heap scan), are found: the same
+    for hidden in (False, True):
+        theta_c, bn_c, rng_c, opt_c = run("every", given=False, hidden=hidden)
+        assert torch.equal(theta_c, theta_a) and torch.equal(bn_c, bn_a)
+        assert torch.equal(rng_c, rng_a)
+        assert bool(opt_c._reached[1]) != hidden  # which of the two ways found them
+
+
+def test_models_in_reach_of_a_loss_function():
+    from armijo_fused.linesearch.trial import models_in_reach
+
+    model = DropBN()
+    params = list(model.parameters())
+
+    class Holder:
+        def __init__(self):
+            self.net = model
+
+        def loss(self):
+            return self.net(torch.ones(2, 5)).sum()
+
+    assert models_in_reach(lambda: model(torch.ones(2, 5)).sum(), params) == [model]
+    assert models_in_reach(Holder().loss, params) == [model]  # self.net
+    assert models_in_reach(functools.partial(model, torch.ones(2, 5)), params) == [model]
+    half = nn.Linear(5, 1)  # reaches a model that does not hold all the parameters: None
+    assert models_in_reach(lambda: half(torch.ones(1, 5)), params) is None
+    box = [model]  # containers are not searched: the caller falls back to a heap scan
+    assert models_in_reach(lambda: box[0](torch.ones(2, 5)).sum(), params) is None
 
 
 def test_owned_buffers_finds_the_modules_of_the_parameters():

@@ -11,8 +11,9 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
   the steps that follow draw the same numbers whether or not trials ran.
 * Buffers: the persistent buffers of the registered modules (BatchNorm statistics, counters) are
   copied before the trials and restored after them. Non-persistent buffers are treated as caches;
-  if a trial modifies one anyway, a warning names it. Without a registered model the modules that
-  own the parameters are found once (:func:`owned_buffers`) and their buffers kept the same way.
+  if a trial modifies one anyway, a warning names it. Without a registered model, the models the
+  loss function reaches (:func:`models_in_reach`), or else the modules that own the parameters
+  (:func:`owned_buffers`), are found once and their buffers kept the same way.
   (Nothing is patched around a forward for this: a compiled model would recompile every trial.)
 * Autograd: trials run under ``torch.no_grad()``; ``Tensor.backward``, ``torch.autograd.backward``
   and ``zero_grad`` of modules and optimizers are no-ops inside a trial, so a closure that does
@@ -22,7 +23,10 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import inspect
+import types
 import warnings
 
 import torch
@@ -77,6 +81,49 @@ def backward_suppressed():
             nn.Module.zero_grad,
             torch.optim.Optimizer.zero_grad,
         ) = saved
+
+
+def models_in_reach(fn, params, depth: int = 3) -> list[nn.Module] | None:
+    """The modules a loss function can reach (its closure cells, defaults, globals it names,
+    a bound method's object, their attributes: ``depth`` levels), if together they hold every
+    one of ``params``; else None. Cheap, and what a closure usually captures: the model (or a
+    DDP / compiled wrapper of it, or ``self`` holding it)."""
+    wanted = {id(p) for p in params}
+    seen: set[int] = set()
+    found: list[nn.Module] = []
+
+    def visit(obj, level: int) -> None:
+        if id(obj) in seen or level < 0:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            found.append(obj)
+        elif inspect.ismethod(obj):
+            visit(obj.__self__, level)
+            visit(obj.__func__, level)
+        elif inspect.isfunction(obj):
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, level - 1)
+                except ValueError:  # an empty cell
+                    pass
+            for value in obj.__defaults__ or ():
+                visit(value, level - 1)
+            names = obj.__globals__
+            for name in obj.__code__.co_names:
+                if name in names:
+                    visit(names[name], level - 1)
+        elif isinstance(obj, functools.partial):
+            for value in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(value, level - 1)
+        elif not isinstance(obj, (type, types.ModuleType)) and isinstance(
+                getattr(obj, "__dict__", None), dict):
+            for value in list(vars(obj).values()):
+                visit(value, level - 1)
+
+    visit(fn, depth)
+    held = {id(p) for m in found for p in m.parameters()}
+    return found if found and wanted <= held else None
 
 
 def owned_buffers(params) -> list[tuple[dict, set]]:

@@ -506,7 +506,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
         # 2. The search, on trial forwards that leave no trace.
         self._check_model_still_holds_params()
-        env = trial_mod.TrialEnv(self._modules, rng_before, self._owned_buffers())
+        models = self._modules or self._models_for_trials(evaluate)
+        env = trial_mod.TrialEnv(models, rng_before, () if models else self._owned_buffers())
         what = "loss_fn" if loss_fn is not None else "the closure"
 
         def trial_loss() -> Tensor:
@@ -1023,11 +1024,20 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 "place (load_state_dict without assign), or build the optimizer again",
                 stacklevel=3)
 
+    def _models_for_trials(self, evaluate) -> list:
+        """Without a registered model: the models the loss function reaches, if they hold all
+        the parameters (found once; the closure is usually a new object every step). Else the
+        parameters' own modules are found by ``_owned_buffers``."""
+        key = tuple(id(p) for g in self.param_groups for p in g["params"])
+        if getattr(self, "_reached", (None, None))[0] != key:
+            self._reached = (key, trial_mod.models_in_reach(
+                evaluate, [p for g in self.param_groups for p in g["params"]]))
+        return self._reached[1] or []
+
     def _owned_buffers(self) -> list:
-        """Without a registered model: the buffers of the modules that own the parameters
-        (BatchNorm statistics), found once and again after the parameters change."""
-        if self._modules:
-            return []
+        """Without a model registered or in the loss function's reach: the buffers of the
+        modules that hold the parameters (BatchNorm statistics), found once and again after the
+        parameters change (a heap scan: see trial.owned_buffers)."""
         key = tuple(id(p) for g in self.param_groups for p in g["params"])
         if getattr(self, "_owned", (None, None))[0] != key:
             self._owned = (key, trial_mod.owned_buffers(

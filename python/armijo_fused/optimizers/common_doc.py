@@ -72,8 +72,9 @@ LINESEARCH_ARGS = r"""
             contiguous fp32 tensors through per-tile pointer tables at the same bytes per
             parameter, and copy the others in and out around each pass (default: True)
         model (nn.Module, optional): the model, so trial forwards restore its buffers
-            (BatchNorm statistics) afterwards; without it the modules that hold the parameters
-            are found once (a BatchNorm without affine parameters is then missed) (default: None)
+            (BatchNorm statistics) afterwards; without it, the model the loss function reaches
+            is used, or else the modules that hold the parameters (a BatchNorm without affine
+            parameters is then missed), found once (default: None)
 
     The group's ``lr`` belongs to your scheduler and is never written: the parameters move by
     η · lr_t / lr_0, where lr_0 is the group's ``initial_lr`` (set by torch schedulers) or the
