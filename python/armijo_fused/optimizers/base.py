@@ -1028,7 +1028,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """Without a registered model: the models the loss function reaches, if they hold all
         the parameters (found once; the closure is usually a new object every step). Else the
         parameters' own modules are found by ``_owned_buffers``."""
-        key = tuple(id(p) for g in self.param_groups for p in g["params"])
+        key = self._buffer_key  # which tensors train: formed by this step's _sync_buffers
         if getattr(self, "_reached", (None, None))[0] != key:
             self._reached = (key, trial_mod.models_in_reach(
                 evaluate, [p for g in self.param_groups for p in g["params"]]))
@@ -1038,7 +1038,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """Without a model registered or in the loss function's reach: the buffers of the
         modules that hold the parameters (BatchNorm statistics), found once and again after the
         parameters change (a heap scan: see trial.owned_buffers)."""
-        key = tuple(id(p) for g in self.param_groups for p in g["params"])
+        key = self._buffer_key
         if getattr(self, "_owned", (None, None))[0] != key:
             self._owned = (key, trial_mod.owned_buffers(
                 p for g in self.param_groups for p in g["params"]))
