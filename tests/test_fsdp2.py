@@ -146,8 +146,10 @@ def _rank_failed_step(rank, world, exact):
     from armijo_fused.storage.sharded import _local
 
     model = shard(make_model())
-    opt = make_opt(model, exact_revert=exact, init_step_size=3.0)
+    opt = make_opt(model, exact_revert=exact)
     train(model, opt, 2, rank, world)
+    for g in opt.param_groups:  # a first trial far too long: the search backtracks
+        g["step_size"] = 3.0
     params = list(model.parameters())
     before = [_local(p).clone() for p in params]
     state_before = [{k: _local(v).clone() for k, v in opt.state[p].items()

@@ -1307,3 +1307,59 @@ def test_a_per_tensor_state_dict_replaced_by_user_code_is_reattached():
     live = opt.state_dict()["state"][0]["exp_avg"]
     start = buf.states[0].data_ptr()
     assert start <= live.data_ptr() < start + 4 * buf.states[0].numel()
+
+
+# == the step-size policy after small steps =========================================================
+def _stiff_quadratic(**kw):
+    """0.5 xᵀAx − bᵀx with curvatures 1 … 1e4: plain SGD needs η < 2e-4, far below its start 1."""
+    torch.manual_seed(0)
+    a, b = torch.logspace(0, 4, 20), torch.randn(20)
+    x = nn.Parameter(torch.zeros(20))
+    opt = ArmijoSGD([x], backend="torch", **kw)
+    scale = [1.0]
+    closure = make_closure(opt, lambda: 0.5 * (scale[0] * a * x * x).sum() - b @ x)
+    return opt, closure, scale
+
+
+def test_a_first_search_below_the_untested_start_sets_the_step_size():
+    # η̄ starts at init_step_size, which nothing has tested: a first search that backtracks
+    # 13 times was a "collapse", η went back to 1 and every later search backtracked again
+    opt, closure, _ = _stiff_quadratic(cadence="every")
+    opt.step(closure)
+    first = opt.stats["step_size"]
+    assert first < 1e-3 and not opt.stats["collapsed"]
+    assert opt.param_groups[0]["step_size_avg"] == first
+    opt.step(closure)
+    assert opt.stats["trials"] <= 2
+
+
+@pytest.mark.parametrize("cadence", [5, "adaptive"])
+def test_after_a_collapse_the_next_step_searches_and_a_second_one_moves_the_average(cadence):
+    opt, closure, scale = _stiff_quadratic(cadence=cadence, init_step_size=1e-4)
+    for _ in range(8):
+        opt.step(closure)
+    scale[0] = 1e3  # the landscape stiffens 1000x: the next search accepts ~1000x less
+    opt.step(closure)
+    while not opt.stats["searched"]:
+        opt.step(closure)
+    assert opt.stats["collapsed"]
+    avg = opt.param_groups[0]["step_size_avg"]
+    opt.step(closure)  # the reset η̄ was just rejected: not applied blindly
+    assert opt.stats["searched"] and not opt.stats["collapsed"]
+    assert opt.param_groups[0]["step_size_avg"] < 0.01 * avg  # two in a row: η̄ follows
+    for _ in range(5):
+        opt.step(closure)
+        assert math.isfinite(float(opt.stats["loss_before"]))
+
+
+def test_steps_without_a_search_keep_the_weight_decay_cap():
+    # trials cap η at 0.5 / weight_decay so that 1 − η·wd stays positive; the η̄ applied between
+    # searches came from an average with the start and went past it (θ flipped sign each step)
+    torch.manual_seed(0)
+    target = torch.randn(64)
+    p = nn.Parameter(torch.randn(64))
+    opt = ArmijoAdam([p], weight_decay=10.0, init_step_size=1.0, cadence=1000, backend="torch")
+    closure = make_closure(opt, lambda: ((p - target) ** 2).mean())
+    for _ in range(10):
+        opt.step(closure)
+        assert opt.stats["applied_step"] * 10.0 <= 0.5 * (1 + 1e-6)  # (η in fp32)

@@ -12,11 +12,16 @@ State (kept in every param group so schedulers, DCP and ``load_state_dict`` carr
   AdamW of a learning-rate sweep on both seeds where raw steps (s = 0) lost by 17–20%
   (bench/results/convergence_cpu.md). ``smoothing=0`` applies the accepted step as is.
 
+The first search that backtracks below ``init_step_size`` (which nothing had tested) sets η and
+η̄ to the step it accepted, instead of averaging with the start or counting a collapse.
+
 Collapse guard: one noisy mini-batch can make the search accept a step orders of magnitude smaller
 than usual, or none at all (trials exhausted). Carried over, such a step size stalls training for
 many steps while growth (×1.2 per search) climbs back. So an accepted step below
 ``collapse_ratio · η̄`` (default 1e-2: two orders of magnitude), or an exhausted search, does not
-enter the average and the step size is reset to η̄ instead (DESIGN.md §8, lesson 3).
+enter the average and the step size is reset to η̄ instead (DESIGN.md §8, lesson 3), and the next
+step searches again (η̄ has just been rejected). If that search collapses too, the small step is
+no accident: η and η̄ take it.
 """
 
 from __future__ import annotations
@@ -50,9 +55,15 @@ class StepSizePolicy:
     def first_trial(self, step_size: float) -> float:
         return self.cap(step_size * self.growth)
 
-    def after_search(self, step_size_avg: float, accepted: float | None) -> tuple[float, float, bool]:
+    def after_search(self, step_size_avg: float, accepted: float | None,
+                     untested: bool = False, again: bool = False) -> tuple[float, float, bool]:
         """(new step_size, new step_size_avg, collapsed?) after a search that accepted ``accepted``
-        (None: trials exhausted)."""
+        (None: trials exhausted). ``untested``: η̄ is still ``init_step_size``, which no search
+        has tested: a first search that backtracked below it replaces it (no collapse, and no
+        average with a value the test has just rejected). ``again``: the previous search
+        collapsed too: two in a row are the landscape changing, and η̄ follows."""
+        if (untested or again) and accepted is not None and accepted < step_size_avg:
+            return self.cap(accepted), accepted, False
         if accepted is None or accepted < self.collapse_ratio * step_size_avg:
             return self.cap(step_size_avg), step_size_avg, True
         s = self.smoothing

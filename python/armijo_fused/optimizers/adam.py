@@ -28,7 +28,7 @@ class ArmijoAdam(ArmijoOptimizer):
     with :math:`\hat m_k = m_k / (1-\beta_1^k)`, :math:`\hat v_k = v_k / (1-\beta_2^k)`. If
     :math:`\langle g_k, d_k \rangle \le 0` (momentum can point uphill) the step uses the fallback
     direction :math:`g_k / (\sqrt{\hat v_k} + \epsilon)` instead. The search runs on the steps the
-    cadence picks; the others apply the last accepted η.
+    cadence picks; the others apply the smoothed step size η̄ (see ``smoothing``).
 
     Args:
         params (iterable): parameters or param groups (dicts), as for any torch optimizer

@@ -471,6 +471,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         passes = _FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
 
         if not search:
+            etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
             try:
                 with torch.no_grad():
                     caps = self._length_caps(table, buffers)
@@ -577,8 +578,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if accepted is not None and not skipped and result.block_dd:
             self._record_step_length(table, result.block_dd)
         exhausted = accepted is None and not (skipped or result.unresolved)
+        # after a collapse η is reset to η̄, which this search has just rejected: like an
+        # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
-                                                          exhausted)
+                                                          exhausted or collapsed)
         if self.layerwise and self.block_search == "round_robin":
             self._advance_cursor()
         for g in groups:
@@ -704,6 +707,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         exact = getattr(result, "exact", None)
         outcomes = exact if exact is not None else [(plan[0], accepted)]
         settled_all, collapsed_any = True, False
+        # the previous step's search collapsed as well (it forced this one): a second small step
+        # in a row is the landscape changing, not one noisy batch
+        again = bool(self.stats.get("collapsed", False))
         new = list(etas)
         found = {}  # block -> the step size its search accepted this step
         for members, acc in outcomes:
@@ -712,7 +718,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             a = acc[members[0]] if acc is not None else None
             if a is not None:
                 found.update({b: a for b in members})
-            eta, new_avg, collapsed = self.policy.after_search(avg, a)
+            untested = (self.param_groups[gi]["block_searched_at"][lb] == 0 if self.layerwise
+                        else self.param_groups[gi]["searches"] == 0)  # η̄ is still the start
+            eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,
+                                                               again=again)
             settled_all &= self.cadence.settled(a, avg) and not collapsed
             collapsed_any |= collapsed
             for b in members:

@@ -22,9 +22,11 @@ LINESEARCH_ARGS = r"""
             running average counts as a collapse and η is reset to the average (default: 1e-2)
         cadence ("adaptive" | "every" | int, optional): when to search. "every": each step; an
             int k: every k-th step; "adaptive": search while η is still moving, then every
-            ``max_interval`` steps at most. Steps without a search apply the last accepted η,
-            moving at most twice as far as the accepted step did (momentum grows the direction
-            between searches), and cost no extra forward and no host sync (default: "adaptive")
+            ``max_interval`` steps at most; after an exhausted or collapsed search the next
+            step searches. Steps without a search apply the smoothed η̄ (capped at 0.5 / the
+            largest weight decay, as trials are), moving at most twice as far as η̄ along the
+            direction the last search tested (momentum grows the direction between searches),
+            and cost no extra forward and no host sync (default: "adaptive")
         max_interval (int, optional): longest gap between searches of the adaptive cadence
             (default: 10)
         max_grad_norm (float, optional): clip the gradient that enters the direction to this
