@@ -452,6 +452,10 @@ def test_opcheck_schemas_and_fake_impls():
         (4, c.param, g16, c.states, list(c.scalars), 0.01, c.eta, c.eta * 0.5, c.gscale,
          lay.tile_block, lay.block_tiles, lay.tile, False, False, False, model),
     )
+    # the norm of a half gradient is fp32, in the fake kernel too (compiled code read it as
+    # bf16 and returned other numbers)
+    torch.library.opcheck(torch.ops.armijo_fused.grad_sq_norm.default,
+                          (g16, lay.tile_block, lay.block_tiles, lay.tile))
 
 
 def test_torch_compile_traces_the_ops_and_keeps_their_writes():

@@ -181,5 +181,5 @@ if available():
         return param.new_empty((_nblocks(block_tiles), 3))
 
     @torch.library.register_fake("armijo_fused::grad_sq_norm")
-    def _grad_sq_norm_fake(grad, tile_block, block_tiles, tile):
-        return grad.new_empty((_nblocks(block_tiles),))
+    def _grad_sq_norm_fake(grad, tile_block, block_tiles, tile):  # fp32 for a half gradient too
+        return grad.new_empty((_nblocks(block_tiles),), dtype=torch.float32)
