@@ -93,7 +93,8 @@ def test_optimizers_tuple_accumulation_and_the_window_closure(tmp_path):
     before = params(model)
     opt = ArmijoAdam(model.parameters(), weight_decay=0.01, cadence="every")
     check = CheckWindowLoss()
-    trainer = LineSearchTrainer(model=model, args=args(tmp_path), train_dataset=TokenData(),
+    training_args = args(tmp_path)
+    trainer = LineSearchTrainer(model=model, args=training_args, train_dataset=TokenData(),
                                 optimizers=(opt, None), callbacks=[check])
     check.trainer = trainer
     clips = []
@@ -108,8 +109,9 @@ def test_optimizers_tuple_accumulation_and_the_window_closure(tmp_path):
     assert check.logged_norms == pytest.approx(check.true_norms, rel=1e-5)  # ‖g‖ before the step
     assert armijo_optimizer(trainer.optimizer) is opt
     assert opt.param_groups[0]["step"] == 4 and opt.param_groups[0]["searches"] == 4
-    # clipping moved from Trainer into the optimizer
-    assert trainer.args.max_grad_norm == 0.0 and opt.max_grad_norm == 1.0
+    # clipping moved from Trainer into the optimizer; the caller's arguments are not changed
+    # (a second trainer built from them, e.g. to resume, must clip the same)
+    assert opt.max_grad_norm == 1.0 and training_args.max_grad_norm == 1.0
     assert opt.stats["trials"] >= 1 and torch.isfinite(torch.tensor(out.training_loss))
     # the loss at θ0 came from the training forwards (provide_loss): the counter holds one
     # training forward per step and the trial forwards, and nothing for f(θ0)

@@ -17,7 +17,9 @@ counters in ``stats`` count only those).
 
 Trainer's external gradient clipping (``args.max_grad_norm``, 1.0 by default) would make the
 Armijo test use a gradient that is not ∇f; it is moved into the optimizer's ``max_grad_norm``
-(which shapes the direction only) and ``args.max_grad_norm`` is set to 0.
+(which shapes the direction only) and Trainer's own clipping is skipped. The caller's
+``TrainingArguments`` are left as they were (a second trainer built from them, or the saved
+``training_args.bin``, still says what to clip to).
 
 Works with ``optimizers=(opt, scheduler)``, ``optimizer_cls_and_kwargs=(ArmijoAdam, kwargs)``,
 checkpoint / resume (the line-search state lives in ``param_groups`` and the state dict) and DDP
@@ -27,6 +29,7 @@ left alone: the class then behaves exactly like ``Trainer``.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -91,7 +94,10 @@ class LineSearchTrainer(Trainer):
         # Trainer clips outside the optimizer by default; that would falsify the Armijo test
         if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
             self._ls_clip = float(self.args.max_grad_norm)
-            self.args.max_grad_norm = 0.0
+            if not hasattr(Trainer, "_clip_grad_norm"):
+                # transformers < 5 clips inline: switch it off on a copy of the arguments
+                self.args = copy.copy(self.args)
+                self.args.max_grad_norm = 0.0
         if self._ls_clip is not None:
             if opt.max_grad_norm is None:
                 opt.max_grad_norm = self._ls_clip
@@ -102,6 +108,14 @@ class LineSearchTrainer(Trainer):
         opt.set_closure(self._ls_trial_loss, model=self.model)
         opt.register_step_post_hook(self._ls_after_step)
         self._ls_registered = opt
+
+    def _clip_grad_norm(self, model):
+        """Trainer's clipping (transformers >= 5): the optimizer clips inside, on the direction
+        only; ``_get_grad_norm`` then logs the norm the step forms."""
+        opt = armijo_optimizer(self.optimizer)
+        if opt is not None and self._ls_registered is opt:
+            return None
+        return super()._clip_grad_norm(model)
 
     # -- the logged gradient norm ------------------------------------------------------------------
     def _get_grad_norm(self, model, grad_norm=None):
