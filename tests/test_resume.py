@@ -272,6 +272,41 @@ def test_a_live_optimizers_state_dict_is_taken_at_load_time():
     assert_same_run(ref_model, ref_opt, other, opt2)
 
 
+@pytest.mark.parametrize("direction", ["nesterov", "adam"])
+def test_a_flattened_dcp_state_dict_resumes_bit_identically(direction):
+    """torch.distributed.checkpoint with flatten_optimizer_state_dict=True (torchtitan's choice)
+    keeps only the param-group keys the live optimizer has: the last pass's ‖d‖² that
+    state_dict() adds (behind the first plain step's length cap) was dropped on the way back."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, opt, sched = build(direction, cadence=1000)  # after the first step: no search
+    torch.manual_seed(7)
+    train(model, opt, sched, 0, 3)
+    saved = torch.load(io.BytesIO(_bytes(get_optimizer_state_dict(model, opt, options=flat))),
+                       weights_only=True)
+    other, opt2, sched2 = build(direction, seed=1, cadence=1000)
+    other.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(other, opt2, saved, options=flat)
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2._resumed_dd is not None and opt2._resumed_dd == opt.state_dict()["param_groups"][
+        0]["last_dd"]
+    for m, o, s in ((model, opt, sched), (other, opt2, sched2)):
+        torch.manual_seed(9)
+        train(m, o, s, 3, 6)
+    assert_same_run(model, opt, other, opt2)
+
+
+def _bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("kw", [{}, {"layerwise": True}, {"direction": "nesterov"}],
                          ids=["adam", "layerwise", "nesterov"])

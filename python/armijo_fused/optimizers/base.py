@@ -205,6 +205,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._init_group(group)
+        # filled by state_dict() only; a live key, so that a checkpoint flattened by
+        # torch.distributed.checkpoint (flatten_optimizer_state_dict, which keeps only the keys
+        # the live groups have) carries it back
+        self.param_groups[0].setdefault("last_dd", None)
         self._warn_group_lrs(stacklevel=4)  # the caller of ArmijoAdam(...)
         if self.layerwise and len(self.param_groups) == 1 and not self._names:
             raise ValueError(
@@ -313,7 +317,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         try:
             return super().state_dict()  # copies the groups' entries
         finally:
-            del self.param_groups[0]["last_dd"]  # a checkpoint's entry, not live state
+            self.param_groups[0]["last_dd"] = None  # a checkpoint's entry, not live state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts them to the
@@ -329,7 +333,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._pending_skip = None  # a flag of the steps before the load is no longer ours
         self._last_dd = None
-        self._resumed_dd = self.param_groups[0].pop("last_dd", None)  # taken up by _length_caps
+        self._resumed_dd = self.param_groups[0].get("last_dd")  # taken up by _length_caps
+        self.param_groups[0]["last_dd"] = None
         for g in self.param_groups:  # checkpoints from before ``folded``: no skip recorded
             g.setdefault("folded", g["step"])
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
