@@ -426,3 +426,38 @@ def test_an_optimizer_with_a_process_group_refuses_to_be_copied():
     opt = ArmijoAdam(model.parameters(), process_group=object())  # stands for a ProcessGroup
     with pytest.raises(TypeError, match="process_group cannot be copied or pickled"):
         copy.deepcopy(opt)
+
+
+@pytest.mark.parametrize("stepped", [False, True], ids=["fresh", "stepped"])
+def test_a_state_dict_for_other_shapes_is_refused_by_name_and_changes_nothing(stepped):
+    # same number of parameters, other shapes: torch loads it and the next step fails, or (into
+    # an optimizer that has stepped) the load fails halfway with half the state replaced
+    def make(width):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 1))
+        return model, ArmijoAdam(model.parameters(), model=model, backend="torch")
+
+    def step(model, opt):
+        x = torch.randn(8, 4)
+
+        def closure():
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    src_model, src = make(3)
+    step(src_model, src)
+    model, opt = make(5)
+    if stepped:
+        step(model, opt)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match=r"'exp_avg' of parameter 0\.weight has shape \(3, 4\), "
+                                         r"the parameter has \(5, 4\)"):
+        opt.load_state_dict(src.state_dict())
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    assert all(torch.equal(v, state[id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+    step(model, opt)  # still usable

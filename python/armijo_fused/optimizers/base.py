@@ -370,6 +370,22 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     f"the state dict holds {', '.join(map(repr, foreign))}, which this {who} "
                     f"does not keep (it keeps {', '.join(self.rule.state_names) or 'no state'}): "
                     "it was saved by an optimizer with another direction")
+        # a tensor of another shape: torch would load it and fail at the next step, or midway
+        # through a load into an optimizer that has stepped (half the state replaced)
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
+            return  # torch's own check names the mismatch
+        saved = state_dict.get("state", {})
+        for sg, g in zip(saved_groups, self.param_groups):
+            for pid, p in zip(sg["params"], g["params"]):
+                for name, value in saved.get(pid, {}).items():
+                    if torch.is_tensor(value) and name in known and value.shape != p.shape:
+                        what = self._names.get(id(p), f"#{pid}")
+                        raise ValueError(
+                            f"the state dict's {name!r} of parameter {what} has shape "
+                            f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}: it was "
+                            "saved for another model")
 
     # -- user-facing hooks ---------------------------------------------------------------------
     def set_closure(self, closure: Callable | None, model: torch.nn.Module | None = None) -> None:
