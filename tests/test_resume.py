@@ -461,3 +461,22 @@ def test_a_state_dict_for_other_shapes_is_refused_by_name_and_changes_nothing(st
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
     assert all(torch.equal(v, state[id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
     step(model, opt)  # still usable
+
+
+def test_a_dcp_state_dict_of_a_fresh_optimizer_counts_no_step():
+    """torch.distributed.checkpoint initialises the state of an optimizer that has not stepped
+    (zero gradients, lr 0, a bare step()): that call counted as a step (bias corrections one
+    gradient ahead), and the run differed from one never checkpointed at step 0."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    runs = []
+    for checkpointed in (False, True):
+        model, opt, sched = build("adam", cadence=2)
+        if checkpointed:
+            sd = get_optimizer_state_dict(model, opt)
+            assert sd["state"] and sd["param_groups"][0]["step"] == 0
+            assert sd["param_groups"][0]["folded"] == 0 and opt.param_groups[0]["forwards"] == 0
+        torch.manual_seed(9)
+        train(model, opt, sched, 0, 4)
+        runs.append((model, opt))
+    assert_same_run(*runs[0], *runs[1])

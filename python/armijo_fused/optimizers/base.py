@@ -459,7 +459,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     "LineSearchTrainer; Lightning: armijo_fused.integrations.lightning."
                     "ArmijoLightningMixin"
                 )
-            search = False  # lr = 0 and no closure: the state-initialisation path (DCP)
+            # every lr 0 and no loss: torch.distributed.checkpoint initialising the state of an
+            # optimizer that has not stepped (zero gradients, lr 0, a bare step()). Build the
+            # state and count nothing: a step here would add to the bias-correction count and
+            # the run would differ from one that was never checkpointed at step 0
+            self._sync_buffers()
+            return None
 
         # 1. The loss at θ0 and the gradient, from the training forward/backward.
         # the RNG state the training forward starts from, for the trials to replay (a search
