@@ -201,6 +201,9 @@ def test_an_sgd_momentum_checkpoint_continues_its_buffer():
      r"from \['momentum_buffer'\]"),
     (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: ArmijoSGD(p),
      "uses momentum=0.9; ArmijoSGD\\(direction='sgd'\\) keeps no momentum buffer"),
+    # plain SGD keeps no state: it took the AdamW checkpoint and dropped the moments silently
+    (lambda p: torch.optim.AdamW(p), lambda p: ArmijoSGD(p),
+     r"holds \['exp_avg', 'exp_avg_sq', 'step'\]; ArmijoSGD\(direction='sgd'\) continues from \[\]"),
 ])
 def test_a_checkpoint_the_rules_cannot_continue_is_refused_and_changes_nothing(make, ours, match):
     model, theirs, loss_fn, f0 = _torch_run(make)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numbers
 
+import torch
+
 TORCH_ARGS = r"""        foreach, fused (bool, optional): accepted so that code written for torch.optim runs
             unchanged, and ignored: every pass is already one fused kernel; ``backend`` picks
             which (default: None)
@@ -71,6 +73,8 @@ def sgd_direction(direction, momentum, dampening, nesterov) -> tuple[str, float 
 _REFUSED_IN_CHECKPOINTS = ("amsgrad", "maximize", "centered", "dampening")
 # hyperparameters taken from a torch checkpoint where the live group has them
 _TAKEN = ("lr", "initial_lr", "betas", "eps", "alpha", "momentum", "weight_decay")
+#: per-parameter tensors of torch's optimizers that are counters, not moments
+_BOOKKEEPING = ("step", "mu_product")
 
 
 def _float(x) -> float:
@@ -110,7 +114,11 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
             if not per:
                 continue  # never stepped: fresh state, as in torch
             missing = [n for n in rule.state_names if per.get(n) is None]
-            if missing:
+            # moments this rule would drop (an AdamW checkpoint into plain ArmijoSGD); torch's
+            # own counters (step, NAdam's mu_product) are bookkeeping, not moments
+            foreign = sorted(n for n, v in per.items() if torch.is_tensor(v)
+                             and n not in rule.state_names and n not in _BOOKKEEPING)
+            if missing or foreign:
                 raise ValueError(
                     f"the state_dict's per-parameter state holds {sorted(per)}; "
                     f"{owner}(direction={rule.name!r}) continues from {list(rule.state_names)}: "
