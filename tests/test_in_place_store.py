@@ -121,6 +121,35 @@ def test_in_place_resume_is_bitwise():
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
 
 
+@pytest.mark.parametrize("order", ["optimizer_first", "model_first"])
+def test_rolling_a_live_bf16_in_place_optimizer_back_keeps_the_checkpoints_master(order):
+    # flat=False with bf16 parameters: the fp32 master of a checkpoint loaded into a live
+    # optimizer was overwritten by the model's newer bf16 weights (the shards "won" where they
+    # differed from the master rounded) when the optimizer was loaded before the model
+    opt, model, _, _ = _run(False, steps=4, dtype=torch.bfloat16)
+    opt_sd = copy.deepcopy(opt.state_dict())
+    model_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 3, 6, 6, dtype=torch.bfloat16), torch.randn(16, 1, dtype=torch.bfloat16)
+
+    def cont():
+        for _ in range(3):
+            opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
+        return [p.detach().clone() for p in model.parameters()]
+
+    first = cont()
+    if order == "optimizer_first":
+        opt.load_state_dict(copy.deepcopy(opt_sd))
+        model.load_state_dict(model_sd)
+    else:
+        model.load_state_dict(model_sd)
+        opt.load_state_dict(copy.deepcopy(opt_sd))
+    masters = [opt.state[p]["master"] for p in model.parameters()]
+    assert all(torch.equal(m, s["master"]) for m, s in zip(masters, opt_sd["state"].values()))
+    again = cont()
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_a_non_finite_gradient_in_place_leaves_everything_untouched():
     opt, model, _, _ = _run(False, steps=3)
     theta = [p.detach().clone() for p in model.parameters()]

@@ -230,6 +230,7 @@ class ShardedBuffer:
             return False
         if self.in_place and [t.data_ptr() for t in local] != self._ptrs:
             return False
+        reloaded: set[int] = set()  # tensors whose master was replaced (load_state_dict)
         with torch.no_grad():
             if self.in_place:
                 grads = self._grad_shards()
@@ -254,10 +255,15 @@ class ShardedBuffer:
                     if old is not dt:
                         if old is not None:
                             _local(dt).copy_(_local(old))
+                            if name == "master":  # a reloaded master: the shard follows it
+                                reloaded.add(i)
                         pstate[name] = dt
-            if self.master:  # after a reloaded master: the shards win only where they changed
-                for view, t in zip(self._param_views, local):
-                    view.copy_(torch.where(view.to(t.dtype) != t, t.float(), view))
+            if self.master:  # the shards win only where they changed since the last pass
+                for i, (view, t) in enumerate(zip(self._param_views, local)):
+                    if i in reloaded:
+                        t.copy_(view)  # (as FlatBuffer does: θ follows a replaced master)
+                    else:
+                        view.copy_(torch.where(view.to(t.dtype) != t, t.float(), view))
         return True
 
     def after_write(self) -> None:
