@@ -27,6 +27,7 @@ import os
 import pytest
 import torch
 from _backends import needs_cpp  # noqa: E402
+from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -439,14 +440,7 @@ def test_a_state_dict_for_other_shapes_is_refused_by_name_and_changes_nothing(st
 
     def step(model, opt):
         x = torch.randn(8, 4)
-
-        def closure():
-            opt.zero_grad()
-            loss = model(x).pow(2).mean()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
 
     src_model, src = make(3)
     step(src_model, src)

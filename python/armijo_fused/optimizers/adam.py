@@ -44,8 +44,9 @@ class ArmijoAdam(ArmijoOptimizer):
             of order 1, so this is the usual Adam learning rate. A warm start, but not without
             effect: η grows by at most √growth per search while searches accept their first
             trial, so from far below the Armijo limit it climbs over hundreds of steps (a
-            warmup). Measured (bench/results/convergence_cpu-init-sensitivity.md): 3e-4 … 1e-2
-            end within 0.94–1.03× the best AdamW of an lr sweep, 1e-4 at 1.10× (default: 1e-3)
+            warmup). Measured (bench/results/convergence_cpu-init-sensitivity.md): 3e-4 … 3e-3
+            end within 0.94–1.03× the best AdamW of an lr sweep, 1e-4 at 1.10×, larger starts
+            erratically (0.94–1.19×) (default: 1e-3)
 {TORCH_ARGS}{LINESEARCH_ARGS}
     The positional order is torch.optim.AdamW's (params, lr, betas, eps, weight_decay), so
     ``torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)`` becomes
