@@ -185,6 +185,33 @@ def test_ddp_a_rank_with_a_nan_loss_skips_everywhere_on_steps_without_a_search()
         assert torch.equal(p, q)
 
 
+def _rank_loss_on_one_rank(rank, world):
+    # the loop hands its loss to the optimizer on rank 0 only: a step without a search must not
+    # run a collective on one rank alone (it paired with the next gradient all-reduce)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt = ArmijoAdam(model.parameters(), cadence=5)
+    loss_fn = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    opt.set_closure(loss_fn)
+    for _ in range(7):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        for p in model.parameters():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+        if rank == 0:
+            opt.provide_loss(loss)
+        opt.step()
+    return params(model)
+
+
+def test_ddp_a_loss_provided_on_some_ranks_only_does_not_mismatch_collectives():
+    r0, r1 = run_ranks(_rank_loss_on_one_rank, world=2, timeout=60)
+    assert all(torch.equal(p, q) for p, q in zip(r0, r1))
+
+
 def _rank_zero(rank, world):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -444,6 +444,13 @@ def test_models_in_reach_of_a_loss_function():
     box = [model]  # containers are not searched: the caller falls back to a heap scan
     assert models_in_reach(lambda: box[0](torch.ones(2, 5)).sum(), params) is None
 
+    class Hostile:  # a proxy whose every attribute raises: skipped, not a crash
+        def __getattribute__(self, name):
+            raise RuntimeError("no attributes here")
+
+    hostile = Hostile()
+    assert models_in_reach(lambda: (hostile, model(torch.ones(2, 5)).sum())[1], params) == [model]
+
 
 def test_owned_buffers_finds_the_modules_of_the_parameters():
     from armijo_fused.linesearch.trial import owned_buffers
@@ -583,5 +590,7 @@ def test_groups_with_different_lr_get_a_warning_that_one_step_size_moves_them():
         ArmijoAdam([{"params": model[0].parameters(), "lr": 1e-5},
                     {"params": model[1].parameters(), "lr": 1e-3}], layerwise=True)
         opt = ArmijoAdam(model[0].parameters(), lr=1e-3)
+        ArmijoAdam([{"params": model[0].parameters(), "lr": 1e-3},
+                    {"params": model[1].parameters()}], lr=torch.tensor(1e-3))  # fp32 rounding
     with pytest.warns(UserWarning, match="different lr"):
         opt.add_param_group({"params": model[1].parameters(), "lr": 1e-4})

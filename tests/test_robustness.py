@@ -1363,3 +1363,46 @@ def test_steps_without_a_search_keep_the_weight_decay_cap():
     for _ in range(10):
         opt.step(closure)
         assert opt.stats["applied_step"] * 10.0 <= 0.5 * (1 + 1e-6)  # (η in fp32)
+
+
+def test_after_a_collapse_an_ordinary_backtrack_is_smoothed_as_usual():
+    # only a second collapse in a row moves η̄ outright; an ordinary backtrack after one collapse
+    # enters the average as any accepted step does
+    x = nn.Parameter(torch.ones(4))
+    curvature = [1.0]
+    opt = ArmijoSGD([x], init_step_size=0.5, smoothing=0.5, cadence="every", backend="torch")
+    closure = make_closure(opt, lambda: 0.5 * curvature[0] * (x * x).sum())
+    for k in range(1, 7):
+        curvature[0] = {5: 1e5, 6: 3.0}.get(k, 1.0)
+        with torch.no_grad():
+            x.fill_(1.0)
+        before = opt.param_groups[0]["step_size_avg"]
+        opt.step(closure)
+        assert opt.stats["collapsed"] == (k == 5)
+    accepted = opt.stats["step_size"]
+    assert accepted > 0.01 * before  # an ordinary backtrack, not a second collapse
+    assert opt.param_groups[0]["step_size_avg"] == pytest.approx(math.sqrt(before * accepted))
+
+
+def test_a_collapse_in_one_block_does_not_count_for_another():
+    # layer-wise: the "second collapse in a row" is each block's own, and a block whose own
+    # search did not collapse keeps the η̄ it would have had
+    def run(spike):
+        a, b = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+        opt = ArmijoSGD([{"params": [a]}, {"params": [b]}], layerwise=True, block_search="exact",
+                        cadence="every", init_step_size=0.5, smoothing=0.5, backend="torch")
+        stiff = [1.0]
+        closure = make_closure(opt, lambda: 0.5 * stiff[0] * (a * a).sum() + (b * b).sum())
+        for k in range(6):
+            stiff[0] = 1e5 if spike and k in (3, 4) else 1.0
+            with torch.no_grad():
+                a.fill_(1.0)
+                b.fill_(1.0)
+            opt.step(closure)
+            if spike and k == 3:
+                assert [g["collapsed"] for g in opt.param_groups] == [[1], [0]]
+        return [g["step_size_avg"] for g in opt.param_groups]
+
+    spiked, plain = run(True), run(False)
+    assert spiked[1] == plain[1]  # b: untouched by a's collapses
+    assert spiked[0] != plain[0]  # a: two collapses in a row moved its η̄

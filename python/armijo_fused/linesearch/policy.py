@@ -60,9 +60,11 @@ class StepSizePolicy:
         """(new step_size, new step_size_avg, collapsed?) after a search that accepted ``accepted``
         (None: trials exhausted). ``untested``: η̄ is still ``init_step_size``, which no search
         has tested: a first search that backtracked below it replaces it (no collapse, and no
-        average with a value the test has just rejected). ``again``: the previous search
-        collapsed too: two in a row are the landscape changing, and η̄ follows."""
-        if (untested or again) and accepted is not None and accepted < step_size_avg:
+        average with a value the test has just rejected). ``again``: this block's previous
+        search collapsed; if this one collapses too, two in a row are the landscape changing,
+        and η̄ follows."""
+        small = accepted is not None and accepted < self.collapse_ratio * step_size_avg
+        if accepted is not None and ((untested and accepted < step_size_avg) or (again and small)):
             return self.cap(accepted), accepted, False
         if accepted is None or accepted < self.collapse_ratio * step_size_avg:
             return self.cap(step_size_avg), step_size_avg, True

@@ -96,6 +96,12 @@ def models_in_reach(fn, params, depth: int = 3) -> list[nn.Module] | None:
         if id(obj) in seen or level < 0:
             return
         seen.add(id(obj))
+        try:
+            look(obj, level)
+        except Exception:  # a proxy, a dead weakref, a property that raises: not ours to judge
+            pass
+
+    def look(obj, level: int) -> None:
         if isinstance(obj, nn.Module):
             found.append(obj)
         elif inspect.ismethod(obj):

@@ -32,14 +32,15 @@ from ..telemetry import StepStats
 from .torch_compat import from_torch_state_dict, is_torch_state_dict
 
 #: keys of the line-search state kept in every param group (identical across groups when global).
-_LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "next_search",
-            "search_interval", "searches", "forwards", "backwards")
+_LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "collapsed",
+            "next_search", "search_interval", "searches", "forwards", "backwards")
 # ``step`` counts step() calls (cadence, schedules); ``folded`` counts the gradients folded into
 # the group's state, the count behind its bias corrections: a skipped step (non-finite gradient or
 # loss) adds to the first and not to the second, as torch's Adam does for a step GradScaler skips,
 # and a group added later (progressive unfreezing) starts at 0 with its zero moments.
 # ``step_length``: η·‖d‖ of the last accepted step, per block (0: none yet); steps without a
-# search move at most STEP_LENGTH_RATIO times that far (see ``_length_caps``).
+# search move at most STEP_LENGTH_RATIO times that far (see ``_length_caps``). ``collapsed``: per
+# block, whether its last search collapsed (a second collapse in a row moves η̄, see policy.py).
 STEP_LENGTH_RATIO = 2.0
 
 
@@ -251,8 +252,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
     def _warn_group_lrs(self, stacklevel: int = 3) -> None:
         """Groups given different learning rates (a faster head, layer-wise lr decay) ask for
         a ratio that torch's optimizers apply and one searched step size does not: say so once."""
-        lrs = sorted({g["lr_ref"] for g in self.param_groups if g["lr_ref"] > 0})
-        if self.layerwise or len(lrs) < 2 or getattr(self, "_warned_lrs", False):
+        lrs = sorted(g["lr_ref"] for g in self.param_groups if g["lr_ref"] > 0)
+        if (self.layerwise or not lrs or lrs[-1] <= lrs[0] * (1 + 1e-6)  # (a tensor lr rounds)
+                or getattr(self, "_warned_lrs", False)):
             return
         self._warned_lrs = True
         warnings.warn(
@@ -337,6 +339,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self.param_groups[0]["last_dd"] = None
         for g in self.param_groups:  # checkpoints from before ``folded``: no skip recorded
             g.setdefault("folded", g["step"])
+            g.setdefault("collapsed", [0] * len(g["step_size"]) if isinstance(
+                g["step_size"], list) else 0)  # ... or before ``collapsed``
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
@@ -459,12 +463,14 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     "LineSearchTrainer; Lightning: armijo_fused.integrations.lightning."
                     "ArmijoLightningMixin"
                 )
-            # every lr 0 and no loss: torch.distributed.checkpoint initialising the state of an
-            # optimizer that has not stepped (zero gradients, lr 0, a bare step()). Build the
-            # state and count nothing: a step here would add to the bias-correction count and
-            # the run would differ from one that was never checkpointed at step 0
-            self._sync_buffers()
-            return None
+            if not self.state:
+                # every lr 0, no loss, no state yet: torch.distributed.checkpoint initialising
+                # the state of an optimizer that has not stepped (zero gradients, lr 0, a bare
+                # step()). Build the state and count nothing: a step here would add to the
+                # bias-correction count, and the run would differ from one never checkpointed
+                self._sync_buffers()
+                return None
+            search = False  # later: a step at lr 0 (the state takes the gradient, as torch's)
 
         # 1. The loss at θ0 and the gradient, from the training forward/backward.
         # the RNG state the training forward starts from, for the trials to replay (a search
@@ -489,11 +495,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if all(f == 0.0 for f in block_factors):
             search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
         reduce = self._reducer()
-        if not search and f0 is not None and reduce is not None:
+        loss_before = f0  # what the step reports and returns: with DDP, the mean over the ranks
+        given = f0 is not None
+        if not search and reduce is not None:
             # the guard skips the step if f0 is not finite: on every rank or on none (a rank's
             # batch of padding only has a NaN mean loss and a zero gradient); a search reduces
             # f0 below, with its first trial's sums
-            f0 = reduce(f0.double().reshape(1)).reshape(())
+            f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce)
         passes = _FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
 
         if not search:
@@ -523,13 +531,14 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             self.stats = StepStats(
                 step=k, searched=False, step_size=lambda: applied(False),
                 applied_step=lambda: applied(True), lr_factor=factors[0], trials=0,
-                loss_before=f0 if f0 is not None else math.nan, loss_after=math.nan,
+                loss_before=loss_before if loss_before is not None else math.nan,
+                loss_after=math.nan,
                 gd=lambda: _total([s[:, 0].sum() for s in sums]), grad_norm=passes.grad_norm,
                 non_descent=False, unresolved=False, exhausted=False, collapsed=False,
                 skipped=passes.skipped, searched_blocks=[],
                 forwards=g0["forwards"], backwards=g0["backwards"],
             )
-            return f0
+            return loss_before if given else None
 
         # 2. The search, on trial forwards that leave no trace.
         self._check_model_still_holds_params()
@@ -733,9 +742,6 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         exact = getattr(result, "exact", None)
         outcomes = exact if exact is not None else [(plan[0], accepted)]
         settled_all, collapsed_any = True, False
-        # the previous step's search collapsed as well (it forced this one): a second small step
-        # in a row is the landscape changing, not one noisy batch
-        again = bool(self.stats.get("collapsed", False))
         new = list(etas)
         found = {}  # block -> the step size its search accepted this step
         for members, acc in outcomes:
@@ -746,6 +752,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 found.update({b: a for b in members})
             untested = (self.param_groups[gi]["block_searched_at"][lb] == 0 if self.layerwise
                         else self.param_groups[gi]["searches"] == 0)  # η̄ is still the start
+            again = bool(self._eta(gi, lb, key="collapsed"))  # its last search collapsed too
             eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,
                                                                again=again)
             settled_all &= self.cadence.settled(a, avg) and not collapsed
@@ -753,6 +760,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             for b in members:
                 new[b] = eta
                 self._set_eta(*table[b], new_avg, key="step_size_avg")
+                self._set_eta(*table[b], int(collapsed), key="collapsed")
                 if self.layerwise:
                     g, lb_b = self.param_groups[table[b][0]], table[b][1]
                     g["block_searched_at"][lb_b] = k
@@ -897,6 +905,18 @@ class ArmijoOptimizer(torch.optim.Optimizer):
 
         return mean_over_ranks
 
+    @staticmethod
+    def _loss_over_ranks(f0, device, reduce):
+        """(probe, mean) of the losses the ranks hold at a step without a search: the probe,
+        for the skip guard, is finite iff every rank's loss is (0 for a rank without one); the
+        mean, for the telemetry, is over the ranks that have one. Every rank takes part, with a
+        loss or without: a collective on some ranks only would pair with the next one."""
+        mine = torch.zeros(2, dtype=torch.float64, device=device)
+        if f0 is not None:
+            mine = torch.stack([to_device(f0.double().reshape(()), device), mine[1] + 1])
+        total = reduce(mine)  # (the mean over ranks: the scale cancels in the ratio)
+        return total[0], total[0] / total[1]
+
     def _lr_factor(self, group) -> float:
         """lr_t / lr_0: the scheduler's multiplier of the applied step (DESIGN.md §2.6)."""
         lr_t = _lr_value(group["lr"])
@@ -979,6 +999,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 else self._init_step_size
             group.update(block_names=names, step_size=[eta] * len(names),
                          step_size_avg=[avg] * len(names), step_length=[0.0] * len(names),
+                         collapsed=[0] * len(names),
                          block_owner=list(range(len(names))),
                          block_searched_at=[0] * len(names))
         return ids

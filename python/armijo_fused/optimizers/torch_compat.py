@@ -139,7 +139,8 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
 
         group.update(params=list(saved["params"]), lr_ref=_float(saved["lr"]), step=folded,
                      folded=folded, step_size=per_block(eta), step_size_avg=per_block(eta),
-                     step_length=per_block(0.0), next_search=folded + 1, search_interval=1,
+                     step_length=per_block(0.0), collapsed=per_block(0),
+                     next_search=folded + 1, search_interval=1,
                      searches=0, forwards=0, backwards=0)
         if blocks is not None:  # layer-wise: every block starts unmerged, none searched yet
             group.update(block_owner=list(range(blocks)), block_searched_at=[0] * blocks)
