@@ -1370,30 +1370,28 @@ class _FlatPasses(Passes):
         for i, b in enumerate(self.buffers):
             if self._at[i] is None:
                 continue
-            zero = self._at[i] * 0
-            b.backend.move(
-                self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
-                self.wd[i], self._at[i], zero, self._gscale[b.device], b.layout,
-                self._precond_at[i], False, False, _model_copy(b), table=_table(b))
-            if isinstance(b, ShardedBuffer):
-                b.after_write()
+            self._move_buffer(i, self._at[i] * 0, False, False)
             if folded:
                 g_in = b.grad.float() * (scale[0] * scale[1])
                 self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
+        self._written(None)
         self._forget()
+
+    def _move_buffer(self, i: int, eta_i: Tensor, precond: bool, compute_sums: bool):
+        """Buffer i from where it sits to η_i (one fused pass); its sums if asked."""
+        b = self.buffers[i]
+        return b.backend.move(
+            self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
+            self.wd[i], self._at[i], eta_i, self._gscale[b.device], b.layout,
+            self._precond_at[i], precond, compute_sums, _model_copy(b), table=_table(b))
 
     def move_to(self, eta, *, precond=None, compute_sums=False):
         precond = self.precond if precond is None else precond
         out = []
-        for i, b in enumerate(self.buffers):
+        for i in range(len(self.buffers)):
             eta_i = self._eta(i, eta)
-            s = b.backend.move(
-                self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
-                self.wd[i], self._at[i], eta_i, self._gscale[b.device],
-                b.layout, self._precond_at[i], precond, compute_sums, _model_copy(b),
-                table=_table(b))
+            out.append(self._move_buffer(i, eta_i, precond, compute_sums))
             self._passed(i, eta_i, eta, precond)
-            out.append(s)
         out = self._written(out if compute_sums else None)
         self.precond = precond
         return out
