@@ -138,6 +138,54 @@ def test_scheduler_lr_multiplies_the_applied_step_and_is_never_written():
         sched.step()
 
 
+def test_one_cycle_lr_is_a_multiplier_of_its_peak():
+    # OneCycleLR starts at max_lr / 25 and records max_lr in the group: the applied step is
+    # η · lr_t / max_lr, which warms up to the searched η and never past it (lr_0 = initial_lr
+    # made it 25 η at the peak: steps the search never tested)
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), lr=1e-3, backend="torch", cadence="every")
+    steps = 20
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps)
+    factors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr above lr_0" warning: the peak is known
+        for _ in range(steps):
+            lr = float(opt.param_groups[0]["lr"])
+            opt.step(make_closure(opt, loss_fn, *data))
+            s = opt.stats
+            assert s["lr_factor"] == pytest.approx(lr / 1e-3)
+            assert s["applied_step"] == pytest.approx(s["step_size"] * s["lr_factor"])
+            factors.append(s["lr_factor"])
+            sched.step()
+    assert factors[0] == pytest.approx(1 / 25)
+    assert max(factors) == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("raise_lr", ["cyclic", "manual"])
+def test_a_schedule_above_lr_0_is_capped_at_the_searched_step_with_one_warning(raise_lr):
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), lr=1e-4, backend="torch", cadence="every")
+    if raise_lr == "cyclic":  # initial_lr = base_lr; lr climbs to 10× it
+        sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-4, max_lr=1e-3, step_size_up=3)
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(6):
+            if raise_lr == "manual":  # a hand-written warmup past the lr given at construction
+                opt.param_groups[0]["lr"] = 1e-4 * (1 + k)
+            opt.step(make_closure(opt, loss_fn, *data))
+            s = opt.stats
+            assert s["lr_factor"] <= 1.0
+            assert s["applied_step"] == pytest.approx(s["step_size"] * s["lr_factor"])
+            seen.append(s["lr_factor"])
+            if raise_lr == "cyclic":
+                sched.step()
+    assert seen[0] == pytest.approx(1.0) and seen[-1] == 1.0  # capped, not 10× or 6×
+    above = [w for w in caught if "above lr_0" in str(w.message)]
+    assert len(above) == 1 and "capped at 1" in str(above[0].message)
+    assert above[0].filename == __file__  # points at the caller's step()
+
+
 def test_tensor_lr_is_accepted():
     model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
     opt = ArmijoAdam(model.parameters(), lr=torch.tensor(1e-3), backend="torch")

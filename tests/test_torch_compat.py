@@ -142,7 +142,12 @@ def _torch_run(make, steps=3, sched=False):
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
     x, y = torch.randn(32, 6), torch.randn(32, 1)
     opt = make(model.parameters())
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5) if sched else None
+    lr_sched = None
+    if sched == "one-cycle":  # starts at max_lr / 25 and records max_lr in the group
+        lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=10,
+                                                       cycle_momentum=False)
+    elif sched:
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
@@ -155,7 +160,8 @@ def _torch_run(make, steps=3, sched=False):
     return model, opt, (lambda: nn.functional.mse_loss(model(x), y)), loss.detach()
 
 
-@pytest.mark.parametrize("sched", [False, True], ids=["no-schedule", "schedule"])
+@pytest.mark.parametrize("sched", [False, True, "one-cycle"],
+                         ids=["no-schedule", "schedule", "one-cycle"])
 def test_an_adamw_checkpoint_continues_with_its_moments_count_and_learning_rate(sched):
     model, adamw, loss_fn, f0 = _torch_run(
         lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1), sched=sched)
@@ -164,7 +170,12 @@ def test_an_adamw_checkpoint_continues_with_its_moments_count_and_learning_rate(
     ours.load_state_dict(copy.deepcopy(adamw.state_dict()))
     g = ours.param_groups[0]
     assert g["folded"] == 3 and g["step_size"] == 3e-3 and g["weight_decay"] == 0.1
-    assert g["lr"] == (1.5e-3 if sched else 3e-3)  # the schedule's place is kept
+    # the schedule's place is kept; η = lr_0, the peak for OneCycleLR, so η · lr_t / lr_0 = lr_t
+    assert g["lr"] == adamw.param_groups[0]["lr"]
+    if sched == "one-cycle":
+        assert 1e-3 < g["lr"] < 3e-3 and g["max_lr"] == 3e-3
+    else:
+        assert g["lr"] == (1.5e-3 if sched else 3e-3)
     for p in model.parameters():
         assert torch.equal(ours.state[p]["exp_avg"], adamw.state[p]["exp_avg"])
     # AdamW's own next step, for reference (then undone)

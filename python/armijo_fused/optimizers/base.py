@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 import warnings
 from typing import Callable
@@ -29,7 +30,7 @@ from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import device_floats, to_device
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
-from .torch_compat import from_torch_state_dict, is_torch_state_dict
+from .torch_compat import from_torch_state_dict, is_torch_state_dict, lr_peak
 
 #: keys of the line-search state kept in every param group (identical across groups when global).
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "collapsed",
@@ -50,6 +51,18 @@ def _check_number(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False)
     if not ok:
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValueError(f"invalid {name}: {value!r} (expected a number in {lb}{lo}, {hi}{rb})")
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised inside ``step()`` that points at the user's line:
+    the first frame outside this package and torch (the optimizer hooks and the compiler's
+    ``disable`` wrapper sit between the two, in numbers that vary with torch's version)."""
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _lr_value(lr) -> float:
@@ -918,12 +931,30 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         return total[0], total[0] / total[1]
 
     def _lr_factor(self, group) -> float:
-        """lr_t / lr_0: the scheduler's multiplier of the applied step (DESIGN.md §2.6)."""
+        """lr_t / lr_0: the scheduler's multiplier of the applied step (DESIGN.md §2.6), at
+        most 1: a longer step than the search accepted is one the Armijo test never saw."""
         lr_t = _lr_value(group["lr"])
-        lr_0 = _lr_value(group.get("initial_lr", group["lr_ref"]))
+        lr_0 = _lr_value(lr_peak(group))
         if lr_0 == 0.0:
             return 0.0 if lr_t == 0.0 else 1.0
-        return lr_t / lr_0
+        factor = lr_t / lr_0
+        if factor > 1.0 + 1e-6:  # (a schedule's own rounding: LinearLR ends at 1 + 2e-16)
+            self._warn_lr_above_peak(lr_t, lr_0)
+            return 1.0
+        return factor
+
+    def _warn_lr_above_peak(self, lr_t: float, lr_0: float) -> None:
+        if getattr(self, "_warned_lr_peak", False):
+            return
+        self._warned_lr_peak = True
+        warnings.warn(
+            f"{type(self).__name__}: lr rose to {lr_t:g}, above lr_0 = {lr_0:g} (the group's "
+            "'max_lr', else 'initial_lr', else the lr given at construction). The applied step "
+            "is η · lr_t / lr_0 with η the searched step size; a multiplier above 1 would apply "
+            "steps longer than the search accepted, so it is capped at 1 and the schedule acts "
+            "only where it lowers lr below lr_0. Give the schedule's peak as the optimizer's lr "
+            "(a warmup then starts below it), or use OneCycleLR, which records its max_lr",
+            stacklevel=_outside_stacklevel())
 
     def _count(self, forwards=0, backwards=0):
         for g in self.param_groups:
@@ -1078,7 +1109,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 "by new tensors (module.weight = nn.Parameter(...), load_state_dict(..., "
                 "assign=True))? The optimizer still trains the old ones. Copy new values in "
                 "place (load_state_dict without assign), or build the optimizer again",
-                stacklevel=3)
+                stacklevel=_outside_stacklevel())
 
     def _models_for_trials(self, evaluate) -> list:
         """Without a registered model: the models the loss function reaches, if they hold all
@@ -1122,7 +1153,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             "assigned), so every step copies them into the optimizer's flat gradient buffer: "
             "one extra pass over the gradients, and their memory twice. Zero them with the "
             "optimizer's zero_grad() (in place: the backward accumulates into its buffer), and "
-            "leave DDP's gradient_as_bucket_view off.", stacklevel=4)
+            "leave DDP's gradient_as_bucket_view off.", stacklevel=_outside_stacklevel())
 
     def _warn_late_joiners(self) -> None:
         """Parameters that became trainable (``requires_grad``) inside a group that has already
@@ -1143,7 +1174,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             f"taken {folded} step(s) ({shown}): their moments start at zero but share the group's "
             "bias correction, so their first directions are mis-corrected (up to ~3x Adam's). "
             "Unfreeze by adding them as a new group (optimizer.add_param_group) instead of "
-            "switching requires_grad on inside an existing one.", stacklevel=4)
+            "switching requires_grad on inside an existing one.",
+            stacklevel=_outside_stacklevel())
 
     def _reshard_fsdp(self) -> None:
         """Reshard every FSDP2 module of the model (a no-op where already sharded).

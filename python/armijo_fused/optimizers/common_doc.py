@@ -79,8 +79,13 @@ LINESEARCH_ARGS = r"""
             parameters is then missed), found once (default: None)
 
     The group's ``lr`` belongs to your scheduler and is never written: the parameters move by
-    η · lr_t / lr_0, where lr_0 is the group's ``initial_lr`` (set by torch schedulers) or the
-    ``lr`` given here. Without a scheduler the factor is 1 and the value of ``lr`` does not matter.
+    η · min(1, lr_t / lr_0), where lr_0 is the schedule's peak when the group records it
+    (``max_lr``: OneCycleLR), else the group's ``initial_lr`` (set by torch schedulers), else the
+    ``lr`` given here. The factor is capped at 1, with a one-time warning, because a longer step
+    than the searched one was never tested: give a schedule that warms up from below its peak
+    (``LinearLR``, a ``LambdaLR`` multiplier ≤ 1, OneCycleLR) rather than one that raises lr above
+    the lr given here. Without a scheduler the factor is 1 and the value of ``lr`` does not
+    matter.
     ``lr`` may be a 0-dim tensor. A group whose lr is 0 at a step stays exactly where it is, in
     the trials too, and is left out of the Armijo test (its state still takes the gradient); a
     step where every lr is 0 (a warmup from 0) runs no search.

@@ -72,9 +72,20 @@ def sgd_direction(direction, momentum, dampening, nesterov) -> tuple[str, float 
 # torch options whose saved value changes the math in a way the rules do not implement
 _REFUSED_IN_CHECKPOINTS = ("amsgrad", "maximize", "centered", "dampening")
 # hyperparameters taken from a torch checkpoint where the live group has them
-_TAKEN = ("lr", "initial_lr", "betas", "eps", "alpha", "momentum", "weight_decay")
+_TAKEN = ("lr", "initial_lr", "max_lr", "betas", "eps", "alpha", "momentum", "weight_decay")
+_SCHEDULE_KEYS = ("initial_lr", "max_lr")  # taken even where the live group lacks them
 #: per-parameter tensors of torch's optimizers that are counters, not moments
 _BOOKKEEPING = ("step", "mu_product")
+
+
+def lr_peak(group) -> object:
+    """lr_0 of a param group, the lr at which the applied step equals the searched one: the
+    schedule's peak when the group records it (``max_lr``: OneCycleLR), else ``initial_lr``
+    (torch schedulers' starting lr), else the lr given at construction (``lr_ref``)."""
+    for key in ("max_lr", "initial_lr"):
+        if group.get(key) is not None:
+            return group[key]
+    return group["lr_ref"] if "lr_ref" in group else group["lr"]
 
 
 def _float(x) -> float:
@@ -88,7 +99,8 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
     The moments carry over by name (torch's ``exp_avg``/``exp_avg_sq``, ``square_avg`` and
     ``momentum_buffer`` are the rules' state names); the per-parameter ``step`` becomes the
     group's bias-correction count ``folded``; the step size starts at the learning rate the run
-    used, η = lr_0 (``initial_lr`` under a scheduler, else ``lr``), so that the first step moves
+    used, η = lr_0 (:func:`lr_peak`: OneCycleLR's ``max_lr``, else ``initial_lr`` under a
+    scheduler, else ``lr``), so that the first step moves
     as the torch optimizer would have, and the next step searches. Anything the rules cannot
     continue (amsgrad's maximum, a centred RMSprop, a direction whose state is missing) is a
     ``ValueError`` that names it, raised before anything changes. With one global step size
@@ -128,10 +140,11 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
             if "step" in per:
                 steps.append(int(_float(per["step"])))
         group = {k: v for k, v in live.items() if k != "params"}
-        group.update({k: saved[k] for k in _TAKEN if k in saved and (k in live or k == "initial_lr")})
+        group.update({k: saved[k] for k in _TAKEN
+                      if k in saved and (k in live or k in _SCHEDULE_KEYS)})
         folded = max(steps, default=0)
         lead = saved if layerwise else saved_groups[0]  # global: one η shared by every group
-        eta = _float(lead.get("initial_lr", lead["lr"]))
+        eta = _float(lr_peak(lead))
         blocks = len(live["step_size"]) if isinstance(live["step_size"], list) else None
 
         def per_block(value, blocks=blocks):
