@@ -474,3 +474,70 @@ def test_a_dcp_state_dict_of_a_fresh_optimizer_counts_no_step():
         train(model, opt, sched, 0, 4)
         runs.append((model, opt))
     assert_same_run(*runs[0], *runs[1])
+
+
+def _reset_state(opt, how, fresh_sd):
+    from collections import defaultdict
+
+    if how == "clear":
+        opt.state.clear()
+    elif how == "assign":
+        opt.state = defaultdict(dict)
+    elif how == "del":
+        for p in list(opt.state):
+            del opt.state[p]
+    else:  # the state dict of the optimizer before its first step
+        opt.load_state_dict(fresh_sd)
+
+
+@pytest.mark.parametrize("how", ["clear", "assign", "del", "load-fresh"])
+@pytest.mark.parametrize("kw", [{}, {"flat": False}, {"dtype": torch.bfloat16}],
+                         ids=["flat", "in-place", "bf16-master"])
+def test_a_reset_state_starts_afresh_as_in_torch(how, kw):
+    # torch: a tensor without state starts with zero moments and step 0. The flat store put the
+    # old moments back at the next step (and load_state_dict of a fresh optimizer's state dict
+    # kept them while the counts went back to 0)
+    import copy
+
+    kw = dict(kw)
+    dtype = kw.pop("dtype", torch.float32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).to(dtype)
+    x = torch.randn(16, 4, dtype=dtype)
+    opt = ArmijoAdam(model.parameters(), cadence=2, backend="torch", **kw)
+    fresh_sd = copy.deepcopy(opt.state_dict())
+    closure = make_closure(opt, lambda: model(x).float().pow(2).mean())
+    for _ in range(3):
+        opt.step(closure)
+    _reset_state(opt, how, fresh_sd)
+    opt.zero_grad()
+    model(x).float().pow(2).mean().backward()
+    g = [p.grad.float().clone() for p in model.parameters()]
+    opt.step(loss_fn=lambda: model(x).float().pow(2).mean())
+    assert opt.param_groups[0]["folded"] == 1  # the bias correction counts from here
+    for p, gp in zip(model.parameters(), g):
+        st = opt.state[p]
+        torch.testing.assert_close(st["exp_avg"], 0.1 * gp)
+        torch.testing.assert_close(st["exp_avg_sq"], 0.001 * gp * gp)
+
+
+def test_deleting_one_tensors_state_restarts_it_alone_and_warns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    x = torch.randn(16, 4)
+    opt = ArmijoAdam(model.parameters(), cadence="every", backend="torch")
+    loss_fn = lambda: model(x).pow(2).mean()  # noqa: E731
+    for _ in range(3):
+        opt.step(make_closure(opt, loss_fn))
+    w, other = model[0].weight, model[2].weight
+    kept = opt.state[other]["exp_avg"].clone()
+    del opt.state[w]
+    opt.zero_grad()
+    loss_fn().backward()
+    g_w, g_other = w.grad.clone(), other.grad.clone()
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) start with zero moments .* 3 "
+                                         r"step\(s\).*state\s+was deleted"):
+        opt.step(loss_fn=loss_fn)
+    assert opt.param_groups[0]["folded"] == 4  # the others' moments hold 4 gradients
+    torch.testing.assert_close(opt.state[w]["exp_avg"], 0.1 * g_w)  # restarted
+    torch.testing.assert_close(opt.state[other]["exp_avg"], 0.9 * kept + 0.1 * g_other)

@@ -1042,6 +1042,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                      for g in self.param_groups])
         if self._buffers is not None and key == self._buffer_key:
             if all(b.sync(self.state) for b in self._buffers):
+                if any(b.fresh for b in self._buffers):
+                    self._restart_fresh_tensors()
                 self._warn_gathered_grads()
                 return self._buffers
         self._warn_late_joiners()
@@ -1156,25 +1158,56 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             "leave DDP's gradient_as_bucket_view off.", stacklevel=_outside_stacklevel())
 
     def _warn_late_joiners(self) -> None:
-        """Parameters that became trainable (``requires_grad``) inside a group that has already
-        folded gradients: bias corrections are counted per group, so their zero moments get the
-        group's count and their first directions are mis-corrected. Say so, and how to avoid it."""
+        """Before the buffers are built: tensors without state inside a group that has already
+        folded gradients (see :meth:`_restart_or_warn`)."""
         if not self.rule.bias_corrected:
             return
         first = self.rule.state_names[0]
-        late = [(gi, p) for gi, p in self._trainable()
-                if self.param_groups[gi]["folded"] > 0 and first not in self.state.get(p, {})]
-        if not late:
+        trainable = list(self._trainable())
+        missing = [(gi, p) for gi, p in trainable
+                   if self.param_groups[gi]["folded"] > 0 and first not in self.state.get(p, {})]
+        if missing:
+            self._restart_or_warn(missing, trainable)
+
+    def _restart_fresh_tensors(self) -> None:
+        """After a sync that found deleted state (``opt.state.clear()``, ``del opt.state[p]``, a
+        state dict without it): the storage restarted those tensors' moments at zero."""
+        fresh = [(b.group_index, b.params[i]) for b in self._buffers for i in sorted(b.fresh)]
+        for b in self._buffers:
+            b.fresh.clear()
+        if self.rule.bias_corrected:
+            self._restart_or_warn([(gi, p) for gi, p in fresh
+                                   if self.param_groups[gi]["folded"] > 0],
+                                  list(self._trainable()))
+
+    def _restart_or_warn(self, missing, trainable) -> None:
+        """Tensors whose moments start at zero inside a group that has folded gradients. Bias
+        corrections are counted per group: a group whose every tensor starts afresh restarts its
+        count (as torch's per-tensor ``step`` does when the state is cleared); where only some
+        do (unfrozen inside the group, or their state deleted alone), their first directions
+        would be mis-corrected: say so, and how to avoid it."""
+        gone = {id(p) for _, p in missing}
+        groups = {gi for gi, _ in missing}
+        partial = []
+        for gi in sorted(groups):
+            members = [p for g, p in trainable if g == gi]
+            if all(id(p) in gone for p in members):
+                self.param_groups[gi]["folded"] = 0
+            else:
+                partial += [(g, p) for g, p in missing if g == gi]
+        if not partial:
             return
-        names = [self._names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for _, p in late]
+        names = [self._names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for _, p in partial]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        folded = self.param_groups[late[0][0]]["folded"]
+        folded = self.param_groups[partial[0][0]]["folded"]
         warnings.warn(
-            f"{len(late)} parameter(s) became trainable inside a param group that has already "
-            f"taken {folded} step(s) ({shown}): their moments start at zero but share the group's "
-            "bias correction, so their first directions are mis-corrected (up to ~3x Adam's). "
-            "Unfreeze by adding them as a new group (optimizer.add_param_group) instead of "
-            "switching requires_grad on inside an existing one.",
+            f"{len(partial)} parameter(s) start with zero moments inside a param group that has "
+            f"already taken {folded} step(s) ({shown}): they became trainable, or their state "
+            "was deleted. They share the group's bias correction, so their first directions are "
+            "mis-corrected (up to ~3x Adam's). Unfreeze by adding them as a new group "
+            "(optimizer.add_param_group) instead of switching requires_grad on inside an "
+            "existing one; reset the state of a whole group, or of the whole optimizer "
+            "(opt.state.clear()), rather than of single tensors.",
             stacklevel=_outside_stacklevel())
 
     def _reshard_fsdp(self) -> None:

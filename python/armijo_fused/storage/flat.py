@@ -96,6 +96,7 @@ class FlatBuffer:
         self.model_param = torch.zeros(n, **kw) if self.master else self.param
         self.grad = torch.zeros(n, **kw)
         self.gathered = False  # has sync() copied in a gradient that arrived as a new tensor?
+        self.fresh: set[int] = set()  # tensors whose state sync() found deleted, and restarted
         self.states = [torch.zeros(n, **(fp32 if self.master else kw)) for _ in rule.state_names]
         self._param_views = [self._view(self.model_param, i) for i in range(len(params))]
         self._master_views = [self._view(self.param, i) for i in range(len(params))]
@@ -168,14 +169,22 @@ class FlatBuffer:
         return True
 
     def _reattach(self, i: int, pstate: dict, name: str, view: Tensor) -> None:
-        """A state entry of tensor i that is not its view any more (user code replaced it, or
-        the tensor's whole state dict): take its value and put the view back."""
+        """A state entry of tensor i that is not its view any more: user code replaced it (take
+        its value), or deleted it (``opt.state.clear()``, ``del opt.state[p]``, a state dict
+        without it: start afresh, as torch does: zero moments, a master equal to θ). Then put
+        the view back."""
         old = pstate.get(name)
-        if old is not None:
-            view.copy_(old)
-            if name == "master":  # θ follows a replaced master
-                with torch.no_grad():
+        with torch.no_grad():
+            if old is not None:
+                view.copy_(old)
+                if name == "master":  # θ follows a replaced master
                     self._param_views[i].copy_(self._master_views[i])
+            else:
+                if name == "master":
+                    view.copy_(self._param_views[i])
+                else:
+                    view.zero_()
+                self.fresh.add(i)
         pstate[name] = view
 
     def set_param(self, flat: Tensor) -> None:

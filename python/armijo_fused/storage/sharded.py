@@ -123,6 +123,7 @@ class ShardedBuffer:
         # half-precision shards (never in place: a table takes fp32) get an fp32 master
         self.master = self.dtype in MASTER_DTYPES
         self.state_names = rule.state_names + (("master",) if self.master else ())
+        self.fresh: set[int] = set()  # tensors whose state sync() found deleted, and restarted
         fp = dict(kw, dtype=torch.float32) if self.master else kw
         self.states = [torch.zeros(n, **fp) for _ in rule.state_names]
         self._shapes = [t.shape for t in local]
@@ -142,6 +143,7 @@ class ShardedBuffer:
             for i, p in enumerate(self.params)
         ]
         self.sync(state)
+        self.fresh.clear()  # a tensor without state when the store is built is simply new
 
     def _distribution(self, process_group) -> float:
         """Check the DTensors' mesh; the factor that turns the mean over ranks of the local
@@ -257,6 +259,12 @@ class ShardedBuffer:
                             _local(dt).copy_(_local(old))
                             if name == "master":  # a reloaded master: the shard follows it
                                 reloaded.add(i)
+                        else:  # deleted (opt.state.clear(), ...): afresh, as torch does
+                            if name == "master":
+                                _local(dt).copy_(local[i])
+                            else:
+                                _local(dt).zero_()
+                            self.fresh.add(i)
                         pstate[name] = dt
             if self.master:  # the shards win only where they changed since the last pass
                 for i, (view, t) in enumerate(zip(self._param_views, local)):
