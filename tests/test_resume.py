@@ -541,3 +541,32 @@ def test_deleting_one_tensors_state_restarts_it_alone_and_warns():
     assert opt.param_groups[0]["folded"] == 4  # the others' moments hold 4 gradients
     torch.testing.assert_close(opt.state[w]["exp_avg"], 0.1 * g_w)  # restarted
     torch.testing.assert_close(opt.state[other]["exp_avg"], 0.9 * kept + 0.1 * g_other)
+
+
+def test_load_state_dict_hooks_run_first_and_last_as_in_torch():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    opt = ArmijoAdam(model.parameters(), cadence="every", backend="torch")
+    for _ in range(2):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    legacy = copy.deepcopy(opt.state_dict())
+    for st in legacy["state"].values():  # an older layout a hook knows how to read
+        st["m"] = st.pop("exp_avg")
+    seen = []
+
+    def rename(o, sd):
+        sd = copy.deepcopy(sd)
+        for st in sd["state"].values():
+            st["exp_avg"] = torch.zeros_like(st.pop("m"))  # the hook's result is what loads
+        return sd
+
+    opt.register_load_state_dict_pre_hook(rename)
+    opt.register_load_state_dict_post_hook(
+        lambda o: seen.append(o.state[model.weight]["exp_avg"].abs().sum().item()))
+    opt.load_state_dict(legacy)  # before: ValueError on the foreign 'm', the hook never ran
+    assert seen == [0.0]  # the post-hook ran once, on the loaded state
+    assert opt.state[model.weight]["exp_avg"].abs().sum() == 0
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))  # and it steps from there

@@ -339,7 +339,29 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         parameter's dtype, which would round the fp32 moments and master weights of bf16/fp16
         parameters. A torch.optim checkpoint (AdamW, Adam, RMSprop, SGD, ...) is taken over: its
         moments and step count continue, η starts at its learning rate
-        (:func:`~armijo_fused.optimizers.torch_compat.from_torch_state_dict`)."""
+        (:func:`~armijo_fused.optimizers.torch_compat.from_torch_state_dict`).
+
+        Load pre-hooks run first, as in torch, so a hook can adapt a checkpoint before it is
+        checked or converted, and what a hook returns is what loads; post-hooks run last, on
+        the state as the next step will see it."""
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        pre, post = (self._optimizer_load_state_dict_pre_hooks,
+                     self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()  # torch's load runs neither
+        self._optimizer_load_state_dict_post_hooks = type(post)()
+        try:
+            self._load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        for hook in post.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict) -> None:
         if is_torch_state_dict(state_dict):
             state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
                                                state_dict, layerwise=self.layerwise)
