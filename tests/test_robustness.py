@@ -1142,6 +1142,28 @@ def test_scheduler_writing_an_infinite_lr_does_not_corrupt_the_model():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("weight_decay", math.nan, "invalid weight_decay"),  # a weight-decay schedule gone wrong
+    ("weight_decay", -1.0, "invalid weight_decay"),
+    ("betas", (0.9, 1.0), r"invalid betas\[1\]"),  # was a bare ZeroDivisionError
+    ("eps", 0.0, "invalid eps"),
+])
+def test_hyperparameters_written_mid_run_are_validated_before_anything_moves(key, value, match):
+    model, x = _usage_setup()
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence=2)
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    opt.step(closure)
+    theta = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+    opt.param_groups[0][key] = value
+    for _ in range(2):  # a step with and one without a search
+        with pytest.raises(ValueError, match=match):
+            opt.step(closure)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
+    assert all(torch.equal(opt.state[next(model.parameters())][k], v) for k, v in state.items())
+    assert opt.param_groups[0]["step"] == 1
+
+
 @pytest.mark.parametrize("name, value", [("init_step_size", math.inf),
                                          ("weight_decay", math.inf)])
 def test_infinite_hyperparameters_are_rejected(name, value):

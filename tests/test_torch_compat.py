@@ -11,6 +11,7 @@ import inspect
 
 import pytest
 import torch
+from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -118,6 +119,44 @@ def test_sgd_momentum_is_not_dropped_silently():
 def test_torch_options_that_are_not_implemented_are_refused_by_name(cls, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         cls(nn.Linear(3, 1).parameters(), **kw)
+
+
+@pytest.mark.parametrize("cls, ctor, group, match", [
+    (ArmijoSGD, {}, dict(momentum=0.9, nesterov=True), "nesterov=True .*momentum=0.9"),
+    (ArmijoSGD, dict(momentum=0.9), dict(nesterov=True), "nesterov=True"),
+    (ArmijoSGD, dict(momentum=0.9, nesterov=True), dict(nesterov=False), "nesterov=False"),
+    (ArmijoSGD, dict(momentum=0.9), dict(dampening=0.5), "dampening=0.5"),
+    (ArmijoAdam, {}, dict(maximize=True), "maximize=True"),
+    (ArmijoAdam, {}, dict(amsgrad=True), "amsgrad=True"),
+    (ArmijoAdam, dict(direction="rmsprop"), dict(centered=True), "centered=True"),
+])
+def test_torch_options_in_a_param_group_are_refused_by_name(cls, ctor, group, match):
+    # torch reads these per group; they were silently ignored (plain SGD ran, maximize minimised)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    with pytest.raises(ValueError, match=match):
+        cls([{"params": model.parameters(), **group}], **ctor)
+    opt = cls(model[0].parameters(), **ctor)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": model[1].parameters(), **group})
+    assert len(opt.param_groups) == 1
+    # written into a live group: refused at the next step, before anything moves
+    x = torch.randn(4, 3)
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    theta = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0].update(group)
+    with pytest.raises(ValueError, match=match):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
+    assert opt.param_groups[0]["step"] == 1
+
+
+def test_torch_options_at_their_no_op_values_in_a_group_are_accepted():
+    model = nn.Linear(3, 1)
+    groups = [{"params": model.parameters(), "maximize": False, "amsgrad": False,
+               "foreach": None, "fused": True, "capturable": False}]
+    ArmijoAdam(groups)
+    ArmijoSGD([{"params": model.parameters(), "momentum": 0.5, "nesterov": True,
+                "dampening": 0}], momentum=0.9, nesterov=True)
 
 
 def test_named_parameters_name_the_blocks_without_a_model():

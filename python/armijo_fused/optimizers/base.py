@@ -30,7 +30,12 @@ from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import device_floats, to_device
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
-from .torch_compat import from_torch_state_dict, is_torch_state_dict, lr_peak
+from .torch_compat import (
+    check_group_options,
+    from_torch_state_dict,
+    is_torch_state_dict,
+    lr_peak,
+)
 
 #: keys of the line-search state kept in every param group (identical across groups when global).
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "collapsed",
@@ -233,9 +238,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
     def _init_group(self, group: dict) -> None:
         """Validate a param group and give it the line-search keys. A group added later
         (``add_param_group``, progressive unfreezing) joins the current global step size."""
-        _lr_value(group["lr"])
-        _check_number("weight_decay", group["weight_decay"], 0.0)
-        self.rule.validate(group)
+        self._validate_group(group)
         for p in group["params"]:
             if not p.is_floating_point():
                 raise TypeError(f"parameters must be floating point, got {p.dtype}")
@@ -250,6 +253,15 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                        "step_size_avg": self._init_step_size,
                        "next_search": 1, "search_interval": 1}.get(key, 0)
             group.setdefault(key, first[key] if joining and key != "folded" else default)
+
+    def _validate_group(self, group: dict) -> None:
+        """The hyperparameters a step reads from a group: at construction, and again at every
+        step, since schedulers and user code write them (a weight-decay schedule, a momentum
+        cycle); a bad value is refused by name before anything moves."""
+        _lr_value(group["lr"])
+        _check_number("weight_decay", group["weight_decay"], 0.0)
+        self.rule.validate(group)
+        check_group_options(type(self).__name__, self.rule, group)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -482,6 +494,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         for name, fn in (("closure", closure), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        for group in self.param_groups:
+            self._validate_group(group)
         self._settle_skip()
         groups = self.param_groups
         g0 = groups[0]

@@ -39,6 +39,32 @@ def check_torch_keywords(owner: str, *, foreach=None, fused=None, maximize=False
                              "trial's loss on the host")
 
 
+def check_group_options(owner: str, rule, group: dict) -> None:
+    """torch's optimizers read some options per param group (``{"params": ..., "nesterov":
+    True}``). The direction rule is the optimizer's, fixed at construction, so a group that asks
+    for another one, or for an option not implemented, is refused by name, as the same keyword
+    is at construction; values the rule reads per group (momentum, betas, eps) stay per group."""
+    bad = [f"{key}={group[key]!r}" for key in _UNSUPPORTED_GROUP_OPTIONS if group.get(key)]
+    if group.get("dampening"):
+        bad.append(f"dampening={group['dampening']!r}")
+    if "nesterov" in group and bool(group["nesterov"]) != (rule.name == "nesterov"):
+        bad.append(f"nesterov={group['nesterov']!r} (the optimizer's direction is "
+                   f"{rule.name!r})")
+    if group.get("momentum") and "momentum" not in rule.hyperparameters:
+        bad.append(f"momentum={group['momentum']!r} (direction {rule.name!r} keeps no momentum "
+                   "buffer)")
+    if bad:
+        raise ValueError(
+            f"{owner}: a param group asks for {', '.join(bad)}, which {owner} does not do per "
+            "group: the direction is chosen at construction (ArmijoSGD(..., momentum=0.9, "
+            "nesterov=True), ArmijoAdam(..., direction=...)), and maximize, amsgrad, centered, "
+            "dampening, capturable and differentiable are not implemented")
+
+
+#: torch options a param group may carry that would change the math, none implemented
+_UNSUPPORTED_GROUP_OPTIONS = ("maximize", "amsgrad", "centered", "capturable", "differentiable")
+
+
 def sgd_direction(direction, momentum, dampening, nesterov) -> tuple[str, float | None]:
     """ArmijoSGD's rule and μ from either spelling: torch's ``momentum``/``nesterov`` or
     ``direction``. Returns (direction, momentum), momentum None for plain SGD."""
