@@ -1428,3 +1428,36 @@ def test_a_collapse_in_one_block_does_not_count_for_another():
     spiked, plain = run(True), run(False)
     assert spiked[1] == plain[1]  # b: untouched by a's collapses
     assert spiked[0] != plain[0]  # a: two collapses in a row moved its η̄
+
+
+def test_a_loss_that_takes_derivatives_gets_a_message_naming_the_trial_and_the_fix():
+    # PINN-style: the loss differentiates the model's output w.r.t. its input. The first call
+    # runs with grad; a trial runs under no_grad and torch's own message said nothing of it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.linspace(0, 1, 16).unsqueeze(1)
+    opt = ArmijoAdam(model.parameters(), model=model, backend="torch")
+
+    def residual():
+        xx = x.clone().requires_grad_(True)
+        du = torch.autograd.grad(model(xx).sum(), xx, create_graph=True)[0]
+        return (du - torch.cos(xx)).pow(2).mean()
+
+    def closure():
+        opt.zero_grad()
+        loss = residual()
+        loss.backward()
+        return loss
+
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"trial point.*torch\.no_grad\(\).*enable_grad"):
+        opt.step(closure)
+    for p, t in zip(model.parameters(), theta):
+        torch.testing.assert_close(p.detach(), t, rtol=0, atol=1e-6)  # undone (to rounding)
+
+    def closure_with_grad():
+        with torch.enable_grad():
+            return closure()
+
+    opt.step(closure_with_grad)  # the fix the message names
+    assert opt.stats["step_size"] > 0

@@ -598,7 +598,17 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         def trial_loss() -> Tensor:
             self._reshard_fsdp()  # FSDP2: the forward must all-gather the moved shards
             with env.trial():
-                out = evaluate()
+                try:
+                    out = evaluate()
+                except RuntimeError as e:
+                    if "does not require grad" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        f"{what} failed at a trial point: {e}. Trial forwards run under "
+                        "torch.no_grad() (a loss is all they need). A loss that itself takes "
+                        "derivatives (a gradient penalty, PINN residuals, torch.autograd.grad "
+                        "inside the loss) must open its own graph: wrap that part in "
+                        "torch.enable_grad(). The step has been undone") from e
             self._count(forwards=1)
             return _as_loss(out, what)
 
