@@ -55,6 +55,43 @@ def test_gradscaler_step_with_loss_fn_matches_the_unscaled_run():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("unscaled_first", [False, True], ids=["step", "unscale_-then-step"])
+def test_gradscaler_step_with_a_positional_closure_matches_the_unscaled_run(unscaled_first):
+    # scaler.step(opt, closure): GradScaler refuses only a keyword closure and unscales the
+    # gradients that exist before step(); the closure then recomputed them scaled (x 2^10), so
+    # every search saw a gradient 1024x too long. accelerate's optimizer wrapper calls it so.
+    plain, scaled = make_model(), make_model()
+    opt_p = ArmijoAdam(plain.parameters(), model=plain, cadence="every", backend="torch")
+    opt_s = ArmijoAdam(scaled.parameters(), model=scaled, cadence="every", backend="torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(4):
+        x, y = batch(step)
+
+        def closure_p(x=x, y=y):
+            opt_p.zero_grad()
+            loss = nn.functional.mse_loss(plain(x), y)
+            loss.backward()
+            return loss
+
+        def closure_s(x=x, y=y):
+            opt_s.zero_grad()
+            loss = nn.functional.mse_loss(scaled(x), y)
+            scaler.scale(loss).backward()
+            return loss
+
+        opt_p.step(closure_p)
+        closure_s()  # the scaler's inf check needs the scaled gradients before step()
+        if unscaled_first:
+            scaler.unscale_(opt_s)  # (to clip them, say)
+        scaler.step(opt_s, closure_s)
+        scaler.update()
+        assert opt_s.stats["step_size"] == opt_p.stats["step_size"]
+        torch.testing.assert_close(opt_s.stats["grad_norm"], opt_p.stats["grad_norm"])
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert all(p.grad.abs().max() < 10 for p in scaled.parameters())  # left unscaled
+
+
 def test_gradscaler_overflow_skips_the_step_and_leaves_state_untouched():
     model = make_model()
     opt = ArmijoAdam(model.parameters(), model=model, cadence="every")

@@ -70,6 +70,22 @@ def _outside_stacklevel() -> int:
     return level
 
 
+def _calling_grad_scaler(opt):
+    """The enabled ``torch.amp.GradScaler`` whose ``step(opt, ...)`` called this step, if one
+    did. GradScaler unscales the gradients that exist before it calls ``step``; a closure
+    passed positionally (GradScaler refuses only the keyword; accelerate's optimizer wrapper
+    passes it so) then recomputes them scaled, and the step must unscale those itself."""
+    frame = sys._getframe(2)
+    for _ in range(12):  # GradScaler.step -> _maybe_opt_step -> torch's hooks -> step
+        if frame is None:
+            return None
+        scaler = frame.f_locals.get("self")
+        if isinstance(scaler, torch.amp.GradScaler) and frame.f_locals.get("optimizer") is opt:
+            return scaler if scaler.is_enabled() else None
+        frame = frame.f_back
+    return None
+
+
 def _lr_value(lr) -> float:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -529,8 +545,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None
         if closure is not None:
+            scaler = _calling_grad_scaler(self)
             with torch.enable_grad():
                 f0 = closure()
+            if scaler is not None:  # scaler.step(opt, closure): the closure's gradient is scaled
+                self._unscale_gradients(scaler)
         self._count(forwards=1, backwards=1)
         if f0 is not None:
             f0 = _as_loss(f0, "the closure" if closure is not None else "loss")
@@ -975,6 +994,21 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             mine = torch.stack([to_device(f0.double().reshape(()), device), mine[1] + 1])
         total = reduce(mine)  # (the mean over ranks: the scale cancels in the ratio)
         return total[0], total[0] / total[1]
+
+    @torch.no_grad()
+    def _unscale_gradients(self, scaler) -> None:
+        """Divide the gradients the closure just computed by the scale its ``scaler.scale(loss)``
+        applied (as ``GradScaler.unscale_`` does; a non-finite result is the guard's to skip)."""
+        scale = getattr(scaler, "_scale", None)
+        if scale is None:  # (torch keeps the scale there; else ask, which syncs)
+            scale = torch.tensor(scaler.get_scale())
+        inv = scale.double().reciprocal().float()
+        by_device: dict = {}
+        for _, p in self._trainable():
+            if p.grad is not None:
+                by_device.setdefault(p.grad.device, []).append(p.grad)
+        for device, grads in by_device.items():
+            torch._foreach_mul_(grads, inv.to(device))
 
     def _lr_factor(self, group) -> float:
         """lr_t / lr_0: the scheduler's multiplier of the applied step (DESIGN.md §2.6), at
