@@ -55,6 +55,10 @@ def trial_points_kernel(
     if not PRECOND:  # the fallback direction carries no weight decay
         d = d + weight_decay * theta
 
+    # row k starts k * n_elements further on: advance 64-bit pointers row by row, since the
+    # product k * n_elements, taken in int32, would wrap once (K - 1) * n_elements >= 2**31
+    out_row = out_ptr + offs
     for k in range(n_candidates):
         eta = tl.load(etas_ptr + k)
-        tl.store(out_ptr + k * n_elements + offs, theta - eta * d, mask=mask)
+        tl.store(out_row, theta - eta * d, mask=mask)
+        out_row += n_elements

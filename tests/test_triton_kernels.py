@@ -456,10 +456,12 @@ def test_optimizer_on_triton_matches_torch(cls, direction, kw):
     check_optimizer(cls, direction, "cpu", **kw)
 
 
-def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=False) -> str:
-    """The sm_90 PTX of one kernel variant, compiled without a GPU (16-byte aligned pointers and
-    sizes, as the launcher specialises them at run time). ``half``: the pointer arguments that are
-    ``half_type``; ``table``: ``param_ptr``/``grad_ptr`` are a tile table's int64 addresses."""
+def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=False,
+                     ir="ptx") -> str:
+    """The sm_90 PTX (or another stage, ``ir``) of one kernel variant, compiled without a GPU
+    (16-byte aligned pointers and sizes, as the launcher specialises them at run time). ``half``:
+    the pointer arguments that are ``half_type``; ``table``: ``param_ptr``/``grad_ptr`` are a
+    tile table's int64 addresses."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -479,7 +481,36 @@ def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=
     src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "enable_fp_fusion": False})
-    return k.asm["ptx"]
+    return k.asm[ir]
+
+
+def int32_products() -> dict:
+    """Per kernel that addresses elements, the int32 multiplications in its TTIR. Below 2**31
+    elements Triton passes sizes as int32, so a product such as ``k * n_elements`` is taken in
+    int32 and wraps before it is widened into a pointer offset (the batched candidates' rows did:
+    a wrong address once (K - 1) * n_elements >= 2**31). Offsets must be int64 from the start."""
+    from armijo_fused.kernels.candidates import trial_points_kernel
+    from armijo_fused.kernels.first_pass import first_pass_kernel
+    from armijo_fused.kernels.move import move_kernel
+    from armijo_fused.kernels.reductions import table_tile_sq_sum_kernel, tile_sq_sum_kernel
+
+    def muls(kernel, constexprs, **kw):
+        text = compile_for_sm90(kernel, constexprs, ir="ttir", **kw)
+        return [line.split(" loc(")[0].strip() for line in text.splitlines()
+                if re.search(r"arith\.muli [^:]*: i32\b", line)]
+
+    adam = {"RULE": 4, "NSTATES": 2, "BLOCK_SIZE": 2048, "WRITE_MODEL": False, "TABLE": False,
+            "FULL": True}
+    retry = dict(adam, PRECOND_OLD=False, PRECOND_NEW=False, COMPUTE_SUMS=True, LOAD_GRAD=True)
+    return {"first": muls(first_pass_kernel, adam),
+            "first_table": muls(first_pass_kernel, dict(adam, TABLE=True, FULL=False),
+                                table=True),
+            "retry": muls(move_kernel, retry),
+            "trial_points": muls(trial_points_kernel, {"RULE": 4, "NSTATES": 2,
+                                                       "PRECOND": False, "BLOCK_SIZE": 2048}),
+            "guard": muls(tile_sq_sum_kernel, {"BLOCK_SIZE": 2048}),
+            "guard_table": muls(table_tile_sq_sum_kernel, {"BLOCK_SIZE": 2048, "FULL": False},
+                                table=True)}
 
 
 def compiled_access_counts() -> dict:
@@ -602,6 +633,11 @@ def test_every_launchable_variant_compiles_for_sm90():
     """Every kernel variant the Triton backend can launch compiles to sm_90 PTX (165 of them), so
     a construct this Triton cannot compile shows up in CI, not in the first minutes on a GPU."""
     assert run_compiler("compile_every_variant") == 165
+
+
+def test_element_offsets_are_never_an_int32_product():
+    assert run_compiler("int32_products") == {k: [] for k in (
+        "first", "first_table", "retry", "trial_points", "guard", "guard_table")}
 
 
 def test_compiled_passes_move_the_byte_budget():
