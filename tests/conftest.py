@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-# Triton kernels run on CPU tensors under the interpreter when there is no GPU (DESIGN.md §6).
+# Triton kernels run on CPU tensors under the interpreter when there is no GPU (docs/design.md §6).
 # The variable must be set before any module decorates a kernel with @triton.jit.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,4 +1,4 @@
-"""DDP on CPU / gloo, 2 ranks, different data per rank (DESIGN.md §5.6).
+"""DDP on CPU / gloo, 2 ranks, different data per rank (docs/design.md §5.6).
 
 Every rank must take the same decisions (step sizes, trial counts) and hold the same parameters,
 equal to one process training on the concatenated batch; a non-finite loss on one rank rejects the

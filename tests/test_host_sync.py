@@ -1,4 +1,4 @@
-"""A step without a search never makes the host wait for the GPU (DESIGN.md §2: "no host sync").
+"""A step without a search never makes the host wait for the GPU (docs/design.md §2: "no host sync").
 
 On a GPU, ``torch.tensor(list, device="cuda")`` synchronises the stream (pageable memcpy), and
 ``item``/``tolist``/``bool``/``float`` of a device tensor wait for every queued kernel, the

@@ -456,6 +456,54 @@ def test_optimizer_on_triton_matches_torch(cls, direction, kw):
     check_optimizer(cls, direction, "cpu", **kw)
 
 
+def test_the_buffers_device_is_made_current_around_a_launch(monkeypatch):
+    # Triton launches on the current CUDA device whatever the pointers' device: a buffer on the
+    # second GPU of one process (device_map="auto") ran in device 0's context and stream
+    import contextlib
+
+    entered = []
+
+    class Device:  # stands in for torch.cuda.device: records what would be made current
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("restored")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    assert isinstance(tri.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(tri.device_guard(torch.device("cuda", 0)), contextlib.nullcontext)
+    with tri.device_guard(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    assert entered[-1] == "restored"
+
+
+@interpreted
+def test_a_tile_too_large_for_one_program_is_refused():
+    case = make_case("adam", (40000,), 16384)  # 16384 fp32 per program spills on sm_90
+    with pytest.raises(ValueError, match="tile 16384 is above 8192"):
+        first(tri, RULES["adam"], case)
+
+
+@interpreted
+def test_every_launch_wrapper_goes_through_the_device_guard(monkeypatch):
+    seen = []
+    real = tri.device_guard
+    monkeypatch.setattr(tri, "device_guard", lambda d: seen.append(d) or real(d))
+    case = make_case("adam", (3000,), 1024)
+    rule = RULES["adam"]
+    first(tri, rule, case)
+    move(tri, rule, case, case.eta, case.eta * 0.5, sums=True)
+    tri.grad_sq_norm(case.grad, case.layout)
+    p, g, st, sc, wd = _args(case)
+    tri.trial_points(rule, p, g, st, sc, wd, [0.1, 0.2], case.gscale, case.layout)
+    assert seen == [torch.device("cpu")] * 4
+
+
 def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=False,
                      ir="ptx") -> str:
     """The sm_90 PTX (or another stage, ``ir``) of one kernel variant, compiled without a GPU

@@ -14,6 +14,8 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tes
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections.abc import Sequence
 
@@ -39,6 +41,9 @@ name = "triton"
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: the largest tile a program takes: 16 fp32 elements per thread at 16 warps (more spills:
+#: 912 B of local memory per thread at 16384, measured with ptxas for sm_90)
+_MAX_TILE = 8192
 #: tiles summed per loop iteration of the block reduction.
 _TILES_PER_ITER = 128
 
@@ -49,6 +54,9 @@ def _num_warps(tile: int) -> int:
 
 
 def _launch_options(tile: int) -> dict:
+    if tile > _MAX_TILE:
+        raise ValueError(f"triton backend: tile {tile} is above {_MAX_TILE}: with at most 16 "
+                         "warps a program would hold more elements than it has registers")
     # No fused multiply-adds: the torch twin rounds every product, and a memory-bound pass gains
     # nothing from FMA. Explicit also because Triton's default for it is changing (3.10).
     return {"num_warps": _num_warps(tile), "enable_fp_fusion": False}
@@ -157,6 +165,36 @@ def _launches(table: TileTable | None, layout: FlatLayout) -> list[tuple[Tensor,
             if t.numel()]
 
 
+def device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device and its current stream, whatever device the
+    pointers are on: a buffer on another GPU of this process (a model spread over GPUs with
+    ``device_map="auto"``) makes its device current for the launch. A no-op (one cheap query)
+    when it already is, and on the CPU (the interpreter)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _on_buffer_device(launch):
+    """Run a launch wrapper on the device of the first tensor (or tile table) it is given."""
+
+    @functools.wraps(launch)
+    def wrapper(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, Tensor):
+                device = a.device
+                break
+            if isinstance(a, TileTable):
+                device = a.grad_ptrs.device
+                break
+        else:
+            return launch(*args, **kwargs)
+        with device_guard(device):
+            return launch(*args, **kwargs)
+
+    return wrapper
+
+
 def _state_ptrs(param: Tensor, states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     # rules with fewer than two buffers get param as a placeholder the kernel never touches
     padded = list(states) + [param] * (2 - len(states))
@@ -173,6 +211,7 @@ def _block_sums(partials: Tensor, layout: FlatLayout) -> Tensor:
     return out
 
 
+@_on_buffer_device
 def first_pass(
     rule: DirectionRule,
     param: Tensor,
@@ -210,6 +249,7 @@ def first_pass(
     return _block_sums(partials, layout)
 
 
+@_on_buffer_device
 def move(
     rule: DirectionRule,
     param: Tensor,
@@ -257,6 +297,7 @@ def move(
     return _block_sums(partials, layout) if compute_sums else None
 
 
+@_on_buffer_device
 def trial_points(
     rule: DirectionRule,
     param: Tensor,
@@ -285,6 +326,7 @@ def trial_points(
     return out
 
 
+@_on_buffer_device
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:
     if table is not None:
         return _table_grad_sq_norm(table, layout)

@@ -9,7 +9,7 @@ yields. It owns three things and nothing else:
 * the torch reference math (``update_state``, ``direction``, ``precond_grad``), which is the ground
   truth the Triton and C++ twins are tested against.
 
-Notation used by every pass (DESIGN.md §2): ``u`` is the rule's direction without weight decay,
+Notation used by every pass (docs/design.md §2): ``u`` is the rule's direction without weight decay,
 ``d = u + wd * theta0`` the applied direction with decoupled weight decay, and the fallback
 direction ``precond_grad`` is the preconditioned gradient with neither momentum nor weight decay,
 which is a descent direction whenever the gradient is non-zero.

@@ -1,10 +1,10 @@
 """DDP / FSDP2 helpers.
 
-The optimizer itself takes its decisions from globally reduced scalars (DESIGN.md §5.6): under
+The optimizer itself takes its decisions from globally reduced scalars (docs/design.md §5.6): under
 DDP the trial loss is averaged over the ranks in one all-reduce per trial; under FSDP2 the
 parameters are DTensors, stored by :class:`armijo_fused.storage.sharded.ShardedBuffer`, whose
 per-block sums ride on the same all-reduce, and every FSDP module is resharded before each trial
-forward (DESIGN.md §5.7). These helpers only make the common checks explicit.
+forward (docs/design.md §5.7). These helpers only make the common checks explicit.
 """
 
 from __future__ import annotations

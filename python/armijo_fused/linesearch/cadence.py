@@ -7,7 +7,7 @@ still moving and backs off once it has settled, as SaLSa does:
 * after each search, the step size counts as settled when it lies within a factor ``tolerance``
   (default 2) of its running average η̄ (see policy.py);
 * settled: the interval to the next search doubles, up to ``max_interval`` (default 10, the sparse
-  cadence measured in DESIGN.md §8 to keep quality); moving: it halves, down to 1;
+  cadence measured in docs/design.md §8 to keep quality); moving: it halves, down to 1;
 * a search that accepted nothing (trials exhausted) makes the next step search again, with any
   cadence: the step size it falls back to was just rejected, and steps without a search would
   apply it blindly.

@@ -8,7 +8,7 @@ State (kept in every param group so schedulers, DCP and ``load_state_dict`` carr
   capped by ``max_step``, since backtracking can only shrink): the smoothed η̄, not the raw
   accepted step. The test on one noisy mini-batch is greedy: a lucky batch accepts a step far
   larger than the loss landscape supports on average, and carried over to the steps without a
-  search such a step hurts (DESIGN.md §8, lessons 1 and 3). Smoothing with s = 0.5 beat the best
+  search such a step hurts (docs/design.md §8, lessons 1 and 3). Smoothing with s = 0.5 beat the best
   AdamW of a learning-rate sweep on both seeds where raw steps (s = 0) lost by 17–20%
   (bench/results/convergence_cpu.md). ``smoothing=0`` applies the accepted step as is.
 
@@ -19,7 +19,7 @@ Collapse guard: one noisy mini-batch can make the search accept a step orders of
 than usual, or none at all (trials exhausted). Carried over, such a step size stalls training for
 many steps while growth (×1.2 per search) climbs back. So an accepted step below
 ``collapse_ratio · η̄`` (default 1e-2: two orders of magnitude), or an exhausted search, does not
-enter the average and the step size is reset to η̄ instead (DESIGN.md §8, lesson 3), and the next
+enter the average and the step size is reset to η̄ instead (docs/design.md §8, lesson 3), and the next
 step searches again (η̄ has just been rejected). If that search collapses too, the small step is
 no accident: η and η̄ take it.
 """

@@ -54,7 +54,7 @@ def _check_number(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
         raise ValueError(f"invalid {name}: {value!r} (expected a number in {lb}{lo}, {hi}{rb})")
 
 
@@ -1011,7 +1011,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             torch._foreach_mul_(grads, inv.to(device))
 
     def _lr_factor(self, group) -> float:
-        """lr_t / lr_0: the scheduler's multiplier of the applied step (DESIGN.md §2.6), at
+        """lr_t / lr_0: the scheduler's multiplier of the applied step (docs/design.md §2.6), at
         most 1: a longer step than the search accepted is one the Armijo test never saw."""
         lr_t = _lr_value(group["lr"])
         lr_0 = _lr_value(lr_peak(group))

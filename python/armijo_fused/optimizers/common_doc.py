@@ -3,7 +3,7 @@
 LINESEARCH_ARGS = r"""
         c (float, optional): Armijo sufficient-decrease constant; a trial step η is accepted when
             f(θ - η d) <= f(θ) - c η <g, d>. 0.2 is the value measured best on language modelling
-            (DESIGN.md §8: 0.1 is too greedy on noisy batches, 0.5 and above let η collapse)
+            (docs/design.md §8: 0.1 is too greedy on noisy batches, 0.5 and above let η collapse)
             (default: 0.2)
         backtrack (float, optional): factor that shrinks η after a rejected trial (default: 0.5)
         growth (float, optional): factor that grows the accepted η before the next search,
