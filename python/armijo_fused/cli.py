@@ -14,6 +14,7 @@ imported only when their command runs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -38,7 +39,9 @@ COMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m armijo_fused",
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    p = argparse.ArgumentParser(prog="armijo-fused" if script == "armijo-fused"
+                                else "python -m armijo_fused",
                                 description="armijo_fused command line")
     sub = p.add_subparsers(dest="command", metavar="command")
     sub.required = True

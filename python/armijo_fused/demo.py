@@ -181,7 +181,8 @@ def armijo_record(opt) -> Callable[[], dict]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m armijo_fused demo",
-        description="Train a small transformer on Shakespeare with ArmijoAdam (defaults) and "
+        description="Train a small transformer on Shakespeare with ArmijoAdam (defaults, "
+                    "weight decay 0.01) and "
                     "with AdamW (torch defaults, lr=1e-3), same schedule, same batches.")
     p.add_argument("--steps", type=int, default=500, help="training steps per optimizer")
     p.add_argument("--out", default="demo_out", help="output directory (PNG and JSON)")

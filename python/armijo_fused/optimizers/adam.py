@@ -22,7 +22,7 @@ class ArmijoAdam(ArmijoOptimizer):
         &\eta \leftarrow \min(\eta_{k-1} \cdot \text{growth}, \text{max\_step}) \\
         &\textbf{while } f_k(\theta_{k-1} - \eta d_k) > f_0 - c\,\eta \langle g_k, d_k \rangle
             \textbf{ and trials} < \text{max\_trials}: \ \eta \leftarrow \text{backtrack}\cdot\eta \\
-        &\theta_k = \theta_{k-1} - \eta \, (\text{lr}_t / \text{lr}_0) \, d_k
+        &\theta_k = \theta_{k-1} - \eta \, \min(1, \text{lr}_t / \text{lr}_0) \, d_k
         \end{aligned}
 
     with :math:`\hat m_k = m_k / (1-\beta_1^k)`, :math:`\hat v_k = v_k / (1-\beta_2^k)`. If

@@ -19,12 +19,13 @@ class ArmijoSGD(ArmijoOptimizer):
         &\eta \leftarrow \min(\eta_{k-1} \cdot \text{growth}, \text{max\_step}) \\
         &\textbf{while } f_k(\theta_{k-1} - \eta d_k) > f_0 - c\,\eta \langle g_k, d_k \rangle
             \textbf{ and trials} < \text{max\_trials}: \ \eta \leftarrow \text{backtrack}\cdot\eta \\
-        &\theta_k = \theta_{k-1} - \eta \, (\text{lr}_t / \text{lr}_0) \, d_k
+        &\theta_k = \theta_{k-1} - \eta \, \min(1, \text{lr}_t / \text{lr}_0) \, d_k
         \end{aligned}
 
     If :math:`\langle g_k, d_k \rangle \le 0` (momentum can point uphill) the step falls back to
-    :math:`d_k = g_k`. The search runs on the steps the cadence picks; the others apply the last
-    accepted η.
+    :math:`d_k = g_k`. The search runs on the steps the cadence picks; the others apply the
+    smoothed step size η̄ (the last accepted η with the default ``smoothing=0``; see
+    ``smoothing``), moving at most twice as far as the last search's step did.
 
     Args:
         params (iterable): parameters or param groups (dicts), as for any torch optimizer
