@@ -1461,3 +1461,25 @@ def test_a_loss_that_takes_derivatives_gets_a_message_naming_the_trial_and_the_f
 
     opt.step(closure_with_grad)  # the fix the message names
     assert opt.stats["step_size"] > 0
+
+
+def test_in_trial_lets_a_forward_hook_skip_the_trial_forwards():
+    import armijo_fused
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+    seen = {"all": 0, "training": 0}
+
+    def count(module, inputs, output):
+        seen["all"] += 1
+        if not armijo_fused.in_trial():
+            seen["training"] += 1
+
+    model.register_forward_hook(count)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every", init_step_size=10.0)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert seen["training"] == 3  # one training forward per step
+    assert seen["all"] == opt.stats["forwards"] > 3 + 3  # and the trials (backtracks from 10)
+    assert not armijo_fused.in_trial()

@@ -49,7 +49,10 @@ _depth = 0
 
 
 def in_trial() -> bool:
-    """True inside a trial forward (our own ``zero_grad`` checks it: it overrides the patch)."""
+    """True while a trial forward runs (``armijo_fused.in_trial()``). Python-side effects of a
+    forward, such as a forward hook that logs activations, a counter of seen tokens or a metric
+    updated inside ``forward``, run once per trial too: guard them with ``if not in_trial()``.
+    (Our own ``zero_grad`` checks it as well: it overrides the patch.)"""
     return _depth > 0
 
 
