@@ -1483,3 +1483,22 @@ def test_in_trial_lets_a_forward_hook_skip_the_trial_forwards():
     assert seen["training"] == 3  # one training forward per step
     assert seen["all"] == opt.stats["forwards"] > 3 + 3  # and the trials (backtracks from 10)
     assert not armijo_fused.in_trial()
+
+
+def test_a_closure_that_never_calls_backward_gets_one_warning():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+
+    def closure():  # forgot loss.backward()
+        opt.zero_grad()
+        return model(x).pow(2).mean()
+
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match=r"gradient is zero everywhere at step 1.*backward\(\)"):
+        opt.step(closure)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        opt.step(closure)

@@ -691,6 +691,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         if accepted is not None and not skipped and result.block_dd:
             self._record_step_length(table, result.block_dd)
         exhausted = accepted is None and not (skipped or result.unresolved)
+        if result.grad_sq == 0.0 and not skipped:
+            self._warn_zero_gradient(k)
         # after a collapse η is reset to η̄, which this search has just rejected: like an
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
@@ -994,6 +996,18 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             mine = torch.stack([to_device(f0.double().reshape(()), device), mine[1] + 1])
         total = reduce(mine)  # (the mean over ranks: the scale cancels in the ratio)
         return total[0], total[0] / total[1]
+
+    def _warn_zero_gradient(self, k: int) -> None:
+        """A search whose gradient is zero everywhere takes no step: most often the closure
+        never called ``backward()`` (or zeroed the gradient after it). Say so, once."""
+        if getattr(self, "_warned_zero_grad", False):
+            return
+        self._warned_zero_grad = True
+        warnings.warn(
+            f"{type(self).__name__}: the gradient is zero everywhere at step {k}, so the search "
+            "takes no step. Does the closure call loss.backward() (after zero_grad, not "
+            "before), or, with step(loss_fn=..., loss=...), did backward run before step?",
+            stacklevel=_outside_stacklevel())
 
     @torch.no_grad()
     def _unscale_gradients(self, scaler) -> None:
