@@ -617,6 +617,7 @@ def test_exhausted_search_falls_back_to_theta0_and_resets_the_step_size(directio
     assert torch.isfinite(run.theta()).all()
 
 
+@pytest.mark.filterwarnings("ignore:.*gradient is zero everywhere")
 def test_steps_after_an_exhausted_search_do_not_apply_a_rejected_step_size():
     torch.manual_seed(0)
     w = nn.Parameter(torch.tensor([1.0, -0.5, 0.25]))
@@ -663,6 +664,7 @@ def test_exhausted_layerwise_search_restores_and_continues():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("direction", ALL_DIRS)
 @pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.filterwarnings("ignore:.*gradient is zero everywhere")
 def test_zero_gradients_take_no_step_and_produce_no_nan(direction, wd, backend):
     torch.manual_seed(0)
     model = nn.Linear(5, 3)

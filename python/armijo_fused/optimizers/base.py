@@ -1005,8 +1005,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._warned_zero_grad = True
         warnings.warn(
             f"{type(self).__name__}: the gradient is zero everywhere at step {k}, so the search "
-            "takes no step. Does the closure call loss.backward() (after zero_grad, not "
-            "before), or, with step(loss_fn=..., loss=...), did backward run before step?",
+            "takes no step. At an exact minimum that is right; otherwise, does the closure call "
+            "loss.backward() (after zero_grad, not before), or, with step(loss_fn=..., "
+            "loss=...), did backward run before step?",
             stacklevel=_outside_stacklevel())
 
     @torch.no_grad()
