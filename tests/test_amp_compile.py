@@ -207,3 +207,48 @@ def test_a_compiled_training_step_runs_the_optimizer_step_eagerly():
                 fn(*batch(step))
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+def test_gradscaler_through_an_optimizer_wrapper_and_no_retained_locals():
+    import gc
+    import weakref
+
+    class Wrapper(torch.optim.Optimizer):  # Lookahead-style: shares the inner's groups
+        def __init__(self, inner):
+            self.inner = inner
+            self.param_groups, self.state, self.defaults = (inner.param_groups, inner.state,
+                                                            inner.defaults)
+            self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+        def step(self, closure=None):
+            return self.inner.step(closure)
+
+    norms = {}
+    for wrap in (False, True):
+        model = make_model()
+        opt = ArmijoAdam(model.parameters(), model=model, cadence="every", backend="torch")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        x, y = batch(0)
+
+        def closure(model=model, opt=opt, scaler=scaler, x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            return loss
+
+        closure()
+        scaler.step(Wrapper(opt) if wrap else opt, closure)
+        norms[wrap] = opt.stats["grad_norm"]
+    assert norms[True] == pytest.approx(norms[False], rel=1e-6)
+
+    # looking for the scaler reads no caller's locals: a tensor the loop deletes after the
+    # step is freed (reading f_locals on Python <= 3.12 would keep a snapshot alive)
+    def loop():
+        big = torch.empty(1000)
+        ref = weakref.ref(big)
+        opt.step(closure)
+        del big
+        gc.collect()
+        return ref() is None
+
+    assert loop()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -570,3 +571,56 @@ def test_load_state_dict_hooks_run_first_and_last_as_in_torch():
     assert seen == [0.0]  # the post-hook ran once, on the loaded state
     assert opt.state[model.weight]["exp_avg"].abs().sum() == 0
     opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))  # and it steps from there
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "in-place"])
+def test_loading_a_checkpoint_without_masters_into_a_live_bf16_optimizer_keeps_its_count(flat):
+    # an fp32 model's checkpoint, or torch's, holds no 'master': the live bf16 optimizer takes
+    # θ as the master; a missing master is not deleted state and restarts no count
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    for _ in range(5):
+        adamw.zero_grad()
+        ref(x).pow(2).mean().backward()
+        adamw.step()
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).bfloat16()
+    opt = ArmijoAdam(model.parameters(), cadence="every", backend="torch", flat=flat)
+    closure = make_closure(opt, lambda: model(x.bfloat16()).float().pow(2).mean())
+    opt.step(closure)  # the buffers exist: a load goes through their sync
+    opt.load_state_dict(adamw.state_dict())
+    assert opt.param_groups[0]["folded"] == 5
+    opt.step(closure)
+    assert opt.param_groups[0]["folded"] == 6
+
+
+def test_freezing_one_tensor_and_unfreezing_another_is_not_a_reset():
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    b.requires_grad_(False)
+    opt = ArmijoAdam([a, b], cadence="every", backend="torch")
+    closure = make_closure(opt, lambda: (a * a).sum() + (b * b).sum())
+    for _ in range(4):
+        opt.step(closure)
+    a.requires_grad_(False)
+    b.requires_grad_(True)
+    with pytest.warns(UserWarning, match="1 parameter\\(s\\) start with zero moments"):
+        opt.step(closure)
+    assert opt.param_groups[0]["folded"] == 5  # a's moments still count the group's steps
+
+
+def test_clearing_the_state_in_the_step_that_rebuilds_the_store_restarts_the_count():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    x = torch.randn(8, 4)
+    opt = ArmijoAdam(model.parameters(), cadence="every", backend="torch")
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    for _ in range(4):
+        opt.step(closure)
+    opt.state.clear()
+    model[2].weight.data = model[2].weight.detach().clone()  # re-pointed: the store rebuilds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole restart, nothing to warn about
+        opt.step(closure)
+    assert opt.param_groups[0]["folded"] == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from _backends import needs_cpp
@@ -1504,3 +1505,18 @@ def test_a_closure_that_never_calls_backward_gets_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         opt.step(closure)
+
+
+@pytest.mark.parametrize("key, value", [("weight_decay", np.float32(0.01)),
+                                        ("weight_decay", torch.tensor(0.01)),
+                                        ("betas", (np.float32(0.9), 0.999)),
+                                        ("betas", (torch.tensor(0.9), 0.999))])
+def test_schedules_may_write_numpy_numbers_and_one_element_tensors(key, value):
+    model, x = _usage_setup()
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence=2)
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    opt.step(closure)
+    opt.param_groups[0][key] = value  # accepted before per-step validation: still accepted
+    for _ in range(2):
+        opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -18,9 +18,11 @@ which is a descent direction whenever the gradient is non-zero.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 NUM_SCALARS = 5
@@ -78,11 +80,25 @@ def unmix(state: Tensor, new: Tensor, keep: float) -> None:
         state.zero_()
 
 
+def as_real(v) -> float | None:
+    """``v`` as a float if it is one real number: a Python or numpy number, or a one-element
+    tensor (schedules write those into param groups); None otherwise (bools included)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, Tensor) and v.numel() == 1 and not v.dtype.is_complex \
+            and v.dtype != torch.bool:
+        return float(v)
+    return None
+
+
 def check_range(group: dict, key: str, lo: float, hi: float, *, lo_open=False, hi_open=True):
     """Raise a ValueError naming ``key`` unless ``lo <= group[key] < hi`` (open ends as flagged)."""
     v = group[key]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    x = as_real(v)
+    ok = x is not None and math.isfinite(x)
+    ok = ok and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
     if not ok:
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"

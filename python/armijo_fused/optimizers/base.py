@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..backends import resolve_backend, torch_backend
 from ..directions import get_rule
+from ..directions.base import as_real
 from ..linesearch import trial as trial_mod
 from ..linesearch.batched import batched_armijo_search, check_batchable, stacked_loss
 from ..linesearch.cadence import Cadence
@@ -31,6 +32,7 @@ from ..storage.scalars import device_floats, to_device
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
 from .torch_compat import (
+    GROUP_OPTION_KEYS,
     check_group_options,
     from_torch_state_dict,
     is_torch_state_dict,
@@ -51,8 +53,9 @@ STEP_LENGTH_RATIO = 2.0
 
 
 def _check_number(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    x = as_real(value)  # a numpy number or a one-element tensor too (what schedules write)
+    ok = x is not None and math.isfinite(x)
+    ok = ok and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
     if not ok:
         lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
         raise ValueError(f"invalid {name}: {value!r} (expected a number in {lb}{lo}, {hi}{rb})")
@@ -79,9 +82,16 @@ def _calling_grad_scaler(opt):
     for _ in range(12):  # GradScaler.step -> _maybe_opt_step -> torch's hooks -> step
         if frame is None:
             return None
-        scaler = frame.f_locals.get("self")
-        if isinstance(scaler, torch.amp.GradScaler) and frame.f_locals.get("optimizer") is opt:
-            return scaler if scaler.is_enabled() else None
+        # f_locals only of GradScaler's own frames: on Python <= 3.12 reading it leaves a
+        # snapshot on the frame that would keep a training loop's deleted tensors alive
+        if frame.f_code.co_name in ("step", "_maybe_opt_step") and \
+                frame.f_code.co_filename.endswith("grad_scaler.py"):
+            scaler = frame.f_locals.get("self")
+            caller = frame.f_locals.get("optimizer")
+            # (or a wrapper that shares our groups: Lookahead-style optimizers)
+            if isinstance(scaler, torch.amp.GradScaler) and (
+                    caller is opt or getattr(caller, "param_groups", None) is opt.param_groups):
+                return scaler if scaler.is_enabled() else None
         frame = frame.f_back
     return None
 
@@ -278,6 +288,21 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         _check_number("weight_decay", group["weight_decay"], 0.0)
         self.rule.validate(group)
         check_group_options(type(self).__name__, self.rule, group)
+
+    def _validate_changed_groups(self) -> None:
+        """:meth:`_validate_group` for each group whose hyperparameters changed since it was
+        last validated (lr is checked at every step anyway, by ``_lr_factor``): a tuple
+        comparison per group instead of the checks, which add up with a group per layer."""
+        keys = self.__dict__.get("_validation_keys")
+        if keys is None:
+            keys = self._validation_keys = ("weight_decay", *self.rule.hyperparameters,
+                                            *GROUP_OPTION_KEYS)
+        seen = self.__dict__.setdefault("_validated", {})
+        for group in self.param_groups:
+            values = tuple([group.get(k) for k in keys])
+            if seen.get(id(group)) != values:
+                self._validate_group(group)
+                seen[id(group)] = values
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -510,8 +535,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         for name, fn in (("closure", closure), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-        for group in self.param_groups:
-            self._validate_group(group)
+        self._validate_changed_groups()
         self._settle_skip()
         groups = self.param_groups
         g0 = groups[0]
@@ -1141,7 +1165,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     self._restart_fresh_tensors()
                 self._warn_gathered_grads()
                 return self._buffers
-        self._warn_late_joiners()
+        # a sync that stopped at a moved tensor may have restarted deleted state before it
+        restarted = {id(b.params[i]) for b in self._buffers or () for i in b.fresh}
+        self._warn_late_joiners(restarted)
         by_slot: dict = {}
         for gi, p in self._trainable():
             by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
@@ -1252,17 +1278,18 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             "optimizer's zero_grad() (in place: the backward accumulates into its buffer), and "
             "leave DDP's gradient_as_bucket_view off.", stacklevel=_outside_stacklevel())
 
-    def _warn_late_joiners(self) -> None:
+    def _warn_late_joiners(self, restarted: set = frozenset()) -> None:
         """Before the buffers are built: tensors without state inside a group that has already
-        folded gradients (see :meth:`_restart_or_warn`)."""
+        folded gradients (see :meth:`_restart_or_warn`). ``restarted``: ids of tensors a sync of
+        the old buffers has already restarted (deleted state met on the way to the rebuild)."""
         if not self.rule.bias_corrected:
             return
         first = self.rule.state_names[0]
-        trainable = list(self._trainable())
-        missing = [(gi, p) for gi, p in trainable
-                   if self.param_groups[gi]["folded"] > 0 and first not in self.state.get(p, {})]
+        missing = [(gi, p) for gi, p in self._trainable()
+                   if self.param_groups[gi]["folded"] > 0
+                   and (id(p) in restarted or first not in self.state.get(p, {}))]
         if missing:
-            self._restart_or_warn(missing, trainable)
+            self._restart_or_warn(missing)
 
     def _restart_fresh_tensors(self) -> None:
         """After a sync that found deleted state (``opt.state.clear()``, ``del opt.state[p]``, a
@@ -1272,10 +1299,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             b.fresh.clear()
         if self.rule.bias_corrected:
             self._restart_or_warn([(gi, p) for gi, p in fresh
-                                   if self.param_groups[gi]["folded"] > 0],
-                                  list(self._trainable()))
+                                   if self.param_groups[gi]["folded"] > 0])
 
-    def _restart_or_warn(self, missing, trainable) -> None:
+    def _restart_or_warn(self, missing) -> None:
         """Tensors whose moments start at zero inside a group that has folded gradients. Bias
         corrections are counted per group: a group whose every tensor starts afresh restarts its
         count (as torch's per-tensor ``step`` does when the state is cleared); where only some
@@ -1283,10 +1309,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         would be mis-corrected: say so, and how to avoid it."""
         gone = {id(p) for _, p in missing}
         groups = {gi for gi, _ in missing}
+        first = self.rule.state_names[0]
         partial = []
         for gi in sorted(groups):
-            members = [p for g, p in trainable if g == gi]
-            if all(id(p) in gone for p in members):
+            # every member, frozen ones too: a frozen tensor's moments still count the group's
+            # steps (freezing one tensor and unfreezing another is not a reset)
+            if all(id(p) in gone or first not in self.state.get(p, {})
+                   for p in self.param_groups[gi]["params"]):
                 self.param_groups[gi]["folded"] = 0
             else:
                 partial += [(g, p) for g, p in missing if g == gi]

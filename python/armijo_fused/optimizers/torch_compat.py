@@ -63,6 +63,8 @@ def check_group_options(owner: str, rule, group: dict) -> None:
 
 #: torch options a param group may carry that would change the math, none implemented
 _UNSUPPORTED_GROUP_OPTIONS = ("maximize", "amsgrad", "centered", "capturable", "differentiable")
+#: every group key :func:`check_group_options` reads
+GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "dampening", "nesterov", "momentum")
 
 
 def sgd_direction(direction, momentum, dampening, nesterov) -> tuple[str, float | None]:

@@ -171,19 +171,19 @@ class FlatBuffer:
     def _reattach(self, i: int, pstate: dict, name: str, view: Tensor) -> None:
         """A state entry of tensor i that is not its view any more: user code replaced it (take
         its value), or deleted it (``opt.state.clear()``, ``del opt.state[p]``, a state dict
-        without it: start afresh, as torch does: zero moments, a master equal to θ). Then put
-        the view back."""
+        without it: start afresh, as torch does: zero moments, a master equal to θ; only a
+        deleted moment marks the tensor ``fresh``, since checkpoints of fp32 models and torch's
+        hold no master). Then put the view back."""
         old = pstate.get(name)
         with torch.no_grad():
             if old is not None:
                 view.copy_(old)
                 if name == "master":  # θ follows a replaced master
                     self._param_views[i].copy_(self._master_views[i])
+            elif name == "master":  # none saved (an fp32 or torch checkpoint): θ is the master
+                view.copy_(self._param_views[i])
             else:
-                if name == "master":
-                    view.copy_(self._param_views[i])
-                else:
-                    view.zero_()
+                view.zero_()
                 self.fresh.add(i)
         pstate[name] = view
 

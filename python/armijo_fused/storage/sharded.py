@@ -259,11 +259,10 @@ class ShardedBuffer:
                             _local(dt).copy_(_local(old))
                             if name == "master":  # a reloaded master: the shard follows it
                                 reloaded.add(i)
+                        elif name == "master":  # none saved: the shard is the master
+                            _local(dt).copy_(local[i])
                         else:  # deleted (opt.state.clear(), ...): afresh, as torch does
-                            if name == "master":
-                                _local(dt).copy_(local[i])
-                            else:
-                                _local(dt).zero_()
+                            _local(dt).zero_()
                             self.fresh.add(i)
                         pstate[name] = dt
             if self.master:  # the shards win only where they changed since the last pass
