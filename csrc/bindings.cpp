@@ -9,6 +9,10 @@
 #include "ops.h"
 #include "passes.h"
 
+namespace armijo_fused {
+void bind_view_check(pybind11::module& m);  // view_check.cpp
+}
+
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif
@@ -28,6 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return names;
       },
       "Rule names by rule id, as the kernels number them");
+  armijo_fused::bind_view_check(m);
 #ifdef ARMIJO_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -72,8 +72,10 @@ def read_floats(tensors: Sequence[Tensor]) -> list[float]:
         by_device.setdefault(t.device, []).append((i, t.detach().reshape(-1)))
     values: dict[int, list[float]] = {}
     for items in by_device.values():
-        # cat promotes to the widest dtype (exact), then one cast: launches are host time
-        flat = torch.cat([t for _, t in items]).double().tolist()
+        # cat promotes to the widest dtype (exact); tolist() makes Python floats of any float
+        # dtype exactly, so no cast to float64 first (one launch less before the read)
+        flat = torch.cat([t for _, t in items])
+        flat = (flat if flat.is_floating_point() else flat.double()).tolist()
         pos = 0
         for i, t in items:
             values[i] = flat[pos : pos + t.numel()]

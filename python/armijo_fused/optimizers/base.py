@@ -113,7 +113,8 @@ def _as_loss(value, what: str) -> Tensor:
                 f"{what} returned a tensor of shape {tuple(value.shape)}; expected a scalar loss "
                 "(reduce it, e.g. with .mean())"
             )
-        return value.detach().reshape(())
+        value = value.detach()
+        return value if value.dim() == 0 else value.reshape(())  # (a view op is a dispatch)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         return torch.tensor(float(value), dtype=torch.float64)
     raise TypeError(f"{what} returned {type(value).__name__}; expected a scalar loss tensor or float")

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..directions.base import DirectionRule
 from .layout import DEFAULT_TILE, place_tensors
 
@@ -111,6 +112,12 @@ class FlatBuffer:
         self._checks = [(i, p, pv.data_ptr(), pv.shape, gv, tuple(zip(self.state_names, sv)))
                         for i, (p, pv, gv, sv) in enumerate(zip(
                             self.params, self._param_views, self._grad_views, self._state_views))]
+        # the same checks in one C++ call (None without the extension: the loop alone)
+        view_check = getattr(ops._C, "ViewCheck", None)
+        self._checker = None if view_check is None else view_check(
+            list(self.params), list(self._param_views), list(self._grad_views),
+            list(self.state_names),
+            [[sv[j] for sv in self._state_views] for j in range(len(self.state_names))])
         self._adopt(state)
 
     def _view(self, flat: Tensor, i: int) -> Tensor:
@@ -148,6 +155,39 @@ class FlatBuffer:
 
     def sync(self, state: dict) -> bool:
         """Re-validate the views before a step; False means the parameters moved: rebuild."""
+        checker = self._checker
+        if checker is not None and isinstance(state, dict):
+            # one C++ call looks at every tensor; the loops below repair what it found amiss
+            moved, foreign, state_ok = checker.check(state)
+            if moved < 0:
+                if foreign >= 0:
+                    self._take_grads(foreign)
+                if not state_ok:
+                    self._take_state(state)
+                return True
+        return self._sync_loop(state)  # the reference, and where a tensor moved
+
+    def _take_grads(self, start: int) -> None:
+        """Re-attach the gradient views from tensor ``start`` on (as :meth:`_sync_loop`)."""
+        for _, p, _, _, gview, _ in self._checks[start:]:
+            g = p.grad
+            if g is not gview:
+                if g is None:
+                    gview.zero_()
+                elif g.data_ptr() != gview.data_ptr():
+                    gview.copy_(_dense(p, g))
+                    self.gathered = True
+                p.grad = gview
+
+    def _take_state(self, state: dict) -> None:
+        """Re-attach the state views (as :meth:`_sync_loop`)."""
+        for i, p, _, _, _, entries in self._checks:
+            pstate = state[p]
+            for name, view in entries:
+                if pstate.get(name) is not view:
+                    self._reattach(i, pstate, name, view)
+
+    def _sync_loop(self, state: dict) -> bool:
         # runs every step over every tensor: one tuple per tensor, cached (see _checks); the
         # state dict of each tensor is looked up every time, since code may replace one
         # (opt.state[p] = {...}) and state_dict() must then still show the live state
