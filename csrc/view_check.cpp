@@ -5,9 +5,15 @@
 // call, state[p] a Python-level Tensor.__hash__): ~70-100 us at GPT-2's 148 tensors. Here: one
 // call, ~7 us. It only looks; whatever is not as expected is left to the Python path
 // (storage/flat.py), which remains the reference and handles every repair.
-#include <torch/extension.h>
+//
+// It holds no reference to the parameters (they are passed to each check): a parameter that
+// refers back to the optimizer (torch's _apply_optimizer_in_backward does) would otherwise make a
+// cycle the garbage collector cannot see through this object, and nothing would be freed.
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
 
+#include <stdexcept>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -15,39 +21,71 @@ namespace py = pybind11;
 
 namespace armijo_fused {
 
+namespace {
+void require_tensors(py::handle list, Py_ssize_t n, const char* what) {
+  if (!PyList_Check(list.ptr()) || PyList_GET_SIZE(list.ptr()) != n)
+    throw std::invalid_argument(std::string("ViewCheck: ") + what + " must be a list of " +
+                                std::to_string(n) + " tensors");
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (!THPVariable_Check(PyList_GET_ITEM(list.ptr(), i)))
+      throw std::invalid_argument(std::string("ViewCheck: ") + what + " must hold tensors only");
+}
+}  // namespace
+
 // hidden: its py::list fields are (pybind11 gives its types hidden visibility)
 class __attribute__((visibility("hidden"))) ViewCheck {
  public:
-  // params[i]: the tensor; pviews[i] / gviews[i]: its views in the flat θ / g buffers;
-  // names[j] / sviews[j][i]: state entry j of tensor i and the view it must be.
+  // params[i]: the tensor (not kept: only its identity); pviews[i] / gviews[i]: its views in the
+  // flat θ / g buffers; names[j] / sviews[j][i]: state entry j of tensor i and the view it must be.
   ViewCheck(py::list params, py::list pviews, py::list gviews, py::list names, py::list sviews)
-      : params_(params), gviews_(gviews), names_(names), sviews_(sviews) {
-    const auto n = py::len(params);
-    for (size_t i = 0; i < n; ++i) {
+      : names_(names), sviews_(sviews) {
+    const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+    require_tensors(params, n, "params");
+    require_tensors(pviews, n, "pviews");
+    require_tensors(gviews, n, "gviews");
+    const Py_ssize_t nnames = PyList_GET_SIZE(names.ptr());
+    if (PyList_GET_SIZE(sviews.ptr()) != nnames)
+      throw std::invalid_argument("ViewCheck: sviews must hold one list per state name");
+    for (Py_ssize_t j = 0; j < nnames; ++j) {
+      if (!PyUnicode_Check(PyList_GET_ITEM(names.ptr(), j)))
+        throw std::invalid_argument("ViewCheck: names must be strings");
+      require_tensors(PyList_GET_ITEM(sviews.ptr(), j), n, "sviews[j]");
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
       pv_.push_back(THPVariable_Unpack(pviews[i].ptr()));
       gv_.push_back(THPVariable_Unpack(gviews[i].ptr()));
-      index_[params[i].ptr()] = static_cast<Py_ssize_t>(i);  // params_ keeps them alive
+      ids_.push_back(params[i].ptr());
+      index_[params[i].ptr()] = i;
     }
   }
 
-  // (moved, foreign_grad, state_ok): the first tensor whose storage address or shape is not its
-  // view's (-1: none; the caller then rebuilds through the Python loop); the first tensor whose
-  // .grad is not its gradient view (-1: none); whether every tensor's state dict holds its views
-  // (False for anything else: a missing dict or entry, a replaced one, state not a dict).
-  std::tuple<int64_t, int64_t, bool> check(py::handle state) const {
-    PyObject* plist = params_.ptr();
-    const Py_ssize_t n = PyList_GET_SIZE(plist);
+  // (moved, foreign_grad, state_ok): the first tensor whose storage address, sizes or strides are
+  // not its view's (-1: none; the caller then rebuilds through the Python loop); the first tensor
+  // whose .grad is not its gradient view (-1: none); whether every tensor's state dict holds its
+  // views (False for anything else: a missing dict or entry, a replaced one, state not a dict).
+  // ``params``: the same tensors, in the same order, as at construction.
+  std::tuple<int64_t, int64_t, bool> check(py::list params, py::handle state) const {
+    PyObject* plist = params.ptr();
+    const Py_ssize_t n = static_cast<Py_ssize_t>(ids_.size());
+    if (PyList_GET_SIZE(plist) != n)
+      throw std::invalid_argument("ViewCheck.check: not the tensors it was built for");
     int64_t foreign = -1;
     for (Py_ssize_t i = 0; i < n; ++i) {
-      const at::Tensor& p = THPVariable_Unpack(PyList_GET_ITEM(plist, i));
-      if (p.data_ptr() != pv_[i].data_ptr() || p.sizes() != pv_[i].sizes()) return {i, -1, false};
+      PyObject* obj = PyList_GET_ITEM(plist, i);
+      if (obj != ids_[i])
+        throw std::invalid_argument("ViewCheck.check: not the tensors it was built for");
+      const at::Tensor& p = THPVariable_Unpack(obj);
+      if (p.data_ptr() != pv_[i].data_ptr() || p.sizes() != pv_[i].sizes() ||
+          p.strides() != pv_[i].strides())
+        return {i, -1, false};
       if (foreign < 0) {
         const at::Tensor& g = p.grad();
         if (!g.defined() || g.unsafeGetTensorImpl() != gv_[i].unsafeGetTensorImpl()) foreign = i;
       }
     }
     if (!PyDict_Check(state.ptr())) return {-1, foreign, false};
-    // walk the state dict (no hashing of tensor keys: Tensor.__hash__ is Python code)
+    // walk the state dict (no hashing of tensor keys: Tensor.__hash__ is Python code); every
+    // reference below is borrowed and used before any Python code can run
     Py_ssize_t pos = 0, found = 0;
     PyObject *key, *value;
     const Py_ssize_t nnames = PyList_GET_SIZE(names_.ptr());
@@ -67,8 +105,9 @@ class __attribute__((visibility("hidden"))) ViewCheck {
   }
 
  private:
-  py::list params_, gviews_, names_, sviews_;
+  py::list names_, sviews_;
   std::vector<at::Tensor> pv_, gv_;
+  std::vector<PyObject*> ids_;  // identities only: the caller keeps the tensors alive
   std::unordered_map<PyObject*, Py_ssize_t> index_;
 };
 
@@ -76,7 +115,7 @@ void bind_view_check(py::module& m) {
   py::class_<ViewCheck>(m, "ViewCheck",
                         "FlatBuffer.sync's checks in one call (storage/flat.py is the reference)")
       .def(py::init<py::list, py::list, py::list, py::list, py::list>())
-      .def("check", &ViewCheck::check, py::arg("state"));
+      .def("check", &ViewCheck::check, py::arg("params"), py::arg("state"));
 }
 
 }  // namespace armijo_fused

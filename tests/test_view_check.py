@@ -25,6 +25,11 @@ def _state_copy(opt, p):
     return {k: v.clone() for k, v in opt.state[p].items()}
 
 
+def _transpose_in_place(p):
+    with torch.no_grad():
+        p.set_(p.untyped_storage(), p.storage_offset(), (2, 2), (1, 2))
+
+
 CASES = {
     "untouched": lambda opt, ps: None,
     "grad None": lambda opt, ps: setattr(ps[1], "grad", None),
@@ -37,6 +42,10 @@ CASES = {
                                         for p in list(ps)[::-1]],
     "moved": lambda opt, ps: setattr(ps[1], "data", ps[1].data.clone()),
     "reshaped in place": lambda opt, ps: setattr(ps[0], "data", ps[0].data.view(4, 3)),
+    # same storage, offset and sizes, other strides: the gradient view would be indexed wrongly
+    "strides changed in place": lambda opt, ps: _transpose_in_place(ps[2]),
+    # the whole flat storage moved (model.share_memory()): every view moved with it
+    "storage moved as a whole": lambda opt, ps: ps[0].data.share_memory_(),
 }
 
 
@@ -62,15 +71,43 @@ def test_one_call_check_matches_the_loop(case):
     if ok:
         assert grads_ok and attached
         assert all(torch.equal(state[i][k], other[6][i][k]) for i in state for k in state[i])
-    assert ok == (case not in ("moved", "reshaped in place"))
+    assert ok == (case not in ("moved", "reshaped in place", "strides changed in place"))
 
 
 def test_check_reports_each_finding():
     opt, params, buf = _setup()
-    assert buf._checker.check(opt.state) == (-1, -1, True)
+    assert buf._checker.check(buf.params, opt.state) == (-1, -1, True)
     params[2].grad = None
-    assert buf._checker.check(opt.state) == (-1, 2, True)
+    assert buf._checker.check(buf.params, opt.state) == (-1, 2, True)
     del opt.state[params[0]]
-    assert buf._checker.check(opt.state) == (-1, 2, False)
+    assert buf._checker.check(buf.params, opt.state) == (-1, 2, False)
     params[1].data = params[1].data.clone()
-    assert buf._checker.check(opt.state)[0] == 1
+    assert buf._checker.check(buf.params, opt.state)[0] == 1
+
+
+def test_the_check_keeps_no_cycle_alive():
+    # a parameter that refers back to the optimizer (torch's _apply_optimizer_in_backward sets
+    # p._in_backward_optimizers = [opt]): with the parameters held by the C++ object, invisible to
+    # the garbage collector, nothing of the model or the optimizer was ever freed
+    import gc
+    import weakref
+
+    opt, params, buf = _setup()
+    params[0]._in_backward_optimizers = [opt]
+    refs = [weakref.ref(opt), weakref.ref(buf), weakref.ref(params[0])]
+    del opt, params, buf
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_bad_arguments_raise_instead_of_crashing():
+    w = torch.zeros(2)
+    with pytest.raises(ValueError, match="sviews"):
+        ops._C.ViewCheck([w], [w], [w], ["a"], [[]])
+    with pytest.raises(ValueError, match="params must hold tensors"):
+        ops._C.ViewCheck([1], [w], [w], [], [])
+    with pytest.raises(ValueError, match="one list per state name"):
+        ops._C.ViewCheck([w], [w], [w], ["a"], [])
+    check = ops._C.ViewCheck([w], [w], [w], [], [])
+    with pytest.raises(ValueError, match="not the tensors it was built for"):
+        check.check([torch.zeros(2)], {})

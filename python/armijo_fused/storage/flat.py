@@ -106,10 +106,10 @@ class FlatBuffer:
             [self._view(s, i) for s in self.states] + ([self._master_views[i]] if self.master else [])
             for i in range(len(params))
         ]
-        # what sync() compares each step: tensor, its view's address and shape, grad view, and
-        # (name, view) of each state entry; one flat tuple per tensor, since the loop is host
+        # what sync() compares each step: tensor, its view (address, strides) and shape, grad view
+        # and (name, view) of each state entry; one flat tuple per tensor, since the loop is host
         # time before the first pass
-        self._checks = [(i, p, pv.data_ptr(), pv.shape, gv, tuple(zip(self.state_names, sv)))
+        self._checks = [(i, p, pv, pv.shape, gv, tuple(zip(self.state_names, sv)))
                         for i, (p, pv, gv, sv) in enumerate(zip(
                             self.params, self._param_views, self._grad_views, self._state_views))]
         # the same checks in one C++ call (None without the extension: the loop alone)
@@ -158,7 +158,7 @@ class FlatBuffer:
         checker = self._checker
         if checker is not None and isinstance(state, dict):
             # one C++ call looks at every tensor; the loops below repair what it found amiss
-            moved, foreign, state_ok = checker.check(state)
+            moved, foreign, state_ok = checker.check(self.params, state)
             if moved < 0:
                 if foreign >= 0:
                     self._take_grads(foreign)
@@ -191,8 +191,11 @@ class FlatBuffer:
         # runs every step over every tensor: one tuple per tensor, cached (see _checks); the
         # state dict of each tensor is looked up every time, since code may replace one
         # (opt.state[p] = {...}) and state_dict() must then still show the live state
-        for i, p, ptr, shape, gview, entries in self._checks:
-            if p.data_ptr() != ptr or p.shape != shape:
+        for i, p, pview, shape, gview, entries in self._checks:
+            # against the view as it is now: a storage moved as a whole (share_memory_()) moved
+            # every view with it, and the tensors still view the buffer
+            if p.data_ptr() != pview.data_ptr() or p.shape != shape \
+                    or p.stride() != pview.stride():
                 return False
             g = p.grad
             if g is not gview:
