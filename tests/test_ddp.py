@@ -258,3 +258,51 @@ def test_ddp_gradient_as_bucket_view_trains_the_same_and_says_what_it_costs():
         assert all(torch.equal(p, q) for p, q in zip(r[False]["params"], r[True]["params"]))
         assert r[False]["said"] == []
         assert len(r[True]["said"]) == 1 and "gradient_as_bucket_view" in r[True]["said"][0]
+
+
+def _rank_raising_loss_fn(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+    x, y = batch(0)
+    x, y = half(x, rank, world), half(y, rank, world)
+    out = {}
+    for where, given in (("trial", True), ("f0", False)):
+        calls = [0]
+
+        def loss_fn():
+            calls[0] += 1
+            if rank == 1:
+                raise ValueError("rank 1's loss function failed")
+            return nn.functional.mse_loss(ddp(x), y)
+
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        before = params(model)
+        try:
+            opt.step(loss_fn=loss_fn, loss=loss if given else None)
+            out[where] = "no error"
+        except Exception as e:  # every rank raises: none waits in a collective alone
+            out[where] = f"{type(e).__name__}: {e}"
+        out[where + "_restored"] = all(torch.allclose(a, b, atol=1e-6)
+                                       for a, b in zip(before, params(model)))
+    # and the ranks go on training together: their collectives still pair up
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(ddp(x), y)
+    loss.backward()
+    opt.step(loss_fn=lambda: nn.functional.mse_loss(ddp(x), y), loss=loss)
+    out["after"] = params(model)
+    return out
+
+
+def test_ddp_a_loss_function_raising_on_one_rank_raises_on_every_rank_and_undoes_the_step():
+    # before: rank 1 raised and rank 0 waited in the trial's all-reduce until the timeout
+    r0, r1 = run_ranks(_rank_raising_loss_fn, world=2, timeout=60)
+    for where in ("trial", "f0"):
+        assert r1[where] == "ValueError: rank 1's loss function failed"
+        assert r0[where].startswith("RuntimeError:") and "another rank" in r0[where]
+        assert r0[where + "_restored"] and r1[where + "_restored"]
+    assert all(torch.equal(a, b) for a, b in zip(r0["after"], r1["after"]))

@@ -64,6 +64,17 @@ class Passes:
     ) -> list[Tensor] | None: ...
 
 
+def raise_if_a_rank_failed(failure: BaseException | None, failed: float, what: str) -> None:
+    """After a collective that carried each rank's "my loss function raised" flag (their mean,
+    ``failed``): the rank that failed raises its own error, every other rank one that says so;
+    each rank's step then undoes itself."""
+    if failure is not None:
+        raise failure
+    if failed > 0.0:
+        raise RuntimeError(f"{what} raised on another rank (its traceback is in that rank's "
+                           "output); the step has been undone on every rank")
+
+
 def read_floats(tensors: Sequence[Tensor]) -> list[float]:
     """Bring small device tensors to the host in one transfer per device (the search's sync)."""
     out = []
@@ -143,14 +154,27 @@ def armijo_search(
     gd_b: list[float] = []
     unresolved = False
     for trial in range(1, max_trials + 1):
-        ft = evaluate()
+        failure = None
+        try:
+            ft = evaluate()
+        except Exception as e:
+            if reduce is None:
+                raise
+            # the other ranks wait in this trial's collective: take part in it, with a flag
+            # that makes every rank raise, instead of leaving them blocked until a timeout
+            failure, ft = e, torch.full((), math.nan, dtype=torch.float64, device=f0.device)
         vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
         if guard is not None and trial == 1:
             vec.append(guard.reshape(-1))
         if reduce is not None:  # f0 is reduced once by the caller; the rest in one collective
-            rest = torch.cat([v.double().to(vec[0].device) for v in vec[1:]])
+            flag = torch.full((1,), float(failure is not None), dtype=torch.float64)
+            rest = torch.cat([v.double().to(vec[0].device) for v in vec[1:]]
+                             + [flag.to(vec[0].device)])
             vec = [vec[0].double().to(rest.device), reduce(rest)]
         vals = read_floats(vec)
+        if reduce is not None:
+            failed, vals = vals[-1], vals[:-1]
+            raise_if_a_rank_failed(failure, failed, "a trial's loss")
         f_before, f_trial, rows = vals[0], vals[1], vals[2:]
         if guard is not None and trial == 1:
             g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]

@@ -23,7 +23,13 @@ from ..directions.base import as_real
 from ..linesearch import trial as trial_mod
 from ..linesearch.batched import batched_armijo_search, check_batchable, stacked_loss
 from ..linesearch.cadence import Cadence
-from ..linesearch.controller import Passes, armijo_search, loss_resolution, read_floats
+from ..linesearch.controller import (
+    Passes,
+    armijo_search,
+    loss_resolution,
+    raise_if_a_rank_failed,
+    read_floats,
+)
 from ..linesearch.policy import StepSizePolicy
 from ..storage.flat import FlatBuffer
 from ..storage.in_place import InPlaceBuffer
@@ -673,11 +679,24 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         snapshot = passes.snapshot() if self.exact_revert else None
         try:
             with torch.no_grad():
+                failure = None
                 if f0 is None:
-                    f0 = trial_loss()
+                    try:
+                        f0 = trial_loss()
+                    except Exception as e:
+                        if reduce is None:
+                            raise
+                        failure, f0 = e, torch.full((), math.nan, dtype=torch.float64,
+                                                    device=buffers[0].device)
                 resolution = loss_resolution(f0)  # of the loss's own dtype, before the mean
                 if reduce is not None:  # the loss of the global batch, identical on every rank
-                    f0 = reduce(f0.double().reshape(1)).reshape(())
+                    # with a flag: a rank whose loss function raised takes part all the same
+                    both = reduce(torch.stack([f0.double().reshape(()).to(buffers[0].device),
+                                               f0.new_full((), float(failure is not None),
+                                                           dtype=torch.float64)
+                                               .to(buffers[0].device)]))
+                    raise_if_a_rank_failed(failure, float(both[1]), "the loss at θ0")
+                    f0 = both[0]
                 passes.set_loss(f0)
                 if g0["searches"] == 0:
                     f0_value = float(f0)
