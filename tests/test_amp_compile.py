@@ -31,11 +31,16 @@ def snapshot(opt, model):
             [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups])
 
 
-def test_gradscaler_step_with_loss_fn_matches_the_unscaled_run():
+def plain_and_scaled():
+    """Two identical models and optimizers, the second to step through a GradScaler (2^10)."""
     plain, scaled = make_model(), make_model()
     opt_p = ArmijoAdam(plain.parameters(), model=plain, cadence="every", backend="torch")
     opt_s = ArmijoAdam(scaled.parameters(), model=scaled, cadence="every", backend="torch")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    return plain, opt_p, scaled, opt_s, torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+
+def test_gradscaler_step_with_loss_fn_matches_the_unscaled_run():
+    plain, opt_p, scaled, opt_s, scaler = plain_and_scaled()
     for step in range(4):
         x, y = batch(step)
         opt_p.zero_grad()
@@ -60,10 +65,7 @@ def test_gradscaler_step_with_a_positional_closure_matches_the_unscaled_run(unsc
     # scaler.step(opt, closure): GradScaler refuses only a keyword closure and unscales the
     # gradients that exist before step(); the closure then recomputed them scaled (x 2^10), so
     # every search saw a gradient 1024x too long. accelerate's optimizer wrapper calls it so.
-    plain, scaled = make_model(), make_model()
-    opt_p = ArmijoAdam(plain.parameters(), model=plain, cadence="every", backend="torch")
-    opt_s = ArmijoAdam(scaled.parameters(), model=scaled, cadence="every", backend="torch")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plain, opt_p, scaled, opt_s, scaler = plain_and_scaled()
     for step in range(4):
         x, y = batch(step)
 

@@ -170,14 +170,19 @@ class FlatBuffer:
     def _take_grads(self, start: int) -> None:
         """Re-attach the gradient views from tensor ``start`` on (as :meth:`_sync_loop`)."""
         for _, p, _, _, gview, _ in self._checks[start:]:
-            g = p.grad
-            if g is not gview:
-                if g is None:
-                    gview.zero_()
-                elif g.data_ptr() != gview.data_ptr():
-                    gview.copy_(_dense(p, g))
-                    self.gathered = True
-                p.grad = gview
+            if p.grad is not gview:
+                self._attach_grad(p, gview)
+
+    def _attach_grad(self, p: Tensor, gview: Tensor) -> None:
+        """Point ``p.grad`` back at its view, taking the value of a gradient that arrived as a
+        new tensor (None: zero)."""
+        g = p.grad
+        if g is None:
+            gview.zero_()
+        elif g.data_ptr() != gview.data_ptr():
+            gview.copy_(_dense(p, g))
+            self.gathered = True
+        p.grad = gview
 
     def _take_state(self, state: dict) -> None:
         """Re-attach the state views (as :meth:`_sync_loop`)."""
@@ -197,14 +202,8 @@ class FlatBuffer:
             if p.data_ptr() != pview.data_ptr() or p.shape != shape \
                     or p.stride() != pview.stride():
                 return False
-            g = p.grad
-            if g is not gview:
-                if g is None:
-                    gview.zero_()
-                elif g.data_ptr() != gview.data_ptr():
-                    gview.copy_(_dense(p, g))
-                    self.gathered = True
-                p.grad = gview
+            if p.grad is not gview:
+                self._attach_grad(p, gview)
             pstate = state[p]
             for name, view in entries:
                 if pstate.get(name) is not view:
