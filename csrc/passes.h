@@ -6,7 +6,7 @@
 // python/armijo_fused/directions/*.py, so the C++ passes agree with backend="torch" to fp32
 // rounding (torch may fuse a multiply-add where we round twice).
 //
-// Notation (DESIGN.md §2): g_in the (clipped) gradient the state absorbs, a and b the rule's
+// Notation (docs/design.md §2): g_in the (clipped) gradient the state absorbs, a and b the rule's
 // first and second state buffers, u the direction without weight decay, s[0..4] the rule's five
 // host scalars:
 //

@@ -211,10 +211,7 @@ def test_a_compiled_training_step_runs_the_optimizer_step_eagerly():
     assert all(torch.equal(p, q) for p, q in zip(*runs))
 
 
-def test_gradscaler_through_an_optimizer_wrapper_and_no_retained_locals():
-    import gc
-    import weakref
-
+def test_gradscaler_through_an_optimizer_wrapper_sharing_our_groups():
     class Wrapper(torch.optim.Optimizer):  # Lookahead-style: shares the inner's groups
         def __init__(self, inner):
             self.inner = inner
@@ -243,8 +240,23 @@ def test_gradscaler_through_an_optimizer_wrapper_and_no_retained_locals():
         norms[wrap] = opt.stats["grad_norm"]
     assert norms[True] == pytest.approx(norms[False], rel=1e-6)
 
-    # looking for the scaler reads no caller's locals: a tensor the loop deletes after the
-    # step is freed (reading f_locals on Python <= 3.12 would keep a snapshot alive)
+
+def test_looking_for_the_gradscaler_keeps_no_deleted_tensor_alive():
+    # reading the callers' f_locals on Python <= 3.12 would leave a snapshot on each frame that
+    # keeps a tensor the loop deletes after the step alive (on 3.13 and later it cannot fail)
+    import gc
+    import weakref
+
+    model = make_model()
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every", backend="torch")
+    x, y = batch(0)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
     def loop():
         big = torch.empty(1000)
         ref = weakref.ref(big)

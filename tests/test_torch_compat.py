@@ -151,12 +151,18 @@ def test_torch_options_in_a_param_group_are_refused_by_name(cls, ctor, group, ma
 
 
 def test_torch_options_at_their_no_op_values_in_a_group_are_accepted():
-    model = nn.Linear(3, 1)
-    groups = [{"params": model.parameters(), "maximize": False, "amsgrad": False,
-               "foreach": None, "fused": True, "capturable": False}]
-    ArmijoAdam(groups)
-    ArmijoSGD([{"params": model.parameters(), "momentum": 0.5, "nesterov": True,
-                "dampening": 0}], momentum=0.9, nesterov=True)
+    x = torch.randn(4, 3)
+    for make in (lambda m: ArmijoAdam([{"params": m.parameters(), "maximize": False,
+                                        "amsgrad": False, "foreach": None, "fused": True,
+                                        "capturable": False}]),
+                 lambda m: ArmijoSGD([{"params": m.parameters(), "momentum": 0.5,
+                                       "nesterov": True, "dampening": 0}],
+                                     momentum=0.9, nesterov=True)):
+        model = nn.Linear(3, 1)
+        opt = make(model)
+        for _ in range(2):  # the per-step validation accepts them too
+            opt.step(make_closure(opt, lambda model=model: model(x).pow(2).mean()))
+        assert opt.param_groups[0]["step"] == 2 and opt.stats["step_size"] > 0
 
 
 def test_named_parameters_name_the_blocks_without_a_model():

@@ -456,7 +456,7 @@ def test_optimizer_on_triton_matches_torch(cls, direction, kw):
     check_optimizer(cls, direction, "cpu", **kw)
 
 
-def test_the_buffers_device_is_made_current_around_a_launch(monkeypatch):
+def test_the_device_guard_makes_the_buffers_device_current(monkeypatch):
     # Triton launches on the current CUDA device whatever the pointers' device: a buffer on the
     # second GPU of one process (device_map="auto") ran in device 0's context and stream
     import contextlib
@@ -475,9 +475,9 @@ def test_the_buffers_device_is_made_current_around_a_launch(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", Device)
-    assert isinstance(tri.device_guard(torch.device("cpu")), contextlib.nullcontext)
-    assert isinstance(tri.device_guard(torch.device("cuda", 0)), contextlib.nullcontext)
-    with tri.device_guard(torch.device("cuda", 1)):
+    assert isinstance(tri._device_guard(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(tri._device_guard(torch.device("cuda", 0)), contextlib.nullcontext)
+    with tri._device_guard(torch.device("cuda", 1)):
         assert entered == [torch.device("cuda", 1)]
     assert entered[-1] == "restored"
 
@@ -492,8 +492,8 @@ def test_a_tile_too_large_for_one_program_is_refused():
 @interpreted
 def test_every_launch_wrapper_goes_through_the_device_guard(monkeypatch):
     seen = []
-    real = tri.device_guard
-    monkeypatch.setattr(tri, "device_guard", lambda d: seen.append(d) or real(d))
+    real = tri._device_guard
+    monkeypatch.setattr(tri, "_device_guard", lambda d: seen.append(d) or real(d))
     case = make_case("adam", (3000,), 1024)
     rule = RULES["adam"]
     first(tri, rule, case)

@@ -6,7 +6,7 @@ initial weights on the same character-level batches (:mod:`armijo_fused.data`), 
 
 * ArmijoAdam with its defaults and ``weight_decay=0.01``. No learning rate is given: the line
   search finds η on each searched batch, and the schedule multiplies the applied step, so the
-  parameters move by η · lr_t / lr_0.
+  parameters move by η · min(1, lr_t / lr_0).
 * ``torch.optim.AdamW`` at torch's defaults (lr = 1e-3, betas (0.9, 0.999), weight decay 0.01):
   what one gets without a learning-rate sweep.
 

@@ -4,7 +4,8 @@ Importing ``armijo_fused._C`` loads the extension, which registers six ops (sche
 ``csrc/ops.cpp``, CPU kernels in ``csrc/cpu/passes.cpp``); the math of each is documented in
 :mod:`armijo_fused.backends.torch_backend`. Calls go through ``torch.ops`` rather than the pybind
 module so that ``torch.compile`` can trace them; the fake (meta) implementations below tell it the
-output shapes without running a kernel.
+output shapes without running a kernel. (The module also carries ``_C.ViewCheck``, a host-side
+helper of ``storage/flat.py``, not an op: ``csrc/view_check.cpp``.)
 
 * ``first_pass(rule_id, param, grad, states, scalars, weight_decay, eta, gscale, tile_block,
   block_tiles, tile, model_param=None) -> sums [nblocks, 3]``: writes ``param`` and ``states``.

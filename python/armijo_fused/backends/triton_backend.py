@@ -165,7 +165,7 @@ def _launches(table: TileTable | None, layout: FlatLayout) -> list[tuple[Tensor,
             if t.numel()]
 
 
-def device_guard(device: torch.device):
+def _device_guard(device: torch.device):
     """Triton launches on the *current* CUDA device and its current stream, whatever device the
     pointers are on: a buffer on another GPU of this process (a model spread over GPUs with
     ``device_map="auto"``) makes its device current for the launch. A no-op (one cheap query)
@@ -189,7 +189,7 @@ def _on_buffer_device(launch):
                 break
         else:
             return launch(*args, **kwargs)
-        with device_guard(device):
+        with _device_guard(device):
             return launch(*args, **kwargs)
 
     return wrapper

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DirectionRule, _pad, check_range, unmix
+from .base import DirectionRule, _pad, check_number, check_range, unmix
 
 
 class RMSProp(DirectionRule):
@@ -60,7 +60,7 @@ class Adam(DirectionRule):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"invalid betas: {betas!r} (expected a pair (beta1, beta2))")
         for i, b in enumerate(betas):
-            check_range({f"betas[{i}]": b}, f"betas[{i}]", 0.0, 1.0)
+            check_number(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
         check_range(group, "eps", 0.0, float("inf"), lo_open=True)
 
     def scalars(self, group, step):

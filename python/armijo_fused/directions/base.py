@@ -13,6 +13,9 @@ Notation used by every pass (docs/design.md §2): ``u`` is the rule's direction 
 ``d = u + wd * theta0`` the applied direction with decoupled weight decay, and the fallback
 direction ``precond_grad`` is the preconditioned gradient with neither momentum nor weight decay,
 which is a descent direction whenever the gradient is non-zero.
+
+The module also holds the range checks the rules' ``validate`` and the optimizers share
+(:func:`check_number`, :func:`check_range`, :func:`as_real`).
 """
 
 from __future__ import annotations
@@ -93,13 +96,18 @@ def as_real(v) -> float | None:
     return None
 
 
-def check_range(group: dict, key: str, lo: float, hi: float, *, lo_open=False, hi_open=True):
-    """Raise a ValueError naming ``key`` unless ``lo <= group[key] < hi`` (open ends as flagged)."""
-    v = group[key]
-    x = as_real(v)
+def check_number(name: str, value, lo: float, hi: float = math.inf, *, lo_open=False,
+                 hi_open=False) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is one finite real number (see
+    :func:`as_real`) in the range from ``lo`` to ``hi`` (open ends as flagged)."""
+    x = as_real(value)
     ok = x is not None and math.isfinite(x)
     ok = ok and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
     if not ok:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"invalid {key}: {v!r} (expected a number in {lb}{lo}, {hi}{rb})")
+        lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+        raise ValueError(f"invalid {name}: {value!r} (expected a number in {lb}{lo}, {hi}{rb})")
+
+
+def check_range(group: dict, key: str, lo: float, hi: float, *, lo_open=False, hi_open=True):
+    """:func:`check_number` of ``group[key]`` (by default ``lo <= value < hi``)."""
+    check_number(key, group[key], lo, hi, lo_open=lo_open, hi_open=hi_open)

@@ -22,7 +22,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .controller import Passes, SearchResult, read_floats
+from .controller import (
+    Passes,
+    SearchResult,
+    evaluate_on_every_rank,
+    raise_if_a_rank_failed,
+    read_floats,
+    reduce_with_flag,
+)
 
 
 class _CallLoss(nn.Module):
@@ -83,6 +90,7 @@ def batched_armijo_search(
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
     resolution: float = 8.0 * torch.finfo(torch.float32).eps,
+    f0_failure: tuple | None = None,
 ) -> SearchResult:
     """Global search over the sequence η0·backtrack^j, j < max_trials, ``candidates`` at a time.
 
@@ -90,7 +98,8 @@ def batched_armijo_search(
     built from θ0, so θ stays at θ0 until the accepted step is applied by one ``move_to``).
     Decisions follow :func:`armijo_search`: non-descent → preconditioned gradient (the first
     round's losses are then discarded), unresolved → no step, nothing accepted within
-    ``max_trials`` → no step. One host read per batched forward.
+    ``max_trials`` → no step. One host read per batched forward. ``reduce``, ``guard`` and
+    ``f0_failure`` as in :func:`armijo_search`.
     """
     nblocks = len(passes.eta)
     zeros = [0.0] * nblocks
@@ -102,14 +111,24 @@ def batched_armijo_search(
     start = 0
     while start < max_trials:
         etas = eta_seq[start : start + candidates]
-        losses = evaluate_many(etas, precond)
+        losses, failure = evaluate_on_every_rank(lambda: evaluate_many(etas, precond), reduce,
+                                                  f0.device)
+        if failure is not None:
+            losses = losses.expand(len(etas))
         vec = [losses.reshape(-1)] + [s.reshape(-1) for s in sums]
         if guard is not None and start == 0 and not precond:
             vec.append(guard.reshape(-1))
-        rest = torch.cat([v.double().to(f0.device) for v in vec])
+        rest = [torch.cat([v.double().to(f0.device) for v in vec])]
         if reduce is not None:
-            rest = reduce(rest)
-        vals = read_floats([f0.reshape(1), rest])
+            rest = list(reduce_with_flag(reduce, rest[0], failure))
+        carried = f0_failure is not None and start == 0 and not precond
+        vals = read_floats([f0.reshape(1), *rest, *([f0_failure[1]] if carried else [])])
+        if carried:
+            failed0, vals = vals[-1], vals[:-1]
+            raise_if_a_rank_failed(f0_failure[0], failed0, "the loss function")
+        if reduce is not None:
+            failed, vals = vals[-1], vals[:-1]
+            raise_if_a_rank_failed(failure, failed, "the loss function")
         f_before, f_k, rows = vals[0], vals[1 : 1 + len(etas)], vals[1 + len(etas) :]
         if guard is not None and start == 0 and not precond:
             g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]

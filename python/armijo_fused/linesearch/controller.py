@@ -64,10 +64,31 @@ class Passes:
     ) -> list[Tensor] | None: ...
 
 
+def evaluate_on_every_rank(evaluate: Callable[[], Tensor], reduce, device):
+    """``(value, failure)``: ``evaluate()``, or, in a distributed run (``reduce`` given), NaN and
+    the exception it raised. The other ranks are waiting in the collective that follows, so a
+    rank whose loss function raised must still take part in it: see :func:`reduce_with_flag`."""
+    try:
+        return evaluate(), None
+    except Exception as e:
+        if reduce is None:
+            raise
+        return torch.full((), math.nan, dtype=torch.float64, device=device), e
+
+
+def reduce_with_flag(reduce, values: Tensor, failure: BaseException | None):
+    """Reduce ``values`` (1-D, float64) with one more entry, "this rank's loss function raised";
+    returns the reduced values and that entry's mean over ranks, both on the device (read them
+    with the rest, in the read the caller does anyway)."""
+    flag = torch.full((1,), float(failure is not None), dtype=torch.float64, device=values.device)
+    out = reduce(torch.cat([values, flag]))
+    return out[:-1], out[-1:]
+
+
 def raise_if_a_rank_failed(failure: BaseException | None, failed: float, what: str) -> None:
-    """After a collective that carried each rank's "my loss function raised" flag (their mean,
-    ``failed``): the rank that failed raises its own error, every other rank one that says so;
-    each rank's step then undoes itself."""
+    """After a collective that carried each rank's flag (their mean, ``failed``): the rank that
+    failed raises its own error, every other rank one that says so; each rank's step then
+    undoes itself, and the ranks' next collectives still pair up."""
     if failure is not None:
         raise failure
     if failed > 0.0:
@@ -120,6 +141,7 @@ def armijo_search(
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
     resolution: float = 8.0 * torch.finfo(torch.float32).eps,
+    f0_failure: tuple | None = None,
 ) -> SearchResult:
     """Run one backtracking search; θ ends at the accepted trial point (or at θ0 if none).
 
@@ -134,6 +156,8 @@ def armijo_search(
     the passes wrote nothing (see torch_backend.py) and the search ends as skipped.
     ``reduce``: mean over ranks (distributed runs) of the trial loss, the per-block sums and the
     guard, in one collective per trial; ``f0`` must already be reduced.
+    ``f0_failure``: (this rank's exception or None, the reduced flag) of the f0 evaluation in a
+    distributed run (:func:`reduce_with_flag`), read with the first trial and raised then.
     ``resolution``: relative float resolution of the loss (:func:`loss_resolution`); once the
     predicted decrease Σ η⟨g,d⟩ <= resolution·|f0| the search stops without a step
     (``unresolved``), since rounding decides such comparisons. The predicted decrease, not its
@@ -154,27 +178,21 @@ def armijo_search(
     gd_b: list[float] = []
     unresolved = False
     for trial in range(1, max_trials + 1):
-        failure = None
-        try:
-            ft = evaluate()
-        except Exception as e:
-            if reduce is None:
-                raise
-            # the other ranks wait in this trial's collective: take part in it, with a flag
-            # that makes every rank raise, instead of leaving them blocked until a timeout
-            failure, ft = e, torch.full((), math.nan, dtype=torch.float64, device=f0.device)
+        ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
         vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
         if guard is not None and trial == 1:
             vec.append(guard.reshape(-1))
         if reduce is not None:  # f0 is reduced once by the caller; the rest in one collective
-            flag = torch.full((1,), float(failure is not None), dtype=torch.float64)
-            rest = torch.cat([v.double().to(vec[0].device) for v in vec[1:]]
-                             + [flag.to(vec[0].device)])
-            vec = [vec[0].double().to(rest.device), reduce(rest)]
-        vals = read_floats(vec)
+            rest = torch.cat([v.double().to(vec[0].device) for v in vec[1:]])
+            vec = [vec[0].double().to(rest.device), *reduce_with_flag(reduce, rest, failure)]
+        carried = f0_failure is not None and trial == 1
+        vals = read_floats(vec + ([f0_failure[1]] if carried else []))
+        if carried:
+            failed0, vals = vals[-1], vals[:-1]
+            raise_if_a_rank_failed(f0_failure[0], failed0, "the loss function")
         if reduce is not None:
             failed, vals = vals[-1], vals[:-1]
-            raise_if_a_rank_failed(failure, failed, "a trial's loss")
+            raise_if_a_rank_failed(failure, failed, "the loss function")
         f_before, f_trial, rows = vals[0], vals[1], vals[2:]
         if guard is not None and trial == 1:
             g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]

@@ -19,16 +19,18 @@ from torch import Tensor
 
 from ..backends import resolve_backend, torch_backend
 from ..directions import get_rule
-from ..directions.base import as_real
+from ..directions.base import check_number
 from ..linesearch import trial as trial_mod
 from ..linesearch.batched import batched_armijo_search, check_batchable, stacked_loss
 from ..linesearch.cadence import Cadence
 from ..linesearch.controller import (
     Passes,
     armijo_search,
+    evaluate_on_every_rank,
     loss_resolution,
     raise_if_a_rank_failed,
     read_floats,
+    reduce_with_flag,
 )
 from ..linesearch.policy import StepSizePolicy
 from ..storage.flat import FlatBuffer
@@ -58,13 +60,7 @@ _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "coll
 STEP_LENGTH_RATIO = 2.0
 
 
-def _check_number(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False):
-    x = as_real(value)  # a numpy number or a one-element tensor too (what schedules write)
-    ok = x is not None and math.isfinite(x)
-    ok = ok and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
-    if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
-        raise ValueError(f"invalid {name}: {value!r} (expected a number in {lb}{lo}, {hi}{rb})")
+_check_number = check_number  # (the name this module has always used)
 
 
 def _outside_stacklevel() -> int:
@@ -654,7 +650,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     if "does not require grad" not in str(e):
                         raise
                     raise RuntimeError(
-                        f"{what} failed at a trial point: {e}. Trial forwards run under "
+                        f"{what} failed under no_grad (at a trial point, or at θ0 when no "
+                        f"loss was given): {e}. Trial forwards run under "
                         "torch.no_grad() (a loss is all they need). A loss that itself takes "
                         "derivatives (a gradient penalty, PINN residuals, torch.autograd.grad "
                         "inside the loss) must open its own graph: wrap that part in "
@@ -679,26 +676,20 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         snapshot = passes.snapshot() if self.exact_revert else None
         try:
             with torch.no_grad():
-                failure = None
+                failure = f0_failure = None
                 if f0 is None:
-                    try:
-                        f0 = trial_loss()
-                    except Exception as e:
-                        if reduce is None:
-                            raise
-                        failure, f0 = e, torch.full((), math.nan, dtype=torch.float64,
-                                                    device=buffers[0].device)
+                    f0, failure = evaluate_on_every_rank(trial_loss, reduce, buffers[0].device)
                 resolution = loss_resolution(f0)  # of the loss's own dtype, before the mean
                 if reduce is not None:  # the loss of the global batch, identical on every rank
-                    # with a flag: a rank whose loss function raised takes part all the same
-                    both = reduce(torch.stack([f0.double().reshape(()).to(buffers[0].device),
-                                               f0.new_full((), float(failure is not None),
-                                                           dtype=torch.float64)
-                                               .to(buffers[0].device)]))
-                    raise_if_a_rank_failed(failure, float(both[1]), "the loss at θ0")
-                    f0 = both[0]
+                    # with a flag: a rank whose loss function raised takes part all the same;
+                    # the flag is read with the first trial (no read of its own)
+                    value = f0.double().reshape(1).to(buffers[0].device)
+                    f0, flag = reduce_with_flag(reduce, value, failure)
+                    f0, f0_failure = f0.reshape(()), (failure, flag)
                 passes.set_loss(f0)
                 if g0["searches"] == 0:
+                    if f0_failure is not None:  # (this read comes first, so it carries the flag)
+                        raise_if_a_rank_failed(failure, float(f0_failure[1]), "the loss function")
                     f0_value = float(f0)
                     if not math.isfinite(f0_value):
                         raise ValueError(
@@ -706,7 +697,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                             "model, the data and the loss function before optimizing"
                         )
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
-                                                    trial_losses, frozen, resolution)
+                                                    trial_losses, frozen, resolution, f0_failure)
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
                 if accepted is not None:
                     final = [a * f for a, f in zip(accepted, block_factors)]
@@ -803,9 +794,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             g["block_cursor"] = self._cursor_next
 
     def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None,
-                    frozen=None, resolution=None):
+                    frozen=None, resolution=None, f0_failure=None):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
-                  guard=passes.guard(), reduce=reduce,
+                  guard=passes.guard(), reduce=reduce, f0_failure=f0_failure,
                   resolution=loss_resolution(f0) if resolution is None else resolution)
         frozen = frozen or [False] * len(etas)
         if len(plan) == 1:  # global, or one block with the combined test
@@ -829,7 +820,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             eta0 = [self.policy.first_trial(etas[b]) if b in members else 0.0 for b in range(n)]
             r = armijo_search(passes, trial_loss, f0, self._cap_for_weight_decay(eta0),
                               search=members, sums=sums, allow_fallback=False, **kw)
-            kw["guard"] = None
+            kw["guard"] = kw["f0_failure"] = None  # read with the first block's first trial
             results.append((members, r))
             if r.skipped:
                 return r, None
@@ -1187,7 +1178,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 return self._buffers
         # a sync that stopped at a moved tensor may have restarted deleted state before it
         restarted = {id(b.params[i]) for b in self._buffers or () for i in b.fresh}
-        self._warn_late_joiners(restarted)
+        self._restart_or_warn_stateless(restarted)
         by_slot: dict = {}
         for gi, p in self._trainable():
             by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
@@ -1298,7 +1289,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             "optimizer's zero_grad() (in place: the backward accumulates into its buffer), and "
             "leave DDP's gradient_as_bucket_view off.", stacklevel=_outside_stacklevel())
 
-    def _warn_late_joiners(self, restarted: set = frozenset()) -> None:
+    def _restart_or_warn_stateless(self, restarted: set = frozenset()) -> None:
         """Before the buffers are built: tensors without state inside a group that has already
         folded gradients (see :meth:`_restart_or_warn`). ``restarted``: ids of tensors a sync of
         the old buffers has already restarted (deleted state met on the way to the rebuild)."""

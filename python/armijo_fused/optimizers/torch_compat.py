@@ -39,14 +39,19 @@ def check_torch_keywords(owner: str, *, foreach=None, fused=None, maximize=False
                              "trial's loss on the host")
 
 
+#: torch options a param group may carry that would change the math, none implemented
+_UNSUPPORTED_GROUP_OPTIONS = ("maximize", "amsgrad", "centered", "dampening", "capturable",
+                              "differentiable")
+#: every group key :func:`check_group_options` reads
+GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "nesterov", "momentum")
+
+
 def check_group_options(owner: str, rule, group: dict) -> None:
     """torch's optimizers read some options per param group (``{"params": ..., "nesterov":
     True}``). The direction rule is the optimizer's, fixed at construction, so a group that asks
     for another one, or for an option not implemented, is refused by name, as the same keyword
     is at construction; values the rule reads per group (momentum, betas, eps) stay per group."""
     bad = [f"{key}={group[key]!r}" for key in _UNSUPPORTED_GROUP_OPTIONS if group.get(key)]
-    if group.get("dampening"):
-        bad.append(f"dampening={group['dampening']!r}")
     if "nesterov" in group and bool(group["nesterov"]) != (rule.name == "nesterov"):
         bad.append(f"nesterov={group['nesterov']!r} (the optimizer's direction is "
                    f"{rule.name!r})")
@@ -54,17 +59,12 @@ def check_group_options(owner: str, rule, group: dict) -> None:
         bad.append(f"momentum={group['momentum']!r} (direction {rule.name!r} keeps no momentum "
                    "buffer)")
     if bad:
+        how = ("ArmijoSGD(..., momentum=0.9, nesterov=True)" if owner == "ArmijoSGD"
+               else f"{owner}(..., direction=...)")
         raise ValueError(
             f"{owner}: a param group asks for {', '.join(bad)}, which {owner} does not do per "
-            "group: the direction is chosen at construction (ArmijoSGD(..., momentum=0.9, "
-            "nesterov=True), ArmijoAdam(..., direction=...)), and maximize, amsgrad, centered, "
-            "dampening, capturable and differentiable are not implemented")
-
-
-#: torch options a param group may carry that would change the math, none implemented
-_UNSUPPORTED_GROUP_OPTIONS = ("maximize", "amsgrad", "centered", "capturable", "differentiable")
-#: every group key :func:`check_group_options` reads
-GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "dampening", "nesterov", "momentum")
+            f"group: the direction is chosen at construction ({how}), and "
+            f"{', '.join(_UNSUPPORTED_GROUP_OPTIONS)} are not implemented")
 
 
 def sgd_direction(direction, momentum, dampening, nesterov) -> tuple[str, float | None]:

@@ -5,11 +5,14 @@ model's tensors are re-pointed as views into it (``p.data``, ``p.grad`` and the 
 ``state[p][name]``), so one kernel launch covers the whole group and no copy of θ is ever made.
 
 The model stays in charge of its tensors, so the buffer re-validates them at every step
-(:meth:`FlatBuffer.sync`), at the cost of a pointer comparison per tensor:
+(:meth:`FlatBuffer.sync`: one C++ call that compares each tensor's address, sizes and strides,
+its ``.grad`` and its state entries with the views, ``_C.ViewCheck``; the Python loop is the
+reference, does every repair, and runs alone without the extension):
 
 * a gradient that arrived as a new tensor (``zero_grad(set_to_none=True)`` elsewhere) is copied in
   and the view re-attached; a missing gradient (parameter unused this step) counts as zero;
-* state tensors replaced by ``load_state_dict`` are copied in and re-pointed;
+* state tensors replaced by ``load_state_dict`` are copied in and re-pointed; deleted ones
+  (``opt.state.clear()``) restart at zero, as in torch, and a missing master is taken from θ;
 * a parameter whose storage moved (``model.to()``, accelerate swapping in new tensors) makes
   ``sync`` return False and the optimizer rebuilds the buffer from the tensors as they are now.
 
@@ -161,13 +164,13 @@ class FlatBuffer:
             moved, foreign, state_ok = checker.check(self.params, state)
             if moved < 0:
                 if foreign >= 0:
-                    self._take_grads(foreign)
+                    self._reattach_grads(foreign)
                 if not state_ok:
-                    self._take_state(state)
+                    self._reattach_states(state)
                 return True
         return self._sync_loop(state)  # the reference, and where a tensor moved
 
-    def _take_grads(self, start: int) -> None:
+    def _reattach_grads(self, start: int) -> None:
         """Re-attach the gradient views from tensor ``start`` on (as :meth:`_sync_loop`)."""
         for _, p, _, _, gview, _ in self._checks[start:]:
             if p.grad is not gview:
@@ -184,7 +187,7 @@ class FlatBuffer:
             self.gathered = True
         p.grad = gview
 
-    def _take_state(self, state: dict) -> None:
+    def _reattach_states(self, state: dict) -> None:
         """Re-attach the state views (as :meth:`_sync_loop`)."""
         for i, p, _, _, _, entries in self._checks:
             pstate = state[p]
