@@ -26,8 +26,7 @@ from .controller import (
     Passes,
     SearchResult,
     evaluate_on_every_rank,
-    raise_if_a_rank_failed,
-    read_floats,
+    read_checking_ranks,
     reduce_with_flag,
 )
 
@@ -121,14 +120,9 @@ def batched_armijo_search(
         rest = [torch.cat([v.double().to(f0.device) for v in vec])]
         if reduce is not None:
             rest = list(reduce_with_flag(reduce, rest[0], failure))
-        carried = f0_failure is not None and start == 0 and not precond
-        vals = read_floats([f0.reshape(1), *rest, *([f0_failure[1]] if carried else [])])
-        if carried:
-            failed0, vals = vals[-1], vals[:-1]
-            raise_if_a_rank_failed(f0_failure[0], failed0, "the loss function")
-        if reduce is not None:
-            failed, vals = vals[-1], vals[:-1]
-            raise_if_a_rank_failed(failure, failed, "the loss function")
+        first = start == 0 and not precond
+        vals = read_checking_ranks([f0.reshape(1), *rest], reduce is not None, failure,
+                                   f0_failure if first else None)
         f_before, f_k, rows = vals[0], vals[1 : 1 + len(etas)], vals[1 + len(etas) :]
         if guard is not None and start == 0 and not precond:
             g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]

@@ -96,6 +96,20 @@ def raise_if_a_rank_failed(failure: BaseException | None, failed: float, what: s
                            "output); the step has been undone on every rank")
 
 
+def read_checking_ranks(vec: list[Tensor], flagged: bool, failure, f0_failure) -> list[float]:
+    """:func:`read_floats` of ``vec`` (ending with this trial's reduced flag when ``flagged``)
+    and of the f0 flag ``f0_failure`` carries (None: none); raises for a rank whose loss
+    function raised (:func:`raise_if_a_rank_failed`); returns the values without the flags."""
+    vals = read_floats(vec + ([f0_failure[1]] if f0_failure is not None else []))
+    if f0_failure is not None:
+        failed0, vals = vals[-1], vals[:-1]
+        raise_if_a_rank_failed(f0_failure[0], failed0, "the loss function")
+    if flagged:
+        failed, vals = vals[-1], vals[:-1]
+        raise_if_a_rank_failed(failure, failed, "the loss function")
+    return vals
+
+
 def read_floats(tensors: Sequence[Tensor]) -> list[float]:
     """Bring small device tensors to the host in one transfer per device (the search's sync)."""
     out = []
@@ -185,14 +199,8 @@ def armijo_search(
         if reduce is not None:  # f0 is reduced once by the caller; the rest in one collective
             rest = torch.cat([v.double().to(vec[0].device) for v in vec[1:]])
             vec = [vec[0].double().to(rest.device), *reduce_with_flag(reduce, rest, failure)]
-        carried = f0_failure is not None and trial == 1
-        vals = read_floats(vec + ([f0_failure[1]] if carried else []))
-        if carried:
-            failed0, vals = vals[-1], vals[:-1]
-            raise_if_a_rank_failed(f0_failure[0], failed0, "the loss function")
-        if reduce is not None:
-            failed, vals = vals[-1], vals[:-1]
-            raise_if_a_rank_failed(failure, failed, "the loss function")
+        vals = read_checking_ranks(vec, reduce is not None, failure,
+                                   f0_failure if trial == 1 else None)
         f_before, f_trial, rows = vals[0], vals[1], vals[2:]
         if guard is not None and trial == 1:
             g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]
