@@ -260,7 +260,7 @@ def test_ddp_gradient_as_bucket_view_trains_the_same_and_says_what_it_costs():
         assert len(r[True]["said"]) == 1 and "gradient_as_bucket_view" in r[True]["said"][0]
 
 
-def _rank_raising_loss_fn(rank, world):
+def _rank_raising_loss_fn(rank, world, warm):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = make_model()
@@ -269,12 +269,12 @@ def _rank_raising_loss_fn(rank, world):
     x, y = batch(0)
     x, y = half(x, rank, world), half(y, rank, world)
     out = {}
-    # one ordinary step first, so the failing steps are not the first search (which reads f0 on
-    # its own): the f0 flag then travels with the first trial's read
-    opt.zero_grad()
-    loss = nn.functional.mse_loss(ddp(x), y)
-    loss.backward()
-    opt.step(loss_fn=lambda: nn.functional.mse_loss(ddp(x), y), loss=loss)
+    if warm:  # one ordinary step first, so the failing steps are not the first search (which
+        # reads f0 on its own): the f0 flag then travels with the first trial's read
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        opt.step(loss_fn=lambda: nn.functional.mse_loss(ddp(x), y), loss=loss)
     for where, given in (("trial", True), ("f0", False)):
         calls = [0]
 
@@ -304,9 +304,10 @@ def _rank_raising_loss_fn(rank, world):
     return out
 
 
-def test_ddp_a_loss_function_raising_on_one_rank_raises_on_every_rank_and_undoes_the_step():
+@pytest.mark.parametrize("warm", [False, True], ids=["first-search", "later-search"])
+def test_ddp_a_loss_function_raising_on_one_rank_raises_on_every_rank_and_undoes_the_step(warm):
     # before: rank 1 raised and rank 0 waited in the trial's all-reduce until the timeout
-    r0, r1 = run_ranks(_rank_raising_loss_fn, world=2, timeout=60)
+    r0, r1 = run_ranks(_rank_raising_loss_fn, world=2, timeout=60, args=(warm,))
     for where in ("trial", "f0"):
         assert r1[where] == "ValueError: rank 1's loss function failed"
         assert r0[where].startswith("RuntimeError:") and "another rank" in r0[where]

@@ -28,7 +28,7 @@ from ..linesearch.controller import (
     armijo_search,
     evaluate_on_every_rank,
     loss_resolution,
-    raise_if_a_rank_failed,
+    read_checking_ranks,
     read_floats,
     reduce_with_flag,
 )
@@ -687,10 +687,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     f0, flag = reduce_with_flag(reduce, value, failure)
                     f0, f0_failure = f0.reshape(()), (failure, flag)
                 passes.set_loss(f0)
-                if g0["searches"] == 0:
-                    if f0_failure is not None:  # (this read comes first, so it carries the flag)
-                        raise_if_a_rank_failed(failure, float(f0_failure[1]), "the loss function")
-                    f0_value = float(f0)
+                if g0["searches"] == 0:  # one read of f0 (and of the ranks' flag: this read
+                    # comes first, so it carries it and the search need not)
+                    (f0_value,) = read_checking_ranks([f0.reshape(1)], False, None, f0_failure)
+                    f0_failure = None
                     if not math.isfinite(f0_value):
                         raise ValueError(
                             f"the loss at the first step is not finite ({f0_value}); check the "
