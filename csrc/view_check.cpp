@@ -32,7 +32,7 @@ void require_tensors(py::handle list, Py_ssize_t n, const char* what) {
 }
 }  // namespace
 
-// hidden: its py::list fields are (pybind11 gives its types hidden visibility)
+// hidden visibility, as pybind11 gives its own types: the py::list fields would warn otherwise
 class __attribute__((visibility("hidden"))) ViewCheck {
  public:
   // params[i]: the tensor (not kept: only its identity); pviews[i] / gviews[i]: its views in the
@@ -49,7 +49,8 @@ class __attribute__((visibility("hidden"))) ViewCheck {
     for (Py_ssize_t j = 0; j < nnames; ++j) {
       if (!PyUnicode_Check(PyList_GET_ITEM(names.ptr(), j)))
         throw std::invalid_argument("ViewCheck: names must be strings");
-      require_tensors(PyList_GET_ITEM(sviews.ptr(), j), n, "sviews[j]");
+      require_tensors(PyList_GET_ITEM(sviews.ptr(), j), n,
+                      ("sviews[" + std::to_string(j) + "]").c_str());
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
       pv_.push_back(THPVariable_Unpack(pviews[i].ptr()));

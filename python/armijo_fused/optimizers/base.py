@@ -64,7 +64,8 @@ _check_number = check_number  # (the name this module has always used)
 
 
 def _outside_stacklevel() -> int:
-    """The ``stacklevel`` of a warning raised inside ``step()`` that points at the user's line:
+    """The ``stacklevel`` of a warning raised inside the optimizer (a step, its construction,
+    ``add_param_group``) that points at the user's line:
     the first frame outside this package and torch (the optimizer hooks and the compiler's
     ``disable`` wrapper sit between the two, in numbers that vary with torch's version)."""
     inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
@@ -257,7 +258,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         # torch.distributed.checkpoint (flatten_optimizer_state_dict, which keeps only the keys
         # the live groups have) carries it back
         self.param_groups[0].setdefault("last_dd", None)
-        self._warn_group_lrs(stacklevel=4)  # the caller of ArmijoAdam(...)
+        self._warn_group_lrs()
         if self.layerwise and len(self.param_groups) == 1 and not self._names:
             raise ValueError(
                 "layerwise=True needs blocks: pass one param group per block (for instance "
@@ -318,7 +319,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 raise
             self._warn_group_lrs()
 
-    def _warn_group_lrs(self, stacklevel: int = 3) -> None:
+    def _warn_group_lrs(self) -> None:
         """Groups given different learning rates (a faster head, layer-wise lr decay) ask for
         a ratio that torch's optimizers apply and one searched step size does not: say so once."""
         lrs = sorted(g["lr_ref"] for g in self.param_groups if g["lr_ref"] > 0)
@@ -331,7 +332,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             f"{lrs[-1]:g}), but one searched step size η moves them all: each group follows "
             "its own schedule (η · lr_t / lr_0), not the ratio between the groups' lr. For a "
             "step size per group pass layerwise=True; a group at lr 0 stays frozen",
-            stacklevel=stacklevel)
+            stacklevel=_outside_stacklevel())
 
     # -- copies and pickling -------------------------------------------------------------------
     #: what a copy or a pickle carries besides torch's (defaults, state, param_groups): the
@@ -407,7 +408,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 state_dict = result
         pre, post = (self._optimizer_load_state_dict_pre_hooks,
                      self._optimizer_load_state_dict_post_hooks)
-        self._optimizer_load_state_dict_pre_hooks = type(pre)()  # torch's load runs neither
+        # emptied while torch's load_state_dict runs, so that it does not run them a second time
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()
         self._optimizer_load_state_dict_post_hooks = type(post)()
         try:
             self._load_state_dict(state_dict)
@@ -1177,7 +1179,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 self._warn_gathered_grads()
                 return self._buffers
         # a sync that stopped at a moved tensor may have restarted deleted state before it
-        restarted = {id(b.params[i]) for b in self._buffers or () for i in b.fresh}
+        restarted = {id(b.params[i]) for b in self._buffers or () for i in b.take_fresh()}
         self._restart_or_warn_stateless(restarted)
         by_slot: dict = {}
         for gi, p in self._trainable():
@@ -1305,9 +1307,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
     def _restart_fresh_tensors(self) -> None:
         """After a sync that found deleted state (``opt.state.clear()``, ``del opt.state[p]``, a
         state dict without it): the storage restarted those tensors' moments at zero."""
-        fresh = [(b.group_index, b.params[i]) for b in self._buffers for i in sorted(b.fresh)]
-        for b in self._buffers:
-            b.fresh.clear()
+        fresh = [(b.group_index, b.params[i]) for b in self._buffers
+                 for i in sorted(b.take_fresh())]
         if self.rule.bias_corrected:
             self._restart_or_warn([(gi, p) for gi, p in fresh
                                    if self.param_groups[gi]["folded"] > 0])

@@ -160,7 +160,7 @@ class FlatBuffer:
         """Re-validate the views before a step; False means the parameters moved: rebuild."""
         checker = self._checker
         if checker is not None and isinstance(state, dict):
-            # one C++ call looks at every tensor; the loops below repair what it found amiss
+            # one C++ call looks at every tensor; the helpers below repair what it found amiss
             moved, foreign, state_ok = checker.check(self.params, state)
             if moved < 0:
                 if foreign >= 0:
@@ -212,6 +212,11 @@ class FlatBuffer:
                 if pstate.get(name) is not view:
                     self._reattach(i, pstate, name, view)
         return True
+
+    def take_fresh(self) -> set[int]:
+        """The tensors whose deleted state :meth:`sync` restarted since the last call."""
+        fresh, self.fresh = self.fresh, set()
+        return fresh
 
     def _reattach(self, i: int, pstate: dict, name: str, view: Tensor) -> None:
         """A state entry of tensor i that is not its view any more: user code replaced it (take

@@ -273,6 +273,11 @@ class ShardedBuffer:
                         view.copy_(torch.where(view.to(t.dtype) != t, t.float(), view))
         return True
 
+    def take_fresh(self) -> set[int]:
+        """The tensors whose deleted state :meth:`sync` restarted since the last call."""
+        fresh, self.fresh = self.fresh, set()
+        return fresh
+
     def after_write(self) -> None:
         """Copy the flat θ back into the local shards (after every pass that moved θ); in place
         the passes wrote the shards themselves."""
