@@ -60,9 +60,6 @@ _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "coll
 STEP_LENGTH_RATIO = 2.0
 
 
-_check_number = check_number  # (the name this module has always used)
-
-
 def _outside_stacklevel() -> int:
     """The ``stacklevel`` of a warning raised inside the optimizer (a step, its construction,
     ``add_param_group``) that points at the user's line:
@@ -187,14 +184,14 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         _lr_value(lr)  # validates; schedulers own the value
         _refuse_zero_redundancy(type(self).__name__)
         rule = get_rule(direction)
-        _check_number("weight_decay", weight_decay, 0.0)
-        _check_number("init_step_size", init_step_size, 0.0, lo_open=True)
-        _check_number("c", c, 0.0, 1.0, lo_open=True, hi_open=True)
-        _check_number("backtrack", backtrack, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_number("weight_decay", weight_decay, 0.0)
+        check_number("init_step_size", init_step_size, 0.0, lo_open=True)
+        check_number("c", c, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_number("backtrack", backtrack, 0.0, 1.0, lo_open=True, hi_open=True)
         if not isinstance(max_trials, int) or isinstance(max_trials, bool) or max_trials < 1:
             raise ValueError(f"invalid max_trials: {max_trials!r} (expected an int >= 1)")
         if max_grad_norm is not None:
-            _check_number("max_grad_norm", max_grad_norm, 0.0, lo_open=True)
+            check_number("max_grad_norm", max_grad_norm, 0.0, lo_open=True)
         if backend not in ("auto", "triton", "cpp", "torch"):
             raise ValueError(f"invalid backend: {backend!r} (choose auto, triton, cpp or torch)")
         if block_search not in ("round_robin", "stale", "exact"):
@@ -202,7 +199,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 f"invalid block_search: {block_search!r} (choose round_robin, stale or exact)"
             )
         if merge_below is not None:
-            _check_number("merge_below", merge_below, 0.0, lo_open=True)
+            check_number("merge_below", merge_below, 0.0, lo_open=True)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if candidates is not None:
@@ -289,7 +286,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         step, since schedulers and user code write them (a weight-decay schedule, a momentum
         cycle); a bad value is refused by name before anything moves."""
         _lr_value(group["lr"])
-        _check_number("weight_decay", group["weight_decay"], 0.0)
+        check_number("weight_decay", group["weight_decay"], 0.0)
         self.rule.validate(group)
         check_group_options(type(self).__name__, self.rule, group)
 
@@ -323,16 +320,20 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """Groups given different learning rates (a faster head, layer-wise lr decay) ask for
         a ratio that torch's optimizers apply and one searched step size does not: say so once."""
         lrs = sorted(g["lr_ref"] for g in self.param_groups if g["lr_ref"] > 0)
-        if (self.layerwise or not lrs or lrs[-1] <= lrs[0] * (1 + 1e-6)  # (a tensor lr rounds)
-                or getattr(self, "_warned_lrs", False)):
+        if self.layerwise or not lrs or lrs[-1] <= lrs[0] * (1 + 1e-6):  # (a tensor lr rounds)
             return
-        self._warned_lrs = True
-        warnings.warn(
-            f"{type(self).__name__}: the param groups have different lr ({lrs[0]:g} … "
-            f"{lrs[-1]:g}), but one searched step size η moves them all: each group follows "
-            "its own schedule (η · lr_t / lr_0), not the ratio between the groups' lr. For a "
-            "step size per group pass layerwise=True; a group at lr 0 stays frozen",
-            stacklevel=_outside_stacklevel())
+        self._warn_once(
+            "lrs", f"the param groups have different lr ({lrs[0]:g} … {lrs[-1]:g}), but one "
+            "searched step size η moves them all: each group follows its own schedule "
+            "(η · lr_t / lr_0), not the ratio between the groups' lr. For a step size per group "
+            "pass layerwise=True; a group at lr 0 stays frozen")
+
+    def _warn_once(self, flag: str, message: str) -> None:
+        """Warn (pointing at the caller's line) unless the warning ``flag`` was given before."""
+        warned = self.__dict__.setdefault("_warned", set())
+        if flag not in warned:
+            warned.add(flag)
+            warnings.warn(f"{type(self).__name__}: {message}", stacklevel=_outside_stacklevel())
 
     # -- copies and pickling -------------------------------------------------------------------
     #: what a copy or a pickle carries besides torch's (defaults, state, param_groups): the
@@ -1037,15 +1038,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
     def _warn_zero_gradient(self, k: int) -> None:
         """A search whose gradient is zero everywhere takes no step: most often the closure
         never called ``backward()`` (or zeroed the gradient after it). Say so, once."""
-        if getattr(self, "_warned_zero_grad", False):
-            return
-        self._warned_zero_grad = True
-        warnings.warn(
-            f"{type(self).__name__}: the gradient is zero everywhere at step {k}, so the search "
-            "takes no step. At an exact minimum that is right; otherwise, does the closure call "
+        self._warn_once(
+            "zero_grad", f"the gradient is zero everywhere at step {k}, so the search takes no "
+            "step. At an exact minimum that is right; otherwise, does the closure call "
             "loss.backward() (after zero_grad, not before), or, with step(loss_fn=..., "
-            "loss=...), did backward run before step?",
-            stacklevel=_outside_stacklevel())
+            "loss=...), did backward run before step?")
 
     @torch.no_grad()
     def _unscale_gradients(self, scaler) -> None:
@@ -1076,17 +1073,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         return factor
 
     def _warn_lr_above_peak(self, lr_t: float, lr_0: float) -> None:
-        if getattr(self, "_warned_lr_peak", False):
-            return
-        self._warned_lr_peak = True
-        warnings.warn(
-            f"{type(self).__name__}: lr rose to {lr_t:g}, above lr_0 = {lr_0:g} (the group's "
-            "'max_lr', else 'initial_lr', else the lr given at construction). The applied step "
-            "is η · lr_t / lr_0 with η the searched step size; a multiplier above 1 would apply "
+        self._warn_once(
+            "lr_peak", f"lr rose to {lr_t:g}, above lr_0 = {lr_0:g} (the group's 'max_lr', "
+            "else 'initial_lr', else the lr given at construction). The applied step is "
+            "η · lr_t / lr_0 with η the searched step size; a multiplier above 1 would apply "
             "steps longer than the search accepted, so it is capped at 1 and the schedule acts "
             "only where it lowers lr below lr_0. Give the schedule's peak as the optimizer's lr "
-            "(a warmup then starts below it), or use OneCycleLR, which records its max_lr",
-            stacklevel=_outside_stacklevel())
+            "(a warmup then starts below it), or use OneCycleLR, which records its max_lr")
 
     def _count(self, forwards=0, backwards=0):
         for g in self.param_groups:
@@ -1228,7 +1221,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         optimizer would go on training the old tensor while the model's own never moves, and
         every search would see no effect of its steps: say so, once. (Parameters the model never
         held, such as a free-standing temperature, are not its business.)"""
-        if not self._modules or getattr(self, "_warned_replaced", False):
+        if not self._modules or "replaced" in self.__dict__.get("_warned", ()):
             return
         held = {id(p) for m in self._modules for p in m.parameters()}
         ours = [p for g in self.param_groups for p in g["params"]]
@@ -1237,15 +1230,13 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             return
         gone = [p for p in ours if id(p) in self._in_model and id(p) not in held]
         if gone:
-            self._warned_replaced = True
             names = [self._names.get(id(p), f"of shape {tuple(p.shape)}") for p in gone[:3]]
-            warnings.warn(
-                f"{type(self).__name__}: the model no longer holds {len(gone)} of the optimized "
+            self._warn_once(
+                "replaced", f"the model no longer holds {len(gone)} of the optimized "
                 f"parameters ({', '.join(names)}{', ...' if len(gone) > 3 else ''}): replaced "
                 "by new tensors (module.weight = nn.Parameter(...), load_state_dict(..., "
                 "assign=True))? The optimizer still trains the old ones. Copy new values in "
-                "place (load_state_dict without assign), or build the optimizer again",
-                stacklevel=_outside_stacklevel())
+                "place (load_state_dict without assign), or build the optimizer again")
 
     def _models_for_trials(self, evaluate) -> list:
         """Without a registered model: the models the loss function reaches, if they hold all
