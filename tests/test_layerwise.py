@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -195,3 +196,64 @@ def test_layerwise_resume_is_bit_identical():
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
     assert opt2.param_groups[0]["step_size"] == opt.param_groups[0]["step_size"]
+
+
+def test_blocks_do_not_depend_on_the_wrapper_the_model_is_run_through():
+    # DDP names every parameter module.*, torch.compile _orig_mod.*: a wrapped nn.Sequential
+    # became one block (layer-wise quietly global), and a checkpoint resumed under another
+    # wrapper restarted every block's step size
+    from armijo_fused.blocks import block_name
+
+    for prefix in ("", "module.", "_orig_mod.", "_orig_mod.module.", "_fsdp_wrapped_module."):
+        assert block_name(prefix + "lm_head.weight") == "head"
+        assert block_name(prefix + "transformer.h.3.attn.c_attn.weight") == "layer.3"
+        assert block_name(prefix + "0.weight") == "0"
+    assert block_name("layers.2._checkpoint_wrapped_module.mlp.w1.weight") == "layer.2"
+
+    class Wrapper(nn.Module):  # names like DDP's
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+
+    def fit(model, opt, steps):
+        closure = make_closure(opt, lambda: model(x).pow(2).mean())
+        for _ in range(steps):
+            opt.step(closure)
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    wrapped = Wrapper(net)
+    opt = ArmijoAdam(wrapped.parameters(), layerwise=True, model=wrapped, backend="torch",
+                     cadence="every")
+    fit(wrapped, opt, 3)
+    assert opt.param_groups[0]["block_names"] == ["0", "2"]
+    sd = opt.state_dict()
+    net2 = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    net2.load_state_dict(net.state_dict())
+    opt2 = ArmijoAdam(net2.parameters(), layerwise=True, model=net2, backend="torch",
+                      cadence="every")
+    opt2.load_state_dict(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same blocks: nothing restarts, nothing to say
+        opt2.step(make_closure(opt2, lambda: net2(x).pow(2).mean()))
+    assert opt2.param_groups[0]["block_searched_at"] != [0, 0]
+
+
+def test_a_checkpoint_with_other_blocks_warns_that_the_step_sizes_restart():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = ArmijoAdam(net.parameters(), layerwise=True, model=net, backend="torch",
+                     cadence="every")
+    opt.step(make_closure(opt, lambda: net(x).pow(2).mean()))
+    sd = opt.state_dict()
+    sd["param_groups"][0]["block_names"] = ["first", "second"]  # saved from another naming
+    opt.load_state_dict(sd)
+    with pytest.warns(UserWarning, match="the checkpoint's blocks .* are not this model's"):
+        opt.step(make_closure(opt, lambda: net(x).pow(2).mean()))
+    assert opt.param_groups[0]["block_names"] == ["0", "2"]

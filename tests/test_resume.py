@@ -31,6 +31,7 @@ from _backends import needs_cpp  # noqa: E402
 from problems import make_closure
 from torch import nn
 
+import armijo_fused
 from armijo_fused import ArmijoAdam, ArmijoSGD
 
 SGD_DIRS = ("sgd", "momentum", "nesterov")
@@ -624,3 +625,146 @@ def test_clearing_the_state_in_the_step_that_rebuilds_the_store_restarts_the_cou
         warnings.simplefilter("error")  # a whole restart, nothing to warn about
         opt.step(closure)
     assert opt.param_groups[0]["folded"] == 1
+
+
+# -- found by the checkpoint review (each failed before its fix) ----------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fresh_optimizer_takes_a_live_state_dict_at_load_time(dtype):
+    """As above, into an optimizer that has not stepped (no buffers yet): it kept the loaded
+    tensors themselves and copied them in at its first step, after the source had moved on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    x = torch.randn(16, 4, dtype=dtype)
+    opt = ArmijoAdam(model.parameters(), cadence=2, backend="torch")
+    closure = make_closure(opt, lambda: model(x).float().pow(2).mean())
+    for _ in range(3):
+        opt.step(closure)
+    live = opt.state_dict()
+    frozen = torch.load(io.BytesIO(_bytes(live)), weights_only=True)
+    targets = []
+    for sd in (live, frozen):
+        twin = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+        twin.load_state_dict(model.state_dict())
+        o = ArmijoAdam(twin.parameters(), cadence=2, backend="torch")
+        o.load_state_dict(sd)
+        targets.append((twin, o))
+    for _ in range(3):  # the source goes on, writing into the tensors of `live`
+        opt.step(closure)
+    for twin, o in targets:
+        o.step(make_closure(o, lambda twin=twin: twin(x).float().pow(2).mean()))
+    assert_same_run(*targets[0], *targets[1])
+
+
+@pytest.mark.parametrize("how", ["reload", "deepcopy"])
+def test_a_checkpoint_saved_again_before_any_step_keeps_the_length_cap(how):
+    """A loaded (or copied) optimizer holds the last pass's ‖d‖² until its next step; a
+    state_dict() in between lost it, and the resumed run skipped the cap (θ off by 4.0 with
+    momentum 0.99)."""
+    import copy
+
+    model, opt, _ = build("momentum", sched=False, cadence=1000, momentum=0.99)
+    torch.manual_seed(7)
+    train(model, opt, None, 0, 4)
+    blob = checkpoint(model, opt, None)
+    assert opt.state_dict()["param_groups"][0]["last_dd"] is not None
+    _, opt2, _ = restore(blob, "momentum", cadence=1000, momentum=0.99)
+    if how == "deepcopy":
+        opt2 = copy.deepcopy(opt2)
+    again = opt2.state_dict()
+    assert again["param_groups"][0]["last_dd"] == opt.state_dict()["param_groups"][0]["last_dd"]
+    model3, opt3, _ = restore(blob, "momentum", cadence=1000, momentum=0.99)
+    opt3.load_state_dict(torch.load(io.BytesIO(_bytes(again)), weights_only=True))
+    for m, o in ((model, opt), (model3, opt3)):
+        torch.manual_seed(8)  # the same dropout masks
+        train(m, o, None, 4, 8)
+    assert_same_run(model, opt, model3, opt3)
+
+
+def test_a_global_checkpoint_loads_into_a_layerwise_optimizer_that_has_stepped():
+    # the loaded groups lack the blocks' entries; the store was kept, and every later step
+    # failed with KeyError: 'block_owner'
+    model, opt, _ = build("adam", sched=False, cadence="every")
+    torch.manual_seed(7)
+    train(model, opt, None, 0, 3)
+    blob = checkpoint(model, opt, None)
+    model2, opt2, _ = build("adam", seed=1, sched=False, cadence="every", layerwise=True)
+    train(model2, opt2, None, 0, 2)
+    ck = torch.load(io.BytesIO(blob), weights_only=True)
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    before = flat(model2)
+    train(model2, opt2, None, 3, 5)
+    g = opt2.param_groups[0]
+    assert len(g["block_names"]) == len(g["step_size"]) == len(g["block_owner"]) > 1
+    assert not torch.equal(flat(model2), before)
+    assert g["step"] == 5
+
+
+def test_an_fp32_optimizer_drops_a_bf16_checkpoints_master():
+    """bf16 run -> checkpoint A -> fp32 resume, training -> checkpoint B -> bf16 again: B kept
+    A's master, which the bf16 load put back, undoing the fp32 training."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+
+    def net(dtype):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+
+    def fit(model, opt, dtype, steps):
+        closure = make_closure(opt, lambda: model(x.to(dtype)).float().pow(2).mean())
+        for _ in range(steps):
+            opt.step(closure)
+
+    bf = net(torch.bfloat16)
+    opt = ArmijoAdam(bf.parameters(), cadence="every", backend="torch")
+    fit(bf, opt, torch.bfloat16, 3)
+    fp = net(torch.float32)
+    fp.load_state_dict({k: v.float() for k, v in bf.state_dict().items()})
+    opt32 = ArmijoAdam(fp.parameters(), cadence="every", backend="torch")
+    opt32.load_state_dict(opt.state_dict())
+    assert all("master" not in s for s in opt32.state.values())
+    fit(fp, opt32, torch.float32, 10)
+    ck = opt32.state_dict()
+    assert all("master" not in s for s in ck["state"].values())
+    bf2 = net(torch.bfloat16)
+    bf2.load_state_dict({k: v.bfloat16() for k, v in fp.state_dict().items()})
+    opt2 = ArmijoAdam(bf2.parameters(), cadence="every", backend="torch")
+    opt2.load_state_dict(ck)
+    opt2.step(make_closure(opt2, lambda: bf2(x.bfloat16()).float().pow(2).mean()))
+    # the master is θ as the fp32 run left it (rounded to bf16), moved by one step
+    for p, q in zip(bf2.parameters(), fp.parameters()):
+        assert (opt2.state[p]["master"] - q).abs().max() < 0.01
+
+
+def test_state_dict_inside_a_trial_forward_is_refused():
+    """A hook (or a signal handler) checkpointing mid-step saw this step's gradient in the
+    moments, the previous step's count and θ at a trial point: resumed, the step would fold
+    its gradient twice."""
+    model, opt, _ = build("adam", sched=False, cadence="every", exact_revert=True)
+    torch.manual_seed(7)
+    train(model, opt, None, 0, 2)
+    before = (flat(model), opt.state_dict())
+    seen = []
+
+    def hook(module, args, out):
+        if armijo_fused.in_trial():
+            try:
+                opt.state_dict()
+            except RuntimeError as e:
+                seen.append(str(e))
+                raise
+
+    handle = model.register_forward_hook(hook)
+    with pytest.raises(RuntimeError, match=r"state_dict\(\) was called inside step\(\)"):
+        train(model, opt, None, 2, 3)
+    handle.remove()
+    assert len(seen) == 1
+    after = opt.state_dict()
+    assert torch.equal(flat(model), before[0])
+    for i, st in before[1]["state"].items():
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in st.items())
+    counters = ("forwards", "backwards")  # the failed step's forwards did run
+    assert [{k: v for k, v in g.items() if k not in counters} for g in after["param_groups"]] \
+        == [{k: v for k, v in g.items() if k not in counters} for g in before[1]["param_groups"]]
+    train(model, opt, None, 2, 3)  # and the step goes through once the hook is gone
+    opt.state_dict()

@@ -19,6 +19,10 @@ block name             parameters
 ``<first name>``       anything else: its top-level module name
 =====================  ===================================================================
 
+Names are read past the prefixes wrappers add (``module.`` of DDP, ``_orig_mod.`` of
+``torch.compile``, FSDP1's and checkpointing's wrapper modules), so a model's blocks, and a
+layer-wise checkpoint's, are the same however it is wrapped.
+
 Tied parameters (a head sharing the embedding matrix) appear once, in the block of the first name
 ``named_parameters`` gives them, as torch does.
 """
@@ -37,8 +41,15 @@ _FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|fina
 _HEAD = re.compile(r"^(?:lm_head|head|cls|pooler|classifier|output|score)\.|\.(?:pooler)\.")
 
 
+# what wrappers put in front of the model's own names: DDP (module.), torch.compile (_orig_mod.),
+# FSDP1 and activation checkpointing wrappers; the blocks must not depend on how a model is run
+_WRAPPER = re.compile(r"^(?:(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.)+")
+
+
 def block_name(param_name: str) -> str:
-    """The block a parameter belongs to, from its qualified name (see the module docstring)."""
+    """The block a parameter belongs to, from its qualified name (see the module docstring);
+    wrapper prefixes (``module.``, ``_orig_mod.``, ...) are not part of it."""
+    param_name = _WRAPPER.sub("", param_name)
     m = _LAYER.search(param_name)
     if m:
         return f"layer.{int(m.group(1))}"

@@ -146,7 +146,8 @@ def batched_armijo_search(
                                     block_dd=list(rows[2::3]))
             if unresolved:
                 return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
-                                    non_descent=non_descent, unresolved=True, history=history)
+                                    non_descent=non_descent, unresolved=True, history=history,
+                                    unchanged=eta * gd > resolution * abs(f_before))
         start += len(etas)
     return SearchResult(None, max(len(history), 1), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, history=history)

@@ -41,6 +41,9 @@ class SearchResult:
     grad_sq: float  # Σ ‖g‖²
     non_descent: bool = False
     unresolved: bool = False  # the predicted decrease fell below the loss's float resolution
+    # ... or a trial loss equalled f0 exactly although a decrease was predicted (the trial
+    # forward did not see the moved weights: steps below a bf16 model's rounding, a cache)
+    unchanged: bool = False
     skipped: bool = False  # the guard was not finite (non-finite gradient or f0): nothing moved
     history: list = field(default_factory=list)  # (eta per block, loss) per trial
     block_gd: list = field(default_factory=list)  # <g_b, d_b> per block
@@ -190,8 +193,9 @@ def armijo_search(
     f_before = math.nan
     gd = grad_sq = math.nan
     gd_b: list[float] = []
-    unresolved = False
-    for trial in range(1, max_trials + 1):
+    unresolved = unchanged = False
+    limit = max_trials  # trials the search may take; the non-descent one is not counted
+    for trial in range(1, max_trials + 2):
         ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
         vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
         if guard is not None and trial == 1:
@@ -215,27 +219,34 @@ def armijo_search(
             break  # caller handles; θ reverted below
         if decrease <= 0.0 and not precond and grad_sq > 0.0 and allow_fallback:
             # Not a descent direction: switch to the preconditioned gradient at the same η.
+            # (⟨g, d⟩ arrives with the first trial's loss, in one read: that forward is spent,
+            # but it does not count against max_trials)
             sums = passes.move_to(eta, precond=True, compute_sums=True)
             precond = non_descent = True
+            limit = max_trials + 1
             continue
         if decrease <= resolution * abs(f_before) or f_trial == f_before:
             # The predicted decrease is below what the loss can resolve (float rounding, or a
-            # gradient that underflowed on a batch already fit): the test carries no information
-            # either way. Take no step and leave η alone (neither growth nor collapse).
+            # gradient that underflowed on a batch already fit), or the trial's loss is f0 to
+            # the last bit (its forward saw θ0's weights: a step below a bf16 model's
+            # rounding; backtracking would only make it smaller): the test carries no
+            # information either way. Take no step and leave η alone (neither growth nor
+            # collapse).
             unresolved = True
+            unchanged = decrease > resolution * abs(f_before)
             break
         if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
                                 non_descent=non_descent, history=history, block_gd=gd_b,
                                 block_dd=dd_b)
-        if trial == max_trials:
+        if trial == limit:
             break
-        if trial >= max_trials // 2:
+        if trial - (limit - max_trials) >= max_trials // 2:
             moving = set(range(len(eta)))
         eta = [backtrack * e if b in moving else e for b, e in enumerate(eta)]
         passes.move_to(eta)
     # No acceptable step: back to θ0 (the documented fallback).
     passes.move_to([0.0] * len(eta))
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
-                        non_descent=non_descent, unresolved=unresolved, history=history,
-                        block_gd=gd_b)
+                        non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
+                        history=history, block_gd=gd_b)

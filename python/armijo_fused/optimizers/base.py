@@ -33,7 +33,7 @@ from ..linesearch.controller import (
     reduce_with_flag,
 )
 from ..linesearch.policy import StepSizePolicy
-from ..storage.flat import FlatBuffer
+from ..storage.flat import MASTER_DTYPES, FlatBuffer
 from ..storage.in_place import InPlaceBuffer
 from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import device_floats, to_device
@@ -354,6 +354,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"a {type(self).__name__} with an explicit process_group cannot be copied or "
                 "pickled (a torch ProcessGroup cannot be); copy its state_dict() instead")
+        self._refuse_mid_step("a copy or pickle")
         self._settle_skip()
         out = super().__getstate__()
         out.update({k: self.__dict__[k] for k in self._CARRIED if k in self.__dict__})
@@ -382,9 +383,23 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """The last pass's ‖d_b‖², behind the next plain step's length cap, as host floats (one
         read), per buffer in buffer order, so a resumed run or a copy caps as this one would."""
         last = self._last_dd
-        return [dd.tolist() for dd in last[1]] if last is not None and not self._sharded else None
+        if last is None:  # no pass since a load or a copy: what that carried, not yet used
+            return self._resumed_dd
+        return [dd.tolist() for dd in last[1]] if not self._sharded else None
+
+    def _refuse_mid_step(self, what: str) -> None:
+        """A checkpoint taken inside a step (a hook in a trial forward, a signal handler) would
+        hold this step's gradient in the moments, a count that has not advanced and parameters
+        at a trial point: resumed, the step would fold its gradient twice."""
+        if self.__dict__.get("_moving"):
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} was called inside step() (from a trial forward, a "
+                "hook or a signal handler), where the state is mid-step: the moments hold this "
+                "step's gradient and the parameters sit at a trial point. Call it before or "
+                "after step() (a signal handler can set a flag that the loop checks)")
 
     def state_dict(self) -> dict:
+        self._refuse_mid_step("state_dict()")
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
         self.param_groups[0]["last_dd"] = self._saved_dd()
         try:
@@ -402,6 +417,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         Load pre-hooks run first, as in torch, so a hook can adapt a checkpoint before it is
         checked or converted, and what a hook returns is what loads; post-hooks run last, on
         the state as the next step will see it."""
+        self._refuse_mid_step("load_state_dict()")
         state_dict = state_dict.copy()  # shallow, as torch's
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
@@ -437,10 +453,22 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 g["step_size"], list) else 0)  # ... or before ``collapsed``
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        if self.layerwise:
+            # rebuild the store at the next step: the build checks the checkpoint's blocks
+            # against the model's (and sets them up for a global checkpoint, whose groups have
+            # none, as for a fresh optimizer)
+            self._buffers, self._blocks_loaded = None, True
+        # without buffers the values wait for the next step's build: take copies, since the
+        # checkpoint's tensors may be a live optimizer's, which go on changing
+        copy = self._buffers is None
         for pid, p in zip(ids, params):
             for key, value in saved.get(pid, {}).items():
-                if isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device)
+                if key == "master" and p.dtype not in MASTER_DTYPES:
+                    # an fp32 parameter keeps no master: one from a bf16 run would come back
+                    # at the next bf16 load and replace everything trained since
+                    self.state[p].pop(key, None)
+                elif isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, copy=copy)
         if self._buffers is not None:
             # copy the values into the flat buffers now: a state dict of a live optimizer holds
             # its tensors, which go on changing with its steps (torch.distributed.checkpoint's
@@ -536,6 +564,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         trial repeats the closure's side effects. ``step()``: uses the closure registered with
         ``set_closure``.
         """
+        try:
+            return self._step(closure, loss_fn, loss)
+        finally:
+            self._moving = False
+
+    def _step(self, closure, loss_fn, loss):
         if closure is not None and loss_fn is not None and loss is not None:
             raise ValueError("pass loss= only without a closure: the closure computes the loss")
         for name, fn in (("closure", closure), ("loss_fn", loss_fn)):
@@ -601,6 +635,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             # f0 below, with its first trial's sums
             f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce)
         passes = _FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
+        self._moving = True  # from here to the end of the step the state is mid-step
 
         if not search:
             etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
@@ -701,6 +736,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                         )
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
                                                     trial_losses, frozen, resolution, f0_failure)
+                if accepted is None and snapshot is not None and not result.skipped:
+                    passes.restore_params(snapshot)  # bitwise θ0; the state keeps g
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
                 if accepted is not None:
                     final = [a * f for a, f in zip(accepted, block_factors)]
@@ -731,6 +768,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         exhausted = accepted is None and not (skipped or result.unresolved)
         if result.grad_sq == 0.0 and not skipped:
             self._warn_zero_gradient(k)
+        self._note_unchanged_trials(result)
         # after a collapse η is reset to η̄, which this search has just rejected: like an
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
@@ -755,6 +793,20 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         return f0
+
+    def _note_unchanged_trials(self, result) -> None:
+        """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
+        trial forwards did not see the moved weights. Now and then that is a step below a bf16
+        model's rounding; search after search it is the loop: say so, once."""
+        n = self.__dict__.get("_unchanged_searches", 0) + 1 if result.unchanged else 0
+        self._unchanged_searches = n
+        if n == 3:
+            self._warn_once("unchanged", (
+                f"the trial forwards of {n} searches in a row returned exactly the loss at θ0 "
+                f"(last {result.loss_before:.6g}) although a decrease was predicted, so no step "
+                "was taken: they do not see the moved parameters. Is the loss computed from a "
+                "copy of the model, cached outputs, or weights cast once outside the loss "
+                "function? (A cast cached by torch.autocast is cleared before each trial.)"))
 
     # -- the search plan and the step-size bookkeeping -----------------------------------------
     def _search_plan(self, table, frozen) -> list[list[int]]:
@@ -834,6 +886,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         merged = results[0][1]
         merged.trials = sum(r.trials for _, r in results)
         merged.unresolved = all(r.unresolved for _, r in results)
+        merged.unchanged = all(r.unchanged for _, r in results)
         merged.non_descent = False
         merged.exact = [(m, r.accepted) for m, r in results]
         return merged, accepted
@@ -855,9 +908,17 @@ class ArmijoOptimizer(torch.optim.Optimizer):
     def _update_step_sizes(self, table, etas, plan, result, accepted, skipped, k, frozen):
         """Policy update per searched block; returns (settled, collapsed) for the cadence.
         ``frozen`` blocks (lr 0 at this step) were not searched and keep their η."""
+        exact = getattr(result, "exact", None)
+        if result.unresolved and result.unchanged and result.history and exact is None:
+            # the trial's loss was f0 to the last bit: its step was invisible to the forward (a
+            # bf16 model's rounding) or landed on f0's level set by symmetry; either way keeping
+            # η would repeat the same trial forever: the next search starts one growth further
+            tried = result.history[-1][0]
+            for b, (gi, lb) in enumerate(table):
+                if b in plan[0] and not frozen[b] and tried[b] > etas[b]:
+                    self._set_eta(gi, lb, tried[b])
         if skipped or result.unresolved:
             return result.unresolved, False
-        exact = getattr(result, "exact", None)
         outcomes = exact if exact is not None else [(plan[0], accepted)]
         settled_all, collapsed_any = True, False
         new = list(etas)
@@ -1149,6 +1210,12 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     names.append(name)
                 ids.append(names.index(name))
         if group.get("block_names") != names:
+            if group.get("block_names") is not None and self.__dict__.get("_blocks_loaded"):
+                self._warn_once("blocks_renamed", (
+                    f"the checkpoint's blocks {group['block_names'][:4]} are not this model's "
+                    f"{names[:4]}: every block's step size restarts (from "
+                    f"{self._init_step_size:g}). Were the names read through another wrapper "
+                    "or model?"))
             eta = group["step_size"] if not isinstance(group["step_size"], list) \
                 else self._init_step_size
             avg = group["step_size_avg"] if not isinstance(group["step_size_avg"], list) \
@@ -1202,6 +1269,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                                           else buf.dtype)
             buffers.append(buf)
         self._buffers, self._buffer_key = buffers, key
+        self._blocks_loaded = False
         self._sharded = any(getattr(b, "distributed", False) for b in buffers)
         if self._sharded:
             if self.candidates is not None:  # trial weights swapped in would not be shards
@@ -1532,6 +1600,17 @@ class _FlatPasses(Passes):
                 s.copy_(saved)
             if model is not None:
                 b.model_param.copy_(model)
+        self._forget()
+
+    def restore_params(self, snapshot) -> None:
+        """θ (not the state) from the snapshot: a search that took no step, with
+        ``exact_revert``, ends at θ0 bitwise rather than moved back along the line. θ0 is
+        the master as the first pass took it: with the weights written into a bf16/fp16 model
+        since the last step taken over (the snapshot was taken before)."""
+        for b, (param, _, model) in zip(self.buffers, snapshot):
+            if model is not None:
+                param = torch.where(param.to(model.dtype) != model, model.float(), param)
+            b.set_param(param)  # and the model's copy, the master rounded
         self._forget()
 
     def _forget(self) -> None:
