@@ -7,6 +7,7 @@ import functools
 import io
 import math
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -446,10 +447,10 @@ def test_dropout_and_batchnorm_results_do_not_depend_on_whether_trials_ran():
                         model=model if given else None,
                         init_step_size=1e-3, growth=1.0, max_step=1e-3)
         torch.manual_seed(42)
-        models = [model]  # hidden: the loss reaches the model through a list only
+        ref = weakref.ref(model)  # hidden: the loss reaches the model through a weakref only
         for _ in range(6):
             if hidden:
-                opt.step(make_closure(opt, lambda: ((models[0](X) - y) ** 2).mean()))
+                opt.step(make_closure(opt, lambda: ((ref()(X) - y) ** 2).mean()))
             else:
                 opt.step(make_closure(opt, lambda: ((model(X) - y) ** 2).mean()))
         assert int(model.net[1].num_batches_tracked) == 6  # trials did not count as batches
@@ -489,8 +490,12 @@ def test_models_in_reach_of_a_loss_function():
     assert models_in_reach(functools.partial(model, torch.ones(2, 5)), params) == [model]
     half = nn.Linear(5, 1)  # reaches a model that does not hold all the parameters: None
     assert models_in_reach(lambda: half(torch.ones(1, 5)), params) is None
-    box = [model]  # containers are not searched: the caller falls back to a heap scan
-    assert models_in_reach(lambda: box[0](torch.ones(2, 5)).sum(), params) is None
+    box = [model]  # the first entries of lists, tuples and dicts are looked into
+    assert models_in_reach(lambda: box[0](torch.ones(2, 5)).sum(), params) == [model]
+    table = {"net": model}
+    assert models_in_reach(lambda: table["net"](torch.ones(2, 5)).sum(), params) == [model]
+    ref = weakref.ref(model)  # out of reach: the caller falls back to a heap scan
+    assert models_in_reach(lambda: ref()(torch.ones(2, 5)).sum(), params) is None
 
     class Hostile:  # a proxy whose every attribute raises: skipped, not a crash
         def __getattribute__(self, name):
@@ -642,3 +647,48 @@ def test_groups_with_different_lr_get_a_warning_that_one_step_size_moves_them():
                     {"params": model[1].parameters()}], lr=torch.tensor(1e-3))  # fp32 rounding
     with pytest.warns(UserWarning, match="different lr"):
         opt.add_param_group({"params": model[1].parameters(), "lr": 1e-4})
+
+
+# -- found by the review of the stated math against the code (each failed before its fix) -------
+def test_the_non_descent_trial_does_not_use_up_max_trials():
+    # ⟨g, d⟩ arrives with the first trial's loss: when it is <= 0 that forward is spent, but
+    # the fallback direction must still get its max_trials (with max_trials=1 it got none:
+    # exhausted, no step, without a single Armijo test)
+    theta = nn.Parameter(torch.zeros(4))
+    opt = ArmijoSGD([theta], momentum=0.9, backend="torch", cadence="every", max_trials=1)
+    stats = []
+    for _ in range(2):  # the first step overshoots the target: momentum points uphill after
+        opt.step(make_closure(opt, lambda: 0.5 * ((theta - 1.0) ** 2).sum()))
+        stats.append(dict(opt.stats))
+    assert stats[1]["non_descent"] and not stats[1]["exhausted"]
+    assert stats[1]["trials"] == 2 and stats[1]["step_size"] > 0
+
+
+def test_an_exhausted_search_with_exact_revert_leaves_theta_bitwise():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", exact_revert=True,
+                     max_trials=3, init_step_size=10.0)
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step(loss_fn=lambda: nn.functional.mse_loss(model(x), y) + 1e4, loss=loss)
+    assert opt.stats["exhausted"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta0))
+    assert opt.state[model.weight]["exp_avg"].abs().sum() > 0  # the state keeps the gradient
+
+
+def test_a_trial_loss_equal_to_f0_does_not_stall_the_search():
+    # on 0.5‖θ‖² the trial η = 2 lands on -θ0, where the loss equals f0 to the last bit: the
+    # search ended unresolved with η kept, and every later step repeated that trial
+    theta = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = ArmijoSGD([theta], backend="torch", cadence="every", init_step_size=2.0 / 1.2,
+                    max_step=10.0)
+    closure = make_closure(opt, lambda: 0.5 * (theta**2).sum())
+    opt.step(closure)
+    assert opt.stats["unresolved"] and opt.stats["step_size"] == 0
+    for _ in range(3):
+        opt.step(closure)
+    assert float(0.5 * (theta.detach() ** 2).sum()) < 0.1

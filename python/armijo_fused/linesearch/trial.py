@@ -10,11 +10,17 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
   the step the RNG is set to ``rng_after``, the state it had when the step began its trials, so
   the steps that follow draw the same numbers whether or not trials ran.
 * Buffers: the persistent buffers of the registered modules (BatchNorm statistics, counters) are
-  copied before the trials and restored after them. Non-persistent buffers are treated as caches;
-  if a trial modifies one anyway, a warning names it. Without a registered model, the models the
-  loss function reaches (:func:`models_in_reach`), or else the modules that own the parameters
-  (:func:`owned_buffers`), are found once and their buffers kept the same way.
+  copied before the trials and restored after them, and a buffer a forward *reassigned*
+  (``self.count = self.count + 1``) is put back as the tensor it was. Non-persistent buffers are
+  treated as caches: a reassigned one is put back too (its old tensor is untouched), and if a
+  trial modifies one in place, a warning names it. The states of torchmetrics ``Metric``
+  submodules (a metric updated in ``training_step``) are restored as well. Without a registered
+  model, the models the loss function reaches (:func:`models_in_reach`), or else the modules that
+  own the parameters (:func:`owned_buffers`), are found once and their buffers kept the same way.
   (Nothing is patched around a forward for this: a compiled model would recompile every trial.)
+* Autocast: torch caches the low-precision copies of the parameters until the outermost autocast
+  region exits; a step called inside one would let every trial reuse θ0's copies (every trial
+  loss equal to f0). The cache is cleared before each trial and after the last.
 * Autograd: trials run under ``torch.no_grad()``; ``Tensor.backward``, ``torch.autograd.backward``
   and ``zero_grad`` of modules and optimizers are no-ops inside a trial, so a closure that does
   ``zero_grad(); loss.backward()`` (LBFGS / Lightning style) costs a forward only.
@@ -26,6 +32,7 @@ import contextlib
 import functools
 import gc
 import inspect
+import sys
 import types
 import warnings
 
@@ -86,9 +93,13 @@ def backward_suppressed():
         ) = saved
 
 
+_CONTAINER_ITEMS = 16  # entries of a dict / list / tuple that models_in_reach looks into
+
+
 def models_in_reach(fn, params, depth: int = 3) -> list[nn.Module] | None:
     """The modules a loss function can reach (its closure cells, defaults, globals it names,
-    a bound method's object, their attributes: ``depth`` levels), if together they hold every
+    a bound method's object, their attributes, the first entries of dicts, lists and tuples
+    among them: ``depth`` levels), if together they hold every
     one of ``params``; else None. Cheap, and what a closure usually captures: the model (or a
     DDP / compiled wrapper of it, or ``self`` holding it)."""
     wanted = {id(p) for p in params}
@@ -124,6 +135,12 @@ def models_in_reach(fn, params, depth: int = 3) -> list[nn.Module] | None:
                     visit(names[name], level - 1)
         elif isinstance(obj, functools.partial):
             for value in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(value, level - 1)
+        elif isinstance(obj, dict):  # models = {"net": net}; only a few entries: not a dataset
+            for value in list(obj.values())[:_CONTAINER_ITEMS]:
+                visit(value, level - 1)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj[:_CONTAINER_ITEMS]:
                 visit(value, level - 1)
         elif not isinstance(obj, (type, types.ModuleType)) and isinstance(
                 getattr(obj, "__dict__", None), dict):
@@ -165,6 +182,24 @@ def owned_buffers(params) -> list[tuple[dict, set]]:
     return list(found.values())
 
 
+def _metrics(modules) -> list:
+    """torchmetrics ``Metric`` submodules: their states are attributes, not buffers."""
+    tm = sys.modules.get("torchmetrics")
+    if tm is None:
+        return []
+    return [m for module in modules for m in module.modules() if isinstance(m, tm.Metric)]
+
+
+# what a Metric's update changes besides its states (kept if present; torchmetrics' own names)
+_METRIC_ATTRS = ("_update_count", "_computed", "_forward_cache")
+
+
+def _copy_metric(metric) -> tuple:
+    states = {name: value.detach().clone() if isinstance(value, torch.Tensor) else list(value)
+              for name, value in metric.metric_state.items()}
+    return metric, states, {a: getattr(metric, a) for a in _METRIC_ATTRS if hasattr(metric, a)}
+
+
 class TrialEnv:
     """``modules``: the registered models; ``buffers``: (``_buffers``, non-persistent names) of
     modules found without one (:func:`owned_buffers`)."""
@@ -172,26 +207,29 @@ class TrialEnv:
     def __init__(self, modules=(), rng_before=None, buffers=()):
         self.rng_before = rng_before if rng_before is not None else capture_rng()
         self.rng_after = capture_rng()
+        # (the module's _buffers dict, name, the tensor, its copy): a forward may reassign the
+        # entry, and the restore must then reach the module, not the orphaned tensor
         self._saved = []
-        self._caches = []
-        owned = [(m, m._buffers, m._non_persistent_buffers_set)
+        self._caches = []  # (label, _buffers dict, name, tensor, its version)
+        owned = [(type(m).__name__, m._buffers, m._non_persistent_buffers_set)
                  for module in modules for m in module.modules()]
         owned += [(None, bufs, non_persistent) for bufs, non_persistent in buffers]
-        for m, bufs, non_persistent in owned:
+        for label, bufs, non_persistent in owned:
             for name, buf in bufs.items():
                 if buf is None:
                     continue
                 if name in non_persistent:
-                    if m is not None:
-                        self._caches.append((m, name, buf, buf._version))
+                    self._caches.append((label, bufs, name, buf, buf._version))
                 else:
-                    self._saved.append((buf, buf.detach().clone()))
+                    self._saved.append((bufs, name, buf, buf.detach().clone()))
+        self._metrics = [_copy_metric(m) for m in _metrics(modules)]
         self.used = False
 
     @contextlib.contextmanager
     def trial(self):
         self.used = True
         restore_rng(self.rng_before)
+        torch.clear_autocast_cache()  # casts of the previous point (see the module's docstring)
         with torch.no_grad(), backward_suppressed():
             yield
 
@@ -199,14 +237,22 @@ class TrialEnv:
         """Restore buffers and RNG; call once, after the last trial (also on failure)."""
         if not self.used:
             return
+        torch.clear_autocast_cache()  # the casts of the last trial point
         with torch.no_grad():
-            for buf, copy in self._saved:
+            for bufs, name, buf, copy in self._saved:
+                if bufs.get(name) is not buf:
+                    bufs[name] = buf
                 buf.copy_(copy)
-        for m, name, buf, version in self._caches:
-            if buf._version != version:
+        for metric, states, attrs in self._metrics:
+            for name, value in {**states, **attrs}.items():
+                setattr(metric, name, value)
+        for label, bufs, name, buf, version in self._caches:
+            if bufs.get(name) is not buf:
+                bufs[name] = buf  # reassigned: the old tensor is as it was
+            if buf._version != version and label is not None:
                 warnings.warn(
                     f"a trial forward modified the non-persistent buffer {name!r} of "
-                    f"{type(m).__name__}; armijo_fused does not restore non-persistent buffers",
+                    f"{label}; armijo_fused does not restore non-persistent buffers",
                     stacklevel=3,
                 )
         restore_rng(self.rng_after)

@@ -1,0 +1,189 @@
+"""Trial forwards must see the trial point and leave no trace (linesearch/trial.py).
+
+Each case here is a training-loop habit that once broke that: a step called inside an autocast
+region (trials read θ0's cached casts), buffers a forward reassigns instead of updating in place,
+torchmetrics states updated in ``training_step``, and a model reached through a dict.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from armijo_fused import ArmijoAdam, ArmijoSGD
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+def _data(n=32, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g), torch.randn(n, 1, generator=g)
+
+
+@pytest.mark.parametrize("form", ["closure", "loss_fn"])
+def test_trials_inside_an_autocast_region_see_the_trial_point(form):
+    # torch caches the bf16 casts of leaf parameters until the outermost autocast region
+    # exits: a step called inside one made every trial return f0 exactly, so no search ever
+    # took a step (30 steps, loss 1.1295 -> 1.1295)
+    X, Y = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model)
+
+    def loss():
+        return nn.functional.mse_loss(model(X).float(), Y)
+
+    first = None
+    for _ in range(15):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if form == "closure":
+                def closure():
+                    opt.zero_grad()
+                    out = loss()
+                    out.backward()
+                    return out
+                f0 = opt.step(closure)
+            else:
+                opt.zero_grad()
+                out = loss()
+                out.backward()
+                f0 = opt.step(loss_fn=loss, loss=out)
+        first = float(f0) if first is None else first
+        assert not opt.stats["unresolved"]
+        assert opt.stats["loss_after"] != opt.stats["loss_before"]
+    assert opt.stats["step_size"] > 1e-3  # the searches accepted and grew η
+    assert float(f0) < 0.9 * first
+
+
+def test_three_searches_whose_trials_return_f0_exactly_warn_once():
+    # a loss computed from weights cast once, outside the loss function: trials cannot see
+    # the moved parameters; the optimizer cannot fix that, but it can say so
+    X, Y = _data()
+    model = nn.Linear(6, 1)
+    frozen = [p.detach().clone() for p in model.parameters()]
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model)
+
+    def stale_loss():  # the gradient flows through model, the value from the stale copy
+        live = nn.functional.mse_loss(model(X), Y)
+        stale = nn.functional.mse_loss(nn.functional.linear(X, *frozen), Y)
+        return live - live.detach() + stale
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            opt.zero_grad()
+            out = stale_loss()
+            out.backward()
+            opt.step(loss_fn=stale_loss, loss=out)
+    hits = [w for w in caught if "returned exactly the loss at θ0" in str(w.message)]
+    assert len(hits) == 1 and hits[0].filename == __file__
+
+
+class Counting(nn.Module):
+    """A layer whose forward reassigns its buffers (``self.count = self.count + 1``), as
+    running normalisers and EMA trackers often do, and grows a non-persistent cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 1)
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(6))
+        self.register_buffer("cache", torch.zeros(0, 6), persistent=False)
+
+    def forward(self, x):
+        self.count = self.count + 1
+        self.ema = 0.9 * self.ema + 0.1 * x.mean(0)
+        self.cache = torch.cat([self.cache, x[:1]])
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_buffers_a_forward_reassigns_are_put_back_after_the_trials(given):
+    X, Y = _data()
+
+    def run(opt_cls, **kw):
+        torch.manual_seed(0)
+        model = Counting()
+        if opt_cls is torch.optim.SGD:
+            opt = opt_cls(model.parameters(), lr=1e-2)
+        else:
+            opt = opt_cls(model.parameters(), backend="torch", cadence="every",
+                          model=model if given else None, **kw)
+        for _ in range(3):
+            def closure():
+                opt.zero_grad()
+                out = nn.functional.mse_loss(model(X), Y)
+                out.backward()
+                return out
+            opt.step(closure)
+        return model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reassigned cache is put back, so no warning
+        ours = run(ArmijoSGD)
+    theirs = run(torch.optim.SGD)
+    assert float(ours.count) == float(theirs.count) == 3.0  # was 6: the trials counted
+    assert torch.equal(ours.ema, theirs.ema)
+    assert ours.cache.shape == theirs.cache.shape == (3, 6)
+    assert "count" in ours._buffers and ours.count is ours._buffers["count"]
+
+
+def test_torchmetrics_states_updated_in_the_loss_are_restored_after_the_trials():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    X, Y = _data()
+
+    class WithMetric(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 1)
+            self.mse = torchmetrics.MeanSquaredError()
+
+        def loss(self):
+            pred = self.lin(X)
+            self.mse.update(pred.detach(), Y)  # Lightning's usual training_step pattern
+            return nn.functional.mse_loss(pred, Y)
+
+    torch.manual_seed(0)
+    module = WithMetric()
+    opt = ArmijoAdam(module.lin.parameters(), backend="torch", cadence="every", model=module)
+    for _ in range(4):
+        def closure():
+            opt.zero_grad()
+            out = module.loss()
+            out.backward()
+            return out
+        opt.step(closure)
+    assert opt.stats["forwards"] > 4  # trials ran ...
+    assert int(module.mse.total) == 4 * len(X)  # ... but only the training forwards counted
+    assert module.mse._update_count == 4
+
+
+def test_a_model_the_loss_reaches_through_a_dict_keeps_its_parameter_free_buffers():
+    # a module with buffers and no parameters is found only through the model that holds it;
+    # a closure reaching the model through a dict fell back to the heap scan, which misses it
+    X, Y = _data()
+
+    class RunningNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self, x):
+            self.n += 1
+            return x
+
+    torch.manual_seed(0)
+    models = {"net": nn.Sequential(RunningNorm(), nn.Linear(6, 1))}
+    opt = ArmijoSGD(models["net"].parameters(), backend="torch", cadence="every")
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            out = nn.functional.mse_loss(models["net"](X), Y)
+            out.backward()
+            return out
+        opt.step(closure)
+    assert opt.stats["forwards"] > 3
+    assert float(models["net"][0].n) == 3.0
