@@ -277,3 +277,113 @@ def test_float64_parameters_run_on_the_torch_backend():
     opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
     assert opt._buffers[0].backend.name == "torch"
     assert PROBLEMS  # shared problems module imported for the other tests
+
+
+# -- found by the fault-injection review (each failed before its fix) ----------------------------
+def _fault_setup(cadence, backend="torch", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).to(dtype)
+    x, y = torch.randn(32, 6, dtype=dtype), torch.randn(32, 1, dtype=dtype)
+    opt = ArmijoAdam(model.parameters(), backend=backend, cadence=cadence, weight_decay=0.01)
+    closure = make_closure(opt, lambda: nn.functional.mse_loss(model(x), y))
+    return model, opt, closure
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
+            [{k: v for k, v in g.items() if k not in ("params", "forwards", "backwards")}
+             for g in opt.param_groups])
+
+
+def _assert_same(a, b):
+    assert all(torch.equal(p, q) for p, q in zip(a[0], b[0]))
+    assert all(all(torch.equal(s[k], t[k]) for k in s) for s, t in zip(a[1], b[1]))
+    assert a[2] == b[2]
+
+
+@pytest.mark.parametrize("cadence, where", [("every", "first_pass"), (1000, "first_pass"),
+                                             ("every", "move")])
+def test_ctrl_c_right_after_a_pass_is_held_until_the_step_is_whole(monkeypatch, cadence, where):
+    """Python delivers SIGINT at the first bytecode after a C call returns: after a pass wrote,
+    before the step recorded it, so the rollback missed it (θ kept the step, the moments the
+    gradient, the count did not advance; a retried step folded the gradient twice)."""
+    import signal
+
+    from armijo_fused.backends import torch_backend
+
+    ref_model, ref_opt, ref_closure = _fault_setup(cadence)
+    model, opt, closure = _fault_setup(cadence)
+    for _ in range(3):
+        ref_opt.step(ref_closure)
+        opt.step(closure)
+    ref_opt.param_groups[0]["step_size"] = opt.param_groups[0]["step_size"] = 0.5  # backtracks
+    ref_opt.step(ref_closure)
+    original = getattr(torch_backend, where)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if not calls:
+            calls.append(1)
+            signal.raise_signal(signal.SIGINT)  # a Ctrl-C while the pass ran
+        return out
+
+    monkeypatch.setattr(torch_backend, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert calls  # the pass ran, and the interrupt came after the whole step
+    _assert_same(_snapshot(model, opt), _snapshot(ref_model, ref_opt))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_a_trial_forward_interrupts_at_once_and_is_undone():
+    import signal
+
+    model, opt, closure = _fault_setup("every")
+    opt.step(closure)
+    before = _snapshot(model, opt)
+    trials = []
+
+    def loss_fn():
+        trials.append(1)
+        signal.raise_signal(signal.SIGINT)
+        return closure()
+
+    opt.zero_grad()
+    loss = closure()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(loss_fn=loss_fn, loss=loss)
+    assert len(trials) == 1
+    after = _snapshot(model, opt)
+    for p, q in zip(before[0], after[0]):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert before[2] == after[2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("search", [True, False])
+def test_a_torch_pass_that_runs_out_of_memory_midway_takes_its_gradient_back_out(monkeypatch,
+                                                                                 search):
+    # the reference backend wrote the moments, then failed forming d: the buffer was not yet
+    # recorded as reached, so the rollback left this step's gradient in the moments
+    model, opt, closure = _fault_setup("every" if search else 1000, dtype=torch.float64)
+    for _ in range(2):
+        opt.step(closure)
+    before = _snapshot(model, opt)
+    rule = opt.rule
+    original = type(rule).direction
+
+    def out_of_memory(self, *args):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(type(rule), "direction", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step(closure)
+    monkeypatch.setattr(type(rule), "direction", original)
+    after = _snapshot(model, opt)
+    for s, t in zip(before[1], after[1]):
+        for k in s:
+            torch.testing.assert_close(s[k], t[k], rtol=1e-6, atol=1e-12)
+    assert all(torch.equal(p, q) for p, q in zip(before[0], after[0]))
+    assert before[2] == after[2]

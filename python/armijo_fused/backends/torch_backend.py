@@ -109,10 +109,18 @@ def first_pass(
     g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
     g_in = g * scale[1]
     rule.update_state(g_in, states, scalars)
-    d = rule.direction(g_in, states, scalars) + weight_decay * param
-    for b, sl in _blocks(layout):
-        param[sl].sub_(eta[b].to(param.dtype) * d[sl])
-        sums[b] = _block_sums(g[sl], d[sl])
+    moved = []
+    try:
+        d = rule.direction(g_in, states, scalars) + weight_decay * param
+        for b, sl in _blocks(layout):
+            param[sl].sub_(eta[b].to(param.dtype) * d[sl])
+            moved.append((b, sl))
+            sums[b] = _block_sums(g[sl], d[sl])
+    except BaseException:  # out of memory midway: nothing half-written survives (to rounding)
+        for b, sl in moved:
+            param[sl].add_(eta[b].to(param.dtype) * d[sl])
+        rule.undo_state(g_in, states, scalars)
+        raise
     if model_param is not None:
         model_param.copy_(param)
     return sums
@@ -155,16 +163,26 @@ def move(
     g_in = g * scale[1]
     u_old, wd_old = _direction(rule, g_in, states, scalars, weight_decay, precond_old)
     u_new, wd_new = _direction(rule, g_in, states, scalars, weight_decay, precond_new)
-    for b, sl in _blocks(layout):
-        e_old, e_new = float(eta_old[b]), float(eta_new[b])
-        theta0 = (param[sl] + e_old * u_old[sl]) / (1.0 - e_old * wd_old)
-        d_new = u_new[sl] + wd_new * theta0
-        if e_old != e_new or precond_old != precond_new:
-            param[sl].copy_(theta0 - e_new * d_new)
+    moved = []
+    try:
+        for b, sl in _blocks(layout):
+            e_old, e_new = float(eta_old[b]), float(eta_new[b])
+            theta0 = (param[sl] + e_old * u_old[sl]) / (1.0 - e_old * wd_old)
+            d_new = u_new[sl] + wd_new * theta0
+            if e_old != e_new or precond_old != precond_new:
+                param[sl].copy_(theta0 - e_new * d_new)
+                moved.append((sl, e_old, e_new))
+                if model_param is not None:
+                    model_param[sl].copy_(param[sl])
+            if compute_sums:
+                sums[b] = _block_sums(g[sl], d_new)
+    except BaseException:  # out of memory midway: the blocks moved go back (to rounding)
+        for sl, e_old, e_new in moved:
+            theta0 = (param[sl] + e_new * u_new[sl]) / (1.0 - e_new * wd_new)
+            param[sl].copy_(theta0 - e_old * (u_old[sl] + wd_old * theta0))
             if model_param is not None:
                 model_param[sl].copy_(param[sl])
-        if compute_sums:
-            sums[b] = _block_sums(g[sl], d_new)
+        raise
     return sums if compute_sums else None
 
 

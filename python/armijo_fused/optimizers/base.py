@@ -39,6 +39,7 @@ from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import device_floats, to_device
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
+from .interrupts import HeldInterrupts
 from .torch_compat import (
     GROUP_OPTION_KEYS,
     check_group_options,
@@ -371,7 +372,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         names = state.pop("_names", None)
         super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_loss",
-                    "_pending_skip", "_skip_host", "_last_dd"):
+                    "_pending_skip", "_skip_host", "_last_dd", "_held"):
             setattr(self, key, None)
         self._sharded, self._constants, self.stats = False, {}, StepStats()
         self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])
@@ -568,6 +569,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             return self._step(closure, loss_fn, loss)
         finally:
             self._moving = False
+            held, self._held = self.__dict__.get("_held"), None
+            if held is not None:
+                held.release()  # a Ctrl-C that came while θ moved: raised now, the step whole
 
     def _step(self, closure, loss_fn, loss):
         if closure is not None and loss_fn is not None and loss is not None:
@@ -636,6 +640,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce)
         passes = _FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
         self._moving = True  # from here to the end of the step the state is mid-step
+        self._held = HeldInterrupts.begin()  # ... so Ctrl-C waits for its end (interrupts.py)
 
         if not search:
             etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
