@@ -692,3 +692,27 @@ def test_a_trial_loss_equal_to_f0_does_not_stall_the_search():
     for _ in range(3):
         opt.step(closure)
     assert float(0.5 * (theta.detach() ** 2).sum()) < 0.1
+
+
+def test_a_closure_may_return_a_structure_holding_the_loss():
+    # torch's optimizers return whatever the closure returned; HF models return ModelOutput
+    # (a dict with 'loss'), return_dict=False a tuple starting with it
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    for wrap in (lambda loss: {"loss": loss, "logits": loss.detach()},
+                 lambda loss: (loss, "aux")):
+        def closure(wrap=wrap):
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            return wrap(loss)
+        out = opt.step(closure)
+        if isinstance(out, tuple):
+            assert out[1] == "aux"
+        else:
+            assert set(out) == {"loss", "logits"}
+        assert opt.stats["trials"] >= 1 and opt.stats["step_size"] > 0
+    with pytest.raises(TypeError, match="expected a scalar loss"):
+        opt.step(lambda: {"logits": torch.ones(())})

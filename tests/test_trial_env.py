@@ -187,3 +187,36 @@ def test_a_model_the_loss_reaches_through_a_dict_keeps_its_parameter_free_buffer
         opt.step(closure)
     assert opt.stats["forwards"] > 3
     assert float(models["net"][0].n) == 3.0
+
+
+@pytest.mark.parametrize("form", ["loss=", "provide_loss", "set_closure"])
+def test_a_loop_that_runs_its_own_forward_with_dropout_is_told_to_capture_the_rng(form):
+    # without capture_rng() the trials ran under other dropout masks than the gradient's
+    # forward: the Armijo test was decided by mask noise (±0.3 on a loss of 1)
+    X, Y = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.Linear(16, 1))
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model)
+
+    def loss_fn():
+        return nn.functional.mse_loss(model(X), Y)
+
+    def one_step(capture):
+        if capture:
+            opt.capture_rng()
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        if form == "loss=":
+            opt.step(loss_fn=loss_fn, loss=loss)
+        else:
+            opt.set_closure(loss_fn)
+            if form == "provide_loss":
+                opt.provide_loss(loss)
+            opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_step(capture=True)  # the documented form: nothing to say
+    with pytest.warns(UserWarning, match=r"call opt.capture_rng\(\) before the training forward"):
+        one_step(capture=False)

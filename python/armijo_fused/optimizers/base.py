@@ -12,6 +12,7 @@ import numbers
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -107,7 +108,27 @@ def _lr_value(lr) -> float:
     return float(lr)
 
 
+_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+            torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def _structured_loss(value):
+    """The loss inside what a closure returned, when that is a structure: a dict or an HF
+    ``ModelOutput`` with ``loss``, an object with a tensor ``.loss``, or a tuple / list whose
+    first entry is the loss (HF's ``return_dict=False``); else None."""
+    if isinstance(value, Mapping):
+        return value.get("loss")
+    if isinstance(value, (tuple, list)):
+        return value[0] if value else None
+    loss = getattr(value, "loss", None)
+    return loss if isinstance(loss, Tensor) else None
+
+
 def _as_loss(value, what: str) -> Tensor:
+    if not isinstance(value, (Tensor, numbers.Real)):
+        inner = _structured_loss(value)
+        if inner is not None:
+            value = inner
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(
@@ -118,7 +139,8 @@ def _as_loss(value, what: str) -> Tensor:
         return value if value.dim() == 0 else value.reshape(())  # (a view op is a dispatch)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         return torch.tensor(float(value), dtype=torch.float64)
-    raise TypeError(f"{what} returned {type(value).__name__}; expected a scalar loss tensor or float")
+    raise TypeError(f"{what} returned {type(value).__name__}; expected a scalar loss (a tensor or "
+                    "a float, or a dict / ModelOutput with 'loss', or a tuple starting with it)")
 
 
 def _refuse_zero_redundancy(name: str) -> None:
@@ -232,6 +254,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._closure: Callable | None = None
         self._pending_rng = None
         self._pending_loss = None
+        self._returned = None  # what the closure returned, when it is a structure (HF outputs)
         self._pending_skip = None  # (pinned flag, event) of a GPU step whose skip is unread
         self._last_dd = None  # (buffers, per-buffer ‖d_b‖² of the last first pass): _length_caps
         self._sharded = False
@@ -372,7 +395,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         names = state.pop("_names", None)
         super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_loss",
-                    "_pending_skip", "_skip_host", "_last_dd", "_held"):
+                    "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned"):
             setattr(self, key, None)
         self._sharded, self._constants, self.stats = False, {}, StepStats()
         self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])
@@ -566,9 +589,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         ``set_closure``.
         """
         try:
-            return self._step(closure, loss_fn, loss)
+            out = self._step(closure, loss_fn, loss)
+            # a closure that returned a structure (HF outputs) gets it back, as from torch
+            return out if self._returned is None else self._returned
         finally:
-            self._moving = False
+            self._moving, self._returned = False, None
             held, self._held = self.__dict__.get("_held"), None
             if held is not None:
                 held.release()  # a Ctrl-C that came while θ moved: raised now, the step whole
@@ -608,6 +633,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         # 1. The loss at θ0 and the gradient, from the training forward/backward.
         # the RNG state the training forward starts from, for the trials to replay (a search
         # only: with CUDA this reads every device's generator)
+        replayed = closure is not None or self._pending_rng is not None
         rng_before = self._pending_rng or (trial_mod.capture_rng() if search else None)
         self._pending_rng = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
@@ -616,6 +642,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             scaler = _calling_grad_scaler(self)
             with torch.enable_grad():
                 f0 = closure()
+            if not isinstance(f0, (Tensor, numbers.Real)) and f0 is not None:
+                self._returned = f0
             if scaler is not None:  # scaler.step(opt, closure): the closure's gradient is scaled
                 self._unscale_gradients(scaler)
         self._count(forwards=1, backwards=1)
@@ -681,6 +709,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         # 2. The search, on trial forwards that leave no trace.
         self._check_model_still_holds_params()
         models = self._modules or self._models_for_trials(evaluate)
+        if not replayed:
+            self._check_dropout_replayed(models)
         env = trial_mod.TrialEnv(models, rng_before, () if models else self._owned_buffers())
         what = "loss_fn" if loss_fn is not None else "the closure"
 
@@ -798,6 +828,23 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         return f0
+
+    def _check_dropout_replayed(self, models) -> None:
+        """The loop ran its own training forward (``loss=``, ``provide_loss``, a registered
+        closure) without ``capture_rng()`` before it: the trials cannot replay its dropout masks,
+        and the Armijo test compares losses under different masks (noise of the order of the
+        decrease it tests). Looked for once, at the first such search."""
+        if self.__dict__.get("_dropout_checked"):
+            return
+        self._dropout_checked = True
+        active = [type(m).__name__ for model in models for m in model.modules()
+                  if isinstance(m, _DROPOUT) and m.training and m.p > 0]
+        if active:
+            self._warn_once("capture_rng", (
+                f"the model has active dropout ({active[0]}) but the trials cannot replay the "
+                "training forward's masks: call opt.capture_rng() before the training forward "
+                "when you pass loss=, provide_loss() or step() with a registered closure (the "
+                "closure form, step(closure), needs nothing)"))
 
     def _note_unchanged_trials(self, result) -> None:
         """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
