@@ -8,9 +8,11 @@ sequence that passes, which is the step sequential backtracking would accept on 
 and it takes ceil(trials / K) dependent forwards instead of ``trials``. The price is K copies of
 the parameters and K times the activations, so it is an option for models and batches that fit.
 
-Trial forwards under vmap see the same RNG for all K candidates (``randomness="same"``) and must
-not update buffers in place (BatchNorm in train mode): models with dropout or batch statistics
-should keep the sequential search.
+Trial forwards under vmap see the same RNG for all K candidates (``randomness="same"``), replayed
+from the training forward's state, so dropout works: every candidate sees the training forward's
+masks, and the accepted step equals the sequential search's. They must not update buffers in
+place: a model with BatchNorm in train mode (running statistics) is refused by
+:func:`check_batchable` and keeps the sequential search.
 """
 
 from __future__ import annotations

@@ -27,8 +27,11 @@ class ArmijoAdam(ArmijoOptimizer):
 
     with :math:`\hat m_k = m_k / (1-\beta_1^k)`, :math:`\hat v_k = v_k / (1-\beta_2^k)`. If
     :math:`\langle g_k, d_k \rangle \le 0` (momentum can point uphill) the step uses the fallback
-    direction :math:`g_k / (\sqrt{\hat v_k} + \epsilon)` instead. The search runs on the steps the
-    cadence picks; the others apply the smoothed step size η̄ (see ``smoothing``).
+    direction :math:`g_k / (\sqrt{\hat v_k} + \epsilon)` instead (rmsprop: its own
+    :math:`g_k / (\sqrt{v_k} + \epsilon)`, which has no momentum and always descends); the
+    trial that showed it does not count against ``max_trials``. The search runs on the steps the
+    cadence picks; the others apply the smoothed step size η̄ (see ``smoothing``). Every η,
+    searched or not, is capped at 0.5/λ with weight decay λ, so that 1 − ηλ stays ≥ 1/2.
 
     Args:
         params (iterable): parameters or param groups (dicts), as for any torch optimizer

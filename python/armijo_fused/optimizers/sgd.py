@@ -25,7 +25,8 @@ class ArmijoSGD(ArmijoOptimizer):
     If :math:`\langle g_k, d_k \rangle \le 0` (momentum can point uphill) the step falls back to
     :math:`d_k = g_k`. The search runs on the steps the cadence picks; the others apply the
     smoothed step size η̄ (the last accepted η with the default ``smoothing=0``; see
-    ``smoothing``), moving at most twice as far as the last search's step did.
+    ``smoothing``), moving about twice as far as η̄ along the direction the last search tested at
+    most (see ``cadence``). Every η, searched or not, is capped at 0.5/λ with weight decay λ.
 
     Args:
         params (iterable): parameters or param groups (dicts), as for any torch optimizer
