@@ -40,7 +40,7 @@ from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import device_floats, to_device
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
-from .interrupts import HeldInterrupts
+from . import interrupts
 from .torch_compat import (
     GROUP_OPTION_KEYS,
     check_group_options,
@@ -594,9 +594,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             return out if self._returned is None else self._returned
         finally:
             self._moving, self._returned = False, None
-            held, self._held = self.__dict__.get("_held"), None
-            if held is not None:
-                held.release()  # a Ctrl-C that came while θ moved: raised now, the step whole
+            if self.__dict__.get("_held"):
+                self._held = False
+                interrupts.release()  # a Ctrl-C that came while θ moved: raised now, step whole
 
     def _step(self, closure, loss_fn, loss):
         if closure is not None and loss_fn is not None and loss is not None:
@@ -668,7 +668,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce)
         passes = _FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
         self._moving = True  # from here to the end of the step the state is mid-step
-        self._held = HeldInterrupts.begin()  # ... so Ctrl-C waits for its end (interrupts.py)
+        self._held = interrupts.hold()  # ... so Ctrl-C waits for its end (interrupts.py)
 
         if not search:
             etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
