@@ -1466,6 +1466,29 @@ def test_a_loss_that_takes_derivatives_gets_a_message_naming_the_trial_and_the_f
     assert opt.stats["step_size"] > 0
 
 
+def test_a_closure_that_sets_the_gradient_itself_is_pointed_at_a_loss_only_function():
+    # torch.autograd.grad in the closure fails at a trial (no graph); enable_grad() would make
+    # every trial compute a gradient: the message names the loss_fn form, which works
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ArmijoAdam(model.parameters(), model=model, backend="torch")
+
+    def loss_fn():
+        return nn.functional.mse_loss(model(x), y)
+
+    def closure():
+        loss = loss_fn()
+        for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            p.grad = g
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"step\(closure, loss_fn=fn\)"):
+        opt.step(closure)
+    opt.step(closure, loss_fn=loss_fn)
+    assert opt.stats["step_size"] > 0
+
+
 def test_in_trial_lets_a_forward_hook_skip_the_trial_forwards():
     import armijo_fused
 

@@ -728,7 +728,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                         "torch.no_grad() (a loss is all they need). A loss that itself takes "
                         "derivatives (a gradient penalty, PINN residuals, torch.autograd.grad "
                         "inside the loss) must open its own graph: wrap that part in "
-                        "torch.enable_grad(). The step has been undone") from e
+                        "torch.enable_grad(). A closure that computes the gradient itself "
+                        "(torch.autograd.grad, then p.grad = ...) needs a loss-only function "
+                        "for the trials: step(closure, loss_fn=fn). The step has been undone"
+                        ) from e
             self._count(forwards=1)
             return _as_loss(out, what)
 
