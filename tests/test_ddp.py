@@ -260,10 +260,10 @@ def test_ddp_gradient_as_bucket_view_trains_the_same_and_says_what_it_costs():
         assert len(r[True]["said"]) == 1 and "gradient_as_bucket_view" in r[True]["said"][0]
 
 
-def _rank_raising_loss_fn(rank, world, warm):
+def _rank_raising_loss_fn(rank, world, warm, bn=False, exc=ValueError):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = make_model()
+    model = make_model(bn=bn)  # bn: DDP broadcasts its buffers in the first trial forward
     ddp = DDP(model)
     opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
     x, y = batch(0)
@@ -281,7 +281,7 @@ def _rank_raising_loss_fn(rank, world, warm):
         def loss_fn():
             calls[0] += 1
             if rank == 1:
-                raise ValueError("rank 1's loss function failed")
+                raise exc("rank 1's loss function failed")
             return nn.functional.mse_loss(ddp(x), y)
 
         opt.zero_grad()
@@ -291,7 +291,7 @@ def _rank_raising_loss_fn(rank, world, warm):
         try:
             opt.step(loss_fn=loss_fn, loss=loss if given else None)
             out[where] = "no error"
-        except Exception as e:  # every rank raises: none waits in a collective alone
+        except BaseException as e:  # every rank raises: none waits in a collective alone
             out[where] = f"{type(e).__name__}: {e}"
         out[where + "_restored"] = all(torch.allclose(a, b, atol=1e-6)
                                        for a, b in zip(before, params(model)))
@@ -304,12 +304,68 @@ def _rank_raising_loss_fn(rank, world, warm):
     return out
 
 
-@pytest.mark.parametrize("warm", [False, True], ids=["first-search", "later-search"])
-def test_ddp_a_loss_function_raising_on_one_rank_raises_on_every_rank_and_undoes_the_step(warm):
+@pytest.mark.parametrize("warm, bn, exc", [
+    (False, False, ValueError), (True, False, ValueError),
+    # DDP with buffers broadcast them in the first trial forward, a collective rank 1 skipped
+    (True, True, ValueError),
+    # Ctrl-C reaches a trial forward at once; that rank must still take part in the collective
+    (True, False, KeyboardInterrupt),
+], ids=["first-search", "later-search", "ddp-buffers", "keyboard-interrupt"])
+def test_ddp_a_loss_function_raising_on_one_rank_raises_on_every_rank_and_undoes_the_step(
+        warm, bn, exc):
     # before: rank 1 raised and rank 0 waited in the trial's all-reduce until the timeout
-    r0, r1 = run_ranks(_rank_raising_loss_fn, world=2, timeout=60, args=(warm,))
+    r0, r1 = run_ranks(_rank_raising_loss_fn, world=2, timeout=60, args=(warm, bn, exc))
     for where in ("trial", "f0"):
-        assert r1[where] == "ValueError: rank 1's loss function failed"
+        assert r1[where] == f"{exc.__name__}: rank 1's loss function failed"
         assert r0[where].startswith("RuntimeError:") and "another rank" in r0[where]
         assert r0[where + "_restored"] and r1[where + "_restored"]
     assert all(torch.equal(a, b) for a, b in zip(r0["after"], r1["after"]))
+
+
+def _bn_buffers_under_ddp(rank, world, armijo):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    # BatchNorm on the input: its running statistics do not depend on the parameters, so they
+    # must come out the same whichever optimizer trains
+    model = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 1))
+    ddp = DDP(model)  # broadcast_buffers=True: rank 0's buffers at every training forward
+    opt = (ArmijoAdam(model.parameters(), model=model, cadence="every") if armijo
+           else torch.optim.SGD(model.parameters(), lr=0.01))
+    for step in range(4):
+        x, y = batch(step)
+        x, y = half(x, rank, world), half(y, rank, world)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        if armijo:
+            opt.step(loss_fn=lambda x=x, y=y: nn.functional.mse_loss(ddp(x), y), loss=loss)
+        else:
+            opt.step()
+    return model[0].running_mean.clone()
+
+
+def test_ddp_trial_forwards_leave_the_buffer_broadcast_to_the_training_forwards():
+    # a trial forward broadcast the buffers and cleared DDP's flag; the buffers were then
+    # restored to this rank's own, and the next training forward broadcast nothing: rank 1's
+    # running statistics drifted from what DDP gives without trials
+    ours = run_ranks(_bn_buffers_under_ddp, world=2, timeout=60, args=(True,))
+    plain = run_ranks(_bn_buffers_under_ddp, world=2, timeout=60, args=(False,))
+    for a, b in zip(ours, plain):
+        assert torch.equal(a, b)
+
+
+def _rank_agree_nan(rank, world):
+    from armijo_fused.integrations.distributed import ranks_agree
+
+    return {"both_nan": ranks_agree(math.nan, 1.0),
+            "one_nan": ranks_agree(1.0 if rank == 0 else math.nan),
+            "equal": ranks_agree(0.5, -2.0),
+            "differ": ranks_agree(float(rank))}
+
+
+def test_ranks_agree_compares_nan_too():
+    # MIN/MAX all-reduces skip NaN and NaN != NaN: NaN everywhere read as a disagreement, and
+    # a NaN on one rank only as agreement
+    for r in run_ranks(_rank_agree_nan, world=2, timeout=60):
+        assert r == {"both_nan": True, "one_nan": False, "equal": True, "differ": False}

@@ -716,3 +716,18 @@ def test_a_closure_may_return_a_structure_holding_the_loss():
         assert opt.stats["trials"] >= 1 and opt.stats["step_size"] > 0
     with pytest.raises(TypeError, match="expected a scalar loss"):
         opt.step(lambda: {"logits": torch.ones(())})
+
+
+def test_a_search_whose_every_trial_loss_is_nan_ends_exhausted():
+    # backtracking shrank the predicted decrease below the loss's resolution first, so the
+    # search ended 'unresolved' (η kept) after about 16 NaN trials instead of 'exhausted'
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    loss = nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step(loss_fn=lambda: torch.tensor(math.nan), loss=loss)
+    assert opt.stats["exhausted"] and not opt.stats["unresolved"]
+    assert opt.stats["trials"] == opt.max_trials

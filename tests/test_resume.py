@@ -768,3 +768,31 @@ def test_state_dict_inside_a_trial_forward_is_refused():
         == [{k: v for k, v in g.items() if k not in counters} for g in before[1]["param_groups"]]
     train(model, opt, None, 2, 3)  # and the step goes through once the hook is gone
     opt.state_dict()
+
+
+def test_a_flattened_dcp_state_dict_of_a_layerwise_optimizer_keeps_the_block_cursor():
+    """DCP loads only the group keys a fresh optimizer has; ``block_cursor`` was created at the
+    first round-robin step, so it came back as 0 and the resumed run searched another block."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    kw = dict(cadence="every", layerwise=True, block_search="round_robin")
+    model, opt, sched = build("adam", **kw)
+    torch.manual_seed(7)
+    train(model, opt, sched, 0, 4)
+    assert opt.param_groups[0]["block_cursor"] != 0
+    saved = torch.load(io.BytesIO(_bytes(get_optimizer_state_dict(model, opt, options=flat))),
+                       weights_only=True)
+    other, opt2, sched2 = build("adam", seed=1, **kw)
+    assert opt2.param_groups[0]["block_cursor"] == 0  # a fresh optimizer has the key
+    other.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(other, opt2, saved, options=flat)
+    sched2.load_state_dict(sched.state_dict())
+    for m, o, s in ((model, opt, sched), (other, opt2, sched2)):
+        torch.manual_seed(9)
+        train(m, o, s, 4, 7)
+    assert_same_run(model, opt, other, opt2)

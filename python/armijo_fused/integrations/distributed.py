@@ -34,7 +34,8 @@ def ranks_agree(*values: float, group=None) -> bool:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return True
-    t = torch.tensor(values, dtype=torch.float64)
+    # compared as bit patterns: MIN/MAX skip NaN, and NaN != NaN
+    t = torch.tensor(values, dtype=torch.float64).view(torch.int64)
     lo, hi = t.clone(), t.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)

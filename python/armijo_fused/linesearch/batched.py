@@ -140,7 +140,8 @@ def batched_armijo_search(
             continue  # same candidates along the fallback direction
         for eta, ft in zip(etas, f_k):
             history.append(([eta] * nblocks, ft))
-            unresolved = eta * gd <= resolution * abs(f_before) or ft == f_before
+            unresolved = math.isfinite(ft) and (eta * gd <= resolution * abs(f_before)
+                                                or ft == f_before)
             if not unresolved and math.isfinite(ft) and ft <= f_before - c * eta * gd:
                 passes.move_to([eta] * nblocks)
                 return SearchResult([eta] * nblocks, len(history), f_before, ft, gd, grad_sq,

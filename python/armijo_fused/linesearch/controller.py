@@ -70,10 +70,12 @@ class Passes:
 def evaluate_on_every_rank(evaluate: Callable[[], Tensor], reduce, device):
     """``(value, failure)``: ``evaluate()``, or, in a distributed run (``reduce`` given), NaN and
     the exception it raised. The other ranks are waiting in the collective that follows, so a
-    rank whose loss function raised must still take part in it: see :func:`reduce_with_flag`."""
+    rank whose loss function raised must still take part in it: see :func:`reduce_with_flag`.
+    A ``KeyboardInterrupt`` too (Ctrl-C reaches a trial forward at once): the rank takes part,
+    then raises it."""
     try:
         return evaluate(), None
-    except Exception as e:
+    except BaseException as e:
         if reduce is None:
             raise
         return torch.full((), math.nan, dtype=torch.float64, device=device), e
@@ -225,7 +227,8 @@ def armijo_search(
             precond = non_descent = True
             limit = max_trials + 1
             continue
-        if decrease <= resolution * abs(f_before) or f_trial == f_before:
+        if math.isfinite(f_trial) and (decrease <= resolution * abs(f_before)
+                                       or f_trial == f_before):
             # The predicted decrease is below what the loss can resolve (float rounding, or a
             # gradient that underflowed on a batch already fit), or the trial's loss is f0 to
             # the last bit (its forward saw θ0's weights: a step below a bf16 model's

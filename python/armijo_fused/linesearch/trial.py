@@ -96,6 +96,32 @@ def backward_suppressed():
 _CONTAINER_ITEMS = 16  # entries of a dict / list / tuple that models_in_reach looks into
 
 
+@contextlib.contextmanager
+def _ddp_buffers_kept(seen: dict):
+    """DDP broadcasts its buffers in the first forward after a training forward. In a trial that
+    is a collective a rank whose loss function raised before its forward never joins (the ranks'
+    next collectives then mismatch: a hang or a crash), and the trial's forward clears the flag
+    (``require_forward_param_sync``), so the next training forward broadcast nothing. Inside a
+    trial DDP syncs no buffers; ``seen`` records each wrapper's flag as the trial found it, and
+    :meth:`TrialEnv.close` puts it back: the next training forward broadcasts, as without trials.
+    (Patched on the class: the loss function may reach a wrapper the optimizer never sees.)"""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    check = ddp.__dict__.get("_check_sync_bufs_pre_fwd")
+    if check is None:  # another torch: leave DDP alone
+        yield
+        return
+
+    def no_sync(self):
+        seen.setdefault(self, self.require_forward_param_sync)
+        return False
+
+    ddp._check_sync_bufs_pre_fwd = no_sync
+    try:
+        yield
+    finally:
+        ddp._check_sync_bufs_pre_fwd = check
+
+
 def models_in_reach(fn, params, depth: int = 3) -> list[nn.Module] | None:
     """The modules a loss function can reach (its closure cells, defaults, globals it names,
     a bound method's object, their attributes, the first entries of dicts, lists and tuples
@@ -223,6 +249,7 @@ class TrialEnv:
                 else:
                     self._saved.append((bufs, name, buf, buf.detach().clone()))
         self._metrics = [_copy_metric(m) for m in _metrics(modules)]
+        self._ddp: dict = {}  # DDP wrappers the trials ran through: their buffer-sync flag
         self.used = False
 
     @contextlib.contextmanager
@@ -230,11 +257,13 @@ class TrialEnv:
         self.used = True
         restore_rng(self.rng_before)
         torch.clear_autocast_cache()  # casts of the previous point (see the module's docstring)
-        with torch.no_grad(), backward_suppressed():
+        with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
             yield
 
     def close(self) -> None:
         """Restore buffers and RNG; call once, after the last trial (also on failure)."""
+        for ddp, flag in self._ddp.items():
+            ddp.require_forward_param_sync = flag
         if not self.used:
             return
         torch.clear_autocast_cache()  # the casts of the last trial point

@@ -304,6 +304,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                        "step_size_avg": self._init_step_size,
                        "next_search": 1, "search_interval": 1}.get(key, 0)
             group.setdefault(key, first[key] if joining and key != "folded" else default)
+        if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
+            group.setdefault("block_cursor", first.get("block_cursor", 0))
 
     def _validate_group(self, group: dict) -> None:
         """The hyperparameters a step reads from a group: at construction, and again at every
@@ -768,9 +770,11 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                     (f0_value,) = read_checking_ranks([f0.reshape(1)], False, None, f0_failure)
                     f0_failure = None
                     if not math.isfinite(f0_value):
+                        ranks = ("" if reduce is None else " (the mean over the ranks: some "
+                                 "rank's loss is not finite)")
                         raise ValueError(
-                            f"the loss at the first step is not finite ({f0_value}); check the "
-                            "model, the data and the loss function before optimizing"
+                            f"the loss at the first step is not finite ({f0_value}){ranks}; "
+                            "check the model, the data and the loss function before optimizing"
                         )
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
                                                     trial_losses, frozen, resolution, f0_failure)
