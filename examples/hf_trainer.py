@@ -43,7 +43,8 @@ def main(argv=None):
         output_dir=args.out, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         max_steps=args.steps, logging_steps=max(1, args.steps // 4), save_strategy="no",
         report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-    # or: LineSearchTrainer(..., optimizer_cls_and_kwargs=(ArmijoAdam, {"weight_decay": 0.01}))
+    # or: LineSearchTrainer(..., optimizer_cls_and_kwargs=(ArmijoAdam, {})) with
+    # TrainingArguments(weight_decay=0.01): Trainer writes args.weight_decay into every group
     trainer = LineSearchTrainer(model=model, args=targs, train_dataset=CountingSequences(),
                                 optimizers=(opt, None))
     out = trainer.train()

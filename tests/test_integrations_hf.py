@@ -212,3 +212,35 @@ def test_a_run_started_with_adamw_resumes_with_the_line_search(tmp_path):
     assert g["folded"] == 4 and g["searches"] == 2  # AdamW's 2 steps, then 2 searched steps
     assert g["initial_lr"] == 3e-3  # the schedule continued from where AdamW's left it
     assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values())
+
+
+@pytest.mark.parametrize("how", ["label_smoothing", "compute_loss_pops_labels"])
+def test_trials_that_backtrack_keep_the_labels(tmp_path, how):
+    """compute_loss pops "labels" with label smoothing (and user overrides do the same): the
+    first trial stripped them from the kept micro-batches, and the second raised ('The model did
+    not return a loss' / KeyError: 'labels')."""
+
+    class PoppingTrainer(LineSearchTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                     labels[:, 1:].flatten())
+            return (loss, logits) if return_outputs else loss
+
+    model = tiny_gpt2()
+    # a start far above the Armijo limit: every search backtracks
+    opt = ArmijoAdam(model.parameters(), cadence="every", init_step_size=1.0)
+    kw = dict(label_smoothing_factor=0.1) if how == "label_smoothing" else {}
+    cls = LineSearchTrainer if how == "label_smoothing" else PoppingTrainer
+    trials = []
+
+    class Trials(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kw):
+            trials.append(opt.stats["trials"])
+
+    trainer = cls(model=model, args=args(tmp_path, max_steps=3, **kw), train_dataset=TokenData(),
+                  optimizers=(opt, None), callbacks=[Trials()])
+    trainer.train()
+    assert opt.param_groups[0]["searches"] == 3
+    assert max(trials) >= 2  # the searches did backtrack

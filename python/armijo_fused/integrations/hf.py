@@ -158,7 +158,9 @@ class LineSearchTrainer(Trainer):
         total = None
         for inputs in self._ls_window:
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(self._ls_model, inputs,
+                # a copy per trial: compute_loss pops "labels" with label smoothing or a
+                # compute_loss_func, and so do the usual overrides; the next trial needs them
+                loss = self.compute_loss(self._ls_model, dict(inputs),
                                          num_items_in_batch=self._ls_num_items)
             if self.args.n_gpu > 1:
                 loss = loss.mean()

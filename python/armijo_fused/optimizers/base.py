@@ -635,13 +635,16 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         # 1. The loss at θ0 and the gradient, from the training forward/backward.
         # the RNG state the training forward starts from, for the trials to replay (a search
         # only: with CUDA this reads every device's generator)
-        replayed = closure is not None or self._pending_rng is not None
-        rng_before = self._pending_rng or (trial_mod.capture_rng() if search else None)
+        pending = self._pending_rng  # recorded before the loop's own training forward
+        replayed = closure is not None or pending is not None
+        rng_before = pending or (trial_mod.capture_rng() if search else None)
         self._pending_rng = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None
         if closure is not None:
             scaler = _calling_grad_scaler(self)
+            if pending is not None:  # the closure's loss sees that forward's masks too
+                trial_mod.restore_rng(pending)
             with torch.enable_grad():
                 f0 = closure()
             if not isinstance(f0, (Tensor, numbers.Real)) and f0 is not None:
