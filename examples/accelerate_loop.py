@@ -1,6 +1,6 @@
 """An accelerate loop with gradient accumulation, ArmijoAdam swapped in for AdamW.
 
-    python examples/accelerate_loop.py [--steps 40] [--accumulate 2]
+    python examples/accelerate_loop.py [--steps 40] [--accumulate 2] [--save DIR]
 
 ``accelerator.prepare`` wraps the optimizer in an ``AcceleratedOptimizer``, whose ``step()``
 takes no loss function, so the trial loss is registered on the optimizer inside it
@@ -9,7 +9,9 @@ each micro-batch's loss by the number of accumulation steps; the trial must comp
 function, so it sums the window's micro-batch losses divided the same way, and the loss at θ0 is
 that sum of the training losses (``provide_loss``: no extra forward). ``capture_rng`` at the start
 of the window lets the trials replay its dropout masks. Steps between windows are no-ops, as for
-any optimizer under ``accelerator.accumulate``.
+any optimizer under ``accelerator.accumulate``. ``--save DIR`` ends with
+``accelerator.save_state(DIR, safe_serialization=False)``: the parameters are views of the
+optimizer's flat buffer, which safetensors (the default format) would save as one tensor.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main(argv=None) -> list[float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps")
     ap.add_argument("--accumulate", type=int, default=2)
+    ap.add_argument("--save", default=None, help="save_state here at the end")
     args = ap.parse_args(argv)
 
     model, data = make()
@@ -75,6 +78,8 @@ def main(argv=None) -> list[float]:
         if step_losses and len(step_losses) % 10 == 0 and not window:
             accelerator.print(f"step {len(step_losses):4d}  loss {step_losses[-1]:.4f}  "
                               f"step size {armijo.stats['step_size']:.2e}")
+    if args.save:
+        accelerator.save_state(args.save, safe_serialization=False)
     return step_losses
 
 

@@ -52,3 +52,29 @@ def test_accelerate_loop():
     losses = load("accelerate_loop").main(["--steps", "12"])
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
+
+
+def test_accelerate_save_state_keeps_every_parameter(tmp_path):
+    """The flat store's parameters are views of one storage; safetensors (accelerate's default
+    format) kept one of them. The example saves in torch's format, which a fresh model and
+    optimizer load back whole."""
+    pytest.importorskip("accelerate")
+    import torch
+    from accelerate import Accelerator
+
+    from armijo_fused import ArmijoAdam
+
+    ex = load("accelerate_loop")
+    ex.main(["--steps", "4", "--save", str(tmp_path)])
+    model, _ = ex.make(seed=1)  # other initial weights
+    initial, _ = ex.make()  # the example's starting weights
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = ArmijoAdam(model.parameters(), weight_decay=0.01, model=model)
+    model, opt = accelerator.prepare(model, opt)
+    accelerator.load_state(str(tmp_path))
+    saved = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert set(saved) == set(model.state_dict())  # every tensor, not one per storage
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name])
+    assert not torch.equal(model.state_dict()["0.weight"], initial.state_dict()["0.weight"])
+    assert opt.optimizer.param_groups[0]["step"] == 4  # the example's 4 steps
