@@ -731,3 +731,23 @@ def test_a_search_whose_every_trial_loss_is_nan_ends_exhausted():
     opt.step(loss_fn=lambda: torch.tensor(math.nan), loss=loss)
     assert opt.stats["exhausted"] and not opt.stats["unresolved"]
     assert opt.stats["trials"] == opt.max_trials
+
+
+def test_a_closure_returning_several_losses_or_a_list_is_refused():
+    # (loss_a, 10 * loss_b) after backward of their sum: taking the first would test another
+    # function than the gradient's (20 trials, nothing accepted, in review)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+
+    def closure(wrap):
+        opt.zero_grad()
+        a, b = model(x).pow(2).mean(), model(x).abs().mean()
+        (a + b).backward()
+        return wrap(a, b)
+
+    with pytest.raises(TypeError, match="tuple of 2 scalar tensors"):
+        opt.step(lambda: closure(lambda a, b: (a, 10 * b)))
+    with pytest.raises(TypeError, match="returned list"):
+        opt.step(lambda: closure(lambda a, b: [a + b]))

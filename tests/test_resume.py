@@ -722,8 +722,7 @@ def test_an_fp32_optimizer_drops_a_bf16_checkpoints_master():
     fp.load_state_dict({k: v.float() for k, v in bf.state_dict().items()})
     opt32 = ArmijoAdam(fp.parameters(), cadence="every", backend="torch")
     opt32.load_state_dict(opt.state_dict())
-    assert all("master" not in s for s in opt32.state.values())
-    fit(fp, opt32, torch.float32, 10)
+    fit(fp, opt32, torch.float32, 10)  # the store, built for fp32, drops the master
     ck = opt32.state_dict()
     assert all("master" not in s for s in ck["state"].values())
     bf2 = net(torch.bfloat16)
@@ -796,3 +795,34 @@ def test_a_flattened_dcp_state_dict_of_a_layerwise_optimizer_keeps_the_block_cur
         torch.manual_seed(9)
         train(m, o, s, 4, 7)
     assert_same_run(model, opt, other, opt2)
+
+
+def test_a_bf16_checkpoint_loaded_into_an_fp32_model_cast_to_bf16_afterwards_keeps_its_master():
+    """Built in fp32, loaded, then ``.to(torch.bfloat16)``: the master was dropped at load time
+    (the parameter was fp32 then), and the run went on from the bf16-rounded weights."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+
+    def net(dtype):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+
+    def fit(model, opt, steps):
+        closure = make_closure(opt, lambda: model(x.bfloat16()).float().pow(2).mean())
+        for _ in range(steps):
+            opt.step(closure)
+
+    bf = net(torch.bfloat16)
+    opt = ArmijoAdam(bf.parameters(), cadence="every", backend="torch")
+    fit(bf, opt, 3)
+    ck = torch.load(io.BytesIO(_bytes({"model": bf.state_dict(), "opt": opt.state_dict()})),
+                    weights_only=True)
+    resumed = net(torch.float32)
+    opt2 = ArmijoAdam(resumed.parameters(), cadence="every", backend="torch")
+    resumed.load_state_dict({k: v.float() for k, v in ck["model"].items()})
+    opt2.load_state_dict(ck["opt"])
+    resumed.to(torch.bfloat16)  # the parameters keep their identity: the store is rebuilt
+    fit(bf, opt, 3)
+    fit(resumed, opt2, 3)
+    for p, q in zip(bf.parameters(), resumed.parameters()):
+        assert torch.equal(opt.state[p]["master"], opt2.state[q]["master"])

@@ -389,3 +389,33 @@ def test_a_torch_pass_that_runs_out_of_memory_midway_takes_its_gradient_back_out
             torch.testing.assert_close(s[k], t[k], rtol=1e-6, atol=1e-12)
     assert all(torch.equal(p, q) for p, q in zip(before[0], after[0]))
     assert before[2] == after[2]
+
+
+def test_ctrl_c_holding_leaves_the_programs_handler_in_place_outside_steps(monkeypatch):
+    """A handler wrapped once per process stopped holding when a notebook kernel re-installed
+    its own before each cell, and hid the default handler from asyncio.run; the step now
+    installs its own only while θ moves. A handler of the program's own (one that saves a
+    checkpoint) runs after the step, never inside a trial."""
+    import signal
+
+    model, opt, closure = _fault_setup("every")
+    opt.step(closure)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    calls = []
+
+    def on_ctrl_c(signum, frame):
+        calls.append(opt.state_dict())  # refused mid-step; fine once the step is whole
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)  # as a kernel would, between cells
+    try:
+        def loss_fn():
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C during the trial forward
+            return closure()
+
+        opt.zero_grad()
+        loss = closure()
+        opt.step(loss_fn=loss_fn, loss=loss)  # the handler ran after the step, not inside it
+        assert len(calls) == 1 and calls[0]["param_groups"][0]["step"] == 2
+        assert signal.getsignal(signal.SIGINT) is on_ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)

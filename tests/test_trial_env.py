@@ -121,13 +121,13 @@ def test_buffers_a_forward_reassigns_are_put_back_after_the_trials(given):
             opt.step(closure)
         return model
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the reassigned cache is put back, so no warning
-        ours = run(ArmijoSGD)
+    with pytest.warns(UserWarning, match="non-persistent buffer 'cache'") as caught:
+        ours = run(ArmijoSGD)  # a cache the trials replaced stays, and is named (was silent)
+    assert all("'cache'" in str(w.message) for w in caught
+               if "non-persistent" in str(w.message))
     theirs = run(torch.optim.SGD)
     assert float(ours.count) == float(theirs.count) == 3.0  # was 6: the trials counted
     assert torch.equal(ours.ema, theirs.ema)
-    assert ours.cache.shape == theirs.cache.shape == (3, 6)
     assert "count" in ours._buffers and ours.count is ours._buffers["count"]
 
 
@@ -220,3 +220,58 @@ def test_a_loop_that_runs_its_own_forward_with_dropout_is_told_to_capture_the_rn
         one_step(capture=True)  # the documented form: nothing to say
     with pytest.warns(UserWarning, match=r"call opt.capture_rng\(\) before the training forward"):
         one_step(capture=False)
+
+
+def test_a_cache_a_trial_grows_stays_with_the_attributes_that_go_with_it():
+    # the rotary-embedding pattern: a non-persistent cache re-registered longer, with its length
+    # kept beside it; putting the old tensor back broke the next training forward (8 vs 4)
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 1)
+            self.length = 0
+            self.register_buffer("cached", torch.zeros(0), persistent=False)
+
+        def forward(self, x):
+            if self.length < 4 + len(self.cached):
+                self.length = len(self.cached) + 4
+                self.register_buffer("cached", torch.arange(float(self.length)),
+                                     persistent=False)
+            return self.lin(x) + 0 * self.cached[: self.length].sum()
+
+    X, Y = _data()
+    torch.manual_seed(0)
+    model = Rotary()
+    opt = ArmijoSGD(model.parameters(), backend="torch", cadence="every", model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cache is named; this test is about what follows
+        for _ in range(3):
+            def closure():
+                opt.zero_grad()
+                out = nn.functional.mse_loss(model(X), Y)
+                out.backward()
+                return out
+            opt.step(closure)
+    assert len(model.cached) == model.length
+
+
+def test_backtracked_trials_a_bf16_model_cannot_resolve_do_not_blame_the_loop():
+    # after a backtrack a bf16 model's rounding can hide a step (the loss equals f0 exactly):
+    # that is no sign of a loop whose trials miss the moved weights, so no warning for it
+    torch.manual_seed(3)
+    X, Y = torch.randn(16, 4), torch.randn(16, 1)
+    model = nn.Linear(4, 1).to(torch.bfloat16)
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    hidden = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            def closure():
+                opt.zero_grad()
+                out = nn.functional.mse_loss(model(X.bfloat16()).float(), Y)
+                out.backward()
+                return out
+            opt.step(closure)
+            hidden += opt.stats["unresolved"] and opt.stats["trials"] > 1
+    assert hidden >= 3  # the case happened, searches in a row
+    assert not [w for w in caught if "returned exactly the loss" in str(w.message)]

@@ -12,8 +12,8 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
 * Buffers: the persistent buffers of the registered modules (BatchNorm statistics, counters) are
   copied before the trials and restored after them, and a buffer a forward *reassigned*
   (``self.count = self.count + 1``) is put back as the tensor it was. Non-persistent buffers are
-  treated as caches: a reassigned one is put back too (its old tensor is untouched), and if a
-  trial modifies one in place, a warning names it. The states of torchmetrics ``Metric``
+  treated as caches and left as the trials leave them (a module may keep attributes that go with
+  one); if a trial modifies or replaces one, a warning names it. The states of torchmetrics ``Metric``
   submodules (a metric updated in ``training_step``) are restored as well. Without a registered
   model, the models the loss function reaches (:func:`models_in_reach`), or else the modules that
   own the parameters (:func:`owned_buffers`), are found once and their buffers kept the same way.
@@ -276,9 +276,10 @@ class TrialEnv:
             for name, value in {**states, **attrs}.items():
                 setattr(metric, name, value)
         for label, bufs, name, buf, version in self._caches:
-            if bufs.get(name) is not buf:
-                bufs[name] = buf  # reassigned: the old tensor is as it was
-            if buf._version != version and label is not None:
+            # a cache a trial replaced stays replaced: the module may keep attributes that go
+            # with it (a rotary cache and its length); a changed one is named
+            changed = bufs.get(name) is not buf or buf._version != version
+            if changed and label is not None:
                 warnings.warn(
                     f"a trial forward modified the non-persistent buffer {name!r} of "
                     f"{label}; armijo_fused does not restore non-persistent buffers",

@@ -34,13 +34,13 @@ from ..linesearch.controller import (
     reduce_with_flag,
 )
 from ..linesearch.policy import StepSizePolicy
-from ..storage.flat import MASTER_DTYPES, FlatBuffer
+from ..storage.flat import FlatBuffer
 from ..storage.in_place import InPlaceBuffer
 from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import device_floats, to_device
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from ..telemetry import StepStats
-from . import interrupts
+from .interrupts import HeldInterrupts
 from .torch_compat import (
     GROUP_OPTION_KEYS,
     check_group_options,
@@ -114,11 +114,16 @@ _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.D
 
 def _structured_loss(value):
     """The loss inside what a closure returned, when that is a structure: a dict or an HF
-    ``ModelOutput`` with ``loss``, an object with a tensor ``.loss``, or a tuple / list whose
-    first entry is the loss (HF's ``return_dict=False``); else None."""
+    ``ModelOutput`` with ``loss``, an object with a tensor ``.loss``, or a tuple whose first
+    entry is the loss (HF's ``return_dict=False``) and the only scalar; else None."""
     if isinstance(value, Mapping):
         return value.get("loss")
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, tuple):
+        scalars = [v for v in value if isinstance(v, Tensor) and v.numel() == 1]
+        if len(scalars) > 1:  # (loss_a, loss_b): which one the gradient belongs to is a guess
+            raise TypeError(
+                f"the closure returned a tuple of {len(scalars)} scalar tensors; return the "
+                "loss the gradient belongs to (or a dict with 'loss')")
         return value[0] if value else None
     loss = getattr(value, "loss", None)
     return loss if isinstance(loss, Tensor) else None
@@ -489,11 +494,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         copy = self._buffers is None
         for pid, p in zip(ids, params):
             for key, value in saved.get(pid, {}).items():
-                if key == "master" and p.dtype not in MASTER_DTYPES:
-                    # an fp32 parameter keeps no master: one from a bf16 run would come back
-                    # at the next bf16 load and replace everything trained since
-                    self.state[p].pop(key, None)
-                elif isinstance(value, Tensor) and value.is_floating_point():
+                if isinstance(value, Tensor) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, copy=copy)
         if self._buffers is not None:
             # copy the values into the flat buffers now: a state dict of a live optimizer holds
@@ -596,9 +597,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             return out if self._returned is None else self._returned
         finally:
             self._moving, self._returned = False, None
-            if self.__dict__.get("_held"):
-                self._held = False
-                interrupts.release()  # a Ctrl-C that came while θ moved: raised now, step whole
+            held, self._held = self.__dict__.get("_held"), None
+            if held is not None:
+                held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
 
     def _step(self, closure, loss_fn, loss):
         if closure is not None and loss_fn is not None and loss is not None:
@@ -673,7 +674,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce)
         passes = _FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
         self._moving = True  # from here to the end of the step the state is mid-step
-        self._held = interrupts.hold()  # ... so Ctrl-C waits for its end (interrupts.py)
+        self._held = HeldInterrupts.begin()  # ... so Ctrl-C waits for its end (interrupts.py)
 
         if not search:
             etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
@@ -860,7 +861,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
         trial forwards did not see the moved weights. Now and then that is a step below a bf16
         model's rounding; search after search it is the loop: say so, once."""
-        n = self.__dict__.get("_unchanged_searches", 0) + 1 if result.unchanged else 0
+        # only a first trial: after backtracking, a bf16 model's rounding can hide a step
+        first = result.unchanged and len(result.history) == 1
+        n = self.__dict__.get("_unchanged_searches", 0) + 1 if first else 0
         self._unchanged_searches = n
         if n == 3:
             self._warn_once("unchanged", (
@@ -971,7 +974,8 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """Policy update per searched block; returns (settled, collapsed) for the cadence.
         ``frozen`` blocks (lr 0 at this step) were not searched and keep their η."""
         exact = getattr(result, "exact", None)
-        if result.unresolved and result.unchanged and result.history and exact is None:
+        if result.unresolved and result.unchanged and len(result.history) == 1 \
+                and exact is None:
             # the trial's loss was f0 to the last bit: its step was invisible to the forward (a
             # bf16 model's rounding) or landed on f0's level set by symmetry; either way keeping
             # η would repeat the same trial forever: the next search starts one growth further
@@ -1276,8 +1280,9 @@ class ArmijoOptimizer(torch.optim.Optimizer):
                 self._warn_once("blocks_renamed", (
                     f"the checkpoint's blocks {group['block_names'][:4]} are not this model's "
                     f"{names[:4]}: every block's step size restarts (from "
-                    f"{self._init_step_size:g}). Were the names read through another wrapper "
-                    "or model?"))
+                    f"{self._init_step_size:g}). Block names are read past wrapper prefixes "
+                    "(module., _orig_mod.); a checkpoint of a wrapped model saved before that "
+                    "was so names its blocks after the wrapper, or it is another model's"))
             eta = group["step_size"] if not isinstance(group["step_size"], list) \
                 else self._init_step_size
             avg = group["step_size_avg"] if not isinstance(group["step_size_avg"], list) \
@@ -1332,6 +1337,10 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             buffers.append(buf)
         self._buffers, self._buffer_key = buffers, key
         self._blocks_loaded = False
+        for buf in buffers:  # a bf16 checkpoint's master, loaded for what is now fp32: θ is
+            if not getattr(buf, "master", False):  # its own master; a stale one would come
+                for p in buf.params:  # back at the next bf16 load over what trained since
+                    self.state[p].pop("master", None)
         self._sharded = any(getattr(b, "distributed", False) for b in buffers)
         if self._sharded:
             if self.candidates is not None:  # trial weights swapped in would not be shards

@@ -4,17 +4,17 @@ A step changes θ and the state in passes whose bookkeeping (which buffer sits a
 rollback relies on. Python delivers SIGINT at the first bytecode after a C call returns: right
 after a pass has written and before it is recorded as written, where a rollback would miss it,
 and the step retried after the interrupt (a notebook cell run again) would fold its gradient a
-second time. So while a step moves θ, SIGINT is held and delivered when the step is whole
-(``KeyboardInterrupt`` raised by ``step()`` after a completed step), except inside a trial
-forward, where it is delivered at once: an exception there is undone like any other, and a
-long forward stays interruptible.
+second time. So while a step moves θ, SIGINT is held and handed to the program's handler when
+the step is whole (the default handler then raises ``KeyboardInterrupt`` from ``step()``, after
+a completed step). With the default handler a SIGINT during a trial forward is delivered at
+once: the ``KeyboardInterrupt`` is undone like any exception there, and a long forward stays
+interruptible. Another handler (one that saves a checkpoint, say) always runs after the step.
 
-How: the first step on the main thread wraps the SIGINT handler it finds (if it is a Python
-callable; SIG_IGN / SIG_DFL are left alone) in :func:`_on_sigint`, once per process. Outside a
-step the wrapper hands every signal straight to the wrapped handler, so the program behaves as
-before; a step only sets a counter (installing a handler per step cost 2 ``signal.signal``
-calls, about 28 µs of a 200 µs step on a CPU). A handler installed later by the program replaces
-the wrapper, and steps then simply hold nothing.
+The step installs its handler when θ starts moving and puts the program's back at its end
+(two ``signal.signal`` calls, a few µs): nothing changes outside a step, so code that looks at
+the installed handler (``asyncio.run``, a notebook kernel re-installing its own before each
+cell) sees the program's. Only the main thread receives signals, and only a Python handler is
+held (SIG_IGN / SIG_DFL are left alone).
 """
 
 from __future__ import annotations
@@ -24,51 +24,41 @@ import threading
 
 from ..linesearch.trial import in_trial
 
-_wrapped = None  # the handler the wrapper hands signals to (None: not installed)
-_tried = False  # installing is attempted once per process
-_holding = 0  # steps on the main thread that are moving θ now
-_pending = None  # (signum, frame) of a SIGINT that came while holding
 
+class HeldInterrupts:
+    """SIGINT held from :meth:`begin` to :meth:`release` (see the module docstring)."""
 
-def _on_sigint(signum, frame) -> None:
-    global _pending
-    if _holding and not in_trial():
-        _pending = (signum, frame)
-    else:
-        _wrapped(signum, frame)
+    def __init__(self):
+        self.handler = None  # the program's handler: it gets the signal, now or later
+        self.pending = None
 
+    @classmethod
+    def begin(cls) -> HeldInterrupts | None:
+        """Start holding SIGINT; None where nothing can be held (not the main thread, no
+        Python handler)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        held = cls()
+        try:
+            old = signal.signal(signal.SIGINT, held._receive)
+        except (ValueError, OSError):  # a subinterpreter, or signals unavailable
+            return None
+        if not callable(old):
+            signal.signal(signal.SIGINT, old)
+            return None
+        held.handler = old
+        return held
 
-def _install() -> None:
-    global _wrapped, _tried
-    _tried = True
-    try:
-        current = signal.getsignal(signal.SIGINT)
-        if callable(current):
-            signal.signal(signal.SIGINT, _on_sigint)
-            _wrapped = current
-    except (ValueError, OSError):  # a subinterpreter, or signals unavailable
-        pass
+    def _receive(self, signum, frame) -> None:
+        if in_trial() and self.handler is signal.default_int_handler:
+            self.handler(signum, frame)  # KeyboardInterrupt in a trial: undone by the step
+        else:
+            self.pending = (signum, frame)
 
-
-def hold() -> bool:
-    """Start holding SIGINT (the step is about to move θ); False where nothing is held: not the
-    main thread, or no Python handler to wrap."""
-    global _holding
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    if not _tried:
-        _install()
-    if _wrapped is None:
-        return False
-    _holding += 1
-    return True
-
-
-def release() -> None:
-    """Stop holding; a SIGINT that came meanwhile goes to the wrapped handler now (the default
-    one raises ``KeyboardInterrupt`` here, after the step)."""
-    global _holding, _pending
-    _holding -= 1
-    if _holding == 0 and _pending is not None:
-        pending, _pending = _pending, None
-        _wrapped(*pending)
+    def release(self) -> None:
+        """Put the program's handler back and give it a signal that came meanwhile (the
+        default one raises ``KeyboardInterrupt`` here, after the step)."""
+        signal.signal(signal.SIGINT, self.handler)
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.handler(*pending)
