@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -113,12 +114,7 @@ def test_buffers_a_forward_reassigns_are_put_back_after_the_trials(given):
             opt = opt_cls(model.parameters(), backend="torch", cadence="every",
                           model=model if given else None, **kw)
         for _ in range(3):
-            def closure():
-                opt.zero_grad()
-                out = nn.functional.mse_loss(model(X), Y)
-                out.backward()
-                return out
-            opt.step(closure)
+            opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(X), Y)))
         return model
 
     with pytest.warns(UserWarning, match="non-persistent buffer 'cache'") as caught:
@@ -246,12 +242,7 @@ def test_a_cache_a_trial_grows_stays_with_the_attributes_that_go_with_it():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the cache is named; this test is about what follows
         for _ in range(3):
-            def closure():
-                opt.zero_grad()
-                out = nn.functional.mse_loss(model(X), Y)
-                out.backward()
-                return out
-            opt.step(closure)
+            opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(X), Y)))
     assert len(model.cached) == model.length
 
 
