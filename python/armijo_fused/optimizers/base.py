@@ -385,7 +385,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"a {type(self).__name__} with an explicit process_group cannot be copied or "
                 "pickled (a torch ProcessGroup cannot be); copy its state_dict() instead")
-        self._refuse_mid_step("a copy or pickle")
+        self._refuse_mid_step("__getstate__() (a copy or a pickle)")
         self._settle_skip()
         out = super().__getstate__()
         out.update({k: self.__dict__[k] for k in self._CARRIED if k in self.__dict__})
