@@ -137,16 +137,16 @@ def test_ddp_spawn_two_devices(tmp_path):
 
 class LitManual(L.LightningModule):
     """The documented manual-optimization route: Lightning's closure returns the training loss,
-    the trials call ``loss_fn``. ``form="closure"``: the older route, the trial as the closure."""
+    the trials call ``loss_fn``."""
 
-    def __init__(self, form):
+    def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 1))
         self.automatic_optimization = False
-        self.form = form
         self.backwards = self.hooks = 0
         self.losses = []  # (training loss, the step's f(θ0))
+        self.draws = []  # the RNG's first draw at each training forward
 
     def armijo_loss(self, batch):
         x, y = batch
@@ -156,12 +156,10 @@ class LitManual(L.LightningModule):
         opt = self.optimizers()
         opt.optimizer.capture_rng()
         opt.zero_grad()
+        self.draws.append(torch.get_rng_state().clone())
         loss = self.armijo_loss(batch)
         self.manual_backward(loss)
-        if self.form == "closure":
-            opt.step(closure=lambda: self.armijo_loss(batch))
-        else:
-            opt.step(closure=lambda: loss.detach(), loss_fn=lambda: self.armijo_loss(batch))
+        opt.step(closure=lambda: loss.detach(), loss_fn=lambda: self.armijo_loss(batch))
         self.losses.append((float(loss), float(opt.optimizer.stats["loss_before"])))
         return loss
 
@@ -175,9 +173,8 @@ class LitManual(L.LightningModule):
         return ArmijoAdam(self.parameters(), model=self, cadence="every")
 
 
-@pytest.mark.parametrize("form", ["closure+loss_fn", "closure"])
-def test_manual_optimization_route(form):
-    model = LitManual(form)
+def test_manual_optimization_route():
+    model = LitManual()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -186,11 +183,12 @@ def test_manual_optimization_route(form):
     assert trainer.global_step == 3
     assert opt.param_groups[0]["step"] == 3 and opt.param_groups[0]["searches"] == 3
     assert model.backwards == 3  # none in the trials
-    # f(θ0) is the training loss: the same dropout masks (the closure form evaluated it under
-    # the RNG the training forward had consumed: 0.613 against 0.602 in review)
+    # f(θ0) is the training loss (the trial as the closure evaluated it under the RNG the
+    # training forward had consumed: 0.613 against 0.602 in review)
     assert all(a == pytest.approx(b, rel=1e-6) for a, b in model.losses)
-    if form == "closure+loss_fn":
-        assert model.hooks == 3  # Lightning's closure, with its hook, once per step
+    assert model.hooks == 3  # Lightning's closure, with its hook, once per step
+    # and the RNG goes on: every training forward draws new dropout masks
+    assert not any(torch.equal(a, b) for a, b in zip(model.draws, model.draws[1:]))
     s = opt.stats
     if s["step_size"] > 0:
         assert s["loss_after"] <= s["loss_before"] - opt.c * s["step_size"] * s["gd"] + 1e-6

@@ -644,8 +644,6 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         self._pending_loss = None
         if closure is not None:
             scaler = _calling_grad_scaler(self)
-            if pending is not None:  # the closure's loss sees that forward's masks too
-                trial_mod.restore_rng(pending)
             with torch.enable_grad():
                 f0 = closure()
             if not isinstance(f0, (Tensor, numbers.Real)) and f0 is not None:

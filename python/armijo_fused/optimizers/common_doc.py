@@ -28,7 +28,8 @@ LINESEARCH_ARGS = r"""
             Their length is capped at twice η̄ times the length of the direction the last
             search tested (momentum grows the direction between searches), with ‖d‖ taken from
             the previous step's pass (read on the device, no sync): a step can exceed the cap by
-            the growth of ‖d‖ over one step (up to 1.35x in our measurements with momentum 0.9)
+            the growth of ‖d‖ over one step (1.35x and 1.9x over it in two of our runs with
+            momentum 0.9)
             (default: "adaptive")
         max_interval (int, optional): longest gap between searches of the adaptive cadence
             (default: 10)
