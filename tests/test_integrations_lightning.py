@@ -15,7 +15,7 @@ from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
 
-from armijo_fused import ArmijoAdam  # noqa: E402
+from armijo_fused import ArmijoAdam, in_trial  # noqa: E402
 from armijo_fused.integrations.lightning import ArmijoLightningMixin  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(240)]
@@ -254,3 +254,36 @@ def test_resume_from_a_lightning_checkpoint_continues_bit_identically(tmp_path):
     a, b = full.trainer.optimizers[0], resumed.trainer.optimizers[0]
     assert a.param_groups[0]["step"] == b.param_groups[0]["step"] == 8
     assert a.param_groups[0]["step_size"] == b.param_groups[0]["step_size"]
+
+
+class LitDropout(ArmijoLightningMixin, L.LightningModule):
+    """Records the RNG state each training and trial forward of a micro-batch starts from."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 1))
+        self.seen = []  # (trial?, batch index, RNG state)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append((in_trial(), batch_idx, torch.get_rng_state().clone()))
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return ArmijoAdam(self.parameters(), model=self, cadence="every")
+
+
+def test_each_trial_replays_the_dropout_masks_of_its_own_micro_batch():
+    # a rewind of the RNG before Lightning's closure (which runs the window's last micro-batch)
+    # gave the last micro-batch the first one's masks, and its trials other masks again
+    model = LitDropout()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    train = {i: s for trial, i, s in model.seen if not trial}
+    trials = [(i, s) for trial, i, s in model.seen if trial]
+    assert len(train) == 4 and trials
+    assert all(torch.equal(s, train[i]) for i, s in trials)
+    assert not torch.equal(train[0], train[1]) and not torch.equal(train[2], train[3])
