@@ -150,7 +150,8 @@ def batched_armijo_search(
             if unresolved:
                 return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                                     non_descent=non_descent, unresolved=True, history=history,
-                                    unchanged=eta * gd > resolution * abs(f_before))
+                                    unchanged=(eta * gd > resolution * abs(f_before)
+                                               and len(history) == 1))
         start += len(etas)
     return SearchResult(None, max(len(history), 1), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, history=history)

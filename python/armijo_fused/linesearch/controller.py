@@ -41,8 +41,9 @@ class SearchResult:
     grad_sq: float  # Σ ‖g‖²
     non_descent: bool = False
     unresolved: bool = False  # the predicted decrease fell below the loss's float resolution
-    # ... or a trial loss equalled f0 exactly although a decrease was predicted (the trial
-    # forward did not see the moved weights: steps below a bf16 model's rounding, a cache)
+    # ... because the search's first trial returned f0 exactly although a decrease was
+    # predicted (its forward did not see the moved weights; after a backtrack a bf16 model's
+    # rounding does that too, so later trials do not count)
     unchanged: bool = False
     skipped: bool = False  # the guard was not finite (non-finite gradient or f0): nothing moved
     history: list = field(default_factory=list)  # (eta per block, loss) per trial
@@ -236,7 +237,7 @@ def armijo_search(
             # information either way. Take no step and leave η alone (neither growth nor
             # collapse).
             unresolved = True
-            unchanged = decrease > resolution * abs(f_before)
+            unchanged = decrease > resolution * abs(f_before) and len(history) == 1
             break
         if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,

@@ -236,7 +236,7 @@ class TrialEnv:
         # (the module's _buffers dict, name, the tensor, its copy): a forward may reassign the
         # entry, and the restore must then reach the module, not the orphaned tensor
         self._saved = []
-        self._caches = []  # (label, _buffers dict, name, tensor, its version)
+        self._caches = []  # (module name, _buffers dict, name, tensor, its version)
         owned = [(type(m).__name__, m._buffers, m._non_persistent_buffers_set)
                  for module in modules for m in module.modules()]
         owned += [(None, bufs, non_persistent) for bufs, non_persistent in buffers]
@@ -245,7 +245,8 @@ class TrialEnv:
                 if buf is None:
                     continue
                 if name in non_persistent:
-                    self._caches.append((label, bufs, name, buf, buf._version))
+                    if label is not None:  # only a registered model's are named
+                        self._caches.append((label, bufs, name, buf, buf._version))
                 else:
                     self._saved.append((bufs, name, buf, buf.detach().clone()))
         self._metrics = [_copy_metric(m) for m in _metrics(modules)]
@@ -278,8 +279,7 @@ class TrialEnv:
         for label, bufs, name, buf, version in self._caches:
             # a cache a trial replaced stays replaced: the module may keep attributes that go
             # with it (a rotary cache and its length); a changed one is named
-            changed = bufs.get(name) is not buf or buf._version != version
-            if changed and label is not None:
+            if bufs.get(name) is not buf or buf._version != version:
                 warnings.warn(
                     f"a trial forward modified the non-persistent buffer {name!r} of "
                     f"{label}; armijo_fused does not restore non-persistent buffers",

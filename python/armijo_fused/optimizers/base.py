@@ -859,9 +859,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
         trial forwards did not see the moved weights. Now and then that is a step below a bf16
         model's rounding; search after search it is the loop: say so, once."""
-        # only a first trial: after backtracking, a bf16 model's rounding can hide a step
-        first = result.unchanged and len(result.history) == 1
-        n = self.__dict__.get("_unchanged_searches", 0) + 1 if first else 0
+        n = self.__dict__.get("_unchanged_searches", 0) + 1 if result.unchanged else 0
         self._unchanged_searches = n
         if n == 3:
             self._warn_once("unchanged", (
@@ -972,8 +970,7 @@ class ArmijoOptimizer(torch.optim.Optimizer):
         """Policy update per searched block; returns (settled, collapsed) for the cadence.
         ``frozen`` blocks (lr 0 at this step) were not searched and keep their η."""
         exact = getattr(result, "exact", None)
-        if result.unresolved and result.unchanged and len(result.history) == 1 \
-                and exact is None:
+        if result.unresolved and result.unchanged and exact is None:
             # the trial's loss was f0 to the last bit: its step was invisible to the forward (a
             # bf16 model's rounding) or landed on f0's level set by symmetry; either way keeping
             # η would repeat the same trial forever: the next search starts one growth further
