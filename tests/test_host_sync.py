@@ -123,14 +123,14 @@ def test_a_search_reads_the_device_once_per_trial(layerwise):
 
 def test_the_audit_sees_a_synchronising_call():
     audit = SyncAudit()
-    from armijo_fused.optimizers import base
+    from armijo_fused.optimizers import passes
 
-    real = base.device_floats
+    real = passes.device_floats
     try:  # as the step sizes were made before: torch.tensor(list, device=...)
-        base.device_floats = lambda v, d: torch.tensor(v, dtype=torch.float32, device=d)
+        passes.device_floats = lambda v, d: torch.tensor(v, dtype=torch.float32, device=d)
         _plain_steps("adam", "torch", "cpu", 6, audit)
     finally:
-        base.device_floats = real
+        passes.device_floats = real
     assert any(name == "tensor" for name, _ in audit.found), audit.found
 
 

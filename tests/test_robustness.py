@@ -1285,7 +1285,7 @@ def test_steps_without_a_search_keep_the_tested_step_length(direction, backend, 
     # A constant gradient: momentum grows d from g towards g/(1-μ) after the one search, so the
     # searched η applied as is would move ~10x further than the step the search tested. The cap
     # keeps each plain step within 2x the accepted length (plus one step of lag in ‖d‖).
-    import armijo_fused.optimizers.base as base
+    import armijo_fused.optimizers.search as base
 
     def displacements(ratio):
         monkeypatch.setattr(base, "STEP_LENGTH_RATIO", ratio)

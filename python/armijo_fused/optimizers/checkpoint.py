@@ -1,0 +1,188 @@
+"""Checkpoints and copies of an :class:`~armijo_fused.optimizers.base.ArmijoOptimizer`:
+``state_dict`` / ``load_state_dict`` (torch.optim checkpoints taken over, foreign or mismatched
+ones refused by name before anything changes) and copy / pickle support. A mixin: the methods
+use the optimizer's attributes as ``base.py`` sets them up."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..telemetry import StepStats
+from .torch_compat import from_torch_state_dict, is_torch_state_dict
+
+
+class CheckpointMixin:
+
+    #: what a copy or a pickle carries besides torch's (defaults, state, param_groups): the
+    #: configuration. The rest is rebuilt: the flat buffers (from the state, at the next step),
+    #: device handles, what a step in flight holds, and a registered closure (it evaluates the
+    #: original model, not the copy: register it again). Not ``self.__dict__`` wholesale: a
+    #: scheduler puts a ``step`` wrapper there that calls the original optimizer.
+    _CARRIED = ("rule", "policy", "cadence", "c", "backtrack", "max_trials", "max_grad_norm",
+                "check_finite", "backend", "tile", "layerwise", "block_search", "merge_below",
+                "exact_revert", "candidates", "flat", "process_group", "_modules",
+                "_resumed_dd", "_gathered_steps", "_init_step_size")
+
+    def __getstate__(self) -> dict:
+        """torch's optimizers pickle only (defaults, state, param_groups) and rebuild the rest
+        from the class; this one also needs its configuration (direction rule, policy, cadence,
+        backend, ...)."""
+        if self.__dict__.get("process_group") is not None:
+            raise TypeError(
+                f"a {type(self).__name__} with an explicit process_group cannot be copied or "
+                "pickled (a torch ProcessGroup cannot be); copy its state_dict() instead")
+        self._refuse_mid_step("__getstate__() (a copy or a pickle)")
+        self._settle_skip()
+        out = super().__getstate__()
+        out.update({k: self.__dict__[k] for k in self._CARRIED if k in self.__dict__})
+        saved_dd = self._saved_dd()  # the next plain step's length cap, as state_dict() has it
+        if saved_dd is not None:
+            out["_resumed_dd"] = saved_dd
+        # block names are keyed by the tensors' ids, which a copy changes: carry them by position
+        out["_names"] = [[self._names.get(id(p)) for p in g["params"]] for g in self.param_groups]
+        return out
+
+    def __setstate__(self, state: dict) -> None:
+        if "defaults" not in state:  # torch's load_state_dict: only state and param_groups
+            return super().__setstate__(state)
+        names = state.pop("_names", None)
+        super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
+        for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_loss",
+                    "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned"):
+            setattr(self, key, None)
+        self._sharded, self._constants, self.stats = False, {}, StepStats()
+        self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])
+                       for p, n in zip(g["params"], ns) if n is not None}
+        if not self._names and getattr(self, "_modules", None):
+            self._names = {id(p): n for n, p in self._modules[0].named_parameters()}
+
+    def _saved_dd(self) -> list | None:
+        """The last pass's ‖d_b‖², behind the next plain step's length cap, as host floats (one
+        read), per buffer in buffer order, so a resumed run or a copy caps as this one would."""
+        last = self._last_dd
+        if last is None:  # no pass since a load or a copy: what that carried, not yet used
+            return self._resumed_dd
+        return [dd.tolist() for dd in last[1]] if not self._sharded else None
+
+    def _refuse_mid_step(self, what: str) -> None:
+        """A checkpoint taken inside a step (a hook in a trial forward, a signal handler) would
+        hold this step's gradient in the moments, a count that has not advanced and parameters
+        at a trial point: resumed, the step would fold its gradient twice."""
+        if self.__dict__.get("_moving"):
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} was called inside step() (from a trial forward, a "
+                "hook or a signal handler), where the state is mid-step: the moments hold this "
+                "step's gradient and the parameters sit at a trial point. Call it before or "
+                "after step() (a signal handler can set a flag that the loop checks)")
+
+    def state_dict(self) -> dict:
+        self._refuse_mid_step("state_dict()")
+        self._settle_skip()  # the checkpoint must hold the count of the steps that folded
+        self.param_groups[0]["last_dd"] = self._saved_dd()
+        try:
+            return super().state_dict()  # copies the groups' entries
+        finally:
+            self.param_groups[0]["last_dd"] = None  # a checkpoint's entry, not live state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that state tensors keep their saved dtype: torch casts them to the
+        parameter's dtype, which would round the fp32 moments and master weights of bf16/fp16
+        parameters. A torch.optim checkpoint (AdamW, Adam, RMSprop, SGD, ...) is taken over: its
+        moments and step count continue, η starts at its learning rate
+        (:func:`~armijo_fused.optimizers.torch_compat.from_torch_state_dict`).
+
+        Load pre-hooks run first, as in torch, so a hook can adapt a checkpoint before it is
+        checked or converted, and what a hook returns is what loads; post-hooks run last, on
+        the state as the next step will see it."""
+        self._refuse_mid_step("load_state_dict()")
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        pre, post = (self._optimizer_load_state_dict_pre_hooks,
+                     self._optimizer_load_state_dict_post_hooks)
+        # emptied while torch's load_state_dict runs, so that it does not run them a second time
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()
+        self._optimizer_load_state_dict_post_hooks = type(post)()
+        try:
+            self._load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        for hook in post.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict) -> None:
+        if is_torch_state_dict(state_dict):
+            state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
+                                               state_dict, layerwise=self.layerwise)
+        self._check_loadable(state_dict)
+        saved = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        self._pending_skip = None  # a flag of the steps before the load is no longer ours
+        self._last_dd = None
+        self._resumed_dd = self.param_groups[0].get("last_dd")  # taken up by _length_caps
+        self.param_groups[0]["last_dd"] = None
+        for g in self.param_groups:  # checkpoints from before ``folded``: no skip recorded
+            g.setdefault("folded", g["step"])
+            g.setdefault("collapsed", [0] * len(g["step_size"]) if isinstance(
+                g["step_size"], list) else 0)  # ... or before ``collapsed``
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.layerwise:
+            # rebuild the store at the next step: the build checks the checkpoint's blocks
+            # against the model's (and sets them up for a global checkpoint, whose groups have
+            # none, as for a fresh optimizer)
+            self._buffers, self._blocks_loaded = None, True
+        # without buffers the values wait for the next step's build: take copies, since the
+        # checkpoint's tensors may be a live optimizer's, which go on changing
+        copy = self._buffers is None
+        for pid, p in zip(ids, params):
+            for key, value in saved.get(pid, {}).items():
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, copy=copy)
+        if self._buffers is not None:
+            # copy the values into the flat buffers now: a state dict of a live optimizer holds
+            # its tensors, which go on changing with its steps (torch.distributed.checkpoint's
+            # get/set_optimizer_state_dict between two optimizers in one process)
+            with torch.no_grad():
+                self._sync_buffers()
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """A state dict of another direction (an ArmijoSGD's into an ArmijoAdam) replaced the
+        groups' hyperparameters and left moments it cannot use, and the next step failed with a
+        KeyError. Refuse it by name before anything changes."""
+        who = f"{type(self).__name__} (direction {self.rule.name!r})"
+        needed = list(self.rule.hyperparameters)
+        for group in state_dict.get("param_groups", []):
+            missing = [k for k in needed if k not in group]
+            if missing:
+                raise ValueError(
+                    f"the state dict's param groups lack {', '.join(map(repr, missing))}: it was "
+                    f"saved by an optimizer with another direction than this {who}")
+        known = set(self.rule.state_names) | {"master"}
+        for pstate in state_dict.get("state", {}).values():
+            foreign = sorted(k for k, v in pstate.items() if torch.is_tensor(v) and k not in known)
+            if foreign:
+                raise ValueError(
+                    f"the state dict holds {', '.join(map(repr, foreign))}, which this {who} "
+                    f"does not keep (it keeps {', '.join(self.rule.state_names) or 'no state'}): "
+                    "it was saved by an optimizer with another direction")
+        # a tensor of another shape: torch would load it and fail at the next step, or midway
+        # through a load into an optimizer that has stepped (half the state replaced)
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
+            return  # torch's own check names the mismatch
+        saved = state_dict.get("state", {})
+        for sg, g in zip(saved_groups, self.param_groups):
+            for pid, p in zip(sg["params"], g["params"]):
+                for name, value in saved.get(pid, {}).items():
+                    if torch.is_tensor(value) and name in known and value.shape != p.shape:
+                        what = self._names.get(id(p), f"#{pid}")
+                        raise ValueError(
+                            f"the state dict's {name!r} of parameter {what} has shape "
+                            f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}: it was "
+                            "saved for another model")

@@ -1,0 +1,256 @@
+"""The search plan, running it, and the step-size bookkeeping after it: which blocks backtrack
+(global, one block at a time, or each block alone), the policy's update of η and η̄ per block,
+merging collapsed blocks, and the length cap of the steps without a search. A mixin of
+:class:`~armijo_fused.optimizers.base.ArmijoOptimizer`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..linesearch.batched import batched_armijo_search
+from ..linesearch.controller import armijo_search, loss_resolution
+from ..storage.scalars import device_floats
+from .passes import scalar_sum, total
+
+#: a step without a search moves at most this many times η·‖d‖ of the last search's step
+#: (the group key ``step_length``; see ``_length_caps``)
+STEP_LENGTH_RATIO = 2.0
+
+
+class SearchMixin:
+    """The search's plan and its bookkeeping; see the module docstring."""
+
+    def _search_plan(self, table, frozen) -> list[list[int]]:
+        """Which blocks backtrack, as a list of searches run one after the other.
+
+        Global: one search over all blocks (they share η). Layer-wise ``round_robin`` / ``stale``:
+        one block (with the blocks merged into it) per search step, tested with the combined
+        Armijo condition, so it costs what a global search costs. ``exact``: every block in turn,
+        the others frozen at θ0. ``frozen`` blocks (lr 0 now) are in no search; the caller makes
+        sure some block is not frozen.
+        """
+        if not self.layerwise:
+            return [[b for b in range(len(table)) if not frozen[b]]]
+        every = self._merged_blocks(table)
+        members = [m for m in every if not frozen[m[0]]]
+        if self.block_search == "exact":
+            return members
+        g0 = self.param_groups[0]
+        if self.block_search == "round_robin":  # the cursor moves once the search completes
+            n, at = len(every), g0.get("block_cursor", 0)
+            pos = next(i % n for i in range(at, at + n) if not frozen[every[i % n][0]])
+            chosen, self._cursor_next = every[pos], (pos + 1) % n
+        else:  # most stale: the block searched longest ago
+            def last(m):
+                gi, lb = table[m[0]]
+                return self.param_groups[gi]["block_searched_at"][lb]
+            chosen = min(members, key=last)
+        return [chosen]
+
+    def _merged_blocks(self, table) -> list[list[int]]:
+        """The blocks that search together: each block with the blocks merged into it."""
+        owners = {}
+        for b, (gi, lb) in enumerate(table):
+            owners.setdefault((gi, self.param_groups[gi]["block_owner"][lb]), []).append(b)
+        return list(owners.values())
+
+    def _advance_cursor(self) -> None:
+        """Past the block just searched (blocks frozen by lr 0 were stepped over)."""
+        for g in self.param_groups:
+            g["block_cursor"] = self._cursor_next
+
+    def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None,
+                    frozen=None, resolution=None, f0_failure=None):
+        kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
+                  guard=passes.guard(), reduce=reduce, f0_failure=f0_failure,
+                  resolution=loss_resolution(f0) if resolution is None else resolution)
+        frozen = frozen or [False] * len(etas)
+        if len(plan) == 1:  # global, or one block with the combined test
+            eta0 = [self.policy.first_trial(e) if b in plan[0] else 0.0 if frozen[b] else e
+                    for b, e in enumerate(etas)]
+            eta0 = self._cap_for_weight_decay(eta0)
+            if self.candidates is not None and not any(frozen):  # (candidates share one η)
+                result = batched_armijo_search(passes, trial_losses, f0, eta0[0],
+                                               candidates=self.candidates, **kw)
+                return result, result.accepted
+            partial = self.layerwise or any(frozen)
+            result = armijo_search(passes, trial_loss, f0, eta0,
+                                   search=plan[0] if partial else None, **kw)
+            return result, result.accepted
+        # exact: each block alone, the others at θ0, from one first pass
+        n = len(etas)
+        sums = passes.first([0.0] * n)
+        accepted = [0.0] * n
+        results = []
+        for members in plan:
+            eta0 = [self.policy.first_trial(etas[b]) if b in members else 0.0 for b in range(n)]
+            r = armijo_search(passes, trial_loss, f0, self._cap_for_weight_decay(eta0),
+                              search=members, sums=sums, allow_fallback=False, **kw)
+            kw["guard"] = kw["f0_failure"] = None  # read with the first block's first trial
+            results.append((members, r))
+            if r.skipped:
+                return r, None
+            if r.accepted is not None:
+                for b in members:
+                    accepted[b] = r.accepted[b]
+            passes.move_to([0.0] * n)
+        merged = results[0][1]
+        merged.trials = sum(r.trials for _, r in results)
+        merged.unresolved = all(r.unresolved for _, r in results)
+        merged.unchanged = all(r.unchanged for _, r in results)
+        merged.non_descent = False
+        merged.exact = [(m, r.accepted) for m, r in results]
+        return merged, accepted
+
+    def _fill_frozen(self, accepted, etas, frozen):
+        """The accepted step sizes with the frozen blocks' (0 in the passes) filled in, so the
+        bookkeeping sees no collapse there: the shared η (global) or the block's own η."""
+        if accepted is None or not any(frozen):
+            return accepted
+        shared = next(a for a, f in zip(accepted, frozen) if not f)
+        keep = etas if self.layerwise else [shared] * len(etas)
+        return [k if f else a for a, k, f in zip(accepted, keep, frozen)]
+
+    def _cap_for_weight_decay(self, eta):
+        # keep 1 - η·wd away from 0: θ0 is recovered by dividing by it
+        wds = [g["weight_decay"] for g in self.param_groups if g["weight_decay"] > 0]
+        return [min(e, 0.5 / max(wds)) for e in eta] if wds else eta
+
+    def _update_step_sizes(self, table, etas, plan, result, accepted, skipped, k, frozen):
+        """Policy update per searched block; returns (settled, collapsed) for the cadence.
+        ``frozen`` blocks (lr 0 at this step) were not searched and keep their η."""
+        exact = getattr(result, "exact", None)
+        if result.unresolved and result.unchanged and exact is None:
+            # the trial's loss was f0 to the last bit: its step was invisible to the forward (a
+            # bf16 model's rounding) or landed on f0's level set by symmetry; either way keeping
+            # η would repeat the same trial forever: the next search starts one growth further
+            tried = result.history[-1][0]
+            for b, (gi, lb) in enumerate(table):
+                if b in plan[0] and not frozen[b] and tried[b] > etas[b]:
+                    self._set_eta(gi, lb, tried[b])
+        if skipped or result.unresolved:
+            return result.unresolved, False
+        outcomes = exact if exact is not None else [(plan[0], accepted)]
+        settled_all, collapsed_any = True, False
+        new = list(etas)
+        found = {}  # block -> the step size its search accepted this step
+        for members, acc in outcomes:
+            gi, lb = table[members[0]]
+            avg = self._eta(gi, lb, key="step_size_avg")
+            a = acc[members[0]] if acc is not None else None
+            if a is not None:
+                found.update({b: a for b in members})
+            untested = (self.param_groups[gi]["block_searched_at"][lb] == 0 if self.layerwise
+                        else self.param_groups[gi]["searches"] == 0)  # η̄ is still the start
+            again = bool(self._eta(gi, lb, key="collapsed"))  # its last search collapsed too
+            eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,
+                                                               again=again)
+            settled_all &= self.cadence.settled(a, avg) and not collapsed
+            collapsed_any |= collapsed
+            for b in members:
+                new[b] = eta
+                self._set_eta(*table[b], new_avg, key="step_size_avg")
+                self._set_eta(*table[b], int(collapsed), key="collapsed")
+                if self.layerwise:
+                    g, lb_b = self.param_groups[table[b][0]], table[b][1]
+                    g["block_searched_at"][lb_b] = k
+        if exact is None and accepted is not None:
+            # blocks held fixed but shrunk in the joint phase keep the step that passed the test
+            searched = set(plan[0])
+            for b, a in enumerate(accepted):
+                if b not in searched and not frozen[b] and a != etas[b]:
+                    new[b] = a
+        for b, (gi, lb) in enumerate(table):
+            if not frozen[b]:  # (global: any block sets the shared η)
+                self._set_eta(gi, lb, new[b])
+        if self.layerwise and self.merge_below is not None:
+            small = {table[b]: a for b, a in found.items() if 0.0 < a < self.merge_below}
+            self._merge_collapsed(small)
+        return settled_all, collapsed_any
+
+    def _merge_collapsed(self, small):
+        """Merge each block whose search just accepted an η below ``merge_below`` into its
+        neighbour in the same group (the previous block, else the next): from then on they share
+        one step size. A block that has already absorbed another is not merged again, so one
+        stiff block cannot drag the whole group into a chain of merges. ``small`` maps
+        (group index, block index) to the step size just accepted."""
+        for gi, g in enumerate(self.param_groups):
+            owner = g["block_owner"]
+            for lb in range(len(owner)):
+                if owner[lb] != lb or (gi, lb) not in small or owner.count(lb) > 1:
+                    continue
+                others = [o for o in range(len(owner)) if owner[o] == o and o != lb]
+                if not others:
+                    continue
+                target = max((o for o in others if o < lb), default=min(others))
+                # the merged block starts from the small step: the stiff part must pass the test
+                eta = small[(gi, lb)]
+                for m in range(len(owner)):
+                    if owner[m] in (lb, target):
+                        owner[m] = target
+                        g["step_size"][m] = g["step_size_avg"][m] = eta
+
+    def _record_step_length(self, table, block_dd) -> None:
+        """η·‖d‖ after a search: the η the next steps will apply (after the policy's update)
+        times the length of the direction the search tested; per block (layer-wise), or of the
+        whole step (global). Only ‖d‖ growing since the search makes the cap bind, not η."""
+        if self.layerwise:
+            for (gi, lb), dd in zip(table, block_dd):
+                self._set_eta(gi, lb, self._eta(gi, lb) * math.sqrt(max(dd, 0.0)),
+                              key="step_length")
+        else:
+            gi, lb = table[0]
+            self._set_eta(gi, lb, self._eta(gi, lb) * math.sqrt(max(sum(block_dd), 0.0)),
+                          key="step_length")
+
+    def _length_caps(self, table, buffers) -> list[Tensor] | None:
+        """Per buffer, the largest η each block may apply on a step without a search.
+
+        The search tested its η on the direction d of that step. Between searches momentum keeps
+        growing d (d ≈ g when the buffer is young, up to g/(1-μ) once it has built up), so the
+        same η moves ever further than what was tested, and SGD with (Nesterov) momentum
+        diverged on noisy problems between searches. So a step without a search moves at most
+        STEP_LENGTH_RATIO times η·‖d_search‖ (``step_length``): η ≤ ratio·length/‖d‖, with ‖d‖
+        from the previous step's first pass, on the device (no sync). The cap binds only when
+        ‖d‖ has grown past the ratio since the search; Adam's ‖d‖ hardly changes. None: no cap
+        (no search yet, buffers rebuilt since, or FSDP2 shards, whose local sums differ between
+        ranks)."""
+        saved, self._resumed_dd = self._resumed_dd, None
+        if self._last_dd is None and saved:  # just resumed
+            if len(saved) == len(buffers) and all(
+                    len(v) == b.layout.nblocks for v, b in zip(saved, buffers)):
+                self._last_dd = (buffers, [device_floats(v, b.device)
+                                           for v, b in zip(saved, buffers)])
+        last = self._last_dd
+        if last is None or last[0] is not buffers or self._sharded:
+            return None
+        lengths = [self._eta(gi, lb, key="step_length") for gi, lb in table]
+        if not any(x > 0 for x in lengths):
+            return None
+        ref = [x if x > 0 else math.inf for x in lengths]
+        if not self.layerwise:  # one length for the whole step: ‖d‖ over every block
+            dev0 = buffers[0].device
+            inv_norm = total([scalar_sum(dd).to(dev0) for dd in last[1]]).rsqrt()
+            cap = torch.nan_to_num(inv_norm * (STEP_LENGTH_RATIO * ref[0]), nan=math.inf)
+            return [cap.to(b.device).expand(b.layout.nblocks) for b in buffers]
+        caps, pos = [], 0
+        for b, dd in zip(buffers, last[1]):
+            n = b.layout.nblocks
+            r = device_floats(ref[pos : pos + n], dd.device)
+            caps.append(torch.nan_to_num(dd.rsqrt() * (STEP_LENGTH_RATIO * r), nan=math.inf))
+            pos += n
+        return caps
+
+    def _eta(self, gi, lb, key="step_size"):
+        v = self.param_groups[gi][key]
+        return v[lb] if isinstance(v, list) else v
+
+    def _set_eta(self, gi, lb, value, key="step_size"):
+        if self.layerwise:
+            self.param_groups[gi][key][lb] = value
+        else:
+            for g in self.param_groups:  # global: every group shares η
+                g[key] = value

@@ -1,0 +1,266 @@
+"""The optimizer's store: its parameters, grouped into flat buffers per (param group, device,
+dtype), re-validated against ``param_groups`` at every step and rebuilt when they change; the
+layer-wise blocks; what trials must keep unchanged (the models' buffers); state that restarts.
+A mixin of :class:`~armijo_fused.optimizers.base.ArmijoOptimizer`."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..backends import resolve_backend
+from ..linesearch import trial as trial_mod
+from ..storage.flat import FlatBuffer
+from ..storage.in_place import InPlaceBuffer
+from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
+from .calls import outside_stacklevel
+
+
+class StoreMixin:
+
+    def _trainable(self):
+        for gi, group in enumerate(self.param_groups):
+            seen = set()  # a tensor listed twice (tied weights gathered twice; torch warns) is
+            for p in group["params"]:  # one parameter: one view, counted once in <g, d>
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    yield gi, p
+
+    def _group_blocks(self, gi, params) -> list[int]:
+        """Block index (within group gi) of each parameter; sets up the group's block state."""
+        group = self.param_groups[gi]
+        if not self.layerwise:
+            return [0] * len(params)
+        if len(self.param_groups) > 1 or not self._names:
+            names = [group.get("block", f"group.{gi}")]
+            ids = [0] * len(params)
+        else:
+            from ..blocks import block_name
+
+            names, ids = [], []
+            for p in params:
+                name = block_name(self._names.get(id(p), "unnamed"))
+                if name not in names:
+                    names.append(name)
+                ids.append(names.index(name))
+        if group.get("block_names") != names:
+            if group.get("block_names") is not None and self.__dict__.get("_blocks_loaded"):
+                self._warn_once("blocks_renamed", (
+                    f"the checkpoint's blocks {group['block_names'][:4]} are not this model's "
+                    f"{names[:4]}: every block's step size restarts (from "
+                    f"{self._init_step_size:g}). Block names are read past wrapper prefixes "
+                    "(module., _orig_mod.); a checkpoint of a wrapped model saved before that "
+                    "was so names its blocks after the wrapper, or it is another model's"))
+            eta = group["step_size"] if not isinstance(group["step_size"], list) \
+                else self._init_step_size
+            avg = group["step_size_avg"] if not isinstance(group["step_size_avg"], list) \
+                else self._init_step_size
+            group.update(block_names=names, step_size=[eta] * len(names),
+                         step_size_avg=[avg] * len(names), step_length=[0.0] * len(names),
+                         collapsed=[0] * len(names),
+                         block_owner=list(range(len(names))),
+                         block_searched_at=[0] * len(names))
+        return ids
+
+    def _sync_buffers(self) -> list[FlatBuffer]:
+        """The flat buffers, re-validated against ``param_groups`` (rebuilt if anything moved)."""
+        # which tensors train, group by group (list comprehensions: this runs every step)
+        key = tuple([(len(g["params"]), *[id(p) if p.requires_grad else 0 for p in g["params"]])
+                     for g in self.param_groups])
+        if self._buffers is not None and key == self._buffer_key:
+            if all(b.sync(self.state) for b in self._buffers):
+                if any(b.fresh for b in self._buffers):
+                    self._restart_fresh_tensors()
+                self._warn_gathered_grads()
+                return self._buffers
+        # a sync that stopped at a moved tensor may have restarted deleted state before it
+        restarted = {id(b.params[i]) for b in self._buffers or () for i in b.take_fresh()}
+        self._restart_or_warn_stateless(restarted)
+        by_slot: dict = {}
+        for gi, p in self._trainable():
+            by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
+        if self.layerwise and len({gi for gi, _, _, _ in by_slot}) != len(by_slot):
+            raise ValueError("layerwise=True needs each param group on one device and dtype")
+        buffers = []
+        for (gi, _, _, dtensor), plist in by_slot.items():
+            ids = self._group_blocks(gi, plist)
+            order = sorted(range(len(plist)), key=lambda i: ids[i])  # params ordered by block
+            used = sorted(set(ids))  # buffer-local block index -> group block index
+            local = [used.index(ids[i]) for i in order]
+            if dtensor:  # FSDP2 shards: FSDP owns their storage, so work on copies of them
+                buf = ShardedBuffer(gi, [plist[i] for i in order], self.rule, self.state,
+                                    block_ids=local, tile=self.tile,
+                                    process_group=self.process_group)
+            elif not self.flat:  # the tensors stay where they are (storage/in_place.py)
+                buf = InPlaceBuffer(gi, [plist[i] for i in order], self.rule, self.state,
+                                    block_ids=local, tile=self.tile)
+            else:
+                buf = FlatBuffer(gi, [plist[i] for i in order], self.rule, self.state,
+                                 block_ids=local, tile=self.tile)
+            buf.group_blocks = used
+            # the passes work on buf.param: the fp32 master for a bf16/fp16 model
+            buf.backend = resolve_backend(self.backend, buf.device,
+                                          torch.float32 if getattr(buf, "master", False)
+                                          else buf.dtype)
+            buffers.append(buf)
+        self._buffers, self._buffer_key = buffers, key
+        self._blocks_loaded = False
+        for buf in buffers:  # a bf16 checkpoint's master, loaded for what is now fp32: θ is
+            if not getattr(buf, "master", False):  # its own master; a stale one would come
+                for p in buf.params:  # back at the next bf16 load over what trained since
+                    self.state[p].pop("master", None)
+        self._sharded = any(getattr(b, "distributed", False) for b in buffers)
+        if self._sharded:
+            if self.candidates is not None:  # trial weights swapped in would not be shards
+                raise ValueError("candidates= does not support FSDP2 (DTensor) parameters: "
+                                 "use the sequential search (candidates=None)")
+            if not self._modules:
+                raise ValueError(
+                    "DTensor (FSDP2) parameters need the model: pass model= to the optimizer or "
+                    "to set_closure(fn, model=...), so that every FSDP module is resharded "
+                    "between trial forwards and they see the moved weights"
+                )
+        return buffers
+
+    def _check_model_still_holds_params(self) -> None:
+        """With ``model=``: a parameter the model held and holds no more was replaced
+        (``module.weight = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``). The
+        optimizer would go on training the old tensor while the model's own never moves, and
+        every search would see no effect of its steps: say so, once. (Parameters the model never
+        held, such as a free-standing temperature, are not its business.)"""
+        if not self._modules or "replaced" in self.__dict__.get("_warned", ()):
+            return
+        held = {id(p) for m in self._modules for p in m.parameters()}
+        ours = [p for g in self.param_groups for p in g["params"]]
+        if getattr(self, "_in_model", None) is None:
+            self._in_model = {id(p) for p in ours if id(p) in held}
+            return
+        gone = [p for p in ours if id(p) in self._in_model and id(p) not in held]
+        if gone:
+            names = [self._names.get(id(p), f"of shape {tuple(p.shape)}") for p in gone[:3]]
+            self._warn_once(
+                "replaced", f"the model no longer holds {len(gone)} of the optimized "
+                f"parameters ({', '.join(names)}{', ...' if len(gone) > 3 else ''}): replaced "
+                "by new tensors (module.weight = nn.Parameter(...), load_state_dict(..., "
+                "assign=True))? The optimizer still trains the old ones. Copy new values in "
+                "place (load_state_dict without assign), or build the optimizer again")
+
+    def _models_for_trials(self, evaluate) -> list:
+        """Without a registered model: the models the loss function reaches, if they hold all
+        the parameters (found once; the closure is usually a new object every step). Else the
+        parameters' own modules are found by ``_owned_buffers``."""
+        key = self._buffer_key  # which tensors train: formed by this step's _sync_buffers
+        if getattr(self, "_reached", (None, None))[0] != key:
+            self._reached = (key, trial_mod.models_in_reach(
+                evaluate, [p for g in self.param_groups for p in g["params"]]))
+        return self._reached[1] or []
+
+    def _owned_buffers(self) -> list:
+        """Without a model registered or in the loss function's reach: the buffers of the
+        modules that hold the parameters (BatchNorm statistics), found once and again after the
+        parameters change (a heap scan: see trial.owned_buffers)."""
+        key = self._buffer_key
+        if getattr(self, "_owned", (None, None))[0] != key:
+            self._owned = (key, trial_mod.owned_buffers(
+                p for g in self.param_groups for p in g["params"]))
+        return self._owned[1]
+
+    def _warn_gathered_grads(self) -> None:
+        """Gradients that arrived as new tensors (``model.zero_grad()`` sets them to None, then
+        backward allocates new ones) are copied into the flat buffer: correct, but one more pass
+        over the gradients, and their memory twice until the copy. Once can be normal (the
+        first step after the store is built can see it); at a second step it is the loop's
+        habit (or DDP's ``gradient_as_bucket_view``, which re-points them at every backward):
+        say so, once."""
+        gathered = [b for b in self._buffers if getattr(b, "gathered", False)]
+        if not gathered:
+            return
+        for b in gathered:
+            b.gathered = False
+        seen = self.__dict__.get("_gathered_steps", 0) + 1
+        self._gathered_steps = seen
+        if seen != 2:
+            return
+        warnings.warn(
+            f"{type(self).__name__}: the gradients arrived as new tensors again (zero_grad with "
+            "set_to_none on the model, DDP with gradient_as_bucket_view=True, or .grad "
+            "assigned), so every step copies them into the optimizer's flat gradient buffer: "
+            "one extra pass over the gradients, and their memory twice. Zero them with the "
+            "optimizer's zero_grad() (in place: the backward accumulates into its buffer), and "
+            "leave DDP's gradient_as_bucket_view off.", stacklevel=outside_stacklevel())
+
+    def _restart_or_warn_stateless(self, restarted: set = frozenset()) -> None:
+        """Before the buffers are built: tensors without state inside a group that has already
+        folded gradients (see :meth:`_restart_or_warn`). ``restarted``: ids of tensors a sync of
+        the old buffers has already restarted (deleted state met on the way to the rebuild)."""
+        if not self.rule.bias_corrected:
+            return
+        first = self.rule.state_names[0]
+        missing = [(gi, p) for gi, p in self._trainable()
+                   if self.param_groups[gi]["folded"] > 0
+                   and (id(p) in restarted or first not in self.state.get(p, {}))]
+        if missing:
+            self._restart_or_warn(missing)
+
+    def _restart_fresh_tensors(self) -> None:
+        """After a sync that found deleted state (``opt.state.clear()``, ``del opt.state[p]``, a
+        state dict without it): the storage restarted those tensors' moments at zero."""
+        fresh = [(b.group_index, b.params[i]) for b in self._buffers
+                 for i in sorted(b.take_fresh())]
+        if self.rule.bias_corrected:
+            self._restart_or_warn([(gi, p) for gi, p in fresh
+                                   if self.param_groups[gi]["folded"] > 0])
+
+    def _restart_or_warn(self, missing) -> None:
+        """Tensors whose moments start at zero inside a group that has folded gradients. Bias
+        corrections are counted per group: a group whose every tensor starts afresh restarts its
+        count (as torch's per-tensor ``step`` does when the state is cleared); where only some
+        do (unfrozen inside the group, or their state deleted alone), their first directions
+        would be mis-corrected: say so, and how to avoid it."""
+        gone = {id(p) for _, p in missing}
+        groups = {gi for gi, _ in missing}
+        first = self.rule.state_names[0]
+        partial = []
+        for gi in sorted(groups):
+            # every member, frozen ones too: a frozen tensor's moments still count the group's
+            # steps (freezing one tensor and unfreezing another is not a reset)
+            if all(id(p) in gone or first not in self.state.get(p, {})
+                   for p in self.param_groups[gi]["params"]):
+                self.param_groups[gi]["folded"] = 0
+            else:
+                partial += [(g, p) for g, p in missing if g == gi]
+        if not partial:
+            return
+        names = [self._names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for _, p in partial]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        folded = self.param_groups[partial[0][0]]["folded"]
+        warnings.warn(
+            f"{len(partial)} parameter(s) start with zero moments inside a param group that has "
+            f"already taken {folded} step(s) ({shown}): they became trainable, or their state "
+            "was deleted. They share the group's bias correction, so their first directions are "
+            "mis-corrected (up to ~3x Adam's). Unfreeze by adding them as a new group "
+            "(optimizer.add_param_group) instead of switching requires_grad on inside an "
+            "existing one; reset the state of a whole group, or of the whole optimizer "
+            "(opt.state.clear()), rather than of single tensors.",
+            stacklevel=outside_stacklevel())
+
+    def _reshard_fsdp(self) -> None:
+        """Reshard every FSDP2 module of the model (a no-op where already sharded).
+
+        FSDP2 keeps a module's parameters unsharded after a forward that no backward follows
+        (always the root's, by default): a later forward would then reuse the gathered copy of
+        the weights from before the optimizer moved the shards. Resharding before each trial
+        forward and after the step makes the next forward all-gather the moved shards.
+        """
+        if getattr(self, "_sharded", False):
+            for m in fsdp_modules(self._modules):
+                m.reshard()
+
+    def _block_table(self):
+        """(group index, block index within the group) of every block, in buffer order."""
+        table = []
+        for b in self._buffers:
+            for local in range(b.layout.nblocks):
+                table.append((b.group_index, b.group_blocks[local]))
+        return table
