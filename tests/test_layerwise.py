@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -257,3 +258,55 @@ def test_a_checkpoint_with_other_blocks_warns_that_the_step_sizes_restart():
     with pytest.warns(UserWarning, match="the checkpoint's blocks .* are not this model's"):
         opt.step(make_closure(opt, lambda: net(x).pow(2).mean()))
     assert opt.param_groups[0]["block_names"] == ["0", "2"]
+
+
+def _mlp_task(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 1))
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+    return model, lambda: nn.functional.mse_loss(model(x), y)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_freezing_a_layer_keeps_the_other_blocks_step_sizes(backend):
+    # Blocks used to be named from the trainable tensors only: freezing layer 0 renamed the
+    # blocks, every block restarted at init_step_size (1 for SGD), and the steps without a
+    # search applied that untested η (loss 0.6 -> 6e7 with momentum 0.9).
+    model, f = _mlp_task()
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True,
+                    backend=backend, weight_decay=0.01)
+    for _ in range(30):
+        opt.step(make_closure(opt, f))
+    g = opt.param_groups[0]
+    names, etas = list(g["block_names"]), list(g["step_size"])
+    assert len(set(etas)) > 1  # the blocks learned different step sizes
+    model[0].requires_grad_(False)
+    losses = [float(opt.step(make_closure(opt, f))) for _ in range(10)]
+    assert g["block_names"] == names
+    assert g["step_size"][0] == etas[0]  # the frozen block keeps its η for later
+    assert all(e <= 1.25 * max(etas) for e in g["step_size"])  # nothing restarted at 1
+    assert math.isnan(opt.stats["step_size"][0]) and len(opt.stats["step_size"]) == 3
+    model[0].requires_grad_(True)
+    losses += [float(opt.step(make_closure(opt, f))) for _ in range(10)]
+    assert max(losses) < 1.5 * losses[0], losses
+    assert not math.isnan(opt.stats["step_size"][0])
+
+
+def test_a_group_added_later_keeps_the_first_groups_blocks():
+    # add_param_group used to re-cut group 0 into one block 'group.0' (its per-layer step
+    # sizes gone); the new head is its own block and starts no longer than any block's step.
+    model, f = _mlp_task()
+    head = nn.Linear(8, 1)
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
+    for _ in range(20):
+        opt.step(make_closure(opt, f))
+    g0 = opt.param_groups[0]
+    names, etas = list(g0["block_names"]), list(g0["step_size"])
+    opt.add_param_group({"params": head.parameters()})
+    opt.step(make_closure(opt, f))
+    assert g0["block_names"] == names
+    assert opt.param_groups[1]["block_names"] == ["group.1"]
+    assert opt.param_groups[1]["step_size"][0] <= min(etas) * 1.2 ** 2
+    assert len(opt.stats["step_size"]) == len(names) + 1

@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from problems import PROBLEMS, make_closure, minibatches
+from problems import PROBLEMS, least_squares, make_closure, minibatches
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -751,3 +751,29 @@ def test_a_closure_returning_several_losses_or_a_list_is_refused():
         opt.step(lambda: closure(lambda a, b: (a, 10 * b)))
     with pytest.raises(TypeError, match="returned list"):
         opt.step(lambda: closure(lambda a, b: [a + b]))
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_a_step_size_growing_without_a_schedule_is_named(scheduled):
+    # Without a schedule an Adam-family η keeps growing on noisy mini-batches (a review
+    # measured 0.2-0.3 and the loss rising back over 2000 steps) and nothing said so.
+    model, loss, _ = least_squares()
+    opt = ArmijoAdam(model.parameters(), init_step_size=1e-4, cadence="every")
+    if scheduled:
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(80):
+            opt.step(make_closure(opt, loss))
+    assert opt.param_groups[0]["step_size_avg"] >= 20 * 1e-4
+    named = [w for w in seen if "no schedule attached" in str(w.message)]
+    assert len(named) == (0 if scheduled else 1)
+
+
+def test_a_loss_of_exactly_zero_with_zero_gradient_is_no_mistake():
+    w = nn.Parameter(torch.zeros(3))
+    opt = ArmijoAdam([w], cadence="every")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "does the closure call loss.backward()?"
+        opt.step(make_closure(opt, lambda: (w ** 2).sum()))
+    assert opt.stats["grad_norm"] == 0.0

@@ -419,3 +419,57 @@ def test_ctrl_c_holding_leaves_the_programs_handler_in_place_outside_steps(monke
         assert signal.getsignal(signal.SIGINT) is on_ctrl_c
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("flat_store", [True, False])
+def test_a_tensor_frozen_after_the_store_exists_lets_the_old_buffers_go(flat_store):
+    # Freezing one bias kept it, its gradient and its moments as views of the old buffers,
+    # which the rebuild had replaced: every parameter, gradient and moment twice in memory,
+    # and the model's and the optimizer's checkpoints twice their size.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
+    x, y = torch.randn(32, 16), torch.randn(32, 1)
+    opt = ArmijoAdam(model.parameters(), model=model, flat=flat_store)
+    f = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    for _ in range(3):
+        opt.step(make_closure(opt, f))
+    def live_bytes():  # every storage the model's tensors and the state hold
+        tensors = [*model.parameters(), *[v for s in opt.state.values() for v in s.values()
+                                          if torch.is_tensor(v)]]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in tensors}.values())
+
+    before = live_bytes()
+    bias = model[0].bias
+    moments = {k: v.clone() for k, v in opt.state[bias].items()}
+    value = bias.detach().clone()
+    bias.requires_grad_(False)
+    opt.step(make_closure(opt, f))
+    assert bias.untyped_storage().nbytes() == bias.numel() * 4
+    # (flat=False: the gradient is the tensor's own, as torch leaves it until zero_grad)
+    assert bias.grad is None if flat_store else bias.grad.untyped_storage().nbytes() == 4 * 64
+    for k, v in opt.state[bias].items():  # kept for when it trains again, in its own storage
+        assert v.untyped_storage().nbytes() == v.numel() * 4
+        assert torch.equal(v, moments[k])
+    assert torch.equal(bias, value)
+    assert live_bytes() <= before + 3 * 4 * 64  # the bias, m and v on their own, no more
+    bias.requires_grad_(True)
+    with pytest.warns(UserWarning, match="train again after 1 step"):
+        opt.step(make_closure(opt, f))
+    assert not torch.equal(bias, value)
+
+
+def test_zero_grad_drops_the_gradients_of_tensors_outside_the_store():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = ArmijoAdam(model.parameters(), model=model)
+    x = torch.randn(8, 4)
+    f = lambda: model(x).pow(2).mean()  # noqa: E731
+    opt.step(make_closure(opt, f))
+    model.bias.requires_grad_(False)
+    opt.step(make_closure(opt, f))
+    model.bias.grad = torch.ones(1)  # as a hook or user code might leave it
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(model.bias.grad, torch.zeros(1))
+    opt.zero_grad()
+    assert model.bias.grad is None and model.weight.grad is not None

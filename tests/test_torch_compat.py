@@ -290,3 +290,27 @@ def test_a_checkpoint_with_a_learning_rate_per_group(layerwise):
     assert etas == ([1e-3, 1e-4] if layerwise else [1e-3, 1e-3])
     ours.step(loss_fn=loss_fn, loss=f0)
     assert ours.stats["searched"] and float(loss_fn().detach()) < float(f0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20),
+    lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1),
+])
+def test_plain_sgd_meets_momentum_cycling_schedulers_as_torch_sgd_does(make):
+    # torch's SGD has momentum 0 in its groups, so OneCycleLR / CyclicLR (cycle_momentum=True
+    # by default) accept it; ArmijoSGD without momentum had no key and the scheduler raised
+    # "optimizer must support momentum". Now the scheduler is built, and the momentum it
+    # writes, which the plain direction cannot take, is refused by name at the step.
+    model = nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    opt = ArmijoSGD(model.parameters(), lr=0.1)
+    make(opt)
+    with pytest.raises(ValueError, match="cycle_momentum=False"):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    opt = ArmijoSGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20,
+                                                cycle_momentum=False)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+        sched.step()
+    assert opt.param_groups[0]["momentum"] == 0.0

@@ -54,6 +54,7 @@ from .torch_compat import (
 #: keys of the line-search state kept in every param group (identical across groups when global).
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "collapsed",
             "next_search", "search_interval", "searches", "forwards", "backwards")
+_COUNTERS = ("step", "next_search", "search_interval", "searches", "forwards", "backwards")
 # ``step`` counts step() calls (cadence, schedules); ``folded`` counts the gradients folded into
 # the group's state, the count behind its bias corrections: a skipped step (non-finite gradient or
 # loss) adds to the first and not to the second, as torch's Adam does for a step GradScaler skips,
@@ -208,15 +209,26 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         for name, p in zip(group.get("param_names", ()), group["params"]):
             self._names.setdefault(id(p), name)
         first = self.param_groups[0]
-        joining = group is not first and not self.layerwise and "step_size" in first
+        joining = group is not first and "step_size" in first
         group.setdefault("lr_ref", _lr_value(group["lr"]))
         for key in _LS_KEYS:
             default = {"step_size": self._init_step_size,
                        "step_size_avg": self._init_step_size,
                        "next_search": 1, "search_interval": 1}.get(key, 0)
-            group.setdefault(key, first[key] if joining and key != "folded" else default)
+            if joining and key != "folded" and (not self.layerwise or key in _COUNTERS):
+                default = first[key]  # global: one η for every group; the counters are shared
+            elif joining and key in ("step_size", "step_size_avg"):
+                # layer-wise: the new group's block starts no longer than any block's step
+                default = min(self._init_step_size, *[
+                    v for g in self.param_groups if g is not group and key in g
+                    for v in (g[key] if isinstance(g[key], list) else [g[key]])])
+            group.setdefault(key, default)
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
             group.setdefault("block_cursor", first.get("block_cursor", 0))
+            # module names cut the blocks of a single group given with names; every other group
+            # (several given, or added later: a new head) is one block
+            group.setdefault("blocks_by", "name" if group is first and len(self.param_groups) == 1
+                             and self._names else "group")
 
     def _validate_group(self, group: dict) -> None:
         """The hyperparameters a step reads from a group: at construction, and again at every
@@ -305,6 +317,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             return super().zero_grad(set_to_none=set_to_none)
         for buf in self._buffers:
             buf.zero_grad()
+        for p in self._outside:  # tensors the store does not hold (frozen): as torch does
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_() if p.grad.grad_fn is not None else p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     # -- the step ------------------------------------------------------------------------------
     # Not traced when a compiled function calls it: the search reads losses on the host, so a
@@ -428,7 +447,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 per_block = etas if caps is None else [  # the η each block applied
                     c.clamp(max=e) for c, e in zip((c for cap in caps for c in cap), etas)]
                 return self._report([moved * (e * f if scaled else e)
-                                     for e, f in zip(per_block, block_factors)])
+                                     for e, f in zip(per_block, block_factors)], table)
 
             self.stats = StepStats(
                 step=k, searched=False, step_size=lambda: applied(False),
@@ -542,9 +561,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         if accepted is not None and not skipped and result.block_dd:
             self._record_step_length(table, result.block_dd)
         exhausted = accepted is None and not (skipped or result.unresolved)
-        if result.grad_sq == 0.0 and not skipped:
-            self._warn_zero_gradient(k)
+        if result.grad_sq == 0.0 and not skipped and result.loss_before != 0.0:
+            self._warn_zero_gradient(k)  # (a loss of exactly 0: a fitted batch, no mistake)
+        self._note_growth_without_schedule(table)
         self._note_unchanged_trials(result)
+        self._note_unresolved(result, resolution)
         # after a collapse η is reset to η̄, which this search has just rejected: like an
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
@@ -557,15 +578,17 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         self._advance(k, folded=() if skipped else passes.groups)
         taken = accepted if accepted is not None else [0.0] * len(table)
         self.stats = StepStats(
-            step=k, searched=True, step_size=self._report(taken),
-            applied_step=self._report([a * f for a, f in zip(taken, block_factors)]),
+            step=k, searched=True, step_size=self._report(taken, table),
+            applied_step=self._report([a * f for a, f in zip(taken, block_factors)], table),
             lr_factor=factors[0], trials=result.trials, loss_before=result.loss_before,
             loss_after=result.loss_after, gd=result.gd,
             grad_norm=math.sqrt(result.grad_sq) if result.grad_sq >= 0 else math.nan,
             non_descent=result.non_descent, unresolved=result.unresolved,
             exhausted=exhausted,
-            collapsed=collapsed, skipped=skipped, searched_blocks=sorted(set().union(*plan)),
-            next_step_size=self._report([self._eta(gi, lb) for gi, lb in table]),
+            collapsed=collapsed, skipped=skipped, searched_blocks=self._positions(
+                table, sorted(set().union(*plan))),
+            next_step_size=self._report([self._eta(gi, lb) for gi, lb in self._all_blocks()],
+                                        self._all_blocks()),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         return f0
@@ -587,6 +610,41 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 "when you pass loss=, provide_loss() or step() with a registered closure (the "
                 "closure form, step(closure), needs nothing)"))
 
+    def _note_growth_without_schedule(self, table) -> None:
+        """On noisy mini-batches the Armijo test accepts steps that fit the batch it is tested
+        on; the user's schedule anneals them (docs/design.md §8). With no schedule attached an
+        Adam-family η keeps growing (a review measured 0.2–0.3 and the loss rising back over
+        2000 steps). Say so, once, when η̄ passes 20× its start while lr has never changed."""
+        if not self.rule.bias_corrected or "no_schedule" in self.__dict__.get("_warned", ()):
+            return
+        if any("initial_lr" in g or g["lr"] != g["lr_ref"] for g in self.param_groups):
+            return  # a scheduler is attached (or lr is set by hand)
+        avg = max(self._eta(gi, lb, key="step_size_avg") for gi, lb in table)
+        if avg >= 20 * self._init_step_size:
+            self._warn_once("no_schedule", (
+                f"the searched step size has grown to {avg:.3g}, {avg / self._init_step_size:.0f}x "
+                "its start, and the learning rate has not changed since construction: no "
+                "schedule attached? On noisy mini-batches the Armijo test accepts steps that "
+                "fit the batch it is tested on, and without annealing they keep growing (the "
+                "loss can rise again over long runs). Attach the schedule you would use with "
+                "AdamW (warmup + cosine): the applied step is η · lr_t / lr_0"))
+
+    def _note_unresolved(self, result, resolution: float) -> None:
+        """Searches whose predicted decrease is below the loss's float resolution take no step.
+        With a bf16 / fp16 loss (a model cast to bf16 whose loss is computed in it) that is
+        nearly every search: resolution 6% / 0.8% of the loss. Say so, once, at the third in
+        a row."""
+        plain = result.unresolved and not result.unchanged and not result.skipped
+        n = self.__dict__.get("_unresolved_searches", 0) + 1 if plain else 0
+        self._unresolved_searches = n
+        if n == 3 and resolution > 1e-4:
+            self._warn_once("half_loss", (
+                f"the loss is computed in half precision (resolution {resolution:.1e} of its "
+                f"value), coarser than the decrease the Armijo test must see: {n} searches in a "
+                "row could not tell a decrease from rounding and took no step (with "
+                "cadence='every' the model does not train). Compute the loss in fp32 from "
+                "fp32 logits, e.g. loss_fn(logits.float(), y)"))
+
     def _note_unchanged_trials(self, result) -> None:
         """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
         trial forwards did not see the moved weights. Now and then that is a step below a bf16
@@ -601,8 +659,26 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 "copy of the model, cached outputs, or weights cast once outside the loss "
                 "function? (A cast cached by torch.autocast is cleared before each trial.)"))
 
-    def _report(self, values):
-        return list(values) if self.layerwise else values[0]
+    def _report(self, values, table=None):
+        """Telemetry per block: one value (global), or a list over every group's blocks in
+        ``block_names`` order (layer-wise), NaN for a block with no trainable tensor at this
+        step (frozen), so that the list keeps its length and order while layers freeze."""
+        if not self.layerwise:
+            return values[0]
+        at = dict(zip(table or self._block_table(), values))
+        return [at.get(key, math.nan) for key in self._all_blocks()]
+
+    def _positions(self, table, blocks) -> list[int]:
+        """Where the table's ``blocks`` stand in the telemetry's list (layer-wise)."""
+        if not self.layerwise:
+            return blocks
+        where = {key: i for i, key in enumerate(self._all_blocks())}
+        return [where[table[b]] for b in blocks]
+
+    def _all_blocks(self) -> list:
+        """(group index, block index) of every block of every group, trainable or not."""
+        return [(gi, lb) for gi, g in enumerate(self.param_groups)
+                for lb in range(len(g.get("block_names") or (None,)))]
 
     # -- helpers -------------------------------------------------------------------------------
     def _ones2(self, device) -> Tensor:

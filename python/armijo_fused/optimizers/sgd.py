@@ -87,7 +87,9 @@ class ArmijoSGD(ArmijoOptimizer):
         check_torch_keywords("ArmijoSGD", foreach=foreach, fused=fused, maximize=maximize,
                              capturable=capturable, differentiable=differentiable)
         direction, momentum = sgd_direction(direction, momentum, dampening, nesterov)
-        rule_defaults = {} if direction == "sgd" else {"momentum": momentum}
+        # plain SGD too has momentum 0 in its groups, as torch's: schedulers that cycle momentum
+        # (OneCycleLR, CyclicLR) look for the key; a value they write then is refused by name
+        rule_defaults = {"momentum": 0.0 if direction == "sgd" else momentum}
         super().__init__(
             params, lr=lr, direction=direction, weight_decay=weight_decay,
             init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth, smoothing=smoothing,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import Tensor
 
 from ..backends import resolve_backend
 from ..linesearch import trial as trial_mod
@@ -32,36 +33,80 @@ class StoreMixin:
         group = self.param_groups[gi]
         if not self.layerwise:
             return [0] * len(params)
-        if len(self.param_groups) > 1 or not self._names:
-            names = [group.get("block", f"group.{gi}")]
-            ids = [0] * len(params)
+        if self._blocks_by(gi) == "group":
+            names, ids = [group.get("block", f"group.{gi}")], [0] * len(params)
         else:
             from ..blocks import block_name
 
-            names, ids = [], []
-            for p in params:
-                name = block_name(self._names.get(id(p), "unnamed"))
+            # from every tensor of the group, trainable or not: freezing one layer must not
+            # rename (and so restart) the blocks of the others
+            of, names = {}, []
+            for p in group["params"]:
+                of[id(p)] = name = block_name(self._names.get(id(p), "unnamed"))
                 if name not in names:
                     names.append(name)
-                ids.append(names.index(name))
+            ids = [names.index(of[id(p)]) for p in params]
         if group.get("block_names") != names:
-            if group.get("block_names") is not None and self.__dict__.get("_blocks_loaded"):
-                self._warn_once("blocks_renamed", (
-                    f"the checkpoint's blocks {group['block_names'][:4]} are not this model's "
-                    f"{names[:4]}: every block's step size restarts (from "
-                    f"{self._init_step_size:g}). Block names are read past wrapper prefixes "
-                    "(module., _orig_mod.); a checkpoint of a wrapped model saved before that "
-                    "was so names its blocks after the wrapper, or it is another model's"))
+            self._rename_blocks(group, names)
+        return ids
+
+    def _blocks_by(self, gi) -> str:
+        """How group gi is cut into blocks: ``"name"`` (module names: one group given, with
+        names) or ``"group"`` (the group is one block). Decided once, when the group is set up,
+        so that a group added later (a new head) does not re-cut the first one."""
+        group = self.param_groups[gi]
+        mode = group.get("blocks_by")
+        if mode is None:  # a checkpoint from before the key: as its blocks were cut
+            old = group.get("block_names")
+            if old is not None:
+                mode = "group" if old == [group.get("block", f"group.{gi}")] else "name"
+            else:
+                mode = "name" if len(self.param_groups) == 1 and self._names else "group"
+            group["blocks_by"] = mode
+        return mode
+
+    def _rename_blocks(self, group: dict, names: list) -> None:
+        """Give the group per-block state for ``names``. A block that keeps its name (the same
+        model's, a checkpoint's) keeps its step sizes, step length, merge and search record; a
+        new one starts from the smallest step size carried over (mid-run: no untested step
+        longer than a tested one), else from the group's global η (a global checkpoint) or
+        ``init_step_size``. A new block mid-run makes the next step search."""
+        old = group.get("block_names")
+        lists = isinstance(group["step_size"], list) and old is not None
+        keys = ("step_size", "step_size_avg", "step_length", "collapsed", "block_searched_at")
+        where = {}
+        if lists:
+            where = {n: i for i, n in enumerate(old)}
+            if not all(isinstance(group.get(k), list) and len(group[k]) == len(old)
+                       for k in keys + ("block_owner",)):
+                where = {}  # a checkpoint without some of them: start every block afresh
+        carried = [n for n in names if n in where]
+        if carried:
+            eta = min(group["step_size"][where[n]] for n in carried)
+            avg = min(group["step_size_avg"][where[n]] for n in carried)
+        else:
             eta = group["step_size"] if not isinstance(group["step_size"], list) \
                 else self._init_step_size
             avg = group["step_size_avg"] if not isinstance(group["step_size_avg"], list) \
                 else self._init_step_size
-            group.update(block_names=names, step_size=[eta] * len(names),
-                         step_size_avg=[avg] * len(names), step_length=[0.0] * len(names),
-                         collapsed=[0] * len(names),
-                         block_owner=list(range(len(names))),
-                         block_searched_at=[0] * len(names))
-        return ids
+        fresh = dict(step_size=eta, step_size_avg=avg, step_length=0.0, collapsed=0,
+                     block_searched_at=0)
+        new = {k: [group[k][where[n]] if n in where else fresh[k] for n in names] for k in keys}
+        owner = []
+        for j, n in enumerate(names):  # a merge holds where both blocks are still there
+            o = old[group["block_owner"][where[n]]] if n in where else n
+            owner.append(names.index(o) if o in names else j)
+        if old is not None and self.__dict__.get("_blocks_loaded") and set(old) != set(names):
+            self._warn_once("blocks_renamed", (
+                f"the checkpoint's blocks {old[:4]} are not this model's {names[:4]}: the "
+                f"blocks it does not name start from step size {eta:g}. Block names are read "
+                "past wrapper prefixes (module., _orig_mod.); a checkpoint of a wrapped model "
+                "saved before that was so names its blocks after the wrapper, or it is another "
+                "model's"))
+        if len(carried) < len(names) and self.param_groups[0]["step"] > 0:
+            for g in self.param_groups:
+                g["next_search"] = min(g["next_search"], g["step"] + 2)
+        group.update(block_names=names, block_owner=owner, **new)
 
     def _sync_buffers(self) -> list[FlatBuffer]:
         """The flat buffers, re-validated against ``param_groups`` (rebuilt if anything moved)."""
@@ -104,7 +149,12 @@ class StoreMixin:
                                           torch.float32 if getattr(buf, "master", False)
                                           else buf.dtype)
             buffers.append(buf)
-        self._buffers, self._buffer_key = buffers, key
+        old, self._buffers, self._buffer_key = self._buffers, buffers, key
+        held = {id(p) for b in buffers for p in b.params}
+        self._outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
+        self._last_dd = None  # (it held the old buffers; a cap needs a pass over the new ones)
+        if old:
+            self._release(old, buffers)
         self._blocks_loaded = False
         for buf in buffers:  # a bf16 checkpoint's master, loaded for what is now fp32: θ is
             if not getattr(buf, "master", False):  # its own master; a stale one would come
@@ -122,6 +172,39 @@ class StoreMixin:
                     "between trial forwards and they see the moved weights"
                 )
         return buffers
+
+    @torch.no_grad()
+    def _release(self, old: list, new: list) -> None:
+        """After a rebuild: the tensors that left the store (frozen, taken out of the groups)
+        stop viewing the old buffers, so that those are freed. Their values and state (kept for
+        when they train again) get storage of their own, their gradient is dropped (as torch's
+        ``zero_grad`` would drop it). Else one frozen bias kept every old buffer alive: the
+        parameters, gradients and moments twice, and checkpoints twice their size."""
+        kept = {id(p) for b in new for p in b.params}
+        self.__dict__.setdefault("_left_at", {})
+        for b in old:
+            mine = [*b.states]
+            if isinstance(b, FlatBuffer):  # (the others leave θ and g in the model's tensors)
+                mine += [b.param, b.model_param, b.grad]
+            storages = {t.untyped_storage().data_ptr() for t in mine}
+
+            def inside(t, storages=storages):
+                return isinstance(t, Tensor) and t.untyped_storage().data_ptr() in storages
+
+            folded = self.param_groups[b.group_index]["folded"] \
+                if b.group_index < len(self.param_groups) else 0
+            for p in b.params:
+                if id(p) in kept:
+                    continue
+                self._left_at[id(p)] = folded  # its moments hold this many gradients
+                if inside(p.data):
+                    p.data = p.data.clone()
+                if inside(p.grad):
+                    p.grad = None
+                pstate = self.state.get(p, {})
+                for name, value in list(pstate.items()):
+                    if inside(value):
+                        pstate[name] = value.clone()
 
     def _check_model_still_holds_params(self) -> None:
         """With ``model=``: a parameter the model held and holds no more was replaced
@@ -194,14 +277,30 @@ class StoreMixin:
         """Before the buffers are built: tensors without state inside a group that has already
         folded gradients (see :meth:`_restart_or_warn`). ``restarted``: ids of tensors a sync of
         the old buffers has already restarted (deleted state met on the way to the rebuild)."""
+        left_at = self.__dict__.setdefault("_left_at", {})
         if not self.rule.bias_corrected:
-            return
+            return left_at.clear()
         first = self.rule.state_names[0]
         missing = [(gi, p) for gi, p in self._trainable()
                    if self.param_groups[gi]["folded"] > 0
                    and (id(p) in restarted or first not in self.state.get(p, {}))]
         if missing:
             self._restart_or_warn(missing)
+        back = [(gi, p, self.param_groups[gi]["folded"] - left_at.pop(id(p)))
+                for gi, p in self._trainable() if id(p) in left_at]
+        back = [(gi, p, k) for gi, p, k in back if k > 0 and first in self.state.get(p, {})]
+        if back:
+            names = [self._names.get(id(p), f"a tensor of shape {tuple(p.shape)}")
+                     for _, p, _ in back]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            warnings.warn(
+                f"{len(back)} parameter(s) train again after {max(k for *_, k in back)} step(s) "
+                f"frozen inside a param group that went on training ({shown}): their moments "
+                "are bias-corrected with the group's count of steps, not with the count of "
+                "gradients they hold, so their next directions are mis-corrected (by a factor "
+                "that grows with the time frozen). Freeze and unfreeze whole param groups (a "
+                "group for each part you freeze; a group with no trainable tensor keeps its "
+                "count), and the correction stays exact.", stacklevel=outside_stacklevel())
 
     def _restart_fresh_tensors(self) -> None:
         """After a sync that found deleted state (``opt.state.clear()``, ``del opt.state[p]``, a

@@ -57,7 +57,9 @@ def check_group_options(owner: str, rule, group: dict) -> None:
                    f"{rule.name!r})")
     if group.get("momentum") and "momentum" not in rule.hyperparameters:
         bad.append(f"momentum={group['momentum']!r} (direction {rule.name!r} keeps no momentum "
-                   "buffer)")
+                   "buffer; a scheduler with cycle_momentum=True, OneCycleLR's and CyclicLR's "
+                   "default, writes it: pass cycle_momentum=False, or build the optimizer with "
+                   "momentum)")
     if bad:
         how = ("ArmijoSGD(..., momentum=0.9, nesterov=True)" if owner == "ArmijoSGD"
                else f"{owner}(..., direction=...)")
@@ -145,7 +147,7 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
             if saved.get(key):
                 raise ValueError(f"the state_dict comes from a torch optimizer with {key}="
                                  f"{saved[key]!r}, which {owner} does not implement")
-        if saved.get("momentum") and "momentum" not in live:
+        if saved.get("momentum") and "momentum" not in rule.hyperparameters:
             raise ValueError(f"the state_dict's group {gi} uses momentum={saved['momentum']!r}; "
                              f"{owner}(direction={rule.name!r}) keeps no momentum buffer")
         steps = []
