@@ -285,7 +285,8 @@ def test_a_checkpoint_with_a_learning_rate_per_group(layerwise):
     groups = [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}]
     ours = ArmijoAdam(groups, backend="torch", layerwise=layerwise)
     ours.load_state_dict(copy.deepcopy(adamw.state_dict()))
-    etas = [g["step_size"] for g in ours.param_groups]
+    etas = [e for g in ours.param_groups for e in (
+        g["step_size"] if isinstance(g["step_size"], list) else [g["step_size"]])]
     # one global step size is one number for every group; layer-wise, each block keeps its own
     assert etas == ([1e-3, 1e-4] if layerwise else [1e-3, 1e-3])
     ours.step(loss_fn=loss_fn, loss=f0)

@@ -202,8 +202,16 @@ def trial_points(
     g_in = grad.float() * unscale * clip
     u, wd = _direction(rule, g_in, states, scalars, weight_decay, precond)
     d = u if precond else u + wd * param
+    del g_in, u
     e = torch.tensor(list(etas), dtype=torch.float32, device=param.device)
-    return param[None] - e[:, None] * d[None]
+    # row by row into the result: θ0 − η_k·d as [K, n] products and then their difference held
+    # 2K copies of θ at once (the same roundings: the product, then the difference)
+    out = torch.empty((len(etas), param.numel()), dtype=torch.promote_types(param.dtype, d.dtype),
+                      device=param.device)
+    for k, row in enumerate(out):
+        torch.mul(d, e[k], out=row)
+        torch.sub(param, row, out=row)
+    return out
 
 
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:

@@ -185,8 +185,10 @@ def owned_buffers(params) -> list[tuple[dict, set]]:
 
     A parameter does not know its module; the garbage collector's referrer lists do: a parameter
     is held by its module's ``_parameters`` dict, which is held by the module's ``__dict__``,
-    where ``_buffers`` sits beside it. Two scans of the heap, once per optimizer (tens to a few
-    hundred ms). Modules with buffers but no parameters (a BatchNorm with ``affine=False``) are
+    where ``_buffers`` sits beside it. Two scans of the heap, once per optimizer and again when
+    the trainable tensors change; they grow with the heap and the tensors (a review measured
+    0.5 s for 500 tensors and 4.6 s for 4,000, or 1.6 s with 1.3M objects on the heap): pass
+    ``model=`` to skip them. Modules with buffers but no parameters (a BatchNorm with ``affine=False``) are
     not found: pass ``model=`` for those.
     """
     params = list(params)

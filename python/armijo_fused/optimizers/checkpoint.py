@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..storage.sharded import is_dtensor
 from ..telemetry import StepStats
 from .torch_compat import from_torch_state_dict, is_torch_state_dict
 
@@ -132,23 +133,29 @@ class CheckpointMixin:
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if self.layerwise:
-            # rebuild the store at the next step: the build checks the checkpoint's blocks
-            # against the model's (and sets them up for a global checkpoint, whose groups have
-            # none, as for a fresh optimizer)
+            # rebuild the store: the build checks the checkpoint's blocks against the model's
+            # (and sets them up for a global checkpoint, whose groups have none, as for a fresh
+            # optimizer)
             self._buffers, self._blocks_loaded = None, True
-        # without buffers the values wait for the next step's build: take copies, since the
-        # checkpoint's tensors may be a live optimizer's, which go on changing
-        copy = self._buffers is None
+        # The values go into the flat buffers now, built here if need be, and the checkpoint's
+        # tensors are not kept: they may be a live optimizer's, which go on changing with its
+        # steps (torch.distributed.checkpoint between two optimizers in one process), and a copy
+        # kept until the first step held m and v twice (4 copies of θ above AdamW's at resume,
+        # 6 while the caller still held the loaded dict). FSDP2 shards and meta tensors wait
+        # for the first step, on copies.
+        later = any(is_dtensor(p) or p.device.type == "meta" for p in params)
+        copy = later and self._buffers is None
         for pid, p in zip(ids, params):
             for key, value in saved.get(pid, {}).items():
                 if isinstance(value, Tensor) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, copy=copy)
-        if self._buffers is not None:
-            # copy the values into the flat buffers now: a state dict of a live optimizer holds
-            # its tensors, which go on changing with its steps (torch.distributed.checkpoint's
-            # get/set_optimizer_state_dict between two optimizers in one process)
-            with torch.no_grad():
-                self._sync_buffers()
+        if not later:
+            self._loading = True
+            try:
+                with torch.no_grad():
+                    self._sync_buffers()
+            finally:
+                self._loading = False
 
     def _check_loadable(self, state_dict: dict) -> None:
         """A state dict of another direction (an ArmijoSGD's into an ArmijoAdam) replaced the

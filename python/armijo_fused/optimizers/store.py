@@ -6,6 +6,7 @@ A mixin of :class:`~armijo_fused.optimizers.base.ArmijoOptimizer`."""
 from __future__ import annotations
 
 import warnings
+from time import perf_counter
 
 import torch
 from torch import Tensor
@@ -118,6 +119,8 @@ class StoreMixin:
                 if any(b.fresh for b in self._buffers):
                     self._restart_fresh_tensors()
                 self._warn_gathered_grads()
+                if self.__dict__.get("_masters_pending"):
+                    self._drop_stale_masters(self._buffers)
                 return self._buffers
         # a sync that stopped at a moved tensor may have restarted deleted state before it
         restarted = {id(b.params[i]) for b in self._buffers or () for i in b.take_fresh()}
@@ -156,10 +159,10 @@ class StoreMixin:
         if old:
             self._release(old, buffers)
         self._blocks_loaded = False
-        for buf in buffers:  # a bf16 checkpoint's master, loaded for what is now fp32: θ is
-            if not getattr(buf, "master", False):  # its own master; a stale one would come
-                for p in buf.params:  # back at the next bf16 load over what trained since
-                    self.state[p].pop("master", None)
+        if self.__dict__.get("_loading"):  # built by load_state_dict: the model may still be
+            self._masters_pending = True  # cast to bf16 before the first step, which decides
+        else:
+            self._drop_stale_masters(buffers)
         self._sharded = any(getattr(b, "distributed", False) for b in buffers)
         if self._sharded:
             if self.candidates is not None:  # trial weights swapped in would not be shards
@@ -172,6 +175,15 @@ class StoreMixin:
                     "between trial forwards and they see the moved weights"
                 )
         return buffers
+
+    def _drop_stale_masters(self, buffers) -> None:
+        """A bf16 checkpoint's master, loaded for what is fp32 now: θ is its own master, and a
+        stale one would come back at the next bf16 load over what trained since."""
+        self._masters_pending = False
+        for buf in buffers:
+            if not getattr(buf, "master", False):
+                for p in buf.params:
+                    self.state[p].pop("master", None)
 
     @torch.no_grad()
     def _release(self, old: list, new: list) -> None:
@@ -245,8 +257,15 @@ class StoreMixin:
         parameters change (a heap scan: see trial.owned_buffers)."""
         key = self._buffer_key
         if getattr(self, "_owned", (None, None))[0] != key:
+            start = perf_counter()
             self._owned = (key, trial_mod.owned_buffers(
                 p for g in self.param_groups for p in g["params"]))
+            took = perf_counter() - start
+            if took > 0.5:
+                self._warn_once("heap_scan", (
+                    f"finding the modules that hold the parameters took {took:.1f} s (a scan of "
+                    "the heap, repeated whenever the trainable tensors change): pass model= to "
+                    "the optimizer, or to set_closure(fn, model=...), to skip it"))
         return self._owned[1]
 
     def _warn_gathered_grads(self) -> None:

@@ -96,19 +96,39 @@ class FlatBuffer:
         self.master = self.dtype in MASTER_DTYPES
         self.state_names = rule.state_names + (("master",) if self.master else ())
         fp32 = dict(dtype=torch.float32, device=self.device)
-        self.param = torch.zeros(n, **(fp32 if self.master else kw))
-        self.model_param = torch.zeros(n, **kw) if self.master else self.param
-        self.grad = torch.zeros(n, **kw)
         self.gathered = False  # has sync() copied in a gradient that arrived as a new tensor?
         self.fresh: set[int] = set()  # tensors whose state sync() found deleted, and restarted
-        self.states = [torch.zeros(n, **(fp32 if self.master else kw)) for _ in rule.state_names]
-        self._param_views = [self._view(self.model_param, i) for i in range(len(params))]
-        self._master_views = [self._view(self.param, i) for i in range(len(params))]
-        self._grad_views = [self._view(self.grad, i) for i in range(len(params))]
-        self._state_views = [
-            [self._view(s, i) for s in self.states] + ([self._master_views[i]] if self.master else [])
-            for i in range(len(params))
-        ]
+        # Built one buffer at a time, each taking its tensors over (and so letting the old ones
+        # go) before the next is allocated: at most one buffer's worth above AdamW's θ, g, m, v
+        # at any moment. Allocating θ, g, m and v first held 2 copies of θ more at the first
+        # step, a step that could run out of memory where AdamW fits.
+        with torch.no_grad():
+            self.param = torch.zeros(n, **(fp32 if self.master else kw))
+            self.model_param = torch.zeros(n, **kw) if self.master else self.param
+            self._param_views = [self._view(self.model_param, i) for i in range(len(params))]
+            self._master_views = [self._view(self.param, i) for i in range(len(params))]
+            for p, pview, mview in zip(self.params, self._param_views, self._master_views):
+                pview.copy_(p.detach())
+                if self.master:
+                    mview.copy_(p.detach())  # overwritten by a saved master
+                p.data = pview
+            self.grad = torch.zeros(n, **kw)
+            self._grad_views = [self._view(self.grad, i) for i in range(len(params))]
+            for p, gview in zip(self.params, self._grad_views):
+                if p.grad is not None:
+                    gview.copy_(_dense(p, p.grad))
+                p.grad = gview
+            self.states, by_name = [], []
+            for name in rule.state_names:
+                buf = torch.zeros(n, **(fp32 if self.master else kw))
+                self.states.append(buf)
+                by_name.append([self._view(buf, i) for i in range(len(params))])
+                self._take_state(state, name, by_name[-1])
+            if self.master:
+                by_name.append(self._master_views)
+                self._take_state(state, "master", self._master_views)
+            self.publish()
+        self._state_views = [[views[i] for views in by_name] for i in range(len(params))]
         # what sync() compares each step: tensor, its view (address, strides) and shape, grad view
         # and (name, view) of each state entry; one flat tuple per tensor, since the loop is host
         # time before the first pass
@@ -121,7 +141,16 @@ class FlatBuffer:
             list(self.params), list(self._param_views), list(self._grad_views),
             list(self.state_names),
             [[sv[j] for sv in self._state_views] for j in range(len(self.state_names))])
-        self._adopt(state)
+
+    def _take_state(self, state: dict, name: str, views: list) -> None:
+        """State entry ``name`` of every tensor: its value copied in (zero, or θ for a master,
+        when it has none), then the entry re-pointed at its view."""
+        for p, view in zip(self.params, views):
+            pstate = state[p]
+            old = pstate.get(name)
+            if old is not None:
+                view.copy_(old)
+            pstate[name] = view
 
     def _view(self, flat: Tensor, i: int) -> Tensor:
         o = self.offsets[i]
@@ -136,25 +165,6 @@ class FlatBuffer:
         if strides is None:
             return chunk.view(lead + tuple(p.shape))
         return chunk.as_strided(lead + tuple(p.shape), tuple(chunk.stride()[:-1]) + strides)
-
-    def _adopt(self, state: dict) -> None:
-        """Copy the tensors' current values in and re-point the model at the views."""
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                self._param_views[i].copy_(p.detach())
-                if self.master:
-                    self._master_views[i].copy_(p.detach())  # overwritten by a saved master
-                p.data = self._param_views[i]
-                if p.grad is not None:
-                    self._grad_views[i].copy_(_dense(p, p.grad))
-                p.grad = self._grad_views[i]
-                pstate = state[p]
-                for name, view in zip(self.state_names, self._state_views[i]):
-                    old = pstate.get(name)
-                    if old is not None:
-                        view.copy_(old)
-                    pstate[name] = view
-            self.publish()
 
     def sync(self, state: dict) -> bool:
         """Re-validate the views before a step; False means the parameters moved: rebuild."""
