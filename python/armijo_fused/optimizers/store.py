@@ -309,9 +309,7 @@ class StoreMixin:
                 for gi, p in self._trainable() if id(p) in left_at]
         back = [(gi, p, k) for gi, p, k in back if k > 0 and first in self.state.get(p, {})]
         if back:
-            names = [self._names.get(id(p), f"a tensor of shape {tuple(p.shape)}")
-                     for _, p, _ in back]
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            shown = self._shown([p for _, p, _ in back])
             warnings.warn(
                 f"{len(back)} parameter(s) train again after {max(k for *_, k in back)} step(s) "
                 f"frozen inside a param group that went on training ({shown}): their moments "
@@ -320,6 +318,11 @@ class StoreMixin:
                 "that grows with the time frozen). Freeze and unfreeze whole param groups (a "
                 "group for each part you freeze; a group with no trainable tensor keeps its "
                 "count), and the correction stays exact.", stacklevel=outside_stacklevel())
+
+    def _shown(self, params) -> str:
+        """The first few of ``params`` by name, for a warning."""
+        names = [self._names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for p in params]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
     def _restart_fresh_tensors(self) -> None:
         """After a sync that found deleted state (``opt.state.clear()``, ``del opt.state[p]``, a
@@ -350,8 +353,7 @@ class StoreMixin:
                 partial += [(g, p) for g, p in missing if g == gi]
         if not partial:
             return
-        names = [self._names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for _, p in partial]
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        shown = self._shown([p for _, p in partial])
         folded = self.param_groups[partial[0][0]]["folded"]
         warnings.warn(
             f"{len(partial)} parameter(s) start with zero moments inside a param group that has "
