@@ -310,3 +310,33 @@ def test_a_group_added_later_keeps_the_first_groups_blocks():
     assert opt.param_groups[1]["block_names"] == ["group.1"]
     assert opt.param_groups[1]["step_size"][0] <= min(etas) * 1.2 ** 2
     assert len(opt.stats["step_size"]) == len(names) + 1
+
+
+def test_a_layer_frozen_from_the_start_joins_untested_no_longer_than_a_tested_step():
+    # Frozen from construction, the layer's block kept init_step_size (1 for SGD) and, once
+    # unfrozen, the steps without a search applied it untested (loss 0.1 -> 22 in two steps).
+    model, f = _mlp_task()
+    model[2].requires_grad_(False)
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
+    for _ in range(30):
+        opt.step(make_closure(opt, f))
+    g = opt.param_groups[0]
+    tested = [e for e, at in zip(g["step_size"], g["block_searched_at"]) if at > 0]
+    model[2].requires_grad_(True)
+    opt.step(make_closure(opt, f))
+    assert g["step_size"][1] <= min(tested)
+    opt.step(make_closure(opt, f))
+    assert opt.stats["searched"]  # the next step tests it
+    losses = [float(opt.step(make_closure(opt, f))) for _ in range(10)]
+    assert max(losses) < 2 * losses[0]
+
+
+def test_a_collapsed_block_does_not_merge_into_a_frozen_one():
+    model, f = _mlp_task()
+    opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, merge_below=1.0,
+                     cadence="every")
+    model[0].requires_grad_(False)
+    for _ in range(4):
+        opt.step(make_closure(opt, f))
+    owner = opt.param_groups[0]["block_owner"]
+    assert owner[0] == 0 and all(o != 0 for o in owner[1:]), owner

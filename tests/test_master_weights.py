@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from _backends import CPP
+from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -200,3 +201,27 @@ def test_a_loss_computed_in_bf16_is_named_when_it_stops_the_search():
         losses = [float(opt.step(lambda: closure(
             lambda out: nn.functional.mse_loss(out.float(), y.float())))) for _ in range(20)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_a_weight_written_into_a_frozen_bf16_tensor_survives_its_unfreezing(flat):
+    # The rebuild that takes a tensor back published its kept master over the model's value:
+    # a weight the user wrote while it was frozen was lost (the docs say it is taken over).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(torch.bfloat16)
+    x = torch.randn(16, 4, dtype=torch.bfloat16)
+    opt = ArmijoAdam(model.parameters(), cadence="every", flat=flat)
+    f = lambda: model(x).float().pow(2).mean()  # noqa: E731
+    for _ in range(2):
+        opt.step(make_closure(opt, f))
+    bias = model[2].bias
+    bias.requires_grad_(False)
+    opt.step(make_closure(opt, f))
+    with torch.no_grad():
+        bias.fill_(0.5)
+    bias.requires_grad_(True)
+    model.zero_grad()
+    f().backward()
+    opt._sync_buffers()  # the rebuild, without a step moving it
+    assert torch.equal(bias.detach(), torch.full_like(bias, 0.5))
+    assert torch.equal(opt.state[bias]["master"], torch.full((1,), 0.5))

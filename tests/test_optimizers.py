@@ -777,3 +777,14 @@ def test_a_loss_of_exactly_zero_with_zero_gradient_is_no_mistake():
         warnings.simplefilter("error")  # no "does the closure call loss.backward()?"
         opt.step(make_closure(opt, lambda: (w ** 2).sum()))
     assert opt.stats["grad_norm"] == 0.0
+
+
+def test_searches_that_never_resolve_a_tiny_loss_are_named():
+    # ArmijoSGD's η is in the loss's units: a loss scaled by 1e-9 predicts decreases below
+    # the fp32 resolution at every search, which then took no step and left η alone, silently.
+    w = nn.Parameter(torch.zeros(4))
+    opt = ArmijoSGD([w], cadence="every")
+    with pytest.warns(UserWarning, match="10 searches in a row .* scale the loss up"):
+        for _ in range(10):
+            opt.step(make_closure(opt, lambda: 1e-9 * ((w - 1) ** 2).sum()))
+    assert opt.stats["unresolved"] and torch.equal(w.detach(), torch.zeros(4))

@@ -826,3 +826,52 @@ def test_a_bf16_checkpoint_loaded_into_an_fp32_model_cast_to_bf16_afterwards_kee
     fit(resumed, opt2, 3)
     for p, q in zip(bf.parameters(), resumed.parameters()):
         assert torch.equal(opt.state[p]["master"], opt2.state[q]["master"])
+
+
+def test_a_bf16_master_loaded_twice_before_the_cast_is_kept():
+    # Loaded into an fp32 model, the master waits for the first step (the model may be cast to
+    # bf16 first); a second load (accelerate's prepare reloads the optimizer's state) dropped it.
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+
+    def net(dtype):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+
+    bf = net(torch.bfloat16)
+    opt = ArmijoAdam(bf.parameters(), cadence="every", backend="torch")
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: bf(x.bfloat16()).float().pow(2).mean()))
+    ck = {"model": bf.state_dict(), "opt": opt.state_dict()}
+    resumed = net(torch.float32)
+    resumed.load_state_dict({k: v.float() for k, v in ck["model"].items()})
+    opt2 = ArmijoAdam(resumed.parameters(), cadence="every", backend="torch")
+    opt2.load_state_dict(ck["opt"])
+    opt2.load_state_dict(opt2.state_dict())
+    resumed.to(torch.bfloat16)
+    opt2.step(make_closure(opt2, lambda: resumed(x.bfloat16()).float().pow(2).mean()))
+    opt.step(make_closure(opt, lambda: bf(x.bfloat16()).float().pow(2).mean()))
+    for p, q in zip(bf.parameters(), resumed.parameters()):
+        assert torch.equal(opt.state[p]["master"], opt2.state[q]["master"])
+
+
+def test_a_frozen_tensors_loaded_state_is_its_own():
+    # The store does not hold a frozen tensor, so its loaded moments stayed the checkpoint's own
+    # tensors: views pinning the whole loaded buffers (checkpoints twice their size), or a live
+    # optimizer's state that went on changing with its steps.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1))
+    x = torch.randn(16, 4)
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    for _ in range(2):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    copy_of = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1))
+    copy_of.load_state_dict(model.state_dict())
+    copy_of[2].bias.requires_grad_(False)
+    opt2 = ArmijoAdam(copy_of.parameters(), cadence="every")
+    opt2.load_state_dict(opt.state_dict())  # a live state dict
+    kept = {k: v.clone() for k, v in opt2.state[copy_of[2].bias].items()}
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    for k, v in opt2.state[copy_of[2].bias].items():
+        assert torch.equal(v, kept[k])
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()

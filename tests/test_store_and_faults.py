@@ -487,3 +487,18 @@ def test_a_slow_heap_scan_points_at_model(monkeypatch):
     opt = ArmijoAdam([w], cadence="every")
     with pytest.warns(UserWarning, match="took 2.0 s .* pass model="):
         opt.step(make_closure(opt, lambda: (w ** 2).sum()))
+
+
+def test_a_frozen_bf16_tensor_lets_an_in_place_buffers_master_go():
+    # flat=False with bf16: the fp32 master buffer of the in-place store was not among the
+    # buffers the release looked at, so a frozen tensor's master kept all of it alive.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)).to(torch.bfloat16)
+    x = torch.randn(16, 8, dtype=torch.bfloat16)
+    opt = ArmijoAdam(model.parameters(), flat=False)
+    f = lambda: model(x).float().pow(2).mean()  # noqa: E731
+    opt.step(make_closure(opt, f))
+    model[2].weight.requires_grad_(False)
+    opt.step(make_closure(opt, f))
+    master = opt.state[model[2].weight]["master"]
+    assert master.untyped_storage().nbytes() == master.numel() * 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -315,3 +316,71 @@ def test_plain_sgd_meets_momentum_cycling_schedulers_as_torch_sgd_does(make):
         opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
         sched.step()
     assert opt.param_groups[0]["momentum"] == 0.0
+
+
+def test_a_first_step_or_a_load_under_inference_mode_leaves_a_trainable_model():
+    # The store built inside torch.inference_mode() was made of inference tensors: zero_grad
+    # and every later backward through the model raised, as after a load in that mode.
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 1), torch.randn(8, 4)
+    f = lambda: model(x).pow(2).mean()  # noqa: E731
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    model(x).pow(2).mean().backward()
+    with torch.inference_mode():
+        opt.step(loss_fn=f, loss=f())
+    assert not any(p.is_inference() or p.grad.is_inference() for p in model.parameters())
+    opt.step(make_closure(opt, f))  # zero_grad, backward: no error
+    model2 = nn.Linear(4, 1)
+    fresh = ArmijoAdam(model2.parameters(), cadence="every")
+    with torch.inference_mode():
+        fresh.load_state_dict(opt.state_dict())
+    assert not any(p.is_inference() for p in model2.parameters())
+    fresh.step(make_closure(fresh, lambda: model2(x).pow(2).mean()))
+
+
+@pytest.mark.parametrize("value", ["float", "tensor"])
+def test_step_returns_what_the_closure_returned(value):
+    # torch's optimizers return the closure's own value; step returned a detached 0-dim tensor
+    # (float64 for a float closure).
+    model, x = nn.Linear(4, 1), torch.randn(8, 4)
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    returned = []
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        returned.append(loss.item() if value == "float" else loss)
+        return returned[-1]
+
+    out = opt.step(closure)
+    assert out is returned[0]
+
+
+def test_parameters_that_share_a_storage_are_warned_about():
+    # Weights tied through .data (two Parameters, one storage) get a slot each in the flat
+    # store and train apart, silently, where torch's optimizers keep them tied.
+    emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    head.weight.data = emb.weight.data
+    opt = ArmijoAdam([emb.weight, head.weight], cadence="every")
+    x = torch.arange(5)
+    with pytest.warns(UserWarning, match="share their memory .* flat=False"):
+        opt.step(make_closure(opt, lambda: head(emb(x)).pow(2).mean()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the store's own shared buffer is not a tie
+        opt.step(make_closure(opt, lambda: head(emb(x)).pow(2).mean()))
+
+
+def test_a_plain_sgd_checkpoint_is_refused_by_a_momentum_rule():
+    # Plain ArmijoSGD's groups carry momentum=0 for the schedulers; loaded into
+    # ArmijoSGD(momentum=0.9, nesterov=True) its checkpoint set μ to 0 without a word.
+    model, x = nn.Linear(4, 1), torch.randn(8, 4)
+    plain = ArmijoSGD(model.parameters())
+    plain.step(make_closure(plain, lambda: model(x).pow(2).mean()))
+    nesterov = ArmijoSGD(model.parameters(), momentum=0.9, nesterov=True)
+    nesterov.step(make_closure(nesterov, lambda: model(x).pow(2).mean()))
+    before = copy.deepcopy(nesterov.state_dict())
+    with pytest.raises(ValueError, match="without momentum"):
+        nesterov.load_state_dict(plain.state_dict())
+    assert nesterov.param_groups[0]["momentum"] == 0.9
+    assert nesterov.state_dict()["param_groups"] == before["param_groups"]

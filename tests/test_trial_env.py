@@ -266,3 +266,23 @@ def test_backtracked_trials_a_bf16_model_cannot_resolve_do_not_blame_the_loop():
             hidden += opt.stats["unresolved"] and opt.stats["trials"] > 1
     assert hidden >= 3  # the case happened, searches in a row
     assert not [w for w in caught if "returned exactly the loss" in str(w.message)]
+
+
+def test_trials_inside_a_parametrize_cached_region_see_the_trial_point():
+    # weight_norm's weight is cached inside parametrize.cached(): trials used θ0's weight, so
+    # with only that layer training every trial loss was f0 and nothing trained.
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    layer = weight_norm(nn.Linear(4, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    opt = ArmijoAdam(layer.parameters(), cadence="every", model=layer)
+    f = lambda: nn.functional.mse_loss(layer(x), y)  # noqa: E731
+    for _ in range(10):
+        with parametrize.cached():
+            opt.step(make_closure(opt, f))
+            assert not opt.stats["unresolved"]
+            after = float(opt.stats["loss_after"])
+        with torch.no_grad():
+            assert after == float(f())  # the accepted point's loss, as a fresh forward sees it

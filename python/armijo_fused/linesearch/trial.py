@@ -20,7 +20,8 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
   (Nothing is patched around a forward for this: a compiled model would recompile every trial.)
 * Autocast: torch caches the low-precision copies of the parameters until the outermost autocast
   region exits; a step called inside one would let every trial reuse θ0's copies (every trial
-  loss equal to f0). The cache is cleared before each trial and after the last.
+  loss equal to f0). The cache is cleared before each trial and after the last, and so is the
+  cache of a ``torch.nn.utils.parametrize.cached()`` region (weight_norm, spectral_norm).
 * Autograd: trials run under ``torch.no_grad()``; ``Tensor.backward``, ``torch.autograd.backward``
   and ``zero_grad`` of modules and optimizers are no-ops inside a trial, so a closure that does
   ``zero_grad(); loss.backward()`` (LBFGS / Lightning style) costs a forward only.
@@ -178,6 +179,17 @@ def models_in_reach(fn, params, depth: int = 3) -> list[nn.Module] | None:
     return found if found and wanted <= held else None
 
 
+def _clear_cast_caches() -> None:
+    """Forget what was computed from the parameters at another point: the casts a
+    ``torch.autocast`` region caches until it exits, and the weights a
+    ``torch.nn.utils.parametrize.cached()`` region caches (weight_norm, spectral_norm, ...).
+    A step called inside either region otherwise ran every trial forward on θ0's weights."""
+    torch.clear_autocast_cache()
+    parametrize = sys.modules.get("torch.nn.utils.parametrize")
+    if parametrize is not None and getattr(parametrize, "_cache_enabled", 0):
+        parametrize._cache.clear()
+
+
 def owned_buffers(params) -> list[tuple[dict, set]]:
     """The buffers of the modules that hold ``params``, as (``_buffers``,
     ``_non_persistent_buffers_set``) of each, for an optimizer built without ``model=``: their
@@ -259,7 +271,7 @@ class TrialEnv:
     def trial(self):
         self.used = True
         restore_rng(self.rng_before)
-        torch.clear_autocast_cache()  # casts of the previous point (see the module's docstring)
+        _clear_cast_caches()  # casts of the previous point (see the module's docstring)
         with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
             yield
 
@@ -269,7 +281,7 @@ class TrialEnv:
             ddp.require_forward_param_sync = flag
         if not self.used:
             return
-        torch.clear_autocast_cache()  # the casts of the last trial point
+        _clear_cast_caches()  # the casts of the last trial point
         with torch.no_grad():
             for bufs, name, buf, copy in self._saved:
                 if bufs.get(name) is not buf:

@@ -15,7 +15,6 @@ and checkpoints).
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Callable
 
@@ -343,8 +342,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         ``set_closure``.
         """
         try:
-            out = self._step(closure, loss_fn, loss)
-            # a closure that returned a structure (HF outputs) gets it back, as from torch
+            if torch.is_inference_mode_enabled():  # else the store would be built of inference
+                with torch.inference_mode(False):  # tensors, which no backward can use again
+                    out = self._step(closure, loss_fn, loss)
+            else:
+                out = self._step(closure, loss_fn, loss)
+            # the closure form returns what the closure returned (a tensor with its graph, a
+            # float, an HF output), as torch's optimizers do; the others the loss before the step
             return out if self._returned is None else self._returned
         finally:
             self._moving, self._returned = False, None
@@ -397,8 +401,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             scaler = calling_grad_scaler(self)
             with torch.enable_grad():
                 f0 = closure()
-            if not isinstance(f0, (Tensor, numbers.Real)) and f0 is not None:
-                self._returned = f0
+            self._returned = f0  # what step() returns, as torch's: the closure's own value
             if scaler is not None:  # scaler.step(opt, closure): the closure's gradient is scaled
                 self._unscale_gradients(scaler)
         self._count(forwards=1, backwards=1)
@@ -624,7 +627,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             self._warn_once("no_schedule", (
                 f"the searched step size has grown to {avg:.3g}, {avg / self._init_step_size:.0f}x "
                 "its start, and the learning rate has not changed since construction: no "
-                "schedule attached? On noisy mini-batches the Armijo test accepts steps that "
+                "schedule attached (ReduceLROnPlateau, which leaves lr alone until a plateau, "
+                "cannot be seen from here)? On noisy mini-batches the Armijo test accepts steps that "
                 "fit the batch it is tested on, and without annealing they keep growing (the "
                 "loss can rise again over long runs). Attach the schedule you would use with "
                 "AdamW (warmup + cosine): the applied step is η · lr_t / lr_0"))
@@ -637,6 +641,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         plain = result.unresolved and not result.unchanged and not result.skipped
         n = self.__dict__.get("_unresolved_searches", 0) + 1 if plain else 0
         self._unresolved_searches = n
+        if n == 10 and resolution <= 1e-4:
+            self._warn_once("unresolved", (
+                f"{n} searches in a row predicted a decrease η·<g, d> below what the loss "
+                f"resolves ({resolution:.1e} of its value, last loss {result.loss_before:.3g}) "
+                "and took no step, leaving η as it was. At a minimum that is right; otherwise "
+                "the loss is scaled very small for this step size (with ArmijoSGD, whose η is "
+                "in the loss's units, scale the loss up, e.g. a mean over fewer terms or a sum)"))
         if n == 3 and resolution > 1e-4:
             self._warn_once("half_loss", (
                 f"the loss is computed in half precision (resolution {resolution:.1e} of its "

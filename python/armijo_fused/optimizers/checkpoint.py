@@ -108,7 +108,8 @@ class CheckpointMixin:
         self._optimizer_load_state_dict_pre_hooks = type(pre)()
         self._optimizer_load_state_dict_post_hooks = type(post)()
         try:
-            self._load_state_dict(state_dict)
+            with torch.inference_mode(False):  # (the store it builds must outlive the region)
+                self._load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre
             self._optimizer_load_state_dict_post_hooks = post
@@ -144,8 +145,10 @@ class CheckpointMixin:
         # 6 while the caller still held the loaded dict). FSDP2 shards and meta tensors wait
         # for the first step, on copies.
         later = any(is_dtensor(p) or p.device.type == "meta" for p in params)
-        copy = later and self._buffers is None
         for pid, p in zip(ids, params):
+            # copies where the store will not take the values in now: FSDP2 shards and meta
+            # tensors (at the first step), frozen tensors (which the store does not hold)
+            copy = (later and self._buffers is None) or not p.requires_grad
             for key, value in saved.get(pid, {}).items():
                 if isinstance(value, Tensor) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, copy=copy)
@@ -169,6 +172,16 @@ class CheckpointMixin:
                 raise ValueError(
                     f"the state dict's param groups lack {', '.join(map(repr, missing))}: it was "
                     f"saved by an optimizer with another direction than this {who}")
+        # plain ArmijoSGD's groups carry momentum 0 (for the schedulers that look for the key)
+        # and no momentum buffer: loaded into a momentum rule it would silently continue at μ 0
+        saved_names = {k for s in state_dict.get("state", {}).values() for k in s}
+        if "momentum" in self.rule.hyperparameters and self.rule.state_names and any(
+                g.get("momentum") == 0.0 for g in state_dict.get("param_groups", [])) and \
+                state_dict.get("state") and not saved_names & set(self.rule.state_names):
+            raise ValueError(
+                f"the state dict was saved by an optimizer without momentum (momentum=0 and no "
+                f"momentum buffer); this {who} would continue at momentum 0. Build the same "
+                "optimizer as the one that saved it")
         known = set(self.rule.state_names) | {"master"}
         for pstate in state_dict.get("state", {}).values():
             foreign = sorted(k for k, v in pstate.items() if torch.is_tensor(v) and k not in known)

@@ -168,21 +168,24 @@ class SearchMixin:
                 self._set_eta(gi, lb, new[b])
         if self.layerwise and self.merge_below is not None:
             small = {table[b]: a for b, a in found.items() if 0.0 < a < self.merge_below}
-            self._merge_collapsed(small)
+            self._merge_collapsed(small, set(table))
         return settled_all, collapsed_any
 
-    def _merge_collapsed(self, small):
+    def _merge_collapsed(self, small, present=None):
         """Merge each block whose search just accepted an η below ``merge_below`` into its
         neighbour in the same group (the previous block, else the next): from then on they share
         one step size. A block that has already absorbed another is not merged again, so one
         stiff block cannot drag the whole group into a chain of merges. ``small`` maps
-        (group index, block index) to the step size just accepted."""
+        (group index, block index) to the step size just accepted; ``present``: the blocks
+        with trainable tensors at this step (a frozen block is no merge target: its step size
+        would be set to one never tested on it)."""
         for gi, g in enumerate(self.param_groups):
             owner = g["block_owner"]
             for lb in range(len(owner)):
                 if owner[lb] != lb or (gi, lb) not in small or owner.count(lb) > 1:
                     continue
-                others = [o for o in range(len(owner)) if owner[o] == o and o != lb]
+                others = [o for o in range(len(owner)) if owner[o] == o and o != lb
+                          and (present is None or (gi, o) in present)]
                 if not others:
                     continue
                 target = max((o for o in others if o < lb), default=min(others))

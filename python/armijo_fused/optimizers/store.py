@@ -19,6 +19,11 @@ from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from .calls import outside_stacklevel
 
 
+def _extent(t: Tensor) -> int:
+    """Elements from a tensor's first to one past its last (its span in memory)."""
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+
+
 class StoreMixin:
 
     def _trainable(self):
@@ -49,7 +54,26 @@ class StoreMixin:
             ids = [names.index(of[id(p)]) for p in params]
         if group.get("block_names") != names:
             self._rename_blocks(group, names)
+        self._untested_join(group, sorted(set(ids)))
         return ids
+
+    def _untested_join(self, group: dict, blocks: list) -> None:
+        """Blocks with trainable tensors that no search has tested yet (frozen from the start,
+        unfrozen now) joining a run in progress: they start no longer than the smallest step
+        size the searched blocks hold, and the next step searches. (At init_step_size, 1 for
+        SGD, steps without a search applied them untested: loss 0.1 -> 22 in two steps.)"""
+        if self.param_groups[0]["step"] == 0 or not isinstance(group["step_size"], list):
+            return
+        fresh = [lb for lb in blocks if group["block_searched_at"][lb] == 0]
+        tested = [g["step_size"][lb] for g in self.param_groups if "block_searched_at" in g
+                  for lb, at in enumerate(g["block_searched_at"]) if at > 0]
+        if not fresh or not tested:
+            return
+        for lb in fresh:
+            group["step_size"][lb] = min(group["step_size"][lb], min(tested))
+            group["step_size_avg"][lb] = min(group["step_size_avg"][lb], min(tested))
+        for g in self.param_groups:
+            g["next_search"] = min(g["next_search"], g["step"] + 2)
 
     def _blocks_by(self, gi) -> str:
         """How group gi is cut into blocks: ``"name"`` (module names: one group given, with
@@ -119,12 +143,14 @@ class StoreMixin:
                 if any(b.fresh for b in self._buffers):
                     self._restart_fresh_tensors()
                 self._warn_gathered_grads()
-                if self.__dict__.get("_masters_pending"):
+                if self.__dict__.get("_masters_pending") and not self.__dict__.get("_loading"):
                     self._drop_stale_masters(self._buffers)
                 return self._buffers
         # a sync that stopped at a moved tensor may have restarted deleted state before it
         restarted = {id(b.params[i]) for b in self._buffers or () for i in b.take_fresh()}
         self._restart_or_warn_stateless(restarted)
+        if self.flat:
+            self._warn_shared_storage()
         by_slot: dict = {}
         for gi, p in self._trainable():
             by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
@@ -136,16 +162,17 @@ class StoreMixin:
             order = sorted(range(len(plist)), key=lambda i: ids[i])  # params ordered by block
             used = sorted(set(ids))  # buffer-local block index -> group block index
             local = [used.index(ids[i]) for i in order]
+            loading = bool(self.__dict__.get("_loading"))  # (a loaded master wins over θ)
             if dtensor:  # FSDP2 shards: FSDP owns their storage, so work on copies of them
                 buf = ShardedBuffer(gi, [plist[i] for i in order], self.rule, self.state,
                                     block_ids=local, tile=self.tile,
-                                    process_group=self.process_group)
+                                    process_group=self.process_group, loading=loading)
             elif not self.flat:  # the tensors stay where they are (storage/in_place.py)
                 buf = InPlaceBuffer(gi, [plist[i] for i in order], self.rule, self.state,
-                                    block_ids=local, tile=self.tile)
+                                    block_ids=local, tile=self.tile, loading=loading)
             else:
                 buf = FlatBuffer(gi, [plist[i] for i in order], self.rule, self.state,
-                                 block_ids=local, tile=self.tile)
+                                 block_ids=local, tile=self.tile, loading=loading)
             buf.group_blocks = used
             # the passes work on buf.param: the fp32 master for a bf16/fp16 model
             buf.backend = resolve_backend(self.backend, buf.device,
@@ -176,6 +203,32 @@ class StoreMixin:
                 )
         return buffers
 
+    def _warn_shared_storage(self) -> None:
+        """Distinct parameters whose memory overlaps (weights tied through ``.data``) get a
+        flat-buffer slot each, so from here they train apart where torch's optimizers keep them
+        tied. Say so, once. (Slices of one storage that do not overlap, such as another
+        optimizer's flat buffer, train apart in torch too.)"""
+        spans = []
+        for _, p in self._trainable():
+            if p.device.type == "meta" or is_dtensor(p) or p.numel() == 0:
+                continue
+            start = p.data_ptr()
+            spans.append((p.device, start, start + p.element_size() * _extent(p), p))
+        spans.sort(key=lambda s: (str(s[0]), s[1]))
+        shared, end, dev = [], -1, None
+        for device, start, stop, p in spans:
+            if device == dev and start < end:
+                shared.append(p)
+            if device != dev or stop > end:
+                dev, end = device, max(stop, end if device == dev else -1)
+        if shared:
+            self._warn_once("shared_storage", (
+                f"{len(shared)} parameter(s) share their memory with another parameter "
+                f"({self._shown(shared)}): weights tied through .data? The flat store gives "
+                "each its own slot, so they train apart from here. Tie weights as one Parameter "
+                "(head.weight = emb.weight), or pass flat=False, which leaves the tensors where "
+                "they are"))
+
     def _drop_stale_masters(self, buffers) -> None:
         """A bf16 checkpoint's master, loaded for what is fp32 now: θ is its own master, and a
         stale one would come back at the next bf16 load over what trained since."""
@@ -198,9 +251,14 @@ class StoreMixin:
             mine = [*b.states]
             if isinstance(b, FlatBuffer):  # (the others leave θ and g in the model's tensors)
                 mine += [b.param, b.model_param, b.grad]
+            if isinstance(b, ShardedBuffer) and getattr(b, "master", False) and \
+                    getattr(b, "_param", None) is not None:
+                mine.append(b._param)  # (an in-place buffer's fp32 master)
             storages = {t.untyped_storage().data_ptr() for t in mine}
 
             def inside(t, storages=storages):
+                if is_dtensor(t):  # FSDP2: the shard is what lives in our buffers
+                    t = t.to_local()
                 return isinstance(t, Tensor) and t.untyped_storage().data_ptr() in storages
 
             folded = self.param_groups[b.group_index]["folded"] \

@@ -76,6 +76,7 @@ class FlatBuffer:
         *,
         block_ids: Sequence[int] | None = None,
         tile: int = DEFAULT_TILE,
+        loading: bool = False,
     ):
         if not params:
             raise ValueError("a flat buffer needs at least one parameter")
@@ -127,6 +128,13 @@ class FlatBuffer:
             if self.master:
                 by_name.append(self._master_views)
                 self._take_state(state, "master", self._master_views)
+                # a weight written into the model's tensor since its master was kept (while it
+                # was frozen) is the user's: the master takes it. A master being loaded
+                # (``loading``) wins instead, as one loaded into a live optimizer does.
+                if not loading:
+                    for pview, mview in zip(self._param_views, self._master_views):
+                        mview.copy_(torch.where(mview.to(self.dtype) == pview, mview,
+                                                pview.float()))
             self.publish()
         self._state_views = [[views[i] for views in by_name] for i in range(len(params))]
         # what sync() compares each step: tensor, its view (address, strides) and shape, grad view

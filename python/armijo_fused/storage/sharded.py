@@ -97,6 +97,7 @@ class ShardedBuffer:
         tile: int = DEFAULT_TILE,
         process_group=None,
         in_place: bool | None = None,
+        loading: bool = False,
     ):
         if not params:
             raise ValueError("a sharded buffer needs at least one parameter")
@@ -142,7 +143,11 @@ class ShardedBuffer:
             [self._wrap(self._view(s, i), p) for s in self.states + masters]
             for i, p in enumerate(self.params)
         ]
+        # a kept master meets the tensors: as in FlatBuffer's build, the tensors win where they
+        # differ (weights the user wrote while they were frozen), a master being loaded wins
+        self._building = not loading
         self.sync(state)
+        self._building = False
         self.fresh.clear()  # a tensor without state when the store is built is simply new
 
     def _distribution(self, process_group) -> float:
@@ -267,7 +272,7 @@ class ShardedBuffer:
                         pstate[name] = dt
             if self.master:  # the shards win only where they changed since the last pass
                 for i, (view, t) in enumerate(zip(self._param_views, local)):
-                    if i in reloaded:
+                    if i in reloaded and not self._building:
                         t.copy_(view)  # (as FlatBuffer does: θ follows a replaced master)
                     else:
                         view.copy_(torch.where(view.to(t.dtype) != t, t.float(), view))
