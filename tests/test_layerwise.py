@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -312,23 +313,47 @@ def test_a_group_added_later_keeps_the_first_groups_blocks():
     assert len(opt.stats["step_size"]) == len(names) + 1
 
 
-def test_a_layer_frozen_from_the_start_joins_untested_no_longer_than_a_tested_step():
+def test_a_layer_frozen_from_the_start_waits_for_a_search_that_tests_it():
     # Frozen from construction, the layer's block kept init_step_size (1 for SGD) and, once
     # unfrozen, the steps without a search applied it untested (loss 0.1 -> 22 in two steps).
+    # Now it takes no step until a search has tested it, and the next step searches it first
+    # (the round robin would have reached it 20 steps later).
     model, f = _mlp_task()
     model[2].requires_grad_(False)
     opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
     for _ in range(30):
         opt.step(make_closure(opt, f))
-    g = opt.param_groups[0]
-    tested = [e for e, at in zip(g["step_size"], g["block_searched_at"]) if at > 0]
+    assert opt.param_groups[0]["block_searched_at"][1] == 0
     model[2].requires_grad_(True)
+    w = model[2].weight.detach().clone()
     opt.step(make_closure(opt, f))
-    assert g["step_size"][1] <= min(tested)
-    opt.step(make_closure(opt, f))
-    assert opt.stats["searched"]  # the next step tests it
+    if not opt.stats["searched"]:
+        assert torch.equal(model[2].weight.detach(), w)  # untested: no step
+        opt.step(make_closure(opt, f))
+    assert opt.stats["searched"] and opt.stats["searched_blocks"] == [1]
+    assert opt.param_groups[0]["block_searched_at"][1] > 0
     losses = [float(opt.step(make_closure(opt, f))) for _ in range(10)]
     assert max(losses) < 2 * losses[0]
+
+
+def test_a_rebuild_or_a_resume_early_in_a_layerwise_run_joins_nothing():
+    # Blocks that train from the start but that the round robin has not searched yet are not
+    # joining: a rebuild (freezing another tensor) or a load must leave their step sizes alone
+    # (a resume stays bitwise).
+    model, f = _mlp_task()
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
+    opt.step(make_closure(opt, f))
+    etas = list(opt.param_groups[0]["step_size"])
+    assert 0 in opt.param_groups[0]["block_searched_at"]
+    sd = copy.deepcopy(opt.state_dict())
+    fresh, _ = _mlp_task()
+    fresh.load_state_dict(model.state_dict())
+    opt2 = ArmijoSGD(fresh.parameters(), momentum=0.9, model=fresh, layerwise=True)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["step_size"] == etas
+    model[4].bias.requires_grad_(False)  # a rebuild
+    opt.step(make_closure(opt, f))
+    assert not opt.__dict__.get("_joining")
 
 
 def test_a_collapsed_block_does_not_merge_into_a_frozen_one():

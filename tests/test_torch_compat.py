@@ -384,3 +384,31 @@ def test_a_plain_sgd_checkpoint_is_refused_by_a_momentum_rule():
         nesterov.load_state_dict(plain.state_dict())
     assert nesterov.param_groups[0]["momentum"] == 0.9
     assert nesterov.state_dict()["param_groups"] == before["param_groups"]
+
+
+def test_shared_memory_is_judged_on_dense_tensors_and_frozen_aliases_count():
+    # Column slices of one matrix (disjoint elements, overlapping spans) were warned about as
+    # tied; a frozen embedding tied through .data to a trained head was not.
+    qkv = torch.randn(6, 12)
+    parts = [nn.Parameter(qkv[:, i * 4:(i + 1) * 4]) for i in range(3)]
+    opt = ArmijoAdam(parts, cadence="every")
+    x = torch.randn(5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(make_closure(opt, lambda: sum((x @ p).pow(2).mean() for p in parts)))
+    emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    head.weight.data = emb.weight.data
+    emb.weight.requires_grad_(False)
+    opt = ArmijoAdam([emb.weight, head.weight], cadence="every")
+    with pytest.warns(UserWarning, match="share their memory"):
+        opt.step(make_closure(opt, lambda: head(emb(torch.arange(5))).pow(2).mean()))
+
+
+@pytest.mark.parametrize("source", ["armijo_before_any_step", "torch_sgd"])
+def test_checkpoints_without_momentum_are_refused_by_a_momentum_rule_also_without_state(source):
+    model = nn.Linear(4, 1)
+    sd = (ArmijoSGD(model.parameters()) if source.startswith("armijo")
+          else torch.optim.SGD(model.parameters(), lr=0.1)).state_dict()
+    opt = ArmijoSGD(model.parameters(), momentum=0.9)
+    with pytest.raises(ValueError, match="without momentum"):
+        opt.load_state_dict(sd)

@@ -417,7 +417,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         if all(f == 0.0 for f in block_factors):
             search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
         reduce = self._reducer()
-        loss_before = f0  # what the step reports and returns: with DDP, the mean over the ranks
+        # what the step reports (and returns, but for the closure form, which returns the
+        # closure's own value): with DDP, the mean over the ranks
+        loss_before = f0
         given = f0 is not None
         if not search and reduce is not None:
             # the guard skips the step if f0 is not finite: on every rank or on none (a rank's
@@ -430,6 +432,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
 
         if not search:
             etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
+            joining = self.__dict__.get("_joining")
+            if joining:  # untested blocks wait for the search the next step runs (store.py)
+                etas = [0.0 if key in joining else e for e, key in zip(etas, table)]
             try:
                 with torch.no_grad():
                     caps = self._length_caps(table, buffers)

@@ -145,6 +145,7 @@ class CheckpointMixin:
         # 6 while the caller still held the loaded dict). FSDP2 shards and meta tensors wait
         # for the first step, on copies.
         later = any(is_dtensor(p) or p.device.type == "meta" for p in params)
+        self._deferred_load = later  # (the build then lets the loaded masters win)
         for pid, p in zip(ids, params):
             # copies where the store will not take the values in now: FSDP2 shards and meta
             # tensors (at the first step), frozen tensors (which the store does not hold)
@@ -177,7 +178,7 @@ class CheckpointMixin:
         saved_names = {k for s in state_dict.get("state", {}).values() for k in s}
         if "momentum" in self.rule.hyperparameters and self.rule.state_names and any(
                 g.get("momentum") == 0.0 for g in state_dict.get("param_groups", [])) and \
-                state_dict.get("state") and not saved_names & set(self.rule.state_names):
+                not saved_names & set(self.rule.state_names):
             raise ValueError(
                 f"the state dict was saved by an optimizer without momentum (momentum=0 and no "
                 f"momentum buffer); this {who} would continue at momentum 0. Build the same "

@@ -36,9 +36,18 @@ class SearchMixin:
             return [[b for b in range(len(table)) if not frozen[b]]]
         every = self._merged_blocks(table)
         members = [m for m in every if not frozen[m[0]]]
-        if self.block_search == "exact":
+        if self.block_search == "exact":  # every block is searched (the joining ones too)
+            if self.__dict__.get("_joining"):
+                self._joining -= {table[b] for m in members for b in m}
             return members
         g0 = self.param_groups[0]
+        joining = self.__dict__.get("_joining")
+        if joining:  # a block that joined untested goes first (store.py, _note_joining)
+            pick = next((m for m in members if any(table[b] in joining for b in m)), None)
+            if pick is not None:
+                self._joining = joining - {table[b] for b in pick}
+                self._cursor_next = g0.get("block_cursor", 0)  # the round robin waits
+                return [pick]
         if self.block_search == "round_robin":  # the cursor moves once the search completes
             n, at = len(every), g0.get("block_cursor", 0)
             pos = next(i % n for i in range(at, at + n) if not frozen[every[i % n][0]])

@@ -54,26 +54,26 @@ class StoreMixin:
             ids = [names.index(of[id(p)]) for p in params]
         if group.get("block_names") != names:
             self._rename_blocks(group, names)
-        self._untested_join(group, sorted(set(ids)))
+        self._note_joining(gi, group, names, set(ids))
         return ids
 
-    def _untested_join(self, group: dict, blocks: list) -> None:
-        """Blocks with trainable tensors that no search has tested yet (frozen from the start,
-        unfrozen now) joining a run in progress: they start no longer than the smallest step
-        size the searched blocks hold, and the next step searches. (At init_step_size, 1 for
-        SGD, steps without a search applied them untested: loss 0.1 -> 22 in two steps.)"""
-        if self.param_groups[0]["step"] == 0 or not isinstance(group["step_size"], list):
+    def _note_joining(self, gi: int, group: dict, names: list, present: set) -> None:
+        """Blocks that gain trainable tensors mid-run (frozen from the start, unfrozen now; a
+        block new to the group) and that no search has tested: they take no step until a search
+        has tested them, and the next step searches them first (``_joining``; the round-robin
+        cursor waits). At init_step_size (1 for SGD) the steps without a search applied them
+        untested: loss 0.1 -> 22 in two steps. Blocks that were already training are not
+        joining, however a rebuild or a load came about (a resume stays bitwise)."""
+        seen = self.__dict__.setdefault("_present", {})
+        before, seen[gi] = seen.get(gi), {names[lb] for lb in present}
+        if before is None or self.param_groups[0]["step"] == 0:
             return
-        fresh = [lb for lb in blocks if group["block_searched_at"][lb] == 0]
-        tested = [g["step_size"][lb] for g in self.param_groups if "block_searched_at" in g
-                  for lb, at in enumerate(g["block_searched_at"]) if at > 0]
-        if not fresh or not tested:
-            return
-        for lb in fresh:
-            group["step_size"][lb] = min(group["step_size"][lb], min(tested))
-            group["step_size_avg"][lb] = min(group["step_size_avg"][lb], min(tested))
-        for g in self.param_groups:
-            g["next_search"] = min(g["next_search"], g["step"] + 2)
+        joined = {(gi, lb) for lb in present
+                  if names[lb] not in before and group["block_searched_at"][lb] == 0}
+        if joined:
+            self._joining = self.__dict__.get("_joining", set()) | joined
+            for g in self.param_groups:
+                g["next_search"] = min(g["next_search"], g["step"] + 2)
 
     def _blocks_by(self, gi) -> str:
         """How group gi is cut into blocks: ``"name"`` (module names: one group given, with
@@ -95,7 +95,7 @@ class StoreMixin:
         model's, a checkpoint's) keeps its step sizes, step length, merge and search record; a
         new one starts from the smallest step size carried over (mid-run: no untested step
         longer than a tested one), else from the group's global η (a global checkpoint) or
-        ``init_step_size``. A new block mid-run makes the next step search."""
+        ``init_step_size``. (A new block mid-run is also joining: see ``_note_joining``.)"""
         old = group.get("block_names")
         lists = isinstance(group["step_size"], list) and old is not None
         keys = ("step_size", "step_size_avg", "step_length", "collapsed", "block_searched_at")
@@ -128,9 +128,6 @@ class StoreMixin:
                 "past wrapper prefixes (module., _orig_mod.); a checkpoint of a wrapped model "
                 "saved before that was so names its blocks after the wrapper, or it is another "
                 "model's"))
-        if len(carried) < len(names) and self.param_groups[0]["step"] > 0:
-            for g in self.param_groups:
-                g["next_search"] = min(g["next_search"], g["step"] + 2)
         group.update(block_names=names, block_owner=owner, **new)
 
     def _sync_buffers(self) -> list[FlatBuffer]:
@@ -162,7 +159,10 @@ class StoreMixin:
             order = sorted(range(len(plist)), key=lambda i: ids[i])  # params ordered by block
             used = sorted(set(ids))  # buffer-local block index -> group block index
             local = [used.index(ids[i]) for i in order]
-            loading = bool(self.__dict__.get("_loading"))  # (a loaded master wins over θ)
+            # a master being loaded wins over θ: at the load, or at the first build after it
+            # (FSDP2 shards, meta tensors; a bf16 master loaded into what was fp32 then)
+            loading = any(self.__dict__.get(k) for k in ("_loading", "_masters_pending",
+                                                          "_deferred_load"))
             if dtensor:  # FSDP2 shards: FSDP owns their storage, so work on copies of them
                 buf = ShardedBuffer(gi, [plist[i] for i in order], self.rule, self.state,
                                     block_ids=local, tile=self.tile,
@@ -180,6 +180,7 @@ class StoreMixin:
                                           else buf.dtype)
             buffers.append(buf)
         old, self._buffers, self._buffer_key = self._buffers, buffers, key
+        self._deferred_load = False
         held = {id(p) for b in buffers for p in b.params}
         self._outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
         self._last_dd = None  # (it held the old buffers; a cap needs a pass over the new ones)
@@ -208,12 +209,15 @@ class StoreMixin:
         flat-buffer slot each, so from here they train apart where torch's optimizers keep them
         tied. Say so, once. (Slices of one storage that do not overlap, such as another
         optimizer's flat buffer, train apart in torch too.)"""
-        spans = []
-        for _, p in self._trainable():
-            if p.device.type == "meta" or is_dtensor(p) or p.numel() == 0:
-                continue
-            start = p.data_ptr()
-            spans.append((p.device, start, start + p.element_size() * _extent(p), p))
+        spans, seen_ids = [], set()
+        for group in self.param_groups:  # frozen ones too: a frozen alias of a trained tensor
+            for p in group["params"]:
+                if id(p) in seen_ids or p.device.type == "meta" or is_dtensor(p) or \
+                        p.numel() == 0 or _extent(p) != p.numel():
+                    continue  # (a strided view's span is not its elements: not judged)
+                seen_ids.add(id(p))
+                start = p.data_ptr()
+                spans.append((p.device, start, start + p.element_size() * p.numel(), p))
         spans.sort(key=lambda s: (str(s[0]), s[1]))
         shared, end, dev = [], -1, None
         for device, start, stop, p in spans:
