@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,6 +71,8 @@ def armijo_case(shapes, device, *, search: bool, check_finite: bool, flat: bool 
                      cadence="every" if search else 10**9, weight_decay=0.1, flat=flat)
     f0 = torch.zeros((), device=device)
     far_below = torch.full((), -1e30, device=device)  # any η passes the Armijo test
+    # (so η grows at every search: the optimizer's advice to attach a schedule is not for us)
+    warnings.filterwarnings("ignore", message=".*no schedule attached")
 
     def step():
         opt.step(loss_fn=lambda: far_below, loss=f0)
