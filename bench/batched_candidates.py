@@ -59,7 +59,7 @@ def run(device, candidates, steps, width, depth, batch, init_step_size, seed=0):
     ms = (time.perf_counter() - t0) / steps * 1e3
     return dict(candidates=candidates, ms_per_step=ms, trials_per_step=trials / steps,
                 forwards_per_step=(opt.param_groups[0]["forwards"] - f0) / steps,
-                final_loss=float(loss), accepted=accepted)
+                final_loss=float(loss.detach()), accepted=accepted)
 
 
 def main(argv=None):

@@ -61,7 +61,7 @@ def train(layerwise, args, data, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         s = opt.stats["step_size"]
         steps_trace.append(list(s) if isinstance(s, list) else [s])
     with torch.no_grad():

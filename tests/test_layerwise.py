@@ -261,6 +261,12 @@ def test_a_checkpoint_with_other_blocks_warns_that_the_step_sizes_restart():
     assert opt.param_groups[0]["block_names"] == ["0", "2"]
 
 
+def _mlp_task_loss(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+    return nn.functional.mse_loss(model(x), y)
+
+
 def _mlp_task(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
@@ -336,24 +342,76 @@ def test_a_layer_frozen_from_the_start_waits_for_a_search_that_tests_it():
     assert max(losses) < 2 * losses[0]
 
 
-def test_a_rebuild_or_a_resume_early_in_a_layerwise_run_joins_nothing():
+def test_a_rebuild_or_a_resume_early_in_a_layerwise_run_changes_nothing():
     # Blocks that train from the start but that the round robin has not searched yet are not
-    # joining: a rebuild (freezing another tensor) or a load must leave their step sizes alone
-    # (a resume stays bitwise).
+    # untested (they moved inside the first search's combined test): a rebuild or a load must
+    # leave the run bitwise as it was.
+    def run(rebuild_at=None, resume_at=None, steps=6):
+        model, f = _mlp_task()
+        opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
+        for k in range(1, steps + 1):
+            if k == rebuild_at:
+                model[2].weight.data = model[2].weight.data.clone()  # storage moved: rebuild
+            if k == resume_at:
+                sd = copy.deepcopy(opt.state_dict())
+                fresh, _ = _mlp_task()
+                fresh.load_state_dict(model.state_dict())
+                model = fresh
+                opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
+                opt.load_state_dict(sd)
+                f = lambda m=model: _mlp_task_loss(m)  # noqa: E731
+            opt.step(make_closure(opt, f))
+        return [p.detach().clone() for p in model.parameters()], opt.param_groups[0]["step_size"]
+
+    ref = run()
+    for kw in (dict(rebuild_at=2), dict(resume_at=2), dict(resume_at=3)):
+        params, etas = run(**kw)
+        assert etas == ref[1], kw
+        assert all(torch.equal(p, q) for p, q in zip(params, ref[0])), kw
+
+
+def test_a_group_added_mid_run_waits_for_a_search_that_tests_it():
+    # A head added with add_param_group (its own block) was applied at init_step_size (1 for
+    # SGD) by the steps without a search: ArmijoSGD with momentum diverged (loss 0.34 -> 1e5).
     model, f = _mlp_task()
+    head = nn.Linear(8, 1)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    loss = lambda: f() + head(x).pow(2).mean()  # noqa: E731
     opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
-    opt.step(make_closure(opt, f))
-    etas = list(opt.param_groups[0]["step_size"])
-    assert 0 in opt.param_groups[0]["block_searched_at"]
-    sd = copy.deepcopy(opt.state_dict())
-    fresh, _ = _mlp_task()
-    fresh.load_state_dict(model.state_dict())
-    opt2 = ArmijoSGD(fresh.parameters(), momentum=0.9, model=fresh, layerwise=True)
-    opt2.load_state_dict(sd)
-    assert opt2.param_groups[0]["step_size"] == etas
-    model[4].bias.requires_grad_(False)  # a rebuild
-    opt.step(make_closure(opt, f))
-    assert not opt.__dict__.get("_joining")
+    for _ in range(20):
+        opt.step(make_closure(opt, loss))
+    opt.add_param_group({"params": head.parameters()})
+    w = head.weight.detach().clone()
+    opt.step(make_closure(opt, loss))
+    if not opt.stats["searched"]:
+        assert torch.equal(head.weight.detach(), w)  # untested: no step
+        opt.step(make_closure(opt, loss))
+    assert opt.stats["searched"] and opt.stats["searched_blocks"] == [3]
+    losses = [float(opt.step(make_closure(opt, loss)).detach()) for _ in range(10)]
+    assert max(losses) < 2 * losses[0]
+
+
+def test_an_untested_block_stays_untested_through_a_skipped_search():
+    model, f = _mlp_task()
+    model[2].requires_grad_(False)
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
+    for _ in range(20):
+        opt.step(make_closure(opt, f))
+    model[2].requires_grad_(True)
+    bad = [True]
+
+    def maybe_nan():
+        return f() * (float("nan") if bad[0] else 1.0)
+
+    for _ in range(3):  # skipped (non-finite loss), searched or not: no untested step
+        w = model[2].weight.detach().clone()
+        opt.step(make_closure(opt, maybe_nan))
+        assert torch.equal(model[2].weight.detach(), w)
+    assert opt.param_groups[0]["block_tested"][1] == 0
+    bad[0] = False
+    for _ in range(2):
+        opt.step(make_closure(opt, f))
+    assert opt.param_groups[0]["block_tested"][1] == 1
 
 
 def test_a_collapsed_block_does_not_merge_into_a_frozen_one():
@@ -365,3 +423,29 @@ def test_a_collapsed_block_does_not_merge_into_a_frozen_one():
         opt.step(make_closure(opt, f))
     owner = opt.param_groups[0]["block_owner"]
     assert owner[0] == 0 and all(o != 0 for o in owner[1:]), owner
+
+
+def test_a_checkpoint_taken_while_a_block_is_untested_resumes_bitwise():
+    # Whether a block is untested used to live only in the optimizer object: a checkpoint or a
+    # copy taken right after a layer was unfrozen resumed with the round robin elsewhere.
+    def run(resume_at=None, steps=16):
+        model, _ = _mlp_task()
+        model[0].requires_grad_(False)
+        opt = ArmijoAdam(model.parameters(), model=model, layerwise=True)
+        for k in range(1, steps + 1):
+            if k == 10:
+                model[0].requires_grad_(True)
+            if k == resume_at:
+                sd = copy.deepcopy(opt.state_dict())
+                fresh, _ = _mlp_task()
+                fresh.load_state_dict(model.state_dict())
+                fresh[0].requires_grad_(model[0].weight.requires_grad)
+                model = fresh
+                opt = ArmijoAdam(model.parameters(), model=model, layerwise=True)
+                opt.load_state_dict(sd)
+            opt.step(make_closure(opt, lambda m=model: _mlp_task_loss(m)))
+        return [p.detach().clone() for p in model.parameters()]
+
+    ref = run()
+    for at in (11, 12):
+        assert all(torch.equal(p, q) for p, q in zip(run(resume_at=at), ref)), at

@@ -877,26 +877,28 @@ def test_a_frozen_tensors_loaded_state_is_its_own():
         assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
 
 
-def test_a_loaded_bf16_master_wins_also_when_the_store_is_built_after_the_cast():
-    # Only the optimizer's state loaded into an fp32 model (other weights), then cast to bf16:
-    # the store is built at the first step, after the cast, and the model's weights won over
-    # the loaded master there, where a load into a bf16 model keeps the master.
+def test_a_weight_written_after_a_load_survives_a_rebuild_before_the_first_step():
+    # Load, write new weights into the bf16 model (re-initialise a head), freeze a tensor (a
+    # rebuild), step: the loaded master must not overwrite what was written after the load.
     torch.manual_seed(0)
     x = torch.randn(16, 4)
 
-    def net(dtype, seed):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(torch.bfloat16)
 
-    bf = net(torch.bfloat16, 0)
+    bf = net()
     opt = ArmijoAdam(bf.parameters(), cadence="every", backend="torch")
     for _ in range(2):
         opt.step(make_closure(opt, lambda: bf(x.bfloat16()).float().pow(2).mean()))
-    masters = [opt.state[p]["master"].clone() for p in bf.parameters()]
-    other = net(torch.float32, 1)
-    opt2 = ArmijoAdam(other.parameters(), cadence="every", backend="torch")
+    resumed = net()
+    resumed.load_state_dict(bf.state_dict())
+    opt2 = ArmijoAdam(resumed.parameters(), cadence="every", backend="torch")
     opt2.load_state_dict(opt.state_dict())
-    other.to(torch.bfloat16)
-    opt2._sync_buffers()  # the store for the bf16 tensors, as the first step builds it
-    for p, m in zip(other.parameters(), masters):
-        assert torch.equal(opt2.state[p]["master"], m)
+    with torch.no_grad():
+        resumed[2].weight.fill_(0.25)
+    resumed[0].bias.requires_grad_(False)
+    opt2._sync_buffers()  # the rebuild the first step would do
+    assert torch.equal(resumed[2].weight.detach(), torch.full_like(resumed[2].weight, 0.25))
+    assert torch.equal(opt2.state[resumed[2].weight]["master"],
+                       torch.full(resumed[2].weight.shape, 0.25))

@@ -412,3 +412,13 @@ def test_checkpoints_without_momentum_are_refused_by_a_momentum_rule_also_withou
     opt = ArmijoSGD(model.parameters(), momentum=0.9)
     with pytest.raises(ValueError, match="without momentum"):
         opt.load_state_dict(sd)
+
+
+def test_a_momentum_config_with_one_group_at_momentum_0_reloads_its_own_checkpoint():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    groups = lambda: [{"params": model[0].parameters(), "momentum": 0.0},  # noqa: E731
+                      {"params": model[1].parameters()}]
+    sd = ArmijoSGD(groups(), momentum=0.9).state_dict()  # before any step: no state
+    opt = ArmijoSGD(groups(), momentum=0.9)
+    opt.load_state_dict(sd)
+    assert [g["momentum"] for g in opt.param_groups] == [0.0, 0.9]

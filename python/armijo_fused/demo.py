@@ -94,7 +94,8 @@ def closure_step(opt: torch.optim.Optimizer, model: nn.Module,
             loss.backward()
             return loss
 
-        return opt.step(closure)
+        out = opt.step(closure)  # (the closure's own value, its graph attached, as torch's)
+        return out.detach() if torch.is_tensor(out) else out
 
     return step
 

@@ -432,9 +432,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
 
         if not search:
             etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
-            joining = self.__dict__.get("_joining")
-            if joining:  # untested blocks wait for the search the next step runs (store.py)
-                etas = [0.0 if key in joining else e for e, key in zip(etas, table)]
+            if self.layerwise and k > 1:
+                # a block no accepted search has moved yet (frozen from the start and unfrozen
+                # now, a group added later) takes no step until one has (at init_step_size, 1
+                # for SGD, it diverged: loss 0.1 -> 22), and the next step searches it first
+                untested = [not self._tested(gi, lb) for gi, lb in table]
+                if any(untested):
+                    etas = [0.0 if u else e for e, u in zip(etas, untested)]
+                    for g in groups:
+                        g["next_search"] = min(g["next_search"], k + 1)
             try:
                 with torch.no_grad():
                     caps = self._length_caps(table, buffers)
@@ -568,6 +574,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             self._last_dd = (buffers, [s[:, 2] for s in passes._first_sums])
         if accepted is not None and not skipped and result.block_dd:
             self._record_step_length(table, result.block_dd)
+        if self.layerwise and accepted is not None and not skipped:
+            self._mark_tested(table, accepted, frozen)
         exhausted = accepted is None and not (skipped or result.unresolved)
         if result.grad_sq == 0.0 and not skipped and result.loss_before != 0.0:
             self._warn_zero_gradient(k)  # (a loss of exactly 0: a fitted batch, no mistake)

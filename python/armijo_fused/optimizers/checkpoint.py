@@ -176,7 +176,7 @@ class CheckpointMixin:
         # plain ArmijoSGD's groups carry momentum 0 (for the schedulers that look for the key)
         # and no momentum buffer: loaded into a momentum rule it would silently continue at μ 0
         saved_names = {k for s in state_dict.get("state", {}).values() for k in s}
-        if "momentum" in self.rule.hyperparameters and self.rule.state_names and any(
+        if "momentum" in self.rule.hyperparameters and self.rule.state_names and all(
                 g.get("momentum") == 0.0 for g in state_dict.get("param_groups", [])) and \
                 not saved_names & set(self.rule.state_names):
             raise ValueError(

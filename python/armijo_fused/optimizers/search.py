@@ -36,28 +36,36 @@ class SearchMixin:
             return [[b for b in range(len(table)) if not frozen[b]]]
         every = self._merged_blocks(table)
         members = [m for m in every if not frozen[m[0]]]
-        if self.block_search == "exact":  # every block is searched (the joining ones too)
-            if self.__dict__.get("_joining"):
-                self._joining -= {table[b] for m in members for b in m}
+        if self.block_search == "exact":
             return members
         g0 = self.param_groups[0]
-        joining = self.__dict__.get("_joining")
-        if joining:  # a block that joined untested goes first (store.py, _note_joining)
-            pick = next((m for m in members if any(table[b] in joining for b in m)), None)
-            if pick is not None:
-                self._joining = joining - {table[b] for b in pick}
-                self._cursor_next = g0.get("block_cursor", 0)  # the round robin waits
-                return [pick]
+        # blocks no accepted search has moved yet (frozen from the start, a group added later)
+        # come first, in turn, so that backtracking acts on them
+        pool = [m for m in members if not all(self._tested(*table[b]) for b in m)] or members
         if self.block_search == "round_robin":  # the cursor moves once the search completes
             n, at = len(every), g0.get("block_cursor", 0)
-            pos = next(i % n for i in range(at, at + n) if not frozen[every[i % n][0]])
+            pos = next(i % n for i in range(at, at + n) if every[i % n] in pool)
             chosen, self._cursor_next = every[pos], (pos + 1) % n
         else:  # most stale: the block searched longest ago
             def last(m):
                 gi, lb = table[m[0]]
                 return self.param_groups[gi]["block_searched_at"][lb]
-            chosen = min(members, key=last)
+            chosen = min(pool, key=last)
         return [chosen]
+
+    def _tested(self, gi: int, lb: int) -> bool:
+        """Has an accepted search moved block lb of group gi (layer-wise)? Until one has, its
+        step size is applied only inside a search's Armijo test, never by a plain step."""
+        tested = self.param_groups[gi].get("block_tested")
+        return True if not isinstance(tested, list) else bool(tested[lb])
+
+    def _mark_tested(self, table, accepted, frozen) -> None:
+        """After an accepted search: every block that moved inside its Armijo test (a frozen
+        one, at lr 0, did not) is tested from now on."""
+        for b, (gi, lb) in enumerate(table):
+            tested = self.param_groups[gi].get("block_tested")
+            if isinstance(tested, list) and not frozen[b] and accepted[b] > 0.0:
+                tested[lb] = 1
 
     def _merged_blocks(self, table) -> list[list[int]]:
         """The blocks that search together: each block with the blocks merged into it."""

@@ -54,26 +54,7 @@ class StoreMixin:
             ids = [names.index(of[id(p)]) for p in params]
         if group.get("block_names") != names:
             self._rename_blocks(group, names)
-        self._note_joining(gi, group, names, set(ids))
         return ids
-
-    def _note_joining(self, gi: int, group: dict, names: list, present: set) -> None:
-        """Blocks that gain trainable tensors mid-run (frozen from the start, unfrozen now; a
-        block new to the group) and that no search has tested: they take no step until a search
-        has tested them, and the next step searches them first (``_joining``; the round-robin
-        cursor waits). At init_step_size (1 for SGD) the steps without a search applied them
-        untested: loss 0.1 -> 22 in two steps. Blocks that were already training are not
-        joining, however a rebuild or a load came about (a resume stays bitwise)."""
-        seen = self.__dict__.setdefault("_present", {})
-        before, seen[gi] = seen.get(gi), {names[lb] for lb in present}
-        if before is None or self.param_groups[0]["step"] == 0:
-            return
-        joined = {(gi, lb) for lb in present
-                  if names[lb] not in before and group["block_searched_at"][lb] == 0}
-        if joined:
-            self._joining = self.__dict__.get("_joining", set()) | joined
-            for g in self.param_groups:
-                g["next_search"] = min(g["next_search"], g["step"] + 2)
 
     def _blocks_by(self, gi) -> str:
         """How group gi is cut into blocks: ``"name"`` (module names: one group given, with
@@ -95,13 +76,16 @@ class StoreMixin:
         model's, a checkpoint's) keeps its step sizes, step length, merge and search record; a
         new one starts from the smallest step size carried over (mid-run: no untested step
         longer than a tested one), else from the group's global η (a global checkpoint) or
-        ``init_step_size``. (A new block mid-run is also joining: see ``_note_joining``.)"""
+        ``init_step_size``; it is untested (``block_tested``) until an accepted search moves it."""
         old = group.get("block_names")
         lists = isinstance(group["step_size"], list) and old is not None
-        keys = ("step_size", "step_size_avg", "step_length", "collapsed", "block_searched_at")
+        keys = ("step_size", "step_size_avg", "step_length", "collapsed", "block_searched_at",
+                "block_tested")
         where = {}
         if lists:
             where = {n: i for i, n in enumerate(old)}
+            if "block_tested" not in group:  # a checkpoint from before the key: as tested
+                group["block_tested"] = [1] * len(old)
             if not all(isinstance(group.get(k), list) and len(group[k]) == len(old)
                        for k in keys + ("block_owner",)):
                 where = {}  # a checkpoint without some of them: start every block afresh
@@ -115,7 +99,7 @@ class StoreMixin:
             avg = group["step_size_avg"] if not isinstance(group["step_size_avg"], list) \
                 else self._init_step_size
         fresh = dict(step_size=eta, step_size_avg=avg, step_length=0.0, collapsed=0,
-                     block_searched_at=0)
+                     block_searched_at=0, block_tested=0)
         new = {k: [group[k][where[n]] if n in where else fresh[k] for n in names] for k in keys}
         owner = []
         for j, n in enumerate(names):  # a merge holds where both blocks are still there
@@ -159,10 +143,11 @@ class StoreMixin:
             order = sorted(range(len(plist)), key=lambda i: ids[i])  # params ordered by block
             used = sorted(set(ids))  # buffer-local block index -> group block index
             local = [used.index(ids[i]) for i in order]
-            # a master being loaded wins over θ: at the load, or at the first build after it
-            # (FSDP2 shards, meta tensors; a bf16 master loaded into what was fp32 then)
-            loading = any(self.__dict__.get(k) for k in ("_loading", "_masters_pending",
-                                                          "_deferred_load"))
+            # a master being loaded wins over θ: at the load, or at the first build after a
+            # load that had to wait for it (FSDP2 shards, meta tensors); at any other build the
+            # model's weights win where they differ from the master rounded (weights written
+            # since, also after a load)
+            loading = any(self.__dict__.get(k) for k in ("_loading", "_deferred_load"))
             if dtensor:  # FSDP2 shards: FSDP owns their storage, so work on copies of them
                 buf = ShardedBuffer(gi, [plist[i] for i in order], self.rule, self.state,
                                     block_ids=local, tile=self.tile,

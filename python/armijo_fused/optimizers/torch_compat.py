@@ -186,7 +186,8 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
                      next_search=folded + 1, search_interval=1,
                      searches=0, forwards=0, backwards=0)
         if blocks is not None:  # layer-wise: every block starts unmerged, none searched yet
-            group.update(block_owner=list(range(blocks)), block_searched_at=[0] * blocks)
+            group.update(block_owner=list(range(blocks)), block_searched_at=[0] * blocks,
+                         block_tested=[1] * blocks)  # (η starts at the lr torch used)
         groups.append(group)
     return {"state": state, "param_groups": groups}
 
