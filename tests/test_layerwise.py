@@ -449,3 +449,30 @@ def test_a_checkpoint_taken_while_a_block_is_untested_resumes_bitwise():
     ref = run()
     for at in (11, 12):
         assert all(torch.equal(p, q) for p, q in zip(run(resume_at=at), ref)), at
+
+
+def test_a_run_whose_first_searches_do_not_resolve_still_trains():
+    # Every block starts untested; with a bf16 loss the first searches end unresolved (no
+    # accepted search), and zeroing the untested blocks between searches froze the model for
+    # good. Before any accepted search the blocks apply their step size, as a global run does.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(torch.bfloat16)
+    x, y = torch.randn(64, 8, dtype=torch.bfloat16), torch.randn(64, 1, dtype=torch.bfloat16)
+    opt = ArmijoAdam(model.parameters(), model=model, layerwise=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the half-precision-loss warning)
+        for _ in range(30):
+            opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.param_groups[0]["searches"] < 15  # the cadence spaced the searches out
+
+
+def test_a_group_at_lr_0_does_not_make_every_other_step_a_search():
+    model, f = _mlp_task()
+    opt = ArmijoAdam([{"params": model[0].parameters(), "lr": 0.0},
+                      {"params": list(model[2].parameters()) + list(model[4].parameters())}],
+                     lr=1.0, layerwise=True, model=model)
+    for _ in range(40):
+        opt.step(make_closure(opt, f))
+    assert opt.param_groups[0]["searches"] <= 10, opt.param_groups[0]["searches"]

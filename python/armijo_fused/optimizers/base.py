@@ -433,11 +433,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         if not search:
             etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
             if self.layerwise and k > 1:
-                # a block no accepted search has moved yet (frozen from the start and unfrozen
-                # now, a group added later) takes no step until one has (at init_step_size, 1
-                # for SGD, it diverged: loss 0.1 -> 22), and the next step searches it first
-                untested = [not self._tested(gi, lb) for gi, lb in table]
-                if any(untested):
+                # a block no accepted search has moved yet, in a run where others have been
+                # (frozen from the start and unfrozen now, a group added later), takes no step
+                # until one has (at init_step_size, 1 for SGD, it diverged: loss 0.1 -> 22),
+                # and the next step searches it first. Before any search was accepted (its
+                # first searches unresolved: a bf16 loss) every block applies its η, as a
+                # global run does; a block at lr 0 is no concern of the search
+                tested = [self._tested(gi, lb) for gi, lb in table]
+                untested = [not t and f != 0.0 for t, f in zip(tested, block_factors)]
+                if any(untested) and any(tested):
                     etas = [0.0 if u else e for e, u in zip(etas, untested)]
                     for g in groups:
                         g["next_search"] = min(g["next_search"], k + 1)

@@ -41,7 +41,8 @@ class SearchMixin:
         g0 = self.param_groups[0]
         # blocks no accepted search has moved yet (frozen from the start, a group added later)
         # come first, in turn, so that backtracking acts on them
-        pool = [m for m in members if not all(self._tested(*table[b]) for b in m)] or members
+        untested = [m for m in members if not all(self._tested(*table[b]) for b in m)]
+        pool = untested if untested and len(untested) < len(members) else members
         if self.block_search == "round_robin":  # the cursor moves once the search completes
             n, at = len(every), g0.get("block_cursor", 0)
             pos = next(i % n for i in range(at, at + n) if every[i % n] in pool)
