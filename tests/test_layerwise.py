@@ -319,16 +319,22 @@ def test_a_group_added_later_keeps_the_first_groups_blocks():
     assert len(opt.stats["step_size"]) == len(names) + 1
 
 
+def _trained_with_layer_2_frozen(steps):
+    """ArmijoSGD(momentum 0.9), layer-wise, ``steps`` steps with layer 2 frozen from the start."""
+    model, f = _mlp_task()
+    model[2].requires_grad_(False)
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
+    for _ in range(steps):
+        opt.step(make_closure(opt, f))
+    return model, f, opt
+
+
 def test_a_layer_frozen_from_the_start_waits_for_a_search_that_tests_it():
     # Frozen from construction, the layer's block kept init_step_size (1 for SGD) and, once
     # unfrozen, the steps without a search applied it untested (loss 0.1 -> 22 in two steps).
     # Now it takes no step until a search has tested it, and the next step searches it first
     # (the round robin would have reached it 20 steps later).
-    model, f = _mlp_task()
-    model[2].requires_grad_(False)
-    opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
-    for _ in range(30):
-        opt.step(make_closure(opt, f))
+    model, f, opt = _trained_with_layer_2_frozen(30)
     assert opt.param_groups[0]["block_searched_at"][1] == 0
     model[2].requires_grad_(True)
     w = model[2].weight.detach().clone()
@@ -392,11 +398,7 @@ def test_a_group_added_mid_run_waits_for_a_search_that_tests_it():
 
 
 def test_an_untested_block_stays_untested_through_a_skipped_search():
-    model, f = _mlp_task()
-    model[2].requires_grad_(False)
-    opt = ArmijoSGD(model.parameters(), momentum=0.9, model=model, layerwise=True)
-    for _ in range(20):
-        opt.step(make_closure(opt, f))
+    model, f, opt = _trained_with_layer_2_frozen(20)
     model[2].requires_grad_(True)
     bad = [True]
 
