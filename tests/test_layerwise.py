@@ -478,3 +478,27 @@ def test_a_group_at_lr_0_does_not_make_every_other_step_a_search():
     for _ in range(40):
         opt.step(make_closure(opt, f))
     assert opt.param_groups[0]["searches"] <= 10, opt.param_groups[0]["searches"]
+
+
+def test_an_unfrozen_block_under_a_bf16_loss_does_not_wait_for_a_resolved_search():
+    # A bf16 loss leaves most searches unresolved; the unfrozen block waited for an accepted
+    # one, moving nothing (and the run every other step) for 30+ steps. An unresolved search
+    # now ends the wait, as before any accepted search.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 1))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+    f = lambda: nn.functional.mse_loss(model(x).bfloat16(), y.bfloat16())  # noqa: E731
+    model[0].requires_grad_(False)
+    opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, init_step_size=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the half-precision-loss warning)
+        for _ in range(20):
+            opt.step(make_closure(opt, f))
+        model[0].requires_grad_(True)
+        w = model[0].weight.detach().clone()
+        for _ in range(8):
+            opt.step(make_closure(opt, f))
+    assert opt.param_groups[0]["block_tested"][0] == 1
+    assert (model[0].weight.detach() - w).abs().max() > 1e-3

@@ -578,8 +578,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             self._last_dd = (buffers, [s[:, 2] for s in passes._first_sums])
         if accepted is not None and not skipped and result.block_dd:
             self._record_step_length(table, result.block_dd)
-        if self.layerwise and accepted is not None and not skipped:
-            self._mark_tested(table, accepted, frozen)
+        if self.layerwise and not skipped and (accepted is not None or result.unresolved):
+            # an unresolved search cannot judge its blocks at the loss's resolution: waiting
+            # for a resolved one stalled an unfrozen block under a bf16 loss for 30+ steps, so
+            # its blocks go on as before any accepted search (they apply their η)
+            self._mark_tested(table, accepted if accepted is not None else etas, frozen)
         exhausted = accepted is None and not (skipped or result.unresolved)
         if result.grad_sq == 0.0 and not skipped and result.loss_before != 0.0:
             self._warn_zero_gradient(k)  # (a loss of exactly 0: a fitted batch, no mistake)
