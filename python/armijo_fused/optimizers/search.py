@@ -61,8 +61,9 @@ class SearchMixin:
         return True if not isinstance(tested, list) else bool(tested[lb])
 
     def _mark_tested(self, table, accepted, frozen) -> None:
-        """After an accepted search: every block that moved inside its Armijo test (a frozen
-        one, at lr 0, did not) is tested from now on."""
+        """After an accepted search (or an unresolved one, which cannot judge its blocks):
+        every block that moved inside its trials (a frozen one, at lr 0, did not) is tested from
+        now on. ``accepted``: per block, the step size it moved by."""
         for b, (gi, lb) in enumerate(table):
             tested = self.param_groups[gi].get("block_tested")
             if isinstance(tested, list) and not frozen[b] and accepted[b] > 0.0:
