@@ -224,10 +224,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             group.setdefault(key, default)
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
             group.setdefault("block_cursor", first.get("block_cursor", 0))
-            # module names cut the blocks of a single group given with names; every other group
-            # (several given, or added later: a new head) is one block
-            group.setdefault("blocks_by", "name" if group is first and len(self.param_groups) == 1
-                             and self._names else "group")
+            group.setdefault("blocks_by", self._default_blocks_by(group))  # (store.py)
 
     def _validate_group(self, group: dict) -> None:
         """The hyperparameters a step reads from a group: at construction, and again at every
@@ -600,6 +597,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                      searches=g["searches"] + 1)
         self._advance(k, folded=() if skipped else passes.groups)
         taken = accepted if accepted is not None else [0.0] * len(table)
+        every_block = self._all_blocks() if self.layerwise else table
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken, table),
             applied_step=self._report([a * f for a, f in zip(taken, block_factors)], table),
@@ -610,8 +608,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             exhausted=exhausted,
             collapsed=collapsed, skipped=skipped, searched_blocks=self._positions(
                 table, sorted(set().union(*plan))),
-            next_step_size=self._report([self._eta(gi, lb) for gi, lb in self._all_blocks()],
-                                        self._all_blocks()),
+            next_step_size=self._report([self._eta(gi, lb) for gi, lb in every_block],
+                                        every_block),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         return f0
@@ -657,7 +655,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         """Searches whose predicted decrease is below the loss's float resolution take no step.
         With a bf16 / fp16 loss (a model cast to bf16 whose loss is computed in it) that is
         nearly every search: resolution 6% / 0.8% of the loss. Say so, once, at the third in
-        a row."""
+        a row; with an fp32 loss at the tenth (a loss scaled very small for ArmijoSGD's η)."""
         plain = result.unresolved and not result.unchanged and not result.skipped
         n = self.__dict__.get("_unresolved_searches", 0) + 1 if plain else 0
         self._unresolved_searches = n
@@ -690,13 +688,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 "copy of the model, cached outputs, or weights cast once outside the loss "
                 "function? (A cast cached by torch.autocast is cleared before each trial.)"))
 
-    def _report(self, values, table=None):
+    def _report(self, values, table):
         """Telemetry per block: one value (global), or a list over every group's blocks in
         ``block_names`` order (layer-wise), NaN for a block with no trainable tensor at this
         step (frozen), so that the list keeps its length and order while layers freeze."""
         if not self.layerwise:
             return values[0]
-        at = dict(zip(table or self._block_table(), values))
+        at = dict(zip(table, values))
         return [at.get(key, math.nan) for key in self._all_blocks()]
 
     def _positions(self, table, blocks) -> list[int]:

@@ -67,9 +67,15 @@ class StoreMixin:
             if old is not None:
                 mode = "group" if old == [group.get("block", f"group.{gi}")] else "name"
             else:
-                mode = "name" if len(self.param_groups) == 1 and self._names else "group"
+                mode = self._default_blocks_by(group)
             group["blocks_by"] = mode
         return mode
+
+    def _default_blocks_by(self, group: dict) -> str:
+        """Module names cut the blocks of a single group given with names; every other group
+        (several given, or added later: a new head) is one block."""
+        first = group is self.param_groups[0] and len(self.param_groups) == 1
+        return "name" if first and self._names else "group"
 
     def _rename_blocks(self, group: dict, names: list) -> None:
         """Give the group per-block state for ``names``. A block that keeps its name (the same
