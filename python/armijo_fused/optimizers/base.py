@@ -579,7 +579,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             # an unresolved search cannot judge its blocks at the loss's resolution: waiting
             # for a resolved one stalled an unfrozen block under a bf16 loss for 30+ steps, so
             # its blocks go on as before any accepted search (they apply their η)
-            self._mark_tested(table, accepted if accepted is not None else etas, frozen)
+            self._mark_tested(table, self._judged(result, accepted, etas), frozen)
         exhausted = accepted is None and not (skipped or result.unresolved)
         if result.grad_sq == 0.0 and not skipped and result.loss_before != 0.0:
             self._warn_zero_gradient(k)  # (a loss of exactly 0: a fitted batch, no mistake)

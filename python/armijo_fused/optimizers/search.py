@@ -69,6 +69,18 @@ class SearchMixin:
             if isinstance(tested, list) and not frozen[b] and accepted[b] > 0.0:
                 tested[lb] = 1
 
+    @staticmethod
+    def _judged(result, accepted, etas) -> list[float]:
+        """Per block, the step size its search ended at, for ``_mark_tested``: the accepted
+        one, or its own η where the search was unresolved (all of it, or, in exact mode, that
+        block's own test: a block the forward does not use otherwise waited for a test forever,
+        and its wait forced a search at every step)."""
+        judged = list(accepted if accepted is not None else etas)
+        for members, _, unresolved in getattr(result, "exact", None) or []:
+            for b in members if unresolved else []:
+                judged[b] = etas[b]
+        return judged
+
     def _merged_blocks(self, table) -> list[list[int]]:
         """The blocks that search together: each block with the blocks merged into it."""
         owners = {}
@@ -121,7 +133,8 @@ class SearchMixin:
         merged.unresolved = all(r.unresolved for _, r in results)
         merged.unchanged = all(r.unchanged for _, r in results)
         merged.non_descent = False
-        merged.exact = [(m, r.accepted) for m, r in results]
+        # per block: its members, what its own search accepted, and whether it was unresolved
+        merged.exact = [(m, r.accepted, r.unresolved) for m, r in results]
         return merged, accepted
 
     def _fill_frozen(self, accepted, etas, frozen):
@@ -152,11 +165,16 @@ class SearchMixin:
                     self._set_eta(gi, lb, tried[b])
         if skipped or result.unresolved:
             return result.unresolved, False
-        outcomes = exact if exact is not None else [(plan[0], accepted)]
+        outcomes = exact if exact is not None else [(plan[0], accepted, False)]
         settled_all, collapsed_any = True, False
         new = list(etas)
         found = {}  # block -> the step size its search accepted this step
-        for members, acc in outcomes:
+        for members, acc, block_unresolved in outcomes:
+            if block_unresolved:
+                # exact mode: this block's own test could not judge it (a zero gradient, a
+                # block the forward does not use): as a global unresolved search, keep its η
+                # and do not call it a collapse, which would search again at every step
+                continue
             gi, lb = table[members[0]]
             avg = self._eta(gi, lb, key="step_size_avg")
             a = acc[members[0]] if acc is not None else None
