@@ -8,6 +8,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# torch's CPU wheel (MKL build) computes sqrt, exp, log, ... through MKL's VML, which sets itself
+# up at its first call in a process. Made from two threads at once (a tensor over ATen's
+# 2048-element VML grain), that first call computed the second thread's half in a low-accuracy
+# mode in about one process in three (float32 sqrt off by up to 3e-5, 1e-4 relative), and a
+# kernel-against-twin comparison failed at random. The first call is made here, on one thread.
+for _dtype in (torch.float32, torch.float64):
+    _x = torch.full((16,), 2.0, dtype=_dtype)
+    _x.sqrt(), _x.exp(), _x.log(), _x.rsqrt()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
