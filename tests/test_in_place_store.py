@@ -7,6 +7,7 @@ state, and every result is the flat store's: same rules, same kernels through a 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import pytest
@@ -89,12 +90,43 @@ def test_in_place_layer_wise_half_and_strided_parameters(case):
 def test_in_place_gradients_stay_the_models_and_are_zeroed_where_they_are():
     opt, model, _, _ = _run(False, steps=3)
     grads = [p.grad for p in model.parameters()]
-    opt.zero_grad()
+    opt.zero_grad(set_to_none=False)
     assert [p.grad for p in model.parameters()] == grads  # the same tensors, zeroed
     assert all(int(g.count_nonzero()) == 0 for g in grads)
     buf = opt._buffers[0]
     # no θ or g held by the optimizer: only the rule's state, in flat buffers
     assert not hasattr(buf, "_param") and not hasattr(buf, "_grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_in_place_zero_grad_frees_the_gradients_as_torch_does(backend):
+    # flat=False and zero_grad() (set_to_none=True, torch's default): the gradients are dropped,
+    # so through the next forward the optimizer holds only its state, as AdamW does; the next
+    # step reads the backward's new tensors. It used to zero them in place and keep them.
+    def run(set_to_none):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        x, y = torch.randn(32, 8), torch.randn(32, 1)
+        opt = ArmijoAdam(model.parameters(), flat=False, backend=backend, cadence=2,
+                         weight_decay=0.1)
+        for _ in range(6):
+            opt.zero_grad(set_to_none=set_to_none)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(loss_fn=lambda: nn.functional.mse_loss(model(x), y), loss=loss)
+        return opt, model
+
+    opt, model = run(True)
+    ref_opt, ref_model = run(False)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(v, ref_opt.state[q][k]) for k, v in opt.state[p].items())
+    ptrs = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    gc.collect()  # nothing else holds them either (the tile table's g column did)
+    alive = {o.untyped_storage().data_ptr() for o in gc.get_objects() if torch.is_tensor(o)}
+    assert not ptrs & alive
 
 
 def test_in_place_resume_is_bitwise():

@@ -304,15 +304,17 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         self._pending_rng = trial_mod.capture_rng()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients. They stay views of the flat gradient buffer (``flat=False``: the
-        same tensors, zeroed where they are; FSDP2: dropped, FSDP writes new ones), so the next
-        backward accumulates in place: ``set_to_none`` is ignored once the buffers exist."""
+        """Zero the gradients. With flat buffers (the default) they stay views of the flat
+        gradient buffer, zeroed, so the next backward accumulates in place: ``set_to_none`` is
+        ignored once the buffers exist. ``flat=False`` follows ``set_to_none`` as torch does
+        (dropped, so their memory is free through the next forward, as with AdamW; or zeroed
+        where they are). FSDP2: dropped, FSDP writes new ones."""
         if trial_mod.in_trial():
             return
         if self._buffers is None:
             return super().zero_grad(set_to_none=set_to_none)
         for buf in self._buffers:
-            buf.zero_grad()
+            buf.zero_grad(set_to_none)
         for p in self._outside:  # tensors the store does not hold (frozen): as torch does
             if p.grad is not None:
                 if set_to_none:

@@ -267,8 +267,10 @@ class FlatBuffer:
             with torch.no_grad():
                 self.model_param.copy_(self.param)
 
-    def zero_grad(self) -> None:
-        """Zero the flat gradient and keep the views attached (one launch, not one per tensor)."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient and keep the views attached (one launch, not one per tensor).
+        ``set_to_none`` is ignored: dropping the views would make every step copy the new
+        gradients back in (one more pass, and their memory twice at the step)."""
         self.grad.zero_()
         for i, p in enumerate(self.params):
             if p.grad is not self._grad_views[i]:

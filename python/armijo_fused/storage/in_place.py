@@ -33,9 +33,12 @@ class InPlaceBuffer(ShardedBuffer):
     def _wrap(view: Tensor, p) -> Tensor:
         return view  # state[p][name] is the view of the flat state itself
 
-    def zero_grad(self) -> None:
-        """Zero the gradients where they are (one launch): the table keeps addressing them, and
-        the next backward accumulates into them, as into the views of a flat buffer."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch does: drop the gradients (``set_to_none``; their memory is free through the
+        next forward, and the next step points the table at the backward's new tensors), or
+        zero them where they are, in one launch."""
+        if set_to_none:
+            return self._drop_grads()
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)

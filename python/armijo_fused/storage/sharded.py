@@ -42,6 +42,7 @@ stored the same way with ``sum_scale`` 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -291,10 +292,19 @@ class ShardedBuffer:
         with torch.no_grad():
             torch._foreach_copy_([_local(p) for p in self.params], self._param_views)
 
-    def zero_grad(self) -> None:
-        """FSDP2 writes a fresh gradient DTensor after the next backward: drop the current one."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """FSDP2 writes a fresh gradient DTensor after the next backward: drop the current one
+        (whatever ``set_to_none`` says)."""
+        self._drop_grads()
+
+    def _drop_grads(self) -> None:
+        """Drop the gradients, the table's references included (they held the last step's
+        gradients through the next forward): its g column is stale until :meth:`sync`, which
+        finds no tensors to match and rebuilds it before any pass runs."""
         for p in self.params:
             p.grad = None
+        if self.table is not None:
+            self.table = replace(self.table, grads=[])
 
 
 def fsdp_modules(modules) -> list:
