@@ -76,7 +76,9 @@ LINESEARCH_ARGS = r"""
             kernel launch covers the group. False leaves them where they are (for CUDA graphs
             captured earlier, shared storage, code that holds ``p.data``): the passes reach
             contiguous fp32 tensors through per-tile pointer tables at the same bytes per
-            parameter, and copy the others in and out around each pass (default: True)
+            parameter, and copy the others in and out around each pass; ``zero_grad()`` then
+            drops the gradients as torch does, so the forward runs without them, as AdamW's
+            (default: True)
         model (nn.Module, optional): the model, so trial forwards restore its buffers
             (BatchNorm statistics) afterwards; without it, the model the loss function reaches
             is used, or else the modules that hold the parameters (a BatchNorm without affine
