@@ -10,14 +10,18 @@ pytestmark = pytest.mark.skipif(ops._C is None or not hasattr(ops._C, "ViewCheck
                                 reason="needs the compiled extension")
 
 
-def _setup(seed=0):
+def _setup(seed=0, mode="walk"):
+    """``mode``: how the check finds the buffer's state: by walking ``opt.state`` (it is mostly
+    this buffer's), or, with 30 other groups' tensors in it, by looking its tensors up."""
     torch.manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5)),
               torch.nn.Parameter(torch.randn(2, 2))]
-    opt = ArmijoAdam(params, weight_decay=0.1)
-    for p in params:
+    others = [torch.nn.Parameter(torch.randn(2)) for _ in range(30 if mode == "lookup" else 0)]
+    opt = ArmijoAdam([{"params": params}] + [{"params": [q]} for q in others], weight_decay=0.1)
+    for p in params + others:
         p.grad = torch.randn_like(p)
-    opt.step(loss_fn=lambda: sum((p * p).sum() for p in params), loss=torch.tensor(1.0))
+    opt.step(loss_fn=lambda: sum((p * p).sum() for p in params + others),
+             loss=torch.tensor(1.0))
     return opt, params, opt._buffers[0]
 
 
@@ -49,11 +53,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("mode", ["walk", "lookup"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_one_call_check_matches_the_loop(case):
+def test_one_call_check_matches_the_loop(case, mode):
     results = []
     for fast in (True, False):
-        opt, params, buf = _setup()
+        opt, params, buf = _setup(mode=mode)
         if not fast:
             buf._checker = None
         CASES[case](opt, params)
@@ -74,8 +79,9 @@ def test_one_call_check_matches_the_loop(case):
     assert ok == (case not in ("moved", "reshaped in place", "strides changed in place"))
 
 
-def test_check_reports_each_finding():
-    opt, params, buf = _setup()
+@pytest.mark.parametrize("mode", ["walk", "lookup"])
+def test_check_reports_each_finding(mode):
+    opt, params, buf = _setup(mode=mode)
     assert buf._checker.check(buf.params, opt.state) == (-1, -1, True)
     params[2].grad = None
     assert buf._checker.check(buf.params, opt.state) == (-1, 2, True)
