@@ -185,7 +185,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 "model=model to let trials restore its buffers and name its layers)")
         super().__init__(params, defaults)
         for group in self.param_groups:
-            self._init_group(group)
+            self._init_group(group, constructing=True)
         # filled by state_dict() only; a live key, so that a checkpoint flattened by
         # torch.distributed.checkpoint (flatten_optimizer_state_dict, which keeps only the keys
         # the live groups have) carries it back
@@ -197,9 +197,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 "armijo_fused.blocks.param_groups(model)) or model= to split by module names"
             )
 
-    def _init_group(self, group: dict) -> None:
+    def _init_group(self, group: dict, constructing: bool = False) -> None:
         """Validate a param group and give it the line-search keys. A group added later
-        (``add_param_group``, progressive unfreezing) joins the current global step size."""
+        (``add_param_group``, progressive unfreezing) joins the current global step size.
+        ``constructing``: every group so far starts at ``init_step_size`` (no minimum to take
+        over them, which was quadratic in the groups)."""
         self._validate_group(group)
         for p in group["params"]:
             if not p.is_floating_point():
@@ -216,7 +218,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                        "next_search": 1, "search_interval": 1}.get(key, 0)
             if joining and key != "folded" and (not self.layerwise or key in _COUNTERS):
                 default = first[key]  # global: one η for every group; the counters are shared
-            elif joining and key in ("step_size", "step_size_avg"):
+            elif joining and key in ("step_size", "step_size_avg") and not constructing:
                 # layer-wise: the new group's block starts no longer than any block's step
                 default = min(self._init_step_size, *[
                     v for g in self.param_groups if g is not group and key in g

@@ -79,6 +79,8 @@ class FlatPasses(Passes):
         # buffer, so an error between two buffers' launches rolls back exactly those passed.
         self._at: list = [None] * len(buffers)
         self._precond_at = [False] * len(buffers)
+        # whether self.eta gives buffer i's position exactly (not after a capped first pass)
+        self._known = [False] * len(buffers)
         self._gscale = None  # per device; set by _set_scale
         with torch.no_grad():
             self._make_gscale(None if loss_follows else f0, loss_follows)
@@ -159,7 +161,7 @@ class FlatPasses(Passes):
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
                 self.wd[i], eta_i, self._gscale[b.device], b.layout, _model_copy(b),
                 table=_table(b)))
-            self._passed(i, eta_i, eta, False)
+            self._passed(i, eta_i, eta, False, known=caps is None)
         sums = self._written(sums)
         self._first_sums = sums
         return sums
@@ -169,8 +171,8 @@ class FlatPasses(Passes):
         """Has a first pass folded this step's gradient into some buffer's state?"""
         return any(at is not None for at in self._at)
 
-    def _passed(self, i: int, eta_i: Tensor, eta, precond: bool) -> None:
-        self._at[i], self._precond_at[i] = eta_i, precond
+    def _passed(self, i: int, eta_i: Tensor, eta, precond: bool, known: bool = True) -> None:
+        self._at[i], self._precond_at[i], self._known[i] = eta_i, precond, known
         self.eta[self.slices[i]] = eta[self.slices[i]]
 
     def trial_points(self, etas, precond):
@@ -221,12 +223,16 @@ class FlatPasses(Passes):
         self.eta, self.precond = [0.0] * len(self.eta), False
         self._at = [None] * len(self.buffers)
         self._precond_at = [False] * len(self.buffers)
+        self._known = [False] * len(self.buffers)
 
-    def _written(self, sums):
+    def _written(self, sums, moved=None):
         """After a pass (which has already written a bf16/fp16 model's copy of its fp32 master):
         sharded buffers copy θ back into the DTensor shards and scale their local sums by the
-        shard count, so the optimizer's mean over ranks forms Σ over shards."""
+        shard count, so the optimizer's mean over ranks forms Σ over shards. ``moved``: the
+        buffers the pass wrote (None: all)."""
         for i, b in enumerate(self.buffers):
+            if moved is not None and i not in moved:
+                continue
             if isinstance(b, ShardedBuffer):
                 b.after_write()
                 if sums is not None and b.sum_scale != 1.0:
@@ -261,12 +267,20 @@ class FlatPasses(Passes):
 
     def move_to(self, eta, *, precond=None, compute_sums=False):
         precond = self.precond if precond is None else precond
-        out = []
+        out, moved = [], []
         for i in range(len(self.buffers)):
+            sl = self.slices[i]
+            if (not compute_sums and self._known[i] and self._precond_at[i] == precond
+                    and self.eta[sl] == list(eta[sl])):
+                # already there (exact mode moves one block at a time: moving every buffer
+                # on every trial was quadratic in the buffers)
+                out.append(None)
+                continue
             eta_i = self._eta(i, eta)
             out.append(self._move_buffer(i, eta_i, precond, compute_sums))
             self._passed(i, eta_i, eta, precond)
-        out = self._written(out if compute_sums else None)
+            moved.append(i)
+        out = self._written(out if compute_sums else None, set(moved))
         self.precond = precond
         return out
 
