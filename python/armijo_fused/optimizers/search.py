@@ -45,7 +45,8 @@ class SearchMixin:
         pool = untested if untested and len(untested) < len(members) else members
         if self.block_search == "round_robin":  # the cursor moves once the search completes
             n, at = len(every), g0.get("block_cursor", 0)
-            pos = next(i % n for i in range(at, at + n) if every[i % n] in pool)
+            heads = {m[0] for m in pool}  # (a set: a list test made the scan quadratic)
+            pos = next(i % n for i in range(at, at + n) if every[i % n][0] in heads)
             chosen, self._cursor_next = every[pos], (pos + 1) % n
         else:  # most stale: the block searched longest ago
             def last(m):
