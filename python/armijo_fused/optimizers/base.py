@@ -444,8 +444,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 untested = [not t and f != 0.0 for t, f in zip(tested, block_factors)]
                 if any(untested) and any(tested):
                     etas = [0.0 if u else e for e, u in zip(etas, untested)]
-                    for g in groups:
-                        g["next_search"] = min(g["next_search"], k + 1)
+                    if any(u and self._hurries(*table[b]) for b, u in enumerate(untested)):
+                        for g in groups:
+                            g["next_search"] = min(g["next_search"], k + 1)
             try:
                 with torch.no_grad():
                     caps = self._length_caps(table, buffers)
@@ -583,7 +584,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             # an unresolved search cannot judge its blocks at the loss's resolution: waiting
             # for a resolved one stalled an unfrozen block under a bf16 loss for 30+ steps, so
             # its blocks go on as before any accepted search (they apply their η)
-            self._mark_tested(table, self._judged(result, accepted, etas), frozen)
+            judged, blind = self._judged(result, accepted, etas)
+            self._mark_tested(table, judged, frozen, blind=blind)
         exhausted = accepted is None and not (skipped or result.unresolved)
         if result.grad_sq == 0.0 and not skipped and result.loss_before != 0.0:
             self._warn_zero_gradient(k)  # (a loss of exactly 0: a fitted batch, no mistake)

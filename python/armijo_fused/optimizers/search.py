@@ -6,6 +6,7 @@ merging collapsed blocks, and the length cap of the steps without a search. A mi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -55,32 +56,51 @@ class SearchMixin:
             chosen = min(pool, key=last)
         return [chosen]
 
+    # block_tested values: 1 tested; 0 not yet; BLIND not yet, and its last (exact) test was
+    # blind, so it waits for the cadence's next search rather than hurrying one
+    BLIND = 2
+
     def _tested(self, gi: int, lb: int) -> bool:
         """Has an accepted search moved block lb of group gi (layer-wise)? Until one has, its
         step size is applied only inside a search's Armijo test, never by a plain step."""
         tested = self.param_groups[gi].get("block_tested")
-        return True if not isinstance(tested, list) else bool(tested[lb])
+        return True if not isinstance(tested, list) else tested[lb] == 1
 
-    def _mark_tested(self, table, accepted, frozen) -> None:
+    def _hurries(self, gi: int, lb: int) -> bool:
+        """Does this untested block make the next step search? Not when its last test was
+        blind: a layer the forward never uses made every step a search (40 in 40 steps)."""
+        tested = self.param_groups[gi].get("block_tested")
+        return not isinstance(tested, list) or tested[lb] != self.BLIND
+
+    def _mark_tested(self, table, accepted, frozen, blind=()) -> None:
         """After an accepted search (or an unresolved one, which cannot judge its blocks):
         every block that moved inside its trials (a frozen one, at lr 0, did not) is tested from
-        now on. ``accepted``: per block, the step size it moved by."""
+        now on; ``blind`` blocks (see ``_unresolved_kind``) not yet tested wait without hurrying the next
+        search. ``accepted``: per block, the step size it moved by."""
         for b, (gi, lb) in enumerate(table):
             tested = self.param_groups[gi].get("block_tested")
-            if isinstance(tested, list) and not frozen[b] and accepted[b] > 0.0:
+            if not isinstance(tested, list) or frozen[b]:
+                continue
+            if accepted[b] > 0.0:
                 tested[lb] = 1
+            elif b in blind and tested[lb] != 1:
+                tested[lb] = self.BLIND
 
     @staticmethod
-    def _judged(result, accepted, etas) -> list[float]:
-        """Per block, the step size its search ended at, for ``_mark_tested``: the accepted
-        one, or its own η where the search was unresolved (all of it, or, in exact mode, that
-        block's own test: a block the forward does not use otherwise waited for a test forever,
-        and its wait forced a search at every step)."""
+    def _judged(result, accepted, etas) -> tuple[list[float], set[int]]:
+        """For ``_mark_tested``: per block the step size its search ended at (the accepted one;
+        its own η where the search, or in exact mode its own test, was unresolved by a decrease
+        below the loss's resolution, which ends the wait as in a global search), and the blocks
+        whose own exact-mode test was blind."""
         judged = list(accepted if accepted is not None else etas)
-        for members, _, unresolved in getattr(result, "exact", None) or []:
-            for b in members if unresolved else []:
-                judged[b] = etas[b]
-        return judged
+        blind = set()
+        for members, _, kind in getattr(result, "exact", None) or []:
+            for b in members if kind is not None else []:
+                if kind == "blind":
+                    blind.add(b)
+                else:
+                    judged[b] = etas[b]
+        return judged, blind
 
     def _merged_blocks(self, table) -> list[list[int]]:
         """The blocks that search together: each block with the blocks merged into it."""
@@ -133,14 +153,28 @@ class SearchMixin:
                 for b in members:
                     accepted[b] = r.accepted[b]
             passes.move_to([0.0] * n)
-        merged = results[0][1]
-        merged.trials = sum(r.trials for _, r in results)
-        merged.unresolved = all(r.unresolved for _, r in results)
-        merged.unchanged = all(r.unchanged for _, r in results)
-        merged.non_descent = False
-        # per block: its members, what its own search accepted, and whether it was unresolved
-        merged.exact = [(m, r.accepted, r.unresolved) for m, r in results]
+        # per block: its members, what its own search accepted, and why it was unresolved
+        exact = [(m, r.accepted, self._unresolved_kind(r, m)) for m, r in results]
+        merged = replace(results[0][1],  # (a copy: the first block's own result is read above)
+                         trials=sum(r.trials for _, r in results),
+                         unresolved=all(r.unresolved for _, r in results),
+                         unchanged=all(r.unchanged for _, r in results), non_descent=False)
+        merged.exact = exact
         return merged, accepted
+
+    @staticmethod
+    def _unresolved_kind(result, members) -> str | None:
+        """Exact mode: why this block's own search ended unresolved. ``"blind"``: no decrease
+        to predict at all, ⟨g_b, d_b⟩ = 0 (a zero gradient: a layer the forward does not use, a
+        LoRA factor facing a zero one, a gate still shut): the test says nothing about η, which
+        no direction has exercised yet. ``"faint"``: a decrease below the loss's resolution (a
+        bf16 loss, a tiny gradient), as an unresolved global search. None: resolved, or a
+        direction that is not a descent one (no fallback in exact mode): exhausted."""
+        if not result.unresolved or not result.history or not result.block_gd:
+            return None
+        eta = result.history[-1][0]
+        decrease = sum(eta[b] * result.block_gd[b] for b in members)
+        return "blind" if decrease == 0.0 else "faint" if decrease > 0.0 else None
 
     def _fill_frozen(self, accepted, etas, frozen):
         """The accepted step sizes with the frozen blocks' (0 in the passes) filled in, so the
@@ -172,15 +206,15 @@ class SearchMixin:
             self._set_each(table, grown, [tried[b] for b in grown])
         if skipped or result.unresolved:
             return result.unresolved, False
-        outcomes = exact if exact is not None else [(plan[0], accepted, False)]
+        outcomes = exact if exact is not None else [(plan[0], accepted, None)]
         settled_all, collapsed_any = True, False
         new = list(etas)
         found = {}  # block -> the step size its search accepted this step
-        for members, acc, block_unresolved in outcomes:
-            if block_unresolved:
-                # exact mode: this block's own test could not judge it (a zero gradient, a
-                # block the forward does not use): as a global unresolved search, keep its η
-                # and do not call it a collapse, which would search again at every step
+        for members, acc, kind in outcomes:
+            if kind is not None:
+                # exact mode: this block's own test could not judge η (see _unresolved_kind):
+                # keep it, as an unresolved global search does; a collapse would search at
+                # every step
                 continue
             gi, lb = table[members[0]]
             avg = self._eta(gi, lb, key="step_size_avg")
