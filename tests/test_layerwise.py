@@ -601,3 +601,75 @@ def test_exact_mode_moves_only_the_buffers_whose_step_size_changes(monkeypatch):
         # each trial moves its block there and back, the accepted steps move each block once
         assert len(moves) <= 2 * trials + blocks, (len(moves), trials)  # was 300 at 12 blocks
     assert float(f()) < 12 * 4 * 5  # (and it trains)
+
+
+def test_exact_mode_a_head_trained_every_other_step_is_tested_when_its_gradient_is_live():
+    # Multi-task, tasks alternating step by step: head B's gradient is 0 on odd steps. The
+    # cadence's searches (steps 1, 3, 7, 15, ...) all found it blind, so it waited without
+    # moving for 200 steps. A step without a scheduled search now tests it when its gradient
+    # is not zero.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"trunk": nn.Linear(6, 8), "headA": nn.Linear(8, 1),
+                           "headB": nn.Linear(8, 1)})
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(64, 6, generator=g)
+    targets = {"headA": X.sum(1, keepdim=True), "headB": -2 * X[:, :1]}
+    opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, block_search="exact")
+    b0 = model["headB"].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(1, 5):
+            head = "headA" if k % 2 else "headB"
+            opt.step(make_closure(opt, lambda: nn.functional.mse_loss(
+                model[head](torch.tanh(model["trunk"](X))), targets[head])))
+    assert float((model["headB"].weight.detach() - b0).abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_exact_mode_step_length_cap_does_not_depend_on_a_blind_blocks_place(where):
+    # The steps without a search are capped by the length of the tested step, taken from the
+    # merged result: the plan's first block's own, which a blind block's search left empty
+    # (no cap at all: plain steps 9.85x the searched one against 2.71x).
+    def run(place):
+        torch.manual_seed(0)
+        a1, a2 = torch.linspace(0.5, 1.5, 10), torch.linspace(1.0, 2.0, 10)
+        t1, t2 = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(10))
+        unused = nn.Parameter(torch.ones(3))
+        groups = [{"params": [t1]}, {"params": [t2]}]
+        groups = {"first": [{"params": [unused]}] + groups,
+                  "last": groups + [{"params": [unused]}], None: groups}[place]
+        opt = ArmijoSGD(groups, momentum=0.9, layerwise=True, block_search="exact",
+                        cadence=1000)
+        f = lambda: (a1 * t1).sum() + (a2 * t2).sum() + 0.0 * unused.sum()  # noqa: E731
+        for _ in range(20):
+            opt.step(make_closure(opt, f))
+        return torch.cat([t1.detach(), t2.detach()])
+
+    assert torch.equal(run(where), run(None))
+
+
+def test_exact_mode_a_non_descent_block_next_to_a_blind_one_hurries_the_search():
+    # A linear loss whose sign flips at a search step, against SGD momentum: the block's own
+    # direction is not a descent one there. With its neighbour's test blind, every test was
+    # unresolved, the merged result counted as unresolved, and the exhaustion was lost: the
+    # next search came 8 steps later (at once with a live neighbour).
+    def run(neighbour):
+        torch.manual_seed(0)
+        a = torch.linspace(0.5, 1.5, 10)
+        t, u = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.ones(3))
+        sign = [1.0]
+        opt = ArmijoSGD([{"params": [u]}, {"params": [t]}], momentum=0.9, layerwise=True,
+                        block_search="exact")
+        f = lambda: (sign[0] * (a * t).sum()  # noqa: E731
+                     + ((0.3 * u).sum() if neighbour == "live" else 0.0 * u.sum()))
+        flipped, log = None, []
+        for k in range(1, 30):
+            if flipped is None and k > 6 and k >= opt.param_groups[0]["next_search"]:
+                sign[0], flipped = -1.0, k
+            opt.step(make_closure(opt, f))
+            log.append(bool(opt.stats["searched"]))
+            if flipped is not None and k == flipped + 1:
+                return log[-2:]  # the flip's search, and whether the next step searches
+
+    assert run("live") == [True, True]
+    assert run("blind") == [True, True]

@@ -196,6 +196,7 @@ def armijo_search(
     f_before = math.nan
     gd = grad_sq = math.nan
     gd_b: list[float] = []
+    dd_b: list[float] = []
     unresolved = unchanged = False
     limit = max_trials  # trials the search may take; the non-descent one is not counted
     for trial in range(1, max_trials + 2):
@@ -251,6 +252,8 @@ def armijo_search(
         passes.move_to(eta)
     # No acceptable step: back to θ0 (the documented fallback).
     passes.move_to([0.0] * len(eta))
+    # (‖d_b‖² too: exact mode takes the length of every block's direction from the first
+    # block's result, which may be this one)
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
-                        history=history, block_gd=gd_b)
+                        history=history, block_gd=gd_b, block_dd=dd_b)

@@ -394,7 +394,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         # only: with CUDA this reads every device's generator)
         pending = self._pending_rng  # recorded before the loop's own training forward
         replayed = closure is not None or pending is not None
-        rng_before = pending or (trial_mod.capture_rng() if search else None)
+        # exact mode with a block whose last test was blind: this step may turn into a search
+        # once the gradient is known (see _blind_gradient_live), so the trials' RNG is kept
+        probe = not search and self._blind_waiting()
+        rng_before = pending or (trial_mod.capture_rng() if search or probe else None)
         self._pending_rng = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None
@@ -417,6 +420,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         block_factors = [factors[gi] for gi, _ in table]
         if all(f == 0.0 for f in block_factors):
             search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
+        elif probe and self._blind_gradient_live(buffers, table, block_factors):
+            search = True  # a block that waits for a test has a gradient now: test it
         reduce = self._reducer()
         # what the step reports (and returns, but for the closure form, which returns the
         # closure's own value): with DDP, the mean over the ranks

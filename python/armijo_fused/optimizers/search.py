@@ -14,7 +14,8 @@ from torch import Tensor
 from ..linesearch.batched import batched_armijo_search
 from ..linesearch.controller import armijo_search, loss_resolution
 from ..storage.scalars import device_floats
-from .passes import scalar_sum, total
+from ..storage.sharded import ShardedBuffer
+from .passes import _flat_grad, _table, scalar_sum, total
 
 #: a step without a search moves at most this many times η·‖d‖ of the last search's step
 #: (the group key ``step_length``; see ``_length_caps``)
@@ -71,6 +72,34 @@ class SearchMixin:
         blind: a layer the forward never uses made every step a search (40 in 40 steps)."""
         tested = self.param_groups[gi].get("block_tested")
         return not isinstance(tested, list) or tested[lb] != self.BLIND
+
+    def _blind_waiting(self) -> bool:
+        """Does some block wait after a blind test (exact mode)?"""
+        return (self.layerwise and self.block_search == "exact"
+                and any(self.BLIND in (g.get("block_tested") or ()) for g in self.param_groups))
+
+    def _blind_gradient_live(self, buffers, table, factors) -> bool:
+        """On a step without a scheduled search: has a block that waits after a blind test a
+        gradient now? Then this step searches. Waiting for the cadence's searches instead, a
+        head trained on every other step (multi-task) was blind at every search (the
+        intervals 2, 4, 8, 10 keep their parity) and did not move for 200 steps. One read of
+        g per buffer and one host read, only while such a block waits. FSDP2 shards (a local
+        norm would differ between the ranks) wait for the cadence."""
+        if any(isinstance(b, ShardedBuffer) and b.sum_scale != 1.0 for b in buffers):
+            return False
+        def waits(gi, lb):
+            tested = self.param_groups[gi].get("block_tested")
+            return isinstance(tested, list) and tested[lb] == self.BLIND
+
+        waiting = [waits(gi, lb) and f != 0.0 for (gi, lb), f in zip(table, factors)]
+        pos, live = 0, []
+        for b in buffers:
+            n = b.layout.nblocks
+            if any(waiting[pos:pos + n]):
+                sq = b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b))
+                live += [x for x, w in zip(sq.tolist(), waiting[pos:pos + n]) if w]
+            pos += n
+        return any(x > 0.0 for x in live)
 
     def _mark_tested(self, table, accepted, frozen, blind=()) -> None:
         """After an accepted search (or an unresolved one, which cannot judge its blocks):
@@ -157,7 +186,8 @@ class SearchMixin:
         exact = [(m, r.accepted, self._unresolved_kind(r, m)) for m, r in results]
         merged = replace(results[0][1],  # (a copy: the first block's own result is read above)
                          trials=sum(r.trials for _, r in results),
-                         unresolved=all(r.unresolved for _, r in results),
+                         # (a non-descent block is not unresolved here: it is exhausted)
+                         unresolved=all(kind is not None for _, _, kind in exact),
                          unchanged=all(r.unchanged for _, r in results), non_descent=False)
         merged.exact = exact
         return merged, accepted
