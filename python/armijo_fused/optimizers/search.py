@@ -58,20 +58,22 @@ class SearchMixin:
         return [chosen]
 
     # block_tested values: 1 tested; 0 not yet; BLIND not yet, and its last (exact) test was
-    # blind, so it waits for the cadence's next search rather than hurrying one
+    # blind: it waits for the first step at which its gradient is not zero (_blind_gradient_live)
     BLIND = 2
+
+    def _tested_value(self, gi: int, lb: int) -> int:
+        tested = self.param_groups[gi].get("block_tested")
+        return 1 if not isinstance(tested, list) else tested[lb]  # (not layer-wise: tested)
 
     def _tested(self, gi: int, lb: int) -> bool:
         """Has an accepted search moved block lb of group gi (layer-wise)? Until one has, its
         step size is applied only inside a search's Armijo test, never by a plain step."""
-        tested = self.param_groups[gi].get("block_tested")
-        return True if not isinstance(tested, list) else tested[lb] == 1
+        return self._tested_value(gi, lb) == 1
 
     def _hurries(self, gi: int, lb: int) -> bool:
         """Does this untested block make the next step search? Not when its last test was
         blind: a layer the forward never uses made every step a search (40 in 40 steps)."""
-        tested = self.param_groups[gi].get("block_tested")
-        return not isinstance(tested, list) or tested[lb] != self.BLIND
+        return self._tested_value(gi, lb) != self.BLIND
 
     def _blind_waiting(self) -> bool:
         """Does some block wait after a blind test (exact mode)?"""
@@ -87,11 +89,8 @@ class SearchMixin:
         norm would differ between the ranks) wait for the cadence."""
         if any(isinstance(b, ShardedBuffer) and b.sum_scale != 1.0 for b in buffers):
             return False
-        def waits(gi, lb):
-            tested = self.param_groups[gi].get("block_tested")
-            return isinstance(tested, list) and tested[lb] == self.BLIND
-
-        waiting = [waits(gi, lb) and f != 0.0 for (gi, lb), f in zip(table, factors)]
+        waiting = [self._tested_value(gi, lb) == self.BLIND and f != 0.0
+                   for (gi, lb), f in zip(table, factors)]
         pos, live = 0, []
         for b in buffers:
             n = b.layout.nblocks
@@ -104,8 +103,8 @@ class SearchMixin:
     def _mark_tested(self, table, accepted, frozen, blind=()) -> None:
         """After an accepted search (or an unresolved one, which cannot judge its blocks):
         every block that moved inside its trials (a frozen one, at lr 0, did not) is tested from
-        now on; ``blind`` blocks (see ``_unresolved_kind``) not yet tested wait without hurrying the next
-        search. ``accepted``: per block, the step size it moved by."""
+        now on; ``blind`` blocks (see ``_unresolved_kind``) not yet tested wait (``BLIND``).
+        ``accepted``: per block, the step size it moved by."""
         for b, (gi, lb) in enumerate(table):
             tested = self.param_groups[gi].get("block_tested")
             if not isinstance(tested, list) or frozen[b]:
