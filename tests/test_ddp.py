@@ -369,3 +369,52 @@ def test_ranks_agree_compares_nan_too():
     # a NaN on one rank only as agreement
     for r in run_ranks(_rank_agree_nan, world=2, timeout=60):
         assert r == {"both_nan": True, "one_nan": False, "equal": True, "differ": False}
+
+
+class _WithExtra(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.head, self.extra = nn.Linear(6, 8), nn.Linear(8, 1), nn.Linear(6, 1)
+
+    def forward(self, X, use_extra):
+        out = self.head(torch.tanh(self.trunk(X)))
+        return out + (self.extra(X) if use_extra else 0.0 * self.extra(X).detach())
+
+
+def _rank_blind_block_with_rank_local_gradient(rank, world):
+    # exact mode: the block "extra" waits after a blind test; its parameters are ignored by DDP,
+    # so its gradient is rank-local (rank 1 feeds it on even steps, rank 0 never). Whether a
+    # step without a scheduled search turns into one must be decided alike on every rank.
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    warnings.simplefilter("ignore")
+    net = _WithExtra()
+    DDP._set_params_and_buffers_to_ignore_for_model(net, ["extra.weight", "extra.bias"])
+    ddp = DDP(net, find_unused_parameters=True)
+    opt = ArmijoAdam([{"params": list(m.parameters())} for m in (net.trunk, net.head, net.extra)],
+                     model=ddp, layerwise=True, block_search="exact")
+    searched = []
+    for k in range(1, 9):
+        X = torch.randn(16, 6, generator=torch.Generator().manual_seed(k))[rank * 8:rank * 8 + 8]
+        use = rank == 1 and k % 2 == 0
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(ddp(X, use), X.sum(1, keepdim=True))
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        searched.append(bool(opt.stats["searched"]))
+    return searched
+
+
+@pytest.mark.timeout(120)
+def test_ranks_agree_when_a_waiting_blocks_gradient_is_rank_local():
+    # The probe read each rank's own gradient: rank 1 searched where rank 0 did not, and gloo
+    # aborted ("collective mismatch"; NCCL would hang)
+    r0, r1 = run_ranks(_rank_blind_block_with_rank_local_gradient, world=2, timeout=100)
+    assert r0 == r1

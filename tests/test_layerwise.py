@@ -673,3 +673,23 @@ def test_exact_mode_a_non_descent_block_next_to_a_blind_one_hurries_the_search()
 
     assert run("live") == [True, True]
     assert run("blind") == [True, True]
+
+
+def test_exact_mode_a_waiting_block_with_an_inf_gradient_is_skipped_not_searched():
+    # inf > 0: a waiting block's non-finite gradient turned a step without a search into a
+    # search that the guard then skipped (an extra forward, the cadence pushed back)
+    torch.manual_seed(0)
+    a, u = nn.Parameter(torch.randn(4)), nn.Parameter(torch.ones(3))
+    bad = [False]
+
+    def f():
+        return (a - 1).pow(2).sum() + (u.sum() * float("inf") if bad[0] else 0.0 * u.sum())
+
+    opt = ArmijoAdam([{"params": [a]}, {"params": [u]}], layerwise=True, block_search="exact")
+    for k in range(1, 7):
+        scheduled = k >= opt.param_groups[0]["next_search"]
+        bad[0] = not scheduled and k > 2
+        opt.step(make_closure(opt, f))
+        if bad[0]:
+            assert opt.stats["skipped"] and not opt.stats["searched"]
+    assert opt.param_groups[1]["block_tested"] == [ArmijoAdam.BLIND]

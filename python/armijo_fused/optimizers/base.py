@@ -418,11 +418,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         table = self._block_table()
         etas = [self._eta(gi, lb) for gi, lb in table]
         block_factors = [factors[gi] for gi, _ in table]
+        reduce = self._reducer()
         if all(f == 0.0 for f in block_factors):
             search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
-        elif probe and self._blind_gradient_live(buffers, table, block_factors):
+        elif probe and self._blind_gradient_live(buffers, table, block_factors, reduce):
             search = True  # a block that waits for a test has a gradient now: test it
-        reduce = self._reducer()
         # what the step reports (and returns, but for the closure form, which returns the
         # closure's own value): with DDP, the mean over the ranks
         loss_before = f0
