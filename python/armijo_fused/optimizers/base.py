@@ -419,10 +419,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         etas = [self._eta(gi, lb) for gi, lb in table]
         block_factors = [factors[gi] for gi, _ in table]
         reduce = self._reducer()
+        probed = {}  # per buffer index, the per-block Σ g² the probe read (the guard reuses it)
         if all(f == 0.0 for f in block_factors):
             search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
-        elif probe and self._blind_gradient_live(buffers, table, block_factors, reduce):
-            search = True  # a block that waits for a test has a gradient now: test it
+        elif probe:  # a block that waits for a test has a gradient now: test it
+            search, probed = self._blind_gradient_live(buffers, table, block_factors, reduce)
         # what the step reports (and returns, but for the closure form, which returns the
         # closure's own value): with DDP, the mean over the ranks
         loss_before = f0
@@ -432,7 +433,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             # batch of padding only has a NaN mean loss and a zero gradient); a search reduces
             # f0 below, with its first trial's sums
             f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce)
-        passes = FlatPasses(self, buffers, f0, loss_follows=search)  # a search sets f0 below
+        passes = FlatPasses(self, buffers, f0, loss_follows=search,  # a search sets f0 below
+                            grad_sq=probed)
         self._moving = True  # from here to the end of the step the state is mid-step
         self._held = HeldInterrupts.begin()  # ... so Ctrl-C waits for its end (interrupts.py)
 

@@ -58,8 +58,11 @@ class FlatPasses(Passes):
     """Runs each fused pass once per flat buffer with that buffer's backend."""
 
     def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], f0,
-                 loss_follows: bool = False):
+                 loss_follows: bool = False, grad_sq: dict | None = None):
+        """``grad_sq``: per buffer index, per-block Σ g² already read this step (not read
+        again by the guard)."""
         self.opt, self.buffers = opt, buffers
+        self._known_sq = grad_sq or {}
         self.groups = sorted({b.group_index for b in buffers})  # whose state this step updates
         self.slices, pos = [], 0
         for b in buffers:
@@ -99,8 +102,9 @@ class FlatPasses(Passes):
         self._probe = None
         if need_norm:
             sq = self._sum_over_shards(
-                [scalar_sum(b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b)))
-                 .to(dev0) for b in self.buffers])
+                [scalar_sum(self._known_sq[i] if i in self._known_sq else
+                            b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b)))
+                 .to(dev0) for i, b in enumerate(self.buffers)])
             self._grad_sq = self._probe = sq
             if opt.max_grad_norm is not None:
                 clip = (opt.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)

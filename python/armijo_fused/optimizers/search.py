@@ -80,26 +80,28 @@ class SearchMixin:
         return (self.layerwise and self.block_search == "exact"
                 and any(self.BLIND in (g.get("block_tested") or ()) for g in self.param_groups))
 
-    def _blind_gradient_live(self, buffers, table, factors, reduce=None) -> bool:
+    def _blind_gradient_live(self, buffers, table, factors, reduce=None):
         """On a step without a scheduled search: has a block that waits after a blind test a
-        finite, non-zero gradient now? Then this step searches. Waiting for the cadence's
-        searches instead, a head trained on every other step (multi-task) was blind at every
-        search (the intervals 2, 4, 8, 10 keep their parity) and did not move for 200 steps.
-        Costs, only while such a block waits: one read of g per buffer that holds one, and one
-        host read (on a GPU a sync, which steps without a search otherwise avoid); with DDP one
-        all-reduce of the answer, so that every rank decides alike (a gradient DDP does not
-        average, of an ignored parameter, differs between ranks). FSDP2 shards (a local norm)
-        wait for the cadence."""
+        finite, non-zero gradient now? Then this step searches. Returns (live?, the per-block
+        Σ g² read, by buffer index: the non-finite guard reuses them rather than read g again).
+        Waiting for the cadence's searches instead, a head trained on every other step
+        (multi-task) was blind at every search (the intervals 2, 4, 8, 10 keep their parity)
+        and did not move for 200 steps. Costs, only while such a block waits: one host read (on
+        a GPU a sync, which steps without a search otherwise avoid); with DDP one all-reduce of
+        the answer, so that every rank decides alike (a gradient DDP does not average, of an
+        ignored parameter, differs between ranks). FSDP2 shards (a local norm) wait for the
+        cadence.
+        """
         if any(isinstance(b, ShardedBuffer) and b.sum_scale != 1.0 for b in buffers):
-            return False
+            return False, {}
         waiting = [self._tested_value(gi, lb) == self.BLIND and f != 0.0
                    for (gi, lb), f in zip(table, factors)]
-        pos, parts = 0, []
-        for b in buffers:
+        pos, parts, read = 0, [], {}
+        for i, b in enumerate(buffers):
             n = b.layout.nblocks
             if any(waiting[pos:pos + n]):
                 mask = torch.tensor(waiting[pos:pos + n], device=b.device)
-                sq = b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b))
+                sq = read[i] = b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b))
                 # a non-finite gradient is the guard's to skip, not a reason to search
                 live_b = ((sq > 0) & sq.isfinite() & mask).any()
                 parts.append(live_b.reshape(1).to(buffers[0].device))
@@ -108,7 +110,7 @@ class SearchMixin:
         if reduce is not None:  # every rank takes part, with a block waiting here or not
             live = reduce(live if live is not None
                           else torch.zeros(1, dtype=torch.float64, device=buffers[0].device))
-        return live is not None and bool(live.item() > 0)
+        return live is not None and bool(live.item() > 0), read
 
     def _mark_tested(self, table, accepted, frozen, blind=()) -> None:
         """After an accepted search (or an unresolved one, which cannot judge its blocks):
