@@ -124,6 +124,43 @@ def test_model_moved_after_construction_is_rebuilt():
     assert all(s.dtype == torch.float64 for st in opt.state.values() for s in st.values())
 
 
+def _two_optimizers_sharing_a_layer(flat: bool, steps: int = 4):
+    """Two optimizers over one model, the second over its first layer only, stepped in turn."""
+    torch.manual_seed(0)
+    model, loss = _model_and_data()
+    opts = [ArmijoAdam(model.parameters(), backend="torch", flat=flat, model=model),
+            ArmijoAdam(model[0].parameters(), backend="torch", flat=flat, model=model)]
+    for _ in range(steps):
+        for opt in opts:
+            opt.step(make_closure(opt, loss))
+    return model
+
+
+def test_two_optimizers_stepping_the_same_parameters_are_warned_about():
+    with pytest.warns(UserWarning, match=r"0\.weight, 0\.bias are also stepped by another"):
+        flat = _two_optimizers_sharing_a_layer(flat=True)
+    with warnings.catch_warnings():  # in place, nothing is moved back and forth
+        warnings.simplefilter("error")
+        in_place = _two_optimizers_sharing_a_layer(flat=False)
+    for a, b in zip(flat.parameters(), in_place.parameters()):
+        torch.testing.assert_close(a, b)  # the moves back and forth lose nothing
+
+
+def test_an_optimizer_replaced_by_a_new_one_is_not_warned_about():
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    opt.step(make_closure(opt, loss))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = ArmijoAdam(model.parameters(), backend="torch")  # the old one is still alive
+        for _ in range(2):
+            new.step(make_closure(new, loss))
+        model.double()  # a rebuild that finds no other holder
+        x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        new.step(make_closure(new, lambda: nn.functional.mse_loss(model(x), y)))
+    del opt
+
+
 def test_load_state_dict_into_a_running_optimizer_repoints_the_state():
     model, loss = _model_and_data()
     opt = ArmijoAdam(model.parameters(), backend="torch")

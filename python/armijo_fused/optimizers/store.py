@@ -6,6 +6,7 @@ A mixin of :class:`~armijo_fused.optimizers.base.ArmijoOptimizer`."""
 from __future__ import annotations
 
 import warnings
+import weakref
 from time import perf_counter
 
 import torch
@@ -17,6 +18,14 @@ from ..storage.flat import FlatBuffer
 from ..storage.in_place import InPlaceBuffer
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from .calls import outside_stacklevel
+
+# the live optimizer whose flat buffer a storage is (by its data pointer): a parameter that a
+# rebuild finds in another optimizer's buffer has been taken by it (see _warn_taken)
+_FLAT_HOLDERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _storage_ptr(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _extent(t: Tensor) -> int:
@@ -135,6 +144,8 @@ class StoreMixin:
                 return self._buffers
         # a sync that stopped at a moved tensor may have restarted deleted state before it
         restarted = {id(b.params[i]) for b in self._buffers or () for i in b.take_fresh()}
+        if self._buffers is not None and self.flat:
+            self._warn_taken()
         self._restart_or_warn_stateless(restarted)
         if self.flat:
             self._warn_shared_storage()
@@ -177,6 +188,9 @@ class StoreMixin:
         self._last_dd = None  # (it held the old buffers; a cap needs a pass over the new ones)
         if old:
             self._release(old, buffers)
+        for b in buffers:
+            if type(b) is FlatBuffer:
+                _FLAT_HOLDERS[_storage_ptr(b.params[0])] = self
         self._blocks_loaded = False
         if self.__dict__.get("_loading"):  # built by load_state_dict: the model may still be
             self._masters_pending = True  # cast to bf16 before the first step, which decides
@@ -194,6 +208,28 @@ class StoreMixin:
                     "between trial forwards and they see the moved weights"
                 )
         return buffers
+
+    def _warn_taken(self) -> None:
+        """Warn when a rebuild finds parameters of this optimizer's flat buffers re-pointed into
+        another live optimizer's: both step them, and each step of either takes them back (a
+        copy of θ and a rebuild at every step). A new optimizer replacing this one is not
+        warned about: this one takes nothing back unless it steps again."""
+        taken = []
+        for b in self._buffers:
+            if type(b) is not FlatBuffer:
+                continue
+            for p in b.params:
+                other = _FLAT_HOLDERS.get(_storage_ptr(p))
+                if other is not None and other is not self and any(
+                        type(ob) is FlatBuffer and _storage_ptr(ob.params[0]) == _storage_ptr(p)
+                        for ob in other._buffers or ()):
+                    taken.append(p)
+        if taken:
+            self._warn_once("taken", (
+                f"{self._shown(taken)} are also stepped by another armijo_fused optimizer, "
+                "which has moved them into its own flat buffer; each of the two moves them back "
+                "at its step (a copy of the parameters and a rebuild at every step). Give each "
+                "optimizer its own parameters, or pass flat=False to both"))
 
     def _warn_shared_storage(self) -> None:
         """Distinct parameters whose memory overlaps (weights tied through ``.data``) get a
