@@ -316,6 +316,38 @@ def _rank_dcp(rank, world, path):
             "b": full_params(model2)}
 
 
+def _rank_state_dict_copies(rank, world, in_place):
+    """``copy.deepcopy(opt.state_dict())`` and ``torch.save`` of it on each rank, each loaded
+    into a fresh model and optimizer, continue as the run itself does."""
+    import copy
+    import io
+
+    from armijo_fused.storage.sharded import ShardedBuffer
+
+    ShardedBuffer.default_in_place = in_place
+    model = shard(make_model())
+    opt = make_opt(model)
+    train(model, opt, 3, rank, world)
+    model_sd = copy.deepcopy(model.state_dict())
+    copied = copy.deepcopy(opt.state_dict())
+    f = io.BytesIO()
+    torch.save(opt.state_dict(), f)
+    f.seek(0)
+    saved = torch.load(f, weights_only=False)
+    log_a = train(model, opt, 2, rank, world, start=3)
+    out = {"a": full_params(model)}
+    for name, sd in (("deepcopy", copied), ("torch.save", saved)):
+        model2 = shard(make_model())
+        with torch.no_grad():
+            for p in model2.parameters():
+                p.add_(1.0)  # the load must bring the weights back
+        model2.load_state_dict(model_sd)
+        opt2 = make_opt(model2)
+        opt2.load_state_dict(sd)
+        out[name] = (train(model2, opt2, 2, rank, world, start=3) == log_a, full_params(model2))
+    return out
+
+
 # -- tests -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copies"])
 def test_fsdp2_matches_the_single_process_run(in_place):
@@ -396,6 +428,19 @@ def test_dcp_round_trip_with_the_state_init_path(tmp_path):
             assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copies"])
+def test_the_state_dict_can_be_deep_copied_and_saved_with_torch_save(in_place):
+    # The state DTensors were views at an offset into the flat state buffer; torch (>= 2.10)
+    # gives such a DTensor's storage-less wrapper that offset, and deepcopy and torch.save
+    # then raised "invalid python storage" on every rank.
+    for r in run_ranks(_rank_state_dict_copies, world=2, timeout=120, args=(in_place,)):
+        for name in ("deepcopy", "torch.save"):
+            same_log, params = r[name]
+            assert same_log, name
+            for p, q in zip(params, r["a"]):
+                assert torch.equal(p, q), name
+
+
 def _rank_freeze(rank, world):
     from armijo_fused.storage.sharded import _local
 
@@ -404,15 +449,21 @@ def _rank_freeze(rank, world):
     train(model, opt, 2, rank, world)
     frozen = list(model.blocks[0].parameters())
     kept = [_local(p).clone() for p in frozen]
+    spans = [(s.data_ptr(), s.untyped_storage().nbytes()) for b in opt._buffers for s in b.states]
     for p in frozen:
         p.requires_grad_(False)
     train(model, opt, 2, rank, world, start=2)  # the rebuild let the frozen block go
+    # ... and its state, which sits on slices of the old buffers' storage, got storage of its own
+    left = [_local(v).data_ptr() for p in frozen for v in opt.state[p].values()
+            if isinstance(v, torch.Tensor)]
     return {"kept": all(torch.equal(_local(p), k) for p, k in zip(frozen, kept)),
-            "moved": opt.stats["step_size"] > 0}
+            "moved": opt.stats["step_size"] > 0,
+            "state_released": bool(left) and not any(lo <= at < lo + n for at in left
+                                                     for lo, n in spans)}
 
 
 def test_freezing_a_block_under_fsdp2_keeps_training():
     # The release of tensors that leave the store read untyped_storage() of DTensors, which
     # raises: the step after a freeze failed on every rank.
     for r in run_ranks(_rank_freeze, world=2, timeout=120):
-        assert r["kept"] and r["moved"]
+        assert r["kept"] and r["moved"] and r["state_released"], r

@@ -285,12 +285,18 @@ class StoreMixin:
             if isinstance(b, ShardedBuffer) and getattr(b, "master", False) and \
                     getattr(b, "_param", None) is not None:
                 mine.append(b._param)  # (an in-place buffer's fp32 master)
-            storages = {t.untyped_storage().data_ptr() for t in mine}
+            # the memory they span (a sharded buffer's state DTensors sit on slices of its
+            # storages, see sharded._at_offset_zero)
+            spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                     for t in mine]
 
-            def inside(t, storages=storages):
+            def inside(t, spans=spans):
                 if is_dtensor(t):  # FSDP2: the shard is what lives in our buffers
                     t = t.to_local()
-                return isinstance(t, Tensor) and t.untyped_storage().data_ptr() in storages
+                if not isinstance(t, Tensor):
+                    return False
+                at = t.untyped_storage().data_ptr()
+                return any(lo <= at < lo + n for lo, n in spans)
 
             folded = self.param_groups[b.group_index]["folded"] \
                 if b.group_index < len(self.param_groups) else 0

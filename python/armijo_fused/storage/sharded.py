@@ -78,6 +78,21 @@ def _is_sharded(p) -> bool:
     return any(isinstance(pl, Shard) for pl in p.placements)
 
 
+def _at_offset_zero(view: Tensor) -> Tensor:
+    """The contiguous ``view`` as a tensor at storage offset 0, over a slice of its storage:
+    the same memory, and the slice keeps the whole buffer alive. A DTensor built on a view at an
+    offset carries the offset in its storage-less wrapper (torch >= 2.10), and torch.save and
+    copy.deepcopy then fail on it ("invalid python storage"); at offset 0 they treat it as the
+    wrapper it is. So the state that ``state_dict()`` hands out can be saved and copied."""
+    if view.storage_offset() == 0:
+        return view
+    size = view.element_size()
+    start = view.storage_offset() * size
+    piece = view.untyped_storage()[start : start + view.numel() * size]
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(
+        piece, 0, view.shape, view.stride())
+
+
 class ShardedBuffer:
     """Flat θ / g / state buffers over the local shards of one group's DTensor parameters."""
 
@@ -188,8 +203,8 @@ class ShardedBuffer:
     def _wrap(view: Tensor, p) -> Tensor:
         DTensor = dtensor_class()
         with torch.no_grad():
-            return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
-                                      shape=p.shape, stride=p.stride())
+            return DTensor.from_local(_at_offset_zero(view), p.device_mesh, p.placements,
+                                      run_check=False, shape=p.shape, stride=p.stride())
 
     @property
     def param(self) -> Tensor:
