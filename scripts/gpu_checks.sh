@@ -28,6 +28,14 @@ stage() {  # stage NAME SECONDS CMD...
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
   ((rc > status)) && status=$rc
+  save_results
+}
+
+save_results() {  # after every stage: a run cut short by the slot's limit keeps what it measured
+  if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT/results"
+    find bench/results -newer "$STAMP" -type f -exec cp {} "$OUT/results/" \;
+  fi
 }
 
 stage install 240 $PY -m pip install -q --no-build-isolation --no-deps -e .
@@ -61,9 +69,5 @@ else
 fi
 # every GPU acceptance line with its number, bound and verdict (MISSING: no result written)
 stage acceptance 30 $PY scripts/acceptance_report.py --junit "$JUNIT"
-if [[ -n "${OUT:-}" ]]; then
-  mkdir -p "$OUT/results"
-  find bench/results -newer "$STAMP" -type f -exec cp {} "$OUT/results/" \;
-fi
 echo "== done, worst exit status $status" | tee -a "$LOG"
 exit $status
