@@ -37,7 +37,9 @@ def _run(cls, candidates, steps=8, seed=0, backend="torch", build=_mlp, **kw):
 
 @pytest.mark.parametrize("cls,kw", [
     (ArmijoSGD, {"direction": "sgd", "init_step_size": 10.0}),   # several trials at first
-    (ArmijoSGD, {"direction": "momentum", "momentum": 0.99}),    # momentum may point uphill
+    # momentum may point uphill (searched along it, as batched candidates are: the sequential
+    # default searches η along g, momentum_search="gradient")
+    (ArmijoSGD, {"direction": "momentum", "momentum": 0.99, "momentum_search": "direction"}),
     (ArmijoAdam, {"init_step_size": 1.0}),
     (ArmijoAdam, {"direction": "nadam", "weight_decay": 0.1}),
 ])

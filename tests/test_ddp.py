@@ -91,8 +91,15 @@ def _rank_match(rank, world):
     stats_after_forward = [b.clone() for b in bn_model[1].buffers()]
     bn_opt.step(loss_fn=lambda: nn.functional.mse_loss(bn_ddp(x), y), loss=loss)
     bn_kept = all(torch.equal(a, b) for a, b in zip(stats_after_forward, bn_model[1].buffers()))
+    # SGD momentum: η searched along g, (1 - μ)·η tested and applied along the momentum
+    mom = make_model()
+    mom_log = run(DDP(mom), _momentum_opt(mom), 6, rank, world)
     return {"log": log, "params": params(model), "bn_kept": bn_kept,
-            "bn_trials": bn_opt.stats["trials"]}
+            "bn_trials": bn_opt.stats["trials"], "mom_log": mom_log, "mom_params": params(mom)}
+
+
+def _momentum_opt(model):
+    return ArmijoSGD(model.parameters(), model=model, momentum=0.9, cadence=2)
 
 
 def _rank_disagree(rank, world):
@@ -127,6 +134,15 @@ def test_ddp_ranks_agree_with_the_single_process_run():
         assert torch.equal(p, q)
         torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6)
     assert r0["bn_kept"] and r1["bn_kept"] and r0["bn_trials"] >= 1
+    mom = make_model()
+    mom_log = run(mom, _momentum_opt(mom), 6)
+    assert r0["mom_log"] == r1["mom_log"]
+    for (eta, trials, f0), (eta_r, trials_r, f0_r) in zip(r0["mom_log"], mom_log):
+        assert trials == trials_r
+        assert eta == pytest.approx(eta_r, rel=1e-6)
+        assert f0 == pytest.approx(f0_r, rel=1e-5)
+    for p, ref_p in zip(r0["mom_params"], params(mom)):
+        torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6)
 
 
 def test_ddp_nonfinite_on_one_rank_rejects_everywhere_and_far_losses_agree():

@@ -649,13 +649,55 @@ def test_groups_with_different_lr_get_a_warning_that_one_step_size_moves_them():
         opt.add_param_group({"params": model[1].parameters(), "lr": 1e-4})
 
 
+# -- momentum: η searched along g, (1 - μ)·η applied along the momentum direction -----------------
+@pytest.mark.parametrize("direction", ["momentum", "nesterov"])
+@pytest.mark.parametrize("momentum_search", ["gradient", "direction"])
+def test_momentum_applies_the_damped_share_of_the_step_searched_along_the_gradient(
+        direction, momentum_search):
+    # the group keeps η in the search's units; stats['step_size'] is the step along d: with
+    # momentum_search="gradient" (the default) (1 - μ)·η, or less when the test of that step
+    # backtracked; with "direction" (the earlier rule) the search ran along d itself
+    model, loss_fn, data = PROBLEMS["logistic_regression"](seed=2)
+    opt = make_opt(direction, model.parameters(), cadence="every", momentum=0.8,
+                   momentum_search=momentum_search)
+    share = 0.2 if momentum_search == "gradient" else 1.0
+    exact = 0
+    for _, (xb, yb) in zip(range(12), minibatches(data, 32, 2)):
+        opt.step(make_closure(opt, loss_fn, xb, yb))
+        s, eta = opt.stats, opt.param_groups[0]["step_size"]
+        if s["step_size"] > 0 and not s["non_descent"]:
+            assert s["step_size"] <= share * eta * (1 + 1e-9)
+            exact += s["step_size"] == pytest.approx(share * eta, rel=1e-9)
+    assert exact >= 8
+
+
+def test_momentum_search_is_checked_and_carried_by_copies():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    with pytest.raises(ValueError, match="momentum_search"):
+        ArmijoSGD(model.parameters(), momentum=0.9, momentum_search="along")
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, momentum_search="direction")
+    opt.step(make_closure(opt, loss_fn, *data))
+    assert copy.deepcopy(opt).momentum_search == "direction"
+    assert ArmijoSGD(model.parameters(), momentum=0.9).momentum_search == "gradient"
+    # batched candidates test points along the direction only: the default follows, an explicit
+    # "gradient" is refused
+    model2 = nn.Linear(3, 1)
+    assert ArmijoSGD(model2.parameters(), momentum=0.9, candidates=2,
+                     model=model2).momentum_search == "direction"
+    with pytest.raises(ValueError, match="does not combine with candidates"):
+        ArmijoSGD(model2.parameters(), momentum=0.9, candidates=2, model=model2,
+                  momentum_search="gradient")
+
+
 # -- found by the review of the stated math against the code (each failed before its fix) -------
 def test_the_non_descent_trial_does_not_use_up_max_trials():
     # ⟨g, d⟩ arrives with the first trial's loss: when it is <= 0 that forward is spent, but
     # the fallback direction must still get its max_trials (with max_trials=1 it got none:
     # exhausted, no step, without a single Armijo test)
     theta = nn.Parameter(torch.zeros(4))
-    opt = ArmijoSGD([theta], momentum=0.9, backend="torch", cadence="every", max_trials=1)
+    # (searched along the momentum direction: the default searches along g, which descends)
+    opt = ArmijoSGD([theta], momentum=0.9, backend="torch", cadence="every", max_trials=1,
+                    momentum_search="direction")
     stats = []
     for _ in range(2):  # the first step overshoots the target: momentum points uphill after
         opt.step(make_closure(opt, lambda: 0.5 * ((theta - 1.0) ** 2).sum()))

@@ -162,6 +162,7 @@ def armijo_search(
     guard: Tensor | None = None,
     resolution: float = 8.0 * torch.finfo(torch.float32).eps,
     f0_failure: tuple | None = None,
+    along_fallback: bool = False,
 ) -> SearchResult:
     """Run one backtracking search; θ ends at the accepted trial point (or at θ0 if none).
 
@@ -187,10 +188,13 @@ def armijo_search(
     eta = list(eta0)
     if sums is None:
         sums = passes.first(eta)
-    else:
-        passes.move_to(eta)
-    moving = set(range(len(eta))) if search is None else set(search)
+    else:  # (along the direction: a search along the fallback may have run before)
+        passes.move_to(eta, precond=False)
     precond = False
+    if along_fallback:  # (the first pass folded g into the state; the trials move along g)
+        sums = passes.move_to(eta, precond=True, compute_sums=True)
+        precond = True
+    moving = set(range(len(eta))) if search is None else set(search)
     non_descent = False
     history = []
     f_before = math.nan

@@ -114,6 +114,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         candidates: int | None = None,
         flat: bool = True,
         tile: int = DEFAULT_TILE,
+        momentum_search: str | None = None,
     ):
         _lr_value(lr)  # validates; schedulers own the value
         refuse_zero_redundancy(type(self).__name__)
@@ -134,6 +135,20 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             )
         if merge_below is not None:
             check_number("merge_below", merge_below, 0.0, lo_open=True)
+        if momentum_search not in (None, "direction", "gradient"):
+            raise ValueError(f"invalid momentum_search: {momentum_search!r} (choose direction "
+                             "or gradient)")
+        # candidates and the exact block search test trial points along the direction itself
+        along_direction_only = candidates is not None or (layerwise and block_search == "exact")
+        if rule.name not in ("momentum", "nesterov"):
+            momentum_search = "direction"  # (no momentum: the direction is the gradient's own)
+        elif momentum_search is None:
+            momentum_search = "direction" if along_direction_only else "gradient"
+        elif momentum_search == "gradient" and along_direction_only:
+            raise ValueError(
+                "momentum_search='gradient' does not combine with candidates= or "
+                "block_search='exact', which search along the momentum direction: pass "
+                "momentum_search='direction' (or leave it unset)")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if candidates is not None:
@@ -147,6 +162,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 raise ValueError("candidates needs the flat buffers (flat=True): the K trial "
                                  "points are cut from them")
         self.rule = rule
+        self.momentum_search = momentum_search
         self.policy = StepSizePolicy(growth=growth, smoothing=smoothing,
                                      collapse_ratio=collapse_ratio, max_step=max_step)
         self.policy.validate()
@@ -418,6 +434,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         table = self._block_table()
         etas = [self._eta(gi, lb) for gi, lb in table]
         block_factors = [factors[gi] for gi, _ in table]
+        # momentum_search="gradient": η is searched along g, the step applies (1-μ)·η along the
+        # momentum direction (search.py, _momentum_factors); None: the applied η is η
+        mfac = self._momentum_factors(table)
+        applied_factors = block_factors if mfac is None else [
+            f * m for f, m in zip(block_factors, mfac)]
         reduce = self._reducer()
         probed = {}  # per buffer index, the per-block Σ g² the probe read (the guard reuses it)
         if all(f == 0.0 for f in block_factors):
@@ -457,8 +478,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             try:
                 with torch.no_grad():
                     caps = self._length_caps(table, buffers)
-                    sums = passes.first([e * f for e, f in zip(etas, block_factors)], caps=caps,
-                                        factors=block_factors)
+                    sums = passes.first([e * f for e, f in zip(etas, applied_factors)],
+                                        caps=caps, factors=applied_factors)
             except BaseException:  # a pass raised, or an interrupt came between two launches
                 with torch.no_grad():
                     passes.rollback()
@@ -473,8 +494,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 moved = (~passes.skipped()).float()  # a skipped step moved nothing
                 per_block = etas if caps is None else [  # the η each block applied
                     c.clamp(max=e) for c, e in zip((c for cap in caps for c in cap), etas)]
-                return self._report([moved * (e * f if scaled else e)
-                                     for e, f in zip(per_block, block_factors)], table)
+                units = mfac or [1.0] * len(per_block)  # (the step along the applied d)
+                return self._report([moved * (e * f if scaled else e * u) for e, f, u
+                                     in zip(per_block, applied_factors, units)], table)
 
             self.stats = StepStats(
                 step=k, searched=False, step_size=lambda: applied(False),
@@ -557,11 +579,19 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                             "check the model, the data and the loss function before optimizing"
                         )
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
-                                                    trial_losses, frozen, resolution, f0_failure)
+                                                    trial_losses, frozen, resolution, f0_failure,
+                                                    along_fallback=mfac is not None)
                 if accepted is None and snapshot is not None and not result.skipped:
                     passes.restore_params(snapshot)  # bitwise θ0; the state keeps g
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
-                if accepted is not None:
+                taken_d, along_g = accepted, False  # the step size along the applied direction
+                if accepted is not None and mfac is not None and not result.skipped:
+                    # searched along g: test (1-μ)·η along the momentum direction (search.py)
+                    result, accepted, taken_d, along_g = self._momentum_step(
+                        passes, trial_loss, f0, result, accepted, mfac, reduce, resolution)
+                    passes.move_to([a * f for a, f in zip(taken_d, block_factors)],
+                                   precond=along_g)
+                elif accepted is not None:
                     final = [a * f for a, f in zip(accepted, block_factors)]
                     if final != passes.eta:
                         passes.move_to(final)
@@ -586,7 +616,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         if passes._first_sums is not None:
             self._last_dd = (buffers, [s[:, 2] for s in passes._first_sums])
         if accepted is not None and not skipped and result.block_dd:
-            self._record_step_length(table, result.block_dd)
+            # (searched along g: the length of the momentum direction the step applied; after
+            # a step along g, whose α along d failed its test, ‖g‖: the next steps apply
+            # (1 - μ)·η along d, so the cap holds them to 2(1 - μ)·η‖g‖, on purpose short)
+            dd = result.block_dd if mfac is None or along_g else [
+                float(x) for s in passes._first_sums for x in s[:, 2].tolist()]
+            self._record_step_length(table, dd)
         if self.layerwise and not skipped and (accepted is not None or result.unresolved):
             # an unresolved search cannot judge its blocks at the loss's resolution: waiting
             # for a resolved one stalled an unfrozen block under a bf16 loss for 30+ steps, so
@@ -609,7 +644,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             g.update(next_search=next_search, search_interval=interval,
                      searches=g["searches"] + 1)
         self._advance(k, folded=() if skipped else passes.groups)
-        taken = accepted if accepted is not None else [0.0] * len(table)
+        taken = ([0.0] * len(table) if accepted is None else accepted if mfac is None
+                 else taken_d)
         every_block = self._all_blocks() if self.layerwise else table
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken, table),

@@ -22,7 +22,8 @@ class CheckpointMixin:
     #: scheduler puts a ``step`` wrapper there that calls the original optimizer.
     _CARRIED = ("rule", "policy", "cadence", "c", "backtrack", "max_trials", "max_grad_norm",
                 "check_finite", "backend", "tile", "layerwise", "block_search", "merge_below",
-                "exact_revert", "candidates", "flat", "process_group", "_modules",
+                "exact_revert", "candidates", "flat", "momentum_search", "process_group",
+                "_modules",
                 "_resumed_dd", "_gathered_steps", "_init_step_size")
 
     def __getstate__(self) -> dict:

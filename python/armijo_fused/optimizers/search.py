@@ -155,7 +155,7 @@ class SearchMixin:
             g["block_cursor"] = self._cursor_next
 
     def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None,
-                    frozen=None, resolution=None, f0_failure=None):
+                    frozen=None, resolution=None, f0_failure=None, along_fallback=False):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
                   guard=passes.guard(), reduce=reduce, f0_failure=f0_failure,
                   resolution=loss_resolution(f0) if resolution is None else resolution)
@@ -170,6 +170,8 @@ class SearchMixin:
                                                candidates=self.candidates, **kw)
                 return result, result.accepted
             partial = self.layerwise or any(frozen)
+            if along_fallback:
+                kw["along_fallback"] = True
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=plan[0] if partial else None, **kw)
             return result, result.accepted
@@ -225,6 +227,39 @@ class SearchMixin:
         shared = next(a for a, f in zip(accepted, frozen) if not f)
         keep = etas if self.layerwise else [shared] * len(etas)
         return [k if f else a for a, k, f in zip(accepted, keep, frozen)]
+
+    def _momentum_factors(self, table):
+        """Per block, 1 - μ when the search runs along the gradient and the step applies the
+        momentum direction (``momentum_search="gradient"``), else None (no change anywhere).
+
+        Heavy-ball momentum (b ← μb + g, θ ← θ - α b) moves θ by α·g/(1-μ) in total for each
+        gradient g, over the steps that follow; the Armijo test sees one step only. So the
+        search finds η along g, as plain ArmijoSGD does, and the step applies α = (1-μ)·η
+        along the momentum direction: each gradient's total displacement is the η·g the test
+        accepted (the dampened / EMA form of momentum, m ← μm + (1-μ)g, θ ← θ - η m)."""
+        if getattr(self, "momentum_search", "direction") != "gradient":
+            return None
+        factors = [1.0 - float(self.param_groups[gi]["momentum"]) for gi, _ in table]
+        return None if all(f == 1.0 for f in factors) else factors  # μ = 0: d is g
+
+    def _momentum_step(self, passes, trial_loss, f0, result, accepted, mfac, reduce, resolution):
+        """After the search along g accepted η (``momentum_search="gradient"``): test the step
+        the optimizer applies, α = (1-μ)·η along the momentum direction d, with the same Armijo
+        condition on ⟨g, d⟩, backtracking α if it fails, so that θ ends at a point that passed
+        the test, as with every other direction. One more forward per search when it passes. If
+        no α passes (d points uphill, or its decrease is below the loss's resolution) the step
+        is the tested one along g, as the non-descent fallback. Returns (result, η per block
+        in the units of the search along g, the step size along the applied direction, whether
+        that direction is g)."""
+        alpha = [a * m for a, m in zip(accepted, mfac)]
+        check = armijo_search(passes, trial_loss, f0, alpha, c=self.c, backtrack=self.backtrack,
+                              max_trials=self.max_trials, sums=passes._first_sums,
+                              allow_fallback=False, reduce=reduce, resolution=resolution)
+        trials = result.trials + check.trials
+        if check.accepted is None:
+            return replace(result, trials=trials, non_descent=True), accepted, accepted, True
+        along_g = [x / m if m > 0 else a for x, m, a in zip(check.accepted, mfac, accepted)]
+        return replace(check, trials=trials), along_g, check.accepted, False
 
     def _cap_for_weight_decay(self, eta):
         # keep 1 - η·wd away from 0: θ0 is recovered by dividing by it
