@@ -348,6 +348,19 @@ def _rank_state_dict_copies(rank, world, in_place):
     return out
 
 
+def _momentum_opt(model):
+    from armijo_fused import ArmijoSGD
+
+    return ArmijoSGD(model.parameters(), model=model, momentum=0.9, cadence="every")
+
+
+def _rank_momentum_step_length(rank, world):
+    model = shard(make_model())
+    opt = _momentum_opt(model)
+    log = train(model, opt, 4, rank, world)
+    return {"log": log, "step_length": opt.param_groups[0]["step_length"]}
+
+
 # -- tests -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copies"])
 def test_fsdp2_matches_the_single_process_run(in_place):
@@ -439,6 +452,19 @@ def test_the_state_dict_can_be_deep_copied_and_saved_with_torch_save(in_place):
             assert same_log, name
             for p, q in zip(params, r["a"]):
                 assert torch.equal(p, q), name
+
+
+def test_sgd_momentum_records_the_step_length_of_the_whole_model_on_every_rank():
+    # η searched along g, α tested along d: the length recorded for the cap on later steps was
+    # each rank's own shard's (ranks disagreed, and so did their checkpoints)
+    ref = make_model()
+    ref_opt = _momentum_opt(ref)
+    ref_log = train(ref, ref_opt, 4)
+    r0, r1 = run_ranks(_rank_momentum_step_length, world=2, timeout=120)
+    assert r0["step_length"] == r1["step_length"]
+    assert r0["step_length"] == pytest.approx(ref_opt.param_groups[0]["step_length"], rel=1e-5)
+    for (eta, trials, _, _), (eta_r, trials_r, _, _) in zip(r0["log"], ref_log):
+        assert trials == trials_r and eta == pytest.approx(eta_r, rel=1e-6)
 
 
 def _rank_freeze(rank, world):

@@ -671,6 +671,110 @@ def test_momentum_applies_the_damped_share_of_the_step_searched_along_the_gradie
     assert exact >= 8
 
 
+def _ill_conditioned_quadratic(momentum_search, steps=200):
+    """Full-batch ½ Σ λ_i x_i², λ from 1 to 1000 (the README's numbers): the last loss."""
+    torch.manual_seed(0)
+    lam = torch.logspace(0, 3, 50)
+    x = nn.Parameter(torch.randn(50))
+    opt = ArmijoSGD([x], momentum=0.9, cadence="every", momentum_search=momentum_search)
+    for _ in range(steps):
+        loss = opt.step(make_closure(opt, lambda: 0.5 * (lam * x * x).sum()))
+    return float(loss.detach())
+
+
+def test_momentum_accelerates_a_deterministic_quadratic_only_searched_along_its_direction():
+    # the cost of the default: each gradient moves θ as far as one plain gradient step, so
+    # heavy-ball's acceleration on a noiseless ill-conditioned problem is gone
+    along_g, along_d = (_ill_conditioned_quadratic(m) for m in ("gradient", "direction"))
+    assert along_d < 1e-3 < 0.1 < along_g  # README: 1.2e-4 against 0.71
+
+
+def test_a_momentum_step_that_fails_its_test_twice_takes_the_step_tested_along_g():
+    # f = ½‖θ‖² with a momentum buffer pointing sideways: η passes along g, α along d fails
+    # and so does α/2; the step is the tested one along g (it backtracked α 11 times, to a
+    # near-zero step reported as a collapse)
+    th = nn.Parameter(torch.tensor([1.0, 0.0]))
+    opt = ArmijoSGD([th], momentum=0.9, cadence="every", backend="torch")
+    closure = make_closure(opt, lambda: 0.5 * (th * th).sum())
+    opt.step(closure)
+    with torch.no_grad():
+        th.copy_(torch.tensor([1.0, 0.0]))
+        opt.state[th]["momentum_buffer"].copy_(torch.tensor([0.0, 100.0]))
+    eta = opt.param_groups[0]["step_size"] * 1.2  # what the next search starts from
+    opt.step(closure)
+    s = opt.stats
+    assert s["non_descent"] and not s["collapsed"] and s["trials"] == 3  # 1 along g, 2 along d
+    assert s["step_size"] == pytest.approx(eta) == opt.param_groups[0]["step_size"]
+    torch.testing.assert_close(th.detach(), torch.tensor([1.0 - eta, 0.0]))  # along g
+    assert s["loss_after"] == pytest.approx(0.5 * (1.0 - eta) ** 2)
+
+
+def test_the_step_size_reported_with_a_first_group_at_lr_0_is_the_applied_one():
+    # the frozen group's entry is filled in as for the other rules (it read 0 on searches)
+    model, loss_fn, data = PROBLEMS["logistic_regression"](seed=0)
+    first, *rest = list(model.parameters())
+    opt = ArmijoSGD([{"params": [first], "lr": 0.0}, {"params": rest}], momentum=0.9,
+                    cadence=2, backend="torch")
+    for _, (xb, yb) in zip(range(4), minibatches(data, 32, 0)):
+        opt.step(make_closure(opt, loss_fn, xb, yb))
+        s = opt.stats
+        assert s["step_size"] > 0
+        if not s["non_descent"]:  # (else the step along g, at η)
+            assert s["step_size"] <= 0.1 * opt.param_groups[1]["step_size"] * (1 + 1e-6)
+
+
+def _momentum_run(momentum_search, steps, state_dict=None):
+    """ArmijoSGD(momentum=0.9) on least squares: (optimizer, applied steps)."""
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=4)
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, cadence=3, backend="torch",
+                    momentum_search=momentum_search)
+    if state_dict is not None:
+        model.load_state_dict(state_dict[0])
+        opt.load_state_dict(copy.deepcopy(state_dict[1]))
+    applied = []
+    for _, (xb, yb) in zip(range(steps), minibatches(data, 16, 3)):
+        opt.step(make_closure(opt, loss_fn, xb, yb))
+        applied.append(opt.stats["applied_step"])
+    return opt, applied, (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+
+
+@pytest.mark.parametrize("saved_with,loaded_with", [("direction", "gradient"),
+                                                   ("gradient", "direction"),
+                                                   ("before the option", "gradient")])
+def test_a_momentum_checkpoint_resumes_in_the_loading_optimizers_step_size_units(
+        saved_with, loaded_with):
+    # η is measured along g with "gradient", along d with "direction" (and before the option):
+    # a checkpoint of one loaded by the other applied 10× less (or more) than the saved run
+    opt, _, saved = _momentum_run("gradient" if saved_with == "gradient" else "direction", 7)
+    if saved_with == "before the option":
+        for g in saved[1]["param_groups"]:
+            del g["step_size_along"]
+    eta = saved[1]["param_groups"][0]["step_size"]
+    resumed, applied, _ = _momentum_run(loaded_with, 2, saved)
+    _, as_saved, _ = _momentum_run("gradient" if saved_with == "gradient" else "direction", 2,
+                                   saved)
+    assert not resumed.stats["searched"]  # (steps 8 and 9: no search at cadence 3)
+    assert resumed.param_groups[0]["step_size_along"] == loaded_with
+    factor = 10.0 if loaded_with == "gradient" else 0.1
+    assert resumed.param_groups[0]["step_size"] == pytest.approx(eta * factor)
+    assert applied == pytest.approx(as_saved, rel=1e-6)  # what the saved run applies next
+
+
+def test_a_torch_sgd_checkpoint_taken_over_starts_at_its_lr_along_the_momentum():
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    ref = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref.zero_grad()
+    loss_fn(*data).backward()
+    ref.step()
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, backend="torch")
+    opt.load_state_dict(ref.state_dict())
+    assert opt.param_groups[0]["step_size"] == pytest.approx(0.05 / (1 - 0.9))  # η along g
+    old = ArmijoSGD(model.parameters(), momentum=0.9, backend="torch",
+                    momentum_search="direction")
+    old.load_state_dict(ref.state_dict())
+    assert old.param_groups[0]["step_size"] == pytest.approx(0.05)
+
+
 def test_momentum_search_is_checked_and_carried_by_copies():
     model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
     with pytest.raises(ValueError, match="momentum_search"):

@@ -244,7 +244,8 @@ def test_an_sgd_momentum_checkpoint_continues_its_buffer():
     ours.load_state_dict(copy.deepcopy(sgd.state_dict()))
     for p in model.parameters():
         assert torch.equal(ours.state[p]["momentum_buffer"], sgd.state[p]["momentum_buffer"])
-    assert ours.param_groups[0]["step_size"] == 0.05
+    # η along g: the steps apply (1 - μ)·η along the buffer, torch's lr
+    assert ours.param_groups[0]["step_size"] == pytest.approx(0.05 / (1 - 0.9))
     ours.step(loss_fn=loss_fn, loss=f0)
     assert ours.stats["searched"] and float(loss_fn().detach()) < float(f0)
 

@@ -50,6 +50,9 @@ from .torch_compat import (
     lr_peak,
 )
 
+#: the rules whose direction is a momentum buffer (``momentum_search`` applies to them)
+MOMENTUM_RULES = ("momentum", "nesterov")
+
 #: keys of the line-search state kept in every param group (identical across groups when global).
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "collapsed",
             "next_search", "search_interval", "searches", "forwards", "backwards")
@@ -140,7 +143,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                              "or gradient)")
         # candidates and the exact block search test trial points along the direction itself
         along_direction_only = candidates is not None or (layerwise and block_search == "exact")
-        if rule.name not in ("momentum", "nesterov"):
+        if rule.name not in MOMENTUM_RULES:
             momentum_search = "direction"  # (no momentum: the direction is the gradient's own)
         elif momentum_search is None:
             momentum_search = "direction" if along_direction_only else "gradient"
@@ -240,6 +243,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                     v for g in self.param_groups if g is not group and key in g
                     for v in (g[key] if isinstance(g[key], list) else [g[key]])])
             group.setdefault(key, default)
+        if self.rule.name in MOMENTUM_RULES:  # which direction η (step_size) is measured along
+            group.setdefault("step_size_along", self.momentum_search)
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
             group.setdefault("block_cursor", first.get("block_cursor", 0))
             group.setdefault("blocks_by", self._default_blocks_by(group))  # (store.py)
@@ -616,12 +621,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         if passes._first_sums is not None:
             self._last_dd = (buffers, [s[:, 2] for s in passes._first_sums])
         if accepted is not None and not skipped and result.block_dd:
-            # (searched along g: the length of the momentum direction the step applied; after
-            # a step along g, whose α along d failed its test, ‖g‖: the next steps apply
+            # (momentum searched along g: the result is the test of the step applied, along d;
+            # after a step along g, whose α along d failed its test, ‖g‖: the next steps apply
             # (1 - μ)·η along d, so the cap holds them to 2(1 - μ)·η‖g‖, on purpose short)
-            dd = result.block_dd if mfac is None or along_g else [
-                float(x) for s in passes._first_sums for x in s[:, 2].tolist()]
-            self._record_step_length(table, dd)
+            self._record_step_length(table, result.block_dd)
         if self.layerwise and not skipped and (accepted is not None or result.unresolved):
             # an unresolved search cannot judge its blocks at the loss's resolution: waiting
             # for a resolved one stalled an unfrozen block under a bf16 loss for 30+ steps, so
@@ -645,7 +648,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                      searches=g["searches"] + 1)
         self._advance(k, folded=() if skipped else passes.groups)
         taken = ([0.0] * len(table) if accepted is None else accepted if mfac is None
-                 else taken_d)
+                 else self._fill_frozen(taken_d, [e * m for e, m in zip(etas, mfac)], frozen))
         every_block = self._all_blocks() if self.layerwise else table
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken, table),

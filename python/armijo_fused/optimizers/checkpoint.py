@@ -122,6 +122,7 @@ class CheckpointMixin:
             state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
                                                state_dict, layerwise=self.layerwise)
         self._check_loadable(state_dict)
+        state_dict = self._step_sizes_along_ours(state_dict)
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
         self._pending_skip = None  # a flag of the steps before the load is no longer ours
@@ -161,6 +162,31 @@ class CheckpointMixin:
                     self._sync_buffers()
             finally:
                 self._loading = False
+
+    def _step_sizes_along_ours(self, state_dict: dict) -> dict:
+        """SGD momentum: a checkpoint's step sizes measured along another direction than this
+        optimizer's (``momentum_search``; a checkpoint from before the option measured them
+        along the momentum direction d) in this one's units, η_g = η_d / (1 - μ) and back, so
+        that the first steps after the load apply what the saved run applied (they were 10×
+        off at μ = 0.9). Returns a copy where anything changes; the caller's dict is kept."""
+        from .base import MOMENTUM_RULES
+
+        if self.rule.name not in MOMENTUM_RULES:
+            return state_dict
+        ours, groups, changed = self.momentum_search, [], False
+        for group in state_dict.get("param_groups", []):
+            along = group.get("step_size_along", "direction")
+            if along != ours:
+                mu = float(group.get("momentum", 0.0))
+                f = 1.0 / (1.0 - mu) if ours == "gradient" else 1.0 - mu
+                group = dict(group, step_size_along=ours)
+                for key in ("step_size", "step_size_avg", "step_length"):
+                    if key in group:
+                        v = group[key]
+                        group[key] = [x * f for x in v] if isinstance(v, list) else v * f
+                changed = True
+            groups.append(group)
+        return dict(state_dict, param_groups=groups) if changed else state_dict
 
     def _check_loadable(self, state_dict: dict) -> None:
         """A state dict of another direction (an ArmijoSGD's into an ArmijoAdam) replaced the

@@ -245,15 +245,17 @@ class SearchMixin:
     def _momentum_step(self, passes, trial_loss, f0, result, accepted, mfac, reduce, resolution):
         """After the search along g accepted η (``momentum_search="gradient"``): test the step
         the optimizer applies, α = (1-μ)·η along the momentum direction d, with the same Armijo
-        condition on ⟨g, d⟩, backtracking α if it fails, so that θ ends at a point that passed
+        condition on ⟨g, d⟩, backtracking α once if it fails, so that θ ends at a point that passed
         the test, as with every other direction. One more forward per search when it passes. If
         no α passes (d points uphill, or its decrease is below the loss's resolution) the step
         is the tested one along g, as the non-descent fallback. Returns (result, η per block
         in the units of the search along g, the step size along the applied direction, whether
         that direction is g)."""
         alpha = [a * m for a, m in zip(accepted, mfac)]
+        # at most one backtrack: past it d is a poor direction at this η, and the step along g
+        # already passed (a long backtrack also took η down to a collapse with it)
         check = armijo_search(passes, trial_loss, f0, alpha, c=self.c, backtrack=self.backtrack,
-                              max_trials=self.max_trials, sums=passes._first_sums,
+                              max_trials=min(self.max_trials, 2), sums=passes._first_sums,
                               allow_fallback=False, reduce=reduce, resolution=resolution)
         trials = result.trials + check.trials
         if check.accepted is None:

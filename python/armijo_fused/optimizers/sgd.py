@@ -21,7 +21,7 @@ class ArmijoSGD(ArmijoOptimizer):
             \textbf{ and trials} < \text{max\_trials}: \ \eta \leftarrow \text{backtrack}\cdot\eta \\
         &\alpha = (1 - \mu_s)\,\eta; \quad \textbf{while }
             f_k(\theta_{k-1} - \alpha d_k) > f_0 - c\,\alpha \langle g_k, d_k \rangle:
-            \ \alpha \leftarrow \text{backtrack}\cdot\alpha \qquad (\mu_s > 0 \text{ only}) \\
+            \ \alpha \leftarrow \text{backtrack}\cdot\alpha \ \text{(once)} \qquad (\mu_s > 0 \text{ only}) \\
         &\theta_k = \theta_{k-1} - \alpha \, \min(1, \text{lr}_t / \text{lr}_0) \, d_k
         \end{aligned}
 
@@ -36,8 +36,9 @@ class ArmijoSGD(ArmijoOptimizer):
     along g and applying :math:`(1-\mu)\eta` along the momentum direction is SGD with EMA
     momentum :math:`m \leftarrow \mu m + (1-\mu) g` at the step size plain ArmijoSGD searches,
     and the second test (one more forward per search when it passes at once) makes θ end at a
-    point that passed the Armijo test along the direction applied. If no α passes (the momentum
-    points uphill), the step is the tested one along g. The groups keep η (along g);
+    point that passed the Armijo test along the direction applied. If neither α nor
+    backtrack·α passes (the momentum points uphill, or badly at this η), the step is the tested
+    one along g. The groups keep η (along g);
     ``stats['step_size']`` is α, the step along :math:`d_k`. Weight decay is applied at the same
     α.
 

@@ -130,8 +130,9 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
     ``momentum_buffer`` are the rules' state names); the per-parameter ``step`` becomes the
     group's bias-correction count ``folded``; the step size starts at the learning rate the run
     used, η = lr_0 (:func:`lr_peak`: OneCycleLR's ``max_lr``, else ``initial_lr`` under a
-    scheduler, else ``lr``), so that the first step moves
-    as the torch optimizer would have, and the next step searches. Anything the rules cannot
+    scheduler, else ``lr``; lr_0 / (1 - μ) for SGD momentum searched along the gradient, whose
+    steps apply (1 - μ)·η), so that the first step moves as the torch optimizer would have, and
+    the next step searches. Anything the rules cannot
     continue (amsgrad's maximum, a centred RMSprop, a direction whose state is missing) is a
     ``ValueError`` that names it, raised before anything changes. With one global step size
     (``layerwise=False``) every group starts from the first group's η.
@@ -175,6 +176,8 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         folded = max(steps, default=0)
         lead = saved if layerwise else saved_groups[0]  # global: one η shared by every group
         eta = _float(lr_peak(lead))
+        if live.get("step_size_along") == "gradient":  # SGD momentum searched along g: the
+            eta /= 1.0 - _float(lead.get("momentum", 0.0))  # step applies (1 - μ)·η along d
         blocks = len(live["step_size"]) if isinstance(live["step_size"], list) else None
 
         def per_block(value, blocks=blocks):
