@@ -43,6 +43,8 @@ class DirectionRule:
     #: whether ``scalars`` corrects the state for its zero start by the fold count (Adam's bias
     #: corrections): parameters that join a group late then need a group of their own.
     bias_corrected: ClassVar[bool] = False
+    #: whether the direction is a heavy-ball buffer b ← μb + g (``momentum_search`` applies).
+    heavy_ball: ClassVar[bool] = False
     #: the group keys this rule reads, with their defaults (validated by ``validate``).
     hyperparameters: ClassVar[dict[str, object]] = {}
 

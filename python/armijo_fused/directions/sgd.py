@@ -27,6 +27,7 @@ class Momentum(DirectionRule):
     name = "momentum"
     rule_id = 1
     state_names = ("momentum_buffer",)
+    heavy_ball = True  # (and Nesterov, below)
     hyperparameters = {"momentum": 0.9}
 
     def validate(self, group):

@@ -50,9 +50,6 @@ from .torch_compat import (
     lr_peak,
 )
 
-#: the rules whose direction is a momentum buffer (``momentum_search`` applies to them)
-MOMENTUM_RULES = ("momentum", "nesterov")
-
 #: keys of the line-search state kept in every param group (identical across groups when global).
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "collapsed",
             "next_search", "search_interval", "searches", "forwards", "backwards")
@@ -143,7 +140,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                              "or gradient)")
         # candidates and the exact block search test trial points along the direction itself
         along_direction_only = candidates is not None or (layerwise and block_search == "exact")
-        if rule.name not in MOMENTUM_RULES:
+        if not rule.heavy_ball:
             momentum_search = "direction"  # (no momentum: the direction is the gradient's own)
         elif momentum_search is None:
             momentum_search = "direction" if along_direction_only else "gradient"
@@ -243,7 +240,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                     v for g in self.param_groups if g is not group and key in g
                     for v in (g[key] if isinstance(g[key], list) else [g[key]])])
             group.setdefault(key, default)
-        if self.rule.name in MOMENTUM_RULES:  # which direction η (step_size) is measured along
+        if self.rule.heavy_ball:  # which direction η (step_size) is measured along
             group.setdefault("step_size_along", self.momentum_search)
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
             group.setdefault("block_cursor", first.get("block_cursor", 0))

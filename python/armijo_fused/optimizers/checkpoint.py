@@ -169,9 +169,7 @@ class CheckpointMixin:
         along the momentum direction d) in this one's units, η_g = η_d / (1 - μ) and back, so
         that the first steps after the load apply what the saved run applied (they were 10×
         off at μ = 0.9). Returns a copy where anything changes; the caller's dict is kept."""
-        from .base import MOMENTUM_RULES
-
-        if self.rule.name not in MOMENTUM_RULES:
+        if not self.rule.heavy_ball:
             return state_dict
         ours, groups, changed = self.momentum_search, [], False
         for group in state_dict.get("param_groups", []):

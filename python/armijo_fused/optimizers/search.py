@@ -170,10 +170,9 @@ class SearchMixin:
                                                candidates=self.candidates, **kw)
                 return result, result.accepted
             partial = self.layerwise or any(frozen)
-            if along_fallback:
-                kw["along_fallback"] = True
             result = armijo_search(passes, trial_loss, f0, eta0,
-                                   search=plan[0] if partial else None, **kw)
+                                   search=plan[0] if partial else None,
+                                   along_fallback=along_fallback, **kw)
             return result, result.accepted
         # exact: each block alone, the others at θ0, from one first pass
         n = len(etas)

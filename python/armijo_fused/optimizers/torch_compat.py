@@ -132,9 +132,9 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
     used, η = lr_0 (:func:`lr_peak`: OneCycleLR's ``max_lr``, else ``initial_lr`` under a
     scheduler, else ``lr``; lr_0 / (1 - μ) for SGD momentum searched along the gradient, whose
     steps apply (1 - μ)·η), so that the first step moves as the torch optimizer would have, and
-    the next step searches. Anything the rules cannot
-    continue (amsgrad's maximum, a centred RMSprop, a direction whose state is missing) is a
-    ``ValueError`` that names it, raised before anything changes. With one global step size
+    the next step searches. Anything the rules cannot continue (amsgrad's maximum, a centred
+    RMSprop, a direction whose state is missing) is a ``ValueError`` that names it, raised
+    before anything changes. With one global step size
     (``layerwise=False``) every group starts from the first group's η.
     """
     saved_groups = state_dict.get("param_groups", [])
