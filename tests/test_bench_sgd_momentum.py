@@ -1,7 +1,7 @@
 """ArmijoSGD with momentum on two of bench/sgd_momentum.py's noisy tasks, where the earlier rule
 (η searched along the momentum direction) stalled at the initial loss: the default
-(``momentum_search="gradient"``) trains. The earlier rule's stall is checked too, so that these
-tasks keep telling the two rules apart; and the script itself runs and writes its report."""
+(``momentum_search="gradient"``) trains. The earlier rule is run too, so that these tasks keep
+telling the two rules apart; and the script itself runs and writes its report."""
 
 from __future__ import annotations
 
@@ -30,9 +30,12 @@ def test_momentum_trains_where_searching_along_the_momentum_direction_stalled(
 
     new = sgd_momentum.run_one(task, "ArmijoSGD-m0.9", seed)
     old = sgd_momentum.run_one(task, "ArmijoSGD-m0.9-direction", seed)
-    assert old["stalled"]  # the earlier rule: still at the initial loss after the whole run
     assert not new["stalled"] and not new["nonfinite"]
     assert new["final_train"] < 0.3 * new["initial_train"]
+    # the earlier rule, on the same batches: stalled at the initial loss on the Intel machine
+    # of the recorded run; on an AMD one mlp_cls crawled instead (0.45 after the run, against
+    # 0.002), so what holds on both is that these tasks still tell the two rules apart
+    assert new["final_train"] < 0.5 * old["final_train"]
 
 
 def test_the_script_writes_its_report(one_thread, tmp_path):

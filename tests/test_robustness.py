@@ -113,11 +113,15 @@ def _copy(v):
     return list(v) if isinstance(v, list) else v
 
 
-def assert_snapshots(a, b, *, exact):
+def assert_snapshots(a, b, *, exact, theta_atol=INVERSE_TOL["atol"]):
     """Everything in snapshot ``b`` equals ``a``: bitwise when ``exact``, else to INVERSE_TOL
-    for θ and the state (the bookkeeping in param_groups, buffers and RNG always bitwise)."""
+    for θ and the state (the bookkeeping in param_groups, buffers and RNG always bitwise).
+    ``theta_atol``: θ's absolute tolerance, for a move back from far along the line (the
+    inverse recovers θ0 to a few ulps of the point it left)."""
     cmp = torch.equal if exact else (lambda u, v: torch.allclose(u, v, **INVERSE_TOL))
-    assert cmp(b["theta"], a["theta"]), (b["theta"] - a["theta"]).abs().max()
+    near = torch.equal if exact else (
+        lambda u, v: torch.allclose(u, v, rtol=INVERSE_TOL["rtol"], atol=theta_atol))
+    assert near(b["theta"], a["theta"]), (b["theta"] - a["theta"]).abs().max()
     for pid, s in b["state"].items():
         for name, v in s.items():
             old = a["state"].get(pid, {}).get(name, torch.zeros_like(v))
@@ -127,13 +131,13 @@ def assert_snapshots(a, b, *, exact):
     assert torch.equal(a["rng"], b["rng"])
 
 
-def assert_restored_but_the_training_forward(before, run, *, exact):
+def assert_restored_but_the_training_forward(before, run, *, exact, **tol):
     """After a step that raised: everything as in ``before`` except what the training forward
     itself did (BatchNorm statistics moved, RNG drawn), and no trial patch left behind."""
     after = run.snapshot()
     after["buffers"] = before["buffers"]
     after["rng"] = before["rng"]
-    assert_snapshots(before, after, exact=exact)
+    assert_snapshots(before, after, exact=exact, **tol)
     assert nothing_leaked()
 
 
@@ -493,7 +497,10 @@ def test_a_pass_failing_between_two_buffers_rolls_back_the_first(where, exc, bac
         run.opt.step(run.closure)
     assert calls[0] >= 2  # (the rollback moves the first buffer back: more calls)
     monkeypatch.undo()
-    assert_restored_but_the_training_forward(before, run, exact=False)
+    # "move": the first trial sat at η = 5 along an Adam |d| of order 1, so θ0 comes back to a few
+    # ulps of 5 (atol 1e-6 held on an Intel CPU by luck: 1.3e-6 on an AMD one, at HEAD too)
+    tol = {"theta_atol": 16 * 5.0 * torch.finfo(torch.float32).eps} if where == "move" else {}
+    assert_restored_but_the_training_forward(before, run, exact=False, **tol)
     run.steps(1)
     assert torch.isfinite(run.theta()).all() and not run.opt.stats["skipped"]
 
