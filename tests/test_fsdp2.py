@@ -348,17 +348,22 @@ def _rank_state_dict_copies(rank, world, in_place):
     return out
 
 
-def _momentum_opt(model):
+def _momentum_opt(model, cadence="every"):
     from armijo_fused import ArmijoSGD
 
-    return ArmijoSGD(model.parameters(), model=model, momentum=0.9, cadence="every")
+    return ArmijoSGD(model.parameters(), model=model, momentum=0.9, cadence=cadence)
 
 
 def _rank_momentum_step_length(rank, world):
     model = shard(make_model())
     opt = _momentum_opt(model)
     log = train(model, opt, 4, rank, world)
-    return {"log": log, "step_length": opt.param_groups[0]["step_length"]}
+    out = {"log": log, "step_length": opt.param_groups[0]["step_length"]}
+    model = shard(make_model())
+    opt = _momentum_opt(model, cadence=3)  # steps without a search, whose length is capped
+    out["capped_log"] = train(model, opt, 10, rank, world)
+    out["last_dd"] = opt.state_dict()["param_groups"][0]["last_dd"]
+    return out
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -465,6 +470,26 @@ def test_sgd_momentum_records_the_step_length_of_the_whole_model_on_every_rank()
     assert r0["step_length"] == pytest.approx(ref_opt.param_groups[0]["step_length"], rel=1e-5)
     for (eta, trials, _, _), (eta_r, trials_r, _, _) in zip(r0["log"], ref_log):
         assert trials == trials_r and eta == pytest.approx(eta_r, rel=1e-6)
+
+
+def test_steps_without_a_search_are_capped_under_fsdp2_as_in_a_single_process():
+    # the cap compares ‖d‖ with the last search's step length: it was skipped under FSDP2,
+    # whose ranks each hold their shards' ‖d‖² only (steps 7 and 8 moved 4x and 3x further)
+    ref = make_model()
+    ref_opt = _momentum_opt(ref, cadence=3)
+    ref_log, capped = [], []
+    for k in range(10):
+        ref_log += train(ref, ref_opt, 1, start=k)
+        s = ref_opt.stats
+        capped.append(not s["searched"] and s["step_size"] < 0.99 * 0.1 * (
+            ref_opt.param_groups[0]["step_size"]))
+    assert any(capped)  # (else this test shows nothing)
+    r0, r1 = run_ranks(_rank_momentum_step_length, world=2, timeout=120)
+    assert r0["last_dd"] == r1["last_dd"]  # the model's ‖d_b‖², saved alike on every rank
+    assert r0["last_dd"][0] == pytest.approx(ref_opt.state_dict()["param_groups"][0]["last_dd"][0],
+                                             rel=1e-5)
+    for (eta, trials, _, _), (eta_r, trials_r, _, _) in zip(r0["capped_log"], ref_log):
+        assert trials == trials_r and eta == pytest.approx(eta_r, rel=1e-5)
 
 
 def _rank_freeze(rank, world):

@@ -709,6 +709,34 @@ def test_a_momentum_step_that_fails_its_test_twice_takes_the_step_tested_along_g
     assert s["loss_after"] == pytest.approx(0.5 * (1.0 - eta) ** 2)
 
 
+def test_a_momentum_direction_pointing_uphill_costs_no_forward_to_reject():
+    # the buffer points against g, so ⟨g, d⟩ < 0 from the first pass already rules out every
+    # α along d: the step is the one tested along g, with no forward spent on testing d
+    th = nn.Parameter(torch.tensor([1.0, 0.0]))
+    opt = ArmijoSGD([th], momentum=0.9, cadence="every", backend="torch")
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = 0.5 * (th * th).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        th.copy_(torch.tensor([1.0, 0.0]))
+        opt.state[th]["momentum_buffer"].copy_(torch.tensor([-100.0, 0.0]))  # d = -89 g
+    eta = opt.param_groups[0]["step_size"] * 1.2
+    calls.clear()
+    opt.step(closure)
+    s = opt.stats
+    assert s["non_descent"] and s["trials"] == 1  # the trial along g only
+    assert len(calls) == 2  # f0 with its gradient, and that one trial
+    assert s["step_size"] == pytest.approx(eta)
+    torch.testing.assert_close(th.detach(), torch.tensor([1.0 - eta, 0.0]))
+
+
 def test_the_step_size_reported_with_a_first_group_at_lr_0_is_the_applied_one():
     # the frozen group's entry is filled in as for the other rules (it read 0 on searches)
     model, loss_fn, data = PROBLEMS["logistic_regression"](seed=0)

@@ -49,6 +49,9 @@ class SearchResult:
     history: list = field(default_factory=list)  # (eta per block, loss) per trial
     block_gd: list = field(default_factory=list)  # <g_b, d_b> per block
     block_dd: list = field(default_factory=list)  # ‖d_b‖² per block (of the accepted direction)
+    # along_fallback: ⟨g_b, d_b⟩ of the first pass's own direction (the momentum direction), read
+    # with the first trial
+    first_gd: list = field(default_factory=list)
 
 
 class Passes:
@@ -191,7 +194,9 @@ def armijo_search(
     else:  # (along the direction: a search along the fallback may have run before)
         passes.move_to(eta, precond=False)
     precond = False
+    first_gd = None
     if along_fallback:  # (the first pass folded g into the state; the trials move along g)
+        first_gd = torch.cat([s[:, 0].reshape(-1) for s in sums])  # (read with the first trial)
         sums = passes.move_to(eta, precond=True, compute_sums=True)
         precond = True
     moving = set(range(len(eta))) if search is None else set(search)
@@ -201,6 +206,7 @@ def armijo_search(
     gd = grad_sq = math.nan
     gd_b: list[float] = []
     dd_b: list[float] = []
+    first_gd_b: list[float] = []
     unresolved = unchanged = False
     limit = max_trials  # trials the search may take; the non-descent one is not counted
     for trial in range(1, max_trials + 2):
@@ -208,12 +214,16 @@ def armijo_search(
         vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
         if guard is not None and trial == 1:
             vec.append(guard.reshape(-1))
+        if first_gd is not None and trial == 1:
+            vec.append(first_gd)
         if reduce is not None:  # f0 is reduced once by the caller; the rest in one collective
             rest = torch.cat([v.double().to(vec[0].device) for v in vec[1:]])
             vec = [vec[0].double().to(rest.device), *reduce_with_flag(reduce, rest, failure)]
         vals = read_checking_ranks(vec, reduce is not None, failure,
                                    f0_failure if trial == 1 else None)
         f_before, f_trial, rows = vals[0], vals[1], vals[2:]
+        if first_gd is not None and trial == 1:
+            first_gd_b, rows = rows[len(rows) - first_gd.numel() :], rows[: -first_gd.numel()]
         if guard is not None and trial == 1:
             g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]
             if not all(math.isfinite(x) for x in g_vals):
@@ -247,7 +257,7 @@ def armijo_search(
         if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
                                 non_descent=non_descent, history=history, block_gd=gd_b,
-                                block_dd=dd_b)
+                                block_dd=dd_b, first_gd=first_gd_b)
         if trial == limit:
             break
         if trial - (limit - max_trials) >= max_trials // 2:
@@ -260,4 +270,4 @@ def armijo_search(
     # block's result, which may be this one)
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
-                        history=history, block_gd=gd_b, block_dd=dd_b)
+                        history=history, block_gd=gd_b, block_dd=dd_b, first_gd=first_gd_b)

@@ -488,7 +488,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 raise
             finally:
                 self._reshard_fsdp()
-            self._last_dd = (buffers, [s[:, 2] for s in sums])
+            self._remember_dd(buffers, sums, reduce)
             self._advance_unsettled(k, passes)
 
             # telemetry: device values, formed only when read (each op is a launch on a GPU)
@@ -616,7 +616,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
                                                      skipped, k, frozen)
         if passes._first_sums is not None:
-            self._last_dd = (buffers, [s[:, 2] for s in passes._first_sums])
+            self._remember_dd(buffers, passes._first_sums, reduce)
         if accepted is not None and not skipped and result.block_dd:
             # (momentum searched along g: the result is the test of the step applied, along d;
             # after a step along g, whose α along d failed its test, ‖g‖: the next steps apply

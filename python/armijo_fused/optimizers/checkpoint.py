@@ -65,7 +65,7 @@ class CheckpointMixin:
         last = self._last_dd
         if last is None:  # no pass since a load or a copy: what that carried, not yet used
             return self._resumed_dd
-        return [dd.tolist() for dd in last[1]] if not self._sharded else None
+        return [dd.tolist() for dd in last[1]]  # (FSDP2: reduced, the same on every rank)
 
     def _refuse_mid_step(self, what: str) -> None:
         """A checkpoint taken inside a step (a hook in a trial forward, a signal handler) would

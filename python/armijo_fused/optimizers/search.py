@@ -251,6 +251,11 @@ class SearchMixin:
         in the units of the search along g, the step size along the applied direction, whether
         that direction is g)."""
         alpha = [a * m for a, m in zip(accepted, mfac)]
+        if (result.first_gd and sum(a * x for a, x in zip(alpha, result.first_gd))
+                <= resolution * abs(result.loss_before)):
+            # ⟨g, d⟩ of the first pass, read with the search's first trial, already says that
+            # the test below rejects every α (as unresolved): no forward spent on it
+            return replace(result, non_descent=True), accepted, accepted, True
         # at most one backtrack: past it d is a poor direction at this η, and the step along g
         # already passed (a long backtrack also took η down to a collapse with it)
         check = armijo_search(passes, trial_loss, f0, alpha, c=self.c, backtrack=self.backtrack,
@@ -373,8 +378,7 @@ class SearchMixin:
         STEP_LENGTH_RATIO times η·‖d_search‖ (``step_length``): η ≤ ratio·length/‖d‖, with ‖d‖
         from the previous step's first pass, on the device (no sync). The cap binds only when
         ‖d‖ has grown past the ratio since the search; Adam's ‖d‖ hardly changes. None: no cap
-        (no search yet, buffers rebuilt since, or FSDP2 shards, whose local sums differ between
-        ranks)."""
+        (no search yet, or buffers rebuilt since)."""
         saved, self._resumed_dd = self._resumed_dd, None
         if self._last_dd is None and saved:  # just resumed
             if len(saved) == len(buffers) and all(
@@ -382,7 +386,7 @@ class SearchMixin:
                 self._last_dd = (buffers, [device_floats(v, b.device)
                                            for v, b in zip(saved, buffers)])
         last = self._last_dd
-        if last is None or last[0] is not buffers or self._sharded:
+        if last is None or last[0] is not buffers:
             return None
         lengths = [self._eta(gi, lb, key="step_length") for gi, lb in table]
         if not any(x > 0 for x in lengths):
@@ -400,6 +404,19 @@ class SearchMixin:
             caps.append(torch.nan_to_num(dd.rsqrt() * (STEP_LENGTH_RATIO * r), nan=math.inf))
             pos += n
         return caps
+
+    def _remember_dd(self, buffers, sums, reduce) -> None:
+        """Keep this step's per-block ‖d_b‖² (the first pass's sums) for the next step's cap.
+        FSDP2: each rank's sums are its shards' (times the shard count), so their mean over the
+        ranks is the model's: one small collective, queued on the device (no host wait), so
+        that every rank caps as a single process would."""
+        dd = [s[:, 2] for s in sums]
+        if self._sharded and reduce is not None:
+            dev0 = dd[0].device
+            mean = reduce(torch.cat([x.reshape(-1).to(dev0) for x in dd]))
+            dd = [x.to(b.device) for x, b in zip(mean.split([b.layout.nblocks for b in buffers]),
+                                                  buffers)]
+        self._last_dd = (buffers, dd)
 
     def _eta(self, gi, lb, key="step_size"):
         v = self.param_groups[gi][key]
