@@ -36,13 +36,17 @@ void require_tensors(py::handle list, Py_ssize_t n, const char* what) {
 class __attribute__((visibility("hidden"))) ViewCheck {
  public:
   // params[i]: the tensor (not kept: only its identity); pviews[i] / gviews[i]: its views in the
-  // flat θ / g buffers; names[j] / sviews[j][i]: state entry j of tensor i and the view it must be.
-  ViewCheck(py::list params, py::list pviews, py::list gviews, py::list names, py::list sviews)
+  // flat θ / g buffers; gslots[i]: another view of its place in the g buffer, never handed out
+  // (``.data =`` on gviews[i] moves that object's data, not this one's); names[j] / sviews[j][i]:
+  // state entry j of tensor i and the view it must be.
+  ViewCheck(py::list params, py::list pviews, py::list gviews, py::list gslots, py::list names,
+            py::list sviews)
       : names_(names), sviews_(sviews) {
     const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
     require_tensors(params, n, "params");
     require_tensors(pviews, n, "pviews");
     require_tensors(gviews, n, "gviews");
+    require_tensors(gslots, n, "gslots");
     const Py_ssize_t nnames = PyList_GET_SIZE(names.ptr());
     if (PyList_GET_SIZE(sviews.ptr()) != nnames)
       throw std::invalid_argument("ViewCheck: sviews must hold one list per state name");
@@ -55,6 +59,7 @@ class __attribute__((visibility("hidden"))) ViewCheck {
     for (Py_ssize_t i = 0; i < n; ++i) {
       pv_.push_back(THPVariable_Unpack(pviews[i].ptr()));
       gv_.push_back(THPVariable_Unpack(gviews[i].ptr()));
+      gs_.push_back(THPVariable_Unpack(gslots[i].ptr()));
       ids_.push_back(params[i].ptr());
       index_[params[i].ptr()] = i;
     }
@@ -62,8 +67,9 @@ class __attribute__((visibility("hidden"))) ViewCheck {
 
   // (moved, foreign_grad, state_ok): the first tensor whose storage address, sizes or strides are
   // not its view's (-1: none; the caller then rebuilds through the Python loop); the first tensor
-  // whose .grad is not its gradient view (-1: none); whether every tensor's state dict holds its
-  // views (False for anything else: a missing dict or entry, a replaced one, state not a dict).
+  // whose .grad is not its gradient view, or whose view no longer points at its slot (-1: none);
+  // whether every tensor's state dict holds its views (False for anything else: a missing dict
+  // or entry, a replaced one, state not a dict, None).
   // ``params``: the same tensors, in the same order, as at construction.
   std::tuple<int64_t, int64_t, bool> check(py::list params, py::handle state) const {
     PyObject* plist = params.ptr();
@@ -81,7 +87,9 @@ class __attribute__((visibility("hidden"))) ViewCheck {
         return {i, -1, false};
       if (foreign < 0) {
         const at::Tensor& g = p.grad();
-        if (!g.defined() || g.unsafeGetTensorImpl() != gv_[i].unsafeGetTensorImpl()) foreign = i;
+        if (!g.defined() || g.unsafeGetTensorImpl() != gv_[i].unsafeGetTensorImpl() ||
+            g.data_ptr() != gs_[i].data_ptr())
+          foreign = i;
       }
     }
     if (!PyDict_Check(state.ptr())) return {-1, foreign, false};
@@ -130,7 +138,7 @@ class __attribute__((visibility("hidden"))) ViewCheck {
   }
 
   py::list names_, sviews_;
-  std::vector<at::Tensor> pv_, gv_;
+  std::vector<at::Tensor> pv_, gv_, gs_;
   std::vector<PyObject*> ids_;  // identities only: the caller keeps the tensors alive
   std::unordered_map<PyObject*, Py_ssize_t> index_;
 };
@@ -138,7 +146,7 @@ class __attribute__((visibility("hidden"))) ViewCheck {
 void bind_view_check(py::module& m) {
   py::class_<ViewCheck>(m, "ViewCheck",
                         "FlatBuffer.sync's checks in one call (storage/flat.py is the reference)")
-      .def(py::init<py::list, py::list, py::list, py::list, py::list>())
+      .def(py::init<py::list, py::list, py::list, py::list, py::list, py::list>())
       .def("check", &ViewCheck::check, py::arg("params"), py::arg("state"));
 }
 

@@ -124,6 +124,66 @@ def test_model_moved_after_construction_is_rebuilt():
     assert all(s.dtype == torch.float64 for st in opt.state.values() for s in st.values())
 
 
+def _conv_model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(27, 1))
+    x, y = torch.randn(8, 2, 5, 5), torch.randn(8, 1)
+
+    def loss():
+        dtype = model[0].weight.dtype
+        return nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
+
+    return model, loss
+
+
+CASTS = {
+    "half-and-back": lambda m: m.half().float(),  # a half-precision evaluation in between
+    "double": lambda m: m.double(),
+    "channels_last": lambda m: m.to(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_a_cast_of_the_model_leaves_no_stale_gradient(cast):
+    # Module._apply converts each p.grad by assigning .data: the same object (the store's
+    # gradient view) with new storage. zero_grad then zeroed the buffer, not p.grad, and even
+    # put the stale view back after model.zero_grad(): the next step folded the last step's
+    # gradient in again (exp_avg moved by 2.0-2.3 times g)
+    model, loss = _conv_model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch", model=model)
+    opt.step(make_closure(opt, loss))
+    CASTS[cast](model)
+    model.zero_grad()
+    opt.zero_grad()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    params = list(model.parameters())
+    m0 = [opt.state[p]["exp_avg"].to(p.dtype) for p in params]
+    g = torch.autograd.grad(loss(), params)
+    opt.step(make_closure(opt, loss))
+    for p, m, gi in zip(params, m0, g):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], 0.9 * m + 0.1 * gi)
+
+
+def test_a_gradient_whose_data_is_reassigned_is_taken_and_its_view_comes_home():
+    # p.grad.data = ... (old-style averaging over ranks) keeps the object and moves its data
+    # out of the buffer: the scaled gradient was ignored, and every later step read zeros
+    model, loss = _model_and_data()
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    for k in range(4):
+        opt.zero_grad()
+        l0 = loss()
+        l0.backward()
+        if k == 1:
+            for p in model.parameters():
+                p.grad.data = p.grad.data / 2
+        true = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+        opt.step(loss_fn=loss, loss=l0)
+        assert opt.stats["grad_norm"] == pytest.approx(float(true), rel=1e-5)
+        (buf,) = opt._buffers
+        assert all(p.grad.data_ptr() == s.data_ptr() for p, s in
+                   zip(model.parameters(), buf._grad_slots))
+
+
 def _two_optimizers_sharing_a_layer(flat: bool, steps: int = 4):
     """Two optimizers over one model, the second over its first layer only, stepped in turn."""
     torch.manual_seed(0)

@@ -50,6 +50,8 @@ CASES = {
     "strides changed in place": lambda opt, ps: _transpose_in_place(ps[2]),
     # the whole flat storage moved (model.share_memory()): every view moved with it
     "storage moved as a whole": lambda opt, ps: ps[0].data.share_memory_(),
+    # the gradient view itself re-pointed, same object (old-style manual averaging)
+    "grad data assigned": lambda opt, ps: setattr(ps[1].grad, "data", ps[1].grad.data / 2),
 }
 
 
@@ -63,10 +65,11 @@ def test_one_call_check_matches_the_loop(case, mode):
             buf._checker = None
         CASES[case](opt, params)
         ok = buf.sync(opt.state)
-        grads_ok = all(p.grad is gv for p, gv in zip(buf.params, buf._grad_views))
+        grads_ok = all(p.grad is gv and gv.data_ptr() == gs.data_ptr()
+                       for p, gv, gs in zip(buf.params, buf._grad_views, buf._grad_slots))
         state = {i: {k: v.clone() for k, v in opt.state[p].items()}
                  for i, p in enumerate(buf.params)} if ok else None
-        attached = ok and all(opt.state[p][n] is v for i, p, _, _, _, e in buf._checks
+        attached = ok and all(opt.state[p][n] is v for i, p, _, _, _, _, e in buf._checks
                               for n, v in e)
         results.append((ok, grads_ok, attached, sorted(buf.fresh), buf.gathered,
                         [g.clone() for g in buf._grad_views], state))
@@ -87,6 +90,8 @@ def test_check_reports_each_finding(mode):
     assert buf._checker.check(buf.params, opt.state) == (-1, 2, True)
     del opt.state[params[0]]
     assert buf._checker.check(buf.params, opt.state) == (-1, 2, False)
+    params[1].grad.data = params[1].grad.data.clone()  # p.grad is still its view: moved away
+    assert buf._checker.check(buf.params, opt.state) == (-1, 1, False)
     params[1].data = params[1].data.clone()
     assert buf._checker.check(buf.params, opt.state)[0] == 1
 
@@ -109,11 +114,13 @@ def test_the_check_keeps_no_cycle_alive():
 def test_bad_arguments_raise_instead_of_crashing():
     w = torch.zeros(2)
     with pytest.raises(ValueError, match="sviews"):
-        ops._C.ViewCheck([w], [w], [w], ["a"], [[]])
+        ops._C.ViewCheck([w], [w], [w], [w], ["a"], [[]])
     with pytest.raises(ValueError, match="params must hold tensors"):
-        ops._C.ViewCheck([1], [w], [w], [], [])
+        ops._C.ViewCheck([1], [w], [w], [w], [], [])
+    with pytest.raises(ValueError, match="gslots must be a list of 1"):
+        ops._C.ViewCheck([w], [w], [w], [], [], [])
     with pytest.raises(ValueError, match="one list per state name"):
-        ops._C.ViewCheck([w], [w], [w], ["a"], [])
-    check = ops._C.ViewCheck([w], [w], [w], [], [])
+        ops._C.ViewCheck([w], [w], [w], [w], ["a"], [])
+    check = ops._C.ViewCheck([w], [w], [w], [w], [], [])
     with pytest.raises(ValueError, match="not the tensors it was built for"):
         check.check([torch.zeros(2)], {})

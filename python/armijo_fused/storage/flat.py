@@ -115,6 +115,10 @@ class FlatBuffer:
                 p.data = pview
             self.grad = torch.zeros(n, **kw)
             self._grad_views = [self._view(self.grad, i) for i in range(len(params))]
+            # where each gradient view must point: views never handed out, so that a view whose
+            # data was re-pointed (``p.grad.data = ...``, ``model.half()``, which keep the
+            # tensor object) is seen, as the parameters' are against their own views
+            self._grad_slots = [self._view(self.grad, i) for i in range(len(params))]
             for p, gview in zip(self.params, self._grad_views):
                 if p.grad is not None:
                     gview.copy_(_dense(p, p.grad))
@@ -138,16 +142,17 @@ class FlatBuffer:
             self.publish()
         self._state_views = [[views[i] for views in by_name] for i in range(len(params))]
         # what sync() compares each step: tensor, its view (address, strides) and shape, grad view
-        # and (name, view) of each state entry; one flat tuple per tensor, since the loop is host
-        # time before the first pass
-        self._checks = [(i, p, pv, pv.shape, gv, tuple(zip(self.state_names, sv)))
-                        for i, (p, pv, gv, sv) in enumerate(zip(
-                            self.params, self._param_views, self._grad_views, self._state_views))]
+        # and its slot, and (name, view) of each state entry; one flat tuple per tensor, since the
+        # loop is host time before the first pass
+        self._checks = [(i, p, pv, pv.shape, gv, gs, tuple(zip(self.state_names, sv)))
+                        for i, (p, pv, gv, gs, sv) in enumerate(zip(
+                            self.params, self._param_views, self._grad_views, self._grad_slots,
+                            self._state_views))]
         # the same checks in one C++ call (None without the extension: the loop alone)
         view_check = getattr(ops._C, "ViewCheck", None)
         self._checker = None if view_check is None else view_check(
             list(self.params), list(self._param_views), list(self._grad_views),
-            list(self.state_names),
+            list(self._grad_slots), list(self.state_names),
             [[sv[j] for sv in self._state_views] for j in range(len(self.state_names))])
 
     def _take_state(self, state: dict, name: str, views: list) -> None:
@@ -190,24 +195,30 @@ class FlatBuffer:
 
     def _reattach_grads(self, start: int) -> None:
         """Re-attach the gradient views from tensor ``start`` on (as :meth:`_sync_loop`)."""
-        for _, p, _, _, gview, _ in self._checks[start:]:
-            if p.grad is not gview:
-                self._attach_grad(p, gview)
+        for _, p, _, _, gview, slot, _ in self._checks[start:]:
+            if p.grad is not gview or gview.data_ptr() != slot.data_ptr():
+                self._attach_grad(p, gview, slot)
 
-    def _attach_grad(self, p: Tensor, gview: Tensor) -> None:
+    def _attach_grad(self, p: Tensor, gview: Tensor, slot: Tensor) -> None:
         """Point ``p.grad`` back at its view, taking the value of a gradient that arrived as a
-        new tensor (None: zero)."""
+        new tensor (None: zero), or that the view itself now holds elsewhere: ``.data`` assigned
+        to it (``p.grad.data = p.grad.data / n``; ``model.half()`` / ``.float()`` /
+        ``.to(memory_format=...)``, which convert gradients that way) keeps the object and moves
+        its data out of the buffer, where the passes would never see it again."""
         g = p.grad
-        if g is None:
-            gview.zero_()
-        elif g.data_ptr() != gview.data_ptr():
-            gview.copy_(_dense(p, g))
-            self.gathered = True
+        with torch.no_grad():
+            if g is None:
+                slot.zero_()
+            elif g.data_ptr() != slot.data_ptr():
+                slot.copy_(_dense(p, g))
+                self.gathered = True
+        if gview.data_ptr() != slot.data_ptr():
+            gview.data = slot  # the same object (held by p.grad, maybe by the caller) comes home
         p.grad = gview
 
     def _reattach_states(self, state: dict) -> None:
         """Re-attach the state views (as :meth:`_sync_loop`)."""
-        for i, p, _, _, _, entries in self._checks:
+        for i, p, _, _, _, _, entries in self._checks:
             pstate = state[p]
             for name, view in entries:
                 if pstate.get(name) is not view:
@@ -217,14 +228,14 @@ class FlatBuffer:
         # runs every step over every tensor: one tuple per tensor, cached (see _checks); the
         # state dict of each tensor is looked up every time, since code may replace one
         # (opt.state[p] = {...}) and state_dict() must then still show the live state
-        for i, p, pview, shape, gview, entries in self._checks:
+        for i, p, pview, shape, gview, slot, entries in self._checks:
             # against the view as it is now: a storage moved as a whole (share_memory_()) moved
             # every view with it, and the tensors still view the buffer
             if p.data_ptr() != pview.data_ptr() or p.shape != shape \
                     or p.stride() != pview.stride():
                 return False
-            if p.grad is not gview:
-                self._attach_grad(p, gview)
+            if p.grad is not gview or gview.data_ptr() != slot.data_ptr():
+                self._attach_grad(p, gview, slot)
             pstate = state[p]
             for name, view in entries:
                 if pstate.get(name) is not view:
@@ -270,8 +281,22 @@ class FlatBuffer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient and keep the views attached (one launch, not one per tensor).
         ``set_to_none`` is ignored: dropping the views would make every step copy the new
-        gradients back in (one more pass, and their memory twice at the step)."""
+        gradients back in (one more pass, and their memory twice at the step). A tensor that
+        has moved out of the buffer (``model.half()``, ``.to(...)``; the next step rebuilds the
+        store) gets None, as torch gives it: its view would hold its gradient from before."""
         self.grad.zero_()
-        for i, p in enumerate(self.params):
-            if p.grad is not self._grad_views[i]:
-                p.grad = self._grad_views[i]
+        checker, any_moved = self._checker, True
+        if checker is not None:
+            moved, foreign, _ = checker.check(self.params, None)
+            if moved < 0 and foreign < 0:
+                return  # every gradient is its view, at home: the usual case, one C++ call
+            any_moved = moved >= 0  # (else, e.g. after model.zero_grad(), no address to read)
+        for _, p, pview, shape, gview, slot, _ in self._checks:
+            if any_moved and (p.data_ptr() != pview.data_ptr() or p.shape != shape
+                              or p.stride() != pview.stride()):
+                p.grad = None
+                continue
+            if gview.data_ptr() != slot.data_ptr():
+                gview.data = slot  # (zeroed above)
+            if p.grad is not gview:
+                p.grad = gview
