@@ -106,6 +106,7 @@ def test_sgd_momentum_is_not_dropped_silently():
 
 @pytest.mark.parametrize("cls, kw, match", [
     (ArmijoAdam, dict(amsgrad=True), "amsgrad"),
+    (ArmijoAdam, dict(weight_decay=0.1, decoupled_weight_decay=False), "L2 regularisation"),
     (ArmijoAdam, dict(maximize=True), "maximize"),
     (ArmijoAdam, dict(capturable=True), "capturable"),
     (ArmijoSGD, dict(differentiable=True), "differentiable"),
@@ -149,6 +150,17 @@ def test_torch_options_in_a_param_group_are_refused_by_name(cls, ctor, group, ma
         opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
     assert opt.param_groups[0]["step"] == 1
+
+
+def test_decoupled_weight_decay_is_taken_where_it_changes_nothing():
+    # torch.optim.Adam / NAdam's keyword (a TypeError before): the decay is always decoupled
+    model = nn.Linear(3, 1)
+    ArmijoAdam(model.parameters(), decoupled_weight_decay=False)  # no decay: nothing to couple
+    opt = ArmijoAdam(model.parameters(), weight_decay=0.1, decoupled_weight_decay=True)
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):  # a group's decay too
+        ArmijoAdam([{"params": model.parameters(), "weight_decay": 0.01}],
+                   decoupled_weight_decay=False)
 
 
 def test_torch_options_at_their_no_op_values_in_a_group_are_accepted():

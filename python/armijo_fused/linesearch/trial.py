@@ -60,7 +60,9 @@ def in_trial() -> bool:
     """True while a trial forward runs (``armijo_fused.in_trial()``). Python-side effects of a
     forward, such as a forward hook that logs activations, a counter of seen tokens or a metric
     updated inside ``forward``, run once per trial too: guard them with ``if not in_trial()``.
-    (Our own ``zero_grad`` checks it as well: it overrides the patch.)"""
+    (Our own ``zero_grad`` checks it as well: it overrides the patch.) Process-wide, as the
+    suppression of ``backward`` / ``zero_grad`` is: ``nn.DataParallel`` runs the trial's forward
+    in threads of its own; a backward another thread runs meanwhile is skipped too."""
     return _depth > 0
 
 

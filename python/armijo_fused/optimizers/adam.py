@@ -41,6 +41,10 @@ class ArmijoAdam(ArmijoOptimizer):
         eps (float, optional): added to the denominator (default: 1e-8)
         weight_decay (float, optional): decoupled weight decay λ (default: 0)
         amsgrad (bool, optional): only False (default: False)
+        decoupled_weight_decay (bool, optional): torch.optim.Adam / NAdam's keyword; the decay
+            here is always decoupled, so False is refused where some group has weight decay
+            (swapping ``torch.optim.Adam(..., weight_decay=λ)`` for this class turns its L2
+            term into decoupled decay: AdamW's form) (default: True)
         direction ("adam" | "nadam" | "rmsprop", optional): the update direction (default: "adam")
         alpha (float, optional): rmsprop's second-moment coefficient (default: 0.99)
         init_step_size (float, optional): η before the first search; Adam directions have entries
@@ -102,6 +106,7 @@ class ArmijoAdam(ArmijoOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        decoupled_weight_decay: bool = True,
     ):
         check_torch_keywords("ArmijoAdam", foreach=foreach, fused=fused, maximize=maximize,
                              capturable=capturable, differentiable=differentiable)
@@ -126,6 +131,13 @@ class ArmijoAdam(ArmijoOptimizer):
             exact_revert=exact_revert, process_group=process_group, candidates=candidates,
             flat=flat,
         )
+        if not decoupled_weight_decay and any(g["weight_decay"] for g in self.param_groups):
+            raise ValueError(
+                "ArmijoAdam does not support decoupled_weight_decay=False with weight_decay > 0: "
+                "its weight decay is decoupled (AdamW style, d = u + λθ); L2 regularisation "
+                "folded into the gradient (torch.optim.Adam's default) is not implemented: add "
+                "the L2 term to the loss instead, or accept the decoupled form"
+            )
 
 
 ArmijoAdam.__doc__ = ArmijoAdam.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS).replace(

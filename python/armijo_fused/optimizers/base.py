@@ -320,7 +320,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
 
     def capture_rng(self) -> None:
         """Record the RNG state before your training forward, so that trial forwards replay its
-        dropout masks when you pass ``loss=`` to ``step`` (the closure form needs no call)."""
+        dropout masks when you pass ``loss=`` to ``step`` (the closure form needs no call). The
+        next step uses it, whatever its form: a capture no step used (a step GradScaler skipped)
+        is replayed by the following one, closure or not (the integrations capture before an
+        accumulation window's first micro-batch and step with a closure that runs its last)."""
         self._pending_rng = trial_mod.capture_rng()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
