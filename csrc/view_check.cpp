@@ -58,7 +58,7 @@ class __attribute__((visibility("hidden"))) ViewCheck {
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
       pv_.push_back(THPVariable_Unpack(pviews[i].ptr()));
-      gv_.push_back(THPVariable_Unpack(gviews[i].ptr()));
+      gv_.push_back(THPVariable_Unpack(gviews[i].ptr()).unsafeGetTensorImpl());
       gs_.push_back(THPVariable_Unpack(gslots[i].ptr()));
       ids_.push_back(params[i].ptr());
       index_[params[i].ptr()] = i;
@@ -87,7 +87,7 @@ class __attribute__((visibility("hidden"))) ViewCheck {
         return {i, -1, false};
       if (foreign < 0) {
         const at::Tensor& g = p.grad();
-        if (!g.defined() || g.unsafeGetTensorImpl() != gv_[i].unsafeGetTensorImpl() ||
+        if (!g.defined() || g.unsafeGetTensorImpl() != gv_[i] ||
             g.data_ptr() != gs_[i].data_ptr())
           foreign = i;
       }
@@ -138,7 +138,11 @@ class __attribute__((visibility("hidden"))) ViewCheck {
   }
 
   py::list names_, sviews_;
-  std::vector<at::Tensor> pv_, gv_, gs_;
+  std::vector<at::Tensor> pv_, gs_;
+  // the gradient views by identity only, never dereferenced: a reference of ours would stop
+  // torch.utils.swap_tensors (model.to() with swap_module_params_on_conversion) from swapping
+  // them. A view swapped or freed no longer matches: its slot's address settles it either way
+  std::vector<const c10::TensorImpl*> gv_;
   std::vector<PyObject*> ids_;  // identities only: the caller keeps the tensors alive
   std::unordered_map<PyObject*, Py_ssize_t> index_;
 };

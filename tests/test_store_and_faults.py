@@ -136,10 +136,22 @@ def _conv_model_and_data(seed=0):
     return model, loss
 
 
+def _swapping(convert):
+    """``convert`` with torch.__future__'s swap of module tensors on (swap_tensors, where
+    Module._apply assigns ``.data`` by default): a reference to a gradient view held by the
+    store's C++ check made the swap raise ("Couldn't swap Linear.weight.grad")."""
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        convert()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+
+
 CASTS = {
     "half-and-back": lambda m: m.half().float(),  # a half-precision evaluation in between
     "double": lambda m: m.double(),
     "channels_last": lambda m: m.to(memory_format=torch.channels_last),
+    "double-swapping-tensors": lambda m: _swapping(m.double),
 }
 
 

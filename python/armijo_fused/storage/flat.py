@@ -66,6 +66,19 @@ def _dense_strides(t: Tensor) -> tuple[int, ...] | None:
     return tuple(t.stride())
 
 
+def _view_check(*args):
+    """The C++ ViewCheck over these lists, or None (the Python loop alone) without the
+    extension, or with one built from older sources whose ViewCheck takes other arguments (an
+    editable install updated without a rebuild)."""
+    view_check = getattr(ops._C, "ViewCheck", None)
+    if view_check is None:
+        return None
+    try:
+        return view_check(*args)
+    except TypeError:
+        return None
+
+
 class FlatBuffer:
     def __init__(
         self,
@@ -149,8 +162,7 @@ class FlatBuffer:
                             self.params, self._param_views, self._grad_views, self._grad_slots,
                             self._state_views))]
         # the same checks in one C++ call (None without the extension: the loop alone)
-        view_check = getattr(ops._C, "ViewCheck", None)
-        self._checker = None if view_check is None else view_check(
+        self._checker = _view_check(
             list(self.params), list(self._param_views), list(self._grad_views),
             list(self._grad_slots), list(self.state_names),
             [[sv[j] for sv in self._state_views] for j in range(len(self.state_names))])
