@@ -1020,10 +1020,14 @@ def test_fused_backend_named_for_float64_is_a_clear_error():
 
 
 @pytest.mark.gpu
-def test_parameters_on_two_devices_are_supported():
+@pytest.mark.parametrize("make", [lambda ps: ArmijoAdam(ps, cadence="every"),
+                                  lambda ps: ArmijoSGD(ps, momentum=0.9, cadence="every")],
+                         ids=["adam", "sgd-momentum"])
+def test_parameters_on_two_devices_are_supported(make):
+    # (SGD momentum: the test along d reads the first pass's ⟨g, d⟩ of every buffer at once)
     a = nn.Parameter(torch.randn(8))
     b = nn.Parameter(torch.randn(8, device="cuda"))
-    opt = ArmijoAdam([a, b], cadence="every")
+    opt = make([a, b])
     for _ in range(3):
         opt.step(make_closure(opt, lambda: a.pow(2).sum() + b.pow(2).sum().cpu()))
     assert {buf.device.type for buf in opt._buffers} == {"cpu", "cuda"}

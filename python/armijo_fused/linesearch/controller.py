@@ -196,7 +196,8 @@ def armijo_search(
     precond = False
     first_gd = None
     if along_fallback:  # (the first pass folded g into the state; the trials move along g)
-        first_gd = torch.cat([s[:, 0].reshape(-1) for s in sums])  # (read with the first trial)
+        # (read with the first trial; buffers on several devices: gathered on the first's)
+        first_gd = torch.cat([s[:, 0].reshape(-1).to(sums[0].device) for s in sums])
         sums = passes.move_to(eta, precond=True, compute_sums=True)
         precond = True
     moving = set(range(len(eta))) if search is None else set(search)
