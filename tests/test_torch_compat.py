@@ -161,6 +161,49 @@ def test_decoupled_weight_decay_is_taken_where_it_changes_nothing():
     with pytest.raises(ValueError, match="decoupled_weight_decay=False"):  # a group's decay too
         ArmijoAdam([{"params": model.parameters(), "weight_decay": 0.01}],
                    decoupled_weight_decay=False)
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):  # torch's group key
+        ArmijoAdam([{"params": model.parameters(), "weight_decay": 0.01,
+                     "decoupled_weight_decay": False}])
+    other = nn.Linear(3, 1)
+    opt = ArmijoAdam(model.parameters(), decoupled_weight_decay=False)
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):  # a group added later
+        opt.add_param_group({"params": other.parameters(), "weight_decay": 0.1})
+    x = torch.randn(4, 3)
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    opt.param_groups[0]["weight_decay"] = 0.1  # a decay scheduled later: refused at the step
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
+
+
+@pytest.mark.parametrize("make, coupled", [
+    (lambda p: torch.optim.Adam(p, weight_decay=0.1), True),
+    (lambda p: torch.optim.NAdam(p, weight_decay=0.1), True),
+    (lambda p: torch.optim.RMSprop(p, weight_decay=0.1), True),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1), True),
+    (lambda p: torch.optim.AdamW(p, weight_decay=0.1), False),
+    (lambda p: torch.optim.Adam(p, weight_decay=0.1, decoupled_weight_decay=True), False),
+    (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.1), False),  # the same step as ours
+    (lambda p: torch.optim.Adam(p), False),
+])
+def test_a_checkpoint_with_l2_weight_decay_is_taken_with_a_warning(make, coupled):
+    # its decay was added to the gradient: the run goes on with decoupled decay at the same λ
+    model, theirs, loss_fn, f0 = _torch_run(make)
+    rule = {"RMSprop": dict(direction="rmsprop"), "NAdam": dict(direction="nadam")}
+    name = type(theirs).__name__
+    if name == "SGD":
+        opt = ArmijoSGD(model.parameters(), momentum=theirs.param_groups[0]["momentum"] or None)
+    else:
+        opt = ArmijoAdam(model.parameters(), **rule.get(name, {}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    said = [w for w in caught if "L2 weight decay" in str(w.message)]
+    assert len(said) == int(coupled)
+    if said:
+        assert said[0].filename == __file__  # points at the load in the caller's code
+    assert opt.param_groups[0]["weight_decay"] == theirs.param_groups[0]["weight_decay"]
 
 
 def test_torch_options_at_their_no_op_values_in_a_group_are_accepted():

@@ -121,6 +121,10 @@ class ArmijoAdam(ArmijoOptimizer):
         rule_defaults = {"betas": tuple(betas), "eps": eps}
         if direction == "rmsprop":
             rule_defaults = {"alpha": alpha, "eps": eps}
+        if not decoupled_weight_decay:
+            # kept in the groups, as torch does: a group added or a decay scheduled later that
+            # asks for L2 is refused as well (check_group_options)
+            rule_defaults["decoupled_weight_decay"] = False
         super().__init__(
             params, lr=lr, direction=direction, weight_decay=weight_decay,
             init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth, smoothing=smoothing,
@@ -131,13 +135,6 @@ class ArmijoAdam(ArmijoOptimizer):
             exact_revert=exact_revert, process_group=process_group, candidates=candidates,
             flat=flat,
         )
-        if not decoupled_weight_decay and any(g["weight_decay"] for g in self.param_groups):
-            raise ValueError(
-                "ArmijoAdam does not support decoupled_weight_decay=False with weight_decay > 0: "
-                "its weight decay is decoupled (AdamW style, d = u + λθ); L2 regularisation "
-                "folded into the gradient (torch.optim.Adam's default) is not implemented: add "
-                "the L2 term to the loss instead, or accept the decoupled form"
-            )
 
 
 ArmijoAdam.__doc__ = ArmijoAdam.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS).replace(

@@ -13,6 +13,7 @@ run started with AdamW or SGD continues with the line search.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -43,7 +44,7 @@ def check_torch_keywords(owner: str, *, foreach=None, fused=None, maximize=False
 _UNSUPPORTED_GROUP_OPTIONS = ("maximize", "amsgrad", "centered", "dampening", "capturable",
                               "differentiable")
 #: every group key :func:`check_group_options` reads
-GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "nesterov", "momentum")
+GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "nesterov", "momentum", "decoupled_weight_decay")
 
 
 def check_group_options(owner: str, rule, group: dict) -> None:
@@ -51,6 +52,12 @@ def check_group_options(owner: str, rule, group: dict) -> None:
     True}``). The direction rule is the optimizer's, fixed at construction, so a group that asks
     for another one, or for an option not implemented, is refused by name, as the same keyword
     is at construction; values the rule reads per group (momentum, betas, eps) stay per group."""
+    if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
+        raise ValueError(
+            f"{owner}: a param group asks for decoupled_weight_decay=False with weight_decay="
+            f"{group['weight_decay']!r}: the weight decay here is always decoupled (AdamW style, "
+            "d = u + λθ); L2 regularisation folded into the gradient (torch.optim.Adam's "
+            "default) is not implemented: add the L2 term to the loss, or take the decoupled form")
     bad = [f"{key}={group[key]!r}" for key in _UNSUPPORTED_GROUP_OPTIONS if group.get(key)]
     if "nesterov" in group and bool(group["nesterov"]) != (rule.name == "nesterov"):
         bad.append(f"nesterov={group['nesterov']!r} (the optimizer's direction is "
@@ -120,6 +127,21 @@ def lr_peak(group) -> object:
 
 def _float(x) -> float:
     return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+def _coupled_decay(saved: dict) -> bool:
+    """Was a torch checkpoint group's weight decay L2, added to the gradient, where ours is
+    decoupled? Where the group says so: AdamW's carry ``decoupled_weight_decay=True``, Adam's
+    and NAdam's ``False``; RMSprop's (``centered``) is always L2, and SGD's (``dampening``)
+    too, which without momentum is the same step as ours. (Older torch wrote no flag: an Adam
+    there cannot be told from an AdamW.)"""
+    if not saved.get("weight_decay"):
+        return False
+    if "decoupled_weight_decay" in saved:
+        return not saved["decoupled_weight_decay"]
+    if "centered" in saved:
+        return True
+    return "dampening" in saved and bool(saved.get("momentum"))
 
 
 def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict: dict,
@@ -192,6 +214,13 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
             group.update(block_owner=list(range(blocks)), block_searched_at=[0] * blocks,
                          block_tested=[1] * blocks)  # (η starts at the lr torch used)
         groups.append(group)
+    coupled = [gi for gi, g in enumerate(saved_groups) if _coupled_decay(g)]
+    if coupled:
+        warnings.warn(
+            f"the state_dict's param group(s) {coupled} used L2 weight decay (added to the "
+            f"gradient, torch's default outside AdamW); {owner} continues with decoupled decay "
+            "at the same λ (d = u + λθ), a different regulariser: set the groups' "
+            "weight_decay after loading if that is not what you want", stacklevel=4)
     return {"state": state, "param_groups": groups}
 
 
