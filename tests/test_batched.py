@@ -138,3 +138,50 @@ def test_a_batchnorm_in_training_mode_is_refused_by_name_before_anything_moves()
     model.eval()  # statistics frozen: batchable (dropout would be too)
     opt.step(closure)
     assert opt.stats["step_size"] > 0
+
+
+@pytest.mark.parametrize("form", ["dict", "tuple"])
+def test_a_closure_returning_a_structure_works_with_candidates(form):
+    # the sequential search takes {"loss": ...} and (loss, logits); candidates raised
+    # "must return a scalar tensor"
+    def build():
+        return _mlp()
+
+    traces = []
+    for candidates in (None, 3):
+        torch.manual_seed(0)
+        model, x, y = build()
+        opt = ArmijoAdam(model.parameters(), cadence="every", model=model, backend="torch",
+                         candidates=candidates, init_step_size=1.0)
+
+        def closure():
+            opt.zero_grad()
+            out = model(x)
+            loss = nn.functional.mse_loss(out, y)
+            loss.backward()
+            return {"loss": loss, "logits": out} if form == "dict" else (loss, out)
+
+        for _ in range(4):
+            opt.step(closure)
+        traces.append(opt.param_groups[0]["step_size"])
+    assert traces[0] == traces[1]
+
+
+def test_a_parameter_outside_the_model_is_refused_by_name_with_candidates():
+    # a bare KeyError (the tensor's id) at the first search, after the first pass
+    torch.manual_seed(0)
+    model, x, y = _mlp()
+    extra = nn.Parameter(torch.zeros(3))
+    opt = ArmijoAdam([*model.parameters(), extra], model=model, candidates=2, cadence="every")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) + extra.pow(2).sum()
+        loss.backward()
+        return loss
+
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"model=, which does not hold 1 of the optimized "
+                                         r"tensors \(shapes \[\(3,\)\]"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta))

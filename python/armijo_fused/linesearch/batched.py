@@ -60,6 +60,22 @@ def check_batchable(model: nn.Module) -> None:
             )
 
 
+def parameter_names(model: nn.Module, params: Sequence[Tensor]) -> list[str]:
+    """Each of ``params``' name in ``model``, the key :func:`stacked_loss` swaps it under (a
+    name from elsewhere, e.g. given without the wrapper's prefix, would be ignored by
+    ``functional_call`` and the candidates would all see θ0); a tensor the model does not hold
+    is refused by name, before anything moves."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    outside = [tuple(p.shape) for p in params if id(p) not in names]
+    if outside:
+        raise ValueError(
+            f"candidates= evaluates the K trial points through model=, which does not hold "
+            f"{len(outside)} of the optimized tensors (shapes {outside[:4]}"
+            f"{' ...' if len(outside) > 4 else ''}): register the module that holds every "
+            "optimized parameter as model=, or use the sequential search (candidates=None)")
+    return [names[id(p)] for p in params]
+
+
 def stacked_loss(model: nn.Module, fn: Callable[[], Tensor], names: Sequence[str]):
     """``losses(stacked)``: ``stacked`` holds one [K, *shape] tensor per name; returns [K] losses
     of ``fn()`` evaluated with the model's parameters replaced by each slice in turn."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..directions import get_rule
 from ..directions.base import check_number
 from ..linesearch import trial as trial_mod
-from ..linesearch.batched import check_batchable, stacked_loss
+from ..linesearch.batched import check_batchable, parameter_names, stacked_loss
 from ..linesearch.cadence import Cadence
 from ..linesearch.controller import (
     evaluate_on_every_rank,
@@ -38,7 +38,13 @@ from ..storage.flat import FlatBuffer
 from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import to_device
 from ..telemetry import StepStats
-from .calls import as_loss, calling_grad_scaler, outside_stacklevel, refuse_zero_redundancy
+from .calls import (
+    as_loss,
+    calling_grad_scaler,
+    loss_in,
+    outside_stacklevel,
+    refuse_zero_redundancy,
+)
 from .checkpoint import CheckpointMixin
 from .interrupts import HeldInterrupts
 from .passes import FlatPasses, total
@@ -546,9 +552,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
 
         def trial_losses(etas, precond) -> Tensor:  # batched candidates: one forward for all
             params, stacked = passes.trial_points(etas, precond)
-            names = [self._names[id(p)] for p in params]
+            names = parameter_names(self._modules[0], params)
             with env.trial():
-                out = stacked_loss(self._modules[0], evaluate, names)(stacked)
+                out = stacked_loss(self._modules[0], lambda: loss_in(evaluate()), names)(stacked)
             self._count(forwards=1)
             return out.detach()
 
@@ -557,6 +563,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         frozen = [f == 0.0 for f in block_factors]
         if self.candidates is not None and not any(frozen):
             check_batchable(self._modules[0])
+            parameter_names(self._modules[0], [p for b in buffers for p in b.params])
         plan = self._search_plan(table, frozen)
         snapshot = passes.snapshot() if self.exact_revert else None
         try:

@@ -66,11 +66,17 @@ def _structured_loss(value):
     return loss if isinstance(loss, Tensor) else None
 
 
-def as_loss(value, what: str) -> Tensor:
+def loss_in(value):
+    """The loss a closure returned: the value itself, or the loss inside its structure."""
     if not isinstance(value, (Tensor, numbers.Real)):
         inner = _structured_loss(value)
         if inner is not None:
-            value = inner
+            return inner
+    return value
+
+
+def as_loss(value, what: str) -> Tensor:
+    value = loss_in(value)
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(
