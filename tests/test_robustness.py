@@ -656,6 +656,28 @@ def test_steps_after_an_exhausted_search_do_not_apply_a_rejected_step_size():
     assert after <= before
 
 
+def test_a_loss_that_needs_steps_below_the_backtracking_range_trains_after_two_searches():
+    # ArmijoSGD at η̄ = 1 on a loss scaled by 1e4 (a sum, not a mean): every search tried the
+    # same 20 step sizes from η̄ down to 1e-6 and exhausted, at 21 forwards per step, for good
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    opt = ArmijoSGD(model.parameters(), cadence="every", backend="torch")
+
+    def closure():
+        opt.zero_grad()
+        loss = 1e4 * nn.functional.mse_loss(model(x), y, reduction="sum")
+        loss.backward()
+        return loss
+
+    exhausted, losses = [], []
+    for _ in range(8):
+        losses.append(float(opt.step(closure).detach()))
+        exhausted.append(opt.stats["exhausted"])
+    assert exhausted[:2] == [True, True] and not any(exhausted[2:])
+    assert losses[-1] < 0.7 * losses[0]
+
+
 def test_exhausted_layerwise_search_restores_and_continues():
     run = Run("adam", layerwise=True, block_search="exact", max_trials=3)
     run.steps(2)

@@ -21,7 +21,8 @@ many steps while growth (×1.2 per search) climbs back. So an accepted step belo
 ``collapse_ratio · η̄`` (default 1e-2: two orders of magnitude), or an exhausted search, does not
 enter the average and the step size is reset to η̄ instead (docs/design.md §8, lesson 3), and the next
 step searches again (η̄ has just been rejected). If that search collapses too, the small step is
-no accident: η and η̄ take it.
+no accident: η and η̄ take it; if it is exhausted too, they take the last step size it tried, so
+that the searches that follow go on below it.
 """
 
 from __future__ import annotations
@@ -56,13 +57,19 @@ class StepSizePolicy:
         return self.cap(step_size * self.growth)
 
     def after_search(self, step_size_avg: float, accepted: float | None,
-                     untested: bool = False, again: bool = False) -> tuple[float, float, bool]:
+                     untested: bool = False, again: bool = False,
+                     lowest: float | None = None) -> tuple[float, float, bool]:
         """(new step_size, new step_size_avg, collapsed?) after a search that accepted ``accepted``
         (None: trials exhausted). ``untested``: η̄ is still ``init_step_size``, which no search
         has tested: a first search that backtracked below it replaces it (no collapse, and no
         average with a value the test has just rejected). ``again``: this block's previous
         search collapsed; if this one collapses too, two in a row are the landscape changing,
-        and η̄ follows."""
+        and η̄ follows. ``lowest``: the last step size an exhausted search tried; after a
+        collapse, a second exhausted search hands it on, so the next one goes on below it
+        rather than repeating the same sequence from η̄ (a loss whose scale needs steps below
+        η̄·backtrack^max_trials never trained, at max_trials forwards per step)."""
+        if accepted is None and again and lowest is not None and lowest < step_size_avg:
+            return self.cap(lowest), lowest, True
         small = accepted is not None and accepted < self.collapse_ratio * step_size_avg
         if accepted is not None and ((untested and accepted < step_size_avg) or (again and small)):
             return self.cap(accepted), accepted, False

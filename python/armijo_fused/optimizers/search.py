@@ -196,8 +196,21 @@ class SearchMixin:
             passes.move_to([0.0] * n)
         # per block: its members, what its own search accepted, and why it was unresolved
         exact = [(m, r.accepted, self._unresolved_kind(r, m)) for m, r in results]
+        trials = sum(r.trials for _, r in results)
+        loss_after = next((r.loss_after for _, r in results if r.accepted is not None), math.nan)
+        moving = [m for m, r in results if r.accepted is not None and r.accepted[m[0]] > 0]
+        if len(moving) > 1:
+            # Each block passed its own test with the others at θ0; the step moves them all at
+            # once, a point no trial has seen (it raised its batch's loss on 1-2 searches in
+            # 60). One more test, of the combined step, backtracking every block together.
+            joint = armijo_search(passes, trial_loss, f0, accepted, sums=sums,
+                                  allow_fallback=False, **kw)
+            trials += joint.trials
+            accepted = joint.accepted  # None: no step (θ is back at θ0)
+            loss_after = joint.loss_after
+            exact = [(m, accepted if m in moving else acc, kind) for m, acc, kind in exact]
         merged = replace(results[0][1],  # (a copy: the first block's own result is read above)
-                         trials=sum(r.trials for _, r in results),
+                         trials=trials, loss_after=loss_after,
                          # (a non-descent block is not unresolved here: it is exhausted)
                          unresolved=all(kind is not None for _, _, kind in exact),
                          unchanged=all(r.unchanged for _, r in results), non_descent=False)
@@ -306,8 +319,11 @@ class SearchMixin:
             untested = (self.param_groups[gi]["block_searched_at"][lb] == 0 if self.layerwise
                         else self.param_groups[gi]["searches"] == 0)  # η̄ is still the start
             again = bool(self._eta(gi, lb, key="collapsed"))  # its last search collapsed too
+            lowest = None  # the last η an exhausted search tried: where the next one goes on
+            if a is None and exact is None and result.history:
+                lowest = max(result.history[-1][0][b] for b in members) or None
             eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,
-                                                               again=again)
+                                                               again=again, lowest=lowest)
             settled_all &= self.cadence.settled(a, avg) and not collapsed
             collapsed_any |= collapsed
             self._set_each(table, members, [new_avg] * len(members), key="step_size_avg")
