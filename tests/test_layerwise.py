@@ -126,6 +126,28 @@ def test_blocks_are_found_from_module_names():
     assert all(g["weight_decay"] == 0.1 for g in groups)
 
 
+def test_encoder_and_decoder_layers_are_blocks_of_their_own():
+    # encoder layer i and decoder layer i (BART, T5, Whisper) were one block, "layer.i"
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+
+    class EncoderDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder, self.lm_head = Stack(), Stack(), nn.Linear(2, 2)
+
+    model = EncoderDecoder()
+    assert list(assign_blocks(model)) == ["encoder.layer.0", "encoder.layer.1",
+                                          "decoder.layer.0", "decoder.layer.1", "head"]
+    opt = ArmijoAdam(model.parameters(), layerwise=True, model=model)
+    x = torch.randn(3, 2)
+    opt.step(make_closure(opt, lambda: model.lm_head(model.decoder.layers[1](
+        model.encoder.layers[0](x))).pow(2).mean()))
+    assert opt.param_groups[0]["block_names"] == list(assign_blocks(model))
+
+
 def _lm_loss(model, tokens):
     return nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
                                        tokens[:, 1:].flatten())
@@ -142,6 +164,27 @@ def test_single_group_with_model_splits_into_named_blocks():
     assert opt.param_groups[0]["block_names"] == ["embeddings", "layer.0", "layer.1", "final"]
     assert len(opt.stats["step_size"]) == 4
     assert losses[-1] < losses[0]
+
+
+def test_weight_decay_groups_with_names_are_cut_into_layers():
+    # HF Trainer's and nanoGPT's two groups (decay / no decay) were two blocks for the whole
+    # model: every layer shared the step size of its group
+    torch.manual_seed(0)
+    model = Tiny()
+    tokens = torch.randint(0, 11, (4, 9))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = ArmijoAdam([{"params": decay, "weight_decay": 0.1}, {"params": rest}],
+                     layerwise=True, model=model, cadence="every")
+    whole = ArmijoAdam([{"params": decay, "weight_decay": 0.1, "blocks_by": "group"},
+                        {"params": rest, "blocks_by": "group"}], layerwise=True, model=model)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: _lm_loss(model, tokens)))
+    names = [g["block_names"] for g in opt.param_groups]
+    assert names[0] == ["embeddings", "layer.0", "layer.1"] and "layer.0" in names[1]
+    assert len(opt.stats["step_size"]) == len(names[0]) + len(names[1])
+    whole.step(make_closure(whole, lambda: _lm_loss(model, tokens)))
+    assert [g["block_names"] for g in whole.param_groups] == [["group.0"], ["group.1"]]
 
 
 def test_layerwise_needs_blocks():
@@ -578,6 +621,28 @@ def test_exact_mode_a_non_descent_block_still_hurries_the_next_search():
             losses.append(float(opt.step(make_closure(
                 opt, lambda: nn.functional.mse_loss(m(X[idx]), Y[idx])))))
     assert max(losses) < 10.0, max(losses)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_exact_mode_tests_the_combined_step_it_applies(momentum):
+    # each block passed its own test with the others at θ0, and the step applied them all at
+    # once: some searched steps raised the loss of the batch they were tested on
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.sin(x.sum(1, keepdim=True))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                              nn.Linear(32, 1))
+        opt = ArmijoSGD(model.parameters(), layerwise=True, model=model, block_search="exact",
+                        momentum=momentum, momentum_search="direction")
+        for k in range(30):
+            idx = torch.arange(k * 16 % 512, k * 16 % 512 + 16)
+            f0 = float(opt.step(make_closure(opt, lambda: nn.functional.mse_loss(
+                model(x[idx]), y[idx]))).detach())
+            with torch.no_grad():
+                f1 = float(nn.functional.mse_loss(model(x[idx]), y[idx]))
+            if opt.stats["searched"]:
+                assert f1 <= f0, (seed, k)  # (the Armijo test: below f0 - c·η⟨g, d⟩)
 
 
 def test_exact_mode_moves_only_the_buffers_whose_step_size_changes(monkeypatch):

@@ -11,13 +11,17 @@ block name             parameters
                        ``embeddings.*`` in BERT, ``tok_embeddings``)
 ``layer.<i>``          everything under a numbered layer container: ``h.<i>`` (GPT-2,
                        nanoGPT), ``layer.<i>`` (BERT), ``layers.<i>`` (Llama, torchtitan),
-                       ``blocks.<i>``, ``block.<i>``
+                       ``blocks.<i>``, ``block.<i>`` (T5), ``resblocks.<i>`` (CLIP)
 ``final``              the last norm before the head (``ln_f``, ``norm``, ``final_layernorm``)
 ``head``               the output head (``lm_head``, ``head``, ``cls``, ``pooler``, ``classifier``,
                        ``output``)
 ``<i>``                children of an ``nn.Sequential`` (names start with a number)
 ``<first name>``       anything else: its top-level module name
 =====================  ===================================================================
+
+A model with several stacks of numbered layers (encoder and decoder; a vision tower and a language
+model) prefixes each layer block with its stack's last name: ``encoder.layer.0``,
+``decoder.layer.0`` (:func:`block_names`).
 
 Names are read past the prefixes wrappers add (``module.`` of DDP, ``_orig_mod.`` of
 ``torch.compile``, FSDP1's and checkpointing's wrapper modules), so a model's blocks, and a
@@ -34,7 +38,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-_LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block)\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block|resblocks)\.(\d+)\.")
 _EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions"
                     r"|word_embeddings|position_embeddings|token_type_embeddings)(?:\.|$)")
 _FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm)\.")
@@ -63,13 +67,40 @@ def block_name(param_name: str) -> str:
     return first
 
 
+def _stack(param_name: str) -> str | None:
+    """The path in front of a parameter's numbered layer container (``model.encoder`` for
+    ``model.encoder.layers.3.fc1.weight``), or None outside one."""
+    param_name = _WRAPPER.sub("", param_name)
+    m = _LAYER.search(param_name)
+    return None if m is None else param_name[: m.start()]
+
+
+def block_names(param_names) -> dict[str, str]:
+    """``{parameter name: block}`` for a whole model: :func:`block_name`, except that in a model
+    with several stacks of numbered layers (an encoder and a decoder: BART, T5, Whisper; a
+    vision tower next to a language model) each layer block is prefixed by its stack's last
+    name (``encoder.layer.0``, ``decoder.layer.0``), where encoder layer i and decoder layer i
+    shared one block."""
+    param_names = list(param_names)
+    stacks = {_stack(n) for n in param_names} - {None}
+    out = {}
+    for n in param_names:
+        b = block_name(n)
+        if len(stacks) > 1 and b.startswith("layer."):
+            b = f"{_stack(n).rsplit('.', 1)[-1] or 'layers'}.{b}"
+        out[n] = b
+    return out
+
+
 def assign_blocks(model: nn.Module, *, trainable_only: bool = True) -> OrderedDict[str, list]:
     """Ordered ``{block name: [parameters]}`` in the order the blocks first appear."""
+    named = list(model.named_parameters())  # yields each (tied) parameter once
+    of = block_names(n for n, _ in named)
     blocks: OrderedDict[str, list] = OrderedDict()
-    for name, p in model.named_parameters():  # yields each (tied) parameter once
+    for name, p in named:
         if trainable_only and not p.requires_grad:
             continue
-        blocks.setdefault(block_name(name), []).append(p)
+        blocks.setdefault(of[name], []).append(p)
     return blocks
 
 

@@ -250,7 +250,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             group.setdefault("step_size_along", self.momentum_search)
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
             group.setdefault("block_cursor", first.get("block_cursor", 0))
-            group.setdefault("blocks_by", self._default_blocks_by(group))  # (store.py)
+            group.setdefault("blocks_by", self._default_blocks_by(group, constructing))
 
     def _validate_group(self, group: dict) -> None:
         """The hyperparameters a step reads from a group: at construction, and again at every

@@ -51,7 +51,8 @@ class CheckpointMixin:
         names = state.pop("_names", None)
         super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_loss",
-                    "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned"):
+                    "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned",
+                    "_block_names_of"):
             setattr(self, key, None)
         self._sharded, self._constants, self.stats = False, {}, StepStats()
         self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])

@@ -41,22 +41,26 @@ LINESEARCH_ARGS = r"""
             (default: True)
         backend ("auto" | "triton" | "cpp" | "torch", optional): who runs the fused passes;
             auto takes Triton on CUDA, C++ on CPU, torch otherwise (default: "auto")
-        layerwise (bool, optional): one step size per block. Blocks are the param groups when
-            several are given (``armijo_fused.blocks.param_groups(model)`` makes one per layer),
-            else found from ``model``'s parameter names (embeddings, each layer, final norm,
-            head). Step sizes, their averages and merges are per block in the group's lists
-            ``step_size``, ``step_size_avg``, ``block_owner``; ``stats['step_size']`` is a list
-            (default: False)
+        layerwise (bool, optional): one step size per block. Blocks are found from the
+            parameter names (``model=`` or ``named_parameters()``: embeddings, each layer, final
+            norm, head) within each param group given at construction, so two weight-decay
+            groups make two blocks per layer; a group of unnamed tensors, one added later, or
+            one with ``"blocks_by": "group"`` is one block (``armijo_fused.blocks.
+            param_groups(model)`` makes a group per layer). Step sizes, their averages and
+            merges are per block in the group's lists ``step_size``, ``step_size_avg``,
+            ``block_owner``; ``stats['step_size']`` is a list (default: False)
         block_search ("round_robin" | "stale" | "exact", optional): layer-wise schedule.
             round_robin / stale: one block per search step (in turn / the one searched longest
             ago), tested with the combined Armijo condition over all blocks, so a search costs
             what a global one costs; after half of ``max_trials`` rejections all blocks backtrack.
-            exact: every block in turn with the others frozen, one search per block (small
+            exact: every block in turn with the others frozen, one search per block, then one
+            test of the combined step (all blocks backtrack together until it passes) (small
             models) (default: "round_robin")
         merge_below (float, optional): a block whose search accepts a step size below this
-            value merges with its neighbour (the previous block, else the next) and shares one
-            step size with it from then on, starting from the small one; a block that already
-            absorbed another is not merged again (default: None, never)
+            value merges with its neighbour in its param group (the previous block, else the
+            next; a group that is one block does not merge) and shares one step size with it
+            from then on, starting from the small one; a block that already absorbed another is
+            not merged again (default: None, never)
         exact_revert (bool, optional): keep a copy of θ and the state during a search so that a
             closure raising mid-search restores them bitwise; otherwise θ is moved back along
             the line and the gradient taken back out of the state, exact to rounding. Costs one

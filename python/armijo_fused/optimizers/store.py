@@ -51,13 +51,19 @@ class StoreMixin:
         if self._blocks_by(gi) == "group":
             names, ids = [group.get("block", f"group.{gi}")], [0] * len(params)
         else:
-            from ..blocks import block_name
+            from ..blocks import block_names
 
             # from every tensor of the group, trainable or not: freezing one layer must not
             # rename (and so restart) the blocks of the others
+            # (over the whole model, for its stacks; once per set of names, not per group)
+            key = (id(self._names), len(self._names))
+            cached = self.__dict__.get("_block_names_of")
+            if cached is None or cached[0] != key:
+                cached = self._block_names_of = (key, block_names(self._names.values()))
+            named = cached[1]
             of, names = {}, []
             for p in group["params"]:
-                of[id(p)] = name = block_name(self._names.get(id(p), "unnamed"))
+                of[id(p)] = name = named.get(self._names.get(id(p)), "unnamed")
                 if name not in names:
                     names.append(name)
             ids = [names.index(of[id(p)]) for p in params]
@@ -66,8 +72,8 @@ class StoreMixin:
         return ids
 
     def _blocks_by(self, gi) -> str:
-        """How group gi is cut into blocks: ``"name"`` (module names: one group given, with
-        names) or ``"group"`` (the group is one block). Decided once, when the group is set up,
+        """How group gi is cut into blocks: ``"name"`` (module names) or ``"group"`` (the group
+        is one block); see :meth:`_default_blocks_by`. Decided once, when the group is set up,
         so that a group added later (a new head) does not re-cut the first one."""
         group = self.param_groups[gi]
         mode = group.get("blocks_by")
@@ -76,15 +82,19 @@ class StoreMixin:
             if old is not None:
                 mode = "group" if old == [group.get("block", f"group.{gi}")] else "name"
             else:
-                mode = self._default_blocks_by(group)
+                mode = self._default_blocks_by(group, constructing=True)
             group["blocks_by"] = mode
         return mode
 
-    def _default_blocks_by(self, group: dict) -> str:
-        """Module names cut the blocks of a single group given with names; every other group
-        (several given, or added later: a new head) is one block."""
-        first = group is self.param_groups[0] and len(self.param_groups) == 1
-        return "name" if first and self._names else "group"
+    def _default_blocks_by(self, group: dict, constructing: bool) -> str:
+        """Module names cut a group given at construction into blocks when its tensors have
+        names (``model=``, or ``named_parameters()``): HF Trainer and nanoGPT split the model
+        into two weight-decay groups, which as blocks hid every layer (two step sizes for a
+        whole GPT-2). A group of unnamed tensors (several groups given without names), or one
+        added later (a new head), is one block; ``"blocks_by": "group"`` in a group asks for
+        that, ``"name"`` for the cut."""
+        named = any(id(p) in self._names for p in group["params"])
+        return "name" if constructing and named else "group"
 
     def _rename_blocks(self, group: dict, names: list) -> None:
         """Give the group per-block state for ``names``. A block that keeps its name (the same
