@@ -151,6 +151,18 @@ def test_row_segments_give_the_sub_block_of_the_hessian():
     torch.testing.assert_close(both(v), A[idx][:, idx] @ v)
 
 
+def test_column_segments_give_the_sub_block_of_the_hessian():
+    # a weight stored [in, out] (HF's Conv1D): a head is a range of columns
+    W = nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+    A = sym_with_eigs(np.linspace(1, 20, 20), 8)
+    f = lambda: 0.5 * W.reshape(-1) @ A @ W.reshape(-1)
+    op = HessianOperator(f, [Segment(W, 1, 3, dim=1)])  # columns 1, 2 of each row
+    idx = [r * 5 + c for r in range(4) for c in (1, 2)]
+    assert op.dim == 8
+    v = torch.randn(8, dtype=torch.float64)
+    torch.testing.assert_close(op(v), A[idx][:, idx] @ v)
+
+
 # -- guards ------------------------------------------------------------------------------------
 class DropoutNet(nn.Module):
     def __init__(self):
@@ -249,6 +261,37 @@ def test_head_granularity_splits_q_and_k_per_head():
                 for s in v)
     assert total == sum(p.numel() for p in model.parameters())
     assert list(model_blocks(model, "block")) == ["embeddings", "layer.0", "layer.1", "final"]
+
+
+class Conv1D(nn.Module):
+    """HF GPT-2's layout: weight [in, out], y = x W + b."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_head_granularity_splits_conv1d_columns_and_grouped_key_heads():
+    # GPT-2's c_attn was cut by rows (its input features: "q.h0" held rows 0-4 of 48, or, at
+    # d = 32, nothing was split); a GQA k_proj was cut into as many heads as the queries
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+            self.c_attn = Conv1D(48, 144)
+            self.q_proj, self.k_proj = nn.Linear(32, 32), nn.Linear(32, 16)  # 2 KV heads
+
+    blocks = model_blocks(Attn(), "head")
+    seg = blocks["c_attn.weight[k.h1]"][0]
+    assert (seg.dim, seg.start, seg.stop, seg.numel) == (1, 60, 72, 12 * 48)
+    keys = [n for n in blocks if n.startswith("k_proj.weight[")]
+    assert keys == ["k_proj.weight[k.h0]", "k_proj.weight[k.h1]"]
+    assert blocks["k_proj.weight[k.h1]"][0].start == 8
+    assert sum(n.startswith("q_proj.weight[") for n in blocks) == 4
 
 
 def test_head_granularity_on_the_package_transformer():
@@ -361,6 +404,35 @@ def test_recorder_with_the_layerwise_armijo_optimizer(tmp_path):
     assert back.block_names == rec.block_names
     np.testing.assert_allclose(back.grad_norms, rec.grad_norms)
     np.testing.assert_allclose(back.step_sizes()["0"], rec.step_sizes()["0"])
+
+
+def test_recorder_takes_a_group_added_later_and_names_blocks_cut_across_groups():
+    # a group added later raised "the number of blocks changed" from the step's post-hook;
+    # a layer cut into two weight-decay groups is a block in each, named apart
+    model, loss_fn = _small_problem()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = ArmijoAdam([{"params": decay, "weight_decay": 0.1}, {"params": rest}],
+                     layerwise=True, model=model, cadence="every")
+    rec = TelemetryRecorder(opt)
+    rec.attach()
+    head = nn.Linear(1, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn() + head(torch.ones(1, 1)).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    assert rec.block_names == ["0 (group 0)", "2 (group 0)", "0 (group 1)", "2 (group 1)"]
+    opt.add_param_group({"params": head.parameters()})
+    for _ in range(2):
+        opt.step(closure)
+    assert rec.block_names[-1] == "group.2" and len(rec.block_names) == 5
+    column = rec.step_sizes()["group.2"]
+    assert np.isnan(column[:3]).all() and (column[3:] > 0).all()
 
 
 def test_recorder_with_a_plain_torch_optimizer_computes_the_gradient_norm(tmp_path):

@@ -74,22 +74,26 @@ def _sdpa_math_context(enabled: bool):
 
 @dataclass(frozen=True)
 class Segment:
-    """Coordinates of one parameter: all of it, or rows ``start:stop`` along dim 0."""
+    """Coordinates of one parameter: all of it, or indices ``start:stop`` along ``dim`` (rows
+    by default; columns, ``dim=1``, for a weight stored [in, out] such as HF's ``Conv1D``)."""
 
     param: Tensor
     start: Optional[int] = None
     stop: Optional[int] = None
+    dim: int = 0
 
     @property
     def numel(self) -> int:
         if self.start is None:
             return self.param.numel()
-        row = self.param[0].numel() if self.param.dim() > 1 else 1
-        return (self.stop - self.start) * row
+        size = self.param.shape[self.dim] if self.param.dim() > 0 else 1
+        return (self.stop - self.start) * (self.param.numel() // size)
 
     def take(self, full: Tensor) -> Tensor:
         """This segment's part of a tensor shaped like the parameter."""
-        return full if self.start is None else full[self.start:self.stop]
+        if self.start is None:
+            return full
+        return full.narrow(self.dim, self.start, self.stop - self.start)
 
     def embed(self, flat: Tensor) -> Tensor:
         """A tensor shaped like the parameter, ``flat`` on this segment and zero elsewhere."""
@@ -97,7 +101,8 @@ class Segment:
         if self.start is None:
             return flat.view_as(p)
         out = torch.zeros_like(p)
-        out[self.start:self.stop] = flat.view((self.stop - self.start,) + tuple(p.shape[1:]))
+        part = out.narrow(self.dim, self.start, self.stop - self.start)
+        part.copy_(flat.view(part.shape))  # (take's reshape(-1) order: row-major over part)
         return out
 
 

@@ -64,14 +64,18 @@ def _grad_norm(optimizer) -> float:
 
 
 def _block_names(optimizer, count: int) -> list:
-    names: list = []
+    named: list = []  # (group, block name)
     for gi, group in enumerate(optimizer.param_groups):
         if "block_names" in group:
-            names.extend(group["block_names"])
+            named.extend((gi, str(n)) for n in group["block_names"])
         else:
-            names.append(group.get("block", f"group.{gi}"))
-    if len(names) == count:
-        return [str(n) for n in names]
+            named.append((gi, str(group.get("block", f"group.{gi}"))))
+    if len(named) == count:
+        # a layer cut into two weight-decay groups is a block in each: name them apart
+        groups_of: dict = {}
+        for gi, n in named:
+            groups_of.setdefault(n, set()).add(gi)
+        return [f"{n} (group {gi})" if len(groups_of[n]) > 1 else n for gi, n in named]
     if count == 1:
         return ["global"]
     return [f"block.{i}" for i in range(count)]
@@ -117,11 +121,17 @@ class TelemetryRecorder:
                 "searched": False, "grad_norm": _grad_norm(opt),
             }
         names = _block_names(opt, len(rec["step_size"]))
-        if not self.block_names:
+        if len(names) > len(self.block_names):
+            # a param group added later (a new head) is a block of its own: a new column, NaN
+            # at the steps before it existed (new blocks come after the old ones)
+            extra = [math.nan] * (len(names) - len(self.block_names))
+            for r in self.records:
+                r["step_size"] = r["step_size"] + extra
+                r["applied_step"] = r["applied_step"] + extra
             self.block_names = names
-        elif len(names) != len(self.block_names):
+        elif len(names) < len(self.block_names):
             raise ValueError(
-                f"the number of blocks changed from {len(self.block_names)} to {len(names)}: "
+                f"the number of blocks fell from {len(self.block_names)} to {len(names)}: "
                 "record one optimizer per recorder"
             )
         self.records.append(rec)

@@ -8,12 +8,15 @@ averaged over fixed batches. ``block_spectra`` does the same on every diagonal b
   embeddings, each layer, the final norm, the head);
 - ``"tensor"``: every parameter tensor;
 - ``"head"``: every parameter tensor, with the query and key projections split per attention
-  head (rows ``h·d : (h+1)·d`` of the weight). Recognised: separate projections named
+  head (outputs ``h·d : (h+1)·d`` of the weight). Recognised: separate projections named
   ``q_proj / k_proj / wq / wk / query / key / to_q / to_k / q / k`` and fused
   ``[Q; K; V]`` projections (``c_attn``, ``qkv``, ``Wqkv``, ``qkv_proj``, ``in_proj_weight`` of
   ``nn.MultiheadAttention``) whose weight has 3·d_model rows. The number of heads comes from
   ``num_heads`` or from an attribute ``n_head / num_heads / n_heads / nhead /
-  num_attention_heads`` of the module holding the weight or of one of its ancestors.
+  num_attention_heads`` of the module holding the weight or of one of its ancestors. A weight
+  held by HF's ``Conv1D`` (GPT-2: stored [in, out]) is split by columns; a key projection with
+  fewer outputs than the query projection beside it (grouped-query attention) splits into
+  proportionally fewer heads.
 
 Or pass ``blocks={name: [tensors or Segments]}`` for any other split. All blocks share one
 cached gradient graph per batch, so a block's products cost a second backward only.
@@ -59,6 +62,33 @@ def _find_heads(model: nn.Module, param_name: str) -> Optional[int]:
     return None
 
 
+_QUERY_OF = {"k_proj": "q_proj", "wk": "wq", "key": "query", "to_k": "to_q", "k": "q"}
+
+
+def _out_dim(model, name) -> int:
+    """The dimension of a weight that indexes its outputs: 0 for ``nn.Linear`` ([out, in]), 1
+    for HF's ``Conv1D`` (GPT-2's ``c_attn``, stored [in, out])."""
+    try:
+        holder = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    except AttributeError:
+        return 0
+    return 1 if type(holder).__name__ == "Conv1D" else 0
+
+
+def _key_heads(model, name, p, which, heads, dim) -> int:
+    """The heads a separate key projection splits into: fewer than the queries' under grouped-
+    query attention (Llama's k_proj holds num_key_value_heads·d outputs), found from the query
+    projection beside it."""
+    query = name[: len(name) - len(which) - len(".weight")] + _QUERY_OF[which] + ".weight"
+    try:
+        q = model.get_parameter(query)
+    except AttributeError:
+        return heads
+    if q.dim() != 2 or q.shape[dim] == p.shape[dim] or (p.shape[dim] * heads) % q.shape[dim]:
+        return heads
+    return p.shape[dim] * heads // q.shape[dim]
+
+
 def _head_segments(model, name, p, num_heads) -> Optional[list]:
     """[(label, Segment)] per head for a Q/K weight, or None when ``name`` is not one."""
     fused = _FUSED_QKV.search(name)
@@ -71,24 +101,28 @@ def _head_segments(model, name, p, num_heads) -> Optional[list]:
             f"granularity='head' needs the number of attention heads for {name!r}: pass "
             "num_heads= (no n_head / num_heads attribute found on the module or its parents)"
         )
+    dim = _out_dim(model, name)
+    outputs = p.shape[dim]
     if fused:
-        if p.shape[0] % 3:
-            return None
-        width = p.shape[0] // 3
+        if outputs % 3:
+            return None  # (not a [Q; K; V] projection after all: one block, as any tensor)
+        width = outputs // 3
         if width % heads:
-            raise ValueError(f"{name}: {width} query rows do not split into {heads} heads")
+            raise ValueError(f"{name}: {width} query outputs do not split into {heads} heads")
         d = width // heads
-        out = [(f"{name}[q.h{h}]", Segment(p, h * d, (h + 1) * d)) for h in range(heads)]
-        out += [(f"{name}[k.h{h}]", Segment(p, width + h * d, width + (h + 1) * d))
+        out = [(f"{name}[q.h{h}]", Segment(p, h * d, (h + 1) * d, dim)) for h in range(heads)]
+        out += [(f"{name}[k.h{h}]", Segment(p, width + h * d, width + (h + 1) * d, dim))
                 for h in range(heads)]
-        out.append((f"{name}[v]", Segment(p, 2 * width, 3 * width)))
+        out.append((f"{name}[v]", Segment(p, 2 * width, 3 * width, dim)))
         return out
-    if p.shape[0] % heads:
-        raise ValueError(f"{name}: {p.shape[0]} rows do not split into {heads} heads")
-    d = p.shape[0] // heads
     which = sep.group(1)
     tag = "q" if which in ("q_proj", "wq", "query", "to_q", "q") else "k"
-    return [(f"{name}[{tag}.h{h}]", Segment(p, h * d, (h + 1) * d)) for h in range(heads)]
+    if tag == "k":
+        heads = _key_heads(model, name, p, which, heads, dim)
+    if outputs % heads:
+        raise ValueError(f"{name}: {outputs} outputs do not split into {heads} heads")
+    d = outputs // heads
+    return [(f"{name}[{tag}.h{h}]", Segment(p, h * d, (h + 1) * d, dim)) for h in range(heads)]
 
 
 def model_blocks(model: nn.Module, granularity: str = "block", *,
