@@ -90,5 +90,8 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit):
         cli.main(["nope"])
     assert "invalid choice" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--steps must be >= 1"):
-        cli.main(["demo", "--steps", "0"])
+    capsys.readouterr()
+    for flag in ("--steps", "--batch", "--eval-batches"):  # (0 batches: a traceback, or 0.0000)
+        with pytest.raises(SystemExit):
+            cli.main(["demo", flag, "0"])
+        assert f"argument {flag}: expected an integer >= 1, got 0" in capsys.readouterr().err

@@ -7,8 +7,8 @@ Commands:
              recorded run, as PNG plots and a markdown summary
              (:mod:`armijo_fused.diagnostics.report`)
 
-Each command's own options follow it (``python -m armijo_fused demo --help``). Modules are
-imported only when their command runs, so ``--help`` stays fast.
+Each command's own options follow it (``python -m armijo_fused demo --help``). A command's
+modules are imported only when it runs (``--help`` still imports torch, with the package).
 """
 
 from __future__ import annotations

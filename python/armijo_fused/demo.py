@@ -179,24 +179,33 @@ def armijo_record(opt) -> Callable[[], dict]:
 
 
 # -- the demo -----------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch of 0 or no evaluation batches ended in a
+    traceback, or in losses printed as 0.0000)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m armijo_fused demo",
         description="Train a small transformer on Shakespeare with ArmijoAdam (defaults, "
                     "weight decay 0.01) and "
                     "with AdamW (torch defaults, lr=1e-3), same schedule, same batches.")
-    p.add_argument("--steps", type=int, default=500, help="training steps per optimizer")
+    p.add_argument("--steps", type=_positive, default=500, help="training steps per optimizer")
     p.add_argument("--out", default="demo_out", help="output directory (PNG and JSON)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
-    p.add_argument("--batch", type=int, default=32, help="sequences per batch")
-    p.add_argument("--context", type=int, default=64, help="characters per sequence")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks")
-    p.add_argument("--width", type=int, default=128, help="model width d")
-    p.add_argument("--eval-batches", type=int, default=16,
+    p.add_argument("--batch", type=_positive, default=32, help="sequences per batch")
+    p.add_argument("--context", type=_positive, default=64, help="characters per sequence")
+    p.add_argument("--layers", type=_positive, default=2, help="transformer blocks")
+    p.add_argument("--width", type=_positive, default=128, help="model width d")
+    p.add_argument("--eval-batches", type=_positive, default=16,
                    help="fixed batches for the final train / validation loss")
-    p.add_argument("--max-plays", type=int, default=None, help="use only the first N plays")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--max-plays", type=_positive, default=None, help="use only the first N plays")
+    p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads for torch (default 1: a model this small gains little from "
                         "more, and OpenMP threads stall badly on a shared, busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -253,8 +262,6 @@ def _plot(path: str, runs: dict, steps: int) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if args.steps < 1:
-        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     from . import ArmijoAdam
 
     device = _device(args.device)
