@@ -156,18 +156,21 @@ def batched_armijo_search(
             continue  # same candidates along the fallback direction
         for eta, ft in zip(etas, f_k):
             history.append(([eta] * nblocks, ft))
+            # trials as the sequential search counts them: the trial points judged, and the
+            # one whose ⟨g, d⟩ showed a non-descent direction (here a whole round, discarded)
+            judged = len(history) + int(non_descent)
             unresolved = math.isfinite(ft) and (eta * gd <= resolution * abs(f_before)
                                                 or ft == f_before)
             if not unresolved and math.isfinite(ft) and ft <= f_before - c * eta * gd:
                 passes.move_to([eta] * nblocks)
-                return SearchResult([eta] * nblocks, len(history), f_before, ft, gd, grad_sq,
+                return SearchResult([eta] * nblocks, judged, f_before, ft, gd, grad_sq,
                                     non_descent=non_descent, history=history,
                                     block_dd=list(rows[2::3]))
             if unresolved:
-                return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
+                return SearchResult(None, judged, f_before, math.nan, gd, grad_sq,
                                     non_descent=non_descent, unresolved=True, history=history,
                                     unchanged=(eta * gd > resolution * abs(f_before)
                                                and len(history) == 1))
         start += len(etas)
-    return SearchResult(None, max(len(history), 1), f_before, math.nan, gd, grad_sq,
-                        non_descent=non_descent, history=history)
+    return SearchResult(None, max(len(history) + int(non_descent), 1), f_before, math.nan, gd,
+                        grad_sq, non_descent=non_descent, history=history)
