@@ -350,6 +350,11 @@ def test_stats_fields_after_a_step():
     assert isinstance(s["searched"], bool)
     expected_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     assert s["grad_norm"] == pytest.approx(expected_norm, rel=1e-5)
+    # a step without a search has the same keys (next_step_size was a search's only)
+    searched_keys = set(s)
+    opt.step(make_closure(opt, loss_fn, *data))
+    assert not opt.stats["searched"] and set(opt.stats) == searched_keys
+    assert opt.stats["next_step_size"] == opt.param_groups[0]["step_size"]
 
 
 # -- resume ---------------------------------------------------------------------------------------

@@ -517,6 +517,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 gd=lambda: total([s[:, 0].sum() for s in sums]), grad_norm=passes.grad_norm,
                 non_descent=False, unresolved=False, exhausted=False, collapsed=False,
                 skipped=passes.skipped, searched_blocks=[],
+                next_step_size=self._next_step_sizes,  # (the keys of a search step's stats)
                 forwards=g0["forwards"], backwards=g0["backwards"],
             )
             return loss_before if given else None
@@ -656,7 +657,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         self._advance(k, folded=() if skipped else passes.groups)
         taken = ([0.0] * len(table) if accepted is None else accepted if mfac is None
                  else self._fill_frozen(taken_d, [e * m for e, m in zip(etas, mfac)], frozen))
-        every_block = self._all_blocks() if self.layerwise else table
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken, table),
             applied_step=self._report([a * f for a, f in zip(taken, block_factors)], table),
@@ -667,11 +667,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             exhausted=exhausted,
             collapsed=collapsed, skipped=skipped, searched_blocks=self._positions(
                 table, sorted(set().union(*plan))),
-            next_step_size=self._report([self._eta(gi, lb) for gi, lb in every_block],
-                                        every_block),
+            next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         return f0
+
+    def _next_step_sizes(self):
+        """The step size (per block, layer-wise) the next step starts from."""
+        every_block = self._all_blocks() if self.layerwise else self._block_table()
+        return self._report([self._eta(gi, lb) for gi, lb in every_block], every_block)
 
     def _check_dropout_replayed(self, models) -> None:
         """The loop ran its own training forward (``loss=``, ``provide_loss``, a registered
