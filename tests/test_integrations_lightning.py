@@ -287,3 +287,51 @@ def test_each_trial_replays_the_dropout_masks_of_its_own_micro_batch():
     assert len(train) == 4 and trials
     assert all(torch.equal(s, train[i]) for i, s in trials)
     assert not torch.equal(train[0], train[1]) and not torch.equal(train[2], train[3])
+
+
+class LitSkipping(ArmijoLightningMixin, L.LightningModule):
+    """training_step returns None on some batches: Lightning's "skip to the next batch"."""
+
+    def __init__(self, skip, own_loss):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.skip, self.own_loss, self.steps = set(skip), own_loss, []
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx in self.skip and not in_trial():
+            return None
+        return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def armijo_loss(self, batch, batch_idx):
+        if not self.own_loss:
+            return super().armijo_loss(batch, batch_idx)
+        return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return ArmijoAdam(self.parameters(), model=self, cadence="every")
+
+    def optimizer_step(self, *args, **kwargs):
+        out = super().optimizer_step(*args, **kwargs)
+        s = self.trainer.optimizers[0].stats
+        self.steps.append((s["step"], s["trials"], s["exhausted"], s["loss_before"]))
+        return out
+
+
+@pytest.mark.parametrize("accumulate, skip", [(1, {1}), (2, {0}), (2, {1}), (2, {2, 3})])
+@pytest.mark.parametrize("own_loss", [False, True], ids=["default_loss", "armijo_loss"])
+def test_a_training_step_returning_none_skips_its_micro_batch(accumulate, skip, own_loss):
+    # it raised "training_step returned None" (last micro-batch), a TypeError in the first
+    # trial (an earlier one, default armijo_loss), or left the micro-batch in the trials, whose
+    # loss then was not f0's: 15 trials and no step (armijo_loss overridden)
+    model = LitSkipping(skip, own_loss)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=accumulate,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    assert trainer.global_step == 3
+    # a window skipped whole takes no step (its stats are the step's before it)
+    taken = {s[0]: s for s in model.steps}
+    whole = accumulate == 1 or skip == {2, 3}  # one of the three windows returned no loss
+    assert sorted(taken) == list(range(1, 4 - whole))
+    assert all(t <= 2 and not exhausted for _, t, exhausted, _ in taken.values())

@@ -48,6 +48,11 @@ from ..optimizers.base import ArmijoOptimizer
 from . import armijo_optimizer
 
 
+class _NoLossInWindow(Exception):
+    """Every micro-batch of an accumulation window returned None from training_step (Lightning:
+    skip it): no gradient, nothing to step; raised from the closure, before anything moves."""
+
+
 def _loss_of(out, what: str):
     if isinstance(out, Mapping):
         out = out.get("loss")
@@ -103,6 +108,8 @@ class ArmijoLightningMixin:
         if window:  # no step yet: an accumulation micro-batch; keep its (normalised) loss
             if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
                 losses.append(outputs["loss"].detach())
+            else:  # training_step returned None (Lightning skips the micro-batch): so do trials
+                window.pop()
         return out
 
     # -- the step ------------------------------------------------------------------------------
@@ -135,24 +142,30 @@ class ArmijoLightningMixin:
         def training_closure():
             # Lightning's closure: forward + backward of the last micro-batch, hooks included
             loss = optimizer_closure() if optimizer_closure is not None else None
-            if loss is None:
-                raise RuntimeError(
-                    "training_step returned None: armijo_fused needs the loss of every step")
-            value = loss.detach().double() + sum(v.double() for v in earlier)
+            if loss is None:  # training_step returned None: Lightning skips this micro-batch
+                window.pop()  # (the last: trials leave it out too)
+                if not earlier:
+                    raise _NoLossInWindow()
+                value = sum(v.double() for v in earlier)
+            else:
+                value = loss.detach().double() + sum(v.double() for v in earlier)
             f0.copy_(value)
             return value
 
-        if getattr(plugin, "scaler", None) is not None:
-            # fp16: the plugin runs the closure itself, unscales, then calls
-            # scaler.step(opt, **kwargs), which refuses a closure: trials go through loss_fn
-            def combined():
-                return trial_loss() if in_trial() else training_closure()
+        def combined():
+            return trial_loss() if in_trial() else training_closure()
 
-            return optimizer.step(closure=combined, loss_fn=trial_loss, loss=f0)
-        # 32-true / bf16-mixed: the plugin wraps the closure with its post-closure hooks
-        # (on_before_optimizer_step, gradient clipping); step(closure, loss_fn=...) runs that
-        # wrapped closure once for the gradient and only trial_loss for the trials
-        return optimizer.step(closure=training_closure, loss_fn=trial_loss)
+        try:
+            if getattr(plugin, "scaler", None) is not None:
+                # fp16: the plugin runs the closure itself, unscales, then calls
+                # scaler.step(opt, **kwargs), which refuses a closure: trials go through loss_fn
+                return optimizer.step(closure=combined, loss_fn=trial_loss, loss=f0)
+            # 32-true / bf16-mixed: the plugin wraps the closure with its post-closure hooks
+            # (on_before_optimizer_step, gradient clipping); step(closure, loss_fn=...) runs that
+            # wrapped closure once for the gradient and only trial_loss for the trials
+            return optimizer.step(closure=training_closure, loss_fn=trial_loss)
+        except _NoLossInWindow:  # the whole window skipped: no gradient, no step (torch's
+            return None  # optimizers step over tensors that have none)
 
     # -- clipping ------------------------------------------------------------------------------
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
