@@ -341,8 +341,11 @@ def test_state_init_path_zero_grads_lr_zero_no_closure():
 def test_stats_fields_after_a_step():
     model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
     opt = ArmijoAdam(model.parameters(), backend="torch")
+    before = opt.stats  # (a loop logging after a step GradScaler skipped read a KeyError)
+    assert before["step"] == 0 and math.isnan(before["step_size"]) and not before["searched"]
     opt.step(make_closure(opt, loss_fn, *data))
     s = opt.stats
+    assert set(s) == set(before)
     for key in ("step_size", "trials", "searched", "loss_before", "loss_after", "forwards",
                 "backwards", "gd", "grad_norm"):
         assert key in s

@@ -19,6 +19,18 @@ class StepStats(Mapping):
     def __init__(self, **values):
         self._values = values
 
+    @classmethod
+    def before_any_step(cls) -> StepStats:
+        """The keys a step reports, before any has run (or after a resume): step 0, nothing
+        searched, NaN for the numbers, so a loop that logs ``opt.stats[...]`` after a step the
+        optimizer never ran (one GradScaler skipped on an overflow) reads values, not KeyError."""
+        nan = float("nan")
+        return cls(step=0, searched=False, step_size=nan, applied_step=nan, lr_factor=nan,
+                   trials=0, loss_before=nan, loss_after=nan, gd=nan, grad_norm=nan,
+                   non_descent=False, unresolved=False, exhausted=False, collapsed=False,
+                   skipped=False, searched_blocks=[], next_step_size=nan, forwards=0,
+                   backwards=0)
+
     def __getitem__(self, key):
         v = self._values[key]
         if callable(v) and not isinstance(v, Tensor):

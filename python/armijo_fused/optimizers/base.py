@@ -197,7 +197,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         self._buffers: list[FlatBuffer] | None = None
         self._gathered_steps = 0  # steps whose gradients arrived as new tensors
         self._buffer_key = None
-        self.stats: StepStats = StepStats()
+        self.stats: StepStats = StepStats.before_any_step()
 
         defaults = dict(lr=lr, weight_decay=weight_decay, **rule_defaults)
         self._init_step_size = float(init_step_size)

@@ -54,7 +54,7 @@ class CheckpointMixin:
                     "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned",
                     "_block_names_of"):
             setattr(self, key, None)
-        self._sharded, self._constants, self.stats = False, {}, StepStats()
+        self._sharded, self._constants, self.stats = False, {}, StepStats.before_any_step()
         self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])
                        for p, n in zip(g["params"], ns) if n is not None}
         if not self._names and getattr(self, "_modules", None):
