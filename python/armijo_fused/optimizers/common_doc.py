@@ -66,9 +66,10 @@ LINESEARCH_ARGS = r"""
             the line and the gradient taken back out of the state, exact to rounding. Costs one
             copy of θ and the state per search step (default: False)
         process_group (optional): the group whose ranks decide together under DDP; the trial
-            losses and per-block sums are averaged over it in one all-reduce per trial, so every
-            rank accepts the same step. Used only when torch.distributed is initialised with
-            more than one rank (default: None, the world)
+            losses and per-block sums are averaged over it in one all-reduce per trial (and
+            one per step for a given ``loss=``, each rank's own), so every rank accepts the same
+            step. Used only when torch.distributed is initialised with more than one rank
+            (default: None, the world)
         candidates (int, optional): test this many step sizes of the backtracking sequence
             (η0, βη0, β²η0, ...) in one batched forward (torch.func.vmap over stacked trial
             weights) and accept the first that passes: the step sequential backtracking would
