@@ -551,9 +551,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             self._count(forwards=1)
             return as_loss(out, what)
 
+        names = None  # candidates: each buffer's tensors' names in the model, in buffer order
+
         def trial_losses(etas, precond) -> Tensor:  # batched candidates: one forward for all
-            params, stacked = passes.trial_points(etas, precond)
-            names = parameter_names(self._modules[0], params)
+            _, stacked = passes.trial_points(etas, precond)  # (buffer order, as names)
             with env.trial():
                 out = stacked_loss(self._modules[0], lambda: loss_in(evaluate()), names)(stacked)
             self._count(forwards=1)
@@ -564,7 +565,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         frozen = [f == 0.0 for f in block_factors]
         if self.candidates is not None and not any(frozen):
             check_batchable(self._modules[0])
-            parameter_names(self._modules[0], [p for b in buffers for p in b.params])
+            # (once per step, before anything moves: a tensor the model lacks is refused here)
+            names = parameter_names(self._modules[0], [p for b in buffers for p in b.params])
         plan = self._search_plan(table, frozen)
         snapshot = passes.snapshot() if self.exact_revert else None
         try:

@@ -66,6 +66,13 @@ def _dense_strides(t: Tensor) -> tuple[int, ...] | None:
     return tuple(t.stride())
 
 
+def _moved(p: Tensor, pview: Tensor, shape) -> bool:
+    """Is tensor ``p`` no longer its view in the flat buffer (another address, shape or
+    strides)? Against the view as it is now: a storage moved as a whole (``share_memory_()``)
+    moved every view with it, and the tensors still view the buffer."""
+    return p.data_ptr() != pview.data_ptr() or p.shape != shape or p.stride() != pview.stride()
+
+
 def _view_check(*args):
     """The C++ ViewCheck over these lists, or None (the Python loop alone) without the
     extension, or with one built from older sources whose ViewCheck takes other arguments (an
@@ -241,10 +248,7 @@ class FlatBuffer:
         # state dict of each tensor is looked up every time, since code may replace one
         # (opt.state[p] = {...}) and state_dict() must then still show the live state
         for i, p, pview, shape, gview, slot, entries in self._checks:
-            # against the view as it is now: a storage moved as a whole (share_memory_()) moved
-            # every view with it, and the tensors still view the buffer
-            if p.data_ptr() != pview.data_ptr() or p.shape != shape \
-                    or p.stride() != pview.stride():
+            if _moved(p, pview, shape):
                 return False
             if p.grad is not gview or gview.data_ptr() != slot.data_ptr():
                 self._attach_grad(p, gview, slot)
@@ -304,8 +308,7 @@ class FlatBuffer:
                 return  # every gradient is its view, at home: the usual case, one C++ call
             any_moved = moved >= 0  # (else, e.g. after model.zero_grad(), no address to read)
         for _, p, pview, shape, gview, slot, _ in self._checks:
-            if any_moved and (p.data_ptr() != pview.data_ptr() or p.shape != shape
-                              or p.stride() != pview.stride()):
+            if any_moved and _moved(p, pview, shape):
                 p.grad = None
                 continue
             if gview.data_ptr() != slot.data_ptr():
