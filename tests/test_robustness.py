@@ -505,6 +505,26 @@ def test_a_pass_failing_between_two_buffers_rolls_back_the_first(where, exc, bac
     assert torch.isfinite(run.theta()).all() and not run.opt.stats["skipped"]
 
 
+@pytest.mark.parametrize("cadence", ["every", 1000], ids=["search", "plain"])
+def test_a_failing_length_cap_collective_rolls_back_the_step(cadence, monkeypatch):
+    # Under FSDP2 the step's ‖d_b‖² (the next step's length cap) is all-reduced: a rank whose
+    # collective fails must leave θ and the state as they were, not a step applied but uncounted
+    run = Run("adam", cadence=cadence)
+    run.steps(2)
+    before = run.snapshot()
+
+    def failing(*args):
+        raise RuntimeError("injected: the all-reduce of the step lengths failed")
+
+    monkeypatch.setattr(run.opt, "_step_dd", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        run.opt.step(run.closure)
+    monkeypatch.undo()
+    assert_restored_but_the_training_forward(before, run, exact=False)
+    run.steps(1)
+    assert torch.isfinite(run.theta()).all() and not run.opt.stats["skipped"]
+
+
 @pytest.mark.parametrize("exact", [False, True], ids=["inverse", "exact_revert"])
 def test_raising_after_the_non_descent_fallback_restores_theta0(exact):
     # Adam's momentum points uphill once the gradient flips: the search moves to the

@@ -491,13 +491,14 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                     caps = self._length_caps(table, buffers)
                     sums = passes.first([e * f for e, f in zip(etas, applied_factors)],
                                         caps=caps, factors=applied_factors)
+                    dd = self._step_dd(buffers, sums, reduce)  # (a collective under FSDP2)
             except BaseException:  # a pass raised, or an interrupt came between two launches
                 with torch.no_grad():
                     passes.rollback()
                 raise
             finally:
                 self._reshard_fsdp()
-            self._remember_dd(buffers, sums, reduce)
+            self._last_dd = (buffers, dd)
             self._advance_unsettled(k, passes)
 
             # telemetry: device values, formed only when read (each op is a launch on a GPU)
@@ -610,6 +611,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                     final = [a * f for a, f in zip(accepted, block_factors)]
                     if final != passes.eta:
                         passes.move_to(final)
+                # the next step's length cap; under FSDP2 a collective, so inside the rollback
+                # section: a rank that fails it leaves θ and the state as before the step
+                dd = (None if passes._first_sums is None
+                      else self._step_dd(buffers, passes._first_sums, reduce))
         except BaseException:
             # Nothing half-done survives: θ back to θ0 and the state to before the first pass
             # (bitwise from the snapshot with exact_revert, else by inverting the update).
@@ -628,8 +633,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         accepted = self._fill_frozen(accepted, etas, frozen)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
                                                      skipped, k, frozen)
-        if passes._first_sums is not None:
-            self._remember_dd(buffers, passes._first_sums, reduce)
+        if dd is not None:
+            self._last_dd = (buffers, dd)
         if accepted is not None and not skipped and result.block_dd:
             # (momentum searched along g: the result is the test of the step applied, along d;
             # after a step along g, whose α along d failed its test, ‖g‖: the next steps apply

@@ -421,8 +421,8 @@ class SearchMixin:
             pos += n
         return caps
 
-    def _remember_dd(self, buffers, sums, reduce) -> None:
-        """Keep this step's per-block ‖d_b‖² (the first pass's sums) for the next step's cap.
+    def _step_dd(self, buffers, sums, reduce) -> list:
+        """This step's per-block ‖d_b‖² (the first pass's sums), kept for the next step's cap.
         FSDP2: each rank's sums are its shards' (times the shard count), so their mean over the
         ranks is the model's: one small collective, queued on the device (no host wait), so
         that every rank caps as a single process would."""
@@ -432,7 +432,7 @@ class SearchMixin:
             mean = reduce(torch.cat([x.reshape(-1).to(dev0) for x in dd]))
             dd = [x.to(b.device) for x, b in zip(mean.split([b.layout.nblocks for b in buffers]),
                                                   buffers)]
-        self._last_dd = (buffers, dd)
+        return dd
 
     def _eta(self, gi, lb, key="step_size"):
         v = self.param_groups[gi][key]
