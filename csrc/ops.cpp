@@ -9,7 +9,8 @@ TORCH_LIBRARY(armijo_fused, m) {
   m.def(
       "first_pass(int rule, Tensor(a!) param, Tensor grad, Tensor(b!)[] states, "
       "float[] scalars, float weight_decay, Tensor eta, Tensor gscale, Tensor tile_block, "
-      "Tensor block_tiles, int tile, Tensor(c!)? model_param=None) -> Tensor");
+      "Tensor block_tiles, int tile, Tensor(c!)? model_param=None, bool precond=False) "
+      "-> Tensor");
   m.def(
       "move(int rule, Tensor(a!) param, Tensor grad, Tensor[] states, float[] scalars, "
       "float weight_decay, Tensor eta_old, Tensor eta_new, Tensor gscale, Tensor tile_block, "
@@ -21,7 +22,7 @@ TORCH_LIBRARY(armijo_fused, m) {
   m.def(
       "first_pass_table(int rule, Tensor param_ptrs, Tensor grad_ptrs, Tensor lengths, "
       "Tensor(b!)[] states, float[] scalars, float weight_decay, Tensor eta, Tensor gscale, "
-      "Tensor tile_block, Tensor block_tiles, int tile) -> Tensor");
+      "Tensor tile_block, Tensor block_tiles, int tile, bool precond=False) -> Tensor");
   m.def(
       "move_table(int rule, Tensor param_ptrs, Tensor grad_ptrs, Tensor lengths, Tensor[] states, "
       "float[] scalars, float weight_decay, Tensor eta_old, Tensor eta_new, Tensor gscale, "

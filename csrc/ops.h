@@ -25,7 +25,8 @@ at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tenso
                           double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,
                           const at::Tensor& tile_block, const at::Tensor& block_tiles,
                           int64_t tile,
-                          const c10::optional<at::Tensor>& model_param = c10::nullopt);
+                          const c10::optional<at::Tensor>& model_param = c10::nullopt,
+                          bool precond = false);
 
 // Move θ from θ0 - eta_old*d_old to θ0 - eta_new*d_new (states are only read). Blocks whose
 // step size and direction are unchanged are not written. Returns the sums of d_new as above
@@ -45,7 +46,8 @@ at::Tensor first_pass_table_cpu(int64_t rule, const at::Tensor& param_ptrs,
                                 at::TensorList states, at::ArrayRef<double> scalars,
                                 double weight_decay, const at::Tensor& eta,
                                 const at::Tensor& gscale, const at::Tensor& tile_block,
-                                const at::Tensor& block_tiles, int64_t tile);
+                                const at::Tensor& block_tiles, int64_t tile,
+                                bool precond = false);
 at::Tensor move_table_cpu(int64_t rule, const at::Tensor& param_ptrs, const at::Tensor& grad_ptrs,
                           const at::Tensor& lengths, at::TensorList states,
                           at::ArrayRef<double> scalars, double weight_decay,

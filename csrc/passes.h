@@ -133,16 +133,22 @@ ARMIJO_INLINE V search_direction(const Coeffs<V>& k, V g, V a, V b) {
 }
 
 // First pass, one element (or one vector of elements):
-//   g = grad*unscale; g_in = g*clip; state <- absorb(g_in); d = u + wd*θ; θ <- θ - eta*d.
-// Returns g (unclipped) and d for the reductions.
-template <int R, typename V>
+//   g = grad*unscale; g_in = g*clip; state <- absorb(g_in); d = u + wd*θ; θ <- θ - eta*d,
+// or with PRECOND the first trial on the fallback line: θ <- θ - eta*precond_grad (no wd; a
+// search along g whose step applies d: SGD with momentum). Returns g (unclipped) and d for the
+// reductions, d being the rule's direction either way.
+template <int R, bool PRECOND, typename V>
 ARMIJO_INLINE void first_step(const Coeffs<V>& k, V unscale, V clip, V wd, V eta, V& theta,
                               V grad, V& a, V& b, V& g, V& d) {
   g = grad * unscale;
   V g_in = g * clip;
   absorb<R>(k, g_in, a, b);
   d = direction<R>(k, g_in, a, b) + wd * theta;
-  theta = theta - eta * d;
+  if constexpr (PRECOND) {
+    theta = theta - eta * precond_grad<R>(k, g_in, a, b);
+  } else {
+    theta = theta - eta * d;
+  }
 }
 
 // Move, one element: θ sits at θ0 - e_old*d_old; recover θ0 = (θ + e_old*u_old) / den_old with

@@ -78,9 +78,9 @@ def assert_sums_close(actual, expected):
     torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=2e-6)
 
 
-def run_first(backend, rule, c):
+def run_first(backend, rule, c, precond=False):
     return backend.first_pass(rule, c.param, c.grad, c.states, c.scalars, c.weight_decay, c.eta,
-                              c.gscale, c.layout)
+                              c.gscale, c.layout, precond=precond)
 
 
 def run_move(backend, rule, c, eta_old, eta_new, po=False, pn=False, sums=False):
@@ -95,17 +95,41 @@ def assert_case_close(a, b):
 
 
 # -- first pass ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precond", [False, True], ids=["along_d", "on_fallback"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
-def test_first_pass_matches_torch(rule_name, shape, simd):
+def test_first_pass_matches_torch(rule_name, shape, precond, simd):
     rule, c = RULES[rule_name], case(rule_name, shape)
     a, b = c.clone(), c.clone()
-    s_ref = run_first(ref, rule, a)
-    s_cpp = run_first(cpp, rule, b)
+    s_ref = run_first(ref, rule, a, precond)
+    s_cpp = run_first(cpp, rule, b, precond)
     assert s_cpp.dtype == torch.float32 and s_cpp.shape == (c.layout.nblocks, 3)
     assert_case_close(b, a)
     assert_sums_close(s_cpp, s_ref)
     assert not torch.equal(b.param, c.param)  # it did move
+
+
+@pytest.mark.parametrize("backend", [ref, cpp], ids=["torch", "cpp"])
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_first_pass_on_the_fallback_line_is_first_pass_then_move_there(rule_name, backend):
+    # one pass where a search along g (SGD with momentum) took two: same state, same sums of
+    # (g, d), and θ at θ0 - η p (to rounding: the two-pass path went out along d and back)
+    rule, c = RULES[rule_name], case(rule_name, MULTI, seed=3, weight_decay=0.1)
+    one, two = c.clone(), c.clone()
+    s_one = run_first(backend, rule, one, precond=True)
+    s_two = run_first(backend, rule, two)
+    run_move(backend, rule, two, two.eta, two.eta, po=False, pn=True)
+    assert torch.equal(s_one, s_two)
+    for x, y in zip(one.states, two.states):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(one.param, two.param, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(one.param, run_first_along_d(backend, rule, c))
+
+
+def run_first_along_d(backend, rule, c):
+    c = c.clone()
+    run_first(backend, rule, c)
+    return c.param
 
 
 # -- move ------------------------------------------------------------------------------------------
@@ -169,15 +193,16 @@ def test_move_with_nothing_changed_writes_nothing():
     assert sums.abs().sum() > 0
 
 
-@pytest.mark.parametrize("po", [False, True])
+@pytest.mark.parametrize("po", [False, True, "first"])
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
 def test_move_to_zero_reverts_to_theta0(rule_name, po):
     rule, c = RULES[rule_name], case(rule_name, MULTI, seed=4, weight_decay=0.1)
     c.eta = c.eta * 20  # a long step, so the revert has something to undo
     theta0 = c.param.clone()
-    run_first(cpp, rule, c)
-    if po:  # the fallback direction was applied: move there, then revert from it
+    run_first(cpp, rule, c, precond=po == "first")  # "first": the first pass wrote that line
+    if po is True:  # the fallback direction was applied: move there, then revert from it
         run_move(cpp, rule, c, c.eta, c.eta, po=False, pn=True)
+    po = bool(po)
     assert (c.param - theta0).abs().max() > 1e-4
     run_move(cpp, rule, c, c.eta, torch.zeros_like(c.eta), po=po, pn=po)
     torch.testing.assert_close(c.param, theta0, rtol=1e-5, atol=1e-6)

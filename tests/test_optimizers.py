@@ -697,6 +697,54 @@ def test_momentum_accelerates_a_deterministic_quadratic_only_searched_along_its_
     assert along_d < 1e-3 < 0.1 < along_g  # README: 1.2e-4 against 0.71
 
 
+def _counted_momentum_run(monkeypatch, derive=True, steps=8, nesterov=False, max_grad_norm=None):
+    """ArmijoSGD with momentum on a small regression, cadence "every", C++ passes counted."""
+    from armijo_fused.backends import cpp_backend
+    from armijo_fused.optimizers.passes import FlatPasses
+
+    passes = []
+    for name in ("first_pass", "move"):
+        def counted(*a, _f=getattr(cpp_backend, name), _n=name, **k):
+            passes.append(_n)
+            return _f(*a, **k)
+        monkeypatch.setattr(cpp_backend, name, counted)
+    if not derive:  # the sums along g from a pass over memory instead of the first pass's Σ g²
+        monkeypatch.setattr(FlatPasses, "fallback_sums", lambda self, sums: None)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    opt = ArmijoSGD(net.parameters(), momentum=0.9, nesterov=nesterov, weight_decay=0.01,
+                    cadence="every", backend="cpp", max_grad_norm=max_grad_norm)
+    closure = make_closure(opt, lambda: ((net(x) - y) ** 2).mean())
+    per_step = []
+    for _ in range(steps):
+        passes.clear()
+        opt.step(closure)
+        per_step.append((opt.stats["trials"], passes.count("first_pass"), passes.count("move")))
+    return per_step, torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_search_along_g_starts_on_g_in_the_first_pass(nesterov, monkeypatch):
+    # the first pass writes the first trial along g itself (SGD's fallback line) and the sums
+    # along g follow from its Σ g²: every trial after the first costs one pass, none more
+    per_step, _ = _counted_momentum_run(monkeypatch, nesterov=nesterov)
+    assert all(first == 1 and moves == trials - 1 for trials, first, moves in per_step)
+    assert any(trials >= 2 for trials, _, _ in per_step)  # the test along d ran
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_momentum_sums_along_g_from_the_first_pass_match_a_pass_over_memory(max_grad_norm,
+                                                                            monkeypatch):
+    # (clipped: the line is along c·g, so Σ g·p = c Σ g² and Σ p² = c² Σ g²)
+    steps_a, theta_a = _counted_momentum_run(monkeypatch, max_grad_norm=max_grad_norm)
+    monkeypatch.undo()
+    steps_b, theta_b = _counted_momentum_run(monkeypatch, derive=False, max_grad_norm=max_grad_norm)
+    assert [t for t, _, _ in steps_a] == [t for t, _, _ in steps_b]
+    assert [m for _, _, m in steps_b] == [t for t, _, _ in steps_b]  # one pass more per step
+    torch.testing.assert_close(theta_a, theta_b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_momentum_step_that_fails_its_test_twice_takes_the_step_tested_along_g():
     # f = ½‖θ‖² with a momentum buffer pointing sideways: η passes along g, α along d fails
     # and so does α/2; the step is the tested one along g (it backtracked α 11 times, to a

@@ -51,10 +51,11 @@ def _args(case):
     return case.param, case.grad, case.states, case.scalars, case.weight_decay
 
 
-def first(backend, rule, case, eta=None):
+def first(backend, rule, case, eta=None, precond=False):
     eta = case.eta if eta is None else eta
     p, g, st, sc, wd = _args(case)
-    return backend.first_pass(rule, p, g, st, sc, wd, eta, case.gscale, case.layout)
+    return backend.first_pass(rule, p, g, st, sc, wd, eta, case.gscale, case.layout,
+                              precond=precond)
 
 
 def move(backend, rule, case, eta_old, eta_new, po=False, pn=False, sums=False):
@@ -86,12 +87,12 @@ def new_etas(eta):
 
 
 # -- the checks, shared by the interpreter tests and the compiled-GPU class ---------------------
-def check_first_pass(rule_name, shape, device):
+def check_first_pass(rule_name, shape, device, precond=False):
     rule = RULES[rule_name]
     a = make_case(rule_name, *shape, seed=1, device=device)
     a.gscale = torch.tensor(GSCALE, device=device)
     b = a.clone()
-    sa, sb = first(ref, rule, a), first(tri, rule, b)
+    sa, sb = first(ref, rule, a, precond=precond), first(tri, rule, b, precond=precond)
     assert sb.shape == (a.layout.nblocks, 3) and sb.dtype == torch.float32
     assert_same_case(a, b, TOL[device])
     torch.testing.assert_close(sb, sa, **SUM_TOL[device])
@@ -300,6 +301,12 @@ def check_optimizer(cls, direction, device, **kw):
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
 def test_first_pass_matches_torch(rule_name, shape):
     check_first_pass(rule_name, shape, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_first_pass_on_the_fallback_line_matches_torch(rule_name):
+    check_first_pass(rule_name, MULTI, "cpu", precond=True)
 
 
 @interpreted
@@ -724,6 +731,10 @@ class TestCompiledTriton:
     @pytest.mark.parametrize("rule_name", RULE_NAMES)
     def test_first_pass(self, rule_name, shape):
         check_first_pass(rule_name, shape, "cuda")
+
+    @pytest.mark.parametrize("rule_name", RULE_NAMES)
+    def test_first_pass_on_the_fallback_line(self, rule_name):
+        check_first_pass(rule_name, MULTI, "cuda", precond=True)
 
     @pytest.mark.parametrize("compute_sums", [False, True])
     @pytest.mark.parametrize("po,pn", [(False, False), (False, True), (True, False), (True, True)])

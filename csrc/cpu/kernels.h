@@ -57,7 +57,7 @@ struct Sums3 {
   }
 };
 
-template <int R>
+template <int R, bool PRECOND>
 void first_tile_impl(const FirstTile& t) {
   constexpr int NS = num_states(R);
   const Coeffs<F8> kv(t.scalars);
@@ -82,7 +82,7 @@ void first_tile_impl(const FirstTile& t) {
     if constexpr (NS >= 1) sa = F8::load(a + i);
     if constexpr (NS >= 2) sb = F8::load(b + i);
     const F8 graw = g16 ? load_half(g16 + i, h) : F8::load(gr + i);
-    first_step<R>(kv, vu, vc, vwd, veta, th, graw, sa, sb, g, d);
+    first_step<R, PRECOND>(kv, vu, vc, vwd, veta, th, graw, sa, sb, g, d);
     th.store(p + i);
     if (m16) store_half(th, m16 + i, h);
     if constexpr (NS >= 1) sa.store(a + i);
@@ -101,7 +101,7 @@ void first_tile_impl(const FirstTile& t) {
     if constexpr (NS >= 1) sa = a[i];
     if constexpr (NS >= 2) sb = b[i];
     const float graw = g16 ? half_to_float(g16[i], h) : gr[i];
-    first_step<R>(ks, t.unscale, t.clip, t.wd, t.eta, th, graw, sa, sb, g, d);
+    first_step<R, PRECOND>(ks, t.unscale, t.clip, t.wd, t.eta, th, graw, sa, sb, g, d);
     p[i] = th;
     if (m16) m16[i] = float_to_half(th, h);
     if constexpr (NS >= 1) a[i] = sa;
@@ -214,7 +214,11 @@ void with_bool(bool v, F&& f) {
 }
 
 void first_tile(int rule, const FirstTile& t) {
-  with_rule(rule, [&](auto r) { first_tile_impl<decltype(r)::value>(t); });
+  with_rule(rule, [&](auto r) {
+    with_bool(t.precond, [&](auto p) {
+      first_tile_impl<decltype(r)::value, decltype(p)::value>(t);
+    });
+  });
 }
 
 void move_tile(int rule, bool po, bool pn, bool write, bool sums, const MoveTile& t) {

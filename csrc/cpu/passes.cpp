@@ -371,7 +371,7 @@ static Layout check_pass_inputs(const char* op, int64_t rule, const at::Tensor& 
 // The first pass over every tile, wherever θ and g are (flat buffers or a tile table).
 static at::Tensor run_first(const Layout& L, int r, const Bufs& B, at::ArrayRef<double> scalars,
                             double weight_decay, const at::Tensor& eta, float unscale,
-                            float clip) {
+                            float clip, bool precond) {
   const float* etas = eta.data_ptr<float>();
   const float wd = static_cast<float>(weight_decay);
   std::vector<double> partial(L.ntiles * 3, 0.0);
@@ -385,6 +385,7 @@ static at::Tensor run_first(const Layout& L, int r, const Bufs& B, at::ArrayRef<
     args.g16 = B.g16_at(o);
     args.model16 = B.model16_at(o);
     args.fp16 = B.fp16();
+    args.precond = precond;
     k->first(r, args);
   });
   return reduce_blocks(partial, L, 3);
@@ -394,7 +395,8 @@ at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tenso
                           at::TensorList states, at::ArrayRef<double> scalars,
                           double weight_decay, const at::Tensor& eta, const at::Tensor& gscale,
                           const at::Tensor& tile_block, const at::Tensor& block_tiles,
-                          int64_t tile, const c10::optional<at::Tensor>& model_param) {
+                          int64_t tile, const c10::optional<at::Tensor>& model_param,
+                          bool precond) {
   const char* op = "first_pass";
   const Layout L = check_pass_inputs(op, rule, param, grad, states, scalars, tile_block,
                                      block_tiles, tile, model_param);
@@ -402,7 +404,7 @@ at::Tensor first_pass_cpu(int64_t rule, const at::Tensor& param, const at::Tenso
   float unscale, clip;
   if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
   return run_first(L, static_cast<int>(rule), buffers(param, grad, states, model_param), scalars,
-                   weight_decay, eta, unscale, clip);
+                   weight_decay, eta, unscale, clip, precond);
 }
 
 // A move over every tile, wherever θ and g are (flat buffers or a tile table).
@@ -527,7 +529,7 @@ at::Tensor first_pass_table_cpu(int64_t rule, const at::Tensor& param_ptrs,
                                 at::TensorList states, at::ArrayRef<double> scalars,
                                 double weight_decay, const at::Tensor& eta,
                                 const at::Tensor& gscale, const at::Tensor& tile_block,
-                                const at::Tensor& block_tiles, int64_t tile) {
+                                const at::Tensor& block_tiles, int64_t tile, bool precond) {
   const char* op = "first_pass_table";
   Layout L;
   const Bufs B = table_inputs(op, rule, param_ptrs, grad_ptrs, lengths, states, scalars,
@@ -535,7 +537,8 @@ at::Tensor first_pass_table_cpu(int64_t rule, const at::Tensor& param_ptrs,
   check_eta(op, "eta", eta, L.nblocks);
   float unscale, clip;
   if (!read_gscale(op, gscale, &unscale, &clip)) return at::zeros({L.nblocks, 3}, at::kFloat);
-  return run_first(L, static_cast<int>(rule), B, scalars, weight_decay, eta, unscale, clip);
+  return run_first(L, static_cast<int>(rule), B, scalars, weight_decay, eta, unscale, clip,
+                   precond);
 }
 
 at::Tensor move_table_cpu(int64_t rule, const at::Tensor& param_ptrs, const at::Tensor& grad_ptrs,

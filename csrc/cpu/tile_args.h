@@ -19,6 +19,7 @@ namespace armijo_fused {
 // A half-precision gradient comes as its raw bits in g16 (g unused); a half model with p as its
 // fp32 master comes as model16: a weight written into it since the last step replaces the
 // master's, and the new θ is written into it, rounded. Both are bf16, or fp16 when fp16.
+// precond: the trial goes along the fallback line (passes.h, first_step), the sums stay d's.
 struct FirstTile {
   const double* scalars;  // the rule's 5 host scalars
   float unscale, clip, wd, eta;
@@ -31,6 +32,7 @@ struct FirstTile {
   const uint16_t* g16 = nullptr;
   uint16_t* model16 = nullptr;
   bool fp16 = false;
+  bool precond = false;
 };
 
 // One tile of a move; den_old = 1 - e_old * wd_old rounded to fp32, wd_new 0 for a fallback.

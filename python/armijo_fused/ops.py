@@ -8,7 +8,8 @@ output shapes without running a kernel. (The module also carries ``_C.ViewCheck`
 helper of ``storage/flat.py``, not an op: ``csrc/view_check.cpp``.)
 
 * ``first_pass(rule_id, param, grad, states, scalars, weight_decay, eta, gscale, tile_block,
-  block_tiles, tile, model_param=None) -> sums [nblocks, 3]``: writes ``param`` and ``states``.
+  block_tiles, tile, model_param=None, precond=False) -> sums [nblocks, 3]``: writes ``param``
+  and ``states``; ``precond`` puts the trial on the fallback line (the sums stay d's).
 * ``move(rule_id, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
   tile_block, block_tiles, tile, precond_old, precond_new, compute_sums, model_param=None)
   -> sums [nblocks, 3]``: writes ``param`` only (zeros when ``compute_sums`` is False).
@@ -92,11 +93,13 @@ def first_pass(
     block_tiles: Tensor,
     tile: int,
     model_param: Tensor | None = None,
+    precond: bool = False,
 ) -> Tensor:
     _require()
     return torch.ops.armijo_fused.first_pass(
         int(rule_id), param, grad, list(states), [float(s) for s in scalars],
         float(weight_decay), eta, gscale, tile_block, block_tiles, int(tile), model_param,
+        bool(precond),
     )
 
 
@@ -129,12 +132,12 @@ def move(
 def first_pass_table(rule_id: int, param_ptrs: Tensor, grad_ptrs: Tensor, lengths: Tensor,
                      states: Sequence[Tensor], scalars: Sequence[float], weight_decay: float,
                      eta: Tensor, gscale: Tensor, tile_block: Tensor, block_tiles: Tensor,
-                     tile: int) -> Tensor:
+                     tile: int, precond: bool = False) -> Tensor:
     """:func:`first_pass` with θ and g reached through a tile table (``storage.table``)."""
     _require()
     return torch.ops.armijo_fused.first_pass_table(
         int(rule_id), param_ptrs, grad_ptrs, lengths, list(states), [float(s) for s in scalars],
-        float(weight_decay), eta, gscale, tile_block, block_tiles, int(tile),
+        float(weight_decay), eta, gscale, tile_block, block_tiles, int(tile), bool(precond),
     )
 
 
@@ -172,7 +175,7 @@ if available():
 
     @torch.library.register_fake("armijo_fused::first_pass")
     def _first_pass_fake(rule, param, grad, states, scalars, weight_decay, eta, gscale,
-                         tile_block, block_tiles, tile, model_param=None):
+                         tile_block, block_tiles, tile, model_param=None, precond=False):
         return param.new_empty((_nblocks(block_tiles), 3))
 
     @torch.library.register_fake("armijo_fused::move")

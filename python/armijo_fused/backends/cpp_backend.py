@@ -36,15 +36,17 @@ def first_pass(
     layout: FlatLayout,
     model_param: Tensor | None = None,
     table: TileTable | None = None,
+    precond: bool = False,
 ) -> Tensor:
     if table is not None:
         return ops.first_pass_table(
             rule.rule_id, table.param_ptrs, table.grad_ptrs, table.lengths, states, scalars,
             weight_decay, eta, gscale, layout.tile_block, layout.block_tiles, layout.tile,
+            precond=precond,
         )
     return ops.first_pass(
         rule.rule_id, param, grad, states, scalars, weight_decay, eta, gscale,
-        layout.tile_block, layout.block_tiles, layout.tile, model_param,
+        layout.tile_block, layout.block_tiles, layout.tile, model_param, precond=precond,
     )
 
 

@@ -93,10 +93,14 @@ def first_pass(
     layout: FlatLayout,
     model_param: Tensor | None = None,
     table: TileTable | None = None,
+    precond: bool = False,
 ) -> Tensor:
+    """Fold g into the state, form d, write θ0 − η·d (with ``precond``: θ0 − η·p(g), the
+    fallback line, as a search along g whose step applies d does); sums of (g, d) per block."""
     if table is not None:
         param, grad = gather(table.params, table), gather(table.grads, table)
-        sums = first_pass(rule, param, grad, states, scalars, weight_decay, eta, gscale, layout)
+        sums = first_pass(rule, param, grad, states, scalars, weight_decay, eta, gscale, layout,
+                          precond=precond)
         scatter(param, table.params, table)
         return sums
     sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
@@ -112,13 +116,14 @@ def first_pass(
     moved = []
     try:
         d = rule.direction(g_in, states, scalars) + weight_decay * param
+        line = rule.precond_grad(g_in, states, scalars) if precond else d
         for b, sl in _blocks(layout):
-            param[sl].sub_(eta[b].to(param.dtype) * d[sl])
+            param[sl].sub_(eta[b].to(param.dtype) * line[sl])
             moved.append((b, sl))
             sums[b] = _block_sums(g[sl], d[sl])
     except BaseException:  # out of memory midway: nothing half-written survives (to rounding)
         for b, sl in moved:
-            param[sl].add_(eta[b].to(param.dtype) * d[sl])
+            param[sl].add_(eta[b].to(param.dtype) * line[sl])
         rule.undo_state(g_in, states, scalars)
         raise
     if model_param is not None:

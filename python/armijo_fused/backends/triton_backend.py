@@ -224,6 +224,7 @@ def first_pass(
     layout: FlatLayout,
     model_param: Tensor | None = None,
     table: TileTable | None = None,
+    precond: bool = False,
 ) -> Tensor:
     if table is None:
         _check(rule, param, grad, states, layout)
@@ -244,7 +245,7 @@ def first_pass(
             eta, gscale, layout.tile_block, partials, layout.numel, float(weight_decay), s0, s1,
             s2, s3, s4, om0, om1, RULE=rule.rule_id, NSTATES=len(states),
             WRITE_MODEL=model_param is not None, TABLE=table is not None, FULL=full,
-            BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
+            PRECOND=bool(precond), BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
         )
     return _block_sums(partials, layout)
 

@@ -45,6 +45,9 @@ class DirectionRule:
     bias_corrected: ClassVar[bool] = False
     #: whether the direction is a heavy-ball buffer b ← μb + g (``momentum_search`` applies).
     heavy_ball: ClassVar[bool] = False
+    #: whether ``precond_grad`` is the gradient itself (the SGD family): the sums along the
+    #: fallback line then follow from a first pass's Σ g² (:meth:`FlatPasses.fallback_sums`).
+    precond_is_gradient: ClassVar[bool] = False
     #: the group keys this rule reads, with their defaults (validated by ``validate``).
     hyperparameters: ClassVar[dict[str, object]] = {}
 

@@ -18,6 +18,7 @@ class SGD(DirectionRule):
     name = "sgd"
     rule_id = 0
     direction_reads_grad = True  # u = g
+    precond_is_gradient = True
 
     def direction(self, g, states, s):
         return g.clone()
@@ -28,6 +29,7 @@ class Momentum(DirectionRule):
     rule_id = 1
     state_names = ("momentum_buffer",)
     heavy_ball = True  # (and Nesterov, below)
+    precond_is_gradient = True
     hyperparameters = {"momentum": 0.9}
 
     def validate(self, group):

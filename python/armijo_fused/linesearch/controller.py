@@ -64,7 +64,9 @@ class Passes:
     eta: list
     precond: bool
 
-    def first(self, eta: Sequence[float]) -> list[Tensor]: ...
+    def first(self, eta: Sequence[float], *, precond: bool = False) -> list[Tensor]: ...
+
+    def fallback_sums(self, sums: list[Tensor]) -> list[Tensor] | None: ...
 
     def move_to(
         self, eta: Sequence[float], *, precond: bool | None = None, compute_sums: bool = False
@@ -189,8 +191,10 @@ def armijo_search(
     decrease still decides (c·Σ η⟨g,d⟩ made every search unresolved at c = 1e-4).
     """
     eta = list(eta0)
+    on_fallback = False  # whether the first pass put the trial on the fallback line itself
     if sums is None:
-        sums = passes.first(eta)
+        sums = passes.first(eta, precond=along_fallback)
+        on_fallback = along_fallback
     else:  # (along the direction: a search along the fallback may have run before)
         passes.move_to(eta, precond=False)
     precond = False
@@ -198,8 +202,10 @@ def armijo_search(
     if along_fallback:  # (the first pass folded g into the state; the trials move along g)
         # (read with the first trial; buffers on several devices: gathered on the first's)
         first_gd = torch.cat([s[:, 0].reshape(-1).to(sums[0].device) for s in sums])
-        sums = passes.move_to(eta, precond=True, compute_sums=True)
-        precond = True
+        line = passes.fallback_sums(sums) if on_fallback else None
+        if line is None:  # (a pass that moves there, or only sums when already there)
+            line = passes.move_to(eta, precond=True, compute_sums=True)
+        sums, precond = line, True
     moving = set(range(len(eta))) if search is None else set(search)
     non_descent = False
     history = []

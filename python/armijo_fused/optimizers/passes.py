@@ -147,9 +147,10 @@ class FlatPasses(Passes):
     def _eta(self, i: int, eta) -> Tensor:
         return device_floats(eta[self.slices[i]], self.buffers[i].device)
 
-    def first(self, eta, caps=None, factors=None):
+    def first(self, eta, caps=None, factors=None, precond=False):
         """``caps``: per buffer, a device tensor of the largest searched η per block (a step
-        without a search, see ``_length_caps``); the pass applies min(η, cap)·factor."""
+        without a search, see ``_length_caps``); the pass applies min(η, cap)·factor.
+        ``precond``: the trial goes on the fallback line (the sums are still d's)."""
         sums = []
         for i, b in enumerate(self.buffers):
             eta_i = self._eta(i, eta)
@@ -164,11 +165,26 @@ class FlatPasses(Passes):
             sums.append(b.backend.first_pass(
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
                 self.wd[i], eta_i, self._gscale[b.device], b.layout, _model_copy(b),
-                table=_table(b)))
-            self._passed(i, eta_i, eta, False, known=caps is None)
+                table=_table(b), precond=precond))
+            self._passed(i, eta_i, eta, precond, known=caps is None)
         sums = self._written(sums)
         self._first_sums = sums
+        self.precond = precond
         return sums
+
+    def fallback_sums(self, sums) -> list | None:
+        """Per buffer, the sums along the fallback line p (Σ g·p, Σ g², Σ p²) from the first
+        pass's (Σ g·d, Σ g², Σ d²), where the rule allows: for the SGD family p is the clipped
+        gradient c·g, so they are (c·Σ g², Σ g², c²·Σ g²), a few small ops instead of a pass
+        over memory. None for the other rules (a move with ``compute_sums`` forms them)."""
+        if not self.opt.rule.precond_is_gradient:
+            return None
+        out = []
+        for b, s in zip(self.buffers, sums):
+            clip = self._gscale[b.device][1:].to(s.device)
+            gg = s[:, 1]
+            out.append(torch.stack([gg * clip, gg, gg * (clip * clip)], dim=1))
+        return out
 
     @property
     def started(self) -> bool:
