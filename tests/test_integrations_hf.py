@@ -150,6 +150,22 @@ def test_optimizer_cls_and_kwargs(tmp_path):
     assert opt._closure is not None
 
 
+def test_optimizer_cls_and_kwargs_layerwise_gets_a_step_size_per_layer(tmp_path):
+    # Trainer's two weight-decay groups carry no names and model= cannot go in the kwargs: the
+    # optimizer searched one η per group; LineSearchTrainer names the parameters after the model
+    model = tiny_gpt2()
+    trainer = LineSearchTrainer(
+        model=model, args=args(tmp_path, max_steps=2, weight_decay=0.01),
+        train_dataset=TokenData(),
+        optimizer_cls_and_kwargs=(ArmijoAdam, {"layerwise": True, "cadence": "every"}))
+    trainer.train()
+    opt = armijo_optimizer(trainer.optimizer)
+    names = [g["block_names"] for g in opt.param_groups]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert names[0] == ["embeddings", "layer.0", "layer.1"]
+    assert "layer.1" in names[1] and len(opt.stats["step_size"]) > 2
+
+
 def test_checkpoint_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     def run(out, resume=None):
         model = tiny_gpt2(dropout=0.1)  # dropout: the RNG state must be restored and replayed

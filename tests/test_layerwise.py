@@ -187,6 +187,29 @@ def test_weight_decay_groups_with_names_are_cut_into_layers():
     assert [g["block_names"] for g in whole.param_groups] == [["group.0"], ["group.1"]]
 
 
+def test_name_parameters_cuts_groups_built_without_names_as_model_would():
+    # HF Trainer's optimizer_cls_and_kwargs builds the two weight-decay groups itself, without
+    # names, and model= cannot go in the kwargs: layerwise=True searched one η per group
+    torch.manual_seed(0)
+    model = Tiny()
+    tokens = torch.randint(0, 11, (4, 9))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = ArmijoAdam([{"params": decay, "weight_decay": 0.1}, {"params": rest},
+                      ], layerwise=True, cadence="every")
+    opt.name_parameters(model)
+    kept = ArmijoAdam([{"params": decay, "blocks_by": "group"}, {"params": rest}],
+                      layerwise=True)
+    kept.name_parameters(model)  # a group that asked to stay whole stays whole
+    opt.step(make_closure(opt, lambda: _lm_loss(model, tokens)))
+    kept.step(make_closure(kept, lambda: _lm_loss(model, tokens)))
+    assert opt.param_groups[0]["block_names"] == ["embeddings", "layer.0", "layer.1"]
+    assert kept.param_groups[0]["block_names"] == ["group.0"]
+    assert "layer.0" in kept.param_groups[1]["block_names"]
+    with pytest.raises(RuntimeError, match="before the first step"):
+        opt.name_parameters(model)
+
+
 def test_layerwise_needs_blocks():
     with pytest.raises(ValueError, match="layerwise=True needs blocks"):
         ArmijoAdam(nn.Linear(2, 2).parameters(), layerwise=True)

@@ -703,11 +703,17 @@ def _counted_momentum_run(monkeypatch, derive=True, steps=8, nesterov=False, max
     from armijo_fused.optimizers.passes import FlatPasses
 
     passes = []
+
+    def counting(name):
+        original = getattr(cpp_backend, name)
+
+        def counted(*a, **k):
+            passes.append(name)
+            return original(*a, **k)
+        return counted
+
     for name in ("first_pass", "move"):
-        def counted(*a, _f=getattr(cpp_backend, name), _n=name, **k):
-            passes.append(_n)
-            return _f(*a, **k)
-        monkeypatch.setattr(cpp_backend, name, counted)
+        monkeypatch.setattr(cpp_backend, name, counting(name))
     if not derive:  # the sums along g from a pass over memory instead of the first pass's Σ g²
         monkeypatch.setattr(FlatPasses, "fallback_sums", lambda self, sums: None)
     torch.manual_seed(0)
@@ -946,6 +952,17 @@ def test_a_closure_may_return_a_structure_holding_the_loss():
         assert opt.stats["trials"] >= 1 and opt.stats["step_size"] > 0
     with pytest.raises(TypeError, match="expected a scalar loss"):
         opt.step(lambda: {"logits": torch.ones(())})
+
+
+@pytest.mark.parametrize("value", [torch.ones((), dtype=torch.complex64),
+                                   torch.ones((), dtype=torch.bool)], ids=["complex", "bool"])
+def test_a_complex_or_bool_loss_is_refused_by_name(value):
+    model = nn.Linear(3, 1)
+    opt = ArmijoAdam(model.parameters())
+    before = model.weight.detach().clone()
+    with pytest.raises(TypeError, match=f"returned a {value.dtype} tensor; expected a real "):
+        opt.step(lambda: value)
+    assert torch.equal(model.weight, before)
 
 
 def test_a_search_whose_every_trial_loss_is_nan_ends_exhausted():

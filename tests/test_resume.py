@@ -459,6 +459,70 @@ def test_a_state_dict_for_other_shapes_is_refused_by_name_and_changes_nothing(st
     step(model, opt)  # still usable
 
 
+def _stepped_adam(layerwise=False, steps=2):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    opt = ArmijoAdam(model.parameters(), model=model, backend="torch", layerwise=layerwise,
+                     cadence=2)
+    x = torch.randn(8, 4)
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    for _ in range(steps):
+        opt.step(closure)
+    return model, opt, closure
+
+
+def _bytes_of(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+             for s in opt.state.values()],
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+
+
+def _assert_same_bytes(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k]
+               for x, y in zip(a[1], b[1]) for k in x)
+    assert repr(a[2]) == repr(b[2])  # (repr: NaN is not == NaN)
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1e-3, 0.0])
+@pytest.mark.parametrize("key", ["step_size", "step_size_avg"])
+def test_a_checkpoint_with_a_step_size_that_is_not_finite_and_positive_is_refused(key, value,
+                                                                                  layerwise):
+    # (NaN wrote NaN into the model at the next step, a negative η stepped uphill, η = 0 never
+    # moved, and a bad η̄ raised 'math domain error' after the search had moved θ)
+    model, opt, _ = _stepped_adam(layerwise)
+    sd = opt.state_dict()
+    group = sd["param_groups"][0]
+    if isinstance(group[key], list):
+        group[key][-1] = value
+    else:
+        group[key] = value
+    before = _bytes_of(model, opt)
+    with pytest.raises(ValueError, match=f"param group 0 has an invalid {key}: "):
+        opt.load_state_dict(sd)
+    _assert_same_bytes(before, _bytes_of(model, opt))
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+@pytest.mark.parametrize("value", [math.nan, -1e-3, 0.0])
+@pytest.mark.parametrize("key", ["step_size", "step_size_avg"])
+def test_a_step_size_written_into_a_group_is_refused_by_name_before_anything_moves(key, value,
+                                                                                   layerwise):
+    model, opt, closure = _stepped_adam(layerwise, steps=3)  # (cadence 2: step 4 searches)
+    group = opt.param_groups[0]
+    if isinstance(group[key], list):
+        group[key][0] = value
+    else:
+        group[key] = value
+    before = _bytes_of(model, opt)
+    block = ", block '0'" if layerwise else ""
+    with pytest.raises(ValueError, match=f"invalid {key} in param group 0{block}: "):
+        opt.step(closure)
+    _assert_same_bytes(before, _bytes_of(model, opt))
+
+
 def test_a_dcp_state_dict_of_a_fresh_optimizer_counts_no_step():
     """torch.distributed.checkpoint initialises the state of an optimizer that has not stepped
     (zero gradients, lr 0, a bare step()): that call counted as a step (bias corrections one

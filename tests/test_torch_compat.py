@@ -293,6 +293,63 @@ def test_an_adamw_checkpoint_continues_with_its_moments_count_and_learning_rate(
         torch.testing.assert_close(t - p.detach(), ratio * (t - r), rtol=1e-4, atol=1e-8)
 
 
+def test_a_checkpoint_saved_at_lr_0_starts_from_the_optimizers_own_step_size():
+    # a hand-written warmup saved at lr 0: η = lr_0 = 0 never grew, and the model never trained
+    model, adamw, loss_fn, f0 = _torch_run(lambda p: torch.optim.AdamW(p, lr=1e-3))
+    sd = copy.deepcopy(adamw.state_dict())
+    sd["param_groups"][0]["lr"] = 0.0
+    ours = ArmijoAdam(model.parameters(), backend="torch", cadence="every", lr=1e-3)
+    ours.load_state_dict(sd)
+    assert ours.param_groups[0]["step_size"] == 1e-3  # init_step_size, not 0
+    ours.param_groups[0]["lr"] = ours.param_groups[0]["lr_ref"] = 1e-3  # the warmup's next lr
+    ours.step(loss_fn=loss_fn, loss=f0)
+    assert ours.stats["step_size"] > 0 and float(loss_fn()) < float(f0)
+
+
+@pytest.mark.parametrize("make, ours, match", [
+    (lambda p: torch.optim.SGD(p, lr=0.1), lambda p: ArmijoAdam(p), r"torch\.optim\.SGD's"),
+    (lambda p: torch.optim.AdamW(p, lr=0.1), lambda p: ArmijoSGD(p), r"torch\.optim\.Adam's"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+     lambda p: ArmijoSGD(p, momentum=0.9), r"SGD\(nesterov=True\)'s"),
+], ids=["sgd-into-adam", "fresh-adamw-into-sgd", "nesterov-into-heavy-ball"])
+def test_a_checkpoint_of_another_direction_without_state_to_say_so_is_warned_about(make, ours,
+                                                                                   match):
+    # nothing in the state refuses these (plain SGD keeps none, a fresh AdamW none yet, and a
+    # Nesterov buffer is a heavy-ball one): the lr is another direction's step size
+    model = nn.Linear(4, 1)
+    src = make(model.parameters())
+    if "nesterov" in match:
+        model(torch.randn(3, 4)).sum().backward()
+        src.step()
+    opt = ours(model.parameters())
+    with pytest.warns(UserWarning, match=match + ", a direction other than"):
+        opt.load_state_dict(src.state_dict())
+    with warnings.catch_warnings():  # the same family: nothing to say
+        warnings.simplefilter("error")
+        ArmijoAdam(model.parameters()).load_state_dict(
+            torch.optim.AdamW(model.parameters()).state_dict())
+
+
+@pytest.mark.parametrize("key, value", [("max_grad_norm", 1.0), ("init_step_size", 0.1),
+                                        ("cadence", "every"), ("direction", "nadam")])
+def test_options_of_the_whole_optimizer_in_a_param_group_are_refused_by_name(key, value):
+    # torch ignores keys it does not read; these look per-group and did nothing
+    model = nn.Linear(4, 1)
+    with pytest.raises(ValueError, match=f"a param group sets {key}=.*an option of the whole "
+                                         "optimizer"):
+        ArmijoAdam([{"params": model.parameters(), key: value}])
+    opt = ArmijoAdam([{"params": [model.weight]}])
+    with pytest.raises(ValueError, match=f"a param group sets {key}="):
+        opt.add_param_group({"params": [model.bias], key: value})
+    assert len(opt.param_groups) == 1
+
+
+def test_an_unknown_blocks_by_is_refused():
+    model = nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="invalid blocks_by in a param group: 'groups'"):
+        ArmijoAdam([{"params": model.parameters(), "blocks_by": "groups"}], layerwise=True)
+
+
 def test_an_sgd_momentum_checkpoint_continues_its_buffer():
     model, sgd, loss_fn, f0 = _torch_run(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
     ours = ArmijoSGD(model.parameters(), momentum=0.9, backend="torch")

@@ -286,3 +286,47 @@ def test_trials_inside_a_parametrize_cached_region_see_the_trial_point():
             after = float(opt.stats["loss_after"])
         with torch.no_grad():
             assert after == float(f())  # the accepted point's loss, as a fresh forward sees it
+
+
+@pytest.mark.parametrize("where", ["MultiheadAttention", "attention_dropout"])
+def test_dropout_applied_without_a_dropout_module_is_seen_too(where):
+    # nn.MultiheadAttention(dropout=) and HF Llama/Mistral/Qwen attention (attention_dropout, a
+    # float) drop out functionally: the trials saw other masks and nothing warned
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention_dropout, self.lin = 0.2, nn.Linear(6, 1)
+
+        def forward(self, x):
+            return self.lin(nn.functional.dropout(x, self.attention_dropout, self.training))
+
+    class MHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha, self.lin = nn.MultiheadAttention(6, 2, dropout=0.3), nn.Linear(6, 1)
+
+        def forward(self, x):
+            return self.lin(self.mha(x, x, x, need_weights=False)[0])
+
+    X, Y = _data()
+    torch.manual_seed(0)
+    model = MHA() if where == "MultiheadAttention" else Attn()
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model)
+
+    def loss_fn():
+        return nn.functional.mse_loss(model(X), Y)
+
+    opt.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    name = "MultiheadAttention" if where == "MultiheadAttention" else "Attn"
+    with pytest.warns(UserWarning, match=f"active dropout \\({name}\\)"):
+        opt.step(loss_fn=loss_fn, loss=loss)
+    model.eval()  # evaluation mode drops nothing: no warning (a fresh optimizer)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model)
+    opt.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(loss_fn=loss_fn, loss=loss)

@@ -48,7 +48,11 @@ class LineSearchTrainer(Trainer):
         ...                             optimizers=(opt, None))
         >>> trainer.train()
 
-    or ``LineSearchTrainer(..., optimizer_cls_and_kwargs=(ArmijoAdam, {"weight_decay": 0.01}))``.
+    or ``LineSearchTrainer(..., optimizer_cls_and_kwargs=(ArmijoAdam, {}))`` with
+    ``TrainingArguments(weight_decay=0.01)``: Trainer writes ``args.weight_decay`` (0 by default)
+    into the groups it builds, over a ``weight_decay`` in the kwargs. The optimizer Trainer builds
+    gets the model's parameter names (:meth:`~armijo_fused.ArmijoAdam.name_parameters`), so
+    ``{"layerwise": True}`` gives a step size per layer, not one per weight-decay group.
     """
 
     def __init__(self, *args, **kwargs):
@@ -61,6 +65,19 @@ class LineSearchTrainer(Trainer):
         self._ls_model = None
         self._ls_registered = None
         self._ls_grad_norm = None  # the ‖g‖ Trainer logs, filled in by each step
+
+    # -- the optimizer ---------------------------------------------------------------------------
+    def create_optimizer(self, *args, **kwargs):
+        """Trainer's own, built from two weight-decay groups of unnamed tensors (``model=``
+        cannot go in ``optimizer_cls_and_kwargs``): named after the model here, so that
+        ``layerwise=True`` cuts them by layer instead of searching one η per group."""
+        built = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        opt = armijo_optimizer(optimizer)
+        if built and opt is not None:
+            model = args[0] if args else kwargs.get("model")
+            opt.name_parameters(self.model if model is None else model)
+        return optimizer
 
     # -- the window ------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):

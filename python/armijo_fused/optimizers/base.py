@@ -81,6 +81,17 @@ def _lr_value(lr) -> float:
 
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
             torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+#: float attributes of modules that apply dropout functionally, with no Dropout module:
+#: nn.MultiheadAttention's ``dropout``, HF Llama/Mistral/Qwen attention's ``attention_dropout``
+_DROPOUT_RATES = ("dropout", "attention_dropout", "attn_dropout", "dropout_p")
+
+
+def _drops_out(m: torch.nn.Module) -> bool:
+    if not m.training:
+        return False
+    if isinstance(m, _DROPOUT):
+        return m.p > 0
+    return any(isinstance(r := getattr(m, k, None), float) and r > 0 for k in _DROPOUT_RATES)
 
 
 class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Optimizer):
@@ -206,6 +217,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 f"params is a module ({type(params).__name__}): pass model.parameters() (and "
                 "model=model to let trials restore its buffers and name its layers)")
         super().__init__(params, defaults)
+        self._unnamed_groups: set = set()  # ids of groups one block for want of names
         for group in self.param_groups:
             self._init_group(group, constructing=True)
         # filled by state_dict() only; a live key, so that a checkpoint flattened by
@@ -250,6 +262,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             group.setdefault("step_size_along", self.momentum_search)
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
             group.setdefault("block_cursor", first.get("block_cursor", 0))
+            if constructing and "blocks_by" not in group and "block" not in group:
+                self._unnamed_groups.add(id(group))  # (:meth:`name_parameters` may cut it)
             group.setdefault("blocks_by", self._default_blocks_by(group, constructing))
 
     def _validate_group(self, group: dict) -> None:
@@ -316,6 +330,24 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         self._closure = closure
         if model is not None:
             self._modules = [model]
+
+    def name_parameters(self, model: torch.nn.Module) -> None:
+        """Take the parameters' names from ``model``'s modules, as ``model=`` at construction
+        does, for an optimizer built where ``model=`` cannot be passed: HF Trainer's
+        ``optimizer_cls_and_kwargs`` builds two weight-decay groups of unnamed tensors
+        (:class:`~armijo_fused.integrations.hf.LineSearchTrainer` calls this). The names label
+        the telemetry, and with ``layerwise=True`` the groups given at construction that were
+        one block for want of names (no ``"blocks_by"`` or ``"block"`` of their own) are cut by
+        module names, as ``model=`` would have cut them. Before the first step only."""
+        if self._buffers is not None:
+            raise RuntimeError("name_parameters() must come before the first step (and before "
+                               "load_state_dict): the blocks are already cut")
+        for name, p in model.named_parameters():
+            self._names.setdefault(id(p), name)
+        if self.layerwise:
+            for group in self.param_groups:
+                if id(group) in self._unnamed_groups:
+                    group["blocks_by"] = self._default_blocks_by(group, constructing=True)
 
     def provide_loss(self, loss) -> None:
         """Give the next ``step()`` the loss at the current parameters, which your loop has
@@ -391,6 +423,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         self._validate_changed_groups()
+        self._check_step_sizes()
         self._settle_skip()
         groups = self.param_groups
         g0 = groups[0]
@@ -692,8 +725,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         if self.__dict__.get("_dropout_checked"):
             return
         self._dropout_checked = True
-        active = [type(m).__name__ for model in models for m in model.modules()
-                  if isinstance(m, _DROPOUT) and m.training and m.p > 0]
+        active = [type(m).__name__ for model in models for m in model.modules() if _drops_out(m)]
         if active:
             self._warn_once("capture_rng", (
                 f"the model has active dropout ({active[0]}) but the trials cannot replay the "

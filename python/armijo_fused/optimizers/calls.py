@@ -78,6 +78,9 @@ def loss_in(value):
 def as_loss(value, what: str) -> Tensor:
     value = loss_in(value)
     if isinstance(value, Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{what} returned a {value.dtype} tensor; expected a real scalar "
+                            "loss (a floating-point tensor or a float)")
         if value.numel() != 1:
             raise ValueError(
                 f"{what} returned a tensor of shape {tuple(value.shape)}; expected a scalar loss "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..directions.base import check_number
 from ..storage.sharded import is_dtensor
 from ..telemetry import StepStats
 from .torch_compat import from_torch_state_dict, is_torch_state_dict
@@ -122,6 +123,8 @@ class CheckpointMixin:
         if is_torch_state_dict(state_dict):
             state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
                                                state_dict, layerwise=self.layerwise)
+        else:
+            self._check_saved_step_sizes(state_dict)
         self._check_loadable(state_dict)
         state_dict = self._step_sizes_along_ours(state_dict)
         saved = state_dict.get("state", {})
@@ -186,6 +189,24 @@ class CheckpointMixin:
                 changed = True
             groups.append(group)
         return dict(state_dict, param_groups=groups) if changed else state_dict
+
+    @staticmethod
+    def _check_saved_step_sizes(state_dict: dict) -> None:
+        """The line-search entries of one of our checkpoints are taken as they are: a NaN or
+        infinite step size wrote NaN into the model at the next step, a negative one stepped
+        uphill, and a zero or negative average raised a bare 'math domain error' after the
+        search had moved θ. (A torch checkpoint's η is its lr, where 0 freezes the group.)"""
+        for gi, group in enumerate(state_dict.get("param_groups", [])):
+            for key in ("step_size", "step_size_avg"):
+                values = group.get(key)
+                if values is None:
+                    continue
+                for v in values if isinstance(values, (list, tuple)) else [values]:
+                    try:
+                        check_number(key, v, 0.0, lo_open=True)
+                    except ValueError as e:
+                        raise ValueError(f"the state dict's param group {gi} has an {e}: the "
+                                         "checkpoint is corrupt or was edited") from None
 
     def _check_loadable(self, state_dict: dict) -> None:
         """A state dict of another direction (an ArmijoSGD's into an ArmijoAdam) replaced the

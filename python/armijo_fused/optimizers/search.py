@@ -434,6 +434,27 @@ class SearchMixin:
                                                   buffers)]
         return dd
 
+    def _check_step_sizes(self) -> None:
+        """η and η̄ must be finite and > 0. The optimizer writes them, but code that edits
+        ``param_groups`` can write anything: a NaN η wrote NaN into the model, a negative one
+        stepped uphill, and a bad η̄ raised from the policy after the search had moved θ.
+        Refused by name at the start of the step, before the closure runs (a min and a sum
+        over each group's floats: no loop in Python per block)."""
+        for gi, group in enumerate(self.param_groups):
+            for key in ("step_size", "step_size_avg"):
+                value = group[key]
+                values = value if isinstance(value, list) else (value,)
+                if not values or (min(values) > 0.0 and math.isfinite(sum(values))):
+                    continue
+                b = next(i for i, v in enumerate(values) if not (v > 0.0 and math.isfinite(v)))
+                names = group.get("block_names") or []
+                where = f"param group {gi}" + (
+                    "" if not isinstance(value, list) else f", block {names[b]!r}"
+                    if b < len(names) else f", block {b}")
+                raise ValueError(f"invalid {key} in {where}: {values[b]!r} (expected a finite "
+                                 "number > 0; the optimizer keeps it, code that writes it must "
+                                 "too)")
+
     def _eta(self, gi, lb, key="step_size"):
         v = self.param_groups[gi][key]
         return v[lb] if isinstance(v, list) else v

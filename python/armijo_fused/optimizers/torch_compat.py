@@ -43,8 +43,16 @@ def check_torch_keywords(owner: str, *, foreach=None, fused=None, maximize=False
 #: torch options a param group may carry that would change the math, none implemented
 _UNSUPPORTED_GROUP_OPTIONS = ("maximize", "amsgrad", "centered", "dampening", "capturable",
                               "differentiable")
-#: every group key :func:`check_group_options` reads
-GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "nesterov", "momentum", "decoupled_weight_decay")
+#: every group key :func:`check_group_options` reads at every step (when it changed)
+GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "nesterov", "momentum", "decoupled_weight_decay",
+                     "blocks_by")
+#: constructor options of the whole optimizer: in a param group they would do nothing (torch
+#: ignores keys it does not read; these look per-group and are not), so they are refused there
+_WHOLE_OPTIMIZER_OPTIONS = (
+    "direction", "init_step_size", "c", "backtrack", "growth", "smoothing", "max_trials",
+    "max_step", "collapse_ratio", "cadence", "max_interval", "max_grad_norm", "check_finite",
+    "backend", "layerwise", "model", "block_search", "merge_below", "exact_revert",
+    "process_group", "candidates", "flat", "tile", "momentum_search")
 
 
 def check_group_options(owner: str, rule, group: dict) -> None:
@@ -52,6 +60,18 @@ def check_group_options(owner: str, rule, group: dict) -> None:
     True}``). The direction rule is the optimizer's, fixed at construction, so a group that asks
     for another one, or for an option not implemented, is refused by name, as the same keyword
     is at construction; values the rule reads per group (momentum, betas, eps) stay per group."""
+    whole = [key for key in _WHOLE_OPTIMIZER_OPTIONS if key in group]
+    if whole:
+        raise ValueError(
+            f"{owner}: a param group sets {', '.join(f'{k}={group[k]!r}' for k in whole)}: "
+            f"{'an option' if len(whole) == 1 else 'options'} of the whole optimizer, which a "
+            f"group cannot change: pass {'it' if len(whole) == 1 else 'them'} to {owner}(...) "
+            "(per group: lr, weight_decay and the direction's hyperparameters; layerwise=True "
+            "gives each group its own step size)")
+    if group.get("blocks_by", "name") not in ("name", "group"):
+        raise ValueError(f"{owner}: invalid blocks_by in a param group: {group['blocks_by']!r} "
+                         "(choose 'name': cut by module names, or 'group': the group is one "
+                         "block)")
     if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
         raise ValueError(
             f"{owner}: a param group asks for decoupled_weight_decay=False with weight_decay="
@@ -144,6 +164,42 @@ def _coupled_decay(saved: dict) -> bool:
     return "dampening" in saved and bool(saved.get("momentum"))
 
 
+def _torch_family(saved: dict) -> str | None:
+    """Which torch optimizer a checkpoint group comes from, by the keys only it writes."""
+    if "nesterov" in saved or "dampening" in saved:
+        return "SGD"
+    if "betas" in saved:
+        return "Adam"
+    if "alpha" in saved or "centered" in saved:
+        return "RMSprop"
+    return None
+
+
+#: the torch family each direction continues
+_FAMILY = {"sgd": "SGD", "momentum": "SGD", "nesterov": "SGD", "adam": "Adam", "nadam": "Adam",
+           "rmsprop": "RMSprop"}
+
+
+def _warn_other_direction(owner: str, rule, saved_groups: list[dict]) -> None:
+    """A checkpoint of another torch direction whose state does not say so (none yet, or
+    plain SGD's, which keeps none) loads: say that its lr is another direction's step size,
+    rather than let a run continue as if it had been this optimizer's."""
+    lead = saved_groups[0] if saved_groups else {}
+    family = _torch_family(lead)
+    ours = _FAMILY.get(rule.name)
+    if family is not None and ours is not None and family != ours:
+        what = f"torch.optim.{family}'s"
+    elif family == "SGD" and rule.name in ("momentum", "nesterov") and bool(
+            lead.get("nesterov")) != (rule.name == "nesterov"):
+        what = f"torch.optim.SGD(nesterov={bool(lead.get('nesterov'))})'s"
+    else:
+        return
+    warnings.warn(
+        f"the state_dict is {what}, a direction other than {owner}(direction={rule.name!r})'s: "
+        f"it continues along its own, from the checkpoint's lr ({_float(lr_peak(lead)):g}) as "
+        "its step size, which the next searches correct", stacklevel=5)
+
+
 def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict: dict,
                           layerwise: bool = False) -> dict:
     """A torch.optim checkpoint (AdamW, Adam, NAdam, RMSprop, SGD) as one of ours.
@@ -164,6 +220,7 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this {owner} "
                          f"{len(live_groups)}")
     saved_state = state_dict.get("state", {})
+    _warn_other_direction(owner, rule, saved_groups)
     groups, state = [], {}
     for gi, (saved, live) in enumerate(zip(saved_groups, live_groups)):
         for key in _REFUSED_IN_CHECKPOINTS:
@@ -198,7 +255,11 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         folded = max(steps, default=0)
         lead = saved if layerwise else saved_groups[0]  # global: one η shared by every group
         eta = _float(lr_peak(lead))
-        if live.get("step_size_along") == "gradient":  # SGD momentum searched along g: the
+        if not eta > 0.0:  # saved at lr 0 (a warmup written by hand, a frozen group): no step
+            # size to take; keep the live one (η = 0 never grew: the run never trained)
+            live_eta = live["step_size"]
+            eta = min(live_eta) if isinstance(live_eta, list) else _float(live_eta)
+        elif live.get("step_size_along") == "gradient":  # SGD momentum searched along g: the
             eta /= 1.0 - _float(lead.get("momentum", 0.0))  # step applies (1 - μ)·η along d
         blocks = len(live["step_size"]) if isinstance(live["step_size"], list) else None
 
