@@ -330,6 +330,21 @@ def test_a_checkpoint_of_another_direction_without_state_to_say_so_is_warned_abo
             torch.optim.AdamW(model.parameters()).state_dict())
 
 
+def test_a_step_size_taken_from_a_torch_checkpoint_is_the_start_growth_is_measured_from():
+    # plain SGD's lr 0.1 into ArmijoAdam: η shrank to 0.06 and the optimizer said it had grown
+    # to "60x its start" (init_step_size 1e-3) with no schedule attached
+    model, sgd, loss_fn, _ = _torch_run(lambda p: torch.optim.SGD(p, lr=0.1))
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    with pytest.warns(UserWarning, match="a direction other than"):
+        opt.load_state_dict(sgd.state_dict())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.step(make_closure(opt, loss_fn))
+    assert opt.param_groups[0]["step_size_avg"] >= 20 * 1e-3  # (the old measure would warn)
+    assert not [w for w in seen if "no schedule attached" in str(w.message)]
+
+
 @pytest.mark.parametrize("key, value", [("max_grad_norm", 1.0), ("init_step_size", 0.1),
                                         ("cadence", "every"), ("direction", "nadam")])
 def test_options_of_the_whole_optimizer_in_a_param_group_are_refused_by_name(key, value):

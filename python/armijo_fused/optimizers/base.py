@@ -743,9 +743,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         if any("initial_lr" in g or g["lr"] != g["lr_ref"] for g in self.param_groups):
             return  # a scheduler is attached (or lr is set by hand)
         avg = max(self._eta(gi, lb, key="step_size_avg") for gi, lb in table)
-        if avg >= 20 * self._init_step_size:
+        start = self.__dict__.get("_growth_start", self._init_step_size)
+        if avg >= 20 * start:
             self._warn_once("no_schedule", (
-                f"the searched step size has grown to {avg:.3g}, {avg / self._init_step_size:.0f}x "
+                f"the searched step size has grown to {avg:.3g}, {avg / start:.0f}x "
                 "its start, and the learning rate has not changed since construction: no "
                 "schedule attached (ReduceLROnPlateau, which leaves lr alone until a plateau, "
                 "cannot be seen from here)? On noisy mini-batches the Armijo test accepts steps that "

@@ -123,6 +123,11 @@ class CheckpointMixin:
         if is_torch_state_dict(state_dict):
             state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
                                                state_dict, layerwise=self.layerwise)
+            # the run's start is the torch optimizer's lr, not init_step_size (the warning about
+            # a step size grown without a schedule measures from it)
+            self._growth_start = max(
+                v for g in state_dict["param_groups"] for v in (
+                    g["step_size"] if isinstance(g["step_size"], list) else [g["step_size"]]))
         else:
             self._check_saved_step_sizes(state_dict)
         self._check_loadable(state_dict)
