@@ -17,7 +17,11 @@ left is exactly the optimizer's share of a step:
 * each with ``check_finite=True`` (the default; one extra read of g, 4 B/param) and ``False``;
 * ``armijo_plain_in_place``: ``armijo_plain`` with ``flat=False`` (the passes reach the
   parameters where they are, through a tile table);
-* ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(...).step()`` on the same shapes.
+* ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(...).step()`` on the same shapes;
+* ``sgd_momentum_search`` / ``sgd_momentum_plain``: ``ArmijoSGD(momentum=0.9)`` (its default
+  ``momentum_search="gradient"``: the search runs along g, then the step along the momentum
+  direction is tested, so a search step is two accepted trials), against ``sgd_fused``,
+  ``torch.optim.SGD(momentum=0.9, fused=True)``.
 
 Each row: median wall ms of ``--repeats`` calls (device synchronised around each call, so host
 work counts; the cases interleaved round by round), after warm-up; and the ratio to
@@ -43,7 +47,7 @@ from _timing import interleaved_times  # noqa: E402
 from bench_kernels import MODELS, gpt2_blocks  # noqa: E402
 from cpu_first_pass import gpt_shapes  # noqa: E402
 
-from armijo_fused import ArmijoAdam  # noqa: E402
+from armijo_fused import ArmijoAdam, ArmijoSGD  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,11 +68,14 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
     return params
 
 
-def armijo_case(shapes, device, *, search: bool, check_finite: bool, flat: bool = True):
+def armijo_case(shapes, device, *, search: bool, check_finite: bool, flat: bool = True,
+                momentum: float | None = None):
     params = make_params(shapes, device)
     backend = "triton" if device.type == "cuda" else "cpp"
-    opt = ArmijoAdam(params, backend=backend, check_finite=check_finite,
-                     cadence="every" if search else 10**9, weight_decay=0.1, flat=flat)
+    kw = dict(backend=backend, check_finite=check_finite, cadence="every" if search else 10**9,
+              weight_decay=0.1, flat=flat)
+    opt = ArmijoAdam(params, **kw) if momentum is None else ArmijoSGD(params, momentum=momentum,
+                                                                        **kw)
     f0 = torch.zeros((), device=device)
     far_below = torch.full((), -1e30, device=device)  # any η passes the Armijo test
     # (so η grows at every search: the optimizer's advice to attach a schedule is not for us)
@@ -84,6 +91,13 @@ def armijo_case(shapes, device, *, search: bool, check_finite: bool, flat: bool 
 def adamw_case(shapes, device, impl: str):
     params = make_params(shapes, device)
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, **{impl: True})
+    return opt.step, opt, params
+
+
+def sgd_case(shapes, device):
+    params = make_params(shapes, device)
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=0.1, fused=True)
+    opt.step()  # (torch's first momentum step copies g into a new buffer: not the usual step)
     return opt.step, opt, params
 
 
@@ -112,6 +126,11 @@ def main(argv=None) -> int:
     # flat=False: the same passes on the tensors where they are, through a tile table
     cases["armijo_plain_in_place"] = lambda: armijo_case(shapes, device, search=False,
                                                          check_finite=True, flat=False)
+    cases["sgd_fused"] = lambda: sgd_case(shapes, device)
+    for search in (True, False):
+        cases[f"sgd_momentum_{'search' if search else 'plain'}"] = (
+            lambda s=search: armijo_case(shapes, device, search=s, check_finite=True,
+                                         momentum=0.9))
     built = {key: build() for key, build in cases.items()}  # 124M: 2 GB each, all fit at once
     sync = torch.cuda.synchronize if device.type == "cuda" else None  # host work counts too
     times = interleaved_times({key: b[0] for key, b in built.items()}, args.repeats, sync=sync)
@@ -119,7 +138,7 @@ def main(argv=None) -> int:
     for key, (_, opt, _) in built.items():
         ts = times[key]
         rows[key] = {"ms": statistics.median(ts), "ms_min": min(ts), "ms_max": max(ts)}
-        if key.startswith("armijo"):
+        if key.startswith(("armijo", "sgd_momentum")):
             stats = opt.stats
             rows[key].update(searched=bool(stats["searched"]), trials=int(stats["trials"]),
                              skipped=bool(stats["skipped"]))
@@ -131,6 +150,12 @@ def main(argv=None) -> int:
           f"{rows['armijo_search']['over_adamw_fused']:.3f} (check_finite=False: "
           f"{rows['armijo_search_no_check_finite']['over_adamw_fused']:.3f}); without a search "
           f"{rows['armijo_plain']['over_adamw_fused']:.3f}")
+    sgd = rows["sgd_fused"]["ms"]
+    for key in ("sgd_momentum_search", "sgd_momentum_plain"):
+        rows[key]["over_sgd_fused"] = rows[key]["ms"] / sgd
+    print(f"ArmijoSGD(momentum=0.9) / fused SGD: search step "
+          f"{rows['sgd_momentum_search']['over_sgd_fused']:.3f}, without a search "
+          f"{rows['sgd_momentum_plain']['over_sgd_fused']:.3f}")
     result = {
         "environment": environment(device), "params": name,
         "numel": sum(_numel(s) for s in shapes),

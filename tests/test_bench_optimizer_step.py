@@ -30,8 +30,10 @@ def test_optimizer_step_bench_runs_small(tmp_path):
     assert rows["adamw_fused"]["over_adamw_fused"] == 1.0
     for key in ("armijo_search", "armijo_search_no_check_finite"):
         assert rows[key]["searched"] and rows[key]["trials"] == 1 and not rows[key]["skipped"]
-    for key in ("armijo_plain", "armijo_plain_no_check_finite"):
+    for key in ("armijo_plain", "armijo_plain_no_check_finite", "sgd_momentum_plain"):
         assert not rows[key]["searched"] and rows[key]["trials"] == 0
+    # along g, then the step along the momentum direction: two trials, both accepted at once
+    assert rows["sgd_momentum_search"]["searched"] and rows["sgd_momentum_search"]["trials"] == 2
     assert all(r["ms"] > 0 for r in rows.values())
 
 

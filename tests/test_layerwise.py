@@ -210,6 +210,20 @@ def test_name_parameters_cuts_groups_built_without_names_as_model_would():
         opt.name_parameters(model)
 
 
+def test_name_parameters_works_on_a_copy_of_an_optimizer_built_without_names():
+    # a deepcopy (or pickle) of the optimizer and model before the first step: the groups that
+    # were one block for want of names are the copy's too
+    import copy
+
+    model = Tiny()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = ArmijoAdam([{"params": decay}, {"params": rest}], layerwise=True)
+    model2, opt2 = copy.deepcopy((model, opt))
+    opt2.name_parameters(model2)
+    assert [g["blocks_by"] for g in opt2.param_groups] == ["name", "name"]
+
+
 def test_layerwise_needs_blocks():
     with pytest.raises(ValueError, match="layerwise=True needs blocks"):
         ArmijoAdam(nn.Linear(2, 2).parameters(), layerwise=True)

@@ -486,12 +486,12 @@ def _assert_same_bytes(a, b):
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
-@pytest.mark.parametrize("value", [math.nan, math.inf, -1e-3, 0.0])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1e-3])
 @pytest.mark.parametrize("key", ["step_size", "step_size_avg"])
 def test_a_checkpoint_with_a_step_size_that_is_not_finite_and_positive_is_refused(key, value,
                                                                                   layerwise):
-    # (NaN wrote NaN into the model at the next step, a negative η stepped uphill, η = 0 never
-    # moved, and a bad η̄ raised 'math domain error' after the search had moved θ)
+    # (NaN wrote NaN into the model at the next step, a negative η stepped uphill, and a bad η̄
+    # raised 'math domain error' after the search had moved θ)
     model, opt, _ = _stepped_adam(layerwise)
     sd = opt.state_dict()
     group = sd["param_groups"][0]
@@ -503,6 +503,29 @@ def test_a_checkpoint_with_a_step_size_that_is_not_finite_and_positive_is_refuse
     with pytest.raises(ValueError, match=f"param group 0 has an invalid {key}: "):
         opt.load_state_dict(sd)
     _assert_same_bytes(before, _bytes_of(model, opt))
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+def test_a_checkpoint_with_a_step_size_of_0_from_an_earlier_version_is_repaired(layerwise):
+    # an earlier version took a torch checkpoint saved at lr 0 as η = 0 (which never grew) and
+    # saved it: such a checkpoint loads, the zeros starting from the smallest positive η
+    model, opt, closure = _stepped_adam(layerwise)
+    sd = opt.state_dict()
+    group = sd["param_groups"][0]
+    smallest = min(v for key in ("step_size", "step_size_avg") for v in (
+        group[key] if isinstance(group[key], list) else [group[key]]))
+    for key in ("step_size", "step_size_avg"):
+        if isinstance(group[key], list):
+            group[key][0] = 0.0
+        else:
+            group[key] = 0.0
+    with pytest.warns(UserWarning, match="step sizes of 0"):
+        opt.load_state_dict(sd)
+    g = opt.param_groups[0]
+    first = g["step_size"][0] if layerwise else g["step_size"]
+    assert first == (smallest if layerwise else opt._init_step_size)
+    opt.step(closure)
+    assert all(math.isfinite(float(p.sum())) for p in model.parameters())
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])

@@ -58,30 +58,33 @@ def clone_case(case):
     return layout, offsets, params, grads, [s.clone() for s in states], eta.clone()
 
 
-def run(name, rule_name, case, gscale=(0.5, 0.25)):
+def run(name, rule_name, case, gscale=(0.5, 0.25), precond=False):
     layout, offsets, params, grads, states, eta = case
     rule, b = RULES[rule_name], backend(name)
     device = params[0].device
     table = make_table(layout, offsets, params, grads, device)
     scal, wd, gs = rule.scalars(GROUP, 3), 0.01, torch.tensor(gscale, device=device)
-    out = [b.first_pass(rule, None, None, states, scal, wd, eta, gs, layout, table=table)]
+    # precond: the first trial on the fallback line (ArmijoSGD with momentum), then moves from it
+    out = [b.first_pass(rule, None, None, states, scal, wd, eta, gs, layout, table=table,
+                        precond=precond)]
     new = eta * 0.5
     new[1] = eta[1]  # block 1 keeps its step size
     kept = [p.clone() for p, blk in zip(params, (b_ for _, b_ in TENSORS)) if blk == 1]
-    out.append(b.move(rule, None, None, states, scal, wd, eta, new, gs, layout, False, False, True,
-                      table=table))
+    out.append(b.move(rule, None, None, states, scal, wd, eta, new, gs, layout, precond, precond,
+                      True, table=table))
     still = [p for p, (_, blk) in zip(params, TENSORS) if blk == 1]
     assert all(torch.equal(a, k) for a, k in zip(still, kept))  # an unchanged block is not written
-    out.append(b.move(rule, None, None, states, scal, wd, new, new * 0.5, gs, layout, False, True,
-                      False, table=table))
+    out.append(b.move(rule, None, None, states, scal, wd, new, new * 0.5, gs, layout, precond,
+                      not precond, False, table=table))
     out.append(b.grad_sq_norm(None, layout, table=table))
     return out
 
 
-def check_against_twin(rule_name, name, device):
+def check_against_twin(rule_name, name, device, precond=False):
     start = make(rule_name, seed=1, device=device)
     a, b = clone_case(start), clone_case(start)
-    want, got = run("torch", rule_name, a), run(name, rule_name, b)
+    want, got = run("torch", rule_name, a, precond=precond), run(name, rule_name, b,
+                                                                  precond=precond)
     assert got[2] is None and want[2] is None
     for x, y in zip(got[:2] + got[3:], want[:2] + want[3:]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
@@ -93,10 +96,11 @@ def check_against_twin(rule_name, name, device):
         torch.testing.assert_close(s, t, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("precond", [False, True], ids=["along_d", "on_fallback"])
 @pytest.mark.parametrize("name", FUSED)
 @pytest.mark.parametrize("rule_name", list(RULES))
-def test_table_passes_match_the_torch_twin(rule_name, name):
-    check_against_twin(rule_name, name, "cpu")
+def test_table_passes_match_the_torch_twin(rule_name, name, precond):
+    check_against_twin(rule_name, name, "cpu", precond)
 
 
 @pytest.mark.gpu

@@ -306,6 +306,33 @@ def test_a_checkpoint_saved_at_lr_0_starts_from_the_optimizers_own_step_size():
     assert ours.stats["step_size"] > 0 and float(loss_fn()) < float(f0)
 
 
+def test_a_checkpoint_saved_at_lr_0_keeps_the_schedule_acting_on_the_next_lrs():
+    # the rest of the hand-written warmup (lr 1e-5 of a 1e-3 peak) scales the step: lr_0 is the
+    # live optimizer's lr, not the checkpoint's 0 (which made lr_t / lr_0 = 1 at any lr)
+    model, adamw, loss_fn, f0 = _torch_run(lambda p: torch.optim.AdamW(p, lr=1e-3))
+    sd = copy.deepcopy(adamw.state_dict())
+    sd["param_groups"][0]["lr"] = 0.0
+    ours = ArmijoAdam(model.parameters(), backend="torch", cadence="every", lr=1e-3)
+    ours.load_state_dict(sd)
+    ours.param_groups[0]["lr"] = 1e-5
+    ours.step(loss_fn=loss_fn, loss=f0)
+    assert ours.stats["lr_factor"] == pytest.approx(1e-2)
+
+
+def test_a_global_checkpoint_whose_first_group_is_frozen_takes_the_trained_groups_lr():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    sgd = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                           {"params": model[1].parameters()}], lr=0.05)
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    sgd.step()
+    ours = ArmijoSGD([{"params": model[0].parameters(), "lr": 0.0},
+                      {"params": model[1].parameters()}], lr=0.05, backend="torch")
+    ours.load_state_dict(sgd.state_dict())
+    assert [g["step_size"] for g in ours.param_groups] == [0.05, 0.05]  # not init_step_size
+    assert ours.param_groups[0]["lr"] == 0.0  # the frozen group stays frozen
+
+
 @pytest.mark.parametrize("make, ours, match", [
     (lambda p: torch.optim.SGD(p, lr=0.1), lambda p: ArmijoAdam(p), r"torch\.optim\.SGD's"),
     (lambda p: torch.optim.AdamW(p, lr=0.1), lambda p: ArmijoSGD(p), r"torch\.optim\.Adam's"),

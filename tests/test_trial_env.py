@@ -288,6 +288,32 @@ def test_trials_inside_a_parametrize_cached_region_see_the_trial_point():
             assert after == float(f())  # the accepted point's loss, as a fresh forward sees it
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_rnn_dropout_counts_only_between_stacked_layers(layers):
+    # nn.LSTM's dropout acts between stacked layers: with one layer it drops nothing (torch
+    # warns at construction) and the trials need no masks replayed
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lstm = nn.LSTM(6, 4, num_layers=layers, dropout=0.2, batch_first=True)
+    head = nn.Linear(4, 1)
+    model = nn.ModuleDict({"lstm": lstm, "head": head})
+    x, y = torch.randn(5, 3, 6), torch.randn(5, 1)
+
+    def loss_fn():
+        return nn.functional.mse_loss(head(lstm(x)[0][:, -1]), y)
+
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model)
+    opt.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(loss_fn=loss_fn, loss=loss)
+    warned = any("active dropout (LSTM)" in str(w.message) for w in caught)
+    assert warned == (layers > 1)
+
+
 @pytest.mark.parametrize("where", ["MultiheadAttention", "attention_dropout"])
 def test_dropout_applied_without_a_dropout_module_is_seen_too(where):
     # nn.MultiheadAttention(dropout=) and HF Llama/Mistral/Qwen attention (attention_dropout, a

@@ -4,7 +4,7 @@ All passes work on one flat fp32 buffer laid out by :class:`FlatLayout` and shar
 across the three backends (``torch_backend``, ``triton_backend``, ``cpp_backend``):
 
 ``first_pass(rule, param, grad, states, scalars, weight_decay, eta, gscale, layout,
-model_param=None) -> sums``
+model_param=None, table=None, precond=False) -> sums``
     Fold the gradient into the state, form the direction and move θ to the first trial point::
 
         g      = grad * gscale[0]            # the true gradient (gscale[0] undoes AMP scaling)
@@ -13,6 +13,9 @@ model_param=None) -> sums``
         d      = u(state, g_in) + wd * θ0    # the applied direction, decoupled weight decay
         θ      <- θ0 - eta[b] * d            # eta is per block, a device tensor
         sums[b] = (<g, d>, |g|^2, |d|^2)     # fp32, per block
+
+    With ``precond`` the trial is θ0 - eta[b] * rule.precond_grad(g_in) (the fallback line, no
+    weight decay: a search along g whose step then applies d), the sums still d's.
 
 ``move(rule, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale, layout,
 precond_old, precond_new, compute_sums, model_param=None) -> sums | None``

@@ -91,6 +91,8 @@ def _drops_out(m: torch.nn.Module) -> bool:
         return False
     if isinstance(m, _DROPOUT):
         return m.p > 0
+    if isinstance(m, torch.nn.RNNBase):  # between stacked layers only: none with one layer
+        return m.dropout > 0 and m.num_layers > 1
     return any(isinstance(r := getattr(m, k, None), float) and r > 0 for k in _DROPOUT_RATES)
 
 

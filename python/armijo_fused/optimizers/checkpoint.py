@@ -5,6 +5,8 @@ use the optimizer's attributes as ``base.py`` sets them up."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -44,13 +46,18 @@ class CheckpointMixin:
             out["_resumed_dd"] = saved_dd
         # block names are keyed by the tensors' ids, which a copy changes: carry them by position
         out["_names"] = [[self._names.get(id(p)) for p in g["params"]] for g in self.param_groups]
+        # ... and the groups name_parameters() may still cut, by position too
+        unnamed = self.__dict__.get("_unnamed_groups", ())
+        out["_unnamed_groups"] = [i for i, g in enumerate(self.param_groups) if id(g) in unnamed]
         return out
 
     def __setstate__(self, state: dict) -> None:
         if "defaults" not in state:  # torch's load_state_dict: only state and param_groups
             return super().__setstate__(state)
         names = state.pop("_names", None)
+        unnamed = state.pop("_unnamed_groups", ())
         super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
+        self._unnamed_groups = {id(self.param_groups[i]) for i in unnamed}
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_loss",
                     "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned",
                     "_block_names_of"):
@@ -129,7 +136,7 @@ class CheckpointMixin:
                 v for g in state_dict["param_groups"] for v in (
                     g["step_size"] if isinstance(g["step_size"], list) else [g["step_size"]]))
         else:
-            self._check_saved_step_sizes(state_dict)
+            state_dict = self._check_saved_step_sizes(state_dict)
         self._check_loadable(state_dict)
         state_dict = self._step_sizes_along_ours(state_dict)
         saved = state_dict.get("state", {})
@@ -195,23 +202,49 @@ class CheckpointMixin:
             groups.append(group)
         return dict(state_dict, param_groups=groups) if changed else state_dict
 
-    @staticmethod
-    def _check_saved_step_sizes(state_dict: dict) -> None:
-        """The line-search entries of one of our checkpoints are taken as they are: a NaN or
-        infinite step size wrote NaN into the model at the next step, a negative one stepped
-        uphill, and a zero or negative average raised a bare 'math domain error' after the
-        search had moved θ. (A torch checkpoint's η is its lr, where 0 freezes the group.)"""
-        for gi, group in enumerate(state_dict.get("param_groups", [])):
-            for key in ("step_size", "step_size_avg"):
-                values = group.get(key)
-                if values is None:
-                    continue
-                for v in values if isinstance(values, (list, tuple)) else [values]:
+    def _check_saved_step_sizes(self, state_dict: dict) -> dict:
+        """The line-search entries of one of our checkpoints, checked before anything changes: a
+        NaN or infinite step size wrote NaN into the model at the next step, a negative one
+        stepped uphill, and a zero or negative average raised a bare 'math domain error' after
+        the search had moved θ. An exact 0 is repaired, with a warning: an earlier version took
+        a torch checkpoint saved at lr 0 (a frozen group, a warmup from 0) as η = 0, which never
+        grew; such entries start from the smallest positive step size of the checkpoint (as a
+        block new to a run does), or ``init_step_size`` if it has none. Returns the state dict,
+        a copy where repaired."""
+        keys = ("step_size", "step_size_avg")
+
+        def entries(group, key):
+            v = group.get(key)
+            return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+        groups = state_dict.get("param_groups", [])
+        for gi, group in enumerate(groups):
+            for key in keys:
+                for v in entries(group, key):
                     try:
-                        check_number(key, v, 0.0, lo_open=True)
+                        check_number(key, v, 0.0)
                     except ValueError as e:
                         raise ValueError(f"the state dict's param group {gi} has an {e}: the "
                                          "checkpoint is corrupt or was edited") from None
+        if not any(float(v) == 0.0 for g in groups for k in keys for v in entries(g, k)):
+            return state_dict
+        fill = min((float(v) for g in groups for k in keys for v in entries(g, k)
+                    if float(v) > 0.0), default=self._init_step_size)
+        repaired = []
+        for group in groups:
+            group = dict(group)
+            for key in keys:
+                v = group.get(key)
+                if isinstance(v, (list, tuple)):
+                    group[key] = [fill if float(x) == 0.0 else x for x in v]
+                elif v is not None and float(v) == 0.0:
+                    group[key] = fill
+            repaired.append(group)
+        warnings.warn(
+            f"the state dict holds step sizes of 0 (an earlier version's import of a torch "
+            f"checkpoint saved at lr 0); they start from {fill:g}, the smallest positive one",
+            stacklevel=4)
+        return dict(state_dict, param_groups=repaired)
 
     def _check_loadable(self, state_dict: dict) -> None:
         """A state dict of another direction (an ArmijoSGD's into an ArmijoAdam) replaced the

@@ -213,7 +213,9 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
     the next step searches. Anything the rules cannot continue (amsgrad's maximum, a centred
     RMSprop, a direction whose state is missing) is a ``ValueError`` that names it, raised
     before anything changes. With one global step size
-    (``layerwise=False``) every group starts from the first group's η.
+    (``layerwise=False``) every group starts from the η of the first group whose lr is above 0.
+    A group saved at lr 0 (no scheduler's ``initial_lr``) keeps the live optimizer's lr_0 and,
+    if no group has one, its η.
     """
     saved_groups = state_dict.get("param_groups", [])
     if len(saved_groups) != len(live_groups):
@@ -221,6 +223,10 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
                          f"{len(live_groups)}")
     saved_state = state_dict.get("state", {})
     _warn_other_direction(owner, rule, saved_groups)
+    # global: one η shared by every group, the lr of the first group that trained (a frozen
+    # group at lr 0 first, an embedding for instance, has no step size to give)
+    lead_all = next((g for g in saved_groups if _float(lr_peak(g)) > 0.0),
+                    saved_groups[0] if saved_groups else {})
     groups, state = [], {}
     for gi, (saved, live) in enumerate(zip(saved_groups, live_groups)):
         for key in _REFUSED_IN_CHECKPOINTS:
@@ -253,7 +259,7 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         group.update({k: saved[k] for k in _TAKEN
                       if k in saved and (k in live or k in _SCHEDULE_KEYS)})
         folded = max(steps, default=0)
-        lead = saved if layerwise else saved_groups[0]  # global: one η shared by every group
+        lead = saved if layerwise else lead_all
         eta = _float(lr_peak(lead))
         if not eta > 0.0:  # saved at lr 0 (a warmup written by hand, a frozen group): no step
             # size to take; keep the live one (η = 0 never grew: the run never trained)
@@ -266,7 +272,12 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         def per_block(value, blocks=blocks):
             return [value] * blocks if blocks is not None else value
 
-        group.update(params=list(saved["params"]), lr_ref=_float(saved["lr"]), step=folded,
+        # lr_0, the lr the schedule's factor lr_t / lr_0 is measured against: the checkpoint's;
+        # where it holds none above 0 (saved at lr 0, no scheduler's initial_lr), the live
+        # optimizer's: lr_0 = 0 made the factor 1 at any lr, so the rest of a warmup written by
+        # hand was not applied
+        lr_ref = _float(saved["lr"]) if _float(lr_peak(saved)) > 0.0 else live["lr_ref"]
+        group.update(params=list(saved["params"]), lr_ref=lr_ref, step=folded,
                      folded=folded, step_size=per_block(eta), step_size_avg=per_block(eta),
                      step_length=per_block(0.0), collapsed=per_block(0),
                      next_search=folded + 1, search_interval=1,
