@@ -72,9 +72,11 @@ def block_sum_kernel(
     TILES_PER_ITER: tl.constexpr,
 ):
     """out[b, :] = Σ_{t in block b} partial[t, :], in tile order, ``TILES_PER_ITER`` at a time."""
-    block = tl.program_id(0)
-    first = tl.load(block_tiles_ptr + block)
-    end = tl.load(block_tiles_ptr + block + 1)
+    # int64 row indices: tile * NCOLS wraps in int32 once a buffer has 2**31 / NCOLS tiles (a
+    # tile of 1 or 2 elements at GPT-2 1.5B's 1.56e9 parameters)
+    block = tl.program_id(0).to(tl.int64)
+    first = tl.load(block_tiles_ptr + block).to(tl.int64)
+    end = tl.load(block_tiles_ptr + block + 1).to(tl.int64)
     cols = tl.arange(0, 4)  # NCOLS <= 4, padded to a power of two
     col_mask = cols < NCOLS
     acc = tl.zeros([4], dtype=tl.float32)

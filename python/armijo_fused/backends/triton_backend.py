@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +61,25 @@ def _launch_options(tile: int) -> dict:
     # No fused multiply-adds: the torch twin rounds every product, and a memory-bound pass gains
     # nothing from FMA. Explicit also because Triton's default for it is changing (3.10).
     return {"num_warps": _num_warps(tile), "enable_fp_fusion": False}
+
+
+def _fp32(x: float) -> float:
+    """``x`` rounded to fp32 (to nearest even, as Triton passes a float argument)."""
+    if not abs(x) <= 3.4028234663852886e38:  # inf, NaN or past FLT_MAX: no exact split
+        return x
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # rounds up past FLT_MAX
+        return x
+
+
+def _split_fp64(x: float) -> tuple[float, float, float]:
+    """``x`` as three fp32 values that add up to it exactly in fp64 (24 + 24 + 24 bits cover
+    the 53 of a double): the move forms ``1 - eta_old * wd`` in fp64 from them, as the torch
+    twin and the C++ kernel do with the Python float."""
+    hi = _fp32(x)
+    mid = _fp32(x - hi)
+    return hi, mid, _fp32(x - hi - mid)
 
 
 def _check(rule: DirectionRule, param: Tensor, grad: Tensor | None, states: Sequence[Tensor],
@@ -290,7 +310,8 @@ def move(
         move_kernel[(tiles.numel(),)](
             param, st0 if model_param is None else model_param, grad, lengths, tiles, st0, st1,
             eta_old, eta_new, gscale, layout.tile_block, partials, layout.numel,
-            float(weight_decay), s0, s1, s2, s3, s4, om0, RULE=rule.rule_id, NSTATES=len(states),
+            *_split_fp64(float(weight_decay)), s0, s1, s2, s3, s4, om0, RULE=rule.rule_id,
+            NSTATES=len(states),
             PRECOND_OLD=precond_old, PRECOND_NEW=precond_new, COMPUTE_SUMS=compute_sums,
             LOAD_GRAD=load_grad, WRITE_MODEL=model_param is not None, TABLE=table is not None,
             FULL=full, BLOCK_SIZE=layout.tile, **_launch_options(layout.tile),
