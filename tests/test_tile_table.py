@@ -133,6 +133,17 @@ def test_table_rejects_what_it_cannot_address():
         make_table(layout, offsets, [torch.zeros(5)[1:]], [torch.zeros(4)], "cpu")
 
 
+@pytest.mark.skipif("triton" not in FUSED, reason="needs TRITON_INTERPRET=1")
+def test_triton_table_passes_refuse_a_strided_state_buffer():
+    layout, offsets, params, grads, states, eta = make("momentum", seed=0, device="cpu")
+    table = make_table(layout, offsets, params, grads, "cpu")
+    strided = torch.zeros(2 * layout.numel)[::2]  # the right length, every other element
+    rule = RULES["momentum"]
+    with pytest.raises(ValueError, match=r"states\[0\] must be a contiguous float32"):
+        backend("triton").first_pass(rule, None, None, [strided], rule.scalars(GROUP, 1), 0.0,
+                                     eta, torch.ones(2), layout, table=table)
+
+
 def test_tiled_placement_starts_every_tensor_on_a_tile():
     layout, offsets = place_tensors_tiled([n for n, _ in TENSORS], [b for _, b in TENSORS],
                                           tile=TILE)

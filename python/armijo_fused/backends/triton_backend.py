@@ -171,9 +171,10 @@ def _check_table(rule: DirectionRule, table: TileTable, states: Sequence[Tensor]
         raise ValueError(
             f"triton backend: rule {rule.name!r} keeps {want} state buffers, got {len(states)}")
     for i, st in enumerate(states):
-        if st.dtype != torch.float32 or st.numel() != layout.numel or st.device != dev:
-            raise ValueError(f"triton backend: states[{i}] must be a float32 flat buffer of "
-                             f"{layout.numel} elements on {dev}")
+        if (st.dtype != torch.float32 or st.numel() != layout.numel or st.device != dev
+                or not st.is_contiguous()):
+            raise ValueError(f"triton backend: states[{i}] must be a contiguous float32 flat "
+                             f"buffer of {layout.numel} elements on {dev}")
 
 
 def _launches(table: TileTable | None, layout: FlatLayout) -> list[tuple[Tensor, bool]]:
