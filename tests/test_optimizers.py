@@ -1000,21 +1000,25 @@ def test_a_closure_returning_several_losses_or_a_list_is_refused():
         opt.step(lambda: closure(lambda a, b: [a + b]))
 
 
-@pytest.mark.parametrize("scheduled", [False, True])
-def test_a_step_size_growing_without_a_schedule_is_named(scheduled):
+@pytest.mark.parametrize("schedule", [None, "constant", "below_peak"])
+def test_a_step_size_growing_without_a_schedule_is_named(schedule):
     # Without a schedule an Adam-family η keeps growing on noisy mini-batches (a review
-    # measured 0.2-0.3 and the loss rising back over 2000 steps) and nothing said so.
+    # measured 0.2-0.3 and the loss rising back over 2000 steps) and nothing said so. A
+    # schedule that does not anneal (constant; warmup then constant) leaves the same growth
+    # unchecked: it is named too, while a schedule that holds lr below its peak is not.
     model, loss, _ = least_squares()
     opt = ArmijoAdam(model.parameters(), init_step_size=1e-4, cadence="every")
-    if scheduled:
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    if schedule is not None:
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if schedule == "constant" else 0.5)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(80):
             opt.step(make_closure(opt, loss))
     assert opt.param_groups[0]["step_size_avg"] >= 20 * 1e-4
-    named = [w for w in seen if "no schedule attached" in str(w.message)]
-    assert len(named) == (0 if scheduled else 1)
+    unscheduled = [w for w in seen if "no schedule attached" in str(w.message)]
+    constant = [w for w in seen if "lr has stayed at its peak" in str(w.message)]
+    assert (len(unscheduled), len(constant)) == {None: (1, 0), "constant": (0, 1),
+                                                 "below_peak": (0, 0)}[schedule]
 
 
 def test_a_loss_of_exactly_zero_with_zero_gradient_is_no_mistake():

@@ -739,19 +739,35 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         """On noisy mini-batches the Armijo test accepts steps that fit the batch it is tested
         on; the user's schedule anneals them (docs/design.md §8). With no schedule attached an
         Adam-family η keeps growing (a review measured 0.2–0.3 and the loss rising back over
-        2000 steps). Say so, once, when η̄ passes 20× its start while lr has never changed."""
+        2000 steps). Say so, once, when η̄ passes 20× its start while nothing anneals the
+        applied step: lr has stayed at its peak lr_0 (lr_t / lr_0 = 1) in every training group
+        for the last three searches. That is the case without a scheduler, and also with one
+        that does not anneal (a constant LambdaLR, warmup then constant as in
+        ``get_constant_schedule_with_warmup``), which the presence of ``initial_lr`` alone
+        cannot tell from warmup + cosine (a review's run with warmup then constant grew η 45×
+        and ended well above AdamW, without a word)."""
         if not self.rule.bias_corrected or "no_schedule" in self.__dict__.get("_warned", ()):
             return
-        if any("initial_lr" in g or g["lr"] != g["lr_ref"] for g in self.param_groups):
-            return  # a scheduler is attached (or lr is set by hand)
+        live = [g for g in self.param_groups if _lr_value(g["lr"]) > 0.0]
+        at_peak = bool(live) and all(
+            _lr_value(g["lr"]) >= (1.0 - 1e-6) * _lr_value(lr_peak(g)) for g in live)
+        n = self.__dict__.get("_searches_at_peak", 0) + 1 if at_peak else 0
+        self._searches_at_peak = n
+        if n < 3:
+            return  # the schedule lowers lr now (or reached its peak only just: OneCycleLR)
         avg = max(self._eta(gi, lb, key="step_size_avg") for gi, lb in table)
         start = self.__dict__.get("_growth_start", self._init_step_size)
         if avg >= 20 * start:
+            scheduled = any("initial_lr" in g or g["lr"] != g["lr_ref"] for g in self.param_groups)
+            what = ("a schedule is attached, but lr has stayed at its peak lr_0 over the last "
+                    "searches, so nothing anneals the applied step (a constant schedule, or "
+                    "warmup then constant?)" if scheduled else
+                    "the learning rate has not changed since construction: no schedule attached "
+                    "(ReduceLROnPlateau, which leaves lr alone until a plateau, cannot be seen "
+                    "from here)?")
             self._warn_once("no_schedule", (
                 f"the searched step size has grown to {avg:.3g}, {avg / start:.0f}x "
-                "its start, and the learning rate has not changed since construction: no "
-                "schedule attached (ReduceLROnPlateau, which leaves lr alone until a plateau, "
-                "cannot be seen from here)? On noisy mini-batches the Armijo test accepts steps that "
+                f"its start, and {what} On noisy mini-batches the Armijo test accepts steps that "
                 "fit the batch it is tested on, and without annealing they keep growing (the "
                 "loss can rise again over long runs). Attach the schedule you would use with "
                 "AdamW (warmup + cosine): the applied step is η · lr_t / lr_0"))
