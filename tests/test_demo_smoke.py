@@ -95,3 +95,30 @@ def test_cli_errors(capsys):
         with pytest.raises(SystemExit):
             cli.main(["demo", flag, "0"])
         assert f"argument {flag}: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_record_of_a_layerwise_run_keeps_each_blocks_step_size():
+    # bench/convergence.py --armijo-kw '{"layerwise": true}' raised TypeError at the first
+    # step: the record took float() of the per-block list
+    from torch import nn
+
+    from armijo_fused import ArmijoAdam
+    from armijo_fused.demo import armijo_record
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, cadence="every")
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    rec = armijo_record(opt)()
+    blocks = rec["step_size_blocks"]
+    assert len(blocks) == 2 and all(isinstance(v, float) for v in blocks)
+    assert rec["step_size"] == pytest.approx(math.exp(sum(map(math.log, blocks)) / 2))
+    assert len(rec["applied_step_blocks"]) == 2 and rec["searched"]

@@ -167,13 +167,28 @@ def train(step: Callable, sampler: BatchSampler, steps: int, *, scheduler=None,
     return out
 
 
+def _geometric_mean(values) -> float:
+    """Of a layer-wise run's per-block step sizes (blocks with nothing to train are NaN)."""
+    logs = [math.log(v) for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(logs) / len(logs)) if logs else math.nan
+
+
 def armijo_record(opt) -> Callable[[], dict]:
-    """``record`` for :func:`train`: ArmijoAdam's searched η, applied step and trials."""
+    """``record`` for :func:`train`: ArmijoAdam's searched η, applied step and trials. A
+    layer-wise run reports one η per block: the record keeps them (``*_blocks``) and, for the
+    curves and the summaries, their geometric mean."""
 
     def record():
         s = opt.stats
-        return {"step_size": float(s["step_size"]), "applied_step": float(s["applied_step"]),
-                "trials": int(s["trials"]), "searched": bool(s["searched"])}
+        out = {"trials": int(s["trials"]), "searched": bool(s["searched"])}
+        for key in ("step_size", "applied_step"):
+            v = s[key]
+            if isinstance(v, (list, tuple)):
+                out[f"{key}_blocks"] = [float(x) for x in v]
+                out[key] = _geometric_mean([float(x) for x in v])
+            else:
+                out[key] = float(v)
+        return out
 
     return record
 
