@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from problems import make_closure
 
 from armijo_fused import cli
 from armijo_fused.demo import warmup_cosine
@@ -109,14 +110,7 @@ def test_the_record_of_a_layerwise_run_keeps_each_blocks_step_size():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     x = torch.randn(8, 3)
     opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, cadence="every")
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
     rec = armijo_record(opt)()
     blocks = rec["step_size_blocks"]
     assert len(blocks) == 2 and all(isinstance(v, float) for v in blocks)

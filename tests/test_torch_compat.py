@@ -293,30 +293,20 @@ def test_an_adamw_checkpoint_continues_with_its_moments_count_and_learning_rate(
         torch.testing.assert_close(t - p.detach(), ratio * (t - r), rtol=1e-4, atol=1e-8)
 
 
-def test_a_checkpoint_saved_at_lr_0_starts_from_the_optimizers_own_step_size():
-    # a hand-written warmup saved at lr 0: η = lr_0 = 0 never grew, and the model never trained
+def test_a_checkpoint_saved_at_lr_0_keeps_the_optimizers_step_size_and_lr_0():
+    # a hand-written warmup saved at lr 0: η = lr_0 = 0 never grew (the model never trained),
+    # and lr_0 = 0 read lr_t / lr_0 as 1 at any lr (the rest of the warmup applied the full η)
     model, adamw, loss_fn, f0 = _torch_run(lambda p: torch.optim.AdamW(p, lr=1e-3))
     sd = copy.deepcopy(adamw.state_dict())
     sd["param_groups"][0]["lr"] = 0.0
     ours = ArmijoAdam(model.parameters(), backend="torch", cadence="every", lr=1e-3)
     ours.load_state_dict(sd)
-    assert ours.param_groups[0]["step_size"] == 1e-3  # init_step_size, not 0
-    ours.param_groups[0]["lr"] = ours.param_groups[0]["lr_ref"] = 1e-3  # the warmup's next lr
+    g = ours.param_groups[0]
+    assert g["step_size"] == 1e-3 and g["lr_ref"] == 1e-3  # init_step_size and the live lr_0
+    g["lr"] = 1e-5  # the warmup's next lr, 1 % of its peak
     ours.step(loss_fn=loss_fn, loss=f0)
-    assert ours.stats["step_size"] > 0 and float(loss_fn()) < float(f0)
-
-
-def test_a_checkpoint_saved_at_lr_0_keeps_the_schedule_acting_on_the_next_lrs():
-    # the rest of the hand-written warmup (lr 1e-5 of a 1e-3 peak) scales the step: lr_0 is the
-    # live optimizer's lr, not the checkpoint's 0 (which made lr_t / lr_0 = 1 at any lr)
-    model, adamw, loss_fn, f0 = _torch_run(lambda p: torch.optim.AdamW(p, lr=1e-3))
-    sd = copy.deepcopy(adamw.state_dict())
-    sd["param_groups"][0]["lr"] = 0.0
-    ours = ArmijoAdam(model.parameters(), backend="torch", cadence="every", lr=1e-3)
-    ours.load_state_dict(sd)
-    ours.param_groups[0]["lr"] = 1e-5
-    ours.step(loss_fn=loss_fn, loss=f0)
-    assert ours.stats["lr_factor"] == pytest.approx(1e-2)
+    assert ours.stats["lr_factor"] == pytest.approx(1e-2) and ours.stats["step_size"] > 0
+    assert float(loss_fn()) < float(f0)
 
 
 def test_a_global_checkpoint_whose_first_group_is_frozen_takes_the_trained_groups_lr():
