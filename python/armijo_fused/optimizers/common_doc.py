@@ -52,10 +52,7 @@ LINESEARCH_ARGS = r"""
         block_search ("round_robin" | "stale" | "exact", optional): layer-wise schedule.
             round_robin / stale: one block per search step (in turn / the one searched longest
             ago), tested with the combined Armijo condition over all blocks, so a search costs
-            what a global one costs. Each search first tries every block grown, together; if
-            that trial fails, the block whose turn it is backtracks alone (the trial is not
-            counted against ``max_trials``), and after half of ``max_trials`` rejections all
-            blocks backtrack.
+            what a global one costs; after half of ``max_trials`` rejections all blocks backtrack.
             exact: every block in turn with the others frozen, one search per block, then one
             test of the combined step (all blocks backtrack together until it passes) (small
             models) (default: "round_robin")

@@ -170,16 +170,9 @@ class SearchMixin:
                                                candidates=self.candidates, **kw)
                 return result, result.accepted
             partial = self.layerwise or any(frozen)
-            # layer-wise: a block grows only on its own turn (one block per search), so the
-            # blocks lagged far behind a global η; first try every block grown, tested together
-            optimistic = None
-            if self.layerwise:
-                optimistic = self._cap_for_weight_decay(
-                    [0.0 if frozen[b] or e == 0.0 else self.policy.first_trial(e)
-                     for b, e in enumerate(etas)])
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=plan[0] if partial else None,
-                                   along_fallback=along_fallback, optimistic=optimistic, **kw)
+                                   along_fallback=along_fallback, **kw)
             return result, result.accepted
         # exact: each block alone, the others at θ0, from one first pass
         n = len(etas)
@@ -309,12 +302,6 @@ class SearchMixin:
         if skipped or result.unresolved:
             return result.unresolved, False
         outcomes = exact if exact is not None else [(plan[0], accepted, None)]
-        turn = None  # the blocks whose turn this search was (None: the outcomes' blocks)
-        if exact is None and accepted is not None and result.optimistic:
-            # every block grown and tested together: each takes the policy's update
-            outcomes = [(m, accepted, None) for m in self._merged_blocks(table)
-                        if not all(frozen[b] for b in m)]
-            turn = set(plan[0])
         settled_all, collapsed_any = True, False
         new = list(etas)
         found = {}  # block -> the step size its search accepted this step
@@ -343,7 +330,7 @@ class SearchMixin:
             self._set_each(table, members, [int(collapsed)] * len(members), key="collapsed")
             for b in members:
                 new[b] = eta
-                if self.layerwise and (turn is None or b in turn):
+                if self.layerwise:
                     g, lb_b = self.param_groups[table[b][0]], table[b][1]
                     g["block_searched_at"][lb_b] = k
         if exact is None and accepted is not None:
