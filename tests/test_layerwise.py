@@ -49,7 +49,7 @@ HETEROGENEOUS = [1.0, 17.0, 290.0, 5000.0]  # condition number 5000 across block
 HOMOGENEOUS = [1.0, 1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("mode", ["exact", "round_robin"])
+@pytest.mark.parametrize("mode", ["exact", "round_robin", "grow_all"])
 def test_layerwise_beats_global_fivefold_on_heterogeneous_blocks(mode):
     n_layerwise = iterations_to(1e-6, *block_quadratic(HETEROGENEOUS), cap=2000,
                                 layerwise=True, block_search=mode)
@@ -65,6 +65,43 @@ def test_layerwise_is_no_worse_than_global_on_homogeneous_blocks(mode):
                                 layerwise=True, block_search=mode)
     assert n_global is not None and n_layerwise is not None
     assert n_layerwise <= 1.2 * n_global
+
+
+@pytest.mark.parametrize("mode", ["grow_all"])
+def test_grow_all_is_no_worse_than_global_on_homogeneous_blocks_over_five_problems(mode):
+    # the iteration counts of a backtracking search are chaotic in the problem (a seed moves
+    # grow_all's ratio from 1.03 to 1.46), so the bound is on the median over five problems
+    # (round_robin passes seed 0 above, 1.05, and has a median of 1.33 over these five: a
+    # limitation README names)
+    ratios = []
+    for seed in range(5):
+        n_global = iterations_to(1e-6, *block_quadratic(HOMOGENEOUS, inner=50.0, seed=seed),
+                                 cap=1000)
+        n_layerwise = iterations_to(1e-6, *block_quadratic(HOMOGENEOUS, inner=50.0, seed=seed),
+                                    cap=1000, layerwise=True, block_search=mode)
+        assert n_global is not None and n_layerwise is not None
+        ratios.append(n_layerwise / n_global)
+    assert sorted(ratios)[2] <= 1.2, ratios
+
+
+def test_a_grow_all_search_first_tries_every_block_grown():
+    # round_robin: a block grows only on its own turn (one block per search); on the character
+    # LM the blocks stayed near their start while a global η grew 20x
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+    opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, cadence="every",
+                     init_step_size=1e-3, block_search="grow_all")
+    for _ in range(3):  # every trial passes: a loss far below f0
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step(loss_fn=lambda: loss.detach() - 1e6, loss=loss.detach())
+        assert opt.stats["trials"] == 1
+    etas = opt.stats["step_size"]
+    assert len(etas) == 2 and all(e > 1.2e-3 for e in etas)  # both grew at every search
+    g = opt.param_groups[0]
+    assert sorted(g["block_searched_at"]) == [2, 3]  # the turns still go round
 
 
 def test_each_block_finds_its_own_step_size():

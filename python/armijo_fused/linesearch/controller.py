@@ -52,6 +52,8 @@ class SearchResult:
     # along_fallback: ⟨g_b, d_b⟩ of the first pass's own direction (the momentum direction), read
     # with the first trial
     first_gd: list = field(default_factory=list)
+    # the accepted trial was the optimistic one (every block grown): every block was tested
+    optimistic: bool = False
 
 
 class Passes:
@@ -168,16 +170,18 @@ def armijo_search(
     resolution: float = 8.0 * torch.finfo(torch.float32).eps,
     f0_failure: tuple | None = None,
     along_fallback: bool = False,
+    optimistic: Sequence[float] | None = None,
 ) -> SearchResult:
     """Run one backtracking search; θ ends at the accepted trial point (or at θ0 if none).
 
     ``eta0`` holds one step size per block (all flat buffers' blocks, in order). ``search``: the
     blocks whose step size backtracks (None: all, the global search); the others keep theirs, and
-    the test is the combined one, Σ over all blocks. If half of ``max_trials`` pass without
-    acceptance, every block backtracks from then on, since the blocks held fixed may be the ones
-    overshooting. ``sums``: per-block sums of a first pass that already ran (θ is then moved to
-    ``eta0``); by default the first pass runs here. ``allow_fallback``: switch to the
-    preconditioned gradient when Σ η⟨g,d⟩ <= 0 (else such a search ends unresolved).
+    the test is the combined one, Σ over all blocks (see ``optimistic``). If half of
+    ``max_trials`` pass without acceptance, every block backtracks from then on, since the blocks
+    held fixed may be the ones overshooting. ``sums``: per-block sums of a first pass that
+    already ran (θ is then moved to ``eta0``); by default the first pass runs here.
+    ``allow_fallback``: switch to the preconditioned gradient when Σ η⟨g,d⟩ <= 0 (else such a
+    search ends unresolved).
     ``guard``: a small device tensor read along with the first trial; if any entry is not finite
     the passes wrote nothing (see torch_backend.py) and the search ends as skipped.
     ``reduce``: mean over ranks (distributed runs) of the trial loss, the per-block sums and the
@@ -189,8 +193,13 @@ def armijo_search(
     (``unresolved``), since rounding decides such comparisons. The predicted decrease, not its
     c-fraction: with a small ``c`` the test is close to f(trial) <= f0, which a measurable
     decrease still decides (c·Σ η⟨g,d⟩ made every search unresolved at c = 1e-4).
+    ``optimistic``: a first trial tried before ``eta0`` (layer-wise: every block grown, where
+    ``eta0`` grows the searched block only); if it passes, every block takes it (all were tested
+    together); if the test rejects it, the search goes on from ``eta0`` as it would have (the
+    trial is counted, but not against ``max_trials``).
     """
-    eta = list(eta0)
+    pending = optimistic is not None and list(optimistic) != list(eta0)
+    eta = list(optimistic) if pending else list(eta0)
     on_fallback = False  # whether the first pass put the trial on the fallback line itself
     if sums is None:
         sums = passes.first(eta, precond=along_fallback)
@@ -264,7 +273,13 @@ def armijo_search(
         if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
                                 non_descent=non_descent, history=history, block_gd=gd_b,
-                                block_dd=dd_b, first_gd=first_gd_b)
+                                block_dd=dd_b, first_gd=first_gd_b, optimistic=pending)
+        if pending:  # the optimistic trial failed: the search proper starts at eta0
+            pending = False
+            eta = list(eta0)
+            passes.move_to(eta)
+            limit += 1
+            continue
         if trial == limit:
             break
         if trial - (limit - max_trials) >= max_trials // 2:

@@ -148,9 +148,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             check_number("max_grad_norm", max_grad_norm, 0.0, lo_open=True)
         if backend not in ("auto", "triton", "cpp", "torch"):
             raise ValueError(f"invalid backend: {backend!r} (choose auto, triton, cpp or torch)")
-        if block_search not in ("round_robin", "stale", "exact"):
+        if block_search not in ("round_robin", "grow_all", "stale", "exact"):
             raise ValueError(
-                f"invalid block_search: {block_search!r} (choose round_robin, stale or exact)"
+                f"invalid block_search: {block_search!r} (choose round_robin, grow_all, stale or "
+                "exact)"
             )
         if merge_below is not None:
             check_number("merge_below", merge_below, 0.0, lo_open=True)
@@ -691,7 +692,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
                                                           exhausted or collapsed)
-        if self.layerwise and self.block_search == "round_robin":
+        if self.layerwise and self.block_search in ("round_robin", "grow_all"):
             self._advance_cursor()
         for g in groups:
             g.update(next_search=next_search, search_interval=interval,

@@ -49,13 +49,17 @@ LINESEARCH_ARGS = r"""
             param_groups(model)`` makes a group per layer). Step sizes, their averages and
             merges are per block in the group's lists ``step_size``, ``step_size_avg``,
             ``block_owner``; ``stats['step_size']`` is a list (default: False)
-        block_search ("round_robin" | "stale" | "exact", optional): layer-wise schedule.
-            round_robin / stale: one block per search step (in turn / the one searched longest
-            ago), tested with the combined Armijo condition over all blocks, so a search costs
-            what a global one costs; after half of ``max_trials`` rejections all blocks backtrack.
-            exact: every block in turn with the others frozen, one search per block, then one
-            test of the combined step (all blocks backtrack together until it passes) (small
-            models) (default: "round_robin")
+        block_search ("round_robin" | "grow_all" | "stale" | "exact", optional): layer-wise
+            schedule. round_robin / stale: one block per search step (in turn / the one searched
+            longest ago), tested with the combined Armijo condition over all blocks, so a search
+            costs what a global one costs; after half of ``max_trials`` rejections all blocks
+            backtrack. A block's η grows only on its own turn. grow_all: as round_robin, but
+            each search first tries every block grown, together; if that trial fails, the block
+            whose turn it is searches alone (the trial not counted against ``max_trials``):
+            better losses from scratch, more forwards (bench/results/
+            convergence_cpu-layerwise-grow-all.md). exact: every block in turn with the others
+            frozen, one search per block, then one test of the combined step (all blocks
+            backtrack together until it passes) (small models) (default: "round_robin")
         merge_below (float, optional): a block whose search accepts a step size below this
             value merges with its neighbour in its param group (the previous block, else the
             next; a group that is one block does not merge) and shares one step size with it

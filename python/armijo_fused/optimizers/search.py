@@ -45,7 +45,8 @@ class SearchMixin:
         # come first, in turn, so that backtracking acts on them
         untested = [m for m in members if not all(self._tested(*table[b]) for b in m)]
         pool = untested if untested and len(untested) < len(members) else members
-        if self.block_search == "round_robin":  # the cursor moves once the search completes
+        if self.block_search in ("round_robin", "grow_all"):  # the cursor moves once the
+            # search completes
             n, at = len(every), g0.get("block_cursor", 0)
             heads = {m[0] for m in pool}  # (a set: a list test made the scan quadratic)
             pos = next(i % n for i in range(at, at + n) if every[i % n][0] in heads)
@@ -170,9 +171,16 @@ class SearchMixin:
                                                candidates=self.candidates, **kw)
                 return result, result.accepted
             partial = self.layerwise or any(frozen)
+            # grow_all: a block grows only on its own turn (one block per search), so the blocks
+            # lagged far behind a global η; first try every block grown, tested together
+            optimistic = None
+            if self.layerwise and self.block_search == "grow_all":
+                optimistic = self._cap_for_weight_decay(
+                    [0.0 if frozen[b] or e == 0.0 else self.policy.first_trial(e)
+                     for b, e in enumerate(etas)])
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=plan[0] if partial else None,
-                                   along_fallback=along_fallback, **kw)
+                                   along_fallback=along_fallback, optimistic=optimistic, **kw)
             return result, result.accepted
         # exact: each block alone, the others at θ0, from one first pass
         n = len(etas)
@@ -302,6 +310,12 @@ class SearchMixin:
         if skipped or result.unresolved:
             return result.unresolved, False
         outcomes = exact if exact is not None else [(plan[0], accepted, None)]
+        turn = None  # the blocks whose turn this search was (None: the outcomes' blocks)
+        if exact is None and accepted is not None and result.optimistic:
+            # every block grown and tested together: each takes the policy's update
+            outcomes = [(m, accepted, None) for m in self._merged_blocks(table)
+                        if not all(frozen[b] for b in m)]
+            turn = set(plan[0])
         settled_all, collapsed_any = True, False
         new = list(etas)
         found = {}  # block -> the step size its search accepted this step
@@ -330,7 +344,7 @@ class SearchMixin:
             self._set_each(table, members, [int(collapsed)] * len(members), key="collapsed")
             for b in members:
                 new[b] = eta
-                if self.layerwise:
+                if self.layerwise and (turn is None or b in turn):
                     g, lb_b = self.param_groups[table[b][0]], table[b][1]
                     g["block_searched_at"][lb_b] = k
         if exact is None and accepted is not None:
