@@ -203,14 +203,20 @@ def test_single_group_with_model_splits_into_named_blocks():
     assert losses[-1] < losses[0]
 
 
-def test_weight_decay_groups_with_names_are_cut_into_layers():
-    # HF Trainer's and nanoGPT's two groups (decay / no decay) were two blocks for the whole
-    # model: every layer shared the step size of its group
+def _weight_decay_groups():
+    """Tiny's tensors split as HF Trainer and nanoGPT split them: (model, tokens, decay, rest)."""
     torch.manual_seed(0)
     model = Tiny()
     tokens = torch.randint(0, 11, (4, 9))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
+    return model, tokens, decay, rest
+
+
+def test_weight_decay_groups_with_names_are_cut_into_layers():
+    # HF Trainer's and nanoGPT's two groups (decay / no decay) were two blocks for the whole
+    # model: every layer shared the step size of its group
+    model, tokens, decay, rest = _weight_decay_groups()
     opt = ArmijoAdam([{"params": decay, "weight_decay": 0.1}, {"params": rest}],
                      layerwise=True, model=model, cadence="every")
     whole = ArmijoAdam([{"params": decay, "weight_decay": 0.1, "blocks_by": "group"},
@@ -227,13 +233,9 @@ def test_weight_decay_groups_with_names_are_cut_into_layers():
 def test_name_parameters_cuts_groups_built_without_names_as_model_would():
     # HF Trainer's optimizer_cls_and_kwargs builds the two weight-decay groups itself, without
     # names, and model= cannot go in the kwargs: layerwise=True searched one η per group
-    torch.manual_seed(0)
-    model = Tiny()
-    tokens = torch.randint(0, 11, (4, 9))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = ArmijoAdam([{"params": decay, "weight_decay": 0.1}, {"params": rest},
-                      ], layerwise=True, cadence="every")
+    model, tokens, decay, rest = _weight_decay_groups()
+    opt = ArmijoAdam([{"params": decay, "weight_decay": 0.1}, {"params": rest}],
+                     layerwise=True, cadence="every")
     opt.name_parameters(model)
     kept = ArmijoAdam([{"params": decay, "blocks_by": "group"}, {"params": rest}],
                       layerwise=True)
