@@ -134,16 +134,21 @@ def test_gradscaler_overflow_skips_the_step_and_leaves_state_untouched():
 
 
 def test_bf16_autocast_trials_run_under_the_same_autocast():
+    # (the loss function enters autocast itself, so a dtype check alone could not fail: the
+    # trials must have run through it, and the losses the search judged must be its bf16 ones)
+    from armijo_fused import in_trial
+
     model = make_model()
     opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
-    seen = []
+    seen = []  # (in a trial?, output dtype) of every forward
+    trials = 0
     for step in range(3):
         x, y = batch(step)
 
         def loss_fn(x=x, y=y):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(x)
-            seen.append(out.dtype)
+            seen.append((in_trial(), out.dtype))
             return nn.functional.mse_loss(out.float(), y)
 
         opt.zero_grad()
@@ -151,9 +156,17 @@ def test_bf16_autocast_trials_run_under_the_same_autocast():
         loss.backward()
         opt.step(loss_fn=loss_fn, loss=loss)
         s = opt.stats
-        if s["step_size"] > 0:
-            assert s["loss_after"] <= s["loss_before"] - opt.c * s["step_size"] * s["gd"] + 1e-6
-    assert set(seen) == {torch.bfloat16}
+        assert s["searched"] and s["trials"] >= 1 and s["step_size"] > 0
+        trials += s["trials"]
+        assert s["loss_after"] <= s["loss_before"] - opt.c * s["step_size"] * s["gd"] + 1e-6
+        with torch.no_grad():
+            at_new = float(loss_fn(x, y))  # (a forward of the test's own, not a trial)
+            in_fp32 = float(nn.functional.mse_loss(model(x), y))
+        # the accepted trial's loss is the bf16-autocast loss at the new point, bit for bit,
+        # not the fp32 one
+        assert s["loss_after"] == at_new != in_fp32
+    assert sum(trial for trial, _ in seen) == trials  # every trial ran through the loss function
+    assert {dtype for _, dtype in seen} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])

@@ -590,10 +590,13 @@ def test_closure_raising_mid_search_restores_parameters():
 
 def test_copy_deepcopy_of_model_is_unaffected():
     model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    theta0 = flat(model)
     snapshot = copy.deepcopy(model)
     opt = ArmijoSGD(model.parameters(), backend="torch")
     opt.step(make_closure(opt, loss_fn, *data))
-    assert not torch.equal(flat(model), flat(snapshot))
+    assert not torch.equal(flat(model), theta0)  # the model moved ...
+    assert torch.equal(flat(snapshot), theta0)  # ... and its copy did not
+    assert all(p.grad is None for p in snapshot.parameters())
 
 
 def test_closure_for_the_gradient_and_loss_fn_for_the_trials():

@@ -84,6 +84,7 @@ def train(model, opt, scheduler, start, stop, faults=None):
             opt.capture_rng()
             l0 = closure()
             opt.step(loss_fn=lambda i=i: loss_of(model, i) + 1.0, loss=l0)
+            assert opt.stats["exhausted"], (i, dict(opt.stats))  # the fault did what it says
         elif fault == "raise":  # the loss function dies mid-search; the loop retries the batch
             opt.capture_rng()
             l0 = closure()
@@ -100,6 +101,8 @@ def train(model, opt, scheduler, start, stop, faults=None):
             opt.step(closure)
         else:
             opt.step(closure)
+            if fault == "nan_grad":
+                assert opt.stats["skipped"], (i, dict(opt.stats))
         if scheduler is not None:
             scheduler.step()
 

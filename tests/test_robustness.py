@@ -1151,9 +1151,18 @@ def test_a_state_dict_of_another_direction_is_refused_and_changes_nothing(src, d
     step(source)
     step(target)
     before = {k: v for k, v in target.param_groups[0].items() if k != "params"}
+    theta = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in target.state.items()}
+    assert state and all(state.values())  # the target has state of its own to lose
     with pytest.raises(ValueError, match=match):
         target.load_state_dict(source.state_dict())
     assert {k: v for k, v in target.param_groups[0].items() if k != "params"} == before
+    # nothing changed: the target's state (the same tensors, the same values) and θ
+    assert {id(p): set(s) for p, s in target.state.items()} == {
+        i: set(s) for i, s in state.items()}
+    assert all(torch.equal(v, state[id(p)][k]) for p, s in target.state.items()
+               for k, v in s.items())
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), theta))
     step(target)  # still usable
     assert target.param_groups[0]["step"] == 2
 
@@ -1187,15 +1196,18 @@ def test_infinite_lr_is_rejected_at_construction():
 
 
 def test_scheduler_writing_an_infinite_lr_does_not_corrupt_the_model():
+    # refused by name at the step, as a NaN or negative lr is, before anything moves
     model, x = _usage_setup()
     opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
     opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    theta = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
     opt.param_groups[0]["lr"] = math.inf
-    try:
+    with pytest.raises(ValueError, match=r"invalid lr: inf"):
         opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
-    except ValueError as e:
-        assert "invalid lr" in str(e)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), theta))
+    assert all(torch.equal(opt.state[model.weight][k], v) for k, v in state.items())
+    assert opt.param_groups[0]["step"] == 1
 
 
 @pytest.mark.parametrize("key, value, match", [
