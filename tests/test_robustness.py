@@ -1270,6 +1270,12 @@ BAD_HYPERPARAMETERS = [
     (ArmijoAdam, "block_search", "random", "invalid block_search"),
     (ArmijoAdam, "merge_below", 0.0, "invalid merge_below"),
     (ArmijoAdam, "model", "net", "model must be a torch.nn.Module"),
+    # (a string is truthy: flat="no" was a silent yes)
+    (ArmijoAdam, "flat", "no", "invalid flat"),
+    (ArmijoSGD, "check_finite", None, "invalid check_finite"),
+    (ArmijoAdam, "layerwise", "x", "invalid layerwise"),
+    (ArmijoAdam, "exact_revert", "yes", "invalid exact_revert"),
+    (ArmijoAdam, "alpha_with_adam", 1.5, "invalid alpha"),  # unused by adam, still a typo
 ]
 
 
@@ -1280,6 +1286,8 @@ def test_bad_hyperparameters_are_named(cls, name, value, match):
     kw = {name: value}
     if name == "alpha":
         kw["direction"] = "rmsprop"
+    if name == "alpha_with_adam":
+        kw = {"alpha": value}
     if name == "momentum":
         kw["direction"] = "momentum"
     with pytest.raises((ValueError, TypeError), match=match):

@@ -1,4 +1,5 @@
-"""Backends: the same three passes (first_pass, move, grad_sq_norm) in torch, Triton and C++.
+"""Backends: the same passes (first_pass, move, grad_sq_norm, trial_points) in torch, Triton and
+C++.
 
 ``torch`` is the readable reference and the ground truth in tests; ``triton`` runs on CUDA tensors
 (or on CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests it); ``cpp`` runs on CPU

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from ..directions.base import check_number
 from .base import ArmijoOptimizer
 from .common_doc import LINESEARCH_ARGS
 from .torch_compat import TORCH_ARGS, check_torch_keywords
@@ -119,6 +120,8 @@ class ArmijoAdam(ArmijoOptimizer):
                 "sgd, momentum and nesterov are ArmijoSGD's)"
             )
         rule_defaults = {"betas": tuple(betas), "eps": eps}
+        # (checked with any direction: a typo in the one not taken is still a typo)
+        check_number("alpha", alpha, 0.0, 1.0, hi_open=True)
         if direction == "rmsprop":
             rule_defaults = {"alpha": alpha, "eps": eps}
         if not decoupled_weight_decay:

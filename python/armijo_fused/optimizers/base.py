@@ -136,6 +136,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         momentum_search: str | None = None,
     ):
         _lr_value(lr)  # validates; schedulers own the value
+        for name, flag in (("check_finite", check_finite), ("layerwise", layerwise),
+                           ("exact_revert", exact_revert), ("flat", flat)):
+            if flag not in (True, False):  # (bool("no") is True: a string was a silent yes)
+                raise TypeError(f"invalid {name}: {flag!r} (expected True or False)")
         refuse_zero_redundancy(type(self).__name__)
         rule = get_rule(direction)
         check_number("weight_decay", weight_decay, 0.0)
