@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# Every check and benchmark this project needs a GPU for, in one run that fits a short device
-# slot (about 10 minutes on an H100/H200). Each stage has its own time limit and the run goes on
-# after a stage fails, so one problem does not cost the rest; the exit status is that of the worst
-# stage. Results land in bench/results/ and, when $OUT is set (the device tool's output folder),
-# are copied there together with the log.
+# Every check and benchmark this project needs a GPU for, in two parts that each fit one device
+# command (at most 10 minutes; a session has about 15 minutes of device time, the machine's start
+# included, so part 2 runs on the machine part 1 left warm). Each stage has its own time limit
+# and the run goes on after a stage fails, so one problem does not cost the rest; the exit status
+# is that of the worst stage. Results land in bench/results/ and, when $OUT is set (the device
+# tool's output folder, which returns at most 8 files), in ONE archive $OUT/gpu_results_part<N>.tgz,
+# rewritten after every stage, next to the log and pytest's JUnit XML.
 #
-# Usage (on the GPU machine, from the repository root): bash scripts/gpu_checks.sh [--quick]
-#   --quick: fewer repeats and steps (a first look when the slot is short)
+# Usage (on the GPU machine, from the repository root):
+#   bash scripts/gpu_checks.sh --part 1 [--quick]   install, GPU tests, kernels, optimizer step
+#   bash scripts/gpu_checks.sh --part 2 [--quick]   host overhead, training step, batched, layerwise
+#   bash scripts/gpu_checks.sh [--quick]            both, one after the other (a machine of your own)
+#   --quick: fewer repeats and steps; the stage limits of --part 1 --quick add up to 540 s, of
+#            --part 2 --quick to 410 s
+# Then, here: unpack both archives into bench/results/ and run
+#   python scripts/acceptance_report.py --junit <the returned gpu_tests.xml>
 # The GPU machines have no network: first run scripts/fetch_gpu_wheels.sh where pip works and
 # carry the .whl folder it fills (the text and the peers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 QUICK=0
-[[ "${1:-}" == "--quick" ]] && QUICK=1
+PART=all
+while (($#)); do
+  case $1 in
+    --quick) QUICK=1 ;;
+    --part) PART=${2:?--part needs 1 or 2}; shift ;;
+    *) echo "unknown argument: $1 (expected --part 1|2, --quick)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ $PART == 1 || $PART == 2 || $PART == all ]] || { echo "--part must be 1 or 2" >&2; exit 2; }
 status=0
-LOG=${OUT:-/tmp}/gpu_checks.log
+LOG=${OUT:-/tmp}/gpu_checks_part${PART}.log
 : >"$LOG"
 STAMP=$(mktemp)  # results newer than this are this run's
 
@@ -31,16 +48,23 @@ stage() {  # stage NAME SECONDS CMD...
   save_results
 }
 
-save_results() {  # after every stage: a run cut short by the slot's limit keeps what it measured
+save_results() {  # after every stage: a run cut short by the command's limit keeps what it measured
   if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT/results"
-    find bench/results -newer "$STAMP" -type f -exec cp {} "$OUT/results/" \;
+    local new
+    new=$(find bench/results -newer "$STAMP" -type f | sort)
+    [[ -n $new ]] && tar -czf "$OUT/gpu_results_part${PART}.tgz" $new
   fi
 }
 
-stage install 240 $PY -m pip install -q --no-build-isolation --no-deps -e .
+# Part 1 installs; part 2 runs where part 1 left the build (the device keeps ignored build
+# outputs, the compiled extension among them, between calls on a warm machine).
+if [[ $PART == 2 ]] && $PY -c "import armijo_fused._C" 2>/dev/null; then
+  echo "== install: part 1 built the extension on this machine" | tee -a "$LOG"
+else
+  stage install 150 $PY -m pip install -q --no-build-isolation --no-deps -e .
+fi
 if compgen -G ".whl/*.whl" >/dev/null; then  # scripts/fetch_gpu_wheels.sh, carried as .whl
-  stage wheels 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  stage wheels 30 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 else
@@ -52,22 +76,31 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.ve
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
 JUNIT=${OUT:-/tmp}/gpu_tests.xml  # read by scripts/acceptance_report.py
-stage tests-gpu 240 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly --junitxml "$JUNIT"
-if ((QUICK)); then
-  stage kernels 150 $PY bench/bench_kernels.py --repeats 20
-  stage optimizer-step 60 $PY bench/optimizer_step.py --device cuda --repeats 15
-  stage host-overhead 30 $PY bench/host_overhead.py --device cuda --repeats 100
-  stage step 150 $PY bench/step_bench.py --steps 20 --warmup 5
-  stage batched 90 $PY bench/batched_candidates.py --device cuda --steps 10
-else
-  stage kernels 200 $PY bench/bench_kernels.py --repeats 30
-  stage optimizer-step 90 $PY bench/optimizer_step.py --device cuda --repeats 30
-  stage host-overhead 40 $PY bench/host_overhead.py --device cuda
-  stage step 240 $PY bench/step_bench.py
-  stage batched 120 $PY bench/batched_candidates.py --device cuda
-  stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200
+if [[ $PART != 2 ]]; then
+  stage tests-gpu 150 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly --junitxml "$JUNIT"
+  if ((QUICK)); then
+    stage kernels 130 $PY bench/bench_kernels.py --repeats 20
+    stage optimizer-step 60 $PY bench/optimizer_step.py --device cuda --repeats 15
+  else
+    stage kernels 200 $PY bench/bench_kernels.py --repeats 30
+    stage optimizer-step 90 $PY bench/optimizer_step.py --device cuda --repeats 30
+  fi
 fi
-# every GPU acceptance line with its number, bound and verdict (MISSING: no result written)
-stage acceptance 30 $PY scripts/acceptance_report.py --junit "$JUNIT"
+if [[ $PART != 1 ]]; then
+  if ((QUICK)); then
+    stage host-overhead 30 $PY bench/host_overhead.py --device cuda --repeats 100
+    stage step 150 $PY bench/step_bench.py --steps 20 --warmup 5
+    stage batched 90 $PY bench/batched_candidates.py --device cuda --steps 10
+    stage layerwise 90 $PY bench/layerwise.py --device cuda --steps 60
+  else
+    stage host-overhead 40 $PY bench/host_overhead.py --device cuda
+    stage step 240 $PY bench/step_bench.py
+    stage batched 120 $PY bench/batched_candidates.py --device cuda
+    stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200
+  fi
+fi
+# every GPU acceptance line this run measured, with its number, bound and verdict (MISSING: no
+# result here; after part 2 the report here, over both parts' results, is the one that counts)
+stage acceptance 20 $PY scripts/acceptance_report.py $([[ -f $JUNIT ]] && echo --junit "$JUNIT")
 echo "== done, worst exit status $status" | tee -a "$LOG"
 exit $status
