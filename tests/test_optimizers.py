@@ -230,6 +230,43 @@ def test_collapse_guard_resets_to_the_running_average():
     assert not collapsed and eta == 2e-3 == avg  # unsmoothed: the accepted step
 
 
+def test_one_search_lowers_the_carried_step_size_by_at_most_max_drop():
+    from armijo_fused.linesearch.policy import StepSizePolicy
+
+    # a search that backtracked 6 times (1.2 · 0.5^6 ≈ 1/53: inside the collapse guard's 100x)
+    p = StepSizePolicy(max_drop=2.0)
+    eta, avg, collapsed = p.after_search(1e-3, 1e-3 / 53)
+    assert not collapsed and eta == avg == 5e-4  # not sqrt(1/53) ≈ 1/7.3 of η̄
+    eta, avg, _ = p.after_search(1e-3, 0.6e-3)  # a drop within the bound: smoothed as before
+    assert abs(avg - (1e-3 * 0.6e-3) ** 0.5) < 1e-15
+    eta, avg, _ = p.after_search(1e-3, 4e-3)  # rises are not bounded by it
+    assert abs(avg - 2e-3) < 1e-15
+    assert StepSizePolicy().after_search(1e-3, 1e-3 / 53)[1] < 1.4e-4  # None: no bound
+    # the first search's backtrack below the untested start, and collapses, keep their rules
+    assert p.after_search(1e-3, 1e-4, untested=True)[:2] == (1e-4, 1e-4)
+    assert p.after_search(1e-3, 1e-6)[2]
+
+
+def test_armijo_adam_carries_at_most_half_the_step_size_after_an_outlier_search():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+    opt = ArmijoAdam(model.parameters(), cadence="every", init_step_size=1e-3)
+    losses = iter([-1e6] + [1e6] * 6 + [-1e6] * 2)  # step 2's search backtracks 6 times
+    avgs, trials = [], []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step(loss_fn=lambda: torch.tensor(next(losses)), loss=loss.detach())
+        avgs.append(opt.param_groups[0]["step_size_avg"])
+        trials.append(opt.stats["trials"])
+    assert trials == [1, 7, 1]
+    # step 2 accepted 1.2 · 0.5^6 of η̄ (≈ 1/53; smoothed in: 1/7.3); it carried on half of it
+    assert abs(avgs[1] / avgs[0] - 0.5) < 1e-12
+    assert opt.param_groups[0]["step_size"] == avgs[2] > avgs[1]  # step 3 grew it again
+
+
 def test_max_step_caps_the_search():
     model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
     opt = ArmijoSGD(model.parameters(), backend="torch", cadence="every", max_step=0.05)

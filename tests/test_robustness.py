@@ -1256,6 +1256,8 @@ BAD_HYPERPARAMETERS = [
     (ArmijoAdam, "max_trials", True, "invalid max_trials"),
     (ArmijoAdam, "max_step", 0.0, "invalid max_step"),
     (ArmijoAdam, "collapse_ratio", 1.0, "invalid collapse_ratio"),
+    (ArmijoAdam, "max_drop", 0.5, "invalid max_drop"),
+    (ArmijoSGD, "max_drop", math.inf, "invalid max_drop"),
     (ArmijoAdam, "cadence", 0, "invalid cadence"),
     (ArmijoAdam, "cadence", True, "invalid cadence"),
     (ArmijoAdam, "max_interval", 0, "invalid max_interval"),

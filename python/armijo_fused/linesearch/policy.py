@@ -15,6 +15,16 @@ State (kept in every param group so schedulers, DCP and ``load_state_dict`` carr
 The first search that backtracks below ``init_step_size`` (which nothing had tested) sets η and
 η̄ to the step it accepted, instead of averaging with the start or counting a collapse.
 
+Bounded fall: η̄ falls by at most a factor ``max_drop`` per search (default 2 for ArmijoAdam).
+One search is one noisy measurement: a batch whose direction is barely a descent one (momentum
+pointing away from its gradient) backtracks 5-6 times and accepts a step 30-60x below η̄, inside
+the collapse guard's range below. Averaged in, it cut η̄ 5-8x, and growth (√1.2 per search, a
+search every 10 steps at most) took 250 steps to win it back: on one of four seeds of the
+language-model benchmark η̄ never recovered and the run ended 1.13x above the others
+(bench/results/convergence_cpu.md). The step that search accepted is still the one taken; only
+what the next steps carry over is bounded. A real change of scale is followed over a few
+searches, which come quicker: η̄ is then not settled, so the cadence halves its interval.
+
 Collapse guard: one noisy mini-batch can make the search accept a step orders of magnitude smaller
 than usual, or none at all (trials exhausted). Carried over, such a step size stalls training for
 many steps while growth (×1.2 per search) climbs back. So an accepted step below
@@ -37,6 +47,7 @@ class StepSizePolicy:
     smoothing: float = 0.5
     collapse_ratio: float = 1e-2
     max_step: float | None = None
+    max_drop: float | None = None
 
     def validate(self) -> None:
         if not (self.growth >= 1.0 and math.isfinite(self.growth)):
@@ -47,6 +58,10 @@ class StepSizePolicy:
             raise ValueError(
                 f"invalid collapse_ratio: {self.collapse_ratio!r} (expected 0 <= ratio < 1)"
             )
+        if self.max_drop is not None and not (self.max_drop >= 1.0
+                                              and math.isfinite(self.max_drop)):
+            raise ValueError(f"invalid max_drop: {self.max_drop!r} (expected a finite number >= 1 "
+                             "or None)")
         if self.max_step is not None and not self.max_step > 0:
             raise ValueError(f"invalid max_step: {self.max_step!r} (expected > 0 or None)")
 
@@ -78,4 +93,6 @@ class StepSizePolicy:
         s = self.smoothing
         avg = accepted if s == 0.0 else math.exp(s * math.log(step_size_avg)
                                                    + (1.0 - s) * math.log(accepted))
+        if self.max_drop is not None:  # one batch's outlier does not carry over (module doc)
+            avg = max(avg, step_size_avg / self.max_drop)
         return self.cap(avg), avg, False

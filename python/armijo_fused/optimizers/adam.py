@@ -31,7 +31,8 @@ class ArmijoAdam(ArmijoOptimizer):
     direction :math:`g_k / (\sqrt{\hat v_k} + \epsilon)` instead (rmsprop: its own
     :math:`g_k / (\sqrt{v_k} + \epsilon)`, which has no momentum and always descends); the
     trial that showed it does not count against ``max_trials``. The search runs on the steps the
-    cadence picks; the others apply the smoothed step size η̄ (see ``smoothing``). Every η,
+    cadence picks; the others apply the smoothed step size η̄ (see ``smoothing``), which one
+    search lowers by at most ``max_drop``. Every η,
     searched or not, is capped at 0.5/λ with weight decay λ, so that 1 − ηλ stays ≥ 1/2.
 
     Args:
@@ -89,6 +90,7 @@ class ArmijoAdam(ArmijoOptimizer):
         max_trials: int = 20,
         max_step: float | None = None,
         collapse_ratio: float = 1e-2,
+        max_drop: float | None = 2.0,
         cadence="adaptive",
         max_interval: int = 10,
         max_grad_norm: float | None = None,
@@ -131,7 +133,7 @@ class ArmijoAdam(ArmijoOptimizer):
         super().__init__(
             params, lr=lr, direction=direction, weight_decay=weight_decay,
             init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth, smoothing=smoothing,
-            max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio,
+            max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio, max_drop=max_drop,
             cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
             rule_defaults=rule_defaults, block_search=block_search, merge_below=merge_below,

@@ -118,6 +118,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         max_trials: int,
         max_step: float | None,
         collapse_ratio: float,
+        max_drop: float | None,
         cadence,
         max_interval: int,
         max_grad_norm: float | None,
@@ -188,7 +189,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         self.rule = rule
         self.momentum_search = momentum_search
         self.policy = StepSizePolicy(growth=growth, smoothing=smoothing,
-                                     collapse_ratio=collapse_ratio, max_step=max_step)
+                                     collapse_ratio=collapse_ratio, max_step=max_step,
+                                     max_drop=max_drop)
         self.policy.validate()
         self.cadence = Cadence(cadence, max_interval=max_interval)
         self.c, self.backtrack, self.max_trials = float(c), float(backtrack), max_trials

@@ -20,6 +20,13 @@ LINESEARCH_ARGS = r"""
         max_step (float, optional): cap on the searched η (default: None)
         collapse_ratio (float, optional): an accepted η below ``collapse_ratio`` times its
             running average counts as a collapse and η is reset to the average (default: 1e-2)
+        max_drop (float or None, optional): the running average η̄ falls by at most this factor
+            per search, so that one batch whose search backtracked far (a direction that is
+            barely a descent one) does not cut the step of the steps after it; the step that
+            search accepted is still taken. None: no bound. Default: 2 for ArmijoAdam (on one
+            of four seeds of the language-model benchmark a single search cut η̄ 7x and the
+            run never recovered: bench/results/convergence_cpu.md), None for ArmijoSGD (with
+            its smoothing 0 the accepted step is applied as is; set 2 for noisy mini-batches)
         cadence ("adaptive" | "every" | int, optional): when to search. "every": each step; an
             int k: every k-th step; "adaptive": search while η is still moving, then every
             ``max_interval`` steps at most; after an exhausted or collapsed search the next

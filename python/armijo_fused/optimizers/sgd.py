@@ -95,6 +95,7 @@ class ArmijoSGD(ArmijoOptimizer):
         max_trials: int = 20,
         max_step: float | None = None,
         collapse_ratio: float = 1e-2,
+        max_drop: float | None = None,
         cadence="adaptive",
         max_interval: int = 10,
         momentum_search: str | None = None,
@@ -124,7 +125,7 @@ class ArmijoSGD(ArmijoOptimizer):
         super().__init__(
             params, lr=lr, direction=direction, weight_decay=weight_decay,
             init_step_size=init_step_size, c=c, backtrack=backtrack, growth=growth, smoothing=smoothing,
-            max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio,
+            max_trials=max_trials, max_step=max_step, collapse_ratio=collapse_ratio, max_drop=max_drop,
             cadence=cadence, max_interval=max_interval, max_grad_norm=max_grad_norm,
             check_finite=check_finite, backend=backend, layerwise=layerwise, model=model,
             rule_defaults=rule_defaults, block_search=block_search, merge_below=merge_below,
