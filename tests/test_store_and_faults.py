@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 
 import pytest
@@ -432,13 +433,23 @@ def _assert_same(a, b):
     assert a[2] == b[2]
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler, whatever the test run was started with: a run started in the
+    background (``nohup make test &``) inherits SIGINT ignored, and these tests then saw no
+    KeyboardInterrupt at all."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("python_sigint_handler")
 @pytest.mark.parametrize("cadence, where", [("every", "first_pass"), (1000, "first_pass"),
                                              ("every", "move")])
 def test_ctrl_c_right_after_a_pass_is_held_until_the_step_is_whole(monkeypatch, cadence, where):
     """Python delivers SIGINT at the first bytecode after a C call returns: after a pass wrote,
     before the step recorded it, so the rollback missed it (θ kept the step, the moments the
     gradient, the count did not advance; a retried step folded the gradient twice)."""
-    import signal
 
     from armijo_fused.backends import torch_backend
 
@@ -468,8 +479,8 @@ def test_ctrl_c_right_after_a_pass_is_held_until_the_step_is_whole(monkeypatch, 
         signal.raise_signal(signal.SIGINT)
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_ctrl_c_in_a_trial_forward_interrupts_at_once_and_is_undone():
-    import signal
 
     model, opt, closure = _fault_setup("every")
     opt.step(closure)
@@ -527,12 +538,12 @@ def test_a_torch_pass_that_runs_out_of_memory_midway_takes_its_gradient_back_out
     assert before[2] == after[2]
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_ctrl_c_holding_leaves_the_programs_handler_in_place_outside_steps(monkeypatch):
     """A handler wrapped once per process stopped holding when a notebook kernel re-installed
     its own before each cell, and hid the default handler from asyncio.run; the step now
     installs its own only while θ moves. A handler of the program's own (one that saves a
     checkpoint) runs after the step, never inside a trial."""
-    import signal
 
     model, opt, closure = _fault_setup("every")
     opt.step(closure)
