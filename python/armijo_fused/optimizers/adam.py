@@ -122,10 +122,10 @@ class ArmijoAdam(ArmijoOptimizer):
                 "sgd, momentum and nesterov are ArmijoSGD's)"
             )
         rule_defaults = {"betas": tuple(betas), "eps": eps}
-        # (checked with any direction: a typo in the one not taken is still a typo)
-        check_number("alpha", alpha, 0.0, 1.0, hi_open=True)
-        if direction == "rmsprop":
+        if direction == "rmsprop":  # (its rule checks alpha, per group too)
             rule_defaults = {"alpha": alpha, "eps": eps}
+        else:  # unused here, but a typo in the option not taken is still a typo
+            check_number("alpha", alpha, 0.0, 1.0, hi_open=True)
         if not decoupled_weight_decay:
             # kept in the groups, as torch does: a group added or a decay scheduled later that
             # asks for L2 is refused as well (check_group_options)

@@ -48,7 +48,7 @@ from .calls import (
 from .checkpoint import CheckpointMixin
 from .interrupts import HeldInterrupts
 from .passes import FlatPasses, total
-from .search import SearchMixin
+from .search import IN_TURN, SearchMixin
 from .store import StoreMixin
 from .torch_compat import (
     GROUP_OPTION_KEYS,
@@ -153,7 +153,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             check_number("max_grad_norm", max_grad_norm, 0.0, lo_open=True)
         if backend not in ("auto", "triton", "cpp", "torch"):
             raise ValueError(f"invalid backend: {backend!r} (choose auto, triton, cpp or torch)")
-        if block_search not in ("round_robin", "grow_all", "stale", "exact"):
+        if block_search not in (*IN_TURN, "stale", "exact"):
             raise ValueError(
                 f"invalid block_search: {block_search!r} (choose round_robin, grow_all, stale or "
                 "exact)"
@@ -698,7 +698,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
                                                           exhausted or collapsed)
-        if self.layerwise and self.block_search in ("round_robin", "grow_all"):
+        if self.layerwise and self.block_search in IN_TURN:
             self._advance_cursor()
         for g in groups:
             g.update(next_search=next_search, search_interval=interval,

@@ -26,8 +26,8 @@ LINESEARCH_ARGS = r"""
             search accepted is still taken. None: no bound. Default: 2 for ArmijoAdam (on one
             of four seeds of the language-model benchmark a single search cut η̄ 7x and the
             run ended at 1.08x the best AdamW, 0.96x with the bound: README, Results), None
-            for ArmijoSGD (with
-            its smoothing 0 the accepted step is applied as is; set 2 for noisy mini-batches)
+            for ArmijoSGD (with its smoothing 0 the accepted step is applied as is; set 2 for
+            noisy mini-batches)
         cadence ("adaptive" | "every" | int, optional): when to search. "every": each step; an
             int k: every k-th step; "adaptive": search while η is still moving, then every
             ``max_interval`` steps at most; after an exhausted or collapsed search the next

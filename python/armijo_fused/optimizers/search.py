@@ -20,6 +20,8 @@ from .passes import _flat_grad, _table, scalar_sum, total
 #: a step without a search moves at most this many times η·‖d‖ of the last search's step
 #: (the group key ``step_length``; see ``_length_caps``)
 STEP_LENGTH_RATIO = 2.0
+#: the layer-wise schedules whose blocks take turns (a cursor that moves once a search completes)
+IN_TURN = ("round_robin", "grow_all")
 
 
 class SearchMixin:
@@ -45,8 +47,7 @@ class SearchMixin:
         # come first, in turn, so that backtracking acts on them
         untested = [m for m in members if not all(self._tested(*table[b]) for b in m)]
         pool = untested if untested and len(untested) < len(members) else members
-        if self.block_search in ("round_robin", "grow_all"):  # the cursor moves once the
-            # search completes
+        if self.block_search in IN_TURN:
             n, at = len(every), g0.get("block_cursor", 0)
             heads = {m[0] for m in pool}  # (a set: a list test made the scan quadratic)
             pos = next(i % n for i in range(at, at + n) if every[i % n][0] in heads)
