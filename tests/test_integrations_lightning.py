@@ -39,7 +39,7 @@ class LitRegressor(ArmijoLightningMixin, L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = nn.functional.mse_loss(self.net(x).float(), y)
+        loss = nn.functional.mse_loss(self.net(x).float(), y.float())
         self.log("train_loss", loss)
         return loss
 
@@ -50,7 +50,7 @@ class LitRegressor(ArmijoLightningMixin, L.LightningModule):
         self.before_step_calls += 1
         with torch.no_grad(), self.trainer.precision_plugin.train_step_context():
             self.window_f0.append(sum(
-                float(nn.functional.mse_loss(self.net(x).float(), y)) for x, y in self._mine)
+                float(nn.functional.mse_loss(self.net(x).float(), y.float())) for x, y in self._mine)
                 / self.trainer.accumulate_grad_batches)
         self._mine = []
 
