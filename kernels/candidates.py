@@ -11,8 +11,6 @@ Traffic per element: reads θ and the state once, and g where the direction need
 Adam, whose u does not read g once the state is updated), writes 4·K B.
 """
 
-from __future__ import annotations
-
 import triton
 import triton.language as tl
 

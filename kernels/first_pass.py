@@ -21,8 +21,6 @@ If either gscale entry is not finite the program writes zero partials and nothin
 d: SGD with momentum), saving the move there; the sums are d's either way.
 """
 
-from __future__ import annotations
-
 import triton
 import triton.language as tl
 

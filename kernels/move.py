@@ -23,8 +23,6 @@ roundings differ from theirs for about one step size in 1400 at wd = 0.01, and t
 block's elements land an ulp away from the twins'.
 """
 
-from __future__ import annotations
-
 import triton
 import triton.language as tl
 

@@ -7,8 +7,6 @@ writes its tile's partial sums to row ``tile`` of a ``[ntiles, NCOLS]`` fp32 buf
 bitwise the same on every run and every rank.
 """
 
-from __future__ import annotations
-
 import triton
 import triton.language as tl
 

@@ -17,8 +17,6 @@ Divisions and square roots use the IEEE round-to-nearest forms (``div_rn``, ``sq
 memory-bound pass.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import triton

@@ -9,6 +9,7 @@ fuse multiply-adds, so the compiled checks allow a few ulps more.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -557,9 +558,17 @@ def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=
         else:
             sig[n] = ("constexpr" if n.isupper() else
                       "i32" if n in ("n_elements", "n_candidates") else "fp32")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n.endswith("_ptr") or n == "n_elements"}
-    src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+    aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n == "n_elements"]
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+    else:  # Triton 3.0 (the floor): arguments by position, constexprs given as constants
+        from triton.compiler.compiler import AttrsDescriptor
+
+        index = {n: i for i, n in enumerate(names)}
+        src = ASTSource(kernel, {index[n]: t for n, t in sig.items() if t != "constexpr"},
+                        constants={index[n]: v for n, v in constexprs.items()},
+                        attrs=AttrsDescriptor(divisible_by_16=set(aligned)))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "enable_fp_fusion": False})
     return k.asm[ir]
