@@ -29,7 +29,6 @@ left alone: the class then behaves exactly like ``Trainer``.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -112,9 +111,7 @@ class LineSearchTrainer(Trainer):
         if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
             self._ls_clip = float(self.args.max_grad_norm)
             if not hasattr(Trainer, "_clip_grad_norm"):
-                # transformers < 5 clips inline: switch it off on a copy of the arguments
-                self.args = copy.copy(self.args)
-                self.args.max_grad_norm = 0.0
+                self._ls_answer_inline_clip()
         if self._ls_clip is not None:
             if opt.max_grad_norm is None:
                 opt.max_grad_norm = self._ls_clip
@@ -125,6 +122,27 @@ class LineSearchTrainer(Trainer):
         opt.set_closure(self._ls_trial_loss, model=self.model)
         opt.register_step_post_hook(self._ls_after_step)
         self._ls_registered = opt
+
+    def _ls_answer_inline_clip(self) -> None:
+        """transformers < 5 clips inline, with ``accelerator.clip_grad_norm_(params,
+        args.max_grad_norm)``, and its training loop holds its own reference to the arguments
+        (switching ``self.args.max_grad_norm`` off on a copy changed nothing: Trainer clipped
+        every step). So that call is answered here while this optimizer is registered: no
+        clipping pass, and the norm Trainer logs is the one the step forms, as with
+        ``_clip_grad_norm`` / ``_get_grad_norm`` on transformers >= 5."""
+        accelerator = self.accelerator
+        if getattr(accelerator, "_ls_trainer", None) is self:
+            return
+        clip = accelerator.clip_grad_norm_
+
+        def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
+            opt = armijo_optimizer(self.optimizer)
+            if opt is not None and self._ls_registered is opt:
+                return self._get_grad_norm(self.model)
+            return clip(parameters, max_norm, *args, **kwargs)
+
+        accelerator.clip_grad_norm_ = clip_grad_norm_
+        accelerator._ls_trainer = self
 
     def _clip_grad_norm(self, model):
         """Trainer's clipping (transformers >= 5): the optimizer clips inside, on the direction
