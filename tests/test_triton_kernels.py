@@ -562,13 +562,24 @@ def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=
     if "constexprs" in inspect.signature(ASTSource).parameters:
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
         src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
-    else:  # Triton 3.0 (the floor): arguments by position, constexprs given as constants
-        from triton.compiler.compiler import AttrsDescriptor
+    else:
+        # a constexpr left out is its default, else None, as newer Triton takes it
+        constexprs = {**{n: None if p.default is inspect.Parameter.empty else p.default
+                         for n, p in zip(names, kernel.params) if sig[n] == "constexpr"},
+                      **constexprs}
+        try:  # Triton 3.1-3.2: constexprs given as constants, alignment in an AttrsDescriptor
+            from triton.backends.compiler import AttrsDescriptor
 
-        index = {n: i for i, n in enumerate(names)}
-        src = ASTSource(kernel, {index[n]: t for n, t in sig.items() if t != "constexpr"},
-                        constants={index[n]: v for n, v in constexprs.items()},
-                        attrs=AttrsDescriptor(divisible_by_16=set(aligned)))
+            attrs = AttrsDescriptor.from_dict({"cls": "AttrsDescriptor",
+                                               "arg_properties": {"tt.divisibility": aligned}})
+            src = ASTSource(kernel, sig, constants=constexprs, attrs=attrs)
+        except ImportError:  # Triton 3.0 (the floor): the same, by argument position
+            from triton.compiler.compiler import AttrsDescriptor
+
+            index = {n: i for i, n in enumerate(names)}
+            src = ASTSource(kernel, {index[n]: t for n, t in sig.items() if t != "constexpr"},
+                            constants={index[n]: v for n, v in constexprs.items()},
+                            attrs=AttrsDescriptor(divisible_by_16=set(aligned)))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "enable_fp_fusion": False})
     return k.asm[ir]
