@@ -197,9 +197,16 @@ def test_decoupled_weight_decay_is_taken_where_it_changes_nothing():
 ])
 def test_a_checkpoint_with_l2_weight_decay_is_taken_with_a_warning(make, coupled):
     # its decay was added to the gradient: the run goes on with decoupled decay at the same λ
-    model, theirs, loss_fn, f0 = _torch_run(make)
+    try:
+        model, theirs, loss_fn, f0 = _torch_run(make)
+    except TypeError as e:
+        if "decoupled_weight_decay" not in str(e):
+            raise
+        pytest.skip("this torch's Adam takes no decoupled_weight_decay")
     rule = {"RMSprop": dict(direction="rmsprop"), "NAdam": dict(direction="nadam")}
     name = type(theirs).__name__
+    if name in ("Adam", "NAdam") and "decoupled_weight_decay" not in theirs.param_groups[0]:
+        coupled = False  # older torch wrote no flag: such an Adam reads as an AdamW's
     if name == "SGD":
         opt = ArmijoSGD(model.parameters(), momentum=theirs.param_groups[0]["momentum"] or None)
     else:
