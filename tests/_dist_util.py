@@ -3,8 +3,9 @@
 ``run_ranks(fn, world=2, timeout=90, args=...)`` spawns ``world`` processes (spawn start method),
 initialises gloo on a free localhost port, calls ``fn(rank, world, *args)`` in each and returns the
 list of what each rank returned (anything torch.save can write). A rank that raises fails the test
-with its traceback; ranks still running at ``timeout`` are killed and the test fails with a message
-saying so (a deadlock shows up as this timeout, never as a hung test run).
+with its traceback; ranks still running at ``timeout`` without a result are killed and the test
+fails with a message saying so (a deadlock shows up as this timeout, never as a hung test run); a
+rank that wrote its result but does not exit (stuck in ``destroy_process_group``) is killed quietly.
 ``fn`` must be importable by name (a module-level function of a test module or of this one).
 """
 

@@ -27,9 +27,9 @@ def _why_no_fsdp2_on_cpu() -> str | None:
     return None
 
 
+_NO_FSDP2 = _why_no_fsdp2_on_cpu()
 pytestmark = [pytest.mark.timeout(150),
-              pytest.mark.skipif(_why_no_fsdp2_on_cpu() is not None,
-                                 reason=str(_why_no_fsdp2_on_cpu()))]
+              pytest.mark.skipif(_NO_FSDP2 is not None, reason=str(_NO_FSDP2))]
 
 STEPS = 5
 BATCH = 32
