@@ -45,12 +45,26 @@ def main(argv=None):
         report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
     # or: LineSearchTrainer(..., optimizer_cls_and_kwargs=(ArmijoAdam, {})) with
     # TrainingArguments(weight_decay=0.01): Trainer writes args.weight_decay into every group
-    trainer = LineSearchTrainer(model=model, args=targs, train_dataset=CountingSequences(),
+    data = CountingSequences()
+    trainer = LineSearchTrainer(model=model, args=targs, train_dataset=data,
                                 optimizers=(opt, None))
+    before = mean_loss(model, data)
     out = trainer.train()
-    print(f"training loss {out.training_loss:.3f}, step size {opt.stats['step_size']:.2e}, "
-          f"clip inside the optimizer: {opt.max_grad_norm}")
-    return out.training_loss
+    after = mean_loss(model, data)
+    print(f"loss on the data {before:.3f} -> {after:.3f} (training loss {out.training_loss:.3f}), "
+          f"step size {opt.stats['step_size']:.2e}, clip inside the optimizer: "
+          f"{opt.max_grad_norm}")
+    return before, after
+
+
+@torch.no_grad()
+def mean_loss(model, data):
+    was_training = model.training
+    model.eval()
+    ids = data.ids.to(model.device)
+    loss = float(model(input_ids=ids, labels=ids).loss)
+    model.train(was_training)
+    return loss
 
 
 if __name__ == "__main__":

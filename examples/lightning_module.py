@@ -51,10 +51,18 @@ def main(argv=None):
                         accumulate_grad_batches=2, precision=args.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
+    before = mean_loss(model, data)
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=32, shuffle=True))
+    after = mean_loss(model, data)
     s = trainer.optimizers[0].stats
-    print(f"loss {s['loss_before']:.4f}, step size {s['step_size']:.2e}")
-    return s["loss_before"]
+    print(f"loss on the data {before:.4f} -> {after:.4f}, step size {s['step_size']:.2e}")
+    return before, after
+
+
+@torch.no_grad()
+def mean_loss(model, data):
+    x, y = data.tensors
+    return float(model.armijo_loss((x.to(model.device), y.to(model.device)), 0))
 
 
 if __name__ == "__main__":
