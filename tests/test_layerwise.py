@@ -72,7 +72,7 @@ def test_grow_all_is_no_worse_than_global_on_homogeneous_blocks_over_five_proble
     # the iteration counts of a backtracking search are chaotic in the problem (a seed moves
     # grow_all's ratio from 1.03 to 1.46), so the bound is on the median over five problems
     # (round_robin passes seed 0 above, 1.05, and has a median of 1.33 over these five: a
-    # limitation README names)
+    # limitation docs/results.md names)
     ratios = []
     for seed in range(5):
         n_global = iterations_to(1e-6, *block_quadratic(HOMOGENEOUS, inner=50.0, seed=seed),

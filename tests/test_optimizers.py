@@ -720,7 +720,7 @@ def test_momentum_applies_the_damped_share_of_the_step_searched_along_the_gradie
 
 
 def _ill_conditioned_quadratic(momentum_search, steps=200):
-    """Full-batch ½ Σ λ_i x_i², λ from 1 to 1000 (the README's numbers): the last loss."""
+    """Full-batch ½ Σ λ_i x_i², λ from 1 to 1000 (docs/results.md): the last loss."""
     torch.manual_seed(0)
     lam = torch.logspace(0, 3, 50)
     x = nn.Parameter(torch.randn(50))
@@ -734,7 +734,7 @@ def test_momentum_accelerates_a_deterministic_quadratic_only_searched_along_its_
     # the cost of the default: each gradient moves θ as far as one plain gradient step, so
     # heavy-ball's acceleration on a noiseless ill-conditioned problem is gone
     along_g, along_d = (_ill_conditioned_quadratic(m) for m in ("gradient", "direction"))
-    assert along_d < 1e-3 < 0.1 < along_g  # README: 1.2e-4 against 0.71
+    assert along_d < 1e-3 < 0.1 < along_g  # docs/results.md: 1.2e-4 against 0.71
 
 
 def _counted_momentum_run(monkeypatch, derive=True, steps=8, nesterov=False, max_grad_norm=None):

@@ -21,7 +21,7 @@ pointing away from its gradient) backtracks 5-6 times and accepts a step 30-60x 
 the collapse guard's range below. Averaged in, it cut η̄ 5-8x, and growth (√1.2 per search, a
 search every 10 steps at most) took 250 steps to win it back: on one of four seeds of the
 language-model benchmark η̄ never recovered and the run ended at 1.08x the best AdamW, where the
-other seeds end at 0.92-0.98x (README, Results; bench/results/convergence_cpu.md has the run with
+other seeds end at 0.92-0.98x (docs/results.md; bench/results/convergence_cpu.md has the run with
 the bound: 0.96x). The step that search accepted is still the one taken; only
 what the next steps carry over is bounded. A real change of scale is followed over a few
 searches, which come quicker: η̄ is then not settled, so the cadence halves its interval.

@@ -25,7 +25,7 @@ LINESEARCH_ARGS = r"""
             barely a descent one) does not cut the step of the steps after it; the step that
             search accepted is still taken. None: no bound. Default: 2 for ArmijoAdam (on one
             of four seeds of the language-model benchmark a single search cut η̄ 7x and the
-            run ended at 1.08x the best AdamW, 0.96x with the bound: README, Results), None
+            run ended at 1.08x the best AdamW, 0.96x with the bound: docs/results.md), None
             for ArmijoSGD (with its smoothing 0 the accepted step is applied as is; set 2 for
             noisy mini-batches)
         cadence ("adaptive" | "every" | int, optional): when to search. "every": each step; an
