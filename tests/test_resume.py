@@ -549,6 +549,34 @@ def test_a_step_size_written_into_a_group_is_refused_by_name_before_anything_mov
     _assert_same_bytes(before, _bytes_of(model, opt))
 
 
+@pytest.mark.parametrize("key, value", [("searches", None), ("folded", -1), ("step", "a"),
+                                        ("next_search", None), ("search_interval", 0),
+                                        ("forwards", 1.5), ("step_length", math.nan),
+                                        ("collapsed", None)])
+def test_a_checkpoint_with_a_corrupt_counter_is_refused_by_name(key, value):
+    # (searches=None loaded, and the next search raised a bare TypeError after θ and the moments
+    # had moved, with step not counted: a retry would fold the gradient twice)
+    model, opt, _ = _stepped_adam(False)
+    sd = opt.state_dict()
+    sd["param_groups"][0][key] = value
+    before = _bytes_of(model, opt)
+    with pytest.raises(ValueError, match=f"param group 0 has an invalid {key}: .*corrupt"):
+        opt.load_state_dict(sd)
+    _assert_same_bytes(before, _bytes_of(model, opt))
+
+
+@pytest.mark.parametrize("key, value", [("searches", None), ("folded", -1), ("step", "a"),
+                                        ("next_search", None), ("backwards", True)])
+def test_a_counter_written_into_a_group_is_refused_by_name_before_anything_moves(key, value):
+    model, opt, closure = _stepped_adam(True, steps=3)
+    opt.param_groups[-1][key] = value
+    before = _bytes_of(model, opt)
+    gi = len(opt.param_groups) - 1
+    with pytest.raises(ValueError, match=f"invalid {key}: .* in param group {gi}"):
+        opt.step(closure)
+    _assert_same_bytes(before, _bytes_of(model, opt))
+
+
 def test_a_dcp_state_dict_of_a_fresh_optimizer_counts_no_step():
     """torch.distributed.checkpoint initialises the state of an optimizer that has not stepped
     (zero gradients, lr 0, a bare step()): that call counted as a step (bias corrections one

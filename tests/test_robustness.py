@@ -1116,7 +1116,10 @@ def _usage_setup():
     (lambda opt, m, x: opt.step(loss_fn="loss"), TypeError, "loss_fn must be callable, got str"),
     (lambda opt, m, x: opt.set_closure(m(x)), TypeError, "closure must be callable, got Tensor"),
     (lambda opt, m, x: opt.step(loss_fn=lambda: m(x).mean(), loss=m(x)), ValueError,
-     r"loss returned a tensor of shape \(8, 1\)"),
+     r"loss= is a tensor of shape \(8, 1\)"),
+    (lambda opt, m, x: opt.provide_loss("a"), TypeError, "provide_loss\\(\\) got str"),
+    (lambda opt, m, x: opt.step(lambda: m(x).mean(), loss=m(x).mean()), ValueError,
+     "pass loss= only without a closure"),
 ])
 def test_wrong_calls_are_clear_errors_that_change_nothing(call, exc, match):
     model, x = _usage_setup()
@@ -1265,6 +1268,10 @@ BAD_HYPERPARAMETERS = [
     (ArmijoAdam, "max_grad_norm", -1.0, "invalid max_grad_norm"),
     (ArmijoAdam, "betas", (0.9,), "invalid betas"),
     (ArmijoAdam, "betas", (-0.1, 0.999), r"invalid betas\[0\]"),
+    (ArmijoAdam, "betas", 0.9, r"invalid betas: 0.9 \(expected a pair"),  # 'float' not iterable
+    (ArmijoAdam, "betas", None, "invalid betas: None"),
+    (ArmijoAdam, "betas", "ab", "invalid betas: 'ab'"),  # (was split into 'a', 'b')
+    (ArmijoAdam, "model", nn.Linear(2, 2), "model= got a Linear that holds none of the "),
     (ArmijoAdam, "eps", 0.0, "invalid eps"),
     (ArmijoAdam, "alpha", 1.0, "invalid alpha"),
     (ArmijoSGD, "momentum", 1.0, "invalid momentum"),
@@ -1294,6 +1301,49 @@ def test_bad_hyperparameters_are_named(cls, name, value, match):
         kw["direction"] = "momentum"
     with pytest.raises((ValueError, TypeError), match=match):
         cls(model.parameters(), **kw)
+
+
+def test_set_closure_with_a_model_that_holds_none_of_the_parameters_is_refused():
+    # (trials then restored the other model's BatchNorm statistics and let the trained model's
+    # count up with every trial forward)
+    model, x = _usage_setup()
+    opt = ArmijoAdam(model.parameters())
+    with pytest.raises(ValueError, match=r"set_closure\(..., model=\) got a Linear that holds "):
+        opt.set_closure(lambda: model(x).mean(), model=nn.Linear(2, 2))
+    opt.set_closure(lambda: model(x).mean(), model=model)  # the right one is taken
+
+
+def test_parameters_still_on_the_meta_device_at_the_first_step_are_named():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(8, 4, device="meta")
+    opt = ArmijoAdam(model.parameters(), model=model)
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    with pytest.raises(ValueError, match=r"a parameter \(0.weight\) is on the meta device"):
+        opt.step(closure)
+
+
+def test_an_optimizer_built_on_the_meta_device_trains_after_to_empty_with_swapped_params():
+    # torch's swap on conversion keeps the Parameter objects, so the optimizer holds the
+    # materialised tensors (without it to_empty makes new ones, which the error above names)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    torch.manual_seed(0)
+    for m in (model[0], model[2]):
+        m.reset_parameters()
+    x = torch.randn(16, 4)
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    first = float(opt.step(closure))
+    for _ in range(5):
+        last = float(opt.step(closure))
+    assert last < first
 
 
 @pytest.mark.parametrize("cls, kw, name", [

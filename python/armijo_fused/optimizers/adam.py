@@ -121,7 +121,9 @@ class ArmijoAdam(ArmijoOptimizer):
                 f"invalid direction for ArmijoAdam: {direction!r} (choose adam, nadam or rmsprop; "
                 "sgd, momentum and nesterov are ArmijoSGD's)"
             )
-        rule_defaults = {"betas": tuple(betas), "eps": eps}
+        # a list becomes a tuple, as torch keeps it; anything else reaches the rule's check,
+        # which names it (tuple(0.9) raised "'float' object is not iterable")
+        rule_defaults = {"betas": tuple(betas) if isinstance(betas, list) else betas, "eps": eps}
         if direction == "rmsprop":  # (its rule checks alpha, per group too)
             rule_defaults = {"alpha": alpha, "eps": eps}
         else:  # unused here, but a typo in the option not taken is still a typo

@@ -229,6 +229,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         self._unnamed_groups: set = set()  # ids of groups one block for want of names
         for group in self.param_groups:
             self._init_group(group, constructing=True)
+        if model is not None:
+            self._check_model_holds_params(model, "model=")
         # filled by state_dict() only; a live key, so that a checkpoint flattened by
         # torch.distributed.checkpoint (flatten_optimizer_state_dict, which keeps only the keys
         # the live groups have) carries it back
@@ -336,9 +338,25 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         at the current parameters. ``model``: modules whose buffers trials must not change."""
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if model is not None:
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            self._check_model_holds_params(model, "set_closure(..., model=)")
         self._closure = closure
         if model is not None:
             self._modules = [model]
+
+    def _check_model_holds_params(self, model: torch.nn.Module, where: str) -> None:
+        """A model that holds none of the optimized parameters is another module than the one
+        the loss trains (trials would restore its BatchNorm statistics and not the trained
+        model's, and the layer-wise blocks would get no names): refused by name. One that holds
+        some is fine (a temperature outside the model is optimized too)."""
+        held = {id(p) for p in model.parameters()}
+        if not any(id(p) in held for g in self.param_groups for p in g["params"]):
+            raise ValueError(
+                f"{where} got a {type(model).__name__} that holds none of the optimizer's "
+                "parameters: pass the module whose parameters these are, the one the loss "
+                "runs (trials restore its buffers, BatchNorm statistics, and name its layers)")
 
     def name_parameters(self, model: torch.nn.Module) -> None:
         """Take the parameters' names from ``model``'s modules, as ``model=`` at construction
@@ -363,7 +381,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         already computed (a trainer that calls ``step()`` bare after its own forward/backward):
         a search then takes it as f(θ0) instead of calling the registered closure once more.
         Used once; a later call replaces it."""
-        self._pending_loss = as_loss(loss, "loss")
+        self._pending_loss = as_loss(loss, "provide_loss()", verb="got")
 
     def capture_rng(self) -> None:
         """Record the RNG state before your training forward, so that trial forwards replay its
@@ -426,13 +444,14 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
 
     def _step(self, closure, loss_fn, loss):
-        if closure is not None and loss_fn is not None and loss is not None:
+        if closure is not None and loss is not None:  # (it was dropped without a word)
             raise ValueError("pass loss= only without a closure: the closure computes the loss")
         for name, fn in (("closure", closure), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         self._validate_changed_groups()
         self._check_step_sizes()
+        self._check_counters()
         self._settle_skip()
         groups = self.param_groups
         g0 = groups[0]
@@ -479,7 +498,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 self._unscale_gradients(scaler)
         self._count(forwards=1, backwards=1)
         if f0 is not None:
-            f0 = as_loss(f0, "the closure" if closure is not None else "loss")
+            f0 = (as_loss(f0, "the closure") if closure is not None
+                  else as_loss(f0, "loss=", verb="is"))
         buffers = self._sync_buffers()
         if not buffers:
             self._advance(k, folded=())

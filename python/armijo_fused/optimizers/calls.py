@@ -75,22 +75,24 @@ def loss_in(value):
     return value
 
 
-def as_loss(value, what: str) -> Tensor:
+def as_loss(value, what: str, verb: str = "returned") -> Tensor:
+    """``value`` as a detached 0-dim loss tensor; a clear error naming ``what`` ('the closure',
+    'loss=', with ``verb`` 'returned' / 'is' / 'got') for anything else."""
     value = loss_in(value)
     if isinstance(value, Tensor):
         if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{what} returned a {value.dtype} tensor; expected a real scalar "
+            raise TypeError(f"{what} {verb} a {value.dtype} tensor; expected a real scalar "
                             "loss (a floating-point tensor or a float)")
         if value.numel() != 1:
             raise ValueError(
-                f"{what} returned a tensor of shape {tuple(value.shape)}; expected a scalar loss "
+                f"{what} {verb} a tensor of shape {tuple(value.shape)}; expected a scalar loss "
                 "(reduce it, e.g. with .mean())"
             )
         value = value.detach()
         return value if value.dim() == 0 else value.reshape(())  # (a view op is a dispatch)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         return torch.tensor(float(value), dtype=torch.float64)
-    raise TypeError(f"{what} returned {type(value).__name__}; expected a scalar loss (a tensor or "
+    raise TypeError(f"{what} {verb} {type(value).__name__}; expected a scalar loss (a tensor or "
                     "a float, or a dict / ModelOutput with 'loss', or a tuple starting with it)")
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from ..directions.base import check_number
 from ..storage.sharded import is_dtensor
 from ..telemetry import StepStats
+from .search import counter_error
 from .torch_compat import from_torch_state_dict, is_torch_state_dict
 
 
@@ -213,19 +214,26 @@ class CheckpointMixin:
         a copy where repaired."""
         keys = ("step_size", "step_size_avg")
 
-        def entries(group, key):
-            v = group.get(key)
-            return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+        def entries(group, key):  # (a key an older checkpoint lacks is not checked; a None is)
+            if key not in group:
+                return []
+            v = group[key]
+            return list(v) if isinstance(v, (list, tuple)) else [v]
 
         groups = state_dict.get("param_groups", [])
         for gi, group in enumerate(groups):
-            for key in keys:
+            # the counters too: a None among them loaded, and the next step raised after θ moved
+            problems = [counter_error(group)]
+            for key in (*keys, "step_length", "collapsed"):
                 for v in entries(group, key):
                     try:
                         check_number(key, v, 0.0)
                     except ValueError as e:
-                        raise ValueError(f"the state dict's param group {gi} has an {e}: the "
-                                         "checkpoint is corrupt or was edited") from None
+                        problems.append(str(e))
+            problem = next((p for p in problems if p is not None), None)
+            if problem is not None:
+                raise ValueError(f"the state dict's param group {gi} has an {problem}: the "
+                                 "checkpoint is corrupt or was edited")
         if not any(float(v) == 0.0 for g in groups for k in keys for v in entries(g, k)):
             return state_dict
         fill = min((float(v) for g in groups for k in keys for v in entries(g, k)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -16,6 +17,23 @@ from ..linesearch.controller import armijo_search, loss_resolution
 from ..storage.scalars import device_floats
 from ..storage.sharded import ShardedBuffer
 from .passes import _flat_grad, _table, scalar_sum, total
+
+#: the counters every param group keeps (and a checkpoint holds), with their least valid value
+COUNTER_MINIMA = {"step": 0, "folded": 0, "next_search": 0, "search_interval": 1, "searches": 0,
+                  "forwards": 0, "backwards": 0}
+
+
+def counter_error(group: dict) -> str | None:
+    """What is wrong with the first of ``group``'s counters that is not an integer at or above
+    its minimum (a key the group lacks is not checked); None when none is wrong."""
+    for key, lo in COUNTER_MINIMA.items():
+        v = group.get(key, lo)
+        if type(v) is int and v >= lo:  # the usual case, first: this runs at every step
+            continue
+        if isinstance(v, Integral) and not isinstance(v, bool) and v >= lo:  # (numpy ints)
+            continue
+        return f"invalid {key}: {v!r} (expected an integer >= {lo})"
+    return None
 
 #: a step without a search moves at most this many times η·‖d‖ of the last search's step
 #: (the group key ``step_length``; see ``_length_caps``)
@@ -469,6 +487,17 @@ class SearchMixin:
                 raise ValueError(f"invalid {key} in {where}: {values[b]!r} (expected a finite "
                                  "number > 0; the optimizer keeps it, code that writes it must "
                                  "too)")
+
+    def _check_counters(self) -> None:
+        """The step counts in every group (:data:`COUNTER_MINIMA`) must be integers at or above
+        their minimum: the step adds to them after θ has moved, so a ``None`` written into
+        ``param_groups`` raised there and left θ and the moments stepped with ``step`` not
+        counted (a retry folded the gradient twice). Refused by name at the start instead."""
+        for gi, group in enumerate(self.param_groups):
+            problem = counter_error(group)
+            if problem is not None:
+                raise ValueError(f"{problem} in param group {gi}: the optimizer keeps its "
+                                 "counters, code that writes them must too")
 
     def _eta(self, gi, lb, key="step_size"):
         v = self.param_groups[gi][key]

@@ -161,6 +161,13 @@ class StoreMixin:
             self._warn_shared_storage()
         by_slot: dict = {}
         for gi, p in self._trainable():
+            if p.device.type == "meta":  # else a bare "Cannot copy out of meta tensor" later
+                raise ValueError(
+                    f"a parameter ({self._shown([p])}) is on the meta device and holds no data: "
+                    "materialise the model before the first step. model.to_empty(device=...) "
+                    "makes new parameters unless torch.__future__."
+                    "set_swap_module_params_on_conversion(True) is set, so build the "
+                    "optimizer after it (and after initialising the weights)")
             by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
         if self.layerwise and len({gi for gi, _, _, _ in by_slot}) != len(by_slot):
             raise ValueError("layerwise=True needs each param group on one device and dtype")
