@@ -60,7 +60,8 @@ def store_states(state0_ptr, state1_ptr, offs, mask, a, b, NSTATES: tl.constexpr
 def round_to_model(theta, DTYPE: tl.constexpr):
     """fp32 θ rounded to the model's bf16/fp16, to nearest even (torch's casts). bf16 is rounded
     on the bits, as c10::BFloat16 does, NaN to the quiet NaN 0x7FC0: the interpreter's own bf16
-    cast truncates, and this way CI's interpreted kernels and the GPU's agree bit for bit."""
+    cast truncates, and this way CI's interpreted kernels and the GPU's agree bit for bit (and
+    with C++; the torch twin's vectorised CPU cast writes another NaN, 0xFFFF: NaN either way)."""
     if DTYPE == tl.bfloat16:
         bits = theta.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16

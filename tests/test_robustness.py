@@ -1273,6 +1273,8 @@ BAD_HYPERPARAMETERS = [
     (ArmijoAdam, "betas", "ab", "invalid betas: 'ab'"),  # (was split into 'a', 'b')
     (ArmijoAdam, "model", nn.Linear(2, 2), "model= got a Linear that holds none of the "),
     (ArmijoAdam, "eps", 0.0, "invalid eps"),
+    # 0 in float32, where the passes compute: 0/0 wrote NaN into the model, no skip
+    (ArmijoAdam, "eps", 1e-50, r"invalid eps: 1e-50 \(it is 0 in float32"),
     (ArmijoAdam, "alpha", 1.0, "invalid alpha"),
     (ArmijoSGD, "momentum", 1.0, "invalid momentum"),
     (ArmijoSGD, "momentum", math.nan, "invalid momentum"),

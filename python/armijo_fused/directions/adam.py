@@ -20,6 +20,17 @@ import torch
 from .base import DirectionRule, _pad, check_number, check_range, unmix
 
 
+def check_eps(group) -> None:
+    """eps > 0 as the passes see it, in float32: 1e-50 passed a float64 check, became 0 in every
+    backend, and an element whose g and v were 0 got 0/0, NaN, in the model (no skip: the
+    guard watches the gradient and the loss, not the direction)."""
+    check_range(group, "eps", 0.0, float("inf"), lo_open=True)
+    as_fp32 = float(torch.tensor(float(group["eps"]), dtype=torch.float32))
+    if not 0.0 < as_fp32 < float("inf"):
+        raise ValueError(f"invalid eps: {group['eps']!r} (it is {as_fp32:g} in float32, where the "
+                         "passes compute; expected a value between 1.4e-45 and 3.4e38)")
+
+
 class RMSProp(DirectionRule):
     name = "rmsprop"
     rule_id = 3
@@ -29,7 +40,7 @@ class RMSProp(DirectionRule):
 
     def validate(self, group):
         check_range(group, "alpha", 0.0, 1.0)
-        check_range(group, "eps", 0.0, float("inf"), lo_open=True)
+        check_eps(group)
 
     def scalars(self, group, step):
         return _pad(group["alpha"], group["eps"])
@@ -61,7 +72,7 @@ class Adam(DirectionRule):
             raise ValueError(f"invalid betas: {betas!r} (expected a pair (beta1, beta2))")
         for i, b in enumerate(betas):
             check_number(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
-        check_range(group, "eps", 0.0, float("inf"), lo_open=True)
+        check_eps(group)
 
     def scalars(self, group, step):
         b1, b2 = group["betas"]
