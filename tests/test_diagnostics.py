@@ -509,3 +509,33 @@ def test_report_rejects_a_bad_telemetry_file(tmp_path, capsys):
     bad.write_text("{\"format\": \"something else\", \"records\": []}")
     assert main(["--telemetry", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "not a telemetry file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--percentile", "0"], "--percentile must be in (0, 100], got 0"),
+    (["--clip", "-1"], "--clip must be > 0, got -1"),
+    (["--power-iters", "-2"], "--power-iters must be >= 0 (0 skips it)"),
+])
+def test_report_refuses_bad_options_before_any_work(args, message, tmp_path, capsys):
+    # they exited 0, the error a bullet in summary.md, after the spectra had been computed
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_out_must_be_a_directory_and_a_rerun_leaves_no_older_files(tmp_path, capsys):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert main(["--out", str(a_file)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "step_sizes.png").write_text("an older run's")
+    (out / "notes.txt").write_text("the user's own")
+    bad = tmp_path / "list.json"
+    bad.write_text("[1]")
+    assert main(["--telemetry", str(bad), "--out", str(out)]) == 2
+    assert "a JSON list, expected an object" in capsys.readouterr().err
+    assert not (out / "step_sizes.png").exists()  # a report's own name: cleared
+    assert (out / "notes.txt").exists()  # anything else stays
+

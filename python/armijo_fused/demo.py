@@ -145,16 +145,16 @@ def train(step: Callable, sampler: BatchSampler, steps: int, *, scheduler=None,
         _sync(device)
         t0 = time.perf_counter()
         loss = step(x, y)
-        if scheduler is not None:
-            scheduler.step()
         loss_value = float(loss)  # the sync that makes the timing honest
         elapsed += time.perf_counter() - t0
         out["step"].append(k)
         out["loss"].append(loss_value)
         out["time"].append(elapsed)
-        if record is not None:
+        if record is not None:  # before the scheduler moves lr on to the next step's
             for key, v in record().items():
                 out.setdefault(key, []).append(v)
+        if scheduler is not None:
+            scheduler.step()
         if eval_fn is not None and ((eval_every and k % eval_every == 0) or k == steps):
             out["eval"].append({"step": k, "time": elapsed, **eval_fn()})
         if progress and (k % every == 0 or k == steps):
@@ -174,13 +174,14 @@ def _geometric_mean(values) -> float:
 
 
 def armijo_record(opt) -> Callable[[], dict]:
-    """``record`` for :func:`train`: ArmijoAdam's searched η, applied step and trials. A
+    """``record`` for :func:`train`: ArmijoAdam's searched η, applied step, lr_t / lr_0 and trials. A
     layer-wise run reports one η per block: the record keeps them (``*_blocks``) and, for the
     curves and the summaries, their geometric mean."""
 
     def record():
         s = opt.stats
-        out = {"trials": int(s["trials"]), "searched": bool(s["searched"])}
+        out = {"trials": int(s["trials"]), "searched": bool(s["searched"]),
+               "lr_factor": float(s["lr_factor"])}
         for key in ("step_size", "applied_step"):
             v = s[key]
             if isinstance(v, (list, tuple)):
@@ -227,13 +228,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _usage_error(message: str) -> SystemExit:
+    """A one-line error and exit status 2, as argparse gives for a bad option."""
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise _usage_error(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
+        raise _usage_error("--device cuda was asked for but torch sees no CUDA device")
     return dev
+
+
+def _heads(width: int) -> int:
+    """One head per 32 channels, or the nearest count below that divides the width."""
+    return next(h for h in range(max(1, width // 32), 0, -1) if width % h == 0)
+
+
+def _out_dir(path: str) -> None:
+    """Create the output directory before training: a bad --out failed after it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise _usage_error(f"--out {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise _usage_error(f"--out {path} is not writable")
 
 
 def _plot(path: str, runs: dict, steps: int) -> None:
@@ -280,21 +307,27 @@ def main(argv=None) -> int:
     from . import ArmijoAdam
 
     device = _device(args.device)
+    _out_dir(args.out)
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    data = load_shakespeare(max_plays=args.max_plays)
+    try:
+        data = load_shakespeare(max_plays=args.max_plays)
+    except ImportError as e:
+        raise _usage_error(f"{e}") from None
     cfg = TransformerConfig(vocab_size=data.vocab_size, context=args.context,
-                            d_model=args.width, n_layers=args.layers,
-                            n_heads=max(1, args.width // 32))
+                            d_model=args.width, n_layers=args.layers, n_heads=_heads(args.width))
     torch.manual_seed(args.seed)
     base = TransformerLM(cfg).to(device)
-    eval_sets = {
-        "train": fixed_batches(data.train, args.eval_batches, args.batch, args.context,
-                               seed=args.seed + 1000, device=device),
-        "val": fixed_batches(data.val, args.eval_batches, args.batch, args.context,
-                             seed=args.seed + 2000, device=device),
-    }
+    try:
+        eval_sets = {
+            "train": fixed_batches(data.train, args.eval_batches, args.batch, args.context,
+                                   seed=args.seed + 1000, device=device),
+            "val": fixed_batches(data.val, args.eval_batches, args.batch, args.context,
+                                 seed=args.seed + 2000, device=device),
+        }
+    except ValueError as e:  # a context longer than the text (--max-plays 1 --context 20000)
+        raise _usage_error(f"{e}") from None
     if not args.quiet:
         print(f"Shakespeare: {len(data.train):,} train / {len(data.val):,} validation chars, "
               f"vocab {data.vocab_size}; model {base.num_parameters():,} parameters "
@@ -337,7 +370,6 @@ def main(argv=None) -> int:
         print(f"{labels[name]:34s} {r['train']:10.4f} {r['val']:9.4f} {r['ms_per_step']:8.1f} "
               f"{r['extra_forwards_per_step']:15.2f}")
 
-    os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "losses.png")
     _plot(png, runs, args.steps)
     result = {

@@ -241,6 +241,9 @@ class TelemetryRecorder:
 
     @classmethod
     def from_dict(cls, d: dict) -> TelemetryRecorder:
+        if not isinstance(d, dict):
+            raise ValueError(f"not a telemetry file (a JSON {type(d).__name__}, expected an "
+                             "object)")
         if d.get("format") != _FORMAT:
             raise ValueError(f"not a telemetry file (format {d.get('format')!r}, "
                              f"expected {_FORMAT!r})")
@@ -255,7 +258,12 @@ class TelemetryRecorder:
                 return [nan(x) for x in v]
             return v
 
-        for r in d["records"]:
+        records = d.get("records")
+        if not isinstance(records, list) or not all(
+                isinstance(r, dict) and "step_size" in r for r in records):
+            raise ValueError("not a telemetry file (its 'records' must be a list of objects, "
+                             "each with a 'step_size')")
+        for r in records:
             rec.records.append({k: (nan(v) if k in ("loss", "grad_norm", "step_size",
                                                     "applied_step") else v)
                                 for k, v in r.items()})

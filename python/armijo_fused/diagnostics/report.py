@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -117,6 +118,9 @@ def build_demo(*, batches: int = 2, batch_size: int = 8, seq_len: int = 32, seed
     except ImportError:
         model = BuiltinTransformer(vocab=vocab, context=seq_len)
         name = "built-in tiny transformer"
+    if tokens is not None and len(tokens) <= seq_len + 1:
+        raise ValueError(f"--seq-len {seq_len} does not fit the text ({len(tokens):,} characters "
+                         f"of {source})")
     gen = torch.Generator().manual_seed(seed + 1)
     out = []
     for _ in range(batches):
@@ -281,10 +285,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of ``python -m armijo_fused report``; returns the exit status."""
     args = _parser().parse_args(argv)
-    for name in ("probes", "steps", "batches", "batch_size", "seq_len"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+    problems = [f"--{n.replace('_', '-')} must be >= 1" for n in
+                ("probes", "steps", "batches", "batch_size", "seq_len") if getattr(args, n) < 1]
+    problems += [f"--{n.replace('_', '-')} must be >= 0 (0 skips it)" for n in
+                 ("power_iters", "trace_samples", "train_steps") if getattr(args, n) < 0]
+    if args.clip is not None and not args.clip > 0:
+        problems.append(f"--clip must be > 0, got {args.clip:g}")
+    if not 0 < args.percentile <= 100:
+        problems.append(f"--percentile must be in (0, 100], got {args.percentile:g}")
+    if not problems:  # checked before any work: a bad --out failed after the spectra
+        problems += _prepare_out(args.out)
+    if problems:
+        print(f"error: {problems[0]}", file=sys.stderr)
+        return 2
     model_name = args.model or ("demo" if args.telemetry is None else None)
     threads = args.threads if args.threads is not None else (1 if model_name == "demo" else None)
     if threads is not None and threads < 1:
@@ -299,6 +312,27 @@ def main(argv=None) -> int:
         torch.set_num_threads(before)
 
 
+#: what a report writes; removed from --out first, so a run never leaves another's files beside
+#: its own (a plain run after one with --train-steps kept the older telemetry plots)
+_OUTPUTS = ("summary.md", "spectra.png", "spectra.json", "heterogeneity.png", "step_sizes.png",
+            "grad_norms.png", "telemetry.json")
+
+
+def _prepare_out(out: Path) -> list:
+    """Create the output directory and clear the files a report writes: the problems, if any."""
+    if out.exists() and not out.is_dir():
+        return [f"--out {out} exists and is not a directory"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in _OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    except OSError as e:
+        return [f"--out {out}: {e.strerror or e}"]
+    if not os.access(out, os.W_OK):
+        return [f"--out {out} is not writable"]
+    return []
+
+
 def _report(args, model_name) -> int:
     notes, spectra, telemetry = [], None, None
     if args.telemetry is not None:
@@ -310,9 +344,13 @@ def _report(args, model_name) -> int:
         notes.append(f"telemetry: {args.telemetry} ({len(telemetry)} steps)")
     if model_name == "demo":
         t0 = time.perf_counter()
-        model, loss_fn, batches, desc = build_demo(
-            batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
-            seed=args.seed, data=args.data)
+        try:
+            model, loss_fn, batches, desc = build_demo(
+                batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
+                seed=args.seed, data=args.data)
+        except (ValueError, RuntimeError) as e:  # no corpus, a text shorter than --seq-len
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         notes.append(f"model: {desc}")
         if args.train_steps > 0:
             rec = _train(model, loss_fn, batches, args.train_steps, args.seed)
