@@ -539,3 +539,35 @@ def test_report_out_must_be_a_directory_and_a_rerun_leaves_no_older_files(tmp_pa
     assert not (out / "step_sizes.png").exists()  # a report's own name: cleared
     assert (out / "notes.txt").exists()  # anything else stays
 
+
+def test_a_once_differentiable_function_is_a_double_backward_error_not_a_zero_hessian():
+    # torch returns no second-order path through it (None), which read as H = 0: λ_max of the
+    # first layer was 0.0 where torch.tanh gives 0.52
+    from armijo_fused.diagnostics import DoubleBackwardError, block_spectra
+
+    class FusedTanh(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = x.tanh()
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * (1 - y * y)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    batch = (torch.randn(32, 4), torch.randn(32, 1))
+
+    def loss_fn(b, act=FusedTanh.apply):
+        return F.mse_loss(model[1](act(model[0](b[0]))), b[1])
+
+    with pytest.raises(DoubleBackwardError, match="once_differentiable"):
+        block_spectra(model, loss_fn, [batch], granularity="tensor", num_probes=1, num_steps=4)
+    plain = block_spectra(model, lambda b: loss_fn(b, torch.tanh), [batch],
+                          granularity="tensor", num_probes=1, num_steps=4)
+    assert plain["0.weight"].lambda_max > 0.1
+

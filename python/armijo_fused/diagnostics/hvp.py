@@ -217,6 +217,23 @@ def _unique(params):
     return out
 
 
+def _has_error_node(grads) -> bool:
+    """Whether a gradient's graph holds the node a once_differentiable backward leaves (torch's
+    ``Error`` node: differentiating through it should raise, but it has no edges to the
+    parameters, so ``autograd.grad(..., allow_unused=True)`` returns None, read as zeros). One
+    walk over the graph per set of gradients, each node once."""
+    seen, stack = set(), [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ in ("Error", "DelayedError"):
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
+
+
 class _GradCache:
     """Per-batch gradient graphs shared by every block operator of one model."""
 
@@ -261,6 +278,11 @@ class _GradCache:
                                             allow_unused=True)
             except RuntimeError as e:
                 raise DoubleBackwardError(f"{_DOUBLE_BACKWARD_HINT}. Original error: {e}") from e
+        if _has_error_node(grads):
+            raise DoubleBackwardError(
+                f"{_DOUBLE_BACKWARD_HINT}. Here an autograd.Function marked once_differentiable "
+                "(a fused kernel's backward) is in the gradient's graph: its second derivative "
+                "is not an error but a missing path, which would read as a Hessian of 0")
         return grads
 
     def _check(self):
