@@ -23,7 +23,7 @@ def make_data(n=4096, dim=32, classes=4, seed=0):
     return X, y
 
 
-def train(model, opt, X, y, steps=300, batch=128, use_closure=True):
+def train(model, opt, X, y, steps=300, batch=128):
     g = torch.Generator().manual_seed(1)
     loss_fn = nn.CrossEntropyLoss()
     t0 = time.perf_counter()
