@@ -940,6 +940,46 @@ def test_the_non_descent_trial_does_not_use_up_max_trials():
     assert stats[1]["trials"] == 2 and stats[1]["step_size"] > 0
 
 
+class _UphillPasses:
+    """The controller's view of the passes: ⟨g, d⟩ < 0 along d, > 0 along the fallback."""
+
+    def __init__(self):
+        self.eta, self.precond = None, False
+
+    def first(self, eta, precond=False):
+        self.eta = list(eta)
+        return [torch.tensor([[-1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]])]
+
+    def fallback_sums(self, sums):
+        return None
+
+    def move_to(self, eta, precond=None, compute_sums=False):
+        self.eta = list(eta)
+        if precond is not None:
+            self.precond = precond
+        return [torch.ones(2, 3)] if compute_sums else None
+
+
+@pytest.mark.parametrize("optimistic", [None, [1.0, 1.0]])
+def test_uncounted_trials_never_cut_the_counted_ones_short(optimistic):
+    # a failed optimistic trial (grow_all) and a non-descent one are not counted against
+    # max_trials; with both, the loop's fixed bound ended the search one trial early (two tests
+    # from eta0 instead of three)
+    from armijo_fused.linesearch.controller import armijo_search
+
+    passes, seen = _UphillPasses(), []
+
+    def evaluate():
+        seen.append((passes.eta, passes.precond))
+        return torch.tensor(10.0, dtype=torch.float64)  # every trial rejected
+
+    armijo_search(passes, evaluate, torch.tensor(1.0, dtype=torch.float64), [1.0, 0.5], c=0.2,
+                  backtrack=0.5, max_trials=3, search=[0], optimistic=optimistic)
+    from_eta0 = [e for e, precond in seen if precond and e != [1.0, 1.0]]
+    assert from_eta0 == [[1.0, 0.5], [0.5, 0.25], [0.25, 0.125]]
+    assert len(seen) == 3 + 1 + (optimistic is not None)
+
+
 def test_an_exhausted_search_with_exact_revert_leaves_theta_bitwise():
     torch.manual_seed(0)
     model = nn.Linear(8, 1)

@@ -22,6 +22,7 @@ global mode):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -224,8 +225,11 @@ def armijo_search(
     dd_b: list[float] = []
     first_gd_b: list[float] = []
     unresolved = unchanged = False
-    limit = max_trials  # trials the search may take; the non-descent one is not counted
-    for trial in range(1, max_trials + 2):
+    # trials the search may take: max_trials, plus one for each trial that is not counted
+    # (the non-descent one, a failed optimistic one); each such trial raises it by one, so the
+    # loop ends at most two trials past max_trials
+    limit = max_trials
+    for trial in itertools.count(1):
         ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
         vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
         if guard is not None and trial == 1:
@@ -257,7 +261,7 @@ def armijo_search(
             # but it does not count against max_trials)
             sums = passes.move_to(eta, precond=True, compute_sums=True)
             precond = non_descent = True
-            limit = max_trials + 1
+            limit += 1
             continue
         if math.isfinite(f_trial) and (decrease <= resolution * abs(f_before)
                                        or f_trial == f_before):
