@@ -219,3 +219,26 @@ def test_candidates_need_the_flat_store():
     with pytest.raises(ValueError, match=r"candidates needs the flat buffers \(flat=True\)"):
         model = nn.Linear(3, 1)
         ArmijoAdam(model.parameters(), model=model, candidates=2, flat=False)
+
+
+@pytest.mark.parametrize("cast", ["double", "float", "half"])
+def test_a_cast_after_construction_rebuilds_in_place_as_the_flat_store_does(cast):
+    # flat=False saw a changed shape but not a changed dtype: after bf16 -> fp64 each new
+    # gradient was rounded to bf16 before the passes and the fp32 master went on being used
+    results = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(torch.bfloat16)
+        x = torch.randn(32, 8)
+        opt = ArmijoAdam(model.parameters(), model=model, flat=flat, backend="torch",
+                         cadence="every")
+        for i in range(6):
+            if i == 3:
+                getattr(model, cast)()
+            dtype = model[0].weight.dtype
+            opt.step(make_closure(opt, lambda d=dtype: model(x.to(d)).float().pow(2).mean()))
+        results.append(([p.detach().clone() for p in model.parameters()],
+                         {k for s in opt.state.values() for k in s}))
+    (flat_params, flat_keys), (in_place_params, in_place_keys) = results
+    assert in_place_keys == flat_keys  # no master left after a cast to fp32 / fp64
+    assert all(torch.equal(a, b) for a, b in zip(flat_params, in_place_params))

@@ -247,9 +247,14 @@ class ShardedBuffer:
 
     def sync(self, state: dict) -> bool:
         """Take this step's θ and g (copies in, or the table's gradient column in place) and
-        re-attach the state; False: the shards moved or changed shape, rebuild needed."""
+        re-attach the state; False: the shards moved or changed shape or dtype, rebuild
+        needed."""
         local = [_local(p) for p in self.params]
         if any(t.shape != s for t, s in zip(local, self._shapes)):
+            return False
+        # a cast (model.double(), .float() of a bf16 model, ...): rebuild as the flat store does
+        # (the old store rounded each new gradient to the old dtype and kept a stale master)
+        if any(t.dtype != self.dtype or t.device != self.device for t in local):
             return False
         if self.in_place and [t.data_ptr() for t in local] != self._ptrs:
             return False
