@@ -4,9 +4,9 @@ One program per tile of ``BLOCK_SIZE`` elements (the layout's tile), block ``til
 
     g      = grad * gscale[0]                  # true gradient (undo AMP scaling)
     g_in   = g * gscale[1]                     # what the state absorbs (clipping)
+    θ0    <- model where bf16/fp16(θ0) != model  # only WRITE_MODEL: the user wrote the model
     state <- update_state(state, g_in)
     d      = u(state, g_in) + wd * θ0          # applied direction, decoupled weight decay
-    θ0    <- model where bf16/fp16(θ0) != model  # only WRITE_MODEL: the user wrote the model
     θ     <- θ0 - eta[block] * d               # PRECOND: θ0 - eta[block] * precond_grad(g_in)
     model <- bf16/fp16(θ)                      # only WRITE_MODEL: fp32 master weights
     partial[tile] = (Σ g·d, Σ g², Σ d²)

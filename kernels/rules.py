@@ -152,7 +152,7 @@ def direction(g, a, b, s0, s1, s2, s3, s4, om0, RULE: tl.constexpr):
         u = tl.div_rn(g, tl.sqrt_rn(a) + s1)
     elif RULE == 4:
         u = tl.div_rn(a * s2, _adam_denominator(b, s3, s4))
-    else:
+    elif RULE == 5:  # (no else: a new rule id without its branch fails to compile, loudly)
         u = tl.div_rn((s0 * a + om0 * g) * s2, _adam_denominator(b, s3, s4))
     return u
 
@@ -167,7 +167,7 @@ def precond_grad(g, a, b, s1, s3, s4, RULE: tl.constexpr):
         p = g
     elif RULE == 3:
         p = tl.div_rn(g, tl.sqrt_rn(a) + s1)
-    else:
+    elif RULE == 4 or RULE == 5:  # (no else, as in ``direction``)
         p = tl.div_rn(g, _adam_denominator(b, s3, s4))
     return p
 

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "cpu/simd.h"
@@ -200,7 +202,11 @@ void with_rule(int rule, F&& f) {
     case kNesterov: return f(std::integral_constant<int, kNesterov>{});
     case kRMSProp: return f(std::integral_constant<int, kRMSProp>{});
     case kAdam: return f(std::integral_constant<int, kAdam>{});
-    default: return f(std::integral_constant<int, kNAdam>{});  // ids are validated by the ops
+    case kNAdam: return f(std::integral_constant<int, kNAdam>{});
+    // the ops validate ids first; a rule added without its case here must not run as another
+    default:
+      throw std::invalid_argument("armijo_fused: no kernel for direction rule id " +
+                                  std::to_string(rule));
   }
 }
 

@@ -18,7 +18,7 @@ model_param=None, table=None, precond=False) -> sums``
     weight decay: a search along g whose step then applies d), the sums still d's.
 
 ``move(rule, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale, layout,
-precond_old, precond_new, compute_sums, model_param=None) -> sums | None``
+precond_old, precond_new, compute_sums, model_param=None, table=None) -> sums | None``
     θ sits at θ0 - eta_old * d_old; move it to θ0 - eta_new * d_new without a copy of θ0: θ0 is
     recovered as (θ + eta_old * u_old) / (1 - eta_old * wd_old). ``precond`` selects the fallback
     direction (rule.precond_grad, no weight decay) instead of ``u + wd θ0``. A block whose step size
@@ -31,7 +31,7 @@ precond_old, precond_new, compute_sums, model_param=None) -> sums | None``
     updated (the first pass ran with eta 0): d = u + wd θ0, or the fallback rule.precond_grad
     with ``precond``. One read of θ, g and the state, K writes; nothing else is written.
 
-``grad_sq_norm(grad, layout) -> [nblocks]``: per-block Σ grad², the pre-pass behind the non-finite
+``grad_sq_norm(grad, layout, table=None) -> [nblocks]``: per-block Σ grad², the pre-pass behind the non-finite
     check and clipping inside the optimizer.
 
 ``model_param``: for bf16/fp16 models with fp32 master weights, ``param`` is the fp32 master and
@@ -47,9 +47,10 @@ master. ``grad`` may be fp32, bf16 or fp16; the math always runs in fp32.
 those tensors; here by gathering them into flat temporaries and scattering θ back, in the fused
 backends through the table's pointers. The states stay flat buffers of the table's layout.
 
-``gscale`` is a float32 device tensor of two entries; if either is not finite the pass writes
-nothing and returns zero sums, so a step with a non-finite gradient leaves θ and state untouched
-without a host sync.
+``gscale`` is a float32 device tensor of two entries; if either is not finite the first pass and
+the move write nothing and return zero sums, so a step with a non-finite gradient leaves θ and
+state untouched without a host sync (``trial_points`` writes only its own output, whose rows are
+then not finite: the batched search reads the guard with them).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triton backend: launch wrappers of the fused passes (kernels in ``armijo_fused.kernels``).
 
-Same three passes and signatures as ``torch_backend`` (read its docstring for the math). Each
+Same four passes and signatures as ``torch_backend`` (read its docstring for the math). Each
 wrapper checks its inputs, allocates, builds the grid (one program per tile, ``BLOCK_SIZE`` =
 ``layout.tile``) and launches; the math is in the kernels. Step sizes and ``gscale`` stay on the
 device and are read inside the kernels, so no pass syncs with the host. Per-block sums are per-tile
@@ -217,7 +217,8 @@ def _on_buffer_device(launch):
 
 
 def _state_ptrs(param: Tensor, states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    # rules with fewer than two buffers get param as a placeholder the kernel never touches
+    # rules with fewer than two buffers get a placeholder the kernel never touches (``param``
+    # here; callers without one pass another tensor)
     padded = list(states) + [param] * (2 - len(states))
     return padded[0], padded[1]
 

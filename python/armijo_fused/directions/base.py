@@ -1,13 +1,17 @@
 """The interface every direction rule implements.
 
 A direction rule says how the optimizer state absorbs a gradient and which update direction it
-yields. It owns three things and nothing else:
+yields:
 
 * ``state_names``: the flat fp32 state buffers it keeps (all start at zero);
+* ``hyperparameters`` and ``validate(group)``: its param-group keys with their defaults, and
+  their checks;
 * ``scalars(group, step)``: the host-side numbers its kernels need, in a fixed order of
   ``NUM_SCALARS`` floats (bias corrections are computed here, on the host, from the step count);
-* the torch reference math (``update_state``, ``direction``, ``precond_grad``), which is the ground
-  truth the Triton and C++ twins are tested against.
+* the torch reference math (``update_state``, ``undo_state``, ``direction``, ``precond_grad``),
+  which is the ground truth the Triton and C++ twins are tested against;
+* four flags the passes and the optimizer read (below: ``direction_reads_grad``,
+  ``bias_corrected``, ``heavy_ball``, ``precond_is_gradient``).
 
 Notation used by every pass (docs/design.md §2): ``u`` is the rule's direction without weight decay,
 ``d = u + wd * theta0`` the applied direction with decoupled weight decay, and the fallback

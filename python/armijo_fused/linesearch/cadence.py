@@ -8,9 +8,9 @@ still moving and backs off once it has settled, as SaLSa does:
   (default 2) of its running average η̄ (see policy.py);
 * settled: the interval to the next search doubles, up to ``max_interval`` (default 10, the sparse
   cadence measured in docs/design.md §8 to keep quality); moving: it halves, down to 1;
-* a search that accepted nothing (trials exhausted) makes the next step search again, with any
-  cadence: the step size it falls back to was just rejected, and steps without a search would
-  apply it blindly.
+* a search that accepted nothing (trials exhausted) or collapsed makes the next step search
+  again, with any cadence: the step size it falls back to was just rejected, and steps without a
+  search would apply it blindly.
 
 Cadence state (``next_search``, ``search_interval``) lives in the param groups like the step sizes.
 """
@@ -43,9 +43,10 @@ class Cadence:
         return (step - 1) % self.spec == 0 or step == next_search
 
     def after_search(self, step: int, interval: int, settled: bool,
-                     exhausted: bool = False) -> tuple[int, int]:
-        """(next_search, interval) after searching at ``step``."""
-        if exhausted:
+                     search_again: bool = False) -> tuple[int, int]:
+        """(next_search, interval) after searching at ``step``; ``search_again``: the search
+        accepted nothing or collapsed, so the next step searches whatever the cadence."""
+        if search_again:
             return step + 1, 1
         if self.spec != "adaptive":
             return step + self.spec, self.spec

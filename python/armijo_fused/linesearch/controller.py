@@ -1,11 +1,11 @@
 """The backtracking controller: trials, the Armijo test, backtracking and the fallbacks.
 
 It drives the fused passes through a :class:`Passes` object (one launch per flat buffer) and never
-touches tensors element-wise itself. One search, for step sizes η_b per buffer (equal in the
-global mode):
+touches tensors element-wise itself. One search, for step sizes η_b per block (the layer-wise
+blocks across all buffers; equal in the global mode):
 
 1. ``first``: state update, direction d, sums ⟨g_b, d_b⟩, θ ← θ0 − η d (one fused pass).
-2. Trial forward; then one host read of [f0, f(trial), per-buffer sums] (one sync per trial).
+2. Trial forward; then one host read of [f0, f(trial), per-block sums] (one sync per trial).
 3. If Σ_b η_b ⟨g_b, d_b⟩ ≤ 0 the direction is not a descent direction (momentum can do that):
    move to the fallback direction (preconditioned gradient, always descent) at the same η and
    re-evaluate; counted in ``non_descent``.
@@ -60,8 +60,12 @@ class SearchResult:
 class Passes:
     """The interface the controller needs; implemented over the optimizer's flat buffers.
 
-    It remembers where θ sits (``eta``: one step size per flat buffer, ``precond``: whether the
-    fallback direction is in use), so a move names only its destination and a revert is one call.
+    It remembers where θ sits (``eta``: one step size per block, in buffer order; ``precond``:
+    whether the fallback direction is in use), so a move names only its destination and a revert
+    is one call. ``first`` and ``move_to(..., compute_sums=True)`` return each buffer's per-block
+    sums, a [blocks, 3] tensor of ⟨g_b, d_b⟩, ‖g_b‖², ‖d_b‖². (The optimizer reads more of its
+    own implementation, :class:`~armijo_fused.optimizers.passes.FlatPasses`; the controller and
+    the batched search need only this.)
     """
 
     eta: list

@@ -30,7 +30,6 @@ from ..linesearch.controller import (
     evaluate_on_every_rank,
     loss_resolution,
     read_checking_ranks,
-    read_floats,
     reduce_with_flag,
 )
 from ..linesearch.policy import StepSizePolicy
@@ -990,4 +989,4 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 self.param_groups[gi]["folded"] -= 1
 
 
-__all__ = ["ArmijoOptimizer", "read_floats"]
+__all__ = ["ArmijoOptimizer"]

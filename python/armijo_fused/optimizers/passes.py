@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def _table(buf):
-    """The tile table of a sharded buffer that works on the shards in place (else None)."""
+    """The tile table of a buffer whose passes work on the tensors in place (FSDP2 shards,
+    ``flat=False``), else None."""
     return getattr(buf, "table", None)
 
 

@@ -48,9 +48,10 @@ class SearchMixin:
     def _search_plan(self, table, frozen) -> list[list[int]]:
         """Which blocks backtrack, as a list of searches run one after the other.
 
-        Global: one search over all blocks (they share η). Layer-wise ``round_robin`` / ``stale``:
-        one block (with the blocks merged into it) per search step, tested with the combined
-        Armijo condition, so it costs what a global search costs. ``exact``: every block in turn,
+        Global: one search over all blocks (they share η). Layer-wise ``round_robin`` / ``stale``
+        / ``grow_all``: one block (with the blocks merged into it) per search step, tested with
+        the combined Armijo condition, so it costs what a global search costs (``grow_all``
+        first tries every block grown, the optimistic trial). ``exact``: every block in turn,
         the others frozen at θ0. ``frozen`` blocks (lr 0 now) are in no search; the caller makes
         sure some block is not frozen.
         """
