@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..backends import BACKENDS
 from ..directions import get_rule
 from ..directions.base import check_number
 from ..linesearch import trial as trial_mod
@@ -150,8 +151,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             raise ValueError(f"invalid max_trials: {max_trials!r} (expected an int >= 1)")
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, 0.0, lo_open=True)
-        if backend not in ("auto", "triton", "cpp", "torch"):
-            raise ValueError(f"invalid backend: {backend!r} (choose auto, triton, cpp or torch)")
+        if backend not in BACKENDS:  # (checked here too: resolve_backend runs at the first step)
+            raise ValueError(f"invalid backend: {backend!r} (choose {', '.join(BACKENDS)})")
         if block_search not in (*IN_TURN, "stale", "exact"):
             raise ValueError(
                 f"invalid block_search: {block_search!r} (choose round_robin, grow_all, stale or "
