@@ -980,6 +980,36 @@ def test_uncounted_trials_never_cut_the_counted_ones_short(optimistic):
     assert len(seen) == 3 + 1 + (optimistic is not None)
 
 
+class _ScriptedPasses(_UphillPasses):
+    """Per-block ⟨g, d⟩ given; every sum along d."""
+
+    def __init__(self, gd):
+        super().__init__()
+        self.rows = torch.tensor([[x, 1.0, 1.0] for x in gd])
+
+    def first(self, eta, precond=False):
+        self.eta = list(eta)
+        return [self.rows]
+
+
+@pytest.mark.parametrize("gd, eta0, optimistic, losses", [
+    ([1.0], [0.5], [1.0], [1.0, 0.6]),  # the grown trial's loss is f0 to the last bit
+    ([1.0, -1.0], [1.0, 0.5], [2.0, 2.0], [5.0, 0.5]),  # Σ η⟨g,d⟩ = 0 at the grown blocks
+])
+def test_an_optimistic_trial_that_does_not_pass_hands_over_to_eta0(gd, eta0, optimistic,
+                                                                     losses):
+    # it ended the whole search (unresolved, or on the fallback line) without trying eta0,
+    # which passes here (fuzzing the controller)
+    from armijo_fused.linesearch.controller import armijo_search
+
+    passes, queue = _ScriptedPasses(gd), list(losses)
+    result = armijo_search(passes, lambda: torch.tensor(queue.pop(0), dtype=torch.float64),
+                           torch.tensor(1.0, dtype=torch.float64), eta0, c=0.2, backtrack=0.5,
+                           max_trials=3, optimistic=optimistic)
+    assert result.accepted == eta0 and not result.optimistic and not result.non_descent
+    assert result.trials == 2 and not queue
+
+
 def test_an_exhausted_search_with_exact_revert_leaves_theta_bitwise():
     torch.manual_seed(0)
     model = nn.Linear(8, 1)

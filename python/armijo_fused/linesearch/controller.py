@@ -200,8 +200,12 @@ def armijo_search(
     decrease still decides (c·Σ η⟨g,d⟩ made every search unresolved at c = 1e-4).
     ``optimistic``: a first trial tried before ``eta0`` (layer-wise: every block grown, where
     ``eta0`` grows the searched block only); if it passes, every block takes it (all were tested
-    together); if the test rejects it, the search goes on from ``eta0`` as it would have (the
-    trial is counted, but not against ``max_trials``).
+    together); if it does not pass (rejected, a decrease too small to resolve, or Σ η⟨g,d⟩ ≤ 0
+    at the grown blocks), the search goes on from ``eta0`` as it would have (the trial is
+    counted, but not against ``max_trials``). A non-finite trial loss is a rejection even where
+    the predicted decrease cannot be resolved (or, without ``allow_fallback``, is ≤ 0): a
+    search whose every trial loss is NaN ends exhausted, which resets η, rather than
+    unresolved, which would keep it.
     """
     pending = optimistic is not None and list(optimistic) != list(eta0)
     eta = list(optimistic) if pending else list(eta0)
@@ -259,35 +263,46 @@ def armijo_search(
         history.append((list(eta), f_trial))
         if not math.isfinite(f_before):
             break  # caller handles; θ reverted below
+        informative = decrease > resolution * abs(f_before)
+        if pending:
+            # The optimistic trial binds the search only by passing the test; otherwise (a
+            # rejection, a decrease too small to resolve, a non-descent combination of the
+            # grown blocks) the search proper starts at eta0 as it would have, uncounted
+            pending = False
+            if (informative and math.isfinite(f_trial) and f_trial != f_before
+                    and f_trial <= f_before - c * decrease):
+                return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
+                                    non_descent=non_descent, history=history, block_gd=gd_b,
+                                    block_dd=dd_b, first_gd=first_gd_b, optimistic=True)
+            eta = list(eta0)
+            passes.move_to(eta)
+            limit += 1
+            continue
         if decrease <= 0.0 and not precond and grad_sq > 0.0 and allow_fallback:
             # Not a descent direction: switch to the preconditioned gradient at the same η.
-            # (⟨g, d⟩ arrives with the first trial's loss, in one read: that forward is spent,
-            # but it does not count against max_trials)
+            # (⟨g, d⟩ arrives with the trial's loss, in one read: that forward is spent, but it
+            # does not count against max_trials. Usually the first trial; a layer-wise search
+            # that backtracks some blocks only can also turn the weighted sum ≤ 0 later.)
             sums = passes.move_to(eta, precond=True, compute_sums=True)
             precond = non_descent = True
             limit += 1
             continue
-        if math.isfinite(f_trial) and (decrease <= resolution * abs(f_before)
-                                       or f_trial == f_before):
+        if math.isfinite(f_trial) and (not informative or f_trial == f_before):
             # The predicted decrease is below what the loss can resolve (float rounding, or a
             # gradient that underflowed on a batch already fit), or the trial's loss is f0 to
             # the last bit (its forward saw θ0's weights: a step below a bf16 model's
             # rounding; backtracking would only make it smaller): the test carries no
             # information either way. Take no step and leave η alone (neither growth nor
             # collapse).
+            # (a non-finite trial loss is a rejection instead, even here: a search whose every
+            # trial loss is NaN ends exhausted, which resets η, rather than keeping it)
             unresolved = True
-            unchanged = decrease > resolution * abs(f_before) and len(history) == 1
+            unchanged = informative and len(history) == 1
             break
         if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
                                 non_descent=non_descent, history=history, block_gd=gd_b,
-                                block_dd=dd_b, first_gd=first_gd_b, optimistic=pending)
-        if pending:  # the optimistic trial failed: the search proper starts at eta0
-            pending = False
-            eta = list(eta0)
-            passes.move_to(eta)
-            limit += 1
-            continue
+                                block_dd=dd_b, first_gd=first_gd_b)
         if trial == limit:
             break
         if trial - (limit - max_trials) >= max_trials // 2:
