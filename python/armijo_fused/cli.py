@@ -18,6 +18,24 @@ import os
 import sys
 
 
+def prepare_out_dir(path, clear=()) -> str | None:
+    """Create a command's output directory before any work and delete the files named in
+    ``clear`` (the command's own outputs, so a rerun leaves none of an older run's): None, or
+    the problem as one line (a bad --out used to fail after the training, with a traceback)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--out {path} exists and is not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+        for name in clear:
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+    except OSError as e:
+        return f"--out {path}: {e.strerror or e}"
+    if not os.access(path, os.W_OK):
+        return f"--out {path} is not writable"
+    return None
+
+
 def _run_demo(argv) -> int:
     from .demo import main
 

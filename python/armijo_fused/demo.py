@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .cli import prepare_out_dir
 from .data import BatchSampler, fixed_batches, load_shakespeare
 from .models import TransformerConfig, TransformerLM
 
@@ -253,16 +254,6 @@ def _heads(width: int) -> int:
     return next(h for h in range(max(1, width // 32), 0, -1) if width % h == 0)
 
 
-def _out_dir(path: str) -> None:
-    """Create the output directory before training: a bad --out failed after it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise _usage_error(f"--out {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK):
-        raise _usage_error(f"--out {path} is not writable")
-
-
 def _plot(path: str, runs: dict, steps: int) -> None:
     import matplotlib
 
@@ -307,7 +298,9 @@ def main(argv=None) -> int:
     from . import ArmijoAdam
 
     device = _device(args.device)
-    _out_dir(args.out)
+    problem = prepare_out_dir(args.out)
+    if problem is not None:
+        raise _usage_error(problem)
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()

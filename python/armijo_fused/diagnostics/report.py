@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cli import prepare_out_dir
 from .heterogeneity import Heterogeneity, heterogeneity
 from .plots import plot_grad_norms, plot_heterogeneity, plot_spectra, plot_step_sizes
 from .recorder import TelemetryRecorder
@@ -294,7 +294,8 @@ def main(argv=None) -> int:
     if not 0 < args.percentile <= 100:
         problems.append(f"--percentile must be in (0, 100], got {args.percentile:g}")
     if not problems:  # checked before any work: a bad --out failed after the spectra
-        problems += _prepare_out(args.out)
+        problem = prepare_out_dir(args.out, clear=_OUTPUTS)
+        problems += [problem] if problem is not None else []
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
@@ -316,21 +317,6 @@ def main(argv=None) -> int:
 #: its own (a plain run after one with --train-steps kept the older telemetry plots)
 _OUTPUTS = ("summary.md", "spectra.png", "spectra.json", "heterogeneity.png", "step_sizes.png",
             "grad_norms.png", "telemetry.json")
-
-
-def _prepare_out(out: Path) -> list:
-    """Create the output directory and clear the files a report writes: the problems, if any."""
-    if out.exists() and not out.is_dir():
-        return [f"--out {out} exists and is not a directory"]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in _OUTPUTS:
-            (out / name).unlink(missing_ok=True)
-    except OSError as e:
-        return [f"--out {out}: {e.strerror or e}"]
-    if not os.access(out, os.W_OK):
-        return [f"--out {out} is not writable"]
-    return []
 
 
 def _report(args, model_name) -> int:

@@ -264,16 +264,13 @@ def armijo_search(
         if not math.isfinite(f_before):
             break  # caller handles; θ reverted below
         informative = decrease > resolution * abs(f_before)
-        if pending:
+        passed = (informative and math.isfinite(f_trial) and f_trial != f_before
+                  and f_trial <= f_before - c * decrease)
+        if pending and not passed:
             # The optimistic trial binds the search only by passing the test; otherwise (a
             # rejection, a decrease too small to resolve, a non-descent combination of the
             # grown blocks) the search proper starts at eta0 as it would have, uncounted
             pending = False
-            if (informative and math.isfinite(f_trial) and f_trial != f_before
-                    and f_trial <= f_before - c * decrease):
-                return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
-                                    non_descent=non_descent, history=history, block_gd=gd_b,
-                                    block_dd=dd_b, first_gd=first_gd_b, optimistic=True)
             eta = list(eta0)
             passes.move_to(eta)
             limit += 1
@@ -299,10 +296,10 @@ def armijo_search(
             unresolved = True
             unchanged = informative and len(history) == 1
             break
-        if math.isfinite(f_trial) and f_trial <= f_before - c * decrease:
+        if passed:  # (the unresolved cases have ended the search above)
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
                                 non_descent=non_descent, history=history, block_gd=gd_b,
-                                block_dd=dd_b, first_gd=first_gd_b)
+                                block_dd=dd_b, first_gd=first_gd_b, optimistic=pending)
         if trial == limit:
             break
         if trial - (limit - max_trials) >= max_trials // 2:
