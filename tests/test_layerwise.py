@@ -67,12 +67,13 @@ def test_layerwise_is_no_worse_than_global_on_homogeneous_blocks(mode):
     assert n_layerwise <= 1.2 * n_global
 
 
-@pytest.mark.parametrize("mode", ["grow_all"])
-def test_grow_all_is_no_worse_than_global_on_homogeneous_blocks_over_five_problems(mode):
-    # the iteration counts of a backtracking search are chaotic in the problem (a seed moves
-    # grow_all's ratio from 1.03 to 1.46), so the bound is on the median over five problems
-    # (round_robin passes seed 0 above, 1.05, and has a median of 1.33 over these five: a
-    # limitation docs/results.md names)
+@pytest.mark.parametrize("mode", ["round_robin", "stale", "grow_all"])
+def test_layerwise_is_no_worse_than_global_on_homogeneous_blocks_over_five_problems(mode):
+    # the iteration counts of a backtracking search are chaotic in the problem, so the bound is
+    # on the median over five problems, and for the default (round_robin) on each of them: it
+    # held on 2 of 5 (median 1.33, up to 1.82) while a held block that overshot made the
+    # searched one backtrack alone ten times (the joint restart, controller.armijo_search);
+    # now 0.95-1.13 (grow_all 0.92-1.22)
     ratios = []
     for seed in range(5):
         n_global = iterations_to(1e-6, *block_quadratic(HOMOGENEOUS, inner=50.0, seed=seed),
@@ -82,6 +83,8 @@ def test_grow_all_is_no_worse_than_global_on_homogeneous_blocks_over_five_proble
         assert n_global is not None and n_layerwise is not None
         ratios.append(n_layerwise / n_global)
     assert sorted(ratios)[2] <= 1.2, ratios
+    if mode != "grow_all":
+        assert max(ratios) <= 1.2, ratios
 
 
 def test_a_grow_all_search_first_tries_every_block_grown():

@@ -1010,6 +1010,86 @@ def test_an_optimistic_trial_that_does_not_pass_hands_over_to_eta0(gd, eta0, opt
     assert result.trials == 2 and not queue
 
 
+class _QuadraticPasses(_UphillPasses):
+    """Two blocks, ⟨g_b, d_b⟩ = 1 each; the loss is 1 − η0 − η1 + a0·η0² + a1·η1²."""
+
+    def __init__(self, a0, a1):
+        super().__init__()
+        self.a = (a0, a1)
+
+    def first(self, eta, precond=False):
+        self.eta = list(eta)
+        return [torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])]
+
+    def loss(self):
+        (e0, e1), (a0, a1) = self.eta, self.a
+        return torch.tensor(1.0 - e0 - e1 + a0 * e0 * e0 + a1 * e1 * e1, dtype=torch.float64)
+
+
+def _search_block_0(passes, joint_restart, evaluate=None):
+    from armijo_fused.linesearch.controller import armijo_search
+
+    return armijo_search(passes, evaluate or passes.loss, torch.tensor(1.0, dtype=torch.float64),
+                         [1.0, 1.0], c=0.2, backtrack=0.5, max_trials=20, search=[0],
+                         joint_restart=joint_restart)
+
+
+def test_a_held_block_that_overshoots_makes_every_block_backtrack_from_eta0():
+    # block 1 (held fixed) overshoots: halving block 0 leaves the miss where it was (1.9 ->
+    # 1.925), so the search restarts from eta0 with both blocks backtracking. It used to shrink
+    # block 0 alone for ten trials before the held block moved, and accepted 2^-11 for block 0
+    # (a collapse) in 12 trials.
+    result = _search_block_0(_QuadraticPasses(0.5, 3.0), joint_restart=True)
+    assert [eta for eta, _ in result.history] == [[1.0, 1.0], [0.5, 1.0], [0.5, 0.5],
+                                                  [0.25, 0.25]]
+    assert result.accepted == [0.25, 0.25]
+    before = _search_block_0(_QuadraticPasses(0.5, 3.0), joint_restart=False)
+    assert before.accepted == [0.5 ** 11, 0.25] and before.trials == 12
+
+
+@pytest.mark.parametrize("joint_restart", [True, False])
+def test_a_searched_block_that_overshoots_goes_on_backtracking_alone(joint_restart):
+    # block 0 (searched) overshoots: halving it cut the miss from 1.9 to 0.05, so the held
+    # block keeps its step size
+    result = _search_block_0(_QuadraticPasses(3.0, 0.5), joint_restart)
+    assert result.accepted == [0.25, 1.0] and result.trials == 3
+
+
+def test_non_finite_trial_losses_do_not_restart_the_search():
+    passes = _QuadraticPasses(0.5, 3.0)
+    result = _search_block_0(passes, True, lambda: torch.tensor(math.inf, dtype=torch.float64))
+    assert result.accepted is None
+    # block 0 alone for half of max_trials, then both, from where they were
+    etas = [eta for eta, _ in result.history]
+    assert etas[9] == [0.5 ** 9, 1.0] and etas[10] == [0.5 ** 10, 0.5]
+
+
+def test_the_search_restarts_jointly_only_once_every_held_block_has_passed_a_test(monkeypatch):
+    # at the start every held block sits at init_step_size, which nothing has tested: shrinking
+    # them all to the stiffest block's scale left the others far too small (4x the iterations
+    # on the block-diagonal quadratic), so the restart waits until every block is tested (an
+    # accepted step that moved it: here the first search's)
+    from armijo_fused.optimizers import search
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw["joint_restart"])
+        return armijo_search(*args, **kw)
+
+    armijo_search = search.armijo_search
+    monkeypatch.setattr(search, "armijo_search", spy)
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = ArmijoSGD([{"params": [p]} for p in params], cadence="every", layerwise=True)
+    for _ in range(4):
+        opt.zero_grad()
+        loss = sum((p * p).sum() for p in params)
+        loss.backward()
+        opt.step(loss_fn=lambda: sum((p * p).sum() for p in params), loss=loss.detach())
+    assert seen == [False, True, True, True]
+
+
 def test_an_exhausted_search_with_exact_revert_leaves_theta_bitwise():
     torch.manual_seed(0)
     model = nn.Linear(8, 1)

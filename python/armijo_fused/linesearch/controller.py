@@ -176,6 +176,7 @@ def armijo_search(
     f0_failure: tuple | None = None,
     along_fallback: bool = False,
     optimistic: Sequence[float] | None = None,
+    joint_restart: bool = False,
 ) -> SearchResult:
     """Run one backtracking search; θ ends at the accepted trial point (or at θ0 if none).
 
@@ -183,7 +184,12 @@ def armijo_search(
     blocks whose step size backtracks (None: all, the global search); the others keep theirs, and
     the test is the combined one, Σ over all blocks (see ``optimistic``). If half of
     ``max_trials`` pass without acceptance, every block backtracks from then on, since the blocks
-    held fixed may be the ones overshooting. ``sums``: per-block sums of a first pass that
+    held fixed may be the ones overshooting. ``joint_restart``: the blocks held fixed have all
+    passed a test before; if the first backtrack of the searched blocks does not halve the test's
+    miss, f(trial) − (f0 − c·Σ η⟨g,d⟩), the held blocks are the ones overshooting (a searched
+    block that overshoots shrinks the miss about fourfold per halving), and the search restarts
+    from ``eta0`` with every block backtracking, instead of shrinking the searched blocks alone
+    towards a collapse first. ``sums``: per-block sums of a first pass that
     already ran (θ is then moved to ``eta0``); by default the first pass runs here.
     ``allow_fallback``: switch to the preconditioned gradient when Σ η⟨g,d⟩ <= 0 (else such a
     search ends unresolved).
@@ -237,6 +243,7 @@ def armijo_search(
     # (the non-descent one, a failed optimistic one); each such trial raises it by one, so the
     # loop ends at most two trials past max_trials
     limit = max_trials
+    solo_misses = []  # the test's miss at each rejected trial that held some blocks fixed
     for trial in itertools.count(1):
         ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
         vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
@@ -283,6 +290,7 @@ def armijo_search(
             sums = passes.move_to(eta, precond=True, compute_sums=True)
             precond = non_descent = True
             limit += 1
+            solo_misses.clear()  # (a new line: the misses along d say nothing about it)
             continue
         if math.isfinite(f_trial) and (not informative or f_trial == f_before):
             # The predicted decrease is below what the loss can resolve (float rounding, or a
@@ -302,8 +310,12 @@ def armijo_search(
                                 block_dd=dd_b, first_gd=first_gd_b, optimistic=pending)
         if trial == limit:
             break
-        if trial - (limit - max_trials) >= max_trials // 2:
-            moving = set(range(len(eta)))
+        if len(moving) < len(eta):
+            solo_misses.append(f_trial - (f_before - c * decrease))
+            if joint_restart and _held_blocks_overshoot(solo_misses):
+                moving, eta = set(range(len(eta))), list(eta0)
+            elif trial - (limit - max_trials) >= max_trials // 2:
+                moving = set(range(len(eta)))
         eta = [backtrack * e if b in moving else e for b, e in enumerate(eta)]
         passes.move_to(eta)
     # No acceptable step: back to θ0 (the documented fallback).
@@ -313,3 +325,13 @@ def armijo_search(
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
                         history=history, block_gd=gd_b, block_dd=dd_b, first_gd=first_gd_b)
+
+
+def _held_blocks_overshoot(misses: list[float]) -> bool:
+    """After the searched blocks' first backtrack: did halving their η leave more than half of
+    the test's miss? If they were what overshoots, it would have shrunk about fourfold (the
+    quadratic term of their part of the loss); so the blocks held fixed are. Non-finite losses
+    say nothing either way (the search goes on as before)."""
+    if len(misses) != 2 or not all(math.isfinite(m) for m in misses):
+        return False
+    return misses[1] > 0.5 * misses[0]

@@ -658,7 +658,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                         )
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
                                                     trial_losses, frozen, resolution, f0_failure,
-                                                    along_fallback=mfac is not None)
+                                                    along_fallback=mfac is not None,
+                                                    table=table)
                 if accepted is None and snapshot is not None and not result.skipped:
                     passes.restore_params(snapshot)  # bitwise θ0; the state keeps g
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.

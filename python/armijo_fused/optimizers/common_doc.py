@@ -60,8 +60,11 @@ LINESEARCH_ARGS = r"""
         block_search ("round_robin" | "grow_all" | "stale" | "exact", optional): layer-wise
             schedule. round_robin / stale: one block per search step (in turn / the one searched
             longest ago), tested with the combined Armijo condition over all blocks, so a search
-            costs what a global one costs; after half of ``max_trials`` rejections all blocks
-            backtrack. A block's η grows only on its own turn. grow_all: as round_robin, but
+            costs what a global one costs; if the searched block's first backtrack does not
+            halve the test's miss, the blocks held fixed overshoot and all blocks backtrack
+            from the first trial (once every block has passed a test), and after half of
+            ``max_trials`` rejections all blocks backtrack. A block's η grows only on its own
+            turn. grow_all: as round_robin, but
             each search first tries every block grown, together; if that trial fails, the block
             whose turn it is searches alone (the trial not counted against ``max_trials``):
             better losses from scratch, more forwards (bench/results/

@@ -176,7 +176,8 @@ class SearchMixin:
             g["block_cursor"] = self._cursor_next
 
     def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None,
-                    frozen=None, resolution=None, f0_failure=None, along_fallback=False):
+                    frozen=None, resolution=None, f0_failure=None, along_fallback=False,
+                    table=None):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
                   guard=passes.guard(), reduce=reduce, f0_failure=f0_failure,
                   resolution=loss_resolution(f0) if resolution is None else resolution)
@@ -198,9 +199,18 @@ class SearchMixin:
                 optimistic = self._cap_for_weight_decay(
                     [0.0 if frozen[b] or e == 0.0 else self.policy.first_trial(e)
                      for b, e in enumerate(etas)])
+            # one block searched, the others held at η that passed a test before: if the
+            # held ones overshoot now, restart with all backtracking (see armijo_search). Not
+            # while some held block is untested: at the start, every block but the searched
+            # one sits at init_step_size, and shrinking all of them to the stiffest block's
+            # scale left the others far too small (4x the iterations on the block quadratic)
+            held = [b for b in range(len(etas)) if b not in searched and not frozen[b]]
+            joint_restart = (self.layerwise and table is not None
+                             and all(self._tested(*table[b]) for b in held))
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=plan[0] if partial else None,
-                                   along_fallback=along_fallback, optimistic=optimistic, **kw)
+                                   along_fallback=along_fallback, optimistic=optimistic,
+                                   joint_restart=joint_restart, **kw)
             return result, result.accepted
         # exact: each block alone, the others at θ0, from one first pass
         n = len(etas)
