@@ -1,5 +1,10 @@
 """``ArmijoOptimizer``: the step, top to bottom. ArmijoSGD and ArmijoAdam only choose defaults.
 
+``_step`` takes the loss and gradient at θ0 and works out the step's blocks and step sizes
+(a ``StepSetup``); then either ``_plain_step`` (no search: one fused pass) or the search (trial
+forwards, rolled back on any failure) and ``_finish_search`` (step sizes, cadence, counters,
+``stats``).
+
 Pieces (each its own module): a direction rule (``directions/``), flat storage (``storage/``), the
 backend that runs the fused passes (``backends/``), and the line search: controller, step-size
 policy, cadence and side-effect-free trials (``linesearch/``).
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -95,6 +101,22 @@ def _drops_out(m: torch.nn.Module) -> bool:
         return m.dropout > 0 and m.num_layers > 1
     return any(isinstance(r := getattr(m, k, None), float) and r > 0 for k in _DROPOUT_RATES)
 
+
+@dataclass(frozen=True)
+class StepSetup:
+    """What one step has worked out before it either searches or not: the step number, the
+    blocks (group, block) in buffer order, their step sizes and lr factors (per group, per
+    block, and times 1 - μ where momentum is searched along g), the buffers and the reducer."""
+
+    k: int
+    table: list
+    etas: list
+    factors: list
+    block_factors: list
+    applied_factors: list
+    mfac: list | None
+    buffers: list
+    reduce: Callable | None
 
 class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Optimizer):
     """Base class: a direction rule searched along by a stochastic Armijo line search.
@@ -527,63 +549,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             # batch of padding only has a NaN mean loss and a zero gradient); a search reduces
             # f0 below, with its first trial's sums
             f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce)
+        setup = StepSetup(k, table, etas, factors, block_factors, applied_factors, mfac,
+                          buffers, reduce)
         passes = FlatPasses(self, buffers, f0, loss_follows=search,  # a search sets f0 below
                             grad_sq=probed)
         self._moving = True  # from here to the end of the step the state is mid-step
         self._held = HeldInterrupts.begin()  # ... so Ctrl-C waits for its end (interrupts.py)
 
         if not search:
-            etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
-            if self.layerwise and k > 1:
-                # a block no accepted search has moved yet, in a run where others have been
-                # (frozen from the start and unfrozen now, a group added later), takes no step
-                # until one has (at init_step_size, 1 for SGD, it diverged: loss 0.1 -> 22),
-                # and the next step searches it first. Before any search was accepted (its
-                # first searches unresolved: a bf16 loss) every block applies its η, as a
-                # global run does; a block at lr 0 is no concern of the search
-                tested = [self._tested(gi, lb) for gi, lb in table]
-                untested = [not t and f != 0.0 for t, f in zip(tested, block_factors)]
-                if any(untested) and any(tested):
-                    etas = [0.0 if u else e for e, u in zip(etas, untested)]
-                    if any(u and self._hurries(*table[b]) for b, u in enumerate(untested)):
-                        for g in groups:
-                            g["next_search"] = min(g["next_search"], k + 1)
-            try:
-                with torch.no_grad():
-                    caps = self._length_caps(table, buffers)
-                    sums = passes.first([e * f for e, f in zip(etas, applied_factors)],
-                                        caps=caps, factors=applied_factors)
-                    dd = self._step_dd(buffers, sums, reduce)  # (a collective under FSDP2)
-            except BaseException:  # a pass raised, or an interrupt came between two launches
-                with torch.no_grad():
-                    passes.rollback()
-                raise
-            finally:
-                self._reshard_fsdp()
-            self._last_dd = (buffers, dd)
-            self._advance_unsettled(k, passes)
-
-            # telemetry: device values, formed only when read (each op is a launch on a GPU)
-            def applied(scaled: bool):
-                moved = (~passes.skipped()).float()  # a skipped step moved nothing
-                per_block = etas if caps is None else [  # the η each block applied
-                    c.clamp(max=e) for c, e in zip((c for cap in caps for c in cap), etas)]
-                units = mfac or [1.0] * len(per_block)  # (the step along the applied d)
-                return self._report([moved * (e * f if scaled else e * u) for e, f, u
-                                     in zip(per_block, applied_factors, units)], table)
-
-            self.stats = StepStats(
-                step=k, searched=False, step_size=lambda: applied(False),
-                applied_step=lambda: applied(True), lr_factor=factors[0], trials=0,
-                loss_before=loss_before if loss_before is not None else math.nan,
-                loss_after=math.nan,
-                gd=lambda: total([s[:, 0].sum() for s in sums]), grad_norm=passes.grad_norm,
-                non_descent=False, unresolved=False, exhausted=False, collapsed=False,
-                skipped=passes.skipped, searched_blocks=[],
-                next_step_size=self._next_step_sizes,  # (the keys of a search step's stats)
-                forwards=g0["forwards"], backwards=g0["backwards"],
-            )
-            return loss_before if given else None
+            return self._plain_step(setup, passes, loss_before, given)
 
         # 2. The search, on trial forwards that leave no trace.
         self._check_model_still_holds_params()
@@ -692,6 +666,19 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             self._reshard_fsdp()  # the next training forward gathers the final weights
 
         # 4. Bookkeeping: step sizes, cadence, counters, telemetry.
+        self._finish_search(setup, passes, plan, frozen, result, accepted, taken_d, dd,
+                            resolution)
+        return f0
+
+    def _finish_search(self, setup: StepSetup, passes, plan, frozen, result, accepted, taken_d,
+                       dd, resolution) -> None:
+        """After a search: the policy's step sizes, the cadence, the counters and ``stats``.
+        ``plan``: the searched blocks (``_search_plan``); ``accepted``: the step size per
+        block along the searched line (None: no step); ``taken_d``: along the applied one."""
+        k, table, etas, factors = setup.k, setup.table, setup.etas, setup.factors
+        block_factors, mfac, buffers = setup.block_factors, setup.mfac, setup.buffers
+        groups = self.param_groups
+        g0 = groups[0]
         skipped = result.skipped or not math.isfinite(result.loss_before)
         accepted = self._fill_frozen(accepted, etas, frozen)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
@@ -740,7 +727,66 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
-        return f0
+
+    def _plain_step(self, setup: StepSetup, passes, loss_before, given):
+        """A step without a search: the first pass at the η each block carries over, no trial
+        forward and no host sync. Returns what ``step()`` returns."""
+        k, table, etas, factors = setup.k, setup.table, setup.etas, setup.factors
+        block_factors, applied_factors, mfac = (setup.block_factors, setup.applied_factors,
+                                                setup.mfac)
+        buffers, reduce, groups = setup.buffers, setup.reduce, self.param_groups
+        g0 = groups[0]
+        etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
+        if self.layerwise and k > 1:
+            # a block no accepted search has moved yet, in a run where others have been
+            # (frozen from the start and unfrozen now, a group added later), takes no step
+            # until one has (at init_step_size, 1 for SGD, it diverged: loss 0.1 -> 22),
+            # and the next step searches it first. Before any search was accepted (its
+            # first searches unresolved: a bf16 loss) every block applies its η, as a
+            # global run does; a block at lr 0 is no concern of the search
+            tested = [self._tested(gi, lb) for gi, lb in table]
+            untested = [not t and f != 0.0 for t, f in zip(tested, block_factors)]
+            if any(untested) and any(tested):
+                etas = [0.0 if u else e for e, u in zip(etas, untested)]
+                if any(u and self._hurries(*table[b]) for b, u in enumerate(untested)):
+                    for g in groups:
+                        g["next_search"] = min(g["next_search"], k + 1)
+        try:
+            with torch.no_grad():
+                caps = self._length_caps(table, buffers)
+                sums = passes.first([e * f for e, f in zip(etas, applied_factors)],
+                                    caps=caps, factors=applied_factors)
+                dd = self._step_dd(buffers, sums, reduce)  # (a collective under FSDP2)
+        except BaseException:  # a pass raised, or an interrupt came between two launches
+            with torch.no_grad():
+                passes.rollback()
+            raise
+        finally:
+            self._reshard_fsdp()
+        self._last_dd = (buffers, dd)
+        self._advance_unsettled(k, passes)
+
+        # telemetry: device values, formed only when read (each op is a launch on a GPU)
+        def applied(scaled: bool):
+            moved = (~passes.skipped()).float()  # a skipped step moved nothing
+            per_block = etas if caps is None else [  # the η each block applied
+                c.clamp(max=e) for c, e in zip((c for cap in caps for c in cap), etas)]
+            units = mfac or [1.0] * len(per_block)  # (the step along the applied d)
+            return self._report([moved * (e * f if scaled else e * u) for e, f, u
+                                 in zip(per_block, applied_factors, units)], table)
+
+        self.stats = StepStats(
+            step=k, searched=False, step_size=lambda: applied(False),
+            applied_step=lambda: applied(True), lr_factor=factors[0], trials=0,
+            loss_before=loss_before if loss_before is not None else math.nan,
+            loss_after=math.nan,
+            gd=lambda: total([s[:, 0].sum() for s in sums]), grad_norm=passes.grad_norm,
+            non_descent=False, unresolved=False, exhausted=False, collapsed=False,
+            skipped=passes.skipped, searched_blocks=[],
+            next_step_size=self._next_step_sizes,  # (the keys of a search step's stats)
+            forwards=g0["forwards"], backwards=g0["backwards"],
+        )
+        return loss_before if given else None
 
     def _next_step_sizes(self):
         """The step size (per block, layer-wise) the next step starts from."""
