@@ -1026,11 +1026,11 @@ class _QuadraticPasses(_UphillPasses):
         return torch.tensor(1.0 - e0 - e1 + a0 * e0 * e0 + a1 * e1 * e1, dtype=torch.float64)
 
 
-def _search_block_0(passes, joint_restart, evaluate=None):
+def _search_block_0(passes, joint_restart, evaluate=None, backtrack=0.5):
     from armijo_fused.linesearch.controller import armijo_search
 
     return armijo_search(passes, evaluate or passes.loss, torch.tensor(1.0, dtype=torch.float64),
-                         [1.0, 1.0], c=0.2, backtrack=0.5, max_trials=20, search=[0],
+                         [1.0, 1.0], c=0.2, backtrack=backtrack, max_trials=20, search=[0],
                          joint_restart=joint_restart)
 
 
@@ -1053,6 +1053,14 @@ def test_a_searched_block_that_overshoots_goes_on_backtracking_alone(joint_resta
     # block keeps its step size
     result = _search_block_0(_QuadraticPasses(3.0, 0.5), joint_restart)
     assert result.accepted == [0.25, 1.0] and result.trials == 3
+
+
+def test_the_restart_test_scales_with_the_backtracking_factor():
+    # backtrack 0.8: block 0 (searched) overshoots and its first backtrack cuts the miss from
+    # 1.9 to 0.98, by 0.52 (about 0.8²): more than a half, so a fixed "halve the miss" rule
+    # blamed the held block; the miss shrank by more than the factor 0.8, so it is block 0's
+    result = _search_block_0(_QuadraticPasses(3.0, 0.5), True, backtrack=0.8)
+    assert result.accepted[1] == 1.0 and math.isclose(result.accepted[0], 0.8 ** 4)
 
 
 def test_non_finite_trial_losses_do_not_restart_the_search():

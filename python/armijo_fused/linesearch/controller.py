@@ -185,11 +185,12 @@ def armijo_search(
     the test is the combined one, Σ over all blocks (see ``optimistic``). If half of
     ``max_trials`` pass without acceptance, every block backtracks from then on, since the blocks
     held fixed may be the ones overshooting. ``joint_restart``: the blocks held fixed have all
-    passed a test before; if the first backtrack of the searched blocks does not halve the test's
-    miss, f(trial) − (f0 − c·Σ η⟨g,d⟩), the held blocks are the ones overshooting (a searched
-    block that overshoots shrinks the miss about fourfold per halving), and the search restarts
-    from ``eta0`` with every block backtracking, instead of shrinking the searched blocks alone
-    towards a collapse first. ``sums``: per-block sums of a first pass that
+    passed a test before; if the first backtrack of the searched blocks does not shrink the
+    test's miss, f(trial) − (f0 − c·Σ η⟨g,d⟩), by the factor ``backtrack`` at least, the held
+    blocks are the ones overshooting (the miss of a searched block that overshoots shrinks by
+    about ``backtrack``², its quadratic term), and the search restarts from ``eta0`` with every
+    block backtracking, instead of shrinking the searched blocks alone towards a collapse
+    first. ``sums``: per-block sums of a first pass that
     already ran (θ is then moved to ``eta0``); by default the first pass runs here.
     ``allow_fallback``: switch to the preconditioned gradient when Σ η⟨g,d⟩ <= 0 (else such a
     search ends unresolved).
@@ -312,7 +313,7 @@ def armijo_search(
             break
         if len(moving) < len(eta):
             solo_misses.append(f_trial - (f_before - c * decrease))
-            if joint_restart and _held_blocks_overshoot(solo_misses):
+            if joint_restart and _held_blocks_overshoot(solo_misses, backtrack):
                 moving, eta = set(range(len(eta))), list(eta0)
             elif trial - (limit - max_trials) >= max_trials // 2:
                 moving = set(range(len(eta)))
@@ -327,11 +328,11 @@ def armijo_search(
                         history=history, block_gd=gd_b, block_dd=dd_b, first_gd=first_gd_b)
 
 
-def _held_blocks_overshoot(misses: list[float]) -> bool:
-    """After the searched blocks' first backtrack: did halving their η leave more than half of
-    the test's miss? If they were what overshoots, it would have shrunk about fourfold (the
-    quadratic term of their part of the loss); so the blocks held fixed are. Non-finite losses
-    say nothing either way (the search goes on as before)."""
+def _held_blocks_overshoot(misses: list[float], backtrack: float) -> bool:
+    """After the searched blocks' first backtrack (η ← backtrack·η): did the test's miss shrink
+    by less than that factor? Had they been what overshoots, it would have shrunk by about
+    backtrack² (the quadratic term of their part of the loss); so the blocks held fixed are.
+    Non-finite losses say nothing either way (the search goes on as before)."""
     if len(misses) != 2 or not all(math.isfinite(m) for m in misses):
         return False
-    return misses[1] > 0.5 * misses[0]
+    return misses[1] > backtrack * misses[0]

@@ -61,8 +61,9 @@ LINESEARCH_ARGS = r"""
             schedule. round_robin / stale: one block per search step (in turn / the one searched
             longest ago), tested with the combined Armijo condition over all blocks, so a search
             costs what a global one costs; if the searched block's first backtrack does not
-            halve the test's miss, the blocks held fixed overshoot and all blocks backtrack
-            from the first trial (once every block has passed a test), and after half of
+            shrink the test's miss by the factor ``backtrack``, the blocks held fixed overshoot
+            and all blocks backtrack from the first trial (once every block has passed a
+            test), and after half of
             ``max_trials`` rejections all blocks backtrack. A block's η grows only on its own
             turn. grow_all: as round_robin, but
             each search first tries every block grown, together; if that trial fails, the block
