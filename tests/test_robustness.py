@@ -1679,3 +1679,43 @@ def test_schedules_may_write_numpy_numbers_and_one_element_tensors(key, value):
         ref.step(ref_closure)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def _growing_run(error_filter: bool, steps: int = 40):
+    """ArmijoAdam on a quadratic from a tiny η: the search's η passes 20x its start at step 33,
+    where the optimizer warns that no schedule anneals it (after the search, in its
+    bookkeeping). Returns (θ, counters) after each step and the steps whose warning raised."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8))
+    opt = ArmijoAdam([p], cadence="every", init_step_size=1e-4)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    trace, raised = [], []
+    for k in range(1, steps + 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if error_filter else "ignore")
+            try:
+                opt.step(closure)
+            except UserWarning:
+                raised.append(k)
+        g = opt.param_groups[0]
+        trace.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(),
+                      [g[key] for key in ("step", "folded", "searches", "step_size")]))
+    return trace, raised
+
+
+def test_a_warning_filtered_into_an_error_raises_after_the_step_is_whole():
+    # -W error / pytest's filterwarnings = error: the warning raised in the step's bookkeeping,
+    # after θ and the moments had moved but before the counters did (step, folded, searches
+    # stayed at 32 while θ took step 33): half a step, mis-corrected from then on. It is now
+    # raised once the step is whole, and the run goes on exactly as one that ignores warnings
+    ignored, _ = _growing_run(error_filter=False)
+    as_error, raised = _growing_run(error_filter=True)
+    assert raised == [33]
+    for (t0, m0, c0), (t1, m1, c1) in zip(ignored, as_error):
+        assert torch.equal(t0, t1) and torch.equal(m0, m1) and c0 == c1

@@ -127,6 +127,37 @@ def test_buffers_a_forward_reassigns_are_put_back_after_the_trials(given):
     assert "count" in ours._buffers and ours.count is ours._buffers["count"]
 
 
+def test_the_changed_cache_warning_as_an_error_comes_after_a_whole_step():
+    # it was warned while the trials' environment closed, before the RNG was restored and the
+    # step's bookkeeping ran: an error filter left θ moved, the counters behind and the RNG at
+    # the trials' state. Now the step completes (same θ, counters and RNG as without the
+    # filter), then the warning is raised, once
+    X, Y = _data()
+
+    def run(action):
+        torch.manual_seed(0)
+        model = Counting()
+        opt = ArmijoSGD(model.parameters(), backend="torch", cadence="every", model=model)
+        raised = 0
+        for _ in range(3):
+            with warnings.catch_warnings():
+                warnings.simplefilter(action)
+                try:
+                    opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(X), Y)))
+                except UserWarning as e:
+                    assert "non-persistent buffer 'cache'" in str(e)
+                    raised += 1
+        g = opt.param_groups[0]
+        return ([p.detach().clone() for p in model.parameters()], g["step"], g["searches"],
+                torch.rand(3), raised)
+
+    *ignored, n_ignored = run("ignore")
+    *as_error, n_raised = run("error")
+    assert (n_ignored, n_raised) == (0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(ignored[0], as_error[0]))
+    assert ignored[1:3] == as_error[1:3] == [3, 3] and torch.equal(ignored[3], as_error[3])
+
+
 def test_torchmetrics_states_updated_in_the_loss_are_restored_after_the_trials():
     torchmetrics = pytest.importorskip("torchmetrics")
     X, Y = _data()

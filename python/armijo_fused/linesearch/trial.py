@@ -35,7 +35,6 @@ import gc
 import inspect
 import sys
 import types
-import warnings
 
 import torch
 from torch import nn
@@ -277,12 +276,15 @@ class TrialEnv:
         with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
             yield
 
-    def close(self) -> None:
-        """Restore buffers and RNG; call once, after the last trial (also on failure)."""
+    def close(self) -> list[str]:
+        """Restore buffers and RNG; call once, after the last trial (also on failure). Returns
+        what the caller should warn about (a non-persistent buffer a trial changed): not
+        warned here, since θ sits at the accepted point and the step is not yet whole, and a
+        warning filtered into an error would cut it short (the caller warns once it is)."""
         for ddp, flag in self._ddp.items():
             ddp.require_forward_param_sync = flag
         if not self.used:
-            return
+            return []
         _clear_cast_caches()  # the casts of the last trial point
         with torch.no_grad():
             for bufs, name, buf, copy in self._saved:
@@ -292,13 +294,10 @@ class TrialEnv:
         for metric, states, attrs in self._metrics:
             for name, value in {**states, **attrs}.items():
                 setattr(metric, name, value)
-        for label, bufs, name, buf, version in self._caches:
-            # a cache a trial replaced stays replaced: the module may keep attributes that go
-            # with it (a rotary cache and its length); a changed one is named
-            if bufs.get(name) is not buf or buf._version != version:
-                warnings.warn(
-                    f"a trial forward modified the non-persistent buffer {name!r} of "
-                    f"{label}; armijo_fused does not restore non-persistent buffers",
-                    stacklevel=3,
-                )
         restore_rng(self.rng_after)
+        # a cache a trial replaced stays replaced: the module may keep attributes that go with
+        # it (a rotary cache and its length); a changed one is named
+        return [f"a trial forward modified the non-persistent buffer {name!r} of {label}; "
+                "armijo_fused does not restore non-persistent buffers"
+                for label, bufs, name, buf, version in self._caches
+                if bufs.get(name) is not buf or buf._version != version]

@@ -347,11 +347,26 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             "pass layerwise=True; a group at lr 0 stays frozen")
 
     def _warn_once(self, flag: str, message: str) -> None:
-        """Warn (pointing at the caller's line) unless the warning ``flag`` was given before."""
+        """Warn (pointing at the caller's line) unless the warning ``flag`` was given before.
+        While θ moves (``_moving``) the warning waits for the end of the step: a warnings
+        filter that turns it into an error (``-W error``, pytest's ``filterwarnings``) would
+        otherwise raise with θ and the state moved but the step's counters not yet, half a
+        step (``step()`` warns once the step is whole)."""
         warned = self.__dict__.setdefault("_warned", set())
-        if flag not in warned:
-            warned.add(flag)
-            warnings.warn(f"{type(self).__name__}: {message}", stacklevel=outside_stacklevel())
+        if flag in warned:
+            return
+        warned.add(flag)
+        message = f"{type(self).__name__}: {message}"
+        if self.__dict__.get("_moving"):
+            self.__dict__.setdefault("_deferred_warnings", []).append(message)
+        else:
+            warnings.warn(message, stacklevel=outside_stacklevel())
+
+    def _warn_deferred(self) -> None:
+        """The warnings of the step just completed (see ``_warn_once``)."""
+        pending, self._deferred_warnings = self.__dict__.get("_deferred_warnings") or [], []
+        for message in pending:
+            warnings.warn(message, stacklevel=outside_stacklevel())
 
     # -- user-facing hooks ---------------------------------------------------------------------
     def set_closure(self, closure: Callable | None, model: torch.nn.Module | None = None) -> None:
@@ -458,9 +473,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                 out = self._step(closure, loss_fn, loss)
             # the closure form returns what the closure returned (a tensor with its graph, a
             # float, an HF output), as torch's optimizers do; the others the loss before the step
-            return out if self._returned is None else self._returned
+            out = out if self._returned is None else self._returned
+            self._moving = False
+            self._warn_deferred()  # (the step is whole: an error filter cannot cut it now)
+            return out
         finally:
             self._moving, self._returned = False, None
+            self._deferred_warnings = []  # (a step that raised was undone: its notes go too)
             held, self._held = self.__dict__.get("_held"), None
             if held is not None:
                 held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
@@ -662,7 +681,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                     passes.rollback()
             raise
         finally:
-            env.close()
+            for message in env.close():
+                self._warn_once(f"trial buffer: {message}", message)
             self._reshard_fsdp()  # the next training forward gathers the final weights
 
         # 4. Bookkeeping: step sizes, cadence, counters, telemetry.
