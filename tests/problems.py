@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -56,3 +58,48 @@ def minibatches(data, batch, seed=0):
     while True:
         idx = torch.randint(0, X.shape[0], (batch,), generator=g)
         yield X[idx], y[idx]
+
+
+class SimulatedPasses:
+    """The controller's view of the passes (linesearch/controller.py ``Passes``), simulated:
+    where θ is (η per block, which line) and the loss there, no tensors but the sums. Per block
+    b: the slope ⟨g_b, d_b⟩ (``gd``; 1 along the fallback line), a curvature a_b, and ‖d_b‖²
+    (``dd``, default 1; 1 along the fallback line); ``loss()`` is 1 − Σ η_b·slope_b + Σ a_b
+    η_b² away from θ0, plus ``shift`` (a loss that does not follow the model: every trial worse
+    by as much), NaN at the calls numbered in ``nan_at``."""
+
+    def __init__(self, gd, curvature=None, nan_at=(), dd=None, shift=0.0):
+        self.gd, self.nan_at, self.shift = list(gd), nan_at, shift
+        self.a = list(curvature) if curvature is not None else [0.0] * len(self.gd)
+        self.dd = list(dd) if dd is not None else [1.0] * len(self.gd)
+        self.eta, self.precond, self.calls = None, False, 0
+
+    def _sums(self, precond):
+        # (the fallback line p is the gradient: a slope of 1, so never zero)
+        return [torch.tensor([[1.0, 1.0, 1.0] if precond else [g, 1.0, d]
+                              for g, d in zip(self.gd, self.dd)], dtype=torch.float64)]
+
+    def first(self, eta, precond=False):
+        self.eta, self.precond = list(eta), precond
+        return self._sums(precond)
+
+    def fallback_sums(self, sums):
+        return None
+
+    def move_to(self, eta, precond=None, compute_sums=False):
+        self.eta = list(eta)
+        if precond is not None:
+            self.precond = precond
+        return self._sums(self.precond) if compute_sums else None
+
+    def slopes(self, precond):
+        return [1.0] * len(self.gd) if precond else self.gd
+
+    def loss(self):
+        self.calls += 1
+        if self.calls in self.nan_at:
+            return torch.tensor(math.nan, dtype=torch.float64)
+        slopes = self.slopes(self.precond)
+        value = 1.0 - sum(e * s for e, s in zip(self.eta, slopes)) + sum(
+            a * e * e for a, e in zip(self.a, self.eta))
+        return torch.tensor(value + self.shift, dtype=torch.float64)

@@ -1,17 +1,21 @@
 """Property-based invariants of the backtracking controller (linesearch/controller.py).
 
-The controller only sees the passes through a narrow interface (``Passes``), so it is driven
-here by a simulated one: per block b a slope ⟨g_b, d_b⟩ (any sign: momentum can point uphill)
-and a curvature a_b ≥ 0, the loss along the direction f(η) = 1 − Σ η_b⟨g_b, d_b⟩ + Σ a_b η_b²,
-and along the fallback line (⟨g_b, p_b⟩ = 1) f(η) = 1 − Σ η_b + Σ a_b η_b². Now and then a trial
-loss is NaN. Hypothesis draws the blocks, the start, the searched subset (layer-wise), the
-optimistic trial (grow_all), the joint restart and the hyperparameters; every search must:
+The controller only sees the passes through a narrow interface (``Passes``), so it is driven here
+by a simulated one: per block b a slope ⟨g_b, d_b⟩ (any sign: momentum can point uphill) and a
+curvature a_b ≥ 0, the loss along the direction f(η) = 1 − Σ η_b⟨g_b, d_b⟩ + Σ a_b η_b², and along
+the fallback line (⟨g_b, p_b⟩ = 1) f(η) = 1 − Σ η_b + Σ a_b η_b². Now and then a trial loss is NaN,
+every trial is worse by a constant (a loss that does not follow the model), and a held block is
+frozen (η 0) or has a zero direction. Hypothesis draws the blocks, the start, the searched subset
+(layer-wise), the optimistic trial (grow_all), the joint restart and the hyperparameters; every
+search must:
 
 * end where it says: θ at the accepted point, or back at θ0 (η = 0) without one;
 * accept only a point that passes the Armijo test on the line it was tested on;
 * take at most max_trials counted trials (plus at most two uncounted ones);
 * never try a step size above the start (eta0, or the optimistic trial's);
-* move a block held fixed only by whole backtracking factors from its start.
+* move a block held fixed only by whole backtracking factors from its start, and one that
+  cannot move (frozen at η 0, or a zero direction) not at all;
+* never try the same point twice in a row (but for the switch to the fallback line).
 """
 
 from __future__ import annotations
@@ -21,48 +25,12 @@ import math
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from problems import SimulatedPasses
 
 from armijo_fused.linesearch.controller import armijo_search
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
-
-
-class SimulatedPasses:
-    """Where θ is (η per block, which line) and the loss there; no tensors but the sums."""
-
-    def __init__(self, gd, curvature, nan_at):
-        self.gd, self.a, self.nan_at = gd, curvature, nan_at
-        self.eta, self.precond, self.calls = None, False, 0
-
-    def _sums(self, precond):
-        return [torch.tensor([[1.0 if precond else g, 1.0, 1.0] for g in self.gd],
-                             dtype=torch.float64)]
-
-    def first(self, eta, precond=False):
-        self.eta, self.precond = list(eta), precond
-        return self._sums(precond)
-
-    def fallback_sums(self, sums):
-        return None
-
-    def move_to(self, eta, precond=None, compute_sums=False):
-        self.eta = list(eta)
-        if precond is not None:
-            self.precond = precond
-        return self._sums(self.precond) if compute_sums else None
-
-    def slopes(self, precond):
-        return [1.0] * len(self.gd) if precond else self.gd
-
-    def loss(self):
-        self.calls += 1
-        if self.calls in self.nan_at:
-            return torch.tensor(math.nan, dtype=torch.float64)
-        slopes = self.slopes(self.precond)
-        value = 1.0 - sum(e * s for e, s in zip(self.eta, slopes)) + sum(
-            a * e * e for a, e in zip(self.a, self.eta))
-        return torch.tensor(value, dtype=torch.float64)
 
 
 @st.composite
@@ -71,24 +39,32 @@ def searches(draw):
     gd = draw(st.lists(st.floats(-1.0, 2.0), min_size=n, max_size=n))
     curvature = draw(st.lists(st.floats(0.0, 50.0), min_size=n, max_size=n))
     eta0 = draw(st.lists(st.floats(1e-3, 4.0), min_size=n, max_size=n))
+    dd = [1.0] * n
     search = None
     if n > 1 and draw(st.booleans()):  # layer-wise: some blocks searched, the others held
         search = sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n - 1)))
+        for b in set(range(n)) - set(search):  # a held block that cannot move, now and then
+            kind = draw(st.sampled_from(["moves", "frozen", "zero direction"]))
+            if kind == "frozen":
+                eta0[b] = 0.0
+            elif kind == "zero direction":
+                gd[b] = dd[b] = 0.0
     optimistic = None
     if search is not None and draw(st.booleans()):  # grow_all: every block grown first
         optimistic = [e * draw(st.floats(1.0, 2.0)) for e in eta0]
     nan_at = draw(st.sets(st.integers(1, 12), max_size=2))
+    shift = draw(st.sampled_from([0.0, 0.0, 0.5, 5.0]))
     kw = dict(c=draw(st.floats(0.01, 0.5)), backtrack=draw(st.sampled_from([0.3, 0.5, 0.8])),
               max_trials=draw(st.integers(1, 12)), search=search, optimistic=optimistic,
               joint_restart=draw(st.booleans()))
-    return gd, curvature, nan_at, eta0, kw
+    return gd, curvature, nan_at, eta0, dd, shift, kw
 
 
 @SETTINGS
 @given(searches())
 def test_every_search_keeps_the_controllers_invariants(case):
-    gd, curvature, nan_at, eta0, kw = case
-    passes = SimulatedPasses(gd, curvature, nan_at)
+    gd, curvature, nan_at, eta0, dd, shift, kw = case
+    passes = SimulatedPasses(gd, curvature, nan_at, dd, shift)
     result = armijo_search(passes, passes.loss, torch.tensor(1.0, dtype=torch.float64), eta0,
                            **kw)
 
@@ -106,13 +82,24 @@ def test_every_search_keeps_the_controllers_invariants(case):
     # counted trials, plus the uncounted ones (a non-descent switch, a failed optimistic trial)
     assert result.trials == len(result.history) <= kw["max_trials"] + 2
 
+    # no trial repeats the point before it (but for the switch to the fallback line, at the
+    # same η): a wasted forward
+    etas = [eta for eta, _ in result.history]
+    repeats = sum(a == b for a, b in zip(etas, etas[1:]))
+    assert repeats <= int(result.non_descent)
+
     start = kw["optimistic"] or eta0
     held = set(range(len(eta0))) - set(kw["search"] or range(len(eta0)))
     for i, (eta, _) in enumerate(result.history):
         for b, e in enumerate(eta):
             # never above the start (the optimistic trial's, or eta0)
             assert e <= max(start[b], eta0[b]) * (1 + 1e-12)
-            if b in held and not (i == 0 and kw["optimistic"] is not None):
+            optimistic_trial = i == 0 and kw["optimistic"] is not None
+            if b in held and eta0[b] == 0.0:
+                assert e == 0.0  # frozen
+            elif b in held and dd[b] == 0.0 and not (result.non_descent or optimistic_trial):
+                assert e == eta0[b]  # it cannot move, so no trial learns anything of its η
+            elif b in held and not optimistic_trial:
                 # a held block moves only by whole backtracking factors from its start
                 j = round(math.log(e / eta0[b]) / math.log(kw["backtrack"]))
                 assert j >= 0 and math.isclose(e, eta0[b] * kw["backtrack"] ** j, rel_tol=1e-9)

@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from problems import PROBLEMS, least_squares, make_closure, minibatches
+from problems import PROBLEMS, SimulatedPasses, least_squares, make_closure, minibatches
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -940,26 +940,6 @@ def test_the_non_descent_trial_does_not_use_up_max_trials():
     assert stats[1]["trials"] == 2 and stats[1]["step_size"] > 0
 
 
-class _UphillPasses:
-    """The controller's view of the passes: ⟨g, d⟩ < 0 along d, > 0 along the fallback."""
-
-    def __init__(self):
-        self.eta, self.precond = None, False
-
-    def first(self, eta, precond=False):
-        self.eta = list(eta)
-        return [torch.tensor([[-1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]])]
-
-    def fallback_sums(self, sums):
-        return None
-
-    def move_to(self, eta, precond=None, compute_sums=False):
-        self.eta = list(eta)
-        if precond is not None:
-            self.precond = precond
-        return [torch.ones(2, 3)] if compute_sums else None
-
-
 @pytest.mark.parametrize("optimistic", [None, [1.0, 1.0]])
 def test_uncounted_trials_never_cut_the_counted_ones_short(optimistic):
     # a failed optimistic trial (grow_all) and a non-descent one are not counted against
@@ -967,7 +947,7 @@ def test_uncounted_trials_never_cut_the_counted_ones_short(optimistic):
     # from eta0 instead of three)
     from armijo_fused.linesearch.controller import armijo_search
 
-    passes, seen = _UphillPasses(), []
+    passes, seen = SimulatedPasses([-1.0, -1.0]), []  # uphill along d, not along p
 
     def evaluate():
         seen.append((passes.eta, passes.precond))
@@ -980,18 +960,6 @@ def test_uncounted_trials_never_cut_the_counted_ones_short(optimistic):
     assert len(seen) == 3 + 1 + (optimistic is not None)
 
 
-class _ScriptedPasses(_UphillPasses):
-    """Per-block ⟨g, d⟩ given; every sum along d."""
-
-    def __init__(self, gd):
-        super().__init__()
-        self.rows = torch.tensor([[x, 1.0, 1.0] for x in gd])
-
-    def first(self, eta, precond=False):
-        self.eta = list(eta)
-        return [self.rows]
-
-
 @pytest.mark.parametrize("gd, eta0, optimistic, losses", [
     ([1.0], [0.5], [1.0], [1.0, 0.6]),  # the grown trial's loss is f0 to the last bit
     ([1.0, -1.0], [1.0, 0.5], [2.0, 2.0], [5.0, 0.5]),  # Σ η⟨g,d⟩ = 0 at the grown blocks
@@ -1002,7 +970,7 @@ def test_an_optimistic_trial_that_does_not_pass_hands_over_to_eta0(gd, eta0, opt
     # which passes here (fuzzing the controller)
     from armijo_fused.linesearch.controller import armijo_search
 
-    passes, queue = _ScriptedPasses(gd), list(losses)
+    passes, queue = SimulatedPasses(gd), list(losses)
     result = armijo_search(passes, lambda: torch.tensor(queue.pop(0), dtype=torch.float64),
                            torch.tensor(1.0, dtype=torch.float64), eta0, c=0.2, backtrack=0.5,
                            max_trials=3, optimistic=optimistic)
@@ -1010,20 +978,9 @@ def test_an_optimistic_trial_that_does_not_pass_hands_over_to_eta0(gd, eta0, opt
     assert result.trials == 2 and not queue
 
 
-class _QuadraticPasses(_UphillPasses):
+def _quadratic(a0, a1):
     """Two blocks, ⟨g_b, d_b⟩ = 1 each; the loss is 1 − η0 − η1 + a0·η0² + a1·η1²."""
-
-    def __init__(self, a0, a1):
-        super().__init__()
-        self.a = (a0, a1)
-
-    def first(self, eta, precond=False):
-        self.eta = list(eta)
-        return [torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])]
-
-    def loss(self):
-        (e0, e1), (a0, a1) = self.eta, self.a
-        return torch.tensor(1.0 - e0 - e1 + a0 * e0 * e0 + a1 * e1 * e1, dtype=torch.float64)
+    return SimulatedPasses([1.0, 1.0], [a0, a1])
 
 
 def _search_block_0(passes, joint_restart, evaluate=None, backtrack=0.5):
@@ -1039,11 +996,11 @@ def test_a_held_block_that_overshoots_makes_every_block_backtrack_from_eta0():
     # 1.925), so the search restarts from eta0 with both blocks backtracking. It used to shrink
     # block 0 alone for ten trials before the held block moved, and accepted 2^-11 for block 0
     # (a collapse) in 12 trials.
-    result = _search_block_0(_QuadraticPasses(0.5, 3.0), joint_restart=True)
+    result = _search_block_0(_quadratic(0.5, 3.0), joint_restart=True)
     assert [eta for eta, _ in result.history] == [[1.0, 1.0], [0.5, 1.0], [0.5, 0.5],
                                                   [0.25, 0.25]]
     assert result.accepted == [0.25, 0.25]
-    before = _search_block_0(_QuadraticPasses(0.5, 3.0), joint_restart=False)
+    before = _search_block_0(_quadratic(0.5, 3.0), joint_restart=False)
     assert before.accepted == [0.5 ** 11, 0.25] and before.trials == 12
 
 
@@ -1051,7 +1008,7 @@ def test_a_held_block_that_overshoots_makes_every_block_backtrack_from_eta0():
 def test_a_searched_block_that_overshoots_goes_on_backtracking_alone(joint_restart):
     # block 0 (searched) overshoots: halving it cut the miss from 1.9 to 0.05, so the held
     # block keeps its step size
-    result = _search_block_0(_QuadraticPasses(3.0, 0.5), joint_restart)
+    result = _search_block_0(_quadratic(3.0, 0.5), joint_restart)
     assert result.accepted == [0.25, 1.0] and result.trials == 3
 
 
@@ -1059,12 +1016,29 @@ def test_the_restart_test_scales_with_the_backtracking_factor():
     # backtrack 0.8: block 0 (searched) overshoots and its first backtrack cuts the miss from
     # 1.9 to 0.98, by 0.52 (about 0.8²): more than a half, so a fixed "halve the miss" rule
     # blamed the held block; the miss shrank by more than the factor 0.8, so it is block 0's
-    result = _search_block_0(_QuadraticPasses(3.0, 0.5), True, backtrack=0.8)
+    result = _search_block_0(_quadratic(3.0, 0.5), True, backtrack=0.8)
     assert result.accepted[1] == 1.0 and math.isclose(result.accepted[0], 0.8 ** 4)
 
 
+@pytest.mark.parametrize("held", ["frozen", "zero direction"])
+def test_a_held_block_that_cannot_move_is_no_reason_to_restart(held):
+    # review: a frozen held block (η 0) or one whose direction is zero (an unused head under
+    # SGD) cannot overshoot; the restart then repeated the previous trial's point (one forward
+    # and one trial wasted) and shrank the unmoved block's η in the bookkeeping
+    from armijo_fused.linesearch.controller import armijo_search
+
+    passes = SimulatedPasses([1.0, 0.0], dd=[1.0, 0.0] if held == "zero direction" else None)
+    eta0 = [1.0, 0.0] if held == "frozen" else [1.0, 0.5]
+    result = armijo_search(passes, lambda: torch.tensor(5.0, dtype=torch.float64),
+                           torch.tensor(1.0, dtype=torch.float64), eta0, c=0.2, backtrack=0.5,
+                           max_trials=6, search=[0], joint_restart=True)
+    tried = [eta for eta, _ in result.history]
+    assert [eta[0] for eta in tried] == [0.5 ** j for j in range(6)]  # no point twice
+    assert all(eta[1] == eta0[1] for eta in tried)  # the block that cannot move keeps its η
+
+
 def test_non_finite_trial_losses_do_not_restart_the_search():
-    passes = _QuadraticPasses(0.5, 3.0)
+    passes = _quadratic(0.5, 3.0)
     result = _search_block_0(passes, True, lambda: torch.tensor(math.inf, dtype=torch.float64))
     assert result.accepted is None
     # block 0 alone for half of max_trials, then both, from where they were

@@ -183,15 +183,16 @@ def armijo_search(
     ``eta0`` holds one step size per block (all flat buffers' blocks, in order). ``search``: the
     blocks whose step size backtracks (None: all, the global search); the others keep theirs, and
     the test is the combined one, Σ over all blocks (see ``optimistic``). If half of
-    ``max_trials`` pass without acceptance, every block backtracks from then on, since the blocks
-    held fixed may be the ones overshooting. ``joint_restart``: the blocks held fixed have all
-    passed a test before; if the first backtrack of the searched blocks does not shrink the
-    test's miss, f(trial) − (f0 − c·Σ η⟨g,d⟩), by the factor ``backtrack`` at least, the held
-    blocks are the ones overshooting (the miss of a searched block that overshoots shrinks by
-    about ``backtrack``², its quadratic term), and the search restarts from ``eta0`` with every
-    block backtracking, instead of shrinking the searched blocks alone towards a collapse
-    first. ``sums``: per-block sums of a first pass that
-    already ran (θ is then moved to ``eta0``); by default the first pass runs here.
+    ``max_trials`` pass without acceptance, every block that can move backtracks from then on,
+    since the blocks held fixed may be the ones overshooting. ``joint_restart``: the blocks held
+    fixed have all passed a test before; if the first backtrack of the searched blocks does not
+    shrink the test's miss, f(trial) − (f0 − c·Σ η⟨g,d⟩), by the factor ``backtrack`` at least,
+    the held blocks are the ones overshooting (the miss of a searched block that overshoots
+    shrinks by about ``backtrack``², its quadratic term), and the search restarts from ``eta0``
+    with every block backtracking that can move (η > 0 and a direction that is not zero), instead
+    of shrinking the searched blocks alone towards a collapse first. ``sums``: per-block sums of a
+    first pass that already ran (θ is then moved to ``eta0``); by default the first pass runs
+    here.
     ``allow_fallback``: switch to the preconditioned gradient when Σ η⟨g,d⟩ <= 0 (else such a
     search ends unresolved).
     ``guard``: a small device tensor read along with the first trial; if any entry is not finite
@@ -313,10 +314,14 @@ def armijo_search(
             break
         if len(moving) < len(eta):
             solo_misses.append(f_trial - (f_before - c * decrease))
-            if joint_restart and _held_blocks_overshoot(solo_misses, backtrack):
-                moving, eta = set(range(len(eta))), list(eta0)
+            # the held blocks that can overshoot: a step size and a direction that moves them
+            # (not a frozen one, at η 0, nor one whose gradient is zero at this step)
+            able = {b for b in range(len(eta))
+                    if b not in moving and eta0[b] > 0.0 and dd_b[b] > 0.0}
+            if joint_restart and able and _held_blocks_overshoot(solo_misses, backtrack):
+                moving, eta = moving | able, list(eta0)
             elif trial - (limit - max_trials) >= max_trials // 2:
-                moving = set(range(len(eta)))
+                moving = moving | able
         eta = [backtrack * e if b in moving else e for b, e in enumerate(eta)]
         passes.move_to(eta)
     # No acceptable step: back to θ0 (the documented fallback).

@@ -205,7 +205,8 @@ class SearchMixin:
             # one sits at init_step_size, and shrinking all of them to the stiffest block's
             # scale left the others far too small (4x the iterations on the block quadratic)
             held = [b for b in range(len(etas)) if b not in searched and not frozen[b]]
-            joint_restart = (self.layerwise and table is not None
+            joint_restart = (self.layerwise and self.block_search != "exact" and bool(held)
+                             and table is not None
                              and all(self._tested(*table[b]) for b in held))
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=plan[0] if partial else None,
