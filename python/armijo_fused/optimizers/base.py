@@ -358,15 +358,26 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         warned.add(flag)
         message = f"{type(self).__name__}: {message}"
         if self.__dict__.get("_moving"):
-            self.__dict__.setdefault("_deferred_warnings", []).append(message)
+            self.__dict__.setdefault("_deferred_warnings", []).append((flag, message))
         else:
             warnings.warn(message, stacklevel=outside_stacklevel())
 
-    def _warn_deferred(self) -> None:
-        """The warnings of the step just completed (see ``_warn_once``)."""
-        pending, self._deferred_warnings = self.__dict__.get("_deferred_warnings") or [], []
-        for message in pending:
-            warnings.warn(message, stacklevel=outside_stacklevel())
+    def _warn_deferred(self, propagating: bool = False) -> None:
+        """Give the warnings the step deferred (see ``_warn_once``), one at a time.
+        ``propagating``: an exception is on its way out of ``step()`` (the step's own, the step
+        undone; or the first of these warnings, turned into an error by a filter). The rest are
+        still given (a trial may have changed a buffer all the same), but one turned into an
+        error must not replace that exception: it is taken back, to be given again when it
+        next applies."""
+        pending = self.__dict__.setdefault("_deferred_warnings", [])
+        while pending:
+            flag, message = pending.pop(0)
+            try:
+                warnings.warn(message, stacklevel=outside_stacklevel())
+            except Exception:
+                if not propagating:
+                    raise
+                self._warned.discard(flag)
 
     # -- user-facing hooks ---------------------------------------------------------------------
     def set_closure(self, closure: Callable | None, model: torch.nn.Module | None = None) -> None:
@@ -477,9 +488,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
             self._moving = False
             self._warn_deferred()  # (the step is whole: an error filter cannot cut it now)
             return out
+        except BaseException:
+            self._moving = False
+            self._warn_deferred(propagating=True)
+            raise
         finally:
             self._moving, self._returned = False, None
-            self._deferred_warnings = []  # (a step that raised was undone: its notes go too)
             held, self._held = self.__dict__.get("_held"), None
             if held is not None:
                 held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
