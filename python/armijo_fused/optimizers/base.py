@@ -118,6 +118,7 @@ class StepSetup:
     buffers: list
     reduce: Callable | None
 
+
 class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Optimizer):
     """Base class: a direction rule searched along by a stochastic Armijo line search.
 
