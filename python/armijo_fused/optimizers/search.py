@@ -176,8 +176,8 @@ class SearchMixin:
             g["block_cursor"] = self._cursor_next
 
     def _run_search(self, passes, trial_loss, f0, etas, plan, reduce=None, trial_losses=None,
-                    frozen=None, resolution=None, f0_failure=None, along_fallback=False,
-                    table=None):
+                    frozen=None, resolution=None, f0_failure=None, along_fallback=False, *,
+                    table):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
                   guard=passes.guard(), reduce=reduce, f0_failure=f0_failure,
                   resolution=loss_resolution(f0) if resolution is None else resolution)
@@ -204,10 +204,9 @@ class SearchMixin:
             # while some held block is untested: at the start, every block but the searched
             # one sits at init_step_size, and shrinking all of them to the stiffest block's
             # scale left the others far too small (4x the iterations on the block quadratic)
+            # (which held blocks can move at all, the controller sees from the first pass)
             held = [b for b in range(len(etas)) if b not in searched and not frozen[b]]
-            joint_restart = (self.layerwise and self.block_search != "exact" and bool(held)
-                             and table is not None
-                             and all(self._tested(*table[b]) for b in held))
+            joint_restart = self.layerwise and all(self._tested(*table[b]) for b in held)
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=plan[0] if partial else None,
                                    along_fallback=along_fallback, optimistic=optimistic,
