@@ -9,6 +9,7 @@ bench/results/layerwise_<device>.json and a PNG of the traces.
 
 Issue 5's acceptance: layer-wise no slower per step than global by more than 5% at the same
 cadence. Usage: python bench/layerwise.py [--steps 200] [--cadence every] [--device cuda]
+[--block-search grow_all --tag=-grow-all]
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def train(layerwise, args, data, device):
                             d_model=args.d_model, n_layers=args.layers, n_heads=args.heads)
     model = TransformerLM(cfg).to(device)
     opt = ArmijoAdam(model.parameters(), weight_decay=0.1, betas=(0.9, 0.95), model=model,
-                     cadence=_cadence(args.cadence), layerwise=layerwise)
+                     cadence=_cadence(args.cadence), layerwise=layerwise,
+                     **({"block_search": args.block_search} if layerwise else {}))
     sampler = BatchSampler(data.train, args.batch, args.context, seed=args.seed, device=device)
     val = fixed_batches(data.val, 4, args.batch, args.context, device=device)
     times, losses, steps_trace = [], [], []
@@ -112,6 +114,9 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--plays", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-search", default="round_robin",
+                    help="the layer-wise run's block_search (round_robin | stale | grow_all | exact)")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -127,7 +132,7 @@ def main(argv=None):
     print("final per-block step sizes:",
           dict(zip(lw["block_names"], (f"{x:.2e}" for x in lw["step_sizes"][-1]))))
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"layerwise_{device.type}")
+    stem = os.path.join(args.out, f"layerwise_{device.type}{args.tag}")
     plot(rows, stem + ".png")
     result = dict(benchmark="layerwise", env=environment(device), args=vars(args),
                   time_ratio_layerwise_over_global=ratio, rows=rows)
