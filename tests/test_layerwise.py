@@ -13,7 +13,7 @@ from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
-from armijo_fused.blocks import assign_blocks, param_groups
+from armijo_fused.blocks import assign_blocks, block_names, param_groups
 
 
 def block_quadratic(block_L, *, dim=16, inner=2.0, seed=0):
@@ -186,6 +186,52 @@ def test_encoder_and_decoder_layers_are_blocks_of_their_own():
     opt.step(make_closure(opt, lambda: model.lm_head(model.decoder.layers[1](
         model.encoder.layers[0](x))).pow(2).mean()))
     assert opt.param_groups[0]["block_names"] == list(assign_blocks(model))
+
+
+def test_towers_with_like_named_stacks_keep_their_blocks_apart():
+    # CLIP: text_model.encoder.layers.i and vision_model.encoder.layers.i both ended in
+    # "encoder", so each text layer shared its step size with a vision layer, and the two
+    # towers' embeddings shared one block
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embeddings, self.encoder = nn.Linear(2, 2), Encoder()
+            self.final_layer_norm = nn.LayerNorm(2)
+
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_model, self.vision_model = Tower(), Tower()
+            self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    model = TwoTowers()
+    assert list(assign_blocks(model)) == [
+        "logit_scale", "text_model.embeddings", "text_model.encoder.layer.0", "text_model.encoder.layer.1",
+        "text_model.final", "vision_model.embeddings", "vision_model.encoder.layer.0",
+        "vision_model.encoder.layer.1", "vision_model.final"]
+    # a path that holds both stacks (LLaVA's "model") is no tower: what lies directly in it
+    # keeps its plain block, what lies in one stack's tower takes that tower's name
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision, self.language = Tower(), Encoder()
+            self.projector = nn.Linear(2, 2)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Both()
+
+    names = block_names(n for n, _ in Wrapped().named_parameters())
+    assert names["model.vision.encoder.layers.1.weight"] == "encoder.layer.1"
+    assert names["model.vision.embeddings.weight"] == "vision.embeddings"
+    assert names["model.language.layers.0.bias"] == "language.layer.0"
+    assert names["model.projector.weight"] == "model"
 
 
 def _lm_loss(model, tokens):

@@ -8,7 +8,7 @@ are read from ``model.named_parameters()``:
 block name             parameters
 =====================  ===================================================================
 ``embeddings``         token / position embeddings (``wte``, ``wpe``, ``embed_tokens``,
-                       ``embeddings.*`` in BERT, ``tok_embeddings``)
+                       ``embeddings.*`` in BERT, ``tok_embeddings``, ``shared`` in BART and T5)
 ``layer.<i>``          everything under a numbered layer container: ``h.<i>`` (GPT-2,
                        nanoGPT), ``layer.<i>`` (BERT), ``layers.<i>`` (Llama, torchtitan),
                        ``blocks.<i>``, ``block.<i>`` (T5), ``resblocks.<i>`` (CLIP)
@@ -20,8 +20,9 @@ block name             parameters
 =====================  ===================================================================
 
 A model with several stacks of numbered layers (encoder and decoder; a vision tower and a language
-model) prefixes each layer block with its stack's last name: ``encoder.layer.0``,
-``decoder.layer.0`` (:func:`block_names`).
+model) prefixes each stack's blocks with the stack's shortest distinct path: ``encoder.layer.0``,
+``decoder.layer.0``; CLIP's ``text_model.encoder.layer.0``, ``vision_model.encoder.layer.0`` and
+its towers' ``text_model.embeddings``, ``vision_model.embeddings`` (:func:`block_names`).
 
 Names are read past the prefixes wrappers add (``module.`` of DDP, ``_orig_mod.`` of
 ``torch.compile``, FSDP1's and checkpointing's wrapper modules), so a model's blocks, and a
@@ -39,7 +40,7 @@ from collections import OrderedDict
 from torch import nn
 
 _LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block|resblocks)\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions"
+_EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions|shared"
                     r"|word_embeddings|position_embeddings|token_type_embeddings)(?:\.|$)")
 _FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm)\.")
 _HEAD = re.compile(r"^(?:lm_head|head|cls|pooler|classifier|output|score)\.|\.(?:pooler)\.")
@@ -76,20 +77,52 @@ def _stack(param_name: str) -> str | None:
 
 
 def block_names(param_names) -> dict[str, str]:
-    """``{parameter name: block}`` for a whole model: :func:`block_name`, except that in a model
-    with several stacks of numbered layers (an encoder and a decoder: BART, T5, Whisper; a
-    vision tower next to a language model) each layer block is prefixed by its stack's last
-    name (``encoder.layer.0``, ``decoder.layer.0``), where encoder layer i and decoder layer i
-    shared one block."""
+    """``{parameter name: block}`` for a whole model: :func:`block_name`, except in a model with
+    several stacks of numbered layers (an encoder and a decoder: BART, T5, Whisper; a text and a
+    vision tower: CLIP), where layer i of one stack and layer i of another would share a block.
+    There every parameter of a stack is prefixed by the stack's shortest trailing path that no
+    other stack shares (``encoder.layer.0``, ``decoder.layer.0``; ``text_model.encoder.layer.0``,
+    ``vision_model.encoder.layer.0``), and so is every parameter of a tower that holds one stack
+    only (``text_model.embeddings``, ``vision_model.embeddings``): each tower's embeddings and
+    norms keep their own step size."""
     param_names = list(param_names)
-    stacks = {_stack(n) for n in param_names} - {None}
+    stacks = sorted({_stack(n) for n in param_names} - {None})
+    if len(stacks) < 2:
+        return {n: block_name(n) for n in param_names}
+    # a tower: the path above a stack, when no other stack lies under it (CLIP's text_model);
+    # an encoder and a decoder under one "model" share theirs, so it names neither
+    above = {s.rsplit(".", 1)[0] for s in stacks if "." in s}
+    towers = [t for t in above if sum(s.startswith(t + ".") for s in stacks) == 1]
+    label = _distinct_suffixes(stacks + towers)
     out = {}
     for n in param_names:
-        b = block_name(n)
-        if len(stacks) > 1 and b.startswith("layer."):
-            b = f"{_stack(n).rsplit('.', 1)[-1] or 'layers'}.{b}"
-        out[n] = b
+        bare = _WRAPPER.sub("", n)
+        owner = _stack(n)
+        if owner is None:  # outside the layers: in a stack, in a tower, or the model's own
+            inside = [p for p in stacks + towers if bare.startswith(p + ".")]
+            owner = max(inside, key=len, default=None)
+        if owner is None:
+            out[n] = block_name(n)
+        else:
+            inner = bare[len(owner) + 1:] if owner else bare
+            out[n] = f"{label[owner] or 'layers'}.{block_name(inner)}"
     return out
+
+
+def _distinct_suffixes(paths: list[str]) -> dict[str, str]:
+    """Per path, its shortest trailing part (whole components) that no other path ends with
+    alike: ``model.encoder`` and ``model.decoder`` become ``encoder`` and ``decoder``,
+    ``text_model.encoder`` and ``vision_model.encoder`` stay whole."""
+    parts = {p: p.split(".") if p else [""] for p in paths}
+    longest = max(len(v) for v in parts.values())
+    label = {}
+    for p, v in parts.items():
+        for k in range(1, longest + 1):
+            tail = v[-k:]
+            if all(q == p or w[-k:] != tail for q, w in parts.items()):
+                break
+        label[p] = ".".join(tail)
+    return label
 
 
 def assign_blocks(model: nn.Module, *, trainable_only: bool = True) -> OrderedDict[str, list]:
