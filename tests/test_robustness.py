@@ -1305,6 +1305,45 @@ def test_bad_hyperparameters_are_named(cls, name, value, match):
         cls(model.parameters(), **kw)
 
 
+# settings the optimizer reads at every step, written after construction (Lightning's
+# gradient_clip_val and HF's max_grad_norm write max_grad_norm): max_grad_norm=nan skipped
+# every step in silence, -1 gave η = 0, c=2 backtracked to 0, cadence="never" raised a bare
+# AttributeError inside the step
+LATE_SETTINGS = [
+    ("max_grad_norm", math.nan), ("max_grad_norm", -1.0), ("max_grad_norm", "1.0"),
+    ("c", 2.0), ("backtrack", 1.5), ("max_trials", 0), ("cadence", "never"),
+    ("check_finite", "no"),
+]
+
+
+@pytest.mark.parametrize("name, value", LATE_SETTINGS,
+                         ids=[f"{n}={v!r}" for n, v in LATE_SETTINGS])
+def test_settings_written_after_construction_are_checked_where_written(name, value):
+    model, x = _usage_setup()
+    opt = ArmijoAdam(model.parameters(), model=model)
+    before = getattr(opt, name)
+    with pytest.raises((ValueError, TypeError), match=f"invalid {name}"):
+        setattr(opt, name, value)
+    assert getattr(opt, name) is before  # the old value stays
+    loss = opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert not opt.stats["skipped"] and torch.isfinite(loss.detach())
+
+
+def test_good_settings_written_after_construction_take_effect():
+    model, x = _usage_setup()
+    opt = ArmijoSGD(model.parameters(), model=model, cadence=4, max_interval=7)
+    opt.max_grad_norm, opt.cadence, opt.c = 1e-6, "every", 0.3
+    assert opt.cadence.spec == 1 and opt.cadence.max_interval == 7 and opt.c == 0.3
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(closure)
+        assert opt.stats["searched"]  # every step (cadence 4 searched steps 1 and 5)
+        moved = math.sqrt(sum(float((p.detach() - b).pow(2).sum())
+                              for p, b in zip(model.parameters(), before)))
+        assert 0 < moved <= 1.001e-6 * opt.stats["applied_step"]  # along the clipped gradient
+
+
 def test_set_closure_with_a_model_that_holds_none_of_the_parameters_is_refused():
     # (trials then restored the other model's BatchNorm statistics and let the trained model's
     # count up with every trial forward)

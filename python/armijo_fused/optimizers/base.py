@@ -55,6 +55,7 @@ from .checkpoint import CheckpointMixin
 from .interrupts import HeldInterrupts
 from .passes import FlatPasses, total
 from .search import IN_TURN, SearchMixin
+from .settings import SettingsMixin
 from .store import StoreMixin
 from .torch_compat import (
     GROUP_OPTION_KEYS,
@@ -119,7 +120,8 @@ class StepSetup:
     reduce: Callable | None
 
 
-class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Optimizer):
+class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
+                      torch.optim.Optimizer):
     """Base class: a direction rule searched along by a stochastic Armijo line search.
 
     Subclasses fix the direction family and its defaults; see :class:`ArmijoAdam` for the
@@ -160,20 +162,17 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
         momentum_search: str | None = None,
     ):
         _lr_value(lr)  # validates; schedulers own the value
-        for name, flag in (("check_finite", check_finite), ("layerwise", layerwise),
-                           ("exact_revert", exact_revert), ("flat", flat)):
+        # checked as they are set, now or later (settings.py)
+        self.c, self.backtrack, self.max_trials = c, backtrack, max_trials
+        self.max_grad_norm, self.check_finite = max_grad_norm, check_finite
+        for name, flag in (("layerwise", layerwise), ("exact_revert", exact_revert),
+                           ("flat", flat)):
             if flag not in (True, False):  # (bool("no") is True: a string was a silent yes)
                 raise TypeError(f"invalid {name}: {flag!r} (expected True or False)")
         refuse_zero_redundancy(type(self).__name__)
         rule = get_rule(direction)
         check_number("weight_decay", weight_decay, 0.0)
         check_number("init_step_size", init_step_size, 0.0, lo_open=True)
-        check_number("c", c, 0.0, 1.0, lo_open=True, hi_open=True)
-        check_number("backtrack", backtrack, 0.0, 1.0, lo_open=True, hi_open=True)
-        if not isinstance(max_trials, int) or isinstance(max_trials, bool) or max_trials < 1:
-            raise ValueError(f"invalid max_trials: {max_trials!r} (expected an int >= 1)")
-        if max_grad_norm is not None:
-            check_number("max_grad_norm", max_grad_norm, 0.0, lo_open=True)
         if backend not in BACKENDS:  # (checked here too: resolve_backend runs at the first step)
             raise ValueError(f"invalid backend: {backend!r} (choose {', '.join(BACKENDS)})")
         if block_search not in (*IN_TURN, "stale", "exact"):
@@ -216,8 +215,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, torch.optim.Opti
                                      max_drop=max_drop)
         self.policy.validate()
         self.cadence = Cadence(cadence, max_interval=max_interval)
-        self.c, self.backtrack, self.max_trials = float(c), float(backtrack), max_trials
-        self.max_grad_norm, self.check_finite = max_grad_norm, bool(check_finite)
         self.backend, self.tile = backend, tile
         self.layerwise, self.block_search = bool(layerwise), block_search
         self.merge_below = merge_below

@@ -1,0 +1,88 @@
+"""The optimizer's own settings, checked whenever they are written, not only at construction.
+
+The integrations write ``max_grad_norm`` after construction (Lightning's ``gradient_clip_val``,
+HF's ``max_grad_norm``), and a user may tune ``c`` or the cadence mid-run. Checked only in
+``__init__``, a bad value written later surfaced as a bare error deep inside a step, or not at
+all: ``max_grad_norm = nan`` skipped every step in silence. Each setting here raises where it
+is written, with its name. (Per-group hyperparameters, ``lr``, ``weight_decay``, ``betas``, are
+checked at every step instead: torch's schedulers write them in place.)
+"""
+
+from __future__ import annotations
+
+from ..directions.base import check_number
+from ..linesearch.cadence import Cadence
+
+
+class Checked:
+    """A data descriptor: ``check(value)`` validates (and may convert) every value set."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:  # (before __init__ set it: as a plain attribute would)
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj, value):
+        # (the value lives in the instance's __dict__ under its own name, so copies, pickles
+        # and torch's __setstate__, which update __dict__ directly, carry it as before)
+        obj.__dict__[self.name] = self.check(obj, value)
+
+
+def _fraction(name):
+    def check(obj, value):
+        check_number(name, value, 0.0, 1.0, lo_open=True, hi_open=True)
+        return float(value)
+    return check
+
+
+def _max_trials(obj, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"invalid max_trials: {value!r} (expected an int >= 1)")
+    return value
+
+
+def _max_grad_norm(obj, value):
+    if value is None:
+        return None
+    try:
+        check_number("max_grad_norm", value, 0.0, lo_open=True)
+    except ValueError:
+        raise ValueError(f"invalid max_grad_norm: {value!r} (expected a finite number > 0, or "
+                         "None for no clipping)") from None
+    return float(value)
+
+
+def _flag(name):
+    def check(obj, value):
+        if value not in (True, False):  # (bool("no") is True: a string was a silent yes)
+            raise TypeError(f"invalid {name}: {value!r} (expected True or False)")
+        return bool(value)
+    return check
+
+
+def _cadence(obj, value):
+    if isinstance(value, Cadence):
+        return value
+    # a spec written later keeps the cadence's max_interval
+    old = obj.__dict__.get("cadence")
+    return Cadence(value, max_interval=old.max_interval if old is not None else 10)
+
+
+class SettingsMixin:
+    """The settings a step reads from the optimizer itself (see the module docstring)."""
+
+    c = Checked(_fraction("c"))
+    backtrack = Checked(_fraction("backtrack"))
+    max_trials = Checked(_max_trials)
+    max_grad_norm = Checked(_max_grad_norm)
+    check_finite = Checked(_flag("check_finite"))
+    cadence = Checked(_cadence)
