@@ -1172,6 +1172,30 @@ def test_a_closure_returning_several_losses_or_a_list_is_refused():
         opt.step(lambda: closure(lambda a, b: [a + b]))
 
 
+def test_a_tuple_with_the_predictions_of_a_batch_of_one_gives_its_loss():
+    # (loss, preds) with preds of shape (1, 1), at an epoch's last batch of one, was refused
+    # as two scalars: the run stopped there. A 0-dim loss competes only with 0-dim tensors;
+    # predictions of shape (1, 1) ahead of a loss are still refused (taking them as the loss
+    # would test the wrong function)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(1, 4), torch.randn(1, 1)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+
+    def closure(order):
+        opt.zero_grad()
+        pred = model(x)
+        loss = nn.functional.mse_loss(pred, y)
+        loss.backward()
+        return order(loss, pred)
+
+    out = opt.step(lambda: closure(lambda loss, pred: (loss, pred)))
+    assert isinstance(out, tuple) and out[1].shape == (1, 1)
+    assert opt.stats["searched"] and opt.stats["loss_after"] < opt.stats["loss_before"]
+    with pytest.raises(TypeError, match="tuple of 2 scalar tensors"):
+        opt.step(lambda: closure(lambda loss, pred: (pred, loss)))
+
+
 @pytest.mark.parametrize("schedule", [None, "constant", "below_peak"])
 def test_a_step_size_growing_without_a_schedule_is_named(schedule):
     # Without a schedule an Adam-family η keeps growing on noisy mini-batches (a review

@@ -52,16 +52,23 @@ def calling_grad_scaler(opt):
 def _structured_loss(value):
     """The loss inside what a closure returned, when that is a structure: a dict or an HF
     ``ModelOutput`` with ``loss``, an object with a tensor ``.loss``, or a tuple whose first
-    entry is the loss (HF's ``return_dict=False``) and the only scalar; else None."""
+    entry is the loss (HF's ``return_dict=False``) and the only scalar; else None. A 0-dim
+    loss competes only with 0-dim tensors: the predictions of a batch of one, shape (1, 1),
+    are no second loss (a run stopped at an epoch's last batch of one)."""
     if isinstance(value, Mapping):
         return value.get("loss")
     if isinstance(value, tuple):
-        scalars = [v for v in value if isinstance(v, Tensor) and v.numel() == 1]
+        if not value:
+            return None
+        first = value[0]
+        loss_like = ((lambda v: v.dim() == 0) if isinstance(first, Tensor) and first.dim() == 0
+                     else (lambda v: v.numel() == 1))
+        scalars = [v for v in value if isinstance(v, Tensor) and loss_like(v)]
         if len(scalars) > 1:  # (loss_a, loss_b): which one the gradient belongs to is a guess
             raise TypeError(
                 f"the closure returned a tuple of {len(scalars)} scalar tensors; return the "
                 "loss the gradient belongs to (or a dict with 'loss')")
-        return value[0] if value else None
+        return first
     loss = getattr(value, "loss", None)
     return loss if isinstance(loss, Tensor) else None
 
