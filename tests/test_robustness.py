@@ -1280,6 +1280,7 @@ BAD_HYPERPARAMETERS = [
     (ArmijoSGD, "momentum", math.nan, "invalid momentum"),
     (ArmijoAdam, "block_search", "random", "invalid block_search"),
     (ArmijoAdam, "merge_below", 0.0, "invalid merge_below"),
+    (ArmijoAdam, "merge_below", 1e-6, "merge_below merges the blocks of the layer-wise"),
     (ArmijoAdam, "model", "net", "model must be a torch.nn.Module"),
     # (a string is truthy: flat="no" was a silent yes)
     (ArmijoAdam, "flat", "no", "invalid flat"),

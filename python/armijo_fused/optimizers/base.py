@@ -182,6 +182,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             )
         if merge_below is not None:
             check_number("merge_below", merge_below, 0.0, lo_open=True)
+            if not layerwise:  # (it was taken and did nothing)
+                raise ValueError("merge_below merges the blocks of the layer-wise search: pass "
+                                 "layerwise=True with it")
         if momentum_search not in (None, "direction", "gradient"):
             raise ValueError(f"invalid momentum_search: {momentum_search!r} (choose direction "
                              "or gradient)")
