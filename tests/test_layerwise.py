@@ -239,6 +239,22 @@ def _lm_loss(model, tokens):
                                        tokens[:, 1:].flatten())
 
 
+def test_layerwise_stats_are_lists_before_the_first_step_and_after_a_copy():
+    # stats["step_size"] was a NaN scalar before the first step (and after a copy or a
+    # pickle), a list afterwards: a loop logging stats["step_size"][0] failed on a fresh one
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = ArmijoAdam(param_groups(model), layerwise=True)
+    for key in ("step_size", "applied_step", "next_step_size"):
+        assert len(opt.stats[key]) == 4 and all(math.isnan(v) for v in opt.stats[key])
+    tokens = torch.randint(0, 11, (4, 9))
+    opt.step(make_closure(opt, lambda: _lm_loss(model, tokens)))
+    assert len(opt.stats["step_size"]) == 4 and opt.stats["step_size"][0] > 0
+    copied = copy.deepcopy(opt)
+    assert len(copied.stats["next_step_size"]) == 4 and math.isnan(copied.stats["step_size"][0])
+    assert math.isnan(ArmijoAdam(Tiny().parameters()).stats["step_size"])  # global: one value
+
+
 def test_single_group_with_model_splits_into_named_blocks():
     torch.manual_seed(0)
     model = Tiny()

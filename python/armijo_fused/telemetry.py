@@ -20,15 +20,20 @@ class StepStats(Mapping):
         self._values = values
 
     @classmethod
-    def before_any_step(cls) -> StepStats:
+    def before_any_step(cls, blocks: int | None = None) -> StepStats:
         """The keys a step reports, before any has run (or after a resume): step 0, nothing
         searched, NaN for the numbers, so a loop that logs ``opt.stats[...]`` after a step the
-        optimizer never ran (one GradScaler skipped on an overflow) reads values, not KeyError."""
+        optimizer never ran (one GradScaler skipped on an overflow) reads values, not KeyError.
+        ``blocks``: layer-wise, the number of blocks known so far (a group is cut into its
+        named blocks at the first step); the per-block values are lists, as after a step (a
+        NaN scalar broke ``stats["step_size"][0]``)."""
         nan = float("nan")
-        return cls(step=0, searched=False, step_size=nan, applied_step=nan, lr_factor=nan,
+        per_block = nan if blocks is None else [nan] * blocks
+        return cls(step=0, searched=False, step_size=per_block, applied_step=per_block,
+                   lr_factor=nan,
                    trials=0, loss_before=nan, loss_after=nan, gd=nan, grad_norm=nan,
                    non_descent=False, unresolved=False, exhausted=False, collapsed=False,
-                   skipped=False, searched_blocks=[], next_step_size=nan, forwards=0,
+                   skipped=False, searched_blocks=[], next_step_size=per_block, forwards=0,
                    backwards=0)
 
     def __getitem__(self, key):

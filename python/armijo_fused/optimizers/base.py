@@ -264,6 +264,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "layerwise=True needs blocks: pass one param group per block (for instance "
                 "armijo_fused.blocks.param_groups(model)) or model= to split by module names"
             )
+        self.stats = self._stats_before_any_step()
+
+    def _stats_before_any_step(self) -> StepStats:
+        """``opt.stats`` before a step (or after a resume): per block lists when layer-wise."""
+        return StepStats.before_any_step(len(self._all_blocks()) if self.layerwise else None)
 
     def _init_group(self, group: dict, constructing: bool = False) -> None:
         """Validate a param group and give it the line-search keys. A group added later

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from ..directions.base import check_number
 from ..storage.sharded import is_dtensor
-from ..telemetry import StepStats
 from .search import counter_error
 from .torch_compat import from_torch_state_dict, is_torch_state_dict
 
@@ -63,7 +62,7 @@ class CheckpointMixin:
                     "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned",
                     "_block_names_of"):
             setattr(self, key, None)
-        self._sharded, self._constants, self.stats = False, {}, StepStats.before_any_step()
+        self._sharded, self._constants, self.stats = False, {}, self._stats_before_any_step()
         self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])
                        for p, n in zip(g["params"], ns) if n is not None}
         if not self._names and getattr(self, "_modules", None):
