@@ -1137,6 +1137,30 @@ def test_a_complex_or_bool_loss_is_refused_by_name(value):
     assert torch.equal(model.weight, before)
 
 
+def test_a_search_that_backtracks_into_the_loss_resolution_after_rejections_is_exhausted():
+    # A loss whose gradient points uphill (its value v, its gradient -∇v: a gradient reversal,
+    # a sign bug): every trial the test could judge was rejected, then backtracking made the
+    # predicted decrease too small to resolve and the search ended "unresolved", keeping the
+    # rejected η; the steps without a search applied it blind: the loss rose from 8.00 to 8.86
+    # over 60 steps. It is an exhausted search: η resets and the next step searches again
+    w = nn.Parameter(torch.zeros(8))
+    opt = ArmijoAdam([w], backend="torch")
+
+    def closure():
+        opt.zero_grad()
+        v = (w - 1).pow(2).sum()
+        loss = 2 * v.detach() - v
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.stats["exhausted"] and not opt.stats["unresolved"]
+    assert 1 < opt.stats["trials"] < opt.max_trials  # (it stopped at the resolution)
+    for _ in range(59):
+        opt.step(closure)
+    assert float((w.detach() - 1).pow(2).sum()) < 8.001  # (8.86 before)
+
+
 def test_a_search_whose_every_trial_loss_is_nan_ends_exhausted():
     # backtracking shrank the predicted decrease below the loss's resolution first, so the
     # search ended 'unresolved' (η kept) after about 16 NaN trials instead of 'exhausted'

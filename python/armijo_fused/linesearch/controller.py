@@ -245,6 +245,7 @@ def armijo_search(
     # (the non-descent one, a failed optimistic one); each such trial raises it by one, so the
     # loop ends at most two trials past max_trials
     limit = max_trials
+    rejected = False  # a trial the test could judge (or whose loss was not finite) failed it
     solo_misses = []  # the test's miss at each rejected trial that held some blocks fixed
     for trial in itertools.count(1):
         ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
@@ -303,13 +304,21 @@ def armijo_search(
             # collapse).
             # (a non-finite trial loss is a rejection instead, even here: a search whose every
             # trial loss is NaN ends exhausted, which resets η, rather than keeping it)
-            unresolved = True
+            # Not after a rejection, though: backtracking reached the loss's resolution from a
+            # step the test did judge, and failed; keeping that η, steps without a search
+            # applied it blind (a loss whose gradient points uphill climbed at 52 steps of 60).
+            # That search is exhausted: η resets and the next step searches again. (A trial
+            # whose loss is f0 to the last bit after a rejection stays unresolved: a bf16
+            # model's rounding hides the smaller step, and going on below it would only find
+            # more hidden ones)
+            unresolved = not rejected or f_trial == f_before
             unchanged = informative and len(history) == 1
             break
         if passed:  # (the unresolved cases have ended the search above)
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
                                 non_descent=non_descent, history=history, block_gd=gd_b,
                                 block_dd=dd_b, first_gd=first_gd_b, optimistic=pending)
+        rejected = True
         if trial == limit:
             break
         if len(moving) < len(eta):
