@@ -277,19 +277,30 @@ def _trial_losses(rank, world, reshard):
 
 def _rank_candidates_refused(rank, world):
     """Batched candidates swap plain trial tensors into the model, which FSDP2 shards cannot
-    take: the first step says so before anything moves (it used to run and never move θ)."""
+    take: the constructor says so, and a step (candidates set afterwards) says so before
+    anything moves, every time (it used to run and never move θ; then the refusal came after
+    the new store was in place, and every later step raised a bare AttributeError)."""
     from armijo_fused.storage.sharded import _local
 
     model = shard(make_model())
-    opt = make_opt(model, candidates=3)
-    before = [_local(p).clone() for p in model.parameters()]
-    message = ""
+    messages = []
     try:
-        train(model, opt, 1, rank, world)
+        make_opt(model, candidates=3)
     except ValueError as e:
-        message = str(e)
+        messages.append(str(e))
+    opt = make_opt(model)
+    opt.candidates = 3
+    before = [_local(p).clone() for p in model.parameters()]
+    for _ in range(2):
+        try:
+            train(model, opt, 1, rank, world)
+        except ValueError as e:
+            messages.append(str(e))
     same = all(torch.equal(a, _local(p)) for a, p in zip(before, model.parameters()))
-    return {"message": message, "same": same, "step": opt.param_groups[0]["step"]}
+    opt.candidates = None  # and the optimizer still trains
+    rows = train(model, opt, 2, rank, world)
+    return {"messages": messages, "same": same, "step": opt.param_groups[0]["step"],
+            "trained": len(rows) == 2 and all(eta > 0 for eta, *_ in rows)}
 
 
 def _rank_trials(rank, world):
@@ -428,8 +439,9 @@ def test_bf16_shards_get_fp32_master_weights():
 
 def test_batched_candidates_are_refused_before_anything_moves():
     for r in run_ranks(_rank_candidates_refused, world=2, timeout=120):
-        assert "candidates= does not support FSDP2" in r["message"], r
-        assert r["same"] and r["step"] == 0, r
+        assert len(r["messages"]) == 3, r
+        assert all("candidates= does not support FSDP2" in m for m in r["messages"]), r
+        assert r["same"] and r["step"] == 2 and r["trained"], r
 
 
 def test_trial_forwards_see_the_moved_weights():

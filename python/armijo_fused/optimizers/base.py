@@ -43,6 +43,7 @@ from ..linesearch.policy import StepSizePolicy
 from ..storage.flat import FlatBuffer
 from ..storage.layout import DEFAULT_TILE
 from ..storage.scalars import to_device
+from ..storage.sharded import is_dtensor
 from ..telemetry import StepStats
 from .calls import (
     as_loss,
@@ -254,6 +255,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._init_group(group, constructing=True)
         if model is not None:
             self._check_model_holds_params(model, "model=")
+        if candidates is not None:  # (refused at the first step too: a model sharded later)
+            self._refuse_dtensors_unsupported(any(is_dtensor(p) for g in self.param_groups
+                                                  for p in g["params"]))
         # filled by state_dict() only; a live key, so that a checkpoint flattened by
         # torch.distributed.checkpoint (flatten_optimizer_state_dict, which keeps only the keys
         # the live groups have) carries it back

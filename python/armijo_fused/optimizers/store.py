@@ -171,6 +171,7 @@ class StoreMixin:
             by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
         if self.layerwise and len({gi for gi, _, _, _ in by_slot}) != len(by_slot):
             raise ValueError("layerwise=True needs each param group on one device and dtype")
+        self._refuse_dtensors_unsupported(any(dtensor for *_, dtensor in by_slot))
         buffers = []
         for (gi, _, _, dtensor), plist in by_slot.items():
             ids = self._group_blocks(gi, plist)
@@ -214,17 +215,23 @@ class StoreMixin:
         else:
             self._drop_stale_masters(buffers)
         self._sharded = any(getattr(b, "distributed", False) for b in buffers)
-        if self._sharded:
-            if self.candidates is not None:  # trial weights swapped in would not be shards
-                raise ValueError("candidates= does not support FSDP2 (DTensor) parameters: "
-                                 "use the sequential search (candidates=None)")
-            if not self._modules:
-                raise ValueError(
-                    "DTensor (FSDP2) parameters need the model: pass model= to the optimizer or "
-                    "to set_closure(fn, model=...), so that every FSDP module is resharded "
-                    "between trial forwards and they see the moved weights"
-                )
         return buffers
+
+    def _refuse_dtensors_unsupported(self, dtensors: bool) -> None:
+        """What DTensor (FSDP2) parameters cannot do, refused before the store changes (a
+        refusal after the new buffers were in place left a store every later step tripped
+        over with a bare AttributeError)."""
+        if not dtensors:
+            return
+        if self.candidates is not None:  # trial weights swapped in would not be shards
+            raise ValueError("candidates= does not support FSDP2 (DTensor) parameters: "
+                             "use the sequential search (candidates=None)")
+        if not self._modules:
+            raise ValueError(
+                "DTensor (FSDP2) parameters need the model: pass model= to the optimizer or "
+                "to set_closure(fn, model=...), so that every FSDP module is resharded "
+                "between trial forwards and they see the moved weights"
+            )
 
     def _warn_taken(self) -> None:
         """Warn when a rebuild finds parameters of this optimizer's flat buffers re-pointed into
