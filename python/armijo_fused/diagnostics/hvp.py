@@ -234,6 +234,29 @@ def _has_error_node(grads) -> bool:
     return False
 
 
+def _once_differentiable_node(loss: Tensor) -> bool:
+    """Whether the loss's graph holds a custom ``autograd.Function`` whose backward is marked
+    ``once_differentiable``. In the middle of a network torch leaves an ``Error`` node in the
+    gradient's graph for it (see :func:`_has_error_node`); as the loss's last op (a fused
+    cross-entropy kernel) it leaves nothing: the gradient just does not depend on the
+    parameters through it, and its curvature is silently dropped (λ_max 0 for a true 10)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        backward = getattr(getattr(fn, "_forward_cls", None), "backward", None)
+        code = getattr(backward, "__code__", None)
+        # (once_differentiable wraps the backward in a function named "wrapper", defined in
+        # torch/autograd/function.py)
+        if code is not None and code.co_name == "wrapper" and \
+                code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py"):
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
+
+
 class _GradCache:
     """Per-batch gradient graphs shared by every block operator of one model."""
 
@@ -278,7 +301,7 @@ class _GradCache:
                                             allow_unused=True)
             except RuntimeError as e:
                 raise DoubleBackwardError(f"{_DOUBLE_BACKWARD_HINT}. Original error: {e}") from e
-        if _has_error_node(grads):
+        if _has_error_node(grads) or _once_differentiable_node(loss):
             raise DoubleBackwardError(
                 f"{_DOUBLE_BACKWARD_HINT}. Here an autograd.Function marked once_differentiable "
                 "(a fused kernel's backward) is in the gradient's graph: its second derivative "
