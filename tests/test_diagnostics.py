@@ -471,9 +471,15 @@ def test_clip_suggestion_and_warning():
     assert rec.suggest_clip(50) == pytest.approx(5.5)
     with pytest.warns(UserWarning, match="70% of the recorded steps"):
         assert rec.check_clip(3.5) == pytest.approx(0.7)
+    # the percentile the warning names is the caller's (the report's --percentile; it said
+    # "the 90th percentile" whatever was asked)
+    with pytest.warns(UserWarning, match="the 50th percentile of the norms is 5.5"):
+        rec.check_clip(3.5, percentile=50)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert rec.check_clip(5.0) == pytest.approx(0.5)  # exactly half: no warning
+    with pytest.raises(ValueError, match="finite number > 0"):
+        rec.check_clip(math.inf)
     with pytest.raises(ValueError, match="percentile"):
         rec.suggest_clip(0)
 
@@ -513,7 +519,8 @@ def test_report_rejects_a_bad_telemetry_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--percentile", "0"], "--percentile must be in (0, 100], got 0"),
-    (["--clip", "-1"], "--clip must be > 0, got -1"),
+    (["--clip", "-1"], "--clip must be a finite number > 0, got -1"),
+    (["--clip", "inf"], "--clip must be a finite number > 0, got inf"),
     (["--power-iters", "-2"], "--power-iters must be >= 0 (0 skips it)"),
 ])
 def test_report_refuses_bad_options_before_any_work(args, message, tmp_path, capsys):

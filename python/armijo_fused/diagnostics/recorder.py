@@ -189,15 +189,16 @@ class TelemetryRecorder:
 
     def clipped_fraction(self, threshold: float) -> float:
         """Fraction of recorded steps whose gradient norm exceeds ``threshold``."""
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if not 0 < threshold < math.inf:
+            raise ValueError(f"threshold must be a finite number > 0, got {threshold}")
         g = self.grad_norms
         g = g[np.isfinite(g)]
         return float(np.mean(g > threshold)) if g.size else math.nan
 
-    def check_clip(self, threshold: Optional[float] = None) -> float:
+    def check_clip(self, threshold: Optional[float] = None, percentile: float = 90.0) -> float:
         """``clipped_fraction`` at ``threshold`` (default: the optimizer's ``max_grad_norm``),
-        with a warning when more than half of the steps would be clipped."""
+        with a warning when more than half of the steps would be clipped, which names the
+        ``percentile`` of the norms as a threshold to try (the playbook's 90th by default)."""
         if threshold is None:
             threshold = getattr(self.optimizer, "max_grad_norm", None)
             if threshold is None:
@@ -207,8 +208,8 @@ class TelemetryRecorder:
             warnings.warn(
                 f"{100 * frac:.0f}% of the recorded steps have a gradient norm above the clipping "
                 f"threshold {threshold:g}: clipping then rescales most steps instead of guarding "
-                f"against rare spikes; the 90th percentile of the norms is "
-                f"{self.suggest_clip(90):.4g}",
+                f"against rare spikes; the {percentile:g}th percentile of the norms is "
+                f"{self.suggest_clip(percentile):.4g}",
                 UserWarning, stacklevel=2,
             )
         return frac

@@ -230,7 +230,7 @@ def write_report(out_dir, *, spectra: Optional[Mapping[str, Spectrum]] = None,
             if clip_threshold is not None:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    frac = telemetry.check_clip(clip_threshold)
+                    frac = telemetry.check_clip(clip_threshold, percentile)
                 md.append(f"- at threshold {clip_threshold:g}, {100 * frac:.0f}% of the steps "
                           "would be clipped")
                 md += [f"- **warning**: {w.message}" for w in caught]
@@ -289,8 +289,8 @@ def main(argv=None) -> int:
                 ("probes", "steps", "batches", "batch_size", "seq_len") if getattr(args, n) < 1]
     problems += [f"--{n.replace('_', '-')} must be >= 0 (0 skips it)" for n in
                  ("power_iters", "trace_samples", "train_steps") if getattr(args, n) < 0]
-    if args.clip is not None and not args.clip > 0:
-        problems.append(f"--clip must be > 0, got {args.clip:g}")
+    if args.clip is not None and not 0 < args.clip < math.inf:
+        problems.append(f"--clip must be a finite number > 0, got {args.clip:g}")
     if not 0 < args.percentile <= 100:
         problems.append(f"--percentile must be in (0, 100], got {args.percentile:g}")
     if not problems:  # checked before any work: a bad --out failed after the spectra
