@@ -85,7 +85,8 @@ LINESEARCH_ARGS = r"""
             losses and per-block sums are averaged over it in one all-reduce per trial (and
             one per step for a given ``loss=``, each rank's own), so every rank accepts the same
             step. Used only when torch.distributed is initialised with more than one rank
-            (default: None, the world)
+            (default: None, the world; a model that is not replicated over the world, one per
+            rank or stepped on one rank only, needs a group of its own ranks)
         candidates (int, optional): test this many step sizes of the backtracking sequence
             (η0, βη0, β²η0, ...) in one batched forward (torch.func.vmap over stacked trial
             weights) and accept the first that passes: the step sequential backtracking would
