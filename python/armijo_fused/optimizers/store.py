@@ -157,8 +157,7 @@ class StoreMixin:
         if self._buffers is not None and self.flat:
             self._warn_taken()
         self._restart_or_warn_stateless(restarted)
-        if self.flat:
-            self._warn_shared_storage()
+        self._warn_shared_storage()
         by_slot: dict = {}
         for gi, p in self._trainable():
             if p.device.type == "meta":  # else a bare "Cannot copy out of meta tensor" later
@@ -264,7 +263,8 @@ class StoreMixin:
         for group in self.param_groups:  # frozen ones too: a frozen alias of a trained tensor
             for p in group["params"]:
                 if id(p) in seen_ids or p.device.type == "meta" or is_dtensor(p) or \
-                        p.numel() == 0 or _extent(p) != p.numel():
+                        p.numel() == 0 or _extent(p) != p.numel() or \
+                        (not self.flat and not p.requires_grad):  # (in place: not stepped)
                     continue  # (a strided view's span is not its elements: not judged)
                 seen_ids.add(id(p))
                 start = p.data_ptr()
@@ -277,12 +277,15 @@ class StoreMixin:
             if device != dev or stop > end:
                 dev, end = device, max(stop, end if device == dev else -1)
         if shared:
+            what = ("The flat store gives each its own slot, so they train apart from here" if
+                    self.flat else
+                    "With flat=False each is stepped in place along its own direction, which "
+                    "the search's predicted decrease counts apart, as if they were not tied "
+                    "(and the torch backend keeps the last tensor's step only)")
             self._warn_once("shared_storage", (
                 f"{len(shared)} parameter(s) share their memory with another parameter "
-                f"({self._shown(shared)}): weights tied through .data? The flat store gives "
-                "each its own slot, so they train apart from here. Tie weights as one Parameter "
-                "(head.weight = emb.weight), or pass flat=False, which leaves the tensors where "
-                "they are"))
+                f"({self._shown(shared)}): weights tied through .data? {what}. Tie weights as "
+                "one Parameter (head.weight = emb.weight): one gradient, one direction"))
 
     def _drop_stale_masters(self, buffers) -> None:
         """A bf16 checkpoint's master, loaded for what is fp32 now: θ is its own master, and a
