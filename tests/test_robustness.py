@@ -1355,6 +1355,19 @@ def test_set_closure_with_a_model_that_holds_none_of_the_parameters_is_refused()
     opt.set_closure(lambda: model(x).mean(), model=model)  # the right one is taken
 
 
+@pytest.mark.parametrize("flat", [True, False])
+def test_an_expanded_parameter_is_refused_by_name(flat):
+    # nn.Parameter(t.expand(3, 4)): the flat store split its rows into three tensors without a
+    # word, flat=False raised torch's bare "more than one element ... single memory location"
+    base = torch.randn(1, 4)
+    p = nn.Parameter(base.expand(3, 4))
+    before = p.detach().clone()
+    opt = ArmijoAdam([p], flat=flat)
+    with pytest.raises(ValueError, match=r"is an expanded view: .*\(stride \(0, 1\)"):
+        opt.step(make_closure(opt, lambda: p.pow(2).sum()))
+    assert torch.equal(p.detach(), before) and p.stride() == (0, 1) and not opt.state
+
+
 def test_parameters_still_on_the_meta_device_at_the_first_step_are_named():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))

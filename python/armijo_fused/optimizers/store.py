@@ -167,6 +167,14 @@ class StoreMixin:
                     "makes new parameters unless torch.__future__."
                     "set_swap_module_params_on_conversion(True) is set, so build the "
                     "optimizer after it (and after initialising the weights)")
+            if any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape)):
+                # (torch's optimizers refuse it too; the flat store split its rows apart)
+                raise ValueError(
+                    f"a parameter ({self._shown([p])}) is an expanded view: several of its "
+                    f"elements share one memory location (stride {tuple(p.stride())}), so a "
+                    "step on each is not defined. Make it a tensor "
+                    "of its own (nn.Parameter(t.expand(...).clone())), or keep the small tensor "
+                    "as the parameter and expand it in forward")
             by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
         if self.layerwise and len({gi for gi, _, _, _ in by_slot}) != len(by_slot):
             raise ValueError("layerwise=True needs each param group on one device and dtype")
