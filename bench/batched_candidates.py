@@ -22,6 +22,7 @@ import torch
 from armijo_fused import ArmijoAdam
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _env import positive_int  # noqa: E402
 from convergence import environment  # noqa: E402  (the shared environment record)
 from torch import nn
 
@@ -65,7 +66,7 @@ def run(device, candidates, steps, width, depth, batch, init_step_size, seed=0):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=positive_int, default=30)
     ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=4)

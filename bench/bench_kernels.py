@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import device_slug, git_commit  # noqa: E402
+from _env import device_slug, git_commit, positive_int  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -268,7 +268,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    ap.add_argument("--repeats", type=int, default=30, help="timed calls per pass (>= 20)")
+    ap.add_argument("--repeats", type=positive_int, default=30, help="timed calls per pass (>= 20)")
     ap.add_argument("--tiles", default="2048",
                     help="comma-separated tile sizes (BLOCK_SIZE) to try; the fastest first "
                          "pass per model is reported")

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import positive_int  # noqa: E402
 from convergence import (  # noqa: E402
     RESULTS,
     adam_sls_step,
@@ -150,7 +151,7 @@ def table(result: dict) -> str:
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)

@@ -58,7 +58,7 @@ from armijo_fused.demo import (
 from armijo_fused.models import TransformerConfig, TransformerLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import device_slug, environment, git_commit, result_slug  # noqa: E402,F401  (re-exported)
+from _env import device_slug, environment, git_commit, positive_int, result_slug  # noqa: E402,F401  (re-exported)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -410,17 +410,21 @@ def plot(result: dict, path: Path) -> None:
 
 # -- main ----------------------------------------------------------------------------------------
 def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",") if v]
+    out = [float(v) for v in s.split(",") if v]
+    if not out:  # (--seeds "" ran nothing and ended in an UnboundLocalError)
+        raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
+    return out
 
 
 def _ints(s: str) -> list[int]:
+    _floats(s)  # (the same refusal of an empty list)
     return [int(v) for v in s.split(",") if v]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=positive_int, default=600)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)

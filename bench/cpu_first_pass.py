@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import cpu_caches, cpu_model, git_commit, write_result  # noqa: E402
+from _env import cpu_caches, cpu_model, git_commit, positive_float, positive_int, write_result  # noqa: E402
 from _timing import interleaved_times  # noqa: E402
 
 from armijo_fused import ops
@@ -70,8 +70,8 @@ def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=float, default=10e6)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--params", type=positive_float, default=10e6)
+    ap.add_argument("--repeats", type=positive_int, default=30)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu_first_pass.json"))
     args = ap.parse_args()

@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, write_result  # noqa: E402
+from _env import environment, positive_int, write_result  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=positive_int, default=20)
     ap.add_argument("--out", default=str(HERE / "results" / "fsdp2_in_place_cpu.json"))
     args = ap.parse_args()
     world = 2

@@ -33,7 +33,7 @@ from armijo_fused.demo import evaluate
 from armijo_fused.models import TransformerConfig, TransformerLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, result_slug, write_result  # noqa: E402
+from _env import environment, positive_int, result_slug, write_result  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,7 +81,7 @@ def run(name: str, base: TransformerLM, data, args, device) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=positive_int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--wd", type=float, default=0.01)

@@ -31,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, result_slug, write_result  # noqa: E402
+from _env import environment, positive_int, result_slug, write_result  # noqa: E402
 from _timing import interleaved_times  # noqa: E402
 from bench_kernels import MODELS, gpt2_blocks  # noqa: E402
 
@@ -95,7 +95,7 @@ def count_ops(step) -> tuple[int, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--repeats", type=positive_int, default=300)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)

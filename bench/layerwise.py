@@ -26,6 +26,7 @@ import torch
 from armijo_fused import ArmijoAdam
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _env import positive_int  # noqa: E402
 from convergence import environment  # noqa: E402  (the shared environment record)
 
 from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare
@@ -105,7 +106,7 @@ def plot(rows, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=positive_int, default=200)
     ap.add_argument("--cadence", default="every", help="every | adaptive | an int k")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=64)

@@ -115,7 +115,10 @@ def run_case(case: str, params: float, ckpt: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=float, default=33.6e6)
+    sys.path.insert(0, str(HERE))
+    from _env import positive_float
+
+    ap.add_argument("--params", type=positive_float, default=33.6e6)
     ap.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # (one case, in a child)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)  # (the checkpoint a resume case loads)
     ap.add_argument("--out", type=Path, default=None)

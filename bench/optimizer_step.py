@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, result_slug, write_result  # noqa: E402
+from _env import environment, positive_float, positive_int, result_slug, write_result  # noqa: E402
 from _timing import interleaved_times  # noqa: E402
 from bench_kernels import MODELS, gpt2_blocks  # noqa: E402
 from cpu_first_pass import gpt_shapes  # noqa: E402
@@ -104,8 +104,8 @@ def sgd_case(shapes, device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--params", type=float, default=10e6, help="CPU parameter count")
+    ap.add_argument("--repeats", type=positive_int, default=30)
+    ap.add_argument("--params", type=positive_float, default=10e6, help="CPU parameter count")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)

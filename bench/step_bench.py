@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import positive_int  # noqa: E402
 from convergence import (  # noqa: E402
     RESULTS,
     adam_sls_step,
@@ -129,7 +130,7 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=60, help="timed steps per optimizer")
+    p.add_argument("--steps", type=positive_int, default=60, help="timed steps per optimizer")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
                    help="optimizer name prefixes, comma separated")

@@ -41,6 +41,9 @@ def main(argv=None) -> list[float]:
     ap.add_argument("--accumulate", type=int, default=2)
     ap.add_argument("--save", default=None, help="save_state here at the end")
     args = ap.parse_args(argv)
+    for name in ("steps", "accumulate"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
     model, data = make()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -75,7 +78,8 @@ def main(argv=None) -> list[float]:
                 window, losses = [], []
             opt.step()
             opt.zero_grad()
-        if step_losses and len(step_losses) % 10 == 0 and not window:
+        last = len(step_losses) == args.steps  # (fewer than 10 steps printed nothing)
+        if step_losses and (len(step_losses) % 10 == 0 or last) and not window:
             accelerator.print(f"step {len(step_losses):4d}  loss {step_losses[-1]:.4f}  "
                               f"step size {armijo.stats['step_size']:.2e}")
     if args.save:
