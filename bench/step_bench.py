@@ -160,6 +160,10 @@ def main(argv=None) -> int:
               "run")
         return 0
     names = [n for n in OPTIMIZERS if not args.only or any(n.startswith(o) for o in args.only)]
+    unknown = [o for o in args.only or () if not any(n.startswith(o) for n in OPTIMIZERS)]
+    if unknown:  # (--only Bogus wrote a results file with no row)
+        raise SystemExit(f"step_bench.py: unknown --only {', '.join(unknown)} (choose from "
+                         f"{', '.join(OPTIMIZERS)})")
     data = load_shakespeare(max_plays=args.max_plays)
     torch.manual_seed(0)
     base = TransformerLM(cfg).to(device)
