@@ -609,3 +609,31 @@ def test_a_once_differentiable_loss_at_the_end_is_a_double_backward_error():
                           granularity="tensor", num_probes=1, num_steps=4)
     assert plain["2.weight"].lambda_max > 0.01
 
+
+def test_a_once_differentiable_function_below_the_block_asked_for_is_no_error():
+    # the check above walked the loss's whole graph: a fused activation below the head refused
+    # the head's Hessian, which no path through it touches (2/N·FᵀF, exact)
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    torch.manual_seed(0)
+    body, head = nn.Linear(4, 4), nn.Linear(4, 1, bias=False)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    op = HessianOperator(lambda: (head(Square.apply(body(x))) - y).pow(2).mean(), [head.weight])
+    with torch.no_grad():
+        features = body(x) ** 2
+    expected = (2 / 16 * features.T @ features).double()
+    for i in range(4):
+        e = torch.zeros(4, dtype=torch.float64)
+        e[i] = 1
+        assert torch.allclose(op.matvec(e), expected[:, i], rtol=1e-5, atol=1e-7)
+

@@ -234,26 +234,41 @@ def _has_error_node(grads) -> bool:
     return False
 
 
-def _once_differentiable_node(loss: Tensor) -> bool:
-    """Whether the loss's graph holds a custom ``autograd.Function`` whose backward is marked
-    ``once_differentiable``. In the middle of a network torch leaves an ``Error`` node in the
-    gradient's graph for it (see :func:`_has_error_node`); as the loss's last op (a fused
-    cross-entropy kernel) it leaves nothing: the gradient just does not depend on the
-    parameters through it, and its curvature is silently dropped (λ_max 0 for a true 10)."""
-    seen, stack = set(), [loss.grad_fn]
+def _is_once_differentiable(fn) -> bool:
+    """Whether a graph node is a custom ``autograd.Function`` whose backward is marked
+    ``once_differentiable`` (which wraps it in a function named "wrapper", defined in
+    torch/autograd/function.py)."""
+    backward = getattr(getattr(fn, "_forward_cls", None), "backward", None)
+    code = getattr(backward, "__code__", None)
+    return code is not None and code.co_name == "wrapper" and \
+        code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py")
+
+
+def _once_differentiable_node(loss: Tensor, params) -> bool:
+    """Whether the loss's graph holds a ``once_differentiable`` function between the loss and
+    ``params``. In the middle of a network torch leaves an ``Error`` node in the gradient's
+    graph for it (see :func:`_has_error_node`); as the loss's last op (a fused cross-entropy
+    kernel) it leaves nothing: the gradient just does not depend on the parameters through
+    it, and its curvature is silently dropped (λ_max 0 for a true 10). One that no path from
+    the loss to ``params`` crosses (a fused activation below the block asked for) drops
+    nothing of theirs. One walk, each node once (iterative: graphs can be deep)."""
+    wanted = {id(p) for p in params}
+    reaches: dict = {}  # node -> whether a path from it ends at one of params
+    stack = [(loss.grad_fn, False)]
     while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
+        fn, children_done = stack.pop()
+        if fn is None or (fn in reaches and not children_done):
             continue
-        seen.add(fn)
-        backward = getattr(getattr(fn, "_forward_cls", None), "backward", None)
-        code = getattr(backward, "__code__", None)
-        # (once_differentiable wraps the backward in a function named "wrapper", defined in
-        # torch/autograd/function.py)
-        if code is not None and code.co_name == "wrapper" and \
-                code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py"):
+        nexts = [f for f, _ in fn.next_functions if f is not None]
+        if not children_done:
+            reaches[fn] = False  # (on the way down: a node is visited once)
+            stack.append((fn, True))
+            stack.extend((f, False) for f in nexts if f not in reaches)
+            continue
+        reaches[fn] = id(getattr(fn, "variable", None)) in wanted or \
+            any(reaches.get(f, False) for f in nexts)
+        if reaches[fn] and _is_once_differentiable(fn):
             return True
-        stack.extend(f for f, _ in fn.next_functions)
     return False
 
 
@@ -301,7 +316,7 @@ class _GradCache:
                                             allow_unused=True)
             except RuntimeError as e:
                 raise DoubleBackwardError(f"{_DOUBLE_BACKWARD_HINT}. Original error: {e}") from e
-        if _has_error_node(grads) or _once_differentiable_node(loss):
+        if _has_error_node(grads) or _once_differentiable_node(loss, self.params):
             raise DoubleBackwardError(
                 f"{_DOUBLE_BACKWARD_HINT}. Here an autograd.Function marked once_differentiable "
                 "(a fused kernel's backward) is in the gradient's graph: its second derivative "
