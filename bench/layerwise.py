@@ -116,7 +116,8 @@ def main(argv=None):
     ap.add_argument("--plays", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--block-search", default="round_robin",
-                    help="the layer-wise run's block_search (round_robin | stale | grow_all | exact)")
+                    choices=("round_robin", "stale", "grow_all", "exact"),
+                    help="the layer-wise run's block_search")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)

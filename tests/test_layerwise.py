@@ -188,6 +188,33 @@ def test_encoder_and_decoder_layers_are_blocks_of_their_own():
     assert opt.param_groups[0]["block_names"] == list(assign_blocks(model))
 
 
+def test_an_encoder_decoder_names_its_shared_embedding_and_each_stacks_own_parameters():
+    # BART/Whisper layout: model.shared (the token embedding both stacks use), and inside each
+    # stack an embedding, a conv and a final norm beside the layers; these fell into one
+    # "model" block, the encoder's and the decoder's together. A module named "shared" in a
+    # model with one stack is left alone (a multi-task trunk is no embedding)
+    names = block_names([
+        "model.shared.weight", "model.encoder.embed_positions.weight",
+        "model.encoder.conv1.weight", "model.encoder.layers.0.fc1.weight",
+        "model.encoder.layer_norm.weight", "model.decoder.embed_positions.weight",
+        "model.decoder.layers.0.fc1.weight", "model.decoder.layer_norm.weight",
+        "lm_head.weight"])
+    assert names == {
+        "model.shared.weight": "embeddings",
+        "model.encoder.embed_positions.weight": "encoder.embeddings",
+        "model.encoder.conv1.weight": "encoder.conv1",
+        "model.encoder.layers.0.fc1.weight": "encoder.layer.0",
+        "model.encoder.layer_norm.weight": "encoder.layer_norm",
+        "model.decoder.embed_positions.weight": "decoder.embeddings",
+        "model.decoder.layers.0.fc1.weight": "decoder.layer.0",
+        "model.decoder.layer_norm.weight": "decoder.layer_norm",
+        "lm_head.weight": "head"}
+    assert block_names(["shared.weight", "encoder.block.0.w", "decoder.block.0.w"])[
+        "shared.weight"] == "embeddings"  # T5: at the root
+    assert block_names(["shared.0.weight", "layers.0.w", "model.shared.weight"]) == {
+        "shared.0.weight": "shared", "layers.0.w": "layer.0", "model.shared.weight": "model"}
+
+
 def test_towers_with_like_named_stacks_keep_their_blocks_apart():
     # CLIP: text_model.encoder.layers.i and vision_model.encoder.layers.i both ended in
     # "encoder", so each text layer shared its step size with a vision layer, and the two

@@ -1330,6 +1330,23 @@ def test_settings_written_after_construction_are_checked_where_written(name, val
     assert not opt.stats["skipped"] and torch.isfinite(loss.detach())
 
 
+def test_an_infinite_max_grad_norm_clips_nothing_as_the_integrations_mean_it():
+    # HF's TrainingArguments(max_grad_norm=inf) and Lightning's gradient_clip_val=inf (the norm
+    # logged, nothing clipped) reach max_grad_norm; the check of written settings refused them
+    runs = []
+    for how in ("none", "inf", "inf later"):
+        model, x = _usage_setup()
+        opt = ArmijoAdam(model.parameters(), model=model,
+                         max_grad_norm=math.inf if how == "inf" else None)
+        if how == "inf later":
+            opt.max_grad_norm = math.inf
+        for _ in range(3):
+            opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert math.isfinite(opt.stats["grad_norm"])
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
 def test_good_settings_written_after_construction_take_effect():
     model, x = _usage_setup()
     opt = ArmijoSGD(model.parameters(), model=model, cadence=4, max_interval=7)

@@ -8,7 +8,7 @@ are read from ``model.named_parameters()``:
 block name             parameters
 =====================  ===================================================================
 ``embeddings``         token / position embeddings (``wte``, ``wpe``, ``embed_tokens``,
-                       ``embeddings.*`` in BERT, ``tok_embeddings``, ``shared`` in BART and T5)
+                       ``embeddings.*`` in BERT, ``tok_embeddings``; ``shared`` in an encoder-decoder)
 ``layer.<i>``          everything under a numbered layer container: ``h.<i>`` (GPT-2,
                        nanoGPT), ``layer.<i>`` (BERT), ``layers.<i>`` (Llama, torchtitan),
                        ``blocks.<i>``, ``block.<i>`` (T5), ``resblocks.<i>`` (CLIP)
@@ -40,7 +40,7 @@ from collections import OrderedDict
 from torch import nn
 
 _LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block|resblocks)\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions|shared"
+_EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions"
                     r"|word_embeddings|position_embeddings|token_type_embeddings)(?:\.|$)")
 _FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm)\.")
 _HEAD = re.compile(r"^(?:lm_head|head|cls|pooler|classifier|output|score)\.|\.(?:pooler)\.")
@@ -93,6 +93,9 @@ def block_names(param_names) -> dict[str, str]:
     # an encoder and a decoder under one "model" share theirs, so it names neither
     above = {s.rsplit(".", 1)[0] for s in stacks if "." in s}
     towers = [t for t in above if sum(s.startswith(t + ".") for s in stacks) == 1]
+    # the token embedding an encoder and a decoder share (BART, T5: "shared"); only here,
+    # where a module of that name is one: elsewhere it may be a multi-task trunk
+    shared_outside = [p for p in above if sum(s.startswith(p + ".") for s in stacks) > 1]
     label = _distinct_suffixes(stacks + towers)
     out = {}
     for n in param_names:
@@ -102,7 +105,9 @@ def block_names(param_names) -> dict[str, str]:
             inside = [p for p in stacks + towers if bare.startswith(p + ".")]
             owner = max(inside, key=len, default=None)
         if owner is None:
-            out[n] = block_name(n)
+            shared = bare == "shared.weight" or any(bare == f"{p}.shared.weight"
+                                                    for p in shared_outside)
+            out[n] = "embeddings" if shared else block_name(n)
         else:
             inner = bare[len(owner) + 1:] if owner else bare
             out[n] = f"{label[owner] or 'layers'}.{block_name(inner)}"

@@ -43,7 +43,8 @@ LINESEARCH_ARGS = r"""
             (default: 10)
         max_grad_norm (float, optional): clip the gradient that enters the direction to this
             norm. Clipping here shapes the direction only; the Armijo test keeps the true
-            gradient, which external clipping would falsify (default: None)
+            gradient, which external clipping would falsify; ``inf`` clips nothing but
+            computes the norm (default: None)
         check_finite (bool, optional): one extra read of the gradient per step to skip steps
             whose gradient is not finite, leaving θ and the state untouched, without a host sync
             (default: True)

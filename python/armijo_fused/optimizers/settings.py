@@ -10,7 +10,7 @@ checked at every step instead: torch's schedulers write them in place.)
 
 from __future__ import annotations
 
-from ..directions.base import check_number
+from ..directions.base import as_real, check_number
 from ..linesearch.cadence import Cadence
 
 
@@ -53,12 +53,12 @@ def _max_trials(obj, value):
 def _max_grad_norm(obj, value):
     if value is None:
         return None
-    try:
-        check_number("max_grad_norm", value, 0.0, lo_open=True)
-    except ValueError:
-        raise ValueError(f"invalid max_grad_norm: {value!r} (expected a finite number > 0, or "
-                         "None for no clipping)") from None
-    return float(value)
+    x = as_real(value)
+    if x is None or not x > 0:  # (inf: the norm is computed and logged, nothing is clipped,
+        # as HF's TrainingArguments(max_grad_norm=inf) and Lightning's clip value mean it)
+        raise ValueError(f"invalid max_grad_norm: {value!r} (expected a number > 0, inf for "
+                         "no clipping with the norm computed, or None)")
+    return x
 
 
 def _flag(name):
