@@ -294,6 +294,7 @@ def armijo_search(
             precond = non_descent = True
             limit += 1
             solo_misses.clear()  # (a new line: the misses along d say nothing about it)
+            rejected = False  # (nor its rejections)
             continue
         if math.isfinite(f_trial) and (not informative or f_trial == f_before):
             # The predicted decrease is below what the loss can resolve (float rounding, or a
