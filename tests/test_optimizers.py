@@ -1161,6 +1161,21 @@ def test_a_search_that_backtracks_into_the_loss_resolution_after_rejections_is_e
     assert float((w.detach() - 1).pow(2).sum()) < 8.001  # (8.86 before)
 
 
+def test_rejections_along_d_do_not_exhaust_a_search_that_ends_unresolved_on_the_fallback():
+    # Layer-wise, block 0 searched, block 1 held with a steep negative slope: the first trial
+    # along d is rejected, the backtracked one is no descent, so the search switches to the
+    # fallback line, where the first trial's predicted decrease (0.6) is below the resolution
+    # (1·|f0|). That line has rejected nothing: unresolved, as a search that started there
+    from armijo_fused.linesearch.controller import armijo_search
+
+    passes = SimulatedPasses([10.0, -50.0], [10.0, 0.0])
+    result = armijo_search(passes, passes.loss, torch.tensor(1.0, dtype=torch.float64),
+                           [1.0, 0.1], c=0.2, backtrack=0.5, max_trials=20, search=[0],
+                           resolution=1.0)
+    assert result.non_descent and result.trials == 3  # rejected, no descent, fallback
+    assert result.unresolved and result.accepted is None
+
+
 def test_a_search_whose_every_trial_loss_is_nan_ends_exhausted():
     # backtracking shrank the predicted decrease below the loss's resolution first, so the
     # search ended 'unresolved' (η kept) after about 16 NaN trials instead of 'exhausted'
