@@ -16,10 +16,12 @@ LINESEARCH_ARGS = r"""
             ArmijoSGD (measured on deterministic quadratics, where smoothing only slows the
             layer-wise search; set 0.5 for noisy mini-batches)
         max_trials (int, optional): trials per search; when all are rejected the step is not
-            taken (θ stays at θ0) and η resets to its running average (default: 20)
+            taken (θ stays at θ0) and η resets to its running average; after a second such
+            search in a row, η and η̄ take the last step size it tried (default: 20)
         max_step (float, optional): cap on the searched η (default: None)
         collapse_ratio (float, optional): an accepted η below ``collapse_ratio`` times its
-            running average counts as a collapse and η is reset to the average (default: 1e-2)
+            running average counts as a collapse and η is reset to the average; a second
+            collapse in a row takes the small step as η and η̄ (default: 1e-2)
         max_drop (float or None, optional): the running average η̄ falls by at most this factor
             per search, so that one batch whose search backtracked far (a direction that is
             barely a descent one) does not cut the step of the steps after it; the step that
