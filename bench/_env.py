@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import platform
 import subprocess
@@ -101,8 +103,6 @@ def write_result(path, result: dict) -> None:
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (``--steps 0`` ended in a ZeroDivisionError or an empty
     median deep in a run, not in an argument error)."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -114,9 +114,6 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (``--params -5`` ran and wrote -5 into the results)."""
-    import argparse
-    import math
-
     try:
         value = float(text)
     except ValueError:

@@ -92,10 +92,11 @@ def block_names(param_names) -> dict[str, str]:
     # a tower: the path above a stack, when no other stack lies under it (CLIP's text_model);
     # an encoder and a decoder under one "model" share theirs, so it names neither
     above = {s.rsplit(".", 1)[0] for s in stacks if "." in s}
-    towers = [t for t in above if sum(s.startswith(t + ".") for s in stacks) == 1]
+    holds = {t: sum(s.startswith(t + ".") for s in stacks) for t in sorted(above)}
+    towers = [t for t, k in holds.items() if k == 1]
     # the token embedding an encoder and a decoder share (BART, T5: "shared"); only here,
     # where a module of that name is one: elsewhere it may be a multi-task trunk
-    shared_outside = [p for p in above if sum(s.startswith(p + ".") for s in stacks) > 1]
+    shared_outside = [t for t, k in holds.items() if k > 1]
     label = _distinct_suffixes(stacks + towers)
     out = {}
     for n in param_names:

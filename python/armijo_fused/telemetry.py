@@ -28,12 +28,14 @@ class StepStats(Mapping):
         named blocks at the first step); the per-block values are lists, as after a step (a
         NaN scalar broke ``stats["step_size"][0]``)."""
         nan = float("nan")
-        per_block = nan if blocks is None else [nan] * blocks
-        return cls(step=0, searched=False, step_size=per_block, applied_step=per_block,
+        def per_block():  # (a list each: one shared list would be changed for all three)
+            return nan if blocks is None else [nan] * blocks
+
+        return cls(step=0, searched=False, step_size=per_block(), applied_step=per_block(),
                    lr_factor=nan,
                    trials=0, loss_before=nan, loss_after=nan, gd=nan, grad_norm=nan,
                    non_descent=False, unresolved=False, exhausted=False, collapsed=False,
-                   skipped=False, searched_blocks=[], next_step_size=per_block, forwards=0,
+                   skipped=False, searched_blocks=[], next_step_size=per_block(), forwards=0,
                    backwards=0)
 
     def __getitem__(self, key):

@@ -56,7 +56,7 @@ from .checkpoint import CheckpointMixin
 from .interrupts import HeldInterrupts
 from .passes import FlatPasses, total
 from .search import IN_TURN, SearchMixin
-from .settings import SettingsMixin
+from .settings import SettingsMixin, check_flag
 from .store import StoreMixin
 from .torch_compat import (
     GROUP_OPTION_KEYS,
@@ -168,8 +168,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self.max_grad_norm, self.check_finite = max_grad_norm, check_finite
         for name, flag in (("layerwise", layerwise), ("exact_revert", exact_revert),
                            ("flat", flat)):
-            if flag not in (True, False):  # (bool("no") is True: a string was a silent yes)
-                raise TypeError(f"invalid {name}: {flag!r} (expected True or False)")
+            check_flag(name, flag)
         refuse_zero_redundancy(type(self).__name__)
         rule = get_rule(direction)
         check_number("weight_decay", weight_decay, 0.0)

@@ -61,12 +61,16 @@ def _max_grad_norm(obj, value):
     return x
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool, or a TypeError naming ``name`` (bool("no") is True: a string was
+    a silent yes)."""
+    if value not in (True, False):
+        raise TypeError(f"invalid {name}: {value!r} (expected True or False)")
+    return bool(value)
+
+
 def _flag(name):
-    def check(obj, value):
-        if value not in (True, False):  # (bool("no") is True: a string was a silent yes)
-            raise TypeError(f"invalid {name}: {value!r} (expected True or False)")
-        return bool(value)
-    return check
+    return lambda obj, value: check_flag(name, value)
 
 
 def _cadence(obj, value):
