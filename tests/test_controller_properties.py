@@ -103,3 +103,58 @@ def test_every_search_keeps_the_controllers_invariants(case):
                 # a held block moves only by whole backtracking factors from its start
                 j = round(math.log(e / eta0[b]) / math.log(kw["backtrack"]))
                 assert j >= 0 and math.isclose(e, eta0[b] * kw["backtrack"] ** j, rel_tol=1e-9)
+
+
+class QuantizedPasses(SimulatedPasses):
+    """A loss read on a grid of spacing ``quantum`` (as a bf16 model's forward rounds): a step
+    too small to move it returns f0 to the last bit."""
+
+    def __init__(self, gd, curvature, quantum):
+        super().__init__(gd, curvature)
+        self.quantum = quantum
+
+    def at(self, eta, precond):
+        slopes = self.slopes(precond)
+        value = 1.0 - sum(e * s for e, s in zip(eta, slopes)) + sum(
+            a * e * e for a, e in zip(self.a, eta))
+        if self.quantum:
+            value = 1.0 + self.quantum * round((value - 1.0) / self.quantum)
+        return value
+
+    def loss(self):
+        return torch.tensor(self.at(self.eta, self.precond), dtype=torch.float64)
+
+
+@SETTINGS
+@given(n=st.integers(1, 3), gd=st.floats(-1.0, 2.0), curvature=st.floats(0.0, 50.0),
+       eta0=st.floats(1e-3, 4.0), quantum=st.sampled_from([0.0, 1e-3, 0.05, 0.3]),
+       resolution=st.sampled_from([8.0 * torch.finfo(torch.float32).eps, 1e-3, 0.05]),
+       c=st.floats(0.01, 0.5), backtrack=st.sampled_from([0.3, 0.5, 0.8]),
+       max_trials=st.integers(1, 12), candidates=st.integers(1, 4))
+def test_batched_and_sequential_searches_end_the_same_way(n, gd, curvature, eta0, quantum,
+                                                          resolution, c, backtrack, max_trials,
+                                                          candidates):
+    # A search that backtracked into the loss's resolution after rejections ended exhausted
+    # in the sequential controller but unresolved (η kept, applied blind) in the batched one.
+    # Both must end alike: accepted (the same η), unresolved (with or without a rejection
+    # before: a loss hiding the backtracked step), or exhausted.
+    from armijo_fused.linesearch.batched import batched_armijo_search
+
+    def outcome(result):
+        kind = ("accepted" if result.accepted is not None else "skipped" if result.skipped
+                else "unresolved" if result.unresolved else "exhausted")
+        return kind, result.accepted, result.rejected, result.non_descent
+
+    kw = dict(c=c, backtrack=backtrack, max_trials=max_trials, resolution=resolution)
+    f0 = torch.tensor(1.0, dtype=torch.float64)
+    seq = QuantizedPasses([gd] * n, [curvature] * n, quantum)
+    sequential = armijo_search(seq, seq.loss, f0, [eta0] * n, **kw)
+    bat = QuantizedPasses([gd] * n, [curvature] * n, quantum)
+
+    def evaluate_many(etas, precond):
+        return torch.tensor([bat.at([e] * n, precond) for e in etas], dtype=torch.float64)
+
+    bat.first([eta0] * n)
+    batched = batched_armijo_search(bat, evaluate_many, f0, eta0, candidates=candidates, **kw)
+    assert outcome(batched)[:3] == outcome(sequential)[:3]
+    assert batched.non_descent == sequential.non_descent

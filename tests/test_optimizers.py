@@ -1161,6 +1161,32 @@ def test_a_search_that_backtracks_into_the_loss_resolution_after_rejections_is_e
     assert float((w.detach() - 1).pow(2).sum()) < 8.001  # (8.86 before)
 
 
+def test_a_step_hidden_by_rounding_after_a_rejection_lowers_the_carried_step_size():
+    # The grown trial (1.2η) is rejected, the backtracked one (0.6η) returns f0 to the last bit
+    # (a bf16 model's rounding hides it): unresolved, no step. η stayed at its value above the
+    # last step tried and the search counted as settled, so the cadence doubled its interval
+    # and the next step applied η blind; it now carries 0.6η and searches again at once.
+    # (The batched search ends alike: tests/test_controller_properties.py)
+    w = nn.Parameter(torch.ones(8))
+    opt = ArmijoAdam([w], backend="torch")
+    values = [1.0, 5.0, 1.0]
+
+    def closure():
+        opt.zero_grad()
+        lin = (w * torch.arange(1.0, 9.0)).sum()
+        loss = lin - lin.detach() + (values.pop(0) if values else 1.0)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    eta = opt.param_groups[0]["step_size"]
+    opt.step(closure)
+    assert opt.stats["unresolved"] and not opt.stats["exhausted"] and opt.stats["trials"] == 2
+    assert opt.stats["step_size"] == 0.0 and torch.equal(w.detach(), torch.ones(8))
+    assert opt.stats["next_step_size"] == pytest.approx(eta * opt.policy.growth * opt.backtrack)
+    assert opt.param_groups[0]["next_search"] == 2  # (3 before: the interval doubled)
+
+
 def test_rejections_along_d_do_not_exhaust_a_search_that_ends_unresolved_on_the_fallback():
     # Layer-wise, block 0 searched, block 1 held with a steep negative slope: the first trial
     # along d is rejected, the backtracked one is no descent, so the search switches to the

@@ -115,14 +115,19 @@ def batched_armijo_search(
     built from θ0, so θ stays at θ0 until the accepted step is applied by one ``move_to``).
     Decisions follow :func:`armijo_search`: non-descent → preconditioned gradient (the first
     round's losses are then discarded), unresolved → no step, nothing accepted within
-    ``max_trials`` → no step. One host read per batched forward. ``reduce``, ``guard`` and
+    ``max_trials`` (or unresolved after a rejection, unless the loss equals f0 to the last
+    bit) → no step, exhausted. One host read per batched forward. ``reduce``, ``guard`` and
     ``f0_failure`` as in :func:`armijo_search`.
     """
     nblocks = len(passes.eta)
     zeros = [0.0] * nblocks
     sums = passes.first(zeros)  # state update and sums; θ stays at θ0
-    eta_seq = [eta0 * backtrack**j for j in range(max_trials)]
+    eta_seq = [eta0]  # (by repeated products, as the sequential search backtracks: bitwise its η)
+    while len(eta_seq) < max_trials:
+        eta_seq.append(backtrack * eta_seq[-1])
     precond = non_descent = False
+    # rejected: a candidate the test could judge (or whose loss was not finite) failed it
+    rejected = exhausted = False
     history: list = []
     f_before = gd = grad_sq = math.nan
     start = 0
@@ -166,11 +171,21 @@ def batched_armijo_search(
                 return SearchResult([eta] * nblocks, judged, f_before, ft, gd, grad_sq,
                                     non_descent=non_descent, history=history,
                                     block_dd=list(rows[2::3]))
+            if unresolved and rejected and ft != f_before:
+                # backtracked into the loss's resolution after rejections: exhausted, as the
+                # sequential search ends (keeping the rejected η, steps without a search
+                # would apply it blind)
+                exhausted = True
+                break
             if unresolved:
                 return SearchResult(None, judged, f_before, math.nan, gd, grad_sq,
                                     non_descent=non_descent, unresolved=True, history=history,
                                     unchanged=(eta * gd > resolution * abs(f_before)
-                                               and len(history) == 1))
+                                               and len(history) == 1),
+                                    rejected=rejected)
+            rejected = True
+        if exhausted:
+            break
         start += len(etas)
     return SearchResult(None, max(len(history) + int(non_descent), 1), f_before, math.nan, gd,
                         grad_sq, non_descent=non_descent, history=history)

@@ -14,7 +14,10 @@ blocks across all buffers; equal in the global mode):
 5. Else η ← β·η, move θ in place to the new trial point (one fused pass), go to 2.
 6. Once the predicted decrease η·⟨g,d⟩ is below the loss's float resolution, or the trial
    loss equals f0 exactly (e.g. a loss that underflowed to 0), the comparison is decided by
-   rounding: the search stops there (``unresolved``), takes no step and keeps η.
+   rounding: the search stops there (``unresolved``), takes no step and keeps η. After a
+   rejection the search got there by backtracking from a step the test judged: it is exhausted
+   (7), unless the last trial's loss equals f0 to the bit (a bf16 model's rounding hid the
+   smaller step): unresolved then, but η drops to that last trial's (``rejected``).
 7. After ``max_trials`` rejections: the documented fallback is to take no step (θ moves back to
    θ0; the state keeps the gradient, as an Adam step with lr 0 would), and the policy resets η to
    its running average.
@@ -46,6 +49,10 @@ class SearchResult:
     # predicted (its forward did not see the moved weights; after a backtrack a bf16 model's
     # rounding does that too, so later trials do not count)
     unchanged: bool = False
+    # ... after a trial the test judged had failed it (the last trial's loss was then f0 to the
+    # last bit: a bf16 model's rounding hid the backtracked step); the step sizes it rejected
+    # are not to be applied blind
+    rejected: bool = False
     skipped: bool = False  # the guard was not finite (non-finite gradient or f0): nothing moved
     history: list = field(default_factory=list)  # (eta per block, loss) per trial
     block_gd: list = field(default_factory=list)  # <g_b, d_b> per block
@@ -340,7 +347,8 @@ def armijo_search(
     # block's result, which may be this one)
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
-                        history=history, block_gd=gd_b, block_dd=dd_b, first_gd=first_gd_b)
+                        rejected=unresolved and rejected, history=history, block_gd=gd_b,
+                        block_dd=dd_b, first_gd=first_gd_b)
 
 
 def _held_blocks_overshoot(misses: list[float], backtrack: float) -> bool:

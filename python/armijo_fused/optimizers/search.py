@@ -337,6 +337,15 @@ class SearchMixin:
             tried = result.history[-1][0]
             grown = [b for b in plan[0] if not frozen[b] and tried[b] > etas[b]]
             self._set_each(table, grown, [tried[b] for b in grown])
+        if result.unresolved and result.rejected and exact is None:
+            # a larger step was rejected before the loss's rounding hid the backtracked one
+            # (f0 to the last bit): η must not stay above the last step tried, which steps
+            # without a search would apply blind; and η is not settled, so the cadence comes
+            # back sooner
+            tried = result.history[-1][0]
+            lower = [b for b in range(len(etas)) if not frozen[b] and tried[b] < etas[b]]
+            self._set_each(table, lower, [tried[b] for b in lower])
+            return False, False
         if skipped or result.unresolved:
             return result.unresolved, False
         outcomes = exact if exact is not None else [(plan[0], accepted, None)]
