@@ -17,7 +17,7 @@ blocks across all buffers; equal in the global mode):
    rounding: the search stops there (``unresolved``), takes no step and keeps η. After a
    rejection the search got there by backtracking from a step the test judged: it is exhausted
    (7), unless the last trial's loss equals f0 to the bit (a bf16 model's rounding hid the
-   smaller step): unresolved then, but η drops to that last trial's (``rejected``).
+   smaller step): unresolved then, flagged ``rejected`` (η is not settled).
 7. After ``max_trials`` rejections: the documented fallback is to take no step (θ moves back to
    θ0; the state keeps the gradient, as an Adam step with lr 0 would), and the policy resets η to
    its running average.
@@ -50,8 +50,7 @@ class SearchResult:
     # rounding does that too, so later trials do not count)
     unchanged: bool = False
     # ... after a trial the test judged had failed it (the last trial's loss was then f0 to the
-    # last bit: a bf16 model's rounding hid the backtracked step); the step sizes it rejected
-    # are not to be applied blind
+    # last bit: a bf16 model's rounding hid the backtracked step); η is not settled
     rejected: bool = False
     skipped: bool = False  # the guard was not finite (non-finite gradient or f0): nothing moved
     history: list = field(default_factory=list)  # (eta per block, loss) per trial

@@ -339,12 +339,10 @@ class SearchMixin:
             self._set_each(table, grown, [tried[b] for b in grown])
         if result.unresolved and result.rejected and exact is None:
             # a larger step was rejected before the loss's rounding hid the backtracked one
-            # (f0 to the last bit): η must not stay above the last step tried, which steps
-            # without a search would apply blind; and η is not settled, so the cadence comes
-            # back sooner
-            tried = result.history[-1][0]
-            lower = [b for b in range(len(etas)) if not frozen[b] and tried[b] < etas[b]]
-            self._set_each(table, lower, [tried[b] for b in lower])
+            # (f0 to the last bit): η is not settled, and the cadence must come back sooner
+            # rather than apply it blind for twice as long. η itself stays: dropping it to the
+            # hidden step ratcheted it down search after search on a bf16 model until even the
+            # first trials were hidden (and warned about as a loop that misses the weights)
             return False, False
         if skipped or result.unresolved:
             return result.unresolved, False
