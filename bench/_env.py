@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 
 
 def device_slug(name: str) -> str:
@@ -121,3 +122,44 @@ def positive_float(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value:g}")
     return value
+
+
+class RawDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                               argparse.RawDescriptionHelpFormatter):
+    """--help with each argument's default and the description's own line breaks (a table)."""
+
+
+def add_out_argument(parser: argparse.ArgumentParser, *, one_json: bool) -> None:
+    """Add ``--out``, the same in every benchmark: a directory (bench/results/ by default,
+    created when the script writes), where the script's files go under their usual names.
+
+    A script that writes one JSON file (``one_json``; bench_kernels.py puts its PNG beside it)
+    also takes a path ending in ``.json``, written exactly there. A file, or a name with a file
+    suffix the script does not take (``x.md``; ``x.json`` where it writes several files), is
+    refused before anything runs unless it is an existing directory: such a name used to become
+    a directory named x.json, or a file where a directory was meant."""
+    def check(text: str) -> str:
+        path = Path(text)
+        if path.is_dir() or (one_json and path.suffix == ".json"):
+            return text
+        if path.exists() or path.suffix[1:].isalpha():  # (x.md, x.json; not run-1.5)
+            what = "is a file" if path.exists() else "looks like a file name"
+            wants = ("writes JSON: give a directory or a path ending in .json" if one_json
+                     else "writes several files: give a directory")
+            raise argparse.ArgumentTypeError(f"{text} {what}, but this script {wants}")
+        return text
+
+    parser.add_argument("--out", type=check, default=str(RESULTS),
+                        metavar="DIR|FILE.json" if one_json else "DIR",
+                        help="directory of the results"
+                             + (", or a path ending in .json" if one_json else ""))
+
+
+def out_file(out: str, name: str) -> Path:
+    """The file a one-JSON benchmark writes (``add_out_argument(..., one_json=True)``): ``out``
+    itself when it ends in .json and is not a directory, else ``out/name``; its folder created."""
+    path = Path(out)
+    if path.suffix != ".json" or path.is_dir():
+        path = path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -22,7 +22,7 @@ import torch
 from armijo_fused import ArmijoAdam
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _env import positive_int  # noqa: E402
+from _env import add_out_argument, out_file, positive_int  # noqa: E402
 from convergence import environment  # noqa: E402  (the shared environment record)
 from torch import nn
 
@@ -64,15 +64,19 @@ def run(device, candidates, steps, width, depth, batch, init_step_size, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=positive_int, default=30)
-    ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--init-step-size", type=float, default=1e-3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device")
+    ap.add_argument("--steps", type=positive_int, default=30,
+                    help="timed steps per run (after 3 untimed), each a search")
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8],
+                    help="candidate counts, each against sequential backtracking")
+    ap.add_argument("--width", type=int, default=256, help="MLP width")
+    ap.add_argument("--depth", type=int, default=4, help="MLP hidden layers")
+    ap.add_argument("--batch", type=int, default=256, help="rows of the one fixed batch")
+    ap.add_argument("--init-step-size", type=float, default=1e-3, help="ArmijoAdam's init_step_size")
+    add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     rows = [run(device, None, args.steps, args.width, args.depth, args.batch, args.init_step_size)]
@@ -89,8 +93,7 @@ def main(argv=None):
         benchmark="batched_candidates", env=environment(device), args=vars(args),
         same_accepted_as_sequential=same, rows=rows,
     )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"batched_candidates_{device.type}.json")
+    path = out_file(args.out, f"batched_candidates_{device.type}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")

@@ -38,10 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import device_slug, git_commit, positive_int  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from _env import add_out_argument, device_slug, git_commit, out_file, positive_int  # noqa: E402
 
 #: GPT-2 configurations: (vocab, context, width, layers)
 MODELS = {
@@ -266,13 +263,14 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--repeats", type=positive_int, default=30, help="timed calls per pass (>= 20)")
     ap.add_argument("--tiles", default="2048",
                     help="comma-separated tile sizes (BLOCK_SIZE) to try; the fastest first "
                          "pass per model is reported")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/...)")
+    add_out_argument(ap, one_json=True)  # (the PNG goes beside the JSON)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels.py needs CUDA (a GPU): the Triton kernels are timed on the device. "
@@ -315,8 +313,7 @@ def main(argv=None) -> int:
                   f"{row['pct_of_copy']:5.1f}% of copy")
         print(f"  first_pass / fused AdamW = {runs[best]['first_pass_over_adamw_fused']:.3f}")
 
-    out = args.out or RESULTS / f"kernels_{device_slug(dev)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = out_file(args.out, f"kernels_{device_slug(dev)}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import positive_int  # noqa: E402
+from _env import add_out_argument, out_file, positive_int  # noqa: E402
 from convergence import (  # noqa: E402
-    RESULTS,
     adam_sls_step,
     environment,
     peer_forwards,
@@ -150,20 +149,21 @@ def table(result: dict) -> str:
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=positive_int, default=300)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--max-plays", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps per optimizer")
+    p.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    p.add_argument("--context", type=int, default=64, help="characters per sequence")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers")
+    p.add_argument("--width", type=int, default=64, help="model width (heads: width // 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and batches")
+    p.add_argument("--eval-batches", type=int, default=16, help="fixed batches for the final losses")
+    p.add_argument("--max-plays", type=int, default=None, help="plays kept; unset: all")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
-                   help="optimizer names, comma separated (exact)")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--quiet", action="store_true")
+                   help="optimizer names, comma separated (exact); unset: all")
+    add_out_argument(p, one_json=True)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
@@ -176,9 +176,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown optimizer(s) {unknown}; choose from {list(OPTIMIZERS)}")
         names = args.only
     result = run(names, args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compare_peers_small_{result_slug(torch.device('cpu'))}.json"
+    path = out_file(args.out, f"compare_peers_small_{result_slug(torch.device('cpu'))}.json")
     path.write_text(json.dumps(result, indent=1))
     print("\n" + table(result))
     print(f"wrote {path}")

@@ -58,11 +58,15 @@ from armijo_fused.demo import (
 from armijo_fused.models import TransformerConfig, TransformerLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import device_slug, environment, git_commit, positive_int, result_slug  # noqa: E402,F401  (re-exported)
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-
+from _env import (  # noqa: E402,F401  (device_slug, git_commit: re-exported)
+    RawDefaultsHelpFormatter,
+    add_out_argument,
+    device_slug,
+    environment,
+    git_commit,
+    positive_int,
+    result_slug,
+)
 
 
 def _compact(obj, digits: int = 6):
@@ -423,36 +427,37 @@ def _ints(s: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=positive_int, default=600)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
+                                formatter_class=RawDefaultsHelpFormatter)
+    p.add_argument("--steps", type=positive_int, default=600, help="training steps per run")
+    p.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    p.add_argument("--context", type=int, default=64, help="characters per sequence")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers")
+    p.add_argument("--width", type=int, default=128, help="model width (d_model)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--wd", type=float, default=0.1, help="decoupled weight decay (all)")
     p.add_argument("--lrs", type=_floats, default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
                    help="AdamW sweep, comma separated")
     p.add_argument("--seeds", type=_ints, default=[0], help="comma separated")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
-                   help="optimizer name prefixes to run (e.g. ArmijoAdam,AdamW)")
+                   help="optimizer name prefixes to run (e.g. ArmijoAdam,AdamW); unset: all")
     p.add_argument("--init-step-sizes", type=_floats, default=None, metavar="X,Y,...",
                    help="instead of the comparison: ArmijoAdam+cosine from each of these "
                         "initial step sizes (init_step_size), against the AdamW sweep")
     p.add_argument("--armijo-kw", type=json.loads, default=None, metavar="JSON",
                    help='extra ArmijoAdam arguments for every ArmijoAdam run, e.g. '
                         '\'{"cadence": "every"}\'')
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--max-plays", type=int, default=None, help="plays (or modules) kept")
-    p.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
+    p.add_argument("--eval-batches", type=int, default=16, help="fixed batches per evaluation")
+    p.add_argument("--max-plays", type=int, default=None,
+                   help="plays (or modules) kept; unset: all")
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare", help="training text")
+    p.add_argument("--device", default="auto", help="torch device; auto: cuda if available")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA, off on CPU)")
-    p.add_argument("--out", default=str(RESULTS))
+                   help="bf16 autocast; unset: on for CUDA, off on CPU")
+    add_out_argument(p, one_json=False)
     p.add_argument("--tag", default="", help="suffix of the result files")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--replot", metavar="JSON", default=None,
                    help="only rewrite the markdown, the PNG and the JSON of an earlier result")
     return p

@@ -33,15 +33,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import cpu_caches, cpu_model, git_commit, positive_float, positive_int, write_result  # noqa: E402
+from _env import (  # noqa: E402
+    add_out_argument,
+    cpu_caches,
+    cpu_model,
+    git_commit,
+    out_file,
+    positive_float,
+    positive_int,
+    write_result,
+)
 from _timing import interleaved_times  # noqa: E402
 
 from armijo_fused import ops
 from armijo_fused.backends import cpp_backend, torch_backend
 from armijo_fused.directions import get_rule
 from armijo_fused.storage.layout import make_layout
-
-HERE = Path(__file__).resolve().parent
 
 
 def gpt_shapes(target: int) -> list[tuple[int, ...]]:
@@ -68,13 +75,15 @@ def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=positive_float, default=10e6)
-    ap.add_argument("--repeats", type=positive_int, default=30)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
-    ap.add_argument("--out", default=str(HERE / "results" / "cpu_first_pass.json"))
-    args = ap.parse_args()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--params", type=positive_float, default=10e6,
+                    help="parameter count (GPT-like tensors)")
+    ap.add_argument("--repeats", type=positive_int, default=30, help="timed runs of each pass")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads; unset: as set")
+    add_out_argument(ap, one_json=True)
+    args = ap.parse_args(argv)
     if not ops.available():
         raise SystemExit(f"the C++ extension is not available: {ops.why_unavailable()}")
     if args.threads:
@@ -227,7 +236,7 @@ def main() -> None:
         "ratio_unfused_over_fused_bf16_master": ratio_bf16,
         "ratio_bf16_master_over_fp32_first_pass": bf16 / first,
     }
-    write_result(args.out, result)
+    write_result(out_file(args.out, "cpu_first_pass.json"), result)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, positive_int, write_result  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+from _env import add_out_argument, environment, out_file, positive_int, write_result  # noqa: E402
 
 
 def make_model(width: int, layers: int) -> nn.Module:
@@ -97,14 +95,15 @@ def run_rank(rank: int, world: int, port: int, out: str, args: dict) -> None:
     torch.distributed.destroy_process_group()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=positive_int, default=20)
-    ap.add_argument("--out", default=str(HERE / "results" / "fsdp2_in_place_cpu.json"))
-    args = ap.parse_args()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--width", type=int, default=768, help="width of the Linear+Tanh layers")
+    ap.add_argument("--layers", type=int, default=8, help="Linear+Tanh layers")
+    ap.add_argument("--batch", type=int, default=16, help="rows of each rank's fixed batch")
+    ap.add_argument("--steps", type=positive_int, default=20, help="timed steps (after 2 untimed)")
+    add_out_argument(ap, one_json=True)
+    args = ap.parse_args(argv)
     world = 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,7 +120,7 @@ def main() -> None:
         ratios[kind] = b / a
         print(f"{kind:12s} in place {a:8.2f} ms   copies {b:8.2f} ms   copies / in place "
               f"{b / a:.2f}x")
-    write_result(args.out, {
+    write_result(out_file(args.out, "fsdp2_in_place_cpu.json"), {
         "benchmark": "fsdp2_in_place", **environment(torch.device("cpu")),
         "torch_threads": 1, "world": world, "args": vars(args), "params": r0["params"],
         "ranks": ranks, "copies_over_in_place": ratios,

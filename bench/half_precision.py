@@ -33,9 +33,7 @@ from armijo_fused.demo import evaluate
 from armijo_fused.models import TransformerConfig, TransformerLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, positive_int, result_slug, write_result  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+from _env import add_out_argument, environment, out_file, positive_int, result_slug, write_result  # noqa: E402
 
 
 def run(name: str, base: TransformerLM, data, args, device) -> dict:
@@ -80,14 +78,16 @@ def run(name: str, base: TransformerLM, data, args, device) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=positive_int, default=300)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--wd", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, default=None)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=positive_int, default=300, help="training steps per run")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    ap.add_argument("--context", type=int, default=64, help="characters per sequence")
+    ap.add_argument("--wd", type=float, default=0.01, help="decoupled weight decay (all runs)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and batches")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device")
+    add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     data = load_shakespeare()
@@ -108,9 +108,8 @@ def main(argv=None) -> int:
     }
     for k, v in gap.items():
         print(f"{k}: {v:.3f}")
-    out = args.out or HERE / "results" / f"half_precision_{result_slug(device)}.json"
-    write_result(out, {"benchmark": "half_precision", **environment(device), "args": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    out = out_file(args.out, f"half_precision_{result_slug(device)}.json")
+    write_result(out, {"benchmark": "half_precision", **environment(device), "args": vars(args),
         "params": sum(p.numel() for p in base.parameters()), "runs": runs, "ratios": gap})
     return 0
 

@@ -31,13 +31,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, positive_int, result_slug, write_result  # noqa: E402
+from _env import add_out_argument, environment, out_file, positive_int, result_slug, write_result  # noqa: E402
 from _timing import interleaved_times  # noqa: E402
 from bench_kernels import MODELS, gpt2_blocks  # noqa: E402
 
 from armijo_fused import ArmijoAdam  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 NO_LAUNCH = {"aten.view.default", "aten.detach.default", "aten.select.int",
              "aten.expand.default", "aten.lift_fresh.default", "aten._reshape_alias.default",
              "aten.alias.default", "aten.unsqueeze.default", "aten.squeeze.dim",
@@ -93,10 +92,13 @@ def count_ops(step) -> tuple[int, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=positive_int, default=300)
-    ap.add_argument("--out", type=Path, default=None)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device")
+    ap.add_argument("--repeats", type=positive_int, default=300,
+                    help="timed calls of each step (after 20 untimed)")
+    add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
         print(f"{key:16s} {rows[key]['us']:8.1f} us  {ops:3d} ops", flush=True)
     result = {"environment": environment(device), "tensors": n, "numel_each": 16,
               "repeats": args.repeats, "rows": rows}
-    out = args.out or HERE / "results" / f"host_overhead_{result_slug(device)}.json"
+    out = out_file(args.out, f"host_overhead_{result_slug(device)}.json")
     write_result(out, result)
     return 0
 

@@ -26,7 +26,7 @@ import torch
 from armijo_fused import ArmijoAdam
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _env import positive_int  # noqa: E402
+from _env import add_out_argument, positive_int  # noqa: E402
 from convergence import environment  # noqa: E402  (the shared environment record)
 
 from armijo_fused.data import BatchSampler, fixed_batches, load_shakespeare
@@ -104,22 +104,24 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=positive_int, default=200)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device")
+    ap.add_argument("--steps", type=positive_int, default=200, help="training steps per run")
     ap.add_argument("--cadence", default="every", help="every | adaptive | an int k")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--plays", type=int, default=6)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    ap.add_argument("--context", type=int, default=64, help="characters per sequence")
+    ap.add_argument("--d-model", type=int, default=64, help="model width")
+    ap.add_argument("--layers", type=int, default=4, help="transformer layers")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads")
+    ap.add_argument("--plays", type=int, default=6, help="Shakespeare plays read")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and batches")
     ap.add_argument("--block-search", default="round_robin",
                     choices=("round_robin", "stale", "grow_all", "exact"),
                     help="the layer-wise run's block_search")
     ap.add_argument("--tag", default="", help="suffix of the result files")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    add_out_argument(ap, one_json=False)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     data = load_shakespeare(max_plays=args.plays)

@@ -114,14 +114,16 @@ def run_case(case: str, params: float, ckpt: str) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sys.path.insert(0, str(HERE))
-    from _env import positive_float
+    from _env import add_out_argument, positive_float
 
-    ap.add_argument("--params", type=positive_float, default=33.6e6)
+    ap.add_argument("--params", type=positive_float, default=33.6e6,
+                    help="fp32 parameter count (GPT-like tensors)")
     ap.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # (one case, in a child)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)  # (the checkpoint a resume case loads)
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case, args.params, args.ckpt)))
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     import tempfile
 
-    from _env import environment, write_result
+    from _env import environment, out_file, write_result
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     result = {"environment": environment(torch.device("cpu")), "params": args.params,
               "measure": "peak resident set size above the model and its gradient, in copies "
                          "of θ (fresh process per case)", "rows": rows}
-    write_result(args.out or HERE / "results" / "memory_cpu.json", result)
+    write_result(out_file(args.out, "memory_cpu.json"), result)
     return 0
 
 

@@ -42,14 +42,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, positive_float, positive_int, result_slug, write_result  # noqa: E402
+from _env import (  # noqa: E402
+    add_out_argument,
+    environment,
+    out_file,
+    positive_float,
+    positive_int,
+    result_slug,
+    write_result,
+)
 from _timing import interleaved_times  # noqa: E402
 from bench_kernels import MODELS, gpt2_blocks  # noqa: E402
 from cpu_first_pass import gpt_shapes  # noqa: E402
 
 from armijo_fused import ArmijoAdam, ArmijoSGD  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 
 
 def shapes_for(device: torch.device, params: float) -> tuple[str, list[tuple[int, ...]]]:
@@ -102,11 +108,13 @@ def sgd_case(shapes, device):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=positive_int, default=30)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device (cuda: GPT-2 124M's shapes)")
+    ap.add_argument("--repeats", type=positive_int, default=30, help="timed calls of each case")
     ap.add_argument("--params", type=positive_float, default=10e6, help="CPU parameter count")
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
         "numel": sum(_numel(s) for s in shapes),
         "repeats": args.repeats, "rows": rows,
     }
-    out = args.out or HERE / "results" / f"optimizer_step_{result_slug(device)}.json"
+    out = out_file(args.out, f"optimizer_step_{result_slug(device)}.json")
     write_result(out, result)
     return 0
 

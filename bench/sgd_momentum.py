@@ -68,10 +68,8 @@ from armijo_fused.demo import warmup_cosine
 from armijo_fused.models import TransformerConfig, TransformerLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, result_slug, write_result  # noqa: E402
+from _env import RawDefaultsHelpFormatter, add_out_argument, environment, result_slug, write_result  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 STALL = 0.9  # a run stalled if its final training loss is ≥ STALL × the initial one
 
 
@@ -362,13 +360,13 @@ def _ints(s: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=RawDefaultsHelpFormatter)
     p.add_argument("--tasks", type=_names(TASKS), default=list(TASKS), help="comma separated")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma separated")
     p.add_argument("--only", type=_names(OPTIMIZERS), default=list(OPTIMIZERS),
                    help="optimizer names, comma separated (exact)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
-    p.add_argument("--out", default=str(RESULTS))
+    add_out_argument(p, one_json=False)
     p.add_argument("--tag", default="", help="suffix of the result files")
     return p
 

@@ -35,9 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import positive_int  # noqa: E402
+from _env import add_out_argument, out_file, positive_int  # noqa: E402
 from convergence import (  # noqa: E402
-    RESULTS,
     adam_sls_step,
     environment,
     result_slug,
@@ -127,17 +126,19 @@ def bench_one(name, base, tokens, args, device, autocast) -> dict:
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--context", type=int, default=1024)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="sequences per batch")
+    p.add_argument("--context", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--steps", type=positive_int, default=60, help="timed steps per optimizer")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
-                   help="optimizer name prefixes, comma separated")
+                   help="optimizer name prefixes, comma separated; unset: all")
     p.add_argument("--cpu-small", action="store_true",
                    help="no CUDA: run a tiny model on the CPU (smoke test, not a measurement)")
-    p.add_argument("--max-plays", type=int, default=None, help="read only the first N plays")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--max-plays", type=int, default=None,
+                   help="read only the first N plays; unset: all")
+    add_out_argument(p, one_json=True)
     return p
 
 
@@ -197,10 +198,8 @@ def main(argv=None) -> int:
         "smoke_only": device.type != "cuda",
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     slug = result_slug(device) + ("-small" if device.type != "cuda" else "")
-    path = out / f"step_{slug}.json"
+    path = out_file(args.out, f"step_{slug}.json")
     path.write_text(json.dumps(result, indent=1))
     print(f"\n{'optimizer':22s} {'ms/step':>9s} {'× AdamW':>8s} {'extra fwd':>10s}")
     for r in rows:
