@@ -156,8 +156,10 @@ def report(results: Path, junit: Path | None) -> list[Line]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
+                    help="folder of the benchmarks' results files (the GPU ones are read)")
     ap.add_argument("--junit", type=Path, default=None,
                     help="pytest --junitxml of the GPU tests (scripts/gpu_checks.sh writes one)")
     args = ap.parse_args(argv)
