@@ -19,6 +19,11 @@ weights and sees the same batches. Optimizers (``--only`` picks a subset):
                             ``--wd``; ``train()`` / ``eval()`` around every evaluation
 ==========================  ===================================================================
 
+Fine-tuning (``--pretrain-corpus``): every run starts instead from a model that AdamW trained
+``--pretrain-steps`` steps on another corpus (lr ``--pretrain-lr``, the same warmup + cosine,
+seeded by the seed), one character vocabulary over both texts: the transfer setting in which a
+step size per layer is said to help (``--armijo-kw '{"layerwise": true}'``).
+
 The final training loss is measured on fixed training batches (not the noisy last batch), the
 validation loss on fixed held-out batches. Acceptance (issue 7): ArmijoAdam with defaults reaches,
 in the same number of steps, a training loss ≤ 1.02 × the best AdamW of the sweep and below the
@@ -46,7 +51,7 @@ from pathlib import Path
 import torch
 
 from armijo_fused import ArmijoAdam
-from armijo_fused.data import CORPORA, BatchSampler, fixed_batches, load_corpus
+from armijo_fused.data import CORPORA, BatchSampler, CharVocab, TextData, fixed_batches, load_corpus
 from armijo_fused.demo import (
     armijo_record,
     closure_step,
@@ -197,6 +202,34 @@ def optimizer_names(args) -> list[str]:
     return names
 
 
+def joint_vocabulary(a: TextData, b: TextData) -> tuple[TextData, TextData]:
+    """Both corpora re-encoded over one character vocabulary (the union of theirs), so that a
+    model trained on one reads the other."""
+    vocab = CharVocab(set(a.vocab.itos) | set(b.vocab.itos))
+
+    def recode(d: TextData) -> TextData:
+        remap = torch.tensor([vocab.stoi[c] for c in d.vocab.itos], dtype=torch.int64)
+        return TextData(train=remap[d.train], val=remap[d.val], vocab=vocab, plays=d.plays)
+
+    return recode(a), recode(b)
+
+
+def pretrain(model, data: TextData, args, device, seed: int, autocast) -> dict:
+    """Train ``model`` in place with AdamW (``--pretrain-lr``, betas (0.9, 0.95), ``--wd``,
+    warmup + cosine) for ``--pretrain-steps`` steps of ``data``; returns its last losses."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.95),
+                            weight_decay=args.wd, fused=device.type == "cuda")
+    sampler = BatchSampler(data.train, args.batch, args.context, seed=50_000 + seed,
+                           device=device)
+    curve = train(plain_step(opt, model, autocast), sampler, args.pretrain_steps,
+                  scheduler=warmup_cosine(opt, args.pretrain_steps), name="pretrain AdamW",
+                  progress=not args.quiet, device=device)
+    tail = curve["loss"][-max(1, args.pretrain_steps // 10):]
+    return {"steps": args.pretrain_steps, "lr": args.pretrain_lr,
+            "final_batch_loss": sum(tail) / len(tail)}
+
+
 def run_one(name, base, data, args, device, seed, eval_sets, autocast):
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
@@ -300,6 +333,10 @@ def markdown(result: dict) -> str:
         f" weight decay {args['wd']}, seeds {args['seeds']}; torch {env['torch']}, "
         f"{env['torch_threads']} thread(s); commit `{env['git_commit']}`, {env['date']}.",
         "",
+        *([f"Fine-tuning: every run starts from a model AdamW trained "
+           f"{args['pretrain_steps']} steps on {_TASKS[args['pretrain_corpus']]} "
+           f"(lr {args['pretrain_lr']:g}, warmup + cosine), one vocabulary over both texts.", ""]
+          if args.get("pretrain_corpus") else []),
         *([f"ArmijoAdam runs with `{json.dumps(args['armijo_kw'])}` besides the defaults.", ""]
           if args.get("armijo_kw") else []),
         f"Final losses on fixed batches ({args['eval_batches']} batches of the training text; "
@@ -451,6 +488,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-plays", type=int, default=None,
                    help="plays (or modules) kept; unset: all")
     p.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare", help="training text")
+    p.add_argument("--pretrain-corpus", choices=sorted(CORPORA), default=None,
+                   help="fine-tune instead: start every run from a model AdamW trained on this "
+                        "corpus (unset: from scratch)")
+    p.add_argument("--pretrain-steps", type=positive_int, default=600,
+                   help="AdamW steps on the --pretrain-corpus")
+    p.add_argument("--pretrain-lr", type=float, default=3e-3,
+                   help="AdamW's peak learning rate on the --pretrain-corpus")
     p.add_argument("--device", default="auto", help="torch device; auto: cuda if available")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -481,16 +525,24 @@ def main(argv=None) -> int:
     bf16 = (device.type == "cuda") if args.bf16 is None else args.bf16
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
     data = load_corpus(args.corpus, max_texts=args.max_plays)
+    source = None
+    if args.pretrain_corpus is not None:
+        source, data = joint_vocabulary(load_corpus(args.pretrain_corpus,
+                                                    max_texts=args.max_plays), data)
     cfg = TransformerConfig(vocab_size=data.vocab_size, context=args.context,
                             d_model=args.width, n_layers=args.layers, n_heads=args.heads)
     names = optimizer_names(args)
     env = environment(device)
     print(f"{env['device_name']} ({device}), {len(names)} optimizers × {len(args.seeds)} "
           f"seed(s), {args.steps} steps", flush=True)
-    runs = []
+    runs, pretrained = [], {}
     for seed in args.seeds:
         torch.manual_seed(seed)
         base = TransformerLM(cfg).to(device)
+        if source is not None:
+            pretrained[str(seed)] = pretrain(base, source, args, device, seed, autocast)
+            print(f"  pretrained on {args.pretrain_corpus} (seed {seed}): last batches' loss "
+                  f"{pretrained[str(seed)]['final_batch_loss']:.4f}", flush=True)
         eval_sets = {
             "train": fixed_batches(data.train, args.eval_batches, args.batch, args.context,
                                    seed=10_000 + seed, device=device),
@@ -513,9 +565,13 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "convergence", "env": env, "args": vars(args),
         "model": {**vars(cfg), "parameters": base.num_parameters()},
-        "task": f"{_TASKS[args.corpus]}, character level; final losses on fixed batches",
+        "task": f"{_TASKS[args.corpus]}, character level; final losses on fixed batches"
+                + (f"; fine-tuning a model AdamW trained {args.pretrain_steps} steps on "
+                   f"{_TASKS[args.pretrain_corpus]} (lr {args.pretrain_lr:g})"
+                   if source is not None else ""),
         "schedule": "5% linear warmup, cosine to 10% (AdamW, Prodigy, ArmijoAdam+cosine)",
         "runs": runs, "summary": summarise(runs),
+        **({"pretrain": pretrained} if pretrained else {}),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
