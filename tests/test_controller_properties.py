@@ -137,13 +137,15 @@ def test_batched_and_sequential_searches_end_the_same_way(n, gd, curvature, eta0
     # A search that backtracked into the loss's resolution after rejections ended exhausted
     # in the sequential controller but unresolved (η kept, applied blind) in the batched one.
     # Both must end alike: accepted (the same η), unresolved (with or without a rejection
-    # before: a loss hiding the backtracked step), or exhausted.
+    # before: a loss hiding the backtracked step), or exhausted; and flag the same (a first
+    # trial unchanged, the η rejected last), to the last bit (the decrease summed alike).
     from armijo_fused.linesearch.batched import batched_armijo_search
 
     def outcome(result):
         kind = ("accepted" if result.accepted is not None else "skipped" if result.skipped
                 else "unresolved" if result.unresolved else "exhausted")
-        return kind, result.accepted, result.rejected, result.non_descent
+        # (unchanged: the next search starts one growth further; rejected: η may fall)
+        return kind, result.accepted, result.rejected, result.non_descent, result.unchanged
 
     kw = dict(c=c, backtrack=backtrack, max_trials=max_trials, resolution=resolution)
     f0 = torch.tensor(1.0, dtype=torch.float64)
@@ -156,5 +158,5 @@ def test_batched_and_sequential_searches_end_the_same_way(n, gd, curvature, eta0
 
     bat.first([eta0] * n)
     batched = batched_armijo_search(bat, evaluate_many, f0, eta0, candidates=candidates, **kw)
-    assert outcome(batched)[:3] == outcome(sequential)[:3]
-    assert batched.non_descent == sequential.non_descent
+    assert outcome(batched) == outcome(sequential)
+    assert batched.trials == sequential.trials

@@ -1161,30 +1161,43 @@ def test_a_search_that_backtracks_into_the_loss_resolution_after_rejections_is_e
     assert float((w.detach() - 1).pow(2).sum()) < 8.001  # (8.86 before)
 
 
-def test_a_step_hidden_by_rounding_after_a_rejection_brings_the_next_search_sooner():
-    # The grown trial (1.2η) is rejected, the backtracked one (0.6η) returns f0 to the last bit
-    # (a bf16 model's rounding hides it): unresolved, no step. The search counted as settled,
-    # so the cadence doubled its interval and the next step applied η blind; it now searches
-    # again at once (η stays: dropping it ratcheted it down on a bf16 model, see
-    # test_trial_env.py).
+@pytest.mark.parametrize("losses, carried", [
+    ([1.0, 5.0, 1.0], 1.0),  # only the grown trial (1.2η) rejected: η stays
+    ([1.0, 5.0, 5.0, 1.0], 0.3),  # 0.6η rejected too, below η: the hidden 0.3η is carried
+])
+@pytest.mark.parametrize("block_search", [None, "exact"])
+def test_a_step_hidden_by_rounding_after_a_rejection_brings_the_next_search_sooner(
+        losses, carried, block_search):
+    # Trials rejected, then one whose loss is f0 to the last bit (a bf16 model's rounding hides
+    # it): unresolved, no step. The search counted as settled, so the cadence doubled its
+    # interval and the next steps applied η blind, also where the test had rejected a step at
+    # or below η; now the next step searches again and such an η falls to the hidden trial's.
+    # Where only the grown trial was rejected η stays (dropping it ratcheted η down on a bf16
+    # model, see test_trial_env.py). Exact mode: each block's own search, the same.
     # (The batched search ends alike: tests/test_controller_properties.py)
-    w = nn.Parameter(torch.ones(8))
-    opt = ArmijoAdam([w], backend="torch")
-    values = [1.0, 5.0, 1.0]
+    params = [nn.Parameter(torch.ones(8)), nn.Parameter(torch.ones(8))]
+    kw = {} if block_search is None else dict(layerwise=True, block_search=block_search)
+    opt = ArmijoAdam([{"params": [p]} for p in params], backend="torch", init_step_size=1e-3,
+                     **kw)
+    values = list(losses[:1]) + list(losses[1:]) * (1 if block_search is None else 2)
 
     def closure():
         opt.zero_grad()
-        lin = (w * torch.arange(1.0, 9.0)).sum()
+        lin = sum((p * torch.arange(1.0, 9.0)).sum() for p in params)
         loss = lin - lin.detach() + (values.pop(0) if values else 1.0)
         if torch.is_grad_enabled():
             loss.backward()
         return loss
 
-    eta = opt.param_groups[0]["step_size"]
+    eta = 1e-3  # (init_step_size: no search has moved η yet)
     opt.step(closure)
-    assert opt.stats["unresolved"] and not opt.stats["exhausted"] and opt.stats["trials"] == 2
-    assert opt.stats["step_size"] == 0.0 and torch.equal(w.detach(), torch.ones(8))
-    assert opt.stats["next_step_size"] == eta
+    assert not values  # every loss was read: each search went as planned
+    assert opt.stats["unresolved"] and not opt.stats["exhausted"]
+    assert opt.stats["step_size"] == (0.0 if block_search is None else [0.0, 0.0])
+    assert all(torch.equal(p.detach(), torch.ones(8)) for p in params)
+    after = opt.stats["next_step_size"]
+    for value in [after] if block_search is None else after:
+        assert value == pytest.approx(eta * carried)
     assert opt.param_groups[0]["next_search"] == 2  # (3 before: the interval doubled)
 
 

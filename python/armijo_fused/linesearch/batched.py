@@ -126,8 +126,9 @@ def batched_armijo_search(
     while len(eta_seq) < max_trials:
         eta_seq.append(backtrack * eta_seq[-1])
     precond = non_descent = False
-    # rejected: a candidate the test could judge (or whose loss was not finite) failed it
-    rejected = exhausted = False
+    # the last candidate the test could judge (or whose loss was not finite) and rejected: its η
+    rejected = None
+    exhausted = False
     history: list = []
     f_before = gd = grad_sq = math.nan
     start = 0
@@ -152,10 +153,14 @@ def batched_armijo_search(
             if not all(math.isfinite(x) for x in g_vals):
                 return SearchResult(None, len(etas), f_before, math.nan, math.nan, math.nan,
                                     skipped=True)
-        gd, grad_sq = sum(rows[0::3]), sum(rows[1::3])
+        gd_b, gd, grad_sq = rows[0::3], sum(rows[0::3]), sum(rows[1::3])
         if not math.isfinite(f_before):
             break
-        if gd <= 0.0 and not precond and grad_sq > 0.0:
+
+        def decrease(eta, gd_b=gd_b):  # Σ_b η⟨g_b, d_b⟩, as the sequential search forms it
+            return sum(eta * x for x in gd_b)
+
+        if decrease(eta0) <= 0.0 and not precond and grad_sq > 0.0:
             sums = passes.move_to(zeros, precond=True, compute_sums=True)
             precond = non_descent = True
             continue  # same candidates along the fallback direction
@@ -164,14 +169,14 @@ def batched_armijo_search(
             # trials as the sequential search counts them: the trial points judged, and the
             # one whose ⟨g, d⟩ showed a non-descent direction (here a whole round, discarded)
             judged = len(history) + int(non_descent)
-            unresolved = math.isfinite(ft) and (eta * gd <= resolution * abs(f_before)
+            unresolved = math.isfinite(ft) and (decrease(eta) <= resolution * abs(f_before)
                                                 or ft == f_before)
-            if not unresolved and math.isfinite(ft) and ft <= f_before - c * eta * gd:
+            if not unresolved and math.isfinite(ft) and ft <= f_before - c * decrease(eta):
                 passes.move_to([eta] * nblocks)
                 return SearchResult([eta] * nblocks, judged, f_before, ft, gd, grad_sq,
                                     non_descent=non_descent, history=history,
                                     block_dd=list(rows[2::3]))
-            if unresolved and rejected and ft != f_before:
+            if unresolved and rejected is not None and ft != f_before:
                 # backtracked into the loss's resolution after rejections: exhausted, as the
                 # sequential search ends (keeping the rejected η, steps without a search
                 # would apply it blind)
@@ -180,10 +185,11 @@ def batched_armijo_search(
             if unresolved:
                 return SearchResult(None, judged, f_before, math.nan, gd, grad_sq,
                                     non_descent=non_descent, unresolved=True, history=history,
-                                    unchanged=(eta * gd > resolution * abs(f_before)
-                                               and len(history) == 1),
+                                    # (a first trial: the non-descent one counts as one)
+                                    unchanged=(decrease(eta) > resolution * abs(f_before)
+                                               and judged == 1),
                                     rejected=rejected)
-            rejected = True
+            rejected = [eta] * nblocks
         if exhausted:
             break
         start += len(etas)

@@ -17,7 +17,8 @@ blocks across all buffers; equal in the global mode):
    rounding: the search stops there (``unresolved``), takes no step and keeps η. After a
    rejection the search got there by backtracking from a step the test judged: it is exhausted
    (7), unless the last trial's loss equals f0 to the bit (a bf16 model's rounding hid the
-   smaller step): unresolved then, flagged ``rejected`` (η is not settled).
+   smaller step): unresolved then, with the step sizes of its last rejected trial in
+   ``rejected``.
 7. After ``max_trials`` rejections: the documented fallback is to take no step (θ moves back to
    θ0; the state keeps the gradient, as an Adam step with lr 0 would), and the policy resets η to
    its running average.
@@ -50,8 +51,9 @@ class SearchResult:
     # rounding does that too, so later trials do not count)
     unchanged: bool = False
     # ... after a trial the test judged had failed it (the last trial's loss was then f0 to the
-    # last bit: a bf16 model's rounding hid the backtracked step); η is not settled
-    rejected: bool = False
+    # last bit: a bf16 model's rounding hid the backtracked step): that trial's η per block, the
+    # smallest the test rejected on the line searched last; None otherwise
+    rejected: list | None = None
     skipped: bool = False  # the guard was not finite (non-finite gradient or f0): nothing moved
     history: list = field(default_factory=list)  # (eta per block, loss) per trial
     block_gd: list = field(default_factory=list)  # <g_b, d_b> per block
@@ -251,7 +253,8 @@ def armijo_search(
     # (the non-descent one, a failed optimistic one); each such trial raises it by one, so the
     # loop ends at most two trials past max_trials
     limit = max_trials
-    rejected = False  # a trial the test could judge (or whose loss was not finite) failed it
+    # the last trial the test could judge (or whose loss was not finite) and rejected: its η
+    rejected = None
     solo_misses = []  # the test's miss at each rejected trial that held some blocks fixed
     for trial in itertools.count(1):
         ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
@@ -300,7 +303,7 @@ def armijo_search(
             precond = non_descent = True
             limit += 1
             solo_misses.clear()  # (a new line: the misses along d say nothing about it)
-            rejected = False  # (nor its rejections)
+            rejected = None  # (nor its rejections)
             continue
         if math.isfinite(f_trial) and (not informative or f_trial == f_before):
             # The predicted decrease is below what the loss can resolve (float rounding, or a
@@ -318,14 +321,14 @@ def armijo_search(
             # whose loss is f0 to the last bit after a rejection stays unresolved: a bf16
             # model's rounding hides the smaller step, and going on below it would only find
             # more hidden ones)
-            unresolved = not rejected or f_trial == f_before
+            unresolved = rejected is None or f_trial == f_before
             unchanged = informative and len(history) == 1
             break
         if passed:  # (the unresolved cases have ended the search above)
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
                                 non_descent=non_descent, history=history, block_gd=gd_b,
                                 block_dd=dd_b, first_gd=first_gd_b, optimistic=pending)
-        rejected = True
+        rejected = list(eta)
         if trial == limit:
             break
         if len(moving) < len(eta):
@@ -346,7 +349,8 @@ def armijo_search(
     # block's result, which may be this one)
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
-                        rejected=unresolved and rejected, history=history, block_gd=gd_b,
+                        rejected=rejected if unresolved else None, history=history,
+                        block_gd=gd_b,
                         block_dd=dd_b, first_gd=first_gd_b)
 
 

@@ -915,10 +915,16 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
     def _note_unchanged_trials(self, result) -> None:
         """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
         trial forwards did not see the moved weights. Now and then that is a step below a bf16
-        model's rounding; search after search it is the loop: say so, once."""
+        model's rounding; search after search it is the loop: say so, once. Not once a trial
+        has moved the loss (the forwards do see the trial weights): a bf16 model whose η came
+        down to its rounding (a search that rejected steps down to it) hides three first trials
+        in a row without any fault of the loop."""
+        f0 = result.loss_before
+        if any(math.isfinite(f) and f != f0 for _, f in result.history):
+            self._trials_moved_loss = True
         n = self.__dict__.get("_unchanged_searches", 0) + 1 if result.unchanged else 0
         self._unchanged_searches = n
-        if n == 3:
+        if n == 3 and not self.__dict__.get("_trials_moved_loss", False):
             self._warn_once("unchanged", (
                 f"the trial forwards of {n} searches in a row returned exactly the loss at θ0 "
                 f"(last {result.loss_before:.6g}) although a decrease was predicted, so no step "

@@ -251,8 +251,9 @@ class SearchMixin:
                          trials=trials, loss_after=loss_after,
                          # (a non-descent block is not unresolved here: it is exhausted)
                          unresolved=all(kind is not None for _, _, kind in exact),
-                         unchanged=all(r.unchanged for _, r in results), non_descent=False)
-        merged.exact = exact
+                         unchanged=all(r.unchanged for _, r in results), non_descent=False,
+                         rejected=None)  # (each block's own: block_results)
+        merged.exact, merged.block_results = exact, results
         return merged, accepted
 
     @staticmethod
@@ -318,6 +319,29 @@ class SearchMixin:
         along_g = [x / m if m > 0 else a for x, m, a in zip(check.accepted, mfac, accepted)]
         return replace(check, trials=trials), along_g, check.accepted, False
 
+    @staticmethod
+    def _below_rejections(result, etas, frozen) -> tuple[dict, bool]:
+        """After an unresolved search that had rejected a trial (its last trial's loss f0 to the
+        bit: a bf16 model's rounding hid the smaller step; exact mode: a block's own search):
+        (the step size each block carries instead, whether there was such a search).
+
+        A block whose η the test rejected (a rejected trial at or below it) carries the hidden
+        trial's η, which no test rejected, where keeping η the steps without a search applied a
+        rejected step blind. Where only a grown trial (above η) was rejected, η stays: dropping
+        it to the hidden step every time ratcheted it down on a bf16 model until even the first
+        trials were hidden (and warned about as a loop whose trials miss the weights)."""
+        per_block = getattr(result, "block_results", None)  # exact mode: each block's own
+        pairs = per_block if per_block is not None else [(range(len(etas)), result)]
+        lowered, rejected = {}, False
+        for members, r in pairs:
+            if not r.unresolved or r.rejected is None:
+                continue
+            rejected, tried = True, r.history[-1][0]
+            for b in members:
+                if not frozen[b] and r.rejected[b] <= etas[b] and tried[b] < etas[b]:
+                    lowered[b] = tried[b]
+        return lowered, rejected
+
     def _cap_for_weight_decay(self, eta):
         # keep 1 - η·wd away from 0: θ0 is recovered by dividing by it
         wd = max((g["weight_decay"] for g in self.param_groups), default=0.0)
@@ -337,15 +361,14 @@ class SearchMixin:
             tried = result.history[-1][0]
             grown = [b for b in plan[0] if not frozen[b] and tried[b] > etas[b]]
             self._set_each(table, grown, [tried[b] for b in grown])
-        if result.unresolved and result.rejected and exact is None:
-            # a larger step was rejected before the loss's rounding hid the backtracked one
-            # (f0 to the last bit): η is not settled, and the cadence must come back sooner
-            # rather than apply it blind for twice as long. η itself stays: dropping it to the
-            # hidden step ratcheted it down search after search on a bf16 model until even the
-            # first trials were hidden (and warned about as a loop that misses the weights)
-            return False, False
+        # (an unresolved search that had rejected a trial is not settled: the cadence comes
+        # back sooner rather than apply η blind for twice as long)
+        lowered, rejected = self._below_rejections(result, etas, frozen)
+        if lowered:
+            self._set_each(table, list(lowered), list(lowered.values()))
+            etas = [lowered.get(b, e) for b, e in enumerate(etas)]
         if skipped or result.unresolved:
-            return result.unresolved, False
+            return result.unresolved and not rejected, False
         outcomes = exact if exact is not None else [(plan[0], accepted, None)]
         turn = None  # the blocks whose turn this search was (None: the outcomes' blocks)
         if exact is None and accepted is not None and result.optimistic:
@@ -353,7 +376,7 @@ class SearchMixin:
             outcomes = [(m, accepted, None) for m in self._merged_blocks(table)
                         if not all(frozen[b] for b in m)]
             turn = set(plan[0])
-        settled_all, collapsed_any = True, False
+        settled_all, collapsed_any = not rejected, False
         new = list(etas)
         found = {}  # block -> the step size its search accepted this step
         for members, acc, kind in outcomes:
