@@ -129,6 +129,10 @@ class RawDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
     """--help with each argument's default and the description's own line breaks (a table)."""
 
 
+# names that --out takes for a file, not a directory to create (x.json, plot.png)
+_FILE_SUFFIXES = {".json", ".jsonl", ".md", ".png", ".pdf", ".svg", ".csv", ".txt", ".html"}
+
+
 def add_out_argument(parser: argparse.ArgumentParser, *, one_json: bool) -> None:
     """Add ``--out``, the same in every benchmark: a directory (bench/results/ by default,
     created when the script writes), where the script's files go under their usual names.
@@ -140,9 +144,10 @@ def add_out_argument(parser: argparse.ArgumentParser, *, one_json: bool) -> None
     a directory named x.json, or a file where a directory was meant."""
     def check(text: str) -> str:
         path = Path(text)
-        if path.is_dir() or (one_json and path.suffix == ".json"):
-            return text
-        if path.exists() or path.suffix[1:].isalpha():  # (x.md, x.json; not run-1.5)
+        suffix = path.suffix.lower()
+        if path.is_dir() or text.endswith("/") or (one_json and suffix == ".json"):
+            return text  # (a trailing / names a directory whatever its name)
+        if path.exists() or suffix in _FILE_SUFFIXES:  # (x.md, x.json; not run-1.5, h200.cuda)
             what = "is a file" if path.exists() else "looks like a file name"
             wants = ("writes JSON: give a directory or a path ending in .json" if one_json
                      else "writes several files: give a directory")
@@ -159,7 +164,7 @@ def out_file(out: str, name: str) -> Path:
     """The file a one-JSON benchmark writes (``add_out_argument(..., one_json=True)``): ``out``
     itself when it ends in .json and is not a directory, else ``out/name``; its folder created."""
     path = Path(out)
-    if path.suffix != ".json" or path.is_dir():
+    if path.suffix.lower() != ".json" or path.is_dir() or out.endswith("/"):
         path = path / name
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

@@ -123,7 +123,10 @@ def test_out_takes_a_directory_and_a_json_path_only_where_one_file_is_written(
             parse_only(script, ["--out", str(tmp_path / name)])
     if script.stem not in SEVERAL_FILES:
         assert parse_only(script, ["--out", str(tmp_path / "x.json")]).namespace.out.endswith("x.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json"]  # nothing created
+        assert parse_only(script, ["--out", str(tmp_path / "X.JSON")]).namespace.out.endswith("JSON")
+    # a new directory named with a dot (a device, a version), or with a trailing /
+    for name in ("h200.cuda", "run-1.5", "new.json/"):
+        assert parse_only(script, ["--out", f"{tmp_path}/{name}"]).namespace.out.endswith(name)
 
 
 def test_a_several_file_script_refuses_a_json_path_before_running(tmp_path, capsys):
@@ -144,6 +147,8 @@ def test_out_file(tmp_path):
     assert (tmp_path / "b").is_dir()
     (tmp_path / "c.json").mkdir()
     assert out_file(str(tmp_path / "c.json"), "x.json") == tmp_path / "c.json" / "x.json"
+    assert out_file(str(tmp_path / "d.json") + "/", "x.json") == tmp_path / "d.json" / "x.json"
+    assert out_file(str(tmp_path / "E.JSON"), "x.json") == tmp_path / "E.JSON"
     assert out_file(str(RESULTS), "memory_cpu.json") == RESULTS / "memory_cpu.json"  # default
 
 
