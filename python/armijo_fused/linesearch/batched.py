@@ -153,7 +153,8 @@ def batched_armijo_search(
             if not all(math.isfinite(x) for x in g_vals):
                 return SearchResult(None, len(etas), f_before, math.nan, math.nan, math.nan,
                                     skipped=True)
-        gd_b, gd, grad_sq = rows[0::3], sum(rows[0::3]), sum(rows[1::3])
+        gd_b = rows[0::3]
+        gd, grad_sq = sum(gd_b), sum(rows[1::3])
         if not math.isfinite(f_before):
             break
 

@@ -350,8 +350,7 @@ def armijo_search(
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
                         rejected=rejected if unresolved else None, history=history,
-                        block_gd=gd_b,
-                        block_dd=dd_b, first_gd=first_gd_b)
+                        block_gd=gd_b, block_dd=dd_b, first_gd=first_gd_b)
 
 
 def _held_blocks_overshoot(misses: list[float], backtrack: float) -> bool:

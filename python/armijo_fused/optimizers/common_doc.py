@@ -71,10 +71,11 @@ LINESEARCH_ARGS = r"""
             turn. grow_all: as round_robin, but
             each search first tries every block grown, together; if that trial fails, the block
             whose turn it is searches alone (the trial not counted against ``max_trials``):
-            better losses from scratch and in fine-tuning, more forwards (bench/results/
-            convergence_cpu-layerwise-grow-all.md, convergence_cpu-finetune-layerwise-grow-all.md). exact: every block in turn with the others
-            frozen, one search per block, then one test of the combined step (all blocks
-            backtrack together until it passes) (small models) (default: "round_robin")
+            better losses from scratch and in fine-tuning, more forwards (in bench/results/:
+            convergence_cpu-layerwise-grow-all.md and
+            convergence_cpu-finetune-layerwise-grow-all.md). exact: every block in turn with
+            the others frozen, one search per block, then one test of the combined step (all
+            blocks backtrack together until it passes) (small models) (default: "round_robin")
         merge_below (float, optional): a block whose search accepts a step size below this
             value merges with its neighbour in its param group (the previous block, else the
             next; a group that is one block does not merge) and shares one step size with it
