@@ -558,6 +558,38 @@ def test_a_plain_sgd_checkpoint_is_refused_by_a_momentum_rule():
     assert nesterov.state_dict()["param_groups"] == before["param_groups"]
 
 
+@pytest.mark.parametrize("cls, saved, loaded", [
+    (ArmijoAdam, dict(direction="nadam"), dict()),
+    (ArmijoSGD, dict(momentum=0.9, nesterov=True), dict(momentum=0.9)),
+])
+def test_a_checkpoint_of_a_sibling_direction_loads_with_a_warning(cls, saved, loaded):
+    # adam and nadam (momentum and nesterov) keep the same state and hyperparameters: a resume
+    # that forgot direction="nadam" went on with adam without a word. It still loads (the
+    # moments are the same quantities), and says so; the same direction, a copy and a
+    # checkpoint from before the record stay silent
+    model, x = nn.Linear(4, 1), torch.randn(8, 4)
+    first = cls(model.parameters(), **saved)
+    first.step(make_closure(first, lambda: model(x).pow(2).mean()))
+    sd = first.state_dict()
+    assert sd["direction"] == first.rule.name
+    other = cls(model.parameters(), **loaded)
+    with pytest.warns(UserWarning, match=f"saved by an optimizer with direction "
+                                         f"'{first.rule.name}'.*goes on with direction "
+                                         f"'{other.rule.name}'") as caught:
+        other.load_state_dict(sd)
+    assert caught[0].filename == __file__
+    assert torch.equal(other.state[model.weight]["exp_avg" if cls is ArmijoAdam
+                                               else "momentum_buffer"],
+                       first.state[model.weight]["exp_avg" if cls is ArmijoAdam
+                                                 else "momentum_buffer"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(model.parameters(), **saved).load_state_dict(sd)
+        copy.deepcopy(first)
+        older = {k: v for k, v in sd.items() if k != "direction"}
+        cls(model.parameters(), **loaded).load_state_dict(older)
+
+
 def test_shared_memory_is_judged_on_dense_tensors_and_frozen_aliases_count():
     # Column slices of one matrix (disjoint elements, overlapping spans) were warned about as
     # tied; a frozen embedding tied through .data to a trained head was not.

@@ -92,7 +92,11 @@ class CheckpointMixin:
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
         self.param_groups[0]["last_dd"] = self._saved_dd()
         try:
-            return super().state_dict()  # copies the groups' entries
+            out = super().state_dict()  # copies the groups' entries
+            # the direction rule: adam and nadam (momentum and nesterov) keep the same state
+            # and hyperparameters, so nothing else in a checkpoint tells them apart
+            out["direction"] = self.rule.name
+            return out
         finally:
             self.param_groups[0]["last_dd"] = None  # a checkpoint's entry, not live state
 
@@ -138,6 +142,7 @@ class CheckpointMixin:
         else:
             state_dict = self._check_saved_step_sizes(state_dict)
         self._check_loadable(state_dict)
+        self._note_other_direction(state_dict)
         state_dict = self._step_sizes_along_ours(state_dict)
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
@@ -252,6 +257,17 @@ class CheckpointMixin:
             f"checkpoint saved at lr 0); they start from {fill:g}, the smallest positive one",
             stacklevel=4)
         return dict(state_dict, param_groups=repaired)
+
+    def _note_other_direction(self, state_dict: dict) -> None:
+        """A checkpoint of a rule with the same state and hyperparameters (adam into nadam,
+        momentum into nesterov) loads, as torch's would; say so, since nothing else does."""
+        saved = state_dict.get("direction")  # (None: a checkpoint from before the key)
+        if saved is not None and saved != self.rule.name:
+            warnings.warn(
+                f"the state dict was saved by an optimizer with direction {saved!r}; this "
+                f"{type(self).__name__} takes over its moments and step sizes (searched along "
+                f"that direction) and goes on with direction {self.rule.name!r}. If that is not "
+                f"meant, build it with direction={saved!r}", stacklevel=4)
 
     def _check_loadable(self, state_dict: dict) -> None:
         """A state dict of another direction (an ArmijoSGD's into an ArmijoAdam) replaced the
