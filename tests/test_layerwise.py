@@ -280,6 +280,11 @@ def test_layerwise_stats_are_lists_before_the_first_step_and_after_a_copy():
     copied = copy.deepcopy(opt)
     assert len(copied.stats["next_step_size"]) == 4 and math.isnan(copied.stats["step_size"][0])
     assert math.isnan(ArmijoAdam(Tiny().parameters()).stats["step_size"])  # global: one value
+    # one group cut by module names (model=): its blocks are listed before the first step too
+    # (they were cut at the first step, so stats held one NaN for the whole group)
+    named = ArmijoAdam(model.parameters(), model=model, layerwise=True)
+    assert named.param_groups[0]["block_names"] == [g["block"] for g in opt.param_groups]
+    assert len(named.stats["step_size"]) == 4 and math.isnan(named.stats["step_size"][0])
 
 
 def test_single_group_with_model_splits_into_named_blocks():

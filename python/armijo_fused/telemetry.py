@@ -24,9 +24,9 @@ class StepStats(Mapping):
         """The keys a step reports, before any has run (or after a resume): step 0, nothing
         searched, NaN for the numbers, so a loop that logs ``opt.stats[...]`` after a step the
         optimizer never ran (one GradScaler skipped on an overflow) reads values, not KeyError.
-        ``blocks``: layer-wise, the number of blocks known so far (a group is cut into its
-        named blocks at the first step); the per-block values are lists, as after a step (a
-        NaN scalar broke ``stats["step_size"][0]``)."""
+        ``blocks``: layer-wise, the number of blocks (the groups are cut into blocks when the
+        optimizer is built); the per-block values are lists, as after a step (a NaN scalar
+        broke ``stats["step_size"][0]``)."""
         nan = float("nan")
         def per_block():  # (a list each: one shared list would be changed for all three)
             return nan if blocks is None else [nan] * blocks

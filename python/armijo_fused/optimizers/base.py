@@ -267,6 +267,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "layerwise=True needs blocks: pass one param group per block (for instance "
                 "armijo_fused.blocks.param_groups(model)) or model= to split by module names"
             )
+        if self.layerwise:  # cut the groups into blocks now, so stats list them before a step
+            for gi in range(len(self.param_groups)):
+                self._group_blocks(gi, [])
         self.stats = self._stats_before_any_step()
 
     def _stats_before_any_step(self) -> StepStats:
