@@ -1201,6 +1201,33 @@ def test_a_step_hidden_by_rounding_after_a_rejection_brings_the_next_search_soon
     assert opt.param_groups[0]["next_search"] == 2  # (3 before: the interval doubled)
 
 
+@pytest.mark.parametrize("losses", [[1.0, 5.0, 1.0], [1.0, 5.0, 5.0, 1.0]])
+def test_grow_all_after_a_rejected_optimistic_trial_and_a_hidden_one_searches_sooner(losses):
+    # grow_all's optimistic trial (every block grown) rejected, then a trial hidden by rounding:
+    # the search counted as settled when the optimistic trial was the only rejection (the
+    # interval doubled, as after an accepted step); it had rejected a step like any other.
+    # Only grown steps were rejected, so every η stays, as in a global search
+    params = [nn.Parameter(torch.ones(8)), nn.Parameter(torch.ones(8))]
+    opt = ArmijoAdam([{"params": [p]} for p in params], backend="torch", init_step_size=1e-3,
+                     layerwise=True, block_search="grow_all")
+    values = list(losses)
+
+    def closure():
+        opt.zero_grad()
+        lin = sum((p * torch.arange(1.0, 9.0)).sum() for p in params)
+        loss = lin - lin.detach() + (values.pop(0) if values else 1.0)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert not values  # the optimistic trial, then the search proper, as planned
+    assert opt.stats["unresolved"] and not opt.stats["exhausted"]
+    assert all(torch.equal(p.detach(), torch.ones(8)) for p in params)
+    assert opt.stats["next_step_size"] == pytest.approx([1e-3, 1e-3])
+    assert opt.param_groups[0]["next_search"] == 2  # (3 before, for the first case)
+
+
 def test_rejections_along_d_do_not_exhaust_a_search_that_ends_unresolved_on_the_fallback():
     # Layer-wise, block 0 searched, block 1 held with a steep negative slope: the first trial
     # along d is rejected, the backtracked one is no descent, so the search switches to the

@@ -288,7 +288,10 @@ def armijo_search(
         if pending and not passed:
             # The optimistic trial binds the search only by passing the test; otherwise (a
             # rejection, a decrease too small to resolve, a non-descent combination of the
-            # grown blocks) the search proper starts at eta0 as it would have, uncounted
+            # grown blocks) the search proper starts at eta0 as it would have, uncounted.
+            # A rejection it had is still one: should eta0 be hidden, the search is not settled
+            if informative and f_trial != f_before:  # (a NaN trial loss: rejected too)
+                rejected = list(eta)
             pending = False
             eta = list(eta0)
             passes.move_to(eta)
