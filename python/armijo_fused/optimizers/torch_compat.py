@@ -169,11 +169,19 @@ def _torch_family(saved: dict) -> str | None:
     if "nesterov" in saved or "dampening" in saved:
         return "SGD"
     if "betas" in saved:
+        # RAdam: Adam's moments, a rectified direction; the only one with the decoupled flag
+        # and neither amsgrad (Adam, AdamW) nor momentum_decay (NAdam)
+        if "decoupled_weight_decay" in saved and "amsgrad" not in saved \
+                and "momentum_decay" not in saved:
+            return "RAdam"
         return "Adam"
     if "alpha" in saved or "centered" in saved:
         return "RMSprop"
     return None
 
+
+#: how a warning names each family: the optimizers whose checkpoints it cannot tell apart
+_FAMILY_NAMES = {"Adam": "AdamW/Adam/NAdam"}
 
 #: the torch family each direction continues
 _FAMILY = {"sgd": "SGD", "momentum": "SGD", "nesterov": "SGD", "adam": "Adam", "nadam": "Adam",
@@ -188,7 +196,7 @@ def _warn_other_direction(owner: str, rule, saved_groups: list[dict]) -> None:
     family = _torch_family(lead)
     ours = _FAMILY.get(rule.name)
     if family is not None and ours is not None and family != ours:
-        what = f"torch.optim.{family}'s"
+        what = f"torch.optim.{_FAMILY_NAMES.get(family, family)}'s"
     elif family == "SGD" and rule.name in ("momentum", "nesterov") and bool(
             lead.get("nesterov")) != (rule.name == "nesterov"):
         what = f"torch.optim.SGD(nesterov={bool(lead.get('nesterov'))})'s"
@@ -222,7 +230,6 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this {owner} "
                          f"{len(live_groups)}")
     saved_state = state_dict.get("state", {})
-    _warn_other_direction(owner, rule, saved_groups)
     # global: one η shared by every group, the lr of the first group that trained (a frozen
     # group at lr 0 first, an embedding for instance, has no step size to give)
     lead_all = next((g for g in saved_groups if _float(lr_peak(g)) > 0.0),
@@ -286,6 +293,9 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
             group.update(block_owner=list(range(blocks)), block_searched_at=[0] * blocks,
                          block_tested=[1] * blocks)  # (η starts at the lr torch used)
         groups.append(group)
+    # (only now that nothing refuses it: a warning that it continues, then a refusal, hid the
+    # refusal's reason where warnings are errors)
+    _warn_other_direction(owner, rule, saved_groups)
     coupled = [gi for gi, g in enumerate(saved_groups) if _coupled_decay(g)]
     if coupled:
         warnings.warn(
