@@ -20,6 +20,7 @@ layer-wise split without merges; this file sweeps every step and the cases above
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -1020,3 +1021,73 @@ def test_a_weight_written_after_a_load_survives_a_rebuild_before_the_first_step(
     assert torch.equal(resumed[2].weight.detach(), torch.full_like(resumed[2].weight, 0.25))
     assert torch.equal(opt2.state[resumed[2].weight]["master"],
                        torch.full(resumed[2].weight.shape, 0.25))
+
+
+class _Vec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4))
+
+
+def _two_block_quadratic():
+    """Blocks of curvature 1 and 1000: the layer-wise step sizes differ by ~1000x."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Vec(), _Vec())
+
+    def loss():
+        return 0.5 * (((model[0].w - 1) ** 2).sum() + 1000.0 * ((model[1].w - 1) ** 2).sum())
+    return model, loss
+
+
+def test_a_layerwise_checkpoint_into_a_global_optimizer_starts_from_the_smallest_step_size():
+    # the global group kept the per-block lists and applied the first block's η to the whole
+    # model, silently: loss 1e-3 -> 6.5e6 in two steps
+    model, loss = _two_block_quadratic()
+    opt = ArmijoSGD(model.parameters(), model=model, layerwise=True, block_search="exact",
+                    backend="torch")
+    for _ in range(5):
+        opt.step(make_closure(opt, loss))
+    etas = list(opt.param_groups[0]["step_size"])
+    assert max(etas) > 100 * min(etas)
+    saved = opt.state_dict()
+    ck = torch.load(io.BytesIO(_saved(saved)), weights_only=True)
+    glob = ArmijoSGD(model.parameters(), model=model, backend="torch")
+    with pytest.warns(UserWarning, match="layer-wise optimizer's.*smallest step size"):
+        glob.load_state_dict(ck)
+    g = glob.param_groups[0]
+    assert g["step_size"] == min(etas) and not isinstance(g["step_size_avg"], list)
+    assert "block_owner" not in g and "block_names" not in g
+    assert saved["param_groups"][0]["block_names"] == ["0", "1"]  # the caller's dict is kept
+    f = float(loss().detach())
+    for _ in range(6):
+        glob.step(make_closure(glob, loss))
+    assert glob.stats["step"] == saved["param_groups"][0]["step"] + 6
+    assert float(loss().detach()) <= f  # (it rose to 6.5e6)
+
+
+def _saved(state_dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda g: g.update(step_size=g["step_size"][:1]), "1 entries in 'step_size' for its 2 blocks"),
+    (lambda g: g.update(step_size_avg=0.1), "the single value 0.1 in 'step_size_avg'"),
+    (lambda g: g.update(block_owner=[0, 7]), r"block_owner \[0, 7\]"),
+    (lambda g: g.update(block_owner=[1, 0]), r"block_owner \[1, 0\]"),  # (no block owns itself)
+    (lambda g: g.update(block_tested=[1, 1, 1]), "3 entries in 'block_tested'"),
+])
+def test_a_layerwise_checkpoint_whose_block_entries_disagree_is_refused_at_load(edit, match):
+    # such entries loaded, and every later step raised a bare IndexError or TypeError (or, for
+    # a block_owner out of range, nothing was said at all)
+    model, loss = _two_block_quadratic()
+    opt = ArmijoSGD(model.parameters(), model=model, layerwise=True, backend="torch")
+    opt.step(make_closure(opt, loss))
+    ck = torch.load(io.BytesIO(_saved(opt.state_dict())), weights_only=True)
+    edit(ck["param_groups"][0])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match + ".*corrupt or was edited"):
+        opt.load_state_dict(ck)
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
+    opt.step(make_closure(opt, loss))  # and it trains on

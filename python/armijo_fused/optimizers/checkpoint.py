@@ -6,6 +6,7 @@ use the optimizer's attributes as ``base.py`` sets them up."""
 from __future__ import annotations
 
 import warnings
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -14,6 +15,13 @@ from ..directions.base import check_number
 from ..storage.sharded import is_dtensor
 from .search import counter_error
 from .torch_compat import from_torch_state_dict, is_torch_state_dict
+
+#: a layer-wise group's entries with one value per block
+_PER_BLOCK = ("step_size", "step_size_avg", "step_length", "collapsed", "block_owner",
+              "block_searched_at", "block_tested")
+#: the keys only a layer-wise group has
+_LAYERWISE_ONLY = ("block_names", "block_owner", "block_searched_at", "block_tested",
+                   "block_cursor", "blocks_by")
 
 
 class CheckpointMixin:
@@ -141,9 +149,12 @@ class CheckpointMixin:
                     g["step_size"] if isinstance(g["step_size"], list) else [g["step_size"]]))
         else:
             state_dict = self._check_saved_step_sizes(state_dict)
+            self._check_saved_blocks(state_dict)
         self._check_loadable(state_dict)
         self._note_other_direction(state_dict)
         state_dict = self._step_sizes_along_ours(state_dict)
+        if not self.layerwise:
+            state_dict = self._global_from_layerwise(state_dict)
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
         self._pending_skip = None  # a flag of the steps before the load is no longer ours
@@ -257,6 +268,60 @@ class CheckpointMixin:
             f"checkpoint saved at lr 0); they start from {fill:g}, the smallest positive one",
             stacklevel=4)
         return dict(state_dict, param_groups=repaired)
+
+    def _check_saved_blocks(self, state_dict: dict) -> None:
+        """A layer-wise checkpoint's per-block entries agree with its blocks, checked before
+        anything changes: a list of another length, or a scalar among the lists, loaded and
+        made every later step raise a bare IndexError or TypeError; a ``block_owner`` out of
+        range loaded silently."""
+        for gi, group in enumerate(state_dict.get("param_groups", [])):
+            names = group.get("block_names")
+            if names is None:
+                continue  # a global checkpoint, or a torch one taken over (blocks cut later)
+            n = len(names)
+            for key in _PER_BLOCK:
+                if key in group and not (isinstance(group[key], (list, tuple))
+                                         and len(group[key]) == n):
+                    v = group[key]
+                    what = (f"{len(v)} entries" if isinstance(v, (list, tuple))
+                            else f"the single value {v!r}")
+                    raise ValueError(
+                        f"the state dict's param group {gi} has {what} in {key!r} for its {n} "
+                        f"blocks {list(names[:4])}{' ...' if n > 4 else ''}: the checkpoint is "
+                        "corrupt or was edited")
+            owner = group.get("block_owner")
+            if owner is not None and not all(
+                    isinstance(o, Integral) and 0 <= o < n and owner[o] == o for o in owner):
+                raise ValueError(
+                    f"the state dict's param group {gi} has block_owner {list(owner)}, which "
+                    f"does not name, for each of its {n} blocks, a block that owns itself: the "
+                    "checkpoint is corrupt or was edited")
+
+    def _global_from_layerwise(self, state_dict: dict) -> dict:
+        """A layer-wise checkpoint (a step size per block) into a global optimizer: each group
+        takes its blocks' smallest step size, which every block passed a test at or above
+        (its largest made the stiff blocks diverge: block 0's η applied to all, loss 1e-3 to
+        6.5e6 on a two-block quadratic), drops the per-block record, and searches at the next
+        step. A copy; the caller's dict is kept."""
+        groups = state_dict.get("param_groups", [])
+        if not any(isinstance(g.get("step_size"), (list, tuple)) for g in groups):
+            return state_dict
+        converted = []
+        for group in groups:
+            group = {k: v for k, v in group.items() if k not in _LAYERWISE_ONLY}
+            for key in ("step_size", "step_size_avg", "step_length"):
+                v = group.get(key)
+                if isinstance(v, (list, tuple)):
+                    group[key] = min(v) if v else self._init_step_size
+            group.update(collapsed=0, search_interval=1,
+                         next_search=min(group.get("next_search", 1), group.get("step", 0) + 1))
+            converted.append(group)
+        converted[0]["last_dd"] = None  # per block; a global step's ‖d‖² is over the group
+        self._warn_once("layerwise_into_global", (
+            f"the state dict is a layer-wise optimizer's (a step size per block); this global "
+            f"{type(self).__name__} starts each group from its blocks' smallest step size and "
+            "searches at the next step. Pass layerwise=True to continue it per block"))
+        return dict(state_dict, param_groups=converted)
 
     def _note_other_direction(self, state_dict: dict) -> None:
         """A checkpoint of a rule with the same state and hyperparameters (adam into nadam,
