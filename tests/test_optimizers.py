@@ -397,6 +397,28 @@ def test_stats_fields_after_a_step():
     assert opt.stats["next_step_size"] == opt.param_groups[0]["step_size"]
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+def test_stats_kept_for_later_still_describe_their_own_step(layerwise):
+    # a loop that logs later (no host sync per step) keeps each step's stats; a step without a
+    # search reported the next_step_size of whatever step had run last when read
+    def run(read_at_once):
+        model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+        opt = ArmijoAdam(model.parameters(), backend="torch", model=model, layerwise=layerwise)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)
+        out = []
+        for _ in range(12):
+            opt.step(make_closure(opt, loss_fn, *data))
+            sched.step()
+            out.append(dict(opt.stats) if read_at_once else opt.stats)
+        return [dict(s) for s in out]
+
+    now, later = run(True), run(False)
+    assert sum(not s["searched"] for s in now) >= 3  # (the steps the lazy values were read on)
+    assert [s["next_step_size"] for s in later] == [s["next_step_size"] for s in now]
+    for key in ("step_size", "applied_step", "gd", "grad_norm", "skipped"):
+        assert [s[key] for s in later] == [s[key] for s in now], key
+
+
 # -- resume ---------------------------------------------------------------------------------------
 def _mlp(seed):
     torch.manual_seed(seed)

@@ -829,7 +829,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             gd=lambda: total([s[:, 0].sum() for s in sums]), grad_norm=passes.grad_norm,
             non_descent=False, unresolved=False, exhausted=False, collapsed=False,
             skipped=passes.skipped, searched_blocks=[],
-            next_step_size=self._next_step_sizes,  # (the keys of a search step's stats)
+            # (host floats, read now: read lazily, a stats object kept for logging later
+            # reported the step sizes of whatever step came last)
+            next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         return loss_before if given else None
