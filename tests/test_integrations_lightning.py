@@ -194,6 +194,35 @@ def test_manual_optimization_route():
         assert s["loss_after"] <= s["loss_before"] - opt.c * s["step_size"] * s["gd"] + 1e-6
 
 
+class LitWithoutMixin(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return ArmijoAdam(self.parameters(), model=self)
+
+
+def test_automatic_optimization_without_the_mixin_is_refused_by_name():
+    # the natural first try: each trial re-ran training_step through Lightning's closure (its
+    # self.log kept a trial's loss) and, with accumulation 2, f0 was the last micro-batch's
+    # loss / 2 (0.35 for a window whose loss was 0.75), tested against the window's gradient
+    model = LitWithoutMixin()
+    theta = [p.detach().clone() for p in model.parameters()]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="Lightning's training closure.*ArmijoLightningMixin"):
+        trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    assert all(torch.equal(p.detach(), t) for p, t in zip(model.parameters(), theta))
+    assert trainer.optimizers[0].param_groups[0]["step"] == 0
+
+
 class LitClipped(LitRegressor):
     def __init__(self):
         super().__init__()

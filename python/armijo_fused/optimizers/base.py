@@ -48,6 +48,7 @@ from ..telemetry import StepStats
 from .calls import (
     as_loss,
     calling_grad_scaler,
+    lightning_training_closure,
     loss_in,
     outside_stacklevel,
     refuse_zero_redundancy,
@@ -516,6 +517,16 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         for name, fn in (("closure", closure), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if loss_fn is None and closure is not None and lightning_training_closure(closure):
+            # Each trial would re-run training_step (its self.log kept a trial's loss), and
+            # with accumulate_grad_batches it is the last micro-batch's loss / A, tested
+            # against the whole window's gradient (f0 0.35 for a window whose loss was 0.75)
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was handed Lightning's training closure: its "
+                "trials would re-run training_step (logging a trial's loss) and, with "
+                "accumulate_grad_batches, test only the last micro-batch's loss against the "
+                "window's gradient. Mix armijo_fused.integrations.lightning."
+                "ArmijoLightningMixin into the LightningModule (before L.LightningModule)")
         self._validate_changed_groups()
         self._check_step_sizes()
         self._check_counters()

@@ -4,6 +4,7 @@ or an HF ``ModelOutput``), a ``GradScaler`` calling ``step(opt, closure)``, a
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import sys
@@ -47,6 +48,20 @@ def calling_grad_scaler(opt):
                 return scaler if scaler.is_enabled() else None
         frame = frame.f_back
     return None
+
+
+def lightning_training_closure(closure) -> bool:
+    """Is ``closure`` Lightning's automatic-optimization closure (``training_step`` and
+    backward of the last micro-batch), as its precision plugin hands it to ``step``: a
+    ``partial(_wrap_closure, model, optimizer, closure)`` around the loop's ``Closure``?
+    Manual optimization wraps the user's own closure the same way, which is not one."""
+    if not isinstance(closure, functools.partial) or not closure.args:
+        return False
+    if getattr(closure.func, "__name__", None) != "_wrap_closure":
+        return False
+    inner = type(closure.args[-1])
+    return inner.__name__ == "Closure" and inner.__module__.startswith(
+        ("lightning.", "pytorch_lightning."))
 
 
 def _structured_loss(value):
