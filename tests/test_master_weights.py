@@ -225,3 +225,39 @@ def test_a_weight_written_into_a_frozen_bf16_tensor_survives_its_unfreezing(flat
     opt._sync_buffers()  # the rebuild, without a step moving it
     assert torch.equal(bias.detach(), torch.full_like(bias, 0.5))
     assert torch.equal(opt.state[bias]["master"], torch.full((1,), 0.5))
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "in_place"])
+@pytest.mark.parametrize("source, target", [
+    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float16),
+    (torch.float32, torch.bfloat16)])
+def test_a_model_cast_mid_run_keeps_the_precision_the_optimizer_held(source, target, flat):
+    # bf16 -> fp32 dropped the fp32 master and went on from the rounded weights (up to 1e-3 off
+    # the master); bf16 -> fp16 took the twice-rounded weights as the master; fp32 -> bf16 built
+    # the master from the rounded weights, not from the fp32 θ held just before the cast
+    model, opt, _ = _setup(source, flat=flat)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+
+    def closure():  # (in the model's dtype of the moment)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x.to(model[0].weight.dtype)).float(), y)
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        opt.step(closure)
+    held = [opt.state[p].get("master", p).detach().float().clone() for p in model.parameters()]
+    model.to(target)
+    model[0].weight.data[0, 0] = 0.5  # written by the user after the cast: the user's wins
+    for g in opt.param_groups:
+        g["lr"] = 0.0  # (a step that moves nothing: θ as the optimizer now holds it)
+    opt.step(closure)
+    now = [opt.state[p].get("master", p).detach().float() for p in model.parameters()]
+    assert now[0][0, 0] == 0.5
+    held[0][0, 0] = 0.5
+    if source == torch.float32 and not flat:  # the cast replaced the tensors that held θ
+        assert all(torch.equal(n, h.to(target).float()) for n, h in zip(now, held))
+        return
+    assert all(torch.equal(n, h) for n, h in zip(now, held))
+    assert all(torch.equal(p.detach(), n.to(target)) for p, n in zip(model.parameters(), now))
+    assert ("master" in opt.state[model[0].weight]) == (target != torch.float32)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..backends import resolve_backend
 from ..linesearch import trial as trial_mod
-from ..storage.flat import FlatBuffer
+from ..storage.flat import MASTER_DTYPES, FlatBuffer
 from ..storage.in_place import InPlaceBuffer
 from ..storage.sharded import ShardedBuffer, fsdp_modules, is_dtensor
 from .calls import outside_stacklevel
@@ -158,6 +158,7 @@ class StoreMixin:
             self._warn_taken()
         self._restart_or_warn_stateless(restarted)
         self._warn_shared_storage()
+        self._keep_fp32_as_masters(self._buffers)
         by_slot: dict = {}
         for gi, p in self._trainable():
             if p.device.type == "meta":  # else a bare "Cannot copy out of meta tensor" later
@@ -294,6 +295,20 @@ class StoreMixin:
                 f"{len(shared)} parameter(s) share their memory with another parameter "
                 f"({self._shown(shared)}): weights tied through .data? {what}. Tie weights as "
                 "one Parameter (head.weight = emb.weight): one gradient, one direction"))
+
+    def _keep_fp32_as_masters(self, old) -> None:
+        """A model cast from fp32 to bf16/fp16 since the last build: the old flat buffer still
+        holds θ in fp32, which becomes the tensor's master (the build keeps it where the weight
+        is its rounding), so the cast rounds the model's copy only, not the training's. (The
+        master used to be built from the rounded weight.) Not for flat=False: the cast has
+        replaced the tensors that held θ."""
+        for b in old or ():
+            if type(b) is not FlatBuffer or b.master:
+                continue
+            for p, view in zip(b.params, b._param_views):
+                if p.dtype in MASTER_DTYPES and p.shape == view.shape and \
+                        p.device == view.device and "master" not in self.state.get(p, {}):
+                    self.state[p]["master"] = view.to(torch.float32, copy=True)  # (it goes)
 
     def _drop_stale_masters(self, buffers) -> None:
         """A bf16 checkpoint's master, loaded for what is fp32 now: θ is its own master, and a

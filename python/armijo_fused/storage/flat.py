@@ -43,6 +43,17 @@ from .layout import DEFAULT_TILE, place_tensors
 MASTER_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def master_rounded(master: Tensor, value: Tensor) -> Tensor:
+    """Where a model's weight ``value`` is its fp32 ``master`` rounded: to the weight's dtype, or
+    to a half dtype first (a model cast since the master was kept: bf16 to fp32 or to fp16).
+    There the master holds the weight's precision; elsewhere the user wrote the weight."""
+    same = master.to(value.dtype) == value
+    for dtype in MASTER_DTYPES:
+        if dtype != value.dtype:
+            same |= master.to(dtype).to(value.dtype) == value
+    return same
+
+
 def _dense(p: Tensor, g: Tensor) -> Tensor:
     if g.is_sparse:
         raise RuntimeError(
@@ -157,8 +168,10 @@ class FlatBuffer:
                 # (``loading``) wins instead, as one loaded into a live optimizer does.
                 if not loading:
                     for pview, mview in zip(self._param_views, self._master_views):
-                        mview.copy_(torch.where(mview.to(self.dtype) == pview, mview,
+                        mview.copy_(torch.where(master_rounded(mview, pview), mview,
                                                 pview.float()))
+            else:
+                self._take_kept_masters(state)
             self.publish()
         self._state_views = [[views[i] for views in by_name] for i in range(len(params))]
         # what sync() compares each step: tensor, its view (address, strides) and shape, grad view
@@ -173,6 +186,15 @@ class FlatBuffer:
             list(self.params), list(self._param_views), list(self._grad_views),
             list(self._grad_slots), list(self.state_names),
             [[sv[j] for sv in self._state_views] for j in range(len(self.state_names))])
+
+    def _take_kept_masters(self, state: dict) -> None:
+        """A bf16/fp16 model cast to fp32 (or fp64) since its masters were kept: θ takes each
+        master where the weight is that master rounded, so the cast loses no precision (θ was
+        the rounded weight, up to 1e-3 off). The stale entries are dropped after the build."""
+        for p, pview in zip(self.params, self._param_views):
+            kept = state[p].get("master")
+            if kept is not None and kept.shape == p.shape and kept.device == pview.device:
+                pview.copy_(torch.where(master_rounded(kept, pview), kept.to(self.dtype), pview))
 
     def _take_state(self, state: dict, name: str, views: list) -> None:
         """State entry ``name`` of every tensor: its value copied in (zero, or θ for a master,

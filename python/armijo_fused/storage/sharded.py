@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..directions.base import DirectionRule
-from .flat import MASTER_DTYPES
+from .flat import MASTER_DTYPES, master_rounded
 from .layout import DEFAULT_TILE, place_tensors, place_tensors_tiled
 from .table import gather, make_table, scatter, table_ok, with_grads
 
@@ -295,8 +295,18 @@ class ShardedBuffer:
                 for i, (view, t) in enumerate(zip(self._param_views, local)):
                     if i in reloaded and not self._building:
                         t.copy_(view)  # (as FlatBuffer does: θ follows a replaced master)
+                    elif self._building:  # (also where a cast rounded the master twice)
+                        view.copy_(torch.where(master_rounded(view, t), view, t.float()))
                     else:
                         view.copy_(torch.where(view.to(t.dtype) != t, t.float(), view))
+            elif self._building:  # a half model cast to fp32 since: θ takes its kept master
+                for i, (p, t) in enumerate(zip(self.params, local)):
+                    kept = state[p].get("master")
+                    if kept is not None and _local(kept).shape == t.shape:
+                        kept = _local(kept).to(t.device)
+                        t.copy_(torch.where(master_rounded(kept, t), kept.to(t.dtype), t))
+                        if not self.in_place:
+                            self._param_views[i].copy_(t)
         return True
 
     def take_fresh(self) -> set[int]:
