@@ -29,8 +29,9 @@ class ArmijoAdam(ArmijoOptimizer):
     with :math:`\hat m_k = m_k / (1-\beta_1^k)`, :math:`\hat v_k = v_k / (1-\beta_2^k)`. If
     :math:`\langle g_k, d_k \rangle \le 0` (momentum can point uphill) the step uses the fallback
     direction :math:`g_k / (\sqrt{\hat v_k} + \epsilon)` instead (rmsprop: its own
-    :math:`g_k / (\sqrt{v_k} + \epsilon)`, which has no momentum and always descends); the
-    trial that showed it does not count against ``max_trials``. The search runs on the steps the
+    :math:`g_k / (\sqrt{v_k} + \epsilon)`, which has no momentum and always descends), without
+    the decay term λθ (which is what can turn d uphill), so such a step applies no weight decay;
+    the trial that showed it does not count against ``max_trials``. The search runs on the steps the
     cadence picks; the others apply the smoothed step size η̄ (see ``smoothing``), which one
     search lowers by at most ``max_drop``. Every η,
     searched or not, is capped at 0.5/λ with weight decay λ, so that 1 − ηλ stays ≥ 1/2.

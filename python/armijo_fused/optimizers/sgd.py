@@ -38,7 +38,7 @@ class ArmijoSGD(ArmijoOptimizer):
     and the second test (one more forward per search when it passes at once) makes θ end at a
     point that passed the Armijo test along the direction applied. If neither α nor
     backtrack·α passes (the momentum points uphill, or badly at this η), the step is the tested
-    one along g; where :math:`\alpha\langle g_k, d_k \rangle` (known from the first pass) predicts
+    one along g (g alone: such a step applies no weight decay); where :math:`\alpha\langle g_k, d_k \rangle` (known from the first pass) predicts
     no decrease the loss can resolve, without the forward of that test. The groups keep η
     (along g); ``stats['step_size']`` is α, the step along :math:`d_k`. Weight decay is
     applied at the same α, decoupled: :math:`\lambda\theta` joins the direction outside the
@@ -46,7 +46,7 @@ class ArmijoSGD(ArmijoOptimizer):
     the two are the same step).
 
     With ``momentum_search="direction"``, if :math:`\langle g_k, d_k \rangle \le 0` (momentum
-    can point uphill) the step falls back to :math:`d_k = g_k`. The search runs on the steps
+    can point uphill) the step falls back to :math:`d_k = g_k` (without λθ). The search runs on the steps
     the cadence picks; the others apply the smoothed step size η̄ (the last accepted η with the
     default ``smoothing=0``; see ``smoothing``), times 1 - μ with ``momentum_search="gradient"``,
     moving about twice as far as that along the direction the last search tested at most (see
