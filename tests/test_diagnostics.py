@@ -478,8 +478,11 @@ def test_clip_suggestion_and_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert rec.check_clip(5.0) == pytest.approx(0.5)  # exactly half: no warning
-    with pytest.raises(ValueError, match="finite number > 0"):
-        rec.check_clip(math.inf)
+    # inf is the optimizer's max_grad_norm that computes the norm and clips nothing (it was
+    # refused, so check_clip() failed on its own default)
+    assert rec.check_clip(math.inf) == 0.0
+    with pytest.raises(ValueError, match="a number > 0"):
+        rec.check_clip(0.0)
     with pytest.raises(ValueError, match="percentile"):
         rec.suggest_clip(0)
 
@@ -543,8 +546,51 @@ def test_report_out_must_be_a_directory_and_a_rerun_leaves_no_older_files(tmp_pa
     bad.write_text("[1]")
     assert main(["--telemetry", str(bad), "--out", str(out)]) == 2
     assert "a JSON list, expected an object" in capsys.readouterr().err
-    assert not (out / "step_sizes.png").exists()  # a report's own name: cleared
+    # a refused run changes nothing (it cleared the last report before reading its input)
+    assert (out / "step_sizes.png").read_text() == "an older run's"
+    assert main(["--threads", "0", "--out", str(out)]) == 2
+    assert (out / "step_sizes.png").exists()
+    good = tmp_path / "good.json"
+    rec = TelemetryRecorder()
+    rec.block_names = ["global"]
+    rec.records.append({"step": 1, "loss": 1.0, "step_size": [0.1], "applied_step": [0.1],
+                        "trials": 1, "searched": True, "grad_norm": 1.0})
+    rec.save(good)
+    assert main(["--telemetry", str(good), "--out", str(out)]) == 0
+    assert (out / "step_sizes.png").read_bytes() != b"an older run's"  # (this run's own)
+    assert not (out / "spectra.png").exists()
     assert (out / "notes.txt").exists()  # anything else stays
+
+
+def test_report_reads_a_telemetry_file_inside_its_own_out_directory(tmp_path, capsys):
+    # clearing --out first deleted the very telemetry.json it was asked to read
+    out = tmp_path / "o"
+    out.mkdir()
+    rec = TelemetryRecorder()
+    rec.block_names = ["global"]
+    for i in range(3):
+        rec.records.append({"step": i + 1, "loss": 1.0, "step_size": [0.1],
+                            "applied_step": [0.1], "trials": 1, "searched": True,
+                            "grad_norm": 1.0})
+    rec.save(out / "telemetry.json")
+    assert main(["--telemetry", str(out / "telemetry.json"), "--out", str(out)]) == 0
+    assert (out / "step_sizes.png").is_file() and "(3 steps)" in (out / "summary.md").read_text()
+    # --telemetry with --train-steps: two telemetries for one report (it showed the file's
+    # beside the spectra of the run it trained)
+    assert main(["--telemetry", str(out / "telemetry.json"), "--train-steps", "2", "--out",
+                 str(out)]) == 2
+    assert "--telemetry and --train-steps" in capsys.readouterr().err
+    # a record without a key the report reads: refused at load (a KeyError amid the plots)
+    bad = tmp_path / "min.json"
+    bad.write_text(json.dumps({"format": _telemetry_format(), "records": [{"step_size": [0.1]}]}))
+    assert main(["--telemetry", str(bad), "--out", str(tmp_path / "o2")]) == 2
+    assert "each with 'step'" in capsys.readouterr().err
+
+
+def _telemetry_format():
+    from armijo_fused.diagnostics import recorder
+
+    return recorder._FORMAT
 
 
 def test_a_once_differentiable_function_is_a_double_backward_error_not_a_zero_hessian():

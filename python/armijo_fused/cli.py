@@ -56,11 +56,15 @@ COMMANDS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def program() -> str:
+    """How the user called the command line, for usage lines: the ``armijo-fused`` script or
+    ``python -m armijo_fused``."""
     script = os.path.basename(sys.argv[0]) if sys.argv else ""
-    p = argparse.ArgumentParser(prog="armijo-fused" if script == "armijo-fused"
-                                else "python -m armijo_fused",
-                                description="armijo_fused command line")
+    return "armijo-fused" if script == "armijo-fused" else "python -m armijo_fused"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=program(), description="armijo_fused command line")
     sub = p.add_subparsers(dest="command", metavar="command")
     sub.required = True
     for name, (_, text) in COMMANDS.items():

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cli import prepare_out_dir
+from .cli import prepare_out_dir, program
 from .data import BatchSampler, fixed_batches, load_shakespeare
 from .models import TransformerConfig, TransformerLM
 
@@ -207,7 +207,7 @@ def _positive(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m armijo_fused demo",
+        prog=f"{program()} demo",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a small transformer on Shakespeare with ArmijoAdam (defaults, "
                     "weight decay 0.01) and "

@@ -81,6 +81,10 @@ def _block_names(optimizer, count: int) -> list:
     return [f"block.{i}" for i in range(count)]
 
 
+#: the keys of every record (what ``record`` writes)
+_RECORD_KEYS = ("step", "loss", "step_size", "applied_step", "trials", "searched", "grad_norm")
+
+
 class TelemetryRecorder:
     """Per-step loss, step sizes per block, trials, search flag and gradient norm.
 
@@ -96,6 +100,8 @@ class TelemetryRecorder:
         self._handle = None
 
     # -- recording ------------------------------------------------------------------------------
+    # (every record holds _RECORD_KEYS; a file whose records lack one is refused at load: a
+    # report read it and raised KeyError in the middle of its plots)
     def record(self, loss=None, optimizer=None) -> dict:
         """Store what the last ``optimizer.step()`` did; returns the record."""
         opt = optimizer or self.optimizer
@@ -188,9 +194,10 @@ class TelemetryRecorder:
         return float(np.percentile(g, percentile))
 
     def clipped_fraction(self, threshold: float) -> float:
-        """Fraction of recorded steps whose gradient norm exceeds ``threshold``."""
-        if not 0 < threshold < math.inf:
-            raise ValueError(f"threshold must be a finite number > 0, got {threshold}")
+        """Fraction of recorded steps whose gradient norm exceeds ``threshold`` (``inf``, the
+        optimizer's ``max_grad_norm`` that only computes the norm, clips none)."""
+        if not 0 < threshold <= math.inf:
+            raise ValueError(f"threshold must be a number > 0, got {threshold}")
         g = self.grad_norms
         g = g[np.isfinite(g)]
         return float(np.mean(g > threshold)) if g.size else math.nan
@@ -261,9 +268,9 @@ class TelemetryRecorder:
 
         records = d.get("records")
         if not isinstance(records, list) or not all(
-                isinstance(r, dict) and "step_size" in r for r in records):
+                isinstance(r, dict) and all(k in r for k in _RECORD_KEYS) for r in records):
             raise ValueError("not a telemetry file (its 'records' must be a list of objects, "
-                             "each with a 'step_size')")
+                             f"each with {', '.join(map(repr, _RECORD_KEYS))})")
         for r in records:
             rec.records.append({k: (nan(v) if k in ("loss", "grad_norm", "step_size",
                                                     "applied_step") else v)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli import prepare_out_dir
+from ..cli import prepare_out_dir, program
 from .heterogeneity import Heterogeneity, heterogeneity
 from .plots import plot_grad_norms, plot_heterogeneity, plot_spectra, plot_step_sizes
 from .recorder import TelemetryRecorder
@@ -244,7 +244,7 @@ def write_report(out_dir, *, spectra: Optional[Mapping[str, Spectrum]] = None,
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m armijo_fused report",
+        prog=f"{program()} report",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Hessian spectra (stochastic Lanczos quadrature) per block, block "
                     "heterogeneity and training telemetry, as PNG plots and a markdown summary.")
@@ -296,22 +296,35 @@ def main(argv=None) -> int:
         problems.append(f"--clip must be a finite number > 0, got {args.clip:g}")
     if not 0 < args.percentile <= 100:
         problems.append(f"--percentile must be in (0, 100], got {args.percentile:g}")
-    if not problems:  # checked before any work: a bad --out failed after the spectra
-        problem = prepare_out_dir(args.out, clear=_OUTPUTS)
-        problems += [problem] if problem is not None else []
+    if args.threads is not None and args.threads < 1:
+        problems.append("--threads must be >= 1")
+    if args.telemetry is not None and args.train_steps > 0:
+        # (the report showed the file's telemetry beside the spectra of the run it trained)
+        problems.append("--telemetry and --train-steps both give the report's telemetry: pass "
+                        "one (--train-steps writes its own to --out/telemetry.json)")
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
+    # every input read and checked before --out is cleared: the clearing deleted the telemetry
+    # file a report was asked to read from --out, and a refused run wiped the last report
+    telemetry = None
+    if args.telemetry is not None:
+        try:
+            telemetry = TelemetryRecorder.load(args.telemetry)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: cannot read telemetry {args.telemetry}: {e}", file=sys.stderr)
+            return 2
+    problem = prepare_out_dir(args.out, clear=_OUTPUTS)  # (before the work: a bad --out
+    if problem is not None:                               # failed after the spectra)
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     model_name = args.model or ("demo" if args.telemetry is None else None)
     threads = args.threads if args.threads is not None else (1 if model_name == "demo" else None)
-    if threads is not None and threads < 1:
-        print("error: --threads must be >= 1", file=sys.stderr)
-        return 2
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _report(args, model_name)
+        return _report(args, model_name, telemetry)
     finally:  # called in-process (tests, a notebook): leave torch's thread count as it was
         torch.set_num_threads(before)
 
@@ -322,14 +335,9 @@ _OUTPUTS = ("summary.md", "spectra.png", "spectra.json", "heterogeneity.png", "s
             "grad_norms.png", "telemetry.json")
 
 
-def _report(args, model_name) -> int:
-    notes, spectra, telemetry = [], None, None
-    if args.telemetry is not None:
-        try:
-            telemetry = TelemetryRecorder.load(args.telemetry)
-        except (OSError, ValueError, KeyError) as e:
-            print(f"error: cannot read telemetry {args.telemetry}: {e}", file=sys.stderr)
-            return 2
+def _report(args, model_name, telemetry) -> int:
+    notes, spectra = [], None
+    if telemetry is not None:
         notes.append(f"telemetry: {args.telemetry} ({len(telemetry)} steps)")
     if model_name == "demo":
         t0 = time.perf_counter()
@@ -345,8 +353,7 @@ def _report(args, model_name) -> int:
             rec = _train(model, loss_fn, batches, args.train_steps, args.seed)
             args.out.mkdir(parents=True, exist_ok=True)
             rec.save(args.out / "telemetry.json")
-            if telemetry is None:
-                telemetry = rec
+            telemetry = rec
             notes.append(f"trained {args.train_steps} steps (layer-wise ArmijoAdam)")
         spectra = block_spectra(
             model, loss_fn, batches, granularity=args.granularity, num_probes=args.probes,

@@ -38,8 +38,9 @@ class ArmijoSGD(ArmijoOptimizer):
     and the second test (one more forward per search when it passes at once) makes θ end at a
     point that passed the Armijo test along the direction applied. If neither α nor
     backtrack·α passes (the momentum points uphill, or badly at this η), the step is the tested
-    one along g (g alone: such a step applies no weight decay); where :math:`\alpha\langle g_k, d_k \rangle` (known from the first pass) predicts
-    no decrease the loss can resolve, without the forward of that test. The groups keep η
+    one along g (g alone: such a step applies no weight decay); where
+    :math:`\alpha\langle g_k, d_k \rangle` (known from the first pass) predicts no decrease the
+    loss can resolve, without the forward of that test. The groups keep η
     (along g); ``stats['step_size']`` is α, the step along :math:`d_k`. Weight decay is
     applied at the same α, decoupled: :math:`\lambda\theta` joins the direction outside the
     momentum buffer (torch's SGD adds it to the gradient, inside the buffer; without momentum
