@@ -634,13 +634,48 @@ def test_an_untested_block_stays_untested_through_a_skipped_search():
 
 def test_a_collapsed_block_does_not_merge_into_a_frozen_one():
     model, f = _mlp_task()
-    opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, merge_below=1.0,
-                     cadence="every")
+    with pytest.warns(UserWarning, match="merge_below=1 is at or above init_step_size"):
+        opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, merge_below=1.0,
+                         cadence="every")
     model[0].requires_grad_(False)
     for _ in range(4):
         opt.step(make_closure(opt, f))
     owner = opt.param_groups[0]["block_owner"]
     assert owner[0] == 0 and all(o != 0 for o in owner[1:]), owner
+
+
+def test_a_block_merges_only_where_its_own_search_backtracked_below_the_threshold():
+    # Blocks of curvature 1 and 1000 from init_step_size 0.3: the first search, of the flat
+    # block, had to shrink the held stiff one too, accepted a tiny η and merged the flat block
+    # (the stiff one's doing); and a block whose first, grown trial passed merged wherever it
+    # sat below the threshold (merge_below above the blocks' usual η merged every block)
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.a, model.b = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+
+    def loss():
+        return 0.5 * (model.a.pow(2).sum() + 1000.0 * model.b.pow(2).sum())
+
+    opt = ArmijoSGD(model.parameters(), model=model, layerwise=True, merge_below=1e-2,
+                    init_step_size=0.3, cadence="every", backend="torch")
+    opt.step(make_closure(opt, loss))
+    g = opt.param_groups[0]
+    assert opt.stats["searched_blocks"] == [0] and opt.stats["trials"] > 2
+    assert g["step_size"][1] < 0.3  # the held block shrank in the joint phase ...
+    assert g["block_owner"] == [0, 1]  # ... so nothing merged
+    # the stiff block's own search: its first trial (grown from the shrunk η) passes: no merge
+    opt.step(make_closure(opt, loss))
+    assert opt.stats["searched_blocks"] == [1] and opt.stats["trials"] == 1
+    assert g["block_owner"] == [0, 1]
+    # ArmijoAdam's usual η sits below this threshold: a warning, and first trials that pass
+    # merge nothing
+    model2, f = _mlp_task()
+    with pytest.warns(UserWarning, match="at or above init_step_size"):
+        opt2 = ArmijoAdam(model2.parameters(), model=model2, layerwise=True, merge_below=2e-3,
+                          cadence="every")
+    for _ in range(6):
+        opt2.step(make_closure(opt2, f))
+    assert opt2.param_groups[0]["block_owner"] == list(range(3))
 
 
 def test_a_checkpoint_taken_while_a_block_is_untested_resumes_bitwise():

@@ -245,6 +245,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
         defaults = dict(lr=lr, weight_decay=weight_decay, **rule_defaults)
         self._init_step_size = float(init_step_size)
+        if merge_below is not None and merge_below >= self._init_step_size:
+            self._warn_once("merge_below", (
+                f"merge_below={merge_below:g} is at or above init_step_size="
+                f"{self._init_step_size:g}: every block whose first search accepts its start (or "
+                "less) merges into a neighbour, and the blocks soon share one step size. Set it "
+                "well below the step sizes the blocks settle at"))
         if isinstance(params, torch.nn.Module):  # torch's own error: "'Linear' is not iterable"
             raise TypeError(
                 f"params is a module ({type(params).__name__}): pass model.parameters() (and "

@@ -76,11 +76,15 @@ LINESEARCH_ARGS = r"""
             convergence_cpu-finetune-layerwise-grow-all.md). exact: every block in turn with
             the others frozen, one search per block, then one test of the combined step (all
             blocks backtrack together until it passes) (small models) (default: "round_robin")
-        merge_below (float, optional): a block whose search accepts a step size below this
-            value merges with its neighbour in its param group (the previous block, else the
+        merge_below (float, optional): a block whose search backtracks to a step size below
+            this value (a collapse; one whose first trial passes does not) merges with its
+            neighbour in its param group (the previous block, else the
             next; a group that is one block does not merge) and shares one step size with it
             from then on, starting from the small one; a block that already absorbed another is
-            not merged again (default: None, never)
+            not merged into a third, though it may absorb more, and no block merges on a search
+            whose held blocks had to shrink too (the small step size was theirs). Set it well
+            below the step sizes the blocks settle at: above them every block merges into one
+            (a warning says so when it is at or above ``init_step_size``) (default: None, never)
         exact_revert (bool, optional): keep a copy of θ and the state during a search so that a
             closure raising mid-search restores them bitwise; otherwise θ is moved back along
             the line and the gradient taken back out of the state, exact to rounding. Costs one

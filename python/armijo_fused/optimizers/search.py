@@ -407,24 +407,40 @@ class SearchMixin:
                 if self.layerwise and (turn is None or b in turn):
                     g, lb_b = self.param_groups[table[b][0]], table[b][1]
                     g["block_searched_at"][lb_b] = k
+        held_shrunk = False
         if exact is None and accepted is not None:
             # blocks held fixed but shrunk in the joint phase keep the step that passed the test
             searched = set(plan[0])
             for b, a in enumerate(accepted):
                 if b not in searched and not frozen[b] and a != etas[b]:
                     new[b] = a
+                    held_shrunk = True
         moving = [b for b in range(len(table)) if not frozen[b]]
         self._set_each(table, moving, [new[b] for b in moving])
-        if self.layerwise and self.merge_below is not None:
-            small = {table[b]: a for b, a in found.items() if 0.0 < a < self.merge_below}
+        # (not where held blocks had to shrink too: the searched block's small η was theirs to
+        # answer for, and a flat block merged because stiff untested ones overshot)
+        if self.layerwise and self.merge_below is not None and not held_shrunk:
+            # a collapse is a backtrack below the threshold: a block whose first (grown) trial
+            # passed has not collapsed, wherever it sits (it merged when below the threshold)
+            small = {table[b]: a for b, a in found.items()
+                     if 0.0 < a < self.merge_below and a < self._first_trial(result, b)}
             self._merge_collapsed(small, set(table))
         return settled_all, collapsed_any
+
+    @staticmethod
+    def _first_trial(result, b) -> float:
+        """The η block b's search tried first (exact mode: the block's own search)."""
+        for members, r in getattr(result, "block_results", None) or ():
+            if b in members:
+                return r.history[0][0][b] if r.history else math.inf
+        return result.history[0][0][b] if result.history else math.inf
 
     def _merge_collapsed(self, small, present=None):
         """Merge each block whose search just accepted an η below ``merge_below`` into its
         neighbour in the same group (the previous block, else the next): from then on they share
-        one step size. A block that has already absorbed another is not merged again, so one
-        stiff block cannot drag the whole group into a chain of merges. ``small`` maps
+        one step size. A block that has already absorbed another is not merged into a third
+        (it may absorb more: with a threshold above the blocks' usual step sizes every block
+        ends in one). ``small`` maps
         (group index, block index) to the step size just accepted; ``present``: the blocks
         with trainable tensors at this step (a frozen block is no merge target: its step size
         would be set to one never tested on it)."""
