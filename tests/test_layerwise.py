@@ -166,6 +166,26 @@ def test_blocks_are_found_from_module_names():
     assert all(g["weight_decay"] == 0.1 for g in groups)
 
 
+def test_a_model_held_by_one_module_is_cut_below_it():
+    # self.net = nn.Sequential(...): every name began with "net.", one block for the whole
+    # model, and layer-wise was one global step size without a word
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    model = Holder()
+    assert list(assign_blocks(model)) == ["0", "2"]
+    opt = ArmijoAdam(model.parameters(), layerwise=True, model=model)
+    assert opt.param_groups[0]["block_names"] == ["0", "2"]
+    wrapped = nn.Module()
+    wrapped.inner = Holder()  # (also a wrapper around it)
+    assert list(assign_blocks(wrapped)) == ["0", "2"]
+    lone = nn.Module()
+    lone.lin = nn.Linear(4, 1)  # one module: its weight and bias stay one block
+    assert list(assign_blocks(lone)) == ["lin"]
+
+
 def test_encoder_and_decoder_layers_are_blocks_of_their_own():
     # encoder layer i and decoder layer i (BART, T5, Whisper) were one block, "layer.i"
     class Stack(nn.Module):

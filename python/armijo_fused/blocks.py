@@ -19,6 +19,9 @@ block name             parameters
 ``<first name>``       anything else: its top-level module name
 =====================  ===================================================================
 
+A model whose every parameter lies under one module (``self.net = nn.Sequential(...)``, a wrapper
+of a whole HF model) is read from below that module, where the names above would make one block.
+
 A model with several stacks of numbered layers (encoder and decoder; a vision tower and a language
 model) prefixes each stack's blocks with the stack's shortest distinct path: ``encoder.layer.0``,
 ``decoder.layer.0``; CLIP's ``text_model.encoder.layer.0``, ``vision_model.encoder.layer.0`` and
@@ -77,6 +80,25 @@ def _stack(param_name: str) -> str | None:
 
 
 def block_names(param_names) -> dict[str, str]:
+    """``{parameter name: block}`` for a whole model (:func:`_named_blocks`). Where that finds one
+    block only because one module holds the whole model (``self.net = nn.Sequential(...)``: every
+    name starts with ``net.``, the block of every tensor), the blocks are those of the names
+    below it, so that layer-wise is not silently one global step size."""
+    param_names = list(param_names)
+    out = _named_blocks(param_names)
+    if len(param_names) > 1 and len(set(out.values())) == 1:
+        bare = [_WRAPPER.sub("", n) for n in param_names]
+        heads = {n.split(".", 1)[0] for n in bare}
+        below = [n.split(".", 1)[1] for n in bare] if "." in bare[0] else []
+        # (not into one module's own tensors: a weight and its bias are one block)
+        if len(heads) == 1 and all("." in n for n in bare) and any("." in n for n in below):
+            inner = block_names(below)
+            if len(set(inner.values())) > 1:
+                return {n: b for n, b in zip(param_names, inner.values())}
+    return out
+
+
+def _named_blocks(param_names: list) -> dict[str, str]:
     """``{parameter name: block}`` for a whole model: :func:`block_name`, except in a model with
     several stacks of numbered layers (an encoder and a decoder: BART, T5, Whisper; a text and a
     vision tower: CLIP), where layer i of one stack and layer i of another would share a block.
@@ -85,7 +107,6 @@ def block_names(param_names) -> dict[str, str]:
     ``vision_model.encoder.layer.0``), and so is every parameter of a tower that holds one stack
     only (``text_model.embeddings``, ``vision_model.embeddings``): each tower's embeddings and
     norms keep their own step size."""
-    param_names = list(param_names)
     stacks = sorted({_stack(n) for n in param_names} - {None})
     if len(stacks) < 2:
         return {n: block_name(n) for n in param_names}
