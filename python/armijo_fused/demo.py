@@ -13,7 +13,7 @@ initial weights on the same character-level batches (:mod:`armijo_fused.data`), 
 It prints a table (final training and validation loss on fixed held-out batches, ms per step,
 extra forwards per step = (forwards − steps) / steps) and writes ``losses.png`` (loss curves and
 ArmijoAdam's step sizes) and ``results.json`` into ``--out``. The default size finishes in about
-two to three minutes on two CPU cores; a GPU is used when present.
+two to four minutes on two CPU cores; a GPU is used when present.
 
 The helpers (:func:`warmup_cosine`, :func:`evaluate`, :func:`closure_step`, :func:`plain_step`,
 :func:`train`) are shared with the benchmarks in ``bench/``.
