@@ -354,6 +354,9 @@ def test_name_parameters_cuts_groups_built_without_names_as_model_would():
     opt = ArmijoAdam([{"params": decay, "weight_decay": 0.1}, {"params": rest}],
                      layerwise=True, cadence="every")
     opt.name_parameters(model)
+    # cut at once, as with model= (the blocks and the stats waited for the first step)
+    assert opt.param_groups[0]["block_names"] == ["embeddings", "layer.0", "layer.1"]
+    assert len(opt.stats["step_size"]) == sum(len(g["block_names"]) for g in opt.param_groups)
     kept = ArmijoAdam([{"params": decay, "blocks_by": "group"}, {"params": rest}],
                       layerwise=True)
     kept.name_parameters(model)  # a group that asked to stay whole stays whole

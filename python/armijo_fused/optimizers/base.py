@@ -439,9 +439,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         for name, p in model.named_parameters():
             self._names.setdefault(id(p), name)
         if self.layerwise:
-            for group in self.param_groups:
+            for gi, group in enumerate(self.param_groups):
                 if id(group) in self._unnamed_groups:
                     group["blocks_by"] = self._default_blocks_by(group, constructing=True)
+                    self._group_blocks(gi, [])  # (cut now, as at construction with model=)
+            self.stats = self._stats_before_any_step()
 
     def provide_loss(self, loss) -> None:
         """Give the next ``step()`` the loss at the current parameters, which your loop has
