@@ -1183,6 +1183,19 @@ def test_a_search_that_backtracks_into_the_loss_resolution_after_rejections_is_e
     assert float((w.detach() - 1).pow(2).sum()) < 8.001  # (8.86 before)
 
 
+def _scripted_losses(opt, params, values):
+    """A closure whose gradient is fixed (1..8 per parameter) and whose losses are ``values``,
+    in order (then 1.0): a search that goes as the test plans it."""
+    def closure():
+        opt.zero_grad()
+        lin = sum((p * torch.arange(1.0, 9.0)).sum() for p in params)
+        loss = lin - lin.detach() + (values.pop(0) if values else 1.0)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+    return closure
+
+
 @pytest.mark.parametrize("losses, carried", [
     ([1.0, 5.0, 1.0], 1.0),  # only the grown trial (1.2η) rejected: η stays
     ([1.0, 5.0, 5.0, 1.0], 0.3),  # 0.6η rejected too, below η: the hidden 0.3η is carried
@@ -1203,13 +1216,7 @@ def test_a_step_hidden_by_rounding_after_a_rejection_brings_the_next_search_soon
                      **kw)
     values = list(losses[:1]) + list(losses[1:]) * (1 if block_search is None else 2)
 
-    def closure():
-        opt.zero_grad()
-        lin = sum((p * torch.arange(1.0, 9.0)).sum() for p in params)
-        loss = lin - lin.detach() + (values.pop(0) if values else 1.0)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
+    closure = _scripted_losses(opt, params, values)
 
     eta = 1e-3  # (init_step_size: no search has moved η yet)
     opt.step(closure)
@@ -1234,13 +1241,7 @@ def test_grow_all_after_a_rejected_optimistic_trial_and_a_hidden_one_searches_so
                      layerwise=True, block_search="grow_all")
     values = list(losses)
 
-    def closure():
-        opt.zero_grad()
-        lin = sum((p * torch.arange(1.0, 9.0)).sum() for p in params)
-        loss = lin - lin.detach() + (values.pop(0) if values else 1.0)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
+    closure = _scripted_losses(opt, params, values)
 
     opt.step(closure)
     assert not values  # the optimistic trial, then the search proper, as planned
