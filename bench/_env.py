@@ -24,11 +24,15 @@ def device_slug(name: str) -> str:
 
 
 def git_commit() -> str:
+    """The commit the results were made at: git's, else ``$GIT_COMMIT`` (a device machine gets
+    the working tree without its .git: scripts/gpu_checks.sh is run with GIT_COMMIT=...)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
                               check=False).stdout.strip()
 
-    commit = git("rev-parse", "HEAD") or "unknown"
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return os.environ.get("GIT_COMMIT") or "unknown"
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 

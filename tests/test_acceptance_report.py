@@ -51,11 +51,14 @@ def test_bounds_give_pass_and_fail(tmp_path):
         "gpt2-1.5b": {"passes": passes(95.0, 91.0, 84.0), "first_pass_over_adamw_fused": 0.95}}})
     write(tmp_path / "optimizer_step_nvidia-h200.json", {"rows": {"armijo_search": {
         "searched": True, "trials": 1, "over_adamw_fused": 1.08}}})
+    # (the ratios are on the means; the medians, lower, must not decide)
+    def row(name, mean):
+        return {"name": name, "ms_mean": mean, "ms_median": 0.9 * mean,
+                "x_adamw_fused": mean / 100.0, "x_adamw_fused_median": 0.9 * mean / 90.0}
+
     write(tmp_path / "step_nvidia-h200.json", {"rows": [
-        {"name": "AdamW fused", "ms_median": 100.0, "x_adamw_fused": 1.0},
-        {"name": "ArmijoAdam adaptive", "ms_median": 108.0, "x_adamw_fused": 1.08},
-        {"name": "ArmijoAdam every", "ms_median": 145.0, "x_adamw_fused": 1.45},
-        {"name": "SaLSa", "ms_median": 250.0, "x_adamw_fused": 2.5}]})
+        row("AdamW fused", 100.0), row("ArmijoAdam adaptive", 108.0),
+        row("ArmijoAdam every", 145.0), row("ArmijoAdam layerwise", 114.0), row("SaLSa", 250.0)]})
     write(tmp_path / "batched_candidates_cuda.json", {"same_accepted_as_sequential": True, "rows": [
         {"candidates": None, "ms_per_step": 10.0, "trials_per_step": 3.0},
         {"candidates": 2, "ms_per_step": 8.0}, {"candidates": 4, "ms_per_step": 9.0}]})
@@ -80,9 +83,34 @@ def test_bounds_give_pass_and_fail(tmp_path):
     assert v["training step, ArmijoAdam adaptive / AdamW(fused)"] == "PASS"
     assert v["training step, ArmijoAdam every-step search / AdamW(fused)"] == "FAIL"
     assert v["SaLSa ms/step / ArmijoAdam adaptive ms/step"] == "PASS"  # 250 / 108
+    assert v["training step, layer-wise / global ArmijoAdam (both adaptive)"] == "FAIL"  # 1.056
     assert v["batched candidates ms/step / sequential (trials > 1), best K"] == "PASS"
     assert v["batched candidates accept what sequential accepts (GPU)"] == "PASS"
     assert v["compiled Triton kernels agree with the reference (2 tests ran)"] == "FAIL"
     assert v["peak memory of a search step <= AdamW(fused)'s (1 tests ran)"] == "PASS"
     assert v["no host sync on steps without a search (0 tests ran)"] == "MISSING"
     assert load_report().main(["--results", str(tmp_path), "--junit", str(junit)]) == 0
+    # --strict: a gate (FAIL or MISSING lines: exit 1)
+    assert load_report().main(["--results", str(tmp_path), "--junit", str(junit),
+                               "--strict"]) == 1
+
+
+def test_a_step_file_from_before_the_mean_ratios_is_not_read_as_them(tmp_path):
+    # its x_adamw_fused was on medians, which hide the steps that search
+    rep = load_report()
+    write(tmp_path / "step_nvidia-h200.json", {"rows": [
+        {"name": "AdamW fused", "ms_median": 100.0, "x_adamw_fused": 1.0},
+        {"name": "ArmijoAdam adaptive", "ms_median": 108.0, "x_adamw_fused": 1.08}]})
+    v = verdicts(rep.report(tmp_path, None))
+    assert v["training step, ArmijoAdam adaptive / AdamW(fused)"] == "MISSING"
+
+
+def test_the_newest_result_file_counts_not_the_last_name(tmp_path):
+    # files[-1] was the name that sorts last: an older run on another card could win
+    rep = load_report()
+    for name, date, ratio in (("optimizer_step_nvidia-h200.json", "2026-12-01", 1.30),
+                              ("optimizer_step_nvidia-h100.json", "2026-12-02", 1.05)):
+        write(tmp_path / name, {"env": {"date": date}, "rows": {"armijo_search": {
+            "searched": True, "trials": 1, "over_adamw_fused": ratio}}})
+    line = next(x for x in rep.report(tmp_path, None) if x.what.startswith("124M optimizer"))
+    assert line.value == 1.05 and line.source == "optimizer_step_nvidia-h100.json"

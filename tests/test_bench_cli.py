@@ -84,7 +84,7 @@ def test_every_python_command_of_gpu_checks_is_found():
     runs = [line for line in GPU_CHECKS.read_text().splitlines()
             if re.search(r"\$PY \S+\.py", line)]
     assert len(COMMANDS) == len(runs) >= 10
-    assert ("scripts/acceptance_report.py", ["--junit", "VAR"]) in COMMANDS
+    assert ("scripts/acceptance_report.py", ["--junit", "VAR", "--strict"]) in COMMANDS
 
 
 @pytest.mark.parametrize("script,argv", COMMANDS, ids=[f"{s} {shlex.join(a)}" for s, a in COMMANDS])
