@@ -16,7 +16,8 @@ Each runs ``--warmup`` untimed steps, then ``--steps`` timed steps (device synch
 each); reported: median and mean ms per step, extra forwards per step over the timed steps
 ((forwards − steps) / steps), the searches among them, the ratio to fused AdamW on the mean (a
 search every few steps is part of the cost; a median over the steps hides it), peak memory. An
-optimizer that fails is recorded with its error. Writes ``bench/results/step_<device>.json`` (device, versions, commit).
+optimizer that fails is recorded with its error. Writes ``bench/results/step_<device>.json``
+(device, versions, commit).
 
 Without CUDA it prints "needs CUDA" and exits 0, unless ``--cpu-small`` runs a tiny model on the
 CPU (a smoke test of this script, not a measurement).
