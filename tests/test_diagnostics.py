@@ -575,6 +575,7 @@ def test_report_reads_a_telemetry_file_inside_its_own_out_directory(tmp_path, ca
     rec.save(out / "telemetry.json")
     assert main(["--telemetry", str(out / "telemetry.json"), "--out", str(out)]) == 0
     assert (out / "step_sizes.png").is_file() and "(3 steps)" in (out / "summary.md").read_text()
+    assert TelemetryRecorder.load(out / "telemetry.json").records == rec.records  # (kept)
     # --telemetry with --train-steps: two telemetries for one report (it showed the file's
     # beside the spectra of the run it trained)
     assert main(["--telemetry", str(out / "telemetry.json"), "--train-steps", "2", "--out",

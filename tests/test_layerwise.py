@@ -184,6 +184,25 @@ def test_a_model_held_by_one_module_is_cut_below_it():
     lone = nn.Module()
     lone.lin = nn.Linear(4, 1)  # one module: its weight and bias stay one block
     assert list(assign_blocks(lone)) == ["lin"]
+    # names given twice (two sub-models' named_parameters(), each from its own root) keep their
+    # blocks (a repeated name was paired with the next one's block)
+    names = ["net.0.weight", "net.2.weight", "net.0.weight", "net.2.weight", "net.4.weight"]
+    assert list(block_names(names).values()) == ["0", "2", "4"] and \
+        [block_names(names)[n] for n in names] == ["0", "2", "0", "2", "4"]
+    # a checkpoint from when such a model was one block ("net") carries its η to the blocks,
+    # without the warning about another model's blocks (they restarted at init_step_size)
+    ck = copy.deepcopy(opt.state_dict())
+    g = ck["param_groups"][0]
+    for key in ("step_size", "step_size_avg", "step_length", "collapsed", "block_owner",
+                "block_searched_at", "block_tested"):
+        g[key] = g[key][:1]
+    g.update(block_names=["net"], step_size=[0.0123], step_size_avg=[0.0123])
+    again = ArmijoAdam(model.parameters(), layerwise=True, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.load_state_dict(ck)
+    assert again.param_groups[0]["block_names"] == ["0", "2"]
+    assert again.param_groups[0]["step_size"] == [0.0123, 0.0123]
 
 
 def test_encoder_and_decoder_layers_are_blocks_of_their_own():
@@ -305,6 +324,8 @@ def test_layerwise_stats_are_lists_before_the_first_step_and_after_a_copy():
     named = ArmijoAdam(model.parameters(), model=model, layerwise=True)
     assert named.param_groups[0]["block_names"] == [g["block"] for g in opt.param_groups]
     assert len(named.stats["step_size"]) == 4 and math.isnan(named.stats["step_size"][0])
+    named.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})  # (one block more)
+    assert len(named.stats["step_size"]) == 5 and named.param_groups[1]["block_names"]
 
 
 def test_single_group_with_model_splits_into_named_blocks():

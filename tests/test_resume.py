@@ -1052,7 +1052,7 @@ def test_a_layerwise_checkpoint_into_a_global_optimizer_starts_from_the_smallest
     saved = opt.state_dict()
     ck = torch.load(io.BytesIO(_saved(saved)), weights_only=True)
     glob = ArmijoSGD(model.parameters(), model=model, backend="torch")
-    with pytest.warns(UserWarning, match="layer-wise optimizer's.*smallest step size"):
+    with pytest.warns(UserWarning, match="layer-wise optimizer's.*smallest block's step size"):
         glob.load_state_dict(ck)
     g = glob.param_groups[0]
     assert g["step_size"] == min(etas) and not isinstance(g["step_size_avg"], list)
@@ -1063,6 +1063,23 @@ def test_a_layerwise_checkpoint_into_a_global_optimizer_starts_from_the_smallest
         glob.step(make_closure(glob, loss))
     assert glob.stats["step"] == saved["param_groups"][0]["step"] + 6
     assert float(loss().detach()) <= f  # (it rose to 6.5e6)
+    # one block per param group, the flat one first: the global search took group 0's η for
+    # all (loss 1.5e-7 -> 0.16 at the next step without a search)
+    model, loss = _two_block_quadratic()
+    groups = [{"params": [model[0].w]}, {"params": [model[1].w]}]
+    opt = ArmijoSGD(groups, layerwise=True, block_search="exact", backend="torch")
+    for _ in range(5):
+        opt.step(make_closure(opt, loss))
+    etas = [g["step_size"][0] for g in opt.param_groups]
+    assert max(etas) > 100 * min(etas)
+    glob = ArmijoSGD([{"params": [model[0].w]}, {"params": [model[1].w]}], backend="torch")
+    with pytest.warns(UserWarning, match="layer-wise optimizer's"):
+        glob.load_state_dict(opt.state_dict())
+    assert [g["step_size"] for g in glob.param_groups] == [min(etas)] * 2
+    f = float(loss().detach())
+    for _ in range(6):
+        glob.step(make_closure(glob, loss))
+    assert float(loss().detach()) <= f
 
 
 def _saved(state_dict) -> bytes:

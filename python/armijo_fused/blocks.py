@@ -93,8 +93,8 @@ def block_names(param_names) -> dict[str, str]:
         # (not into one module's own tensors: a weight and its bias are one block)
         if len(heads) == 1 and all("." in n for n in bare) and any("." in n for n in below):
             inner = block_names(below)
-            if len(set(inner.values())) > 1:
-                return {n: b for n, b in zip(param_names, inner.values())}
+            if len(set(inner.values())) > 1:  # (by name: a repeated name is one dict entry)
+                return {n: inner[b] for n, b in zip(param_names, below)}
     return out
 
 

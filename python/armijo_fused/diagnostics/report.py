@@ -314,8 +314,11 @@ def main(argv=None) -> int:
         except (OSError, ValueError, KeyError) as e:
             print(f"error: cannot read telemetry {args.telemetry}: {e}", file=sys.stderr)
             return 2
-    problem = prepare_out_dir(args.out, clear=_OUTPUTS)  # (before the work: a bad --out
-    if problem is not None:                               # failed after the spectra)
+    # (not the input itself, read from --out: it was deleted and never written back)
+    clear = [n for n in _OUTPUTS if args.telemetry is None
+             or (Path(args.out) / n).resolve() != Path(args.telemetry).resolve()]
+    problem = prepare_out_dir(args.out, clear=clear)  # (before the work: a bad --out failed
+    if problem is not None:                            # after the spectra)
         print(f"error: {problem}", file=sys.stderr)
         return 2
     model_name = args.model or ("demo" if args.telemetry is None else None)

@@ -63,6 +63,9 @@ class SearchResult:
     first_gd: list = field(default_factory=list)
     # the accepted trial was the optimistic one (every block grown): every block was tested
     optimistic: bool = False
+    # momentum_search="gradient": the search along g whose η the momentum check (this result)
+    # tested along d; its history says where each block's search started (merge_below)
+    searched: SearchResult | None = None
 
 
 class Passes:
@@ -255,6 +258,7 @@ def armijo_search(
     limit = max_trials
     # the last trial the test could judge (or whose loss was not finite) and rejected: its η
     rejected = None
+    optimistic_rejected = None  # grow_all's optimistic trial, rejected
     solo_misses = []  # the test's miss at each rejected trial that held some blocks fixed
     for trial in itertools.count(1):
         ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
@@ -289,9 +293,10 @@ def armijo_search(
             # The optimistic trial binds the search only by passing the test; otherwise (a
             # rejection, a decrease too small to resolve, a non-descent combination of the
             # grown blocks) the search proper starts at eta0 as it would have, uncounted.
-            # A rejection it had is still one: should eta0 be hidden, the search is not settled
+            # A rejection it had is reported should the search end unresolved (it is then not
+            # settled), but does not make the search proper's end an exhausted one
             if informative and f_trial != f_before:  # (a NaN trial loss: rejected too)
-                rejected = list(eta)
+                optimistic_rejected = list(eta)
             pending = False
             eta = list(eta0)
             passes.move_to(eta)
@@ -306,7 +311,7 @@ def armijo_search(
             precond = non_descent = True
             limit += 1
             solo_misses.clear()  # (a new line: the misses along d say nothing about it)
-            rejected = None  # (nor its rejections)
+            rejected = optimistic_rejected = None  # (nor its rejections)
             continue
         if math.isfinite(f_trial) and (not informative or f_trial == f_before):
             # The predicted decrease is below what the loss can resolve (float rounding, or a
@@ -352,7 +357,8 @@ def armijo_search(
     # block's result, which may be this one)
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
-                        rejected=rejected if unresolved else None, history=history,
+                        rejected=(rejected or optimistic_rejected) if unresolved else None,
+                        history=history,
                         block_gd=gd_b, block_dd=dd_b, first_gd=first_gd_b)
 
 

@@ -245,12 +245,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
         defaults = dict(lr=lr, weight_decay=weight_decay, **rule_defaults)
         self._init_step_size = float(init_step_size)
-        if merge_below is not None and merge_below >= self._init_step_size:
-            self._warn_once("merge_below", (
-                f"merge_below={merge_below:g} is at or above init_step_size="
-                f"{self._init_step_size:g}: every block whose first search accepts its start (or "
-                "less) merges into a neighbour, and the blocks soon share one step size. Set it "
-                "well below the step sizes the blocks settle at"))
         if isinstance(params, torch.nn.Module):  # torch's own error: "'Linear' is not iterable"
             raise TypeError(
                 f"params is a module ({type(params).__name__}): pass model.parameters() (and "
@@ -277,6 +271,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if self.layerwise:  # cut the groups into blocks now, so stats list them before a step
             for gi in range(len(self.param_groups)):
                 self._group_blocks(gi, [])
+        # (last: a warning before a refusal, where warnings are errors, hid the refusal)
+        if merge_below is not None and merge_below >= self._init_step_size:
+            self._warn_once("merge_below", (
+                f"merge_below={merge_below:g} is at or above init_step_size="
+                f"{self._init_step_size:g}: every block whose search backtracks below it "
+                "merges into a neighbour, and the blocks soon share one step size. Set it "
+                "well below the step sizes the blocks settle at"))
         self.stats = self._stats_before_any_step()
 
     def _stats_before_any_step(self) -> StepStats:
@@ -348,9 +349,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 and "step" in self.param_groups[0]:
             try:
                 self._init_group(self.param_groups[-1])
+                if self.layerwise:  # (its blocks now, as the others' at construction)
+                    self._group_blocks(len(self.param_groups) - 1, [])
             except Exception:  # a refused group must not stay half set up
                 self.param_groups.pop()
                 raise
+            if self.param_groups[0]["step"] == 0:  # stats before any step list its blocks too
+                self.stats = self._stats_before_any_step()
             self._warn_group_lrs()
 
     def _warn_group_lrs(self) -> None:

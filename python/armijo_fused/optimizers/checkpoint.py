@@ -298,29 +298,35 @@ class CheckpointMixin:
                     "checkpoint is corrupt or was edited")
 
     def _global_from_layerwise(self, state_dict: dict) -> dict:
-        """A layer-wise checkpoint (a step size per block) into a global optimizer: each group
-        takes its blocks' smallest step size, which every block passed a test at or above
+        """A layer-wise checkpoint (a step size per block) into a global optimizer: every group
+        takes the smallest step size of any block, which every block passed a test at or above
         (its largest made the stiff blocks diverge: block 0's η applied to all, loss 1e-3 to
         6.5e6 on a two-block quadratic), drops the per-block record, and searches at the next
         step. A copy; the caller's dict is kept."""
         groups = state_dict.get("param_groups", [])
         if not any(isinstance(g.get("step_size"), (list, tuple)) for g in groups):
             return state_dict
+        def smallest(key):  # over every group: the global search shares one η (a block per
+            values = [x for g in groups  # group saved [flat, stiff] gave the flat one's to all)
+                      for x in (g[key] if isinstance(g.get(key), (list, tuple)) else [g.get(key)])
+                      if x is not None]
+            return min(values) if values else None
+
+        lowest = {key: smallest(key) for key in ("step_size", "step_size_avg", "step_length")}
         converted = []
         for group in groups:
             group = {k: v for k, v in group.items() if k not in _LAYERWISE_ONLY}
-            for key in ("step_size", "step_size_avg", "step_length"):
-                v = group.get(key)
-                if isinstance(v, (list, tuple)):
-                    group[key] = min(v) if v else self._init_step_size
+            for key, value in lowest.items():
+                if key in group:
+                    group[key] = self._init_step_size if value is None else value
             group.update(collapsed=0, search_interval=1,
                          next_search=min(group.get("next_search", 1), group.get("step", 0) + 1))
             converted.append(group)
         converted[0]["last_dd"] = None  # per block; a global step's ‖d‖² is over the group
         self._warn_once("layerwise_into_global", (
             f"the state dict is a layer-wise optimizer's (a step size per block); this global "
-            f"{type(self).__name__} starts each group from its blocks' smallest step size and "
-            "searches at the next step. Pass layerwise=True to continue it per block"))
+            f"{type(self).__name__} starts from the smallest block's step size and searches at "
+            "the next step. Pass layerwise=True to continue it per block"))
         return dict(state_dict, param_groups=converted)
 
     def _note_other_direction(self, state_dict: dict) -> None:

@@ -237,6 +237,7 @@ class SearchMixin:
         trials = sum(r.trials for _, r in results)
         loss_after = next((r.loss_after for _, r in results if r.accepted is not None), math.nan)
         moving = [m for m, r in results if r.accepted is not None and r.accepted[m[0]] > 0]
+        shrunk = False  # did the combined test below shrink the blocks' own step sizes?
         if len(moving) > 1:
             # Each block passed its own test with the others at θ0; the step moves them all at
             # once, a point no trial has seen (it raised its batch's loss on 1-2 searches in
@@ -244,6 +245,7 @@ class SearchMixin:
             joint = armijo_search(passes, trial_loss, f0, accepted, sums=sums,
                                   allow_fallback=False, **kw)
             trials += joint.trials
+            shrunk = joint.accepted != accepted  # (the blocks' own η were not what collapsed)
             accepted = joint.accepted  # None: no step (θ is back at θ0)
             loss_after = joint.loss_after
             exact = [(m, accepted if m in moving else acc, kind) for m, acc, kind in exact]
@@ -254,6 +256,7 @@ class SearchMixin:
                          unchanged=all(r.unchanged for _, r in results), non_descent=False,
                          rejected=None)  # (each block's own: block_results)
         merged.exact, merged.block_results = exact, results
+        merged.joint_shrunk = shrunk
         return merged, accepted
 
     @staticmethod
@@ -316,8 +319,11 @@ class SearchMixin:
         trials = result.trials + check.trials
         if check.accepted is None:
             return replace(result, trials=trials, non_descent=True), accepted, accepted, True
-        along_g = [x / m if m > 0 else a for x, m, a in zip(check.accepted, mfac, accepted)]
-        return replace(check, trials=trials), along_g, check.accepted, False
+        # (η itself where the check kept α: x / m came back off by rounding, 0.3 as
+        # 0.30000000000000004, and a held block counted as shrunk)
+        along_g = [a if x == al else (x / m if m > 0 else a)
+                   for x, al, m, a in zip(check.accepted, alpha, mfac, accepted)]
+        return replace(check, trials=trials, searched=result), along_g, check.accepted, False
 
     @staticmethod
     def _below_rejections(result, etas, frozen) -> tuple[dict, bool]:
@@ -407,7 +413,7 @@ class SearchMixin:
                 if self.layerwise and (turn is None or b in turn):
                     g, lb_b = self.param_groups[table[b][0]], table[b][1]
                     g["block_searched_at"][lb_b] = k
-        held_shrunk = False
+        held_shrunk = getattr(result, "joint_shrunk", False)  # (exact mode's combined test)
         if exact is None and accepted is not None:
             # blocks held fixed but shrunk in the joint phase keep the step that passed the test
             searched = set(plan[0])
@@ -429,10 +435,12 @@ class SearchMixin:
 
     @staticmethod
     def _first_trial(result, b) -> float:
-        """The η block b's search tried first (exact mode: the block's own search)."""
+        """The η block b's search tried first (exact mode: the block's own search; after the
+        momentum check, the search along g before it), in the search's units."""
         for members, r in getattr(result, "block_results", None) or ():
             if b in members:
                 return r.history[0][0][b] if r.history else math.inf
+        result = result.searched or result
         return result.history[0][0][b] if result.history else math.inf
 
     def _merge_collapsed(self, small, present=None):

@@ -115,9 +115,15 @@ class StoreMixin:
                        for k in keys + ("block_owner",)):
                 where = {}  # a checkpoint without some of them: start every block afresh
         carried = [n for n in names if n in where]
+        # a single block of another name: the whole group's η, as from a global checkpoint (a
+        # model held by one module, self.net = nn.Sequential(...), was one block "net" before
+        # its blocks were read below that module)
+        whole = len(where) == 1 and not carried
         if carried:
             eta = min(group["step_size"][where[n]] for n in carried)
             avg = min(group["step_size_avg"][where[n]] for n in carried)
+        elif whole:
+            eta, avg = group["step_size"][0], group["step_size_avg"][0]
         else:
             eta = group["step_size"] if not isinstance(group["step_size"], list) \
                 else self._init_step_size
@@ -130,7 +136,8 @@ class StoreMixin:
         for j, n in enumerate(names):  # a merge holds where both blocks are still there
             o = old[group["block_owner"][where[n]]] if n in where else n
             owner.append(names.index(o) if o in names else j)
-        if old is not None and self.__dict__.get("_blocks_loaded") and set(old) != set(names):
+        if old is not None and self.__dict__.get("_blocks_loaded") and set(old) != set(names) \
+                and not whole:
             self._warn_once("blocks_renamed", (
                 f"the checkpoint's blocks {old[:4]} are not this model's {names[:4]}: the "
                 f"blocks it does not name start from step size {eta:g}. Block names are read "
@@ -301,7 +308,10 @@ class StoreMixin:
         holds θ in fp32, which becomes the tensor's master (the build keeps it where the weight
         is its rounding), so the cast rounds the model's copy only, not the training's. (The
         master used to be built from the rounded weight.) Not for flat=False: the cast has
-        replaced the tensors that held θ."""
+        replaced the tensors that held θ. Not in a load either: the weights loaded since win,
+        and the old θ would have come back over them."""
+        if any(self.__dict__.get(k) for k in ("_loading", "_deferred_load")):
+            return
         for b in old or ():
             if type(b) is not FlatBuffer or b.master:
                 continue

@@ -170,7 +170,7 @@ class FlatBuffer:
                     for pview, mview in zip(self._param_views, self._master_views):
                         mview.copy_(torch.where(master_rounded(mview, pview), mview,
                                                 pview.float()))
-            else:
+            elif not loading:  # (in a load the checkpoint decides, as for the in-place store)
                 self._take_kept_masters(state)
             self.publish()
         self._state_views = [[views[i] for views in by_name] for i in range(len(params))]
