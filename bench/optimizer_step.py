@@ -78,8 +78,10 @@ def armijo_case(shapes, device, *, search: bool, check_finite: bool, flat: bool 
                 momentum: float | None = None):
     params = make_params(shapes, device)
     backend = "triton" if device.type == "cuda" else "cpp"
+    # max_step: η would otherwise grow search after search until, after about 100 steps, every
+    # step needed two trials (the case is "one accepted trial")
     kw = dict(backend=backend, check_finite=check_finite, cadence="every" if search else 10**9,
-              weight_decay=0.1, flat=flat)
+              weight_decay=0.1, flat=flat, max_step=1e-2)
     opt = ArmijoAdam(params, **kw) if momentum is None else ArmijoSGD(params, momentum=momentum,
                                                                         **kw)
     f0 = torch.zeros((), device=device)
@@ -92,6 +94,12 @@ def armijo_case(shapes, device, *, search: bool, check_finite: bool, flat: bool 
 
     step()  # the first step always searches; it also builds the flat buffers
     return step, opt, params
+
+
+def _counts(opt) -> tuple[int, int, int]:
+    """(searches, forwards, steps) so far."""
+    g = opt.param_groups[0]
+    return g["searches"], g["forwards"], g["step"]
 
 
 def adamw_case(shapes, device, impl: str):
@@ -141,15 +149,23 @@ def main(argv=None) -> int:
                                          momentum=0.9))
     built = {key: build() for key, build in cases.items()}  # 124M: 2 GB each, all fit at once
     sync = torch.cuda.synchronize if device.type == "cuda" else None  # host work counts too
+    ours = {key: b[1] for key, b in built.items() if key.startswith(("armijo", "sgd_momentum"))}
+    before = {key: _counts(opt) for key, opt in ours.items()}
     times = interleaved_times({key: b[0] for key, b in built.items()}, args.repeats, sync=sync)
     rows = {}
     for key, (_, opt, _) in built.items():
         ts = times[key]
         rows[key] = {"ms": statistics.median(ts), "ms_min": min(ts), "ms_max": max(ts)}
-        if key.startswith(("armijo", "sgd_momentum")):
+        if key in ours:
             stats = opt.stats
             rows[key].update(searched=bool(stats["searched"]), trials=int(stats["trials"]),
                              skipped=bool(stats["skipped"]))
+            # over every timed call, not the last one's stats: trials per step (a search step
+            # with one accepted trial: exactly 1) and searches per step
+            (s0, f0, n0), (s1, f1, n1) = before[key], _counts(opt)
+            if n1 > n0:
+                rows[key].update(trials_per_step=(f1 - f0 - (n1 - n0)) / (n1 - n0),
+                                 searches_per_step=(s1 - s0) / (n1 - n0))
         print(f"{key:34s} {rows[key]['ms']:8.3f} ms", flush=True)
     ref = rows["adamw_fused"]["ms"]
     for row in rows.values():

@@ -93,7 +93,9 @@ def step_lines(results: Path) -> list[Line]:
     files = _gpu_files(results, "optimizer_step_")
     data = _load(files[-1]) if files else None
     row = (data or {}).get("rows", {}).get("armijo_search", {})
-    ok_row = row.get("searched") and row.get("trials") == 1
+    # every timed step searched with one trial (files from before the counts: the last step's)
+    ok_row = (row.get("trials_per_step") == 1 and row.get("searches_per_step") == 1
+              if "trials_per_step" in row else row.get("searched") and row.get("trials") == 1)
     lines.append(_line(4, "124M optimizer step with one accepted trial / AdamW(fused)",
                        row.get("over_adamw_fused") if ok_row else None, "<= 1.1",
                        lambda v: v <= 1.1, files[-1].name if files else "optimizer_step_<gpu>.json"))

@@ -114,3 +114,13 @@ def test_the_newest_result_file_counts_not_the_last_name(tmp_path):
             "searched": True, "trials": 1, "over_adamw_fused": ratio}}})
     line = next(x for x in rep.report(tmp_path, None) if x.what.startswith("124M optimizer"))
     assert line.value == 1.05 and line.source == "optimizer_step_nvidia-h100.json"
+
+
+def test_the_optimizer_step_line_needs_one_trial_on_every_timed_step(tmp_path):
+    # the last step's stats alone were read: a run whose other steps took two trials passed
+    rep = load_report()
+    write(tmp_path / "optimizer_step_nvidia-h200.json", {"rows": {"armijo_search": {
+        "searched": True, "trials": 1, "trials_per_step": 1.5, "searches_per_step": 1.0,
+        "over_adamw_fused": 1.05}}})
+    line = next(x for x in rep.report(tmp_path, None) if x.what.startswith("124M optimizer"))
+    assert line.verdict() == "MISSING"
