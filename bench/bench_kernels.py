@@ -41,7 +41,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import add_out_argument, device_slug, git_commit, out_file, positive_int  # noqa: E402
+from _env import (  # noqa: E402
+    add_out_argument,
+    device_slug,
+    environment,
+    git_commit,
+    gpu_state,
+    out_file,
+    positive_int,
+)
 
 #: GPT-2 configurations: (vocab, context, width, layers)
 MODELS = {
@@ -352,6 +360,7 @@ def main(argv=None) -> int:
         "device": dev, "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "repeats": args.repeats,
+        "environment": environment(torch.device("cuda")),  # (versions, the card's clocks)
         "copy": copy, "models": {}, "tile_sweep": {},
     }
     for m in models:
@@ -375,6 +384,7 @@ def main(argv=None) -> int:
     # the reference again, at the end: the higher one counts (a reference measured while the
     # card's clocks were still rising would inflate every "% of copy")
     result["copy_end"] = copy_bandwidth(args.repeats)
+    result["gpu_state_end"] = gpu_state()
     best_copy = max(copy["gb_per_s"], result["copy_end"]["gb_per_s"])
     result["copy_gb_per_s_used"] = best_copy
     for model in result["models"].values():
