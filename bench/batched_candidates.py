@@ -3,7 +3,10 @@
 Runs the same optimizer (ArmijoAdam, cadence="every") with ``candidates=None`` and with
 ``candidates=K`` on an MLP regression task where the first trial usually overshoots
 (``growth=4``: each search starts at 4x the last accepted step, so 2-3 trials are typical),
-and records ms, trials and forwards per step. Writes
+and records ms, trials and forwards per step; every configuration runs ``--rounds`` times, in
+alternating order, and its ms/step is the median over the rounds. The MLP is small (on a GPU its
+steps are bound by launches and the host), so the comparison holds for models of its size: a
+transformer's K batched forwards cost about K times one forward's compute. Writes
 bench/results/batched_candidates_<device>.json with device, versions and commit.
 
 Usage: python bench/batched_candidates.py [--device cuda] [--steps 30] [--k 2 4 8]
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -76,13 +80,27 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=4, help="MLP hidden layers")
     ap.add_argument("--batch", type=int, default=256, help="rows of the one fixed batch")
     ap.add_argument("--init-step-size", type=float, default=1e-3, help="ArmijoAdam's init_step_size")
+    ap.add_argument("--rounds", type=positive_int, default=3,
+                    help="runs of every configuration, in alternating order (each one's "
+                         "ms/step: the median over the rounds)")
     add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    rows = [run(device, None, args.steps, args.width, args.depth, args.batch, args.init_step_size)]
-    for k in args.k:
-        rows.append(run(device, k, args.steps, args.width, args.depth, args.batch,
-                        args.init_step_size))
+    # every configuration once per round, the order reversed every other round: sequential
+    # went first, once, on a card whose clocks may still have been rising
+    configs = [None, *args.k]
+    runs = {c: [] for c in configs}
+    for rnd in range(args.rounds):
+        for c in (configs if rnd % 2 == 0 else configs[::-1]):
+            runs[c].append(run(device, c, args.steps, args.width, args.depth, args.batch,
+                               args.init_step_size))
+    rows = []
+    for c in configs:
+        row = dict(runs[c][0])
+        row["ms_per_step_rounds"] = [r["ms_per_step"] for r in runs[c]]
+        row["ms_per_step"] = statistics.median(row["ms_per_step_rounds"])
+        row["same_in_every_round"] = all(r["accepted"] == row["accepted"] for r in runs[c])
+        rows.append(row)
     same = all(r["accepted"] == rows[0]["accepted"] for r in rows[1:])
     print(f"{'candidates':>10} {'ms/step':>9} {'trials/step':>12} {'forwards/step':>14}")
     for r in rows:
