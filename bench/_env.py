@@ -27,8 +27,11 @@ def git_commit() -> str:
     """The commit the results were made at: git's, else ``$GIT_COMMIT`` (a device machine gets
     the working tree without its .git: scripts/gpu_checks.sh is run with GIT_COMMIT=...)."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                              check=False).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                                  check=False).stdout.strip()
+        except OSError:  # no git on the machine (a GPU machine may have none)
+            return ""
 
     commit = git("rev-parse", "HEAD")
     if not commit:

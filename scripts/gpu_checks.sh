@@ -12,7 +12,7 @@
 #   GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_checks.sh --part 1 --quick
 #       install, GPU tests, kernels, optimizer step, training step: every acceptance line but #5's
 #       batched candidates (stage limits add up to 560 s: one 10-minute command)
-#   bash scripts/gpu_checks.sh --part 2 --quick
+#   GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_checks.sh --part 2 --quick
 #       batched candidates, host overhead, layer-wise (toy model) (limits: 260 s)
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
 #       --quick, more repeats and steps: part 1 then needs more than one 10-minute command)

@@ -203,6 +203,12 @@ def test_a_model_held_by_one_module_is_cut_below_it():
         again.load_state_dict(ck)
     assert again.param_groups[0]["block_names"] == ["0", "2"]
     assert again.param_groups[0]["step_size"] == [0.0123, 0.0123]
+    # ... but another model's single block ("fc": not the module these tensors lie under)
+    # restarts with the warning, as any other model's blocks do
+    ck["param_groups"][0]["block_names"] = ["fc"]
+    other = ArmijoAdam(model.parameters(), layerwise=True, model=model)
+    with pytest.warns(UserWarning, match=r"blocks \['fc'\] are not this model's"):
+        other.load_state_dict(ck)
 
 
 def test_encoder_and_decoder_layers_are_blocks_of_their_own():
@@ -1010,3 +1016,36 @@ def test_exact_mode_a_waiting_block_with_an_inf_gradient_is_skipped_not_searched
         if bad[0]:
             assert opt.stats["skipped"] and not opt.stats["searched"]
     assert opt.param_groups[1]["block_tested"] == [ArmijoAdam.BLIND]
+
+
+def test_grow_all_with_momentum_searched_along_g_updates_every_grown_block():
+    # the momentum check's result replaced the search's and dropped its optimistic flag: a step
+    # whose optimistic trial (every block grown) passed updated the searched block's η̄ only
+    from armijo_fused.optimizers.search import SearchMixin
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.a, model.b = nn.Parameter(torch.randn(20)), nn.Parameter(torch.randn(20))
+
+    def loss():
+        return 0.5 * (((model.a - 1) ** 2).sum() + ((model.b + 1) ** 2).sum())
+
+    opt = ArmijoSGD(model.parameters(), model=model, layerwise=True, momentum=0.9,
+                    block_search="grow_all", init_step_size=0.01, backend="torch",
+                    cadence="every")
+    seen, update = [], SearchMixin._update_step_sizes
+
+    def spy(self, table, etas, plan, result, *args):
+        before = list(self.param_groups[0]["step_size_avg"])
+        out = update(self, table, etas, plan, result, *args)
+        if result.searched is not None and result.searched.optimistic:
+            seen.append((before, list(self.param_groups[0]["step_size_avg"])))
+        return out
+
+    try:
+        SearchMixin._update_step_sizes = spy
+        for _ in range(12):
+            opt.step(make_closure(opt, loss))
+    finally:
+        SearchMixin._update_step_sizes = update
+    assert seen and all(a != b for before, after in seen for a, b in zip(before, after))

@@ -1080,6 +1080,23 @@ def test_a_layerwise_checkpoint_into_a_global_optimizer_starts_from_the_smallest
     for _ in range(6):
         glob.step(make_closure(glob, loss))
     assert float(loss().detach()) <= f
+    # a group at lr 0 (its block untested, at init_step_size): not the one to take
+    frozen = nn.Parameter(torch.zeros(3))
+    model, loss = _two_block_quadratic()
+
+    def groups():
+        return [{"params": [model[0].w]}, {"params": [model[1].w]},
+                {"params": [frozen], "lr": 0.0}]
+
+    opt = ArmijoAdam(groups(), layerwise=True, backend="torch", cadence="every")
+    for _ in range(8):
+        opt.step(make_closure(opt, loss))
+    trained = [g["step_size"][0] for g in opt.param_groups[:2]]
+    assert min(trained) > 1e-3 == opt.param_groups[2]["step_size"][0]
+    glob = ArmijoAdam(groups(), backend="torch")
+    with pytest.warns(UserWarning, match="layer-wise optimizer's"):
+        glob.load_state_dict(opt.state_dict())
+    assert glob.param_groups[0]["step_size"] == min(trained)
 
 
 def _saved(state_dict) -> bytes:

@@ -323,7 +323,8 @@ class SearchMixin:
         # 0.30000000000000004, and a held block counted as shrunk)
         along_g = [a if x == al else (x / m if m > 0 else a)
                    for x, al, m, a in zip(check.accepted, alpha, mfac, accepted)]
-        return replace(check, trials=trials, searched=result), along_g, check.accepted, False
+        return (replace(check, trials=trials, searched=result, optimistic=result.optimistic),
+                along_g, check.accepted, False)
 
     @staticmethod
     def _below_rejections(result, etas, frozen) -> tuple[dict, bool]:
@@ -420,7 +421,7 @@ class SearchMixin:
             for b, a in enumerate(accepted):
                 if b not in searched and not frozen[b] and a != etas[b]:
                     new[b] = a
-                    held_shrunk = True
+                    held_shrunk |= a < etas[b]  # (grow_all's grown ones did not shrink)
         moving = [b for b in range(len(table)) if not frozen[b]]
         self._set_each(table, moving, [new[b] for b in moving])
         # (not where held blocks had to shrink too: the searched block's small η was theirs to

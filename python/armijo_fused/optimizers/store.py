@@ -71,6 +71,14 @@ class StoreMixin:
             self._rename_blocks(group, names)
         return ids
 
+    def _all_under(self, group: dict, module: str) -> bool:
+        """Does every tensor of ``group`` have a name under ``module`` (past wrapper prefixes)?"""
+        from ..blocks import _WRAPPER
+
+        names = [self._names.get(id(p)) for p in group["params"]]
+        return bool(names) and all(
+            n is not None and _WRAPPER.sub("", n).startswith(module + ".") for n in names)
+
     def _blocks_by(self, gi) -> str:
         """How group gi is cut into blocks: ``"name"`` (module names) or ``"group"`` (the group
         is one block); see :meth:`_default_blocks_by`. Decided once, when the group is set up,
@@ -115,10 +123,11 @@ class StoreMixin:
                        for k in keys + ("block_owner",)):
                 where = {}  # a checkpoint without some of them: start every block afresh
         carried = [n for n in names if n in where]
-        # a single block of another name: the whole group's η, as from a global checkpoint (a
-        # model held by one module, self.net = nn.Sequential(...), was one block "net" before
-        # its blocks were read below that module)
-        whole = len(where) == 1 and not carried
+        # a single block named after the module every tensor of the group lies under: the whole
+        # group's η, as from a global checkpoint (a model held by one module, self.net =
+        # nn.Sequential(...), was one block "net" before its blocks were read below it). Not
+        # another model's single block: that restarts with the warning below
+        whole = len(where) == 1 and not carried and self._all_under(group, old[0])
         if carried:
             eta = min(group["step_size"][where[n]] for n in carried)
             avg = min(group["step_size_avg"][where[n]] for n in carried)
