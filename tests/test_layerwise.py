@@ -1049,3 +1049,33 @@ def test_grow_all_with_momentum_searched_along_g_updates_every_grown_block():
     finally:
         SearchMixin._update_step_sizes = update
     assert seen and all(a != b for before, after in seen for a, b in zip(before, after))
+
+
+def test_merge_below_with_momentum_and_in_exact_mode():
+    # (a) ArmijoSGD(momentum) searches η along g, then tests (1-μ)η along d: the merge rule read
+    # that check's history, where no step ever fell below the first trial, and never merged
+    def momentum_run(mom):
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.a, model.b = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+        opt = ArmijoSGD(model.parameters(), model=model, layerwise=True, merge_below=5e-3,
+                        momentum=mom, init_step_size=0.01, cadence="every", backend="torch")
+        opt.step(make_closure(opt, lambda: 0.5 * (1000.0 * model.a.pow(2).sum()
+                                                  + model.b.pow(2).sum())))
+        return opt.param_groups[0]["block_owner"]
+
+    assert momentum_run(0.0) == momentum_run(0.9) == [1, 1]  # the stiff block a collapsed
+    # (b) exact mode: each block passes its own first trial, the combined test shrinks both (a
+    # coupled loss): neither collapsed on its own, so nothing merges (both merged before)
+    model = nn.Module()
+    model.a, model.b = nn.Parameter(torch.ones(4)), nn.Parameter(-0.5 * torch.ones(4))
+
+    def coupled():
+        return 0.5 * (model.a.pow(2).sum() + model.b.pow(2).sum()) \
+            + 25.0 * (model.a + model.b).pow(2).sum()
+
+    opt = ArmijoSGD(model.parameters(), model=model, layerwise=True, block_search="exact",
+                    merge_below=0.015, init_step_size=0.02, cadence="every", backend="torch")
+    for _ in range(3):
+        opt.step(make_closure(opt, coupled))
+    assert opt.param_groups[0]["block_owner"] == [0, 1]
