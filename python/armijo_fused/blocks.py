@@ -54,10 +54,15 @@ _HEAD = re.compile(r"^(?:lm_head|head|cls|pooler|classifier|output|score)\.|\.(?
 _WRAPPER = re.compile(r"^(?:(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.)+")
 
 
+def bare_name(param_name: str) -> str:
+    """A parameter's name without the prefixes wrappers add (``module.``, ``_orig_mod.``, ...)."""
+    return _WRAPPER.sub("", param_name)
+
+
 def block_name(param_name: str) -> str:
     """The block a parameter belongs to, from its qualified name (see the module docstring);
     wrapper prefixes (``module.``, ``_orig_mod.``, ...) are not part of it."""
-    param_name = _WRAPPER.sub("", param_name)
+    param_name = bare_name(param_name)
     m = _LAYER.search(param_name)
     if m:
         return f"layer.{int(m.group(1))}"
@@ -74,7 +79,7 @@ def block_name(param_name: str) -> str:
 def _stack(param_name: str) -> str | None:
     """The path in front of a parameter's numbered layer container (``model.encoder`` for
     ``model.encoder.layers.3.fc1.weight``), or None outside one."""
-    param_name = _WRAPPER.sub("", param_name)
+    param_name = bare_name(param_name)
     m = _LAYER.search(param_name)
     return None if m is None else param_name[: m.start()]
 
@@ -87,7 +92,7 @@ def block_names(param_names) -> dict[str, str]:
     param_names = list(param_names)
     out = _named_blocks(param_names)
     if len(param_names) > 1 and len(set(out.values())) == 1:
-        bare = [_WRAPPER.sub("", n) for n in param_names]
+        bare = [bare_name(n) for n in param_names]
         heads = {n.split(".", 1)[0] for n in bare}
         below = [n.split(".", 1)[1] for n in bare] if "." in bare[0] else []
         # (not into one module's own tensors: a weight and its bias are one block)
@@ -121,7 +126,7 @@ def _named_blocks(param_names: list) -> dict[str, str]:
     label = _distinct_suffixes(stacks + towers)
     out = {}
     for n in param_names:
-        bare = _WRAPPER.sub("", n)
+        bare = bare_name(n)
         owner = _stack(n)
         if owner is None:  # outside the layers: in a stack, in a tower, or the model's own
             inside = [p for p in stacks + towers if bare.startswith(p + ".")]

@@ -300,33 +300,28 @@ class CheckpointMixin:
     def _global_from_layerwise(self, state_dict: dict) -> dict:
         """A layer-wise checkpoint (a step size per block) into a global optimizer: every group
         takes the smallest step size of any tested block of a group that trains, which every
-        block passed a test at or above
-        (its largest made the stiff blocks diverge: block 0's η applied to all, loss 1e-3 to
-        6.5e6 on a two-block quadratic), drops the per-block record, and searches at the next
-        step. A copy; the caller's dict is kept."""
+        block passed a test at or above (its largest made the stiff blocks diverge: block 0's η
+        applied to all, loss 1e-3 to 6.5e6 on a two-block quadratic), drops the per-block
+        record, and searches at the next step. A copy; the caller's dict is kept."""
         groups = state_dict.get("param_groups", [])
         if not any(isinstance(g.get("step_size"), (list, tuple)) for g in groups):
             return state_dict
-        def smallest(key):  # over every group: the global search shares one η (a block per
-            # group saved [flat, stiff] gave the flat one's to all); over the blocks a test has
-            # judged, in groups that train (an untested or frozen block's η is only its start)
-            def values(tested_only):
-                out = []
-                for g in groups:
-                    v = g.get(key)
-                    v = list(v) if isinstance(v, (list, tuple)) else [v]
-                    tested = g.get("block_tested")
-                    for b, x in enumerate(v):
-                        if x is None:
-                            continue
-                        if tested_only and (float(g.get("lr", 1.0)) <= 0.0 or (
-                                isinstance(tested, (list, tuple)) and b < len(tested)
-                                and not tested[b])):
-                            continue
-                        out.append(x)
-                return out
-
-            found = values(True) or values(False)
+        def smallest(key):
+            """Over every group (the global search shares one η: a block per group saved [flat,
+            stiff] gave the flat one's to all), over the blocks a test has judged in groups that
+            train (an untested or frozen block's η is only its start); else over all."""
+            judged, every = [], []
+            for g in groups:
+                v, tested = g.get(key), g.get("block_tested")
+                trains = float(g.get("lr", 1.0)) > 0.0
+                for b, x in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+                    if x is None:
+                        continue
+                    every.append(x)
+                    if trains and not (isinstance(tested, (list, tuple)) and b < len(tested)
+                                       and not tested[b]):
+                        judged.append(x)
+            found = judged or every
             return min(found) if found else None
 
         lowest = {key: smallest(key) for key in ("step_size", "step_size_avg", "step_length")}

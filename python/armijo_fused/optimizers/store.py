@@ -73,11 +73,11 @@ class StoreMixin:
 
     def _all_under(self, group: dict, module: str) -> bool:
         """Does every tensor of ``group`` have a name under ``module`` (past wrapper prefixes)?"""
-        from ..blocks import _WRAPPER
+        from ..blocks import bare_name
 
         names = [self._names.get(id(p)) for p in group["params"]]
         return bool(names) and all(
-            n is not None and _WRAPPER.sub("", n).startswith(module + ".") for n in names)
+            n is not None and bare_name(n).startswith(module + ".") for n in names)
 
     def _blocks_by(self, gi) -> str:
         """How group gi is cut into blocks: ``"name"`` (module names) or ``"group"`` (the group
