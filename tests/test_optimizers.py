@@ -60,6 +60,28 @@ def test_every_accepted_step_satisfies_armijo(problem, direction, seed):
     assert accepted >= 10
 
 
+@pytest.mark.parametrize("factor", [1.0, 0.25])
+def test_loss_after_is_the_loss_where_the_step_ended(factor):
+    # with a schedule's factor below 1 the step applied is shorter than the trial tested:
+    # loss_after reported the trial's loss (3x the real decrease at 0.25). It is now NaN there,
+    # and the trial's loss is loss_trial
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda _: factor)
+    X, y = data
+    for _ in range(3):
+        before = float(opt.step(make_closure(opt, loss_fn, X, y)))
+        s = opt.stats
+        with torch.no_grad():
+            after = float(loss_fn(X, y))
+        assert s["step_size"] > 0 and s["applied_step"] == pytest.approx(factor * s["step_size"])
+        assert s["loss_trial"] < before
+        if factor == 1.0:
+            assert s["loss_after"] == s["loss_trial"] == pytest.approx(after, rel=1e-5)
+        else:
+            assert math.isnan(s["loss_after"]) and after > s["loss_trial"]
+
+
 def test_loss_decreases_to_the_optimum_on_least_squares():
     model, loss_fn, data = PROBLEMS["least_squares"](seed=3)
     opt = ArmijoSGD(model.parameters(), backend="torch", cadence="every")

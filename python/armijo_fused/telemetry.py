@@ -33,7 +33,7 @@ class StepStats(Mapping):
 
         return cls(step=0, searched=False, step_size=per_block(), applied_step=per_block(),
                    lr_factor=nan,
-                   trials=0, loss_before=nan, loss_after=nan, gd=nan, grad_norm=nan,
+                   trials=0, loss_before=nan, loss_after=nan, loss_trial=nan, gd=nan, grad_norm=nan,
                    non_descent=False, unresolved=False, exhausted=False, collapsed=False,
                    skipped=False, searched_blocks=[], next_step_size=per_block(), forwards=0,
                    backwards=0)

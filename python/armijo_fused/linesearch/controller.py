@@ -20,8 +20,8 @@ blocks across all buffers; equal in the global mode):
    smaller step): unresolved then, with the step sizes of its last rejected trial in
    ``rejected``.
 7. After ``max_trials`` rejections: the documented fallback is to take no step (θ moves back to
-   θ0; the state keeps the gradient, as an Adam step with lr 0 would), and the policy resets η to
-   its running average.
+   θ0, to the rounding of the largest trial point; the state keeps the gradient, as an Adam
+   step with lr 0 would), and the policy resets η to its running average.
 """
 
 from __future__ import annotations

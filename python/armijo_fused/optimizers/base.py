@@ -784,15 +784,23 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._advance(k, folded=() if skipped else passes.groups)
         taken = ([0.0] * len(table) if accepted is None else accepted if mfac is None
                  else self._fill_frozen(taken_d, [e * m for e, m in zip(etas, mfac)], frozen))
+        # the trial's loss is the loss after the step only where the step applied is the one
+        # tested: a schedule's factor below 1 shortens it, and that point's loss is not known
+        # (reporting the trial's had overstated the decrease 3x at a factor of 0.25)
+        at_trial = all(f == 1.0 for a, f in zip(taken, block_factors) if a != 0.0)
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken, table),
             applied_step=self._report([a * f for a, f in zip(taken, block_factors)], table),
             lr_factor=factors[0], trials=result.trials, loss_before=result.loss_before,
-            loss_after=result.loss_after, gd=result.gd,
+            loss_after=result.loss_after if at_trial else math.nan,
+            loss_trial=result.loss_after, gd=result.gd,
             grad_norm=math.sqrt(result.grad_sq) if result.grad_sq >= 0 else math.nan,
             non_descent=result.non_descent, unresolved=result.unresolved,
             exhausted=exhausted,
-            collapsed=collapsed, skipped=skipped, searched_blocks=self._positions(
+            # (the policy counts an exhausted search as a collapse too; the flag reports
+            # what the docs call one: an accepted η below collapse_ratio · η̄)
+            collapsed=collapsed and accepted is not None, skipped=skipped,
+            searched_blocks=self._positions(
                 table, sorted(set().union(*plan))),
             next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
@@ -849,7 +857,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             step=k, searched=False, step_size=lambda: applied(False),
             applied_step=lambda: applied(True), lr_factor=factors[0], trials=0,
             loss_before=loss_before if loss_before is not None else math.nan,
-            loss_after=math.nan,
+            loss_after=math.nan, loss_trial=math.nan,
             gd=lambda: total([s[:, 0].sum() for s in sums]), grad_norm=passes.grad_norm,
             non_descent=False, unresolved=False, exhausted=False, collapsed=False,
             skipped=passes.skipped, searched_blocks=[],

@@ -16,8 +16,9 @@ LINESEARCH_ARGS = r"""
             ArmijoSGD (measured on deterministic quadratics, where smoothing only slows the
             layer-wise search; set 0.5 for noisy mini-batches)
         max_trials (int, optional): trials per search; when all are rejected the step is not
-            taken (θ stays at θ0) and η resets to its running average; after a second such
-            search in a row, η and η̄ take the last step size it tried (default: 20)
+            taken (θ goes back to θ0, see ``exact_revert``) and η resets to its running
+            average; after a second such search in a row, η and η̄ take the last step size it
+            tried (default: 20)
         max_step (float, optional): cap on the searched η (default: None)
         collapse_ratio (float, optional): an accepted η below ``collapse_ratio`` times its
             running average counts as a collapse and η is reset to the average; a second
@@ -87,8 +88,11 @@ LINESEARCH_ARGS = r"""
             (a warning says so when it is at or above ``init_step_size``) (default: None, never)
         exact_revert (bool, optional): keep a copy of θ and the state during a search so that a
             closure raising mid-search restores them bitwise; otherwise θ is moved back along
-            the line and the gradient taken back out of the state, exact to rounding. Costs one
-            copy of θ and the state per search step (default: False)
+            the line and the gradient taken back out of the state, exact to the float32
+            rounding of the trial points θ0 − η·d: a few ulps of θ where trials stay near θ's
+            scale (Adam's steps), but a trial far beyond it leaves its own rounding (ArmijoSGD's
+            first trial at η = 1.2 on a gradient of 2e5: θ0 back to 1.5e-2 on |θ| ≈ 3). Costs
+            one copy of θ and the state per search step (default: False)
         process_group (optional): the group whose ranks decide together under DDP; the trial
             losses and per-block sums are averaged over it in one all-reduce per trial (and
             one per step for a given ``loss=``, each rank's own), so every rank accepts the same
