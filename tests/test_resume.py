@@ -489,6 +489,82 @@ def _assert_same_bytes(a, b):
     assert repr(a[2]) == repr(b[2])  # (repr: NaN is not == NaN)
 
 
+def _nan_in(name):
+    def edit(sd):
+        sd["state"][0][name] = sd["state"][0][name].clone()
+        sd["state"][0][name][0, 0] = math.nan
+    return edit
+
+
+def _negative_second_moment(sd):
+    sd["state"][2]["exp_avg_sq"] = sd["state"][2]["exp_avg_sq"].clone()
+    sd["state"][2]["exp_avg_sq"][0, 1] = -1.0
+
+
+def _second_moment_dropped(sd):
+    del sd["state"][1]["exp_avg_sq"]
+
+
+def _group_value(key, value):
+    def edit(sd):
+        sd["param_groups"][0][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_nan_in("exp_avg"), r"'exp_avg' of parameter 0\.weight holds non-finite values"),
+    (_nan_in("exp_avg_sq"), r"'exp_avg_sq' of parameter 0\.weight holds non-finite values"),
+    (_negative_second_moment, r"'exp_avg_sq' of parameter 2\.weight holds negative values"),
+    (_second_moment_dropped, r"parameter 0\.bias holds 'exp_avg' but not 'exp_avg_sq'"),
+    (_group_value("betas", (2.0, 0.999)), r"param group 0 holds a value .*betas\[0\]"),
+    (_group_value("eps", -1.0), r"param group 0 holds a value .*eps"),
+    (_group_value("weight_decay", -1.0), r"param group 0 holds a value .*weight_decay"),
+    (_group_value("lr", math.nan), r"param group 0 holds a value .*lr"),
+], ids=["nan-m", "nan-v", "negative-v", "v-missing", "betas", "eps", "weight-decay", "lr"])
+def test_a_checkpoint_with_bad_moments_or_hyperparameters_is_refused_and_changes_nothing(edit,
+                                                                                        match):
+    # each of these loaded without a word: one NaN moment wrote NaN into the model at the next
+    # step (then every step was skipped); a missing second moment restarted at 0 beside a
+    # running first moment (that tensor's step 24x too large); a bad hyperparameter was refused
+    # at the next step, with the previous state already replaced
+    model, opt, closure = _stepped_adam()
+    sd = copy.deepcopy(opt.state_dict())
+    edit(sd)
+    before = _bytes_of(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    _assert_same_bytes(_bytes_of(model, opt), before)
+    opt.step(closure)  # still usable
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_momentum_buffer_that_is_not_finite_is_refused():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, backend="torch")
+    x = torch.randn(8, 3)
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["momentum_buffer"][0] = math.inf
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter #1 holds non-finite"):
+        opt.load_state_dict(sd)
+
+
+def test_a_refused_torch_checkpoint_leaves_the_growth_start_as_it_was():
+    # the "η̄ grew past 20x its start" warning measured from a refused checkpoint's lr
+    model = nn.Linear(3, 1)
+    adamw = torch.optim.AdamW(model.parameters(), lr=5.0)
+    model(torch.randn(2, 3)).sum().backward()
+    adamw.step()
+    sd = adamw.state_dict()
+    sd["state"][0]["exp_avg"] = torch.zeros(3)  # the weight is (1, 3)
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    start = getattr(opt, "_growth_start", None)
+    with pytest.raises(ValueError, match="has shape"):
+        opt.load_state_dict(sd)
+    assert getattr(opt, "_growth_start", None) == start
+
+
 @pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -1e-3])
 @pytest.mark.parametrize("key", ["step_size", "step_size_avg"])

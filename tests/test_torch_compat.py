@@ -632,3 +632,27 @@ def test_a_momentum_config_with_one_group_at_momentum_0_reloads_its_own_checkpoi
     opt = ArmijoSGD(groups(), momentum=0.9)
     opt.load_state_dict(sd)
     assert [g["momentum"] for g in opt.param_groups] == [0.0, 0.9]
+
+
+def test_a_torch_checkpoint_whose_tensors_were_stepped_unevenly_warns():
+    # AdamW skips a tensor whose gradient is None (an unused head): its step lags; here the
+    # group shares one bias-correction count, the largest, which was taken without a word
+    model = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 1)})
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for k in range(4):
+        adamw.zero_grad(set_to_none=True)
+        out = model["a"](torch.randn(2, 3))
+        if k < 2:
+            out = model["b"](out)
+        out.sum().backward()
+        adamw.step()
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    with pytest.warns(UserWarning, match=r"stepped different numbers of times \(group 0: 2 to 4\)"):
+        opt.load_state_dict(adamw.state_dict())
+    assert opt.param_groups[0]["folded"] == 4
+    even = ArmijoAdam(model.parameters(), backend="torch")
+    for p in model.parameters():  # (all at 4 steps: no warning)
+        adamw.state[p]["step"] = torch.tensor(4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        even.load_state_dict(adamw.state_dict())

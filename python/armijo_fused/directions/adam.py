@@ -35,6 +35,7 @@ class RMSProp(DirectionRule):
     name = "rmsprop"
     rule_id = 3
     state_names = ("square_avg",)
+    squared_states = ("square_avg",)
     direction_reads_grad = True
     hyperparameters = {"alpha": 0.99, "eps": 1e-8}
 
@@ -63,6 +64,7 @@ class Adam(DirectionRule):
     name = "adam"
     rule_id = 4
     state_names = ("exp_avg", "exp_avg_sq")
+    squared_states = ("exp_avg_sq",)
     bias_corrected = True
     hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-8}
 

@@ -42,6 +42,8 @@ class DirectionRule:
     #: index used by the fused kernels (Triton ``RULE`` constexpr, C++ switch); never reorder.
     rule_id: ClassVar[int]
     state_names: ClassVar[tuple[str, ...]] = ()
+    #: the state buffers that hold averages of g² (never negative: a checkpoint's are checked).
+    squared_states: ClassVar[tuple[str, ...]] = ()
     #: whether recomputing ``u`` from the state needs the gradient too (retry pass traffic).
     direction_reads_grad: ClassVar[bool] = False
     #: whether ``scalars`` corrects the state for its zero start by the fold count (Adam's bias

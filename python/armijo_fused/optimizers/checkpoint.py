@@ -139,24 +139,28 @@ class CheckpointMixin:
             hook(self)
 
     def _load_state_dict(self, state_dict: dict) -> None:
-        if is_torch_state_dict(state_dict):
+        from_torch = is_torch_state_dict(state_dict)
+        if from_torch:
             state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
                                                state_dict, layerwise=self.layerwise)
-            # the run's start is the torch optimizer's lr, not init_step_size (the warning about
-            # a step size grown without a schedule measures from it)
-            self._growth_start = max(
-                v for g in state_dict["param_groups"] for v in (
-                    g["step_size"] if isinstance(g["step_size"], list) else [g["step_size"]]))
         else:
             state_dict = self._check_saved_step_sizes(state_dict)
             self._check_saved_blocks(state_dict)
         self._check_loadable(state_dict)
+        self._check_saved_hyperparameters(state_dict)
+        self._check_saved_values(state_dict)
         self._note_other_direction(state_dict)
         state_dict = self._step_sizes_along_ours(state_dict)
         if not self.layerwise:
             state_dict = self._global_from_layerwise(state_dict)
         saved = state_dict.get("state", {})
         super().load_state_dict(state_dict)
+        if from_torch:
+            # the run's start is the torch optimizer's lr, not init_step_size (the warning about
+            # a step size grown without a schedule measures from it); set once the load holds
+            self._growth_start = max(
+                v for g in state_dict["param_groups"] for v in (
+                    g["step_size"] if isinstance(g["step_size"], list) else [g["step_size"]]))
         self._pending_skip = None  # a flag of the steps before the load is no longer ours
         self._last_dd = None
         self._resumed_dd = self.param_groups[0].get("last_dd")  # taken up by _length_caps
@@ -398,3 +402,57 @@ class CheckpointMixin:
                             f"the state dict's {name!r} of parameter {what} has shape "
                             f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}: it was "
                             "saved for another model")
+
+    def _check_saved_hyperparameters(self, state_dict: dict) -> None:
+        """The checkpoint's group hyperparameters win at load, as torch's do; a value the next
+        step would refuse (betas (2, 0.999), a negative eps or weight decay, a NaN lr) loaded,
+        and that step raised with the previous state already replaced. Checked as a step
+        checks them, before anything changes."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's own check names the mismatch
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            probe = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                self._validate_group(probe)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"the state dict's param group {gi} holds a value this "
+                                 f"optimizer refuses: {e}") from None
+
+    def _check_saved_values(self, state_dict: dict) -> None:
+        """The saved moments, momentum buffers and masters, checked before anything changes: one
+        NaN or inf among them (or a negative average of g²) loaded silently and wrote NaN into
+        the model at the next step (the gradient guard sees the gradient only), after which
+        every step was skipped. One pass over the state, at load time only."""
+        names = {id(p): self._names.get(id(p)) for g in self.param_groups for p in g["params"]}
+        ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(ids, params)) if len(ids) == len(params) else {}
+        needed = set(self.rule.state_names)
+        for pid, pstate in state_dict.get("state", {}).items():
+            p = by_id.get(pid)
+            what = (names.get(id(p)) if p is not None else None) or f"#{pid}"
+            have = needed & {k for k, v in pstate.items() if torch.is_tensor(v)}
+            if have and have != needed:
+                # the missing one restarted at 0 while the others and the fold count went on:
+                # that tensor's next step came out 24x too large, without a word
+                raise ValueError(
+                    f"the state dict's state of parameter {what} holds "
+                    f"{', '.join(map(repr, sorted(have)))} but not "
+                    f"{', '.join(map(repr, sorted(needed - have)))}: the checkpoint is "
+                    "incomplete or was edited")
+            for name, value in pstate.items():
+                if not (torch.is_tensor(value) and value.is_floating_point()
+                        and (name in needed or name == "master")) or value.device.type == "meta":
+                    continue
+                local = value.to_local() if is_dtensor(value) else value  # (this rank's shard)
+                bad = None
+                if not bool(torch.isfinite(local).all()):
+                    bad = "non-finite values (NaN or inf)"
+                elif name in self.rule.squared_states and local.numel() and \
+                        bool((local < 0).any()):
+                    bad = "negative values (it averages g²)"
+                if bad is not None:
+                    raise ValueError(f"the state dict's {name!r} of parameter {what} holds {bad}: "
+                                     "the checkpoint is corrupt or the run that saved it had "
+                                     "diverged")

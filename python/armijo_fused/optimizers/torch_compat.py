@@ -234,7 +234,7 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
     # group at lr 0 first, an embedding for instance, has no step size to give)
     lead_all = next((g for g in saved_groups if _float(lr_peak(g)) > 0.0),
                     saved_groups[0] if saved_groups else {})
-    groups, state = [], {}
+    groups, state, uneven = [], {}, []
     for gi, (saved, live) in enumerate(zip(saved_groups, live_groups)):
         for key in _REFUSED_IN_CHECKPOINTS:
             if saved.get(key):
@@ -266,6 +266,8 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         group.update({k: saved[k] for k in _TAKEN
                       if k in saved and (k in live or k in _SCHEDULE_KEYS)})
         folded = max(steps, default=0)
+        if rule.bias_corrected and steps and min(steps) != folded:
+            uneven.append((gi, min(steps), folded))
         lead = saved if layerwise else lead_all
         eta = _float(lr_peak(lead))
         if not eta > 0.0:  # saved at lr 0 (a warmup written by hand, a frozen group): no step
@@ -296,6 +298,16 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
     # (only now that nothing refuses it: a warning that it continues, then a refusal, hid the
     # refusal's reason where warnings are errors)
     _warn_other_direction(owner, rule, saved_groups)
+    if uneven:
+        # torch counts steps per tensor, and skips a tensor whose gradient is None (an unused
+        # head, an expert no token reached); a group here shares one count
+        where = "; ".join(f"group {gi}: {lo} to {hi}" for gi, lo, hi in uneven)
+        warnings.warn(
+            f"{owner}: the torch checkpoint's tensors were stepped different numbers of times "
+            f"({where}): here a param group shares one bias-correction count, the largest, so "
+            "the tensors that lag get their next directions bias-corrected as if they had "
+            "folded as many gradients (their early moments' zero start is under-corrected)",
+            stacklevel=4)
     coupled = [gi for gi, g in enumerate(saved_groups) if _coupled_decay(g)]
     if coupled:
         warnings.warn(
