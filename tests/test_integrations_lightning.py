@@ -303,14 +303,33 @@ class LitDropout(ArmijoLightningMixin, L.LightningModule):
         return ArmijoAdam(self.parameters(), model=self, cadence="every")
 
 
-def test_each_trial_replays_the_dropout_masks_of_its_own_micro_batch():
+class Jittered(torch.utils.data.Dataset):
+    """A random transform in ``__getitem__``: the data loading draws from the global RNG
+    between the micro-batches' forwards."""
+
+    def __init__(self):
+        self.inner = dataset()
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        x, y = self.inner[i]
+        return x + 0.01 * torch.randn_like(x), y
+
+
+@pytest.mark.parametrize("data", ["plain", "random-transform"])
+def test_each_trial_replays_the_dropout_masks_of_its_own_micro_batch(data):
     # a rewind of the RNG before Lightning's closure (which runs the window's last micro-batch)
-    # gave the last micro-batch the first one's masks, and its trials other masks again
+    # gave the last micro-batch the first one's masks, and its trials other masks again; with a
+    # random transform in the dataset the trials replayed micro-batch 2 from where micro-batch
+    # 1 ended, not from where its training forward started (f0 8% off the trials' f(θ0))
     model = LitDropout()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=2,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    ds = dataset() if data == "plain" else Jittered()
+    trainer.fit(model, torch.utils.data.DataLoader(ds, batch_size=8))
     train = {i: s for trial, i, s in model.seen if not trial}
     trials = [(i, s) for trial, i, s in model.seen if trial]
     assert len(train) == 4 and trials

@@ -11,7 +11,8 @@ forward and backward, with its hooks), and every trial evaluates
 
 over the micro-batches of the accumulation window (A = ``accumulate_grad_batches``, the
 normalisation Lightning applies before its backward), under the precision plugin's autocast, from
-the RNG state the window started with (the same dropout masks), with ``self.log`` silenced. The
+the RNG state each micro-batch's training forward started from (the same dropout masks, though
+the data loading between micro-batches draws from the RNG too), with ``self.log`` silenced. The
 loss at θ0 is the sum of the window's training losses, so a search costs only its trials.
 
 Precision: ``32-true`` and ``bf16-mixed`` step through ``optimizer.step(closure, loss_fn=...)``
@@ -43,7 +44,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..linesearch.trial import in_trial
+from ..linesearch.trial import get_rng_state, in_trial, set_rng_state
 from ..optimizers.base import ArmijoOptimizer
 from . import armijo_optimizer
 
@@ -99,7 +100,10 @@ class ArmijoLightningMixin:
             for opt in opts:
                 if isinstance(opt, ArmijoOptimizer):
                     opt.capture_rng()  # trials replay the window's dropout masks
-        window.append((batch, batch_idx))
+        # ... each micro-batch from its own start: a random transform in the dataset, a
+        # collator or the batch Lightning fetches ahead draw from the RNG between them (the
+        # trials replayed micro-batches 2.. under other masks: f0 8% off their f(θ0))
+        window.append((batch, batch_idx, get_rng_state()))
         return out
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -132,7 +136,8 @@ class ArmijoLightningMixin:
         def trial_loss():
             total = None
             with plugin.train_step_context():
-                for batch, idx in window:
+                for batch, idx, rng in window:
+                    set_rng_state(rng)
                     loss = _loss_of(self.armijo_loss(batch, idx), "armijo_loss").float()
                     total = loss / accumulate if total is None else total + loss / accumulate
             return total

@@ -40,16 +40,27 @@ import torch
 from torch import nn
 
 
-def capture_rng():
+def get_rng_state():
+    """torch's RNG state, of the CPU and of every CUDA device in use
+    (``armijo_fused.get_rng_state()``): what decides a forward's dropout masks. For a loop that
+    draws from the RNG between its micro-batches (a random transform in the dataset, a
+    ``torch.randint`` batch sampler), record it before each micro-batch's forward and
+    :func:`set_rng_state` it before the same micro-batch in the trial function
+    (docs/integrations.md)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def restore_rng(state) -> None:
+def set_rng_state(state) -> None:
+    """Put back a state from :func:`get_rng_state` (``armijo_fused.set_rng_state``). Inside a
+    trial this is undone when the trial ends: training goes on from the RNG state it had."""
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+capture_rng, restore_rng = get_rng_state, set_rng_state  # (the names the optimizer uses)
 
 
 _depth = 0

@@ -557,7 +557,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                     "(step(closure)), a loss function (step(loss_fn=fn, loss=loss)), or register "
                     "one with set_closure(fn); HF Trainer: use armijo_fused.integrations.hf."
                     "LineSearchTrainer; Lightning: armijo_fused.integrations.lightning."
-                    "ArmijoLightningMixin"
+                    "ArmijoLightningMixin; accelerate (an AcceleratedOptimizer's step() takes no "
+                    "loss function): armijo_fused.integrations.armijo_optimizer(opt).set_closure("
+                    "fn) once the window is complete (docs/integrations.md)"
                 )
             if not self.state:
                 # every lr 0, no loss, no state yet: torch.distributed.checkpoint initialising
