@@ -7,8 +7,9 @@ takes no loss function, so the trial loss is registered on the optimizer inside 
 (``set_closure``) when the window's last micro-batch has run. ``accelerator.backward`` divides
 each micro-batch's loss by the number of accumulation steps; the trial must compute the same
 function, so it sums the window's micro-batch losses divided the same way, and the loss at θ0 is
-that sum of the training losses (``provide_loss``: no extra forward). ``capture_rng`` at the start
-of the window lets the trials replay its dropout masks. Steps between windows are no-ops, as for
+that sum of the training losses (``provide_loss``: no extra forward). The RNG state recorded
+before each micro-batch's forward lets the trials replay its dropout masks, even where the data
+loading draws random numbers between micro-batches. Steps between windows are no-ops, as for
 any optimizer under ``accelerator.accumulate``. ``--save DIR`` ends with
 ``accelerator.save_state(DIR, safe_serialization=False)``: the parameters are views of the
 optimizer's flat buffer, which safetensors (the default format) would save as one tensor.
@@ -22,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+import armijo_fused
 from armijo_fused import ArmijoAdam
 from armijo_fused.integrations import armijo_optimizer
 
@@ -64,15 +66,17 @@ def main(argv=None) -> list[float]:
             continue
         with accelerator.accumulate(model):
             if not window:
-                armijo.capture_rng()  # trials replay this window's dropout masks
-            window.append((x, y))
+                armijo.capture_rng()  # trials replay this window's dropout masks ...
+            window.append((x, y, armijo_fused.get_rng_state()))  # ... each micro-batch's own
             loss = nn.functional.mse_loss(model(x), y)
             accelerator.backward(loss)  # divides by the accumulation steps
             losses.append(loss.detach() / args.accumulate)
             if accelerator.sync_gradients:  # the window is complete: this step() steps
                 kept = list(window)
                 armijo.set_closure(lambda kept=kept: sum(
-                    nn.functional.mse_loss(model(bx), by) / args.accumulate for bx, by in kept))
+                    armijo_fused.set_rng_state(rng) or
+                    nn.functional.mse_loss(model(bx), by) / args.accumulate
+                    for bx, by, rng in kept))
                 armijo.provide_loss(torch.stack(losses).sum())
                 step_losses.append(float(torch.stack(losses).sum()))
                 window, losses = [], []
