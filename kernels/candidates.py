@@ -14,7 +14,7 @@ Adam, whose u does not read g once the state is updated), writes 4·K B.
 import triton
 import triton.language as tl
 
-from .rules import line_direction, load_states
+from .rules import line_direction, load_states, widen
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def trial_points_kernel(
     clip = tl.load(gscale_ptr + 1)
 
     theta = tl.load(param_ptr + offs, mask=mask, other=0.0)
-    g_in = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * unscale * clip
+    g_in = widen(tl.load(grad_ptr + offs, mask=mask, other=0.0)) * unscale * clip
     a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
     d = line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND)
     if not PRECOND:  # the fallback direction carries no weight decay

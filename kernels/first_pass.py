@@ -34,6 +34,7 @@ from .rules import (
     store_theta,
     tile_pointers,
     update_state,
+    widen,
 )
 
 
@@ -49,10 +50,9 @@ def _first_pass_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, st
     theta = tl.load(theta_ptrs, mask=mask, other=0.0)
     if WRITE_MODEL:  # weights the user wrote into the model since the last step win
         model = tl.load(model_ptr + offs, mask=mask, other=0.0)
-        written = round_to_model(theta, model_ptr.dtype.element_ty).to(tl.float32) != model.to(
-            tl.float32)
-        theta = tl.where(written, model.to(tl.float32), theta)
-    g = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32) * unscale
+        written = widen(round_to_model(theta, model_ptr.dtype.element_ty)) != widen(model)
+        theta = tl.where(written, widen(model), theta)
+    g = widen(tl.load(grad_ptrs, mask=mask, other=0.0)) * unscale
     g_in = g * clip
     a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
-from .rules import line_direction, load_states, store_theta, tile_pointers
+from .rules import line_direction, load_states, store_theta, tile_pointers, widen
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _move_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, state1_p
     a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
     g = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     if LOAD_GRAD:
-        g = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32) * unscale
+        g = widen(tl.load(grad_ptrs, mask=mask, other=0.0)) * unscale
     g_in = g * clip
 
     u_old = line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_OLD)

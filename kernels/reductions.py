@@ -10,7 +10,7 @@ bitwise the same on every run and every rank.
 import triton
 import triton.language as tl
 
-from .rules import table_tile
+from .rules import table_tile, widen
 
 #: partial-sum columns of the first pass and the move: (Σ g·d, Σ g², Σ d²).
 SUM_COLS = 3
@@ -45,7 +45,7 @@ def tile_sq_sum_kernel(x_ptr, partial_ptr, n_elements, BLOCK_SIZE: tl.constexpr)
     tile = tl.program_id(0).to(tl.int64)
     offs = tile * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = widen(tl.load(x_ptr + offs, mask=mask, other=0.0))
     tl.store(partial_ptr + tile, tl.sum(x * x, axis=0))
 
 

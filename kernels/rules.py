@@ -57,6 +57,17 @@ def store_states(state0_ptr, state1_ptr, offs, mask, a, b, NSTATES: tl.constexpr
 
 
 @triton.jit
+def widen(x):
+    """A loaded gradient or model weight in fp32. bf16 is widened on the bits (its 16 bits are
+    an fp32's top half, exactly): the interpreter's own bf16 cast misreads subnormals (1.0e-39
+    read as 4.4e-39), so CI's interpreted kernels would disagree with the GPU's and with C++."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def round_to_model(theta, DTYPE: tl.constexpr):
     """fp32 θ rounded to the model's bf16/fp16, to nearest even (torch's casts). bf16 is rounded
     on the bits, as c10::BFloat16 does, NaN to the quiet NaN 0x7FC0: the interpreter's own bf16

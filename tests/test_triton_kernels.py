@@ -409,6 +409,35 @@ def test_half_precision_gradients_are_widened_like_torch(rule_name, dtype):
     check_half_grads(rule_name, dtype, "cpu")
 
 
+def check_half_subnormal_grads(dtype, device):
+    """Half gradients that are subnormal in their own format, read exactly: θ0 = 0, SGD, η = 1
+    gives θ = −g bitwise (the interpreter's bf16 cast read 1.0e-39 as 4.4e-39)."""
+    rule = RULES["sgd"]
+    case = make_case("sgd", (384,), 128, seed=0, device=device)  # (no padding)
+    n = case.layout.numel
+    mantissa = 0x7F if dtype == torch.bfloat16 else 0x3FF  # exponent 0: subnormal
+    bits = torch.arange(n, dtype=torch.int32) % mantissa + 1
+    grad = (bits + 0x8000 * (torch.arange(n) % 2)).to(torch.int16)  # (odd ones negative)
+    case.grad = grad.view(dtype).to(device)
+    case.param = torch.zeros(n, device=device)
+    case.weight_decay, case.eta = 0.0, torch.ones_like(case.eta)
+    case.gscale = torch.tensor([1.0, 1.0], device=device)
+    sums = first(tri, rule, case)
+    want = -case.grad.float()
+    assert (want != 0).all() and want.abs().max() < torch.finfo(dtype).tiny
+    assert torch.equal(case.param, want)
+    torch.testing.assert_close(sums[:, 1], want.double().pow(2).sum().float().reshape(1),
+                               rtol=1e-5, atol=0)
+    sq = tri.grad_sq_norm(case.grad, case.layout)
+    torch.testing.assert_close(sq, want.double().pow(2).sum().float().reshape(1), rtol=1e-5, atol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gradients_subnormal_in_their_format_are_read_exactly(dtype):
+    check_half_subnormal_grads(dtype, "cpu")
+
+
 @triton.jit
 def round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """The kernels' store of θ with a model copy, alone: reads x, writes x and its copy."""
