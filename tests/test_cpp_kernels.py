@@ -436,6 +436,22 @@ def test_clear_errors(change, match):
         ops.first_pass(**_op_args(c, **change(c)))
 
 
+@pytest.mark.parametrize("arg", ["grad", "eta", "gscale"])
+def test_a_stray_meta_tensor_is_refused_not_answered_with_garbage(arg):
+    # the fake kernels double as the ops' Meta kernels, which the dispatcher picks when any input
+    # is on the meta device: the call returned uninitialised sums and ran nothing
+    c = case("adam", MULTI)
+    change = {arg: torch.empty_like(getattr(c, arg), device="meta")}
+    before = c.param.clone()
+    with pytest.raises(RuntimeError, match=rf"first_pass: {arg} is on meta, the first buffer on cpu"):
+        ops.first_pass(**_op_args(c, **change))
+    assert torch.equal(c.param, before)
+    with pytest.raises(RuntimeError, match=r"grad_sq_norm: tile_block is on cpu, the first buffer "
+                                           r"on meta"):
+        ops.grad_sq_norm(torch.empty_like(c.grad, device="meta"), c.layout.tile_block,
+                         c.layout.block_tiles, c.layout.tile)
+
+
 def test_move_and_norm_errors():
     c = case("momentum", MULTI)
     rid = RULES["momentum"].rule_id

@@ -438,6 +438,18 @@ def test_half_gradients_subnormal_in_their_format_are_read_exactly(dtype):
     check_half_subnormal_grads(dtype, "cpu")
 
 
+@interpreted
+def test_buffers_that_share_memory_are_refused_as_in_cpp():
+    # the C++ passes refused them; the Triton ones wrote an order-dependent θ (a race on a GPU)
+    rule = RULES["adam"]
+    case = make_case("adam", (300,), 64, seed=0)
+    before = case.param.clone()
+    case.states = [case.param, case.states[1]]
+    with pytest.raises(ValueError, match=r"param and states\[0\] share memory"):
+        first(tri, rule, case)
+    assert torch.equal(case.param, before)
+
+
 @triton.jit
 def round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """The kernels' store of θ with a model copy, alone: reads x, writes x and its copy."""

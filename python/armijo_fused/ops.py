@@ -173,17 +173,33 @@ if available():
     def _nblocks(block_tiles: Tensor) -> int:
         return block_tiles.shape[0] - 1
 
+    def _one_device(op: str, first: Tensor, **others) -> None:
+        """The fake kernels are also the ops' Meta kernels, which the dispatcher picks for a
+        call where any input is on the meta device: a CPU call with a stray meta tensor then
+        returned uninitialised sums without a word. Refuse it as the CPU kernel would."""
+        for name, t in others.items():
+            for i, x in enumerate(t if isinstance(t, (list, tuple)) else [t]):
+                if x is not None and x.device != first.device:
+                    where = f"{name}[{i}]" if isinstance(t, (list, tuple)) else name
+                    raise RuntimeError(f"armijo_fused.{op}: {where} is on {x.device}, the first "
+                                       f"buffer on {first.device}")
+
     @torch.library.register_fake("armijo_fused::first_pass")
     def _first_pass_fake(rule, param, grad, states, scalars, weight_decay, eta, gscale,
                          tile_block, block_tiles, tile, model_param=None, precond=False):
+        _one_device("first_pass", param, grad=grad, states=states, eta=eta, gscale=gscale,
+                    model_param=model_param)
         return param.new_empty((_nblocks(block_tiles), 3))
 
     @torch.library.register_fake("armijo_fused::move")
     def _move_fake(rule, param, grad, states, scalars, weight_decay, eta_old, eta_new, gscale,
                    tile_block, block_tiles, tile, precond_old, precond_new, compute_sums,
                    model_param=None):
+        _one_device("move", param, grad=grad, states=states, eta_old=eta_old, eta_new=eta_new,
+                    gscale=gscale, model_param=model_param)
         return param.new_empty((_nblocks(block_tiles), 3))
 
     @torch.library.register_fake("armijo_fused::grad_sq_norm")
     def _grad_sq_norm_fake(grad, tile_block, block_tiles, tile):  # fp32 for a half gradient too
+        _one_device("grad_sq_norm", grad, tile_block=tile_block, block_tiles=block_tiles)
         return grad.new_empty((_nblocks(block_tiles),), dtype=torch.float32)

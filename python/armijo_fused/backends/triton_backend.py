@@ -134,6 +134,22 @@ def _check_scalars(param: Tensor, layout: FlatLayout, **tensors: Tensor) -> None
             )
 
 
+def _check_disjoint(param: Tensor, grad: Tensor | None, states: Sequence[Tensor],
+                    model_param: Tensor | None) -> None:
+    """The passes write θ, the state and the model copy in place, element by element from what
+    they read: two buffers over the same memory give an order-dependent result (a race between
+    tiles on a GPU). Refused, as the C++ passes refuse it."""
+    named = [("param", param), ("grad", grad), *((f"states[{i}]", t) for i, t in
+                                                 enumerate(states)), ("model_param", model_param)]
+    spans = [(n, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+             for n, t in named if t is not None and t.numel()]
+    for i, (a, a0, a1) in enumerate(spans):
+        for b, b0, b1 in spans[i + 1:]:
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"triton backend: {a} and {b} share memory; each buffer must "
+                                 "be a separate tensor")
+
+
 def _check_model_param(param: Tensor, model_param: Tensor | None, layout: FlatLayout) -> None:
     if model_param is None:
         return
@@ -251,6 +267,7 @@ def first_pass(
     if table is None:
         _check(rule, param, grad, states, layout)
         _check_model_param(param, model_param, layout)
+        _check_disjoint(param, grad, states, model_param)
         lengths = layout.tile_block  # placeholder: read only with TABLE
     else:  # θ and g through the table: param and grad are its address columns
         _check_table(rule, table, states, layout)
@@ -293,6 +310,7 @@ def move(
     if table is None:
         _check(rule, param, grad, states, layout)
         _check_model_param(param, model_param, layout)
+        _check_disjoint(param, grad, states, model_param)
         lengths = layout.tile_block  # placeholder: read only with TABLE
     else:
         _check_table(rule, table, states, layout)
