@@ -452,6 +452,20 @@ def test_a_stray_meta_tensor_is_refused_not_answered_with_garbage(arg):
                          c.layout.block_tiles, c.layout.tile)
 
 
+def test_the_torch_reference_refuses_what_the_kernels_refuse():
+    # a short buffer gave its block an empty slice and sums of 0; an int gradient ran
+    c = case("adam", MULTI)
+    with pytest.raises(ValueError, match=r"torch backend grad_sq_norm: grad must be a contiguous "
+                                         r"flat buffer of layout.numel=\d+ elements"):
+        ref.grad_sq_norm(c.grad[:-5], c.layout)
+    with pytest.raises(TypeError, match=r"torch backend first_pass: grad must be floating point"):
+        ref.first_pass(RULES["adam"], c.param, c.grad.int(), c.states, c.scalars, 0.0, c.eta,
+                       c.gscale, c.layout)
+    with pytest.raises(ValueError, match=r"torch backend move: states\[1\] must be a contiguous"):
+        ref.move(RULES["adam"], c.param, c.grad, [c.states[0], c.states[1][:-1]], c.scalars,
+                 0.0, c.eta, c.eta, c.gscale, c.layout)
+
+
 def test_move_and_norm_errors():
     c = case("momentum", MULTI)
     rid = RULES["momentum"].rule_id

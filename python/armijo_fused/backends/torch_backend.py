@@ -78,6 +78,28 @@ def _block_sums(g: Tensor, d: Tensor) -> Tensor:
     return torch.stack([(g * d).sum(), (g * g).sum(), (d * d).sum()])
 
 
+def _check_flat(op: str, layout: FlatLayout, **buffers) -> None:
+    """The reference takes what the other backends take: flat buffers of ``layout.numel``
+    elements, floating point (the reference also runs fp64 models), all on θ's device.
+    (Unchecked, a short buffer gave a block an empty slice and sums of 0, and an int gradient
+    ran.)"""
+    device = buffers["param"].device if "param" in buffers else None
+    for what, t in buffers.items():
+        for i, x in enumerate(t if isinstance(t, (list, tuple)) else [t]):
+            if x is None:
+                continue
+            name = f"{what}[{i}]" if isinstance(t, (list, tuple)) else what
+            if x.dim() != 1 or x.numel() != layout.numel or not x.is_contiguous():
+                raise ValueError(f"torch backend {op}: {name} must be a contiguous flat buffer of "
+                                 f"layout.numel={layout.numel} elements, got shape "
+                                 f"{tuple(x.shape)}")
+            if not x.is_floating_point():
+                raise TypeError(f"torch backend {op}: {name} must be floating point, got "
+                                f"{x.dtype}")
+            if device is not None and x.device != device:
+                raise ValueError(f"torch backend {op}: {name} is on {x.device}, param on {device}")
+
+
 def _unpack_scale(gscale: Tensor) -> tuple[float, float] | None:
     unscale, clip = (float(x) for x in gscale.tolist())
     if not (torch.isfinite(torch.tensor([unscale, clip])).all()):
@@ -107,6 +129,8 @@ def first_pass(
                           precond=precond)
         scatter(param, table.params, table)
         return sums
+    _check_flat("first_pass", layout, param=param, grad=grad, states=list(states),
+                model_param=model_param)
     sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
     scale = _unpack_scale(gscale)
     if scale is None:
@@ -164,6 +188,8 @@ def move(
                     layout, precond_old, precond_new, compute_sums)
         scatter(param, table.params, table)
         return sums
+    _check_flat("move", layout, param=param, grad=grad, states=list(states),
+                model_param=model_param)
     sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
     scale = _unpack_scale(gscale)
     if scale is None:
@@ -207,6 +233,7 @@ def trial_points(
     layout: FlatLayout,
     precond: bool = False,
 ) -> Tensor:
+    _check_flat("trial_points", layout, param=param, grad=grad, states=list(states))
     unscale, clip = (float(x) for x in gscale.tolist())
     g_in = grad.float() * unscale * clip
     u, wd = _direction(rule, g_in, states, scalars, weight_decay, precond)
@@ -226,6 +253,7 @@ def trial_points(
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:
     if table is not None:
         return table_grad_sq_norm(table)
+    _check_flat("grad_sq_norm", layout, grad=grad)
     out = torch.empty(layout.nblocks, dtype=torch.float32, device=grad.device)
     for b, sl in _blocks(layout):
         out[b] = grad[sl].float().square().sum()
