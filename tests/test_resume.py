@@ -1201,3 +1201,18 @@ def test_a_layerwise_checkpoint_whose_block_entries_disagree_is_refused_at_load(
         opt.load_state_dict(ck)
     assert opt.state_dict()["param_groups"] == before["param_groups"]
     opt.step(make_closure(opt, loss))  # and it trains on
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+def test_a_lower_max_step_holds_from_the_load_on(layerwise):
+    # the carried η was applied by the steps without a search until the next search capped it
+    model, opt, closure = _stepped_adam(layerwise, steps=3)
+    sd = opt.state_dict()
+    again = ArmijoAdam(model.parameters(), model=model, backend="torch", layerwise=layerwise,
+                       cadence=2, max_step=1e-5)
+    again.load_state_dict(sd)
+    sizes = again.param_groups[0]["step_size"]
+    assert max(sizes if layerwise else [sizes]) <= 1e-5
+    again.step(closure)
+    applied = again.stats["applied_step"]
+    assert max(applied if layerwise else [applied]) <= 1e-5

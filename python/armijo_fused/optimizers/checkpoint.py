@@ -165,7 +165,13 @@ class CheckpointMixin:
         self._last_dd = None
         self._resumed_dd = self.param_groups[0].get("last_dd")  # taken up by _length_caps
         self.param_groups[0]["last_dd"] = None
-        for g in self.param_groups:  # checkpoints from before ``folded``: no skip recorded
+        for g in self.param_groups:
+            # this optimizer's max_step holds from the load on (a lower one than the saved run's
+            # let the steps without a search apply the carried η until the next search)
+            v = g["step_size"]
+            g["step_size"] = ([self.policy.cap(x) for x in v] if isinstance(v, list)
+                              else self.policy.cap(v))
+            # checkpoints from before ``folded``: no skip recorded
             g.setdefault("folded", g["step"])
             g.setdefault("collapsed", [0] * len(g["step_size"]) if isinstance(
                 g["step_size"], list) else 0)  # ... or before ``collapsed``
