@@ -13,7 +13,7 @@ from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
-from armijo_fused.blocks import assign_blocks, block_name, block_names, param_groups
+from armijo_fused.blocks import assign_blocks, block_names, param_groups
 
 
 def block_quadratic(block_L, *, dim=16, inner=2.0, seed=0):
@@ -164,21 +164,6 @@ def test_blocks_are_found_from_module_names():
     groups = param_groups(model, weight_decay=0.1)
     assert [g["block"] for g in groups] == ["embeddings", "layer.0", "layer.1", "final"]
     assert all(g["weight_decay"] == 0.1 for g in groups)
-
-
-def test_vision_models_final_norms_are_the_final_block():
-    # ViT's last norm is "vit.layernorm" (was a block "vit" of its own); CLIP's vision tower
-    # ends in "post_layernorm", OpenAI's CLIP in "ln_post"
-    names = ["vit.embeddings.cls_token", "vit.layers.0.layernorm_before.weight",
-             "vit.layers.0.attention.q_proj.weight", "vit.layernorm.weight", "vit.layernorm.bias",
-             "classifier.weight"]
-    assert list(block_names(names).values()) == ["embeddings", "layer.0", "layer.0", "final",
-                                                 "final", "head"]
-    assert block_name("vision_model.post_layernorm.weight") == "final"
-    assert block_name("visual.ln_post.weight") == "final"
-    # (a layer's own norms stay in their layer; BERT's embedding norm in the embeddings)
-    assert block_name("encoder.layer.3.output.LayerNorm.weight") == "layer.3"
-    assert block_name("bert.embeddings.LayerNorm.weight") == "embeddings"
 
 
 def test_a_model_held_by_one_module_is_cut_below_it():

@@ -12,8 +12,7 @@ block name             parameters
 ``layer.<i>``          everything under a numbered layer container: ``h.<i>`` (GPT-2,
                        nanoGPT), ``layer.<i>`` (BERT), ``layers.<i>`` (Llama, torchtitan),
                        ``blocks.<i>``, ``block.<i>`` (T5), ``resblocks.<i>`` (CLIP)
-``final``              the last norm before the head (``ln_f``, ``norm``, ``final_layernorm``;
-                       ``layernorm`` in ViT, ``post_layernorm`` / ``ln_post`` in CLIP)
+``final``              the last norm before the head (``ln_f``, ``norm``, ``final_layernorm``)
 ``head``               the output head (``lm_head``, ``head``, ``cls``, ``pooler``, ``classifier``,
                        ``output``)
 ``<i>``                children of an ``nn.Sequential`` (names start with a number)
@@ -46,8 +45,7 @@ from torch import nn
 _LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block|resblocks)\.(\d+)\.")
 _EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions"
                     r"|word_embeddings|position_embeddings|token_type_embeddings)(?:\.|$)")
-_FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm|norm_f"
-                    r"|layernorm|post_layernorm|ln_post)\.")
+_FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm)\.")
 _HEAD = re.compile(r"^(?:lm_head|head|cls|pooler|classifier|output|score)\.|\.(?:pooler)\.")
 
 
