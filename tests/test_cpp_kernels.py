@@ -436,12 +436,12 @@ def test_clear_errors(change, match):
         ops.first_pass(**_op_args(c, **change(c)))
 
 
-@pytest.mark.parametrize("arg", ["grad", "eta", "gscale"])
+@pytest.mark.parametrize("arg", ["grad", "eta", "gscale", "tile_block", "block_tiles"])
 def test_a_stray_meta_tensor_is_refused_not_answered_with_garbage(arg):
     # the fake kernels double as the ops' Meta kernels, which the dispatcher picks when any input
     # is on the meta device: the call returned uninitialised sums and ran nothing
     c = case("adam", MULTI)
-    change = {arg: torch.empty_like(getattr(c, arg), device="meta")}
+    change = {arg: torch.empty_like(_op_args(c)[arg], device="meta")}
     before = c.param.clone()
     with pytest.raises(RuntimeError, match=rf"first_pass: {arg} is on meta, the first buffer on cpu"):
         ops.first_pass(**_op_args(c, **change))

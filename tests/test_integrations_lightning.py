@@ -173,8 +173,15 @@ class LitManual(L.LightningModule):
         return ArmijoAdam(self.parameters(), model=self, cadence="every")
 
 
-def test_manual_optimization_route():
-    model = LitManual()
+class LitManualWithMixin(ArmijoLightningMixin, LitManual):
+    armijo_loss = LitManual.armijo_loss  # (this module's own, called by its training_step)
+
+
+@pytest.mark.parametrize("mixin", [False, True])
+def test_manual_optimization_route(mixin):
+    # (with the mixin left in, its window kept every batch: nothing under manual optimization
+    # ever cleared it)
+    model = LitManualWithMixin() if mixin else LitManual()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -189,6 +196,7 @@ def test_manual_optimization_route():
     assert model.hooks == 3  # Lightning's closure, with its hook, once per step
     # and the RNG goes on: every training forward draws new dropout masks
     assert not any(torch.equal(a, b) for a, b in zip(model.draws, model.draws[1:]))
+    assert not model.__dict__.get("_armijo_window")
     s = opt.stats
     if s["step_size"] > 0:
         assert s["loss_after"] <= s["loss_before"] - opt.c * s["step_size"] * s["gd"] + 1e-6

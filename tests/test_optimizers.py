@@ -60,13 +60,17 @@ def test_every_accepted_step_satisfies_armijo(problem, direction, seed):
     assert accepted >= 10
 
 
-@pytest.mark.parametrize("factor", [1.0, 0.25])
-def test_loss_after_is_the_loss_where_the_step_ended(factor):
+@pytest.mark.parametrize("factor, frozen_group", [(1.0, False), (0.25, False), (1.0, True)])
+def test_loss_after_is_the_loss_where_the_step_ended(factor, frozen_group):
     # with a schedule's factor below 1 the step applied is shorter than the trial tested:
     # loss_after reported the trial's loss (3x the real decrease at 0.25). It is now NaN there,
-    # and the trial's loss is loss_trial
+    # and the trial's loss is loss_trial. A group at lr 0 (frozen: it moves in neither) keeps
+    # loss_after (a first fix made it NaN at every step)
     model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
-    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    params = list(model.parameters())
+    groups = [{"params": params[:1]}, {"params": params[1:], "lr": 0.0}] if frozen_group \
+        else params
+    opt = ArmijoAdam(groups, backend="torch", cadence="every")
     torch.optim.lr_scheduler.LambdaLR(opt, lambda _: factor)
     X, y = data
     for _ in range(3):

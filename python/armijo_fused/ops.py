@@ -188,7 +188,7 @@ if available():
     def _first_pass_fake(rule, param, grad, states, scalars, weight_decay, eta, gscale,
                          tile_block, block_tiles, tile, model_param=None, precond=False):
         _one_device("first_pass", param, grad=grad, states=states, eta=eta, gscale=gscale,
-                    model_param=model_param)
+                    tile_block=tile_block, block_tiles=block_tiles, model_param=model_param)
         return param.new_empty((_nblocks(block_tiles), 3))
 
     @torch.library.register_fake("armijo_fused::move")
@@ -196,7 +196,8 @@ if available():
                    tile_block, block_tiles, tile, precond_old, precond_new, compute_sums,
                    model_param=None):
         _one_device("move", param, grad=grad, states=states, eta_old=eta_old, eta_new=eta_new,
-                    gscale=gscale, model_param=model_param)
+                    gscale=gscale, tile_block=tile_block, block_tiles=block_tiles,
+                    model_param=model_param)
         return param.new_empty((_nblocks(block_tiles), 3))
 
     @torch.library.register_fake("armijo_fused::grad_sq_norm")

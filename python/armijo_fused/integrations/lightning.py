@@ -93,6 +93,10 @@ class ArmijoLightningMixin:
 
     def on_train_batch_start(self, batch, batch_idx):
         out = super().on_train_batch_start(batch, batch_idx)
+        if not self.automatic_optimization:
+            # manual optimization steps itself (docs/integrations.md): no window to keep. (It
+            # was kept, with every batch in it, since no optimizer_step hook ever cleared it)
+            return out
         window, losses = self._armijo_state()
         if not window:
             losses.clear()

@@ -789,7 +789,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # the trial's loss is the loss after the step only where the step applied is the one
         # tested: a schedule's factor below 1 shortens it, and that point's loss is not known
         # (reporting the trial's had overstated the decrease 3x at a factor of 0.25)
-        at_trial = all(f == 1.0 for a, f in zip(taken, block_factors) if a != 0.0)
+        # (a block at lr 0 moves in neither: θ0 in the trial and after the step)
+        at_trial = all(f == 1.0 for a, f in zip(taken, block_factors) if a != 0.0 and f != 0.0)
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken, table),
             applied_step=self._report([a * f for a, f in zip(taken, block_factors)], table),
