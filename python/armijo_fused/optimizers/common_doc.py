@@ -91,7 +91,7 @@ LINESEARCH_ARGS = r"""
             the line and the gradient taken back out of the state, exact to the float32
             rounding of the trial points θ0 − η·d: a few ulps of θ where trials stay near θ's
             scale (Adam's steps), but a trial far beyond it leaves its own rounding (ArmijoSGD's
-            first trial at η = 1.2 on a gradient of 2e5: θ0 back to 1.5e-2 on |θ| ≈ 3). Costs
+            first trial at η = 1.2 on a gradient of 2e5: θ0 back only to about 1e-2 on |θ| ≈ 3). Costs
             one copy of θ and the state per search step (default: False)
         process_group (optional): the group whose ranks decide together under DDP; the trial
             losses and per-block sums are averaged over it in one all-reduce per trial (and
