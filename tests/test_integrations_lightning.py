@@ -391,3 +391,57 @@ def test_a_training_step_returning_none_skips_its_micro_batch(accumulate, skip, 
     whole = accumulate == 1 or skip == {2, 3}  # one of the three windows returned no loss
     assert sorted(taken) == list(range(1, 4 - whole))
     assert all(t <= 2 and not exhausted for _, t, exhausted, _ in taken.values())
+
+
+class LitWindow(ArmijoLightningMixin, L.LightningModule):
+    """Records which micro-batches each step's window holds."""
+
+    def __init__(self, kind="armijo", stop_at=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.kind, self.stop_at, self.windows = kind, stop_at, []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        out = super().on_train_batch_start(batch, batch_idx)
+        if self.stop_at is not None and self.current_epoch == 0 and batch_idx == self.stop_at:
+            return -1  # Lightning: skip the rest of this epoch
+        return out
+
+    def optimizer_step(self, *args, **kwargs):
+        self.windows.append([i for _, i, _ in self.__dict__.get("_armijo_window", [])])
+        return super().optimizer_step(*args, **kwargs)
+
+    def configure_optimizers(self):
+        if self.kind == "armijo":
+            return ArmijoAdam(self.parameters(), model=self, cadence="every")
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def _fit_window(model, **kw):
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **kw)
+    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    return trainer
+
+
+def test_the_mixin_keeps_no_window_for_another_optimizer():
+    # "other optimizers step as usual": the mixin still kept every batch of the run
+    model = LitWindow(kind="adamw")
+    _fit_window(model, max_epochs=2)
+    assert not model.__dict__.get("_armijo_window") and not model.__dict__.get("_armijo_losses")
+
+
+def test_a_batch_skipped_by_on_train_batch_start_is_not_in_the_next_window():
+    # returned -1 after super(): the batch was recorded, never trained, and the next step's
+    # trials evaluated it beside an f0 without it (15 trials, exhausted, in review)
+    model = LitWindow(stop_at=3)
+    trainer = _fit_window(model, max_epochs=2, accumulate_grad_batches=2)
+    assert model.windows[:2] == [[0, 1], [2, 0, 1]]
+    opt = trainer.optimizers[0]
+    assert opt.param_groups[0]["searches"] == opt.param_groups[0]["step"]
+    assert opt.param_groups[0]["forwards"] < 3 * opt.param_groups[0]["step"]  # no long searches

@@ -45,7 +45,6 @@ from collections.abc import Mapping
 import torch
 
 from ..linesearch.trial import get_rng_state, in_trial, set_rng_state
-from ..optimizers.base import ArmijoOptimizer
 from . import armijo_optimizer
 
 
@@ -97,21 +96,31 @@ class ArmijoLightningMixin:
             # manual optimization steps itself (docs/integrations.md): no window to keep. (It
             # was kept, with every batch in it, since no optimizer_step hook ever cleared it)
             return out
+        opts = [armijo_optimizer(o) for o in
+                (self.trainer.optimizers if self._trainer is not None else [])]
+        opts = [o for o in opts if o is not None]
+        if not opts:  # other optimizers step as usual: nothing to keep (it kept every batch)
+            return out
         window, losses = self._armijo_state()
+        if self.__dict__.get("_armijo_open") and window:
+            # the last batch never reached on_train_batch_end: a subclass's
+            # on_train_batch_start returned -1 after super() (Lightning then skips the rest of
+            # the epoch), so it never trained; the next step's trials included it, not its f0
+            window.pop()
         if not window:
             losses.clear()
-            opts = self.trainer.optimizers if self._trainer is not None else []
             for opt in opts:
-                if isinstance(opt, ArmijoOptimizer):
-                    opt.capture_rng()  # trials replay the window's dropout masks
+                opt.capture_rng()  # trials replay the window's dropout masks
         # ... each micro-batch from its own start: a random transform in the dataset, a
         # collator or the batch Lightning fetches ahead draw from the RNG between them (the
         # trials replayed micro-batches 2.. under other masks: f0 8% off their f(θ0))
         window.append((batch, batch_idx, get_rng_state()))
+        self.__dict__["_armijo_open"] = True
         return out
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         out = super().on_train_batch_end(outputs, batch, batch_idx)
+        self.__dict__["_armijo_open"] = False
         window, losses = self._armijo_state()
         if window:  # no step yet: an accumulation micro-batch; keep its (normalised) loss
             if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):

@@ -257,6 +257,10 @@ class SearchMixin:
                          rejected=None)  # (each block's own: block_results)
         merged.exact, merged.block_results = exact, results
         merged.joint_shrunk = shrunk
+        if all(r.accepted is None for _, r in results):
+            # no block accepted anything: no step, as an exhausted global search (its stats
+            # said collapsed, not exhausted)
+            accepted = None
         return merged, accepted
 
     @staticmethod
