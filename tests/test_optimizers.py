@@ -1390,3 +1390,74 @@ def test_searches_that_never_resolve_a_tiny_loss_are_named():
         for _ in range(10):
             opt.step(make_closure(opt, lambda: 1e-9 * ((w - 1) ** 2).sum()))
     assert opt.stats["unresolved"] and torch.equal(w.detach(), torch.zeros(4))
+
+
+def test_cyclic_lr_applies_its_cycle_once_each_group_records_the_peak():
+    # CyclicLR writes base_lr into lr and initial_lr and keeps max_lr to itself: lr_0 was the
+    # bottom of the cycle, the factor capped at 1 at every step (the cycle did nothing)
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    X, y = data
+    opt = ArmijoSGD(model.parameters(), backend="torch", cadence="every")
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=3,
+                                              cycle_momentum=False)
+    for g in opt.param_groups:
+        g["max_lr"] = 0.1  # the docs' recipe
+    factors = []
+    for _ in range(6):
+        lr = opt.param_groups[0]["lr"]
+        opt.step(make_closure(opt, loss_fn, X, y))
+        factors.append(opt.stats["lr_factor"])
+        assert opt.stats["lr_factor"] == pytest.approx(lr / 0.1)
+        sched.step()
+    assert min(factors) == pytest.approx(0.1) and max(factors) == pytest.approx(1.0)
+
+
+def test_step_called_from_inside_a_trial_is_refused_and_the_step_rolls_back():
+    # a loss function (or a hook it reaches) that called step() again ran a whole second step
+    # mid-search: the gradient folded a third time, nothing counted, the outer guards lifted
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    X, y = data
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    opt.step(make_closure(opt, loss_fn, X, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+    closure = make_closure(opt, loss_fn, X, y)
+
+    def trial():
+        opt.step(closure)
+        return loss_fn(X, y)
+
+    opt.zero_grad()
+    loss = loss_fn(X, y)
+    loss.backward()
+    with pytest.raises(RuntimeError, match=r"step\(\) called while a step is in progress"):
+        opt.step(loss_fn=trial, loss=loss.detach())
+    assert all(torch.allclose(p, b, atol=1e-7) for p, b in zip(model.parameters(), before))
+    assert all(torch.allclose(opt.state[next(model.parameters())][k], v, atol=1e-7)
+               for k, v in state.items())
+    assert opt.param_groups[0]["step"] == 1
+    opt.step(make_closure(opt, loss_fn, X, y))  # still usable
+    assert opt.param_groups[0]["step"] == 2
+
+
+def test_provide_loss_inside_a_trial_is_not_the_next_steps_f0():
+    # a function serving as the registered closure that also provides the loss: a trial's
+    # loss became the next step's f(θ0)
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    X, y = data
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+
+    def closure():
+        loss = loss_fn(X, y)
+        opt.provide_loss(loss.detach() * 1000)  # (a trial's, scaled to be seen)
+        return loss
+
+    opt.set_closure(closure)
+    for k in range(2):
+        opt.zero_grad()
+        loss = loss_fn(X, y)
+        loss.backward()
+        if k == 0:  # (the second step evaluates f(θ0) itself: nothing may be pending)
+            opt.provide_loss(loss.detach())
+        opt.step()
+        assert opt.stats["loss_before"] == pytest.approx(float(loss))

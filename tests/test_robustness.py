@@ -1790,3 +1790,41 @@ def test_a_warning_filtered_into_an_error_raises_after_the_step_is_whole():
     assert raised == [33]
     for (t0, m0, c0), (t1, m1, c1) in zip(ignored, as_error):
         assert torch.equal(t0, t1) and torch.equal(m0, m1) and c0 == c1
+
+
+def test_config_file_values_and_wrong_calls_of_the_public_helpers():
+    # numpy ints (a config file's) were refused as "not an int"; smoothing=None, a plain torch
+    # RNG state in set_rng_state, NaN in js_distance and a negative density width gave
+    # unrelated errors or plausible numbers
+    import numpy as np
+
+    import armijo_fused
+    from armijo_fused.diagnostics.heterogeneity import js_distance
+
+    model = nn.Linear(3, 1)
+    opt = ArmijoAdam(model.parameters(), max_trials=np.int64(5), cadence=np.int64(3),
+                     max_interval=np.int32(4), candidates=np.int64(2), model=model)
+    assert (opt.max_trials, opt.cadence.spec, opt.candidates) == (5, 3, 2)
+    with pytest.raises(ValueError, match="invalid smoothing: None"):
+        ArmijoSGD(model.parameters(), smoothing=None)
+    with pytest.raises(TypeError, match=r"set_rng_state takes what armijo_fused.get_rng_state"):
+        armijo_fused.set_rng_state(torch.get_rng_state())
+    with pytest.raises(ValueError, match="finite"):
+        js_distance([math.nan, 1.0], [1.0, 0.0])
+
+
+def test_a_recorder_attached_twice_records_each_step_once():
+    from armijo_fused.diagnostics import TelemetryRecorder
+
+    model = nn.Linear(3, 1)
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    rec = TelemetryRecorder(opt)
+    rec.attach()
+    rec.attach()
+    x = torch.randn(8, 3)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert [r["step"] for r in rec.records] == [1, 2, 3]
+    rec.detach()
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert len(rec.records) == 3

@@ -42,6 +42,8 @@ def js_distance(p, q) -> float:
     q = np.asarray(q, dtype=np.float64)
     if p.shape != q.shape:
         raise ValueError(f"js_distance needs vectors of one shape, got {p.shape} and {q.shape}")
+    if not (np.isfinite(p).all() and np.isfinite(q).all()):  # (NaN read as "identical": 0.0)
+        raise ValueError("js_distance needs finite vectors")
     if (p < 0).any() or (q < 0).any() or p.sum() <= 0 or q.sum() <= 0:
         raise ValueError("js_distance needs nonnegative vectors with positive mass")
     p, q = p / p.sum(), q / q.sum()

@@ -145,19 +145,22 @@ class TelemetryRecorder:
 
     def attach(self, optimizer=None):
         """Record after every ``optimizer.step()`` (a step post-hook); returns the hook handle.
+        Attaching again moves the hook (one record per step).
 
         The loss comes from ``opt.stats['loss_before']`` (armijo_fused) or is NaN (plain torch
         optimizers: call ``record(loss)`` yourself to keep it)."""
         opt = optimizer or self.optimizer
         if opt is None:
             raise ValueError("attach() needs an optimizer")
+        self.detach()  # (attached twice, every step was recorded twice and detach kept one)
         self.optimizer = opt
         self._handle = opt.register_step_post_hook(lambda o, args, kwargs: self.record(None, o))
         return self._handle
 
     def detach(self) -> None:
-        if self._handle is not None:
+        if getattr(self, "_handle", None) is not None:
             self._handle.remove()
+            self._handle = None
             self._handle = None
 
     # -- views ----------------------------------------------------------------------------------

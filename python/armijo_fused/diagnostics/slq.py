@@ -107,6 +107,10 @@ class Spectrum:
         ``scale`` divides the eigenvalues first (normalised spectra); ``grid`` defaults to the
         Ritz range padded by 5σ.
         """
+        if sigma is not None and not sigma > 0:  # (a negative width gave a negative density)
+            raise ValueError(f"density: sigma must be > 0, got {sigma!r}")
+        if not scale > 0:
+            raise ValueError(f"density: scale must be > 0, got {scale!r}")
         nodes = [np.asarray(t, dtype=np.float64) / scale for t in self.nodes]
         if sigma is None:
             lo, hi = min(t.min() for t in nodes), max(t.max() for t in nodes)

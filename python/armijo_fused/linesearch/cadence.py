@@ -18,12 +18,18 @@ Cadence state (``next_search``, ``search_interval``) lives in the param groups l
 from __future__ import annotations
 
 import math
+import numbers
 
 
 class Cadence:
     def __init__(self, spec="adaptive", *, max_interval: int = 10, tolerance: float = 2.0):
         if spec == "every":
             spec = 1
+        # (a numpy int from a config file is an int here)
+        if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+            spec = int(spec)
+        if isinstance(max_interval, numbers.Integral) and not isinstance(max_interval, bool):
+            max_interval = int(max_interval)
         if isinstance(spec, bool) or not (spec == "adaptive" or isinstance(spec, int)):
             raise ValueError(f"invalid cadence: {spec!r} (expected 'every', 'adaptive' or an int k)")
         if isinstance(spec, int) and spec < 1:

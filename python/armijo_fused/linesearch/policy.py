@@ -53,7 +53,7 @@ class StepSizePolicy:
     def validate(self) -> None:
         if not (self.growth >= 1.0 and math.isfinite(self.growth)):
             raise ValueError(f"invalid growth: {self.growth!r} (expected a finite number >= 1)")
-        if not 0.0 <= self.smoothing < 1.0:
+        if self.smoothing is None or not 0.0 <= self.smoothing < 1.0:
             raise ValueError(f"invalid smoothing: {self.smoothing!r} (expected 0 <= smoothing < 1)")
         if not 0.0 <= self.collapse_ratio < 1.0:
             raise ValueError(

@@ -54,6 +54,9 @@ def get_rng_state():
 def set_rng_state(state) -> None:
     """Put back a state from :func:`get_rng_state` (``armijo_fused.set_rng_state``). Inside a
     trial this is undone when the trial ends: training goes on from the RNG state it had."""
+    if not (isinstance(state, tuple) and len(state) == 2 and torch.is_tensor(state[0])):
+        raise TypeError("set_rng_state takes what armijo_fused.get_rng_state() returned (the CPU "
+                        f"and CUDA states together), got {type(state).__name__}")
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:

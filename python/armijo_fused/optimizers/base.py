@@ -20,6 +20,7 @@ and checkpoints).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -202,6 +203,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "momentum_search='direction' (or leave it unset)")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(candidates, numbers.Integral) and not isinstance(candidates, bool):
+            candidates = int(candidates)  # (a numpy int from a config file)
         if candidates is not None:
             if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 2:
                 raise ValueError(f"invalid candidates: {candidates!r} (expected an int >= 2 or None)")
@@ -454,7 +457,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         """Give the next ``step()`` the loss at the current parameters, which your loop has
         already computed (a trainer that calls ``step()`` bare after its own forward/backward):
         a search then takes it as f(θ0) instead of calling the registered closure once more.
-        Used once; a later call replaces it."""
+        Used once; a later call replaces it. Ignored inside a trial (a function that serves as
+        the registered closure and also provides the loss: a trial's loss is not the next
+        step's f(θ0))."""
+        if trial_mod.in_trial():
+            return
         self._pending_loss = as_loss(loss, "provide_loss()", verb="got")
 
     def capture_rng(self) -> None:
@@ -462,7 +469,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         dropout masks when you pass ``loss=`` to ``step`` (the closure form needs no call). The
         next step uses it, whatever its form: a capture no step used (a step GradScaler skipped)
         is replayed by the following one, closure or not (the integrations capture before an
-        accumulation window's first micro-batch and step with a closure that runs its last)."""
+        accumulation window's first micro-batch and step with a closure that runs its last).
+        Ignored inside a trial, which replays the state captured for it."""
+        if trial_mod.in_trial():
+            return
         self._pending_rng = trial_mod.capture_rng()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -502,6 +512,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         trial repeats the closure's side effects. ``step()``: uses the closure registered with
         ``set_closure``.
         """
+        if self.__dict__.get("_in_step") or trial_mod.in_trial():
+            # (a loss function, hook or callback reached from a trial called step() again: the
+            # nested step folded the gradient a third time, counted nothing, and switched off
+            # the mid-step guards of the outer one)
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called while a step is in progress (from a trial's "
+                "loss function, or a forward hook or callback it reaches): call step() once per "
+                "training step, outside the loss function")
+        self._in_step = True
         try:
             if torch.is_inference_mode_enabled():  # else the store would be built of inference
                 with torch.inference_mode(False):  # tensors, which no backward can use again
@@ -519,7 +538,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._warn_deferred(propagating=True)
             raise
         finally:
-            self._moving, self._returned = False, None
+            self._moving, self._returned, self._in_step = False, None, False
             held, self._held = self.__dict__.get("_held"), None
             if held is not None:
                 held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
@@ -1081,7 +1100,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             "η · lr_t / lr_0 with η the searched step size; a multiplier above 1 would apply "
             "steps longer than the search accepted, so it is capped at 1 and the schedule acts "
             "only where it lowers lr below lr_0. Give the schedule's peak as the optimizer's lr "
-            "(a warmup then starts below it), or use OneCycleLR, which records its max_lr")
+            "(a warmup then starts below it), or use OneCycleLR, which records its max_lr. "
+            "CyclicLR overwrites both lr and initial_lr with its base_lr and keeps max_lr to "
+            "itself: set each group's 'max_lr' to the cycle's peak after building it")
 
     def _count(self, forwards=0, backwards=0):
         for g in self.param_groups:
