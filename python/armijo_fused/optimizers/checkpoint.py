@@ -168,9 +168,13 @@ class CheckpointMixin:
         for g in self.param_groups:
             # this optimizer's max_step holds from the load on (a lower one than the saved run's
             # let the steps without a search apply the carried η until the next search)
-            v = g["step_size"]
-            g["step_size"] = ([self.policy.cap(x) for x in v] if isinstance(v, list)
-                              else self.policy.cap(v))
+            # (η̄ too: one above the cap made the first search's capped η read as a collapse)
+            for key in ("step_size", "step_size_avg"):
+                if key not in g:
+                    continue
+                v = g[key]
+                g[key] = ([self.policy.cap(x) for x in v] if isinstance(v, list)
+                          else self.policy.cap(v))
             # checkpoints from before ``folded``: no skip recorded
             g.setdefault("folded", g["step"])
             g.setdefault("collapsed", [0] * len(g["step_size"]) if isinstance(
