@@ -1828,3 +1828,16 @@ def test_a_recorder_attached_twice_records_each_step_once():
     rec.detach()
     opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
     assert len(rec.records) == 3
+
+
+def test_name_parameters_refuses_a_model_that_holds_none_of_the_parameters():
+    # another model was taken silently: nothing named, layer-wise groups stayed one block
+    model, other = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)), nn.Linear(3, 1)
+    opt = ArmijoAdam([{"params": model[0].parameters()}, {"params": model[1].parameters()}],
+                     layerwise=True)
+    with pytest.raises(ValueError, match=r"name_parameters\(\) got a Linear that holds none"):
+        opt.name_parameters(other)
+    with pytest.raises(TypeError, match="takes a torch.nn.Module, got NoneType"):
+        opt.name_parameters(None)
+    opt.name_parameters(model)
+    assert [g["block_names"] for g in opt.param_groups] == [["0"], ["1"]]

@@ -16,6 +16,14 @@ from torch import Tensor
 
 
 class StepStats(Mapping):
+    """What the last step did, as a read-only mapping (``opt.stats``): ``step``, ``searched``,
+    ``step_size`` and ``applied_step`` (η and η · min(1, lr_t / lr_0); lists per block when
+    layer-wise), ``lr_factor``, ``trials``, ``loss_before``, ``loss_after`` (where the step
+    ended, NaN where unknown), ``loss_trial`` (the accepted trial's), ``gd`` (⟨g, d⟩),
+    ``grad_norm`` (unclipped), ``non_descent``, ``unresolved``, ``exhausted``, ``collapsed``,
+    ``skipped``, ``searched_blocks``, ``next_step_size``, and the running totals ``forwards``
+    and ``backwards`` (README, "What a step does"). Device values are read on first access."""
+
     def __init__(self, **values):
         self._values = values
 

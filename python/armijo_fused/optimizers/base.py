@@ -440,10 +440,17 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         (:class:`~armijo_fused.integrations.hf.LineSearchTrainer` calls this). The names label
         the telemetry, and with ``layerwise=True`` the groups given at construction that were
         one block for want of names (no ``"blocks_by"`` or ``"block"`` of their own) are cut by
-        module names, as ``model=`` would have cut them. Before the first step only."""
+        module names, as ``model=`` would have cut them. Before the first step only
+        (``RuntimeError`` after it); a ``model`` that holds none of the parameters is a
+        ``ValueError``."""
         if self._buffers is not None:
             raise RuntimeError("name_parameters() must come before the first step (and before "
                                "load_state_dict): the blocks are already cut")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"name_parameters() takes a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        # (another model named nothing, and layer-wise groups stayed one block, silently)
+        self._check_model_holds_params(model, "name_parameters()")
         for name, p in model.named_parameters():
             self._names.setdefault(id(p), name)
         if self.layerwise:
