@@ -505,12 +505,12 @@ class DropBN(nn.Module):
 
 
 def test_trial_forward_replays_the_dropout_mask_and_restores_batchnorm():
-    from armijo_fused.linesearch.trial import TrialEnv, capture_rng
+    from armijo_fused.linesearch.trial import TrialEnv, get_rng_state
 
     torch.manual_seed(0)
     model = DropBN().train()
     X = torch.randn(32, 5)
-    rng = capture_rng()
+    rng = get_rng_state()
     f0 = model(X).sum()
     stats_after_training_forward = model.net[1].running_mean.clone()
     env = TrialEnv([model], rng_before=rng)

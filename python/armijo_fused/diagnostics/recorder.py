@@ -161,7 +161,6 @@ class TelemetryRecorder:
         if getattr(self, "_handle", None) is not None:
             self._handle.remove()
             self._handle = None
-            self._handle = None
 
     # -- views ----------------------------------------------------------------------------------
     def __len__(self) -> int:

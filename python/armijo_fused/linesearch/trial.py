@@ -63,8 +63,6 @@ def set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-capture_rng, restore_rng = get_rng_state, set_rng_state  # (the names the optimizer uses)
-
 
 _depth = 0
 
@@ -260,8 +258,8 @@ class TrialEnv:
     modules found without one (:func:`owned_buffers`)."""
 
     def __init__(self, modules=(), rng_before=None, buffers=()):
-        self.rng_before = rng_before if rng_before is not None else capture_rng()
-        self.rng_after = capture_rng()
+        self.rng_before = rng_before if rng_before is not None else get_rng_state()
+        self.rng_after = get_rng_state()
         # (the module's _buffers dict, name, the tensor, its copy): a forward may reassign the
         # entry, and the restore must then reach the module, not the orphaned tensor
         self._saved = []
@@ -285,7 +283,7 @@ class TrialEnv:
     @contextlib.contextmanager
     def trial(self):
         self.used = True
-        restore_rng(self.rng_before)
+        set_rng_state(self.rng_before)
         _clear_cast_caches()  # casts of the previous point (see the module's docstring)
         with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
             yield
@@ -308,7 +306,7 @@ class TrialEnv:
         for metric, states, attrs in self._metrics:
             for name, value in {**states, **attrs}.items():
                 setattr(metric, name, value)
-        restore_rng(self.rng_after)
+        set_rng_state(self.rng_after)
         # a cache a trial replaced stays replaced: the module may keep attributes that go with
         # it (a rotary cache and its length); a changed one is named
         return [f"a trial forward modified the non-persistent buffer {name!r} of {label}; "

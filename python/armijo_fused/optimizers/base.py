@@ -480,7 +480,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         Ignored inside a trial, which replays the state captured for it."""
         if trial_mod.in_trial():
             return
-        self._pending_rng = trial_mod.capture_rng()
+        self._pending_rng = trial_mod.get_rng_state()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. With flat buffers (the default) they stay views of the flat
@@ -604,7 +604,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # exact mode with a block whose last test was blind: this step may turn into a search
         # once the gradient is known (see _blind_gradient_live), so the trials' RNG is kept
         probe = not search and self._blind_waiting()
-        rng_before = pending or (trial_mod.capture_rng() if search or probe else None)
+        rng_before = pending or (trial_mod.get_rng_state() if search or probe else None)
         self._pending_rng = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None

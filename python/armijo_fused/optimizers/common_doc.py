@@ -90,9 +90,10 @@ LINESEARCH_ARGS = r"""
             closure raising mid-search restores them bitwise; otherwise θ is moved back along
             the line and the gradient taken back out of the state, exact to the float32
             rounding of the trial points θ0 − η·d: a few ulps of θ where trials stay near θ's
-            scale (Adam's steps), but a trial far beyond it leaves its own rounding (ArmijoSGD's
-            first trial at η = 1.2 on a gradient of 2e5: θ0 back only to about 1e-2 on |θ| ≈ 3). Costs
-            one copy of θ and the state per search step (default: False)
+            scale (Adam's steps), but a trial far beyond it leaves its own rounding
+            (ArmijoSGD's first trial at η = 1.2 on a gradient of 2e5: θ0 back only to about
+            1e-2 on |θ| ≈ 3). Costs one copy of θ and the state per search step
+            (default: False)
         process_group (optional): the group whose ranks decide together under DDP; the trial
             losses and per-block sums are averaged over it in one all-reduce per trial (and
             one per step for a given ``loss=``, each rank's own), so every rank accepts the same
