@@ -1079,3 +1079,47 @@ def test_merge_below_with_momentum_and_in_exact_mode():
     for _ in range(3):
         opt.step(make_closure(opt, coupled))
     assert opt.param_groups[0]["block_owner"] == [0, 1]
+
+
+class _ThreeLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x, use_b):
+        h = torch.tanh(self.a(x))
+        if use_b:
+            h = h + torch.tanh(self.b(h))
+        return self.c(h)
+
+
+@pytest.mark.parametrize("scenario", ["faint", "exhaust"])
+def test_exact_search_flags_and_a_blind_blocks_mark(scenario):
+    # exact mode where no block accepted: stats said collapsed, not exhausted; a first fix
+    # returned no accepted steps at all, which dropped the mark of a block that had no gradient
+    # (it then applied its untested η when its gradient came, without a search)
+    torch.manual_seed(0)
+    model, x, y = _ThreeLinear(), torch.randn(32, 4), torch.randn(32, 1)
+    kw = dict(init_step_size=10.0, max_trials=1) if scenario == "exhaust" else {}
+    opt = ArmijoAdam(model.parameters(), lr=1e-2, layerwise=True, block_search="exact",
+                     model=model, **kw)
+    setting = {"offset": 1e9 if scenario == "faint" else 0.0, "use_b": False}
+    # (faint: a and c below the loss's resolution; b blind, no gradient)
+
+    def closure():
+        opt.zero_grad()
+        loss = setting["offset"] + ((model(x, setting["use_b"]) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    s, g = opt.stats, opt.param_groups[0]
+    if scenario == "exhaust":
+        assert s["exhausted"] and not s["collapsed"] and s["step_size"] == [0.0] * 3
+    else:
+        assert s["unresolved"] and not s["exhausted"]
+        blind = g["block_tested"][g["block_names"].index("b")]
+        assert blind not in (0, 1)  # marked blind: searched as soon as its gradient comes
+        setting.update(offset=0.0, use_b=True)
+        opt.step(closure)
+        assert opt.stats["searched"]

@@ -30,7 +30,8 @@ Usage::
         def configure_optimizers(self):
             return ArmijoAdam(self.parameters(), model=self)
 
-The mixin uses the hooks ``on_train_batch_start`` / ``on_train_batch_end``, ``optimizer_step``
+The mixin uses the hooks ``on_train_epoch_start``, ``on_train_batch_start`` /
+``on_train_batch_end``, ``optimizer_step``
 and ``configure_gradient_clipping`` (clipping by norm moves into the optimizer's
 ``max_grad_norm``, so the Armijo test keeps the true gradient); a subclass that overrides them
 must call ``super()``.
@@ -102,11 +103,6 @@ class ArmijoLightningMixin:
         if not opts:  # other optimizers step as usual: nothing to keep (it kept every batch)
             return out
         window, losses = self._armijo_state()
-        if self.__dict__.get("_armijo_open") and window:
-            # the last batch never reached on_train_batch_end: a subclass's
-            # on_train_batch_start returned -1 after super() (Lightning then skips the rest of
-            # the epoch), so it never trained; the next step's trials included it, not its f0
-            window.pop()
         if not window:
             losses.clear()
             for opt in opts:
@@ -115,12 +111,21 @@ class ArmijoLightningMixin:
         # collator or the batch Lightning fetches ahead draw from the RNG between them (the
         # trials replayed micro-batches 2.. under other masks: f0 8% off their f(θ0))
         window.append((batch, batch_idx, get_rng_state()))
-        self.__dict__["_armijo_open"] = True
+        return out
+
+    def on_train_epoch_start(self):
+        out = super().on_train_epoch_start()
+        # Lightning steps at an epoch's last batch, so no window spans two epochs; one left
+        # over is an epoch cut short (a subclass's on_train_batch_start returned -1 after
+        # super()): its batches' gradients are gone, and the next step's trials evaluated them
+        # beside an f0 and a gradient without them (15 trials, exhausted, in review)
+        window, losses = self._armijo_state()
+        window.clear()
+        losses.clear()
         return out
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         out = super().on_train_batch_end(outputs, batch, batch_idx)
-        self.__dict__["_armijo_open"] = False
         window, losses = self._armijo_state()
         if window:  # no step yet: an accumulation micro-batch; keep its (normalised) loss
             if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):

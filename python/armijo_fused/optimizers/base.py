@@ -525,8 +525,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             # the mid-step guards of the outer one)
             raise RuntimeError(
                 f"{type(self).__name__}.step() called while a step is in progress (from a trial's "
-                "loss function, or a forward hook or callback it reaches): call step() once per "
-                "training step, outside the loss function")
+                "loss function, or a forward hook or callback it reaches; trials are process-wide, "
+                "so also from another thread during one): call step() once per training step, "
+                "outside the loss function")
         self._in_step = True
         try:
             if torch.is_inference_mode_enabled():  # else the store would be built of inference
@@ -794,7 +795,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             # its blocks go on as before any accepted search (they apply their η)
             judged, blind = self._judged(result, accepted, etas)
             self._mark_tested(table, judged, frozen, blind=blind)
-        exhausted = accepted is None and not (skipped or result.unresolved)
+        nothing = accepted is None or getattr(result, "none_accepted", False)
+        exhausted = nothing and not (skipped or result.unresolved)
         if result.grad_sq == 0.0 and not skipped and result.loss_before != 0.0:
             self._warn_zero_gradient(k)  # (a loss of exactly 0: a fitted batch, no mistake)
         self._note_growth_without_schedule(table)
@@ -828,7 +830,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             exhausted=exhausted,
             # (the policy counts an exhausted search as a collapse too; the flag reports
             # what the docs call one: an accepted η below collapse_ratio · η̄)
-            collapsed=collapsed and accepted is not None, skipped=skipped,
+            collapsed=collapsed and not nothing, skipped=skipped,
             searched_blocks=self._positions(
                 table, sorted(set().union(*plan))),
             next_step_size=self._next_step_sizes(),

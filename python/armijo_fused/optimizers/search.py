@@ -257,10 +257,10 @@ class SearchMixin:
                          rejected=None)  # (each block's own: block_results)
         merged.exact, merged.block_results = exact, results
         merged.joint_shrunk = shrunk
-        if all(r.accepted is None for _, r in results):
-            # no block accepted anything: no step, as an exhausted global search (its stats
-            # said collapsed, not exhausted)
-            accepted = None
+        # no block accepted anything: no step, reported as an exhausted global search is (the
+        # stats said collapsed). ``accepted`` stays zeros: the per-block bookkeeping (a blind
+        # block's mark) reads them
+        merged.none_accepted = all(r.accepted is None for _, r in results)
         return merged, accepted
 
     @staticmethod
