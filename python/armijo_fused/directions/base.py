@@ -107,6 +107,14 @@ def as_real(v) -> float | None:
     return None
 
 
+def as_int(v):
+    """``v`` as a Python int if it is an integer (a numpy one from a config file included;
+    bools are not), else ``v`` unchanged, for the caller's own check to refuse."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    return v
+
+
 def check_number(name: str, value, lo: float, hi: float = math.inf, *, lo_open=False,
                  hi_open=False) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is one finite real number (see

@@ -18,7 +18,8 @@ Cadence state (``next_search``, ``search_interval``) lives in the param groups l
 from __future__ import annotations
 
 import math
-import numbers
+
+from ..directions.base import as_int
 
 
 class Cadence:
@@ -26,10 +27,7 @@ class Cadence:
         if spec == "every":
             spec = 1
         # (a numpy int from a config file is an int here)
-        if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
-            spec = int(spec)
-        if isinstance(max_interval, numbers.Integral) and not isinstance(max_interval, bool):
-            max_interval = int(max_interval)
+        spec, max_interval = as_int(spec), as_int(max_interval)
         if isinstance(spec, bool) or not (spec == "adaptive" or isinstance(spec, int)):
             raise ValueError(f"invalid cadence: {spec!r} (expected 'every', 'adaptive' or an int k)")
         if isinstance(spec, int) and spec < 1:

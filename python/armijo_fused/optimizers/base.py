@@ -20,7 +20,6 @@ and checkpoints).
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from ..backends import BACKENDS
 from ..directions import get_rule
-from ..directions.base import check_number
+from ..directions.base import as_int, check_number
 from ..linesearch import trial as trial_mod
 from ..linesearch.batched import check_batchable, parameter_names, stacked_loss
 from ..linesearch.cadence import Cadence
@@ -203,8 +202,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "momentum_search='direction' (or leave it unset)")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(candidates, numbers.Integral) and not isinstance(candidates, bool):
-            candidates = int(candidates)  # (a numpy int from a config file)
+        candidates = as_int(candidates)  # (a numpy int from a config file)
         if candidates is not None:
             if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 2:
                 raise ValueError(f"invalid candidates: {candidates!r} (expected an int >= 2 or None)")

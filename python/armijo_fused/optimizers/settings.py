@@ -10,9 +10,7 @@ checked at every step instead: torch's schedulers write them in place.)
 
 from __future__ import annotations
 
-import numbers
-
-from ..directions.base import as_real, check_number
+from ..directions.base import as_int, as_real, check_number
 from ..linesearch.cadence import Cadence
 
 
@@ -47,10 +45,10 @@ def _fraction(name):
 
 
 def _max_trials(obj, value):
-    # (numbers.Integral: a config file's numpy int was refused as "not an int")
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    value = as_int(value)  # (a config file's numpy int was refused as "not an int")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"invalid max_trials: {value!r} (expected an int >= 1)")
-    return int(value)
+    return value
 
 
 def _max_grad_norm(obj, value):
