@@ -1315,6 +1315,9 @@ LATE_SETTINGS = [
     ("max_grad_norm", math.nan), ("max_grad_norm", -1.0), ("max_grad_norm", "1.0"),
     ("c", 2.0), ("backtrack", 1.5), ("max_trials", 0), ("cadence", "never"),
     ("check_finite", "no"),
+    # the step-size policy's settings were not attributes at all: a write was taken and ignored
+    ("growth", 0.5), ("growth", "1.5"), ("smoothing", 1.0), ("collapse_ratio", -0.1),
+    ("max_step", 0.0), ("max_drop", True), ("max_interval", 0), ("policy", None),
 ]
 
 
@@ -1329,6 +1332,137 @@ def test_settings_written_after_construction_are_checked_where_written(name, val
     assert getattr(opt, name) is before  # the old value stays
     loss = opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
     assert not opt.stats["skipped"] and torch.isfinite(loss.detach())
+
+
+# the settings a step reads that were not checked where written (taken and used later, or never)
+LATE_SETTINGS_TOO = [
+    ("backend", "cuda"), ("block_search", "layer"), ("merge_below", -1.0), ("candidates", 1),
+    ("exact_revert", "yes"),
+]
+
+
+@pytest.mark.parametrize("name, value", LATE_SETTINGS_TOO,
+                         ids=[f"{n}={v!r}" for n, v in LATE_SETTINGS_TOO])
+def test_structural_settings_written_later_are_checked_where_written(name, value):
+    model, x = _usage_setup()
+    opt = ArmijoAdam(model.parameters(), model=model)
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    before = getattr(opt, name)
+    with pytest.raises((ValueError, TypeError), match=f"invalid {name}"):
+        setattr(opt, name, value)
+    assert getattr(opt, name) is before
+    loss = opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert not opt.stats["skipped"] and torch.isfinite(loss.detach())
+
+
+@pytest.mark.parametrize("name, value", [("layerwise", True), ("flat", False), ("tile", 512),
+                                         ("momentum_search", "direction")])
+def test_settings_the_store_is_built_from_are_fixed_at_construction(name, value):
+    # a write was taken and did nothing (flat, tile: the store was already built), or broke the
+    # next step (layerwise: groups without blocks); rewriting the same value stays harmless
+    model, x = _usage_setup()
+    opt = ArmijoSGD(model.parameters(), model=model, direction="momentum")
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    before = getattr(opt, name)
+    with pytest.raises(AttributeError, match=f"{name} is fixed at construction.*load this one's "
+                       r"state_dict\(\)"):
+        setattr(opt, name, value)
+    assert getattr(opt, name) == before
+    setattr(opt, name, before)
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert not opt.stats["skipped"]
+
+
+def test_settings_written_later_are_checked_against_the_ones_they_combine_with():
+    model, x = _usage_setup()
+    plain = ArmijoAdam(model.parameters(), model=model)
+    with pytest.raises(ValueError, match="merge_below merges the blocks of the layer-wise"):
+        plain.merge_below = 1e-6
+    nameless = ArmijoAdam(model.parameters())
+    with pytest.raises(ValueError, match="candidates needs model="):
+        nameless.candidates = 3
+    layered = ArmijoAdam([{"params": [p]} for p in model.parameters()], layerwise=True,
+                         model=model)
+    with pytest.raises(ValueError, match="candidates works with the global search"):
+        layered.candidates = 3
+    in_place = ArmijoAdam(model.parameters(), model=model, flat=False)
+    with pytest.raises(ValueError, match="candidates needs the flat buffers"):
+        in_place.candidates = 3
+    heavy = ArmijoSGD(model.parameters(), model=model, direction="momentum")  # along g
+    with pytest.raises(ValueError, match="measures its step sizes along the gradient"):
+        heavy.candidates = 3
+    heavy_layered = ArmijoSGD(model.parameters(), model=model, direction="momentum",
+                              layerwise=True)
+    with pytest.raises(ValueError, match="measures its step sizes along the gradient"):
+        heavy_layered.block_search = "exact"
+    for opt, name, old in ((plain, "merge_below", None), (nameless, "candidates", None),
+                           (layered, "candidates", None), (heavy, "candidates", None),
+                           (heavy_layered, "block_search", "round_robin")):
+        assert getattr(opt, name) == old
+    plain.candidates, heavy_layered.block_search = 3, "stale"  # where they combine, taken
+    assert plain.candidates == 3 and heavy_layered.block_search == "stale"
+
+
+@needs_cpp
+def test_a_backend_written_mid_run_moves_the_built_buffers_at_once():
+    # it was read only when the store was rebuilt: a write mid-run did nothing until then
+    from armijo_fused.backends import cpp_backend, torch_backend
+
+    def run(switch):
+        model, x = _usage_setup()
+        opt = ArmijoAdam(model.parameters(), model=model, backend="cpp", cadence="every")
+        closure = make_closure(opt, lambda: model(x).pow(2).mean())
+        for k in range(4):
+            if switch and k == 2:
+                opt.backend = "torch"
+                assert all(b.backend is torch_backend for b in opt._buffers)
+            opt.step(closure)
+        return opt, [p.detach().clone() for p in model.parameters()]
+
+    opt, switched = run(True)
+    assert opt.backend == "torch" and all(b.backend is torch_backend for b in opt._buffers)
+    _, stayed = run(False)
+    for a, b in zip(switched, stayed):  # the backends agree to fp32 rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    model, x = _usage_setup()
+    model.double()
+    opt = ArmijoAdam(model.parameters(), model=model, backend="torch")
+    opt.step(make_closure(opt, lambda: model(x.double()).pow(2).mean()))
+    with pytest.raises(ValueError, match="backend='cpp' takes float32 parameters"):
+        opt.backend = "cpp"  # refused where written, the buffers left on torch
+    assert opt.backend == "torch" and all(b.backend is torch_backend for b in opt._buffers)
+    assert cpp_backend is not torch_backend
+
+
+def test_step_size_settings_written_mid_run_take_effect_at_once():
+    # opt.growth, opt.max_step, ... were not attributes: a write made a new attribute that
+    # nothing read
+    model, x = _usage_setup()
+    opt = ArmijoSGD(model.parameters(), model=model, cadence="adaptive", max_interval=8)
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    for _ in range(6):
+        opt.step(closure)
+    g = opt.param_groups[0]
+    opt.max_step = g["step_size"] / 4  # below the carried η: capped now, not at the next search
+    assert g["step_size"] == opt.max_step and g["step_size_avg"] <= opt.max_step
+    assert opt.policy.max_step == opt.max_step
+    opt.max_interval = 1  # a gap scheduled beyond it is shortened
+    assert opt.cadence.max_interval == 1 and g["next_search"] <= g["step"] + 1
+    opt.max_step, opt.growth = None, 3.0
+    eta, points = g["step_size"], []
+
+    def recording():
+        points.append(model.weight.detach().clone())
+        return closure()
+
+    opt.step(recording)  # f(θ0) and the gradient, then the trials: the first at growth · η
+    assert opt.stats["searched"] and len(points) >= 2
+    first = (points[1] - points[0]).norm() / model.weight.grad.norm()
+    assert float(first) == pytest.approx(3.0 * eta, rel=1e-4)
+    twin = ArmijoSGD(model.parameters(), growth=3.0, max_step=1e-3, smoothing=0.25,
+                     collapse_ratio=0.05, max_drop=4.0)
+    for name in ("growth", "max_step", "smoothing", "collapse_ratio", "max_drop"):
+        assert getattr(twin, name) == getattr(twin.policy, name)
 
 
 def test_an_infinite_max_grad_norm_clips_nothing_as_the_integrations_mean_it():

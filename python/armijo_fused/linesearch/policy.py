@@ -39,6 +39,7 @@ that the searches that follow go on below it.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -51,20 +52,20 @@ class StepSizePolicy:
     max_drop: float | None = None
 
     def validate(self) -> None:
-        if not (self.growth >= 1.0 and math.isfinite(self.growth)):
-            raise ValueError(f"invalid growth: {self.growth!r} (expected a finite number >= 1)")
-        if self.smoothing is None or not 0.0 <= self.smoothing < 1.0:
-            raise ValueError(f"invalid smoothing: {self.smoothing!r} (expected 0 <= smoothing < 1)")
-        if not 0.0 <= self.collapse_ratio < 1.0:
-            raise ValueError(
-                f"invalid collapse_ratio: {self.collapse_ratio!r} (expected 0 <= ratio < 1)"
-            )
-        if self.max_drop is not None and not (self.max_drop >= 1.0
-                                              and math.isfinite(self.max_drop)):
-            raise ValueError(f"invalid max_drop: {self.max_drop!r} (expected a finite number >= 1 "
-                             "or None)")
-        if self.max_step is not None and not self.max_step > 0:
-            raise ValueError(f"invalid max_step: {self.max_step!r} (expected > 0 or None)")
+        def check(name, ok, expected, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            # (a string or a bool raised a bare TypeError in the comparison, or passed as 1)
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and ok(v)):
+                raise ValueError(f"invalid {name}: {v!r} (expected {expected})")
+
+        check("growth", lambda x: 1.0 <= x < math.inf, "a finite number >= 1")
+        check("smoothing", lambda x: 0.0 <= x < 1.0, "0 <= smoothing < 1")
+        check("collapse_ratio", lambda x: 0.0 <= x < 1.0, "0 <= ratio < 1")
+        check("max_drop", lambda x: 1.0 <= x < math.inf, "a finite number >= 1 or None",
+              optional=True)
+        check("max_step", lambda x: x > 0, "> 0 or None", optional=True)
 
     def cap(self, eta: float) -> float:
         return eta if self.max_step is None else min(eta, self.max_step)

@@ -27,9 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..backends import BACKENDS
 from ..directions import get_rule
-from ..directions.base import as_int, check_number
+from ..directions.base import check_number
 from ..linesearch import trial as trial_mod
 from ..linesearch.batched import check_batchable, parameter_names, stacked_loss
 from ..linesearch.cadence import Cadence
@@ -167,25 +166,17 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # checked as they are set, now or later (settings.py)
         self.c, self.backtrack, self.max_trials = c, backtrack, max_trials
         self.max_grad_norm, self.check_finite = max_grad_norm, check_finite
-        for name, flag in (("layerwise", layerwise), ("exact_revert", exact_revert),
-                           ("flat", flat)):
-            check_flag(name, flag)
+        # (settings.py checks these as they are set, here and later, each against the ones
+        # set before it)
+        self.layerwise, self.flat = check_flag("layerwise", layerwise), check_flag("flat", flat)
+        self.exact_revert = exact_revert
         refuse_zero_redundancy(type(self).__name__)
         rule = get_rule(direction)
         check_number("weight_decay", weight_decay, 0.0)
         check_number("init_step_size", init_step_size, 0.0, lo_open=True)
-        if backend not in BACKENDS:  # (checked here too: resolve_backend runs at the first step)
-            raise ValueError(f"invalid backend: {backend!r} (choose {', '.join(BACKENDS)})")
-        if block_search not in (*IN_TURN, "stale", "exact"):
-            raise ValueError(
-                f"invalid block_search: {block_search!r} (choose round_robin, grow_all, stale or "
-                "exact)"
-            )
-        if merge_below is not None:
-            check_number("merge_below", merge_below, 0.0, lo_open=True)
-            if not layerwise:  # (it was taken and did nothing)
-                raise ValueError("merge_below merges the blocks of the layer-wise search: pass "
-                                 "layerwise=True with it")
+        self.backend, self.tile = backend, tile  # (resolved per buffer when the store is built)
+        self.block_search = block_search
+        self.merge_below = merge_below
         if momentum_search not in (None, "direction", "gradient"):
             raise ValueError(f"invalid momentum_search: {momentum_search!r} (choose direction "
                              "or gradient)")
@@ -202,32 +193,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "momentum_search='direction' (or leave it unset)")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        candidates = as_int(candidates)  # (a numpy int from a config file)
-        if candidates is not None:
-            if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 2:
-                raise ValueError(f"invalid candidates: {candidates!r} (expected an int >= 2 or None)")
-            if model is None:
-                raise ValueError("candidates needs model=: trial weights are swapped into it")
-            if layerwise:
-                raise ValueError("candidates works with the global search (layerwise=False)")
-            if not flat:
-                raise ValueError("candidates needs the flat buffers (flat=True): the K trial "
-                                 "points are cut from them")
-        self.rule = rule
         self.momentum_search = momentum_search
+        self._modules = [model] if model is not None else []
+        self.candidates = candidates
+        self.rule = rule
         self.policy = StepSizePolicy(growth=growth, smoothing=smoothing,
                                      collapse_ratio=collapse_ratio, max_step=max_step,
-                                     max_drop=max_drop)
-        self.policy.validate()
+                                     max_drop=max_drop)  # (checked as set: settings.py)
         self.cadence = Cadence(cadence, max_interval=max_interval)
-        self.backend, self.tile = backend, tile
-        self.layerwise, self.block_search = bool(layerwise), block_search
-        self.merge_below = merge_below
-        self.exact_revert = bool(exact_revert)
-        self.candidates = candidates
-        self.flat = bool(flat)
         self.process_group = process_group
-        self._modules = [model] if model is not None else []
         self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._closure: Callable | None = None
         self._pending_rng = None
@@ -256,7 +230,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._init_group(group, constructing=True)
         if model is not None:
             self._check_model_holds_params(model, "model=")
-        if candidates is not None:  # (refused at the first step too: a model sharded later)
+        if self.candidates is not None:  # (refused at the first step too: a model sharded later)
             self._refuse_dtensors_unsupported(any(is_dtensor(p) for g in self.param_groups
                                                   for p in g["params"]))
         # filled by state_dict() only; a live key, so that a checkpoint flattened by

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..directions.base import check_number
 from ..storage.sharded import is_dtensor
 from .search import counter_error
+from .settings import cap_step_sizes
 from .torch_compat import from_torch_state_dict, is_torch_state_dict
 
 #: a layer-wise group's entries with one value per block
@@ -165,16 +166,8 @@ class CheckpointMixin:
         self._last_dd = None
         self._resumed_dd = self.param_groups[0].get("last_dd")  # taken up by _length_caps
         self.param_groups[0]["last_dd"] = None
+        cap_step_sizes(self.param_groups, self.policy)  # this optimizer's max_step holds
         for g in self.param_groups:
-            # this optimizer's max_step holds from the load on (a lower one than the saved run's
-            # let the steps without a search apply the carried η until the next search)
-            # (η̄ too: one above the cap made the first search's capped η read as a collapse)
-            for key in ("step_size", "step_size_avg"):
-                if key not in g:
-                    continue
-                v = g[key]
-                g[key] = ([self.policy.cap(x) for x in v] if isinstance(v, list)
-                          else self.policy.cap(v))
             # checkpoints from before ``folded``: no skip recorded
             g.setdefault("folded", g["step"])
             g.setdefault("collapsed", [0] * len(g["step_size"]) if isinstance(

@@ -119,6 +119,11 @@ LINESEARCH_ARGS = r"""
             is used, or else the modules that hold the parameters (a BatchNorm without affine
             parameters is then missed), found once (default: None)
 
+    Every setting may be written on the optimizer later (``opt.c = 0.2``, ``opt.growth = 1.5``,
+    ``opt.backend = "torch"``) and is checked where written, except ``layerwise``, ``flat`` and
+    ``momentum_search``: the store and the blocks are built from them, so they are fixed at
+    construction (build a new optimizer and load the old one's ``state_dict()``).
+
     The group's ``lr`` belongs to your scheduler and is never written: the parameters move by
     η · min(1, lr_t / lr_0), where lr_0 is the schedule's peak when the group records it
     (``max_lr``: OneCycleLR), else the group's ``initial_lr`` (set by torch schedulers), else the
