@@ -373,6 +373,33 @@ def _rank_state_dict_copies(rank, world, in_place):
     return out
 
 
+def _rank_corrupt_shard_refused(rank, world):
+    """A checkpoint whose NaN sits in rank 1's shard only: every rank refuses it (each rank
+    checked its own shard, so rank 0 loaded it, stepped back to the saved count, and the ranks
+    trained on from different states)."""
+    import copy
+
+    model = shard(make_model())
+    opt = make_opt(model)
+    train(model, opt, 2, rank, world)
+    saved = copy.deepcopy(opt.state_dict())  # (a held state_dict is live: copied)
+    train(model, opt, 2, rank, world, start=2)
+    if rank == 1:
+        first = next(iter(saved["state"]))
+        local = saved["state"][first]["exp_avg"].to_local()
+        local.view(-1)[0] = float("nan")
+    before = full_params(model)
+    messages = []
+    try:
+        opt.load_state_dict(saved)
+    except ValueError as e:
+        messages.append(str(e))
+    same = all(torch.equal(a, b) for a, b in zip(before, full_params(model)))
+    step = opt.param_groups[0]["step"]
+    rows = train(model, opt, 1, rank, world, start=4)  # (the ranks still step together)
+    return {"messages": messages, "same": same, "step": step, "trained": len(rows) == 1}
+
+
 def _momentum_opt(model, cadence="every"):
     from armijo_fused import ArmijoSGD
 
@@ -483,6 +510,14 @@ def test_the_state_dict_can_be_deep_copied_and_saved_with_torch_save(in_place):
             assert same_log, name
             for p, q in zip(params, r["a"]):
                 assert torch.equal(p, q), name
+
+
+def test_a_checkpoint_corrupt_in_one_ranks_shard_is_refused_on_every_rank():
+    r0, r1 = run_ranks(_rank_corrupt_shard_refused, world=2, timeout=120)
+    assert len(r1["messages"]) == 1 and "non-finite values" in r1["messages"][0]
+    assert len(r0["messages"]) == 1 and "another rank" in r0["messages"][0]
+    for r in (r0, r1):
+        assert r["same"] and r["step"] == 4 and r["trained"]
 
 
 def test_sgd_momentum_records_the_step_length_of_the_whole_model_on_every_rank():

@@ -432,6 +432,7 @@ class CheckpointMixin:
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip(ids, params)) if len(ids) == len(params) else {}
         needed = set(self.rule.state_names)
+        problem, mesh = None, None  # (the first bad value; the shards' mesh and device)
         for pid, pstate in state_dict.get("state", {}).items():
             p = by_id.get(pid)
             what = (names.get(id(p)) if p is not None else None) or f"#{pid}"
@@ -448,14 +449,30 @@ class CheckpointMixin:
                 if not (torch.is_tensor(value) and value.is_floating_point()
                         and (name in needed or name == "master")) or value.device.type == "meta":
                     continue
-                local = value.to_local() if is_dtensor(value) else value  # (this rank's shard)
+                if is_dtensor(value):
+                    local = value.to_local()  # (this rank's shard)
+                    if mesh is None and value.device_mesh.ndim == 1:  # (others: refused later)
+                        mesh = value.device_mesh, local.device
+                else:
+                    local = value
                 bad = None
                 if not bool(torch.isfinite(local).all()):
                     bad = "non-finite values (NaN or inf)"
                 elif name in self.rule.squared_states and local.numel() and \
                         bool((local < 0).any()):
                     bad = "negative values (it averages g²)"
-                if bad is not None:
-                    raise ValueError(f"the state dict's {name!r} of parameter {what} holds {bad}: "
-                                     "the checkpoint is corrupt or the run that saved it had "
-                                     "diverged")
+                if bad is not None and problem is None:
+                    problem = (f"the state dict's {name!r} of parameter {what} holds {bad}: the "
+                               "checkpoint is corrupt or the run that saved it had diverged")
+        if mesh is not None:
+            # each rank sees its own shards: one that refused alone left the others loading the
+            # checkpoint, and the ranks trained on from different states
+            flag = torch.tensor([0.0 if problem is None else 1.0], device=mesh[1])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                         group=mesh[0].get_group())
+            if problem is None and float(flag) > 0:
+                problem = ("another rank's shard of the state dict holds non-finite or negative "
+                           "moments (that rank's error names the parameter): the checkpoint is "
+                           "corrupt or the run that saved it had diverged; no rank loaded it")
+        if problem is not None:
+            raise ValueError(problem)
