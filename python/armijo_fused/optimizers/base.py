@@ -319,6 +319,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 seen[id(group)] = values
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a param group, as torch's (progressive unfreezing, a new head). Its options are
+        checked as at construction; a refused group is not left half added.
+
+        Globally, the new group joins the current step size η (one η moves every group) and the
+        shared counters; its moments and bias corrections start at zero. Layer-wise, its blocks
+        start at the smallest η of any block (no longer than ``init_step_size``) and are searched
+        before they take a step without a search."""
         super().add_param_group(param_group)
         if hasattr(self, "_init_step_size") and len(self.param_groups) > 1 \
                 and "step" in self.param_groups[0]:

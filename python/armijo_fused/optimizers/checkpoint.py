@@ -97,6 +97,26 @@ class CheckpointMixin:
                 "after step() (a signal handler can set a flag that the loop checks)")
 
     def state_dict(self) -> dict:
+        """The optimizer's state as a dict, as torch's, with what a resume needs to continue
+        bit for bit:
+
+        * ``state``: per parameter (by index), the direction rule's buffers (``exp_avg``,
+          ``exp_avg_sq`` for the Adam family; ``momentum_buffer`` with momentum) and, for
+          bf16/fp16 parameters, the fp32 ``master`` weights;
+        * ``param_groups``: each group's hyperparameters and the line search's: ``step_size``
+          (η) and ``step_size_avg`` (η̄), ``step_length`` (η·‖d‖ of the last search, behind the
+          cap on steps without a search), ``collapsed``, the counters ``step``, ``folded`` (steps
+          whose gradient entered the moments), ``searches``, ``next_search``,
+          ``search_interval``, ``forwards``, ``backwards``, and ``lr_ref`` (lr_0 of the lr
+          factor); layer-wise, η, η̄, ``step_length`` and ``collapsed`` are lists over the
+          group's blocks, with ``block_names``, ``block_owner`` (merges), ``block_searched_at``,
+          ``block_tested``, ``block_cursor`` and ``blocks_by``; the first group carries
+          ``last_dd`` (‖d‖² per block of the last pass);
+        * ``direction``: the rule's name.
+
+        Tensors are the live ones, as torch's: save or copy the dict before the next step
+        (the counters in it are copies). Refused inside ``step()`` (a trial's hook), where the
+        state is mid-step."""
         self._refuse_mid_step("state_dict()")
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
         self.param_groups[0]["last_dd"] = self._saved_dd()
