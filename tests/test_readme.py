@@ -19,3 +19,28 @@ def test_readme_usage_example_runs():
 def test_readme_names_the_test_command_that_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "make test" in README.read_text() and "make test" in ci
+
+
+def test_python_started_in_the_repository_root_imports_an_installed_kernels_package(tmp_path):
+    # the source folder kernels/ (installed as armijo_fused.kernels) shadowed Hugging Face's
+    # ``kernels`` package for Python started here: `import transformers; transformers.Trainer`
+    # raised "cannot import name 'CUDAProperties' from 'kernels' (.../kernels/__init__.py)"
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    installed = tmp_path / "site" / "kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("CUDAProperties = 'the installed package'\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = "from kernels import CUDAProperties; import armijo_fused.kernels; print(CUDAProperties)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "the installed package"
+    # without one, the folder imports as before (nothing else is there to find)
+    env["PYTHONPATH"] = str(tmp_path / "empty")
+    out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
