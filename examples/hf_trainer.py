@@ -44,7 +44,8 @@ def main(argv=None):
         max_steps=args.steps, logging_steps=max(1, args.steps // 4), save_strategy="no",
         report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
     # or: LineSearchTrainer(..., optimizer_cls_and_kwargs=(ArmijoAdam, {})) with
-    # TrainingArguments(weight_decay=0.01): Trainer writes args.weight_decay into every group
+    # TrainingArguments(weight_decay=0.01): Trainer writes args.weight_decay into the decayed
+    # group it builds (biases and norms get 0), over a weight_decay in the kwargs
     data = CountingSequences()
     trainer = LineSearchTrainer(model=model, args=targs, train_dataset=data,
                                 optimizers=(opt, None))
