@@ -434,3 +434,71 @@ def test_ranks_agree_when_a_waiting_blocks_gradient_is_rank_local():
     # aborted ("collective mismatch"; NCCL would hang)
     r0, r1 = run_ranks(_rank_blind_block_with_rank_local_gradient, world=2, timeout=100)
     assert r0 == r1
+
+
+def _rank_local_inf_gradient(rank, world):
+    # a learnable loss weight kept outside the DDP module: its gradient is rank-local. An inf in
+    # it on rank 1 at a step without a search skipped the step there only, and the replicas of
+    # the DDP-averaged weights parted (1.9e-3 after six steps)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    temp = nn.Parameter(torch.ones(()))
+    opt = ArmijoAdam(list(model.parameters()) + [temp], model=model)  # adaptive cadence
+    log = []
+    for step in range(6):
+        x, y = batch(step)
+        x, y = half(x, rank, world), half(y, rank, world)
+
+        def loss_fn(x=x, y=y):
+            return temp * nn.functional.mse_loss(ddp(x), y) + (temp - 1) ** 2
+
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        if step == 3 and rank == 1:
+            temp.grad.fill_(math.inf)
+        opt.step(loss_fn=loss_fn, loss=loss)
+        log.append((bool(opt.stats["searched"]), bool(opt.stats["skipped"])))
+    return {"log": log, "folded": opt.param_groups[0]["folded"], "params": params(model)}
+
+
+def test_ddp_a_non_finite_rank_local_gradient_skips_everywhere_on_steps_without_a_search():
+    r0, r1 = run_ranks(_rank_local_inf_gradient, world=2, timeout=120)
+    assert r0["log"] == r1["log"] and r0["log"][3] == (False, True)  # the case under test
+    assert r0["folded"] == r1["folded"] == 5
+    for p, q in zip(r0["params"], r1["params"]):
+        assert torch.equal(p, q)
+
+
+def _rank_uneven_inputs_under_join(rank, world):
+    # DDP's join() shadows DDP's own collectives on a rank whose data ran out, not the
+    # optimizer's (the line search's losses): with throw_on_early_termination=True every rank
+    # stops at the first exhausted one, as docs/integrations.md recommends, instead of a
+    # collective mismatch (gloo) or a hang (NCCL)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = ArmijoAdam(model.parameters(), model=model)
+    steps = 0
+    try:
+        with ddp.join(throw_on_early_termination=True):
+            for step in range(2 if rank == 0 else 3):
+                x, y = batch(step)
+                x, y = half(x, rank, world), half(y, rank, world)
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(ddp(x), y)
+                loss.backward()
+                opt.step(loss_fn=lambda x=x, y=y: nn.functional.mse_loss(ddp(x), y), loss=loss)
+                steps += 1
+    except RuntimeError as e:
+        return steps, str(e)
+    return steps, None
+
+
+def test_ddp_uneven_inputs_stop_every_rank_under_join_with_early_termination():
+    (s0, e0), (s1, e1) = run_ranks(_rank_uneven_inputs_under_join, world=2, timeout=120)
+    assert s0 == s1 == 2
+    assert "exhausted" in (e0 or "") and "exhausted" in (e1 or "")

@@ -400,6 +400,22 @@ def _rank_corrupt_shard_refused(rank, world):
     return {"messages": messages, "same": same, "step": step, "trained": len(rows) == 1}
 
 
+def _telemetry_run(rank=None, world=1, check_finite=True):
+    """(searched, grad_norm, gd) per step, steps without a search among them (cadence 2)."""
+    model = make_model() if rank is None else shard(make_model())
+    opt = make_opt(model, cadence=2, check_finite=check_finite)
+    rows = []
+    for step in range(4):
+        train(model, opt, 1, rank, world, start=step)
+        s = opt.stats
+        rows.append((bool(s["searched"]), float(s["grad_norm"]), float(s["gd"])))
+    return rows
+
+
+def _rank_telemetry(rank, world):
+    return {flag: _telemetry_run(rank, world, flag) for flag in (True, False)}
+
+
 def _momentum_opt(model, cadence="every"):
     from armijo_fused import ArmijoSGD
 
@@ -518,6 +534,19 @@ def test_a_checkpoint_corrupt_in_one_ranks_shard_is_refused_on_every_rank():
     assert len(r0["messages"]) == 1 and "another rank" in r0["messages"][0]
     for r in (r0, r1):
         assert r["same"] and r["step"] == 4 and r["trained"]
+
+
+def test_steps_without_a_search_report_the_models_gradient_norm_on_every_rank():
+    # with check_finite=False, ‖g‖ and ⟨g, d⟩ of a step without a search came from each rank's
+    # own shards (1.49 and 0.92 where one process gives 1.24)
+    results = run_ranks(_rank_telemetry, world=2, timeout=120)
+    for flag in (True, False):
+        single = _telemetry_run(check_finite=flag)
+        assert [searched for searched, _, _ in single] == [True, False, True, False]
+        for r in results:
+            for (s1, n1, gd1), (s2, n2, gd2) in zip(single, r[flag]):
+                assert s1 == s2
+                assert n2 == pytest.approx(n1, rel=1e-5) and gd2 == pytest.approx(gd1, rel=1e-5)
 
 
 def test_sgd_momentum_records_the_step_length_of_the_whole_model_on_every_rank():

@@ -54,7 +54,7 @@ from .calls import (
 )
 from .checkpoint import CheckpointMixin
 from .interrupts import HeldInterrupts
-from .passes import FlatPasses, total
+from .passes import FlatPasses, _flat_grad, _table, scalar_sum, total
 from .search import IN_TURN, SearchMixin
 from .settings import SettingsMixin, check_flag
 from .store import StoreMixin
@@ -624,8 +624,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if not search and reduce is not None:
             # the guard skips the step if f0 is not finite: on every rank or on none (a rank's
             # batch of padding only has a NaN mean loss and a zero gradient); a search reduces
-            # f0 below, with its first trial's sums
-            f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce)
+            # f0 below, with its first trial's sums. So does a non-finite gradient on one rank
+            # (a tensor DDP does not average: a learnable loss weight outside the module), or
+            # that rank alone skipped and the replicas parted: its Σ g², read for the guard
+            # anyway, rides in the same collective as 0 · Σ g² (NaN iff it is not finite)
+            guard = None
+            if self.check_finite or self.max_grad_norm is not None:
+                probed = self._probe_grad_sq(buffers, probed)
+                guard = total([scalar_sum(sq).to(buffers[0].device) for sq in probed.values()])
+            f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce, guard)
         setup = StepSetup(k, table, etas, factors, block_factors, applied_factors, mfac,
                           buffers, reduce)
         passes = FlatPasses(self, buffers, f0, loss_follows=search,  # a search sets f0 below
@@ -728,7 +735,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 # the next step's length cap; under FSDP2 a collective, so inside the rollback
                 # section: a rank that fails it leaves θ and the state as before the step
                 dd = (None if passes._first_sums is None
-                      else self._step_dd(buffers, passes._first_sums, reduce))
+                      else self._step_dd(buffers, passes._first_sums, reduce)[0])
         except BaseException:
             # Nothing half-done survives: θ back to θ0 and the state to before the first pass
             # (bitwise from the snapshot with exact_revert, else by inverting the update).
@@ -844,7 +851,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 caps = self._length_caps(table, buffers)
                 sums = passes.first([e * f for e, f in zip(etas, applied_factors)],
                                     caps=caps, factors=applied_factors)
-                dd = self._step_dd(buffers, sums, reduce)  # (a collective under FSDP2)
+                # (a collective under FSDP2, which also makes the telemetry's sums the model's)
+                dd, sums = self._step_dd(buffers, sums, reduce)
         except BaseException:  # a pass raised, or an interrupt came between two launches
             with torch.no_grad():
                 passes.rollback()
@@ -868,7 +876,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             applied_step=lambda: applied(True), lr_factor=factors[0], trials=0,
             loss_before=loss_before if loss_before is not None else math.nan,
             loss_after=math.nan, loss_trial=math.nan,
-            gd=lambda: total([s[:, 0].sum() for s in sums]), grad_norm=passes.grad_norm,
+            gd=lambda: total([s[:, 0].sum() for s in sums]),
+            grad_norm=lambda: passes.grad_norm(sums),
             non_descent=False, unresolved=False, exhausted=False, collapsed=False,
             skipped=passes.skipped, searched_blocks=[],
             # (host floats, read now: read lazily, a stats object kept for logging later
@@ -1033,16 +1042,27 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         return mean_over_ranks
 
     @staticmethod
-    def _loss_over_ranks(f0, device, reduce):
+    def _probe_grad_sq(buffers, probed: dict) -> dict:
+        """Each buffer's per-block Σ g² (those in ``probed`` already read), for the guard."""
+        return {i: probed[i] if i in probed else
+                b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b))
+                for i, b in enumerate(buffers)}
+
+    @staticmethod
+    def _loss_over_ranks(f0, device, reduce, guard=None):
         """(probe, mean) of the losses the ranks hold at a step without a search: the probe,
-        for the skip guard, is finite iff every rank's loss is (0 for a rank without one); the
-        mean, for the telemetry, is over the ranks that have one. Every rank takes part, with a
-        loss or without: a collective on some ranks only would pair with the next one."""
+        for the skip guard, is finite iff every rank's loss is (0 for a rank without one) and
+        every rank's ``guard`` (its Σ g²; None: not read); the mean, for the telemetry, is over
+        the ranks that have a loss. Every rank takes part, with a loss or without: a
+        collective on some ranks only would pair with the next one."""
         mine = torch.zeros(2, dtype=torch.float64, device=device)
         if f0 is not None:
             mine = torch.stack([to_device(f0.double().reshape(()), device), mine[1] + 1])
+        if guard is not None:  # (its own entry: the reported loss stays the loss)
+            mine = torch.cat([mine, guard.double().reshape(1) * 0])
         total = reduce(mine)  # (the mean over ranks: the scale cancels in the ratio)
-        return total[0], total[0] / total[1]
+        probe = total[0] if guard is None else total[0] + total[2]
+        return probe, total[0] / total[1]
 
     def _warn_zero_gradient(self, k: int) -> None:
         """A search whose gradient is zero everywhere takes no step: most often the closure

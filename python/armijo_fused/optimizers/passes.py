@@ -305,10 +305,12 @@ class FlatPasses(Passes):
         self.precond = precond
         return out
 
-    def grad_norm(self):
+    def grad_norm(self, sums=None):
+        """‖g‖ (unclipped): the guard's Σ g² where it was formed (over the ranks under FSDP2),
+        else from the first pass's sums (``sums``: those sums over the ranks)."""
         if self._grad_sq is not None:
             return self._grad_sq.sqrt()
-        return sum(s[:, 1].sum() for s in self._first_sums).sqrt()
+        return sum(s[:, 1].sum() for s in (sums or self._first_sums)).sqrt()
 
     def guard(self) -> Tensor:
         return self._scale0

@@ -524,18 +524,19 @@ class SearchMixin:
             pos += n
         return caps
 
-    def _step_dd(self, buffers, sums, reduce) -> list:
-        """This step's per-block ‖d_b‖² (the first pass's sums), kept for the next step's cap.
+    def _step_dd(self, buffers, sums, reduce) -> tuple[list, list]:
+        """This step's per-block ‖d_b‖² (the first pass's sums), kept for the next step's cap,
+        and the first pass's sums over the model (for the telemetry of a step without a search).
         FSDP2: each rank's sums are its shards' (times the shard count), so their mean over the
         ranks is the model's: one small collective, queued on the device (no host wait), so
-        that every rank caps as a single process would."""
-        dd = [s[:, 2] for s in sums]
+        that every rank caps as a single process would, and reports the model's ⟨g, d⟩ and ‖g‖
+        (each rank reported its own shards')."""
         if self._sharded and reduce is not None:
-            dev0 = dd[0].device
-            mean = reduce(torch.cat([x.reshape(-1).to(dev0) for x in dd]))
-            dd = [x.to(b.device) for x, b in zip(mean.split([b.layout.nblocks for b in buffers]),
-                                                  buffers)]
-        return dd
+            dev0 = sums[0].device
+            mean = reduce(torch.cat([s.reshape(-1).to(dev0) for s in sums]))
+            sums = [x.reshape(-1, 3).to(b.device) for x, b in zip(
+                mean.split([3 * b.layout.nblocks for b in buffers]), buffers)]
+        return [s[:, 2] for s in sums], sums
 
     def _check_step_sizes(self) -> None:
         """η and η̄ must be finite and > 0. The optimizer writes them, but code that edits
