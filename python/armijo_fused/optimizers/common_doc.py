@@ -19,7 +19,10 @@ LINESEARCH_ARGS = r"""
             taken (θ goes back to θ0, see ``exact_revert``) and η resets to its running
             average; after a second such search in a row, η and η̄ take the last step size it
             tried (default: 20)
-        max_step (float, optional): cap on the searched η (default: None)
+        max_step (float, optional): cap on the searched η, in the units η is searched in:
+            along the direction, or, for ArmijoSGD with ``momentum_search="gradient"``, along
+            the gradient (the step applied along the momentum direction is then at most
+            (1 - μ)·max_step) (default: None)
         collapse_ratio (float, optional): an accepted η below ``collapse_ratio`` times its
             running average counts as a collapse and η is reset to the average; a second
             collapse in a row takes the small step as η and η̄ (default: 1e-2)
