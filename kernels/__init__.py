@@ -9,25 +9,28 @@ if __name__ == "kernels":
     # Imported as a top-level ``kernels``: Python started in the repository root finds this
     # source folder before an installed package of that name (Hugging Face's ``kernels``, which
     # transformers imports: `import transformers; transformers.Trainer` failed there). Step
-    # aside for the installed one; without one, this folder stays, harmless.
+    # aside for the installed one, found as any import would find it with this folder off the
+    # path (an editable install too); without one, this folder stays, harmless.
     def _step_aside():
-        import importlib.machinery
-        import importlib.util
+        import importlib
         import os
         import sys
 
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        others = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-        spec = importlib.machinery.PathFinder.find_spec("kernels", others)
-        if spec is None or spec.loader is None:
-            return
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["kernels"] = module  # (the import statement returns what is here at the end)
+        if getattr(sys, "_armijo_fused_stepping_aside", False):
+            return  # another copy of this folder, found while stepping aside: it stays
+        here = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        me, path = sys.modules.pop("kernels"), sys.path[:]
+        sys.path[:] = [p for p in path if os.path.realpath(p or os.curdir) != here]
+        sys._armijo_fused_stepping_aside = True
         try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules["kernels"]
-            raise
+            importlib.import_module("kernels")  # (the import statement returns sys.modules')
+        except ModuleNotFoundError as e:
+            if e.name != "kernels":
+                raise
+            sys.modules["kernels"] = me
+        finally:
+            sys.path[:] = path
+            del sys._armijo_fused_stepping_aside
 
     _step_aside()
     del _step_aside

@@ -502,3 +502,20 @@ def test_ddp_uneven_inputs_stop_every_rank_under_join_with_early_termination():
     (s0, e0), (s1, e1) = run_ranks(_rank_uneven_inputs_under_join, world=2, timeout=120)
     assert s0 == s1 == 2
     assert "exhausted" in (e0 or "") and "exhausted" in (e1 or "")
+
+
+def _rank_different_guard_settings(rank, world):
+    # the plain step's all-reduce carried the Σ g² entry only on ranks that read it: a rank
+    # with check_finite=False sent two entries against three, and the ranks hung
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence=3, check_finite=rank == 0)
+    log = run(ddp, opt, 4, rank, world)
+    return [trials for _, trials, _ in log]
+
+
+def test_ddp_ranks_with_different_guard_settings_do_not_hang():
+    r0, r1 = run_ranks(_rank_different_guard_settings, world=2, timeout=90)
+    assert r0 == r1 and 0 in r0  # steps without a search happened

@@ -447,3 +447,20 @@ def test_a_batch_skipped_by_on_train_batch_start_is_not_in_the_next_window():
     opt = trainer.optimizers[0]
     assert opt.param_groups[0]["searches"] == opt.param_groups[0]["step"]
     assert opt.param_groups[0]["forwards"] < 3 * opt.param_groups[0]["step"]  # no long searches
+
+
+def test_settings_written_through_lightnings_optimizer_wrapper_reach_the_optimizer():
+    # self.optimizers() returns a LightningOptimizer, which takes the optimizer's class as a
+    # base: a write (lopt.c = 0.3, lopt.max_step = 1e-4) stayed on the wrapper, unread by
+    # the step
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    model = nn.Linear(4, 1)
+    opt = ArmijoAdam(model.parameters(), model=model)
+    lopt = LightningOptimizer(opt)
+    lopt.c, lopt.max_step, lopt.max_interval, lopt.cadence = 0.3, 1e-4, 2, 3
+    assert (opt.c, opt.max_step, opt.max_interval, opt.cadence.spec) == (0.3, 1e-4, 2, 3)
+    assert (lopt.c, lopt.max_step, lopt.max_interval) == (0.3, 1e-4, 2)
+    with pytest.raises(ValueError, match="invalid c"):
+        lopt.c = 2.0
+    assert opt.c == 0.3

@@ -39,8 +39,18 @@ def test_python_started_in_the_repository_root_imports_an_installed_kernels_pack
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "the installed package"
-    # without one, the folder imports as before (nothing else is there to find)
-    env["PYTHONPATH"] = str(tmp_path / "empty")
+    # the root on the path a second time under another spelling (a symlink) is still this folder
+    (tmp_path / "link").symlink_to(root)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "link"), str(tmp_path / "site")])
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "the installed package"
+    # another copy of this folder found instead (a second checkout): it stays, no recursion
+    other = tmp_path / "other" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text((root / "kernels" / "__init__.py").read_text())
+    env["PYTHONPATH"] = str(tmp_path / "other")
     out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -1465,6 +1465,22 @@ def test_step_size_settings_written_mid_run_take_effect_at_once():
         assert getattr(twin, name) == getattr(twin.policy, name)
 
 
+def test_settings_written_in_other_spellings_and_under_a_fixed_cadence():
+    model, x = _usage_setup()
+    opt = ArmijoSGD(model.parameters(), model=model, cadence=20, growth=torch.tensor(1.5),
+                    max_step=np.float32(0.5))
+    assert type(opt.growth) is float and opt.growth == 1.5 and opt.max_step == 0.5
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    g = opt.param_groups[0]
+    scheduled = g["next_search"]
+    opt.max_interval = opt.max_interval  # a fixed cadence schedules by k: nothing moves
+    assert g["next_search"] == scheduled == 21
+    opt.layerwise, opt.tile = np.False_, np.int64(opt.tile)  # the same values: taken, unchanged
+    assert opt.layerwise is False and type(opt.tile) is int
+    opt.max_step = torch.tensor(0.25)
+    assert opt.policy.max_step == 0.25 and type(opt.policy.max_step) is float
+
+
 def test_an_infinite_max_grad_norm_clips_nothing_as_the_integrations_mean_it():
     # HF's TrainingArguments(max_grad_norm=inf) and Lightning's gradient_clip_val=inf (the norm
     # logged, nothing clipped) reach max_grad_norm; the check of written settings refused them

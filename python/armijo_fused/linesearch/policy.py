@@ -38,9 +38,11 @@ that the searches that follow go on below it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
+
+from ..directions.base import as_real
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,21 @@ class StepSizePolicy:
     max_step: float | None = None
     max_drop: float | None = None
 
+    def __post_init__(self):
+        # one real number (a numpy one, a one-element tensor) as a float; anything else stays,
+        # for validate() to refuse by name
+        for f in dataclasses.fields(self):
+            x = as_real(getattr(self, f.name))
+            if x is not None:
+                object.__setattr__(self, f.name, x)
+
     def validate(self) -> None:
         def check(name, ok, expected, optional=False):
             v = getattr(self, name)
             if v is None and optional:
                 return
             # (a string or a bool raised a bare TypeError in the comparison, or passed as 1)
-            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and ok(v)):
+            if not (isinstance(v, float) and ok(v)):
                 raise ValueError(f"invalid {name}: {v!r} (expected {expected})")
 
         check("growth", lambda x: 1.0 <= x < math.inf, "a finite number >= 1")

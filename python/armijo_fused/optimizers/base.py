@@ -1055,14 +1055,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         every rank's ``guard`` (its Σ g²; None: not read); the mean, for the telemetry, is over
         the ranks that have a loss. Every rank takes part, with a loss or without: a
         collective on some ranks only would pair with the next one."""
-        mine = torch.zeros(2, dtype=torch.float64, device=device)
+        # three entries on every rank, whatever it reads: the collective's size must not
+        # depend on a rank's settings (check_finite, max_grad_norm), or the ranks hang
+        mine = torch.zeros(3, dtype=torch.float64, device=device)
         if f0 is not None:
-            mine = torch.stack([to_device(f0.double().reshape(()), device), mine[1] + 1])
+            mine[0], mine[1] = to_device(f0.double().reshape(()), device), 1.0
         if guard is not None:  # (its own entry: the reported loss stays the loss)
-            mine = torch.cat([mine, guard.double().reshape(1) * 0])
+            mine[2] = guard.double().reshape(()) * 0
         total = reduce(mine)  # (the mean over ranks: the scale cancels in the ratio)
-        probe = total[0] if guard is None else total[0] + total[2]
-        return probe, total[0] / total[1]
+        return total[0] + total[2], total[0] / total[1]
 
     def _warn_zero_gradient(self, k: int) -> None:
         """A search whose gradient is zero everywhere takes no step: most often the closure

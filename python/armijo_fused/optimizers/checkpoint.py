@@ -472,7 +472,8 @@ class CheckpointMixin:
                 if is_dtensor(value):
                     local = value.to_local()  # (this rank's shard)
                     if mesh is None and value.device_mesh.ndim == 1:  # (others: refused later)
-                        mesh = value.device_mesh, local.device
+                        # (the mesh's device type: a state loaded to the CPU keeps an NCCL mesh)
+                        mesh = value.device_mesh, torch.device(value.device_mesh.device_type)
                 else:
                     local = value
                 bad = None

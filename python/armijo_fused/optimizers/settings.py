@@ -41,15 +41,25 @@ class Checked:
     def __get__(self, obj, owner=None):
         if obj is None:
             return self
+        obj = _target(obj)
         try:
             return obj.__dict__[self.name]
         except KeyError:  # (before __init__ set it: as a plain attribute would)
             raise AttributeError(self.name) from None
 
     def __set__(self, obj, value):
+        obj = _target(obj)
         # (the value lives in the instance's __dict__ under its own name, so copies, pickles
         # and torch's __setstate__, which update __dict__ directly, carry it as before)
         obj.__dict__[self.name] = self.check(obj, value)
+
+
+def _target(obj):
+    """The optimizer itself where ``obj`` wraps it: Lightning's ``LightningOptimizer`` (what
+    ``self.optimizers()`` returns) takes the optimizer's class as a base, so these descriptors
+    ran on the wrapper, and a write (``opt.c = 0.3``) stayed there, unread by the step."""
+    inner = obj.__dict__.get("_optimizer")
+    return inner if isinstance(inner, SettingsMixin) else obj
 
 
 def _fraction(name):
@@ -107,18 +117,19 @@ def _fixed(name: str, built: str):
     def check(obj, value):
         if name in obj.__dict__:
             old = obj.__dict__[name]
-            if value is not old and not _same(value, old):
-                raise AttributeError(
-                    f"{name} is fixed at construction ({built}): build a new optimizer with "
-                    f"{name}={value!r} and load this one's state_dict() into it")
+            if value is old or _equal(value, old):
+                return old  # (the same value, in any spelling: np.False_, 2048.0)
+            raise AttributeError(
+                f"{name} is fixed at construction ({built}): build a new optimizer with "
+                f"{name}={value!r} and load this one's state_dict() into it")
         return value
     return check
 
 
-def _same(a, b) -> bool:
+def _equal(a, b) -> bool:
     try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:  # (a process group compares by identity only)
+        return bool(a == b)
+    except Exception:  # (no comparison defined)
         return False
 
 
@@ -206,9 +217,10 @@ class _PolicyField:
         self.name = name
 
     def __get__(self, obj, owner=None):
-        return self if obj is None else getattr(obj.policy, self.name)
+        return self if obj is None else getattr(_target(obj).policy, self.name)
 
     def __set__(self, obj, value):
+        obj = _target(obj)
         obj.policy = dataclasses.replace(obj.policy, **{self.name: value})
 
 
@@ -217,15 +229,17 @@ class _MaxInterval:
     ``opt.cadence``; a gap already scheduled beyond a lower one is shortened to it."""
 
     def __get__(self, obj, owner=None):
-        return self if obj is None else obj.cadence.max_interval
+        return self if obj is None else _target(obj).cadence.max_interval
 
     def __set__(self, obj, value):
+        obj = _target(obj)
         old = obj.cadence
         new = Cadence(old.spec, max_interval=value)  # (checks it)
         new.log_tol = old.log_tol
-        for g in obj.param_groups:
-            g["search_interval"] = min(g["search_interval"], new.max_interval)
-            g["next_search"] = min(g["next_search"], g["step"] + new.max_interval)
+        if old.spec == "adaptive":  # (a fixed cadence k schedules by k, not by this)
+            for g in obj.param_groups:
+                g["search_interval"] = min(g["search_interval"], new.max_interval)
+                g["next_search"] = min(g["next_search"], g["step"] + new.max_interval)
         obj.cadence = new
 
 
