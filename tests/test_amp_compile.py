@@ -94,6 +94,26 @@ def test_gradscaler_step_with_a_positional_closure_matches_the_unscaled_run(unsc
     assert all(p.grad.abs().max() < 10 for p in scaled.parameters())  # left unscaled
 
 
+def test_gradscaler_step_with_a_closure_that_only_returns_the_loss_unscales_once():
+    # gradients computed before the step, then scaler.step(opt, closure) with a closure that
+    # calls no backward (legal for torch.optim, which just calls it): GradScaler had unscaled
+    # them, and the step divided them by the scale a second time (1024x too small)
+    plain, opt_p, scaled, opt_s, scaler = plain_and_scaled()
+    for step in range(4):
+        x, y = batch(step)
+        opt_p.zero_grad()
+        nn.functional.mse_loss(plain(x), y).backward()
+        opt_p.step(lambda x=x, y=y: nn.functional.mse_loss(plain(x), y))
+        opt_s.zero_grad()
+        scaler.scale(nn.functional.mse_loss(scaled(x), y)).backward()
+        scaler.step(opt_s, lambda x=x, y=y: nn.functional.mse_loss(scaled(x), y))
+        scaler.update()
+        torch.testing.assert_close(opt_s.stats["grad_norm"], opt_p.stats["grad_norm"])
+        assert opt_s.stats["step_size"] == opt_p.stats["step_size"]
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_gradscaler_overflow_skips_the_step_and_leaves_state_untouched():
     model = make_model()
     opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
