@@ -94,10 +94,12 @@ def test_gradscaler_step_with_a_positional_closure_matches_the_unscaled_run(unsc
     assert all(p.grad.abs().max() < 10 for p in scaled.parameters())  # left unscaled
 
 
-def test_gradscaler_step_with_a_closure_that_only_returns_the_loss_unscales_once():
+@pytest.mark.parametrize("how", ["loss only", "grads assigned to .data"])
+def test_gradscaler_step_with_a_closure_that_only_returns_the_loss_unscales_once(how):
     # gradients computed before the step, then scaler.step(opt, closure) with a closure that
     # calls no backward (legal for torch.optim, which just calls it): GradScaler had unscaled
-    # them, and the step divided them by the scale a second time (1024x too small)
+    # them, and the step divided them by the scale a second time (1024x too small). A closure
+    # that writes them through p.grad.data = ... (no version bump) is still unscaled once
     plain, opt_p, scaled, opt_s, scaler = plain_and_scaled()
     for step in range(4):
         x, y = batch(step)
@@ -106,7 +108,16 @@ def test_gradscaler_step_with_a_closure_that_only_returns_the_loss_unscales_once
         opt_p.step(lambda x=x, y=y: nn.functional.mse_loss(plain(x), y))
         opt_s.zero_grad()
         scaler.scale(nn.functional.mse_loss(scaled(x), y)).backward()
-        scaler.step(opt_s, lambda x=x, y=y: nn.functional.mse_loss(scaled(x), y))
+
+        def closure(x=x, y=y):
+            loss = nn.functional.mse_loss(scaled(x), y)
+            if how == "grads assigned to .data" and torch.is_grad_enabled():  # (not in trials)
+                params = list(scaled.parameters())
+                for p, g in zip(params, torch.autograd.grad(scaler.scale(loss), params)):
+                    p.grad.data = g
+            return loss
+
+        scaler.step(opt_s, closure)
         scaler.update()
         torch.testing.assert_close(opt_s.stats["grad_norm"], opt_p.stats["grad_norm"])
         assert opt_s.stats["step_size"] == opt_p.stats["step_size"]

@@ -145,8 +145,7 @@ def test_batched_and_sequential_searches_end_the_same_way(n, gd, curvature, eta0
         kind = ("accepted" if result.accepted is not None else "skipped" if result.skipped
                 else "unresolved" if result.unresolved else "exhausted")
         # (unchanged: the next search starts one growth further; rejected: η may fall)
-        return (kind, result.accepted, result.rejected, result.non_descent, result.unchanged,
-                result.grow)
+        return kind, result.accepted, result.rejected, result.non_descent, result.unchanged
 
     kw = dict(c=c, backtrack=backtrack, max_trials=max_trials, resolution=resolution)
     f0 = torch.tensor(1.0, dtype=torch.float64)

@@ -180,13 +180,11 @@ def test_a_failed_step_after_loading_weights_keeps_the_loaded_weights(exact):
 
 def test_a_loss_computed_in_bf16_is_named_when_it_stops_the_search():
     # A bf16 model whose loss is computed in bf16 resolves 6% of the loss: every search ended
-    # unresolved and, with cadence="every", the model never moved, without a word. (Undecided
-    # searches now grow η to where the loss resolves; a max_step at the first step size keeps
-    # it where it was, as every search was then)
+    # unresolved and, with cadence="every", the model never moved, without a word.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)).to(torch.bfloat16)
     x, y = torch.randn(64, 8, dtype=torch.bfloat16), torch.randn(64, 1, dtype=torch.bfloat16)
-    opt = ArmijoAdam(model.parameters(), cadence="every", model=model, max_step=1e-3)
+    opt = ArmijoAdam(model.parameters(), cadence="every", model=model)
 
     def closure(loss_of=lambda out: nn.functional.mse_loss(out, y)):
         opt.zero_grad()

@@ -1284,12 +1284,10 @@ def test_rejections_along_d_do_not_exhaust_a_search_that_ends_unresolved_on_the_
     # (1·|f0|). That line has rejected nothing: unresolved, as a search that started there
     from armijo_fused.linesearch.controller import armijo_search
 
-    # (the loss offset by 1e4 and a resolution of 1e-4: 1.0001 of the loss's units, an fp32-like
-    # resolution, which the predicted decrease alone decides)
-    passes = SimulatedPasses([10.0, -50.0], [10.0, 0.0], shift=1e4)
-    result = armijo_search(passes, passes.loss, torch.tensor(1.0 + 1e4, dtype=torch.float64),
+    passes = SimulatedPasses([10.0, -50.0], [10.0, 0.0])
+    result = armijo_search(passes, passes.loss, torch.tensor(1.0, dtype=torch.float64),
                            [1.0, 0.1], c=0.2, backtrack=0.5, max_trials=20, search=[0],
-                           resolution=1e-4)
+                           resolution=1.0)
     assert result.non_descent and result.trials == 3  # rejected, no descent, fallback
     assert result.unresolved and result.accepted is None
 
@@ -1463,37 +1461,3 @@ def test_provide_loss_inside_a_trial_is_not_the_next_steps_f0():
             opt.provide_loss(loss.detach())
         opt.step()
         assert opt.stats["loss_before"] == pytest.approx(float(loss))
-
-
-@pytest.mark.parametrize("cadence", ["every", "adaptive"])
-def test_a_loss_in_bf16_trains_from_the_default_step_size(cadence):
-    # A bf16 loss of 4 resolves 6% of its value: the first trial's predicted decrease (8 units
-    # in the last place needed) and its measured change (below 2 units) were both too small to
-    # judge, the search ended unresolved and kept η, and the next search tried the same step:
-    # not one step in 20 (cadence "every"); adaptive applied init_step_size blind. Now the next
-    # search starts one growth further, and a trial that moves the loss by 2 units or more is
-    # judged on what it measured
-    import warnings
-
-    torch.manual_seed(0)
-    model = nn.Linear(32, 64).bfloat16()
-    x, y = torch.randn(64, 32).bfloat16(), torch.randint(0, 64, (64,))
-    opt = ArmijoAdam(model.parameters(), model=model, cadence=cadence)
-
-    def fp32_loss():
-        with torch.no_grad():
-            return float(nn.functional.cross_entropy(model(x).float(), y))
-
-    loss_fn = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731  (a bf16 loss)
-    start, accepted = fp32_loss(), 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (the half-precision loss warning: its advice stands)
-        for _ in range(20):
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            assert loss.dtype == torch.bfloat16
-            opt.step(loss_fn=loss_fn, loss=loss)
-            accepted += opt.stats["searched"] and opt.stats["step_size"] > 0
-    assert accepted >= 3
-    assert fp32_loss() < 0.9 * start

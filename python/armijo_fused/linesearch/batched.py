@@ -27,9 +27,7 @@ from torch import Tensor, nn
 from .controller import (
     Passes,
     SearchResult,
-    decides,
     evaluate_on_every_rank,
-    growth_to_resolve,
     read_checking_ranks,
     reduce_with_flag,
 )
@@ -172,8 +170,8 @@ def batched_armijo_search(
             # trials as the sequential search counts them: the trial points judged, and the
             # one whose ⟨g, d⟩ showed a non-descent direction (here a whole round, discarded)
             judged = len(history) + int(non_descent)
-            unresolved = math.isfinite(ft) and (
-                not decides(decrease(eta), f_before, ft, resolution) or ft == f_before)
+            unresolved = math.isfinite(ft) and (decrease(eta) <= resolution * abs(f_before)
+                                                or ft == f_before)
             if not unresolved and math.isfinite(ft) and ft <= f_before - c * decrease(eta):
                 passes.move_to([eta] * nblocks)
                 return SearchResult([eta] * nblocks, judged, f_before, ft, gd, grad_sq,
@@ -191,8 +189,6 @@ def batched_armijo_search(
                                     # (a first trial: the non-descent one counts as one)
                                     unchanged=(decrease(eta) > resolution * abs(f_before)
                                                and judged == 1),
-                                    grow=(growth_to_resolve(decrease(eta), f_before, resolution)
-                                          if judged == 1 else 0.0),
                                     rejected=rejected)
             rejected = [eta] * nblocks
         if exhausted:

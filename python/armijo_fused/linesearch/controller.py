@@ -14,9 +14,7 @@ blocks across all buffers; equal in the global mode):
 5. Else η ← β·η, move θ in place to the new trial point (one fused pass), go to 2.
 6. Once the predicted decrease η·⟨g,d⟩ is below the loss's float resolution, or the trial
    loss equals f0 exactly (e.g. a loss that underflowed to 0), the comparison is decided by
-   rounding: the search stops there (``unresolved``), takes no step and keeps η (a
-   half-precision loss: a measured change of 2 units or more still decides, and an undecided
-   first trial grows η to where its predicted decrease resolves, see :func:`decides`). After a
+   rounding: the search stops there (``unresolved``), takes no step and keeps η. After a
    rejection the search got there by backtracking from a step the test judged: it is exhausted
    (7), unless the last trial's loss equals f0 to the bit (a bf16 model's rounding hid the
    smaller step): unresolved then, with the step sizes of its last rejected trial in
@@ -52,11 +50,6 @@ class SearchResult:
     # predicted (its forward did not see the moved weights; after a backtrack a bf16 model's
     # rounding does that too, so later trials do not count)
     unchanged: bool = False
-    # ... because its first trial moved a half-precision loss too little to judge, along a
-    # descent direction: > 0, the factor (at most MAX_GROW) that brings the predicted decrease
-    # of that trial up to what the loss resolves; the next search starts there (kept, η
-    # repeated the same undecidable trial for good: a bf16 loss of 4 never trained)
-    grow: float = 0.0
     # ... after a trial the test judged had failed it (the last trial's loss was then f0 to the
     # last bit: a bf16 model's rounding hid the backtracked step): that trial's η per block, the
     # smallest the test rejected on the line searched last; None otherwise
@@ -167,45 +160,6 @@ def read_floats(tensors: Sequence[Tensor]) -> list[float]:
     return out
 
 
-#: resolutions above this are half-precision losses' (bf16 6.3e-2, fp16 7.8e-3; fp32 9.5e-7)
-HALF_LOSS = 1e-4
-
-
-def decides(decrease: float, f0: float, f_trial: float, resolution: float) -> bool:
-    """Whether the Armijo test can judge a trial: its predicted decrease Σ η⟨g, d⟩ is above
-    what the loss resolves (``resolution``·|f0|), or, for a loss in half precision, the trial
-    moved the loss by 2·eps·|f0| at least (2 to 4 units in its last place) along a direction
-    that predicts a decrease. A half-precision loss is rounded once at the end of an fp32
-    computation, so f0 and f(trial) are each within half a unit of it: a change of 2 units is
-    the parameters', not the rounding's. At 8 units of the predicted decrease alone, a bf16 loss
-    of 4 (a step that moved it by 4 units measured and was dropped) stalled the search at its
-    first η for good. (An fp32 loss carries the rounding of its whole reduction, over many
-    units: the predicted decrease decides alone.)"""
-    if decrease > resolution * abs(f0):
-        return True
-    return (resolution > HALF_LOSS and decrease > 0.0 and math.isfinite(f_trial)
-            and abs(f_trial - f0) >= 0.25 * resolution * abs(f0))
-
-
-#: the most an undecided search of a half-precision loss grows η by (:func:`growth_to_resolve`)
-MAX_GROW = 10.0
-
-
-def growth_to_resolve(decrease: float, f0: float, resolution: float) -> float:
-    """After a first trial that a half-precision loss could not judge (along a descent
-    direction): the factor, 1 to ``MAX_GROW``, that brings its predicted decrease up to what
-    the loss resolves; 0 for any other loss (its η stays)."""
-    if resolution <= HALF_LOSS or not decrease > 0.0:
-        return 0.0
-    return min(MAX_GROW, max(1.0, resolution * abs(f0) / decrease))
-
-
-def may_decide(decrease: float, f0: float, resolution: float) -> bool:
-    """Whether some trial loss could let :func:`decides` judge a step of this predicted
-    decrease (a test worth a forward)."""
-    return decrease > (resolution if resolution <= HALF_LOSS else 0.0) * abs(f0)
-
-
 def loss_resolution(loss: Tensor) -> float:
     """The relative resolution of a loss value: 8 units in the last place of its dtype, so a
     decrease below it is decided by rounding in f(trial) and f0. fp32 (and a Python float,
@@ -260,11 +214,9 @@ def armijo_search(
     distributed run (:func:`reduce_with_flag`), read with the first trial and raised then.
     ``resolution``: relative float resolution of the loss (:func:`loss_resolution`); once the
     predicted decrease Σ η⟨g,d⟩ <= resolution·|f0| the search stops without a step
-    (``unresolved``), since rounding decides such comparisons, unless (a half-precision
-    loss) the trial's loss moved by more than its rounding can (:func:`decides`). The
-    predicted decrease, not its c-fraction: with a small ``c`` the test is close to
-    f(trial) <= f0, which a measurable decrease still decides (c·Σ η⟨g,d⟩ made every search
-    unresolved at c = 1e-4).
+    (``unresolved``), since rounding decides such comparisons. The predicted decrease, not its
+    c-fraction: with a small ``c`` the test is close to f(trial) <= f0, which a measurable
+    decrease still decides (c·Σ η⟨g,d⟩ made every search unresolved at c = 1e-4).
     ``optimistic``: a first trial tried before ``eta0`` (layer-wise: every block grown, where
     ``eta0`` grows the searched block only); if it passes, every block takes it (all were tested
     together); if it does not pass (rejected, a decrease too small to resolve, or Σ η⟨g,d⟩ ≤ 0
@@ -300,7 +252,6 @@ def armijo_search(
     dd_b: list[float] = []
     first_gd_b: list[float] = []
     unresolved = unchanged = False
-    grow = 0.0
     # trials the search may take: max_trials, plus one for each trial that is not counted
     # (the non-descent one, a failed optimistic one); each such trial raises it by one, so the
     # loop ends at most two trials past max_trials
@@ -335,7 +286,7 @@ def armijo_search(
         history.append((list(eta), f_trial))
         if not math.isfinite(f_before):
             break  # caller handles; θ reverted below
-        informative = decides(decrease, f_before, f_trial, resolution)
+        informative = decrease > resolution * abs(f_before)
         passed = (informative and math.isfinite(f_trial) and f_trial != f_before
                   and f_trial <= f_before - c * decrease)
         if pending and not passed:
@@ -380,8 +331,6 @@ def armijo_search(
             # more hidden ones)
             unresolved = rejected is None or f_trial == f_before
             unchanged = informative and len(history) == 1
-            if unresolved and len(history) == 1:
-                grow = growth_to_resolve(decrease, f_before, resolution)
             break
         if passed:  # (the unresolved cases have ended the search above)
             return SearchResult(eta, trial, f_before, f_trial, gd, grad_sq,
@@ -408,7 +357,7 @@ def armijo_search(
     # block's result, which may be this one)
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
-                        grow=grow, rejected=(rejected or optimistic_rejected) if unresolved else None,
+                        rejected=(rejected or optimistic_rejected) if unresolved else None,
                         history=history,
                         block_gd=gd_b, block_dd=dd_b, first_gd=first_gd_b)
 

@@ -966,9 +966,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._warn_once("half_loss", (
                 f"the loss is computed in half precision (resolution {resolution:.1e} of its "
                 f"value), coarser than the decrease the Armijo test must see: {n} searches in a "
-                "row could not tell a decrease from rounding and took no step (each grows η "
-                "towards a step the loss can judge, within max_step). Compute the loss in "
-                "fp32 from fp32 logits, e.g. loss_fn(logits.float(), y)"))
+                "row could not tell a decrease from rounding and took no step (with "
+                "cadence='every' the model does not train). Compute the loss in fp32 from "
+                "fp32 logits, e.g. loss_fn(logits.float(), y)"))
 
     def _note_unchanged_trials(self, result) -> None:
         """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
@@ -1080,16 +1080,18 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         """Each gradient (by a weak reference: ids of freed tensors are reused, and a strong one
         would hold a dropped gradient through the closure) and its version: which ones a
         closure then writes."""
-        return {id(p): (weakref.ref(p.grad), p.grad._version) for _, p in self._trainable()
-                if p.grad is not None}
+        return {id(p): (weakref.ref(p.grad), p.grad._version, p.grad.data_ptr())
+                for _, p in self._trainable() if p.grad is not None}
 
     @torch.no_grad()
     def _unscale_gradients(self, scaler, before: dict) -> None:
         """Divide the gradients the closure just computed by the scale its ``scaler.scale(loss)``
         applied (as ``GradScaler.unscale_`` does; a non-finite result is the guard's to skip).
-        Only those it wrote (new tensors, or written in place, as ``before`` tells): a closure
-        that returns the loss of gradients computed before the call, which GradScaler has
-        unscaled already, had them divided a second time (1024× too small)."""
+        Only those it wrote (new tensors, written in place, or given new storage through
+        ``.data =``, as ``before`` tells): a closure that returns the loss of gradients computed
+        before the call, which GradScaler has unscaled already, had them divided a second time
+        (1024× too small). (A write through ``p.grad.data.copy_`` bumps no version and is not
+        seen: write gradients with ``backward`` or ``p.grad.copy_``.)"""
         scale = getattr(scaler, "_scale", None)
         if scale is None:  # (torch keeps the scale there; else ask, which syncs)
             scale = torch.tensor(scaler.get_scale())
@@ -1098,8 +1100,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         for _, p in self._trainable():
             if p.grad is None:
                 continue
-            ref, version = before.get(id(p), (None, None))
-            if ref is None or ref() is not p.grad or p.grad._version != version:
+            ref, version, ptr = before.get(id(p), (None, None, None))
+            if (ref is None or ref() is not p.grad or p.grad._version != version
+                    or p.grad.data_ptr() != ptr):
                 by_device.setdefault(p.grad.device, []).append(p.grad)
         for device, grads in by_device.items():
             torch._foreach_mul_(grads, inv.to(device))

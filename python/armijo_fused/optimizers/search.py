@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..linesearch.batched import batched_armijo_search
-from ..linesearch.controller import armijo_search, loss_resolution, may_decide
+from ..linesearch.controller import armijo_search, loss_resolution
 from ..storage.scalars import device_floats
 from ..storage.sharded import ShardedBuffer
 from .passes import _flat_grad, _table, scalar_sum, total
@@ -310,9 +310,8 @@ class SearchMixin:
         in the units of the search along g, the step size along the applied direction, whether
         that direction is g)."""
         alpha = [a * m for a, m in zip(accepted, mfac)]
-        if result.first_gd and not may_decide(
-                sum(a * x for a, x in zip(alpha, result.first_gd)), result.loss_before,
-                resolution):
+        if (result.first_gd and sum(a * x for a, x in zip(alpha, result.first_gd))
+                <= resolution * abs(result.loss_before)):
             # ⟨g, d⟩ of the first pass, read with the search's first trial, already says that
             # the test below rejects every α (as unresolved): no forward spent on it
             return replace(result, non_descent=True), accepted, accepted, True
@@ -366,17 +365,13 @@ class SearchMixin:
         """Policy update per searched block; returns (settled, collapsed) for the cadence.
         ``frozen`` blocks (lr 0 at this step) were not searched and keep their η."""
         exact = getattr(result, "exact", None)
-        if result.unresolved and (result.unchanged or result.grow) and exact is None:
+        if result.unresolved and result.unchanged and exact is None:
             # the trial's loss was f0 to the last bit: its step was invisible to the forward (a
-            # bf16 model's rounding) or landed on f0's level set by symmetry; or it moved a
-            # half-precision loss too little to judge; either way keeping η would repeat the
-            # same trial forever: the next search starts one growth further, or (the half-
-            # precision loss) where the trial's predicted decrease reaches what the loss
-            # resolves; not settled then, so that the next step tests it (no η grown untested
-            # is applied blind)
-            tried, factor = result.history[-1][0], max(1.0, result.grow)
+            # bf16 model's rounding) or landed on f0's level set by symmetry; either way keeping
+            # η would repeat the same trial forever: the next search starts one growth further
+            tried = result.history[-1][0]
             grown = [b for b in plan[0] if not frozen[b] and tried[b] > etas[b]]
-            self._set_each(table, grown, [self.policy.cap(tried[b] * factor) for b in grown])
+            self._set_each(table, grown, [tried[b] for b in grown])
         # (an unresolved search that had rejected a trial is not settled: the cadence comes
         # back sooner rather than apply η blind for twice as long)
         lowered, rejected = self._below_rejections(result, etas, frozen)
@@ -384,7 +379,7 @@ class SearchMixin:
             self._set_each(table, list(lowered), list(lowered.values()))
             etas = [lowered.get(b, e) for b, e in enumerate(etas)]
         if skipped or result.unresolved:
-            return result.unresolved and not rejected and not result.grow, False
+            return result.unresolved and not rejected, False
         outcomes = exact if exact is not None else [(plan[0], accepted, None)]
         turn = None  # the blocks whose turn this search was (None: the outcomes' blocks)
         if exact is None and accepted is not None and result.optimistic:
