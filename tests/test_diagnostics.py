@@ -684,3 +684,44 @@ def test_a_once_differentiable_function_below_the_block_asked_for_is_no_error():
         e[i] = 1
         assert torch.allclose(op.matvec(e), expected[:, i], rtol=1e-5, atol=1e-7)
 
+
+
+def test_bad_inputs_to_the_spectra_are_named_not_answered():
+    # (a diagnostics audit) an inf loss with a finite Hessian gave a normal-looking spectrum;
+    # a tensor given twice in a block doubled its dimension and its eigenvalues; Segment(W, 5,
+    # 2) was a block of size -12; a generator of batches failed with "has no len()";
+    # num_points=1 scored any two spectra 0
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 4))
+    x = torch.randn(8, 4)
+
+    def loss_of(scale):
+        return lambda: (x @ w.T).pow(2).mean() * scale
+
+    with pytest.raises(ValueError, match=r"the loss is not finite \(inf\)"):
+        hessian_spectrum(None, loss_of(math.inf), params=[w], num_probes=1, num_steps=4)
+    with pytest.raises(ValueError, match="holds coordinates of one parameter .* twice"):
+        block_spectra(None, loss_of(1.0), blocks={"dup": [w, w]}, num_probes=1, num_steps=4)
+    with pytest.raises(ValueError, match="holds coordinates of one parameter .* twice"):
+        block_spectra(None, loss_of(1.0), blocks={"b": [Segment(w, 0, 4), Segment(w, 3, 6)]},
+                      num_probes=1, num_steps=4)
+    for start, stop in ((5, 2), (-3, 2), (0, 7), (2, None)):
+        with pytest.raises(ValueError, match="expected 0 <= start < stop <= 6"):
+            Segment(w, start, stop)
+    halves = block_spectra(None, loss_of(1.0), blocks={"a": [Segment(w, 0, 3)],
+                                                       "b": [Segment(w, 3, 6)]},
+                           num_probes=1, num_steps=4)  # (disjoint segments: fine)
+    with pytest.raises(ValueError, match="num_points must be an int >= 2"):
+        heterogeneity(halves, num_points=1)
+    with pytest.raises(TypeError, match="batches must be a sequence"):
+        HessianOperator(lambda b: (b @ w.T).pow(2).mean(), [w], batches=(b for b in [x]))
+
+
+def test_the_reports_1_over_lambda_max_finds_blocks_split_across_param_groups():
+    # the recorder names a layer whose tensors sit in two param groups (weight decay / none)
+    # "layer.0 (group k)"; the report's lookup of the spectra's "layer.0" missed them
+    from armijo_fused.diagnostics.plots import block_lambda
+
+    lam = {"layer.0": 2.0, "head": 4.0}
+    assert block_lambda(lam, "layer.0 (group 1)") == 2.0 and block_lambda(lam, "head") == 4.0
+    assert block_lambda(lam, "group.0") is None

@@ -105,6 +105,9 @@ def heterogeneity(spectra: Mapping[str, Spectrum], *, normalize: str = "max_abs"
         raise ValueError(f"heterogeneity needs at least 2 blocks, got {len(names)}")
     if not 0 < sigma < 1:
         raise ValueError(f"sigma must be in (0, 1) (a fraction of the grid), got {sigma}")
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
+        raise ValueError(f"num_points must be an int >= 2 (the density's grid), got "
+                         f"{num_points!r}")
     scales = []
     for n in names:
         s = spectra[n].max_abs if normalize == "max_abs" else 1.0

@@ -82,6 +82,15 @@ class Segment:
     stop: Optional[int] = None
     dim: int = 0
 
+    def __post_init__(self):
+        if self.start is None and self.stop is None:
+            return
+        size = self.param.shape[self.dim] if self.param.dim() > 0 else 1
+        if self.start is None or self.stop is None or not 0 <= self.start < self.stop <= size:
+            raise ValueError(
+                f"Segment(start={self.start}, stop={self.stop}, dim={self.dim}) of a parameter "
+                f"of shape {tuple(self.param.shape)}: expected 0 <= start < stop <= {size}")
+
     @property
     def numel(self) -> int:
         if self.start is None:
@@ -164,6 +173,9 @@ class HessianOperator:
                     f"a parameter of shape {tuple(s.param.shape)} does not require grad: the "
                     "Hessian with respect to it is not defined by autograd"
                 )
+        if batches is not None and not hasattr(batches, "__len__"):  # (a generator: one pass)
+            raise TypeError(f"batches must be a sequence (a list of batches, used on every "
+                            f"product), got {type(batches).__name__}: pass list(...) of it")
         if batches is not None and len(batches) == 0:
             raise ValueError("batches is empty: pass at least one batch (or None)")
         self._shared = _GradCache(
@@ -311,6 +323,11 @@ class _GradCache:
             loss = self._loss(batch)
             if not loss.requires_grad:
                 raise ValueError("the loss does not depend on the parameters (no grad_fn)")
+            if not bool(torch.isfinite(loss)):  # (an inf loss can have a finite Hessian, which
+                # then read as the spectrum of a loss that is not there)
+                raise ValueError(f"the loss is not finite ({float(loss)}) on a batch: the "
+                                 "Hessian of the loss is not defined there; check the batches "
+                                 "and the loss (a mask of -inf on a target class, say)")
             try:
                 grads = torch.autograd.grad(loss, self.params, create_graph=True,
                                             allow_unused=True)

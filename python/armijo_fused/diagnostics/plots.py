@@ -12,6 +12,7 @@ Each returns the path it wrote.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Union
@@ -77,6 +78,15 @@ def plot_heterogeneity(het, path: PathLike) -> Path:
     return _save(fig, path)
 
 
+def block_lambda(lambda_max: dict, name: str):
+    """λ_max of the spectra's block that a telemetry block ``name`` is: the same name, or the
+    name without the `` (group k)`` the recorder adds where one layer spans several param
+    groups (a weight-decay / no-decay split); None when no spectrum matches."""
+    if name in lambda_max:
+        return lambda_max[name]
+    return lambda_max.get(re.sub(r" \(group \d+\)$", "", name))
+
+
 def plot_step_sizes(telemetry, path: PathLike, *,
                     lambda_max: Optional[Mapping[str, float]] = None) -> Path:
     """Accepted step size per block (log scale) and 1/λ_max of the same block (dashed)."""
@@ -89,7 +99,7 @@ def plot_step_sizes(telemetry, path: PathLike, *,
         color = f"C{i % 10}"
         ok = np.isfinite(eta) & (eta > 0)
         ax.semilogy(steps[ok], eta[ok], color=color, lw=1, label=name)
-        lam = (lambda_max or {}).get(name)
+        lam = block_lambda(lambda_max or {}, name)
         if lam is not None and lam > 0:
             ax.axhline(1.0 / lam, color=color, ls="--", lw=0.8)
     ax.set_xlabel("step")

@@ -30,7 +30,13 @@ from torch import nn
 
 from ..cli import prepare_out_dir, program
 from .heterogeneity import Heterogeneity, heterogeneity
-from .plots import plot_grad_norms, plot_heterogeneity, plot_spectra, plot_step_sizes
+from .plots import (
+    block_lambda,
+    plot_grad_norms,
+    plot_heterogeneity,
+    plot_spectra,
+    plot_step_sizes,
+)
 from .recorder import TelemetryRecorder
 from .slq import Spectrum
 from .spectra import block_spectra
@@ -204,7 +210,8 @@ def write_report(out_dir, *, spectra: Optional[Mapping[str, Spectrum]] = None,
         paths["heterogeneity"] = plot_heterogeneity(het, out / "heterogeneity.png")
         md += ["## Block heterogeneity", "",
                f"- mean pairwise Jensen–Shannon distance: **{het.score:.3f}** "
-               f"(normalisation: {het.normalize}; 0 = identical spectra, 1 = disjoint)",
+               f"(normalisation: {het.normalize}; 0 = identical spectra, 1 = disjoint; the "
+               "probes' noise alone gives a few hundredths)",
                f"- spread of per-block λ_max: {_fmt(het.top_spread)} decades (std of log10)",
                f"- spread of per-block trace/n: {_fmt(het.trace_spread)} decades", "",
                "![heterogeneity](heterogeneity.png)", ""]
@@ -218,8 +225,12 @@ def write_report(out_dir, *, spectra: Optional[Mapping[str, Spectrum]] = None,
         for name, eta in telemetry.step_sizes().items():
             fin = eta[[math.isfinite(e) for e in eta]]
             med = float(sorted(fin)[len(fin) // 2]) if len(fin) else math.nan
-            inv = 1.0 / lam[name] if lam.get(name, 0) > 0 else None
+            lam_b = block_lambda(lam, name)
+            inv = 1.0 / lam_b if lam_b is not None and lam_b > 0 else None
             md.append(f"| {name} | {_fmt(float(eta[-1]))} | {_fmt(med)} | {_fmt(inv)} |")
+        if lam and not any(block_lambda(lam, n) is not None for n in telemetry.step_sizes()):
+            md += ["", "(1/λ_max: no telemetry block matches a block of the spectra; a global "
+                   "search records one step size for the whole model)"]
         md += ["", "![step sizes](step_sizes.png)", ""]
         try:
             paths["grad_norms"] = plot_grad_norms(telemetry, out / "grad_norms.png",
@@ -364,7 +375,8 @@ def _report(args, model_name, telemetry) -> int:
             power_iters=args.power_iters, trace_samples=args.trace_samples)
         notes.append(f"SLQ: {args.probes} {args.probe} probes × {args.steps} Lanczos steps on "
                      f"{args.batches} batches of {args.batch_size}×{args.seq_len} tokens, "
-                     f"{args.granularity} granularity, {time.perf_counter() - t0:.1f} s")
+                     f"{args.granularity} granularity; {time.perf_counter() - t0:.1f} s with "
+                     "the model's set-up and training")
     het = heterogeneity(spectra, normalize=args.normalize) if spectra and len(spectra) > 1 \
         else None
     paths = write_report(args.out, spectra=spectra, het=het, telemetry=telemetry,

@@ -193,6 +193,20 @@ def hessian_spectrum(
                              name="full")
 
 
+def _check_disjoint(name: str, segs) -> None:
+    """A block counts each coordinate once: a tensor given twice (or two overlapping segments
+    of one) doubled its dimension and its eigenvalues, without a word."""
+    spans: dict = {}
+    for s in segs:
+        size = s.param.shape[s.dim] if s.param.dim() > 0 else 1
+        lo, hi = (0, size) if s.start is None else (s.start, s.stop)
+        for dim, olo, ohi in spans.get(id(s.param), []):
+            if dim != s.dim or (lo < ohi and olo < hi):
+                raise ValueError(f"block {name!r} holds coordinates of one parameter (shape "
+                                 f"{tuple(s.param.shape)}) twice: give each coordinate once")
+        spans.setdefault(id(s.param), []).append((s.dim, lo, hi))
+
+
 def block_spectra(
     model: Optional[nn.Module],
     loss_fn: Callable[..., Tensor],
@@ -225,6 +239,8 @@ def block_spectra(
                          for k, v in blocks.items() if len(v))
     if not blocks:
         raise ValueError("no trainable parameters to analyse")
+    for name, segs in blocks.items():
+        _check_disjoint(name, segs)
     everything = []
     seen = set()
     for segs in blocks.values():
