@@ -9,28 +9,43 @@ if __name__ == "kernels":
     # Imported as a top-level ``kernels``: Python started in the repository root finds this
     # source folder before an installed package of that name (Hugging Face's ``kernels``, which
     # transformers imports: `import transformers; transformers.Trainer` failed there). Step
-    # aside for the installed one, found as any import would find it with this folder off the
-    # path (an editable install too); without one, this folder stays, harmless.
+    # aside for the installed one, found as an import would find it (an editable install too)
+    # with this folder's root left out; without one, this folder stays, harmless. sys.path is
+    # not touched (other threads import meanwhile), and the roots left out are shared, so that
+    # another checkout's copy, found here, steps aside in turn.
     def _step_aside():
-        import importlib
+        import importlib.machinery
+        import importlib.util
         import os
         import sys
 
-        if getattr(sys, "_armijo_fused_stepping_aside", False):
-            return  # another copy of this folder, found while stepping aside: it stays
-        here = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        me, path = sys.modules.pop("kernels"), sys.path[:]
-        sys.path[:] = [p for p in path if os.path.realpath(p or os.curdir) != here]
-        sys._armijo_fused_stepping_aside = True
+        roots = sys.__dict__.setdefault("_armijo_fused_kernels_roots", set())
+        root = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        roots.add(root)
+
+        def ours(spec) -> bool:
+            where = spec.origin or next(iter(spec.submodule_search_locations or ()), None)
+            return where is not None and any(
+                os.path.realpath(where).startswith(r + os.sep) for r in roots)
+
         try:
-            importlib.import_module("kernels")  # (the import statement returns sys.modules')
-        except ModuleNotFoundError as e:
-            if e.name != "kernels":
-                raise
-            sys.modules["kernels"] = me
+            path = [p for p in sys.path if os.path.realpath(p or os.curdir) not in roots]
+            for finder in sys.meta_path:
+                try:
+                    spec = (finder.find_spec("kernels", path)
+                            if finder is importlib.machinery.PathFinder
+                            else finder.find_spec("kernels", None))
+                except (AttributeError, ImportError):
+                    continue
+                if spec is not None and spec.loader is not None and not ours(spec):
+                    break
+            else:
+                return
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["kernels"] = module  # (the import statement returns what is here)
+            spec.loader.exec_module(module)
         finally:
-            sys.path[:] = path
-            del sys._armijo_fused_stepping_aside
+            roots.discard(root)
 
     _step_aside()
     del _step_aside

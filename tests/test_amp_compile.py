@@ -310,3 +310,25 @@ def test_looking_for_the_gradscaler_keeps_no_deleted_tensor_alive():
         return ref() is None
 
     assert loop()
+
+
+def test_a_sparse_gradient_under_a_gradscaler_closure_gets_the_named_error():
+    # reading a sparse gradient's storage for the unscale-once check raised torch's "Cannot
+    # access data pointer of Tensor that doesn't have storage" before the step's own refusal
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = ArmijoAdam(emb.parameters(), model=emb, backend="torch")
+    idx = torch.tensor([1, 2, 3])
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = emb(idx).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    scaler.scale(emb(idx).pow(2).sum()).backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="do not support sparse gradients"):
+        scaler.step(opt, closure)
+    assert torch.equal(emb.weight.detach(), before)

@@ -416,6 +416,31 @@ def _rank_telemetry(rank, world):
     return {flag: _telemetry_run(rank, world, flag) for flag in (True, False)}
 
 
+def _rank_gradscaler_closure(rank, world):
+    """scaler.step(opt, closure) whose closure's backward adds into the gradients (no
+    zero_grad in it): FSDP2 adds through the DTensor's local shard, which moves neither the
+    DTensor's version nor its storage, so the step took them as not written and left them
+    scaled (1024x)."""
+    out = {}
+    for sharded in (False, True):
+        model = shard(make_model()) if sharded else make_model()
+        opt = make_opt(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        x, y = batch(0)
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+
+        def closure(model=model, x=x, y=y, scaler=scaler):
+            loss = nn.functional.mse_loss(model(x), y)
+            if torch.is_grad_enabled():  # (the trials only evaluate)
+                scaler.scale(loss).backward()
+            return loss
+
+        scaler.step(opt, closure)
+        out[sharded] = float(opt.stats["grad_norm"])
+    return out
+
+
 def _momentum_opt(model, cadence="every"):
     from armijo_fused import ArmijoSGD
 
@@ -547,6 +572,12 @@ def test_steps_without_a_search_report_the_models_gradient_norm_on_every_rank():
             for (s1, n1, gd1), (s2, n2, gd2) in zip(single, r[flag]):
                 assert s1 == s2
                 assert n2 == pytest.approx(n1, rel=1e-5) and gd2 == pytest.approx(gd1, rel=1e-5)
+
+
+def test_a_gradscaler_closure_that_adds_into_sharded_gradients_is_unscaled():
+    for r in run_ranks(_rank_gradscaler_closure, world=2, timeout=120):
+        # (each rank: the whole batch, so the sharded run's gradient is the unsharded one's)
+        assert r[True] == pytest.approx(r[False], rel=1e-4)
 
 
 def test_sgd_momentum_records_the_step_length_of_the_whole_model_on_every_rank():

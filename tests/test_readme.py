@@ -46,11 +46,19 @@ def test_python_started_in_the_repository_root_imports_an_installed_kernels_pack
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "the installed package"
-    # another copy of this folder found instead (a second checkout): it stays, no recursion
+    # another copy of this folder found first (a second checkout): it steps aside in turn, no
+    # recursion; with nothing else installed, that copy stays
     other = tmp_path / "other" / "kernels"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text((root / "kernels" / "__init__.py").read_text())
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "other"), str(tmp_path / "site")])
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "the installed package"
     env["PYTHONPATH"] = str(tmp_path / "other")
-    out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    probe = ("import kernels, sys; print(kernels.__file__, sys.path.count('')); "
+             "import armijo_fused.kernels")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr

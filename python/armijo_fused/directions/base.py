@@ -99,11 +99,14 @@ def as_real(v) -> float | None:
     tensor (schedules write those into param groups); None otherwise (bools included)."""
     if isinstance(v, bool):
         return None
-    if isinstance(v, numbers.Real):
-        return float(v)
-    if isinstance(v, Tensor) and v.numel() == 1 and not v.dtype.is_complex \
-            and v.dtype != torch.bool:
-        return float(v)
+    try:  # (an int past the float range, a meta tensor: not a number this can use)
+        if isinstance(v, numbers.Real):
+            return float(v)
+        if isinstance(v, Tensor) and v.numel() == 1 and not v.dtype.is_complex \
+                and v.dtype != torch.bool:
+            return float(v)
+    except (OverflowError, RuntimeError, NotImplementedError):
+        return None
     return None
 
 

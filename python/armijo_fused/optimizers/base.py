@@ -78,6 +78,18 @@ _COUNTERS = ("step", "next_search", "search_interval", "searches", "forwards", "
 # whether its last search collapsed (a second collapse in a row moves η̄, see policy.py).
 
 
+def _written_mark(grad: Tensor):
+    """(version, storage address) of a gradient, which any write changes; FSDP2's DTensor
+    gradients are written through their local shard (``grad._local_tensor += g``), which moves
+    neither of the DTensor's own. None where neither can be read (sparse or inference tensors:
+    counted as written, so the step's own checks see them as before)."""
+    t = grad.to_local() if is_dtensor(grad) else grad
+    try:
+        return t._version, t.data_ptr()
+    except RuntimeError:
+        return None
+
+
 def _lr_value(lr) -> float:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -1078,9 +1090,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
     def _grad_versions(self) -> dict:
         """Each gradient (by a weak reference: ids of freed tensors are reused, and a strong one
-        would hold a dropped gradient through the closure) and its version: which ones a
-        closure then writes."""
-        return {id(p): (weakref.ref(p.grad), p.grad._version, p.grad.data_ptr())
+        would hold a dropped gradient through the closure) and its version and storage: which
+        ones a closure then writes (:meth:`_unscale_gradients`)."""
+        return {id(p): (weakref.ref(p.grad), _written_mark(p.grad))
                 for _, p in self._trainable() if p.grad is not None}
 
     @torch.no_grad()
@@ -1100,9 +1112,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         for _, p in self._trainable():
             if p.grad is None:
                 continue
-            ref, version, ptr = before.get(id(p), (None, None, None))
-            if (ref is None or ref() is not p.grad or p.grad._version != version
-                    or p.grad.data_ptr() != ptr):
+            ref, mark = before.get(id(p), (None, None))
+            if ref is None or ref() is not p.grad or mark is None or _written_mark(p.grad) != mark:
                 by_device.setdefault(p.grad.device, []).append(p.grad)
         for device, grads in by_device.items():
             torch._foreach_mul_(grads, inv.to(device))
