@@ -35,6 +35,13 @@ def _cpp_usable(device: torch.device) -> bool:
     return ops.available()
 
 
+def buffer_backend(name: str, buf) -> ModuleType:
+    """:func:`resolve_backend` for a flat buffer: the passes work on ``buf.param``, the fp32
+    master of a bf16/fp16 model's buffer."""
+    return resolve_backend(name, buf.device,
+                           torch.float32 if getattr(buf, "master", False) else buf.dtype)
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """The backend module for one flat buffer.
 

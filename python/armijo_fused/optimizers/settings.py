@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
-from ..backends import BACKENDS, resolve_backend
+from ..backends import BACKENDS, buffer_backend
 from ..directions.base import as_int, as_real, check_number
 from ..linesearch.cadence import Cadence
 from ..linesearch.policy import StepSizePolicy
@@ -139,8 +137,7 @@ def _backend(obj, value):
     # the buffers built so far move to it now, all or none: it used to be read only when the
     # store was rebuilt, so a write mid-run did nothing until then and a bad one raised there
     buffers = obj.__dict__.get("_buffers") or []
-    resolved = [resolve_backend(value, b.device, torch.float32 if getattr(b, "master", False)
-                                else b.dtype) for b in buffers]  # (as the store's build)
+    resolved = [buffer_backend(value, b) for b in buffers]
     for b, module in zip(buffers, resolved):
         b.backend = module
     return value

@@ -12,7 +12,7 @@ from time import perf_counter
 import torch
 from torch import Tensor
 
-from ..backends import resolve_backend
+from ..backends import buffer_backend
 from ..linesearch import trial as trial_mod
 from ..storage.flat import MASTER_DTYPES, FlatBuffer
 from ..storage.in_place import InPlaceBuffer
@@ -218,10 +218,7 @@ class StoreMixin:
                 buf = FlatBuffer(gi, [plist[i] for i in order], self.rule, self.state,
                                  block_ids=local, tile=self.tile, loading=loading)
             buf.group_blocks = used
-            # the passes work on buf.param: the fp32 master for a bf16/fp16 model
-            buf.backend = resolve_backend(self.backend, buf.device,
-                                          torch.float32 if getattr(buf, "master", False)
-                                          else buf.dtype)
+            buf.backend = buffer_backend(self.backend, buf)
             buffers.append(buf)
         old, self._buffers, self._buffer_key = self._buffers, buffers, key
         self._deferred_load = False
