@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from torch.multiprocessing import ProcessExitedException
 
 L = pytest.importorskip("lightning.pytorch")
 
@@ -114,11 +115,12 @@ class SaveParams(L.Callback):
 
     def on_train_end(self, trainer, module):
         opt = trainer.optimizers[0]
+        path = os.path.join(self.out, f"rank{trainer.global_rank}.pt")
         torch.save({"params": [p.detach().clone() for p in module.parameters()],
                     "log": module.loss_before, "step": opt.param_groups[0]["step"],
                     "eta": opt.param_groups[0]["step_size"],
-                    "world": torch.distributed.get_world_size()},
-                   os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+                    "world": torch.distributed.get_world_size()}, path + ".part")
+        os.replace(path + ".part", path)  # whole or absent: read after a crash at exit too
 
 
 def test_ddp_spawn_two_devices(tmp_path):
@@ -127,7 +129,15 @@ def test_ddp_spawn_two_devices(tmp_path):
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, accumulate_grad_batches=2,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[SaveParams(str(tmp_path))])
-    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    try:
+        trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    except ProcessExitedException as e:
+        # torch 2.13's gloo now and then aborts a spawned rank at interpreter exit ("terminate
+        # called without an active exception"), after training ended and both ranks wrote their
+        # records: tolerated then, as tests/_dist_util.py does; anything earlier still fails
+        written = all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1))
+        if not (written and e.signal_name == "SIGABRT"):
+            raise
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == 2 and r0["step"] == r1["step"] == 3
     assert r0["log"] == r1["log"] and r0["eta"] == r1["eta"]  # f0 averaged over the ranks
