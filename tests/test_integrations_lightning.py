@@ -2,19 +2,18 @@
 
 32-true, bf16-mixed and fp16 with a GradScaler (an explicit MixedPrecision plugin: Lightning maps
 ``precision="16-mixed"`` on CPU to bf16), ``bf16-true`` (bf16 parameters, fp32 masters), gradient
-accumulation 2, ``ddp_spawn`` with 2 devices.
+accumulation 2, ``ddp`` on 2 processes.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
-from torch.multiprocessing import ProcessExitedException
 
 L = pytest.importorskip("lightning.pytorch")
+
+from _dist_util import run_ranks  # noqa: E402
 
 from armijo_fused import ArmijoAdam, in_trial  # noqa: E402
 from armijo_fused.integrations.lightning import ArmijoLightningMixin  # noqa: E402
@@ -109,37 +108,28 @@ def test_automatic_optimization_with_accumulation(precision):
             "exp_avg": torch.float32, "exp_avg_sq": torch.float32, "master": torch.float32}
 
 
-class SaveParams(L.Callback):
-    def __init__(self, out):
-        self.out = out
-
-    def on_train_end(self, trainer, module):
-        opt = trainer.optimizers[0]
-        path = os.path.join(self.out, f"rank{trainer.global_rank}.pt")
-        torch.save({"params": [p.detach().clone() for p in module.parameters()],
-                    "log": module.loss_before, "step": opt.param_groups[0]["step"],
-                    "eta": opt.param_groups[0]["step_size"],
-                    "world": torch.distributed.get_world_size()}, path + ".part")
-        os.replace(path + ".part", path)  # whole or absent: read after a crash at exit too
-
-
-def test_ddp_spawn_two_devices(tmp_path):
+def _rank_ddp(rank, world):
+    # Lightning's "ddp" under an outside launcher (tests/_dist_util.py sets torchrun's variables;
+    # Lightning starts the process group): run_ranks' timeout and its handling of a rank that
+    # ends badly after its result is written cover this test like the other distributed ones.
+    # (ddp_spawn, launched by Lightning, failed CI once on gloo aborting at a rank's exit.)
     model = LitRegressor()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, accumulate_grad_batches=2,
+        accelerator="cpu", devices=world, strategy="ddp", max_steps=3, accumulate_grad_batches=2,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[SaveParams(str(tmp_path))])
-    try:
-        trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
-    except ProcessExitedException as e:
-        # torch 2.13's gloo now and then aborts a spawned rank at interpreter exit ("terminate
-        # called without an active exception"), after training ended and both ranks wrote their
-        # records: tolerated then, as tests/_dist_util.py does; anything earlier still fails
-        written = all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1))
-        if not (written and e.signal_name == "SIGABRT"):
-            raise
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert r0["world"] == 2 and r0["step"] == r1["step"] == 3
+        enable_model_summary=False)
+    trainer.fit(model, torch.utils.data.DataLoader(dataset(), batch_size=8))
+    opt = trainer.optimizers[0]
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "log": model.loss_before, "step": opt.param_groups[0]["step"],
+            "eta": opt.param_groups[0]["step_size"], "rank": trainer.global_rank,
+            "world": torch.distributed.get_world_size()}
+
+
+def test_ddp_two_processes():
+    r0, r1 = run_ranks(_rank_ddp, world=2, timeout=180, init=False)
+    assert (r0["rank"], r1["rank"]) == (0, 1) and r0["world"] == 2
+    assert r0["step"] == r1["step"] == 3
     assert r0["log"] == r1["log"] and r0["eta"] == r1["eta"]  # f0 averaged over the ranks
     for p, q in zip(r0["params"], r1["params"]):
         assert torch.equal(p, q)
