@@ -56,7 +56,18 @@ def run_ranks(fn, *, world: int = 2, timeout: float = 90.0, args=(), init: bool 
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the per-rank results.
 
     ``init=False`` leaves ``init_process_group`` to ``fn`` (the env vars of torchrun are set).
+    Rank 0 binds the port seconds after ``free_port`` released it: should another process take
+    it in between, the run is made once more on a new port.
     """
+    try:
+        return _run_ranks_once(fn, world, timeout, args, init, env)
+    except AssertionError as e:
+        if "address already in use" not in str(e).lower():
+            raise
+    return _run_ranks_once(fn, world, timeout, args, init, env)
+
+
+def _run_ranks_once(fn, world, timeout, args, init, env):
     ctx = mp.get_context("spawn")
     env = dict(env or {})
     env["_AF_INIT"] = "1" if init else "0"
