@@ -6,6 +6,8 @@ list of what each rank returned (anything torch.save can write). A rank that rai
 with its traceback; ranks still running at ``timeout`` without a result are killed and the test
 fails with a message saying so (a deadlock shows up as this timeout, never as a hung test run); a
 rank that wrote its result but does not exit (stuck in ``destroy_process_group``) is killed quietly.
+Once a rank has raised, the others get ``GRACE`` seconds and are then killed (they may be waiting on
+it in a collective). Ranks are killed on every way out, an interrupted wait included.
 ``fn`` must be importable by name (a module-level function of a test module or of this one).
 """
 
@@ -51,23 +53,29 @@ def _entry(fn, rank, world, port, out_dir, args, env):
             torch.distributed.destroy_process_group()
 
 
+GRACE = 5.0  # seconds the other ranks get once one rank has failed (they may be waiting on it)
+
+
+class _PortTaken(AssertionError):
+    """Rank 0 could not bind the port ``free_port`` picked: another process took it first."""
+
+
 def run_ranks(fn, *, world: int = 2, timeout: float = 90.0, args=(), init: bool = True,
               env: dict | None = None):
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the per-rank results.
 
     ``init=False`` leaves ``init_process_group`` to ``fn`` (the env vars of torchrun are set).
     Rank 0 binds the port seconds after ``free_port`` released it: should another process take
-    it in between, the run is made once more on a new port.
+    it in between, the run is made once more on a new port, within the same ``timeout``.
     """
+    deadline = time.monotonic() + timeout  # both runs together: the timeout stays hard
     try:
-        return _run_ranks_once(fn, world, timeout, args, init, env)
-    except AssertionError as e:
-        if "address already in use" not in str(e).lower():
-            raise
-    return _run_ranks_once(fn, world, timeout, args, init, env)
+        return _run_ranks_once(fn, world, deadline, args, init, env)
+    except _PortTaken:
+        return _run_ranks_once(fn, world, deadline, args, init, env)
 
 
-def _run_ranks_once(fn, world, timeout, args, init, env):
+def _run_ranks_once(fn, world, deadline, args, init, env):
     ctx = mp.get_context("spawn")
     env = dict(env or {})
     env["_AF_INIT"] = "1" if init else "0"
@@ -75,44 +83,58 @@ def _run_ranks_once(fn, world, timeout, args, init, env):
         port = free_port()
         procs = [ctx.Process(target=_entry, args=(fn, r, world, port, out_dir, args, env),
                              daemon=False) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        paths = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world)]
-        while time.monotonic() < deadline and not all(
-                os.path.exists(path) or not p.is_alive() for p, path in zip(procs, paths)):
-            time.sleep(0.05)
-        for p in procs:
-            p.join(max(0.1, min(10.0, deadline - time.monotonic())))
-        # a rank that wrote its result and is still running is stuck in
-        # destroy_process_group (torch 2.6's gloo, now and then), after the test's own work:
-        # killed below, not counted as a deadlock of the code under test
-        hung = [r for r, p in enumerate(procs) if p.is_alive() and not os.path.exists(paths[r])]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        results = []
-        errors = []
-        for r in range(world):
-            path = os.path.join(out_dir, f"rank{r}.pt")
-            if not os.path.exists(path):
-                results.append(None)
-                continue
-            rec = torch.load(path, weights_only=False)
-            if rec["ok"]:
-                results.append(rec["result"])
-            else:
-                errors.append(f"rank {r} raised:\n{rec['error']}")
-                results.append(None)
+        try:
+            for p in procs:
+                p.start()
+            paths = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world)]
+            records, hung = _wait(procs, paths, deadline)
+        finally:
+            # also when pytest-timeout or ^C interrupts the wait: a live non-daemon rank would
+            # hold up the interpreter's exit
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        errors = [f"rank {r} raised:\n{rec['error']}" for r, rec in enumerate(records)
+                  if rec is not None and not rec["ok"]]
         if errors:
+            rank0 = records[0]
+            if (rank0 is not None and not rank0["ok"] and str(port) in rank0["error"]
+                    and "address already in use" in rank0["error"].lower()):
+                raise _PortTaken("\n".join(errors))
             raise AssertionError("\n".join(errors))
         if hung:
-            raise AssertionError(
-                f"ranks {hung} still running after {timeout:.0f} s (deadlock?); killed them"
-            )
-        missing = [r for r, x in enumerate(results) if x is None]
+            raise AssertionError(f"ranks {hung} still running at the timeout (deadlock?); killed them")
+        missing = [r for r, rec in enumerate(records) if rec is None]
         if missing:
             codes = [procs[r].exitcode for r in missing]
             raise AssertionError(f"ranks {missing} died without a result (exit codes {codes})")
-        return results
+        return [rec["result"] for rec in records]
+
+
+def _wait(procs, paths, deadline):
+    """Wait for every rank's record, or the deadline, or GRACE seconds after a rank failed;
+    return the records (None: none written) and the ranks still running without one."""
+    records = [None] * len(procs)
+    failed_at = None
+    while time.monotonic() < deadline:
+        for r, path in enumerate(paths):
+            if records[r] is None and os.path.exists(path):
+                records[r] = torch.load(path, weights_only=False)
+        if failed_at is None and any(rec is not None and not rec["ok"] for rec in records):
+            failed_at = time.monotonic()
+        if all(rec is not None or not p.is_alive() for rec, p in zip(records, procs)):
+            break
+        if failed_at is not None and time.monotonic() > failed_at + GRACE:
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.join(max(0.1, min(10.0, deadline - time.monotonic())) if failed_at is None else 0.1)
+    # a rank that wrote its result and is still running is stuck in destroy_process_group
+    # (torch 2.6's gloo, now and then), after the test's own work: killed by the caller, not
+    # counted as a deadlock of the code under test
+    for r, path in enumerate(paths):  # written while the others were being joined
+        if records[r] is None and os.path.exists(path):
+            records[r] = torch.load(path, weights_only=False)
+    hung = [r for r, p in enumerate(procs) if p.is_alive() and records[r] is None]
+    return records, hung

@@ -1,26 +1,28 @@
 """The multi-process test harness itself (tests/_dist_util.py): a port taken between
-``free_port`` and rank 0's bind costs one more run, not a failed test."""
+``free_port`` and rank 0's bind costs one more run, not a failed test; a rank that raises while
+the other waits on it in a collective fails the test with its error, not after the timeout."""
 
 from __future__ import annotations
 
 import socket
+import time
 
 import _dist_util
 import pytest
-
-pytestmark = [pytest.mark.timeout(120)]
 
 
 def _rank_id(rank, world):
     return rank, world
 
 
+@pytest.mark.timeout(120)
 def test_a_port_taken_before_rank_0_binds_it_is_retried_on_a_new_port(monkeypatch):
-    held = []
+    held, picks = [], []
     pick = _dist_util.free_port
 
     def taken_the_first_time():
         port = pick()
+        picks.append(port)
         if not held:  # another process binds the first port before rank 0 does
             s = socket.socket()
             s.bind(("127.0.0.1", port))
@@ -30,9 +32,24 @@ def test_a_port_taken_before_rank_0_binds_it_is_retried_on_a_new_port(monkeypatc
 
     monkeypatch.setattr(_dist_util, "free_port", taken_the_first_time)
     try:
-        # (rank 1 waits for rank 0 until the timeout in the first run: kept short)
-        assert _dist_util.run_ranks(_rank_id, world=2, timeout=10) == [(0, 2), (1, 2)]
+        assert _dist_util.run_ranks(_rank_id, world=2, timeout=60) == [(0, 2), (1, 2)]
     finally:
         for s in held:
             s.close()
-    assert len(held) == 1
+    assert len(picks) == 2  # the first run failed on the taken port, the second ran
+
+
+def _rank_raises_while_the_other_waits(rank, world):
+    if rank == 0:
+        raise ValueError("rank 0's own error")
+    time.sleep(300)  # as a rank blocked in a collective that rank 0 never joins
+    return "unreachable"
+
+
+# (the harness's timeout is 120 s, pytest's 40: the test passes only if the waiting rank is
+# killed GRACE seconds after rank 0's error, not at the harness's timeout)
+@pytest.mark.timeout(40)
+def test_a_rank_that_raises_ends_the_run_without_waiting_for_the_timeout():
+    with pytest.raises(AssertionError, match="rank 0's own error") as e:
+        _dist_util.run_ranks(_rank_raises_while_the_other_waits, world=2, timeout=120)
+    assert "rank 1" not in str(e.value)  # killed while waiting, not reported as an error
