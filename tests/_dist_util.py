@@ -103,12 +103,15 @@ def _run_ranks_once(fn, world, deadline, args, init, env):
                     and "address already in use" in rank0["error"].lower()):
                 raise _PortTaken("\n".join(errors))
             raise AssertionError("\n".join(errors))
-        if hung:
-            raise AssertionError(f"ranks {hung} still running at the timeout (deadlock?); killed them")
-        missing = [r for r, rec in enumerate(records) if rec is None]
-        if missing:
-            codes = [procs[r].exitcode for r in missing]
-            raise AssertionError(f"ranks {missing} died without a result (exit codes {codes})")
+        dead = [r for r, rec in enumerate(records) if rec is None and r not in hung]
+        if dead or hung:
+            said = []
+            if dead:
+                codes = [procs[r].exitcode for r in dead]
+                said.append(f"ranks {dead} died without a result (exit codes {codes})")
+            if hung:
+                said.append(f"ranks {hung} were still running (deadlock?) and were killed")
+            raise AssertionError("; ".join(said))
         return [rec["result"] for rec in records]
 
 
@@ -121,8 +124,11 @@ def _wait(procs, paths, deadline):
         for r, path in enumerate(paths):
             if records[r] is None and os.path.exists(path):
                 records[r] = torch.load(path, weights_only=False)
-        if failed_at is None and any(rec is not None and not rec["ok"] for rec in records):
-            failed_at = time.monotonic()
+        if failed_at is None and any(
+                (rec is not None and not rec["ok"])
+                or (rec is None and not p.is_alive() and not os.path.exists(path))
+                for rec, p, path in zip(records, procs, paths)):
+            failed_at = time.monotonic()  # a rank raised, or died without a record
         if all(rec is not None or not p.is_alive() for rec, p in zip(records, procs)):
             break
         if failed_at is not None and time.monotonic() > failed_at + GRACE:

@@ -1,9 +1,12 @@
 """The multi-process test harness itself (tests/_dist_util.py): a port taken between
-``free_port`` and rank 0's bind costs one more run, not a failed test; a rank that raises while
-the other waits on it in a collective fails the test with its error, not after the timeout."""
+``free_port`` and rank 0's bind costs one more run, not a failed test; a rank that raises or dies
+while the other waits on it in a collective fails the test at once with what happened, not after
+the timeout, and no rank is left running."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import socket
 import time
 
@@ -50,6 +53,19 @@ def _rank_raises_while_the_other_waits(rank, world):
 # killed GRACE seconds after rank 0's error, not at the harness's timeout)
 @pytest.mark.timeout(40)
 def test_a_rank_that_raises_ends_the_run_without_waiting_for_the_timeout():
-    with pytest.raises(AssertionError, match="rank 0's own error") as e:
+    with pytest.raises(AssertionError, match="rank 0's own error"):
         _dist_util.run_ranks(_rank_raises_while_the_other_waits, world=2, timeout=120)
-    assert "rank 1" not in str(e.value)  # killed while waiting, not reported as an error
+    assert not multiprocessing.active_children()  # the waiting rank was killed, not left behind
+
+
+def _rank_dies_while_the_other_waits(rank, world):
+    if rank == 0:
+        os._exit(3)  # as a crash: no record written
+    time.sleep(300)
+
+
+@pytest.mark.timeout(40)
+def test_a_rank_that_dies_without_a_result_is_named_with_its_exit_code():
+    with pytest.raises(AssertionError, match=r"ranks \[0\] died without a result \(exit codes \[3\]\)"):
+        _dist_util.run_ranks(_rank_dies_while_the_other_waits, world=2, timeout=120)
+    assert not multiprocessing.active_children()
