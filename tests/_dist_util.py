@@ -119,11 +119,15 @@ def _wait(procs, paths, deadline):
     """Wait for every rank's record, or the deadline, or GRACE seconds after a rank failed;
     return the records (None: none written) and the ranks still running without one."""
     records = [None] * len(procs)
-    failed_at = None
-    while time.monotonic() < deadline:
+
+    def read_new():
         for r, path in enumerate(paths):
             if records[r] is None and os.path.exists(path):
                 records[r] = torch.load(path, weights_only=False)
+
+    failed_at = None
+    while time.monotonic() < deadline:
+        read_new()
         if failed_at is None and any(
                 (rec is not None and not rec["ok"])
                 or (rec is None and not p.is_alive() and not os.path.exists(path))
@@ -139,8 +143,6 @@ def _wait(procs, paths, deadline):
     # a rank that wrote its result and is still running is stuck in destroy_process_group
     # (torch 2.6's gloo, now and then), after the test's own work: killed by the caller, not
     # counted as a deadlock of the code under test
-    for r, path in enumerate(paths):  # written while the others were being joined
-        if records[r] is None and os.path.exists(path):
-            records[r] = torch.load(path, weights_only=False)
+    read_new()  # written while the others were being joined
     hung = [r for r, p in enumerate(procs) if p.is_alive() and records[r] is None]
     return records, hung

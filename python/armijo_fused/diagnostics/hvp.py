@@ -85,18 +85,25 @@ class Segment:
     def __post_init__(self):
         if self.start is None and self.stop is None:
             return
-        size = self.param.shape[self.dim] if self.param.dim() > 0 else 1
+        size = self._size()
         if self.start is None or self.stop is None or not 0 <= self.start < self.stop <= size:
             raise ValueError(
                 f"Segment(start={self.start}, stop={self.stop}, dim={self.dim}) of a parameter "
                 f"of shape {tuple(self.param.shape)}: expected 0 <= start < stop <= {size}")
 
+    def _size(self) -> int:  # the parameter's length along ``dim``
+        return self.param.shape[self.dim] if self.param.dim() > 0 else 1
+
+    @property
+    def span(self) -> tuple:
+        """(start, stop) along ``dim``: the whole length for a whole parameter."""
+        return (0, self._size()) if self.start is None else (self.start, self.stop)
+
     @property
     def numel(self) -> int:
         if self.start is None:
             return self.param.numel()
-        size = self.param.shape[self.dim] if self.param.dim() > 0 else 1
-        return (self.stop - self.start) * (self.param.numel() // size)
+        return (self.stop - self.start) * (self.param.numel() // self._size())
 
     def take(self, full: Tensor) -> Tensor:
         """This segment's part of a tensor shaped like the parameter."""

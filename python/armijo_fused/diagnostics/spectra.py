@@ -198,8 +198,7 @@ def _check_disjoint(name: str, segs) -> None:
     of one) doubled its dimension and its eigenvalues, without a word."""
     spans: dict = {}
     for s in segs:
-        size = s.param.shape[s.dim] if s.param.dim() > 0 else 1
-        lo, hi = (0, size) if s.start is None else (s.start, s.stop)
+        lo, hi = s.span
         for dim, olo, ohi in spans.get(id(s.param), []):
             if dim != s.dim or (lo < ohi and olo < hi):
                 raise ValueError(f"block {name!r} holds coordinates of one parameter (shape "
