@@ -95,23 +95,21 @@ def _run_ranks_once(fn, world, deadline, args, init, env):
                 if p.is_alive():
                     p.kill()
                     p.join(5)
-        errors = [f"rank {r} raised:\n{rec['error']}" for r, rec in enumerate(records)
-                  if rec is not None and not rec["ok"]]
-        if errors:
+        # everything that went wrong, together: one rank's error can be another's death
+        said = [f"rank {r} raised:\n{rec['error']}" for r, rec in enumerate(records)
+                if rec is not None and not rec["ok"]]
+        dead = [r for r, rec in enumerate(records) if rec is None and r not in hung]
+        if dead:
+            codes = [procs[r].exitcode for r in dead]
+            said.append(f"ranks {dead} died without a result (exit codes {codes})")
+        if hung:
+            said.append(f"ranks {hung} were still running (deadlock?) and were killed")
+        if said:
             rank0 = records[0]
             if (rank0 is not None and not rank0["ok"] and str(port) in rank0["error"]
                     and "address already in use" in rank0["error"].lower()):
-                raise _PortTaken("\n".join(errors))
-            raise AssertionError("\n".join(errors))
-        dead = [r for r, rec in enumerate(records) if rec is None and r not in hung]
-        if dead or hung:
-            said = []
-            if dead:
-                codes = [procs[r].exitcode for r in dead]
-                said.append(f"ranks {dead} died without a result (exit codes {codes})")
-            if hung:
-                said.append(f"ranks {hung} were still running (deadlock?) and were killed")
-            raise AssertionError("; ".join(said))
+                raise _PortTaken("\n".join(said))
+            raise AssertionError("\n".join(said))
         return [rec["result"] for rec in records]
 
 
