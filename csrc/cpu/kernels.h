@@ -173,21 +173,35 @@ void move_tile_impl(const MoveTile& t) {
   }
 }
 
+// Σ g² of a tile. Two fp32 runs take alternate vectors: with one, each vector waited on the
+// previous add (256K cached elements, one thread: 32 µs against 24 µs, torch's sum 17 µs).
 double sq_tile(const float* g, int64_t n) {
   DAcc8 acc;
-  F8 run(0.f);
+  F8 run0(0.f), run1(0.f);
   int k = 0;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const F8 x = F8::load(g + i);
-    run = run + x * x;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const F8 x0 = F8::load(g + i), x1 = F8::load(g + i + kLanes);
+    run0 = run0 + x0 * x0;
+    run1 = run1 + x1 * x1;
     if (++k == kChunk) {
-      acc.add(run);
-      run = F8(0.f);
+      acc.add(run0);
+      acc.add(run1);
+      run0 = F8(0.f);
+      run1 = F8(0.f);
       k = 0;
     }
   }
-  if (k > 0) acc.add(run);
+  if (i + kLanes <= n) {  // an odd vector count: the last vector joins the first run
+    const F8 x = F8::load(g + i);
+    run0 = run0 + x * x;
+    i += kLanes;
+    ++k;
+  }
+  if (k > 0) {
+    acc.add(run0);
+    acc.add(run1);
+  }
   double s = acc.sum();
   for (; i < n; ++i) s += static_cast<double>(g[i] * g[i]);
   return s;
