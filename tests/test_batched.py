@@ -170,6 +170,50 @@ def test_a_closure_returning_a_structure_works_with_candidates(form):
     assert traces[0] == traces[1]
 
 
+@pytest.mark.parametrize("form", ["closure", "loss_fn", "forward"])
+def test_a_loss_read_as_a_number_is_refused_by_name_with_candidates_and_undone(form):
+    # the sequential search takes a float (loss.item()); under vmap torch raised "please file a
+    # bug report" at every step. Now an error that says what to return, and nothing moved
+    torch.manual_seed(0)
+    model, x, y = _mlp()
+    opt = ArmijoAdam(model.parameters(), model=model, candidates=2, cadence="every")
+
+    def loss_of():
+        out = model(x)
+        if form == "forward" and out.sum() > -1e9:  # an `if` on a tensor inside the forward
+            out = out * 1.0
+        loss = nn.functional.mse_loss(out, y)
+        return loss if form == "forward" else loss.item()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss.item() if form == "closure" else loss
+
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"candidates= evaluates the loss .* under "
+                       r"torch.func.vmap, where no tensor's value can be read: return the loss "
+                       r"tensor itself \(not loss.item\(\).*candidates=None\)"):
+        if form == "closure":
+            opt.step(closure)
+        else:
+            loss = closure()
+            opt.step(loss_fn=loss_of, loss=loss)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
+    assert opt.param_groups[0]["step"] == 0
+    assert all(v.abs().max() == 0 for p in model.parameters() for v in opt.state[p].values())
+    # the same loop with the loss returned as a tensor steps
+    def tensor_closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(tensor_closure)
+    assert opt.param_groups[0]["step"] == 1
+
+
 def test_a_parameter_outside_the_model_is_refused_by_name_with_candidates():
     # a bare KeyError (the tensor's id) at the first search, after the first pass
     torch.manual_seed(0)

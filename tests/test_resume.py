@@ -228,6 +228,30 @@ def test_checkpoints_after_layerwise_merges_continue_bit_identically(block_searc
     assert opt.param_groups[0]["block_owner"] == [0, 1, 1]
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "pickle"])
+def test_a_group_added_after_a_resume_has_the_keys_of_one_added_without(how):
+    # torch's __setstate__ put 'differentiable' into the defaults, so a group added after a
+    # load (or an unpickle) carried a key the uninterrupted run's group does not
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    first = ArmijoAdam(model[0].parameters(), model=model)
+    if how == "pickle":
+        opt = torch.load(io.BytesIO(_pickled(first)), weights_only=False)
+    else:
+        opt = ArmijoAdam(model[0].parameters(), model=model)
+        opt.load_state_dict(copy.deepcopy(first.state_dict()))
+    first.add_param_group({"params": model[1].parameters()})
+    opt.add_param_group({"params": list(opt._modules[0][1].parameters()) if how == "pickle"
+                         else model[1].parameters()})
+    assert sorted(opt.param_groups[1]) == sorted(first.param_groups[1])
+    assert opt.defaults.keys() == first.defaults.keys()
+
+
+def _pickled(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def test_one_checkpoint_seeds_several_optimizers_without_aliasing():
     model, opt, scheduler = build("adam", cadence=2)
     torch.manual_seed(7)

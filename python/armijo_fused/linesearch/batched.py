@@ -89,7 +89,18 @@ def stacked_loss(model: nn.Module, fn: Callable[[], Tensor], names: Sequence[str
         return out.reshape(())
 
     def losses(stacked: Sequence[Tensor]) -> Tensor:
-        return torch.func.vmap(one, randomness="same")(*stacked)
+        try:
+            return torch.func.vmap(one, randomness="same")(*stacked)
+        except RuntimeError as e:
+            # vmap's own words blame torch and ask for a bug report
+            if not str(e).startswith("vmap: It looks like you're"):
+                raise
+            raise RuntimeError(
+                "candidates= evaluates the loss at the K trial points at once, under "
+                "torch.func.vmap, where no tensor's value can be read: return the loss tensor "
+                "itself (not loss.item() or float(loss)) and keep the forward free of reads such "
+                "as .item() or an `if` on a tensor, or use the sequential search "
+                f"(candidates=None). The step has been undone. (vmap: {e})") from e
 
     return losses
 

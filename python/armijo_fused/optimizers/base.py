@@ -619,7 +619,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return f0
         table = self._block_table()
         etas = [self._eta(gi, lb) for gi, lb in table]
-        block_factors = [factors[gi] for gi, _ in table]
+        # a block with no elements (layer-wise) is at lr 0: it has nothing the test could judge
+        empty = self.__dict__.get("_empty_blocks", ())
+        block_factors = [0.0 if key in empty else factors[key[0]] for key in table]
         # momentum_search="gradient": η is searched along g, the step applies (1-μ)·η along the
         # momentum direction (search.py, _momentum_factors); None: the applied η is η
         mfac = self._momentum_factors(table)
@@ -1008,7 +1010,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         step (frozen), so that the list keeps its length and order while layers freeze."""
         if not self.layerwise:
             return values[0]
-        at = dict(zip(table, values))
+        empty = self.__dict__.get("_empty_blocks", ())  # (no elements: nothing to train)
+        at = {key: v for key, v in zip(table, values) if key not in empty}
         return [at.get(key, math.nan) for key in self._all_blocks()]
 
     def _positions(self, table, blocks) -> list[int]:

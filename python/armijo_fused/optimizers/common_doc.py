@@ -107,9 +107,11 @@ LINESEARCH_ARGS = r"""
             (η0, βη0, β²η0, ...) in one batched forward (torch.func.vmap over stacked trial
             weights) and accept the first that passes: the step sequential backtracking would
             accept, in fewer dependent forwards, for K times the parameter and activation memory.
-            Needs ``model=``, the global search, and no in-place buffer updates in the trial
+            Needs ``model=``, the global search, no in-place buffer updates in the trial
             forward (a BatchNorm in training mode is refused by name; dropout works: the K
-            candidates share the training forward's masks) (default: None, sequential)
+            candidates share the training forward's masks), and a loss returned as a tensor,
+            read nowhere on the way (not ``loss.item()``: vmap cannot read values) (default:
+            None, sequential)
         flat (bool, optional): re-point the parameters into one flat buffer per group, so one
             kernel launch covers the group. False leaves them where they are (for CUDA graphs
             captured earlier, shared storage, code that holds ``p.data``): the passes reach

@@ -435,7 +435,7 @@ class SearchMixin:
             # passed has not collapsed, wherever it sits (it merged when below the threshold)
             small = {table[b]: a for b, a in found.items()
                      if 0.0 < a < self.merge_below and a < self._first_trial(result, b)}
-            self._merge_collapsed(small, set(table))
+            self._merge_collapsed(small, set(table) - self.__dict__.get("_empty_blocks", set()))
         return settled_all, collapsed_any
 
     @staticmethod

@@ -221,6 +221,7 @@ class StoreMixin:
             buf.backend = buffer_backend(self.backend, buf)
             buffers.append(buf)
         old, self._buffers, self._buffer_key = self._buffers, buffers, key
+        self._empty_blocks = self._blocks_without_elements(buffers)
         self._deferred_load = False
         held = {id(p) for b in buffers for p in b.params}
         self._outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
@@ -537,6 +538,20 @@ class StoreMixin:
         if getattr(self, "_sharded", False):
             for m in fsdp_modules(self._modules):
                 m.reshard()
+
+    def _blocks_without_elements(self, buffers) -> frozenset:
+        """Layer-wise: the (group, block) keys whose trainable tensors all have 0 elements (an
+        ``nn.Linear(0, 0)``, a rank-0 adapter). They have nothing to train, as a frozen block:
+        the step treats them as at lr 0 (no search turn, no η growth, no merge target) and the
+        telemetry reports NaN. (Global numels: an FSDP2 shard may hold none of a block's.)"""
+        if not self.layerwise:
+            return frozenset()
+        sizes: dict = {}
+        for b in buffers:
+            for p, local in zip(b.params, b.block_ids):
+                key = (b.group_index, b.group_blocks[local])
+                sizes[key] = sizes.get(key, 0) + p.numel()
+        return frozenset(key for key, n in sizes.items() if n == 0)
 
     def _block_table(self):
         """(group index, block index within the group) of every block, in buffer order."""
