@@ -168,3 +168,57 @@ def test_cpp_table_norm_rejects_malformed_columns():
         ops.grad_sq_norm_table(table.grad_ptrs.int(), table.lengths, *args)
     with pytest.raises(RuntimeError, match="one entry per tile"):
         ops.grad_sq_norm_table(table.grad_ptrs[1:], table.lengths[1:], *args)
+
+
+@pytest.mark.skipif(not CPP, reason="needs the compiled extension")
+def test_cpp_table_passes_refuse_what_the_flat_ones_do():
+    # review of the ops called directly: a null tile address crashed the process (SIGSEGV),
+    # states that share memory ran (the kernels' __restrict__ pointers: garbage sums), and a
+    # tile of 2^62 overflowed the length into "buffers hold -2 tiles"
+    from armijo_fused import ops
+
+    layout, offsets, params, grads, states, eta = make("adam")
+    table = make_table(layout, offsets, params, grads, "cpu")
+    lay = (layout.tile_block, layout.block_tiles, layout.tile)
+    scalars, gscale = [0.9, 0.999, 1.0, 1.0, 1e-8], torch.ones(2)
+    rule = RULES["adam"].rule_id
+
+    def first(param_ptrs=table.param_ptrs, grad_ptrs=table.grad_ptrs, st=states):
+        return ops.first_pass_table(rule, param_ptrs, grad_ptrs, table.lengths, st, scalars,
+                                    0.0, eta, gscale, *lay)
+
+    def move(st):
+        return ops.move_table(rule, table.param_ptrs, table.grad_ptrs, table.lengths, st,
+                              scalars, 0.0, eta, eta * 0.5, gscale, *lay, compute_sums=True)
+
+    null = table.grad_ptrs.clone()
+    null[1] = 0
+    with pytest.raises(RuntimeError, match=r"grad_ptrs\[1\] is 0 for a tile of 512 elements"):
+        ops.grad_sq_norm_table(null, table.lengths, *lay)
+    pnull = table.param_ptrs.clone()
+    pnull[1] = 0
+    with pytest.raises(RuntimeError, match=r"param_ptrs\[1\] is 0 for a tile"):
+        first(param_ptrs=pnull)
+    odd = table.grad_ptrs.clone()
+    odd[0] += 2
+    with pytest.raises(RuntimeError, match=r"grad_ptrs\[0\] is \d+ for a tile .* first fp32"):
+        first(grad_ptrs=odd)
+    with pytest.raises(RuntimeError, match=r"states\[0\] and states\[1\] share memory"):
+        first(st=[states[0], states[0]])
+    with pytest.raises(RuntimeError, match=r"states\[0\] and states\[1\] share memory"):
+        longer = torch.zeros(layout.numel + 1)
+        move([longer[:-1], longer[1:]])  # overlapping, not equal
+    # a state buffer that holds a tile's θ, or a tile whose θ is its g
+    theta_in_state = make_table(layout, offsets, [states[1][o:o + p.numel()]
+                                                  for p, o in zip(params, offsets)], grads, "cpu")
+    with pytest.raises(RuntimeError, match=r"tile 0's param shares memory with states\[1\]"):
+        first(param_ptrs=theta_in_state.param_ptrs)
+    with pytest.raises(RuntimeError, match=r"tile 0's param and grad share memory"):
+        first(grad_ptrs=table.param_ptrs)
+    with pytest.raises(RuntimeError, match=r"tile must be positive and \d+ tiles of it countable"):
+        ops.grad_sq_norm_table(table.grad_ptrs, table.lengths, layout.tile_block,
+                               layout.block_tiles, 2**62)
+    # nothing was written by the refused calls, and the table as made passes
+    assert all(torch.equal(p, q) for p, q in zip(params, make("adam")[2]))
+    assert first().isfinite().all()
+

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -482,10 +483,13 @@ at::Tensor move_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& gra
 // addresses, which the op schemas cannot name: these ops are for eager use.
 
 // Each column of a table (an address or a length per tile) is a contiguous 1-D CPU tensor with
-// one entry per tile; every length lies in 0..tile.
+// one entry per tile; every length lies in 0..tile; a tile with elements has non-null, fp32-aligned
+// addresses (a wrong address cannot be told from a right one, a null one can: it crashed).
 static void check_table_columns(const char* op, const at::Tensor* param_ptrs,
                                 const at::Tensor& grad_ptrs, const at::Tensor& lengths,
                                 int64_t ntiles, int64_t tile) {
+  TORCH_CHECK(tile > 0 && ntiles <= std::numeric_limits<int64_t>::max() / tile, "armijo_fused.",
+              op, ": tile must be positive and ", ntiles, " tiles of it countable, got ", tile);
   std::vector<std::tuple<const at::Tensor*, const char*, at::ScalarType>> columns{
       {&grad_ptrs, "grad_ptrs", at::kLong}, {&lengths, "lengths", at::kInt}};
   if (param_ptrs) columns.emplace(columns.begin(), param_ptrs, "param_ptrs", at::kLong);
@@ -497,9 +501,47 @@ static void check_table_columns(const char* op, const at::Tensor* param_ptrs,
                 " of shape ", t->sizes(), " on ", t->device());
   }
   const int32_t* len = lengths.data_ptr<int32_t>();
+  const int64_t* g = grad_ptrs.data_ptr<int64_t>();
+  const int64_t* p = param_ptrs ? param_ptrs->data_ptr<int64_t>() : nullptr;
   for (int64_t t = 0; t < ntiles; ++t) {
     TORCH_CHECK(len[t] >= 0 && len[t] <= tile, "armijo_fused.", op, ": lengths[", t, "] is ",
                 len[t], ", outside 0..", tile);
+    if (len[t] == 0) continue;
+    for (const auto& [addr, what] : {std::pair<const int64_t*, const char*>{g, "grad_ptrs"},
+                                     {p, "param_ptrs"}}) {
+      TORCH_CHECK(!addr || (addr[t] != 0 && addr[t] % alignof(float) == 0), "armijo_fused.", op,
+                  ": ", what, "[", t, "] is ", addr ? addr[t] : 0, " for a tile of ", len[t],
+                  " elements; expected the address of its first fp32 element");
+    }
+  }
+}
+
+// The kernels write θ and the states through __restrict__ pointers: no tile's θ may overlap its
+// g or a state buffer, and the states may not overlap each other (as check_disjoint for flat
+// buffers; one comparison per tile and buffer, against a pass's 2048 elements per tile).
+static void check_table_disjoint(const char* op, const at::Tensor& param_ptrs,
+                                 const at::Tensor& grad_ptrs, const at::Tensor& lengths,
+                                 at::TensorList states) {
+  std::vector<std::pair<const char*, const at::Tensor*>> bufs;
+  const char* names[] = {"states[0]", "states[1]"};
+  for (size_t i = 0; i < states.size() && i < 2; ++i) bufs.emplace_back(names[i], &states[i]);
+  check_disjoint(op, bufs);
+  const int64_t* p = param_ptrs.data_ptr<int64_t>();
+  const int64_t* g = grad_ptrs.data_ptr<int64_t>();
+  const int32_t* len = lengths.data_ptr<int32_t>();
+  auto overlap = [](int64_t a, int64_t na, int64_t b, int64_t nb) {
+    return na > 0 && nb > 0 && a < b + nb && b < a + na;
+  };
+  for (int64_t t = 0; t < lengths.numel(); ++t) {
+    const int64_t n = int64_t{len[t]} * int64_t{sizeof(float)};
+    TORCH_CHECK(!overlap(p[t], n, g[t], n), "armijo_fused.", op, ": tile ", t,
+                "'s param and grad share memory; each must be a separate tensor");
+    for (const auto& [what, st] : bufs) {
+      const auto a = reinterpret_cast<int64_t>(st->data_ptr());
+      TORCH_CHECK(!overlap(p[t], n, a, static_cast<int64_t>(st->nbytes())), "armijo_fused.", op,
+                  ": tile ", t, "'s param shares memory with ", what,
+                  "; each buffer must be a separate tensor");
+    }
   }
 }
 
@@ -514,6 +556,7 @@ static Bufs table_inputs(const char* op, int64_t rule, const at::Tensor& param_p
   check_table_columns(op, &param_ptrs, grad_ptrs, lengths, ntiles, tile);
   *L = check_layout(op, tile_block, block_tiles, tile, ntiles * tile);
   check_states(op, rule, states, ntiles * tile);
+  check_table_disjoint(op, param_ptrs, grad_ptrs, lengths, states);
   Bufs B{nullptr,
          states.size() > 0 ? states[0].data_ptr<float>() : nullptr,
          states.size() > 1 ? states[1].data_ptr<float>() : nullptr,

@@ -16,8 +16,9 @@ helper of ``storage/flat.py``, not an op: ``csrc/view_check.cpp``.)
 * ``grad_sq_norm(grad, tile_block, block_tiles, tile) -> [nblocks]``.
 * ``first_pass_table`` / ``move_table`` / ``grad_sq_norm_table``: the same passes with θ and g
   reached through a tile table (``param_ptrs``, ``grad_ptrs``, ``lengths``:
-  :mod:`armijo_fused.storage.table`) instead of flat buffers. The first two write through raw
-  addresses no schema can name: eager use only.
+  :mod:`armijo_fused.storage.table`) instead of flat buffers. They reach θ and g through raw
+  addresses no schema can name (the first two write there): eager use only, so the third has
+  no fake kernel either (a traced read could be moved past the writes it depends on).
 
 ``grad`` may be fp32, bf16 or fp16 (widened in the kernel). ``model_param``, for bf16/fp16
 models with fp32 master weights (``param`` is then the master), is the model's own copy: the
