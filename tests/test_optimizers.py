@@ -899,6 +899,8 @@ def test_the_step_size_reported_with_a_first_group_at_lr_0_is_the_applied_one():
         assert s["step_size"] > 0
         if not s["non_descent"]:  # (else the step along g, at η)
             assert s["step_size"] <= 0.1 * opt.param_groups[1]["step_size"] * (1 + 1e-6)
+        # the moving group's too (both read 0, the frozen group's, with or without a search)
+        assert s["lr_factor"] == 1.0 and s["applied_step"] > 0
 
 
 def _momentum_run(momentum_search, steps, state_dict=None):
@@ -1351,25 +1353,43 @@ def test_a_tuple_with_the_predictions_of_a_batch_of_one_gives_its_loss():
         opt.step(lambda: closure(lambda loss, pred: (pred, loss)))
 
 
-@pytest.mark.parametrize("schedule", [None, "constant", "below_peak"])
+def _warmup_then(k, after):
+    return (k + 1) / 20 if k < 20 else after(k - 20)
+
+
+SCHEDULES = {
+    "constant": lambda k: 1.0,
+    "below_peak": lambda k: 0.5,
+    "warmup_constant": lambda k: _warmup_then(k, lambda t: 1.0),
+    # a long horizon: its cosine stays within 1e-6 of the peak for its first 450 steps
+    "warmup_cosine": lambda k: _warmup_then(k, lambda t: 0.5 * (1 + math.cos(math.pi * t / 1e6))),
+}
+
+
+@pytest.mark.parametrize("schedule", [None, *SCHEDULES])
 def test_a_step_size_growing_without_a_schedule_is_named(schedule):
     # Without a schedule an Adam-family η keeps growing on noisy mini-batches (a review
     # measured 0.2-0.3 and the loss rising back over 2000 steps) and nothing said so. A
     # schedule that does not anneal (constant; warmup then constant) leaves the same growth
-    # unchecked: it is named too, while a schedule that holds lr below its peak is not.
+    # unchecked: it is named too, while a schedule that holds lr below its peak is not, nor
+    # one that anneals from its peak however slowly (warmup + a long cosine was named)
     model, loss, _ = least_squares()
     opt = ArmijoAdam(model.parameters(), init_step_size=1e-4, cadence="every")
+    sched = None
     if schedule is not None:
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if schedule == "constant" else 0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, SCHEDULES[schedule])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(80):
             opt.step(make_closure(opt, loss))
+            if sched is not None:
+                sched.step()
     assert opt.param_groups[0]["step_size_avg"] >= 20 * 1e-4
     unscheduled = [w for w in seen if "no schedule attached" in str(w.message)]
     constant = [w for w in seen if "lr has stayed at its peak" in str(w.message)]
-    assert (len(unscheduled), len(constant)) == {None: (1, 0), "constant": (0, 1),
-                                                 "below_peak": (0, 0)}[schedule]
+    assert (len(unscheduled), len(constant)) == {
+        None: (1, 0), "constant": (0, 1), "below_peak": (0, 0), "warmup_constant": (0, 1),
+        "warmup_cosine": (0, 0)}[schedule]
 
 
 def test_a_loss_of_exactly_zero_with_zero_gradient_is_no_mistake():
@@ -1390,6 +1410,18 @@ def test_searches_that_never_resolve_a_tiny_loss_are_named():
         for _ in range(10):
             opt.step(make_closure(opt, lambda: 1e-9 * ((w - 1) ** 2).sum()))
     assert opt.stats["unresolved"] and torch.equal(w.detach(), torch.zeros(4))
+
+
+def test_per_group_peaks_given_by_a_scheduler_are_named_as_constructor_lrs_are():
+    # OneCycleLR(max_lr=[1e-3, 1e-2]) asks for a 10x faster head, which one searched η does
+    # not give: constructor lrs 1e-3 / 1e-2 were named, the scheduler's peaks were not
+    model, loss, _ = least_squares()
+    head = nn.Linear(1, 1)
+    opt = ArmijoAdam([{"params": model.parameters()}, {"params": head.parameters()}],
+                     lr=1e-3, cadence="every")
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-3, 1e-2], total_steps=10)
+    with pytest.warns(UserWarning, match=r"the param groups have different lr \(0.001 … 0.01\)"):
+        opt.step(make_closure(opt, loss))
 
 
 def test_cyclic_lr_applies_its_cycle_once_each_group_records_the_peak():

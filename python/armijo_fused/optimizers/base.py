@@ -90,6 +90,12 @@ def _written_mark(grad: Tensor):
         return None
 
 
+def _first_moving(block_factors) -> int:
+    """The first block whose lr is not 0 now (0 if none): the one a global run's telemetry
+    reports (a first group frozen at lr 0 reported an applied step and lr factor of 0)."""
+    return next((b for b, f in enumerate(block_factors) if f != 0.0), 0)
+
+
 def _lr_value(lr) -> float:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -356,8 +362,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
     def _warn_group_lrs(self) -> None:
         """Groups given different learning rates (a faster head, layer-wise lr decay) ask for
         a ratio that torch's optimizers apply and one searched step size does not: say so once."""
-        lrs = sorted(g["lr_ref"] for g in self.param_groups if g["lr_ref"] > 0)
-        if self.layerwise or not lrs or lrs[-1] <= lrs[0] * (1 + 1e-6):  # (a tensor lr rounds)
+        if self.layerwise or "lrs" in self.__dict__.get("_warned", ()):
+            return
+        # lr_0 as the factors see it: a scheduler's per-group peaks (OneCycleLR's max_lr=[...],
+        # set at its construction, after ours) ask for a ratio as constructor lrs do
+        lrs = sorted(v for v in (_lr_value(lr_peak(g)) for g in self.param_groups) if v > 0)
+        if not lrs or lrs[-1] <= lrs[0] * (1 + 1e-6):  # (a tensor lr rounds)
             return
         self._warn_once(
             "lrs", f"the param groups have different lr ({lrs[0]:g} … {lrs[-1]:g}), but one "
@@ -778,6 +788,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         block along the searched line (None: no step); ``taken_d``: along the applied one."""
         k, table, etas, factors = setup.k, setup.table, setup.etas, setup.factors
         block_factors, mfac, buffers = setup.block_factors, setup.mfac, setup.buffers
+        lead = _first_moving(block_factors)
         groups = self.param_groups
         g0 = groups[0]
         skipped = result.skipped or not math.isfinite(result.loss_before)
@@ -802,6 +813,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if result.grad_sq == 0.0 and not skipped and result.loss_before != 0.0:
             self._warn_zero_gradient(k)  # (a loss of exactly 0: a fitted batch, no mistake)
         self._note_growth_without_schedule(table)
+        self._warn_group_lrs()  # (again: a scheduler attached since may give each its peak)
         self._note_unchanged_trials(result)
         self._note_unresolved(result, resolution)
         # after a collapse η is reset to η̄, which this search has just rejected: like an
@@ -823,8 +835,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         at_trial = all(f == 1.0 for a, f in zip(taken, block_factors) if a != 0.0 and f != 0.0)
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken, table),
-            applied_step=self._report([a * f for a, f in zip(taken, block_factors)], table),
-            lr_factor=factors[0], trials=result.trials, loss_before=result.loss_before,
+            applied_step=self._report([a * f for a, f in zip(taken, block_factors)], table,
+                                      lead),
+            lr_factor=factors[table[lead][0]], trials=result.trials,
+            loss_before=result.loss_before,
             loss_after=result.loss_after if at_trial else math.nan,
             loss_trial=result.loss_after, gd=result.gd,
             grad_norm=math.sqrt(result.grad_sq) if result.grad_sq >= 0 else math.nan,
@@ -845,6 +859,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         k, table, etas, factors = setup.k, setup.table, setup.etas, setup.factors
         block_factors, applied_factors, mfac = (setup.block_factors, setup.applied_factors,
                                                 setup.mfac)
+        lead = _first_moving(block_factors)
         buffers, reduce, groups = setup.buffers, setup.reduce, self.param_groups
         g0 = groups[0]
         etas = self._cap_for_weight_decay(etas)  # as every trial is (η̄ may start above it)
@@ -885,11 +900,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 c.clamp(max=e) for c, e in zip((c for cap in caps for c in cap), etas)]
             units = mfac or [1.0] * len(per_block)  # (the step along the applied d)
             return self._report([moved * (e * f if scaled else e * u) for e, f, u
-                                 in zip(per_block, applied_factors, units)], table)
+                                 in zip(per_block, applied_factors, units)], table, lead)
 
         self.stats = StepStats(
             step=k, searched=False, step_size=lambda: applied(False),
-            applied_step=lambda: applied(True), lr_factor=factors[0], trials=0,
+            applied_step=lambda: applied(True), lr_factor=factors[table[lead][0]], trials=0,
             loss_before=loss_before if loss_before is not None else math.nan,
             loss_after=math.nan, loss_trial=math.nan,
             gd=lambda: total([s[:, 0].sum() for s in sums]),
@@ -937,9 +952,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         and ended well above AdamW, without a word)."""
         if not self.rule.bias_corrected or "no_schedule" in self.__dict__.get("_warned", ()):
             return
-        live = [g for g in self.param_groups if _lr_value(g["lr"]) > 0.0]
-        at_peak = bool(live) and all(
-            _lr_value(g["lr"]) >= (1.0 - 1e-6) * _lr_value(lr_peak(g)) for g in live)
+        lrs = [_lr_value(g["lr"]) for g in self.param_groups]
+        live = [(lr, g) for lr, g in zip(lrs, self.param_groups) if lr > 0.0]
+        # at the peak and not moved since the last search: a cosine's first thousandth stays
+        # within 1e-6 of the peak (60 steps of 100k), where η̄ had long grown in the warmup
+        before, self._lrs_at_search = self.__dict__.get("_lrs_at_search"), lrs
+        at_peak = bool(live) and lrs == (before or lrs) and all(
+            lr >= (1.0 - 1e-6) * _lr_value(lr_peak(g)) for lr, g in live)
         n = self.__dict__.get("_searches_at_peak", 0) + 1 if at_peak else 0
         self._searches_at_peak = n
         if n < 3:
@@ -949,8 +968,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if avg >= 20 * start:
             scheduled = any("initial_lr" in g or g["lr"] != g["lr_ref"] for g in self.param_groups)
             what = ("a schedule is attached, but lr has stayed at its peak lr_0 over the last "
-                    "searches, so nothing anneals the applied step (a constant schedule, or "
-                    "warmup then constant?)" if scheduled else
+                    "searches, so nothing anneals the applied step (a constant schedule, "
+                    "warmup then constant, or the long stable phase of warmup-stable-decay?)"
+                    if scheduled else
                     "the learning rate has not changed since construction: no schedule attached "
                     "(ReduceLROnPlateau, which leaves lr alone until a plateau, cannot be seen "
                     "from here)?")
@@ -1004,12 +1024,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "copy of the model, cached outputs, or weights cast once outside the loss "
                 "function? (A cast cached by torch.autocast is cleared before each trial.)"))
 
-    def _report(self, values, table):
-        """Telemetry per block: one value (global), or a list over every group's blocks in
-        ``block_names`` order (layer-wise), NaN for a block with no trainable tensor at this
-        step (frozen), so that the list keeps its length and order while layers freeze."""
+    def _report(self, values, table, lead: int = 0):
+        """Telemetry per block: one value (global: block ``lead``'s, the first that moves),
+        or a list over every group's blocks in ``block_names`` order (layer-wise), NaN for a
+        block with no trainable tensor at this step (frozen), so that the list keeps its length
+        and order while layers freeze."""
         if not self.layerwise:
-            return values[0]
+            return values[lead]
         empty = self.__dict__.get("_empty_blocks", ())  # (no elements: nothing to train)
         at = {key: v for key, v in zip(table, values) if key not in empty}
         return [at.get(key, math.nan) for key in self._all_blocks()]
