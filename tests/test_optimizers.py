@@ -1424,6 +1424,19 @@ def test_per_group_peaks_given_by_a_scheduler_are_named_as_constructor_lrs_are()
         opt.step(make_closure(opt, loss))
 
 
+def test_a_warmup_that_ends_a_rounding_off_its_peak_applies_the_tested_step():
+    # LinearLR's recursive factors end at 1 - 2e-16: the applied step was then never the
+    # trial's, and stats' loss_after read NaN for the rest of the run
+    model, loss, _ = least_squares()
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
+    for _ in range(8):
+        opt.step(make_closure(opt, loss))
+        sched.step()
+    assert opt.param_groups[0]["lr"] != opt.param_groups[0]["initial_lr"]  # (the rounding)
+    assert opt.stats["lr_factor"] == 1.0 and math.isfinite(opt.stats["loss_after"])
+
+
 def test_cyclic_lr_applies_its_cycle_once_each_group_records_the_peak():
     # CyclicLR writes base_lr into lr and initial_lr and keeps max_lr to itself: lr_0 was the
     # bottom of the cycle, the factor capped at 1 at every step (the cycle did nothing)

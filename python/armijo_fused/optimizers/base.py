@@ -1150,10 +1150,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if lr_0 == 0.0:
             return 0.0 if lr_t == 0.0 else 1.0
         factor = lr_t / lr_0
-        if factor > 1.0 + 1e-6:  # (a schedule's own rounding: LinearLR ends at 1 + 2e-16)
+        if factor > 1.0 + 1e-6:
             self._warn_lr_above_peak(lr_t, lr_0)
-            return 1.0
-        return factor
+        # a schedule's rounding at its peak (LinearLR and SequentialLR end at 1 ± 2e-16) is the
+        # peak: the step applied is then exactly the one tested (and stats' loss_after known)
+        return 1.0 if factor >= 1.0 - 1e-12 else factor
 
     def _warn_lr_above_peak(self, lr_t: float, lr_0: float) -> None:
         self._warn_once(
