@@ -761,6 +761,39 @@ def test_a_collapsed_block_does_not_merge_into_one_without_elements():
     assert opt.param_groups[0]["block_owner"] == [2, 1, 2]
 
 
+@pytest.mark.parametrize("block_search", ["exact", "round_robin"])
+def test_blocks_merged_into_one_that_loses_its_elements_are_still_searched(block_search):
+    # the stiff block s merged into x; x's trained tensor is then frozen and x keeps only a
+    # 0-element one: the set was dropped from the search with it (its frozen head), s never
+    # searched again
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.x, model.s, model.f = nn.Module(), nn.Module(), nn.Module()
+    model.x.p0 = nn.Parameter(torch.zeros(0))
+    for m in (model.x, model.s, model.f):
+        m.w = nn.Parameter(torch.randn(8))
+    stiff = [1000.0]
+
+    def loss():
+        return 0.5 * (model.x.w.pow(2).sum() + stiff[0] * model.s.w.pow(2).sum()
+                      + model.f.w.pow(2).sum())
+
+    opt = ArmijoSGD(model.named_parameters(), model=model, layerwise=True, merge_below=1e-2,
+                    init_step_size=0.3, cadence="every", backend="torch",
+                    block_search=block_search)
+    for _ in range(10):
+        opt.step(make_closure(opt, loss))
+    assert opt.param_groups[0]["block_owner"] == [0, 0, 2]
+    model.x.w.requires_grad_(False)
+    stiff[0] = 3000.0
+    searched = []
+    for _ in range(4):
+        opt.step(make_closure(opt, loss))
+        searched += opt.stats["searched_blocks"]
+    assert 1 in searched and 0 not in searched
+    assert math.isnan(opt.stats["step_size"][0])
+
+
 def test_a_block_merges_only_where_its_own_search_backtracked_below_the_threshold():
     # Blocks of curvature 1 and 1000 from init_step_size 0.3: the first search, of the flat
     # block, had to shrink the held stiff one too, accepted a tiny η and merged the flat block

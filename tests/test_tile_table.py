@@ -215,6 +215,10 @@ def test_cpp_table_passes_refuse_what_the_flat_ones_do():
         first(param_ptrs=theta_in_state.param_ptrs)
     with pytest.raises(RuntimeError, match=r"tile 0's param and grad share memory"):
         first(grad_ptrs=table.param_ptrs)
+    g_in_state = make_table(layout, offsets, params, [states[0][o:o + g.numel()]
+                                                      for g, o in zip(grads, offsets)], "cpu")
+    with pytest.raises(RuntimeError, match=r"tile 0's grad shares memory with states\[0\]"):
+        first(grad_ptrs=g_in_state.grad_ptrs)
     with pytest.raises(RuntimeError, match=r"tile must be positive and \d+ tiles of it countable"):
         ops.grad_sq_norm_table(table.grad_ptrs, table.lengths, layout.tile_block,
                                layout.block_tiles, 2**62)

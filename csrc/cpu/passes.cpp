@@ -516,9 +516,10 @@ static void check_table_columns(const char* op, const at::Tensor* param_ptrs,
   }
 }
 
-// The kernels write θ and the states through __restrict__ pointers: no tile's θ may overlap its
-// g or a state buffer, and the states may not overlap each other (as check_disjoint for flat
-// buffers; one comparison per tile and buffer, against a pass's 2048 elements per tile).
+// The kernels write θ and the states through __restrict__ pointers: no tile's θ or g may overlap
+// a state buffer, nor its θ its g, and the states may not overlap each other (as check_disjoint
+// for flat buffers; a few comparisons per tile, against a pass's 2048 elements per tile). Tiles
+// against each other are not compared (that needs a sort per call).
 static void check_table_disjoint(const char* op, const at::Tensor& param_ptrs,
                                  const at::Tensor& grad_ptrs, const at::Tensor& lengths,
                                  at::TensorList states) {
@@ -529,18 +530,21 @@ static void check_table_disjoint(const char* op, const at::Tensor& param_ptrs,
   const int64_t* p = param_ptrs.data_ptr<int64_t>();
   const int64_t* g = grad_ptrs.data_ptr<int64_t>();
   const int32_t* len = lengths.data_ptr<int32_t>();
-  auto overlap = [](int64_t a, int64_t na, int64_t b, int64_t nb) {
-    return na > 0 && nb > 0 && a < b + nb && b < a + na;
+  // (unsigned distances: an address near the top of the range must not overflow the check)
+  auto overlap = [](uint64_t a, uint64_t na, uint64_t b, uint64_t nb) {
+    return na > 0 && nb > 0 && (a >= b ? a - b < nb : b - a < na);
   };
   for (int64_t t = 0; t < lengths.numel(); ++t) {
-    const int64_t n = int64_t{len[t]} * int64_t{sizeof(float)};
-    TORCH_CHECK(!overlap(p[t], n, g[t], n), "armijo_fused.", op, ": tile ", t,
+    const uint64_t n = uint64_t(len[t]) * sizeof(float);
+    const auto pt = static_cast<uint64_t>(p[t]), gt = static_cast<uint64_t>(g[t]);
+    TORCH_CHECK(!overlap(pt, n, gt, n), "armijo_fused.", op, ": tile ", t,
                 "'s param and grad share memory; each must be a separate tensor");
     for (const auto& [what, st] : bufs) {
-      const auto a = reinterpret_cast<int64_t>(st->data_ptr());
-      TORCH_CHECK(!overlap(p[t], n, a, static_cast<int64_t>(st->nbytes())), "armijo_fused.", op,
-                  ": tile ", t, "'s param shares memory with ", what,
-                  "; each buffer must be a separate tensor");
+      const auto a = reinterpret_cast<uint64_t>(st->data_ptr());
+      for (const auto& [addr, name] : {std::pair<uint64_t, const char*>{pt, "param"}, {gt, "grad"}}) {
+        TORCH_CHECK(!overlap(addr, n, a, st->nbytes()), "armijo_fused.", op, ": tile ", t, "'s ",
+                    name, " shares memory with ", what, "; each buffer must be a separate tensor");
+      }
     }
   }
 }

@@ -57,8 +57,10 @@ class SearchMixin:
         """
         if not self.layerwise:
             return [[b for b in range(len(table)) if not frozen[b]]]
-        every = self._merged_blocks(table)
-        members = [m for m in every if not frozen[m[0]]]
+        # each merged set without its frozen members: a set shares its group's lr, but a block
+        # with no elements is frozen alone, and a set merged into one must still be searched
+        every = [[b for b in m if not frozen[b]] for m in self._merged_blocks(table)]
+        members = [m for m in every if m]
         if self.block_search == "exact":
             return members
         g0 = self.param_groups[0]
@@ -69,7 +71,8 @@ class SearchMixin:
         if self.block_search in IN_TURN:
             n, at = len(every), g0.get("block_cursor", 0)
             heads = {m[0] for m in pool}  # (a set: a list test made the scan quadratic)
-            pos = next(i % n for i in range(at, at + n) if every[i % n][0] in heads)
+            pos = next(i % n for i in range(at, at + n) if every[i % n] and
+                       every[i % n][0] in heads)
             chosen, self._cursor_next = every[pos], (pos + 1) % n
         else:  # most stale: the block searched longest ago
             def last(m):
@@ -384,8 +387,8 @@ class SearchMixin:
         turn = None  # the blocks whose turn this search was (None: the outcomes' blocks)
         if exact is None and accepted is not None and result.optimistic:
             # every block grown and tested together: each takes the policy's update
-            outcomes = [(m, accepted, None) for m in self._merged_blocks(table)
-                        if not all(frozen[b] for b in m)]
+            live = ([b for b in m if not frozen[b]] for m in self._merged_blocks(table))
+            outcomes = [(m, accepted, None) for m in live if m]
             turn = set(plan[0])
         settled_all, collapsed_any = not rejected, False
         new = list(etas)
