@@ -59,13 +59,15 @@ def train(form: str, steps: int = 60) -> float:
             opt.set_closure(lambda xb=xb, yb=yb: loss_of(model(xb), yb))
             opt.capture_rng()
             opt.zero_grad()
-            loss_of(model(xb), yb).backward()
+            loss = loss_of(model(xb), yb)
+            loss.backward()
+            opt.provide_loss(loss)  # f(θ0), else a search pays one more forward for it
             opt.step()
     model.eval()
     with torch.no_grad():
         final = float(loss_of(model(x), y))
     s = opt.stats
-    print(f"{form:9s} full-data loss {final:.4f}  step size {s['step_size']:.2e}  "
+    print(f"{form:10s} full-data loss {final:.4f}  step size {s['step_size']:.2e}  "
           f"forwards/step {s['forwards'] / steps:.2f}")
     return final
 

@@ -96,6 +96,9 @@ def test_cli_errors(capsys):
         with pytest.raises(SystemExit):
             cli.main(["demo", flag, "0"])
         assert f"argument {flag}: expected an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (argparse named the type's function: "invalid _positive")
+        cli.main(["demo", "--steps", "abc"])
+    assert "argument --steps: expected an integer >= 1, got 'abc'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

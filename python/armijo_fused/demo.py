@@ -199,7 +199,10 @@ def armijo_record(opt) -> Callable[[], dict]:
 def _positive(text: str) -> int:
     """argparse type: an integer >= 1 (a batch of 0 or no evaluation batches ended in a
     traceback, or in losses printed as 0.0000)."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # (argparse's own message named this function: "invalid _positive")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value

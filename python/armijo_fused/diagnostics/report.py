@@ -110,7 +110,7 @@ def build_demo(*, batches: int = 2, batch_size: int = 8, seq_len: int = 32, seed
             from ..data import load_shakespeare
 
             text = load_shakespeare(max_plays=1)
-            tokens, vocab, source = text.train, text.vocab_size, "Shakespeare (1 play), chars"
+            tokens, vocab, source = text.train, text.vocab_size, "Shakespeare (1 play), characters"
         except (ImportError, OSError) as e:
             if data == "shakespeare":
                 raise RuntimeError(f"--data shakespeare is not available: {e}") from e
@@ -200,7 +200,7 @@ def write_report(out_dir, *, spectra: Optional[Mapping[str, Spectrum]] = None,
         paths["spectra_json"] = out / "spectra.json"
         lam = {k: s.lambda_max for k, s in spectra.items()}
         md += ["## Hessian spectra per block", "",
-               "| block | n | λ_max (Ritz) | top (power) | λ_min (Ritz) | tr/n |",
+               "| block | n | λ_max (Ritz) | largest \\|λ\\| (power, signed) | λ_min (Ritz) | tr/n |",
                "|---|---:|---:|---:|---:|---:|"]
         for k, s in spectra.items():
             md.append(f"| {k} | {s.dim} | {_fmt(s.ritz_max)} | {_fmt(s.top_eigenvalue)} | "
@@ -274,7 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", choices=["rademacher", "gaussian"], default="rademacher",
                    help="distribution of the SLQ probe vectors")
     p.add_argument("--power-iters", type=int, default=30,
-                   help="power iterations for the top eigenvalue, 0 to skip")
+                   help="power iterations for the eigenvalue of largest magnitude (signed), 0 to "
+                        "skip")
     p.add_argument("--trace-samples", type=int, default=0,
                    help="Hutchinson samples for the trace, 0: use the SLQ probes")
     p.add_argument("--batches", type=int, default=2, help="fixed batches")
