@@ -761,7 +761,7 @@ def test_a_collapsed_block_does_not_merge_into_one_without_elements():
     assert opt.param_groups[0]["block_owner"] == [2, 1, 2]
 
 
-@pytest.mark.parametrize("block_search", ["exact", "round_robin"])
+@pytest.mark.parametrize("block_search", ["exact", "round_robin", "grow_all", "stale"])
 def test_blocks_merged_into_one_that_loses_its_elements_are_still_searched(block_search):
     # the stiff block s merged into x; x's trained tensor is then frozen and x keeps only a
     # 0-element one: the set was dropped from the search with it (its frozen head), s never

@@ -1424,16 +1424,19 @@ def test_per_group_peaks_given_by_a_scheduler_are_named_as_constructor_lrs_are()
         opt.step(make_closure(opt, loss))
 
 
-def test_a_warmup_that_ends_a_rounding_off_its_peak_applies_the_tested_step():
-    # LinearLR's recursive factors end at 1 - 2e-16: the applied step was then never the
-    # trial's, and stats' loss_after read NaN for the rest of the run
+@pytest.mark.parametrize("lr", [None, "tensor"])
+def test_a_warmup_that_ends_a_rounding_off_its_peak_applies_the_tested_step(lr):
+    # LinearLR's recursive factors end at 1 - 2e-16 (1 - 1e-7 with a float32 tensor lr): the
+    # applied step was then never the trial's, and stats' loss_after read NaN for the rest
     model, loss, _ = least_squares()
-    opt = ArmijoAdam(model.parameters(), cadence="every")
-    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
-    for _ in range(8):
+    lr, start, n = ({"lr": torch.tensor(3e-4)}, 0.01, 100) if lr == "tensor" else ({}, 0.1, 5)
+    opt = ArmijoAdam(model.parameters(), cadence="every", **lr)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=start, total_iters=n)
+    for _ in range(n + 3):
         opt.step(make_closure(opt, loss))
         sched.step()
-    assert opt.param_groups[0]["lr"] != opt.param_groups[0]["initial_lr"]  # (the rounding)
+    g = opt.param_groups[0]
+    assert 0 < 1 - float(g["lr"]) / float(g["initial_lr"]) < 1e-6  # (the rounding)
     assert opt.stats["lr_factor"] == 1.0 and math.isfinite(opt.stats["loss_after"])
 
 

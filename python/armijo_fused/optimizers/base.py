@@ -969,8 +969,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             scheduled = any("initial_lr" in g or g["lr"] != g["lr_ref"] for g in self.param_groups)
             what = ("a schedule is attached, but lr has stayed at its peak lr_0 over the last "
                     "searches, so nothing anneals the applied step (a constant schedule, "
-                    "warmup then constant, or the long stable phase of warmup-stable-decay?)"
-                    if scheduled else
+                    "warmup then constant, or the long stable phase of warmup-stable-decay? A "
+                    "scheduler stepped once per epoch holds lr for an epoch too: if yours is, "
+                    "this comes early)" if scheduled else
                     "the learning rate has not changed since construction: no schedule attached "
                     "(ReduceLROnPlateau, which leaves lr alone until a plateau, cannot be seen "
                     "from here)?")
@@ -1152,9 +1153,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         factor = lr_t / lr_0
         if factor > 1.0 + 1e-6:
             self._warn_lr_above_peak(lr_t, lr_0)
-        # a schedule's rounding at its peak (LinearLR and SequentialLR end at 1 ± 2e-16) is the
-        # peak: the step applied is then exactly the one tested (and stats' loss_after known)
-        return 1.0 if factor >= 1.0 - 1e-12 else factor
+        # a schedule's rounding at its peak (LinearLR ends at 1 - 2e-16; 1 - 1e-7 with a
+        # float32 tensor lr) is the peak: the step applied is then exactly the one tested (and
+        # stats' loss_after known); the same tolerance as above it
+        return 1.0 if factor >= 1.0 - 1e-6 else factor
 
     def _warn_lr_above_peak(self, lr_t: float, lr_0: float) -> None:
         self._warn_once(
