@@ -407,6 +407,27 @@ def test_recorder_with_the_layerwise_armijo_optimizer(tmp_path):
     np.testing.assert_allclose(back.step_sizes()["0"], rec.step_sizes()["0"])
 
 
+def test_recorder_stores_nothing_for_a_step_that_never_ran():
+    # GradScaler skips step() on an overflow; the loop's record() after it stored the last step
+    # again, with the skipped batch's inf loss (summary: 4 steps where the optimizer took 3)
+    model, loss_fn = _small_problem()
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    rec = TelemetryRecorder(opt)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    for skipped in (False, False, True, False):
+        if not skipped:
+            opt.step(closure)
+        rec.record(math.inf if skipped else None)
+    assert [r["step"] for r in rec.records] == [1, 2, 3]
+    assert rec.summary()["steps"] == 3 and all(math.isfinite(r["loss"]) for r in rec.records)
+
+
 def test_recorder_takes_a_group_added_later_and_names_blocks_cut_across_groups():
     # a group added later raised "the number of blocks changed" from the step's post-hook;
     # a layer cut into two weight-decay groups is a block in each, named apart

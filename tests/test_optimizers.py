@@ -436,6 +436,8 @@ def test_stats_kept_for_later_still_describe_their_own_step(layerwise):
             opt.step(make_closure(opt, loss_fn, *data))
             sched.step()
             out.append(dict(opt.stats) if read_at_once else opt.stats)
+        if not read_at_once:  # a group added before the read (its lists grew by a block)
+            opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
         return [dict(s) for s in out]
 
     now, later = run(True), run(False)
@@ -443,6 +445,23 @@ def test_stats_kept_for_later_still_describe_their_own_step(layerwise):
     assert [s["next_step_size"] for s in later] == [s["next_step_size"] for s in now]
     for key in ("step_size", "applied_step", "gd", "grad_norm", "skipped"):
         assert [s[key] for s in later] == [s[key] for s in now], key
+
+
+@pytest.mark.parametrize("cadence", ["every", "adaptive"])
+def test_a_skipped_step_reports_no_inner_product(cadence):
+    # ⟨g, d⟩ read 0.0 on a skipped step without a search (its zeroed sums), NaN with one
+    model, loss_fn, data = PROBLEMS["least_squares"](seed=0)
+    opt = ArmijoAdam(model.parameters(), cadence=cadence)
+    for k in range(4):
+        poison = k == 3
+        handle = next(model.parameters()).register_hook(
+            lambda g: torch.full_like(g, math.nan)) if poison else None
+        opt.step(make_closure(opt, loss_fn, *data))
+        if handle is not None:
+            handle.remove()
+    s = opt.stats
+    assert s["skipped"] and s["searched"] == (cadence == "every")
+    assert math.isnan(s["gd"]) and math.isnan(s["grad_norm"]) and s["step_size"] == 0.0
 
 
 # -- resume ---------------------------------------------------------------------------------------

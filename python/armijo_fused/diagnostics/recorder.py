@@ -103,11 +103,16 @@ class TelemetryRecorder:
     # (every record holds _RECORD_KEYS; a file whose records lack one is refused at load: a
     # report read it and raised KeyError in the middle of its plots)
     def record(self, loss=None, optimizer=None) -> dict:
-        """Store what the last ``optimizer.step()`` did; returns the record."""
+        """Store what the last ``optimizer.step()`` did; returns the record. A call with no
+        step since the last record (GradScaler skipped it: the optimizer never ran) stores
+        nothing and returns that record."""
         opt = optimizer or self.optimizer
         if opt is None:
             raise ValueError("record() needs an optimizer: pass one here or to the recorder")
         stats = getattr(opt, "stats", None)
+        if isinstance(stats, Mapping) and "step_size" in stats and self.records and \
+                "step" in stats and int(stats["step"]) == self.records[-1]["step"]:
+            return self.records[-1]  # (it stored the step twice, with the skipped batch's loss)
         if isinstance(stats, Mapping) and "step_size" in stats:
             step_size = _floats(stats["step_size"])
             rec = {

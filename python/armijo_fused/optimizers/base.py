@@ -893,21 +893,26 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._last_dd = (buffers, dd)
         self._advance_unsettled(k, passes)
 
-        # telemetry: device values, formed only when read (each op is a launch on a GPU)
+        # telemetry: device values, formed only when read (each op is a launch on a GPU), in
+        # this step's blocks (a group added before the read must not lengthen the lists)
+        blocks = self._report_blocks()
+
         def applied(scaled: bool):
             moved = (~passes.skipped()).float()  # a skipped step moved nothing
             per_block = etas if caps is None else [  # the η each block applied
                 c.clamp(max=e) for c, e in zip((c for cap in caps for c in cap), etas)]
             units = mfac or [1.0] * len(per_block)  # (the step along the applied d)
             return self._report([moved * (e * f if scaled else e * u) for e, f, u
-                                 in zip(per_block, applied_factors, units)], table, lead)
+                                 in zip(per_block, applied_factors, units)], table, lead,
+                                blocks)
 
         self.stats = StepStats(
             step=k, searched=False, step_size=lambda: applied(False),
             applied_step=lambda: applied(True), lr_factor=factors[table[lead][0]], trials=0,
             loss_before=loss_before if loss_before is not None else math.nan,
             loss_after=math.nan, loss_trial=math.nan,
-            gd=lambda: total([s[:, 0].sum() for s in sums]),
+            # (NaN on a skipped step, as a search's: its sums are zeros, not a ⟨g, d⟩)
+            gd=lambda: total([s[:, 0].sum() for s in sums]) / (~passes.skipped()).double(),
             grad_norm=lambda: passes.grad_norm(sums),
             non_descent=False, unresolved=False, exhausted=False, collapsed=False,
             skipped=passes.skipped, searched_blocks=[],
@@ -1025,16 +1030,23 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "copy of the model, cached outputs, or weights cast once outside the loss "
                 "function? (A cast cached by torch.autocast is cleared before each trial.)"))
 
-    def _report(self, values, table, lead: int = 0):
+    def _report(self, values, table, lead: int = 0, blocks=None):
         """Telemetry per block: one value (global: block ``lead``'s, the first that moves),
         or a list over every group's blocks in ``block_names`` order (layer-wise), NaN for a
         block with no trainable tensor at this step (frozen), so that the list keeps its length
-        and order while layers freeze."""
+        and order while layers freeze. ``blocks``: ``_report_blocks()`` taken at the step, for
+        a value formed later."""
         if not self.layerwise:
             return values[lead]
-        empty = self.__dict__.get("_empty_blocks", ())  # (no elements: nothing to train)
+        every, empty = blocks or self._report_blocks()
         at = {key: v for key, v in zip(table, values) if key not in empty}
-        return [at.get(key, math.nan) for key in self._all_blocks()]
+        return [at.get(key, math.nan) for key in every]
+
+    def _report_blocks(self):
+        """(every block, the blocks without elements): what the layer-wise lists are over."""
+        if not self.layerwise:
+            return None
+        return self._all_blocks(), self.__dict__.get("_empty_blocks", frozenset())
 
     def _positions(self, table, blocks) -> list[int]:
         """Where the table's ``blocks`` stand in the telemetry's list (layer-wise)."""
