@@ -41,6 +41,7 @@ stored the same way with ``sum_scale`` 1.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -53,6 +54,7 @@ from .layout import DEFAULT_TILE, place_tensors, place_tensors_tiled
 from .table import gather, make_table, scatter, table_ok, with_grads
 
 
+@functools.cache  # (asked for every tensor at every step: an import each time cost the most)
 def dtensor_class():
     """``torch.distributed.tensor.DTensor`` or None when this torch has no DTensor."""
     try:
