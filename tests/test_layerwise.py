@@ -738,6 +738,7 @@ def test_a_block_without_elements_takes_no_search_turn(block_search, cadence):
     assert opt.stats["step_size"][:2] == ref_opt.stats["step_size"]
     assert math.isnan(opt.stats["step_size"][2])
     assert opt.param_groups[0]["step_size"][2] == 1e-3  # not grown
+    assert opt.stats["next_step_size"][2] == 1e-3  # (as a frozen block's: the η it keeps)
     assert opt.param_groups[0]["forwards"] == ref_opt.param_groups[0]["forwards"]
 
 

@@ -924,9 +924,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         return loss_before if given else None
 
     def _next_step_sizes(self):
-        """The step size (per block, layer-wise) the next step starts from."""
+        """The step size (per block, layer-wise) the next step starts from: every block's,
+        those with nothing to train now too (frozen, or without elements), as it is kept."""
         every_block = self._all_blocks() if self.layerwise else self._block_table()
-        return self._report([self._eta(gi, lb) for gi, lb in every_block], every_block)
+        return self._report([self._eta(gi, lb) for gi, lb in every_block], every_block,
+                            blocks=(every_block, ()) if self.layerwise else None)
 
     def _check_dropout_replayed(self, models) -> None:
         """The loop ran its own training forward (``loss=``, ``provide_loss``, a registered
