@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -204,13 +205,7 @@ def test_a_loss_read_as_a_number_is_refused_by_name_with_candidates_and_undone(f
     assert opt.param_groups[0]["step"] == 0
     assert all(v.abs().max() == 0 for p in model.parameters() for v in opt.state[p].values())
     # the same loop with the loss returned as a tensor steps
-    def tensor_closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(tensor_closure)
+    opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
     assert opt.param_groups[0]["step"] == 1
 
 

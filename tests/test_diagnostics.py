@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam
@@ -413,16 +414,9 @@ def test_recorder_stores_nothing_for_a_step_that_never_ran():
     model, loss_fn = _small_problem()
     opt = ArmijoAdam(model.parameters(), cadence="every")
     rec = TelemetryRecorder(opt)
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
     for skipped in (False, False, True, False):
         if not skipped:
-            opt.step(closure)
+            opt.step(make_closure(opt, loss_fn))
         rec.record(math.inf if skipped else None)
     assert [r["step"] for r in rec.records] == [1, 2, 3]
     assert rec.summary()["steps"] == 3 and all(math.isfinite(r["loss"]) for r in rec.records)

@@ -722,13 +722,7 @@ def test_a_block_without_elements_takes_no_search_turn(block_search, cadence):
                          block_search=block_search, cadence=cadence, init_step_size=1e-3)
         turns = []
         for i in range(12):
-            def closure():
-                opt.zero_grad()
-                loss = nn.functional.mse_loss(model(xs[i]), ys[i])
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            opt.step(make_closure(opt, lambda i=i: nn.functional.mse_loss(model(xs[i]), ys[i])))
             turns.append(opt.stats["searched_blocks"])
         runs.append((model, opt, turns))
     (ref, ref_opt, ref_turns), (model, opt, turns) = runs

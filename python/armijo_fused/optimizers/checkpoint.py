@@ -61,18 +61,19 @@ class CheckpointMixin:
         return out
 
     def __setstate__(self, state: dict) -> None:
-        if "defaults" not in state:  # torch's load_state_dict: only state and param_groups
-            had = "differentiable" in self.defaults
-            super().__setstate__(state)
-            if not had:  # torch adds it for its own optimizers; a group added later took it
-                self.defaults.pop("differentiable", None)
-            return
-        names = state.pop("_names", None)
-        unnamed = state.pop("_unnamed_groups", ())
-        had = "differentiable" in state["defaults"]
-        super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
+        # torch's __setstate__ adds 'differentiable' to the defaults (for its own optimizers);
+        # a group added later took it, where one added without a resume does not
+        had = "differentiable" in (state["defaults"] if "defaults" in state else self.defaults)
+        self._set_state(state)
         if not had:
             self.defaults.pop("differentiable", None)
+
+    def _set_state(self, state: dict) -> None:
+        if "defaults" not in state:  # torch's load_state_dict: only state and param_groups
+            return super().__setstate__(state)
+        names = state.pop("_names", None)
+        unnamed = state.pop("_unnamed_groups", ())
+        super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
         self._unnamed_groups = {id(self.param_groups[i]) for i in unnamed}
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_loss",
                     "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned",
