@@ -60,6 +60,50 @@ def test_gradscaler_step_with_loss_fn_matches_the_unscaled_run():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("form", ["loss=", "provide_loss", "closure"])
+def test_a_loss_handed_over_scaled_is_refused_and_the_step_undone(form):
+    # scaler.scale(loss) as the step's f0 is compared with unscaled trial losses: every first
+    # trial passed (f0 1024x too high) and eta grew by the growth factor at every search
+    _, _, model, opt, scaler = plain_and_scaled()
+    x, y = batch(0)
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    scaled = scaler.scale(loss)
+    scaled.backward()
+    before = snapshot(opt, model)
+
+    def loss_fn():
+        return nn.functional.mse_loss(model(x), y)
+
+    def closure():
+        opt.zero_grad()
+        out = scaler.scale(loss_fn())
+        out.backward()
+        return out
+
+    with pytest.raises(ValueError, match=r"looks like scaler\.scale\(loss\)"):
+        if form == "loss=":
+            scaler.step(opt, loss_fn=loss_fn, loss=scaled)
+        elif form == "provide_loss":
+            opt.set_closure(loss_fn)
+            opt.provide_loss(scaled)
+            scaler.step(opt)
+        else:  # (a closure that serves the trials too returns them scaled alike)
+            scaler.step(opt, closure, loss_fn=loss_fn)
+    # undone, to the rounding of taking the step back out (no exact_revert)
+    after = snapshot(opt, model)
+    for a, b in zip(before[0], after[0]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert not before[1]  # (the first step: the state is built, its moments still 0)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(after[1][key], torch.zeros_like(after[1][key]),
+                                   rtol=0, atol=1e-12)
+    counted = ("forwards", "backwards")  # (the work done is counted, as after any failure)
+    assert [{k: v for k, v in g.items() if k not in counted} for g in before[2]] == \
+        [{k: v for k, v in g.items() if k not in counted} for g in after[2]]
+    assert opt.param_groups[0]["step"] == 0
+
+
 @pytest.mark.parametrize("unscaled_first", [False, True], ids=["step", "unscale_-then-step"])
 def test_gradscaler_step_with_a_positional_closure_matches_the_unscaled_run(unscaled_first):
     # scaler.step(opt, closure): GradScaler refuses only a keyword closure and unscales the

@@ -611,6 +611,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._pending_rng = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None
+        scaler = None
         if closure is not None:
             scaler = calling_grad_scaler(self)
             before = self._grad_versions() if scaler is not None else None
@@ -671,6 +672,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
         # 2. The search, on trial forwards that leave no trace.
         self._check_model_still_holds_params()
+        scale = (self._scale_to_check(scaler, closure is not None)
+                 if f0 is not None and not self.__dict__.get("_scale_checked") else None)
         models = self._modules or self._models_for_trials(evaluate)
         if not replayed:
             self._check_dropout_replayed(models)
@@ -744,6 +747,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                                                     trial_losses, frozen, resolution, f0_failure,
                                                     along_fallback=mfac is not None,
                                                     table=table)
+                if scale is not None:
+                    self._refuse_scaled_loss(result, scale)
                 if accepted is None and snapshot is not None and not result.skipped:
                     passes.restore_params(snapshot)  # bitwise θ0; the state keeps g
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
@@ -1135,6 +1140,38 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 for _, p in self._trainable() if p.grad is not None}
 
     @torch.no_grad()
+    def _scale_to_check(self, scaler, from_closure: bool) -> float | None:
+        """The scale of the GradScaler whose ``step`` called this search, where the loss it was
+        handed may be ``scaler.scale(loss)`` (see ``_refuse_scaled_loss``); None when there is
+        nothing to check. Checked on the first search that can tell (one host read)."""
+        if not from_closure:  # (the closure form found its scaler already)
+            scaler = calling_grad_scaler(self)
+        scale = scaler.get_scale() if scaler is not None else 0.0
+        if scale < 16.0:  # (2**16 at the start; near 1 a scaled loss is the loss)
+            self._scale_checked = True
+            return None
+        return scale
+
+    def _refuse_scaled_loss(self, result, scale: float) -> None:
+        """A loss handed over as ``scaler.scale(loss)`` (``loss=``, ``provide_loss`` or the
+        closure's return value) is compared with unscaled trial losses: every first trial
+        passes, η grows without bound. At the first search its first trial, a short step from
+        θ0, has a loss within a few percent of f0's; a ratio near the scale is that mistake.
+        Raised inside the search, so θ and the state go back to before the step."""
+        f0 = result.loss_before
+        f1 = result.history[0][1] if result.history else math.nan
+        if not (math.isfinite(f0) and math.isfinite(f1)) or f1 == 0.0:
+            return  # (the next search tells)
+        self._scale_checked = True
+        if scale / 2 <= f0 / f1 <= 2 * scale:
+            raise ValueError(
+                f"the loss handed to the step ({f0:.6g}) is {f0 / f1:.4g} times the loss at its "
+                f"first trial point ({f1:.6g}), about the GradScaler's scale ({scale:g}): it "
+                "looks like scaler.scale(loss). Pass the unscaled loss (loss=loss, "
+                "provide_loss(loss), or a closure that calls scaler.scale(loss).backward() and "
+                "returns loss): the trial losses are unscaled, so every first trial would pass. "
+                "The step has been undone")
+
     def _unscale_gradients(self, scaler, before: dict) -> None:
         """Divide the gradients the closure just computed by the scale its ``scaler.scale(loss)``
         applied (as ``GradScaler.unscale_`` does; a non-finite result is the guard's to skip).
