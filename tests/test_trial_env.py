@@ -485,3 +485,63 @@ def test_rng_states_recorded_per_micro_batch_replay_each_ones_masks(per_micro_ba
         assert gap < 1e-5
     else:  # (the failure the recipe is for: rejected, or accepted far from f0)
         assert not gap < 1e-3
+
+
+def _gan(spectral: bool):
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    first = nn.Linear(2, 16)
+    if spectral:  # its power-iteration vectors u, v are buffers a training forward advances
+        first = nn.utils.parametrizations.spectral_norm(first)
+    disc = nn.Sequential(first, nn.BatchNorm1d(16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    return gen, disc
+
+
+@pytest.mark.parametrize("spectral", [False, True], ids=["batchnorm", "spectral-norm"])
+def test_a_generator_step_leaves_the_discriminator_it_runs_through_as_its_forward_left_it(
+        spectral):
+    # model=G registered: only G's buffers were saved around the trials, so each trial forward
+    # through D advanced D's BatchNorm statistics (num_batches_tracked 120 against 90 after 30
+    # iterations) and its spectral-norm vectors for good. The discriminator is found through
+    # the loss function, as it is without model=.
+    gen, disc = _gan(spectral)
+    opt = ArmijoAdam(gen.parameters(), model=gen, cadence="every", backend="torch")
+    bce = nn.functional.binary_cross_entropy_with_logits
+    ones = torch.ones(32, 1)
+    for it in range(4):
+        z = torch.randn(32, 4, generator=torch.Generator().manual_seed(it))
+
+        def loss_fn(z=z):
+            return bce(disc(gen(z)), ones)
+
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        left = [b.clone() for b in disc.buffers()]
+        assert len(left) == (5 if spectral else 3)
+        opt.step(loss_fn=loss_fn, loss=loss)
+        assert opt.stats["trials"] >= 1
+        assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers())), it
+    assert int(disc[1].num_batches_tracked) == 4  # the four training forwards only
+
+
+def test_candidates_refuse_a_batchnorm_the_loss_runs_outside_model_before_anything_moves():
+    # the check looked inside model= only: torch's vmap error came from the discriminator's
+    # BatchNorm mid-search, after its statistics had taken a trial forward
+    gen, disc = _gan(False)
+    opt = ArmijoAdam(gen.parameters(), model=gen, cadence="every", backend="torch",
+                     candidates=2)
+    z, ones = torch.randn(32, 4), torch.ones(32, 1)
+
+    def loss_fn():
+        return nn.functional.binary_cross_entropy_with_logits(disc(gen(z)), ones)
+
+    loss = loss_fn()
+    loss.backward()
+    params = [p.detach().clone() for p in gen.parameters()]
+    left = [b.clone() for b in disc.buffers()]
+    with pytest.raises(ValueError, match="over 1 of a Sequential the loss function runs .BatchNorm1d"):
+        opt.step(loss_fn=loss_fn, loss=loss)
+    assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(params, gen.parameters()))
+    assert opt.param_groups[0]["step"] == 0

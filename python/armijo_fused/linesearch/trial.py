@@ -136,12 +136,14 @@ def _ddp_buffers_kept(seen: dict):
         ddp._check_sync_bufs_pre_fwd = check
 
 
-def models_in_reach(fn, params, depth: int = 3) -> list[nn.Module] | None:
+def models_in_reach(fn, params, depth: int = 3, *, complete: bool = True
+                    ) -> list[nn.Module] | None:
     """The modules a loss function can reach (its closure cells, defaults, globals it names,
     a bound method's object, their attributes, the first entries of dicts, lists and tuples
     among them: ``depth`` levels), if together they hold every
-    one of ``params``; else None. Cheap, and what a closure usually captures: the model (or a
-    DDP / compiled wrapper of it, or ``self`` holding it)."""
+    one of ``params``; else None (``complete=False``: whatever it reaches). Cheap, and what a
+    closure usually captures: the model (or a DDP / compiled wrapper of it, or ``self``
+    holding it)."""
     wanted = {id(p) for p in params}
     seen: set[int] = set()
     found: list[nn.Module] = []
@@ -188,6 +190,8 @@ def models_in_reach(fn, params, depth: int = 3) -> list[nn.Module] | None:
                 visit(value, level - 1)
 
     visit(fn, depth)
+    if not complete:
+        return found
     held = {id(p) for m in found for p in m.parameters()}
     return found if found and wanted <= held else None
 
@@ -264,8 +268,10 @@ class TrialEnv:
         # entry, and the restore must then reach the module, not the orphaned tensor
         self._saved = []
         self._caches = []  # (module name, _buffers dict, name, tensor, its version)
+        # (a module reached twice, as a model and inside another, is saved once)
+        every = {id(m): m for module in modules for m in module.modules()}
         owned = [(type(m).__name__, m._buffers, m._non_persistent_buffers_set)
-                 for module in modules for m in module.modules()]
+                 for m in every.values()]
         owned += [(None, bufs, non_persistent) for bufs, non_persistent in buffers]
         for label, bufs, non_persistent in owned:
             for name, buf in bufs.items():

@@ -674,7 +674,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._check_model_still_holds_params()
         scale = (self._scale_to_check(scaler, closure is not None)
                  if f0 is not None and not self.__dict__.get("_scale_checked") else None)
-        models = self._modules or self._models_for_trials(evaluate)
+        models = self._models_for_trials(evaluate)
         if not replayed:
             self._check_dropout_replayed(models)
         env = trial_mod.TrialEnv(models, rng_before, () if models else self._owned_buffers())
@@ -714,7 +714,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # and out of the test: its η is 0 in the passes, so its θ is not touched at all
         frozen = [f == 0.0 for f in block_factors]
         if self.candidates is not None and not any(frozen):
-            check_batchable(self._modules[0])
+            for i, m in enumerate(models):  # (and a discriminator the loss runs through)
+                check_batchable(m, "model=" if i == 0 else
+                                f"a {type(m).__name__} the loss function runs")
             # (once per step, before anything moves: a tensor the model lacks is refused here)
             names = parameter_names(self._modules[0], [p for b in buffers for p in b.params])
         plan = self._search_plan(table, frozen)
