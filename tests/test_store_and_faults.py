@@ -234,6 +234,28 @@ def test_an_optimizer_replaced_by_a_new_one_is_not_warned_about():
     del opt
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+def test_reloading_the_state_again_and_again_keeps_no_record_of_the_old_groups_and_buffers(
+        layerwise):
+    # a leak audit: each load_state_dict left one entry for good in the per-group validation
+    # record (keyed by the replaced group dicts' ids), and each layer-wise reload, which
+    # rebuilds the flat buffers, one in the table of flat-buffer holders (a freed storage's
+    # address keyed to this live optimizer)
+    from armijo_fused.optimizers import store
+
+    model, loss = _model_and_data()
+    opt = ArmijoAdam([{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+                     backend="torch", layerwise=layerwise)
+    for _ in range(12):
+        opt.step(make_closure(opt, loss))
+        opt.load_state_dict(opt.state_dict())
+    opt.step(make_closure(opt, loss))
+    assert len(opt._validated) == len(opt.param_groups)
+    mine = [ptr for ptr, holder in store._FLAT_HOLDERS.items() if holder is opt]
+    assert sorted(mine) == sorted(b.params[0].untyped_storage().data_ptr()
+                                  for b in opt._buffers)
+
+
 def test_load_state_dict_into_a_running_optimizer_repoints_the_state():
     model, loss = _model_and_data()
     opt = ArmijoAdam(model.parameters(), backend="torch")

@@ -331,6 +331,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             keys = self._validation_keys = ("weight_decay", *self.rule.hyperparameters,
                                             *GROUP_OPTION_KEYS)
         seen = self.__dict__.setdefault("_validated", {})
+        if len(seen) > len(self.param_groups):  # groups a load_state_dict replaced: their
+            live = {id(g) for g in self.param_groups}  # ids were kept one per load, for good
+            for gone in [i for i in seen if i not in live]:
+                del seen[gone]
         for group in self.param_groups:
             values = tuple([group.get(k) for k in keys])
             if seen.get(id(group)) != values:

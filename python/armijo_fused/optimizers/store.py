@@ -228,6 +228,10 @@ class StoreMixin:
         self._last_dd = None  # (it held the old buffers; a cap needs a pass over the new ones)
         if old:
             self._release(old, buffers)
+        # (the old buffers' keys go: a freed storage stayed keyed to this live optimizer, one
+        # entry per layer-wise reload, for good)
+        for ptr in [k for k, holder in _FLAT_HOLDERS.items() if holder is self]:
+            del _FLAT_HOLDERS[ptr]
         for b in buffers:
             if type(b) is FlatBuffer:
                 _FLAT_HOLDERS[_storage_ptr(b.params[0])] = self
