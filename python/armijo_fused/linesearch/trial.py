@@ -5,7 +5,8 @@ must see the same randomness (dropout masks), and to leave training unchanged it
 the global RNG, update BatchNorm running statistics, build an autograd graph, run a backward pass
 or zero the gradient the search still needs. :class:`TrialEnv` arranges all of that:
 
-* RNG: every trial starts from ``rng_before`` (the state the training forward started from, when
+* RNG (torch's, Python's ``random`` and NumPy's global one): every trial starts from
+  ``rng_before`` (the state the training forward started from, when
   the optimizer called the closure itself or the caller recorded it with ``capture_rng``); after
   the step the RNG is set to ``rng_after``, the state it had when the step began its trials, so
   the steps that follow draw the same numbers whether or not trials ran.
@@ -33,6 +34,7 @@ import contextlib
 import functools
 import gc
 import inspect
+import random
 import sys
 import types
 
@@ -41,26 +43,35 @@ from torch import nn
 
 
 def get_rng_state():
-    """torch's RNG state, of the CPU and of every CUDA device in use
-    (``armijo_fused.get_rng_state()``): what decides a forward's dropout masks. For a loop that
-    draws from the RNG between its micro-batches (a random transform in the dataset, a
+    """The global random states a forward may draw from (``armijo_fused.get_rng_state()``):
+    torch's, of the CPU and of every CUDA device in use (dropout masks), Python's ``random``
+    (LayerDrop written with ``random.random()``) and NumPy's global ``np.random`` if NumPy is
+    loaded (HF's wav2vec2 / HuBERT SpecAugment masks, BigBird's random attention). For a loop
+    that draws from them between its micro-batches (a random transform in the dataset, a
     ``torch.randint`` batch sampler), record it before each micro-batch's forward and
     :func:`set_rng_state` it before the same micro-batch in the trial function
-    (docs/integrations.md)."""
+    (docs/integrations.md). A generator of the model's own (``torch.Generator``,
+    ``np.random.default_rng``) is not seen."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
+    np = sys.modules.get("numpy")
+    return (torch.get_rng_state(), cuda, random.getstate(),
+            np.random.get_state() if np is not None else None)
 
 
 def set_rng_state(state) -> None:
     """Put back a state from :func:`get_rng_state` (``armijo_fused.set_rng_state``). Inside a
     trial this is undone when the trial ends: training goes on from the RNG state it had."""
-    if not (isinstance(state, tuple) and len(state) == 2 and torch.is_tensor(state[0])):
-        raise TypeError("set_rng_state takes what armijo_fused.get_rng_state() returned (the CPU "
-                        f"and CUDA states together), got {type(state).__name__}")
-    cpu, cuda = state
+    if not (isinstance(state, tuple) and len(state) in (2, 4) and torch.is_tensor(state[0])):
+        raise TypeError("set_rng_state takes what armijo_fused.get_rng_state() returned (the "
+                        f"torch, Python and NumPy states together), got {type(state).__name__}")
+    cpu, cuda, py, np_state = state if len(state) == 4 else (*state, None, None)
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+    if py is not None:
+        random.setstate(py)
+    if np_state is not None:
+        sys.modules["numpy"].random.set_state(np_state)
 
 
 
