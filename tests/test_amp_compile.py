@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from armijo_fused import ArmijoAdam
+from armijo_fused import ArmijoAdam, ArmijoSGD
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -102,6 +102,35 @@ def test_a_loss_handed_over_scaled_is_refused_and_the_step_undone(form):
     assert [{k: v for k, v in g.items() if k not in counted} for g in before[2]] == \
         [{k: v for k, v in g.items() if k not in counted} for g in after[2]]
     assert opt.param_groups[0]["step"] == 0
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "scaled"])
+@pytest.mark.parametrize("scale", [16.0, 2.0**16])
+def test_the_scaled_loss_check_compares_with_the_loss_at_theta0_not_with_a_trial(scaled, scale):
+    # ArmijoSGD's first trial (eta 1.2) cuts this quadratic's loss by the scale: the check
+    # compared f0 with that trial's loss, refused the correct, unscaled loss, and missed the
+    # scaled one wherever the first trial raised the loss (the true loss then grew 4 -> 1e12)
+    ratio = scale
+    lam = (1.0 - ratio ** -0.5) / 1.2  # the first trial lands at f0 / ratio
+    w = nn.Parameter(torch.zeros(4))
+
+    def loss_fn():
+        return 0.5 * lam * ((w - 1.0) ** 2).sum()
+
+    opt = ArmijoSGD([w], cadence="every", backend="torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    loss = loss_fn()
+    handed = scaler.scale(loss)
+    handed.backward()
+    if scaled:
+        with pytest.raises(ValueError, match=r"looks like scaler\.scale\(loss\)"):
+            scaler.step(opt, loss_fn=loss_fn, loss=handed)
+        assert torch.equal(w.detach(), torch.zeros(4)) and opt.param_groups[0]["step"] == 0
+    else:
+        scaler.step(opt, loss_fn=loss_fn, loss=loss)
+        assert opt.stats["loss_before"] / opt.stats["loss_trial"] == pytest.approx(ratio,
+                                                                                   rel=1e-3)
+        assert opt.param_groups[0]["step"] == 1
 
 
 @pytest.mark.parametrize("unscaled_first", [False, True], ids=["step", "unscale_-then-step"])

@@ -15,6 +15,7 @@ from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
+from armijo_fused.linesearch import trial as trial_mod
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -525,9 +526,10 @@ def test_a_generator_step_leaves_the_discriminator_it_runs_through_as_its_forwar
     assert int(disc[1].num_batches_tracked) == 4  # the four training forwards only
 
 
-def test_candidates_refuse_a_batchnorm_the_loss_runs_outside_model_before_anything_moves():
-    # the check looked inside model= only: torch's vmap error came from the discriminator's
-    # BatchNorm mid-search, after its statistics had taken a trial forward
+def test_candidates_through_a_batchnorm_outside_model_fail_and_leave_everything_as_it_was():
+    # vmap cannot batch the discriminator's running statistics: torch's error comes mid-search
+    # (the check before anything moves looks inside model= only: a reachable network the loss
+    # does not run must not be refused), and the step is undone, its statistics included
     gen, disc = _gan(False)
     opt = ArmijoAdam(gen.parameters(), model=gen, cadence="every", backend="torch",
                      candidates=2)
@@ -540,11 +542,63 @@ def test_candidates_refuse_a_batchnorm_the_loss_runs_outside_model_before_anythi
     loss.backward()
     params = [p.detach().clone() for p in gen.parameters()]
     left = [b.clone() for b in disc.buffers()]
-    with pytest.raises(ValueError, match="over 1 of a Sequential the loss function runs .BatchNorm1d"):
+    with pytest.raises(RuntimeError, match="running_mean"):
         opt.step(loss_fn=loss_fn, loss=loss)
     assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers()))
-    assert all(torch.equal(a, b) for a, b in zip(params, gen.parameters()))
+    for a, b in zip(params, gen.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     assert opt.param_groups[0]["step"] == 0
+
+
+def test_a_network_the_loss_function_only_starts_running_later_is_kept_too():
+    # the modules beside model= were found once per set of trainable tensors: a generator
+    # pretrained on a reconstruction loss, then trained through the discriminator, left the
+    # discriminator's statistics to the trials (num_batches_tracked +2 per step, not +1)
+    gen, disc = _gan(False)
+    opt = ArmijoAdam(gen.parameters(), model=gen, cadence="every", backend="torch")
+    z, ones, target = torch.randn(32, 4), torch.ones(32, 1), torch.randn(32, 2)
+    phases = [lambda: nn.functional.mse_loss(gen(z), target),
+              lambda: nn.functional.binary_cross_entropy_with_logits(disc(gen(z)), ones)]
+    for loss_fn in phases:
+        for _ in range(2):
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            left = [b.clone() for b in disc.buffers()]
+            opt.step(loss_fn=loss_fn, loss=loss)
+            assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers()))
+    assert int(disc[1].num_batches_tracked) == 2
+
+
+def test_a_frozen_teacher_in_eval_mode_is_not_copied_and_an_inference_one_does_not_fail():
+    # distillation: the loss runs a teacher beside model=. One in eval mode changes nothing,
+    # so its buffers are not cloned at every search; one built under inference_mode has
+    # inference-tensor buffers, which copying back raised after the trials (the step half done)
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.inference_mode():
+        teacher = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Linear(16, 1))
+    teacher.eval()
+    X, _ = _data()
+    with torch.no_grad():
+        target = teacher(X)
+    opt = ArmijoAdam(student.parameters(), model=student, cadence="every", backend="torch")
+
+    def loss_fn():
+        with torch.no_grad():
+            soft = teacher(X)
+        return nn.functional.mse_loss(student(X), soft)
+
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss_fn=loss_fn, loss=loss)
+    assert opt.param_groups[0]["step"] == 3
+    with torch.no_grad():
+        assert torch.equal(teacher(X), target)
+    env = trial_mod.TrialEnv([student], beside=opt._modules_beside_model(loss_fn))
+    assert env._saved == []  # nothing of the teacher's (and the student has no buffers)
 
 
 @pytest.mark.parametrize("source", ["python", "numpy"])

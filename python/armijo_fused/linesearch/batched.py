@@ -45,17 +45,16 @@ class _CallLoss(nn.Module):
         return self.fn()
 
 
-def check_batchable(model: nn.Module, where: str = "model=") -> None:
+def check_batchable(model: nn.Module) -> None:
     """Refuse, before anything moves, a model whose forward vmap cannot batch over K weight
-    sets: a BatchNorm (or InstanceNorm) that updates its running statistics in place.
-    ``where``: what ``model`` is to the user (``model=``, or a module the loss reaches)."""
+    sets: a BatchNorm (or InstanceNorm) that updates its running statistics in place."""
     from torch.nn.modules.batchnorm import _NormBase
 
     for name, m in model.named_modules():
         if isinstance(m, _NormBase) and m.training and m.track_running_stats:
             raise ValueError(
-                f"candidates= cannot batch the trial forward over {name or 'the model'} of "
-                f"{where} ({type(m).__name__} in training mode updates its running statistics in "
+                f"candidates= cannot batch the trial forward over {name or 'the model'} "
+                f"({type(m).__name__} in training mode updates its running statistics in "
                 "place): use the sequential search (candidates=None), or "
                 "track_running_stats=False"
             )

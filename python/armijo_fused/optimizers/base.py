@@ -676,12 +676,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
         # 2. The search, on trial forwards that leave no trace.
         self._check_model_still_holds_params()
-        scale = (self._scale_to_check(scaler, closure is not None)
-                 if f0 is not None and not self.__dict__.get("_scale_checked") else None)
-        models = self._models_for_trials(evaluate)
+        scale = (self._scale_to_check(scaler, closure is not None) if f0 is not None and
+                 reduce is None and not self.__dict__.get("_scale_checked") else None)
+        models = self._modules or self._models_for_trials(evaluate)
         if not replayed:
             self._check_dropout_replayed(models)
-        env = trial_mod.TrialEnv(models, rng_before, () if models else self._owned_buffers())
+        env = trial_mod.TrialEnv(models, rng_before, () if models else self._owned_buffers(),
+                                 self._modules_beside_model(evaluate) if self._modules else ())
         what = "loss_fn" if loss_fn is not None else "the closure"
 
         def trial_loss() -> Tensor:
@@ -718,9 +719,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # and out of the test: its η is 0 in the passes, so its θ is not touched at all
         frozen = [f == 0.0 for f in block_factors]
         if self.candidates is not None and not any(frozen):
-            for i, m in enumerate(models):  # (and a discriminator the loss runs through)
-                check_batchable(m, "model=" if i == 0 else
-                                f"a {type(m).__name__} the loss function runs")
+            check_batchable(self._modules[0])
             # (once per step, before anything moves: a tensor the model lacks is refused here)
             names = parameter_names(self._modules[0], [p for b in buffers for p in b.params])
         plan = self._search_plan(table, frozen)
@@ -749,12 +748,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                             f"the loss at the first step is not finite ({f0_value}){ranks}; "
                             "check the model, the data and the loss function before optimizing"
                         )
+                if scale is not None:  # (θ is still θ0 here)
+                    self._refuse_scaled_loss(f0, trial_loss(), scale)
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
                                                     trial_losses, frozen, resolution, f0_failure,
                                                     along_fallback=mfac is not None,
                                                     table=table)
-                if scale is not None:
-                    self._refuse_scaled_loss(result, scale)
                 if accepted is None and snapshot is not None and not result.skipped:
                     passes.restore_params(snapshot)  # bitwise θ0; the state keeps g
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
@@ -1149,7 +1148,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
     def _scale_to_check(self, scaler, from_closure: bool) -> float | None:
         """The scale of the GradScaler whose ``step`` called this search, where the loss it was
         handed may be ``scaler.scale(loss)`` (see ``_refuse_scaled_loss``); None when there is
-        nothing to check. Checked on the first search that can tell (one host read)."""
+        nothing to check. Checked once, at the first search (one forward, one host read)."""
         if not from_closure:  # (the closure form found its scaler already)
             scaler = calling_grad_scaler(self)
         scale = scaler.get_scale() if scaler is not None else 0.0
@@ -1158,25 +1157,25 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return None
         return scale
 
-    def _refuse_scaled_loss(self, result, scale: float) -> None:
+    def _refuse_scaled_loss(self, f0: Tensor, at_theta0: Tensor, scale: float) -> None:
         """A loss handed over as ``scaler.scale(loss)`` (``loss=``, ``provide_loss`` or the
-        closure's return value) is compared with unscaled trial losses: every first trial
-        passes, η grows without bound. At the first search its first trial, a short step from
-        θ0, has a loss within a few percent of f0's; a ratio near the scale is that mistake.
-        Raised inside the search, so θ and the state go back to before the step."""
-        f0 = result.loss_before
-        f1 = result.history[0][1] if result.history else math.nan
-        if not (math.isfinite(f0) and math.isfinite(f1)) or f1 == 0.0:
-            return  # (the next search tells)
+        closure's return value beside a ``loss_fn``) is compared with unscaled trial losses:
+        every first trial passes, η grows without bound. The loss function at θ0 itself (not a
+        trial point, which a step may have cut by any factor) tells it: f0 near the scale times
+        it is that mistake. Single-process runs only (a rank-local decision could part the
+        ranks). Raised inside the search, so θ and the state go back to before the step."""
         self._scale_checked = True
-        if scale / 2 <= f0 / f1 <= 2 * scale:
+        f0, f = float(f0), float(at_theta0)
+        if not (math.isfinite(f0) and math.isfinite(f)) or f == 0.0:
+            return
+        if scale / 2 <= f0 / f <= 2 * scale:
             raise ValueError(
-                f"the loss handed to the step ({f0:.6g}) is {f0 / f1:.4g} times the loss at its "
-                f"first trial point ({f1:.6g}), about the GradScaler's scale ({scale:g}): it "
-                "looks like scaler.scale(loss). Pass the unscaled loss (loss=loss, "
-                "provide_loss(loss), or a closure that calls scaler.scale(loss).backward() and "
-                "returns loss): the trial losses are unscaled, so every first trial would pass. "
-                "The step has been undone")
+                f"the loss handed to the step ({f0:.6g}) is {f0 / f:.4g} times the loss the "
+                f"loss function gives at the same parameters ({f:.6g}), about the GradScaler's "
+                f"scale ({scale:g}): it looks like scaler.scale(loss). Pass the unscaled loss "
+                "(loss=loss, provide_loss(loss), or a closure that calls "
+                "scaler.scale(loss).backward() and returns loss): the trial losses are "
+                "unscaled, so every first trial would pass. The step has been undone")
 
     def _unscale_gradients(self, scaler, before: dict) -> None:
         """Divide the gradients the closure just computed by the scale its ``scaler.scale(loss)``

@@ -120,8 +120,8 @@ LINESEARCH_ARGS = r"""
             drops the gradients as torch does, so the forward runs without them, as AdamW's
             (default: True)
         model (nn.Module, optional): the model, so trial forwards restore its buffers
-            (BatchNorm statistics) afterwards, and those of any other module the loss function
-            reaches (a GAN's discriminator); without it, the models the loss function reaches
+            (BatchNorm statistics) afterwards, and those of any other module in training mode
+            the loss function reaches (a GAN's discriminator); without it, the models the loss function reaches
             are used if they hold every parameter, or else the modules that hold the parameters
             (a BatchNorm without affine parameters is then missed), found once (default: None)
 

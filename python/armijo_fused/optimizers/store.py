@@ -24,6 +24,14 @@ from .calls import outside_stacklevel
 _FLAT_HOLDERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
+def _code_of(fn):
+    """What identifies a loss function across steps, where a new closure object is made at
+    every step from the same code: its code object (of a partial's or a method's function)."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    return getattr(fn, "__code__", None) or type(fn)
+
+
 def _storage_ptr(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
@@ -408,25 +416,28 @@ class StoreMixin:
                 "place (load_state_dict without assign), or build the optimizer again")
 
     def _models_for_trials(self, evaluate) -> list:
-        """The modules whose buffers the trials save and restore (found once per set of
-        trainable tensors; the closure is usually a new object every step). Without a
-        registered model: the models the loss function reaches, if they hold all the
-        parameters, else none (``_owned_buffers`` then finds the parameters' own modules).
-        With one: it, and every other module the loss function reaches: a GAN generator's
-        loss runs the discriminator, whose BatchNorm statistics and spectral-norm vectors each
-        trial forward advanced for good."""
-        # (which tensors train: formed by this step's _sync_buffers; and the registered models)
-        key = (self._buffer_key, tuple(id(m) for m in self._modules))
+        """Without a registered model: the models the loss function reaches, if they hold all
+        the parameters (found once; the closure is usually a new object every step). Else the
+        parameters' own modules are found by ``_owned_buffers``."""
+        key = self._buffer_key  # which tensors train: formed by this step's _sync_buffers
         if getattr(self, "_reached", (None, None))[0] != key:
-            params = [p for g in self.param_groups for p in g["params"]]
-            if self._modules:
-                inside = {id(m) for model in self._modules for m in model.modules()}
-                reached = trial_mod.models_in_reach(evaluate, params, complete=False)
-                found = list(self._modules) + [m for m in reached if id(m) not in inside]
-            else:
-                found = trial_mod.models_in_reach(evaluate, params) or []
-            self._reached = (key, found)
-        return self._reached[1]
+            self._reached = (key, trial_mod.models_in_reach(
+                evaluate, [p for g in self.param_groups for p in g["params"]]))
+        return self._reached[1] or []
+
+    def _modules_beside_model(self, evaluate) -> list:
+        """With a registered model: the other modules the loss function reaches (a GAN
+        generator's loss runs the discriminator, whose BatchNorm statistics and spectral-norm
+        vectors each trial forward advanced for good). Found again when the trainable tensors,
+        the registered model or the loss function's code change (a second phase of training
+        whose loss runs another network)."""
+        key = (self._buffer_key, tuple(id(m) for m in self._modules), _code_of(evaluate))
+        if getattr(self, "_beside", (None, None))[0] != key:
+            inside = {id(m) for model in self._modules for m in model.modules()}
+            reached = trial_mod.models_in_reach(
+                evaluate, [p for g in self.param_groups for p in g["params"]], complete=False)
+            self._beside = (key, [m for m in reached if id(m) not in inside])
+        return self._beside[1]
 
     def _owned_buffers(self) -> list:
         """Without a model registered or in the loss function's reach: the buffers of the
