@@ -644,3 +644,28 @@ def test_masks_drawn_from_python_or_numpy_randomness_are_replayed_by_the_trials(
         # a short step: the trial loss is within a hair of f0 (another mask: 10-30% off)
         assert s["trials"] == 1
         assert abs(s["loss_trial"] - s["loss_before"]) <= 1e-2 * s["loss_before"], dict(s)
+
+
+def test_python_and_numpy_generators_are_read_only_while_the_forward_draws_from_them(
+        monkeypatch):
+    # reading and setting them costs about 60 us each, at a search of about 500 (host time):
+    # a forward seen not to draw from them is looked at again every 32nd search only
+    import random
+
+    X, Y = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model,
+                     max_step=1e-3)  # (no growth warning: eta stays small)
+    closure = make_closure(opt, lambda: nn.functional.mse_loss(model(X), Y))
+    opt.step(closure)  # the first search looks
+    assert opt._host_rng_draws is False
+    reads = []
+    real = random.getstate
+    monkeypatch.setattr(random, "getstate", lambda: reads.append(1) or real())
+    for _ in range(31):
+        opt.step(closure)
+    assert reads == []
+    assert opt.param_groups[0]["searches"] == 32
+    opt.step(closure)  # the 33rd search looks again
+    assert len(reads) > 0 and opt._host_rng_draws is False

@@ -486,7 +486,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         Ignored inside a trial, which replays the state captured for it."""
         if trial_mod.in_trial():
             return
-        self._pending_rng = trial_mod.get_rng_state()
+        self._pending_rng = trial_mod.get_rng_state(self._host_rng_wanted())
+
+    def _host_rng_wanted(self) -> bool:
+        """Replay Python's and NumPy's global generators too? Reading and setting them costs
+        about 60 µs each, at a search of 500: only while the training forward is seen to draw
+        from them (between the state the trials replay and the state at the step), and at
+        the first search and every 32nd, which look."""
+        return (self.__dict__.get("_host_rng_draws") is not False
+                or self.param_groups[0]["searches"] % 32 == 0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. With flat buffers (the default) they stay views of the flat
@@ -611,7 +619,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # exact mode with a block whose last test was blind: this step may turn into a search
         # once the gradient is known (see _blind_gradient_live), so the trials' RNG is kept
         probe = not search and self._blind_waiting()
-        rng_before = pending or (trial_mod.get_rng_state() if search or probe else None)
+        rng_before = pending or (trial_mod.get_rng_state(self._host_rng_wanted())
+                                 if search or probe else None)
         self._pending_rng = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None
@@ -681,8 +690,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         models = self._modules or self._models_for_trials(evaluate)
         if not replayed:
             self._check_dropout_replayed(models)
+        host = rng_before[2] is not None  # (Python's and NumPy's generators read too)
         env = trial_mod.TrialEnv(models, rng_before, () if models else self._owned_buffers(),
-                                 self._modules_beside_model(evaluate) if self._modules else ())
+                                 self._modules_beside_model(evaluate) if self._modules else (),
+                                 host_rng=host)
+        if host:  # did the training forward draw from them? (no: the next 31 searches skip them)
+            self._host_rng_draws = trial_mod.host_rng_moved(rng_before, env.rng_after)
         what = "loss_fn" if loss_fn is not None else "the closure"
 
         def trial_loss() -> Tensor:

@@ -121,9 +121,10 @@ LINESEARCH_ARGS = r"""
             (default: True)
         model (nn.Module, optional): the model, so trial forwards restore its buffers
             (BatchNorm statistics) afterwards, and those of any other module in training mode
-            the loss function reaches (a GAN's discriminator); without it, the models the loss function reaches
-            are used if they hold every parameter, or else the modules that hold the parameters
-            (a BatchNorm without affine parameters is then missed), found once (default: None)
+            the loss function reaches (a GAN's discriminator); without it, the models the
+            loss function reaches are used if they hold every parameter, or else the modules
+            that hold the parameters (a BatchNorm without affine parameters is then missed),
+            found once (default: None)
 
     Every setting may be written on the optimizer later (``opt.c = 0.2``, ``opt.growth = 1.5``,
     ``opt.backend = "torch"``) and is checked where written, except ``layerwise``, ``flat`` and
