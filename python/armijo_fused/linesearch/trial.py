@@ -42,32 +42,38 @@ import torch
 from torch import nn
 
 
-def get_rng_state(host: bool = True):
+def get_rng_state(numpy: bool = True):
     """The global random states a forward may draw from (``armijo_fused.get_rng_state()``):
     torch's, of the CPU and of every CUDA device in use (dropout masks), Python's ``random``
-    (LayerDrop written with ``random.random()``) and NumPy's global ``np.random`` if NumPy is
-    loaded (HF's wav2vec2 / HuBERT SpecAugment masks, BigBird's random attention). For a loop
-    that draws from them between its micro-batches (a random transform in the dataset, a
+    (LayerDrop written with ``random.random()``) and NumPy's global ``np.random`` (HF's
+    wav2vec2 / HuBERT SpecAugment masks, BigBird's random attention). For a loop that draws
+    from them between its micro-batches (a random transform in the dataset, a
     ``torch.randint`` batch sampler), record it before each micro-batch's forward and
     :func:`set_rng_state` it before the same micro-batch in the trial function
     (docs/integrations.md). A generator of the model's own (``torch.Generator``,
-    ``np.random.default_rng``) is not seen. ``host=False``: torch's only (Python's and
-    NumPy's cost about 60 µs to read and as much to set, where torch's cost 2)."""
+    ``np.random.default_rng``) is not seen. ``numpy=False``: without NumPy's (about 40 µs to
+    read and as much to set, where torch's and Python's take 2 and 15)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    np = sys.modules.get("numpy") if host else None
-    return (torch.get_rng_state(), cuda, random.getstate() if host else None,
-            np.random.get_state() if np is not None else None)
+    np = sys.modules.get("numpy") if numpy else None
+    return (torch.get_rng_state(), cuda, random.getstate(),
+            np.random.get_state(legacy=False) if np is not None else None)
 
 
-def host_rng_moved(before, after) -> bool:
-    """Did Python's or NumPy's global generator draw between two :func:`get_rng_state`
-    states? True where either state lacks them (not known)."""
-    if before[2] is None or after[2] is None or before[2] != after[2]:
-        return True
-    a, b = before[3], after[3]  # NumPy's legacy tuple: name, key array, pos, gauss flag, gauss
-    if a is None or b is None:
-        return a is not b
-    return a[0] != b[0] or a[2:] != b[2:] or not (a[1] == b[1]).all()
+def numpy_rng_moved(before, after) -> bool:
+    """Did NumPy's global generator draw between two :func:`get_rng_state` states? True
+    where either lacks it (not known). (Its state is a dict of names, numbers and arrays,
+    whatever its bit generator.)"""
+    a, b = before[3] if len(before) == 4 else None, after[3] if len(after) == 4 else None
+    return a is None or b is None or not _same_state(a, b)
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            _same_state(a[k], b[k]) for k in a)
+    if hasattr(a, "shape"):  # an array
+        return hasattr(b, "shape") and a.shape == b.shape and bool((a == b).all())
+    return a == b
 
 
 def set_rng_state(state) -> None:
@@ -77,6 +83,8 @@ def set_rng_state(state) -> None:
         raise TypeError("set_rng_state takes what armijo_fused.get_rng_state() returned (the "
                         f"torch, Python and NumPy states together), got {type(state).__name__}")
     cpu, cuda, py, np_state = state if len(state) == 4 else (*state, None, None)
+    if np_state is not None and _active_env is not None:
+        _active_env.keep_numpy_state()  # (before it changes: undone when the trials end)
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
@@ -86,6 +94,7 @@ def set_rng_state(state) -> None:
         sys.modules["numpy"].random.set_state(np_state)
 
 
+_active_env = None  # the TrialEnv whose trial runs now
 
 _depth = 0
 
@@ -287,9 +296,9 @@ class TrialEnv:
     mode are kept too (one in eval mode, a frozen teacher, changes nothing: cloning its buffers
     at every search cost 140 ms for 200 MB)."""
 
-    def __init__(self, modules=(), rng_before=None, buffers=(), beside=(), host_rng=True):
-        self.rng_before = rng_before if rng_before is not None else get_rng_state(host_rng)
-        self.rng_after = get_rng_state(host_rng)
+    def __init__(self, modules=(), rng_before=None, buffers=(), beside=(), numpy_rng=True):
+        self.rng_before = rng_before if rng_before is not None else get_rng_state(numpy_rng)
+        self.rng_after = get_rng_state(numpy_rng)
         # (the module's _buffers dict, name, the tensor, its copy): a forward may reassign the
         # entry, and the restore must then reach the module, not the orphaned tensor
         self._saved = []
@@ -319,13 +328,25 @@ class TrialEnv:
         self._ddp: dict = {}  # DDP wrappers the trials ran through: their buffer-sync flag
         self.used = False
 
+    def keep_numpy_state(self) -> None:
+        """A trial function sets NumPy's generator (a state recorded per micro-batch) though
+        this step does not replay it: keep its state at the step to put back at the end."""
+        if self.rng_after[3] is None and sys.modules.get("numpy") is not None:
+            self.rng_after = (*self.rng_after[:3],
+                              sys.modules["numpy"].random.get_state(legacy=False))
+
     @contextlib.contextmanager
     def trial(self):
+        global _active_env
         self.used = True
         set_rng_state(self.rng_before)
         _clear_cast_caches()  # casts of the previous point (see the module's docstring)
-        with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
-            yield
+        outer, _active_env = _active_env, self
+        try:
+            with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
+                yield
+        finally:
+            _active_env = outer
 
     def close(self) -> list[str]:
         """Restore buffers and RNG; call once, after the last trial (also on failure). Returns

@@ -486,14 +486,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         Ignored inside a trial, which replays the state captured for it."""
         if trial_mod.in_trial():
             return
-        self._pending_rng = trial_mod.get_rng_state(self._host_rng_wanted())
+        self._pending_rng = trial_mod.get_rng_state(self._numpy_rng_wanted())
 
-    def _host_rng_wanted(self) -> bool:
-        """Replay Python's and NumPy's global generators too? Reading and setting them costs
-        about 60 µs each, at a search of 500: only while the training forward is seen to draw
-        from them (between the state the trials replay and the state at the step), and at
-        the first search and every 32nd, which look."""
-        return (self.__dict__.get("_host_rng_draws") is not False
+    def _numpy_rng_wanted(self) -> bool:
+        """Replay NumPy's global generator too? Reading and setting it costs about 40 µs each
+        (some 180 µs a search step, against about 500 for the rest): once the training
+        forward has been seen to draw from it (between the state the trials replay and the
+        state at the step) for good, and until then at the first search and every 32nd, which
+        look."""
+        return (self.__dict__.get("_numpy_rng_draws", False)
                 or self.param_groups[0]["searches"] % 32 == 0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -619,7 +620,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # exact mode with a block whose last test was blind: this step may turn into a search
         # once the gradient is known (see _blind_gradient_live), so the trials' RNG is kept
         probe = not search and self._blind_waiting()
-        rng_before = pending or (trial_mod.get_rng_state(self._host_rng_wanted())
+        rng_before = pending or (trial_mod.get_rng_state(self._numpy_rng_wanted())
                                  if search or probe else None)
         self._pending_rng = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
@@ -690,12 +691,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         models = self._modules or self._models_for_trials(evaluate)
         if not replayed:
             self._check_dropout_replayed(models)
-        host = rng_before[2] is not None  # (Python's and NumPy's generators read too)
+        numpy_rng = len(rng_before) == 4 and rng_before[3] is not None  # (NumPy's read too)
         env = trial_mod.TrialEnv(models, rng_before, () if models else self._owned_buffers(),
                                  self._modules_beside_model(evaluate) if self._modules else (),
-                                 host_rng=host)
-        if host:  # did the training forward draw from them? (no: the next 31 searches skip them)
-            self._host_rng_draws = trial_mod.host_rng_moved(rng_before, env.rng_after)
+                                 numpy_rng=numpy_rng)
+        if numpy_rng and not self.__dict__.get("_numpy_rng_draws", False):
+            # did the training forward draw from it? (no: the next 31 searches skip it)
+            self._numpy_rng_draws = trial_mod.numpy_rng_moved(rng_before, env.rng_after)
         what = "loss_fn" if loss_fn is not None else "the closure"
 
         def trial_loss() -> Tensor:

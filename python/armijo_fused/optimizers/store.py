@@ -26,10 +26,18 @@ _FLAT_HOLDERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 def _code_of(fn):
     """What identifies a loss function across steps, where a new closure object is made at
-    every step from the same code: its code object (of a partial's or a method's function)."""
+    every step from the same code: its code object (of a partial's or a method's function),
+    and the modules it captures directly (one factory's closures over two networks)."""
     fn = getattr(fn, "func", fn)  # functools.partial
     fn = getattr(fn, "__func__", fn)  # a bound method
-    return getattr(fn, "__code__", None) or type(fn)
+    modules = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            if isinstance(cell.cell_contents, torch.nn.Module):
+                modules.append(id(cell.cell_contents))
+        except ValueError:  # an empty cell
+            pass
+    return getattr(fn, "__code__", None) or type(fn), tuple(modules)
 
 
 def _storage_ptr(t: Tensor) -> int:
