@@ -773,3 +773,34 @@ def test_one_factory_s_loss_functions_over_two_discriminators_keep_each_one():
             opt.step(loss_fn=loss_fn, loss=loss)
             assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers()))
     assert int(d2[1].num_batches_tracked) == 2
+
+
+def test_a_resumed_run_looks_at_numpy_s_generator_at_its_first_search():
+    # whether the forward draws from it is not saved: a resumed run waited for the next 32nd
+    # search (up to 31 searches of unmatched masks) before replaying it again
+    import numpy as np
+
+    X, Y = _data()
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        return model, ArmijoAdam(model.parameters(), backend="torch", cadence="every",
+                                 model=model, max_step=1e-3)
+
+    model, opt = build()
+
+    def loss_of(model):
+        return lambda: nn.functional.mse_loss(model(X), Y) * (1 + 0.1 * float(np.random.rand()))
+
+    for _ in range(3):
+        opt.step(make_closure(opt, loss_of(model)))
+    assert opt._numpy_rng_draws is True
+    other, opt2 = build()
+    other.load_state_dict(model.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["searches"] % 32 != 0
+    opt2.step(make_closure(opt2, loss_of(other)))
+    assert opt2._numpy_rng_draws is True
+    s = opt2.stats
+    assert abs(s["loss_trial"] - s["loss_before"]) <= 1e-2 * s["loss_before"]

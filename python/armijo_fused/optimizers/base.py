@@ -492,10 +492,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         """Replay NumPy's global generator too? Reading and setting it costs about 40 µs each
         (some 180 µs a search step, against about 500 for the rest): once the training
         forward has been seen to draw from it (between the state the trials replay and the
-        state at the step) for good, and until then at the first search and every 32nd, which
-        look."""
-        return (self.__dict__.get("_numpy_rng_draws", False)
-                or self.param_groups[0]["searches"] % 32 == 0)
+        state at the step) for good, and until then at the first search (of this process:
+        after a resume too) and every 32nd, which look."""
+        draws = self.__dict__.get("_numpy_rng_draws")
+        return draws is None or draws or self.param_groups[0]["searches"] % 32 == 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. With flat buffers (the default) they stay views of the flat
