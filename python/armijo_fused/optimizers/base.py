@@ -493,9 +493,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         (some 180 µs a search step, against about 500 for the rest): once the training
         forward has been seen to draw from it (between the state the trials replay and the
         state at the step) for good, and until then at the first search (of this process:
-        after a resume too) and every 32nd, which look."""
+        after a resume too) and every 31st, which look (31: a prime, so that a forward drawing
+        on every other search, or every fourth, is seen too)."""
         draws = self.__dict__.get("_numpy_rng_draws")
-        return draws is None or draws or self.param_groups[0]["searches"] % 32 == 0
+        return draws is None or draws or self.param_groups[0]["searches"] % 31 == 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. With flat buffers (the default) they stay views of the flat
@@ -696,7 +697,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                                  self._modules_beside_model(evaluate) if self._modules else (),
                                  numpy_rng=numpy_rng)
         if numpy_rng and not self.__dict__.get("_numpy_rng_draws", False):
-            # did the training forward draw from it? (no: the next 31 searches skip it)
+            # did the training forward draw from it? (no: the next 30 searches skip it)
             self._numpy_rng_draws = trial_mod.numpy_rng_moved(rng_before, env.rng_after)
         what = "loss_fn" if loss_fn is not None else "the closure"
 

@@ -5,6 +5,8 @@ A mixin of :class:`~armijo_fused.optimizers.base.ArmijoOptimizer`."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 import weakref
 from time import perf_counter
@@ -26,18 +28,32 @@ _FLAT_HOLDERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 def _code_of(fn):
     """What identifies a loss function across steps, where a new closure object is made at
-    every step from the same code: its code object (of a partial's or a method's function),
-    and the modules it captures directly (one factory's closures over two networks)."""
-    fn = getattr(fn, "func", fn)  # functools.partial
-    fn = getattr(fn, "__func__", fn)  # a bound method
-    modules = []
+    every step from the same code: its code object and the objects it holds at the first
+    level (closure cells, a partial's arguments, a method's or a callable's object, its
+    defaults), but for data (tensors, containers, numbers), which a closure over the batch
+    renews at every step. A network reached through a container or a rebound global name
+    is not told apart."""
+    held = []
+    if isinstance(fn, functools.partial):
+        held += [fn.func, *fn.args, *fn.keywords.values()]
+        fn = fn.func
+    if inspect.ismethod(fn):
+        held.append(fn.__self__)
+        fn = fn.__func__
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object
+        held.append(fn)
+        code = type(fn)
     for cell in getattr(fn, "__closure__", None) or ():
         try:
-            if isinstance(cell.cell_contents, torch.nn.Module):
-                modules.append(id(cell.cell_contents))
+            held.append(cell.cell_contents)
         except ValueError:  # an empty cell
             pass
-    return getattr(fn, "__code__", None) or type(fn), tuple(modules)
+    held += getattr(fn, "__defaults__", None) or ()
+    return code, tuple(id(x) for x in held if not isinstance(x, _DATA))
+
+
+_DATA = (Tensor, dict, list, tuple, set, str, bytes, int, float, complex, bool, type(None))
 
 
 def _storage_ptr(t: Tensor) -> int:
