@@ -25,6 +25,16 @@ def _data(n=32, dim=6, seed=0):
     return torch.randn(n, dim, generator=g), torch.randn(n, 1, generator=g)
 
 
+def _small_model_and_opt(**kw):
+    """A 6-8-1 tanh network and an every-step ArmijoAdam registered on it; ``max_step`` 1e-3
+    by default, so that η stays small (no growth warning over a few dozen steps)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    kw.setdefault("max_step", 1e-3)
+    return model, ArmijoAdam(model.parameters(), backend="torch", cadence="every",
+                             model=model, **kw)
+
+
 @pytest.mark.parametrize("form", ["closure", "loss_fn"])
 def test_trials_inside_an_autocast_region_see_the_trial_point(form):
     # torch caches the bf16 casts of leaf parameters until the outermost autocast region
@@ -498,6 +508,18 @@ def _gan(spectral: bool):
     return gen, disc
 
 
+def _steps_leave_alone(opt, loss_fn, other, steps):
+    """``steps`` steps of ``opt`` on ``loss_fn``, each leaving ``other``'s buffers as the
+    training forward left them."""
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        left = [b.clone() for b in other.buffers()]
+        opt.step(loss_fn=loss_fn, loss=loss)
+        assert all(torch.equal(a, b) for a, b in zip(left, other.buffers()))
+
+
 @pytest.mark.parametrize("spectral", [False, True], ids=["batchnorm", "spectral-norm"])
 def test_a_generator_step_leaves_the_discriminator_it_runs_through_as_its_forward_left_it(
         spectral):
@@ -560,13 +582,7 @@ def test_a_network_the_loss_function_only_starts_running_later_is_kept_too():
     phases = [lambda: nn.functional.mse_loss(gen(z), target),
               lambda: nn.functional.binary_cross_entropy_with_logits(disc(gen(z)), ones)]
     for loss_fn in phases:
-        for _ in range(2):
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            left = [b.clone() for b in disc.buffers()]
-            opt.step(loss_fn=loss_fn, loss=loss)
-            assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers()))
+        _steps_leave_alone(opt, loss_fn, disc, steps=2)
     assert int(disc[1].num_batches_tracked) == 2
 
 
@@ -654,10 +670,7 @@ def test_numpy_generator_is_read_only_once_the_forward_is_seen_drawing_from_it(m
     import numpy as np
 
     X, Y = _data()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
-    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model,
-                     max_step=1e-3)  # (no growth warning: eta stays small)
+    model, opt = _small_model_and_opt()
     draws = [False]
 
     def loss():
@@ -691,10 +704,7 @@ def test_a_trial_function_setting_numpy_states_per_micro_batch_leaves_numpy_as_i
     from armijo_fused import get_rng_state, set_rng_state
 
     X, Y = _data()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
-    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model,
-                     max_step=1e-3)
+    model, opt = _small_model_and_opt()
     opt._numpy_rng_draws = False  # (as after a look that saw no draw)
     opt.param_groups[0]["searches"] = 1  # (not a search that looks)
     np.random.seed(0)
@@ -731,10 +741,7 @@ def test_a_numpy_generator_other_than_mt19937_is_replayed_too():
     old = np.random.get_bit_generator()
     np.random.set_bit_generator(np.random.PCG64(0))
     try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
-        opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model,
-                         init_step_size=1e-4)
+        model, opt = _small_model_and_opt(init_step_size=1e-4, max_step=None)
 
         def loss():
             keep = torch.from_numpy(np.random.rand(8) < 0.5).float()
@@ -785,30 +792,18 @@ def test_one_factory_s_loss_functions_over_two_discriminators_keep_each_one(form
         return lambda: nn.functional.binary_cross_entropy_with_logits(disc(gen(z)), ones)
 
     for disc in (d1, d2):
-        loss_fn = make_loss(disc)
-        for _ in range(2):
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            left = [b.clone() for b in disc.buffers()]
-            opt.step(loss_fn=loss_fn, loss=loss)
-            assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers()))
+        _steps_leave_alone(opt, make_loss(disc), disc, steps=2)
     assert int(d2[1].num_batches_tracked) == 2
 
 
 def test_a_resumed_run_looks_at_numpy_s_generator_at_its_first_search():
-    # whether the forward draws from it is not saved: a resumed run waited for the next 32nd
-    # search (up to 31 searches of unmatched masks) before replaying it again
+    # whether the forward draws from it is not saved: a resumed run waited for the next look
+    # (up to 31 searches of unmatched masks) before replaying it again
     import numpy as np
 
     X, Y = _data()
 
-    def build():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
-        return model, ArmijoAdam(model.parameters(), backend="torch", cadence="every",
-                                 model=model, max_step=1e-3)
-
+    build = _small_model_and_opt
     model, opt = build()
 
     def loss_of(model):
@@ -833,10 +828,7 @@ def test_a_forward_drawing_from_numpy_on_every_other_search_is_seen():
     import numpy as np
 
     X, Y = _data()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
-    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model,
-                     max_step=1e-3)
+    model, opt = _small_model_and_opt()
 
     def loss():
         odd = opt.param_groups[0]["searches"] % 2 == 1
@@ -847,3 +839,31 @@ def test_a_forward_drawing_from_numpy_on_every_other_search_is_seen():
     for _ in range(40):
         opt.step(closure)
     assert opt._numpy_rng_draws is True
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.filterwarnings("ignore:Lazy modules are a new feature")
+@pytest.mark.parametrize("other", ["scripted", "lazy"])
+def test_a_scripted_or_uninitialised_lazy_module_beside_model_does_not_break_the_step(other):
+    # the modules the loss reaches beside model=: a TorchScript one's _buffers has no .get
+    # (the restore after the search raised, θ left at the trial point, the step uncounted),
+    # and a lazy one before its first forward has buffers without data (every step raised)
+    gen, disc = _gan(False)
+    if other == "scripted":
+        disc = torch.jit.script(disc)
+    else:
+        unused = nn.Sequential(nn.LazyLinear(3), nn.LazyBatchNorm1d())
+    opt = ArmijoAdam(gen.parameters(), model=gen, cadence="every", backend="torch")
+    z, ones = torch.randn(32, 4), torch.ones(32, 1)
+
+    def loss_fn():
+        if other == "lazy" and unused is None:  # (reached, never run)
+            return None
+        return nn.functional.binary_cross_entropy_with_logits(disc(gen(z)), ones)
+
+    for _ in range(2):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss_fn=loss_fn, loss=loss)
+    assert opt.param_groups[0]["step"] == 2

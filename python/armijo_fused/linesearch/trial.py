@@ -5,14 +5,18 @@ must see the same randomness (dropout masks), and to leave training unchanged it
 the global RNG, update BatchNorm running statistics, build an autograd graph, run a backward pass
 or zero the gradient the search still needs. :class:`TrialEnv` arranges all of that:
 
-* RNG (torch's, Python's ``random`` and NumPy's global one): every trial starts from
-  ``rng_before`` (the state the training forward started from, when
-  the optimizer called the closure itself or the caller recorded it with ``capture_rng``); after
-  the step the RNG is set to ``rng_after``, the state it had when the step began its trials, so
-  the steps that follow draw the same numbers whether or not trials ran.
-* Buffers: the persistent buffers of the registered modules (BatchNorm statistics, counters) are
-  copied before the trials and restored after them, and a buffer a forward *reassigned*
-  (``self.count = self.count + 1``) is put back as the tensor it was. Non-persistent buffers are
+* RNG (torch's and Python's ``random``; NumPy's global one once the training forward has been
+  seen drawing from it, see ``ArmijoOptimizer._numpy_rng_wanted``: until then the trials draw
+  from it and leave it moved): every trial starts from ``rng_before`` (the state the training
+  forward started from, when the optimizer called the closure itself or the caller recorded it
+  with ``capture_rng``); after the step the RNG is set to ``rng_after``, the state it had when
+  the step began its trials, so the steps that follow draw the same numbers whether or not
+  trials ran.
+* Buffers: the persistent buffers of the registered modules (BatchNorm statistics, counters),
+  and of the modules in training mode the loss function reaches beside them (a GAN's
+  discriminator; not TorchScript ones), are copied before the trials and restored after them,
+  and a buffer a forward *reassigned* (``self.count = self.count + 1``) is put back as the
+  tensor it was. Non-persistent buffers are
   treated as caches and left as the trials leave them (a module may keep attributes that go with
   one); if a trial modifies or replaces one, a warning names it. The states of torchmetrics ``Metric``
   submodules (a metric updated in ``training_step``) are restored as well. Without a registered
@@ -310,14 +314,18 @@ class TrialEnv:
         owned += [(None, bufs, non_persistent) for bufs, non_persistent in buffers]
         for module in beside:
             for m in module.modules():
-                if m.training and id(m) not in every:
+                # (a TorchScript module's _buffers is a wrapper close() cannot restore through)
+                if m.training and id(m) not in every and \
+                        not isinstance(m, torch.jit.ScriptModule):
                     every[id(m)] = m
                     owned.append((None, m._buffers, m._non_persistent_buffers_set))
         for label, bufs, non_persistent in owned:
             for name, buf in bufs.items():
                 # (an inference tensor no forward outside inference mode can change in place,
                 # and copying it back raised after the trials, leaving the step half done)
-                if buf is None or buf.is_inference():
+                # (nor a lazy module's buffer before its first forward, which has no data)
+                if buf is None or isinstance(buf, nn.parameter.UninitializedBuffer) or \
+                        buf.is_inference():
                     continue
                 if name in non_persistent:
                     if label is not None:  # only a registered model's are named

@@ -28,11 +28,11 @@ _FLAT_HOLDERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 def _code_of(fn):
     """What identifies a loss function across steps, where a new closure object is made at
-    every step from the same code: its code object and the objects it holds at the first
-    level (closure cells, a partial's arguments, a method's or a callable's object, its
-    defaults), but for data (tensors, containers, numbers), which a closure over the batch
-    renews at every step. A network reached through a container or a rebound global name
-    is not told apart."""
+    every step from the same code: its code object and the modules it holds at the first
+    level (in closure cells, a partial's arguments, its defaults) or as attributes of the
+    objects it holds there (a method's or a callable's object). Modules only: they live as
+    long as training, where a wrapper object made per phase may be freed and its id reused.
+    A network reached through a container or a rebound global name is not told apart."""
     held = []
     if isinstance(fn, functools.partial):
         held += [fn.func, *fn.args, *fn.keywords.values()]
@@ -50,10 +50,13 @@ def _code_of(fn):
         except ValueError:  # an empty cell
             pass
     held += getattr(fn, "__defaults__", None) or ()
-    return code, tuple(id(x) for x in held if not isinstance(x, _DATA))
-
-
-_DATA = (Tensor, dict, list, tuple, set, str, bytes, int, float, complex, bool, type(None))
+    modules = []
+    for x in held:
+        if isinstance(x, torch.nn.Module):
+            modules.append(id(x))
+        elif not isinstance(x, Tensor) and isinstance(getattr(x, "__dict__", None), dict):
+            modules += [id(v) for v in vars(x).values() if isinstance(v, torch.nn.Module)]
+    return code, tuple(modules)
 
 
 def _storage_ptr(t: Tensor) -> int:
