@@ -1160,7 +1160,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         return {id(p): (weakref.ref(p.grad), _written_mark(p.grad))
                 for _, p in self._trainable() if p.grad is not None}
 
-    @torch.no_grad()
     def _scale_to_check(self, scaler, from_closure: bool) -> float | None:
         """The scale of the GradScaler whose ``step`` called this search, where the loss it was
         handed may be ``scaler.scale(loss)`` (see ``_refuse_scaled_loss``); None when there is
@@ -1193,6 +1192,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "scaler.scale(loss).backward() and returns loss): the trial losses are "
                 "unscaled, so every first trial would pass. The step has been undone")
 
+    @torch.no_grad()
     def _unscale_gradients(self, scaler, before: dict) -> None:
         """Divide the gradients the closure just computed by the scale its ``scaler.scale(loss)``
         applied (as ``GradScaler.unscale_`` does; a non-finite result is the guard's to skip).
