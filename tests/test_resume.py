@@ -678,15 +678,20 @@ def test_a_counter_written_into_a_group_is_refused_by_name_before_anything_moves
     _assert_same_bytes(before, _bytes_of(model, opt))
 
 
-def test_a_dcp_state_dict_of_a_fresh_optimizer_counts_no_step():
+@pytest.mark.parametrize("registered", [False, True], ids=["bare", "closure-registered"])
+def test_a_dcp_state_dict_of_a_fresh_optimizer_counts_no_step(registered):
     """torch.distributed.checkpoint initialises the state of an optimizer that has not stepped
     (zero gradients, lr 0, a bare step()): that call counted as a step (bias corrections one
-    gradient ahead), and the run differed from one never checkpointed at step 0."""
+    gradient ahead), and the run differed from one never checkpointed at step 0. With a closure
+    registered (set_closure before the checkpoint: the HF / torchtitan-style setup) it still
+    counted (parameters 7e-4 apart after 5 steps; API audit)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     runs = []
     for checkpointed in (False, True):
         model, opt, sched = build("adam", cadence=2)
+        if registered:
+            opt.set_closure(lambda: torch.zeros(()))  # (never called: train passes its own)
         if checkpointed:
             sd = get_optimizer_state_dict(model, opt)
             assert sd["state"] and sd["param_groups"][0]["step"] == 0
@@ -762,6 +767,52 @@ def test_deleting_one_tensors_state_restarts_it_alone_and_warns():
     assert opt.param_groups[0]["folded"] == 4  # the others' moments hold 4 gradients
     torch.testing.assert_close(opt.state[w]["exp_avg"], 0.1 * g_w)  # restarted
     torch.testing.assert_close(opt.state[other]["exp_avg"], 0.9 * kept + 0.1 * g_other)
+
+
+def test_a_first_step_at_lr_0_with_a_closure_registered_counts_as_in_torch():
+    # the check for torch.distributed.checkpoint's state initialisation reads the gradients:
+    # a real first step of a warmup from lr 0 (a gradient) counts, as torch's AdamW's does
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    opt = ArmijoAdam(model.parameters(), lr=0.0, backend="torch")
+    opt.set_closure(lambda: model(x).pow(2).mean())
+    model(x).pow(2).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.param_groups[0]["step"] == 1 and opt.param_groups[0]["folded"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # lr 0: no move
+
+
+def test_state_dict_lists_are_copies_and_post_hooks_see_the_whole_dict():
+    # layer-wise, the per-block lists (η, η̄, ...) were the live ones: a checkpoint held across
+    # steps showed later step sizes beside its own count, and a post-hook's edit changed the
+    # live optimizer; post-hooks ran before "direction" was added (API audit)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    opt = ArmijoAdam(model.parameters(), model=model, layerwise=True, cadence="every",
+                     backend="torch")
+    loss_fn = lambda: model(x).pow(2).mean()  # noqa: E731
+    opt.step(make_closure(opt, loss_fn))
+    sd = opt.state_dict()
+    lists = lambda g: {k: v for k, v in g.items() if isinstance(v, list)}  # noqa: E731
+    held = copy.deepcopy(lists(sd["param_groups"][0]))
+    for _ in range(3):
+        opt.step(make_closure(opt, loss_fn))
+    assert opt.param_groups[0]["step_size"] != held["step_size"]  # (the steps moved η)
+    assert lists(sd["param_groups"][0]) == held
+
+    seen = []
+
+    def post(o, sd):
+        seen.append(sd.get("direction"))
+        sd["param_groups"][0]["step_size"][0] = 123.0  # edits the checkpoint only
+
+    opt.register_state_dict_post_hook(post)
+    assert opt.state_dict()["param_groups"][0]["step_size"][0] == 123.0
+    assert seen == ["adam"]
+    assert opt.param_groups[0]["step_size"][0] != 123.0
 
 
 def test_load_state_dict_hooks_run_first_and_last_as_in_torch():

@@ -656,3 +656,21 @@ def test_a_torch_checkpoint_whose_tensors_were_stepped_unevenly_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         even.load_state_dict(adamw.state_dict())
+
+
+def test_zero_grad_is_named_in_a_profiler_trace_as_torchs():
+    # once the flat store existed, zero_grad no longer recorded torch's event (API audit)
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    opt = ArmijoAdam(model.parameters(), backend="torch")
+    closure = make_closure(opt, lambda: model(x).pow(2).mean())
+    opt.step(closure)  # builds the store
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.zero_grad()
+        opt.step(closure)
+    names = [e.name for e in prof.events()]
+    assert names.count("Optimizer.zero_grad#ArmijoAdam.zero_grad") >= 2  # ours, the closure's
+    assert names.count("Optimizer.step#ArmijoAdam.step") == 1

@@ -28,9 +28,11 @@ _LAYERWISE_ONLY = ("block_names", "block_owner", "block_searched_at", "block_tes
 class CheckpointMixin:
 
     #: what a copy or a pickle carries besides torch's (defaults, state, param_groups): the
-    #: configuration. The rest is rebuilt: the flat buffers (from the state, at the next step),
-    #: device handles, what a step in flight holds, and a registered closure (it evaluates the
-    #: original model, not the copy: register it again). Not ``self.__dict__`` wholesale: a
+    #: configuration, with the model registered as ``model=`` (a pickle of the optimizer alone
+    #: then holds a copy of it; pickled with the model, one model). The rest is rebuilt: the
+    #: flat buffers (from the state, at the next step), device handles, what a step in flight
+    #: holds, and a registered closure (it evaluates the original model, not the copy:
+    #: register it again). Not ``self.__dict__`` wholesale: a
     #: scheduler puts a ``step`` wrapper there that calls the original optimizer.
     _CARRIED = ("rule", "policy", "cadence", "c", "backtrack", "max_trials", "max_grad_norm",
                 "check_finite", "backend", "tile", "layerwise", "block_search", "merge_below",
@@ -123,19 +125,34 @@ class CheckpointMixin:
         * ``direction``: the rule's name.
 
         Tensors are the live ones, as torch's: save or copy the dict before the next step
-        (the counters in it are copies). Refused inside ``step()`` (a trial's hook), where the
+        (the counters and the layer-wise lists in it are copies). Post-hooks see the whole
+        dict, ``direction`` included. Refused inside ``step()`` (a trial's hook), where the
         state is mid-step."""
         self._refuse_mid_step("state_dict()")
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
         self.param_groups[0]["last_dd"] = self._saved_dd()
+        # post-hooks run here, once the dict is whole (torch's would run before "direction")
+        post = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = type(post)()
         try:
-            out = super().state_dict()  # copies the groups' entries
-            # the direction rule: adam and nadam (momentum and nesterov) keep the same state
-            # and hyperparameters, so nothing else in a checkpoint tells them apart
-            out["direction"] = self.rule.name
-            return out
+            out = super().state_dict()  # copies the groups' dicts, not the lists in them
         finally:
             self.param_groups[0]["last_dd"] = None  # a checkpoint's entry, not live state
+            self._optimizer_state_dict_post_hooks = post
+        # the layer-wise lists (η per block, ...) are changed in place by the next steps: a
+        # checkpoint held across them, or edited by a hook, must not share them
+        for group in out["param_groups"]:
+            for key, value in group.items():
+                if isinstance(value, list):
+                    group[key] = list(value)
+        # the direction rule: adam and nadam (momentum and nesterov) keep the same state
+        # and hyperparameters, so nothing else in a checkpoint tells them apart
+        out["direction"] = self.rule.name
+        for hook in post.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts them to the
