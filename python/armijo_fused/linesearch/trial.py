@@ -16,13 +16,23 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
   and of the modules in training mode the loss function reaches beside them (a GAN's
   discriminator; not TorchScript ones), are copied before the trials and restored after them,
   and a buffer a forward *reassigned* (``self.count = self.count + 1``) is put back as the
-  tensor it was. Non-persistent buffers are
+  tensor it was. Every trial starts from the same buffers, as it starts from the same RNG
+  state: those the training forward started from (``buffers_before``, recorded with the RNG
+  state by :func:`snapshot_buffers`; a spectral norm's power-iteration vectors, a running
+  normaliser the forward both updates and uses), or, where none were recorded (the first
+  search), those it left. Without that, each trial ran on what the previous one left (a
+  running normaliser's trials drifted 5% off f0 and η collapsed to 2e-8). Non-persistent buffers are
   treated as caches and left as the trials leave them (a module may keep attributes that go with
   one); if a trial modifies or replaces one, a warning names it. The states of torchmetrics ``Metric``
   submodules (a metric updated in ``training_step``) are restored as well. Without a registered
   model, the models the loss function reaches (:func:`models_in_reach`), or else the modules that
   own the parameters (:func:`owned_buffers`), are found once and their buffers kept the same way.
   (Nothing is patched around a forward for this: a compiled model would recompile every trial.)
+* Parameters: a forward may write them in place (``nn.Embedding(max_norm=...)`` renormalises
+  the rows it looks up, a hook clamps weights). The search moves θ by increments, so such a
+  write would go into every later trial point and the step: the tensors known to be written are
+  copied before each trial and put back after it, and the trainable ones' version counters tell
+  the optimizer of a write it did not know of (``TrialEnv.written``).
 * Autocast: torch caches the low-precision copies of the parameters until the outermost autocast
   region exits; a step called inside one would let every trial reuse θ0's copies (every trial
   loss equal to f0). The cache is cleared before each trial and after the last, and so is the
@@ -293,46 +303,92 @@ def _copy_metric(metric) -> tuple:
     return metric, states, {a: getattr(metric, a) for a in _METRIC_ATTRS if hasattr(metric, a)}
 
 
+def _kept_buffers(modules=(), buffers=(), beside=()) -> tuple[list, list]:
+    """The buffers the trials keep, as (``_buffers`` dict, name, tensor), and the
+    non-persistent ones of the registered modules they watch, as (module name, ``_buffers``,
+    name, tensor, its version); see :class:`TrialEnv` for ``modules``, ``buffers`` and
+    ``beside``."""
+    kept, caches = [], []
+    # (a module reached twice, as a model and inside another, is kept once)
+    every = {id(m): m for module in modules for m in module.modules()}
+    owned = [(type(m).__name__, m._buffers, m._non_persistent_buffers_set)
+             for m in every.values()]
+    owned += [(None, bufs, non_persistent) for bufs, non_persistent in buffers]
+    for module in beside:
+        for m in module.modules():
+            # (a TorchScript module's _buffers is a wrapper close() cannot restore through)
+            if m.training and id(m) not in every and \
+                    not isinstance(m, torch.jit.ScriptModule):
+                every[id(m)] = m
+                owned.append((None, m._buffers, m._non_persistent_buffers_set))
+    for label, bufs, non_persistent in owned:
+        for name, buf in bufs.items():
+            # (an inference tensor no forward outside inference mode can change in place,
+            # and copying it back raised after the trials, leaving the step half done)
+            # (nor a lazy module's buffer before its first forward, which has no data)
+            if buf is None or isinstance(buf, nn.parameter.UninitializedBuffer) or \
+                    buf.is_inference():
+                continue
+            if name in non_persistent:
+                if label is not None:  # only a registered model's are named
+                    caches.append((label, bufs, name, buf, buf._version))
+            else:
+                kept.append((bufs, name, buf))
+    return kept, caches
+
+
+def snapshot_buffers(modules=(), buffers=(), beside=()) -> list:
+    """The kept buffers as they are now, (``_buffers``, name, tensor, copy) each: taken with
+    the RNG state before a training forward, they are where every trial starts
+    (``TrialEnv(buffers_before=...)``)."""
+    return [(bufs, name, buf, buf.detach().clone())
+            for bufs, name, buf in _kept_buffers(modules, buffers, beside)[0]]
+
+
+def _put_back(entries) -> None:
+    """Put (``_buffers``, name, tensor, value) entries back: the tensor in its module (a forward
+    may have reassigned the entry), holding the value."""
+    if not entries:
+        return
+    for bufs, name, buf, _ in entries:
+        if bufs.get(name) is not buf:
+            bufs[name] = buf
+    with torch.no_grad():
+        torch._foreach_copy_([e[2] for e in entries], [e[3] for e in entries])
+
+
 class TrialEnv:
     """``modules``: the registered models; ``buffers``: (``_buffers``, non-persistent names) of
     modules found without one (:func:`owned_buffers`); ``beside``: modules the loss function
     reaches beside the registered models (a GAN's discriminator), whose submodules in training
     mode are kept too (one in eval mode, a frozen teacher, changes nothing: cloning its buffers
-    at every search cost 140 ms for 200 MB)."""
+    at every search cost 140 ms for 200 MB); ``buffers_before``: :func:`snapshot_buffers` of
+    them taken before the training forward, where every trial starts."""
 
-    def __init__(self, modules=(), rng_before=None, buffers=(), beside=(), numpy_rng=True):
+    def __init__(self, modules=(), rng_before=None, buffers=(), beside=(), numpy_rng=True,
+                 buffers_before=None, watch=(), protect=()):
         self.rng_before = rng_before if rng_before is not None else get_rng_state(numpy_rng)
         self.rng_after = get_rng_state(numpy_rng)
         # (the module's _buffers dict, name, the tensor, its copy): a forward may reassign the
         # entry, and the restore must then reach the module, not the orphaned tensor
-        self._saved = []
-        self._caches = []  # (module name, _buffers dict, name, tensor, its version)
-        # (a module reached twice, as a model and inside another, is saved once)
-        every = {id(m): m for module in modules for m in module.modules()}
-        owned = [(type(m).__name__, m._buffers, m._non_persistent_buffers_set)
-                 for m in every.values()]
-        owned += [(None, bufs, non_persistent) for bufs, non_persistent in buffers]
-        for module in beside:
-            for m in module.modules():
-                # (a TorchScript module's _buffers is a wrapper close() cannot restore through)
-                if m.training and id(m) not in every and \
-                        not isinstance(m, torch.jit.ScriptModule):
-                    every[id(m)] = m
-                    owned.append((None, m._buffers, m._non_persistent_buffers_set))
-        for label, bufs, non_persistent in owned:
-            for name, buf in bufs.items():
-                # (an inference tensor no forward outside inference mode can change in place,
-                # and copying it back raised after the trials, leaving the step half done)
-                # (nor a lazy module's buffer before its first forward, which has no data)
-                if buf is None or isinstance(buf, nn.parameter.UninitializedBuffer) or \
-                        buf.is_inference():
-                    continue
-                if name in non_persistent:
-                    if label is not None:  # only a registered model's are named
-                        self._caches.append((label, bufs, name, buf, buf._version))
-                else:
-                    self._saved.append((bufs, name, buf, buf.detach().clone()))
+        kept, self._caches = _kept_buffers(modules, buffers, beside)
+        self._saved = [(bufs, name, buf, buf.detach().clone()) for bufs, name, buf in kept]
+        # where each trial starts: the buffers before the training forward where they were
+        # recorded (a record of other modules, from an earlier search, is ignored), else, from
+        # the second trial on, the ones it left
+        before = {(id(bufs), name): entry for entry in (buffers_before or ())
+                  for bufs, name in [entry[:2]]}
+        self._start = [before[(id(e[0]), e[1])] for e in self._saved
+                       if (id(e[0]), e[1]) in before]
+        self._start_later = [e for e in self._saved if (id(e[0]), e[1]) not in before]
         self._metrics = [_copy_metric(m) for m in _metrics(modules)]
+        # parameters a forward may write in place (nn.Embedding(max_norm=...) renormalises the
+        # rows it looks up, a pre-hook clamps weights): the search moves θ by increments and
+        # would carry a trial's write into the next point and the step. ``protect``: known
+        # to be written, copied before each trial and put back after it; ``watch``: the
+        # trainable ones, whose version counters tell a write the caller learns of (``written``)
+        self._watch, self._protect = list(watch), list(protect)
+        self.written: list = []
         self._ddp: dict = {}  # DDP wrappers the trials ran through: their buffer-sync flag
         self.used = False
 
@@ -346,15 +402,30 @@ class TrialEnv:
     @contextlib.contextmanager
     def trial(self):
         global _active_env
+        _put_back(self._start + self._start_later if self.used else self._start)
         self.used = True
         set_rng_state(self.rng_before)
         _clear_cast_caches()  # casts of the previous point (see the module's docstring)
         outer, _active_env = _active_env, self
+        versions = [p._version for p in self._watch]
+        kept = [p.detach().clone() for p in self._protect]
         try:
             with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
                 yield
         finally:
             _active_env = outer
+            self._undo_writes(versions, kept)
+
+    def _undo_writes(self, versions, kept) -> None:
+        protected = {id(p): copy for p, copy in zip(self._protect, kept)}
+        with torch.no_grad():
+            for p, version in zip(self._watch, versions):
+                if p._version == version:
+                    continue
+                if id(p) in protected:
+                    p.copy_(protected[id(p)])
+                elif all(p is not q for q in self.written):
+                    self.written.append(p)  # (this trial's write stays: no copy was kept)
 
     def close(self) -> list[str]:
         """Restore buffers and RNG; call once, after the last trial (also on failure). Returns
@@ -366,11 +437,7 @@ class TrialEnv:
         if not self.used:
             return []
         _clear_cast_caches()  # the casts of the last trial point
-        with torch.no_grad():
-            for bufs, name, buf, copy in self._saved:
-                if bufs.get(name) is not buf:
-                    bufs[name] = buf
-                buf.copy_(copy)
+        _put_back(self._saved)
         for metric, states, attrs in self._metrics:
             for name, value in {**states, **attrs}.items():
                 setattr(metric, name, value)

@@ -224,6 +224,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._closure: Callable | None = None
         self._pending_rng = None
+        self._pending_bufs = None  # the kept buffers before the training forward (capture_rng)
+        self._trial_sources = None  # what the last search's trials kept: (models, owned, beside)
         self._pending_loss = None
         self._returned = None  # what the closure returned, when it is a structure (HF outputs)
         self._pending_skip = None  # (pinned flag, event) of a GPU step whose skip is unread
@@ -487,6 +489,54 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if trial_mod.in_trial():
             return
         self._pending_rng = trial_mod.get_rng_state(self._numpy_rng_wanted())
+        self._pending_bufs = self._buffers_before_forward()
+
+    def _buffers_before_forward(self) -> list | None:
+        """Where the trials of the coming step start: a copy of the buffers they keep, taken
+        with the RNG state before the training forward (a spectral norm's power-iteration
+        vectors, a running normaliser the forward updates and uses: each trial at θ0 then
+        computes the training forward's loss). Only when that step will search, and of the
+        modules the last search kept (none before the first: its trials start from the
+        buffers the training forward left)."""
+        sources = self.__dict__.get("_trial_sources")
+        if sources is None:
+            return None
+        g0 = self.param_groups[0]
+        if not (self.cadence.should_search(g0["step"] + 1, g0["next_search"])
+                or self._blind_waiting()):
+            return None
+        return trial_mod.snapshot_buffers(*sources)
+
+    def _params_written_by_forward(self, models) -> tuple[list, list]:
+        """(the trainable tensors a trial watches for writes, those it keeps a copy of and
+        puts back): see ``TrialEnv``. Kept from the start: the weights of embeddings with
+        ``max_norm`` in the models; the others once a trial was seen writing them."""
+        key = (self._buffer_key, tuple(id(m) for m in models),
+               len(self.__dict__.get("_forward_writes", ())))
+        cached = self.__dict__.get("_watched")
+        if cached is None or cached[0] != key:
+            writes = set(self.__dict__.get("_forward_writes", ()))
+            writes |= {id(m.weight) for model in models for m in model.modules()
+                       if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                       and m.max_norm is not None}
+            watch = [p for g in self.param_groups for p in g["params"]
+                     if p.requires_grad and not is_dtensor(p)]
+            self._watched = cached = (key, watch, [p for p in watch if id(p) in writes])
+        return cached[1], cached[2]
+
+    def _note_forward_writes(self, written) -> None:
+        """A trial forward wrote these tensors in place: from the next trial on, each one keeps
+        a copy of them and puts it back (a search moves θ by increments: the write went into
+        the next trial points, the accepted one, and the undoing of a failed search)."""
+        self.__dict__.setdefault("_forward_writes", set()).update(id(p) for p in written)
+        names = ", ".join(self._names.get(id(p)) or f"a tensor of shape {tuple(p.shape)}"
+                          for p in written[:3])
+        self._warn_once("forward writes", (
+            f"a trial forward wrote the parameter(s) {names} in place (a forward or hook that "
+            "clamps or renormalises weights, nn.Embedding(max_norm=...) in a model the "
+            "optimizer does not see: pass model=): from now on each trial keeps a copy of "
+            "them and puts it back after its forward (one copy of them per trial); this "
+            "search's trial points kept the write"))
 
     def _state_initialisation(self, closure, loss_fn, loss, factors) -> bool:
         """Is this bare ``step()`` torch.distributed.checkpoint building the state of an
@@ -642,7 +692,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         probe = not search and self._blind_waiting()
         rng_before = pending or (trial_mod.get_rng_state(self._numpy_rng_wanted())
                                  if search or probe else None)
-        self._pending_rng = None
+        # the buffers go with the RNG state: recorded with it, or now, before the closure's
+        # forward (a loss= step without capture_rng has neither)
+        buffers_before = (self._pending_bufs if pending is not None else
+                          self._buffers_before_forward() if closure is not None else None)
+        self._pending_rng = self._pending_bufs = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None
         scaler = None
@@ -712,9 +766,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if not replayed:
             self._check_dropout_replayed(models)
         numpy_rng = len(rng_before) == 4 and rng_before[3] is not None  # (NumPy's read too)
-        env = trial_mod.TrialEnv(models, rng_before, () if models else self._owned_buffers(),
-                                 self._modules_beside_model(evaluate) if self._modules else (),
-                                 numpy_rng=numpy_rng)
+        sources = (models, () if models else self._owned_buffers(),
+                   self._modules_beside_model(evaluate) if self._modules else ())
+        self._trial_sources = sources  # (the next steps record these buffers before a forward)
+        watch, protect = self._params_written_by_forward(models)
+        env = trial_mod.TrialEnv(sources[0], rng_before, sources[1], sources[2],
+                                 numpy_rng=numpy_rng, buffers_before=buffers_before,
+                                 watch=watch, protect=protect)
         if numpy_rng and not self.__dict__.get("_numpy_rng_draws", False):
             # did the training forward draw from it? (no: the next 30 searches skip it)
             self._numpy_rng_draws = trial_mod.numpy_rng_moved(rng_before, env.rng_after)
@@ -819,6 +877,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         finally:
             for message in env.close():
                 self._warn_once(f"trial buffer: {message}", message)
+            if env.written:
+                self._note_forward_writes(env.written)
             self._reshard_fsdp()  # the next training forward gathers the final weights
 
         # 4. Bookkeeping: step sizes, cadence, counters, telemetry.

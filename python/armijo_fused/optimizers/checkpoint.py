@@ -77,7 +77,8 @@ class CheckpointMixin:
         unnamed = state.pop("_unnamed_groups", ())
         super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
         self._unnamed_groups = {id(self.param_groups[i]) for i in unnamed}
-        for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_loss",
+        for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_bufs",
+                    "_trial_sources", "_pending_loss",
                     "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned",
                     "_block_names_of"):
             setattr(self, key, None)
