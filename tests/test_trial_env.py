@@ -7,6 +7,7 @@ torchmetrics states updated in ``training_step``, and a model reached through a 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -976,6 +977,11 @@ def test_a_forward_that_writes_parameters_leaves_the_step_of_a_plain_one(how):
         opt.step(closure)  # (the hook's first write is seen here)
     written = [w for w in caught if "wrote the parameter" in str(w.message)]
     assert len(written) == (1 if how == "hook" else 0)
+    # a copy knows what the forward writes (carried by position: the review found a copy's
+    # first search keeping the hook's write again, and warning again)
+    model, opt = copy.deepcopy((model, opt))
+    emb = model[0]
+    warnings.simplefilter("error")  # (pytest restores the filters after the test)
     for _ in range(3):
         opt.step(closure)
         assert opt.stats["trials"] >= 2  # (rejected trials, whose writes must not stay)

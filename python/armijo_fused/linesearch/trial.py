@@ -338,9 +338,10 @@ def _kept_buffers(modules=(), buffers=(), beside=()) -> tuple[list, list]:
 
 
 def snapshot_buffers(modules=(), buffers=(), beside=()) -> list:
-    """The kept buffers as they are now, (``_buffers``, name, tensor, copy) each: taken with
+    """The kept buffers as they are now, (``_buffers``, name, tensor, a copy) each: taken with
     the RNG state before a training forward, they are where every trial starts
-    (``TrialEnv(buffers_before=...)``)."""
+    (``TrialEnv(buffers_before=...)``). All of them: a version counter cannot tell which ones
+    a forward writes (BatchNorm's kernel updates its running statistics without a bump)."""
     return [(bufs, name, buf, buf.detach().clone())
             for bufs, name, buf in _kept_buffers(modules, buffers, beside)[0]]
 
@@ -376,8 +377,7 @@ class TrialEnv:
         # where each trial starts: the buffers before the training forward where they were
         # recorded (a record of other modules, from an earlier search, is ignored), else, from
         # the second trial on, the ones it left
-        before = {(id(bufs), name): entry for entry in (buffers_before or ())
-                  for bufs, name in [entry[:2]]}
+        before = {(id(entry[0]), entry[1]): entry for entry in (buffers_before or ())}
         self._start = [before[(id(e[0]), e[1])] for e in self._saved
                        if (id(e[0]), e[1]) in before]
         self._start_later = [e for e in self._saved if (id(e[0]), e[1]) not in before]
@@ -407,25 +407,24 @@ class TrialEnv:
         set_rng_state(self.rng_before)
         _clear_cast_caches()  # casts of the previous point (see the module's docstring)
         outer, _active_env = _active_env, self
-        versions = [p._version for p in self._watch]
         kept = [p.detach().clone() for p in self._protect]
+        watched = [p._version for p in self._watch]
         try:
             with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
                 yield
         finally:
             _active_env = outer
-            self._undo_writes(versions, kept)
+            self._undo_writes(kept, watched)
 
-    def _undo_writes(self, versions, kept) -> None:
-        protected = {id(p): copy for p, copy in zip(self._protect, kept)}
-        with torch.no_grad():
-            for p, version in zip(self._watch, versions):
-                if p._version == version:
-                    continue
-                if id(p) in protected:
-                    p.copy_(protected[id(p)])
-                elif all(p is not q for q in self.written):
-                    self.written.append(p)  # (this trial's write stays: no copy was kept)
+    def _undo_writes(self, kept, watched) -> None:
+        if kept:  # (whether written or not: a kernel may write without a version bump)
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self._protect], kept)
+        protected = {id(p) for p in self._protect}
+        for p, version in zip(self._watch, watched):
+            if p._version != version and id(p) not in protected and \
+                    all(p is not q for q in self.written):
+                self.written.append(p)  # (this trial's write stays: no copy was kept)
 
     def close(self) -> list[str]:
         """Restore buffers and RNG; call once, after the last trial (also on failure). Returns

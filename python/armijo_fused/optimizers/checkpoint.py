@@ -55,6 +55,10 @@ class CheckpointMixin:
         saved_dd = self._saved_dd()  # the next plain step's length cap, as state_dict() has it
         if saved_dd is not None:
             out["_resumed_dd"] = saved_dd
+        # the tensors a forward writes (kept around each trial), by position for the same reason
+        writes = self.__dict__.get("_forward_writes", ())
+        out["_forward_writes"] = [i for i, p in enumerate(
+            p for g in self.param_groups for p in g["params"]) if id(p) in writes]
         # block names are keyed by the tensors' ids, which a copy changes: carry them by position
         out["_names"] = [[self._names.get(id(p)) for p in g["params"]] for g in self.param_groups]
         # ... and the groups name_parameters() may still cut, by position too
@@ -75,7 +79,10 @@ class CheckpointMixin:
             return super().__setstate__(state)
         names = state.pop("_names", None)
         unnamed = state.pop("_unnamed_groups", ())
+        writes = state.pop("_forward_writes", ())
         super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._forward_writes = {id(params[i]) for i in writes if i < len(params)}
         self._unnamed_groups = {id(self.param_groups[i]) for i in unnamed}
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_bufs",
                     "_trial_sources", "_pending_loss",
