@@ -1292,3 +1292,40 @@ def test_a_lower_max_step_holds_from_the_load_on(layerwise):
     again.step(closure)
     applied = again.stats["applied_step"]
     assert max(applied if layerwise else [applied]) <= 1e-5
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "reload"])
+def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how):
+    # the next step rebuilds the flat buffers and takes no length cap, but the copy (and the
+    # checkpoint) carried the old buffers' last ‖d‖² and capped its step with it: η 0.16
+    # against 0.43, θ 0.12 apart (lifecycle fuzz)
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    torch.manual_seed(1)
+    batches = [(torch.randn(24, 6), torch.randn(24, 1)) for _ in range(2)]
+    model = build()
+    opt = ArmijoSGD(model.parameters(), model=model, backend="torch")
+
+    def step(m, o, b):
+        x, y = batches[b]
+        o.step(make_closure(o, lambda: (m(x) - y).pow(2).mean()))
+
+    for b in [0, 0, 0, 0, 1]:
+        step(model, opt, b)
+    model[0].weight.requires_grad_(False)
+    if how == "deepcopy":
+        other, o2 = copy.deepcopy((model, opt))
+    else:
+        other = build()
+        other.load_state_dict(model.state_dict())
+        other[0].weight.requires_grad_(False)
+        o2 = ArmijoSGD(other.parameters(), model=other, backend="torch")
+        o2.load_state_dict(opt.state_dict())
+    for _ in range(3):
+        step(model, opt, 0)
+        step(other, o2, 0)
+        assert o2.stats["step_size"] == opt.stats["step_size"]
+        for a, b in zip(model.parameters(), other.parameters()):
+            assert torch.equal(a, b)

@@ -101,6 +101,11 @@ class CheckpointMixin:
         last = self._last_dd
         if last is None:  # no pass since a load or a copy: what that carried, not yet used
             return self._resumed_dd
+        if self._trainable_key() != self._buffer_key:
+            # a tensor frozen or unfrozen (or a group added) since: the next step rebuilds the
+            # buffers and takes no cap, so neither may a copy or a resumed run (which capped
+            # with the old buffers' lengths: 0.12 apart at the next step; lifecycle fuzz)
+            return None
         return [dd.tolist() for dd in last[1]]  # (FSDP2: reduced, the same on every rank)
 
     def _refuse_mid_step(self, what: str) -> None:

@@ -190,11 +190,15 @@ class StoreMixin:
                 "model's"))
         group.update(block_names=names, block_owner=owner, **new)
 
+    def _trainable_key(self) -> tuple:
+        """Which tensors train, group by group: the flat buffers are rebuilt when it changes
+        (list comprehensions: this runs every step)."""
+        return tuple([(len(g["params"]), *[id(p) if p.requires_grad else 0 for p in g["params"]])
+                      for g in self.param_groups])
+
     def _sync_buffers(self) -> list[FlatBuffer]:
         """The flat buffers, re-validated against ``param_groups`` (rebuilt if anything moved)."""
-        # which tensors train, group by group (list comprehensions: this runs every step)
-        key = tuple([(len(g["params"]), *[id(p) if p.requires_grad else 0 for p in g["params"]])
-                     for g in self.param_groups])
+        key = self._trainable_key()
         if self._buffers is not None and key == self._buffer_key:
             if all(b.sync(self.state) for b in self._buffers):
                 if any(b.fresh for b in self._buffers):
