@@ -921,10 +921,9 @@ def test_every_trial_starts_from_the_buffers_the_training_forward_started_from(f
         # whatever the step, the trials do not drift: each starts from the same buffers
         for t in trials[1:]:
             assert torch.equal(t[2], trials[0][2])
-        if step > 0:  # (the first search has no record of the buffers before the forward)
-            assert torch.equal(trials[0][2], seen[0][2])
-            if form == "capture_rng":
-                assert trials[0][1] == seen[0][1]  # f(θ0) in a trial is f0
+        assert torch.equal(trials[0][2], seen[0][2])  # (model= registered: from the first)
+        if form == "capture_rng":
+            assert trials[0][1] == seen[0][1]  # f(θ0) in a trial is f0
     # and the model keeps what its training forward left, as after a plain step
     x = torch.randn(16, 4)
     left = {}

@@ -20,7 +20,7 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
   state: those the training forward started from (``buffers_before``, recorded with the RNG
   state by :func:`snapshot_buffers`; a spectral norm's power-iteration vectors, a running
   normaliser the forward both updates and uses), or, where none were recorded (the first
-  search), those it left. Without that, each trial ran on what the previous one left (a
+  search without ``model=``), those it left. Without that, each trial ran on what the previous one left (a
   running normaliser's trials drifted 5% off f0 and η collapsed to 2e-8). Non-persistent buffers are
   treated as caches and left as the trials leave them (a module may keep attributes that go with
   one); if a trial modifies or replaces one, a warning names it. The states of torchmetrics ``Metric``

@@ -496,9 +496,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         with the RNG state before the training forward (a spectral norm's power-iteration
         vectors, a running normaliser the forward updates and uses: each trial at θ0 then
         computes the training forward's loss). Only when that step will search, and of the
-        modules the last search kept (none before the first: its trials start from the
-        buffers the training forward left)."""
-        sources = self.__dict__.get("_trial_sources")
+        modules the last search kept; before the first, of ``model=`` (without it, the first
+        search's trials start from the buffers the training forward left)."""
+        sources = self.__dict__.get("_trial_sources") or (
+            (self._modules, (), ()) if self._modules else None)
         if sources is None:
             return None
         g0 = self.param_groups[0]
