@@ -406,9 +406,9 @@ class TrialEnv:
         self.used = True
         set_rng_state(self.rng_before)
         _clear_cast_caches()  # casts of the previous point (see the module's docstring)
+        kept = [p.detach().clone() for p in self._protect]  # (before the trial is entered:
+        watched = [p._version for p in self._watch]         # out of memory leaves none open)
         outer, _active_env = _active_env, self
-        kept = [p.detach().clone() for p in self._protect]
-        watched = [p._version for p in self._watch]
         try:
             with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
                 yield

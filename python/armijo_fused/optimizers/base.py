@@ -257,7 +257,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # filled by state_dict() only; a live key, so that a checkpoint flattened by
         # torch.distributed.checkpoint (flatten_optimizer_state_dict, which keeps only the keys
         # the live groups have) carries it back
-        self.param_groups[0].setdefault("last_dd", None)
+        for key in ("last_dd", "last_dd_trainable", "forward_writes"):
+            self.param_groups[0].setdefault(key, None)
         self._warn_group_lrs()
         if self.layerwise and len(self.param_groups) == 1 and not self._names:
             raise ValueError(
@@ -908,7 +909,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
                                                      skipped, k, frozen)
         if dd is not None:
-            self._last_dd = (buffers, dd)
+            self._last_dd, self._resumed_dd = (buffers, dd), None  # (a record of this pass)
         if accepted is not None and not skipped and result.block_dd:
             # (momentum searched along g: the result is the test of the step applied, along d;
             # after a step along g, whose α along d failed its test, ‖g‖: the next steps apply
@@ -1002,7 +1003,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             raise
         finally:
             self._reshard_fsdp()
-        self._last_dd = (buffers, dd)
+        self._last_dd, self._resumed_dd = (buffers, dd), None  # (a record of this pass)
         self._advance_unsettled(k, passes)
 
         # telemetry: device values, formed only when read (each op is a launch on a GPU), in

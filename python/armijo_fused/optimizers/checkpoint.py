@@ -25,6 +25,13 @@ _LAYERWISE_ONLY = ("block_names", "block_owner", "block_searched_at", "block_tes
                    "block_cursor", "blocks_by")
 
 
+#: entries of the first param group that only a checkpoint fills (live: None, so that a checkpoint
+#: flattened by torch.distributed.checkpoint, which keeps only the keys the live groups have,
+#: carries them back): the last pass's ‖d_b‖² and the tensors that trained then, and the
+#: positions of the tensors a forward writes
+_CHECKPOINT_ONLY = ("last_dd", "last_dd_trainable", "forward_writes")
+
+
 class CheckpointMixin:
 
     #: what a copy or a pickle carries besides torch's (defaults, state, param_groups): the
@@ -52,13 +59,10 @@ class CheckpointMixin:
         self._settle_skip()
         out = super().__getstate__()
         out.update({k: self.__dict__[k] for k in self._CARRIED if k in self.__dict__})
-        saved_dd = self._saved_dd()  # the next plain step's length cap, as state_dict() has it
-        if saved_dd is not None:
-            out["_resumed_dd"] = saved_dd
-        # the tensors a forward writes (kept around each trial), by position for the same reason
-        writes = self.__dict__.get("_forward_writes", ())
-        out["_forward_writes"] = [i for i, p in enumerate(
-            p for g in self.param_groups for p in g["params"]) if id(p) in writes]
+        # the next plain step's length cap, as state_dict() has it
+        out["_resumed_dd"] = self._saved_dd()
+        # the tensors a forward writes (kept around each trial), by position: ids change
+        out["_forward_writes"] = self._forward_write_positions()
         # block names are keyed by the tensors' ids, which a copy changes: carry them by position
         out["_names"] = [[self._names.get(id(p)) for p in g["params"]] for g in self.param_groups]
         # ... and the groups name_parameters() may still cut, by position too
@@ -81,8 +85,7 @@ class CheckpointMixin:
         unnamed = state.pop("_unnamed_groups", ())
         writes = state.pop("_forward_writes", ())
         super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._forward_writes = {id(params[i]) for i in writes if i < len(params)}
+        self._take_forward_writes(writes)
         self._unnamed_groups = {id(self.param_groups[i]) for i in unnamed}
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_bufs",
                     "_trial_sources", "_pending_loss",
@@ -95,18 +98,34 @@ class CheckpointMixin:
         if not self._names and getattr(self, "_modules", None):
             self._names = {id(p): n for n, p in self._modules[0].named_parameters()}
 
-    def _saved_dd(self) -> list | None:
+    def _saved_dd(self) -> tuple | None:
         """The last pass's ‖d_b‖², behind the next plain step's length cap, as host floats (one
-        read), per buffer in buffer order, so a resumed run or a copy caps as this one would."""
+        read), per buffer in buffer order, with the buffers' trainable tensors (per group, 1/0
+        by position): a resumed run or a copy caps as this one would, which is only while the
+        same tensors train (a tensor frozen in between: the buffers are rebuilt, no cap).
+        None: no pass yet."""
         last = self._last_dd
         if last is None:  # no pass since a load or a copy: what that carried, not yet used
             return self._resumed_dd
-        if self._trainable_key() != self._buffer_key:
-            # a tensor frozen or unfrozen (or a group added) since: the next step rebuilds the
-            # buffers and takes no cap, so neither may a copy or a resumed run (which capped
-            # with the old buffers' lengths: 0.12 apart at the next step; lifecycle fuzz)
-            return None
-        return [dd.tolist() for dd in last[1]]  # (FSDP2: reduced, the same on every rank)
+        # (FSDP2: reduced, the same on every rank)
+        return [dd.tolist() for dd in last[1]], self._trainable_mask(self._buffer_key)
+
+    @staticmethod
+    def _trainable_mask(key) -> list | None:
+        """Per group, 1 for each tensor that trains, 0 for each frozen one (from a
+        ``_trainable_key``), by position: what a checkpoint can hold."""
+        return None if key is None else [[int(x != 0) for x in g[1:]] for g in key]
+
+    def _forward_write_positions(self) -> list:
+        """The positions (over every group's tensors, in order) of the tensors a forward was
+        seen to write (``_note_forward_writes``): ids do not survive a copy or a checkpoint."""
+        writes = self.__dict__.get("_forward_writes", ())
+        return [i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
+                if id(p) in writes]
+
+    def _take_forward_writes(self, positions) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._forward_writes = {id(params[i]) for i in positions or () if 0 <= i < len(params)}
 
     def _refuse_mid_step(self, what: str) -> None:
         """A checkpoint taken inside a step (a hook in a trial forward, a signal handler) would
@@ -134,7 +153,9 @@ class CheckpointMixin:
           factor); layer-wise, η, η̄, ``step_length`` and ``collapsed`` are lists over the
           group's blocks, with ``block_names``, ``block_owner`` (merges), ``block_searched_at``,
           ``block_tested``, ``block_cursor`` and ``blocks_by``; the first group carries
-          ``last_dd`` (‖d‖² per block of the last pass);
+          ``last_dd`` (‖d‖² per block of the last pass), ``last_dd_trainable`` (which tensors
+          trained then, 1/0 by position) and ``forward_writes`` (the positions of tensors a
+          forward was seen to write in place, or None);
         * ``direction``: the rule's name.
 
         Tensors are the live ones, as torch's: save or copy the dict before the next step
@@ -143,14 +164,18 @@ class CheckpointMixin:
         state is mid-step."""
         self._refuse_mid_step("state_dict()")
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
-        self.param_groups[0]["last_dd"] = self._saved_dd()
+        g0 = self.param_groups[0]
+        saved_dd = self._saved_dd()
+        g0["last_dd"], g0["last_dd_trainable"] = saved_dd or (None, None)
+        g0["forward_writes"] = self._forward_write_positions() or None
         # post-hooks run here, once the dict is whole (torch's would run before "direction")
         post = self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_post_hooks = type(post)()
         try:
             out = super().state_dict()  # copies the groups' dicts, not the lists in them
         finally:
-            self.param_groups[0]["last_dd"] = None  # a checkpoint's entry, not live state
+            for key in _CHECKPOINT_ONLY:  # a checkpoint's entries, not live state
+                g0[key] = None
             self._optimizer_state_dict_post_hooks = post
         # the layer-wise lists (η per block, ...) are changed in place by the next steps: a
         # checkpoint held across them, or edited by a hook, must not share them
@@ -222,8 +247,13 @@ class CheckpointMixin:
                     g["step_size"] if isinstance(g["step_size"], list) else [g["step_size"]]))
         self._pending_skip = None  # a flag of the steps before the load is no longer ours
         self._last_dd = None
-        self._resumed_dd = self.param_groups[0].get("last_dd")  # taken up by _length_caps
-        self.param_groups[0]["last_dd"] = None
+        g0 = self.param_groups[0]
+        # taken up by _length_caps (if the same tensors train then)
+        self._resumed_dd = None if g0.get("last_dd") is None else (
+            g0["last_dd"], g0.get("last_dd_trainable"))
+        self._take_forward_writes(g0.get("forward_writes"))
+        for key in _CHECKPOINT_ONLY:
+            g0[key] = None
         cap_step_sizes(self.param_groups, self.policy)  # this optimizer's max_step holds
         for g in self.param_groups:
             # checkpoints from before ``folded``: no skip recorded

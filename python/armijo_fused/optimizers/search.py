@@ -502,8 +502,10 @@ class SearchMixin:
         ‖d‖ has grown past the ratio since the search; Adam's ‖d‖ hardly changes. None: no cap
         (no search yet, or buffers rebuilt since)."""
         saved, self._resumed_dd = self._resumed_dd, None
-        if self._last_dd is None and saved:  # just resumed
-            if len(saved) == len(buffers) and all(
+        if self._last_dd is None and saved:  # just resumed: if the same tensors train
+            saved, mask = saved if isinstance(saved, tuple) else (saved, None)  # (older pickles)
+            if (mask is None or mask == self._trainable_mask(self._buffer_key)) and \
+                    len(saved) == len(buffers) and all(
                     len(v) == b.layout.nblocks for v, b in zip(saved, buffers)):
                 self._last_dd = (buffers, [device_floats(v, b.device)
                                            for v, b in zip(saved, buffers)])
