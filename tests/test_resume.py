@@ -1295,7 +1295,7 @@ def test_a_lower_max_step_holds_from_the_load_on(layerwise):
     assert max(applied if layerwise else [applied]) <= 1e-5
 
 
-@pytest.mark.parametrize("when", ["frozen", "briefly", "after"])
+@pytest.mark.parametrize("when", ["frozen", "briefly", "after", "all-for-a-step", "replaced"])
 @pytest.mark.parametrize("how", ["deepcopy", "reload"])
 def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how, when):
     # frozen: the next step rebuilds the flat buffers and takes no length cap, but the copy
@@ -1303,7 +1303,10 @@ def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how, when)
     # 0.16 against 0.43, θ 0.12 apart (lifecycle fuzz). briefly (frozen at the copy only, the
     # run keeps its buffers and caps): the first fix dropped the record, and the copy took no
     # cap. after (frozen after the copy, in both): the copy capped with the record of the
-    # buffers before (review). The record holds which tensors trained at its pass
+    # buffers before (review). The record holds which tensors trained at its pass. Found by
+    # the third review: all-for-a-step (every tensor frozen for one step after the copy: the
+    # run rebuilds, no pass, no cap after; the copy kept its record) and replaced (a tensor
+    # swapped for another in its group before the copy)
     def build():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -1319,8 +1322,12 @@ def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how, when)
 
     for b in [0, 0, 0, 0, 1]:
         step(model, opt, b)
-    if when != "after":
+    if when in ("frozen", "briefly"):
         model[0].weight.requires_grad_(False)
+    if when == "replaced":  # (a module built again: the same values in a new tensor)
+        new = nn.Parameter(model[0].weight.detach().clone())
+        opt.state.pop(model[0].weight, None)
+        model[0].weight = opt.param_groups[0]["params"][0] = new
     if how == "deepcopy":
         other, o2 = copy.deepcopy((model, opt))
     else:
@@ -1329,11 +1336,56 @@ def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how, when)
         other[0].weight.requires_grad_(model[0].weight.requires_grad)
         o2 = ArmijoSGD(other.parameters(), model=other, backend="torch")
         o2.load_state_dict(opt.state_dict())
-    for m in (model, other):
-        m[0].weight.requires_grad_(when == "briefly")
+    if when == "all-for-a-step":
+        x, y = batches[0]
+        for m, o in ((model, opt), (other, o2)):
+            m.requires_grad_(False)
+            o.step(lambda m=m: (m(x) - y).pow(2).mean())  # (no gradient: no pass)
+            m.requires_grad_(True)
+    elif when != "replaced":
+        for m in (model, other):
+            m[0].weight.requires_grad_(when == "briefly")
     for _ in range(3):
         step(model, opt, 0)
         step(other, o2, 0)
         assert o2.stats["step_size"] == opt.stats["step_size"]
         for a, b in zip(model.parameters(), other.parameters()):
             assert torch.equal(a, b)
+
+
+def test_records_of_an_earlier_version_load_and_continue_bit_for_bit():
+    # an earlier version's checkpoint has no last_dd_trainable (its record was written only
+    # while the same tensors trained), and its pickles carry the record as a plain list: the
+    # checkpoint capped a run frozen after the resume; the pickle's state_dict() raised or
+    # mixed the record with the mask (third review)
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    torch.manual_seed(1)
+    x, y = torch.randn(24, 6), torch.randn(24, 1)
+    model = build()
+    opt = ArmijoSGD(model.parameters(), model=model, backend="torch")
+    for _ in range(5):
+        opt.step(make_closure(opt, lambda: (model(x) - y).pow(2).mean()))
+    saved = copy.deepcopy(opt.state_dict())
+    for key in ("last_dd_trainable", "forward_writes"):
+        del saved["param_groups"][0][key]
+    other = build()
+    other.load_state_dict(model.state_dict())
+    o2 = ArmijoSGD(other.parameters(), model=other, backend="torch")
+    o2.load_state_dict(saved)
+    # an earlier pickle: the same, its record a list
+    third, state = copy.deepcopy((model, opt.__getstate__()))
+    state["_resumed_dd"] = state["_resumed_dd"][0]
+    o3 = ArmijoSGD.__new__(ArmijoSGD)
+    o3.__setstate__(state)
+    assert o3.state_dict()["param_groups"][0]["last_dd"] == saved["param_groups"][0]["last_dd"]
+    for m in (model, other, third):
+        m[0].weight.requires_grad_(False)
+    for _ in range(3):
+        for m, o in ((model, opt), (other, o2), (third, o3)):
+            o.step(make_closure(o, lambda m=m: (m(x) - y).pow(2).mean()))
+        assert o2.stats["step_size"] == o3.stats["step_size"] == opt.stats["step_size"]
+        for a, b, c in zip(model.parameters(), other.parameters(), third.parameters()):
+            assert torch.equal(a, b) and torch.equal(a, c)

@@ -517,7 +517,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         150 µs a trial for 600 tensors), so a write that starts later is found within 31.
         Writes through ``.data`` bypass the version counter and are not seen."""
         key = (self._buffer_key, tuple(id(m) for m in models),
-               len(self.__dict__.get("_forward_writes", ())))
+               frozenset(self.__dict__.get("_forward_writes", ())))
         cached = self.__dict__.get("_watched")
         if cached is None or cached[0] != key:
             writes = set(self.__dict__.get("_forward_writes", ()))

@@ -86,6 +86,10 @@ class CheckpointMixin:
         writes = state.pop("_forward_writes", ())
         super().__setstate__(state)  # torch: the attributes, its hook dicts, the step wrapper
         self._take_forward_writes(writes)
+        resumed = self.__dict__.get("_resumed_dd")
+        if resumed is not None and not isinstance(resumed, tuple):
+            # an older pickle: its record was carried only while the same tensors trained
+            self._resumed_dd = (resumed, self._trainable_mask(self._trainable_key()))
         self._unnamed_groups = {id(self.param_groups[i]) for i in unnamed}
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_bufs",
                     "_trial_sources", "_pending_loss",
@@ -107,8 +111,21 @@ class CheckpointMixin:
         last = self._last_dd
         if last is None:  # no pass since a load or a copy: what that carried, not yet used
             return self._resumed_dd
+        if self._tensors_replaced():
+            return None  # (the next step rebuilds the buffers: no cap, here or in a copy)
         # (FSDP2: reduced, the same on every rank)
         return [dd.tolist() for dd in last[1]], self._trainable_mask(self._buffer_key)
+
+    def _tensors_replaced(self) -> bool:
+        """Has a group gained or lost tensors, or a tensor that trained at the last pass and
+        trains now been replaced by another, since the buffers were built? (A tensor that
+        only stopped or started training is what the record's mask tells.)"""
+        now, built = self._trainable_key(), self._buffer_key
+        if now == built:
+            return False
+        return built is None or len(now) != len(built) or any(
+            len(a) != len(b) or a[0] != b[0] or any(x and y and x != y for x, y in zip(a[1:], b[1:]))
+            for a, b in zip(now, built))
 
     @staticmethod
     def _trainable_mask(key) -> list | None:
@@ -181,8 +198,8 @@ class CheckpointMixin:
         # checkpoint held across them, or edited by a hook, must not share them
         for group in out["param_groups"]:
             for key, value in group.items():
-                if isinstance(value, list):
-                    group[key] = list(value)
+                if isinstance(value, list):  # (last_dd's are lists of lists)
+                    group[key] = [list(x) if isinstance(x, list) else x for x in value]
         # the direction rule: adam and nadam (momentum and nesterov) keep the same state
         # and hyperparameters, so nothing else in a checkpoint tells them apart
         out["direction"] = self.rule.name
@@ -249,8 +266,11 @@ class CheckpointMixin:
         self._last_dd = None
         g0 = self.param_groups[0]
         # taken up by _length_caps (if the same tensors train then)
+        # (a checkpoint of an earlier version has no mask: it held a record only while the
+        # same tensors trained, those that train here)
         self._resumed_dd = None if g0.get("last_dd") is None else (
-            g0["last_dd"], g0.get("last_dd_trainable"))
+            g0["last_dd"], g0.get("last_dd_trainable") or
+            self._trainable_mask(self._trainable_key()))
         self._take_forward_writes(g0.get("forward_writes"))
         for key in _CHECKPOINT_ONLY:
             g0[key] = None

@@ -265,6 +265,10 @@ class StoreMixin:
         held = {id(p) for b in buffers for p in b.params}
         self._outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
         self._last_dd = None  # (it held the old buffers; a cap needs a pass over the new ones)
+        resumed = self.__dict__.get("_resumed_dd")  # ... a resumed one: only while they train
+        if isinstance(resumed, tuple) and resumed[1] is not None and \
+                not self.__dict__.get("_loading") and resumed[1] != self._trainable_mask(key):
+            self._resumed_dd = None
         if old:
             self._release(old, buffers)
         # (the old buffers' keys go: a freed storage stayed keyed to this live optimizer, one
