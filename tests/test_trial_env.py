@@ -1017,3 +1017,17 @@ def test_a_run_resumed_from_a_checkpoint_knows_what_its_forward_writes():
     assert opt.stats["trials"] >= 2
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
+
+
+_NET_OF_THE_SCRIPT = nn.Linear(2, 1)  # a global of the training script, as in a notebook
+
+
+def test_a_global_model_named_only_in_a_generator_expression_is_reached():
+    # the accelerate recipe's trial function sums a window's losses in a generator expression:
+    # a global model named only there (in the generator's own code) was not reached, so
+    # without model= a buffer module with no parameters was left to the trials (f0 11% off;
+    # integrations audit)
+    window = [(torch.randn(3, 2),)]
+    fn = lambda window=window: sum(_NET_OF_THE_SCRIPT(a).sum() for (a,) in window)  # noqa: E731
+    found = trial_mod.models_in_reach(fn, list(_NET_OF_THE_SCRIPT.parameters()))
+    assert found is not None and found[0] is _NET_OF_THE_SCRIPT

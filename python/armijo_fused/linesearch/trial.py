@@ -218,7 +218,7 @@ def models_in_reach(fn, params, depth: int = 3, *, complete: bool = True
             for value in obj.__defaults__ or ():
                 visit(value, level - 1)
             names = obj.__globals__
-            for name in obj.__code__.co_names:
+            for name in _global_names(obj.__code__):
                 if name in names:
                     visit(names[name], level - 1)
         elif isinstance(obj, functools.partial):
@@ -240,6 +240,18 @@ def models_in_reach(fn, params, depth: int = 3, *, complete: bool = True
         return found
     held = {id(p) for m in found for p in m.parameters()}
     return found if found and wanted <= held else None
+
+
+def _global_names(code, depth: int = 3) -> list[str]:
+    """The names a function's code looks up, with those of the code nested in it (a generator
+    expression, a comprehension, an inner lambda: ``sum(model(b) for b in window)`` names
+    ``model`` only in its generator's code)."""
+    names = list(code.co_names)
+    if depth > 0:
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                names += _global_names(const, depth - 1)
+    return names
 
 
 def _clear_cast_caches() -> None:
