@@ -1295,7 +1295,8 @@ def test_a_lower_max_step_holds_from_the_load_on(layerwise):
     assert max(applied if layerwise else [applied]) <= 1e-5
 
 
-@pytest.mark.parametrize("when", ["frozen", "briefly", "after", "all-for-a-step", "replaced"])
+@pytest.mark.parametrize("when", ["frozen", "briefly", "after", "all-for-a-step", "replaced",
+                                  "moved"])
 @pytest.mark.parametrize("how", ["deepcopy", "reload"])
 def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how, when):
     # frozen: the next step rebuilds the flat buffers and takes no length cap, but the copy
@@ -1305,8 +1306,9 @@ def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how, when)
     # cap. after (frozen after the copy, in both): the copy capped with the record of the
     # buffers before (review). The record holds which tensors trained at its pass. Found by
     # the third review: all-for-a-step (every tensor frozen for one step after the copy: the
-    # run rebuilds, no pass, no cap after; the copy kept its record) and replaced (a tensor
-    # swapped for another in its group before the copy)
+    # run rebuilds, no pass, no cap after; the copy kept its record), replaced (a tensor
+    # swapped for another in its group before the copy) and moved (a tensor's storage replaced,
+    # p.data = ..., before the copy)
     def build():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -1324,6 +1326,8 @@ def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how, when)
         step(model, opt, b)
     if when in ("frozen", "briefly"):
         model[0].weight.requires_grad_(False)
+    if when == "moved":  # (the run rebuilds its buffers: no cap)
+        model[0].weight.data = model[0].weight.data.clone()
     if when == "replaced":  # (a module built again: the same values in a new tensor)
         new = nn.Parameter(model[0].weight.detach().clone())
         opt.state.pop(model[0].weight, None)
@@ -1342,7 +1346,7 @@ def test_a_copy_taken_after_a_tensor_was_frozen_continues_bit_for_bit(how, when)
             m.requires_grad_(False)
             o.step(lambda m=m: (m(x) - y).pow(2).mean())  # (no gradient: no pass)
             m.requires_grad_(True)
-    elif when != "replaced":
+    elif when not in ("replaced", "moved"):
         for m in (model, other):
             m[0].weight.requires_grad_(when == "briefly")
     for _ in range(3):

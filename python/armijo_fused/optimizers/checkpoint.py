@@ -111,7 +111,7 @@ class CheckpointMixin:
         last = self._last_dd
         if last is None:  # no pass since a load or a copy: what that carried, not yet used
             return self._resumed_dd
-        if self._tensors_replaced():
+        if self._tensors_replaced() or any(b.moved() for b in self._buffers or ()):
             return None  # (the next step rebuilds the buffers: no cap, here or in a copy)
         # (FSDP2: reduced, the same on every rank)
         return [dd.tolist() for dd in last[1]], self._trainable_mask(self._buffer_key)

@@ -220,6 +220,11 @@ class FlatBuffer:
             return chunk.view(lead + tuple(p.shape))
         return chunk.as_strided(lead + tuple(p.shape), tuple(chunk.stride()[:-1]) + strides)
 
+    def moved(self) -> bool:
+        """Has a tensor left its view (``p.data = ...``, ``model.double()``), so that the next
+        ``sync`` asks for a rebuild? Changes nothing."""
+        return any(_moved(p, pview, shape) for _, p, pview, shape, *_ in self._checks)
+
     def sync(self, state: dict) -> bool:
         """Re-validate the views before a step; False means the parameters moved: rebuild."""
         checker = self._checker

@@ -247,19 +247,23 @@ class ShardedBuffer:
             out.append(g)
         return out
 
+    def moved(self) -> bool:
+        """Have the shards moved or changed shape, dtype or device since the build (the next
+        ``sync`` then asks for a rebuild)? Changes nothing."""
+        local = [_local(p) for p in self.params]
+        # (a cast, model.double() or .float() of a bf16 model: rebuilt as the flat store is;
+        # the old store rounded each new gradient to the old dtype and kept a stale master)
+        return (any(t.shape != s for t, s in zip(local, self._shapes))
+                or any(t.dtype != self.dtype or t.device != self.device for t in local)
+                or (self.in_place and [t.data_ptr() for t in local] != self._ptrs))
+
     def sync(self, state: dict) -> bool:
         """Take this step's θ and g (copies in, or the table's gradient column in place) and
         re-attach the state; False: the shards moved or changed shape or dtype, rebuild
         needed."""
+        if self.moved():
+            return False
         local = [_local(p) for p in self.params]
-        if any(t.shape != s for t, s in zip(local, self._shapes)):
-            return False
-        # a cast (model.double(), .float() of a bf16 model, ...): rebuild as the flat store does
-        # (the old store rounded each new gradient to the old dtype and kept a stale master)
-        if any(t.dtype != self.dtype or t.device != self.device for t in local):
-            return False
-        if self.in_place and [t.data_ptr() for t in local] != self._ptrs:
-            return False
         reloaded: set[int] = set()  # tensors whose master was replaced (load_state_dict)
         with torch.no_grad():
             if self.in_place:
