@@ -20,13 +20,14 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
   state: those the training forward started from (``buffers_before``, recorded with the RNG
   state by :func:`snapshot_buffers`; a spectral norm's power-iteration vectors, a running
   normaliser the forward both updates and uses), or, where none were recorded (the first
-  search without ``model=``), those it left. Without that, each trial ran on what the previous one left (a
-  running normaliser's trials drifted 5% off f0 and η collapsed to 2e-8). Non-persistent buffers are
-  treated as caches and left as the trials leave them (a module may keep attributes that go with
-  one); if a trial modifies or replaces one, a warning names it. The states of torchmetrics ``Metric``
-  submodules (a metric updated in ``training_step``) are restored as well. Without a registered
-  model, the models the loss function reaches (:func:`models_in_reach`), or else the modules that
-  own the parameters (:func:`owned_buffers`), are found once and their buffers kept the same way.
+  search without ``model=``), those it left. Without that, each trial ran on what the previous
+  one left (a running normaliser's trials drifted 5% off f0 and η collapsed to 2e-8).
+  Non-persistent buffers are treated as caches and left as the trials leave them (a module may
+  keep attributes that go with one); if a trial modifies or replaces one, a warning names it.
+  The states of torchmetrics ``Metric`` submodules (a metric updated in ``training_step``) are
+  restored as well. Without a registered model, the models the loss function reaches
+  (:func:`models_in_reach`), or else the modules that own the parameters
+  (:func:`owned_buffers`), are found once and their buffers kept the same way.
   (Nothing is patched around a forward for this: a compiled model would recompile every trial.)
 * Parameters: a forward may write them in place (``nn.Embedding(max_norm=...)`` renormalises
   the rows it looks up, a hook clamps weights). The search moves θ by increments, so such a

@@ -524,8 +524,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             writes |= {id(m.weight) for model in models for m in model.modules()
                        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                        and m.max_norm is not None}
-            watch = [p for g in self.param_groups for p in g["params"]
-                     if p.requires_grad and not is_dtensor(p)]
+            watch = [p for _, p in self._trainable() if not is_dtensor(p)]
             self._watched = cached = (key, watch, [p for p in watch if id(p) in writes])
         looked = self.__dict__.get("_writes_looked")
         self._writes_looked = True
