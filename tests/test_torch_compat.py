@@ -674,3 +674,17 @@ def test_zero_grad_is_named_in_a_profiler_trace_as_torchs():
     names = [e.name for e in prof.events()]
     assert names.count("Optimizer.zero_grad#ArmijoAdam.zero_grad") >= 2  # ours, the closure's
     assert names.count("Optimizer.step#ArmijoAdam.step") == 1
+
+
+@pytest.mark.parametrize("cls", [ArmijoAdam, ArmijoSGD])
+def test_repr_is_torchs_listing_without_the_checkpoint_only_entries(cls):
+    m = nn.Linear(3, 2)
+    opt = cls([{"params": [m.weight]}, {"params": [m.bias], "weight_decay": 0.1}])
+    x = torch.randn(8, 3)
+    opt.step(make_closure(opt, lambda: m(x).square().mean()))  # live: those entries stay None
+    torchs = torch.optim.Optimizer.__repr__(opt).splitlines()
+    hidden = [line for line in torchs
+              if line.split(":")[0].strip() in ("last_dd", "last_dd_trainable", "forward_writes")]
+    assert hidden, "the live first group holds the checkpoint-only entries"
+    assert repr(opt).splitlines() == [line for line in torchs if line not in hidden]
+    assert "weight_decay: 0.1" in repr(opt) and "Parameter Group 1" in repr(opt)

@@ -47,6 +47,16 @@ class CheckpointMixin:
                 "_modules",
                 "_resumed_dd", "_gathered_steps", "_init_step_size")
 
+    def __repr__(self) -> str:
+        """torch's listing of the groups, without the entries only a checkpoint fills (always
+        None in a live optimizer)."""
+        lines = [type(self).__name__ + " ("]
+        for i, group in enumerate(self.param_groups):
+            lines += [""] * (i > 0) + [f"Parameter Group {i}"]
+            lines += [f"    {key}: {group[key]}" for key in sorted(group)
+                      if key != "params" and not (key in _CHECKPOINT_ONLY and group[key] is None)]
+        return "\n".join(lines) + "\n)"
+
     def __getstate__(self) -> dict:
         """torch's optimizers pickle only (defaults, state, param_groups) and rebuild the rest
         from the class; this one also needs its configuration (direction rule, policy, cadence,
