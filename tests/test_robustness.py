@@ -1991,3 +1991,100 @@ def test_name_parameters_refuses_a_model_that_holds_none_of_the_parameters():
         opt.name_parameters(None)
     opt.name_parameters(model)
     assert [g["block_names"] for g in opt.param_groups] == [["0"], ["1"]]
+
+
+# --- numerics at the extremes (audit of 2026-12-04) ----------------------------------------
+
+
+@pytest.mark.parametrize("cls, kw, name", [
+    (ArmijoSGD, dict(init_step_size=1e39), "init_step_size"),
+    (ArmijoSGD, dict(init_step_size=3e38), "init_step_size"),  # finite; its first trial is not
+    (ArmijoAdam, dict(growth=1e39), "growth"),
+    (ArmijoAdam, dict(weight_decay=1e39), "weight_decay"),
+])
+def test_values_beyond_float32_are_refused_by_name(cls, kw, name):
+    # finite in float64, inf in float32 where the passes compute: the first move back formed
+    # inf - inf and wrote NaN into every parameter
+    w = nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=f"invalid {name}: .*float32"):
+        cls([w], **kw)
+
+
+def test_a_weight_decay_beyond_float32_written_later_is_refused_before_anything_moves():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ArmijoAdam(model.parameters())
+    closure = make_closure(opt, lambda: nn.functional.mse_loss(model(x), y))
+    opt.step(closure)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["weight_decay"] = 1e39
+    with pytest.raises(ValueError, match="invalid weight_decay: .*inf in float32"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="invalid growth"):
+        opt.growth = 1e39
+    assert opt.growth == 1.2
+
+
+@pytest.mark.parametrize("kw", [dict(max_trials=1), dict(growth=1e6),
+                                dict(backtrack=0.99)],
+                         ids=["max_trials=1", "growth=1e6", "backtrack=0.99"])
+@pytest.mark.parametrize("cls", [ArmijoSGD, ArmijoAdam])
+def test_searches_exhausted_in_a_row_go_on_below_every_step_tried(cls, kw):
+    # settings whose trials never fall below η̄ (one trial; growth·backtrack^(max_trials-1) >= 1):
+    # handed the last step size tried, every search repeated the same trials and the model
+    # never moved again, at max_trials forwards per step
+    w = nn.Parameter(torch.tensor([3.0, -2.0]))
+    opt = cls([w], backend="torch", init_step_size=10.0, **kw)
+    tried = []
+
+    def closure():
+        opt.zero_grad()
+        loss = 2.0 * (w * w).sum()  # curvature 4: ArmijoSGD needs η <= 0.4
+        loss.backward()
+        return loss
+
+    start = float(closure())
+    for _ in range(40):
+        opt.step(closure)
+        if opt.stats["exhausted"]:
+            tried.append(opt.stats["trials"])
+    with torch.no_grad():
+        end = float(2.0 * (w * w).sum())
+    assert tried, "the settings exhaust the first searches"
+    assert len(tried) < 20 and end < 0.05 * start  # (before: every search, and end == start)
+
+
+def test_a_max_step_below_init_step_size_caps_the_steps_before_the_first_search():
+    # the steps without a search applied init_step_size (1e10 times max_step) while every
+    # capped search ended unresolved: the loss grew from 3.7 to 1.6e18 in 14 steps
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 1) * 0.3)
+    g = torch.Generator().manual_seed(1)
+    opt = ArmijoSGD([w], max_step=1e-10)
+    assert opt.param_groups[0]["step_size"] == opt.param_groups[0]["step_size_avg"] == 1e-10
+    for _ in range(14):
+        x = torch.randn(64, 8, generator=g) * 2
+        opt.step(make_closure(opt, lambda x=x: ((x @ w - x[:, :1]) ** 2).mean()))
+        assert opt.stats["applied_step"] <= 1e-10 * (1 + 1e-6)
+    assert torch.isfinite(w).all() and w.abs().max() < 10
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_slope_whose_product_with_the_direction_overflows_leaves_the_step_size_alone(backend):
+    # ‖g‖ = 1e19 with momentum along its direction: Σ g² is finite (the guard passes), ⟨g, d⟩
+    # is inf, so f0 − c·η·⟨g, d⟩ = −inf rejected every trial: two exhausted searches cut η by
+    # 2^-19 each and every search after them was unresolved at 7e-38
+    w = nn.Parameter(torch.zeros(100))
+    opt = ArmijoSGD([w], init_step_size=1e-30, backend=backend, cadence="every", momentum=0.9,
+                    momentum_search="direction")
+    closure = make_closure(opt, lambda: (w * 1e18).sum())
+    outcomes = []
+    for _ in range(12):
+        opt.step(closure)
+        s = opt.stats
+        outcomes.append("E" if s["exhausted"] else "U" if s["unresolved"] else "a")
+    assert "E" not in outcomes and outcomes[-1] == "U"
+    assert opt.stats["next_step_size"] > 1e-31
+    assert torch.isfinite(w).all() and all(torch.isfinite(v).all() for v in opt.state[w].values())

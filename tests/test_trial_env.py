@@ -1031,3 +1031,55 @@ def test_a_global_model_named_only_in_a_generator_expression_is_reached():
     fn = lambda window=window: sum(_NET_OF_THE_SCRIPT(a).sum() for (a,) in window)  # noqa: E731
     found = trial_mod.models_in_reach(fn, list(_NET_OF_THE_SCRIPT.parameters()))
     assert found is not None and found[0] is _NET_OF_THE_SCRIPT
+
+
+class _GrowingStat(nn.Module):
+    """A running maximum kept in a buffer that starts empty and is resized at the first
+    forward, as QAT's per-channel observers (min_val / max_val) are."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("mx", torch.tensor([]))
+
+    def forward(self, x):
+        h = self.lin(x)
+        with torch.no_grad():
+            cur = h.abs().amax(0)
+            if self.mx.numel() == 0:
+                self.mx.resize_(cur.shape).copy_(cur)
+            else:
+                torch.maximum(self.mx, cur, out=self.mx)
+        return h
+
+
+@pytest.mark.parametrize("form", ["closure", "capture_rng"])
+def test_a_buffer_the_forward_resizes_is_put_back_at_its_shape(form):
+    # the first search raised (copying a (3,) buffer into the (0,) record), so QAT models with
+    # model= could not start training (model-feature audit II)
+    torch.manual_seed(0)
+    model = _GrowingStat()
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every", backend="torch")
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    seen = []  # (in a trial?, loss, the buffer's size when the forward started)
+
+    def loss_fn():
+        size = model.mx.numel()
+        loss = nn.functional.mse_loss(model(x), y)
+        seen.append((trial_mod.in_trial(), loss.item(), size))
+        return loss
+
+    for _ in range(3):
+        seen.clear()
+        if form == "closure":
+            opt.step(make_closure(opt, loss_fn))
+        else:
+            opt.capture_rng()
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            opt.step(loss_fn=loss_fn, loss=loss)
+        trials = [s for s in seen if s[0]]
+        assert trials and all(t[2] == seen[0][2] for t in trials)  # from the forward's start
+        assert model.mx.shape == (3,)
+    assert opt.param_groups[0]["step"] == 3

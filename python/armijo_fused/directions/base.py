@@ -130,6 +130,19 @@ def check_number(name: str, value, lo: float, hi: float = math.inf, *, lo_open=F
         raise ValueError(f"invalid {name}: {value!r} (expected a number in {lb}{lo}, {hi}{rb})")
 
 
+def in_float32(x: float) -> float:
+    """``x`` as the passes see it: they compute in float32."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def check_float32(name: str, value) -> None:
+    """Refuse a value finite in float64 but inf in float32, where the passes compute (a weight
+    decay or a first trial of 1e39 put inf - inf = NaN into θ at the first move back)."""
+    if math.isinf(in_float32(float(value))):
+        raise ValueError(f"invalid {name}: {value!r} (it is inf in float32, where the passes "
+                         "compute; expected a value below 3.4e38)")
+
+
 def check_range(group: dict, key: str, lo: float, hi: float, *, lo_open=False, hi_open=True):
     """:func:`check_number` of ``group[key]`` (by default ``lo <= value < hi``)."""
     check_number(key, group[key], lo, hi, lo_open=lo_open, hi_open=hi_open)

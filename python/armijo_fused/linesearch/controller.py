@@ -313,6 +313,13 @@ def armijo_search(
             solo_misses.clear()  # (a new line: the misses along d say nothing about it)
             rejected = optimistic_rejected = None  # (nor its rejections)
             continue
+        if not math.isfinite(decrease):
+            # ⟨g, d⟩ overflowed float32 (‖g‖ of 1e18 with momentum: Σ g² still finite, so the
+            # guard let it through): f0 − c·η·⟨g, d⟩ is −inf or NaN at every η, so the test
+            # cannot judge any step. Unresolved: no step, η kept (as rejections, every such
+            # search exhausted and cut η by backtrack^max_trials: 1e-38 after two)
+            unresolved = True
+            break
         if math.isfinite(f_trial) and (not informative or f_trial == f_before):
             # The predicted decrease is below what the loss can resolve (float rounding, or a
             # gradient that underflowed on a batch already fit), or the trial's loss is f0 to

@@ -32,8 +32,8 @@ many steps while growth (×1.2 per search) climbs back. So an accepted step belo
 ``collapse_ratio · η̄`` (default 1e-2: two orders of magnitude), or an exhausted search, does not
 enter the average and the step size is reset to η̄ instead (docs/design.md §8, lesson 3), and the next
 step searches again (η̄ has just been rejected). If that search collapses too, the small step is
-no accident: η and η̄ take it; if it is exhausted too, they take the last step size it tried, so
-that the searches that follow go on below it.
+no accident: η and η̄ take it; if it is exhausted too, the next search goes on where it left
+off (its first trial is the step below the last one tried), and so on.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..directions.base import as_real
+from ..directions.base import as_real, in_float32
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ class StepSizePolicy:
             if not (isinstance(v, float) and ok(v)):
                 raise ValueError(f"invalid {name}: {v!r} (expected {expected})")
 
-        check("growth", lambda x: 1.0 <= x < math.inf, "a finite number >= 1")
+        check("growth", lambda x: 1.0 <= x and math.isfinite(in_float32(x)),
+              "a number >= 1, finite in float32")
         check("smoothing", lambda x: 0.0 <= x < 1.0, "0 <= smoothing < 1")
         check("collapse_ratio", lambda x: 0.0 <= x < 1.0, "0 <= ratio < 1")
         check("max_drop", lambda x: 1.0 <= x < math.inf, "a finite number >= 1 or None",
@@ -91,11 +92,12 @@ class StepSizePolicy:
         has tested: a first search that backtracked below it replaces it (no collapse, and no
         average with a value the test has just rejected). ``again``: this block's previous
         search collapsed; if this one collapses too, two in a row are the landscape changing,
-        and η̄ follows. ``lowest``: the last step size an exhausted search tried; after a
-        collapse, a second exhausted search hands it on, so the next one goes on below it
+        and η̄ follows. ``lowest``: where an exhausted search leaves off (the caller's: the
+        step below the last one it tried, over ``growth``); after a collapse, a second
+        exhausted search hands it on, so the next one goes on below every step it tried
         rather than repeating the same sequence from η̄ (a loss whose scale needs steps below
         η̄·backtrack^max_trials never trained, at max_trials forwards per step)."""
-        if accepted is None and again and lowest is not None and lowest < step_size_avg:
+        if accepted is None and again and lowest is not None:
             return self.cap(lowest), lowest, True
         small = accepted is not None and accepted < self.collapse_ratio * step_size_avg
         if accepted is not None and ((untested and accepted < step_size_avg) or (again and small)):

@@ -361,13 +361,17 @@ def snapshot_buffers(modules=(), buffers=(), beside=()) -> list:
 
 def _put_back(entries) -> None:
     """Put (``_buffers``, name, tensor, value) entries back: the tensor in its module (a forward
-    may have reassigned the entry), holding the value."""
+    may have reassigned the entry), holding the value, at the value's shape."""
     if not entries:
         return
-    for bufs, name, buf, _ in entries:
-        if bufs.get(name) is not buf:
-            bufs[name] = buf
     with torch.no_grad():
+        for bufs, name, buf, value in entries:
+            if bufs.get(name) is not buf:
+                bufs[name] = buf
+            if buf.shape != value.shape:
+                # a forward that resized it in place (QAT's per-channel observers start at
+                # shape (0,) and grow at their first forward): the copy raised, every step
+                buf.resize_(value.shape)
         torch._foreach_copy_([e[2] for e in entries], [e[3] for e in entries])
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..directions import get_rule
-from ..directions.base import check_number
+from ..directions.base import check_float32, check_number, in_float32
 from ..linesearch import trial as trial_mod
 from ..linesearch.batched import check_batchable, parameter_names, stacked_loss
 from ..linesearch.cadence import Cadence
@@ -192,6 +192,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         refuse_zero_redundancy(type(self).__name__)
         rule = get_rule(direction)
         check_number("weight_decay", weight_decay, 0.0)
+        check_float32("weight_decay", weight_decay)
         check_number("init_step_size", init_step_size, 0.0, lo_open=True)
         self.backend, self.tile = backend, tile  # (resolved per buffer when the store is built)
         self.block_search = block_search
@@ -240,7 +241,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self.stats: StepStats = StepStats.before_any_step()
 
         defaults = dict(lr=lr, weight_decay=weight_decay, **rule_defaults)
-        self._init_step_size = float(init_step_size)
+        # the first trial is init_step_size · growth, capped by max_step: so is the η that the
+        # steps before the first accepted search apply (an uncapped one, 1e10 times max_step,
+        # went on while the capped searches ended unresolved: the loss grew 3.7 -> 1.6e18)
+        first = float(init_step_size) * self.policy.growth
+        if math.isinf(in_float32(first)):
+            raise ValueError(
+                f"invalid init_step_size: {init_step_size!r} (the first trial, init_step_size · "
+                f"growth = {first:.3g}, is inf in float32, where the passes compute)")
+        self._init_step_size = self.policy.cap(float(init_step_size))
         if isinstance(params, torch.nn.Module):  # torch's own error: "'Linear' is not iterable"
             raise TypeError(
                 f"params is a module ({type(params).__name__}): pass model.parameters() (and "
@@ -322,6 +331,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         cycle); a bad value is refused by name before anything moves."""
         _lr_value(group["lr"])
         check_number("weight_decay", group["weight_decay"], 0.0)
+        check_float32("weight_decay", group["weight_decay"])
         self.rule.validate(group)
         check_group_options(type(self).__name__, self.rule, group)
 

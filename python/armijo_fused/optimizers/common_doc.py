@@ -17,8 +17,8 @@ LINESEARCH_ARGS = r"""
             layer-wise search; set 0.5 for noisy mini-batches)
         max_trials (int, optional): trials per search; when all are rejected the step is not
             taken (θ goes back to θ0, see ``exact_revert``) and η resets to its running
-            average; after a second such search in a row, η and η̄ take the last step size it
-            tried (default: 20)
+            average; after a second such search in a row, the next one goes on below the
+            last step size it tried (η, η̄ ← that step · backtrack / growth) (default: 20)
         max_step (float, optional): cap on the searched η, in the units η is searched in:
             along the direction, or, for ArmijoSGD with ``momentum_search="gradient"``, along
             the gradient (the step applied along the momentum direction is then at most

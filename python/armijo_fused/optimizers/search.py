@@ -407,9 +407,14 @@ class SearchMixin:
             untested = (self.param_groups[gi]["block_searched_at"][lb] == 0 if self.layerwise
                         else self.param_groups[gi]["searches"] == 0)  # η̄ is still the start
             again = bool(self._eta(gi, lb, key="collapsed"))  # its last search collapsed too
-            lowest = None  # the last η an exhausted search tried: where the next one goes on
+            lowest = None  # where the next search goes on after an exhausted one: its first
+            # trial (η·growth) is the step below the last one this search tried, whatever the
+            # settings (with max_trials=1, or growth·backtrack^(max_trials-1) >= 1, the last
+            # one tried is no lower than η̄: taken as it was, every search repeated the same
+            # trials, for good)
             if a is None and exact is None and result.history:
-                lowest = max(result.history[-1][0][b] for b in members) or None
+                last = max(result.history[-1][0][b] for b in members)
+                lowest = last * self.backtrack / self.policy.growth or None
             eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,
                                                                again=again, lowest=lowest)
             settled_all &= self.cadence.settled(a, avg) and not collapsed
