@@ -1528,3 +1528,76 @@ def test_provide_loss_inside_a_trial_is_not_the_next_steps_f0():
             opt.provide_loss(loss.detach())
         opt.step()
         assert opt.stats["loss_before"] == pytest.approx(float(loss))
+
+
+def test_the_loss_trend_guard_shrinks_the_running_average_only_on_a_rising_loss():
+    from armijo_fused.linesearch.policy import StepSizePolicy
+
+    p = StepSizePolicy(trend_guard=True)  # growth 1.2: shrinks by 1.44
+    trend, shrinks = None, []
+    for f0 in [10.0 - k for k in range(10)]:  # a falling loss never sets it off
+        trend, s = p.follow_loss(trend, f0)
+        shrinks.append(s)
+    assert shrinks == [None] * 10
+    for f0 in [1.0 + k for k in range(8)]:  # a rising one does, once the recent average is
+        trend, s = p.follow_loss(trend, f0)  # above the longer one
+        shrinks.append(s)
+    assert shrinks[10] is None and shrinks[-1] == pytest.approx(1.44)
+    assert p.follow_loss(trend, math.nan) == (trend, None)  # (a skipped step's loss: ignored)
+    assert StepSizePolicy().follow_loss(None, 1.0) == (None, None)  # off: nothing kept
+    trend, s = None, None
+    for f0 in [1.0 + k for k in range(5)]:  # the first 5 searches are not judged
+        trend, s = p.follow_loss(trend, f0)
+    assert s is None
+
+
+def _drifting_run(steps, trend_guard, opt=None, model=None, start=0):
+    """ArmijoAdam on a regression whose loss carries an offset growing with the step: within a
+    step the trials see the same offset (the test is unchanged), across searches f0 rises."""
+    torch.manual_seed(0)
+    if model is None:
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = ArmijoAdam(model.parameters(), backend="torch", trend_guard=trend_guard)
+    gen = torch.Generator().manual_seed(1)
+    for k in range(start + steps):
+        x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
+        if k < start:
+            continue
+        opt.step(make_closure(opt, lambda x=x, y=y, k=k: nn.functional.mse_loss(model(x), y)
+                              + 0.05 * k))
+    return model, opt
+
+
+def test_a_rising_loss_of_fresh_batches_shrinks_the_step_size_and_resumes_bit_for_bit():
+    _, plain = _drifting_run(60, trend_guard=False)
+    model, guarded = _drifting_run(60, trend_guard=True)
+    g = guarded.param_groups[0]
+    assert g["step_size_avg"] < 0.5 * plain.param_groups[0]["step_size_avg"]
+    assert 5 < g["loss_trend"][2] <= g["searches"]  # (resolved searches only)
+    # the averages are in the checkpoint: a resumed run continues as the uninterrupted one
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(guarded.state_dict())
+    _drifting_run(20, True, guarded, model, start=60)
+    torch.manual_seed(0)
+    again = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    again.load_state_dict(saved_model)
+    opt2 = ArmijoAdam(again.parameters(), backend="torch")
+    opt2.load_state_dict(saved_opt)
+    _drifting_run(20, True, opt2, again, start=60)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    # a checkpoint from before the guard (no averages) loads and starts them afresh
+    del saved_opt["param_groups"][0]["loss_trend"]
+    fresh = ArmijoAdam(again.parameters(), backend="torch")
+    fresh.load_state_dict(saved_opt)
+    assert fresh.param_groups[0]["loss_trend"] is None
+    _drifting_run(3, True, fresh, again, start=80)
+
+
+def test_the_trend_guard_is_a_setting_checked_where_written():
+    opt = ArmijoAdam(nn.Linear(2, 1).parameters())
+    assert opt.trend_guard is True and ArmijoSGD(nn.Linear(2, 1).parameters()).trend_guard is False
+    opt.trend_guard = False
+    assert opt.policy.trend_guard is False
+    with pytest.raises(TypeError, match="invalid trend_guard"):
+        opt.trend_guard = "yes"
+    with pytest.raises(TypeError, match="invalid trend_guard"):
+        ArmijoAdam(nn.Linear(2, 1).parameters(), trend_guard=None)

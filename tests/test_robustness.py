@@ -2030,18 +2030,23 @@ def test_a_weight_decay_beyond_float32_written_later_is_refused_before_anything_
 @pytest.mark.parametrize("kw", [dict(max_trials=1), dict(growth=1e6),
                                 dict(backtrack=0.99)],
                          ids=["max_trials=1", "growth=1e6", "backtrack=0.99"])
-@pytest.mark.parametrize("cls", [ArmijoSGD, ArmijoAdam])
-def test_searches_exhausted_in_a_row_go_on_below_every_step_tried(cls, kw):
+@pytest.mark.parametrize("cls, mode", [(ArmijoSGD, "global"), (ArmijoAdam, "global"),
+                                       (ArmijoAdam, "exact")])
+def test_searches_exhausted_in_a_row_go_on_below_every_step_tried(cls, mode, kw):
     # settings whose trials never fall below η̄ (one trial; growth·backtrack^(max_trials-1) >= 1):
     # handed the last step size tried, every search repeated the same trials and the model
-    # never moved again, at max_trials forwards per step
-    w = nn.Parameter(torch.tensor([3.0, -2.0]))
-    opt = cls([w], backend="torch", init_step_size=10.0, **kw)
+    # never moved again, at max_trials forwards per step (exact mode: each block's own search;
+    # the review found the first fix left it out)
+    w = [nn.Parameter(torch.tensor([3.0])), nn.Parameter(torch.tensor([-2.0]))]
+    if mode == "exact":
+        kw = dict(kw, layerwise=True, block_search="exact")
+    opt = cls([{"params": [w[0]]}, {"params": [w[1]]}], backend="torch", init_step_size=10.0,
+              **kw)
     tried = []
 
     def closure():
         opt.zero_grad()
-        loss = 2.0 * (w * w).sum()  # curvature 4: ArmijoSGD needs η <= 0.4
+        loss = 2.0 * (w[0] ** 2 + w[1] ** 2).sum()  # curvature 4: ArmijoSGD needs η <= 0.4
         loss.backward()
         return loss
 
@@ -2051,9 +2056,25 @@ def test_searches_exhausted_in_a_row_go_on_below_every_step_tried(cls, kw):
         if opt.stats["exhausted"]:
             tried.append(opt.stats["trials"])
     with torch.no_grad():
-        end = float(2.0 * (w * w).sum())
+        end = float(2.0 * (w[0] ** 2 + w[1] ** 2).sum())
     assert tried, "the settings exhaust the first searches"
-    assert len(tried) < 20 and end < 0.05 * start  # (before: every search, and end == start)
+    assert len(tried) < 35 and end < 0.1 * start  # (before: every search, and end == start)
+
+
+def test_an_exhausted_search_never_raises_the_running_average():
+    from armijo_fused.linesearch.policy import StepSizePolicy
+
+    # η above η̄ (handed on by a search whose trials the loss could not see), then exhausted
+    # again: η goes on below the trials, η̄ stays
+    eta, avg, collapsed = StepSizePolicy().after_search(1.0, None, again=True, lowest=2.0)
+    assert collapsed and eta == 2.0 and avg == 1.0
+
+
+def test_a_first_trial_within_max_step_is_not_refused_for_its_uncapped_start():
+    w = nn.Parameter(torch.tensor([3.0, -2.0]))
+    opt = ArmijoSGD([w], init_step_size=3e38, max_step=1.0)  # the first trial is 1.0
+    opt.step(make_closure(opt, lambda: 2.0 * (w * w).sum()))
+    assert torch.isfinite(w).all() and opt.param_groups[0]["step_size"] <= 1.0
 
 
 def test_a_max_step_below_init_step_size_caps_the_steps_before_the_first_search():
@@ -2071,20 +2092,45 @@ def test_a_max_step_below_init_step_size_caps_the_steps_before_the_first_search(
     assert torch.isfinite(w).all() and w.abs().max() < 10
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_a_slope_whose_product_with_the_direction_overflows_leaves_the_step_size_alone(backend):
+@pytest.mark.parametrize("backend, mode", [("torch", "global"), ("cpp", "global"),
+                                           ("torch", "candidates"), ("torch", "exact")])
+def test_a_slope_whose_product_with_the_direction_overflows_leaves_the_step_size_alone(backend,
+                                                                                       mode):
     # ‖g‖ = 1e19 with momentum along its direction: Σ g² is finite (the guard passes), ⟨g, d⟩
     # is inf, so f0 − c·η·⟨g, d⟩ = −inf rejected every trial: two exhausted searches cut η by
-    # 2^-19 each and every search after them was unresolved at 7e-38
-    w = nn.Parameter(torch.zeros(100))
-    opt = ArmijoSGD([w], init_step_size=1e-30, backend=backend, cadence="every", momentum=0.9,
-                    momentum_search="direction")
-    closure = make_closure(opt, lambda: (w * 1e18).sum())
+    # 2^-19 each and every search after them was unresolved at 7e-38 (the batched search's
+    # too: the review)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 1, bias=False), nn.Linear(1, 1, bias=False))
+    nn.init.zeros_(model[0].weight)
+    nn.init.ones_(model[1].weight)
+    kw = {"global": {}, "candidates": dict(model=model, candidates=2),
+          "exact": dict(model=model, layerwise=True, block_search="exact")}[mode]
+    opt = ArmijoSGD(model.parameters(), init_step_size=1e-30, backend=backend, cadence="every",
+                    momentum=0.9, momentum_search="direction", **kw)
+    closure = make_closure(opt, lambda: (model(torch.ones(4, 100)) * 2.5e17).sum())
     outcomes = []
-    for _ in range(12):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the unresolved-searches warning does not apply)
+        for _ in range(14):
+            opt.step(closure)
+            s = opt.stats
+            outcomes.append("E" if s["exhausted"] else "U" if s["unresolved"] else "a")
+    assert "E" not in outcomes and outcomes[-1] == "U"
+    assert min(np.ravel(opt.stats["next_step_size"])) > 1e-31
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_search_that_could_judge_no_step_is_not_settled():
+    # the default cadence took the unresolved search as settled and applied η blind along
+    # the overflowing direction for the steps after it (21 of 24)
+    w = nn.Parameter(torch.zeros(100))
+    opt = ArmijoSGD([w], init_step_size=1e-30, momentum=0.9, momentum_search="direction")
+    closure = make_closure(opt, lambda: (w * 1e18).sum())
+    outcomes = ""
+    for _ in range(20):
         opt.step(closure)
         s = opt.stats
-        outcomes.append("E" if s["exhausted"] else "U" if s["unresolved"] else "a")
-    assert "E" not in outcomes and outcomes[-1] == "U"
-    assert opt.stats["next_step_size"] > 1e-31
-    assert torch.isfinite(w).all() and all(torch.isfinite(v).all() for v in opt.state[w].values())
+        outcomes += ("U" if s["unresolved"] else "a") if s["searched"] else "."
+    first = outcomes.index("U")  # (a.a...U.UUU...: the interval halves at each one)
+    assert outcomes[first:].count(".") <= 1, outcomes

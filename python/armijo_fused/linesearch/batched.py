@@ -176,6 +176,11 @@ def batched_armijo_search(
             sums = passes.move_to(zeros, precond=True, compute_sums=True)
             precond = non_descent = True
             continue  # same candidates along the fallback direction
+        if not math.isfinite(decrease(eta0)):
+            # ⟨g, d⟩ overflowed float32: no step can be judged (the sequential search's case)
+            return SearchResult(None, 1 + int(non_descent), f_before, math.nan, gd, grad_sq,
+                                non_descent=non_descent, unresolved=True, overflow=True,
+                                history=history)
         for eta, ft in zip(etas, f_k):
             history.append(([eta] * nblocks, ft))
             # trials as the sequential search counts them: the trial points judged, and the

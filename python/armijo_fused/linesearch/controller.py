@@ -63,6 +63,9 @@ class SearchResult:
     first_gd: list = field(default_factory=list)
     # the accepted trial was the optimistic one (every block grown): every block was tested
     optimistic: bool = False
+    # unresolved because ⟨g, d⟩ overflowed float32: the test could judge no step (not settled,
+    # and no sign of a loss that cannot resolve the decrease)
+    overflow: bool = False
     # momentum_search="gradient": the search along g whose η the momentum check (this result)
     # tested along d; its history says where each block's search started (merge_below)
     searched: SearchResult | None = None
@@ -251,7 +254,7 @@ def armijo_search(
     gd_b: list[float] = []
     dd_b: list[float] = []
     first_gd_b: list[float] = []
-    unresolved = unchanged = False
+    unresolved = unchanged = overflow = False
     # trials the search may take: max_trials, plus one for each trial that is not counted
     # (the non-descent one, a failed optimistic one); each such trial raises it by one, so the
     # loop ends at most two trials past max_trials
@@ -318,7 +321,7 @@ def armijo_search(
             # guard let it through): f0 − c·η·⟨g, d⟩ is −inf or NaN at every η, so the test
             # cannot judge any step. Unresolved: no step, η kept (as rejections, every such
             # search exhausted and cut η by backtrack^max_trials: 1e-38 after two)
-            unresolved = True
+            unresolved = overflow = True
             break
         if math.isfinite(f_trial) and (not informative or f_trial == f_before):
             # The predicted decrease is below what the loss can resolve (float rounding, or a
@@ -364,6 +367,7 @@ def armijo_search(
     # block's result, which may be this one)
     return SearchResult(None, len(history), f_before, math.nan, gd, grad_sq,
                         non_descent=non_descent, unresolved=unresolved, unchanged=unchanged,
+                        overflow=overflow,
                         rejected=(rejected or optimistic_rejected) if unresolved else None,
                         history=history,
                         block_gd=gd_b, block_dd=dd_b, first_gd=first_gd_b)

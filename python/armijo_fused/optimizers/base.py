@@ -164,6 +164,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         max_step: float | None,
         collapse_ratio: float,
         max_drop: float | None,
+        trend_guard: bool,
         cadence,
         max_interval: int,
         max_grad_norm: float | None,
@@ -219,7 +220,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self.rule = rule
         self.policy = StepSizePolicy(growth=growth, smoothing=smoothing,
                                      collapse_ratio=collapse_ratio, max_step=max_step,
-                                     max_drop=max_drop)  # (checked as set: settings.py)
+                                     max_drop=max_drop, trend_guard=trend_guard)
+        # (checked as set: settings.py)
         self.cadence = Cadence(cadence, max_interval=max_interval)
         self.process_group = process_group
         self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
@@ -244,7 +246,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # the first trial is init_step_size · growth, capped by max_step: so is the η that the
         # steps before the first accepted search apply (an uncapped one, 1e10 times max_step,
         # went on while the capped searches ended unresolved: the loss grew 3.7 -> 1.6e18)
-        first = float(init_step_size) * self.policy.growth
+        first = self.policy.first_trial(float(init_step_size))
         if math.isinf(in_float32(first)):
             raise ValueError(
                 f"invalid init_step_size: {init_step_size!r} (the first trial, init_step_size · "
@@ -317,6 +319,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                     v for g in self.param_groups if g is not group and key in g
                     for v in (g[key] if isinstance(g[key], list) else [g[key]])])
             group.setdefault(key, default)
+        if group is first:  # the loss-trend guard's averages (policy.py): one per optimizer
+            group.setdefault("loss_trend", None)
         if self.rule.heavy_ball:  # which direction η (step_size) is measured along
             group.setdefault("step_size_along", self.momentum_search)
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
@@ -1116,7 +1120,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         With a bf16 / fp16 loss (a model cast to bf16 whose loss is computed in it) that is
         nearly every search: resolution 6% / 0.8% of the loss. Say so, once, at the third in
         a row; with an fp32 loss at the tenth (a loss scaled very small for ArmijoSGD's η)."""
-        plain = result.unresolved and not result.unchanged and not result.skipped
+        plain = (result.unresolved and not result.unchanged and not result.skipped
+                 and not result.overflow)
         n = self.__dict__.get("_unresolved_searches", 0) + 1 if plain else 0
         self._unresolved_searches = n
         if n == 10 and resolution <= 1e-4:

@@ -34,6 +34,15 @@ LINESEARCH_ARGS = r"""
             run ended at 1.08x the best AdamW, 0.96x with the bound: docs/results.md), None
             for ArmijoSGD (with its smoothing 0 the accepted step is applied as is; set 2 for
             noisy mini-batches)
+        trend_guard (bool, optional): the loss-trend guard: the loss of each searched batch
+            before its step (a batch the step has not yet fit) goes into a recent and a longer
+            running average, and where the recent one is above the longer one (after 5
+            searches) η̄ shrinks by growth². The Armijo test on a noisy mini-batch passes steps
+            that fit that batch, and η̄ can grow while the loss of the other batches rises: on
+            an MLP classifier trained for 1,500 steps with warmup + cosine, η̄ grew 100x and
+            the training loss ended 2.5-7x AdamW's; with the guard below it (docs/results.md).
+            A loss that keeps falling never sets it off (the language-model benchmark runs
+            are unchanged). Default: True for ArmijoAdam, False for ArmijoSGD
         cadence ("adaptive" | "every" | int, optional): when to search. "every": each step; an
             int k: every k-th step; "adaptive": search while η is still moving, then every
             ``max_interval`` steps at most; after an exhausted or collapsed search the next

@@ -382,7 +382,9 @@ class SearchMixin:
             self._set_each(table, list(lowered), list(lowered.values()))
             etas = [lowered.get(b, e) for b, e in enumerate(etas)]
         if skipped or result.unresolved:
-            return result.unresolved and not rejected, False
+            # (an overflowing ⟨g, d⟩ judged nothing: not settled, the next steps search again
+            # rather than apply η blind along that direction)
+            return result.unresolved and not rejected and not result.overflow, False
         outcomes = exact if exact is not None else [(plan[0], accepted, None)]
         turn = None  # the blocks whose turn this search was (None: the outcomes' blocks)
         if exact is None and accepted is not None and result.optimistic:
@@ -412,8 +414,8 @@ class SearchMixin:
             # settings (with max_trials=1, or growth·backtrack^(max_trials-1) >= 1, the last
             # one tried is no lower than η̄: taken as it was, every search repeated the same
             # trials, for good)
-            if a is None and exact is None and result.history:
-                last = max(result.history[-1][0][b] for b in members)
+            last = self._last_tried(result, members) if a is None else None
+            if last is not None:
                 lowest = last * self.backtrack / self.policy.growth or None
             eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,
                                                                again=again, lowest=lowest)
@@ -444,7 +446,37 @@ class SearchMixin:
             small = {table[b]: a for b, a in found.items()
                      if 0.0 < a < self.merge_below and a < self._first_trial(result, b)}
             self._merge_collapsed(small, set(table) - self.__dict__.get("_empty_blocks", set()))
+        self._follow_loss_trend(table, result.loss_before, frozen)
         return settled_all, collapsed_any
+
+    def _follow_loss_trend(self, table, f0: float, frozen) -> None:
+        """The loss-trend guard (``trend_guard``, policy.py): f0 of each resolved search, a
+        fresh batch's loss before its step, goes into two running averages; where the recent
+        one is above the longer one, the loss of unseen batches is rising while the searches
+        pass on their own batches: η̄ of every block shrinks by growth², η to at most η̄."""
+        g0 = self.param_groups[0]
+        trend, shrink = self.policy.follow_loss(g0.get("loss_trend"), f0)
+        g0["loss_trend"] = trend
+        if not shrink:
+            return
+        moving = [b for b in range(len(table)) if not frozen[b]]
+        avg = [self._eta(*table[b], key="step_size_avg") / shrink for b in moving]
+        self._set_each(table, moving, avg, key="step_size_avg")
+        self._set_each(table, moving, [min(self._eta(*table[b]), a) for b, a in zip(moving, avg)])
+
+    @staticmethod
+    def _last_tried(result, members) -> float | None:
+        """The largest η among ``members`` at the last trial of a search that tried them all
+        and exhausted (exact mode: the block's own search; None where the block's own search
+        passed and only the combined test after it failed, or ended unresolved)."""
+        per_block = getattr(result, "block_results", None)
+        if per_block is None:
+            return max(result.history[-1][0][b] for b in members) if result.history else None
+        for m, r in per_block:
+            if list(m) == list(members) and r.accepted is None and not r.unresolved \
+                    and r.history:
+                return max(r.history[-1][0][b] for b in members)
+        return None
 
     @staticmethod
     def _first_trial(result, b) -> float:

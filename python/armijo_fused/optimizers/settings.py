@@ -256,6 +256,7 @@ class SettingsMixin:
     collapse_ratio = _PolicyField()
     max_step = _PolicyField()
     max_drop = _PolicyField()
+    trend_guard = _PolicyField()
     exact_revert = Checked(_flag("exact_revert"))
     backend = Checked(_backend)
     block_search = Checked(_block_search)
