@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 from ..directions.base import as_real, in_float32
@@ -61,9 +62,10 @@ class StepSizePolicy:
     max_drop: float | None = None
     trend_guard: bool = False
 
-    #: the loss-trend guard's running averages of f0 over searches (recent, longer), and the
-    #: searches it waits for before it judges a trend
-    TREND_FAST, TREND_SLOW, TREND_WARMUP = 0.5, 0.9, 5
+    #: the loss-trend guard: f0 is averaged over windows of at least TREND_WINDOW steps, and
+    #: the window means go into a recent and a longer running average (weights per window);
+    #: it judges a trend from the (TREND_WARMUP + 1)-th window on
+    TREND_WINDOW, TREND_FAST, TREND_SLOW, TREND_WARMUP = 10, 0.5, 0.9, 5
 
     def __post_init__(self):
         # one real number (a numpy one, a one-element tensor) as a float; anything else stays,
@@ -93,26 +95,51 @@ class StepSizePolicy:
         check("max_step", lambda x: x > 0, "> 0 or None", optional=True)
         if self.trend_guard not in (True, False):
             raise TypeError(f"invalid trend_guard: {self.trend_guard!r} (expected True or False)")
+        object.__setattr__(self, "trend_guard", bool(self.trend_guard))
 
-    def follow_loss(self, trend: list | None, f0: float) -> tuple[list | None, float | None]:
-        """The loss-trend guard: ``trend`` is [recent average, longer average, searches] of the
-        searches' f0 (None before the first); returns the new one and the factor η̄ shrinks by
-        (None: it stays). Each f0 is the loss of a batch the step has not yet moved on, so the
-        averages follow the loss of unseen batches, which the Armijo test on the batch itself
-        does not see: on noisy mini-batches every search can pass its own batch while the
-        loss of the others rises (the module doc). A recent average above the longer one
-        after ``TREND_WARMUP`` searches shrinks η̄ by growth², two searches' growth. A loss
-        that keeps falling never sets it off; a flat one now and then, which anneals η̄."""
+    def follow_loss(self, trend: list | None, f0: float,
+                    step: int) -> tuple[list | None, float | None]:
+        """The loss-trend guard. ``trend``: [recent average, longer average, windows closed,
+        sum and count of f0 in the open window, the open window's first step] (None before the
+        first search); ``f0``: the loss of a search at step ``step``. Returns the new trend and
+        the factor η̄ shrinks by (None: it stays).
+
+        Each f0 is the loss of a batch the step has not yet fit, so its averages follow the
+        loss of unseen batches, which the Armijo test on the batch itself does not see: on
+        noisy mini-batches every search can pass its own batch while the loss of the others
+        rises (the module doc). The f0 of the searches in ``TREND_WINDOW`` steps are averaged
+        first, so that the guard sees the same span of training whatever the cadence (with
+        averages over searches, a search at every step compared two and ten batches' noise,
+        and η̄ shrank until no search could resolve a decrease). A recent average above the
+        longer one shrinks η̄ by growth², about four passing searches' growth for ArmijoAdam
+        (η̄ grows by √growth per search with smoothing 0.5). A loss that keeps falling never
+        sets it off; a flat one now and then, which anneals η̄."""
         if not self.trend_guard or not math.isfinite(f0):
             return trend, None
+        fast, slow, windows, total, count, start = trend or (0.0, 0.0, 0, 0.0, 0, step)
+        total, count = total + f0, count + 1
+        if step - start + 1 < self.TREND_WINDOW:  # the window is still open
+            return [fast, slow, windows, total, count, start], None
+        mean = total / count
+        if windows == 0:
+            fast = slow = mean
+        else:
+            fast = self.TREND_FAST * fast + (1.0 - self.TREND_FAST) * mean
+            slow = self.TREND_SLOW * slow + (1.0 - self.TREND_SLOW) * mean
+        windows += 1
+        rising = windows > self.TREND_WARMUP and fast > slow and self.growth > 1.0
+        return [fast, slow, windows, 0.0, 0, step + 1], (self.growth ** 2 if rising else None)
+
+    @staticmethod
+    def trend_error(trend) -> str | None:
+        """What is wrong with a saved ``loss_trend`` (None: nothing)."""
         if trend is None:
-            return [f0, f0, 1], None
-        fast, slow, n = trend
-        fast = self.TREND_FAST * fast + (1.0 - self.TREND_FAST) * f0
-        slow = self.TREND_SLOW * slow + (1.0 - self.TREND_SLOW) * f0
-        n += 1
-        rising = n > self.TREND_WARMUP and fast > slow
-        return [fast, slow, n], (self.growth ** 2 if rising and self.growth > 1.0 else None)
+            return None
+        ok = isinstance(trend, (list, tuple)) and len(trend) == 6 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            for v in trend) and trend[2] >= 0 and trend[4] >= 0
+        return None if ok else (f"invalid loss_trend: {trend!r} (expected None or six finite "
+                                "numbers: two averages, windows, sum, count, first step)")
 
     def cap(self, eta: float) -> float:
         return eta if self.max_step is None else min(eta, self.max_step)

@@ -364,7 +364,7 @@ class CheckpointMixin:
         groups = state_dict.get("param_groups", [])
         for gi, group in enumerate(groups):
             # the counters too: a None among them loaded, and the next step raised after θ moved
-            problems = [counter_error(group)]
+            problems = [counter_error(group), self.policy.trend_error(group.get("loss_trend"))]
             for key in (*keys, "step_length", "collapsed"):
                 for v in entries(group, key):
                     try:

@@ -35,9 +35,10 @@ LINESEARCH_ARGS = r"""
             for ArmijoSGD (with its smoothing 0 the accepted step is applied as is; set 2 for
             noisy mini-batches)
         trend_guard (bool, optional): the loss-trend guard: the loss of each searched batch
-            before its step (a batch the step has not yet fit) goes into a recent and a longer
-            running average, and where the recent one is above the longer one (after 5
-            searches) η̄ shrinks by growth². The Armijo test on a noisy mini-batch passes steps
+            before its step (a batch the step has not yet fit) is averaged over windows of 10
+            steps, the window means go into a recent and a longer running average, and where
+            the recent one is above the longer one (from the sixth window on) η̄ shrinks by
+            growth², at most once per window. The Armijo test on a noisy mini-batch passes steps
             that fit that batch, and η̄ can grow while the loss of the other batches rises: on
             an MLP classifier trained for 1,500 steps with warmup + cosine, η̄ grew 100x and
             the training loss ended 2.5-7x AdamW's; with the guard below it (docs/results.md).

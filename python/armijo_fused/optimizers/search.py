@@ -446,16 +446,17 @@ class SearchMixin:
             small = {table[b]: a for b, a in found.items()
                      if 0.0 < a < self.merge_below and a < self._first_trial(result, b)}
             self._merge_collapsed(small, set(table) - self.__dict__.get("_empty_blocks", set()))
-        self._follow_loss_trend(table, result.loss_before, frozen)
+        self._follow_loss_trend(table, result.loss_before, frozen, k)
         return settled_all, collapsed_any
 
-    def _follow_loss_trend(self, table, f0: float, frozen) -> None:
+    def _follow_loss_trend(self, table, f0: float, frozen, k: int) -> None:
         """The loss-trend guard (``trend_guard``, policy.py): f0 of each resolved search, a
-        fresh batch's loss before its step, goes into two running averages; where the recent
-        one is above the longer one, the loss of unseen batches is rising while the searches
-        pass on their own batches: η̄ of every block shrinks by growth², η to at most η̄."""
+        fresh batch's loss before its step, goes into running averages over windows of steps;
+        where the recent one is above the longer one, the loss of unseen batches is rising
+        while the searches pass on their own batches: η̄ of every block shrinks by growth², η
+        to at most η̄."""
         g0 = self.param_groups[0]
-        trend, shrink = self.policy.follow_loss(g0.get("loss_trend"), f0)
+        trend, shrink = self.policy.follow_loss(g0.get("loss_trend"), f0, k)
         g0["loss_trend"] = trend
         if not shrink:
             return

@@ -50,7 +50,7 @@ GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "nesterov", "momentum", "decou
 #: ignores keys it does not read; these look per-group and are not), so they are refused there
 _WHOLE_OPTIMIZER_OPTIONS = (
     "direction", "init_step_size", "c", "backtrack", "growth", "smoothing", "max_trials",
-    "max_step", "collapse_ratio", "max_drop", "cadence", "max_interval", "max_grad_norm", "check_finite",
+    "max_step", "collapse_ratio", "max_drop", "trend_guard", "cadence", "max_interval", "max_grad_norm", "check_finite",
     "backend", "layerwise", "model", "block_search", "merge_below", "exact_revert",
     "process_group", "candidates", "flat", "tile", "momentum_search")
 
@@ -263,6 +263,8 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
             if "step" in per:
                 steps.append(int(_float(per["step"])))
         group = {k: v for k, v in live.items() if k != "params"}
+        if "loss_trend" in group:
+            group["loss_trend"] = None  # (the averages of this optimizer's own run until now)
         group.update({k: saved[k] for k in _TAKEN
                       if k in saved and (k in live or k in _SCHEDULE_KEYS)})
         folded = max(steps, default=0)
