@@ -101,20 +101,22 @@ class StepSizePolicy:
                     step: int) -> tuple[list | None, float | None]:
         """The loss-trend guard. ``trend``: [recent average, longer average, windows closed,
         sum and count of f0 in the open window, the open window's first step] (None before the
-        first search); ``f0``: the loss of a search at step ``step``. Returns the new trend and
-        the factor η̄ shrinks by (None: it stays).
+        first search, and while the guard is off); ``f0``: the loss of a search at step
+        ``step``. Returns the new trend and the factor η̄ shrinks by (None: it stays; the
+        caller never takes η̄ below ``init_step_size``).
 
         Each f0 is the loss of a batch the step has not yet fit, so its averages follow the
         loss of unseen batches, which the Armijo test on the batch itself does not see: on
         noisy mini-batches every search can pass its own batch while the loss of the others
         rises (the module doc). The f0 of the searches in ``TREND_WINDOW`` steps are averaged
-        first, so that the guard sees the same span of training whatever the cadence (with
-        averages over searches, a search at every step compared two and ten batches' noise,
-        and η̄ shrank until no search could resolve a decrease). A recent average above the
-        longer one shrinks η̄ by growth², about four passing searches' growth for ArmijoAdam
-        (η̄ grows by √growth per search with smoothing 0.5). A loss that keeps falling never
-        sets it off; a flat one now and then, which anneals η̄."""
-        if not self.trend_guard or not math.isfinite(f0):
+        first (averaged per search, a search at every step compared two and ten batches'
+        noise, and η̄ shrank until no search could resolve a decrease). A recent average above
+        the longer one shrinks η̄ by growth² times the growth the window's other searches
+        could have added (growth^(1 - smoothing) each): about four passing searches' growth
+        for ArmijoAdam at its adaptive cadence, more where a window holds several searches."""
+        if not self.trend_guard:
+            return None, None
+        if not math.isfinite(f0):
             return trend, None
         fast, slow, windows, total, count, start = trend or (0.0, 0.0, 0, 0.0, 0, step)
         total, count = total + f0, count + 1
@@ -128,18 +130,26 @@ class StepSizePolicy:
             slow = self.TREND_SLOW * slow + (1.0 - self.TREND_SLOW) * mean
         windows += 1
         rising = windows > self.TREND_WARMUP and fast > slow and self.growth > 1.0
-        return [fast, slow, windows, 0.0, 0, step + 1], (self.growth ** 2 if rising else None)
+        shrink = self.growth ** (2.0 + (count - 1) * (1.0 - self.smoothing))
+        return [fast, slow, windows, 0.0, 0, step + 1], (shrink if rising else None)
 
     @staticmethod
-    def trend_error(trend) -> str | None:
-        """What is wrong with a saved ``loss_trend`` (None: nothing)."""
+    def trend_error(trend, step: int) -> str | None:
+        """What is wrong with a saved ``loss_trend`` in a group at ``step`` (None: nothing)."""
         if trend is None:
             return None
+
+        def whole(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and \
+                math.isfinite(v) and float(v).is_integer() and v >= 0
+
         ok = isinstance(trend, (list, tuple)) and len(trend) == 6 and all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-            for v in trend) and trend[2] >= 0 and trend[4] >= 0
-        return None if ok else (f"invalid loss_trend: {trend!r} (expected None or six finite "
-                                "numbers: two averages, windows, sum, count, first step)")
+            for v in trend[:2] + trend[3:4]) and all(whole(v) for v in trend[2:3] + trend[4:])
+        ok = ok and (trend[4] > 0 or trend[3] == 0) and 1 <= trend[5] <= step + 1
+        return None if ok else (f"invalid loss_trend: {trend!r} (expected None or two finite "
+                                "averages, a count of windows, the open window's sum and count "
+                                "of losses, and its first step, at most the group's step + 1)")
 
     def cap(self, eta: float) -> float:
         return eta if self.max_step is None else min(eta, self.max_step)

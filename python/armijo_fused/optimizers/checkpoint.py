@@ -364,7 +364,10 @@ class CheckpointMixin:
         groups = state_dict.get("param_groups", [])
         for gi, group in enumerate(groups):
             # the counters too: a None among them loaded, and the next step raised after θ moved
-            problems = [counter_error(group), self.policy.trend_error(group.get("loss_trend"))]
+            problems = [counter_error(group)]
+            if counter_error(group) is None:  # (the trend's first step is checked against it)
+                problems.append(self.policy.trend_error(group.get("loss_trend"),
+                                                        group.get("step", 0)))
             for key in (*keys, "step_length", "collapsed"):
                 for v in entries(group, key):
                     try:

@@ -37,13 +37,16 @@ LINESEARCH_ARGS = r"""
         trend_guard (bool, optional): the loss-trend guard: the loss of each searched batch
             before its step (a batch the step has not yet fit) is averaged over windows of 10
             steps, the window means go into a recent and a longer running average, and where
-            the recent one is above the longer one (from the sixth window on) η̄ shrinks by
-            growth², at most once per window. The Armijo test on a noisy mini-batch passes steps
-            that fit that batch, and η̄ can grow while the loss of the other batches rises: on
-            an MLP classifier trained for 1,500 steps with warmup + cosine, η̄ grew 100x and
-            the training loss ended 2.5-7x AdamW's; with the guard below it (docs/results.md).
-            A loss that keeps falling never sets it off (the language-model benchmark runs
-            are unchanged). Default: True for ArmijoAdam, False for ArmijoSGD
+            the recent one is above the longer one (from the sixth window on) η̄ shrinks, at
+            most once per window, by growth² times what the window's other searches could have
+            grown it, never below ``init_step_size``. The Armijo test on a noisy mini-batch
+            passes steps that fit that batch, and η̄ can grow while the loss of the other
+            batches rises: on classifiers trained for 1,500 steps with warmup + cosine, η̄ grew
+            100x and the training loss ended 2-10x AdamW's; with the guard below it
+            (docs/results.md, which also lists what it costs). A flat noisy loss sets it off
+            now and then, which anneals η̄ toward its start. Default: on for ArmijoAdam's
+            global search (None), off with ``layerwise=True`` (on our layer-wise tasks it cost
+            training loss) and for ArmijoSGD
         cadence ("adaptive" | "every" | int, optional): when to search. "every": each step; an
             int k: every k-th step; "adaptive": search while η is still moving, then every
             ``max_interval`` steps at most; after an exhausted or collapsed search the next

@@ -461,7 +461,12 @@ class SearchMixin:
         if not shrink:
             return
         moving = [b for b in range(len(table)) if not frozen[b]]
-        avg = [self._eta(*table[b], key="step_size_avg") / shrink for b in moving]
+        # it takes back growth only: never below the start (a flat noisy loss sets it off now
+        # and then, and η̄ decayed to 0 on plateaus: parity, mixed tasks; annealing is the
+        # schedule's)
+        floor = self._init_step_size
+        avg = [max(a / shrink, min(a, floor))
+               for a in (self._eta(*table[b], key="step_size_avg") for b in moving)]
         self._set_each(table, moving, avg, key="step_size_avg")
         self._set_each(table, moving, [min(self._eta(*table[b]), a) for b, a in zip(moving, avg)])
 

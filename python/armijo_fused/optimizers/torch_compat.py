@@ -50,7 +50,8 @@ GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "nesterov", "momentum", "decou
 #: ignores keys it does not read; these look per-group and are not), so they are refused there
 _WHOLE_OPTIMIZER_OPTIONS = (
     "direction", "init_step_size", "c", "backtrack", "growth", "smoothing", "max_trials",
-    "max_step", "collapse_ratio", "max_drop", "trend_guard", "cadence", "max_interval", "max_grad_norm", "check_finite",
+    "max_step", "collapse_ratio", "max_drop", "trend_guard", "cadence", "max_interval",
+    "max_grad_norm", "check_finite",
     "backend", "layerwise", "model", "block_search", "merge_below", "exact_revert",
     "process_group", "candidates", "flat", "tile", "momentum_search")
 
