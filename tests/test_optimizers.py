@@ -1682,3 +1682,18 @@ def test_a_torch_checkpoint_starts_the_loss_trend_afresh():
     adamw.step()
     opt.load_state_dict(adamw.state_dict())
     assert opt.param_groups[0]["loss_trend"] is None
+
+
+def test_the_trend_guard_at_extreme_settings_and_a_lowered_start():
+    from armijo_fused.linesearch.policy import StepSizePolicy
+
+    # growth 1e29 (valid) at a search every step: the shrink was growth^11, a float overflow
+    # raised mid-step; it is formed only for a rising loss now, in logs
+    p = StepSizePolicy(growth=1e29, smoothing=0.0, trend_guard=True)
+    trend, s = [1.0, 0.5, 9, 9.0, 9, 91], None
+    trend, s = p.follow_loss(trend, 2.0, 100)
+    assert s is not None and math.isfinite(s)
+    # an open window holds fewer f0 than a window's steps, and no more than its steps so far
+    assert p.trend_error([1.0, 1.1, 2, 10.0, 10, 21], 40) is not None
+    assert p.trend_error([1.0, 1.1, 2, 1.0, 1, 21], 20) is not None
+    assert p.trend_error([1.0, 1.1, 2, 1.0, 1, 21], 21) is None

@@ -26,7 +26,7 @@ the bound: 0.96x). The step that search accepted is still the one taken; only
 what the next steps carry over is bounded. A real change of scale is followed over a few
 searches, which come quicker: η̄ is then not settled, so the cadence halves its interval.
 
-Loss-trend guard (``trend_guard``, on for ArmijoAdam): the test on one noisy mini-batch passes
+Loss-trend guard (``trend_guard``, on for ArmijoAdam's global search): the test on one noisy mini-batch passes
 steps that fit that batch; where searches keep passing their first, grown trial, η̄ grows by
 √growth per search whatever the loss of the other batches does. On a classifier that fits its
 training set (an MLP, 1,500 steps of batch 64, warmup + cosine) η̄ grew 100x past where the
@@ -130,8 +130,12 @@ class StepSizePolicy:
             slow = self.TREND_SLOW * slow + (1.0 - self.TREND_SLOW) * mean
         windows += 1
         rising = windows > self.TREND_WARMUP and fast > slow and self.growth > 1.0
-        shrink = self.growth ** (2.0 + (count - 1) * (1.0 - self.smoothing))
-        return [fast, slow, windows, 0.0, 0, step + 1], (shrink if rising else None)
+        if not rising:
+            return [fast, slow, windows, 0.0, 0, step + 1], None
+        # (in logs: growth^11 overflows a float for a growth above 1e28, which is valid)
+        power = 2.0 + (count - 1) * (1.0 - self.smoothing)
+        shrink = math.exp(min(power * math.log(self.growth), 700.0))
+        return [fast, slow, windows, 0.0, 0, step + 1], shrink
 
     @staticmethod
     def trend_error(trend, step: int) -> str | None:
@@ -146,7 +150,9 @@ class StepSizePolicy:
         ok = isinstance(trend, (list, tuple)) and len(trend) == 6 and all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
             for v in trend[:2] + trend[3:4]) and all(whole(v) for v in trend[2:3] + trend[4:])
-        ok = ok and (trend[4] > 0 or trend[3] == 0) and 1 <= trend[5] <= step + 1
+        # (an open window holds at most one f0 per step, and fewer than a window's steps)
+        ok = ok and (trend[4] > 0 or trend[3] == 0) and 1 <= trend[5] <= step + 1 and \
+            trend[4] <= min(StepSizePolicy.TREND_WINDOW - 1, step + 1 - trend[5])
         return None if ok else (f"invalid loss_trend: {trend!r} (expected None or two finite "
                                 "averages, a count of windows, the open window's sum and count "
                                 "of losses, and its first step, at most the group's step + 1)")

@@ -453,8 +453,8 @@ class SearchMixin:
         """The loss-trend guard (``trend_guard``, policy.py): f0 of each resolved search, a
         fresh batch's loss before its step, goes into running averages over windows of steps;
         where the recent one is above the longer one, the loss of unseen batches is rising
-        while the searches pass on their own batches: η̄ of every block shrinks by growth², η
-        to at most η̄."""
+        while the searches pass on their own batches: η̄ of every block shrinks by the policy's
+        factor, but not below where the run started, η to at most η̄."""
         g0 = self.param_groups[0]
         trend, shrink = self.policy.follow_loss(g0.get("loss_trend"), f0, k)
         g0["loss_trend"] = trend
@@ -464,7 +464,9 @@ class SearchMixin:
         # it takes back growth only: never below the start (a flat noisy loss sets it off now
         # and then, and η̄ decayed to 0 on plateaus: parity, mixed tasks; annealing is the
         # schedule's)
-        floor = self._init_step_size
+        # (the start: init_step_size, or a loaded torch optimizer's lr; under max_step)
+        floor = self.policy.cap(min(self._init_step_size,
+                                    self.__dict__.get("_growth_start", math.inf)))
         avg = [max(a / shrink, min(a, floor))
                for a in (self._eta(*table[b], key="step_size_avg") for b in moving)]
         self._set_each(table, moving, avg, key="step_size_avg")
