@@ -39,7 +39,7 @@ from torch import nn
 from armijo_fused import ArmijoAdam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import add_out_argument, environment, out_file, result_slug, write_result  # noqa: E402
+from _env import add_out_argument, environment, out_file, positive_int, result_slug, write_result  # noqa: E402
 
 OPTIMIZERS = ("ArmijoAdam", "ArmijoAdam trend_guard=False", "AdamW lr=0.0003", "AdamW lr=0.001",
               "AdamW lr=0.003")
@@ -162,8 +162,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--tasks", default="mlp:64,mlp:16,mlp:4,cnn:4",
                     help="task:batch pairs, comma separated (tasks: mlp, cnn)")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=positive_int, default=1500, help="training steps per run")
+    ap.add_argument("--seeds", default="0,1,2", help="comma separated")
     ap.add_argument("--only", default=None, help="optimizer name prefixes, comma separated")
     add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
