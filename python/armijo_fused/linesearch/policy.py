@@ -26,12 +26,13 @@ the bound: 0.96x). The step that search accepted is still the one taken; only
 what the next steps carry over is bounded. A real change of scale is followed over a few
 searches, which come quicker: η̄ is then not settled, so the cadence halves its interval.
 
-Loss-trend guard (``trend_guard``, on for ArmijoAdam's global search): the test on one noisy mini-batch passes
-steps that fit that batch; where searches keep passing their first, grown trial, η̄ grows by
-√growth per search whatever the loss of the other batches does. On a classifier that fits its
-training set (an MLP, 1,500 steps of batch 64, warmup + cosine) η̄ grew 100x past where the
-loss of fresh batches turned up, and the run ended at 2.5-7x AdamW's training loss; the
-searched batches' f0, a loss the step has not yet fit, shows the turn: see :meth:`follow_loss`.
+Loss-trend guard (``trend_guard``, on for ArmijoAdam's global search): the test on one noisy
+mini-batch passes steps that fit that batch; where searches keep passing their first, grown
+trial, η̄ grows by √growth per search whatever the loss of the other batches does. On a
+classifier that fits its training set (an MLP, 1,500 steps of batch 64, warmup + cosine) η̄
+grew 100x past where the loss of fresh batches turned up, and the run ended at 2.3-5.6x AdamW's
+training loss; the searched batches' f0, a loss the step has not yet fit, shows the turn: see
+:meth:`follow_loss` (docs/results.md has the measurements).
 
 Collapse guard: one noisy mini-batch can make the search accept a step orders of magnitude smaller
 than usual, or none at all (trials exhausted). Carried over, such a step size stalls training for

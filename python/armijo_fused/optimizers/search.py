@@ -461,12 +461,11 @@ class SearchMixin:
         if not shrink:
             return
         moving = [b for b in range(len(table)) if not frozen[b]]
-        # it takes back growth only: never below the start (a flat noisy loss sets it off now
-        # and then, and η̄ decayed to 0 on plateaus: parity, mixed tasks; annealing is the
-        # schedule's)
-        # (the start: init_step_size, or a loaded torch optimizer's lr; under max_step)
-        floor = self.policy.cap(min(self._init_step_size,
-                                    self.__dict__.get("_growth_start", math.inf)))
+        # it takes back growth only: never below the start, init_step_size under max_step (a
+        # flat noisy loss sets it off now and then, and η̄ decayed to 0 on plateaus: parity,
+        # mixed tasks; annealing is the schedule's). Not a loaded torch optimizer's lr, which
+        # neither a checkpoint nor a copy of this one carries: resumes stay bitwise
+        floor = self.policy.cap(self._init_step_size)
         avg = [max(a / shrink, min(a, floor))
                for a in (self._eta(*table[b], key="step_size_avg") for b in moving)]
         self._set_each(table, moving, avg, key="step_size_avg")
