@@ -4,7 +4,8 @@ The Armijo test on one noisy mini-batch passes steps that fit that batch. On a c
 can fit its whole training set, searches keep passing their first (grown) trial while the loss
 of the other batches turns up, and η̄ grew past anything AdamW uses (0.1-2.5 for Adam
 directions) even under warmup + cosine. The loss-trend guard (``trend_guard``, on for
-ArmijoAdam) watches the searched batches' loss before their step and shrinks η̄ where it rises.
+ArmijoAdam's global search) watches the searched batches' loss before their step and shrinks
+η̄ where it rises.
 
 Tasks (synthetic, fixed seeds, no download):
 

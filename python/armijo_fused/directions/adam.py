@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DirectionRule, _pad, check_number, check_range, unmix
+from .base import DirectionRule, _pad, check_number, check_range, in_float32, unmix
 
 
 def check_eps(group) -> None:
@@ -25,7 +25,7 @@ def check_eps(group) -> None:
     backend, and an element whose g and v were 0 got 0/0, NaN, in the model (no skip: the
     guard watches the gradient and the loss, not the direction)."""
     check_range(group, "eps", 0.0, float("inf"), lo_open=True)
-    as_fp32 = float(torch.tensor(float(group["eps"]), dtype=torch.float32))
+    as_fp32 = in_float32(float(group["eps"]))
     if not 0.0 < as_fp32 < float("inf"):
         raise ValueError(f"invalid eps: {group['eps']!r} (it is {as_fp32:g} in float32, where the "
                          "passes compute; expected a value between 1.4e-45 and 3.4e38)")

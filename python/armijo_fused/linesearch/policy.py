@@ -30,7 +30,7 @@ Loss-trend guard (``trend_guard``, on for ArmijoAdam's global search): the test 
 mini-batch passes steps that fit that batch; where searches keep passing their first, grown
 trial, η̄ grows by √growth per search whatever the loss of the other batches does. On a
 classifier that fits its training set (an MLP, 1,500 steps of batch 64, warmup + cosine) η̄
-grew 100x past where the loss of fresh batches turned up, and the run ended at 2.3-5.6x AdamW's
+grew 100x past where the loss of fresh batches turned up, and the run ended at 2.3-5.5x AdamW's
 training loss; the searched batches' f0, a loss the step has not yet fit, shows the turn: see
 :meth:`follow_loss` (docs/results.md has the measurements).
 
@@ -133,9 +133,10 @@ class StepSizePolicy:
         rising = windows > self.TREND_WARMUP and fast > slow and self.growth > 1.0
         if not rising:
             return [fast, slow, windows, 0.0, 0, step + 1], None
-        # (in logs: growth^11 overflows a float for a growth above 1e28, which is valid)
         power = 2.0 + (count - 1) * (1.0 - self.smoothing)
-        shrink = math.exp(min(power * math.log(self.growth), 700.0))
+        # (growth^11 overflows a float for a growth above 1e28, which is valid)
+        shrink = self.growth ** power if power * math.log(self.growth) < 700.0 else \
+            math.exp(700.0)
         return [fast, slow, windows, 0.0, 0, step + 1], shrink
 
     @staticmethod
