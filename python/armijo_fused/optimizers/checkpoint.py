@@ -365,7 +365,7 @@ class CheckpointMixin:
         for gi, group in enumerate(groups):
             # the counters too: a None among them loaded, and the next step raised after θ moved
             problems = [counter_error(group)]
-            if counter_error(group) is None:  # (the trend's first step is checked against it)
+            if problems[0] is None:  # (the trend's first step is checked against the count)
                 problems.append(self.policy.trend_error(group.get("loss_trend"),
                                                         group.get("step", 0)))
             for key in (*keys, "step_length", "collapsed"):
