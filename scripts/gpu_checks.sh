@@ -10,8 +10,9 @@
 # Usage (on the GPU machine, from the repository root; GIT_COMMIT names the commit in the results,
 # since the machine gets the working tree without .git):
 #   GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_checks.sh --part 1 --quick
-#       install, GPU tests, kernels, optimizer step, training step: every acceptance line but #5's
-#       batched candidates (stage limits add up to 560 s: one 10-minute command)
+#       install, a smoke test (stops the run when it fails), GPU tests, kernels, optimizer step,
+#       training step: every acceptance line but #5's batched candidates (stage limits add up to
+#       650 s; the stages are expected to end well inside them)
 #   GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_checks.sh --part 2 --quick
 #       batched candidates, host overhead, layer-wise (toy model) (limits: 260 s)
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
@@ -38,6 +39,7 @@ while (($#)); do
 done
 [[ $PART == 1 || $PART == 2 || $PART == all ]] || { echo "--part must be 1 or 2" >&2; exit 2; }
 status=0
+last=0  # the exit status of the latest stage
 LOG=${OUT:-/tmp}/gpu_checks_part${PART}.log
 : >"$LOG"
 STAMP=$(mktemp)  # results newer than this are this run's
@@ -49,6 +51,7 @@ stage() {  # stage NAME SECONDS CMD...
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -25
   local rc=${PIPESTATUS[0]}
+  last=$rc
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
   ((rc > status)) && status=$rc
   save_results
@@ -83,15 +86,25 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.ve
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
 JUNIT=${OUT:-/tmp}/gpu_tests.xml  # read by scripts/acceptance_report.py
+# pytest-xdist (on the GPU machines' image) compiles the tests' ~100 Triton variants on 8 cores
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 if [[ $PART != 2 ]]; then
+  # one compiled ArmijoAdam run against its torch twin first: when the optimizer cannot run on
+  # this GPU every later stage would fail, and stopping here leaves the session's device time
+  # for a second try after the fix
+  stage smoke 90 $PY -m pytest -q -x -p no:randomly -m gpu tests/test_triton_kernels.py -k test_optimizer
+  if ((last)); then
+    echo "== smoke failed: the later stages are not run" | tee -a "$LOG"
+    exit $status
+  fi
   if ((QUICK)); then
-    stage tests-gpu 120 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly --junitxml "$JUNIT"
+    stage tests-gpu 120 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly $XDIST --junitxml "$JUNIT"
     stage kernels 120 $PY bench/bench_kernels.py --repeats 20
     stage optimizer-step 60 $PY bench/optimizer_step.py --device cuda --repeats 15
     # (30 timed steps: three periods of the adaptive cadence's longest interval)
     stage step 150 $PY bench/step_bench.py --steps 30 --warmup 5
   else
-    stage tests-gpu 150 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly --junitxml "$JUNIT"
+    stage tests-gpu 150 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly $XDIST --junitxml "$JUNIT"
     stage kernels 200 $PY bench/bench_kernels.py --repeats 30
     stage optimizer-step 90 $PY bench/optimizer_step.py --device cuda --repeats 30
     stage step 240 $PY bench/step_bench.py
