@@ -24,8 +24,10 @@ def device_slug(name: str) -> str:
 
 
 def git_commit() -> str:
-    """The commit the results were made at: git's, else ``$GIT_COMMIT`` (a device machine gets
-    the working tree without its .git: scripts/gpu_checks.sh is run with GIT_COMMIT=...)."""
+    """The commit the results were made at: ``$GIT_COMMIT`` when set, else git's. A device
+    machine gets the working tree with the .git of the session's start, not of the commit sent
+    (its first results named 52307c1-dirty for a tree at 74e62f9), so scripts/gpu_checks.sh is
+    run with GIT_COMMIT=..."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
@@ -33,9 +35,11 @@ def git_commit() -> str:
         except OSError:  # no git on the machine (a GPU machine may have none)
             return ""
 
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     commit = git("rev-parse", "HEAD")
     if not commit:
-        return os.environ.get("GIT_COMMIT") or "unknown"
+        return "unknown"
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
