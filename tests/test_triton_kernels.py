@@ -657,7 +657,7 @@ def int32_products() -> dict:
             "guard": muls(tile_sq_sum_kernel, {"BLOCK_SIZE": 2048}),
             "guard_table": muls(table_tile_sq_sum_kernel, {"BLOCK_SIZE": 2048, "FULL": False},
                                 table=True),
-            "block_sums": muls(block_sum_kernel, {"NCOLS": 3, "TILES_PER_ITER": 128})}
+            "block_sums": muls(block_sum_kernel, {"NCOLS": 3, "TILES_PER_ITER": tri._TILES_PER_ITER})}
 
 
 def compiled_access_counts() -> dict:
@@ -756,7 +756,7 @@ def compile_every_variant() -> int:
     for full in (True, False):
         build(table_tile_sq_sum_kernel, {"BLOCK_SIZE": 2048, "FULL": full}, table=True)
     for ncols in (1, 3):
-        build(block_sum_kernel, {"NCOLS": ncols, "TILES_PER_ITER": 128})
+        build(block_sum_kernel, {"NCOLS": ncols, "TILES_PER_ITER": tri._TILES_PER_ITER})
     return n
 
 

@@ -45,8 +45,12 @@ _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: the largest tile a program takes: 16 fp32 elements per thread at 16 warps (more spills:
 #: 912 B of local memory per thread at 16384, measured with ptxas for sm_90)
 _MAX_TILE = 8192
-#: tiles summed per loop iteration of the block reduction.
-_TILES_PER_ITER = 128
+#: tiles summed per loop iteration of the block reduction, and its warps. One program adds a
+#: block's tiles in order, so the largest block's loop is a chain of dependent loads: at GPT-2
+#: 124M (wte: 18,846 tiles of 2048) 128 per iteration took 0.089 ms after every pass, 4096 with
+#: 8 warps 0.015 ms (H200, bench/profile_step.py), about 8% of the first pass's time
+_TILES_PER_ITER = 4096
+_SUM_WARPS = 8
 
 
 def _num_warps(tile: int) -> int:
@@ -244,7 +248,7 @@ def _block_sums(partials: Tensor, layout: FlatLayout) -> Tensor:
     out = torch.empty(layout.nblocks, ncols, dtype=torch.float32, device=partials.device)
     block_sum_kernel[(layout.nblocks,)](
         partials, layout.block_tiles, out, NCOLS=ncols, TILES_PER_ITER=_TILES_PER_ITER,
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=_SUM_WARPS, enable_fp_fusion=False,
     )
     return out
 
