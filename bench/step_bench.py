@@ -15,9 +15,9 @@ is GPT-2's). Every optimizer starts from the same weights and sees the same batc
 Each runs ``--warmup`` untimed steps, then ``--steps`` timed steps (device synchronised around
 each); reported: median and mean ms per step, extra forwards per step over the timed steps
 ((forwards − steps) / steps), the searches among them, the ratio to fused AdamW on the mean (a
-search every few steps is part of the cost; a median over the steps hides it), peak memory. An
-optimizer that fails is recorded with its error. Writes ``bench/results/step_<device>.json``
-(device, versions, commit).
+search every few steps is part of the cost; a median over the steps hides it), the steps that
+searched (untimed ones included), peak memory. An optimizer that fails is recorded with its
+error. Writes ``bench/results/step_<device>.json`` (device, versions, commit).
 
 Without CUDA it prints "needs CUDA" and exits 0, unless ``--cpu-small`` runs a tiny model on the
 CPU (a smoke test of this script, not a measurement).
@@ -104,15 +104,19 @@ def bench_one(name, base, tokens, args, device, autocast) -> dict:
     sampler = BatchSampler(tokens, args.batch, args.context, seed=0, device=device)
     losses, times = [], []
     f_start = None
+    searched_at = []  # the steps (1-based, untimed ones included) that searched
     for k in range(args.warmup + args.steps):
         x, y = sampler.next()
         if k == args.warmup:
             f_start, s_start = forwards(opt), searches(opt)
+        n_before = searches(opt)
         _sync(device)
         t0 = time.perf_counter()
         loss = step(x, y)
         _sync(device)
         t = time.perf_counter() - t0
+        if n_before is not None and searches(opt) > n_before:
+            searched_at.append(k + 1)
         loss = float(loss)
         if k >= args.warmup:
             times.append(1000.0 * t)
@@ -124,6 +128,7 @@ def bench_one(name, base, tokens, args, device, autocast) -> dict:
     out = {
         "name": name, "ms_median": statistics.median(times), "ms_mean": statistics.fmean(times),
         "searches_timed": (searches(opt) - s_start) if s_start is not None else None,
+        "searched_at": searched_at if searches(opt) is not None else None,
         "ms_min": min(times), "extra_forwards_per_step": extra,
         "extra_forwards_per_step_all": (f_end - len(losses)) / len(losses)
         if f_end is not None else None,

@@ -14,7 +14,8 @@
 #       training step: every acceptance line but #5's batched candidates (stage limits add up to
 #       650 s; the stages are expected to end well inside them)
 #   GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_checks.sh --part 2 --quick
-#       batched candidates, host overhead, layer-wise (toy model) (limits: 260 s)
+#       batched candidates, host overhead, layer-wise (toy model), the step profile (limits:
+#       320 s)
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
 #       --quick, more repeats and steps: part 1 then needs more than one 10-minute command)
 # A session's 15 minutes of device time, the machine's start included, may not leave part 2 the
@@ -57,6 +58,16 @@ stage() {  # stage NAME SECONDS CMD...
   save_results
 }
 
+wait_for_extension() {  # the background build's end, and whether the package now loads it
+  echo "== extension: waiting for the background build" | tee -a "$LOG"
+  local t0=$SECONDS
+  wait "$EXT_PID"
+  tail -3 "$EXTLOG" | tee -a "$LOG"
+  $PY -c "from armijo_fused import ops; print('C++ extension loaded:', ops._C is not None)" \
+    2>&1 | tee -a "$LOG"
+  echo "== extension: waited $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
 save_results() {  # after every stage: a run cut short by the command's limit keeps what it measured
   if [[ -n "${OUT:-}" ]]; then
     local new
@@ -67,7 +78,7 @@ save_results() {  # after every stage: a run cut short by the command's limit ke
 
 # Part 1 installs; part 2 runs where part 1 left the build (the device keeps ignored build
 # outputs, the compiled extension among them, between calls on a warm machine).
-# The C++ extension holds the CPU kernels only: not built here (up to 150 s of device time)
+# (the install leaves the C++ extension out; part 1 builds it in the background, below)
 if [[ $PART == 2 ]] && $PY -c "import armijo_fused.kernels" 2>/dev/null; then
   echo "== install: part 1 installed the package on this machine" | tee -a "$LOG"
 else
@@ -88,7 +99,22 @@ PY
 JUNIT=${OUT:-/tmp}/gpu_tests.xml  # read by scripts/acceptance_report.py
 # pytest-xdist (on the GPU machines' image) compiles the tests' ~100 Triton variants on 8 cores
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+EXT_PID=
 if [[ $PART != 2 ]]; then
+  # The C++ extension holds the CPU kernels and also ViewCheck, the check before every step that
+  # the model's tensors still view the flat buffers, on any device: without it a Python loop
+  # (at GPT-2 124M's 148 tensors about half of a step's host time on these machines). A user's
+  # `pip install -e .` builds it; here it builds in the background while the tests run (they
+  # cover the Python loop), and the benchmarks wait for it.
+  # (built aside and renamed into the package, so no process that imports it meanwhile can
+  # load a half-copied library)
+  EXTLOG=${OUT:-/tmp}/extension_build.log
+  (MAX_JOBS=$(nproc) timeout 400 $PY setup.py -q build_ext --build-lib build/ext >"$EXTLOG" 2>&1 &&
+     so=$(find build/ext -name '_C*.so' | head -1) && [[ -n $so ]] &&
+     cp "$so" python/armijo_fused/.C.so.partial &&
+     mv python/armijo_fused/.C.so.partial "python/armijo_fused/${so##*/}"
+   echo "extension build: exit $?" >>"$EXTLOG") &
+  EXT_PID=$!
   # one compiled ArmijoAdam run against its torch twin first: when the optimizer cannot run on
   # this GPU every later stage would fail, and stopping here leaves the session's device time
   # for a second try after the fix
@@ -99,12 +125,17 @@ if [[ $PART != 2 ]]; then
   fi
   if ((QUICK)); then
     stage tests-gpu 120 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly $XDIST --junitxml "$JUNIT"
+    wait_for_extension
     stage kernels 120 $PY bench/bench_kernels.py --repeats 20
     stage optimizer-step 60 $PY bench/optimizer_step.py --device cuda --repeats 15
-    # (30 timed steps: three periods of the adaptive cadence's longest interval)
-    stage step 150 $PY bench/step_bench.py --steps 30 --warmup 5
+    # the script's own 20 untimed and 60 timed steps (about 50 s on an H200): with 5 untimed
+    # steps the layer-wise run's first turn (every block tested once, a search at each step,
+    # 14 blocks at 124M) fell into the timed window, 13 searches in 30 steps against the global
+    # run's 3 (the first GPU run, 74e62f9)
+    stage step 150 $PY bench/step_bench.py
   else
     stage tests-gpu 150 $PY -m pytest -m gpu -q -rf --maxfail=25 -p no:randomly $XDIST --junitxml "$JUNIT"
+    wait_for_extension
     stage kernels 200 $PY bench/bench_kernels.py --repeats 30
     stage optimizer-step 90 $PY bench/optimizer_step.py --device cuda --repeats 30
     stage step 240 $PY bench/step_bench.py
@@ -115,6 +146,8 @@ if [[ $PART != 1 ]]; then
     stage batched 90 $PY bench/batched_candidates.py --device cuda --steps 10
     stage host-overhead 30 $PY bench/host_overhead.py --device cuda --repeats 100
     stage layerwise 90 $PY bench/layerwise.py --device cuda --steps 60
+    # where a step's host and device time go (a diagnostic: cProfile, launches, block sums)
+    stage profile 60 $PY bench/profile_step.py
   else
     stage batched 120 $PY bench/batched_candidates.py --device cuda
     stage host-overhead 40 $PY bench/host_overhead.py --device cuda

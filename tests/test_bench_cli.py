@@ -81,8 +81,8 @@ COMMANDS = gpu_check_commands(GPU_CHECKS.read_text())
 
 
 def test_every_python_command_of_gpu_checks_is_found():
-    runs = [line for line in GPU_CHECKS.read_text().splitlines()
-            if re.search(r"\$PY \S+\.py", line)]
+    runs = [line for line in GPU_CHECKS.read_text().splitlines()  # (setup.py: the build)
+            if re.search(r"\$PY (?!setup\.py)\S+\.py", line)]
     assert len(COMMANDS) == len(runs) >= 10
     assert ("scripts/acceptance_report.py", ["--junit", "VAR", "--strict"]) in COMMANDS
 
