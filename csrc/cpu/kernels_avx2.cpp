@@ -6,11 +6,18 @@
 #include "cpu/tile_args.h"
 
 #if ARMIJO_HAVE_AVX2
-// Headers with inline code go before the pragma, so they stay baseline code.
+// Headers with inline code go before the pragma, so they stay baseline code: every standard
+// header kernels.h, simd.h and passes.h include. GCC 13's <string> marks ~allocator()
+// always_inline; included under the pragma it was AVX2 code that baseline code then had to
+// inline ("inlining failed ... target specific option mismatch": the H200 machines' g++ 13
+// could not build the extension; GCC 12 let it pass).
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #if defined(__clang__)
