@@ -9,8 +9,9 @@ Prints, for GPT-2 124M's parameter list (``optimizer_step.py``'s cases):
 * ``sums``: device ms of the block sums after a pass at 124M by tiles summed per iteration and
   warps (one program per block adds its tiles in order: the largest block's loop is a latency
   chain), beside the guard's per-tile pass;
-* ``train`` (``--train``): torch.profiler's tables over whole training steps of the 124M model
-  (fused AdamW, every-step search, adaptive); the profiler's own overhead is in their times.
+* ``train`` (``--train``): torch.profiler's tables over 3 whole training steps of the 124M model
+  (fused AdamW, every-step search, adaptive; ``--steps`` is the host cases'); the profiler's own
+  overhead is in their times.
 
 Writes what it printed to ``bench/results/profile_step_<device>.json`` (device, versions,
 commit).
@@ -121,7 +122,7 @@ def sums(shapes, device):
     blocks = [numel(s) for s in shapes]
     layout = make_layout(blocks, tile=2048, device=device)
     say(f"  {layout.nblocks} blocks, {layout.ntiles} tiles, largest block "
-        f"{max(layout.block_numels) // 2048} tiles")
+        f"{-(-max(layout.block_numels) // 2048)} tiles")
     partials3 = torch.randn(layout.ntiles, 3, device=device)
     partials1 = torch.randn(layout.ntiles, 1, device=device)
     g = torch.randn(layout.numel, device=device)
@@ -220,7 +221,9 @@ def main(argv=None) -> int:
             import traceback
 
             traceback.print_exc()
-            say(f"part failed: {type(e).__name__}: {e}")
+            print(f"part failed: {type(e).__name__}: {e}", flush=True)
+            # (under a heading of its own, not the last part's)
+            REPORT.setdefault("failed", []).append(f"{type(e).__name__}: {e}")
     write_result(out_file(args.out, f"profile_step_{result_slug(device)}.json"),
                  {"environment": environment(device), "steps": args.steps, "report": REPORT})
     return 0

@@ -47,8 +47,8 @@ _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_TILE = 8192
 #: tiles summed per loop iteration of the block reduction, and its warps. One program adds a
 #: block's tiles in order, so the largest block's loop is a chain of dependent loads: at GPT-2
-#: 124M (wte: 18,846 tiles of 2048) 128 per iteration took 0.089 ms after every pass, 4096 with
-#: 8 warps 0.015 ms (H200, bench/profile_step.py), about 8% of the first pass's time
+#: 124M (wte: 18,847 tiles of 2048) 128 per iteration on 4 warps took 0.086 ms after every pass,
+#: 4096 on 8 warps 0.014 ms (H200, bench/profile_step.py), about 8% of the first pass's time
 _TILES_PER_ITER = 4096
 _SUM_WARPS = 8
 
