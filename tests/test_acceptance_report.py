@@ -28,10 +28,20 @@ def verdicts(lines):
     return {line.what: line.verdict() for line in lines}
 
 
-def test_committed_cpu_results_are_not_gpu_results():
+def test_committed_cpu_results_are_not_gpu_results(tmp_path):
+    """The CPU result files in bench/results never count as GPU ones: with them alone every line
+    is MISSING; with every committed file, each line that has a value read a GPU's file."""
     rep = load_report()
-    lines = rep.report(ROOT / "bench" / "results", None)
+    results = ROOT / "bench" / "results"
+    gpu = ("nvidia", "_cuda")
+    for p in results.glob("*.json"):
+        if not any(tag in p.name for tag in gpu):
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    assert len(list(tmp_path.glob("*.json"))) >= 10
+    lines = rep.report(tmp_path, None)
     assert lines and all(line.verdict() == "MISSING" for line in lines)
+    measured = [line for line in rep.report(results, None) if line.verdict() != "MISSING"]
+    assert measured and all(any(tag in line.source for tag in gpu) for line in measured)
 
 
 def write(path: Path, data) -> None:

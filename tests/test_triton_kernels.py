@@ -558,6 +558,26 @@ def test_the_device_guard_makes_the_buffers_device_current(monkeypatch):
 
 
 @interpreted
+@pytest.mark.parametrize("ncols", [1, 3])
+def test_block_sums_over_blocks_longer_than_one_iteration(ncols):
+    """The block reduction adds ``_TILES_PER_ITER`` tile partials per loop iteration: blocks of
+    one tile, an empty block (one tile of padding), one tile short of an iteration, exactly one,
+    one over and over two iterations each get their rows' sum, bitwise the same twice."""
+    from armijo_fused.storage.layout import make_layout
+
+    per = tri._TILES_PER_ITER
+    tiles = [1, 0, per - 1, per, per + 1, 2 * per + 3, 1]
+    layout = make_layout(tiles, tile=1)  # one element per tile: a block of n elements, n tiles
+    gen = torch.Generator().manual_seed(5)
+    partials = torch.randn(layout.ntiles, ncols, generator=gen)
+    out = tri._block_sums(partials, layout)
+    bounds = layout.block_tiles.tolist()
+    want = torch.stack([partials[a:b].double().sum(0) for a, b in zip(bounds, bounds[1:])])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out, tri._block_sums(partials, layout))
+
+
+@interpreted
 def test_a_tile_too_large_for_one_program_is_refused():
     case = make_case("adam", (40000,), 16384)  # 16384 fp32 per program spills on sm_90
     with pytest.raises(ValueError, match="tile 16384 is above 8192"):
@@ -580,7 +600,7 @@ def test_every_launch_wrapper_goes_through_the_device_guard(monkeypatch):
 
 
 def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=False,
-                     ir="ptx") -> str:
+                     ir="ptx", num_warps=4) -> str:
     """The sm_90 PTX (or another stage, ``ir``) of one kernel variant, compiled without a GPU
     (16-byte aligned pointers and sizes, as the launcher specialises them at run time). ``half``:
     the pointer arguments that are ``half_type``; ``table``: ``param_ptr``/``grad_ptr`` are a
@@ -622,7 +642,7 @@ def compile_for_sm90(kernel, constexprs: dict, half=(), half_type="bf16", table=
                             constants={index[n]: v for n, v in constexprs.items()},
                             attrs=AttrsDescriptor(divisible_by_16=set(aligned)))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "enable_fp_fusion": False})
+                       options={"num_warps": num_warps, "enable_fp_fusion": False})
     return k.asm[ir]
 
 
@@ -756,7 +776,8 @@ def compile_every_variant() -> int:
     for full in (True, False):
         build(table_tile_sq_sum_kernel, {"BLOCK_SIZE": 2048, "FULL": full}, table=True)
     for ncols in (1, 3):
-        build(block_sum_kernel, {"NCOLS": ncols, "TILES_PER_ITER": tri._TILES_PER_ITER})
+        build(block_sum_kernel, {"NCOLS": ncols, "TILES_PER_ITER": tri._TILES_PER_ITER},
+              num_warps=tri._SUM_WARPS)  # (as they launch)
     return n
 
 
