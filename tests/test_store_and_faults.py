@@ -590,6 +590,29 @@ def test_ctrl_c_holding_leaves_the_programs_handler_in_place_outside_steps(monke
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.parametrize("handler", [signal.SIG_IGN, signal.SIG_DFL])
+def test_ctrl_c_holding_leaves_an_ignored_or_default_sigint_alone(handler):
+    """SIG_IGN / SIG_DFL are no Python handler: nothing is held and nothing installed, and the
+    step leaves the program's setting as it found it (the step calls the C functions under
+    ``signal.signal``, which hand back plain ints for these two)."""
+    model, opt, closure = _fault_setup("every")
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        seen = []
+
+        def loss_fn():
+            seen.append(signal.getsignal(signal.SIGINT))  # during the step, inside a trial
+            return closure()
+
+        opt.zero_grad()
+        loss = closure()
+        opt.step(loss_fn=loss_fn, loss=loss)
+        assert seen and all(h is handler for h in seen)
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("flat_store", [True, False])
 def test_a_tensor_frozen_after_the_store_exists_lets_the_old_buffers_go(flat_store):
     # Freezing one bias kept it, its gradient and its moments as views of the old buffers,
