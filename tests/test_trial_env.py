@@ -1083,3 +1083,39 @@ def test_a_buffer_the_forward_resizes_is_put_back_at_its_shape(form):
         assert trials and all(t[2] == seen[0][2] for t in trials)  # from the forward's start
         assert model.mx.shape == (3,)
     assert opt.param_groups[0]["step"] == 3
+
+
+@pytest.mark.parametrize("source", ["torch", "python"])
+def test_a_loss_fn_steps_trials_draw_from_the_state_the_step_found_and_leave_it_there(source):
+    """A ``loss=`` step without a record (no closure, no capture_rng): the trials' environment is
+    built at the first trial, after the first pass is queued, and reads the generators once for
+    both ends. Every trial starts from the state the step was called with, and the step leaves
+    each generator there (the trials' draws are undone). (NumPy's is read only where the
+    training forward was seen to draw from it, which a ``loss=`` step cannot show: not here.)"""
+    import random as pyrandom
+
+    np = pytest.importorskip("numpy")
+    draw = {"torch": lambda: float(torch.rand(())), "python": pyrandom.random,
+            "numpy": lambda: float(np.random.rand())}[source]
+    read = {"torch": torch.get_rng_state, "python": pyrandom.getstate,
+            "numpy": lambda: np.random.get_state(legacy=False)}[source]
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5))
+    opt = ArmijoSGD([w], backend="torch", cadence="every")
+    drawn = []
+
+    def loss_fn():
+        drawn.append(draw())
+        return (w * w).sum()
+
+    for _ in range(3):
+        w.grad = 2 * w.detach()
+        loss = (w * w).sum().detach()
+        before, drawn[:] = read(), []
+        expected = draw()  # what the state at the call gives first
+        restore = {"torch": torch.set_rng_state, "python": pyrandom.setstate,
+                   "numpy": np.random.set_state}[source]
+        restore(before)
+        opt.step(loss_fn=loss_fn, loss=loss)
+        assert opt.stats["trials"] >= 1 and drawn and all(d == expected for d in drawn)
+        assert draw() == expected  # the generator is where the step found it

@@ -384,9 +384,10 @@ class TrialEnv:
     them taken before the training forward, where every trial starts."""
 
     def __init__(self, modules=(), rng_before=None, buffers=(), beside=(), numpy_rng=True,
-                 buffers_before=None, watch=(), protect=()):
+                 buffers_before=None, watch=(), protect=(), rng_after=None):
         self.rng_before = rng_before if rng_before is not None else get_rng_state(numpy_rng)
-        self.rng_after = get_rng_state(numpy_rng)
+        # (``rng_after``: the caller's read of the state now, where it has one)
+        self.rng_after = rng_after if rng_after is not None else get_rng_state(numpy_rng)
         # (the module's _buffers dict, name, the tensor, its copy): a forward may reassign the
         # entry, and the restore must then reach the module, not the orphaned tensor
         kept, self._caches = _kept_buffers(modules, buffers, beside)

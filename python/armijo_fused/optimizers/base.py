@@ -711,8 +711,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # exact mode with a block whose last test was blind: this step may turn into a search
         # once the gradient is known (see _blind_gradient_live), so the trials' RNG is kept
         probe = not search and self._blind_waiting()
+        # (a loss= step without a record reads it when its first trial needs it, once the
+        # first pass is queued: nothing draws from the generators in between)
         rng_before = pending or (trial_mod.get_rng_state(self._numpy_rng_wanted())
-                                 if search or probe else None)
+                                 if (search or probe) and closure is not None else None)
         # the buffers go with the RNG state: recorded with it, or now, before the closure's
         # forward (a loss= step without capture_rng has neither)
         buffers_before = (self._pending_bufs if pending is not None else
@@ -786,22 +788,40 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         models = self._modules or self._models_for_trials(evaluate)
         if not replayed:
             self._check_dropout_replayed(models)
-        numpy_rng = len(rng_before) == 4 and rng_before[3] is not None  # (NumPy's read too)
         sources = (models, () if models else self._owned_buffers(),
                    self._modules_beside_model(evaluate) if self._modules else ())
         self._trial_sources = sources  # (the next steps record these buffers before a forward)
-        watch, protect = self._params_written_by_forward(models)
-        env = trial_mod.TrialEnv(sources[0], rng_before, sources[1], sources[2],
-                                 numpy_rng=numpy_rng, buffers_before=buffers_before,
-                                 watch=watch, protect=protect)
-        if numpy_rng and not self.__dict__.get("_numpy_rng_draws", False):
-            # did the training forward draw from it? (no: the next 30 searches skip it)
-            self._numpy_rng_draws = trial_mod.numpy_rng_moved(rng_before, env.rng_after)
+        envs = []  # the trials' environment, built by the first trial (or the loss at θ0)
+
+        def trial_env() -> trial_mod.TrialEnv:
+            """Built when the first trial needs it, usually after the first pass is queued:
+            its host work (RNG reads, buffer copies) then overlaps the device's pass, where
+            before the pass it delayed it (a GPU waits for the host there)."""
+            nonlocal rng_before
+            if envs:
+                return envs[0]
+            if rng_before is None:  # loss=, nothing recorded: the state as the step found it
+                rng_before = trial_mod.get_rng_state(self._numpy_rng_wanted())
+            numpy_rng = len(rng_before) == 4 and rng_before[3] is not None  # (NumPy's too)
+            watch, protect = self._params_written_by_forward(models)
+            # with no closure and no state recorded before the forward, the state read for
+            # the trials is also the one to put back after them (nothing drew since): one read
+            # less (Python's random state alone is a 625-int copy)
+            env = trial_mod.TrialEnv(sources[0], rng_before, sources[1], sources[2],
+                                     numpy_rng=numpy_rng, buffers_before=buffers_before,
+                                     watch=watch, protect=protect,
+                                     rng_after=rng_before if not replayed else None)
+            envs.append(env)
+            if numpy_rng and not self.__dict__.get("_numpy_rng_draws", False):
+                # did the training forward draw from it? (no: the next 30 searches skip it)
+                self._numpy_rng_draws = trial_mod.numpy_rng_moved(rng_before, env.rng_after)
+            return env
+
         what = "loss_fn" if loss_fn is not None else "the closure"
 
         def trial_loss() -> Tensor:
             self._reshard_fsdp()  # FSDP2: the forward must all-gather the moved shards
-            with env.trial():
+            with trial_env().trial():
                 try:
                     out = evaluate()
                 except RuntimeError as e:
@@ -824,7 +844,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
         def trial_losses(etas, precond) -> Tensor:  # batched candidates: one forward for all
             _, stacked = passes.trial_points(etas, precond)  # (buffer order, as names)
-            with env.trial():
+            with trial_env().trial():
                 out = stacked_loss(self._modules[0], lambda: loss_in(evaluate()), names)(stacked)
             self._count(forwards=1)
             return out.detach()
@@ -896,10 +916,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                     passes.rollback()
             raise
         finally:
-            for message in env.close():
-                self._warn_once(f"trial buffer: {message}", message)
-            if env.written:
-                self._note_forward_writes(env.written)
+            for env in envs:  # (none if no trial ran: a failure before the first)
+                for message in env.close():
+                    self._warn_once(f"trial buffer: {message}", message)
+                if env.written:
+                    self._note_forward_writes(env.written)
             self._reshard_fsdp()  # the next training forward gathers the final weights
 
         # 4. Bookkeeping: step sizes, cadence, counters, telemetry.
