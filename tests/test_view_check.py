@@ -124,3 +124,29 @@ def test_bad_arguments_raise_instead_of_crashing():
     check = ops._C.ViewCheck([w], [w], [w], [w], [], [])
     with pytest.raises(ValueError, match="not the tensors it was built for"):
         check.check([torch.zeros(2)], {})
+
+
+class _NotATensor:
+    """A group entry that is no tensor: the key reads its attribute as the reference does."""
+
+    def __init__(self, requires_grad):
+        self.requires_grad = requires_grad
+
+
+def test_trainable_key_matches_its_python_reference():
+    from armijo_fused.optimizers.store import trainable_key_reference
+
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(5)]
+    ps[1].requires_grad_(False)
+    plain = torch.randn(2)  # a tensor that does not train
+    odd = [_NotATensor(True), _NotATensor(False)]
+    groups = [{"params": ps}, {"params": []}, {"params": (ps[0], plain, *odd)},
+              {"params": [ps[3]]}]
+    got = ops._C.trainable_key([g["params"] for g in groups])
+    assert got == trainable_key_reference(groups)
+    assert got[0] == (5, id(ps[0]), 0, id(ps[2]), id(ps[3]), id(ps[4]))
+    assert got[2] == (4, id(ps[0]), 0, id(odd[0]), 0)
+    ps[2].requires_grad_(False)  # a tensor frozen after the store exists: the key changes
+    assert ops._C.trainable_key([g["params"] for g in groups]) != got
+    with pytest.raises(TypeError, match="sequence"):
+        ops._C.trainable_key([5])

@@ -14,6 +14,7 @@ from time import perf_counter
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..backends import buffer_backend
 from ..linesearch import trial as trial_mod
 from ..storage.flat import MASTER_DTYPES, FlatBuffer
@@ -57,6 +58,13 @@ def _code_of(fn):
         elif not isinstance(x, Tensor) and isinstance(getattr(x, "__dict__", None), dict):
             modules += [id(v) for v in vars(x).values() if isinstance(v, torch.nn.Module)]
     return code, tuple(modules)
+
+
+def trainable_key_reference(param_groups) -> tuple:
+    """Per group, (number of tensors, then each one's id() if it requires grad, else 0): the
+    reference of ``_C.trainable_key``."""
+    return tuple([(len(g["params"]), *[id(p) if p.requires_grad else 0 for p in g["params"]])
+                  for g in param_groups])
 
 
 def _storage_ptr(t: Tensor) -> int:
@@ -191,10 +199,13 @@ class StoreMixin:
         group.update(block_names=names, block_owner=owner, **new)
 
     def _trainable_key(self) -> tuple:
-        """Which tensors train, group by group: the flat buffers are rebuilt when it changes
-        (list comprehensions: this runs every step)."""
-        return tuple([(len(g["params"]), *[id(p) if p.requires_grad else 0 for p in g["params"]])
-                      for g in self.param_groups])
+        """Which tensors train, group by group: the flat buffers are rebuilt when it changes.
+        Per group (number of tensors, then each one's id() if it trains, else 0). It runs before
+        every step's first pass: the C++ twin (``_C.trainable_key``) where it is built."""
+        fast = getattr(ops._C, "trainable_key", None)  # (not in an extension built before it)
+        if fast is not None:
+            return fast([g["params"] for g in self.param_groups])
+        return trainable_key_reference(self.param_groups)
 
     def _sync_buffers(self) -> list[FlatBuffer]:
         """The flat buffers, re-validated against ``param_groups`` (rebuilt if anything moved)."""
