@@ -2134,3 +2134,43 @@ def test_a_search_that_could_judge_no_step_is_not_settled():
         outcomes += ("U" if s["unresolved"] else "a") if s["searched"] else "."
     first = outcomes.index("U")  # (a.a...U.UUU...: the interval halves at each one)
     assert outcomes[first:].count(".") <= 1, outcomes
+
+
+# -- the guard on every device: a non-finite gradient or loss skips the step ---------------------
+_GUARD_DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", _GUARD_DEVICES)
+@pytest.mark.parametrize("bad", ["grad nan", "grad inf", "loss inf", "loss nan"])
+@pytest.mark.parametrize("search", [True, False], ids=["search", "plain"])
+def test_the_guard_skips_a_non_finite_step_on_every_device(device, bad, search):
+    """The guard's scale is base + 0·(Σ g² + f0) (one add with alpha 0): NaN in both entries
+    when either is not finite, and the passes then write nothing. This is the device's own add
+    that must keep 0·inf = NaN (CUDA's too), with or without a search."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(40, device=device)), nn.Parameter(torch.randn(7, device=device))]
+    opt = ArmijoAdam(params, cadence="every" if search else 10**9, weight_decay=0.1)
+
+    def loss_fn():
+        return sum((p * p).sum() for p in params)
+
+    for p in params:
+        p.grad = 2 * p.detach().clone()
+    opt.step(loss_fn=loss_fn, loss=loss_fn().detach())  # a good first step (builds the state)
+    before = ([p.detach().clone() for p in params],
+              {k: v.clone() for k, v in opt.state[params[0]].items() if torch.is_tensor(v)})
+    opt.zero_grad()
+    for p in params:
+        p.grad.copy_(2 * p.detach())
+    loss = loss_fn().detach()
+    if bad.startswith("grad"):
+        params[1].grad[3] = math.nan if bad == "grad nan" else math.inf
+    else:
+        loss = torch.tensor(math.inf if bad == "loss inf" else math.nan, device=device)
+    opt.step(loss_fn=loss_fn, loss=loss)
+    assert opt.stats["skipped"]
+    for p, p0 in zip(params, before[0]):
+        assert torch.equal(p.detach(), p0)
+    for k, v in before[1].items():
+        assert torch.equal(opt.state[params[0]][k], v), k

@@ -117,9 +117,11 @@ class FlatPasses(Passes):
 
     def _set_scale(self) -> None:
         # base + 0·probe is base where the probe is finite and NaN in both entries where it is
-        # not (0·inf = 0·NaN = NaN): two launches, where isfinite + where takes five
+        # not (0·inf = 0·NaN = NaN): one launch (add's alpha), where isfinite + where takes
+        # five. (The product is formed in base's float32: a float64 probe beyond float32's
+        # range, a loss of 1e300, counts as not finite, as the sum with Σ g² would overflow)
         probe = self._probe
-        self._scale0 = self._base if probe is None else self._base + probe * 0
+        self._scale0 = self._base if probe is None else torch.add(self._base, probe, alpha=0)
         self._skipped = None
         self._gscale = {b.device: self._scale0.to(b.device) for b in self.buffers}
 
