@@ -39,9 +39,13 @@ class Checked:
     def __get__(self, obj, owner=None):
         if obj is None:
             return self
-        obj = _target(obj)
+        # _target inlined: a step reads these ~40 times, a call each was ~0.1 µs more
+        values = obj.__dict__
+        inner = values.get("_optimizer")
+        if inner is not None and isinstance(inner, SettingsMixin):
+            values = inner.__dict__
         try:
-            return obj.__dict__[self.name]
+            return values[self.name]
         except KeyError:  # (before __init__ set it: as a plain attribute would)
             raise AttributeError(self.name) from None
 
