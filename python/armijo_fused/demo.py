@@ -312,10 +312,9 @@ def main(argv=None) -> int:
         data = load_shakespeare(max_plays=args.max_plays)
     except ImportError as e:
         raise _usage_error(f"{e}") from None
-    cfg = TransformerConfig(vocab_size=data.vocab_size, context=args.context,
-                            d_model=args.width, n_layers=args.layers, n_heads=_heads(args.width))
-    torch.manual_seed(args.seed)
-    base = TransformerLM(cfg).to(device)
+    # the evaluation batches first (their sampler has a generator of its own): a context longer
+    # than the text (--max-plays 1 --context 20000) is refused before a model with that many
+    # positions is built (--context 10000000 allocated gigabytes first)
     try:
         eval_sets = {
             "train": fixed_batches(data.train, args.eval_batches, args.batch, args.context,
@@ -323,8 +322,12 @@ def main(argv=None) -> int:
             "val": fixed_batches(data.val, args.eval_batches, args.batch, args.context,
                                  seed=args.seed + 2000, device=device),
         }
-    except ValueError as e:  # a context longer than the text (--max-plays 1 --context 20000)
-        raise _usage_error(f"{e}") from None
+    except ValueError as e:
+        raise _usage_error(f"--context {args.context}: {e}") from None
+    cfg = TransformerConfig(vocab_size=data.vocab_size, context=args.context,
+                            d_model=args.width, n_layers=args.layers, n_heads=_heads(args.width))
+    torch.manual_seed(args.seed)
+    base = TransformerLM(cfg).to(device)
     if not args.quiet:
         print(f"Shakespeare: {len(data.train):,} train / {len(data.val):,} validation chars, "
               f"vocab {data.vocab_size}; model {base.num_parameters():,} parameters "
