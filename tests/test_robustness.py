@@ -2174,3 +2174,20 @@ def test_the_guard_skips_a_non_finite_step_on_every_device(device, bad, search):
         assert torch.equal(p.detach(), p0)
     for k, v in before[1].items():
         assert torch.equal(opt.state[params[0]][k], v), k
+
+
+def test_a_float64_loss_beyond_float32s_range_is_not_taken_for_a_non_finite_one():
+    """The guard's one-launch form (add with alpha 0) would round a float64 probe to float32
+    first: a float64 loss of 1e300, finite, read as inf and skipped every step. It keeps the
+    two-op form for float64 probes (the mean loss over ranks is one too)."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, dtype=torch.float64))
+    opt = ArmijoAdam([w], cadence=10**9)
+
+    def loss_fn():
+        return 1e300 + (w * w).sum()
+
+    for _ in range(2):
+        w.grad = 2 * w.detach()
+        opt.step(loss_fn=loss_fn, loss=loss_fn().detach())
+        assert not opt.stats["skipped"]

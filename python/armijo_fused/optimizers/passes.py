@@ -117,11 +117,17 @@ class FlatPasses(Passes):
 
     def _set_scale(self) -> None:
         # base + 0·probe is base where the probe is finite and NaN in both entries where it is
-        # not (0·inf = 0·NaN = NaN): one launch (add's alpha), where isfinite + where takes
-        # five. (The product is formed in base's float32: a float64 probe beyond float32's
-        # range, a loss of 1e300, counts as not finite, as the sum with Σ g² would overflow)
+        # not (0·inf = 0·NaN = NaN), where isfinite + where takes five launches. One launch
+        # (add's alpha) on CPU and CUDA for a probe of at most float32's range; two elsewhere:
+        # MPS's add returns base itself at alpha 0, and add would round a float64 probe (the
+        # mean loss over ranks, a float64 model's) to float32 first, 1e300 to inf
         probe = self._probe
-        self._scale0 = self._base if probe is None else torch.add(self._base, probe, alpha=0)
+        if probe is None:
+            self._scale0 = self._base
+        elif probe.dtype != torch.float64 and probe.device.type in ("cpu", "cuda"):
+            self._scale0 = torch.add(self._base, probe, alpha=0)
+        else:
+            self._scale0 = self._base + probe * 0
         self._skipped = None
         self._gscale = {b.device: self._scale0.to(b.device) for b in self.buffers}
 
