@@ -176,8 +176,13 @@ py::tuple trainable_key(py::list groups) {
         if (truth < 0) throw py::error_already_set();
         trains = truth != 0;
       }
-      key[i + 1] = trains ? py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(p))
-                          : py::int_(0);
+      if (!trains) {
+        key[i + 1] = py::int_(0);
+        continue;
+      }
+      PyObject* id = PyLong_FromVoidPtr(p);  // id(p)
+      if (id == nullptr) throw py::error_already_set();
+      key[i + 1] = py::reinterpret_steal<py::object>(id);
     }
     out[gi] = std::move(key);
   }

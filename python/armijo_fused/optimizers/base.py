@@ -796,7 +796,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         def trial_env() -> trial_mod.TrialEnv:
             """Built when the first trial needs it, usually after the first pass is queued:
             its host work (RNG reads, buffer copies) then overlaps the device's pass, where
-            before the pass it delayed it (a GPU waits for the host there)."""
+            before the pass it delayed it (a GPU waits for the host there). A failure here (out
+            of memory copying buffers) is undone as any failure mid-step is: θ back to rounding,
+            bitwise with ``exact_revert``; under DDP the other ranks learn of it."""
             nonlocal rng_before
             if envs:
                 return envs[0]
