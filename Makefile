@@ -40,6 +40,7 @@ bench: setup
 	$(PY) bench/bench_kernels.py
 	$(PY) bench/optimizer_step.py
 	$(PY) bench/host_overhead.py
+	$(PY) bench/host_phases.py
 	$(PY) bench/cpu_first_pass.py
 	$(PY) bench/layerwise.py
 	$(PY) bench/step_bench.py
