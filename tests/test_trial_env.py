@@ -1085,13 +1085,15 @@ def test_a_buffer_the_forward_resizes_is_put_back_at_its_shape(form):
     assert opt.param_groups[0]["step"] == 3
 
 
-@pytest.mark.parametrize("source", ["torch", "python"])
+@pytest.mark.parametrize("source", ["torch", "python", "numpy"])
 def test_a_loss_fn_steps_trials_draw_from_the_state_the_step_found_and_leave_it_there(source):
     """A ``loss=`` step without a record (no closure, no capture_rng): the trials' environment is
     built at the first trial, after the first pass is queued, and reads the generators once for
     both ends. Every trial starts from the state the step was called with, and the step leaves
-    each generator there (the trials' draws are undone). (NumPy's is read only where the
-    training forward was seen to draw from it, which a ``loss=`` step cannot show: not here.)"""
+    each generator there (the trials' draws are undone). NumPy's too: it is read only where
+    a forward was seen drawing from it, which a ``loss=`` step shows only through its trials
+    (at the first search, which reads it); the trials' draws from it advanced the training's
+    stream at every later search before."""
     import random as pyrandom
 
     np = pytest.importorskip("numpy")

@@ -5,13 +5,13 @@ must see the same randomness (dropout masks), and to leave training unchanged it
 the global RNG, update BatchNorm running statistics, build an autograd graph, run a backward pass
 or zero the gradient the search still needs. :class:`TrialEnv` arranges all of that:
 
-* RNG (torch's and Python's ``random``; NumPy's global one once the training forward has been
-  seen drawing from it, see ``ArmijoOptimizer._numpy_rng_wanted``: until then the trials draw
-  from it and leave it moved): every trial starts from ``rng_before`` (the state the training
-  forward started from, when the optimizer called the closure itself or the caller recorded it
-  with ``capture_rng``); after the step the RNG is set to ``rng_after``, the state it had when
-  the step began its trials, so the steps that follow draw the same numbers whether or not
-  trials ran.
+* RNG (torch's and Python's ``random``; NumPy's global one once the training forward, or a
+  trial of a search that read it, has been seen drawing from it, see
+  ``ArmijoOptimizer._numpy_rng_wanted``: until then the trials draw from it and leave it moved):
+  every trial starts from ``rng_before`` (the state the training forward started from, when the
+  optimizer called the closure itself or the caller recorded it with ``capture_rng``); after
+  the step the RNG is set to ``rng_after``, the state it had when the step began its trials, so
+  the steps that follow draw the same numbers whether or not trials ran.
 * Buffers: the persistent buffers of the registered modules (BatchNorm statistics, counters),
   and of the modules in training mode the loss function reaches beside them (a GAN's
   discriminator; not TorchScript ones), are copied before the trials and restored after them,
@@ -409,6 +409,9 @@ class TrialEnv:
         self.written: list = []
         self._ddp: dict = {}  # DDP wrappers the trials ran through: their buffer-sync flag
         self.used = False
+        # whether the trials drew from NumPy's generator (known at close, where it was read):
+        # a loss= step's forward has no window of its own in which to be seen drawing
+        self.numpy_drawn = False
 
     def keep_numpy_state(self) -> None:
         """A trial function sets NumPy's generator (a state recorded per micro-batch) though
@@ -458,6 +461,9 @@ class TrialEnv:
         for metric, states, attrs in self._metrics:
             for name, value in {**states, **attrs}.items():
                 setattr(metric, name, value)
+        if self.rng_after[3] is not None:  # NumPy's was read: did the trials draw from it?
+            now = sys.modules["numpy"].random.get_state(legacy=False)
+            self.numpy_drawn = not _same_state(self.rng_after[3], now)
         set_rng_state(self.rng_after)
         # a cache a trial replaced stays replaced: the module may keep attributes that go with
         # it (a rotary cache and its length); a changed one is named

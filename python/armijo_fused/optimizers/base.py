@@ -574,11 +574,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
     def _numpy_rng_wanted(self) -> bool:
         """Replay NumPy's global generator too? Reading and setting it costs about 40 µs each
-        (some 180 µs a search step, against about 500 for the rest): once the training
-        forward has been seen to draw from it (between the state the trials replay and the
-        state at the step) for good, and until then at the first search (of this process:
-        after a resume too) and every 31st, which look (31: a prime, so that a forward drawing
-        on every other search, or every fourth, is seen too)."""
+        (some 180 µs a search step, against about 500 for the rest): once a forward has been
+        seen to draw from it (the training forward, between the state the trials replay and
+        the state at the step; or the trials of a search that read it, which is how a
+        ``loss=`` step without a record shows it) for good, and until then at the first search
+        (of this process: after a resume too) and every 31st, which look (31: a prime, so that
+        a forward drawing on every other search, or every fourth, is seen too)."""
         draws = self.__dict__.get("_numpy_rng_draws")
         return draws is None or draws or self.param_groups[0]["searches"] % 31 == 0
 
@@ -923,6 +924,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                     self._warn_once(f"trial buffer: {message}", message)
                 if env.written:
                     self._note_forward_writes(env.written)
+                if env.numpy_drawn:  # (the trials run the training forward's code)
+                    self._numpy_rng_draws = True
             self._reshard_fsdp()  # the next training forward gathers the final weights
 
         # 4. Bookkeeping: step sizes, cadence, counters, telemetry.
