@@ -15,8 +15,8 @@
 #       training step: every acceptance line but #5's batched candidates (stage limits, the
 #       wait for the extension's build included, add up to 560 s; on an H200 it took 170 s)
 #   GIT_COMMIT=<hash> bash scripts/gpu_checks.sh --part 2 --quick
-#       batched candidates, host overhead, layer-wise (toy model), the step profile (limits:
-#       360 s; on an H200 65 s before the py-spy part, which adds about 40)
+#       batched candidates, host overhead, layer-wise (toy model), the step profile, the host
+#       phases (limits: 405 s; on an H200 65 s before the py-spy part, which adds about 40)
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
 #       --quick, more repeats and steps: part 1 then needs more than one 10-minute command)
 # A session's 15 minutes of device time, the machine's start included, may not leave part 2 the
@@ -160,6 +160,9 @@ if [[ $PART != 1 ]]; then
     stage layerwise 90 $PY bench/layerwise.py --device cuda --steps 60
     # where a step's host and device time go (a diagnostic: cProfile, launches, block sums)
     stage profile 100 $PY bench/profile_step.py
+    # the Triton path's host work on this machine's CPU (no-op kernels): with the optimizer
+    # step's gap above, it shows how much slower than the CI machine this host runs the Python
+    stage host-phases 45 $PY bench/host_phases.py --repeats 200 --rounds 1 --out bench/results/host_phases_gpu_host.json
   else
     stage batched 120 $PY bench/batched_candidates.py --device cuda
     stage host-overhead 40 $PY bench/host_overhead.py --device cuda
