@@ -23,19 +23,20 @@ def device_slug(name: str) -> str:
     return out.strip("-")
 
 
-def git_commit() -> str:
+def git_commit(folder=None) -> str:
     """The commit the results were made at: ``$GIT_COMMIT`` when set, else git's. A device
     machine gets the working tree with the .git of the session's start, not of the commit sent
     (its first results named 52307c1-dirty for a tree at 74e62f9), so scripts/gpu_checks.sh is
-    run with GIT_COMMIT=..."""
+    run with GIT_COMMIT=... ``folder``: the commit of the checkout holding it instead (another
+    checkout measured beside this one; ``$GIT_COMMIT`` is not read)."""
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                                  check=False).stdout.strip()
+            return subprocess.run(["git", *args], cwd=folder or HERE, capture_output=True,
+                                  text=True, check=False).stdout.strip()
         except OSError:  # no git on the machine (a GPU machine may have none)
             return ""
 
-    if os.environ.get("GIT_COMMIT"):
+    if folder is None and os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     commit = git("rev-parse", "HEAD")
     if not commit:

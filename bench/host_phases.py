@@ -123,20 +123,6 @@ def measure(mode: str, repeats: int) -> dict:
                    if k in rows[0]}}
 
 
-def _commit_of(folder: str) -> str:
-    """The commit of the checkout holding ``folder`` (with -dirty), or "unknown"."""
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True,
-                                  check=False).stdout.strip()
-        except OSError:
-            return ""
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def _child(path: str | None, mode: str, repeats: int) -> dict:
     env = dict(os.environ)
     if path:
@@ -160,7 +146,7 @@ def main(argv=None) -> int:
                     help="another checkout's python/ folder to measure in turn (A/B)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _env import add_out_argument, environment, out_file, write_result
+    from _env import add_out_argument, environment, git_commit, out_file, write_result
 
     add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
@@ -183,7 +169,9 @@ def main(argv=None) -> int:
               "numel_each": 16, "repeats": args.repeats, "rounds": args.rounds, "variants": {}}
     for name, by_mode in runs.items():
         package = by_mode[modes[0]][0]["package"]
-        entry = result["variants"][name] = {"package": package, "commit": _commit_of(package)}
+        commit = git_commit(package)  # (short, as git shows it; -dirty kept)
+        commit = commit if commit == "unknown" else commit[:7] + commit[40:]
+        entry = result["variants"][name] = {"package": package, "commit": commit}
         for mode, rs in by_mode.items():
             # the lower median of the rounds, phase by phase (the machine's slow spells removed)
             low = {k: min(r["us"][k] for r in rs) for k in rs[0]["us"]}
