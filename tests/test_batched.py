@@ -227,3 +227,130 @@ def test_a_parameter_outside_the_model_is_refused_by_name_with_candidates():
                                          r"tensors \(shapes \[\(3,\)\]"):
         opt.step(closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta))
+
+
+class _Tied(nn.Module):
+    """An embedding tied to the head, and one block used twice: each optimized tensor sits in
+    more than one place of the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.block = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = h + torch.tanh(self.block(h))
+        h = h + torch.tanh(self.block(h))  # (the same module twice)
+        return self.head(h)
+
+
+def _tied():
+    idx = torch.randint(0, 11, (16, 5))
+    return _Tied(), idx, idx.roll(1, dims=1)
+
+
+def _weight_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 16)), nn.Tanh(),
+                          nn.Linear(16, 1))
+    return model, torch.randn(64, 8), torch.randn(64, 1)
+
+
+class _LSTM(nn.Module):  # (an RNN holds its weights in a list of its own too: _flat_weights)
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, batch_first=True)
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+def _lstm():
+    return _LSTM(), torch.randn(16, 5, 4), torch.randn(16, 1)
+
+
+def _run_loss(build, candidates, loss, steps=6):
+    torch.manual_seed(0)
+    model, x, y = build()
+    opt = ArmijoAdam(model.parameters(), cadence="every", model=model, candidates=candidates,
+                     init_step_size=1.0, backend="torch")
+
+    def closure():
+        opt.zero_grad()
+        out = loss(model(x), y)
+        out.backward()
+        return out
+
+    trace = []
+    for _ in range(steps):
+        opt.step(closure)
+        trace.append((opt.stats["step_size"], opt.stats["trials"]))
+    return trace, [p.detach().clone() for p in model.parameters()]
+
+
+def _ce(logits, y):
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap's, on weight norm)
+@pytest.mark.parametrize("build,loss", [(_tied, _ce), (_weight_norm, nn.functional.mse_loss)],
+                         ids=["tied-and-shared", "weight-norm"])
+def test_batched_candidates_reach_every_place_a_tensor_is_used(build, loss):
+    # a tied head, a module called twice and a parametrization's original tensors: each
+    # candidate's trial weights must stand in all of them, or its loss would mix the
+    # candidate with θ0 (and the accepted step would differ from the sequential one)
+    seq, seq_params = _run_loss(build, None, loss)
+    bat, bat_params = _run_loss(build, 3, loss)
+    assert any(t[1] > 1 for t in seq)  # (several trials: the candidates decide something)
+    assert bat == seq
+    for p, q in zip(bat_params, seq_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batched_trial_that_raises_leaves_the_models_own_parameters_in_place():
+    torch.manual_seed(0)
+    model, x, y = _mlp()
+    params = dict(model.named_parameters())
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    opt = ArmijoAdam(model.parameters(), model=model, candidates=2, cadence="every")
+    fail = [True]
+
+    def closure():
+        if fail[0] and not torch.is_grad_enabled():  # the batched trial forward
+            raise RuntimeError("trial forward failed")
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="trial forward failed"):
+        opt.step(closure)
+    # the modules hold their own Parameters again (not the trial tensors), at θ0
+    assert dict(model.named_parameters()) == params
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), theta[n], rtol=1e-6, atol=1e-7)
+    fail[0] = False
+    opt.step(closure)  # and it trains on
+    assert opt.param_groups[0]["step"] == 1
+
+
+def test_a_forward_vmap_cannot_batch_is_named_and_the_step_undone():
+    # an LSTM has no batching rule: torch's own error says nothing of candidates=
+    torch.manual_seed(0)
+    model, x, y = _lstm()
+    theta = [p.detach().clone() for p in model.parameters()]
+    opt = ArmijoAdam(model.parameters(), model=model, candidates=2, cadence="every")
+    with pytest.raises(RuntimeError, match=r"cannot batch an operation of this forward: use "
+                                           r"the sequential search \(candidates=None\)"):
+        opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
+    assert opt.param_groups[0]["step"] == 0
+    for p, q in zip(model.parameters(), theta):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+    opt.candidates = None  # and the sequential search trains it
+    opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
+    assert opt.param_groups[0]["step"] == 1

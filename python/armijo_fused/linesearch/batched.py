@@ -3,7 +3,7 @@
 Sequential backtracking tests η0, βη0, β²η0, ... one forward at a time and accepts the first that
 passes the Armijo test. The batched search tests the same sequence K at a time: the K trial points
 θ0 − η_k d are stacked and the loss is evaluated on all of them in one batched forward
-(``torch.func.functional_call`` under ``torch.func.vmap``). It accepts the first η_k of the
+(the trial weights swapped into the model under ``torch.func.vmap``). It accepts the first η_k of the
 sequence that passes, which is the step sequential backtracking would accept on the same batch,
 and it takes ceil(trials / K) dependent forwards instead of ``trials``. The price is K copies of
 the parameters and K times the activations, so it is an option for models and batches that fit.
@@ -33,18 +33,6 @@ from .controller import (
 )
 
 
-class _CallLoss(nn.Module):
-    """Holds the model so that ``functional_call`` can swap its parameters around ``fn()``."""
-
-    def __init__(self, model: nn.Module, fn: Callable[[], Tensor]):
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self) -> Tensor:
-        return self.fn()
-
-
 def check_batchable(model: nn.Module) -> None:
     """Refuse, before anything moves, a model whose forward vmap cannot batch over K weight
     sets: a BatchNorm (or InstanceNorm) that updates its running statistics in place."""
@@ -60,38 +48,65 @@ def check_batchable(model: nn.Module) -> None:
             )
 
 
-def parameter_names(model: nn.Module, params: Sequence[Tensor]) -> list[str]:
-    """Each of ``params``' name in ``model``, the key :func:`stacked_loss` swaps it under (a
-    name from elsewhere, e.g. given without the wrapper's prefix, would be ignored by
-    ``functional_call`` and the candidates would all see θ0); a tensor the model does not hold
-    is refused by name, before anything moves."""
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    outside = [tuple(p.shape) for p in params if id(p) not in names]
+def parameter_slots(model: nn.Module, params: Sequence[Tensor]) -> list[list[tuple[nn.Module, str]]]:
+    """For each of ``params``, every place ``model`` holds it: ``(module, name)`` pairs of the
+    modules' ``_parameters``. A tensor tied into several modules (a tied embedding and head) has
+    several, and :func:`stacked_loss` puts each candidate in all of them. Found once per step
+    (the model may change between steps); a tensor the model does not hold is refused, before
+    anything moves (the candidates would all see θ0 in its place)."""
+    index = {id(p): i for i, p in enumerate(params)}
+    slots: list[list[tuple[nn.Module, str]]] = [[] for _ in params]
+    for module in model.modules():  # (each module once: a shared one is swapped once)
+        for name, q in module._parameters.items():
+            i = index.get(id(q)) if q is not None else None
+            if i is not None:
+                slots[i].append((module, name))
+    outside = [tuple(p.shape) for p, s in zip(params, slots) if not s]
     if outside:
         raise ValueError(
             f"candidates= evaluates the K trial points through model=, which does not hold "
             f"{len(outside)} of the optimized tensors (shapes {outside[:4]}"
             f"{' ...' if len(outside) > 4 else ''}): register the module that holds every "
             "optimized parameter as model=, or use the sequential search (candidates=None)")
-    return [names[id(p)] for p in params]
+    return slots
 
 
-def stacked_loss(model: nn.Module, fn: Callable[[], Tensor], names: Sequence[str]):
-    """``losses(stacked)``: ``stacked`` holds one [K, *shape] tensor per name; returns [K] losses
-    of ``fn()`` evaluated with the model's parameters replaced by each slice in turn."""
-    wrapper = _CallLoss(model, fn)
-    keys = ["model." + n for n in names]
+def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Module, str]]]):
+    """``losses(stacked)``: ``stacked`` holds one [K, *shape] tensor per entry of ``slots``
+    (:func:`parameter_slots`); returns the [K] losses of ``fn()`` evaluated with the model's
+    parameters replaced by each slice in turn.
+
+    The slices are put straight into the modules' ``_parameters`` for the call and the
+    parameters put back after it, as ``torch.func.functional_call`` does, without its search of
+    the module tree on every call (most of a small model's batched trial on the host)."""
 
     def one(*tensors):
-        out = torch.func.functional_call(wrapper, dict(zip(keys, tensors)), (), strict=False)
+        held = []
+        try:
+            for places, t in zip(slots, tensors):
+                for module, name in places:
+                    held.append((module, name, module._parameters[name]))
+                    module._parameters[name] = t
+            out = fn()
+        finally:
+            for module, name, p in reversed(held):
+                module._parameters[name] = p
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise ValueError("the loss function must return a scalar tensor for batched candidates")
         return out.reshape(())
 
+    batched = torch.func.vmap(one, randomness="same")
+
     def losses(stacked: Sequence[Tensor]) -> Tensor:
         try:
-            return torch.func.vmap(one, randomness="same")(*stacked)
+            return batched(*stacked)
         except RuntimeError as e:
+            if str(e).startswith("Batching rule not implemented"):  # (an LSTM, for one)
+                raise RuntimeError(
+                    "candidates= evaluates the loss at the K trial points at once, under "
+                    "torch.func.vmap, which cannot batch an operation of this forward: use the "
+                    f"sequential search (candidates=None). The step has been undone. (vmap: {e})"
+                ) from e
             # vmap's own words blame torch and ask for a bug report
             if not str(e).startswith("vmap: It looks like you're"):
                 raise

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..directions import get_rule
 from ..directions.base import check_float32, check_number, in_float32
 from ..linesearch import trial as trial_mod
-from ..linesearch.batched import check_batchable, parameter_names, stacked_loss
+from ..linesearch.batched import check_batchable, parameter_slots, stacked_loss
 from ..linesearch.cadence import Cadence
 from ..linesearch.controller import (
     evaluate_on_every_rank,
@@ -843,12 +843,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._count(forwards=1)
             return as_loss(out, what)
 
-        names = None  # candidates: each buffer's tensors' names in the model, in buffer order
+        batched_loss = None  # candidates: the K trial points' losses in one forward
 
         def trial_losses(etas, precond) -> Tensor:  # batched candidates: one forward for all
-            _, stacked = passes.trial_points(etas, precond)  # (buffer order, as names)
+            _, stacked = passes.trial_points(etas, precond)  # (buffer order, as the slots)
             with trial_env().trial():
-                out = stacked_loss(self._modules[0], lambda: loss_in(evaluate()), names)(stacked)
+                out = batched_loss(stacked)
             self._count(forwards=1)
             return out.detach()
 
@@ -858,7 +858,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if self.candidates is not None and not any(frozen):
             check_batchable(self._modules[0])
             # (once per step, before anything moves: a tensor the model lacks is refused here)
-            names = parameter_names(self._modules[0], [p for b in buffers for p in b.params])
+            slots = parameter_slots(self._modules[0], [p for b in buffers for p in b.params])
+            batched_loss = stacked_loss(lambda: loss_in(evaluate()), slots)
         plan = self._search_plan(table, frozen)
         snapshot = passes.snapshot() if self.exact_revert else None
         try:
