@@ -354,3 +354,23 @@ def test_a_forward_vmap_cannot_batch_is_named_and_the_step_undone():
     opt.candidates = None  # and the sequential search trains it
     opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
     assert opt.param_groups[0]["step"] == 1
+
+
+def _bf16_mlp():
+    model, x, y = _mlp()
+    return model.to(torch.bfloat16), x.to(torch.bfloat16), y.to(torch.bfloat16)
+
+
+def _mse_float(out, y):  # (the loss in float32: a bf16 loss would hide most decreases)
+    return nn.functional.mse_loss(out.float(), y.float())
+
+
+def test_batched_candidates_of_a_bf16_model_are_its_masters_trial_points_rounded():
+    # each candidate's weights are the fp32 master's trial point rounded to bf16, as the
+    # sequential search writes into the model: the same losses, the same accepted steps
+    seq, seq_params = _run_loss(_bf16_mlp, None, _mse_float)
+    bat, bat_params = _run_loss(_bf16_mlp, 3, _mse_float)
+    assert any(t[1] > 1 for t in seq)
+    assert bat == seq
+    for p, q in zip(bat_params, seq_params):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q)

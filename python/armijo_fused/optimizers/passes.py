@@ -214,9 +214,10 @@ class FlatPasses(Passes):
             trial = backend.trial_points(self.opt.rule, b.param, b.grad, b.states, self.scalars[i],
                                          self.wd[i], etas, self._gscale[b.device], b.layout,
                                          precond)
-            for j, (p, off) in enumerate(zip(b.params, b.offsets)):
+            for j, p in enumerate(b.params):
                 params.append(p)
-                stacked.append(b.shaped(trial[:, off : off + p.numel()], j).to(p.dtype))
+                rows = b.rows(trial, j)
+                stacked.append(rows if rows.dtype == p.dtype else rows.to(p.dtype))
         return params, stacked
 
     def snapshot(self):
