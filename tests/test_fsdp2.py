@@ -152,20 +152,16 @@ def _rank_in_place_buffer(rank, world):
         restored = all(torch.equal(t, b) for t, b in zip(shards, before))
         out.append([buf.in_place, gathered, grad_ok, sevens, restored])
     # zero_grad lets this step's gradient shards go: the table held them through the forward
+    # (weak references to the storages, not their addresses: a freed address may be reused)
     import gc
 
-    grads = {_local(p.grad).untyped_storage().data_ptr()
-             for buf in opt._buffers for p in buf.params if p.grad is not None}
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    grads = [StorageWeakRef(_local(p.grad).untyped_storage())
+             for buf in opt._buffers for p in buf.params if p.grad is not None]
     opt.zero_grad()
     gc.collect()
-    alive = set()
-    for o in gc.get_objects():
-        if type(o) is torch.Tensor:
-            try:
-                alive.add(o.untyped_storage().data_ptr())
-            except RuntimeError:
-                pass
-    return [tuple(row + [bool(grads) and not grads & alive]) for row in out]
+    return [tuple(row + [bool(grads) and all(r.expired() for r in grads)]) for row in out]
 
 
 def _rank_failed_step(rank, world, exact):
@@ -614,6 +610,10 @@ def test_steps_without_a_search_are_capped_under_fsdp2_as_in_a_single_process():
 
 
 def _rank_freeze(rank, world):
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
     from armijo_fused.storage.sharded import _local
 
     model = shard(make_model())
@@ -621,17 +621,17 @@ def _rank_freeze(rank, world):
     train(model, opt, 2, rank, world)
     frozen = list(model.blocks[0].parameters())
     kept = [_local(p).clone() for p in frozen]
-    spans = [(s.data_ptr(), s.untyped_storage().nbytes()) for b in opt._buffers for s in b.states]
+    old = [StorageWeakRef(s.untyped_storage()) for b in opt._buffers for s in b.states]
     for p in frozen:
         p.requires_grad_(False)
     train(model, opt, 2, rank, world, start=2)  # the rebuild let the frozen block go
-    # ... and its state, which sits on slices of the old buffers' storage, got storage of its own
-    left = [_local(v).data_ptr() for p in frozen for v in opt.state[p].values()
-            if isinstance(v, torch.Tensor)]
+    # ... and its state, which sat on slices of the old buffers' storage, got storage of its
+    # own: nothing holds the old buffers now (weak references: a freed address may be reused)
+    left = [v for p in frozen for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    gc.collect()
     return {"kept": all(torch.equal(_local(p), k) for p, k in zip(frozen, kept)),
             "moved": opt.stats["step_size"] > 0,
-            "state_released": bool(left) and not any(lo <= at < lo + n for at in left
-                                                     for lo, n in spans)}
+            "state_released": bool(left) and all(r.expired() for r in old)}
 
 
 def test_freezing_a_block_under_fsdp2_keeps_training():
