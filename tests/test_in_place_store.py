@@ -12,10 +12,10 @@ import os
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from _backends import needs_cpp
 from problems import make_closure
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
 from armijo_fused.storage.in_place import InPlaceBuffer
