@@ -374,3 +374,62 @@ def test_batched_candidates_of_a_bf16_model_are_its_masters_trial_points_rounded
     assert bat == seq
     for p, q in zip(bat_params, seq_params):
         assert p.dtype == torch.bfloat16 and torch.equal(p, q)
+
+
+def _dropout_mlp_loss(w1, b1, w2, x):
+    h = nn.functional.dropout(torch.tanh(x @ w1.T + b1), 0.3)
+    return (h @ w2.T).square().mean()
+
+
+def test_the_lean_vmap_computes_what_torch_func_vmap_computes():
+    """linesearch/batched.py skips vmap's argument handling: the same values, the same dropout
+    masks for every candidate (randomness="same"), an output that does not depend on the
+    candidates broadcast to K, and the vmap level closed again after a raise."""
+    from torch._C._functorch import maybe_get_level
+
+    from armijo_fused.linesearch.batched import _vmap_over_first_dim
+
+    torch.manual_seed(0)
+    k = 5
+    ws = [torch.randn(k, 7, 3), torch.randn(k, 7), torch.randn(k, 2, 7)]
+    x = torch.randn(11, 3)
+
+    def loss(w1, b1, w2):
+        return _dropout_mlp_loss(w1, b1, w2, x)
+
+    torch.manual_seed(1)
+    got = _vmap_over_first_dim(loss)(*ws)
+    torch.manual_seed(1)
+    want = torch.func.vmap(loss, randomness="same")(*ws)
+    assert got.shape == (k,) and torch.equal(got, want)
+    # the same masks for all K: candidates with equal weights give equal losses
+    same = [w[:1].expand_as(w).clone() for w in ws]
+    torch.manual_seed(2)
+    out = _vmap_over_first_dim(loss)(*same)
+    assert torch.equal(out, out[:1].expand(k)) and not torch.equal(got, got[:1].expand(k))
+
+    constant = _vmap_over_first_dim(lambda *w: torch.tensor(3.0))(*ws)
+    assert torch.equal(constant, torch.full((k,), 3.0))
+
+    def raising(*w):
+        raise KeyError("in the forward")
+
+    with pytest.raises(KeyError):
+        _vmap_over_first_dim(raising)(*ws)
+    # no vmap level left open: a plain tensor made now is not batched
+    assert maybe_get_level(torch.ones(2) * 2) == -1
+    torch.manual_seed(2)
+    assert torch.equal(_vmap_over_first_dim(loss)(*same), out)
+
+
+def test_without_the_lean_vmap_torch_func_vmap_gives_the_same_search(monkeypatch):
+    """Where torch has moved vmap's pieces, the batched search falls back on torch.func.vmap."""
+    from armijo_fused.linesearch import batched
+
+    kw = {"init_step_size": 1.0}
+    lean, lean_forwards, lean_params = _run(ArmijoAdam, 3, **kw)
+    monkeypatch.setattr(batched, "vmap_increment_nesting", None)
+    plain, plain_forwards, plain_params = _run(ArmijoAdam, 3, **kw)
+    assert plain == lean and plain_forwards == lean_forwards and any(t[1] > 1 for t in lean)
+    for p, q in zip(plain_params, lean_params):
+        assert torch.equal(p, q)
