@@ -1277,6 +1277,68 @@ def test_a_step_hidden_by_rounding_after_a_rejection_brings_the_next_search_soon
     assert opt.param_groups[0]["next_search"] == 2  # (3 before: the interval doubled)
 
 
+def test_one_gradient_that_is_not_the_losses_does_not_stall_a_full_batch_run_for_good():
+    # One step's gradient did not match its loss (a stale .grad, here +1 on a bias): its search
+    # backtracked until the trial's loss was f0 to the bit, η fell to that hidden step (2e-6
+    # against η̄ 0.43), and every later search predicted a decrease below the loss's resolution
+    # and kept η: 500 steps without a move (found by a review). Now η climbs back, one growth
+    # per search, and the run trains again
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ArmijoSGD(model.parameters(), cadence="every")
+    stale = False
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        if stale and torch.is_grad_enabled():
+            with torch.no_grad():
+                model[2].bias.grad += 1.0
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    stale = True
+    opt.step(closure)
+    stale = False
+    g = opt.param_groups[0]
+    assert opt.stats["unresolved"] and g["step_size"] < 1e-5 < 0.1 < g["step_size_avg"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the unresolved searches of the climb)
+        losses = [float(opt.step(closure)) for _ in range(30)]
+    assert losses[-1] < 0.95 * losses[0]  # (before: the same loss to the last bit)
+    assert g["step_size"] > 0.01
+
+
+def test_at_a_minimum_the_climb_stops_at_the_running_average():
+    # the climb back (above) goes on from each unresolved search's grown trial, but not past
+    # η̄, a step the test has accepted: at a minimum, where every search is unresolved, η
+    # rises to η̄ and stays
+    w = nn.Parameter(torch.zeros(4))
+    opt = ArmijoSGD([w], cadence="every", init_step_size=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = 1.0 + (w - 1e-9).pow(2).sum()  # (a decrease of 4e-18 on 1.0: never resolved)
+        loss.backward()
+        return loss
+
+    g = opt.param_groups[0]
+    g["step_size"], g["step_size_avg"] = 1e-3, 0.01
+    sizes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(40):
+            opt.step(closure)
+            assert opt.stats["unresolved"]
+            sizes.append(g["step_size"])
+    assert sizes[0] == pytest.approx(1.2e-3)  # (one growth per search)
+    assert sizes == sorted(sizes) and sizes[-1] == 0.01 and g["step_size_avg"] == 0.01
+    assert torch.equal(w.detach(), torch.zeros(4))
+
+
 @pytest.mark.parametrize("losses", [[1.0, 5.0, 1.0], [1.0, 5.0, 5.0, 1.0]])
 def test_grow_all_after_a_rejected_optimistic_trial_and_a_hidden_one_searches_sooner(losses):
     # grow_all's optimistic trial (every block grown) rejected, then a trial hidden by rounding:

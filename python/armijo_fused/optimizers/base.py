@@ -1155,7 +1155,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._warn_once("unresolved", (
                 f"{n} searches in a row predicted a decrease η·<g, d> below what the loss "
                 f"resolves ({resolution:.1e} of its value, last loss {result.loss_before:.3g}) "
-                "and took no step, leaving η as it was. At a minimum that is right; otherwise "
+                "and took no step (η kept, or raised at most to its running average). At a "
+                "minimum that is right; otherwise "
                 "the loss is scaled very small for this step size (with ArmijoSGD, whose η is "
                 "in the loss's units, scale the loss up, e.g. a mean over fewer terms or a sum)"))
         if n == 3 and resolution > 1e-4:

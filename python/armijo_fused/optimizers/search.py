@@ -356,6 +356,29 @@ class SearchMixin:
                     lowered[b] = tried[b]
         return lowered, rejected
 
+    def _climb_to_resolution(self, table, etas, plan, frozen, result) -> bool:
+        """After a search whose first trial predicted a decrease below the loss's resolution and
+        judged nothing: a block whose η sits below its running average η̄ goes on from the trial
+        tried (one growth up), at most to η̄; returns whether one did.
+
+        Keeping η there, as at a minimum, stalled training for good after η had been lowered
+        to a hidden trial's step (:meth:`_below_rejections`): one step whose gradient did not
+        match its loss (a stale ``.grad``) backtracked until the trial's loss equalled f0 to the
+        bit, η fell to that step (2e-6 against η̄ 0.43), and every later search was unresolved
+        with η unchanged (ArmijoSGD, full batch: 500 steps without a move). At a minimum η
+        climbs to η̄, a step the test has accepted, and no further."""
+        tried = result.history[-1][0]
+        climb = {}
+        for b in plan[0]:
+            if frozen[b] or not tried[b] > etas[b]:
+                continue
+            avg = self._eta(*table[b], key="step_size_avg")
+            if etas[b] < avg:
+                climb[b] = min(tried[b], avg)
+        if climb:
+            self._set_each(table, list(climb), list(climb.values()))
+        return bool(climb)
+
     def _cap_for_weight_decay(self, eta):
         # keep 1 - η·wd away from 0: θ0 is recovered by dividing by it
         wd = max((g["weight_decay"] for g in self.param_groups), default=0.0)
@@ -375,6 +398,10 @@ class SearchMixin:
             tried = result.history[-1][0]
             grown = [b for b in plan[0] if not frozen[b] and tried[b] > etas[b]]
             self._set_each(table, grown, [tried[b] for b in grown])
+        climbed = False
+        if (result.unresolved and not result.unchanged and result.rejected is None
+                and not result.overflow and exact is None and result.history):
+            climbed = self._climb_to_resolution(table, etas, plan, frozen, result)
         # (an unresolved search that had rejected a trial is not settled: the cadence comes
         # back sooner rather than apply η blind for twice as long)
         lowered, rejected = self._below_rejections(result, etas, frozen)
@@ -383,8 +410,10 @@ class SearchMixin:
             etas = [lowered.get(b, e) for b, e in enumerate(etas)]
         if skipped or result.unresolved:
             # (an overflowing ⟨g, d⟩ judged nothing: not settled, the next steps search again
-            # rather than apply η blind along that direction)
-            return result.unresolved and not rejected and not result.overflow, False
+            # rather than apply η blind along that direction; nor is a climb, which goes on
+            # at the next step)
+            return (result.unresolved and not rejected and not result.overflow
+                    and not climbed), False
         outcomes = exact if exact is not None else [(plan[0], accepted, None)]
         turn = None  # the blocks whose turn this search was (None: the outcomes' blocks)
         if exact is None and accepted is not None and result.optimistic:
