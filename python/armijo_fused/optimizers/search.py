@@ -6,6 +6,7 @@ merging collapsed blocks, and the length cap of the steps without a search. A mi
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import replace
 from numbers import Integral
 
@@ -40,6 +41,14 @@ def counter_error(group: dict) -> str | None:
 STEP_LENGTH_RATIO = 2.0
 #: the layer-wise schedules whose blocks take turns (a cursor that moves once a search completes)
 IN_TURN = ("round_robin", "grow_all")
+
+
+
+def _in_range(v, low) -> bool:
+    """A finite real number above ``low`` (None: at or above 0)."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+        return False
+    return v > low if low is not None else v >= 0.0
 
 
 class SearchMixin:
@@ -366,7 +375,13 @@ class SearchMixin:
         match its loss (a stale ``.grad``) backtracked until the trial's loss equalled f0 to the
         bit, η fell to that step (2e-6 against η̄ 0.43), and every later search was unresolved
         with η unchanged (ArmijoSGD, full batch: 500 steps without a move). At a minimum η
-        climbs to η̄, a step the test has accepted, and no further."""
+        climbs to η̄, a step the test has accepted, and no further.
+
+        Not for a bf16 / fp16 model (master weights): there a grown trial is rejected by
+        rounding and the one below it is hidden, and a climb carried η from a level whose
+        blind steps still trained (slowly, through the masters) into that range, where
+        layer-wise ``grow_all`` searched at every step for good without a step (a review:
+        3x the forwards, the loss frozen)."""
         tried = result.history[-1][0]
         climb = {}
         for b in plan[0]:
@@ -400,7 +415,8 @@ class SearchMixin:
             self._set_each(table, grown, [tried[b] for b in grown])
         climbed = False
         if (result.unresolved and not result.unchanged and result.rejected is None
-                and not result.overflow and exact is None and result.history):
+                and not result.overflow and exact is None and result.history
+                and not any(getattr(b, "master", False) for b in self._buffers or ())):
             climbed = self._climb_to_resolution(table, etas, plan, frozen, result)
         # (an unresolved search that had rejected a trial is not settled: the cadence comes
         # back sooner rather than apply η blind for twice as long)
@@ -554,14 +570,16 @@ class SearchMixin:
         """η·‖d‖ after a search: the η the next steps will apply (after the policy's update)
         times the length of the direction the search tested; per block (layer-wise), or of the
         whole step (global). Only ‖d‖ growing since the search makes the cap bind, not η."""
+        def length(eta, dd):  # (‖d‖² overflowing float32: no cap, 0, as before any search;
+            x = eta * math.sqrt(max(dd, 0.0))  # an inf or NaN one is refused in a group)
+            return x if math.isfinite(x) else 0.0
+
         if self.layerwise:
             for (gi, lb), dd in zip(table, block_dd):
-                self._set_eta(gi, lb, self._eta(gi, lb) * math.sqrt(max(dd, 0.0)),
-                              key="step_length")
+                self._set_eta(gi, lb, length(self._eta(gi, lb), dd), key="step_length")
         else:
             gi, lb = table[0]
-            self._set_eta(gi, lb, self._eta(gi, lb) * math.sqrt(max(sum(block_dd), 0.0)),
-                          key="step_length")
+            self._set_eta(gi, lb, length(self._eta(gi, lb), sum(block_dd)), key="step_length")
 
     def _length_caps(self, table, buffers) -> list[Tensor] | None:
         """Per buffer, the largest η each block may apply on a step without a search.
@@ -623,19 +641,28 @@ class SearchMixin:
         Refused by name at the start of the step, before the closure runs (a min and a sum
         over each group's floats: no loop in Python per block)."""
         for gi, group in enumerate(self.param_groups):
-            for key in ("step_size", "step_size_avg"):
+            # (step_length and the collapse flag too, which may be 0: a string written into
+            # any of them raised a bare comparison error, a NaN length was overwritten unseen)
+            for key, low in (("step_size", 0.0), ("step_size_avg", 0.0), ("step_length", None),
+                             ("collapsed", None)):
+                if key not in group:
+                    continue
                 value = group[key]
                 values = value if isinstance(value, list) else (value,)
-                if not values or (min(values) > 0.0 and math.isfinite(sum(values))):
-                    continue
-                b = next(i for i, v in enumerate(values) if not (v > 0.0 and math.isfinite(v)))
+                try:
+                    if not values or ((min(values) > low if low is not None
+                                       else min(values) >= 0.0) and math.isfinite(sum(values))):
+                        continue
+                except TypeError:  # (a string, None: not a number)
+                    pass
+                b = next(i for i, v in enumerate(values) if not _in_range(v, low))
                 names = group.get("block_names") or []
                 where = f"param group {gi}" + (
                     "" if not isinstance(value, list) else f", block {names[b]!r}"
                     if b < len(names) else f", block {b}")
                 raise ValueError(f"invalid {key} in {where}: {values[b]!r} (expected a finite "
-                                 "number > 0; the optimizer keeps it, code that writes it must "
-                                 "too)")
+                                 f"number {'> 0' if low is not None else '>= 0'}; the optimizer "
+                                 "keeps it, code that writes it must too)")
 
     def _check_counters(self) -> None:
         """The step counts in every group (:data:`COUNTER_MINIMA`) must be integers at or above
