@@ -2191,3 +2191,96 @@ def test_a_float64_loss_beyond_float32s_range_is_not_taken_for_a_non_finite_one(
         w.grad = 2 * w.detach()
         opt.step(loss_fn=loss_fn, loss=loss_fn().detach())
         assert not opt.stats["skipped"]
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.1), np.int64(1), np.float64(0.1)])
+@pytest.mark.parametrize("cls", [ArmijoAdam, ArmijoSGD])
+def test_a_numpy_scalar_lr_is_a_number(cls, lr):
+    # refused as "invalid lr: np.float32(0.1) (expected a finite number >= 0)", where AdamW
+    # takes it; a LambdaLR reading a float32 NumPy table writes one into the group at each step
+    w = nn.Parameter(torch.ones(3))
+    opt = cls([w], lr=lr)
+    factors = np.linspace(1.0, 0.5, 4, dtype=np.float32)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factors[min(t, 3)])
+
+    def closure():
+        opt.zero_grad()
+        loss = (w - 2).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+        sched.step()
+    assert isinstance(opt.param_groups[0]["lr"], np.floating)
+    assert float((w.detach() - 2).pow(2).sum()) < 3.0
+    with pytest.raises(ValueError, match="invalid lr"):
+        cls([w], lr=np.float32("nan"))
+
+
+def test_state_of_another_shape_is_named_and_nothing_moves():
+    # a parameter's .data replaced by a tensor of another shape (a layer resized in place):
+    # the rebuild copied the old state in and failed with a bare size mismatch, after it had
+    # re-pointed the tensors; now refused before anything is built, and `del opt.state[p]`
+    # starts that tensor afresh
+    torch.manual_seed(0)
+    a, w = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 3))
+    x = torch.randn(5, 4)
+    opt = ArmijoAdam([a, w], cadence="every")
+
+    def closure():
+        opt.zero_grad()
+        loss = (x[:, : w.shape[0]] @ w).pow(2).mean() + a.pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    w.data = torch.randn(4, 2)
+    a_storage = a.untyped_storage().data_ptr()
+    before = (a.detach().clone(), w.detach().clone(),
+              {k: v.clone() for k, v in opt.state[a].items()}, opt.param_groups[0]["step"])
+    with pytest.raises(ValueError, match=r"'exp_avg' of a parameter .* has shape \(3, 3\), "
+                                         r"the parameter \(4, 2\).*del opt.state\[p\]"):
+        opt.step(closure)
+    assert torch.equal(a, before[0]) and torch.equal(w, before[1])
+    assert all(torch.equal(opt.state[a][k], v) for k, v in before[2].items())
+    assert opt.param_groups[0]["step"] == before[3]
+    assert a.untyped_storage().data_ptr() == a_storage  # (still the store's: not re-pointed)
+    del opt.state[w]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (w restarts with zero moments: warned)
+        for _ in range(3):
+            opt.step(closure)
+    assert opt.state[w]["exp_avg"].shape == (4, 2) and opt.param_groups[0]["step"] == 5
+
+
+@pytest.mark.parametrize("key, value, cadence", [
+    ("step_size", "0.5", "adaptive"), ("step_size_avg", None, "adaptive"),
+    ("step_length", "x", 3), ("step_length", math.nan, 3), ("step_length", -1.0, 3),
+    ("collapsed", "x", "adaptive"),
+])
+def test_a_line_search_entry_of_the_wrong_type_is_named_before_anything_moves(key, value,
+                                                                             cadence):
+    # a string written into a live group raised a bare "'>' not supported between 'str' and
+    # 'float'" (nothing had moved); a NaN or negative step_length, or a string collapse flag,
+    # was overwritten unseen, where load_state_dict refuses them
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ArmijoSGD(model.parameters(), momentum=0.9, cadence=cadence)
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    opt.param_groups[0][key] = value
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=f"invalid {key} in param group 0: "):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.param_groups[0]["step"] == 2

@@ -71,7 +71,8 @@ class Adam(DirectionRule):
     def validate(self, group):
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+            raise ValueError(f"invalid betas: {betas!r} (expected a pair (beta1, beta2): a tuple "
+                             "or list of two numbers)")
         for i, b in enumerate(betas):
             check_number(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
         check_eps(group)

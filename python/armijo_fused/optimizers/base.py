@@ -20,6 +20,7 @@ and checkpoints).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -101,7 +102,10 @@ def _lr_value(lr) -> float:
         if lr.numel() != 1:
             raise ValueError(f"invalid lr: a tensor lr must hold one value, got shape {tuple(lr.shape)}")
         lr = float(lr)
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0.0 <= lr < math.inf:
+    # (a NumPy scalar is a number too: a schedule read from a float32 table writes one)
+    if type(lr) is not float and (not isinstance(lr, numbers.Real) or isinstance(lr, bool)):
+        raise ValueError(f"invalid lr: {lr!r} (expected a finite number >= 0)")
+    if not 0.0 <= lr < math.inf:
         raise ValueError(f"invalid lr: {lr!r} (expected a finite number >= 0)")
     return float(lr)
 

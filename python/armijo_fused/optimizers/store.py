@@ -242,6 +242,7 @@ class StoreMixin:
                     "step on each is not defined. Make it a tensor "
                     "of its own (nn.Parameter(t.expand(...).clone())), or keep the small tensor "
                     "as the parameter and expand it in forward")
+            self._refuse_state_of_another_shape(p)
             by_slot.setdefault((gi, p.device, p.dtype, is_dtensor(p)), []).append(p)
         if self.layerwise and len({gi for gi, _, _, _ in by_slot}) != len(by_slot):
             raise ValueError("layerwise=True needs each param group on one device and dtype")
@@ -296,6 +297,23 @@ class StoreMixin:
             self._drop_stale_masters(buffers)
         self._sharded = any(getattr(b, "distributed", False) for b in buffers)
         return buffers
+
+    def _refuse_state_of_another_shape(self, p: Tensor) -> None:
+        """Before any buffer is built: a tensor whose ``.data`` was replaced by one of another
+        shape (a layer resized or pruned in place) still has the state of its old shape, which
+        the build's copy failed on with a bare size mismatch."""
+        st = self.state.get(p)
+        if not st:
+            return
+        for name in self.rule.state_names + ("master",):
+            v = st.get(name)
+            if isinstance(v, Tensor) and v.shape != p.shape:
+                raise ValueError(
+                    f"the optimizer state {name!r} of a parameter ({self._shown([p])}) has "
+                    f"shape {tuple(v.shape)}, the parameter {tuple(p.shape)}: its .data was "
+                    "replaced by a tensor of another shape since the state was made. Start its "
+                    "state afresh (del opt.state[p]) or build the optimizer again; nothing has "
+                    "moved")
 
     def _refuse_dtensors_unsupported(self, dtensors: bool) -> None:
         """What DTensor (FSDP2) parameters cannot do, refused before the store changes (a
