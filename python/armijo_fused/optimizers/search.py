@@ -43,7 +43,6 @@ STEP_LENGTH_RATIO = 2.0
 IN_TURN = ("round_robin", "grow_all")
 
 
-
 def _in_range(v, low) -> bool:
     """A finite real number above ``low`` (None: at or above 0)."""
     if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
@@ -655,7 +654,9 @@ class SearchMixin:
                         continue
                 except TypeError:  # (a string, None: not a number)
                     pass
-                b = next(i for i, v in enumerate(values) if not _in_range(v, low))
+                b = next((i for i, v in enumerate(values) if not _in_range(v, low)), None)
+                if b is None:  # (each in range, their sum beyond a float: large, not wrong)
+                    continue
                 names = group.get("block_names") or []
                 where = f"param group {gi}" + (
                     "" if not isinstance(value, list) else f", block {names[b]!r}"
