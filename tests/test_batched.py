@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -433,3 +434,51 @@ def test_without_the_lean_vmap_torch_func_vmap_gives_the_same_search(monkeypatch
     assert plain == lean and plain_forwards == lean_forwards and any(t[1] > 1 for t in lean)
     for p, q in zip(plain_params, lean_params):
         assert torch.equal(p, q)
+
+
+class _CachingMLP(nn.Module):
+    """Keeps a non-persistent cache of its hidden activations (computed from the weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 1)
+        self.register_buffer("cache", torch.zeros(16), persistent=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        self.cache = h.detach().mean(0)
+        return self.l2(h)
+
+
+def test_a_cache_the_forward_builds_from_the_weights_does_not_escape_the_batched_trial():
+    # the batched trial left a tensor of a vmap level that no longer existed in the buffer:
+    # reading it after the step raised "Either your tensor may have escaped from inside a
+    # function being vmapped" (found by a review). The entry gets its tensor back instead (the
+    # training forward's); the steps are the sequential search's
+    from torch._C._functorch import is_batchedtensor
+
+    def build():
+        return _CachingMLP(), torch.randn(64, 8), torch.randn(64, 1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the sequential trials' changed cache is named)
+        seq, _, seq_params = _run(ArmijoAdam, None, steps=5, build=build, init_step_size=1.0)
+        bat, _, bat_params = _run(ArmijoAdam, 3, steps=5, build=build, init_step_size=1.0)
+    assert [t[:2] for t in bat] == [t[:2] for t in seq] and any(t[1] > 1 for t in seq)
+    for p, q in zip(bat_params, seq_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    model, x, y = build()
+    opt = ArmijoAdam(model.parameters(), cadence="every", model=model, candidates=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    trained = torch.tanh(model.l1(x)).detach().mean(0)  # (θ moved: the cache is θ0's)
+    assert not is_batchedtensor(model.cache) and model.cache.shape == (16,)
+    assert torch.isfinite(model.cache).all() and not torch.equal(model.cache, trained)

@@ -33,6 +33,11 @@ try:  # vmap's own steps, without its argument handling (see _vmap_over_first_di
     )
 except ImportError:  # (a torch that moved them: torch.func.vmap, the same semantics)
     vmap_increment_nesting = None
+try:
+    from torch._C._functorch import is_batchedtensor
+except ImportError:  # (then no escaped cache is noticed: see stacked_loss)
+    def is_batchedtensor(t: Tensor) -> bool:
+        return False
 
 from .controller import (
     Passes,
@@ -81,14 +86,24 @@ def parameter_slots(model: nn.Module, params: Sequence[Tensor]) -> list[list[tup
     return slots
 
 
-def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Module, str]]]):
+def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Module, str]]],
+                 modules: Sequence[nn.Module] = ()):
     """``losses(stacked)``: ``stacked`` holds one [K, *shape] tensor per entry of ``slots``
     (:func:`parameter_slots`); returns the [K] losses of ``fn()`` evaluated with the model's
     parameters replaced by each slice in turn.
 
     The slices are put straight into the modules' ``_parameters`` for the call and the
     parameters put back after it, as ``torch.func.functional_call`` does, without its search of
-    the module tree on every call (most of a small model's batched trial on the host)."""
+    the module tree on every call (most of a small model's batched trial on the host).
+
+    A non-persistent buffer of ``modules`` that the forward reassigns with a value computed
+    from the weights holds a batched tensor of a vmap level that no longer exists once the
+    call returns: any use of it raised (the next step's training forward, with "Either your
+    tensor may have escaped from inside a function being vmapped"). Such an entry gets its
+    tensor from before the call back. (Persistent buffers are the trial environment's: it
+    restores them before each trial and after the last. A cache built from the inputs alone
+    is an ordinary tensor and stays, as after a sequential trial.)"""
+    caching = [m for m in modules if m._non_persistent_buffers_set]
 
     def one(*tensors):
         held = []
@@ -108,6 +123,8 @@ def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Mod
     batched = _vmap_over_first_dim(one)
 
     def losses(stacked: Sequence[Tensor]) -> Tensor:
+        caches = [(m._buffers, name, m._buffers.get(name)) for m in caching
+                  for name in m._non_persistent_buffers_set]
         try:
             return batched(*stacked)
         except RuntimeError as e:
@@ -126,6 +143,11 @@ def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Mod
                 "itself (not loss.item() or float(loss)) and keep the forward free of reads such "
                 "as .item() or an `if` on a tensor, or use the sequential search "
                 f"(candidates=None). The step has been undone. (vmap: {e})") from e
+        finally:
+            for bufs, name, buf in caches:
+                now = bufs.get(name)
+                if now is not buf and isinstance(now, Tensor) and is_batchedtensor(now):
+                    bufs[name] = buf
 
     return losses
 

@@ -863,7 +863,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             check_batchable(self._modules[0])
             # (once per step, before anything moves: a tensor the model lacks is refused here)
             slots = parameter_slots(self._modules[0], [p for b in buffers for p in b.params])
-            batched_loss = stacked_loss(lambda: loss_in(evaluate()), slots)
+            batched_loss = stacked_loss(lambda: loss_in(evaluate()), slots,
+                                        list(self._modules[0].modules()))
         plan = self._search_plan(table, frozen)
         snapshot = passes.snapshot() if self.exact_revert else None
         try:
