@@ -2284,3 +2284,29 @@ def test_a_line_search_entry_of_the_wrong_type_is_named_before_anything_moves(ke
         opt.step(closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.param_groups[0]["step"] == 2
+
+
+def test_a_master_left_by_a_cast_to_fp32_is_not_state_of_another_shape():
+    # a bf16 tensor's master is stale once the model is cast to fp32, and dropped: a tensor
+    # resized in the same change must not be refused for its master's old shape (the check
+    # of state against its tensor's shape did, in review)
+    torch.manual_seed(0)
+    lin, extra = nn.Linear(4, 1), nn.Parameter(torch.zeros(3))
+    lin, extra.data = lin.bfloat16(), extra.data.bfloat16()
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ArmijoSGD([*lin.parameters(), extra])  # (stateless: a master is its only state)
+
+    def closure():
+        opt.zero_grad()
+        out = lin(x.to(lin.weight.dtype)).float() + 0.1 * extra.float().sum()
+        loss = nn.functional.mse_loss(out, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert list(opt.state[extra]) == ["master"]
+    lin.float()
+    extra.data = torch.zeros(5)
+    for _ in range(2):
+        opt.step(closure)
+    assert "master" not in opt.state[extra] and extra.dtype == torch.float32

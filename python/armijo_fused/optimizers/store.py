@@ -305,7 +305,9 @@ class StoreMixin:
         st = self.state.get(p)
         if not st:
             return
-        for name in self.rule.state_names + ("master",):
+        # (a master only where one is kept: a tensor cast to fp32 drops its stale one)
+        names = self.rule.state_names + (("master",) if p.dtype in MASTER_DTYPES else ())
+        for name in names:
             v = st.get(name)
             if isinstance(v, Tensor) and v.shape != p.shape:
                 raise ValueError(
