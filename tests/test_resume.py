@@ -1393,3 +1393,38 @@ def test_records_of_an_earlier_version_load_and_continue_bit_for_bit():
         assert o2.stats["step_size"] == o3.stats["step_size"] == opt.stats["step_size"]
         for a, b, c in zip(model.parameters(), other.parameters(), third.parameters()):
             assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_a_checkpoint_without_the_length_cap_or_collapse_flag_loads_and_trains(layerwise):
+    # a checkpoint from before ``step_length`` (or edited without it) loaded, and the next step
+    # raised a bare KeyError 'step_length' (found by a review); it now starts without a cap,
+    # as before any search, as one without ``collapsed`` starts without a collapse
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    def build():
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        return model, ArmijoAdam(model.parameters(), model=model, layerwise=layerwise)
+
+    def train(model, opt, n):
+        for _ in range(n):
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+
+    model, opt = build()
+    train(model, opt, 5)
+    sd = copy.deepcopy(opt.state_dict())
+    for g in sd["param_groups"]:
+        del g["step_length"], g["collapsed"]
+    model2, opt2 = build()
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(sd)
+    train(model2, opt2, 5)
+    lengths = opt2.param_groups[0]["step_length"]
+    assert opt2.param_groups[0]["step"] == 10
+    assert all(v > 0 for v in (lengths if layerwise else [lengths]))

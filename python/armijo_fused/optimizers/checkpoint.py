@@ -290,6 +290,8 @@ class CheckpointMixin:
             g.setdefault("folded", g["step"])
             g.setdefault("collapsed", [0] * len(g["step_size"]) if isinstance(
                 g["step_size"], list) else 0)  # ... or before ``collapsed``
+            g.setdefault("step_length", [0.0] * len(g["step_size"]) if isinstance(
+                g["step_size"], list) else 0.0)  # ... or before the length cap (0: none)
         g0.setdefault("loss_trend", None)  # ... or before the loss-trend guard
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
