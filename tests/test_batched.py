@@ -471,14 +471,7 @@ def test_a_cache_the_forward_builds_from_the_weights_does_not_escape_the_batched
     torch.manual_seed(0)
     model, x, y = build()
     opt = ArmijoAdam(model.parameters(), cadence="every", model=model, candidates=3)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
     trained = torch.tanh(model.l1(x)).detach().mean(0)  # (θ moved: the cache is θ0's)
     assert not is_batchedtensor(model.cache) and model.cache.shape == (16,)
     assert torch.isfinite(model.cache).all() and not torch.equal(model.cache, trained)

@@ -1408,12 +1408,8 @@ def test_a_checkpoint_without_the_length_cap_or_collapse_flag_loads_and_trains(l
         return model, ArmijoAdam(model.parameters(), model=model, layerwise=layerwise)
 
     def train(model, opt, n):
+        closure = make_closure(opt, lambda: nn.functional.mse_loss(model(x), y))
         for _ in range(n):
-            def closure():
-                opt.zero_grad()
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                return loss
             opt.step(closure)
 
     model, opt = build()
