@@ -388,8 +388,9 @@ def test_the_lean_vmap_computes_what_torch_func_vmap_computes():
     candidates broadcast to K, and the vmap level closed again after a raise."""
     from torch._C._functorch import maybe_get_level
 
-    from armijo_fused.linesearch.batched import _vmap_over_first_dim
+    from armijo_fused.linesearch.batched import _lean_vmap_works, _vmap_over_first_dim
 
+    assert _lean_vmap_works()  # (else the comparison below is torch.func.vmap's with itself)
     torch.manual_seed(0)
     k = 5
     ws = [torch.randn(k, 7, 3), torch.randn(k, 7), torch.randn(k, 2, 7)]
@@ -429,10 +430,27 @@ def test_without_the_lean_vmap_torch_func_vmap_gives_the_same_search(monkeypatch
 
     kw = {"init_step_size": 1.0}
     lean, lean_forwards, lean_params = _run(ArmijoAdam, 3, **kw)
+    assert batched._LEAN_VMAP is True  # (this torch's pieces work)
+    lean_nesting = batched.vmap_increment_nesting
     monkeypatch.setattr(batched, "vmap_increment_nesting", None)
+    monkeypatch.setattr(batched, "_LEAN_VMAP", None)
     plain, plain_forwards, plain_params = _run(ArmijoAdam, 3, **kw)
     assert plain == lean and plain_forwards == lean_forwards and any(t[1] > 1 for t in lean)
     for p, q in zip(plain_params, lean_params):
+        assert torch.equal(p, q)
+    assert batched._LEAN_VMAP is False
+
+    # a torch whose private pieces are there but take other arguments: tried once, then the
+    # public vmap (rather than a TypeError in the middle of a search)
+    def moved(tensor, level):
+        raise TypeError("_add_batch_dim() takes 2 positional arguments")
+
+    monkeypatch.setattr(batched, "vmap_increment_nesting", lean_nesting)
+    monkeypatch.setattr(batched, "_add_batch_dim", moved)
+    monkeypatch.setattr(batched, "_LEAN_VMAP", None)
+    again, _, again_params = _run(ArmijoAdam, 3, **kw)
+    assert again == lean and batched._LEAN_VMAP is False
+    for p, q in zip(again_params, lean_params):
         assert torch.equal(p, q)
 
 

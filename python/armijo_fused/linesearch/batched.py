@@ -152,6 +152,28 @@ def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Mod
     return losses
 
 
+_LEAN_VMAP: bool | None = None  # (whether torch's vmap pieces work here; tried once)
+
+
+def _lean_vmap_works() -> bool:
+    """Whether vmap's pieces, as imported, batch a sum as ``torch.func.vmap`` does: tried once
+    per process on a 2x3 tensor, so that a torch whose private signatures moved (not only
+    their place) falls back on ``torch.func.vmap`` rather than fail in a search."""
+    global _LEAN_VMAP
+    if _LEAN_VMAP is None:
+        _LEAN_VMAP = False
+        if vmap_increment_nesting is not None:
+            try:
+                lazy_load_decompositions()
+                x = torch.arange(6.0).reshape(2, 3)
+                with vmap_increment_nesting(2, "same") as level:
+                    y = _remove_batch_dim(_add_batch_dim(x, 0, level).sum(), level, 2, 0)
+                _LEAN_VMAP = bool(torch.equal(y, x.sum(1)))
+            except Exception:  # (any failure of a private API: the public one instead)
+                _LEAN_VMAP = False
+    return _LEAN_VMAP
+
+
 def _vmap_over_first_dim(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``torch.func.vmap(fn, randomness="same")`` for tensors batched along their first
     dimension and one tensor out: the same steps (a vmap level, batch dimensions added, ``fn``,
@@ -159,7 +181,7 @@ def _vmap_over_first_dim(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     ``in_dims`` and argument trees on every call, which cost more than the batching itself for a
     small model: 163 against 111 µs per call for a 5-layer width-16 MLP and K=4 (torch 2.13,
     one CPU thread; a plain forward 53 µs)."""
-    if vmap_increment_nesting is None:
+    if not _lean_vmap_works():
         return torch.func.vmap(fn, randomness="same")
 
     def batched(*tensors: Tensor) -> Tensor:
