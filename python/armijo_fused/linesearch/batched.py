@@ -164,7 +164,7 @@ def _lean_vmap_works() -> bool:
         _LEAN_VMAP = False
         if vmap_increment_nesting is not None:
             try:
-                lazy_load_decompositions()
+                lazy_load_decompositions()  # (vmap's decompositions, as vmap loads them)
                 x = torch.arange(6.0).reshape(2, 3)
                 with vmap_increment_nesting(2, "same") as level:
                     y = _remove_batch_dim(_add_batch_dim(x, 0, level).sum(), level, 2, 0)
@@ -185,7 +185,6 @@ def _vmap_over_first_dim(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         return torch.func.vmap(fn, randomness="same")
 
     def batched(*tensors: Tensor) -> Tensor:
-        lazy_load_decompositions()  # (once per process: vmap's decompositions, as vmap does)
         k = tensors[0].shape[0]
         with vmap_increment_nesting(k, "same") as level:
             out = fn(*(_add_batch_dim(t, 0, level) for t in tensors))
