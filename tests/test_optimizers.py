@@ -1304,11 +1304,18 @@ def test_one_gradient_that_is_not_the_losses_does_not_stall_a_full_batch_run_for
     opt.step(closure)
     stale = False
     g = opt.param_groups[0]
-    assert opt.stats["unresolved"] and g["step_size"] < 1e-5 < 0.1 < g["step_size_avg"]
+    # where it was found (an AMD EPYC) that search ended unresolved at η 2e-6; on an Intel Xeon
+    # the trials' losses round differently and it exhausts instead. The stalled state is the
+    # point: set, so the climb out of it is tested on every machine
+    assert (opt.stats["unresolved"] and g["step_size"] < 1e-5) or opt.stats["exhausted"]
+    g["step_size"] = min(g["step_size"], 2e-6)
+    assert g["step_size_avg"] > 0.1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the unresolved searches of the climb)
-        losses = [float(opt.step(closure)) for _ in range(30)]
-    assert losses[-1] < 0.95 * losses[0]  # (before: the same loss to the last bit)
+        losses = [float(opt.step(closure)) for _ in range(80)]
+    # (before: the same loss to the last bit; now resolved after ~8 climbing searches, then
+    # η grows by 1.2 per accepted search, back near η̄ after ~60 steps)
+    assert losses[-1] < 0.95 * losses[0]
     assert g["step_size"] > 0.01
 
 
