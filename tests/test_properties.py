@@ -212,8 +212,8 @@ def setups(draw, max_dim=9, max_params=4):
         kw["block_search"] = draw(st.sampled_from(["round_robin", "exact"]))
     kw["init_step_size"] = draw(st.sampled_from([1.0, 0.1] if direction in SGD_DIRS
                                                 else [1e-3, 1e-1]))
-    if direction in ("momentum", "nesterov"):
-        kw["momentum"] = draw(st.sampled_from([0.0, 0.9]))
+    if direction in ("momentum", "nesterov"):  # (Nesterov at μ = 0 is refused, as in torch)
+        kw["momentum"] = draw(st.sampled_from([0.0 if direction == "momentum" else 0.5, 0.9]))
     if direction in ("adam", "nadam"):
         kw["betas"] = (draw(st.sampled_from([0.0, 0.9])), draw(st.sampled_from([0.9, 0.999])))
     seed = draw(st.integers(0, 2**16))

@@ -123,6 +123,8 @@ def test_sgd_momentum_is_not_dropped_silently():
     (ArmijoSGD, dict(nesterov=True), "nesterov=True needs momentum"),
     (ArmijoSGD, dict(momentum=0.9, nesterov=True, direction="momentum"), "contradicts"),
     (ArmijoSGD, dict(momentum=0.9, direction="sgd"), "takes no momentum"),
+    # (it built plain SGD, the direction asked for not taken)
+    (ArmijoSGD, dict(direction="nesterov", momentum=0.0), "direction='nesterov' needs momentum"),
     (ArmijoSGD, dict(direction="adam"), "invalid direction for ArmijoSGD"),
     (ArmijoSGD, dict(momentum="0.9"), "invalid momentum"),
 ])
@@ -392,6 +394,18 @@ def test_options_of_the_whole_optimizer_in_a_param_group_are_refused_by_name(key
     with pytest.raises(ValueError, match=f"a param group sets {key}="):
         opt.add_param_group({"params": [model.bias], key: value})
     assert len(opt.param_groups) == 1
+    # written into a live group: it ran on, the option doing nothing; now refused at the next
+    # step, before anything moves, and the step after the key is taken out runs
+    loss_fn = lambda: model(torch.ones(2, 4)).square().mean()  # noqa: E731
+    opt.step(make_closure(opt, loss_fn))
+    opt.param_groups[0][key] = value
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=f"a param group sets {key}="):
+        opt.step(make_closure(opt, loss_fn))
+    assert torch.equal(model.weight, before)
+    del opt.param_groups[0][key]
+    opt.step(make_closure(opt, loss_fn))
+    assert not torch.equal(model.weight, before)
 
 
 def test_an_unknown_blocks_by_is_refused():
@@ -688,3 +702,24 @@ def test_repr_is_torchs_listing_without_the_checkpoint_only_entries(cls):
     assert hidden, "the live first group holds the checkpoint-only entries"
     assert repr(opt).splitlines() == [line for line in torchs if line not in hidden]
     assert "weight_decay: 0.1" in repr(opt) and "Parameter Group 1" in repr(opt)
+
+
+def test_a_step_from_a_gradient_hook_is_refused_by_name():
+    # the "optimizer in backward" pattern (one optimizer per tensor, stepped as its gradient is
+    # accumulated) ran a search per tensor inside backward, each testing a gradient taken
+    # before the later tensors moved, in silence
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+    loss_fn = lambda: model(x).square().mean()  # noqa: E731
+    opts = {p: ArmijoAdam([p]) for p in model.parameters()}
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: opts[p].step(loss_fn=loss_fn))
+             for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="step\\(\\) called during a backward pass"):
+        loss_fn().backward()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for h in hooks:
+        h.remove()
+    opt = next(iter(opts.values()))  # (after backward, the same optimizer steps)
+    opt.step(loss_fn=loss_fn)
+    assert opt.param_groups[0]["step"] == 1

@@ -144,6 +144,13 @@ class StepSetup:
     reduce: Callable | None
 
 
+
+def _in_backward() -> bool:
+    """Is this thread inside an autograd backward pass (a gradient hook)?"""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                       torch.optim.Optimizer):
     """Base class: a direction rule searched along by a stochastic Armijo line search.
@@ -357,7 +364,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             for gone in [i for i in seen if i not in live]:
                 del seen[gone]
         for group in self.param_groups:
-            values = tuple([group.get(k) for k in keys])
+            # (len: a key written into a live group, an option of the whole optimizer that
+            # would do nothing there, is refused like one given at construction)
+            values = (len(group), *[group.get(k) for k in keys])
             if seen.get(id(group)) != values:
                 self._validate_group(group)
                 seen[id(group)] = values
@@ -639,6 +648,16 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "loss function, or a forward hook or callback it reaches; trials are process-wide, "
                 "so also from another thread during one): call step() once per training step, "
                 "outside the loss function")
+        if _in_backward():
+            # (one optimizer per tensor, stepped from a gradient hook, ran a search per tensor
+            # inside backward: f0 and a trial forward each, 9 forwards per backward for four
+            # tensors, each testing a gradient taken before the later tensors moved)
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called during a backward pass (an optimizer "
+                "stepped from a gradient hook, as the 'optimizer in backward' pattern does with "
+                "register_post_accumulate_grad_hook): the line search tests the whole gradient "
+                "against the loss at trial points, which it cannot do inside backward. Use one "
+                "optimizer over the model and call step() after loss.backward()")
         self._in_step = True
         try:
             if torch.is_inference_mode_enabled():  # else the store would be built of inference

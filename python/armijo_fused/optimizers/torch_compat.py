@@ -43,7 +43,8 @@ def check_torch_keywords(owner: str, *, foreach=None, fused=None, maximize=False
 #: torch options a param group may carry that would change the math, none implemented
 _UNSUPPORTED_GROUP_OPTIONS = ("maximize", "amsgrad", "centered", "dampening", "capturable",
                               "differentiable")
-#: every group key :func:`check_group_options` reads at every step (when it changed)
+#: the group keys :func:`check_group_options` reads at every step (when one changed); the
+#: options of the whole optimizer below, which no group holds, are seen by the group's length
 GROUP_OPTION_KEYS = (*_UNSUPPORTED_GROUP_OPTIONS, "nesterov", "momentum", "decoupled_weight_decay",
                      "blocks_by")
 #: constructor options of the whole optimizer: in a param group they would do nothing (torch
@@ -124,6 +125,11 @@ def sgd_direction(direction, momentum, dampening, nesterov) -> tuple[str, float 
             raise ValueError(f"direction='sgd' takes no momentum (got {momentum!r}); use "
                              "direction='momentum', or leave direction out")
         return "sgd", None
+    if direction == "nesterov" and momentum is not None and not momentum:
+        # (Nesterov's look-ahead at μ = 0 is plain SGD, built in silence; torch refuses
+        # nesterov=True at momentum 0 too. The heavy-ball buffer at μ = 0 is well defined)
+        raise ValueError(f"direction='nesterov' needs momentum > 0 (got {momentum!r}); "
+                         "leave momentum out for 0.9, or use direction='sgd'")
     return direction, 0.9 if momentum is None else float(momentum)
 
 
