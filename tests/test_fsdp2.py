@@ -8,6 +8,8 @@ batch (the flat-buffer path) to float tolerance, step sizes and trial counts inc
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from _dist_util import run_ranks
@@ -451,7 +453,7 @@ def _rank_momentum_step_length(rank, world):
     model = shard(make_model())
     opt = _momentum_opt(model, cadence=3)  # steps without a search, whose length is capped
     out["capped_log"] = train(model, opt, 10, rank, world)
-    out["last_dd"] = opt.state_dict()["param_groups"][0]["last_dd"]
+    out["last_dd"] = json.loads(opt.state_dict()["param_groups"][0]["last_dd"])
     return out
 
 
@@ -603,8 +605,8 @@ def test_steps_without_a_search_are_capped_under_fsdp2_as_in_a_single_process():
     assert any(capped)  # (else this test shows nothing)
     r0, r1 = run_ranks(_rank_momentum_step_length, world=2, timeout=120)
     assert r0["last_dd"] == r1["last_dd"]  # the model's ‖d_b‖², saved alike on every rank
-    assert r0["last_dd"][0] == pytest.approx(ref_opt.state_dict()["param_groups"][0]["last_dd"][0],
-                                             rel=1e-5)
+    ref_dd = json.loads(ref_opt.state_dict()["param_groups"][0]["last_dd"])
+    assert r0["last_dd"][0] == pytest.approx(ref_dd[0], rel=1e-5)
     for (eta, trials, _, _), (eta_r, trials_r, _, _) in zip(r0["capped_log"], ref_log):
         assert trials == trials_r and eta == pytest.approx(eta_r, rel=1e-5)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import os
 import warnings
@@ -326,11 +327,55 @@ def test_a_flattened_dcp_state_dict_resumes_bit_identically(direction):
     sched2.load_state_dict(sched.state_dict())
     g0 = opt.state_dict()["param_groups"][0]
     assert opt2._resumed_dd is not None
-    assert opt2._resumed_dd == (g0["last_dd"], g0["last_dd_trainable"])
+    assert opt2._resumed_dd == (json.loads(g0["last_dd"]), json.loads(g0["last_dd_trainable"]))
     for m, o, s in ((model, opt, sched), (other, opt2, sched2)):
         torch.manual_seed(9)
         train(m, o, s, 3, 6)
     assert_same_run(model, opt, other, opt2)
+
+
+@pytest.mark.parametrize("kw", [{"direction": "adam"}, {"direction": "nesterov"},
+                                {"direction": "adam", "layerwise": True}],
+                         ids=["adam", "nesterov", "layerwise"])
+def test_a_full_dcp_state_dict_resumes_into_a_fresh_optimizer(kw):
+    """torch.distributed.checkpoint with full_state_dict=True lays the saved leaves onto the
+    live optimizer's: the trend guard's windows and the last pass's ‖d‖², lists in the saved
+    groups where a fresh optimizer has None, raised KeyError ('param_groups.0.loss_trend.0',
+    'param_groups.0.last_dd.0.0'). Each is one JSON text in a checkpoint now."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    model, opt, sched = build(cadence=3, **kw)
+    torch.manual_seed(7)
+    train(model, opt, sched, 0, 6)
+    g0 = opt.state_dict()["param_groups"][0]
+    assert isinstance(g0["last_dd"], str) and json.loads(g0["last_dd"])
+    if kw["direction"] == "adam" and not kw.get("layerwise"):
+        assert json.loads(g0["loss_trend"])  # (the guard's record: a list to carry)
+    saved = torch.load(io.BytesIO(_bytes(get_optimizer_state_dict(model, opt, options=full))),
+                       weights_only=True)
+    other, opt2, sched2 = build(seed=1, cadence=3, **kw)
+    other.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(other, opt2, saved, options=full)
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["loss_trend"] == opt.param_groups[0]["loss_trend"]
+    for m, o, s in ((model, opt, sched), (other, opt2, sched2)):
+        torch.manual_seed(9)
+        train(m, o, s, 6, 10)
+    assert_same_run(model, opt, other, opt2)
+
+
+def test_a_record_that_is_not_json_text_is_refused_by_name():
+    model, opt, _ = build(cadence=3)
+    train(model, opt, None, 0, 4)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["last_dd"] = "[[1.0, "
+    with pytest.raises(ValueError, match="checkpoint's last_dd is not the JSON text of a list"):
+        opt.load_state_dict(sd)
 
 
 def _bytes(obj) -> bytes:

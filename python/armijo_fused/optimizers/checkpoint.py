@@ -5,6 +5,7 @@ use the optimizer's attributes as ``base.py`` sets them up."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from numbers import Integral
 
@@ -30,6 +31,29 @@ _LAYERWISE_ONLY = ("block_names", "block_owner", "block_searched_at", "block_tes
 #: carries them back): the last pass's ‖d_b‖² and the tensors that trained then, and the
 #: positions of the tensors a forward writes
 _CHECKPOINT_ONLY = ("last_dd", "last_dd_trainable", "forward_writes")
+
+#: entries of a group whose structure changes with the run (None in a fresh optimizer, lists of a
+#: length that varies later). A checkpoint holds each list as one JSON text, a leaf: torch's
+#: get/set_optimizer_state_dict with ``full_state_dict=True`` lays a saved checkpoint's leaves
+#: onto the live optimizer's, and a saved list where a fresh optimizer has None raised KeyError
+#: (``param_groups.0.loss_trend.0``), or, at another length, would have mixed the two
+_RECORDS = ("loss_trend", *_CHECKPOINT_ONLY)
+
+
+def _record_as_text(value):
+    return json.dumps(value) if isinstance(value, list) else value
+
+
+def _record_from_text(key: str, value):
+    """A record as the checkpoint holds it, back as the list it was (a list, from an earlier
+    version's checkpoint or an edit, is taken as it is; the load checks it either way)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise ValueError(f"the checkpoint's {key} is not the JSON text of a list: "
+                         f"{value[:60]!r}") from None
 
 
 class CheckpointMixin:
@@ -182,7 +206,11 @@ class CheckpointMixin:
           ``block_tested``, ``block_cursor`` and ``blocks_by``; the first group carries
           ``last_dd`` (‖d‖² per block of the last pass), ``last_dd_trainable`` (which tensors
           trained then, 1/0 by position) and ``forward_writes`` (the positions of tensors a
-          forward was seen to write in place, or None);
+          forward was seen to write in place, or None), and, with the trend guard,
+          ``loss_trend`` (its windows). These four are None or the JSON text of a list: one
+          leaf each, whose length may differ between the checkpoint and a fresh optimizer
+          (torch.distributed.checkpoint's ``full_state_dict=True`` lays the saved leaves onto
+          the live ones);
         * ``direction``: the rule's name.
 
         Tensors are the live ones, as torch's: save or copy the dict before the next step
@@ -208,7 +236,9 @@ class CheckpointMixin:
         # checkpoint held across them, or edited by a hook, must not share them
         for group in out["param_groups"]:
             for key, value in group.items():
-                if isinstance(value, list):  # (last_dd's are lists of lists)
+                if key in _RECORDS:
+                    group[key] = _record_as_text(value)
+                elif isinstance(value, list):
                     group[key] = [list(x) if isinstance(x, list) else x for x in value]
         # the direction rule: adam and nadam (momentum and nesterov) keep the same state
         # and hyperparameters, so nothing else in a checkpoint tells them apart
@@ -250,6 +280,14 @@ class CheckpointMixin:
             hook(self)
 
     def _load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+            # (betas: a tuple again where a checkpoint's traversal made it a list, as
+            # torch.distributed.checkpoint's full_state_dict does)
+            state_dict = {**state_dict, "param_groups": [
+                {k: _record_from_text(k, v) if k in _RECORDS else
+                 tuple(v) if k == "betas" and isinstance(v, list) else v for k, v in g.items()}
+                for g in groups]}
         from_torch = is_torch_state_dict(state_dict)
         if from_torch:
             state_dict = from_torch_state_dict(type(self).__name__, self.rule, self.param_groups,
