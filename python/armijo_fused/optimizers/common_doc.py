@@ -74,7 +74,8 @@ LINESEARCH_ARGS = r"""
             parameter names (``model=`` or ``named_parameters()``: embeddings, each layer, final
             norm, head) within each param group given at construction, so two weight-decay
             groups make two blocks per layer; a group of unnamed tensors, one added later, or
-            one with ``"blocks_by": "group"`` is one block (``armijo_fused.blocks.
+            one with ``"blocks_by": "group"`` is one block (a single group of unnamed tensors
+            without ``model=`` is refused: it would be one block, a global search) (``armijo_fused.blocks.
             param_groups(model)`` makes a group per layer). Step sizes, their averages and
             merges are per block in the group's lists ``step_size``, ``step_size_avg``,
             ``block_owner``; ``stats['step_size']`` is a list (default: False)
@@ -142,8 +143,9 @@ LINESEARCH_ARGS = r"""
 
     Every setting may be written on the optimizer later (``opt.c = 0.2``, ``opt.growth = 1.5``,
     ``opt.backend = "torch"``) and is checked where written, except ``layerwise``, ``flat`` and
-    ``momentum_search``: the store and the blocks are built from them, so they are fixed at
-    construction (build a new optimizer and load the old one's ``state_dict()``).
+    ``momentum_search`` (and ``tile``, the reduction block the base class takes): the store and
+    the blocks are built from them, so they are fixed at construction (build a new optimizer and
+    load the old one's ``state_dict()``).
 
     The group's ``lr`` belongs to your scheduler and is never written: the parameters move by
     η · min(1, lr_t / lr_0), where lr_0 is the schedule's peak when the group records it
