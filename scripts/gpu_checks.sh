@@ -16,7 +16,9 @@
 #       wait for the extension's build included, add up to 560 s; on an H200 it took 170 s)
 #   GIT_COMMIT=<hash> bash scripts/gpu_checks.sh --part 2 --quick
 #       batched candidates, host overhead, layer-wise (toy model), the step profile, the host
-#       phases (limits: 405 s; on an H200 65 s before the py-spy part, which adds about 40)
+#       phases (limits: 405 s; on an H200 65 s before the py-spy part, which adds about 40), then
+#       the convergence task on one seed (limit 150 s, not yet timed on a GPU: give the command
+#       the time part 2 has left, what it cuts is this stage's file only)
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
 #       --quick, more repeats and steps: part 1 then needs more than one 10-minute command)
 # A session's 15 minutes of device time, the machine's start included, may not leave part 2 the
@@ -164,10 +166,14 @@ if [[ $PART != 1 ]]; then
     # the Triton path's host work on this machine's CPU (no-op kernels): with the optimizer
     # step's gap above, it shows how much slower than the CI machine this host runs the Python
     stage host-phases 45 $PY bench/host_phases.py --repeats 200 --rounds 1 --out bench/results/host_phases_gpu_host.json
+    # last: the convergence task's results file on this GPU (one seed; issue 7 wants the
+    # scripts' GPU files too). A run cut short by the command's limit loses only this
+    stage convergence 150 $PY bench/convergence.py --seeds 0 --quiet
   else
     stage batched 120 $PY bench/batched_candidates.py --device cuda
     stage host-overhead 40 $PY bench/host_overhead.py --device cuda
     stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200
+    stage convergence 600 $PY bench/convergence.py --seeds 0,1,2,3 --quiet
   fi
 fi
 # every GPU acceptance line this run measured, with its number, bound and verdict (MISSING: no
