@@ -106,8 +106,11 @@ def test_parameters_replaced_in_the_model_alone_are_warned_about_once(how):
         model[0].weight = nn.Parameter(model[0].weight.detach().clone())
     else:
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    # (looked at on the first search and every 31st: a walk over the model's parameters)
     with pytest.warns(UserWarning, match=r"no longer holds \d+ of the optimized parameters "
                                          r"\(0\.weight"):
+        while opt.param_groups[0]["searches"] % 31:
+            opt.step(make_closure(opt, loss))
         opt.step(make_closure(opt, loss))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -463,8 +463,13 @@ class StoreMixin:
         (``module.weight = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``). The
         optimizer would go on training the old tensor while the model's own never moves, and
         every search would see no effect of its steps: say so, once. (Parameters the model never
-        held, such as a free-standing temperature, are not its business.)"""
+        held, such as a free-standing temperature, are not its business.) Looked at on the first
+        search of this process and every 31st: the walk over the model's parameters cost 0.6 µs
+        a tensor at every search (1.5 ms of a 3.5 ms host step at 2400 tensors)."""
         if not self._modules or "replaced" in self.__dict__.get("_warned", ()):
+            return
+        if getattr(self, "_in_model", None) is not None and \
+                self.param_groups[0]["searches"] % 31:
             return
         held = {id(p) for m in self._modules for p in m.parameters()}
         ours = [p for g in self.param_groups for p in g["params"]]
