@@ -1121,3 +1121,15 @@ def test_a_loss_fn_steps_trials_draw_from_the_state_the_step_found_and_leave_it_
         opt.step(loss_fn=loss_fn, loss=loss)
         assert opt.stats["trials"] >= 1 and drawn and all(d == expected for d in drawn)
         assert draw() == expected  # the generator is where the step found it
+
+
+def test_modules_of_walks_as_modules_does():
+    # a shared submodule, a None child, nesting, several roots overlapping
+    shared = nn.Linear(2, 2)
+    inner = nn.Sequential(shared, nn.ReLU(), shared)
+    a = nn.Sequential(nn.Linear(2, 2), inner, nn.Sequential(inner, nn.Tanh()))
+    a.add_module("nothing", None)
+    b = nn.Sequential(inner, nn.BatchNorm1d(2))
+    expected = {id(m): m for root in (a, b) for m in root.modules()}
+    got = trial_mod.modules_of([a, b])
+    assert list(got) == list(expected) and all(got[k] is expected[k] for k in got)
