@@ -369,13 +369,25 @@ def test_a_full_dcp_state_dict_resumes_into_a_fresh_optimizer(kw):
     assert_same_run(model, opt, other, opt2)
 
 
-def test_a_record_that_is_not_json_text_is_refused_by_name():
+@pytest.mark.parametrize("key, bad, match", [
+    ("last_dd", "[[1.0, ", "not the JSON text of a list"),
+    # (these loaded, and the next step raised a bare error after θ had moved, or watched
+    # another tensor: the same as lists, from an earlier version's checkpoint)
+    ("last_dd", "[1.0]", "not a list per buffer"),
+    ("last_dd", [["x"]], "not a list per buffer"),
+    ("last_dd_trainable", "[[2, 0]]", "not a list per group of 1/0"),
+    ("forward_writes", "[true]", "not tensor positions"),
+    ("forward_writes", [[0]], "not tensor positions"),
+])
+def test_a_record_of_another_shape_is_refused_by_name_before_anything_changes(key, bad, match):
     model, opt, _ = build(cadence=3)
     train(model, opt, None, 0, 4)
     sd = opt.state_dict()
-    sd["param_groups"][0]["last_dd"] = "[[1.0, "
-    with pytest.raises(ValueError, match="checkpoint's last_dd is not the JSON text of a list"):
+    before = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0][key] = bad
+    with pytest.raises(ValueError, match=f"checkpoint's {key} is {match}"):
         opt.load_state_dict(sd)
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
 
 
 def _bytes(obj) -> bytes:

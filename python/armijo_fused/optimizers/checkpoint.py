@@ -46,14 +46,37 @@ def _record_as_text(value):
 
 def _record_from_text(key: str, value):
     """A record as the checkpoint holds it, back as the list it was (a list, from an earlier
-    version's checkpoint or an edit, is taken as it is; the load checks it either way)."""
-    if not isinstance(value, str):
+    version's checkpoint or an edit, is taken as it is), its shape checked: one that is not what
+    ``state_dict()`` writes is refused by name before anything changes (a ``last_dd`` of
+    numbers, not lists, loaded and the next step raised a bare TypeError after θ had moved).
+    ``loss_trend``'s values are checked with the policy's other entries."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"the checkpoint's {key} is not the JSON text of a list: "
+                             f"{value[:60]!r}") from None
+    if value is None or key == "loss_trend":
         return value
-    try:
-        return json.loads(value)
-    except ValueError:
-        raise ValueError(f"the checkpoint's {key} is not the JSON text of a list: "
-                         f"{value[:60]!r}") from None
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    expected = {"last_dd": ("a list per buffer of the blocks' ‖d‖²", number),
+                "last_dd_trainable": ("a list per group of 1/0 by tensor",
+                                      lambda x: x in (0, 1)),
+                "forward_writes": ("tensor positions", None)}[key]
+    what, item = expected
+    if item is None:  # a flat list of positions
+        good = isinstance(value, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    else:
+        good = isinstance(value, list) and all(
+            isinstance(row, list) and all(item(x) for x in row) for row in value)
+    if not good:
+        raise ValueError(f"the checkpoint's {key} is not {what}: {str(value)[:60]!r} "
+                         "(edited, or not this optimizer's)")
+    return value
 
 
 class CheckpointMixin:
