@@ -764,7 +764,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._advance(k, folded=())
             return f0
         table = self._block_table()
-        etas = [self._eta(gi, lb) for gi, lb in table]
+        etas = self._etas(table)
         # a block with no elements (layer-wise) is at lr 0: it has nothing the test could judge
         empty = self.__dict__.get("_empty_blocks", ())
         block_factors = [0.0 if key in empty else factors[key[0]] for key in table]
@@ -1047,7 +1047,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             # and the next step searches it first. Before any search was accepted (its
             # first searches unresolved: a bf16 loss) every block applies its η, as a
             # global run does; a block at lr 0 is no concern of the search
-            tested = [self._tested(gi, lb) for gi, lb in table]
+            tested = self._tested_all(table)
             untested = [not t and f != 0.0 for t, f in zip(tested, block_factors)]
             if any(untested) and any(tested):
                 etas = [0.0 if u else e for e, u in zip(etas, untested)]
@@ -1104,7 +1104,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         """The step size (per block, layer-wise) the next step starts from: every block's,
         those with nothing to train now too (frozen, or without elements), as it is kept."""
         every_block = self._all_blocks() if self.layerwise else self._block_table()
-        return self._report([self._eta(gi, lb) for gi, lb in every_block], every_block,
+        return self._report(self._etas(every_block), every_block,
                             blocks=(every_block, ()) if self.layerwise else None)
 
     def _check_dropout_replayed(self, models) -> None:
@@ -1147,7 +1147,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._searches_at_peak = n
         if n < 3:
             return  # the schedule lowers lr now (or reached its peak only just: OneCycleLR)
-        avg = max(self._eta(gi, lb, key="step_size_avg") for gi, lb in table)
+        avg = max(self._etas(table, key="step_size_avg"))
         start = self.__dict__.get("_growth_start", self._init_step_size)
         if avg >= 20 * start:
             scheduled = any("initial_lr" in g or g["lr"] != g["lr_ref"] for g in self.param_groups)
