@@ -96,10 +96,6 @@ class Spectrum:
         return self.trace if self.trace is not None else self.slq_trace
 
     # -- the density ----------------------------------------------------------------------------
-    def default_sigma(self, scale: Optional[float] = None) -> float:
-        span = scale if scale is not None else (self.ritz_max - self.ritz_min)
-        return max(span, self.max_abs * 1e-3, 1e-12) / 100.0
-
     def density(self, grid=None, *, sigma: Optional[float] = None, num_points: int = 400,
                 scale: float = 1.0):
         """``(grid, φ(grid))``: the Gaussian-broadened density (integrates to ~1).

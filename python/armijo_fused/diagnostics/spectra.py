@@ -145,10 +145,13 @@ def model_blocks(model: nn.Module, granularity: str = "block", *,
     return out
 
 
+#: the options of :func:`hessian_spectrum` that :func:`block_spectra` passes on
+_SPECTRUM_KEYS = ("num_probes", "num_steps", "probe", "seed", "power_iters", "power_tol",
+                  "trace_samples")
+
+
 def _spectrum_kwargs(kw):
-    keys = ("num_probes", "num_steps", "probe", "seed", "power_iters", "power_tol",
-            "trace_samples")
-    return {k: kw[k] for k in keys if k in kw}
+    return {k: kw[k] for k in _SPECTRUM_KEYS if k in kw}
 
 
 def hessian_spectrum(
@@ -226,8 +229,7 @@ def block_spectra(
     ``probe``, ``seed``, ``power_iters``, ``trace_samples``) are those of
     :func:`hessian_spectrum`; every block uses the same probe seed.
     """
-    unknown = set(spectrum_kwargs) - {"num_probes", "num_steps", "probe", "seed", "power_iters",
-                                      "power_tol", "trace_samples"}
+    unknown = set(spectrum_kwargs) - set(_SPECTRUM_KEYS)
     if unknown:
         raise TypeError(f"block_spectra() got unexpected keyword arguments {sorted(unknown)}")
     if blocks is None:

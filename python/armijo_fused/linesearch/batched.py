@@ -40,6 +40,7 @@ except ImportError:  # (then no escaped cache is noticed: see stacked_loss)
         return False
 
 from .controller import (
+    FP32_RESOLUTION,
     Passes,
     SearchResult,
     evaluate_on_every_rank,
@@ -205,7 +206,7 @@ def batched_armijo_search(
     candidates: int,
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
-    resolution: float = 8.0 * torch.finfo(torch.float32).eps,
+    resolution: float = FP32_RESOLUTION,
     f0_failure: tuple | None = None,
 ) -> SearchResult:
     """Global search over the sequence η0·backtrack^j, j < max_trials, ``candidates`` at a time.

@@ -163,6 +163,10 @@ def read_floats(tensors: Sequence[Tensor]) -> list[float]:
     return out
 
 
+#: the relative resolution of an fp32 loss (see :func:`loss_resolution`): 9.5e-7
+FP32_RESOLUTION = 8.0 * torch.finfo(torch.float32).eps
+
+
 def loss_resolution(loss: Tensor) -> float:
     """The relative resolution of a loss value: 8 units in the last place of its dtype, so a
     decrease below it is decided by rounding in f(trial) and f0. fp32 (and a Python float,
@@ -186,7 +190,7 @@ def armijo_search(
     allow_fallback: bool = True,
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
-    resolution: float = 8.0 * torch.finfo(torch.float32).eps,
+    resolution: float = FP32_RESOLUTION,
     f0_failure: tuple | None = None,
     along_fallback: bool = False,
     optimistic: Sequence[float] | None = None,

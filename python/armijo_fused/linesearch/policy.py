@@ -30,9 +30,9 @@ Loss-trend guard (``trend_guard``, on for ArmijoAdam's global search): the test 
 mini-batch passes steps that fit that batch; where searches keep passing their first, grown
 trial, η̄ grows by √growth per search whatever the loss of the other batches does. On a
 classifier that fits its training set (an MLP, 1,500 steps of batch 64, warmup + cosine) η̄
-grew 100x past where the loss of fresh batches turned up, and the run ended at 2.3-5.5x AdamW's
-training loss; the searched batches' f0, a loss the step has not yet fit, shows the turn: see
-:meth:`follow_loss` (docs/results.md has the measurements).
+grew 100x past where the loss of fresh batches turned up, and the runs ended at 1.5-8x AdamW's
+training loss (11 of 12; README); the searched batches' f0, a loss the step has not yet fit,
+shows the turn: see :meth:`follow_loss` (docs/results.md has the measurements).
 
 Collapse guard: one noisy mini-batch can make the search accept a step orders of magnitude smaller
 than usual, or none at all (trials exhausted). Carried over, such a step size stalls training for

@@ -57,7 +57,7 @@ from .calls import (
 from .checkpoint import CheckpointMixin
 from .interrupts import HeldInterrupts
 from .passes import FlatPasses, _flat_grad, _table, scalar_sum, total
-from .search import IN_TURN, SearchMixin
+from .search import COUNTER_MINIMA, IN_TURN, SearchMixin
 from .settings import SettingsMixin, check_flag
 from .store import StoreMixin
 from .torch_compat import (
@@ -69,7 +69,7 @@ from .torch_compat import (
 #: keys of the line-search state kept in every param group (identical across groups when global).
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "collapsed",
             "next_search", "search_interval", "searches", "forwards", "backwards")
-_COUNTERS = ("step", "next_search", "search_interval", "searches", "forwards", "backwards")
+_COUNTERS = tuple(k for k in COUNTER_MINIMA if k != "folded")
 # ``step`` counts step() calls (cadence, schedules); ``folded`` counts the gradients folded into
 # the group's state, the count behind its bias corrections: a skipped step (non-finite gradient or
 # loss) adds to the first and not to the second, as torch's Adam does for a step GradScaler skips,
