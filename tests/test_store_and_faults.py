@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 import warnings
 
@@ -87,6 +88,22 @@ def test_parameters_swapped_into_param_groups_are_detected():
     assert new.untyped_storage().data_ptr() == opt._buffers[0].param.untyped_storage().data_ptr()
 
 
+def test_a_replaced_submodule_is_warned_about_at_the_next_full_walk():
+    # the per-search look-up sees the old module's dicts unchanged; the walk over the model
+    # (first search, then every 31st) finds its tensors gone
+    model, loss = _model_and_data()
+    opt = ArmijoSGD(model.parameters(), backend="torch", model=model, cadence="every")
+    opt.step(make_closure(opt, loss))
+    model[0] = copy.deepcopy(model[0])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        while opt.param_groups[0]["searches"] % 31:
+            opt.step(make_closure(opt, loss))
+        assert not [w for w in seen if "no longer holds" in str(w.message)]
+        opt.step(make_closure(opt, loss))
+    assert [w for w in seen if "no longer holds 2 of the optimized" in str(w.message)]
+
+
 @pytest.mark.parametrize("how", ["attribute", "assign"])
 def test_parameters_replaced_in_the_model_alone_are_warned_about_once(how):
     # the model's tensor replaced without telling the optimizer: torch's optimizers silently
@@ -106,11 +123,10 @@ def test_parameters_replaced_in_the_model_alone_are_warned_about_once(how):
         model[0].weight = nn.Parameter(model[0].weight.detach().clone())
     else:
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    # (looked at on the first search and every 31st: a walk over the model's parameters)
+    # (a replaced attribute is seen at the next search: the full walk over the model runs on
+    # the first search and every 31st, the others look up where it found each tensor)
     with pytest.warns(UserWarning, match=r"no longer holds \d+ of the optimized parameters "
                                          r"\(0\.weight"):
-        while opt.param_groups[0]["searches"] % 31:
-            opt.step(make_closure(opt, loss))
         opt.step(make_closure(opt, loss))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

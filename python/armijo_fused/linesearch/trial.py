@@ -321,7 +321,8 @@ def modules_of(roots) -> dict:
     ``module.modules()``: the same walk without the names ``named_modules`` builds for each
     (half its cost; every search takes it: 110 -> 60 µs for GPT-2's 164 modules here)."""
     every: dict = {}
-    stack = list(reversed(roots))
+    stack = list(roots)  # (any iterable, as the comprehension it replaces took)
+    stack.reverse()
     while stack:
         m = stack.pop()
         if id(m) in every:
