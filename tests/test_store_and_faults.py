@@ -667,6 +667,15 @@ def test_a_tensor_frozen_after_the_store_exists_lets_the_old_buffers_go(flat_sto
     with pytest.warns(UserWarning, match="train again after 1 step"):
         opt.step(make_closure(opt, f))
     assert not torch.equal(bias, value)
+    # alternating phases (frozen one step, training the next) are told once, not at each
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            bias.requires_grad_(False)
+            opt.step(make_closure(opt, f))
+            bias.requires_grad_(True)
+            opt.step(make_closure(opt, f))
+    assert not [w for w in seen if "train again" in str(w.message)]
 
 
 def test_zero_grad_drops_the_gradients_of_tensors_outside_the_store():

@@ -486,6 +486,9 @@ class TrialEnv:
         # a cache a trial replaced stays replaced: the module may keep attributes that go with
         # it (a rotary cache and its length); a changed one is named
         return [f"a trial forward modified the non-persistent buffer {name!r} of {label}; "
-                "armijo_fused does not restore non-persistent buffers"
+                "armijo_fused does not restore non-persistent buffers (a cache, usually), so "
+                "it now holds what the trials left. If it is state the forward must keep "
+                "(a count, a running statistic), register it with persistent=True, which the "
+                "trials restore, or leave it alone under armijo_fused.in_trial()"
                 for label, bufs, name, buf, version in self._caches
                 if bufs.get(name) is not buf or buf._version != version]

@@ -579,14 +579,17 @@ class StoreMixin:
         back = [(gi, p, k) for gi, p, k in back if k > 0 and first in self.state.get(p, {})]
         if back:
             shown = self._shown([p for _, p, _ in back])
-            warnings.warn(
+            # (once: alternating phases that freeze part of a group repeated it at every
+            # unfreeze, 9 times in 20 steps)
+            self._warn_once(
+                "train_again",
                 f"{len(back)} parameter(s) train again after {max(k for *_, k in back)} step(s) "
                 f"frozen inside a param group that went on training ({shown}): their moments "
                 "are bias-corrected with the group's count of steps, not with the count of "
                 "gradients they hold, so their next directions are mis-corrected (by a factor "
                 "that grows with the time frozen). Freeze and unfreeze whole param groups (a "
                 "group for each part you freeze; a group with no trainable tensor keeps its "
-                "count), and the correction stays exact.", stacklevel=outside_stacklevel())
+                "count), and the correction stays exact. (Said once.)")
 
     def _shown(self, params) -> str:
         """The first few of ``params`` by name, for a warning."""
