@@ -275,6 +275,21 @@ def test_gradient_clip_val_moves_into_the_optimizer(algorithm):
         assert opt.max_grad_norm is None and model.lightning_clips == 3
 
 
+def test_a_clip_value_the_optimizer_overrides_is_warned_about_at_the_users_line():
+    # (it pointed inside Lightning's call.py)
+    class Clips(LitRegressor):
+        def configure_optimizers(self):
+            return ArmijoAdam(self.parameters(), model=self, cadence="every", max_grad_norm=0.5)
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
+    with pytest.warns(UserWarning, match=r"gradient_clip_val=1.0\) is ignored") as seen:
+        trainer.fit(Clips(), torch.utils.data.DataLoader(dataset(), batch_size=8))
+    mine = [w for w in seen if "is ignored" in str(w.message)]
+    assert mine and mine[0].filename == __file__
+
+
 def test_resume_from_a_lightning_checkpoint_continues_bit_identically(tmp_path):
     """Lightning saves optimizer.state_dict() in its checkpoint and loads it back (moving the
     state to the device); the resumed run equals the uninterrupted one."""

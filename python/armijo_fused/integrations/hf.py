@@ -35,6 +35,7 @@ import torch
 from transformers import Trainer
 
 from ..optimizers.base import ArmijoOptimizer
+from ..optimizers.calls import outside_stacklevel
 from . import armijo_optimizer
 
 
@@ -118,7 +119,8 @@ class LineSearchTrainer(Trainer):
             elif opt.max_grad_norm != self._ls_clip:
                 warnings.warn(
                     f"TrainingArguments.max_grad_norm={self._ls_clip} is ignored: the optimizer "
-                    f"clips to its own max_grad_norm={opt.max_grad_norm}", stacklevel=3)
+                    f"clips to its own max_grad_norm={opt.max_grad_norm}",
+                    stacklevel=outside_stacklevel(also=("transformers", "accelerate")))
         opt.set_closure(self._ls_trial_loss, model=self.model)
         opt.register_step_post_hook(self._ls_after_step)
         self._ls_registered = opt

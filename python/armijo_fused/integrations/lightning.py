@@ -46,6 +46,7 @@ from collections.abc import Mapping
 import torch
 
 from ..linesearch.trial import get_rng_state, in_trial, set_rng_state
+from ..optimizers.calls import outside_stacklevel
 from . import armijo_optimizer
 
 
@@ -210,7 +211,9 @@ class ArmijoLightningMixin:
         elif raw.max_grad_norm != value and not self.__dict__.get("_armijo_clip_warned"):
             self.__dict__["_armijo_clip_warned"] = True
             warnings.warn(f"Trainer(gradient_clip_val={value}) is ignored: the optimizer clips "
-                          f"to its own max_grad_norm={raw.max_grad_norm}", stacklevel=2)
+                          f"to its own max_grad_norm={raw.max_grad_norm}",
+                          stacklevel=outside_stacklevel(
+                              also=("lightning", "pytorch_lightning", "lightning_fabric")))
 
 
 __all__ = ["ArmijoLightningMixin"]

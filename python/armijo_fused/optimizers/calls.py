@@ -14,13 +14,17 @@ import torch
 from torch import Tensor
 
 
-def outside_stacklevel() -> int:
+def outside_stacklevel(also: tuple = ()) -> int:
     """The ``stacklevel`` of a warning raised inside the optimizer (a step, its construction,
     ``add_param_group``) that points at the user's line:
     the first frame outside this package and torch (the optimizer hooks and the compiler's
-    ``disable`` wrapper sit between the two, in numbers that vary with torch's version)."""
+    ``disable`` wrapper sit between the two, in numbers that vary with torch's version).
+    ``also``: the names of frameworks whose frames are passed over too (an integration's
+    warning, raised from inside ``Trainer.train()``, points at that call)."""
     inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
-              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+              *(os.path.dirname(os.path.abspath(sys.modules[name].__file__)) + os.sep
+                for name in also if getattr(sys.modules.get(name), "__file__", None)))
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
         frame, level = frame.f_back, level + 1
