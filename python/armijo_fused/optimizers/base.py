@@ -144,7 +144,6 @@ class StepSetup:
     reduce: Callable | None
 
 
-
 def _in_backward() -> bool:
     """Is this thread inside an autograd backward pass (a gradient hook)?"""
     current = getattr(torch._C, "_current_graph_task_id", None)
