@@ -390,7 +390,7 @@ def test_options_of_the_whole_optimizer_in_a_param_group_are_refused_by_name(key
     with pytest.raises(ValueError, match=f"a param group sets {key}=.*an option of the whole "
                                          "optimizer"):
         ArmijoAdam([{"params": model.parameters(), key: value}])
-    opt = ArmijoAdam([{"params": [model.weight]}])
+    opt = ArmijoAdam([{"params": [model.weight], "name": "weight"}])  # (a key of the user's)
     with pytest.raises(ValueError, match=f"a param group sets {key}="):
         opt.add_param_group({"params": [model.bias], key: value})
     assert len(opt.param_groups) == 1
@@ -406,6 +406,11 @@ def test_options_of_the_whole_optimizer_in_a_param_group_are_refused_by_name(key
     del opt.param_groups[0][key]
     opt.step(make_closure(opt, loss_fn))
     assert not torch.equal(model.weight, before)
+    # written in place of a key taken out (the group's length unchanged): refused as well
+    del opt.param_groups[0]["name"]
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=f"a param group sets {key}="):
+        opt.step(make_closure(opt, loss_fn))
 
 
 def test_an_unknown_blocks_by_is_refused():

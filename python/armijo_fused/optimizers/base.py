@@ -363,9 +363,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             for gone in [i for i in seen if i not in live]:
                 del seen[gone]
         for group in self.param_groups:
-            # (len: a key written into a live group, an option of the whole optimizer that
-            # would do nothing there, is refused like one given at construction)
-            values = (len(group), *[group.get(k) for k in keys])
+            # (the keys: one written into a live group, an option of the whole optimizer that
+            # would do nothing there, is refused like one given at construction, also when
+            # another key went out at the same time)
+            values = (tuple(group), *[group.get(k) for k in keys])
             if seen.get(id(group)) != values:
                 self._validate_group(group)
                 seen[id(group)] = values
