@@ -168,3 +168,20 @@ def test_a_context_longer_than_the_text_is_refused_before_the_model_is_built(mon
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --context 10000000: ") and "\n" not in err
+
+
+def test_python_dash_m_runs_the_command_line():
+    # (`python -m armijo_fused`, the README's form of the demo command, goes through __main__)
+    import os
+    import subprocess
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "python")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "armijo_fused", "--help"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "demo" in out.stdout and "report" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "armijo_fused", "train"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice: 'train'" in out.stderr

@@ -18,8 +18,10 @@ from armijo_fused.diagnostics import (
     DoubleBackwardError,
     HessianOperator,
     Segment,
+    Spectrum,
     TelemetryRecorder,
     block_spectra,
+    estimate_spectrum,
     hessian_spectrum,
     heterogeneity,
     hutchinson_trace,
@@ -740,3 +742,33 @@ def test_the_reports_1_over_lambda_max_finds_blocks_split_across_param_groups():
     lam = {"layer.0": 2.0, "head": 4.0}
     assert block_lambda(lam, "layer.0 (group 1)") == 2.0 and block_lambda(lam, "head") == 4.0
     assert block_lambda(lam, "group.0") is None
+
+
+def test_hessian_operator_refuses_bad_input_and_counts_its_products():
+    A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    op = HessianOperator(lambda: 0.5 * w @ A @ w + 2 * b.sum(), [w, b])  # b enters linearly
+    with pytest.raises(ValueError, match="flat vector of 5"):
+        op(torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="graph_params"):
+        op.restrict([torch.ones(1, requires_grad=True)])
+    with pytest.raises(ValueError, match="empty"):
+        HessianOperator(lambda x: w.sum(), [w], batches=[])
+    with pytest.raises(ValueError, match="does not require grad"):
+        HessianOperator(lambda: w.sum(), [torch.ones(2)])
+    v = torch.arange(5.0, dtype=torch.float64)
+    assert torch.allclose(op(v), torch.cat([A @ v[:2], torch.zeros(3, dtype=torch.float64)]))
+    sub = op.restrict([b])
+    assert torch.equal(sub(torch.ones(3, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64))
+    assert (op.matvecs, sub.matvecs) == (1, 1)  # each operator counts its own
+
+
+def test_the_trace_estimate_and_a_spectrum_through_its_dict():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    op = HessianOperator(lambda: 0.5 * w @ A @ w, [w])
+    spec = estimate_spectrum(op, num_probes=2, num_steps=4, trace_samples=8)
+    assert spec.trace == pytest.approx(10.0)  # Rademacher probes are exact on a diagonal
+    assert op.matvecs == 2 * 4 + 8
+    assert Spectrum.from_dict(spec.to_dict()).to_dict() == spec.to_dict()

@@ -124,7 +124,10 @@ def _rank_reference_run(rank, world, in_place):
     opt = make_opt(model, max_grad_norm=1.0, init_step_size=0.3)
     log = train(model, opt, STEPS, rank, world)
     state = opt.state[params[0]]
-    return {"log": log, "params": full_params(model),
+    from armijo_fused.integrations.distributed import reshard_all, uses_dtensors
+
+    return {"log": log, "params": full_params(model), "uses_dtensors": uses_dtensors(opt),
+            "resharded": reshard_all(model), "fsdp_modules": len(model.blocks) + 1,
             "in_place": [b.in_place for b in opt._buffers],
             "state_is_dtensor": all(isinstance(v, DTensor) for v in state.values()
                                     if isinstance(v, torch.Tensor))}
@@ -470,7 +473,8 @@ def test_fsdp2_matches_the_single_process_run(in_place):
 
     results = run_ranks(_rank_reference_run, world=2, timeout=120, args=(in_place,))
     for r in results:
-        assert r["state_is_dtensor"]
+        assert r["state_is_dtensor"] and r["uses_dtensors"]
+        assert r["resharded"] == r["fsdp_modules"]  # (the blocks and the root)
         assert r["in_place"] and all(m == in_place for m in r["in_place"])
         for (eta, trials, f0, f1), (eta_r, trials_r, f0_r, f1_r) in zip(r["log"], ref_log):
             assert trials == trials_r

@@ -261,3 +261,17 @@ def test_a_model_cast_mid_run_keeps_the_precision_the_optimizer_held(source, tar
     assert all(torch.equal(n, h) for n, h in zip(now, held))
     assert all(torch.equal(p.detach(), n.to(target)) for p, n in zip(model.parameters(), now))
     assert ("master" in opt.state[model[0].weight]) == (target != torch.float32)
+
+
+def test_a_master_replaced_by_hand_moves_the_model_weight():
+    # (the store takes a master tensor that is no longer its view back, and θ follows it)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).to(torch.bfloat16)
+    x = torch.randn(8, 4).bfloat16()
+    opt = ArmijoAdam(model.parameters(), model=model)
+    closure = make_closure(opt, lambda: model(x).float().square().mean())
+    opt.step(closure)
+    opt.state[model.weight]["master"] = torch.full((1, 4), 0.25)
+    opt.step(closure)
+    assert (model.weight.float() - 0.25).abs().max() < 0.05  # the master, then one small step
+    assert torch.equal(opt.state[model.weight]["master"].bfloat16(), model.weight.detach())

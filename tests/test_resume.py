@@ -593,6 +593,14 @@ def _group_value(key, value):
     return edit
 
 
+def _foreign_state(sd):  # (an SGD-momentum checkpoint's buffer beside Adam's moments)
+    sd["state"][0]["momentum_buffer"] = torch.zeros_like(sd["state"][0]["exp_avg"])
+
+
+def _group_added(sd):
+    sd["param_groups"].append(dict(sd["param_groups"][0], params=[]))
+
+
 @pytest.mark.parametrize("edit, match", [
     (_nan_in("exp_avg"), r"'exp_avg' of parameter 0\.weight holds non-finite values"),
     (_nan_in("exp_avg_sq"), r"'exp_avg_sq' of parameter 0\.weight holds non-finite values"),
@@ -602,7 +610,10 @@ def _group_value(key, value):
     (_group_value("eps", -1.0), r"param group 0 holds a value .*eps"),
     (_group_value("weight_decay", -1.0), r"param group 0 holds a value .*weight_decay"),
     (_group_value("lr", math.nan), r"param group 0 holds a value .*lr"),
-], ids=["nan-m", "nan-v", "negative-v", "v-missing", "betas", "eps", "weight-decay", "lr"])
+    (_foreign_state, r"holds 'momentum_buffer', which this ArmijoAdam \(direction 'adam'\) does not keep"),
+    (_group_added, r"different number of parameter groups"),
+], ids=["nan-m", "nan-v", "negative-v", "v-missing", "betas", "eps", "weight-decay", "lr",
+        "foreign-state", "group-count"])
 def test_a_checkpoint_with_bad_moments_or_hyperparameters_is_refused_and_changes_nothing(edit,
                                                                                         match):
     # each of these loaded without a word: one NaN moment wrote NaN into the model at the next

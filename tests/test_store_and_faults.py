@@ -721,3 +721,53 @@ def test_a_frozen_bf16_tensor_lets_an_in_place_buffers_master_go():
     opt.step(make_closure(opt, f))
     master = opt.state[model[2].weight]["master"]
     assert master.untyped_storage().nbytes() == master.numel() * 4
+
+
+def _small_regression(**kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = ArmijoAdam(model.parameters(), model=model, **kw)
+    return model, opt, make_closure(opt, lambda: nn.functional.mse_loss(model(x), y))
+
+
+@pytest.mark.parametrize("fail_at", [4, 6])  # 4: the first pass's 2nd block; 6: a move's 2nd
+def test_a_torch_pass_failing_after_some_blocks_moved_puts_them_back(monkeypatch, fail_at):
+    from armijo_fused.backends import torch_backend
+
+    model, opt, closure = _small_regression(backend="torch", layerwise=True, cadence="every",
+                                            weight_decay=0.01)
+    for _ in range(2):
+        opt.step(closure)
+    for g in opt.param_groups:  # a first trial rejected, so that moves follow it
+        g["step_size"] = [s * 1e3 for s in g["step_size"]]
+    before = [p.detach().clone() for p in model.parameters()]
+    skip = ("params", "forwards", "backwards")  # (the failed step's forwards are counted)
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k not in skip}
+                            for g in opt.param_groups])
+    real, seen = torch_backend._blocks, [0]
+
+    def blocks(layout):
+        for item in real(layout):
+            seen[0] += 1
+            if seen[0] == fail_at:
+                raise torch.OutOfMemoryError("injected")
+            yield item
+
+    monkeypatch.setattr(torch_backend, "_blocks", blocks)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        opt.step(closure)
+    for a, p in zip(before, model.parameters()):  # moved back along the line: to rounding
+        torch.testing.assert_close(p.detach(), a, rtol=0, atol=1e-6)
+    assert groups == [{k: v for k, v in g.items() if k not in skip} for g in opt.param_groups]
+
+
+
+def test_the_distributed_helpers_on_a_model_that_is_not_distributed():
+    # (their FSDP2 side: test_fsdp2_matches_the_single_process_run)
+    from armijo_fused.integrations.distributed import ranks_agree, reshard_all, uses_dtensors
+
+    model, opt, _ = _small_regression()
+    assert reshard_all(model) == 0
+    assert uses_dtensors(opt) is False
+    assert ranks_agree(1.0, float("nan"))  # one process: nothing to disagree with

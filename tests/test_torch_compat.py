@@ -728,3 +728,31 @@ def test_a_step_from_a_gradient_hook_is_refused_by_name():
     opt = next(iter(opts.values()))  # (after backward, the same optimizer steps)
     opt.step(loss_fn=loss_fn)
     assert opt.param_groups[0]["step"] == 1
+
+
+def test_a_state_dict_post_hook_returning_a_dict_replaces_it():
+    model = nn.Linear(4, 1)
+    opt = ArmijoAdam(model.parameters())
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    assert opt.state_dict()["extra"] == 1
+
+
+def test_steps_from_a_worker_thread():
+    import threading
+
+    model = nn.Linear(4, 1)
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    closure = make_closure(opt, lambda: model(torch.ones(2, 4)).square().mean())
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(3):
+                opt.step(closure)
+        except Exception as e:  # (a thread's exception would not reach the test)
+            errors.append(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(timeout=60)
+    assert not errors and opt.param_groups[0]["step"] == 3

@@ -65,10 +65,8 @@ def eval_mode(model: Optional[nn.Module]):
 def _sdpa_math_context(enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3: no SDPA backend selection to make
-        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # (torch >= 2.3)
+
     return sdpa_kernel(SDPBackend.MATH)
 
 
