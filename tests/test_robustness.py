@@ -1289,6 +1289,7 @@ BAD_HYPERPARAMETERS = [
     (ArmijoAdam, "layerwise", "x", "invalid layerwise"),
     (ArmijoAdam, "exact_revert", "yes", "invalid exact_revert"),
     (ArmijoAdam, "alpha_with_adam", 1.5, "invalid alpha"),  # unused by adam, still a typo
+    (ArmijoAdam, "direction", "sgd", r"invalid direction for ArmijoAdam: 'sgd' .*ArmijoSGD's"),
 ]
 
 
