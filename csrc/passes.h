@@ -47,8 +47,15 @@ enum RuleId : int { kSGD = 0, kMomentum = 1, kNesterov = 2, kRMSProp = 3, kAdam 
 constexpr int kNumRules = 6;
 constexpr int kNumScalars = 5;
 
+// One case per rule, no order assumed: a rule added without its case has -1 (refused by the ops'
+// state check) rather than the count of its neighbours.
 constexpr int num_states(int rule) {
-  return rule == kSGD ? 0 : (rule <= kRMSProp ? 1 : 2);
+  switch (rule) {
+    case kSGD: return 0;
+    case kMomentum: case kNesterov: case kRMSProp: return 1;
+    case kAdam: case kNAdam: return 2;
+    default: return -1;
+  }
 }
 
 inline const char* rule_name(int rule) {
@@ -58,8 +65,9 @@ inline const char* rule_name(int rule) {
 
 // Whether computing u (or the fallback direction, when `precond`) needs the gradient: when it
 // does not, a retry pass without sums never reads the gradient buffer.
+// (Named by the rules that need not: a rule added later reads it, which is only slower.)
 constexpr bool direction_reads_grad(int rule, bool precond) {
-  return precond || rule == kSGD || rule == kNesterov || rule == kRMSProp || rule == kNAdam;
+  return precond || !(rule == kMomentum || rule == kAdam);
 }
 
 ARMIJO_INLINE float vsqrt(float x) { return std::sqrt(x); }
@@ -82,15 +90,21 @@ struct Coeffs {
 // Fold the gradient into the state, in place.
 template <int R, typename V>
 ARMIJO_INLINE void absorb(const Coeffs<V>& k, V g, V& a, V& b) {
-  if constexpr (R == kMomentum || R == kNesterov) {
+  if constexpr (R == kSGD) {
+    // no state
+  } else if constexpr (R == kMomentum || R == kNesterov) {
     a = a * k.s0 + g;
   } else if constexpr (R == kRMSProp) {
     a = a * k.s0 + k.c0 * g * g;
-  } else if constexpr (R == kAdam || R == kNAdam) {
+  } else {
+    // (each chain ends on its last rule's check: a new id fails to compile, not runs as another)
+    static_assert(R == kAdam || R == kNAdam, "absorb(): no branch for this rule id");
     a = a * k.s0 + k.c0 * g;
     b = b * k.s1 + k.c1 * g * g;
   }
+  (void)a;
   (void)b;
+  (void)g;
 }
 
 // u: the rule's direction from the (already updated) state, without weight decay.
@@ -107,6 +121,7 @@ ARMIJO_INLINE V direction(const Coeffs<V>& k, V g, V a, V b) {
   } else if constexpr (R == kAdam) {
     return (a * k.s2) / (vsqrt(b * k.s3) + k.s4);
   } else {
+    static_assert(R == kNAdam, "direction(): no branch for this rule id");
     return ((k.s0 * a + k.c0 * g) * k.s2) / (vsqrt(b * k.s3) + k.s4);
   }
 }
@@ -119,6 +134,8 @@ ARMIJO_INLINE V precond_grad(const Coeffs<V>& k, V g, V a, V b) {
   } else if constexpr (R == kAdam || R == kNAdam) {
     return g / (vsqrt(b * k.s3) + k.s4);
   } else {
+    static_assert(R == kSGD || R == kMomentum || R == kNesterov,
+                  "precond_grad(): no branch for this rule id");
     return g;
   }
 }

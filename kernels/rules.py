@@ -130,6 +130,8 @@ def update_state(g, a, b, s0, s1, om0, om1, RULE: tl.constexpr):
     momentum, nesterov: a <- s0 a + g;  rmsprop: a <- s0 a + (1-s0) g^2;
     adam, nadam: a <- s0 a + (1-s0) g,  b <- s1 b + (1-s1) g^2;  sgd: nothing.
     """
+    # (a rule id without its branch here would leave the state as it was, in silence)
+    tl.static_assert(RULE <= 5, "kernels/rules.py: update_state has no branch for this RULE")
     if RULE == 1 or RULE == 2:
         a = a * s0 + g
     if RULE == 3:

@@ -31,7 +31,12 @@ tri = pytest.importorskip("armijo_fused.backends.triton_backend")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from armijo_fused.kernels.rules import DIRECTION_READS_GRAD, store_theta  # noqa: E402
+from armijo_fused.kernels.rules import (  # noqa: E402
+    DIRECTION_READS_GRAD,
+    STATE_COUNT,
+    store_theta,
+    update_state,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (no CUDA)")
@@ -456,6 +461,26 @@ def round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     store_theta(x_ptr + offs, out_ptr + offs, offs < n, tl.load(x_ptr + offs, mask=offs < n),
                 True)
+
+
+@triton.jit
+def fold_kernel(x_ptr, RULE: tl.constexpr):
+    """``update_state`` alone, on 16 elements: g, a and b all read from x."""
+    offs = tl.arange(0, 16)
+    g = tl.load(x_ptr + offs)
+    a, b = update_state(g, g, g, 0.9, 0.99, 0.1, 0.01, RULE)
+    tl.store(x_ptr + offs, a + b)
+
+
+@interpreted
+def test_a_rule_id_without_its_branch_in_the_kernels_is_refused():
+    # update_state's branches have nothing to fall through to: a new rule id without its own
+    # branch left the state as it was (the other helpers fail on their undefined result)
+    x = torch.ones(16)
+    fold_kernel[(1,)](x, RULE=len(STATE_COUNT) - 1)
+    assert torch.allclose(x, torch.full((16,), 2.0))  # (nadam: a and b as adam's)
+    with pytest.raises(Exception, match="update_state has no branch for this RULE"):
+        fold_kernel[(1,)](torch.ones(16), RULE=len(STATE_COUNT))
 
 
 def check_round_to_model(dtype, device):
