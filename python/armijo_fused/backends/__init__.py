@@ -39,10 +39,21 @@ def buffer_backend(name: str, buf) -> ModuleType:
     """:func:`resolve_backend` for a flat buffer: the passes work on ``buf.param``, the fp32
     master of a bf16/fp16 model's buffer."""
     return resolve_backend(name, buf.device,
-                           torch.float32 if getattr(buf, "master", False) else buf.dtype)
+                           torch.float32 if getattr(buf, "master", False) else buf.dtype,
+                           getattr(buf, "rule", None))
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+def _implements(name: str, rule) -> bool:
+    """Whether backend ``name`` has kernels for ``rule`` (its module's ``supports``; torch, the
+    reference, runs every rule)."""
+    if rule is None:
+        return True
+    module = importlib.import_module(f".{name}_backend", __name__)
+    return getattr(module, "supports", lambda r: True)(rule)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype,
+                    rule=None) -> ModuleType:
     """The backend module for one flat buffer.
 
     ``auto`` takes Triton on CUDA and C++ on CPU because each is the fused path of its device; it
@@ -54,9 +65,10 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Modu
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     fused_ok = dtype in FUSED_DTYPES
     if name == "auto":
-        if fused_ok and device.type == "cuda" and _triton_usable(device):
+        if fused_ok and device.type == "cuda" and _triton_usable(device) \
+                and _implements("triton", rule):
             name = "triton"
-        elif fused_ok and _cpp_usable(device):
+        elif fused_ok and _cpp_usable(device) and _implements("cpp", rule):
             name = "cpp"
         else:
             name = "torch"
@@ -73,4 +85,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Modu
                 "(pip install --no-build-isolation -e .)",
             }[name]
             raise RuntimeError(f"backend={name!r} cannot run on {device}: it {why}")
+        if not _implements(name, rule):
+            raise ValueError(f"backend={name!r} has no kernels for direction {rule.name!r} "
+                             f"(rule_id {rule.rule_id}); use backend='torch' or 'auto'")
     return importlib.import_module(f".{name}_backend", __name__)

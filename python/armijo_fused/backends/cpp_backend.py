@@ -24,6 +24,12 @@ from . import torch_backend
 name = "cpp"
 
 
+def supports(rule: DirectionRule) -> bool:
+    """Whether the built extension has kernels for ``rule`` (same id, same name)."""
+    names = ops._C.rule_names()
+    return 0 <= rule.rule_id < len(names) and names[rule.rule_id] == rule.name
+
+
 def first_pass(
     rule: DirectionRule,
     param: Tensor,

@@ -53,6 +53,12 @@ _TILES_PER_ITER = 4096
 _SUM_WARPS = 8
 
 
+def supports(rule) -> bool:
+    """Whether ``kernels/rules.py`` has a twin of ``rule`` (by id, with its state count)."""
+    return (0 <= rule.rule_id < len(STATE_COUNT)
+            and STATE_COUNT[rule.rule_id] == len(rule.state_names))
+
+
 def _num_warps(tile: int) -> int:
     # a memory-bound element-wise pass: 16 fp32 elements per thread, as 128-bit loads
     return max(1, min(16, tile // 512))
