@@ -12,6 +12,7 @@ from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
+from armijo_fused.directions.sgd import SGD
 
 
 def flat(params):
@@ -771,3 +772,34 @@ def test_the_distributed_helpers_on_a_model_that_is_not_distributed():
     assert reshard_all(model) == 0
     assert uses_dtensors(opt) is False
     assert ranks_agree(1.0, float("nan"))  # one process: nothing to disagree with
+
+
+class _RuleWithoutKernels(SGD):
+    """SGD's math under a rule id neither fused backend has kernels for (a new rule whose
+    Triton and C++ twins are not written yet)."""
+
+    name = "sgd_twinless"
+    rule_id = 6
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "triton"])
+def test_a_rule_the_fused_backends_lack_runs_on_torch_under_auto(backend):
+    from armijo_fused.backends import torch_backend
+
+    if backend == "cpp":
+        pytest.importorskip("armijo_fused._C")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = ArmijoSGD(model.parameters(), backend=backend, cadence="every")
+    opt.rule = _RuleWithoutKernels()  # (before the first step builds the buffers)
+    closure = make_closure(opt, lambda: model(torch.ones(3, 4)).square().mean())
+    before = [p.detach().clone() for p in model.parameters()]
+    if backend == "auto":  # it crashed in the C++ op: "unknown rule id 6"
+        opt.step(closure)
+        assert all(b.backend is torch_backend for b in opt._buffers)
+        assert not torch.equal(model.weight, before[0])
+    else:
+        with pytest.raises(ValueError, match=f"backend='{backend}' has no kernels for "
+                                             "direction 'sgd_twinless'"):
+            opt.step(closure)
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

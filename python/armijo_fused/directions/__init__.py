@@ -1,4 +1,6 @@
-"""Direction rules, by name. Adding one: a file here, an entry in ``RULES``, and its kernel twins."""
+"""Direction rules, by name. Adding one: a file here and an entry in ``RULES`` run it on the torch
+backend (``backend="auto"`` picks torch for a rule the fused backends lack); its Triton and C++
+twins make it fused. The whole list: docs/kernels.md, "Adding a direction rule"."""
 
 from .adam import Adam, NAdam, RMSProp
 from .base import NUM_SCALARS, DirectionRule

@@ -66,6 +66,7 @@ class Adam(DirectionRule):
     state_names = ("exp_avg", "exp_avg_sq")
     squared_states = ("exp_avg_sq",)
     bias_corrected = True
+    warn_unannealed = True  # (NAdam inherits it)
     hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-8}
 
     def validate(self, group):

@@ -10,8 +10,8 @@ yields:
   ``NUM_SCALARS`` floats (bias corrections are computed here, on the host, from the step count);
 * the torch reference math (``update_state``, ``undo_state``, ``direction``, ``precond_grad``),
   which is the ground truth the Triton and C++ twins are tested against;
-* four flags the passes and the optimizer read (below: ``direction_reads_grad``,
-  ``bias_corrected``, ``heavy_ball``, ``precond_is_gradient``).
+* five flags the passes and the optimizer read (below: ``direction_reads_grad``,
+  ``bias_corrected``, ``heavy_ball``, ``precond_is_gradient``, ``warn_unannealed``).
 
 Notation used by every pass (docs/design.md §2): ``u`` is the rule's direction without weight decay,
 ``d = u + wd * theta0`` the applied direction with decoupled weight decay, and the fallback
@@ -54,6 +54,9 @@ class DirectionRule:
     #: whether ``precond_grad`` is the gradient itself (the SGD family): the sums along the
     #: fallback line then follow from a first pass's Σ g² (:meth:`FlatPasses.fallback_sums`).
     precond_is_gradient: ClassVar[bool] = False
+    #: whether the optimizer warns when η̄ grows 20× with no schedule annealing the step: the
+    #: directions whose searched η was measured to keep growing on noisy batches (Adam's).
+    warn_unannealed: ClassVar[bool] = False
     #: the group keys this rule reads, with their defaults (validated by ``validate``).
     hyperparameters: ClassVar[dict[str, object]] = {}
 

@@ -1134,7 +1134,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         ``get_constant_schedule_with_warmup``), which the presence of ``initial_lr`` alone
         cannot tell from warmup + cosine (a review's run with warmup then constant grew η 45×
         and ended well above AdamW, without a word)."""
-        if not self.rule.bias_corrected or "no_schedule" in self.__dict__.get("_warned", ()):
+        if not self.rule.warn_unannealed or "no_schedule" in self.__dict__.get("_warned", ()):
             return
         lrs = [_lr_value(g["lr"]) for g in self.param_groups]
         live = [(lr, g) for lr, g in zip(lrs, self.param_groups) if lr > 0.0]
