@@ -1,7 +1,7 @@
 // The Python module armijo_fused._C. Importing it loads this library, whose static initialisers
-// register the ops torch.ops.armijo_fused.{first_pass, move, grad_sq_norm} (schemas in
-// csrc/ops.cpp, CPU kernels in csrc/cpu/passes.cpp); python/armijo_fused/ops.py calls them
-// through torch.ops so that torch.compile sees them. The module itself reports how the kernels
+// register the ops torch.ops.armijo_fused.* (first_pass, move, grad_sq_norm, trial_points and the
+// tile-table twins; schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/passes.cpp);
+// python/armijo_fused/ops.py calls them through torch.ops so that torch.compile sees them. The module itself reports how the kernels
 // were built and picks the CPU SIMD level (cpu_simd, set_cpu_simd, rule_names, with_cuda), and
 // binds ViewCheck (view_check.cpp).
 #include <pybind11/pybind11.h>

@@ -17,6 +17,9 @@ TORCH_LIBRARY(armijo_fused, m) {
       "Tensor block_tiles, int tile, bool precond_old, bool precond_new, bool compute_sums, "
       "Tensor(c!)? model_param=None) -> Tensor");
   m.def("grad_sq_norm(Tensor grad, Tensor tile_block, Tensor block_tiles, int tile) -> Tensor");
+  m.def(
+      "trial_points(int rule, Tensor param, Tensor grad, Tensor[] states, float[] scalars, "
+      "float weight_decay, Tensor etas, Tensor gscale, int tile, bool precond=False) -> Tensor");
   // Tile-table twins (θ and g reached through per-tile addresses: FSDP2 shards). They write θ
   // through those addresses, which no schema can name, so they are for eager use only.
   m.def(

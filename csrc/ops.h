@@ -1,8 +1,8 @@
 // The fused passes as C++ functions (CPU implementations in csrc/cpu/passes.cpp).
 //
-// They are registered as the torch ops armijo_fused::{first_pass, move, grad_sq_norm} (schemas in
-// csrc/ops.cpp) and follow python/armijo_fused/backends/torch_backend.py, which documents the
-// math. Buffers are 1-D contiguous fp32 of the padded layout length (grad may be bf16/fp16);
+// They are registered as the torch ops armijo_fused::{first_pass, move, grad_sq_norm,
+// trial_points} (schemas in csrc/ops.cpp) and follow python/armijo_fused/backends/torch_backend.py,
+// which documents the math. Buffers are 1-D contiguous fp32 of the padded layout length (grad may be bf16/fp16);
 // the layout comes as tile_block (int32 [ntiles], block of each tile), block_tiles (int32
 // [nblocks + 1], first tile of each block plus the end) and tile (elements per tile).
 #pragma once
@@ -59,6 +59,13 @@ at::Tensor move_table_cpu(int64_t rule, const at::Tensor& param_ptrs, const at::
 at::Tensor grad_sq_norm_table_cpu(const at::Tensor& grad_ptrs, const at::Tensor& lengths,
                                   const at::Tensor& tile_block, const at::Tensor& block_tiles,
                                   int64_t tile);
+
+// Batched candidates: fp32 [K, numel] rows θ − etas[k]·d (d = u + wd·θ, or the fallback
+// direction without wd when precond), from the state as the first pass left it; nothing written.
+at::Tensor trial_points_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
+                            at::TensorList states, at::ArrayRef<double> scalars,
+                            double weight_decay, const at::Tensor& etas,
+                            const at::Tensor& gscale, int64_t tile, bool precond = false);
 
 // Per-block Σ grad², fp32 [nblocks].
 at::Tensor grad_sq_norm_cpu(const at::Tensor& grad, const at::Tensor& tile_block,

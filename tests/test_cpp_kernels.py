@@ -132,6 +132,71 @@ def run_first_along_d(backend, rule, c):
     return c.param
 
 
+# -- trial points (batched candidates) -------------------------------------------------------------
+def run_trials(backend, rule, c, etas, precond=False):
+    return backend.trial_points(rule, c.param, c.grad, c.states, c.scalars, c.weight_decay, etas,
+                                c.gscale, c.layout, precond)
+
+
+@pytest.mark.parametrize("precond", [False, True], ids=["along_d", "on_fallback"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_trial_points_match_torch(rule_name, shape, precond, simd):
+    """K rows θ0 − η_k·d from the state the search's first pass left (θ at θ0), nothing written."""
+    rule, c = RULES[rule_name], case(rule_name, shape, seed=8)
+    run_first(ref, rule, c, precond)
+    c.param.copy_(case(rule_name, shape, seed=8).param)  # (θ back at θ0; the state updated)
+    before = c.clone()
+    etas = [0.3, 0.15, 0.075, 1e-3, 0.0]
+    got = run_trials(cpp, rule, c, etas, precond)
+    want = run_trials(ref, rule, c, etas, precond)
+    assert got.shape == (len(etas), c.layout.numel) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL)
+    assert torch.equal(got[-1], c.param)  # η = 0: θ0 itself
+    assert not torch.equal(got[0], got[1])
+    for x, y in zip([c.param, *c.states], [before.param, *before.states]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule_name", ["sgd", "adam", "nadam"])
+def test_trial_points_of_half_gradients_match_torch(rule_name, dtype, simd):
+    rule, c = RULES[rule_name], case(rule_name, MULTI, seed=9)
+    c.grad = c.grad.to(dtype)
+    torch.testing.assert_close(run_trials(cpp, rule, c, [0.2, 0.05]),
+                               run_trials(ref, rule, c, [0.2, 0.05]), **TOL)
+
+
+def test_trial_points_of_a_length_that_is_not_whole_tiles():
+    # (the flat store pads to whole tiles; the op itself takes any length: the last tile short)
+    rule, c = RULES["adam"], case("adam", ((1000,), 512), seed=3)
+    n = 777
+    p, g, st = c.param[:n].clone(), c.grad[:n].clone(), [s[:n].clone() for s in c.states]
+    etas = torch.tensor([0.5, 0.25])
+    got = ops.trial_points(rule.rule_id, p, g, st, c.scalars, c.weight_decay, etas, c.gscale,
+                           512)
+    want = run_trials(ref, rule, c, [0.5, 0.25])[:, :n]
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(etas=torch.tensor([])), "etas must be a contiguous 1-D float32 CPU tensor of at least"),
+    (dict(etas=torch.tensor([0.1], dtype=torch.float64)), "etas must be .*got Double"),
+    (dict(rule=9), "unknown rule id 9"),
+    (dict(states=[]), "rule adam \\(id 4\\) keeps 2 state buffer\\(s\\), got 0"),
+    (dict(tile=0), "tile must be positive"),
+    (dict(grad=torch.zeros(5)), "grad has 5 elements but param has"),
+])
+def test_trial_points_errors_name_the_argument(change, match):
+    c = case("adam", ((300,), 64))
+    args = dict(rule=4, param=c.param, grad=c.grad, states=c.states, etas=torch.tensor([0.1]),
+                tile=64)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        ops.trial_points(args["rule"], args["param"], args["grad"], args["states"], c.scalars,
+                         0.0, args["etas"], c.gscale, args["tile"])
+
+
 # -- move ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("compute_sums", [False, True])
 @pytest.mark.parametrize("po,pn", PRECONDS)
@@ -346,7 +411,9 @@ def _passes(rule, c, half=None):
     s2 = cpp.move(rule, c.param, c.grad, c.states, c.scalars, c.weight_decay, c.eta,
                   c.eta * 0.5, c.gscale, c.layout, False, True, True, model)
     s3 = cpp.grad_sq_norm(c.grad, c.layout)
-    return [s1, s2, s3, c.param] + list(c.states) + ([model] if model is not None else [])
+    trials = cpp.trial_points(rule, c.param, c.grad, c.states, c.scalars, c.weight_decay,
+                              [0.2, 0.1], c.gscale, c.layout)
+    return [s1, s2, s3, trials, c.param] + list(c.states) + ([model] if model is not None else [])
 
 
 @pytest.mark.parametrize("rule_name", ["adam", "nesterov"])
@@ -495,6 +562,11 @@ def test_opcheck_schemas_and_fake_impls():
     )
     torch.library.opcheck(torch.ops.armijo_fused.grad_sq_norm.default,
                           (c.grad, lay.tile_block, lay.block_tiles, lay.tile))
+    torch.library.opcheck(
+        torch.ops.armijo_fused.trial_points.default,
+        (4, c.param, c.grad, c.states, list(c.scalars), 0.01, torch.tensor([0.2, 0.1]), c.gscale,
+         lay.tile, False),
+    )
     # a bf16 model with fp32 master weights: half gradient, and the model copy the ops write
     g16, model = c.grad.bfloat16(), c.param.bfloat16()
     torch.library.opcheck(

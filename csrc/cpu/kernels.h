@@ -173,6 +173,46 @@ void move_tile_impl(const MoveTile& t) {
   }
 }
 
+// The K trial points of a tile: d formed once per vector (as a first pass would, from the
+// updated state: g_in = g·unscale·clip, u or the fallback, + wd·θ0 on the rule's own line), then
+// one row store per step size. θ0 − η·d with the product rounded first, as the torch twin does.
+template <int R, bool PRECOND>
+void trial_tile_impl(const TrialTile& t) {
+  constexpr int NS = num_states(R);
+  const Coeffs<F8> kv(t.scalars);
+  const Coeffs<float> ks(t.scalars);
+  const float* __restrict__ p = t.p;
+  const float* __restrict__ gr = t.g;
+  const float* __restrict__ a = t.a;
+  const float* __restrict__ b = t.b;
+  const uint16_t* __restrict__ g16 = t.g16;
+  float* __restrict__ out = t.out;
+  const bool h = t.fp16;
+  const int64_t n = t.n;
+  const F8 vu(t.unscale), vc(t.clip), vwd(t.wd);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const F8 th = F8::load(p + i);
+    F8 sa(0.f), sb(0.f);
+    if constexpr (NS >= 1) sa = F8::load(a + i);
+    if constexpr (NS >= 2) sb = F8::load(b + i);
+    const F8 g_in = ((g16 ? load_half(g16 + i, h) : F8::load(gr + i)) * vu) * vc;
+    F8 d = search_direction<R, PRECOND>(kv, g_in, sa, sb);
+    if constexpr (!PRECOND) d = d + vwd * th;
+    for (int64_t k = 0; k < t.k; ++k) (th - F8(t.etas[k]) * d).store(out + k * t.stride + i);
+  }
+  for (; i < n; ++i) {
+    const float th = p[i];
+    float sa = 0.f, sb = 0.f;
+    if constexpr (NS >= 1) sa = a[i];
+    if constexpr (NS >= 2) sb = b[i];
+    const float g_in = ((g16 ? half_to_float(g16[i], h) : gr[i]) * t.unscale) * t.clip;
+    float d = search_direction<R, PRECOND>(ks, g_in, sa, sb);
+    if constexpr (!PRECOND) d = d + t.wd * th;
+    for (int64_t k = 0; k < t.k; ++k) out[k * t.stride + i] = th - t.etas[k] * d;
+  }
+}
+
 // Σ g² of a tile. Two fp32 runs take alternate vectors: with one, each vector waited on the
 // previous add (256K cached elements, one thread: 32 µs against 24 µs, torch's sum 17 µs).
 double sq_tile(const float* g, int64_t n) {
@@ -259,10 +299,18 @@ void move_tile(int rule, bool po, bool pn, bool write, bool sums, const MoveTile
   });
 }
 
+void trial_tile(int rule, bool precond, const TrialTile& t) {
+  with_rule(rule, [&](auto r) {
+    with_bool(precond, [&](auto p) {
+      trial_tile_impl<decltype(r)::value, decltype(p)::value>(t);
+    });
+  });
+}
+
 }  // namespace
 
 const TileKernels* tile_kernels() {
-  static const TileKernels table{ARMIJO_SIMD, &first_tile, &move_tile, &sq_tile};
+  static const TileKernels table{ARMIJO_SIMD, &first_tile, &move_tile, &sq_tile, &trial_tile};
   return &table;
 }
 

@@ -8,6 +8,7 @@
 // the layout, never on the number of threads or on how tiles were split between them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -637,6 +638,47 @@ at::Tensor grad_sq_norm_table_cpu(const at::Tensor& grad_ptrs, const at::Tensor&
   return reduce_blocks(partial, L, 1);
 }
 
+// The batched candidates' trial points: [K, n] rows θ0 − etas[k]·d, from one read of θ, g and
+// the state (none written). No per-block sums, so no layout beyond the tile size.
+at::Tensor trial_points_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad,
+                            at::TensorList states, at::ArrayRef<double> scalars,
+                            double weight_decay, const at::Tensor& etas,
+                            const at::Tensor& gscale, int64_t tile, bool precond) {
+  const char* op = "trial_points";
+  check_rule(op, rule);
+  check_fp32_buffer(op, "param", param, -1);
+  const int64_t n = param.numel();
+  check_grad_buffer(op, grad, n);
+  check_states(op, rule, states, n);
+  check_scalars(op, scalars);
+  TORCH_CHECK(tile > 0, "armijo_fused.", op, ": tile must be positive, got ", tile);
+  TORCH_CHECK(etas.device().is_cpu() && etas.scalar_type() == at::kFloat && etas.dim() == 1 &&
+                  etas.is_contiguous() && etas.numel() >= 1,
+              "armijo_fused.", op,
+              ": etas must be a contiguous 1-D float32 CPU tensor of at least one step size, "
+              "got ", etas.scalar_type(), " of shape ", etas.sizes(), " on ", etas.device());
+  float unscale, clip;
+  read_gscale(op, gscale, &unscale, &clip);  // (not finite: rows of NaN, as the torch twin's)
+  const int64_t K = etas.numel();
+  at::Tensor out = at::empty({K, n}, param.options());
+  const Bufs B = buffers(param, grad, states, c10::nullopt);
+  const Layout L{nullptr, nullptr, (n + tile - 1) / tile, 0, tile};
+  const float* e = etas.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float wd = precond ? 0.f : static_cast<float>(weight_decay);
+  const TileKernels* k = active_kernels();
+  for_each_tile(L, [&](int64_t t) {
+    const int64_t start = t * tile;
+    TrialTile args{scalars.data(), unscale, clip, wd, B.p + start, B.grad_of(t, start),
+                   B.a ? B.a + start : nullptr, B.b ? B.b + start : nullptr,
+                   std::min(tile, n - start), e, K, o + start, n};
+    args.g16 = B.g16_at(start);
+    args.fp16 = B.fp16();
+    k->trial(static_cast<int>(rule), precond, args);
+  });
+  return out;
+}
+
 const char* cpu_simd() { return active_kernels()->isa; }
 
 const char* set_cpu_simd(const std::string& name) {
@@ -653,4 +695,5 @@ TORCH_LIBRARY_IMPL(armijo_fused, CPU, m) {
   m.impl("first_pass_table", &armijo_fused::first_pass_table_cpu);
   m.impl("move_table", &armijo_fused::move_table_cpu);
   m.impl("grad_sq_norm_table", &armijo_fused::grad_sq_norm_table_cpu);
+  m.impl("trial_points", &armijo_fused::trial_points_cpu);
 }

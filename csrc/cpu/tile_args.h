@@ -50,12 +50,32 @@ struct MoveTile {
   bool fp16 = false;
 };
 
+// One tile of the batched candidates' trial points: out[k * stride + i] = θ0[i] − etas[k]·d[i]
+// for k < K, θ and the state only read (θ sits at θ0). precond: d is the fallback direction,
+// which carries no weight decay.
+struct TrialTile {
+  const double* scalars;
+  float unscale, clip, wd;
+  const float* p;
+  const float* g;
+  const float* a;
+  const float* b;
+  int64_t n;
+  const float* etas;  // K step sizes
+  int64_t k;
+  float* out;         // the tile's first element of row 0
+  int64_t stride;     // elements from one row to the next
+  const uint16_t* g16 = nullptr;  // as in FirstTile
+  bool fp16 = false;
+};
+
 struct TileKernels {
   const char* isa;
   void (*first)(int rule, const FirstTile& t);
   void (*move)(int rule, bool precond_old, bool precond_new, bool write, bool sums,
                const MoveTile& t);
   double (*sq)(const float* g, int64_t n);  // Σ g² of one tile
+  void (*trial)(int rule, bool precond, const TrialTile& t);
 };
 
 }  // namespace armijo_fused

@@ -1,6 +1,6 @@
 """Typed Python wrappers over the compiled ops ``torch.ops.armijo_fused.*`` (C++, CPU).
 
-Importing ``armijo_fused._C`` loads the extension, which registers six ops (schemas in
+Importing ``armijo_fused._C`` loads the extension, which registers seven ops (schemas in
 ``csrc/ops.cpp``, CPU kernels in ``csrc/cpu/passes.cpp``); the math of each is documented in
 :mod:`armijo_fused.backends.torch_backend`. Calls go through ``torch.ops`` rather than the pybind
 module so that ``torch.compile`` can trace them; the fake (meta) implementations below tell it the
@@ -14,6 +14,9 @@ helper of ``storage/flat.py``, not an op: ``csrc/view_check.cpp``.)
   tile_block, block_tiles, tile, precond_old, precond_new, compute_sums, model_param=None)
   -> sums [nblocks, 3]``: writes ``param`` only (zeros when ``compute_sums`` is False).
 * ``grad_sq_norm(grad, tile_block, block_tiles, tile) -> [nblocks]``.
+* ``trial_points(rule_id, param, grad, states, scalars, weight_decay, etas, gscale, tile,
+  precond=False) -> [K, numel]``: θ − etas[k]·d for each step size (batched candidates); writes
+  nothing.
 * ``first_pass_table`` / ``move_table`` / ``grad_sq_norm_table``: the same passes with θ and g
   reached through a tile table (``param_ptrs``, ``grad_ptrs``, ``lengths``:
   :mod:`armijo_fused.storage.table`) instead of flat buffers. They reach θ and g through raw
@@ -156,6 +159,15 @@ def move_table(rule_id: int, param_ptrs: Tensor, grad_ptrs: Tensor, lengths: Ten
     )
 
 
+def trial_points(rule_id: int, param: Tensor, grad: Tensor, states: Sequence[Tensor],
+                 scalars: Sequence[float], weight_decay: float, etas: Tensor, gscale: Tensor,
+                 tile: int, precond: bool = False) -> Tensor:
+    _require()
+    return torch.ops.armijo_fused.trial_points(
+        int(rule_id), param, grad, list(states), [float(s) for s in scalars],
+        float(weight_decay), etas, gscale, int(tile), bool(precond))
+
+
 def grad_sq_norm(grad: Tensor, tile_block: Tensor, block_tiles: Tensor, tile: int) -> Tensor:
     _require()
     return torch.ops.armijo_fused.grad_sq_norm(grad, tile_block, block_tiles, int(tile))
@@ -200,6 +212,12 @@ if available():
                     gscale=gscale, tile_block=tile_block, block_tiles=block_tiles,
                     model_param=model_param)
         return param.new_empty((_nblocks(block_tiles), 3))
+
+    @torch.library.register_fake("armijo_fused::trial_points")
+    def _trial_points_fake(rule, param, grad, states, scalars, weight_decay, etas, gscale, tile,
+                           precond=False):
+        _one_device("trial_points", param, grad=grad, states=states, etas=etas, gscale=gscale)
+        return param.new_empty((etas.shape[0], param.shape[0]))
 
     @torch.library.register_fake("armijo_fused::grad_sq_norm")
     def _grad_sq_norm_fake(grad, tile_block, block_tiles, tile):  # fp32 for a half gradient too

@@ -1,4 +1,4 @@
-"""The C++ CPU backend: the three fused passes of :mod:`.torch_backend`, same signatures.
+"""The C++ CPU backend: the fused passes of :mod:`.torch_backend`, same signatures.
 
 Each call is one vectorised, OpenMP-parallel pass over the flat buffer
 (``csrc/cpu/passes.cpp``); the math, the gscale convention and the skip rules are documented in
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from .. import ops
 from ..directions.base import DirectionRule
 from ..storage.layout import FlatLayout
 from ..storage.table import TileTable
-from . import torch_backend
 
 name = "cpp"
 
@@ -91,10 +91,14 @@ def move(
 def trial_points(rule: DirectionRule, param: Tensor, grad: Tensor, states: Sequence[Tensor],
                  scalars: Sequence[float], weight_decay: float, etas: Sequence[float],
                  gscale: Tensor, layout: FlatLayout, precond: bool = False) -> Tensor:
-    """The torch math (:func:`.torch_backend.trial_points`): on a CPU the batched forward that
-    follows costs K forwards of compute, next to which this pass does not count."""
-    return torch_backend.trial_points(rule, param, grad, states, scalars, weight_decay, etas,
-                                      gscale, layout, precond)
+    """[K, numel] rows θ0 − η_k·d in one pass that reads θ, g and the state once (the torch
+    twin forms d, then each row: a small model's batched step spent as long on it as on the
+    batched forward)."""
+    if not etas:
+        raise ValueError("cpp backend: trial_points needs at least one step size")
+    e = torch.tensor([float(x) for x in etas], dtype=torch.float32)
+    return ops.trial_points(rule.rule_id, param, grad, states, scalars, weight_decay, e, gscale,
+                            layout.tile, precond)
 
 
 def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = None) -> Tensor:
