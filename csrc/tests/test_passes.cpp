@@ -325,6 +325,27 @@ void test_rule(int rule, const std::vector<int64_t>& numels, int64_t tile, unsig
             name + " grad_sq_norm block " + std::to_string(b));
     }
   }
+
+  // trial_points (batched candidates) from θ0 as the revert left it: K rows θ0 − η_k·d
+  for (const bool precond : {false, true}) {
+    const std::vector<float> etas = {0.3f, 0.05f, 0.f};
+    at::Tensor rows = armijo_fused::trial_points_cpu(rule, t.p, t.g, t.states, s, kWd, f32(etas),
+                                                     gscale, tile, precond);
+    const int64_t n = L.n();
+    std::vector<float> want_rows(etas.size() * n);
+    for (int64_t i = 0; i < n; ++i) {
+      const float g_in = (st.g[i] * kUnscale) * kClip;
+      const float a = st.a.empty() ? 0.f : st.a[i], b = st.b.empty() ? 0.f : st.b[i];
+      float d = ref_u(rule, s, g_in, a, b, precond);
+      if (!precond) d = d + float(kWd) * st.p[i];
+      for (size_t k = 0; k < etas.size(); ++k) want_rows[k * n + i] = st.p[i] - etas[k] * d;
+    }
+    check(rows.size(0) == int64_t(etas.size()) && rows.size(1) == n,
+          name + " trial_points shape");
+    check(close_vec(vec(rows.reshape({-1})), want_rows, 1e-6, 1e-7, &why),
+          name + " trial_points " + std::to_string(precond) + ": " + why);
+    compare_state(t, st, name + " after trial_points");  // nothing written
+  }
 }
 
 void test_non_finite_gscale(int rule) {
