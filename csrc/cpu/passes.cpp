@@ -344,18 +344,25 @@ Bufs buffers(const at::Tensor& param, const at::Tensor& grad, at::TensorList sta
 // ---------------------------------------------------------------------------------------------
 // The ops.
 
+// The checks every op of a rule makes on its flat buffers and scalars.
+static void check_rule_buffers(const char* op, int64_t rule, const at::Tensor& param,
+                               const at::Tensor& grad, at::TensorList states,
+                               at::ArrayRef<double> scalars) {
+  check_rule(op, rule);
+  check_fp32_buffer(op, "param", param, -1);
+  check_grad_buffer(op, grad, param.numel());
+  check_states(op, rule, states, param.numel());
+  check_scalars(op, scalars);
+}
+
 // The checks every pass makes on its buffers and layout; returns the layout.
 static Layout check_pass_inputs(const char* op, int64_t rule, const at::Tensor& param,
                                 const at::Tensor& grad, at::TensorList states,
                                 at::ArrayRef<double> scalars, const at::Tensor& tile_block,
                                 const at::Tensor& block_tiles, int64_t tile,
                                 const c10::optional<at::Tensor>& model_param) {
-  check_rule(op, rule);
-  check_fp32_buffer(op, "param", param, -1);
+  check_rule_buffers(op, rule, param, grad, states, scalars);
   const int64_t n = param.numel();
-  check_grad_buffer(op, grad, n);
-  check_states(op, rule, states, n);
-  check_scalars(op, scalars);
   std::vector<std::pair<const char*, const at::Tensor*>> bufs{{"param", &param}, {"grad", &grad}};
   if (states.size() > 0) bufs.emplace_back("states[0]", &states[0]);
   if (states.size() > 1) bufs.emplace_back("states[1]", &states[1]);
@@ -645,12 +652,8 @@ at::Tensor trial_points_cpu(int64_t rule, const at::Tensor& param, const at::Ten
                             double weight_decay, const at::Tensor& etas,
                             const at::Tensor& gscale, int64_t tile, bool precond) {
   const char* op = "trial_points";
-  check_rule(op, rule);
-  check_fp32_buffer(op, "param", param, -1);
+  check_rule_buffers(op, rule, param, grad, states, scalars);
   const int64_t n = param.numel();
-  check_grad_buffer(op, grad, n);
-  check_states(op, rule, states, n);
-  check_scalars(op, scalars);
   TORCH_CHECK(tile > 0, "armijo_fused.", op, ": tile must be positive, got ", tile);
   TORCH_CHECK(etas.device().is_cpu() && etas.scalar_type() == at::kFloat && etas.dim() == 1 &&
                   etas.is_contiguous() && etas.numel() >= 1,
