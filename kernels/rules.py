@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import triton
 import triton.language as tl
 
+#: the rules these kernels implement, by rule_id (``DirectionRule.name``).
+RULE_NAMES = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "nadam")
 #: state buffers each rule keeps, by rule_id (must equal ``len(rule.state_names)``).
 STATE_COUNT = (0, 1, 1, 1, 2, 2)
 #: whether ``u`` recomputed from the state reads the gradient, by rule_id. SGD's ``u`` is ``g``.
@@ -130,15 +132,17 @@ def update_state(g, a, b, s0, s1, om0, om1, RULE: tl.constexpr):
     momentum, nesterov: a <- s0 a + g;  rmsprop: a <- s0 a + (1-s0) g^2;
     adam, nadam: a <- s0 a + (1-s0) g,  b <- s1 b + (1-s1) g^2;  sgd: nothing.
     """
-    # (a rule id without its branch here would leave the state as it was, in silence)
-    tl.static_assert(RULE <= 5, "kernels/rules.py: update_state has no branch for this RULE")
-    if RULE == 1 or RULE == 2:
+    if RULE == 0:
+        pass  # no state
+    elif RULE == 1 or RULE == 2:
         a = a * s0 + g
-    if RULE == 3:
+    elif RULE == 3:
         a = a * s0 + om0 * g * g
-    if RULE == 4 or RULE == 5:
+    elif RULE == 4 or RULE == 5:
         a = a * s0 + om0 * g
         b = b * s1 + om1 * g * g
+    else:  # (a rule id without its branch would leave the state as it was, in silence)
+        tl.static_assert(False, "kernels/rules.py: update_state has no branch for this RULE")
     return a, b
 
 

@@ -167,14 +167,15 @@ def test_trial_points_of_half_gradients_match_torch(rule_name, dtype, simd):
                                run_trials(ref, rule, c, [0.2, 0.05]), **TOL)
 
 
-def test_trial_points_of_a_length_that_is_not_whole_tiles():
+@pytest.mark.parametrize("tile", [512, 3, 2**63 - 1])  # (the last: its tile count overflowed)
+def test_trial_points_of_a_length_that_is_not_whole_tiles(tile):
     # (the flat store pads to whole tiles; the op itself takes any length: the last tile short)
     rule, c = RULES["adam"], case("adam", ((1000,), 512), seed=3)
     n = 777
     p, g, st = c.param[:n].clone(), c.grad[:n].clone(), [s[:n].clone() for s in c.states]
     etas = torch.tensor([0.5, 0.25])
     got = ops.trial_points(rule.rule_id, p, g, st, c.scalars, c.weight_decay, etas, c.gscale,
-                           512)
+                           tile)
     want = run_trials(ref, rule, c, [0.5, 0.25])[:, :n]
     torch.testing.assert_close(got, want, **TOL)
 

@@ -782,8 +782,16 @@ class _RuleWithoutKernels(SGD):
     rule_id = 6
 
 
+class _RenamedSGD(SGD):
+    """A subclass under its own name keeps SGD's id: it may change the math, so the fused
+    kernels of SGD are not taken for it."""
+
+    name = "my_sgd"
+
+
+@pytest.mark.parametrize("rule_cls", [_RuleWithoutKernels, _RenamedSGD])
 @pytest.mark.parametrize("backend", ["auto", "cpp", "triton"])
-def test_a_rule_the_fused_backends_lack_runs_on_torch_under_auto(backend):
+def test_a_rule_the_fused_backends_lack_runs_on_torch_under_auto(backend, rule_cls):
     from armijo_fused.backends import torch_backend
 
     if backend == "cpp":
@@ -791,7 +799,7 @@ def test_a_rule_the_fused_backends_lack_runs_on_torch_under_auto(backend):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = ArmijoSGD(model.parameters(), backend=backend, cadence="every")
-    opt.rule = _RuleWithoutKernels()  # (before the first step builds the buffers)
+    opt.rule = rule_cls()  # (before the first step builds the buffers)
     closure = make_closure(opt, lambda: model(torch.ones(3, 4)).square().mean())
     before = [p.detach().clone() for p in model.parameters()]
     if backend == "auto":  # it crashed in the C++ op: "unknown rule id 6"
@@ -800,6 +808,6 @@ def test_a_rule_the_fused_backends_lack_runs_on_torch_under_auto(backend):
         assert not torch.equal(model.weight, before[0])
     else:
         with pytest.raises(ValueError, match=f"backend='{backend}' has no kernels for "
-                                             "direction 'sgd_twinless'"):
+                                             f"direction '{rule_cls.name}'"):
             opt.step(closure)
         assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

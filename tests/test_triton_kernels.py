@@ -472,6 +472,15 @@ def fold_kernel(x_ptr, RULE: tl.constexpr):
     tl.store(x_ptr + offs, a + b)
 
 
+def test_the_kernels_tables_name_the_rules_by_their_ids():
+    from armijo_fused.kernels.rules import RULE_NAMES
+
+    by_id = sorted(RULES.values(), key=lambda r: r.rule_id)
+    assert RULE_NAMES == tuple(r.name for r in by_id)
+    assert STATE_COUNT == tuple(len(r.state_names) for r in by_id)
+    assert DIRECTION_READS_GRAD == tuple(r.direction_reads_grad for r in by_id)
+
+
 @interpreted
 def test_a_rule_id_without_its_branch_in_the_kernels_is_refused():
     # update_state's branches have nothing to fall through to: a new rule id without its own

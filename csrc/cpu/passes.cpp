@@ -661,11 +661,13 @@ at::Tensor trial_points_cpu(int64_t rule, const at::Tensor& param, const at::Ten
               ": etas must be a contiguous 1-D float32 CPU tensor of at least one step size, "
               "got ", etas.scalar_type(), " of shape ", etas.sizes(), " on ", etas.device());
   float unscale, clip;
-  read_gscale(op, gscale, &unscale, &clip);  // (not finite: rows of NaN, as the torch twin's)
+  // (not finite: the rows are what the torch twin computes with it, inf or NaN where d reads g;
+  // the search reads its guard with the first losses and takes none of them)
+  read_gscale(op, gscale, &unscale, &clip);
   const int64_t K = etas.numel();
   at::Tensor out = at::empty({K, n}, param.options());
   const Bufs B = buffers(param, grad, states, c10::nullopt);
-  const Layout L{nullptr, nullptr, (n + tile - 1) / tile, 0, tile};
+  const Layout L{nullptr, nullptr, n == 0 ? 0 : (n - 1) / tile + 1, 0, tile};  // (no overflow)
   const float* e = etas.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const float wd = precond ? 0.f : static_cast<float>(weight_decay);

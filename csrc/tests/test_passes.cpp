@@ -88,7 +88,13 @@ std::vector<float> random_buffer(const Layout& L, std::mt19937& rng, float scale
   return v;
 }
 
-int num_states(int rule) { return rule == 0 ? 0 : (rule <= 3 ? 1 : 2); }
+int num_states(int rule) {
+  switch (rule) {
+    case 0: return 0;
+    case 1: case 2: case 3: return 1;
+    default: return 2;  // adam, nadam (main() runs rules 0..5)
+  }
+}
 
 // Host scalars as the Python rules produce them (step 3).
 std::vector<double> host_scalars(int rule) {

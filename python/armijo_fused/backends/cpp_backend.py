@@ -25,7 +25,8 @@ name = "cpp"
 
 
 def supports(rule: DirectionRule) -> bool:
-    """Whether the built extension has kernels for ``rule`` (same id, same name)."""
+    """Whether the built extension has kernels for ``rule`` (same id, same name: a renamed
+    subclass of a rule may change its math, so it is not taken for its parent)."""
     names = ops._C.rule_names()
     return 0 <= rule.rule_id < len(names) and names[rule.rule_id] == rule.name
 

@@ -33,7 +33,7 @@ from ..kernels.reductions import (
     table_tile_sq_sum_kernel,
     tile_sq_sum_kernel,
 )
-from ..kernels.rules import DIRECTION_READS_GRAD, STATE_COUNT, kernel_scalars
+from ..kernels.rules import DIRECTION_READS_GRAD, RULE_NAMES, STATE_COUNT, kernel_scalars
 from ..storage.layout import FlatLayout
 from ..storage.scalars import device_floats
 from ..storage.table import TileTable
@@ -54,8 +54,9 @@ _SUM_WARPS = 8
 
 
 def supports(rule) -> bool:
-    """Whether ``kernels/rules.py`` has a twin of ``rule`` (by id, with its state count)."""
-    return (0 <= rule.rule_id < len(STATE_COUNT)
+    """Whether ``kernels/rules.py`` has a twin of ``rule`` (by id and name, with its state count;
+    a renamed subclass of a rule may change its math, so it is not taken for its parent)."""
+    return (0 <= rule.rule_id < len(RULE_NAMES) and RULE_NAMES[rule.rule_id] == rule.name
             and STATE_COUNT[rule.rule_id] == len(rule.state_names))
 
 
