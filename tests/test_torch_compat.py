@@ -413,6 +413,20 @@ def test_options_of_the_whole_optimizer_in_a_param_group_are_refused_by_name(key
         opt.step(make_closure(opt, loss_fn))
 
 
+def test_a_hyperparameter_list_changed_in_place_is_checked_again():
+    # the groups' change signature held the list itself: betas[0] = 1.5 compared equal to the
+    # list it was, and the step took it
+    model = nn.Linear(4, 1)
+    opt = ArmijoAdam([{"params": model.parameters(), "betas": [0.9, 0.999]}])
+    loss_fn = lambda: model(torch.ones(2, 4)).square().mean()  # noqa: E731
+    opt.step(make_closure(opt, loss_fn))
+    opt.param_groups[0]["betas"][0] = 1.5
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"invalid betas\[0\]"):
+        opt.step(make_closure(opt, loss_fn))
+    assert torch.equal(model.weight, before)
+
+
 def test_an_unknown_blocks_by_is_refused():
     model = nn.Linear(4, 1)
     with pytest.raises(ValueError, match="invalid blocks_by in a param group: 'groups'"):

@@ -5,11 +5,11 @@ must see the same randomness (dropout masks), and to leave training unchanged it
 the global RNG, update BatchNorm running statistics, build an autograd graph, run a backward pass
 or zero the gradient the search still needs. :class:`TrialEnv` arranges all of that:
 
-* RNG (torch's and Python's ``random``; NumPy's global one once the training forward, or a
-  trial of a search that read it, has been seen drawing from it, see
-  ``ArmijoOptimizer._numpy_rng_wanted``: until then the trials draw from it and leave it moved):
-  every trial starts from ``rng_before`` (the state the training forward started from, when the
-  optimizer called the closure itself or the caller recorded it with ``capture_rng``); after
+* RNG (torch's, Python's ``random`` and NumPy's global one; NumPy's is read before every
+  training forward of a search and replayed where that forward drew from it, which
+  :func:`numpy_moved_since` tells at a glance): every trial starts from ``rng_before`` (the
+  state the training forward started from, when the optimizer called the closure itself or
+  the caller recorded it with ``capture_rng``); after
   the step the RNG is set to ``rng_after``, the state it had when the step began its trials, so
   the steps that follow draw the same numbers whether or not trials ran.
 * Buffers: the persistent buffers of the registered modules (BatchNorm statistics, counters),
@@ -71,15 +71,77 @@ def get_rng_state(numpy: bool = True):
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     np = sys.modules.get("numpy") if numpy else None
     return (torch.get_rng_state(), cuda, random.getstate(),
-            np.random.get_state(legacy=False) if np is not None else None)
+            _numpy_state(np) if np is not None else None)
 
 
-def numpy_rng_moved(before, after) -> bool:
-    """Did NumPy's global generator draw between two :func:`get_rng_state` states? True
-    where either lacks it (not known). (Its state is a dict of names, numbers and arrays,
-    whatever its bit generator.)"""
-    a, b = before[3] if len(before) == 4 else None, after[3] if len(after) == 4 else None
-    return a is None or b is None or not _same_state(a, b)
+_NUMPY_LAST: list = [None, None]  # [NumPy's state as last read, numpy_glance() then]
+
+
+def _numpy_state(np) -> dict:
+    """``np.random.get_state(legacy=False)``, about 35 µs; the last one read where a glance
+    shows the generator has not moved since (no uniform bits drawn, so no Gaussian cached
+    either, where none was: the same state). Not to be modified: it may be handed out again."""
+    glance = numpy_glance()
+    last, last_glance = _NUMPY_LAST
+    if glance is not None and glance == last_glance and not last["has_gauss"]:
+        return last
+    state = np.random.get_state(legacy=False)
+    _NUMPY_LAST[:] = [state, glance]
+    return state
+
+
+_MT_LOOK: list = [None, None]  # [the global MT19937 looked at, (pos, key) read from its C state]
+
+
+def _mt19937_look():
+    """(pos, key): ctypes views of the C state of NumPy's global MT19937 (its position in the
+    key and the key), or None where the global generator is another one or the layout read
+    does not match its ``state`` (confirmed once per generator object)."""
+    np = sys.modules.get("numpy")
+    bg = getattr(getattr(getattr(np, "random", None), "mtrand", None), "_rand", None)
+    bg = getattr(bg, "_bit_generator", None)
+    if bg is None:
+        return None
+    if _MT_LOOK[0] is not bg:
+        look = None
+        if type(bg).__name__ == "MT19937":
+            try:
+                import ctypes
+
+                addr = bg.ctypes.state_address
+                key = (ctypes.c_uint32 * 624).from_address(addr)
+                pos = ctypes.c_int.from_address(addr + 624 * 4)
+                st = bg.state["state"]
+                if pos.value == st["pos"] and all(key[i] == st["key"][i] for i in (0, 1, 623)):
+                    look = (pos, key)
+            except Exception:  # (no ctypes view: the full state is compared instead)
+                look = None
+        _MT_LOOK[:] = [bg, look]  # (holding bg: its id and address stay its own)
+    return _MT_LOOK[1]
+
+
+def numpy_glance():
+    """A fingerprint of NumPy's global MT19937 (position and first two key words, from its C
+    state: well under a µs), or None where it cannot be had (see :func:`_mt19937_look`). Equal
+    fingerprints: no uniform bits drawn in between (a cached Gaussian may have been)."""
+    look = _mt19937_look()
+    return None if look is None else (look[0].value, look[1][0], look[1][1])
+
+
+def numpy_moved_since(state) -> bool:
+    """Has NumPy's global generator drawn since ``state`` (NumPy's entry of
+    :func:`get_rng_state`)? For the global MT19937 without a cached Gaussian, a look at its
+    position and first key words in its C state (well under a µs; reading the state costs
+    about 35): every draw of uniform bits moves the position, and a pass through the whole key
+    renews it. Otherwise (another bit generator; a cached Gaussian, which a legacy normal draw
+    consumes without moving the position) the states are compared in full."""
+    look = _mt19937_look()
+    if look is not None and state.get("bit_generator") == "MT19937" and \
+            not state.get("has_gauss"):
+        pos, key = look
+        s = state["state"]
+        return not (pos.value == s["pos"] and key[0] == s["key"][0] and key[1] == s["key"][1])
+    return not _same_state(state, sys.modules["numpy"].random.get_state(legacy=False))
 
 
 def _same_state(a, b) -> bool:
@@ -98,8 +160,10 @@ def set_rng_state(state) -> None:
         raise TypeError("set_rng_state takes what armijo_fused.get_rng_state() returned (the "
                         f"torch, Python and NumPy states together), got {type(state).__name__}")
     cpu, cuda, py, np_state = state if len(state) == 4 else (*state, None, None)
-    if np_state is not None and _active_env is not None:
-        _active_env.keep_numpy_state()  # (before it changes: undone when the trials end)
+    if _active_env is not None:
+        _active_env.rng_set = True  # (the trial's own doing: not a draw it cannot replay)
+        if np_state is not None:
+            _active_env.keep_numpy_state()  # (before it changes: undone when the trials end)
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
@@ -428,8 +492,7 @@ class TrialEnv:
         self._ddp: dict = {}  # DDP wrappers the trials ran through: their buffer-sync flag
         self.used = False
         # whether the trials drew from NumPy's generator (known at close, where it was read):
-        # a loss= step's forward has no window of its own in which to be seen drawing
-        self.numpy_drawn = False
+        self.rng_set = False  # whether the trial function set an RNG state itself
 
     def keep_numpy_state(self) -> None:
         """A trial function sets NumPy's generator (a state recorded per micro-batch) though
@@ -455,6 +518,22 @@ class TrialEnv:
             _active_env = outer
             self._undo_writes(kept, watched)
 
+    def drew_random_numbers(self) -> bool:
+        """Whether the trial that just ran drew from torch's or Python's generator (or from
+        NumPy's, where replayed): called after a trial of a step that has no record of the RNG
+        state before its training forward, whose draws the trials cannot have replayed. A
+        trial function that set a state itself (per micro-batch) is taken at its word."""
+        if self.rng_set:
+            return False
+        cpu, cuda, py, np_state = self.rng_before
+        if not torch.equal(torch.get_rng_state(), cpu) or random.getstate() != py:
+            return True
+        if cuda is not None and torch.cuda.is_initialized():
+            now = torch.cuda.get_rng_state_all()
+            if len(now) != len(cuda) or any(not torch.equal(a, b) for a, b in zip(now, cuda)):
+                return True
+        return np_state is not None and numpy_moved_since(np_state)
+
     def _undo_writes(self, kept, watched) -> None:
         if kept:  # (whether written or not: a kernel may write without a version bump)
             with torch.no_grad():
@@ -479,9 +558,6 @@ class TrialEnv:
         for metric, states, attrs in self._metrics:
             for name, value in {**states, **attrs}.items():
                 setattr(metric, name, value)
-        if self.rng_after[3] is not None:  # NumPy's was read: did the trials draw from it?
-            now = sys.modules["numpy"].random.get_state(legacy=False)
-            self.numpy_drawn = not _same_state(self.rng_after[3], now)
         set_rng_state(self.rng_after)
         # a cache a trial replaced stays replaced: the module may keep attributes that go with
         # it (a rotary cache and its length); a changed one is named

@@ -366,7 +366,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             # (the keys: one written into a live group, an option of the whole optimizer that
             # would do nothing there, is refused like one given at construction, also when
             # another key went out at the same time)
-            values = (tuple(group), *[group.get(k) for k in keys])
+            # (a list as a tuple: one changed in place, betas[0] = 1.5, compares unequal)
+            values = (tuple(group), *[tuple(v) if isinstance(v, list) else v
+                                      for v in map(group.get, keys)])
             if seen.get(id(group)) != values:
                 self._validate_group(group)
                 seen[id(group)] = values
@@ -516,8 +518,14 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         Ignored inside a trial, which replays the state captured for it."""
         if trial_mod.in_trial():
             return
-        self._pending_rng = trial_mod.get_rng_state(self._numpy_rng_wanted())
+        # (NumPy's state, about 35 µs to read, only where the coming step is to search)
+        self._pending_rng = trial_mod.get_rng_state(numpy=self._next_step_may_search())
         self._pending_bufs = self._buffers_before_forward()
+
+    def _next_step_may_search(self) -> bool:
+        g0 = self.param_groups[0]
+        return self.cadence.should_search(g0["step"] + 1, g0["next_search"]) or \
+            self._blind_waiting()
 
     def _buffers_before_forward(self) -> list | None:
         """Where the trials of the coming step start: a copy of the buffers they keep, taken
@@ -530,9 +538,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             (self._modules, (), ()) if self._modules else None)
         if sources is None:
             return None
-        g0 = self.param_groups[0]
-        if not (self.cadence.should_search(g0["step"] + 1, g0["next_search"])
-                or self._blind_waiting()):
+        if not self._next_step_may_search():
             return None
         return trial_mod.snapshot_buffers(*sources)
 
@@ -584,17 +590,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return True  # (nothing to evaluate trials with: no step of training either)
         return not any(bool(p.grad.any()) for g in self.param_groups for p in g["params"]
                        if p.grad is not None)
-
-    def _numpy_rng_wanted(self) -> bool:
-        """Replay NumPy's global generator too? Reading and setting it costs about 40 µs each
-        (some 180 µs a search step, against about 500 for the rest): once a forward has been
-        seen to draw from it (the training forward, between the state the trials replay and
-        the state at the step; or the trials of a search that read it, which is how a
-        ``loss=`` step without a record shows it) for good, and until then at the first search
-        (of this process: after a resume too) and every 31st, which look (31: a prime, so that
-        a forward drawing on every other search, or every fourth, is seen too)."""
-        draws = self.__dict__.get("_numpy_rng_draws")
-        return draws is None or draws or self.param_groups[0]["searches"] % 31 == 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. With flat buffers (the default) they stay views of the flat
@@ -737,7 +732,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         probe = not search and self._blind_waiting()
         # (a loss= step without a record reads it when its first trial needs it, once the
         # first pass is queued: nothing draws from the generators in between)
-        rng_before = pending or (trial_mod.get_rng_state(self._numpy_rng_wanted())
+        rng_before = pending or (trial_mod.get_rng_state()
                                  if (search or probe) and closure is not None else None)
         # the buffers go with the RNG state: recorded with it, or now, before the closure's
         # forward (a loss= step without capture_rng has neither)
@@ -827,7 +822,18 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             if envs:
                 return envs[0]
             if rng_before is None:  # loss=, nothing recorded: the state as the step found it
-                rng_before = trial_mod.get_rng_state(self._numpy_rng_wanted())
+                # (NumPy's, about 35 µs to read and as much to set, where these steps' trials
+                # draw from it or that is not known yet; else a glance after each trial)
+                glance = (trial_mod.numpy_glance() if self.__dict__.get("_trials_draw_numpy")
+                          is False else None)
+                rng_before = trial_mod.get_rng_state(numpy=glance is None)
+                numpy_glance[0] = glance
+            elif replayed and len(rng_before) == 4 and rng_before[3] is not None and \
+                    not trial_mod.numpy_moved_since(rng_before[3]):
+                # the training forward did not draw from NumPy's generator: nothing of it to
+                # replay, and its trials (the same code, the same draws from the others) will
+                # not draw either; only a forward that did pays for setting it
+                rng_before = (*rng_before[:3], None)
             numpy_rng = len(rng_before) == 4 and rng_before[3] is not None  # (NumPy's too)
             watch, protect = self._params_written_by_forward(models)
             # with no closure and no state recorded before the forward, the state read for
@@ -838,12 +844,33 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                                      watch=watch, protect=protect,
                                      rng_after=rng_before if not replayed else None)
             envs.append(env)
-            if numpy_rng and not self.__dict__.get("_numpy_rng_draws", False):
-                # did the training forward draw from it? (no: the next 30 searches skip it)
-                self._numpy_rng_draws = trial_mod.numpy_rng_moved(rng_before, env.rng_after)
             return env
 
         what = "loss_fn" if loss_fn is not None else "the closure"
+        # no record of the RNG before the training forward: do its trials draw random numbers
+        # they cannot replay? (looked at after the first trial of the first 10 such searches)
+        draws_to_check = [not replayed and self._rng_draw_looks_left()]
+        numpy_glance = [None]  # (a loss= step's trials not known to draw from NumPy's)
+
+        def check_draws() -> None:
+            numpy_drew = False
+            if not replayed:  # do the trials of loss= steps draw from NumPy's generator?
+                np_state = envs[0].rng_before[3]
+                if numpy_glance[0] is not None:
+                    # (this search's trials drew unreplayed; from the next on, replayed)
+                    numpy_drew = trial_mod.numpy_glance() != numpy_glance[0]
+                elif np_state is not None and "_trials_draw_numpy" not in self.__dict__:
+                    numpy_drew = trial_mod.numpy_moved_since(np_state)
+                else:
+                    numpy_drew = None  # (read and replayed, or already known)
+                if numpy_drew is not None:
+                    numpy_glance[0] = None
+                    if numpy_drew or "_trials_draw_numpy" not in self.__dict__:
+                        self._trials_draw_numpy = numpy_drew
+            if draws_to_check[0]:
+                draws_to_check[0] = False
+                if numpy_drew or envs[0].drew_random_numbers():
+                    self._warn_unreplayed_draws("the trial forwards draw random numbers")
 
         def trial_loss() -> Tensor:
             self._reshard_fsdp()  # FSDP2: the forward must all-gather the moved shards
@@ -863,6 +890,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                         "(torch.autograd.grad, then p.grad = ...) needs a loss-only function "
                         "for the trials: step(closure, loss_fn=fn). The step has been undone"
                         ) from e
+            check_draws()
             self._count(forwards=1)
             return as_loss(out, what)
 
@@ -872,6 +900,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             _, stacked = passes.trial_points(etas, precond)  # (buffer order, as the slots)
             with trial_env().trial():
                 out = batched_loss(stacked)
+            check_draws()
             self._count(forwards=1)
             return out.detach()
 
@@ -949,8 +978,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                     self._warn_once(f"trial buffer: {message}", message)
                 if env.written:
                     self._note_forward_writes(env.written)
-                if env.numpy_drawn:  # (the trials run the training forward's code)
-                    self._numpy_rng_draws = True
             self._reshard_fsdp()  # the next training forward gathers the final weights
 
         # 4. Bookkeeping: step sizes, cadence, counters, telemetry.
@@ -1111,17 +1138,32 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         """The loop ran its own training forward (``loss=``, ``provide_loss``, a registered
         closure) without ``capture_rng()`` before it: the trials cannot replay its dropout masks,
         and the Armijo test compares losses under different masks (noise of the order of the
-        decrease it tests). Looked for once, at the first such search."""
+        decrease it tests). Looked for once, at the first such search; random numbers drawn
+        elsewhere (augmentation in the forward, a mixup λ in the loss) are seen by the trials
+        drawing them (:meth:`_rng_draw_looks_left`)."""
         if self.__dict__.get("_dropout_checked"):
             return
         self._dropout_checked = True
         active = [type(m).__name__ for model in models for m in model.modules() if _drops_out(m)]
         if active:
-            self._warn_once("capture_rng", (
-                f"the model has active dropout ({active[0]}) but the trials cannot replay the "
-                "training forward's masks: call opt.capture_rng() before the training forward "
-                "when you pass loss=, provide_loss() or step() with a registered closure (the "
-                "closure form, step(closure), needs nothing)"))
+            self._warn_unreplayed_draws(f"the model has active dropout ({active[0]})")
+
+    def _rng_draw_looks_left(self) -> bool:
+        """Whether this search without a record of the RNG state looks at its first trial's
+        draws (about 10 µs): the first 10 such searches, until warned."""
+        looks = self.__dict__.get("_rng_draw_looks", 0)
+        if looks >= 10 or "capture_rng" in self.__dict__.get("_warned", ()):
+            return False
+        self._rng_draw_looks = looks + 1
+        return True
+
+    def _warn_unreplayed_draws(self, what: str) -> None:
+        self._warn_once("capture_rng", (
+            f"{what} but the trials cannot replay the training forward's (dropout masks, "
+            "random crops or flips, a mixup λ: each trial then sees other ones, and the Armijo "
+            "test compares losses under different noise): call opt.capture_rng() before the "
+            "training forward when you pass loss=, provide_loss() or step() with a registered "
+            "closure (the closure form, step(closure), needs nothing)"))
 
     def _note_growth_without_schedule(self, table) -> None:
         """On noisy mini-batches the Armijo test accepts steps that fit the batch it is tested
