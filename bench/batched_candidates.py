@@ -62,7 +62,7 @@ def agreement(device, candidates, steps, width, depth, batch, init_step_size):
     (Run free, the two part after a while: sequential backtracking reaches its accepted point
     by moves along the line, the batched search by one move from θ0, and the rounding of those
     differs in the last bits of θ, about 3e-6 after 20 steps of the width-16 MLP, until a test
-    at the margin goes the other way: there at step 141.)"""
+    at the margin goes the other way: there at the 142nd timed step, after 3 untimed ones.)"""
     seq_model, seq, seq_closure = build(device, None, width, depth, batch, init_step_size)
     bat_model, bat, bat_closure = build(device, candidates, width, depth, batch, init_step_size)
     same = 0
@@ -133,7 +133,7 @@ def main(argv=None):
         row["ms_per_step"] = statistics.median(row["ms_per_step_rounds"])
         row["same_in_every_round"] = all(r["accepted"] == row["accepted"] for r in runs[c])
         rows.append(row)
-    for r in rows[1:]:  # the step at which the free runs part (None: they never did)
+    for r in rows[1:]:  # the timed step (from 0) at which the free runs part (None: never)
         r["parts_from_sequential_at"] = next(
             (i for i, (a, b) in enumerate(zip(rows[0]["accepted"], r["accepted"])) if a != b),
             None)
@@ -149,7 +149,9 @@ def main(argv=None):
     print(f"the same accepted step as sequential from the same point, every step: {same}")
     result = dict(
         benchmark="batched_candidates", env=environment(device), args=vars(args),
-        same_accepted_as_sequential=same, rows=rows,
+        same_accepted_as_sequential=same,
+        same_accepted_means="from the same point (θ and state) at every one of --steps steps",
+        rows=rows,
     )
     path = out_file(args.out, f"batched_candidates_{device.type}.json")
     with open(path, "w") as f:
