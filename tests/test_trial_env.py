@@ -1266,6 +1266,39 @@ def test_numpy_s_state_read_again_only_when_it_may_have_moved():
     assert not trial_mod._same_state(a, b)
 
 
+def test_clip_grad_norm_in_a_closure_leaves_the_gradient_alone_in_trials():
+    # the port of a torch recipe clips in its closure; each trial ran it again on the gradient
+    # the search was still using, and the norm's 1e-6 shrank it a little every time (an
+    # ArmijoSGD(nesterov) run parted from the same run clipping only in its training call)
+    import armijo_fused
+
+    X, Y = _data()
+
+    def run(guarded):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = ArmijoSGD(model.parameters(), direction="nesterov", momentum=0.9,
+                        cadence="every", model=model, init_step_size=10.0)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(X), Y)
+            loss.backward()
+            if not (guarded and armijo_fused.in_trial()):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            return loss
+
+        trials = 0
+        for _ in range(8):
+            opt.step(closure)
+            trials += opt.stats["trials"]
+        assert trials > 8  # (retries, which recompute the direction from the gradient)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for p, q in zip(run(False), run(True)):
+        assert torch.equal(p, q)
+
+
 def test_modules_of_walks_as_modules_does():
     # a shared submodule, a None child, nesting, several roots overlapping
     shared = nn.Linear(2, 2)

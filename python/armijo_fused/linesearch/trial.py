@@ -194,17 +194,25 @@ def _noop(*args, **kwargs):
 
 @contextlib.contextmanager
 def backward_suppressed():
+    """``backward``, ``zero_grad`` and the scaling step of ``clip_grad_norm_`` are no-ops
+    inside: a closure's ``clip_grad_norm_`` (the port of a torch recipe) ran again in every
+    trial on the gradient the search is still using, and, its norm divided by norm + 1e-6,
+    shrank it by about 2e-6 each time (the moves then recomputed other directions)."""
     global _depth
+    clip = torch.nn.utils.clip_grad
     saved = (
         torch.Tensor.backward,
         torch.autograd.backward,
         nn.Module.zero_grad,
         torch.optim.Optimizer.zero_grad,
     )
+    scale = clip.__dict__.get("_clip_grads_with_norm_")  # (torch >= 2.6; called by name)
     torch.Tensor.backward = _noop
     torch.autograd.backward = _noop
     nn.Module.zero_grad = _noop
     torch.optim.Optimizer.zero_grad = _noop
+    if scale is not None:
+        clip._clip_grads_with_norm_ = _noop
     _depth += 1
     try:
         yield
@@ -216,6 +224,8 @@ def backward_suppressed():
             nn.Module.zero_grad,
             torch.optim.Optimizer.zero_grad,
         ) = saved
+        if scale is not None:
+            clip._clip_grads_with_norm_ = scale
 
 
 _CONTAINER_ITEMS = 16  # entries of a dict / list / tuple that models_in_reach looks into
