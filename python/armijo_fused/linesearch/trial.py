@@ -6,8 +6,8 @@ the global RNG, update BatchNorm running statistics, build an autograd graph, ru
 or zero the gradient the search still needs. :class:`TrialEnv` arranges all of that:
 
 * RNG (torch's, Python's ``random`` and NumPy's global one; NumPy's is read before every
-  training forward of a search and replayed where that forward drew from it, which
-  :func:`numpy_moved_since` tells at a glance): every trial starts from ``rng_before`` (the
+  training forward of a search and set in the trials only where that forward drew from it,
+  which :func:`numpy_moved_since` tells at a glance): every trial starts from ``rng_before`` (the
   state the training forward started from, when the optimizer called the closure itself or
   the caller recorded it with ``capture_rng``); after
   the step the RNG is set to ``rng_after``, the state it had when the step began its trials, so
@@ -71,23 +71,7 @@ def get_rng_state(numpy: bool = True):
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     np = sys.modules.get("numpy") if numpy else None
     return (torch.get_rng_state(), cuda, random.getstate(),
-            _numpy_state(np) if np is not None else None)
-
-
-_NUMPY_LAST: list = [None, None]  # [NumPy's state as last read, numpy_glance() then]
-
-
-def _numpy_state(np) -> dict:
-    """``np.random.get_state(legacy=False)``, about 35 µs; the last one read where a glance
-    shows the generator has not moved since (no uniform bits drawn, so no Gaussian cached
-    either, where none was: the same state). Not to be modified: it may be handed out again."""
-    glance = numpy_glance()
-    last, last_glance = _NUMPY_LAST
-    if glance is not None and glance == last_glance and not last["has_gauss"]:
-        return last
-    state = np.random.get_state(legacy=False)
-    _NUMPY_LAST[:] = [state, glance]
-    return state
+            np.random.get_state(legacy=False) if np is not None else None)
 
 
 _MT_LOOK: list = [None, None]  # [the global MT19937 looked at, (pos, key) read from its C state]
@@ -178,6 +162,35 @@ _active_env = None  # the TrialEnv whose trial runs now
 _depth = 0
 
 
+@contextlib.contextmanager
+def rng_setters_watched(env):
+    """Inside: a call of torch's, Python's or NumPy's own state setters marks ``env.rng_set``
+    (a trial function that sets the states it recorded per micro-batch replays them itself:
+    not a draw it cannot replay). Used around the few trials whose draws are looked at."""
+    np = sys.modules.get("numpy")
+    places = [(torch, "set_rng_state"), (torch.random, "set_rng_state"), (random, "setstate")]
+    if np is not None:
+        places.append((np.random, "set_state"))
+    if torch.cuda.is_initialized():
+        places += [(torch.cuda, "set_rng_state"), (torch.cuda, "set_rng_state_all")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in places]
+
+    def watched(real):
+        @functools.wraps(real)
+        def setter(*args, **kwargs):
+            env.rng_set = True
+            return real(*args, **kwargs)
+        return setter
+
+    for owner, name, real in saved:
+        setattr(owner, name, watched(real))
+    try:
+        yield
+    finally:
+        for owner, name, real in saved:
+            setattr(owner, name, real)
+
+
 def in_trial() -> bool:
     """True while a trial forward runs (``armijo_fused.in_trial()``). Python-side effects of a
     forward, such as a forward hook that logs activations, a counter of seen tokens or a metric
@@ -194,7 +207,8 @@ def _noop(*args, **kwargs):
 
 @contextlib.contextmanager
 def backward_suppressed():
-    """``backward``, ``zero_grad`` and the scaling step of ``clip_grad_norm_`` are no-ops
+    """``backward``, ``zero_grad`` and the scaling step of ``clip_grad_norm_`` (and
+    ``clip_grads_with_norm_``) are no-ops
     inside: a closure's ``clip_grad_norm_`` (the port of a torch recipe) ran again in every
     trial on the gradient the search is still using, and, its norm divided by norm + 1e-6,
     shrank it by about 2e-6 each time (the moves then recomputed other directions)."""
@@ -207,12 +221,15 @@ def backward_suppressed():
         torch.optim.Optimizer.zero_grad,
     )
     scale = clip.__dict__.get("_clip_grads_with_norm_")  # (torch >= 2.6; called by name)
+    public = torch.nn.utils.__dict__.get("clip_grads_with_norm_")  # (the same, exported)
     torch.Tensor.backward = _noop
     torch.autograd.backward = _noop
     nn.Module.zero_grad = _noop
     torch.optim.Optimizer.zero_grad = _noop
     if scale is not None:
         clip._clip_grads_with_norm_ = _noop
+    if public is not None:
+        torch.nn.utils.clip_grads_with_norm_ = _noop
     _depth += 1
     try:
         yield
@@ -226,6 +243,8 @@ def backward_suppressed():
         ) = saved
         if scale is not None:
             clip._clip_grads_with_norm_ = scale
+        if public is not None:
+            torch.nn.utils.clip_grads_with_norm_ = public
 
 
 _CONTAINER_ITEMS = 16  # entries of a dict / list / tuple that models_in_reach looks into

@@ -19,6 +19,7 @@ and checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -823,11 +824,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 return envs[0]
             if rng_before is None:  # loss=, nothing recorded: the state as the step found it
                 # (NumPy's, about 35 µs to read and as much to set, where these steps' trials
-                # draw from it or that is not known yet; else a glance after each trial)
+                # draw from it or that is not known yet; else a glance after each trial, and a
+                # read at every 31st search: a trial that takes only a legacy Gaussian cached by
+                # the training forward leaves the position the glance sees where it was)
                 glance = (trial_mod.numpy_glance() if self.__dict__.get("_trials_draw_numpy")
-                          is False else None)
+                          is False and g0["searches"] % 31 else None)
                 rng_before = trial_mod.get_rng_state(numpy=glance is None)
-                numpy_glance[0] = glance
+                numpy_look[0] = glance
             elif replayed and len(rng_before) == 4 and rng_before[3] is not None and \
                     not trial_mod.numpy_moved_since(rng_before[3]):
                 # the training forward did not draw from NumPy's generator: nothing of it to
@@ -850,31 +853,34 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # no record of the RNG before the training forward: do its trials draw random numbers
         # they cannot replay? (looked at after the first trial of the first 10 such searches)
         draws_to_check = [not replayed and self._rng_draw_looks_left()]
-        numpy_glance = [None]  # (a loss= step's trials not known to draw from NumPy's)
+        # a loss= step's look at NumPy's generator: [the glance before its trials (or None:
+        # read in full), whether still to look]
+        numpy_look = [None, not replayed]
 
         def check_draws() -> None:
             numpy_drew = False
-            if not replayed:  # do the trials of loss= steps draw from NumPy's generator?
+            if numpy_look[1]:  # do the trials of loss= steps draw from NumPy's generator?
                 np_state = envs[0].rng_before[3]
-                if numpy_glance[0] is not None:
-                    # (this search's trials drew unreplayed; from the next on, replayed)
-                    numpy_drew = trial_mod.numpy_glance() != numpy_glance[0]
-                elif np_state is not None and "_trials_draw_numpy" not in self.__dict__:
-                    numpy_drew = trial_mod.numpy_moved_since(np_state)
+                if numpy_look[0] is not None:  # (after each trial, until seen)
+                    numpy_drew = trial_mod.numpy_glance() != numpy_look[0]
+                    numpy_look[1] = not numpy_drew
                 else:
-                    numpy_drew = None  # (read and replayed, or already known)
-                if numpy_drew is not None:
-                    numpy_glance[0] = None
-                    if numpy_drew or "_trials_draw_numpy" not in self.__dict__:
-                        self._trials_draw_numpy = numpy_drew
+                    numpy_look[1] = False
+                    if np_state is not None and not self.__dict__.get("_trials_draw_numpy"):
+                        numpy_drew = trial_mod.numpy_moved_since(np_state)
+                        self.__dict__.setdefault("_trials_draw_numpy", False)
+                if numpy_drew:  # (this search's draws went unreplayed: from the next on, not)
+                    self._trials_draw_numpy = True
             if draws_to_check[0]:
                 draws_to_check[0] = False
-                if numpy_drew or envs[0].drew_random_numbers():
+                env = envs[0]
+                if (numpy_drew and not env.rng_set) or env.drew_random_numbers():
                     self._warn_unreplayed_draws("the trial forwards draw random numbers")
 
         def trial_loss() -> Tensor:
             self._reshard_fsdp()  # FSDP2: the forward must all-gather the moved shards
-            with trial_env().trial():
+            with trial_env().trial(), (trial_mod.rng_setters_watched(envs[0])
+                                       if draws_to_check[0] else contextlib.nullcontext()):
                 try:
                     out = evaluate()
                 except RuntimeError as e:
