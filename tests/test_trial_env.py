@@ -1392,6 +1392,48 @@ def test_clip_grad_norm_in_a_closure_leaves_the_gradient_alone_in_trials():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("form", ["closure", "capture"])
+def test_a_recurrent_state_kept_as_a_module_attribute_carries_the_training_forward_s(form):
+    # truncated BPTT with the state as a plain attribute (self.h = h.detach()): each trial
+    # started from the state the previous one left and the next batch from the last trial's
+    # (a char-LSTM's searches exhausted; nothing warned)
+    import armijo_fused
+
+    class Carry(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head, self.h = nn.GRUCell(6, 8), nn.Linear(8, 1), None
+            self.trained = []
+
+        def forward(self, x):
+            h = self.h if self.h is not None else torch.zeros(x.shape[0], 8)
+            h = self.cell(x, h)
+            self.h = h.detach()
+            if not armijo_fused.in_trial():
+                self.trained.append(self.h)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Carry()
+    opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every", model=model,
+                     max_step=1e-3)
+    X, Y = _data()
+    for _ in range(4):
+        if form == "closure":
+            opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(X), Y)))
+        else:
+            opt.capture_rng()
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(X), Y)
+            loss.backward()
+            opt.step(loss_fn=lambda: nn.functional.mse_loss(model(X), Y), loss=loss)
+        assert model.h is model.trained[-1]  # the training forward's state carries on
+        s = opt.stats  # each trial started where the training forward did: the loss of a
+        # short step is f0 - η⟨g, d⟩ to first order (from another state, nothing like it)
+        drop = s["step_size"] * s["gd"]
+        assert abs(s["loss_trial"] - (s["loss_before"] - drop)) <= 0.5 * drop, dict(s)
+
+
 def test_modules_of_walks_as_modules_does():
     # a shared submodule, a None child, nesting, several roots overlapping
     shared = nn.Linear(2, 2)

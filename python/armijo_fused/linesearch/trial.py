@@ -461,6 +461,32 @@ def _kept_buffers(modules=(), buffers=(), beside=()) -> tuple[list, list]:
     return kept, caches
 
 
+_MISSING = object()  # (an attribute a module did not have)
+
+
+def tensor_attributes(modules=(), or_none: bool = False) -> list:
+    """(label, the module's ``__dict__``, name) of every plain tensor attribute of ``modules``
+    and their submodules: state a forward may reassign that is neither a parameter nor a
+    buffer (a recurrent state carried from batch to batch, ``self.h = h.detach()``). With
+    ``or_none``, those set to None too (a state the first forward creates)."""
+    return [(type(m).__name__, m.__dict__, k) for m in modules_of(modules).values()
+            for k, v in m.__dict__.items()
+            if isinstance(v, torch.Tensor) or (or_none and v is None)]
+
+
+def snapshot_attributes(places) -> list:
+    """(``__dict__``, name, its value now) for :func:`tensor_attributes`' places."""
+    return [(d, k, d.get(k, _MISSING)) for _, d, k in places]
+
+
+def _put_back_attributes(entries) -> None:
+    for d, k, value in entries:
+        if value is _MISSING:
+            d.pop(k, None)
+        elif d.get(k, _MISSING) is not value:
+            d[k] = value
+
+
 def snapshot_buffers(modules=(), buffers=(), beside=()) -> list:
     """The kept buffers as they are now, (``_buffers``, name, tensor, a copy) each: taken with
     the RNG state before a training forward, they are where every trial starts
@@ -495,7 +521,8 @@ class TrialEnv:
     them taken before the training forward, where every trial starts."""
 
     def __init__(self, modules=(), rng_before=None, buffers=(), beside=(), numpy_rng=True,
-                 buffers_before=None, watch=(), protect=(), rng_after=None):
+                 buffers_before=None, watch=(), protect=(), rng_after=None, attributes=(),
+                 attributes_before=None):
         self.rng_before = rng_before if rng_before is not None else get_rng_state(numpy_rng)
         # (``rng_after``: the caller's read of the state now, where it has one)
         self.rng_after = rng_after if rng_after is not None else get_rng_state(numpy_rng)
@@ -511,6 +538,15 @@ class TrialEnv:
                        if (id(e[0]), e[1]) in before]
         self._start_later = [e for e in self._saved if (id(e[0]), e[1]) not in before]
         self._metrics = [_copy_metric(m) for m in _metrics(modules)]
+        # plain tensor attributes (``attributes``: :func:`tensor_attributes`): each trial starts
+        # from their values before the training forward (``attributes_before``, where recorded;
+        # else the ones it left), and the ones it left are put back after the trials, so the
+        # next batch starts from the training forward's recurrent state, not a trial's
+        self._attrs_after = snapshot_attributes(attributes)
+        self._attrs_start = (attributes_before if attributes_before is not None
+                             else self._attrs_after)
+        self._attr_versions = [(label, d, k, d[k], d[k]._version)
+                               for label, d, k in attributes if k in d]
         # parameters a forward may write in place (nn.Embedding(max_norm=...) renormalises the
         # rows it looks up, a pre-hook clamps weights): the search moves θ by increments and
         # would carry a trial's write into the next point and the step. ``protect``: known
@@ -534,6 +570,7 @@ class TrialEnv:
     def trial(self):
         global _active_env
         _put_back(self._start + self._start_later if self.used else self._start)
+        _put_back_attributes(self._attrs_start)
         self.used = True
         set_rng_state(self.rng_before)
         _clear_cast_caches()  # casts of the previous point (see the module's docstring)
@@ -584,13 +621,22 @@ class TrialEnv:
             return []
         _clear_cast_caches()  # the casts of the last trial point
         _put_back(self._saved)
+        _put_back_attributes(self._attrs_after)
         for metric, states, attrs in self._metrics:
             for name, value in {**states, **attrs}.items():
                 setattr(metric, name, value)
         set_rng_state(self.rng_after)
         # a cache a trial replaced stays replaced: the module may keep attributes that go with
         # it (a rotary cache and its length); a changed one is named
-        return [f"a trial forward modified the non-persistent buffer {name!r} of {label}; "
+        written = [f"a trial forward modified the tensor attribute {name!r} of {label} in "
+                   "place; armijo_fused puts back a tensor attribute a forward reassigns "
+                   "(self.h = h.detach()), not one it writes into (self.h.copy_(h)), so it now "
+                   "holds what the trials left: reassign it, or register it as a persistent "
+                   "buffer, which the trials restore"
+                   for label, d, name, value, version in self._attr_versions
+                   if value._version != version and d.get(name) is value]
+        return written + [
+                f"a trial forward modified the non-persistent buffer {name!r} of {label}; "
                 "armijo_fused does not restore non-persistent buffers (a cache, usually), so "
                 "it now holds what the trials left. If it is state the forward must keep "
                 "(a count, a running statistic), register it with persistent=True, which the "

@@ -239,6 +239,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._closure: Callable | None = None
         self._pending_rng = None
         self._pending_bufs = None  # the kept buffers before the training forward (capture_rng)
+        self._pending_attrs = None  # the models' tensor attributes then (a recurrent state)
         self._trial_sources = None  # what the last search's trials kept: (models, owned, beside)
         self._pending_loss = None
         self._returned = None  # what the closure returned, when it is a structure (HF outputs)
@@ -522,11 +523,31 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # (NumPy's state, about 35 µs to read, only where the coming step is to search)
         self._pending_rng = trial_mod.get_rng_state(numpy=self._next_step_may_search())
         self._pending_bufs = self._buffers_before_forward()
+        self._pending_attrs = self._attributes_before_forward()
 
     def _next_step_may_search(self) -> bool:
         g0 = self.param_groups[0]
         return self.cadence.should_search(g0["step"] + 1, g0["next_search"]) or \
             self._blind_waiting()
+
+    def _attributes_before_forward(self) -> list | None:
+        """The models' plain tensor attributes before the training forward (a recurrent state
+        carried between batches): where each trial starts. Of the places the last search
+        found (:meth:`_attribute_places`); before the first, of ``model=``."""
+        if not self._next_step_may_search():
+            return None
+        places = self.__dict__.get("_attr_places")
+        if places is None:  # (before the first search: None ones too, the first forward's)
+            places = trial_mod.tensor_attributes(self._modules, or_none=True)
+        return trial_mod.snapshot_attributes(places) if places else None
+
+    def _attribute_places(self, models) -> list:
+        """:func:`trial.tensor_attributes` of the models the trials run: found at the first
+        search and every 31st (about 1.7 µs a module), kept in between."""
+        places = self.__dict__.get("_attr_places")
+        if places is None or self.param_groups[0]["searches"] % 31 == 0:
+            places = self._attr_places = trial_mod.tensor_attributes(models)
+        return places
 
     def _buffers_before_forward(self) -> list | None:
         """Where the trials of the coming step start: a copy of the buffers they keep, taken
@@ -739,7 +760,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # forward (a loss= step without capture_rng has neither)
         buffers_before = (self._pending_bufs if pending is not None else
                           self._buffers_before_forward() if closure is not None else None)
-        self._pending_rng = self._pending_bufs = None
+        attributes_before = (self._pending_attrs if pending is not None else
+                             self._attributes_before_forward() if closure is not None else None)
+        self._pending_rng = self._pending_bufs = self._pending_attrs = None
         f0 = loss if loss is not None or closure is not None else self._pending_loss
         self._pending_loss = None
         scaler = None
@@ -845,7 +868,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             env = trial_mod.TrialEnv(sources[0], rng_before, sources[1], sources[2],
                                      numpy_rng=numpy_rng, buffers_before=buffers_before,
                                      watch=watch, protect=protect,
-                                     rng_after=rng_before if not replayed else None)
+                                     rng_after=rng_before if not replayed else None,
+                                     attributes=self._attribute_places(sources[0]),
+                                     attributes_before=attributes_before)
             envs.append(env)
             return env
 
