@@ -1203,6 +1203,22 @@ def test_a_loss_fn_steps_trials_draw_from_the_state_the_step_found_and_leave_it_
         assert draw() == expected  # the generator is where the step found it
 
 
+def _a_loss_step_drawing(sample):
+    """(w, an every-step ArmijoSGD on it, [whether the loss draws], the draws, the loss): the
+    loss of ``w`` draws ``sample()`` where told to."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5))
+    opt = ArmijoSGD([w], backend="torch", cadence="every")
+    draws, drawn = [False], []
+
+    def loss_fn():
+        if draws[0]:
+            drawn.append(float(sample()))
+        return (w * w).sum()
+
+    return w, opt, draws, drawn, loss_fn
+
+
 @pytest.mark.filterwarnings("ignore:.*the trial forwards draw random numbers")
 def test_loss_steps_whose_trials_start_drawing_from_numpy_are_replayed_from_the_next_search(
         monkeypatch):
@@ -1211,15 +1227,7 @@ def test_loss_steps_whose_trials_start_drawing_from_numpy_are_replayed_from_the_
     # and set); where they did not draw, a glance after each trial of the later searches (it
     # was a look every 31st search, the trials' draws unreplayed in between)
     np = pytest.importorskip("numpy")
-    torch.manual_seed(0)
-    w = nn.Parameter(torch.randn(5))
-    opt = ArmijoSGD([w], backend="torch", cadence="every")
-    draws, drawn = [False], []
-
-    def loss_fn():
-        if draws[0]:
-            drawn.append(float(np.random.rand()))
-        return (w * w).sum()
+    w, opt, draws, drawn, loss_fn = _a_loss_step_drawing(np.random.rand)
 
     reads = []
     real = np.random.get_state
@@ -1282,15 +1290,7 @@ def test_a_loss_step_whose_trials_take_only_a_cached_gaussian_is_seen_within_31_
     # forward left cached (the position does not move): the full read at every 31st search
     # sees it, and the searches after it replay NumPy's state
     np = pytest.importorskip("numpy")
-    torch.manual_seed(0)
-    w = nn.Parameter(torch.randn(5))
-    opt = ArmijoSGD([w], backend="torch", cadence="every")
-    draws, drawn = [False], []
-
-    def loss_fn():
-        if draws[0]:
-            drawn.append(float(np.random.normal()))
-        return (w * w).sum()
+    w, opt, draws, drawn, loss_fn = _a_loss_step_drawing(np.random.normal)
 
     def step():
         w.grad = 2 * w.detach()
