@@ -149,3 +149,89 @@ class GpuSyncError:
 def test_steps_without_a_search_do_not_synchronise_the_gpu(case):
     opt = _plain_steps(case, "triton", "cuda", 6, GpuSyncError())
     assert opt.stats["trials"] == 0
+
+
+@needs_cpp
+def test_an_attached_recorder_reads_the_device_once_per_read_every_steps():
+    # attach() read each step's device values in the step's post-hook (float(grad_norm)): a
+    # host sync per step on a GPU, which undid the optimizer's sync-free steps. It now keeps
+    # them as tensors and reads read_every steps' worth in one transfer
+    from armijo_fused.diagnostics import TelemetryRecorder
+
+    model, loss_fn = _model()
+    opt = ArmijoAdam(model.parameters(), backend="cpp", cadence=3)
+    kept, at_call = TelemetryRecorder(read_every=5), TelemetryRecorder(opt)
+    kept.attach(opt)
+    reads = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        searching = opt.cadence.should_search(opt.param_groups[0]["step"] + 1,
+                                              opt.param_groups[0]["next_search"])
+        opt._settle_skip()
+        audit = SyncAudit()
+        with audit:
+            opt.step(loss_fn=loss_fn, loss=loss)
+        at_call.record()  # (outside the audit: it reads at the call)
+        reads.append([name for name, where in audit.found if "recorder" in where])
+        if not searching:
+            assert [w for _, w in audit.found if "recorder" not in w] == [], audit.found
+    # one transfer at the 5th and the 10th step, none at the others
+    assert [len(r) for r in reads] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0], reads
+    assert reads[4] == ["tolist"]
+    assert len(kept._unread) == 2
+    assert kept.records == at_call.records  # (reads the last two)
+    assert kept._unread == [] and all(isinstance(r["grad_norm"], float) for r in kept.records)
+    assert kept.summary()["searched_steps"] == 4
+
+
+def test_an_attached_recorder_keeps_a_torch_optimizers_values_on_the_device_too():
+    from armijo_fused.diagnostics import TelemetryRecorder
+
+    model, loss_fn = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
+    kept, at_call = TelemetryRecorder(read_every=100), TelemetryRecorder(opt)
+    kept.attach(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn().backward()
+        audit = SyncAudit()
+        with audit:
+            opt.step()
+        at_call.record()
+        assert [w for _, w in audit.found if "recorder" in w] == [], audit.found
+    assert isinstance(kept._records[0]["grad_norm"], torch.Tensor)
+    assert kept.records == at_call.records
+    assert kept.records[0]["step_size"] == [pytest.approx(1e-3)]
+
+
+def test_a_recorder_refuses_a_read_every_that_is_not_a_positive_int():
+    from armijo_fused.diagnostics import TelemetryRecorder
+
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="read_every must be an int >= 1"):
+            TelemetryRecorder(read_every=bad)
+
+
+@pytest.mark.gpu
+def test_an_attached_recorder_does_not_synchronise_the_gpu_between_its_reads():
+    from armijo_fused.diagnostics import TelemetryRecorder
+
+    rec = TelemetryRecorder(read_every=1000)
+    model, loss_fn = _model("cuda")
+    opt = ArmijoAdam(model.parameters(), backend="triton", cadence=3)
+    rec.attach(opt)
+    for _ in range(8):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        search = opt.cadence.should_search(opt.param_groups[0]["step"] + 1,
+                                           opt.param_groups[0]["next_search"])
+        if search:
+            opt.step(loss_fn=loss_fn, loss=loss)
+        else:
+            opt._settle_skip()
+            with GpuSyncError():
+                opt.step(loss_fn=loss_fn, loss=loss)
+    assert len(rec.records) == 8 and all(r["grad_norm"] > 0 for r in rec.records)

@@ -58,9 +58,21 @@ class StepStats(Mapping):
             self._values[key] = v
         return v
 
+    def peek(self, key):
+        """The value of ``key`` without reading it from the device: a tensor (or a list
+        holding tensors) where the step left one, as ``TelemetryRecorder.attach`` keeps it to
+        read many steps' values in one transfer; otherwise what ``stats[key]`` gives."""
+        v = self._values[key]
+        if callable(v) and not isinstance(v, Tensor):
+            v = self._values[key] = v()
+        return v
+
     @staticmethod
     def _value(t: Tensor):
         return bool(t) if t.dtype == torch.bool else float(t)
+
+    def __contains__(self, key):  # (Mapping's reads the value: a host sync on a GPU)
+        return key in self._values
 
     def __iter__(self):
         return iter(self._values)

@@ -11,6 +11,11 @@ the norm of the true, unclipped gradient), or, for a plain torch optimizer, from
 after ``step`` and before ``zero_grad``). Use ``record(loss)`` in the loop, or ``attach(opt)`` to
 record after every step through ``Optimizer.register_step_post_hook``.
 
+Host syncs: ``record`` reads the step's values at the call (the gradient norm of a step without a
+search lives on the device: one sync on a GPU). ``attach`` keeps them on the device and reads
+``read_every`` steps' worth in one transfer (a sync every 64 steps by default, where one per step
+would undo the optimizer's sync-free steps); any read of the records reads what is pending first.
+
 Clipping: ``suggest_clip(90)`` is the 90th percentile of the recorded gradient norms — a
 threshold that clips the 10% largest gradients and leaves the typical step alone; ``check_clip(c)``
 returns the fraction of steps whose gradient norm exceeds c and warns when that is more than half
@@ -34,23 +39,52 @@ __all__ = ["TelemetryRecorder"]
 _FORMAT = "armijo_fused.telemetry/1"
 
 
-def _float(x) -> float:
+def _float(x, keep: bool = False):
+    """A recorded number: a float, or with ``keep`` a device tensor left for a later read."""
     if x is None:
         return math.nan
     if isinstance(x, torch.Tensor):
-        return float(x.detach().float().reshape(-1)[0]) if x.numel() else math.nan
+        if keep:
+            return x.detach()
+        return float(x.detach().double().reshape(-1)[0]) if x.numel() else math.nan
     return float(x)
 
 
-def _floats(x) -> list:
+def _floats(x, keep: bool = False) -> list:
     if isinstance(x, (list, tuple)):
-        return [_float(v) for v in x]
-    return [_float(x)]
+        return [_float(v, keep) for v in x]
+    return [_float(x, keep)]
 
 
-def _grad_norm(optimizer) -> float:
-    """‖g‖₂ over every parameter of ``optimizer`` with a gradient (float64 accumulation)."""
-    total, seen = 0.0, False
+def _read_tensors(records: list) -> None:
+    """Replace the tensors ``_float(keep=True)`` left in ``records`` by floats: one transfer per
+    device (the first element of each, NaN for an empty one, as ``_float`` reads them)."""
+    places = []  # (record, key, index in its list or None, tensor)
+    for r in records:
+        for key in ("loss", "grad_norm", "step_size", "applied_step"):
+            v = r[key]
+            if isinstance(v, list):
+                places.extend((r, key, i, x) for i, x in enumerate(v) if isinstance(x, torch.Tensor))
+            elif isinstance(v, torch.Tensor):
+                places.append((r, key, None, v))
+    by_device: dict = {}
+    for place in places:
+        by_device.setdefault(place[3].device, []).append(place)
+    for dev, group in by_device.items():
+        firsts = [t.reshape(-1)[:1].double() if t.numel() else
+                  torch.full((1,), math.nan, dtype=torch.float64, device=dev)
+                  for *_, t in group]
+        for (r, key, i, _), v in zip(group, torch.cat(firsts).tolist()):
+            if i is None:
+                r[key] = v
+            else:
+                r[key][i] = v
+
+
+def _grad_norm(optimizer, keep: bool = False):
+    """‖g‖₂ over every parameter of ``optimizer`` with a gradient (float64 accumulation); with
+    ``keep``, a device tensor where the gradients are on one device."""
+    sums = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:
@@ -58,9 +92,12 @@ def _grad_norm(optimizer) -> float:
             g = p.grad
             if g.is_sparse:
                 g = g.coalesce().values()
-            total += float(g.detach().double().square().sum())
-            seen = True
-    return math.sqrt(total) if seen else math.nan
+            sums.append(g.detach().double().square().sum())
+    if not sums:
+        return math.nan
+    if keep and len({s.device for s in sums}) == 1:
+        return torch.stack(sums).sum().sqrt()
+    return math.sqrt(sum(float(s) for s in sums))
 
 
 def _block_names(optimizer, count: int) -> list:
@@ -90,14 +127,35 @@ class TelemetryRecorder:
 
     Args:
         optimizer (torch.optim.Optimizer, optional): the default optimizer of ``record``.
+        read_every (int, optional): with ``attach``, how many steps' device values are read
+            in one transfer (default: 64)
     """
 
-    def __init__(self, optimizer=None):
+    def __init__(self, optimizer=None, read_every: int = 64):
+        if isinstance(read_every, bool) or not isinstance(read_every, int) or read_every < 1:
+            raise ValueError(f"read_every must be an int >= 1, got {read_every!r}")
         self.optimizer = optimizer
-        self.records: list[dict] = []
+        self.read_every = read_every
+        self._records: list[dict] = []
+        self._unread: list[dict] = []  # records of attach() still holding device tensors
         self.block_names: list[str] = []
         self.meta: dict = {}
         self._handle = None
+
+    @property
+    def records(self) -> list:
+        """Every record, in step order, its values read from the device."""
+        self._read_pending()
+        return self._records
+
+    @records.setter
+    def records(self, value: list) -> None:
+        self._records, self._unread = list(value), []
+
+    def _read_pending(self) -> None:
+        if self._unread:
+            unread, self._unread = self._unread, []
+            _read_tensors(unread)
 
     # -- recording ------------------------------------------------------------------------------
     # (every record holds _RECORD_KEYS; a file whose records lack one is refused at load: a
@@ -106,37 +164,49 @@ class TelemetryRecorder:
         """Store what the last ``optimizer.step()`` did; returns the record. A call with no
         step since the last record (GradScaler skipped it: the optimizer never ran) stores
         nothing and returns that record."""
+        rec = self._record(loss, optimizer, keep=False)
+        self._read_pending()  # (the records before it, the hook's, in the same transfer)
+        return rec
+
+    def _record(self, loss, optimizer, keep: bool) -> dict:
+        """``keep``: leave device values as tensors, read with the next ``read_every``."""
         opt = optimizer or self.optimizer
         if opt is None:
             raise ValueError("record() needs an optimizer: pass one here or to the recorder")
+        records = self._records
         stats = getattr(opt, "stats", None)
-        if isinstance(stats, Mapping) and "step_size" in stats and self.records and \
-                "step" in stats and int(stats["step"]) == self.records[-1]["step"]:
-            return self.records[-1]  # (it stored the step twice, with the skipped batch's loss)
+        if isinstance(stats, Mapping) and "step_size" in stats and records and \
+                "step" in stats and int(stats["step"]) == records[-1]["step"]:
+            return records[-1]  # (it stored the step twice, with the skipped batch's loss)
         if isinstance(stats, Mapping) and "step_size" in stats:
-            step_size = _floats(stats["step_size"])
+            get = stats.peek if keep and hasattr(stats, "peek") else stats.__getitem__
+
+            def value(key, default=None):
+                return get(key) if key in stats else default
+
+            step_size = _floats(get("step_size"), keep)
             rec = {
-                "step": int(stats.get("step", len(self.records) + 1)),
-                "loss": _float(loss if loss is not None else stats.get("loss_before")),
+                "step": int(value("step", len(records) + 1)),
+                "loss": _float(loss if loss is not None else value("loss_before"), keep),
                 "step_size": step_size,
-                "applied_step": _floats(stats.get("applied_step", stats["step_size"])),
-                "trials": int(stats.get("trials", 0)),
-                "searched": bool(stats.get("searched", False)),
-                "grad_norm": _float(stats.get("grad_norm")),
+                "applied_step": _floats(value("applied_step", get("step_size")), keep),
+                "trials": int(value("trials", 0)),
+                "searched": bool(value("searched", False)),
+                "grad_norm": _float(value("grad_norm"), keep),
             }
         else:
-            step_size = [_float(g["lr"]) for g in opt.param_groups]
+            step_size = [_float(g["lr"], keep) for g in opt.param_groups]
             rec = {
-                "step": len(self.records) + 1, "loss": _float(loss),
+                "step": len(records) + 1, "loss": _float(loss, keep),
                 "step_size": step_size, "applied_step": list(step_size), "trials": 0,
-                "searched": False, "grad_norm": _grad_norm(opt),
+                "searched": False, "grad_norm": _grad_norm(opt, keep),
             }
         names = _block_names(opt, len(rec["step_size"]))
         if len(names) > len(self.block_names):
             # a param group added later (a new head) is a block of its own: a new column, NaN
             # at the steps before it existed (new blocks come after the old ones)
             extra = [math.nan] * (len(names) - len(self.block_names))
-            for r in self.records:
+            for r in records:
                 r["step_size"] = r["step_size"] + extra
                 r["applied_step"] = r["applied_step"] + extra
             self.block_names = names
@@ -145,7 +215,11 @@ class TelemetryRecorder:
                 f"the number of blocks fell from {len(self.block_names)} to {len(names)}: "
                 "record one optimizer per recorder"
             )
-        self.records.append(rec)
+        records.append(rec)
+        if keep:
+            self._unread.append(rec)
+            if len(self._unread) >= self.read_every:
+                self._read_pending()
         return rec
 
     def attach(self, optimizer=None):
@@ -159,7 +233,8 @@ class TelemetryRecorder:
             raise ValueError("attach() needs an optimizer")
         self.detach()  # (attached twice, every step was recorded twice and detach kept one)
         self.optimizer = opt
-        self._handle = opt.register_step_post_hook(lambda o, args, kwargs: self.record(None, o))
+        self._handle = opt.register_step_post_hook(
+            lambda o, args, kwargs: self._record(None, o, keep=True))
         return self._handle
 
     def detach(self) -> None:
@@ -169,7 +244,7 @@ class TelemetryRecorder:
 
     # -- views ----------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self._records)
 
     def column(self, key: str) -> np.ndarray:
         return np.array([r[key] for r in self.records], dtype=np.float64)
