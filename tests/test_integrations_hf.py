@@ -260,3 +260,27 @@ def test_trials_that_backtrack_keep_the_labels(tmp_path, how):
     trainer.train()
     assert opt.param_groups[0]["searches"] == 3
     assert max(trials) >= 2  # the searches did backtrack
+
+
+def test_the_logged_gradient_norm_is_copied_on_the_device_without_a_read():
+    # _ls_after_step took stats["grad_norm"], which reads a device value into a float: on a GPU
+    # a host sync after every step without a search, to fill a scalar Trainer reads only when
+    # it logs
+    from test_host_sync import SyncAudit
+
+    from armijo_fused.telemetry import StepStats
+
+    trainer = LineSearchTrainer.__new__(LineSearchTrainer)
+    trainer._ls_grad_norm = torch.full((), float("nan"))
+
+    class Opt:
+        stats = StepStats(grad_norm=lambda: torch.tensor(3.0).sqrt())
+
+    audit = SyncAudit()
+    with audit:
+        trainer._ls_after_step(Opt(), (), {})
+    assert audit.found == [], audit.found
+    assert trainer._ls_grad_norm.item() == pytest.approx(3.0 ** 0.5)
+    Opt.stats = StepStats(grad_norm=2.5)  # a search step's host float
+    trainer._ls_after_step(Opt(), (), {})
+    assert trainer._ls_grad_norm.item() == 2.5

@@ -171,7 +171,9 @@ class LineSearchTrainer(Trainer):
     def _ls_after_step(self, optimizer, args, kwargs) -> None:
         if self._ls_grad_norm is None:
             return
-        value = optimizer.stats["grad_norm"]
+        # (peek: stats["grad_norm"] reads a device value into a float, a host sync per step)
+        stats = optimizer.stats
+        value = stats.peek("grad_norm") if hasattr(stats, "peek") else stats["grad_norm"]
         with torch.no_grad():
             if isinstance(value, torch.Tensor):
                 self._ls_grad_norm.copy_(value.reshape(()))
