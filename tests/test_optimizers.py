@@ -278,6 +278,7 @@ def test_armijo_adam_carries_at_most_half_the_step_size_after_an_outlier_search(
     model = nn.Linear(4, 1)
     x = torch.randn(16, 4)
     opt = ArmijoAdam(model.parameters(), cadence="every", init_step_size=1e-3)
+    opt._replay_checked = True  # (scripted trial losses: no loss at θ0 to compare with f0)
     losses = iter([-1e6] + [1e6] * 6 + [-1e6] * 2)  # step 2's search backtracks 6 times
     avgs, trials = [], []
     for _ in range(3):
@@ -370,7 +371,9 @@ def test_provide_loss_spares_the_closure_call_at_theta0():
                 opt.provide_loss(loss)
             opt.step()
             trials += opt.stats["trials"]
-        assert len(calls) == trials + (0 if provide else 3)
+        # without provide_loss the closure gives f(θ0) at each search; with it, once, at the
+        # first search: the check that the trial function gives the loss handed over
+        assert len(calls) == trials + (1 if provide else 3)
         runs.append(flat(model))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-7)
 
@@ -726,7 +729,8 @@ def test_closure_for_the_gradient_and_loss_fn_for_the_trials():
     assert calls["closure"] == 5
     # every search ran at least one trial, all of them through loss_fn
     assert calls["loss_fn"] >= 5
-    assert calls["loss_fn"] == opt.param_groups[0]["forwards"] - 5
+    # (+1: the first search's check of loss_fn at θ0 against the closure's loss, not counted)
+    assert calls["loss_fn"] == opt.param_groups[0]["forwards"] - 5 + 1
     assert losses[-1] < losses[0]
 
 
@@ -1233,6 +1237,8 @@ def test_a_search_that_backtracks_into_the_loss_resolution_after_rejections_is_e
 def _scripted_losses(opt, params, values):
     """A closure whose gradient is fixed (1..8 per parameter) and whose losses are ``values``,
     in order (then 1.0): a search that goes as the test plans it."""
+    opt._replay_checked = True  # (no trial at θ0 to take a scripted value)
+
     def closure():
         opt.zero_grad()
         lin = sum((p * torch.arange(1.0, 9.0)).sum() for p in params)

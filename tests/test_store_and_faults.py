@@ -324,6 +324,7 @@ def test_non_finite_gradient_skips_the_step_and_touches_nothing(cadence, bad):
 def test_non_finite_trial_loss_is_a_rejection():
     model, loss = _model_and_data()
     opt = ArmijoAdam(model.parameters(), backend="torch", cadence="every")
+    opt._replay_checked = True  # (the first call must be the first trial, not the check at θ0)
     calls = [0]
 
     def sometimes_nan():

@@ -513,7 +513,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
     def capture_rng(self) -> None:
         """Record the RNG state before your training forward, so that trial forwards replay its
-        dropout masks when you pass ``loss=`` to ``step`` (the closure form needs no call). The
+        dropout masks when you pass ``loss=`` to ``step`` (the closure form needs no call): call
+        it right before the first random draw the trial function repeats (a diffusion loop
+        that draws the noise, then calls a loss function drawing the timesteps, captures after
+        the noise; captured before it, the trials draw their timesteps where the noise came
+        from, and the first search's check of the trial function at θ0 warns). The
         next step uses it, whatever its form: a capture no step used (a step GradScaler skipped)
         is replayed by the following one, closure or not (the integrations capture before an
         accumulation window's first micro-batch and step with a closure that runs its last).
@@ -902,7 +906,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 if (numpy_drew and not env.rng_set) or env.drew_random_numbers():
                     self._warn_unreplayed_draws("the trial forwards draw random numbers")
 
-        def trial_loss() -> Tensor:
+        def trial_loss(counted: bool = True) -> Tensor:
             self._reshard_fsdp()  # FSDP2: the forward must all-gather the moved shards
             with trial_env().trial(), (trial_mod.rng_setters_watched(envs[0])
                                        if draws_to_check[0] else contextlib.nullcontext()):
@@ -922,7 +926,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                         "for the trials: step(closure, loss_fn=fn). The step has been undone"
                         ) from e
             check_draws()
-            self._count(forwards=1)
+            if counted:
+                self._count(forwards=1)
             return as_loss(out, what)
 
         batched_loss = None  # candidates: the K trial points' losses in one forward
@@ -949,6 +954,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         try:
             with torch.no_grad():
                 failure = f0_failure = None
+                f0_given = f0  # (the rank's own, before the mean over ranks)
                 if f0 is None:
                     f0, failure = evaluate_on_every_rank(trial_loss, reduce, buffers[0].device)
                 resolution = loss_resolution(f0)  # of the loss's own dtype, before the mean
@@ -970,7 +976,17 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                             f"the loss at the first step is not finite ({f0_value}){ranks}; "
                             "check the model, the data and the loss function before optimizing"
                         )
-                if scale is not None:  # (θ is still θ0 here)
+                if f0_given is not None and reduce is None and \
+                        "_replay_checked" not in self.__dict__:  # (θ is still θ0 here)
+                    # once per run in this process: the trial function at θ0 against the
+                    # training forward's loss (one forward, not counted in `forwards`: a
+                    # resumed run makes it again, and must count as the run it continues)
+                    self._replay_checked = True
+                    at_theta0 = trial_loss(counted=False)
+                    if scale is not None:
+                        self._refuse_scaled_loss(f0, at_theta0, scale)
+                    self._check_replayed(f0, at_theta0, what)
+                elif scale is not None:
                     self._refuse_scaled_loss(f0, trial_loss(), scale)
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
                                                     trial_losses, frozen, resolution, f0_failure,
@@ -1255,7 +1271,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "and took no step (η kept, or raised at most to its running average). At a "
                 "minimum that is right; otherwise "
                 "the loss is scaled very small for this step size (with ArmijoSGD, whose η is "
-                "in the loss's units, scale the loss up, e.g. a mean over fewer terms or a sum)"))
+                "in the loss's units, scale the loss up, e.g. a mean over fewer terms or a sum), "
+                "or η has collapsed because the trial forwards do not see what the training "
+                "forward saw (other random numbers, a generator of your own, other data: their "
+                "losses then differ from f(θ0) by more than any decrease, and only ever tinier "
+                "steps pass)"))
         if n == 3 and resolution > 1e-4:
             self._warn_once("half_loss", (
                 f"the loss is computed in half precision (resolution {resolution:.1e} of its "
@@ -1397,6 +1417,37 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._scale_checked = True
             return None
         return scale
+
+    def _check_replayed(self, f0: Tensor, at_theta0: Tensor, what: str) -> None:
+        """The trials must evaluate the function the training forward evaluated: same batch,
+        same random numbers, same state. Where they do not, every Armijo test compares the
+        losses of two functions, and their difference, not the step, decides: a diffusion
+        loss whose noise came from a ``torch.Generator`` of the loop's own drew new noise in
+        each trial and η fell from 1e-3 to 6e-9 in 300 steps, without a word (a user's audit).
+        The first search of a run in this process evaluates ``what`` at θ0, which must give
+        the training forward's loss; a difference above 1e-3 of it (far above what other
+        kernels for the same function, a compiled or no-grad path, change in fp32 or bf16
+        autocast) is named in a warning. Single-process runs only: the trial at θ0 of a
+        distributed run would need its own collectives."""
+        f0, f = float(f0), float(at_theta0)
+        if not (math.isfinite(f0) and math.isfinite(f)):
+            return
+        diff = abs(f - f0)
+        if diff <= 1e-3 * abs(f0) + 1e-6:
+            return
+        self._warn_once("replay", (
+            f"{what} at θ0 gives {f:.6g} where the training forward gave {f0:.6g} "
+            f"({diff / max(abs(f0), 1e-30):.2%} apart): the trial forwards do not evaluate "
+            "the function the training forward did, so each Armijo test compares two "
+            "functions, their difference decides instead of the step, and η can shrink towards "
+            "0. Usual causes: random numbers from a generator of your own (a torch.Generator "
+            "passed to randn/randint, np.random.default_rng: the trials replay only the global "
+            "generators; draw from those, or set your generator's state at the start of the "
+            "trial function); opt.capture_rng() called before random numbers drawn for the "
+            "training forward that the trial function draws again (call it right before the "
+            "first draw the trial function repeats); a trial function on other data than the "
+            "training forward (a batch fetched inside it, random draws between micro-batches: "
+            "docs/integrations.md). Looked at once, at the first search"))
 
     def _refuse_scaled_loss(self, f0: Tensor, at_theta0: Tensor, scale: float) -> None:
         """A loss handed over as ``scaler.scale(loss)`` (``loss=``, ``provide_loss`` or the
