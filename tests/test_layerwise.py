@@ -472,11 +472,15 @@ def test_blocks_do_not_depend_on_the_wrapper_the_model_is_run_through():
     # wrapper restarted every block's step size
     from armijo_fused.blocks import block_name
 
-    for prefix in ("", "module.", "_orig_mod.", "_orig_mod.module.", "_fsdp_wrapped_module."):
+    # (peft's PeftModel: base_model.model.*; its head was a block named "base_model")
+    for prefix in ("", "module.", "_orig_mod.", "_orig_mod.module.", "_fsdp_wrapped_module.",
+                   "base_model.model.", "module.base_model.model."):
         assert block_name(prefix + "lm_head.weight") == "head"
         assert block_name(prefix + "transformer.h.3.attn.c_attn.weight") == "layer.3"
         assert block_name(prefix + "0.weight") == "0"
     assert block_name("layers.2._checkpoint_wrapped_module.mlp.w1.weight") == "layer.2"
+    assert block_name("base_model.model.classifier.modules_to_save.default.weight") == "head"
+    assert block_name("base_model.model.score.original_module.weight") == "head"
 
     class Wrapper(nn.Module):  # names like DDP's
         def __init__(self, module):

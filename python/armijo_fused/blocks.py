@@ -28,7 +28,8 @@ model) prefixes each stack's blocks with the stack's shortest distinct path: ``e
 its towers' ``text_model.embeddings``, ``vision_model.embeddings`` (:func:`block_names`).
 
 Names are read past the prefixes wrappers add (``module.`` of DDP, ``_orig_mod.`` of
-``torch.compile``, FSDP1's and checkpointing's wrapper modules), so a model's blocks, and a
+``torch.compile``, FSDP1's and checkpointing's wrapper modules, ``base_model.model.`` of peft's
+``PeftModel``), so a model's blocks, and a
 layer-wise checkpoint's, are the same however it is wrapped.
 
 Tied parameters (a head sharing the embedding matrix) appear once, in the block of the first name
@@ -50,8 +51,10 @@ _HEAD = re.compile(r"^(?:lm_head|head|cls|pooler|classifier|output|score)\.|\.(?
 
 
 # what wrappers put in front of the model's own names: DDP (module.), torch.compile (_orig_mod.),
-# FSDP1 and activation checkpointing wrappers; the blocks must not depend on how a model is run
-_WRAPPER = re.compile(r"^(?:(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.)+")
+# FSDP1 and activation checkpointing wrappers, peft's PeftModel (base_model.model.: its head
+# was a block named "base_model"); the blocks must not depend on how a model is run
+_WRAPPER = re.compile(r"^(?:(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module"
+                      r"|base_model\.model)\.)+")
 
 
 def bare_name(param_name: str) -> str:
