@@ -426,6 +426,41 @@ def test_closure_raising_restores_everything(at_call, exact):
     assert torch.isfinite(run.theta()).all() and run.opt.stats["step_size"] > 0
 
 
+def test_a_retried_closure_step_draws_the_same_dropout_masks_as_an_uninterrupted_run():
+    # θ and the state were put back bitwise (exact_revert) after a trial raised, but the
+    # training call's dropout draws stayed drawn: the retried step drew other masks, and the
+    # run parted from the uninterrupted one by 0.01 (a LoRA user's audit). The generators now
+    # go back to where the call found them too
+    x = torch.randn(16, 6)
+
+    def run(fault):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1))
+        opt = ArmijoAdam(model.parameters(), model=model, cadence="every", exact_revert=True,
+                         max_step=1e-2)
+        raised = []
+        for step in range(5):
+            def closure():
+                if fault and step == 3 and trial_mod.in_trial() and not raised:
+                    raised.append(1)
+                    raise RuntimeError("CUDA out of memory (simulated)")
+                opt.zero_grad()
+                loss = model(x).pow(2).mean()
+                if torch.is_grad_enabled():
+                    loss.backward()
+                return loss
+
+            if fault and step == 3:
+                rng = torch.get_rng_state()
+                with pytest.raises(RuntimeError, match="simulated"):
+                    opt.step(closure)
+                assert torch.equal(torch.get_rng_state(), rng)
+            opt.step(closure)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    assert torch.equal(run(True), run(False))
+
+
 def test_keyboard_interrupt_mid_search_restores_bitwise():
     run = Run("adam", exact_revert=True)
     run.steps(2)

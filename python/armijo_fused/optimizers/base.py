@@ -694,10 +694,14 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return out
         except BaseException:
             self._moving = False
+            rng = self.__dict__.get("_rng_at_entry")
+            if rng is not None:  # (θ and the state are undone: so is the training call's RNG)
+                trial_mod.set_rng_state(rng)
             self._warn_deferred(propagating=True)
             raise
         finally:
             self._moving, self._returned, self._in_step = False, None, False
+            self._rng_at_entry = None
             held, self._held = self.__dict__.get("_held"), None
             if held is not None:
                 held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
@@ -760,6 +764,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # first pass is queued: nothing draws from the generators in between)
         rng_before = pending or (trial_mod.get_rng_state()
                                  if (search or probe) and closure is not None else None)
+        # a search step in the closure form that raises puts the generators back where the call
+        # found them, so a retried step draws the training call's dropout masks again, as an
+        # uninterrupted run did (they stayed drawn: a retry after a trial raised parted from
+        # it by 0.01 with dropout 0.1, a LoRA user's audit); a capture was the loop's own
+        self._rng_at_entry = rng_before if closure is not None and pending is None else None
         # the buffers go with the RNG state: recorded with it, or now, before the closure's
         # forward (a loss= step without capture_rng has neither)
         buffers_before = (self._pending_bufs if pending is not None else
