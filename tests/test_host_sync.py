@@ -193,7 +193,9 @@ def test_an_attached_recorder_keeps_a_torch_optimizers_values_on_the_device_too(
     opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
     kept, at_call = TelemetryRecorder(read_every=100), TelemetryRecorder(opt)
     kept.attach(opt)
-    for _ in range(3):
+    for step in range(3):
+        if step == 2:
+            opt.param_groups[0]["lr"].fill_(2e-3)  # (as schedulers write a tensor lr)
         opt.zero_grad()
         loss_fn().backward()
         audit = SyncAudit()
@@ -203,7 +205,8 @@ def test_an_attached_recorder_keeps_a_torch_optimizers_values_on_the_device_too(
         assert [w for _, w in audit.found if "recorder" in w] == [], audit.found
     assert isinstance(kept._records[0]["grad_norm"], torch.Tensor)
     assert kept.records == at_call.records
-    assert kept.records[0]["step_size"] == [pytest.approx(1e-3)]
+    assert [r["step_size"] for r in kept.records] == [[pytest.approx(1e-3)]] * 2 + [
+        [pytest.approx(2e-3)]]
 
 
 def test_a_recorder_refuses_a_read_every_that_is_not_a_positive_int():

@@ -44,8 +44,8 @@ def _float(x, keep: bool = False):
     if x is None:
         return math.nan
     if isinstance(x, torch.Tensor):
-        if keep:
-            return x.detach()
+        if keep:  # (a copy: a torch optimizer's tensor lr is written in place by schedulers)
+            return x.detach().clone()
         return float(x.detach().double().reshape(-1)[0]) if x.numel() else math.nan
     return float(x)
 
