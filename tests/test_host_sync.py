@@ -238,3 +238,29 @@ def test_an_attached_recorder_does_not_synchronise_the_gpu_between_its_reads():
             with GpuSyncError():
                 opt.step(loss_fn=loss_fn, loss=loss)
     assert len(rec.records) == 8 and all(r["grad_norm"] > 0 for r in rec.records)
+
+
+@needs_cpp
+def test_the_guard_reads_the_gradient_once_per_buffer_per_step(monkeypatch):
+    # the guard's read of g is queued as soon as the buffers hold the gradient (on a GPU it
+    # then overlaps the host's preparation of the first pass); the passes reuse it, and so
+    # does the blind-block probe: one read per buffer and step, searched or not
+    import armijo_fused.backends.cpp_backend as cpp
+
+    reads = []
+    real = cpp.grad_sq_norm
+    monkeypatch.setattr(cpp, "grad_sq_norm", lambda *a, **k: reads.append(1) or real(*a, **k))
+    model, loss_fn = _model()
+    groups = [{"params": m.parameters()} for m in (model[0], model[2])]  # two flat buffers
+    opt = ArmijoAdam(groups, backend="cpp", cadence=3)
+    per_step = []
+    for _ in range(7):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        reads.clear()
+        opt.step(loss_fn=loss_fn, loss=loss)
+        per_step.append((len(reads), opt.stats["searched"]))
+    assert len(opt._buffers) == 2
+    assert {n for n, _ in per_step} == {2}, per_step
+    assert {s for _, s in per_step} == {True, False}

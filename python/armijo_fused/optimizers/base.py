@@ -795,6 +795,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if not buffers:
             self._advance(k, folded=())
             return f0
+        # the guard's read of g (check_finite, max_grad_norm), per buffer and block, queued as
+        # soon as the buffers hold the gradient: on a GPU it then runs while the host prepares
+        # the first pass, where queued just before that pass it delayed it by its own length
+        # (a read of g, ~0.1 ms at 124M) on every step
+        probed = (self._probe_grad_sq(buffers, {})
+                  if self.check_finite or self.max_grad_norm is not None else {})
         table = self._block_table()
         etas = self._etas(table)
         # a block with no elements (layer-wise) is at lr 0: it has nothing the test could judge
@@ -806,11 +812,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         applied_factors = block_factors if mfac is None else [
             f * m for f, m in zip(block_factors, mfac)]
         reduce = self._reducer()
-        probed = {}  # per buffer index, the per-block Σ g² the probe read (the guard reuses it)
         if all(f == 0.0 for f in block_factors):
             search = False  # every lr is 0 at this step (warmup from 0, frozen): nothing to test
         elif probe:  # a block that waits for a test has a gradient now: test it
-            search, probed = self._blind_gradient_live(buffers, table, block_factors, reduce)
+            search, probed = self._blind_gradient_live(buffers, table, block_factors, reduce,
+                                                       probed)
         # what the step reports (and returns, but for the closure form, which returns the
         # closure's own value): with DDP, the mean over the ranks
         loss_before = f0

@@ -119,7 +119,7 @@ class SearchMixin:
         return (self.layerwise and self.block_search == "exact"
                 and any(self.BLIND in (g.get("block_tested") or ()) for g in self.param_groups))
 
-    def _blind_gradient_live(self, buffers, table, factors, reduce=None):
+    def _blind_gradient_live(self, buffers, table, factors, reduce=None, known=None):
         """On a step without a scheduled search: has a block that waits after a blind test a
         finite, non-zero gradient now? Then this step searches. Returns (live?, the per-block
         Σ g² read, by buffer index: the non-finite guard reuses them rather than read g again).
@@ -129,18 +129,20 @@ class SearchMixin:
         a GPU a sync, which steps without a search otherwise avoid); with DDP one all-reduce of
         the answer, so that every rank decides alike (a gradient DDP does not average, of an
         ignored parameter, differs between ranks). FSDP2 shards (a local norm) wait for the
-        cadence.
+        cadence. ``known``: the per-block Σ g² the guard has read already, by buffer index.
         """
+        known = known or {}
         if any(isinstance(b, ShardedBuffer) and b.sum_scale != 1.0 for b in buffers):
-            return False, {}
+            return False, known
         waiting = [self._tested_value(gi, lb) == self.BLIND and f != 0.0
                    for (gi, lb), f in zip(table, factors)]
-        pos, parts, read = 0, [], {}
+        pos, parts, read = 0, [], dict(known)
         for i, b in enumerate(buffers):
             n = b.layout.nblocks
             if any(waiting[pos:pos + n]):
                 mask = torch.tensor(waiting[pos:pos + n], device=b.device)
-                sq = read[i] = b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b))
+                sq = read[i] = (read[i] if i in read else
+                                b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b)))
                 # a non-finite gradient is the guard's to skip, not a reason to search
                 live_b = ((sq > 0) & sq.isfinite() & mask).any()
                 parts.append(live_b.reshape(1).to(buffers[0].device))
