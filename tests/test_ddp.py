@@ -105,11 +105,12 @@ def _momentum_opt(model):
 def _rank_disagree(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # rank 1 returns NaN for the first trial of step 0 only
+    # rank 1 returns NaN for the first trial of step 0 only (call 2: call 1 is the first
+    # search's check of the loss function at θ0)
     model = make_model()
     opt = ArmijoAdam(model.parameters(), model=model, cadence="every", init_step_size=0.01)
     nan_log = run(DDP(model), opt, 2, rank, world,
-                  poison=lambda step, trial: rank == 1 and step == 0 and trial == 1)
+                  poison=lambda step, trial: rank == 1 and step == 0 and trial == 2)
     nan_params = params(model)
     # rank 1's targets are 1000x rank 0's: very different losses, one decision
     model2 = make_model()
@@ -519,3 +520,44 @@ def _rank_different_guard_settings(rank, world):
 def test_ddp_ranks_with_different_guard_settings_do_not_hang():
     r0, r1 = run_ranks(_rank_different_guard_settings, world=2, timeout=90)
     assert r0 == r1 and 0 in r0  # steps without a search happened
+
+
+def _rank_generator_noise(rank, world, own):
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+    gen = torch.Generator().manual_seed(10 + rank)
+    x, y = batch(0)
+    x, y = half(x, rank, world), half(y, rank, world)
+
+    def loss_fn():  # noise on the inputs: from a generator of the loop's own, or torch's
+        noise = torch.randn(x.shape, generator=gen if own else None)
+        return nn.functional.mse_loss(ddp(x + noise), y * 10)
+
+    named = []
+    for _ in range(3):
+        opt.capture_rng()
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(loss_fn=loss_fn, loss=loss)
+        named += [str(w.message) for w in caught if "at θ0 gives" in str(w.message)]
+    return {"named": named, "params": params(model), "forwards": opt.stats["forwards"]}
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own-generator", "global-rng"])
+def test_ddp_the_check_at_theta0_compares_the_ranks_means_and_warns_on_every_rank(own):
+    # the first search's check of the trial function at θ0 ran in single-process runs only; a
+    # DDP run whose noise came from a generator of its own collapsed its η without a word
+    r0, r1 = run_ranks(_rank_generator_noise, world=2, timeout=60, args=(own,))
+    assert len(r0["named"]) == len(r1["named"]) == (1 if own else 0), (r0["named"], r1["named"])
+    if own:  # (the means over the ranks: the same numbers in both ranks' warnings)
+        assert r0["named"] == r1["named"]
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    assert r0["forwards"] == r1["forwards"]

@@ -991,16 +991,33 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                             f"the loss at the first step is not finite ({f0_value}){ranks}; "
                             "check the model, the data and the loss function before optimizing"
                         )
-                if f0_given is not None and reduce is None and \
-                        "_replay_checked" not in self.__dict__:  # (θ is still θ0 here)
+                # (distributed: on every rank, also one whose f0 the trial function gave, which
+                # adds the same value to both means: a loss handed over on some ranks only must
+                # not make a collective on those alone)
+                if (f0_given is not None or reduce is not None) and \
+                        "_replay_checked" not in self.__dict__:
                     # once per run in this process: the trial function at θ0 against the
                     # training forward's loss (one forward, not counted in `forwards`: a
                     # resumed run makes it again, and must count as the run it continues)
+                    # (θ is still θ0 here)
                     self._replay_checked = True
-                    at_theta0 = trial_loss(counted=False)
-                    if scale is not None:
-                        self._refuse_scaled_loss(f0, at_theta0, scale)
-                    self._check_replayed(f0, at_theta0, what)
+                    if reduce is None:
+                        at_theta0 = trial_loss(counted=False)
+                        if scale is not None:
+                            self._refuse_scaled_loss(f0, at_theta0, scale)
+                        self._check_replayed(f0, at_theta0, what)
+                    else:  # the means over the ranks, compared alike on every rank; a rank
+                        # whose loss function raised takes part, and every rank then raises
+                        dev = buffers[0].device
+                        mine, failure = evaluate_on_every_rank(
+                            lambda: trial_loss(counted=False), reduce, dev)
+                        mean, flag = reduce_with_flag(
+                            reduce, mine.double().reshape(1).to(dev), failure)
+                        at_theta0, f0_value = read_checking_ranks(
+                            [mean, f0.double().reshape(1).to(dev), flag], True, failure,
+                            f0_failure)
+                        f0_failure = None
+                        self._check_replayed(f0_value, at_theta0, what)
                 elif scale is not None:
                     self._refuse_scaled_loss(f0, trial_loss(), scale)
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
@@ -1442,8 +1459,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         The first search of a run in this process evaluates ``what`` at θ0, which must give
         the training forward's loss; a difference above 1e-3 of it (far above what other
         kernels for the same function, a compiled or no-grad path, change in fp32 or bf16
-        autocast) is named in a warning. Single-process runs only: the trial at θ0 of a
-        distributed run would need its own collectives."""
+        autocast) is named in a warning. In a distributed run the means over the ranks are
+        compared (one all-reduce more, once), so every rank warns alike."""
         f0, f = float(f0), float(at_theta0)
         if not (math.isfinite(f0) and math.isfinite(f)):
             return
