@@ -1325,12 +1325,48 @@ def test_one_gradient_that_is_not_the_losses_does_not_stall_a_full_batch_run_for
     assert g["step_size"] > 0.01
 
 
-def test_at_a_minimum_the_climb_stops_at_the_running_average():
+def test_eta_climbs_back_after_searches_exhausted_on_trials_unlike_the_training_forward():
+    # two searches whose trials evaluated another function than the training forward (a loss
+    # module's buffer they advanced, here an offset) exhausted and took η and η̄ to 6e-8; every
+    # later search, on a sound loss, predicted a decrease below the loss's resolution and kept
+    # η at η̄: the model never moved again (a self-supervised user's audit)
+    import armijo_fused
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence=1)
+    opt._replay_checked = True  # (the offset is the fault under test, not the check's)
+    losses, sizes = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(30):
+            off = 0.05 if step < 2 else 0.0
+
+            def loss_fn(off=off):
+                loss = nn.functional.mse_loss(model(x), y)
+                return loss + off if armijo_fused.in_trial() else loss
+
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            opt.step(loss_fn=loss_fn, loss=loss)
+            losses.append(float(loss))
+            sizes.append(opt.stats["next_step_size"])
+    assert sizes[1] < 1e-7  # (the collapse the fault made)
+    assert sizes[-1] > 2 * sizes[1] and losses[-1] < losses[2]
+
+
+@pytest.mark.parametrize("init, top", [(0.005, 0.01), (0.05, 0.05)],
+                         ids=["running-average", "init_step_size"])
+def test_at_a_minimum_the_climb_stops_at_the_running_average_or_the_start(init, top):
     # the climb back (above) goes on from each unresolved search's grown trial, but not past
-    # η̄, a step the test has accepted: at a minimum, where every search is unresolved, η
-    # rises to η̄ and stays
+    # η̄, a step the test has accepted, or init_step_size, where the run started: at a
+    # minimum, where every search is unresolved, η rises to the larger and stays. (η̄ alone
+    # was no bound where it had collapsed with η: searches exhausted on trials that did not
+    # see the training forward's function left both at 6e-8, and η never climbed again)
     w = nn.Parameter(torch.zeros(4))
-    opt = ArmijoSGD([w], cadence="every", init_step_size=0.5)
+    opt = ArmijoSGD([w], cadence="every", init_step_size=init)
 
     def closure():
         opt.zero_grad()
@@ -1348,7 +1384,7 @@ def test_at_a_minimum_the_climb_stops_at_the_running_average():
             assert opt.stats["unresolved"]
             sizes.append(g["step_size"])
     assert sizes[0] == pytest.approx(1.2e-3)  # (one growth per search)
-    assert sizes == sorted(sizes) and sizes[-1] == 0.01 and g["step_size_avg"] == 0.01
+    assert sizes == sorted(sizes) and sizes[-1] == top and g["step_size_avg"] == 0.01
     assert torch.equal(w.detach(), torch.zeros(4))
 
 

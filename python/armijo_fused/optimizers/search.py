@@ -375,15 +375,20 @@ class SearchMixin:
 
     def _climb_to_resolution(self, table, etas, plan, frozen, result) -> None:
         """After a search whose first trial predicted a decrease below the loss's resolution and
-        judged nothing: a block whose η sits below its running average η̄ goes on from the trial
-        tried (one growth up), at most to η̄, at the cadence's next search.
+        judged nothing: a block whose η sits below its running average η̄, or below
+        ``init_step_size``, goes on from the trial tried (one growth up), at most to the larger
+        of the two, at the cadence's next search.
 
         Keeping η there, as at a minimum, stalled training for good after η had been lowered
         to a hidden trial's step (:meth:`_below_rejections`): one step whose gradient did not
         match its loss (a stale ``.grad``) backtracked until the trial's loss equalled f0 to the
         bit, η fell to that step (2e-6 against η̄ 0.43), and every later search was unresolved
         with η unchanged (ArmijoSGD, full batch: 500 steps without a move). At a minimum η
-        climbs to η̄, a step the test has accepted, and no further.
+        climbs to η̄, a step the test has accepted, or to where the run started, and no further.
+        η̄ alone was no bound where it had fallen with η: two searches exhausted by trials that
+        did not see the training forward's function (a loss module's buffer they advanced)
+        took η and η̄ to 6e-8, and every later search, on a sound loss, was unresolved with η
+        at η̄: the model never moved again (a self-supervised user's audit).
 
         Not for a bf16 / fp16 model (master weights): there a grown trial is rejected by
         rounding and the one below it is hidden, and a climb carried η from a level whose
@@ -395,7 +400,7 @@ class SearchMixin:
         for b in plan[0]:
             if frozen[b] or not tried[b] > etas[b]:
                 continue
-            top = self._eta(*table[b], key="step_size_avg")
+            top = max(self._eta(*table[b], key="step_size_avg"), self._init_step_size)
             if etas[b] < top:
                 climb[b] = min(tried[b], top)
         if climb:
