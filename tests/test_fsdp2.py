@@ -517,9 +517,8 @@ def test_batched_candidates_are_refused_before_anything_moves():
 def test_trial_forwards_see_the_moved_weights():
     ref_model = make_model()
     ref_trials = []
-    ref_opt = make_opt(ref_model, init_step_size=3.0)
-    ref_opt._replay_checked = True  # (the ranks make no check at θ0: distributed runs do not)
-    train(ref_model, ref_opt, 2, record=ref_trials)
+    # (the first record of each: the first search's check of the loss function at θ0)
+    train(ref_model, make_opt(ref_model, init_step_size=3.0), 2, record=ref_trials)
     assert len(ref_trials) >= 4  # backtracking happened
 
     results = run_ranks(_rank_trials, world=2, timeout=120)

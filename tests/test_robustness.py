@@ -2348,3 +2348,61 @@ def test_a_master_left_by_a_cast_to_fp32_is_not_state_of_another_shape():
     for _ in range(2):
         opt.step(closure)
     assert "master" not in opt.state[extra] and extra.dtype == torch.float32
+
+
+def _td_run(target_inside, steps=60):
+    """Q-learning without a target network: the TD target r + γ·max Q(s') from the trained
+    network under no_grad, computed inside the closure (so each trial recomputes it at its own
+    point) or once before the step."""
+    torch.manual_seed(0)
+    q = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = ArmijoAdam(q.parameters())
+    s, a = torch.randn(2000, 4), torch.randint(0, 2, (2000,))
+    r, s2 = torch.randn(2000) * 0.1 + s[:, 0], s + 0.1 * torch.randn(2000, 4)
+    for _ in range(steps):
+        idx = torch.randint(0, 2000, (64,))
+        with torch.no_grad():
+            fixed = r[idx] + 0.9 * q(s2[idx]).max(1).values
+
+        def closure(idx=idx, fixed=fixed):
+            opt.zero_grad()
+            y = fixed
+            if target_inside:
+                with torch.no_grad():
+                    y = r[idx] + 0.9 * q(s2[idx]).max(1).values
+            loss = nn.functional.smooth_l1_loss(q(s[idx]).gather(1, a[idx, None]).squeeze(1), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return opt
+
+
+def test_a_target_recomputed_inside_the_loss_function_is_named_when_its_searches_exhaust():
+    # a detached target from the trained network inside the loss function: the gradient leaves
+    # it out, each trial recomputes it, and the test compared the trial losses with a slope
+    # that was not theirs: η 1e-3 -> 1e-8 with, at most, the warning about unresolved searches
+    # after the collapse (an RL user's audit). The trials' realised share of the predicted
+    # fall held still as η shrank (0.14 at every backtrack), which curvature cannot do
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = _td_run(target_inside=True)
+    named = [str(w.message) for w in caught if "not the slope of the loss" in str(w.message)]
+    assert len(named) == 1 and "compute it once before the step" in named[0], named
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same run with the target fixed before the step
+        _td_run(target_inside=False)
+    assert opt.param_groups[0]["step_size_avg"] < 1e-5  # (the collapse the warning names)
+
+
+def test_searches_exhausted_by_curvature_alone_are_not_taken_for_a_gradient_mismatch():
+    # a stiff quadratic whose first trials are far too long: every backtrack is rejected, but
+    # the realised share of the predicted fall, 1 - η·κ/2, moves towards 1 as η halves
+    w = nn.Parameter(torch.ones(8))
+    opt = ArmijoSGD([w], cadence="every", init_step_size=1e3, max_trials=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(make_closure(opt, lambda: 50.0 * w.pow(2).sum()))
+            assert opt.stats["exhausted"]
+    assert not [w for w in caught if "not the slope of the loss" in str(w.message)]

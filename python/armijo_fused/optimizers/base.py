@@ -1099,6 +1099,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._warn_group_lrs()  # (again: a scheduler attached since may give each its peak)
         self._note_unchanged_trials(result)
         self._note_unresolved(result, resolution)
+        if exhausted:
+            self._note_gradient_mismatch(result, resolution)
         # after a collapse η is reset to η̄, which this search has just rejected: like an
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
@@ -1315,6 +1317,44 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "row could not tell a decrease from rounding and took no step (with "
                 "cadence='every' the model does not train). Compute the loss in fp32 from "
                 "fp32 logits, e.g. loss_fn(logits.float(), y)"))
+
+    def _note_gradient_mismatch(self, result, resolution: float) -> None:
+        """An exhausted search whose trials show the gradient is not the slope of the loss they
+        evaluate. Two successive backtracks, both with a predicted fall η·⟨g, d⟩ the loss
+        resolves, whose realised share of it, r = (f0 - f) / (η·⟨g, d⟩), stays below c without
+        moving towards 1: curvature makes 1 - r shrink with η (by the backtrack factor per
+        backtrack), so a ratio that holds still is the trial function's own slope, not the
+        gradient's. A target recomputed from the trained weights inside the loss function and
+        detached does that (an RL audit: A2C's (R - V).detach(), a TD target from the online
+        network: η 1e-3 -> 1e-8, the only warning, about unresolved searches, after the
+        collapse or never). Said once, at the first search that shows it twice."""
+        if getattr(result, "exact", None) is not None or result.non_descent or \
+                not result.block_gd:
+            return
+        f0, c, beta = result.loss_before, self.c, self.backtrack
+        floor = 16.0 * resolution * abs(f0)
+        share = []  # (η, r) of each trial whose predicted fall the loss resolves
+        for etas, f in result.history:
+            fall = sum(e * g for e, g in zip(etas, result.block_gd))
+            if math.isfinite(f) and fall > floor:
+                share.append((max(etas), (f0 - f) / fall))
+        still = sum(e2 < e1 and r2 < c and 1.0 - r2 > 0.5 * (1.0 + beta) * (1.0 - r1)
+                    for (e1, r1), (e2, r2) in zip(share, share[1:]))
+        if still >= 2:  # (two such backtracks: one could be noise)
+            shares = ", ".join(f"{r:.2f}" for _, r in share[-4:])
+            self._warn_once("gradient_mismatch", (
+                f"a search exhausted its trials although the steps they tried were short "
+                f"enough for the gradient to predict the loss: the share of the predicted fall "
+                f"η·<g, d> the trials realised stayed at {shares} (c = {c:g}) as η shrank, "
+                "where curvature would bring it towards 1. The gradient is not the slope of "
+                "the loss the trials evaluate, and η collapses. Usual causes: a target or "
+                "advantage computed from the trained weights inside the loss function and "
+                "detached (a TD target from the online network, A2C's (R - V).detach()): each "
+                "trial recomputes it at its own point; compute it once before the step and let "
+                "the loss function close over it; the gradient changed after backward "
+                "(clip_grad_norm_ before step: pass max_grad_norm= instead); trials that see "
+                "other random numbers, data or buffers than the training forward; a gradient "
+                "of another loss than the one returned"))
 
     def _note_unchanged_trials(self, result) -> None:
         """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
