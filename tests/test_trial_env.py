@@ -1573,3 +1573,41 @@ def test_the_check_at_theta0_runs_again_in_a_resumed_process_and_leaves_no_trace
     assert torch.equal(runs[0][0], runs[1][0])
     # calls beyond the counted forwards: one more check at θ0 in the resumed optimizer
     assert runs[1][1] == runs[0][1] + 1
+
+
+def test_a_momentum_encoder_updated_in_the_closure_takes_one_update_per_step_after_the_first_search():
+    # MoCo / BYOL: a frozen key encoder updated in place (EMA of the query encoder) inside the
+    # closure; each trial updated it again (41 updates in 20 steps of a BYOL audit), without
+    # a word. The models' frozen tensors are now watched: the first search's writes are named,
+    # and from the next search on each trial puts them back
+    import armijo_fused
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.q = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    model.k = copy.deepcopy(model.q).requires_grad_(False)
+    x = torch.randn(32, 6)
+    opt = ArmijoAdam(model.q.parameters(), model=model, cadence="every", max_step=1e-3)
+    after_training = {}
+
+    def closure():
+        opt.zero_grad()
+        with torch.no_grad():  # the momentum update, in the closure
+            for pk, pq in zip(model.k.parameters(), model.q.parameters()):
+                pk.mul_(0.9).add_(pq, alpha=0.1)
+        if not armijo_fused.in_trial():
+            after_training["k"] = [p.clone() for p in model.k.parameters()]
+        loss = (model.q(x) - model.k(x)).pow(2).mean() + model.q(x).pow(2).mean()
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match=r"wrote the frozen tensor\(s\) k\.0\.weight"):
+        opt.step(closure)
+    first = [p.clone() for p in model.k.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(first, after_training["k"]))  # (kept)
+    for _ in range(4):
+        opt.step(closure)
+        assert opt.stats["trials"] >= 1
+        # one update per step: the key encoder is where the training call left it
+        assert all(torch.equal(a, b) for a, b in zip(model.k.parameters(), after_training["k"]))

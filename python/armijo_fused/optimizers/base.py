@@ -584,6 +584,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                        and m.max_norm is not None}
             watch = [p for _, p in self._trainable() if not is_dtensor(p)]
+            # and the models' frozen tensors: a momentum (EMA) encoder updated in place in the
+            # forward or the closure was updated again by each trial (a BYOL audit: 41
+            # updates in 20 steps), unseen
+            seen = {id(p) for p in watch}
+            for model in models:
+                for p in model.parameters():
+                    if not p.requires_grad and id(p) not in seen and not is_dtensor(p):
+                        seen.add(id(p))
+                        watch.append(p)
             self._watched = cached = (key, watch, [p for p in watch if id(p) in writes])
         looked = self.__dict__.get("_writes_looked")
         self._writes_looked = True
@@ -595,6 +604,22 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         a copy of them and puts it back (a search moves θ by increments: the write went into
         the next trial points, the accepted one, and the undoing of a failed search)."""
         self.__dict__.setdefault("_forward_writes", set()).update(id(p) for p in written)
+        frozen = [p for p in written if not p.requires_grad]
+        if frozen:
+            named = {id(p): n for model in (self.__dict__.get("_trial_sources") or [()])[0]
+                     for n, p in model.named_parameters()}
+            names = ", ".join(named.get(id(p)) or f"a tensor of shape {tuple(p.shape)}"
+                              for p in frozen[:3])
+            self._warn_once("forward writes frozen", (
+                f"a trial forward wrote the frozen tensor(s) {names} in place (a momentum / "
+                "EMA encoder updated in the forward or the closure?): the trials repeat the "
+                "update. From now on each trial puts them back after its forward, so they take "
+                "one update per step, but each trial still sees one update more than the "
+                "training forward did, and this search's trials kept theirs. Guard the update "
+                "with `if not armijo_fused.in_trial()`, or make it after step()"))
+            written = [p for p in written if p.requires_grad]
+            if not written:
+                return
         names = ", ".join(self._names.get(id(p)) or f"a tensor of shape {tuple(p.shape)}"
                           for p in written[:3])
         self._warn_once("forward writes", (
