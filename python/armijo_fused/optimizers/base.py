@@ -1542,7 +1542,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             "generators; draw from those, or set your generator's state at the start of the "
             "trial function); opt.capture_rng() called before random numbers drawn for the "
             "training forward that the trial function draws again (call it right before the "
-            "first draw the trial function repeats); a trial function on other data than the "
+            "first draw the trial function repeats); a buffer the training forward updates in "
+            "a module the trials do not restore (a loss module's centre or queue outside "
+            "model=: pass model=nn.ModuleList([model, loss_module]); with loss=, no "
+            "opt.capture_rng() before that forward); a trial function on other data than the "
             "training forward (a batch fetched inside it, random draws between micro-batches: "
             "docs/integrations.md). Looked at once, at the first search"))
 
