@@ -1102,7 +1102,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         skipped = result.skipped or not math.isfinite(result.loss_before)
         accepted = self._fill_frozen(accepted, etas, frozen)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
-                                                     skipped, k, frozen)
+                                                     skipped, k, frozen, resolution)
         if dd is not None:
             self._last_dd, self._resumed_dd = (buffers, dd), None  # (a record of this pass)
         if accepted is not None and not skipped and result.block_dd:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..directions.base import as_real
 from ..linesearch.batched import batched_armijo_search
-from ..linesearch.controller import armijo_search, loss_resolution
+from ..linesearch.controller import FP32_RESOLUTION, armijo_search, loss_resolution
 from ..storage.scalars import device_floats
 from ..storage.sharded import ShardedBuffer
 from .passes import _flat_grad, _table, scalar_sum, total
@@ -373,22 +373,25 @@ class SearchMixin:
                     lowered[b] = tried[b]
         return lowered, rejected
 
-    def _climb_to_resolution(self, table, etas, plan, frozen, result) -> None:
+    def _climb_to_resolution(self, table, etas, plan, frozen, result, resolution) -> None:
         """After a search whose first trial predicted a decrease below the loss's resolution and
-        judged nothing: a block whose η sits below its running average η̄, or below
-        ``init_step_size``, goes on from the trial tried (one growth up), at most to the larger
-        of the two, at the cadence's next search.
+        judged nothing: a block whose η sits below its running average η̄ goes on from the
+        trial tried (one growth up), at most to η̄, at the cadence's next search; at most to
+        ``init_step_size`` instead where η̄ is below it and the loss would resolve the fall
+        its gradient predicts there (64 resolutions: the gradient is not that of a minimum).
 
         Keeping η there, as at a minimum, stalled training for good after η had been lowered
         to a hidden trial's step (:meth:`_below_rejections`): one step whose gradient did not
         match its loss (a stale ``.grad``) backtracked until the trial's loss equalled f0 to the
         bit, η fell to that step (2e-6 against η̄ 0.43), and every later search was unresolved
         with η unchanged (ArmijoSGD, full batch: 500 steps without a move). At a minimum η
-        climbs to η̄, a step the test has accepted, or to where the run started, and no further.
-        η̄ alone was no bound where it had fallen with η: two searches exhausted by trials that
-        did not see the training forward's function (a loss module's buffer they advanced)
-        took η and η̄ to 6e-8, and every later search, on a sound loss, was unresolved with η
-        at η̄: the model never moved again (a self-supervised user's audit).
+        climbs to η̄, a step the test has accepted, and no further (on to init_step_size
+        there, the steps between searches applied steps no test had passed: a stiff quadratic's
+        loss spiked from 1 to 1.2 again and again, a review). η̄ alone was no bound where it had
+        fallen with η on a live gradient: two searches exhausted by trials that did not see the
+        training forward's function (a loss module's buffer they advanced) took η and η̄ to
+        6e-8, and every later search, on a sound loss, was unresolved with η at η̄: the model
+        never moved again (a self-supervised user's audit).
 
         Not for a bf16 / fp16 model (master weights): there a grown trial is rejected by
         rounding and the one below it is hidden, and a climb carried η from a level whose
@@ -400,7 +403,11 @@ class SearchMixin:
         for b in plan[0]:
             if frozen[b] or not tried[b] > etas[b]:
                 continue
-            top = max(self._eta(*table[b], key="step_size_avg"), self._init_step_size)
+            top = self._eta(*table[b], key="step_size_avg")
+            gd = result.block_gd[b] if b < len(result.block_gd) else result.gd
+            if top < self._init_step_size and \
+                    self._init_step_size * gd > 64.0 * resolution * abs(result.loss_before):
+                top = self._init_step_size  # (η̄ collapsed on a gradient the loss can see)
             if etas[b] < top:
                 climb[b] = min(tried[b], top)
         if climb:
@@ -414,7 +421,8 @@ class SearchMixin:
         cap = 0.5 / wd  # (once, not once per block: quadratic in the groups)
         return [min(e, cap) for e in eta]
 
-    def _update_step_sizes(self, table, etas, plan, result, accepted, skipped, k, frozen):
+    def _update_step_sizes(self, table, etas, plan, result, accepted, skipped, k, frozen,
+                           resolution=FP32_RESOLUTION):
         """Policy update per searched block; returns (settled, collapsed) for the cadence.
         ``frozen`` blocks (lr 0 at this step) were not searched and keep their η."""
         exact = getattr(result, "exact", None)
@@ -428,7 +436,7 @@ class SearchMixin:
         if (result.unresolved and not result.unchanged and result.rejected is None
                 and not result.overflow and exact is None and result.history
                 and not any(getattr(b, "master", False) for b in self._buffers or ())):
-            self._climb_to_resolution(table, etas, plan, frozen, result)
+            self._climb_to_resolution(table, etas, plan, frozen, result, resolution)
         # (an unresolved search that had rejected a trial is not settled: the cadence comes
         # back sooner rather than apply η blind for twice as long)
         lowered, rejected = self._below_rejections(result, etas, frozen)
