@@ -34,6 +34,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..linesearch.controller import read_floats
+
 __all__ = ["TelemetryRecorder"]
 
 _FORMAT = "armijo_fused.telemetry/1"
@@ -44,9 +46,9 @@ def _float(x, keep: bool = False):
     if x is None:
         return math.nan
     if isinstance(x, torch.Tensor):
-        if keep:  # (a copy: a torch optimizer's tensor lr is written in place by schedulers)
-            return x.detach().clone()
-        return float(x.detach().double().reshape(-1)[0]) if x.numel() else math.nan
+        if keep:
+            return x.detach()
+        return float(x.detach().reshape(-1)[0].item()) if x.numel() else math.nan
     return float(x)
 
 
@@ -67,18 +69,14 @@ def _read_tensors(records: list) -> None:
                 places.extend((r, key, i, x) for i, x in enumerate(v) if isinstance(x, torch.Tensor))
             elif isinstance(v, torch.Tensor):
                 places.append((r, key, None, v))
-    by_device: dict = {}
-    for place in places:
-        by_device.setdefault(place[3].device, []).append(place)
-    for dev, group in by_device.items():
-        firsts = [t.reshape(-1)[:1].double() if t.numel() else
-                  torch.full((1,), math.nan, dtype=torch.float64, device=dev)
-                  for *_, t in group]
-        for (r, key, i, _), v in zip(group, torch.cat(firsts).tolist()):
-            if i is None:
-                r[key] = v
-            else:
-                r[key][i] = v
+    read = [t for *_, t in places if t.numel()]
+    values = iter(read_floats([t.reshape(-1)[:1] for t in read]) if read else [])
+    for r, key, i, t in places:
+        v = next(values) if t.numel() else math.nan
+        if i is None:
+            r[key] = v
+        else:
+            r[key][i] = v
 
 
 def _grad_norm(optimizer, keep: bool = False):
@@ -154,8 +152,8 @@ class TelemetryRecorder:
 
     def _read_pending(self) -> None:
         if self._unread:
-            unread, self._unread = self._unread, []
-            _read_tensors(unread)
+            _read_tensors(self._unread)  # (cleared once read: a failed read is tried again)
+            self._unread = []
 
     # -- recording ------------------------------------------------------------------------------
     # (every record holds _RECORD_KEYS; a file whose records lack one is refused at load: a
@@ -195,7 +193,9 @@ class TelemetryRecorder:
                 "grad_norm": _float(value("grad_norm"), keep),
             }
         else:
-            step_size = [_float(g["lr"], keep) for g in opt.param_groups]
+            # (a copy of a tensor lr: schedulers write it in place)
+            step_size = [_float(g["lr"].clone() if keep and isinstance(g["lr"], torch.Tensor)
+                                else g["lr"], keep) for g in opt.param_groups]
             rec = {
                 "step": len(records) + 1, "loss": _float(loss, keep),
                 "step_size": step_size, "applied_step": list(step_size), "trials": 0,
