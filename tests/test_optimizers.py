@@ -897,6 +897,7 @@ def test_a_momentum_direction_pointing_uphill_costs_no_forward_to_reject():
         return loss
 
     opt.step(closure)
+    opt._replay_checked = True  # (the check of the closure at θ0, due at this second search)
     with torch.no_grad():
         th.copy_(torch.tensor([1.0, 0.0]))
         opt.state[th]["momentum_buffer"].copy_(torch.tensor([-100.0, 0.0]))  # d = -89 g

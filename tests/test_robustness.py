@@ -2406,3 +2406,30 @@ def test_searches_exhausted_by_curvature_alone_are_not_taken_for_a_gradient_mism
             opt.step(make_closure(opt, lambda: 50.0 * w.pow(2).sum()))
             assert opt.stats["exhausted"]
     assert not [w for w in caught if "not the slope of the loss" in str(w.message)]
+
+
+def test_a_warning_raised_as_an_error_after_a_whole_step_does_not_rewind_the_rng():
+    # a closure-form search step that raises puts the generators back; a warning the step
+    # defers to its end, turned into an error by a filter, raised after θ, the state and the
+    # count had moved, and the generators were rewound all the same: a loop that caught it
+    # and went on redrew the masks of a step it had applied (a review)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1))
+    x = torch.randn(16, 6)
+    gen = torch.Generator().manual_seed(1)  # noise of the loop's own: the θ0 check warns
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x + torch.randn(x.shape, generator=gen)).pow(2).mean()
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="at θ0 gives"):
+            opt.step(closure)
+    assert opt.param_groups[0]["step"] == 1  # (the step is whole)
+    assert not torch.equal(torch.get_rng_state(), rng)  # the training call's draws stand

@@ -582,12 +582,18 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             writes = set(self.__dict__.get("_forward_writes", ()))
             writes |= {id(m.weight) for model in models for m in model.modules()
                        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-                       and m.max_norm is not None}
+                       and m.max_norm is not None and m.weight.requires_grad}
             watch = [p for _, p in self._trainable() if not is_dtensor(p)]
             # and the models' frozen tensors: a momentum (EMA) encoder updated in place in the
             # forward or the closure was updated again by each trial (a BYOL audit: 41
             # updates in 20 steps), unseen
-            seen = {id(p) for p in watch}
+            # (not a frozen nn.Embedding(max_norm=...): its renormalisation writes every
+            # trial, to the same rows, alike; kept, each trial copied the whole table, 23x the
+            # step's time for a 100 MB one)
+            seen = {id(p) for p in watch} | {
+                id(m.weight) for model in models for m in model.modules()
+                if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                and m.max_norm is not None}
             for model in models:
                 for p in model.parameters():
                     if not p.requires_grad and id(p) not in seen and not is_dtensor(p):
@@ -711,6 +717,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                     out = self._step(closure, loss_fn, loss)
             else:
                 out = self._step(closure, loss_fn, loss)
+            self._rng_at_entry = None  # (the step is whole: a warning raised below undoes nothing)
             # the closure form returns what the closure returned (a tensor with its graph, a
             # float, an HF output), as torch's optimizers do; the others the loss before the step
             out = out if self._returned is None else self._returned
@@ -721,7 +728,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._moving = False
             rng = self.__dict__.get("_rng_at_entry")
             if rng is not None:  # (θ and the state are undone: so is the training call's RNG)
-                trial_mod.set_rng_state(rng)
+                try:
+                    trial_mod.set_rng_state(rng)
+                except Exception:  # (a device in error: the step's own exception comes first)
+                    pass
             self._warn_deferred(propagating=True)
             raise
         finally:
@@ -1019,18 +1029,23 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 # (distributed: on every rank, also one whose f0 the trial function gave, which
                 # adds the same value to both means: a loss handed over on some ranks only must
                 # not make a collective on those alone)
+                # (not where the trials start from the buffers the training forward left: the
+                # first search without model=, whose trials a spectral norm's power iteration
+                # set 1% apart, once; the next search records them before the forward. Not
+                # distributed: the ranks' call forms may differ, and each must take part)
                 if (f0_given is not None or reduce is not None) and \
-                        "_replay_checked" not in self.__dict__:
+                        "_replay_checked" not in self.__dict__ and \
+                        (buffers_before is not None or not replayed or reduce is not None):
                     # once per run in this process: the trial function at θ0 against the
                     # training forward's loss (one forward, not counted in `forwards`: a
                     # resumed run makes it again, and must count as the run it continues)
-                    # (θ is still θ0 here)
-                    self._replay_checked = True
+                    # (θ is still θ0 here; looked at again at the next search where the losses
+                    # were not finite, as in a skipped step: the means, so every rank alike)
                     if reduce is None:
                         at_theta0 = trial_loss(counted=False)
                         if scale is not None:
                             self._refuse_scaled_loss(f0, at_theta0, scale)
-                        self._check_replayed(f0, at_theta0, what)
+                        self._replay_checked = self._check_replayed(f0, at_theta0, what)
                     else:  # the means over the ranks, compared alike on every rank; a rank
                         # whose loss function raised takes part, and every rank then raises
                         dev = buffers[0].device
@@ -1042,7 +1057,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                             [mean, f0.double().reshape(1).to(dev), flag], True, failure,
                             f0_failure)
                         f0_failure = None
-                        self._check_replayed(f0_value, at_theta0, what)
+                        self._replay_checked = self._check_replayed(
+                            f0_value, at_theta0, f"{what} (the mean over the ranks)")
                 elif scale is not None:
                     self._refuse_scaled_loss(f0, trial_loss(), scale)
                 result, accepted = self._run_search(passes, trial_loss, f0, etas, plan, reduce,
@@ -1376,10 +1392,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "advantage computed from the trained weights inside the loss function and "
                 "detached (a TD target from the online network, A2C's (R - V).detach()): each "
                 "trial recomputes it at its own point; compute it once before the step and let "
-                "the loss function close over it; the gradient changed after backward "
-                "(clip_grad_norm_ before step: pass max_grad_norm= instead); trials that see "
-                "other random numbers, data or buffers than the training forward; a gradient "
-                "of another loss than the one returned"))
+                "the loss function close over it; a gradient scaled up after backward (a "
+                "GradScaler's scale not taken out); trials that see other random numbers, data "
+                "or buffers than the training forward; a gradient of another loss than the one "
+                "returned; a loss that jumps at θ0 (a top-k router whose logits tie)"))
 
     def _note_unchanged_trials(self, result) -> None:
         """Trial losses equal to f0 to the last bit, though a decrease was predicted, mean the
@@ -1515,7 +1531,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return None
         return scale
 
-    def _check_replayed(self, f0: Tensor, at_theta0: Tensor, what: str) -> None:
+    def _check_replayed(self, f0: Tensor, at_theta0: Tensor, what: str) -> bool:
         """The trials must evaluate the function the training forward evaluated: same batch,
         same random numbers, same state. Where they do not, every Armijo test compares the
         losses of two functions, and their difference, not the step, decides: a diffusion
@@ -1528,10 +1544,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         compared (one all-reduce more, once), so every rank warns alike."""
         f0, f = float(f0), float(at_theta0)
         if not (math.isfinite(f0) and math.isfinite(f)):
-            return
+            return False  # (nothing to compare: looked at again at the next search)
         diff = abs(f - f0)
         if diff <= 1e-3 * abs(f0) + 1e-6:
-            return
+            return True
         self._warn_once("replay", (
             f"{what} at θ0 gives {f:.6g} where the training forward gave {f0:.6g} "
             f"({diff / max(abs(f0), 1e-30):.2%} apart): the trial forwards do not evaluate "
@@ -1548,6 +1564,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             "opt.capture_rng() before that forward); a trial function on other data than the "
             "training forward (a batch fetched inside it, random draws between micro-batches: "
             "docs/integrations.md). Looked at once, at the first search"))
+        return True
 
     def _refuse_scaled_loss(self, f0: Tensor, at_theta0: Tensor, scale: float) -> None:
         """A loss handed over as ``scaler.scale(loss)`` (``loss=``, ``provide_loss`` or the

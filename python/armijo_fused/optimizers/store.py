@@ -193,9 +193,9 @@ class StoreMixin:
             self._warn_once("blocks_renamed", (
                 f"the checkpoint's blocks {old[:4]} are not this model's {names[:4]}: the "
                 f"blocks it does not name start from step size {eta:g}. Block names are read "
-                "past wrapper prefixes (module., _orig_mod.); a checkpoint of a wrapped model "
-                "saved before that was so names its blocks after the wrapper, or it is another "
-                "model's"))
+                "past wrapper prefixes (module., _orig_mod., peft's base_model.model.); a "
+                "checkpoint of a wrapped model saved before that was so names its blocks after "
+                "the wrapper (a PeftModel's head: 'base_model'), or it is another model's"))
         group.update(block_names=names, block_owner=owner, **new)
 
     def _trainable_key(self) -> tuple:
