@@ -834,7 +834,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # soon as the buffers hold the gradient: on a GPU it then runs while the host prepares
         # the first pass, where queued just before that pass it delayed it by its own length
         # (a read of g, ~0.1 ms at 124M) on every step
-        probed = (self._probe_grad_sq(buffers, {})
+        probed = (self._probe_grad_sq(buffers)
                   if self.check_finite or self.max_grad_norm is not None else {})
         table = self._block_table()
         etas = self._etas(table)
@@ -864,8 +864,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             # that rank alone skipped and the replicas parted: its Σ g², read for the guard
             # anyway, rides in the same collective as 0 · Σ g² (NaN iff it is not finite)
             guard = None
-            if self.check_finite or self.max_grad_norm is not None:
-                probed = self._probe_grad_sq(buffers, probed)
+            if self.check_finite or self.max_grad_norm is not None:  # (read at the step's start)
                 guard = total([scalar_sum(sq).to(buffers[0].device) for sq in probed.values()])
             f0, loss_before = self._loss_over_ranks(f0, buffers[0].device, reduce, guard)
         setup = StepSetup(k, table, etas, factors, block_factors, applied_factors, mfac,
@@ -1480,10 +1479,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         return mean_over_ranks
 
     @staticmethod
-    def _probe_grad_sq(buffers, probed: dict) -> dict:
-        """Each buffer's per-block Σ g² (those in ``probed`` already read), for the guard."""
-        return {i: probed[i] if i in probed else
-                b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b))
+    def _probe_grad_sq(buffers) -> dict:
+        """Each buffer's per-block Σ g², by buffer index, for the guard."""
+        return {i: b.backend.grad_sq_norm(_flat_grad(b), b.layout, table=_table(b))
                 for i, b in enumerate(buffers)}
 
     @staticmethod
