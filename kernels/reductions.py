@@ -23,6 +23,12 @@ def is_finite(x):
 
 
 @triton.jit
+def finite_or_zero(x):
+    """``x`` where it is finite, else 0: how the passes take a non-finite gradient element."""
+    return tl.where(is_finite(x), x, 0.0)
+
+
+@triton.jit
 def store_tile_sums(partial_ptr, tile, g, d):
     """Row ``tile`` of the [ntiles, 3] partials: (Σ g·d, Σ g², Σ d²) over this tile."""
     row = partial_ptr + tile * 3

@@ -140,7 +140,7 @@ void move_tile_impl(const MoveTile& t) {
     if constexpr (NS >= 1) sa = F8::load(a + i);
     if constexpr (NS >= 2) sb = F8::load(b + i);
     if constexpr (kGrad) g = (g16 ? load_half(g16 + i, h) : F8::load(gr + i)) * vu;
-    move_step<R, PO, PN>(kv, g * vc, sa, sb, veo, vden, vwd, ven, th, d);
+    move_step<R, PO, PN>(kv, finite_or_zero(g) * vc, sa, sb, veo, vden, vwd, ven, th, d);
     if constexpr (WRITE) {
       th.store(p + i);
       if (m16) store_half(th, m16 + i, h);
@@ -155,7 +155,7 @@ void move_tile_impl(const MoveTile& t) {
     if constexpr (NS >= 1) sa = a[i];
     if constexpr (NS >= 2) sb = b[i];
     if constexpr (kGrad) g = (g16 ? half_to_float(g16[i], h) : gr[i]) * t.unscale;
-    move_step<R, PO, PN>(ks, g * t.clip, sa, sb, t.e_old, t.den_old, t.wd_new, t.e_new, th, d);
+    move_step<R, PO, PN>(ks, finite_or_zero(g) * t.clip, sa, sb, t.e_old, t.den_old, t.wd_new, t.e_new, th, d);
     if constexpr (WRITE) {
       p[i] = th;
       if (m16) m16[i] = float_to_half(th, h);

@@ -8,7 +8,7 @@ model_param=None, table=None, precond=False) -> sums``
     Fold the gradient into the state, form the direction and move θ to the first trial point::
 
         g      = grad * gscale[0]            # the true gradient (gscale[0] undoes AMP scaling)
-        g_in   = g * gscale[1]               # what the state absorbs (gscale[1] clips)
+        g_in   = finite_or_zero(g) * gscale[1]  # what the state absorbs (gscale[1] clips)
         state  <- rule.update_state(g_in)
         d      = u(state, g_in) + wd * θ0    # the applied direction, decoupled weight decay
         θ      <- θ0 - eta[b] * d            # eta is per block, a device tensor
@@ -46,6 +46,10 @@ master. ``grad`` may be fp32, bf16 or fp16; the math always runs in fp32.
 (FSDP2 shards). The passes then ignore ``param`` and ``grad`` and read and write θ and g in
 those tensors; here by gathering them into flat temporaries and scattering θ back, in the fused
 backends through the table's pointers. The states stay flat buffers of the table's layout.
+
+A non-finite element of g enters every pass as 0 (``finite_or_zero``), and the sums take g as
+it is: a search step need not read g before its first pass to guard it, since the pass writes
+nothing it cannot undo, and its Σ g², read with the first trial, is not finite.
 
 ``gscale`` is a float32 device tensor of two entries; if either is not finite the first pass and
 the move write nothing and return zero sums, so a step with a non-finite gradient leaves θ and
@@ -100,6 +104,13 @@ def _check_flat(op: str, layout: FlatLayout, **buffers) -> None:
                 raise ValueError(f"torch backend {op}: {name} is on {x.device}, param on {device}")
 
 
+def finite_or_zero(g: Tensor) -> Tensor:
+    """g where it is finite, else 0: how every pass takes a non-finite gradient element. The
+    state then holds nothing a rollback cannot take back out, and the sums, formed from g as it
+    is, show it (Σ g² not finite): a search step's guard, read with its first trial."""
+    return torch.where(torch.isfinite(g), g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
 def _unpack_scale(gscale: Tensor) -> tuple[float, float] | None:
     unscale, clip = (float(x) for x in gscale.tolist())
     if not (torch.isfinite(torch.tensor([unscale, clip])).all()):
@@ -139,7 +150,7 @@ def first_pass(
         written = param.to(model_param.dtype) != model_param
         param[written] = model_param[written].float()
     g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
-    g_in = g * scale[1]
+    g_in = finite_or_zero(g) * scale[1]
     rule.update_state(g_in, states, scalars)
     moved = []
     try:
@@ -195,7 +206,7 @@ def move(
     if scale is None:
         return sums if compute_sums else None
     g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
-    g_in = g * scale[1]
+    g_in = finite_or_zero(g) * scale[1]
     u_old, wd_old = _direction(rule, g_in, states, scalars, weight_decay, precond_old)
     u_new, wd_new = _direction(rule, g_in, states, scalars, weight_decay, precond_new)
     moved = []
