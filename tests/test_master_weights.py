@@ -198,8 +198,11 @@ def test_a_loss_computed_in_bf16_is_named_when_it_stops_the_search():
     opt = ArmijoAdam(model.parameters(), cadence="every", model=model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fp32 loss: no such warning, and the model trains
+        # (detached: torch warns once per process on float() of a tensor that requires grad,
+        # an error here when this test is the process's first to do it)
         losses = [float(opt.step(lambda: closure(
-            lambda out: nn.functional.mse_loss(out.float(), y.float())))) for _ in range(20)]
+            lambda out: nn.functional.mse_loss(out.float(), y.float()))).detach())
+            for _ in range(20)]
     assert losses[-1] < losses[0]
 
 

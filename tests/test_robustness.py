@@ -194,11 +194,19 @@ def test_every_trial_non_finite_exhausts_and_restores_theta0(backend, bad):
     assert torch.isfinite(run.theta()).all() and run.opt.stats["step_size"] > 0
 
 
+def _close(a, b) -> bool:
+    """Equal to fp32 rounding (an undone pass), and not bitwise where nothing was written."""
+    torch.testing.assert_close(a, b, **INVERSE_TOL)
+    return True
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("direction", ALL_DIRS)
 @pytest.mark.parametrize("where", ["search", "plain"])
 def test_non_finite_gradient_skips_with_theta_and_state_untouched(direction, backend, where):
-    # searched steps read the guard on the host; plain steps skip inside the pass with no sync
+    # plain steps skip inside the pass with no sync (bitwise); a searched step's guard is its
+    # first pass's Σ g², read with the first trial, and that pass (which took the non-finite
+    # elements as 0) is undone: to rounding (bitwise with exact_revert, below)
     run = Run(direction, backend=backend, cadence="every" if where == "search" else 1000)
     run.steps(1)  # the first step searches under either cadence
     before = run.snapshot()
@@ -212,10 +220,11 @@ def test_non_finite_gradient_skips_with_theta_and_state_untouched(direction, bac
     run.opt.step(poisoned)
     assert run.opt.stats["skipped"] and run.opt.stats["searched"] == (where == "search")
     after = run.snapshot()
-    assert torch.equal(after["theta"], before["theta"])
+    same = torch.equal if where == "plain" else _close
+    assert same(after["theta"], before["theta"])
     for pid, s in after["state"].items():
         for name, v in s.items():
-            assert torch.equal(v, before["state"][pid][name]), name
+            assert torch.isfinite(v).all() and same(v, before["state"][pid][name]), name
     for g0, g1 in zip(before["groups"], after["groups"]):
         assert g1["step_size"] == g0["step_size"] and g1["step_size_avg"] == g0["step_size_avg"]
     run.steps(2)
@@ -240,7 +249,9 @@ def test_non_finite_gradient_skips_in_every_mode(kw):
 
     run.opt.step(poisoned)
     assert run.opt.stats["skipped"]
-    assert torch.equal(run.theta(), before["theta"])
+    # bitwise where the gradient was read before the pass (clipping) or a snapshot was kept
+    exact = "max_grad_norm" in kw or kw.get("exact_revert")
+    assert (torch.equal if exact else _close)(run.theta(), before["theta"])
     run.steps(2)
     assert torch.isfinite(run.theta()).all() and not run.opt.stats["skipped"]
 
@@ -255,7 +266,8 @@ def test_non_finite_gradient_on_the_very_first_step_leaves_fresh_state():
         return out
 
     run.opt.step(poisoned)
-    assert run.opt.stats["skipped"] and torch.equal(run.theta(), theta)
+    assert run.opt.stats["skipped"] and _close(run.theta(), theta)  # (undone: a search step)
+    # the state is put back as it was, zeros, not to rounding
     assert all(int(torch.count_nonzero(v)) == 0 for s in run.opt.state.values() for v in s.values())
     run.steps(2)
     assert torch.isfinite(run.theta()).all() and run.opt.stats["step_size"] > 0
@@ -293,10 +305,12 @@ def test_skipped_step_does_not_count_in_the_bias_correction(backend, cadence, ba
     twin, twin_opt = train([0, 1, 3, 4])
     assert opt.param_groups[0]["step"] == 5 and opt.param_groups[0]["folded"] == 4
     assert twin_opt.param_groups[0]["folded"] == 4
+    # bitwise but after a search step's non-finite gradient, whose first pass was undone
+    same = _close if (cadence == "every" and bad == "gradient") else torch.equal
     for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+        assert same(p, q)
         for name in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt.state[p][name], twin_opt.state[q][name]), name
+            assert same(opt.state[p][name], twin_opt.state[q][name]), name
 
 
 @pytest.mark.parametrize("module", [nn.Linear(3, 2), nn.Sequential(nn.Linear(3, 2))])
@@ -2208,10 +2222,12 @@ def test_the_guard_skips_a_non_finite_step_on_every_device(device, bad, search):
         loss = torch.tensor(math.inf if bad == "loss inf" else math.nan, device=device)
     opt.step(loss_fn=loss_fn, loss=loss)
     assert opt.stats["skipped"]
+    # (a search step's non-finite gradient: its first pass ran and was undone, to rounding)
+    same = _close if search and bad.startswith("grad") else torch.equal
     for p, p0 in zip(params, before[0]):
-        assert torch.equal(p.detach(), p0)
+        assert same(p.detach(), p0)
     for k, v in before[1].items():
-        assert torch.equal(opt.state[params[0]][k], v), k
+        assert same(opt.state[params[0]][k], v), k
 
 
 def test_a_float64_loss_beyond_float32s_range_is_not_taken_for_a_non_finite_one():

@@ -59,9 +59,14 @@ class FlatPasses(Passes):
     """Runs each fused pass once per flat buffer with that buffer's backend."""
 
     def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], f0,
-                 loss_follows: bool = False, grad_sq: dict | None = None):
+                 loss_follows: bool = False, grad_sq: dict | None = None,
+                 guard_in_sums: bool = False):
         """``grad_sq``: per buffer index, per-block Σ g² already read this step (not read
-        again by the guard)."""
+        again by the guard). ``guard_in_sums``: a search step that does not read g before its
+        first pass: the first pass takes a non-finite element of g as 0 (it can be undone) and
+        its Σ g², read with the first trial, is the guard (the search checks it); the caller
+        undoes a step so skipped."""
+        self.guard_in_sums = guard_in_sums
         self.opt, self.buffers = opt, buffers
         self._known_sq = grad_sq or {}
         self.groups = sorted({b.group_index for b in buffers})  # whose state this step updates
@@ -76,6 +81,8 @@ class FlatPasses(Passes):
         self.scalars = [opt.rule.scalars(groups[b.group_index], groups[b.group_index]["folded"] + 1)
                         for b in buffers]
         self.wd = [float(groups[b.group_index]["weight_decay"]) for b in buffers]
+        # a state no gradient has been folded into holds zeros: an undo puts them back exactly
+        self._fresh = [groups[b.group_index]["folded"] == 0 for b in buffers]
         self._grad_sq = None
         self._first_sums = None
         # per buffer, where a pass has left it: the device η it sits at and whether along the
@@ -97,7 +104,8 @@ class FlatPasses(Passes):
         before the first pass can start. ``loss_follows``: a search, whose ``set_loss`` forms
         the guard once f0 is known (no pass runs before it)."""
         opt, dev0 = self.opt, self.buffers[0].device
-        need_norm = opt.check_finite or opt.max_grad_norm is not None
+        need_norm = ((opt.check_finite or opt.max_grad_norm is not None)
+                     and not self.guard_in_sums)
         self.can_skip = need_norm or f0 is not None  # else the guard stays [1, 1]
         self._base = opt._ones2(dev0)  # shared and never written
         self._probe = None
@@ -281,8 +289,11 @@ class FlatPasses(Passes):
             if self._at[i] is None:
                 continue
             self._move_buffer(i, self._at[i] * 0, False, False)
-            if folded:
-                g_in = b.grad.float() * (scale[0] * scale[1])
+            if folded and self._fresh[i]:
+                for s in b.states:
+                    s.zero_()
+            elif folded:  # (g as the pass took it: a non-finite element as 0)
+                g_in = torch_backend.finite_or_zero(b.grad.float() * scale[0]) * scale[1]
                 self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
         self._written(None)
         self._forget()

@@ -199,7 +199,8 @@ class SearchMixin:
                     frozen=None, resolution=None, f0_failure=None, along_fallback=False, *,
                     table):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
-                  guard=passes.guard(), reduce=reduce, f0_failure=f0_failure,
+                  guard=passes.guard(), check_grad=getattr(passes, "guard_in_sums", False),
+                  reduce=reduce, f0_failure=f0_failure,
                   resolution=loss_resolution(f0) if resolution is None else resolution)
         frozen = frozen or [False] * len(etas)
         if len(plan) == 1:  # global, or one block with the combined test
@@ -208,6 +209,7 @@ class SearchMixin:
                     for b, e in enumerate(etas)]
             eta0 = self._cap_for_weight_decay(eta0)
             if self.candidates is not None and not any(frozen):  # (candidates share one η)
+                kw.pop("check_grad")  # (false here: the candidates' guard reads g first)
                 result = batched_armijo_search(passes, trial_losses, f0, eta0[0],
                                                candidates=self.candidates, **kw)
                 return result, result.accepted
@@ -244,7 +246,8 @@ class SearchMixin:
             eta0 = [self.policy.first_trial(etas[b]) if b in members else 0.0 for b in range(n)]
             r = armijo_search(passes, trial_loss, f0, self._cap_for_weight_decay(eta0),
                               search=members, sums=sums, allow_fallback=False, **kw)
-            kw["guard"] = kw["f0_failure"] = None  # read with the first block's first trial
+            # read with the first block's first trial
+            kw["guard"], kw["f0_failure"], kw["check_grad"] = None, None, False
             results.append((members, r))
             if r.skipped:
                 return r, None
