@@ -493,3 +493,47 @@ def test_a_cache_the_forward_builds_from_the_weights_does_not_escape_the_batched
     trained = torch.tanh(model.l1(x)).detach().mean(0)  # (θ moved: the cache is θ0's)
     assert not is_batchedtensor(model.cache) and model.cache.shape == (16,)
     assert torch.isfinite(model.cache).all() and not torch.equal(model.cache, trained)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_skips_a_batched_search_without_reading_g_first(backend, bad,
+                                                                               monkeypatch):
+    # The batched search's guard is its first pass's Σ g² as the sequential one's: the pass
+    # (η = 0) took the element as 0, the trial points are finite, the step is skipped and the
+    # state's update undone (to rounding); g is read by no pass before it
+    if backend == "cpp":
+        from armijo_fused import ops
+        if not ops.available():
+            pytest.skip("the C++ extension is not built")
+    from armijo_fused.backends import cpp_backend, torch_backend
+
+    torch.manual_seed(0)
+    model, x, y = _mlp()
+    opt = ArmijoAdam(model.parameters(), cadence="every", model=model, candidates=3,
+                     backend=backend)
+    loss = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    for _ in range(2):
+        opt.step(make_closure(opt, loss))
+    theta = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+             for p in model.parameters()}
+    reads = []
+    for mod in (cpp_backend, torch_backend):
+        real = mod.grad_sq_norm
+        monkeypatch.setattr(mod, "grad_sq_norm",
+                            lambda *a, real=real, **k: reads.append(1) or real(*a, **k))
+
+    opt.zero_grad()
+    l0 = loss()
+    l0.backward()
+    model[0].weight.grad[2, 3] = bad
+    opt.step(loss_fn=loss, loss=l0)
+    assert opt.stats["skipped"] and opt.stats["searched"] and reads == []
+    for p, t in zip(model.parameters(), theta):
+        torch.testing.assert_close(p.detach(), t, rtol=1e-6, atol=1e-7)
+    for p in model.parameters():
+        for k, v in state[id(p)].items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=1e-5, atol=1e-9)
+    opt.step(make_closure(opt, loss))  # and training goes on
+    assert not opt.stats["skipped"] and all(torch.isfinite(p).all() for p in model.parameters())

@@ -244,6 +244,25 @@ def test_a_pass_over_non_finite_gradient_elements_is_undone(backend, rule_name, 
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("precond", [False, True])
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+@pytest.mark.parametrize("backend", _backends())
+def test_trial_points_take_a_non_finite_gradient_element_as_zero(backend, rule_name, precond):
+    """The batched candidates' trial points read g as the first pass took it: finite rows,
+    the torch twin's, where g holds inf or NaN (the search's guard, the first pass's Σ g², then
+    skips the step)."""
+    rule = RULES[rule_name]
+    case = make_case(rule_name, (300, 700), 256, seed=4, weight_decay=0.01, step=5)
+    case.grad[[3, 310]] = torch.tensor([math.nan, -math.inf])
+    case.gscale = torch.tensor([0.5, 0.25])
+    ref.first_pass(rule, *_args(case), case.eta * 0, case.gscale, case.layout)
+    etas = [0.1, 0.01, 0.001]
+    want = ref.trial_points(rule, *_args(case), etas, case.gscale, case.layout, precond)
+    got = backend.trial_points(rule, *_args(case), etas, case.gscale, case.layout, precond)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, **TOL)
+
+
 # == optimizer level ==============================================================================
 @st.composite
 def setups(draw, max_dim=9, max_params=4):

@@ -246,7 +246,7 @@ def trial_points(
 ) -> Tensor:
     _check_flat("trial_points", layout, param=param, grad=grad, states=list(states))
     unscale, clip = (float(x) for x in gscale.tolist())
-    g_in = grad.float() * unscale * clip
+    g_in = finite_or_zero(grad.float() * unscale) * clip
     u, wd = _direction(rule, g_in, states, scalars, weight_decay, precond)
     d = u if precond else u + wd * param
     del g_in, u

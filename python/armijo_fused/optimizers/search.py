@@ -209,7 +209,6 @@ class SearchMixin:
                     for b, e in enumerate(etas)]
             eta0 = self._cap_for_weight_decay(eta0)
             if self.candidates is not None and not any(frozen):  # (candidates share one η)
-                kw.pop("check_grad")  # (false here: the candidates' guard reads g first)
                 result = batched_armijo_search(passes, trial_losses, f0, eta0[0],
                                                candidates=self.candidates, **kw)
                 return result, result.accepted
