@@ -23,9 +23,11 @@ def is_finite(x):
 
 
 @triton.jit
-def finite_or_zero(x):
-    """``x`` where it is finite, else 0: how the passes take a non-finite gradient element."""
-    return tl.where(is_finite(x), x, 0.0)
+def absorbable(x):
+    """``x`` where ``x²`` is finite, else 0: how the passes take a gradient element that is inf,
+    NaN or beyond ±2^64 (its square overflows; a second moment that absorbed it could not be
+    undone: inf − inf)."""
+    return tl.where(is_finite(x * x), x, 0.0)
 
 
 @triton.jit

@@ -452,11 +452,11 @@ class Lifecycle(RuleBasedStateMachine):
             params, state, groups = snapshot(w)
             what = f"NaN gradient ({form}, {w.opt.backend})"
             # bitwise where the gradient was read before the pass (steps without a search,
-            # clipping) or a snapshot kept; else a search step's first pass ran (its Σ g² is
+            # clipping, the SGD family) or a snapshot kept; else a search step's first pass ran (its Σ g² is
             # the guard) and was undone, to rounding
             opt = w.opt
             exact = (not opt.stats["searched"] or opt.exact_revert
-                     or opt.max_grad_norm is not None)
+                     or opt.max_grad_norm is not None or not opt.rule.bounded_step)
 
             def same_tensor(a, c, tol):
                 return bitwise_equal(a, c) if exact else (

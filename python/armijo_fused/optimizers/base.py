@@ -833,8 +833,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # A search step's guard is its first pass's own Σ g², read with the first trial: the
         # pass takes a non-finite element of g as 0 and is undone on a skip, so g is read once
         # (a read more was 1/7 more memory traffic than AdamW's step: 1.18x against 1.03x
-        # without it at 124M, H200). Clipping needs the norm before the pass.
-        guard_in_sums = search and self.max_grad_norm is None
+        # without it at 124M, H200). Clipping needs the norm before the pass, and the SGD
+        # family's pass over an exploded g could not be undone (rule.bounded_step).
+        guard_in_sums = search and self.max_grad_norm is None and self.rule.bounded_step
         # the other steps' read of g (check_finite, max_grad_norm), per buffer and block, queued
         # as soon as the buffers hold the gradient: on a GPU it then runs while the host
         # prepares the first pass, where queued just before that pass it delayed it by its own

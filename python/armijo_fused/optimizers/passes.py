@@ -81,8 +81,6 @@ class FlatPasses(Passes):
         self.scalars = [opt.rule.scalars(groups[b.group_index], groups[b.group_index]["folded"] + 1)
                         for b in buffers]
         self.wd = [float(groups[b.group_index]["weight_decay"]) for b in buffers]
-        # a state no gradient has been folded into holds zeros: an undo puts them back exactly
-        self._fresh = [groups[b.group_index]["folded"] == 0 for b in buffers]
         self._grad_sq = None
         self._first_sums = None
         # per buffer, where a pass has left it: the device η it sits at and whether along the
@@ -289,11 +287,8 @@ class FlatPasses(Passes):
             if self._at[i] is None:
                 continue
             self._move_buffer(i, self._at[i] * 0, False, False)
-            if folded and self._fresh[i]:
-                for s in b.states:
-                    s.zero_()
-            elif folded:  # (g as the pass took it: a non-finite element as 0)
-                g_in = torch_backend.finite_or_zero(b.grad.float() * scale[0]) * scale[1]
+            if folded:  # (g as the pass took it: an element whose square overflows as 0)
+                g_in = torch_backend.absorbable(b.grad.float() * scale[0]) * scale[1]
                 self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
         self._written(None)
         self._forget()
