@@ -10,14 +10,11 @@ The model is left out on purpose: the loss at θ0 is a given scalar and the tria
 a precomputed scalar far below it, so the first trial is accepted and costs no model time. What is
 left is exactly the optimizer's share of a step:
 
-* ``armijo_search``: a step with a search: the first pass, one host read of the sums (whose Σ g²
-  is ArmijoAdam's non-finite guard since ed36633; before, the guard read g before the pass) and
-  the loss, the Armijo test, the step-size bookkeeping;
-* ``armijo_plain``: a step without a search (the adaptive cadence's usual step): the guard's read
-  of g and the first pass, no host sync;
-* each with ``check_finite=True`` (the default) and ``False`` (no read of g before a step without
-  a search, 4 B/param; an ArmijoAdam search step reads none either way since ed36633; the SGD
-  family's still does);
+* ``armijo_search``: a step with a search: the guard's gradient read (``check_finite``), the first
+  pass, one host read of the sums and the loss, the Armijo test, the step-size bookkeeping;
+* ``armijo_plain``: a step without a search (the adaptive cadence's usual step): the guard and the
+  first pass, no host sync;
+* each with ``check_finite=True`` (the default; one extra read of g, 4 B/param) and ``False``;
 * ``armijo_plain_in_place``: ``armijo_plain`` with ``flat=False`` (the passes reach the
   parameters where they are, through a tile table);
 * ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(...).step()`` on the same shapes;

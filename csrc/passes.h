@@ -149,33 +149,16 @@ ARMIJO_INLINE V search_direction(const Coeffs<V>& k, V g, V a, V b) {
   }
 }
 
-// g where g² is finite, else 0: an element that is inf, NaN or beyond ±2^64 (whose square
-// overflows) enters the state as 0. s - s is 0 for a finite s and NaN otherwise (NaN compares
-// unequal). Such an element is never written into the state, and Σ g² (formed from g as it is)
-// is not finite: a search step takes that as its guard and undoes the pass, instead of reading
-// g once more before it; the elements it did absorb square to finite values, so their undo
-// stays finite too (an inf one made a second moment inf - inf = NaN).
-ARMIJO_INLINE float absorbable(float x) {
-  const float s = x * x;
-  return s - s == 0.f ? x : 0.f;
-}
-template <typename V>
-ARMIJO_INLINE V absorbable(V x) {
-  const V s = x * x;
-  return select_ne(s - s, V(0.f), V(0.f), x);
-}
-
 // First pass, one element (or one vector of elements):
-//   g = grad*unscale; g_in = absorbable(g)*clip; state <- absorb(g_in); d = u + wd*θ;
-//   θ <- θ - eta*d,
+//   g = grad*unscale; g_in = g*clip; state <- absorb(g_in); d = u + wd*θ; θ <- θ - eta*d,
 // or with PRECOND the first trial on the fallback line: θ <- θ - eta*precond_grad (no wd; a
 // search along g whose step applies d: SGD with momentum). Returns g (unclipped) and d for the
 // reductions, d being the rule's direction either way.
 template <int R, bool PRECOND, typename V>
 ARMIJO_INLINE void first_step(const Coeffs<V>& k, V unscale, V clip, V wd, V eta, V& theta,
                               V grad, V& a, V& b, V& g, V& d) {
-  g = grad * unscale;  // raw: the sums show a non-finite gradient
-  V g_in = absorbable(g) * clip;
+  g = grad * unscale;
+  V g_in = g * clip;
   absorb<R>(k, g_in, a, b);
   d = direction<R>(k, g_in, a, b) + wd * theta;
   if constexpr (PRECOND) {

@@ -3,7 +3,7 @@
 One program per tile; θ sits at θ0 and the state is already updated (the search ran the first
 pass with eta 0), so nothing here is written but the output::
 
-    g_in   = absorbable(grad * gscale[0]) * gscale[1]   # as the first pass took it
+    g_in   = grad * gscale[0] * gscale[1]
     d      = u(state, g_in) + wd * θ0          # or precond_grad(g_in), no weight decay, PRECOND
     out[k] = θ0 - etas[k] * d                  # k < K, rows of n_elements
 
@@ -14,7 +14,6 @@ Adam, whose u does not read g once the state is updated), writes 4·K B.
 import triton
 import triton.language as tl
 
-from .reductions import absorbable
 from .rules import line_direction, load_states, widen
 
 
@@ -48,7 +47,7 @@ def trial_points_kernel(
     clip = tl.load(gscale_ptr + 1)
 
     theta = tl.load(param_ptr + offs, mask=mask, other=0.0)
-    g_in = absorbable(widen(tl.load(grad_ptr + offs, mask=mask, other=0.0)) * unscale) * clip
+    g_in = widen(tl.load(grad_ptr + offs, mask=mask, other=0.0)) * unscale * clip
     a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
     d = line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND)
     if not PRECOND:  # the fallback direction carries no weight decay

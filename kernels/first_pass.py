@@ -3,7 +3,7 @@
 One program per tile of ``BLOCK_SIZE`` elements (the layout's tile), block ``tile_block[tile]``::
 
     g      = grad * gscale[0]                  # true gradient (undo AMP scaling)
-    g_in   = absorbable(g) * gscale[1]     # what the state absorbs (clipping)
+    g_in   = g * gscale[1]                     # what the state absorbs (clipping)
     θ0    <- model where bf16/fp16(θ0) != model  # only WRITE_MODEL: the user wrote the model
     state <- update_state(state, g_in)
     d      = u(state, g_in) + wd * θ0          # applied direction, decoupled weight decay
@@ -16,10 +16,7 @@ With ``TABLE``, θ and g are found through a tile table (FSDP2 shards that stay 
 
 Traffic per element: reads θ, g and the state, writes θ and the state (28 B for Adam in fp32;
 with a bf16 model and fp32 master, g is 2 B and the model copy is read and written: 30 B).
-If either gscale entry is not finite the program writes zero partials and nothing else. An
-element of g whose square is not finite (inf, NaN, beyond ±2^64) enters the state as 0, so the
-pass writes nothing it cannot take back; the sums take g as it is, so Σ g² shows it (a search
-step's guard, read with the first trial).
+If either gscale entry is not finite the program writes zero partials and nothing else.
 ``PRECOND`` puts the first trial on the fallback line (a search along g whose step then applies
 d: SGD with momentum), saving the move there; the sums are d's either way.
 """
@@ -27,7 +24,7 @@ d: SGD with momentum), saving the move there; the sums are d's either way.
 import triton
 import triton.language as tl
 
-from .reductions import absorbable, is_finite, store_tile_sums, store_zero_tile_sums
+from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
 from .rules import (
     direction,
     load_states,
@@ -55,8 +52,8 @@ def _first_pass_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, st
         model = tl.load(model_ptr + offs, mask=mask, other=0.0)
         written = widen(round_to_model(theta, model_ptr.dtype.element_ty)) != widen(model)
         theta = tl.where(written, widen(model), theta)
-    g = widen(tl.load(grad_ptrs, mask=mask, other=0.0)) * unscale  # raw in the sums
-    g_in = absorbable(g) * clip
+    g = widen(tl.load(grad_ptrs, mask=mask, other=0.0)) * unscale
+    g_in = g * clip
     a, b = load_states(state0_ptr, state1_ptr, offs, mask, NSTATES, BLOCK_SIZE)
 
     a, b = update_state(g_in, a, b, s0, s1, om0, om1, RULE)

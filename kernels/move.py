@@ -26,7 +26,7 @@ block's elements land an ulp away from the twins'.
 import triton
 import triton.language as tl
 
-from .reductions import absorbable, is_finite, store_tile_sums, store_zero_tile_sums
+from .reductions import is_finite, store_tile_sums, store_zero_tile_sums
 from .rules import line_direction, load_states, store_theta, tile_pointers, widen
 
 
@@ -45,7 +45,7 @@ def _move_tile(param_ptr, model_ptr, grad_ptr, lengths_ptr, state0_ptr, state1_p
     g = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     if LOAD_GRAD:
         g = widen(tl.load(grad_ptrs, mask=mask, other=0.0)) * unscale
-    g_in = absorbable(g) * clip  # as the first pass took it
+    g_in = g * clip
 
     u_old = line_direction(g_in, a, b, s0, s1, s2, s3, s4, om0, RULE, PRECOND_OLD)
     if PRECOND_OLD:

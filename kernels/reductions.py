@@ -23,14 +23,6 @@ def is_finite(x):
 
 
 @triton.jit
-def absorbable(x):
-    """``x`` where ``x²`` is finite, else 0: how the passes take a gradient element that is inf,
-    NaN or beyond ±2^64 (its square overflows; a second moment that absorbed it could not be
-    undone: inf − inf)."""
-    return tl.where(is_finite(x * x), x, 0.0)
-
-
-@triton.jit
 def store_tile_sums(partial_ptr, tile, g, d):
     """Row ``tile`` of the [ntiles, 3] partials: (Σ g·d, Σ g², Σ d²) over this tile."""
     row = partial_ptr + tile * 3

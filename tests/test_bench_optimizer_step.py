@@ -40,9 +40,9 @@ def test_optimizer_step_bench_runs_small(tmp_path):
 @needs_cpp
 def test_host_overhead_bench_counts_the_launches_of_a_step(tmp_path):
     """bench/host_overhead.py runs; and a step dispatches few operations, each a launch on a GPU
-    before or around the passes: one first pass, a guard read of g without a search (a search's
-    guard is that pass's own Σ g²) and a handful of scalar ops (a count, so it is exact on any
-    machine; it was 19 with a search and 19 without before the guard became base + 0·probe)."""
+    before or around the passes: one guard, one first pass and a handful of scalar ops (a count,
+    so it is exact on any machine; it was 19 with a search and 19 without before the guard became
+    base + 0·probe)."""
     import host_overhead
 
     out = tmp_path / "host.json"
@@ -53,7 +53,6 @@ def test_host_overhead_bench_counts_the_launches_of_a_step(tmp_path):
     assert not plain["searched"] and plain["trials"] == 0
     for row in (search, plain):
         assert row["op_counts"]["armijo_fused.first_pass.default"] == 1
-    assert "armijo_fused.grad_sq_norm.default" not in search["op_counts"]
-    assert plain["op_counts"]["armijo_fused.grad_sq_norm.default"] == 1
-    assert search["ops"] <= 7 and plain["ops"] <= 11
+        assert row["op_counts"]["armijo_fused.grad_sq_norm.default"] == 1
+    assert search["ops"] <= 8 and plain["ops"] <= 11
     assert rows["adamw_foreach"]["ops"] > rows["adamw_fused"]["ops"]

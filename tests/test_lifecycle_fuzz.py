@@ -451,25 +451,12 @@ class Lifecycle(RuleBasedStateMachine):
                 w.opt.step(loss_fn=lambda w=w: w.loss_of(b), loss=loss)
             params, state, groups = snapshot(w)
             what = f"NaN gradient ({form}, {w.opt.backend})"
-            # bitwise where the gradient was read before the pass (steps without a search,
-            # clipping, the SGD family) or a snapshot kept; else a search step's first pass ran (its Σ g² is
-            # the guard) and was undone, to rounding
-            opt = w.opt
-            exact = (not opt.stats["searched"] or opt.exact_revert
-                     or opt.max_grad_norm is not None or not opt.rule.bounded_step)
-
-            def same_tensor(a, c, tol):
-                return bitwise_equal(a, c) if exact else (
-                    bool(torch.isfinite(c).all()) and max_rel(a, c) < tol)
-
             for i, (a, c) in enumerate(zip(before[0], params)):
-                assert same_tensor(a, c, REVERT_RTOL), \
-                    f"{what}: param {i} moved, rel {max_rel(a, c):.3g}"
+                assert bitwise_equal(a, c), f"{what}: param {i} moved, rel {max_rel(a, c):.3g}"
             for i, st_before in before[1].items():
                 for key, a in st_before.items():
                     if torch.is_tensor(a):
-                        assert same_tensor(a, state[i][key], 10 * REVERT_RTOL), \
-                            f"{what}: state {key} of param {i} changed"
+                        assert bitwise_equal(a, state[i][key]), f"{what}: state {key} of param {i} changed"
             for gb, ga in zip(before[2], groups):
                 for key in ("step_size", "step_size_avg", "folded"):  # the step-size policy's memory
                     if key in gb:

@@ -140,7 +140,7 @@ void move_tile_impl(const MoveTile& t) {
     if constexpr (NS >= 1) sa = F8::load(a + i);
     if constexpr (NS >= 2) sb = F8::load(b + i);
     if constexpr (kGrad) g = (g16 ? load_half(g16 + i, h) : F8::load(gr + i)) * vu;
-    move_step<R, PO, PN>(kv, absorbable(g) * vc, sa, sb, veo, vden, vwd, ven, th, d);
+    move_step<R, PO, PN>(kv, g * vc, sa, sb, veo, vden, vwd, ven, th, d);
     if constexpr (WRITE) {
       th.store(p + i);
       if (m16) store_half(th, m16 + i, h);
@@ -155,7 +155,7 @@ void move_tile_impl(const MoveTile& t) {
     if constexpr (NS >= 1) sa = a[i];
     if constexpr (NS >= 2) sb = b[i];
     if constexpr (kGrad) g = (g16 ? half_to_float(g16[i], h) : gr[i]) * t.unscale;
-    move_step<R, PO, PN>(ks, absorbable(g) * t.clip, sa, sb, t.e_old, t.den_old, t.wd_new, t.e_new, th, d);
+    move_step<R, PO, PN>(ks, g * t.clip, sa, sb, t.e_old, t.den_old, t.wd_new, t.e_new, th, d);
     if constexpr (WRITE) {
       p[i] = th;
       if (m16) m16[i] = float_to_half(th, h);
@@ -196,7 +196,7 @@ void trial_tile_impl(const TrialTile& t) {
     F8 sa(0.f), sb(0.f);
     if constexpr (NS >= 1) sa = F8::load(a + i);
     if constexpr (NS >= 2) sb = F8::load(b + i);
-    const F8 g_in = absorbable((g16 ? load_half(g16 + i, h) : F8::load(gr + i)) * vu) * vc;
+    const F8 g_in = ((g16 ? load_half(g16 + i, h) : F8::load(gr + i)) * vu) * vc;
     F8 d = search_direction<R, PRECOND>(kv, g_in, sa, sb);
     if constexpr (!PRECOND) d = d + vwd * th;
     for (int64_t k = 0; k < t.k; ++k) (th - F8(t.etas[k]) * d).store(out + k * t.stride + i);
@@ -206,7 +206,7 @@ void trial_tile_impl(const TrialTile& t) {
     float sa = 0.f, sb = 0.f;
     if constexpr (NS >= 1) sa = a[i];
     if constexpr (NS >= 2) sb = b[i];
-    const float g_in = absorbable((g16 ? half_to_float(g16[i], h) : gr[i]) * t.unscale) * t.clip;
+    const float g_in = ((g16 ? half_to_float(g16[i], h) : gr[i]) * t.unscale) * t.clip;
     float d = search_direction<R, PRECOND>(ks, g_in, sa, sb);
     if constexpr (!PRECOND) d = d + t.wd * th;
     for (int64_t k = 0; k < t.k; ++k) out[k * t.stride + i] = th - t.etas[k] * d;

@@ -8,7 +8,7 @@ model_param=None, table=None, precond=False) -> sums``
     Fold the gradient into the state, form the direction and move θ to the first trial point::
 
         g      = grad * gscale[0]            # the true gradient (gscale[0] undoes AMP scaling)
-        g_in   = absorbable(g) * gscale[1]  # what the state absorbs (gscale[1] clips)
+        g_in   = g * gscale[1]               # what the state absorbs (gscale[1] clips)
         state  <- rule.update_state(g_in)
         d      = u(state, g_in) + wd * θ0    # the applied direction, decoupled weight decay
         θ      <- θ0 - eta[b] * d            # eta is per block, a device tensor
@@ -46,11 +46,6 @@ master. ``grad`` may be fp32, bf16 or fp16; the math always runs in fp32.
 (FSDP2 shards). The passes then ignore ``param`` and ``grad`` and read and write θ and g in
 those tensors; here by gathering them into flat temporaries and scattering θ back, in the fused
 backends through the table's pointers. The states stay flat buffers of the table's layout.
-
-An element of g whose square is not finite (inf, NaN, beyond ±2^64) enters every pass as 0
-(``absorbable``), and the sums take g as it is: an Adam-family search step need not read g
-before its first pass to guard it, since the pass writes nothing it cannot undo, and its Σ g²,
-read with the first trial, is not finite.
 
 ``gscale`` is a float32 device tensor of two entries; if either is not finite the first pass and
 the move write nothing and return zero sums, so a step with a non-finite gradient leaves θ and
@@ -105,15 +100,6 @@ def _check_flat(op: str, layout: FlatLayout, **buffers) -> None:
                 raise ValueError(f"torch backend {op}: {name} is on {x.device}, param on {device}")
 
 
-def absorbable(g: Tensor) -> Tensor:
-    """g where g² is finite, else 0: how every pass takes a gradient element that is inf, NaN
-    or beyond ±2^64 in fp32 (its square overflows). The state then holds nothing a rollback
-    cannot take back out (a second moment that took g² = inf would undo to inf − inf = NaN),
-    and the sums, formed from g as it is, show it (Σ g² not finite): a search step's guard,
-    read with its first trial."""
-    return torch.where(torch.isfinite(g * g), g, torch.zeros((), dtype=g.dtype, device=g.device))
-
-
 def _unpack_scale(gscale: Tensor) -> tuple[float, float] | None:
     unscale, clip = (float(x) for x in gscale.tolist())
     if not (torch.isfinite(torch.tensor([unscale, clip])).all()):
@@ -153,7 +139,7 @@ def first_pass(
         written = param.to(model_param.dtype) != model_param
         param[written] = model_param[written].float()
     g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
-    g_in = absorbable(g) * scale[1]
+    g_in = g * scale[1]
     rule.update_state(g_in, states, scalars)
     moved = []
     try:
@@ -209,7 +195,7 @@ def move(
     if scale is None:
         return sums if compute_sums else None
     g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
-    g_in = absorbable(g) * scale[1]
+    g_in = g * scale[1]
     u_old, wd_old = _direction(rule, g_in, states, scalars, weight_decay, precond_old)
     u_new, wd_new = _direction(rule, g_in, states, scalars, weight_decay, precond_new)
     moved = []
@@ -249,7 +235,7 @@ def trial_points(
 ) -> Tensor:
     _check_flat("trial_points", layout, param=param, grad=grad, states=list(states))
     unscale, clip = (float(x) for x in gscale.tolist())
-    g_in = absorbable(grad.float() * unscale) * clip
+    g_in = grad.float() * unscale * clip
     u, wd = _direction(rule, g_in, states, scalars, weight_decay, precond)
     d = u if precond else u + wd * param
     del g_in, u

@@ -37,7 +37,6 @@ class RMSProp(DirectionRule):
     state_names = ("square_avg",)
     squared_states = ("square_avg",)
     direction_reads_grad = True
-    bounded_step = True  # |g| / sqrt(alpha·a + (1-alpha)·g²) <= 1/sqrt(1-alpha)
     hyperparameters = {"alpha": 0.99, "eps": 1e-8}
 
     def validate(self, group):
@@ -67,7 +66,6 @@ class Adam(DirectionRule):
     state_names = ("exp_avg", "exp_avg_sq")
     squared_states = ("exp_avg_sq",)
     bias_corrected = True
-    bounded_step = True  # |m̂| / sqrt(v̂) is bounded by the betas, whatever g is
     warn_unannealed = True  # (NAdam inherits it)
     hyperparameters = {"betas": (0.9, 0.999), "eps": 1e-8}
 

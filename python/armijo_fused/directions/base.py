@@ -11,8 +11,7 @@ yields:
 * the torch reference math (``update_state``, ``undo_state``, ``direction``, ``precond_grad``),
   which is the ground truth the Triton and C++ twins are tested against;
 * five flags the passes and the optimizer read (below: ``direction_reads_grad``,
-  ``bias_corrected``, ``heavy_ball``, ``precond_is_gradient``, ``bounded_step``,
-  ``warn_unannealed``).
+  ``bias_corrected``, ``heavy_ball``, ``precond_is_gradient``, ``warn_unannealed``).
 
 Notation used by every pass (docs/design.md §2): ``u`` is the rule's direction without weight decay,
 ``d = u + wd * theta0`` the applied direction with decoupled weight decay, and the fallback
@@ -55,12 +54,6 @@ class DirectionRule:
     #: whether ``precond_grad`` is the gradient itself (the SGD family): the sums along the
     #: fallback line then follow from a first pass's Σ g² (:meth:`FlatPasses.fallback_sums`).
     precond_is_gradient: ClassVar[bool] = False
-    #: whether |u| is bounded whatever g is (the state normalises it: RMSProp, Adam, NAdam): a
-    #: pass over a gradient that exploded moves θ a bounded distance, which an undo takes back
-    #: to rounding. A search step of such a rule guards against a non-finite gradient with its
-    #: first pass's Σ g² and undoes that pass on a skip; the SGD family's θ − η·g would come
-    #: back from an exploded g to the rounding of η·g, larger than θ, so it reads g first.
-    bounded_step: ClassVar[bool] = False
     #: whether the optimizer warns when η̄ grows 20× with no schedule annealing the step: the
     #: directions whose searched η was measured to keep growing on noisy batches (Adam's).
     warn_unannealed: ClassVar[bool] = False

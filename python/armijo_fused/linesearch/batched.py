@@ -206,7 +206,6 @@ def batched_armijo_search(
     candidates: int,
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
-    check_grad: bool = False,
     resolution: float = FP32_RESOLUTION,
     f0_failure: tuple | None = None,
 ) -> SearchResult:
@@ -217,8 +216,8 @@ def batched_armijo_search(
     Decisions follow :func:`armijo_search`: non-descent → preconditioned gradient (the first
     round's losses are then discarded), unresolved → no step, nothing accepted within
     ``max_trials`` (or unresolved after a rejection, unless the loss equals f0 to the last
-    bit) → no step, exhausted. One host read per batched forward. ``reduce``, ``guard``,
-    ``check_grad`` and ``f0_failure`` as in :func:`armijo_search`.
+    bit) → no step, exhausted. One host read per batched forward. ``reduce``, ``guard`` and
+    ``f0_failure`` as in :func:`armijo_search`.
     """
     nblocks = len(passes.eta)
     zeros = [0.0] * nblocks
@@ -255,9 +254,6 @@ def batched_armijo_search(
                 return SearchResult(None, len(etas), f_before, math.nan, math.nan, math.nan,
                                     skipped=True)
         gd_b = rows[0::3]
-        if check_grad and first and not all(math.isfinite(x) for x in rows[1::3]):
-            return SearchResult(None, len(etas), f_before, math.nan, math.nan, math.nan,
-                                skipped=True)
         gd, grad_sq = sum(gd_b), sum(rows[1::3])
         if not math.isfinite(f_before):
             break

@@ -190,7 +190,6 @@ def armijo_search(
     allow_fallback: bool = True,
     reduce: Callable[[Tensor], Tensor] | None = None,
     guard: Tensor | None = None,
-    check_grad: bool = False,
     resolution: float = FP32_RESOLUTION,
     f0_failure: tuple | None = None,
     along_fallback: bool = False,
@@ -216,9 +215,6 @@ def armijo_search(
     search ends unresolved).
     ``guard``: a small device tensor read along with the first trial; if any entry is not finite
     the passes wrote nothing (see torch_backend.py) and the search ends as skipped.
-    ``check_grad``: the first pass's Σ g² is the gradient's guard (g was not read before it):
-    if the first trial's sums hold a Σ g² that is not finite, the search ends as skipped, θ at
-    the first trial point, for the caller to undo the pass (which took such elements as 0).
     ``reduce``: mean over ranks (distributed runs) of the trial loss, the per-block sums and the
     guard, in one collective per trial; ``f0`` must already be reduced.
     ``f0_failure``: (this rank's exception or None, the reduced flag) of the f0 evaluation in a
@@ -292,9 +288,6 @@ def armijo_search(
                 return SearchResult(None, 1, f_before, math.nan, math.nan, math.nan, skipped=True,
                                     history=[(list(eta), f_trial)])
         gd_b, gsq_b, dd_b = rows[0::3], rows[1::3], rows[2::3]
-        if check_grad and trial == 1 and not all(math.isfinite(x) for x in gsq_b):
-            return SearchResult(None, 1, f_before, math.nan, math.nan, math.nan, skipped=True,
-                                history=[(list(eta), f_trial)])
         gd, grad_sq = sum(gd_b), sum(gsq_b)
         decrease = sum(e * x for e, x in zip(eta, gd_b))
         history.append((list(eta), f_trial))

@@ -830,19 +830,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if not buffers:
             self._advance(k, folded=())
             return f0
-        # A search step's guard is its first pass's own Σ g², read with the first trial: the
-        # pass takes a non-finite element of g as 0 and is undone on a skip, so g is read once
-        # (a read more was 1/7 more memory traffic than AdamW's step: 1.18x against 1.03x
-        # without it at 124M, H200). Clipping needs the norm before the pass, and the SGD
-        # family's pass over an exploded g could not be undone (rule.bounded_step).
-        guard_in_sums = search and self.max_grad_norm is None and self.rule.bounded_step
-        # the other steps' read of g (check_finite, max_grad_norm), per buffer and block, queued
-        # as soon as the buffers hold the gradient: on a GPU it then runs while the host
-        # prepares the first pass, where queued just before that pass it delayed it by its own
-        # length (a read of g, ~0.1 ms at 124M) on every step
+        # the guard's read of g (check_finite, max_grad_norm), per buffer and block, queued as
+        # soon as the buffers hold the gradient: on a GPU it then runs while the host prepares
+        # the first pass, where queued just before that pass it delayed it by its own length
+        # (a read of g, ~0.1 ms at 124M) on every step
         probed = (self._probe_grad_sq(buffers)
-                  if (self.check_finite or self.max_grad_norm is not None)
-                  and not guard_in_sums else {})
+                  if self.check_finite or self.max_grad_norm is not None else {})
         table = self._block_table()
         etas = self._etas(table)
         # a block with no elements (layer-wise) is at lr 0: it has nothing the test could judge
@@ -859,8 +852,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         elif probe:  # a block that waits for a test has a gradient now: test it
             search, probed = self._blind_gradient_live(buffers, table, block_factors, reduce,
                                                        probed)
-        if guard_in_sums and not search and self.check_finite:
-            probed = self._probe_grad_sq(buffers)  # (every lr is 0: a plain step after all)
         # what the step reports (and returns, but for the closure form, which returns the
         # closure's own value): with DDP, the mean over the ranks
         loss_before = f0
@@ -879,7 +870,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         setup = StepSetup(k, table, etas, factors, block_factors, applied_factors, mfac,
                           buffers, reduce)
         passes = FlatPasses(self, buffers, f0, loss_follows=search,  # a search sets f0 below
-                            grad_sq=probed, guard_in_sums=guard_in_sums and search)
+                            grad_sq=probed)
         self._moving = True  # from here to the end of the step the state is mid-step
         self._held = HeldInterrupts.begin()  # ... so Ctrl-C waits for its end (interrupts.py)
 
@@ -1073,13 +1064,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                                                     trial_losses, frozen, resolution, f0_failure,
                                                     along_fallback=mfac is not None,
                                                     table=table)
-                if result.skipped and passes.guard_in_sums:
-                    # the first pass's Σ g² was not finite, or f0 (then it wrote nothing): the
-                    # step never was (bitwise from the snapshot with exact_revert)
-                    if snapshot is not None:
-                        passes.restore(snapshot)
-                    else:
-                        passes.rollback()
                 if accepted is None and snapshot is not None and not result.skipped:
                     passes.restore_params(snapshot)  # bitwise θ0; the state keeps g
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.

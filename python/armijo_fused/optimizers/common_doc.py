@@ -68,13 +68,9 @@ LINESEARCH_ARGS = r"""
             norm. Clipping here shapes the direction only; the Armijo test keeps the true
             gradient, which external clipping would falsify; ``inf`` clips nothing but
             computes the norm (default: None)
-        check_finite (bool, optional): on a step without a search, one extra read of the
-            gradient to skip the step if it is not finite, leaving θ and the state untouched,
-            without a host sync. An Adam-family search step needs no such read: its first
-            pass takes a non-finite element as 0, and its Σ g², read with the first trial,
-            skips the step and undoes the pass (to rounding; bitwise with ``exact_revert``),
-            whatever this flag; the SGD family reads g before a search step too (its pass over
-            an exploded g could not be undone) (default: True)
+        check_finite (bool, optional): one extra read of the gradient per step to skip steps
+            whose gradient is not finite, leaving θ and the state untouched, without a host sync
+            (default: True)
         backend ("auto" | "triton" | "cpp" | "torch", optional): who runs the fused passes;
             auto takes Triton on CUDA, C++ on CPU, torch otherwise (default: "auto")
         layerwise (bool, optional): one step size per block. Blocks are found from the

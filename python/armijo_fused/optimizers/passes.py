@@ -59,14 +59,9 @@ class FlatPasses(Passes):
     """Runs each fused pass once per flat buffer with that buffer's backend."""
 
     def __init__(self, opt: ArmijoOptimizer, buffers: list[FlatBuffer], f0,
-                 loss_follows: bool = False, grad_sq: dict | None = None,
-                 guard_in_sums: bool = False):
+                 loss_follows: bool = False, grad_sq: dict | None = None):
         """``grad_sq``: per buffer index, per-block Σ g² already read this step (not read
-        again by the guard). ``guard_in_sums``: a search step that does not read g before its
-        first pass: the first pass takes a non-finite element of g as 0 (it can be undone) and
-        its Σ g², read with the first trial, is the guard (the search checks it); the caller
-        undoes a step so skipped."""
-        self.guard_in_sums = guard_in_sums
+        again by the guard)."""
         self.opt, self.buffers = opt, buffers
         self._known_sq = grad_sq or {}
         self.groups = sorted({b.group_index for b in buffers})  # whose state this step updates
@@ -102,8 +97,7 @@ class FlatPasses(Passes):
         before the first pass can start. ``loss_follows``: a search, whose ``set_loss`` forms
         the guard once f0 is known (no pass runs before it)."""
         opt, dev0 = self.opt, self.buffers[0].device
-        need_norm = ((opt.check_finite or opt.max_grad_norm is not None)
-                     and not self.guard_in_sums)
+        need_norm = opt.check_finite or opt.max_grad_norm is not None
         self.can_skip = need_norm or f0 is not None  # else the guard stays [1, 1]
         self._base = opt._ones2(dev0)  # shared and never written
         self._probe = None
@@ -287,8 +281,8 @@ class FlatPasses(Passes):
             if self._at[i] is None:
                 continue
             self._move_buffer(i, self._at[i] * 0, False, False)
-            if folded:  # (g as the pass took it: an element whose square overflows as 0)
-                g_in = torch_backend.absorbable(b.grad.float() * scale[0]) * scale[1]
+            if folded:
+                g_in = b.grad.float() * (scale[0] * scale[1])
                 self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
         self._written(None)
         self._forget()

@@ -199,8 +199,7 @@ class SearchMixin:
                     frozen=None, resolution=None, f0_failure=None, along_fallback=False, *,
                     table):
         kw = dict(c=self.c, backtrack=self.backtrack, max_trials=self.max_trials,
-                  guard=passes.guard(), check_grad=getattr(passes, "guard_in_sums", False),
-                  reduce=reduce, f0_failure=f0_failure,
+                  guard=passes.guard(), reduce=reduce, f0_failure=f0_failure,
                   resolution=loss_resolution(f0) if resolution is None else resolution)
         frozen = frozen or [False] * len(etas)
         if len(plan) == 1:  # global, or one block with the combined test
@@ -245,8 +244,7 @@ class SearchMixin:
             eta0 = [self.policy.first_trial(etas[b]) if b in members else 0.0 for b in range(n)]
             r = armijo_search(passes, trial_loss, f0, self._cap_for_weight_decay(eta0),
                               search=members, sums=sums, allow_fallback=False, **kw)
-            # read with the first block's first trial
-            kw["guard"], kw["f0_failure"], kw["check_grad"] = None, None, False
+            kw["guard"] = kw["f0_failure"] = None  # read with the first block's first trial
             results.append((members, r))
             if r.skipped:
                 return r, None
