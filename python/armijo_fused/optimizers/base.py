@@ -1145,7 +1145,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
                                                           exhausted or collapsed)
-        if self.layerwise and self.block_search in IN_TURN:
+        if self.layerwise and self.block_search in IN_TURN and not skipped:
+            # (a skipped step searched nothing: the block whose turn it was keeps it, as in a
+            # run that never saw the step, and as the most-stale choice keeps it)
             self._advance_cursor()
         for g in groups:
             g.update(next_search=next_search, search_interval=interval,
