@@ -1224,7 +1224,6 @@ def test_exact_search_flags_and_a_blind_blocks_mark(scenario):
         assert opt.stats["searched"]
 
 
-
 def _train_layerwise(block_search, steps, poison_at=None):
     """θ after ``steps`` calls of a layer-wise ArmijoAdam on a small MLP (a NaN in one gradient
     element at call ``poison_at``), and the block cursor after each call that was not skipped."""
