@@ -229,6 +229,34 @@ def test_ddp_a_loss_provided_on_some_ranks_only_does_not_mismatch_collectives():
     assert all(torch.equal(p, q) for p, q in zip(r0, r1))
 
 
+def _rank_no_loss_on_any_rank(rank, world):
+    # the trial function gives f0 on every rank: the first search has no handed-over loss to
+    # check the trial function against (it compared the function with itself: a forward more)
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    x, y = half(batch(0)[0], rank, world), half(batch(0)[1], rank, world)
+    calls = [0]
+
+    def loss_fn():
+        calls[0] += 1
+        return nn.functional.mse_loss(model(x), y)
+
+    out = []
+    for _ in range(2):
+        calls[0] = 0
+        opt.zero_grad()
+        loss_fn().backward()
+        calls[0] = 0
+        opt.step(loss_fn=loss_fn)
+        out.append((calls[0], opt.stats["trials"]))
+    return out
+
+
+def test_ddp_no_rank_handing_the_loss_over_makes_no_check_forward():
+    for r in run_ranks(_rank_no_loss_on_any_rank, world=2, timeout=60):
+        assert all(calls == 1 + trials for calls, trials in r), r  # f0, then the trials
+
+
 def _rank_zero(rank, world):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -460,6 +460,34 @@ def _rank_momentum_step_length(rank, world):
     return out
 
 
+def _rank_loss_on_one_rank(rank, world):
+    """Rank 0 hands its loss over, rank 1 does not: refused on both ranks (they hung: rank 1's
+    forward all-gathers while rank 0 waits in the loss's all-reduce), nothing moved; with the
+    loss on every rank the run then goes on."""
+    from armijo_fused.storage.sharded import _local
+
+    model = shard(make_model())
+    opt = make_opt(model)
+    x, y = batch(0)
+    n = BATCH // world
+    x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    loss_fn = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    before = [_local(p).clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    try:
+        opt.step(loss_fn=loss_fn, loss=loss if rank == 0 else None)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    same = all(torch.equal(_local(p), b) for p, b in zip(model.parameters(), before))
+    opt.step(loss_fn=loss_fn, loss=loss)
+    return {"message": message, "same": same, "searches": opt.param_groups[0]["searches"],
+            "moved": not all(torch.equal(_local(p), b)
+                             for p, b in zip(model.parameters(), before))}
+
+
 # -- tests -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "copies"])
 def test_fsdp2_matches_the_single_process_run(in_place):
@@ -646,3 +674,9 @@ def test_freezing_a_block_under_fsdp2_keeps_training():
     # raises: the step after a freeze failed on every rank.
     for r in run_ranks(_rank_freeze, world=2, timeout=120):
         assert r["kept"] and r["moved"] and r["state_released"], r
+
+
+def test_a_loss_handed_over_on_some_ranks_only_is_refused_on_every_rank():
+    for r in run_ranks(_rank_loss_on_one_rank, world=2, timeout=120):
+        assert r["message"] and "50% of the ranks only" in r["message"], r
+        assert r["same"] and r["moved"] and r["searches"] == 1, r

@@ -39,6 +39,7 @@ from ..linesearch.controller import (
     evaluate_on_every_rank,
     loss_resolution,
     read_checking_ranks,
+    read_floats,
     reduce_with_flag,
 )
 from ..linesearch.policy import StepSizePolicy
@@ -1004,6 +1005,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             with torch.no_grad():
                 failure = f0_failure = None
                 f0_given = f0  # (the rank's own, before the mean over ranks)
+                if reduce is not None and "_ranks_given" not in self.__dict__:
+                    self._ranks_given = self._share_of_ranks_given_a_loss(
+                        f0_given is not None, reduce, buffers[0].device)
                 if f0 is None:
                     f0, failure = evaluate_on_every_rank(trial_loss, reduce, buffers[0].device)
                 resolution = loss_resolution(f0)  # of the loss's own dtype, before the mean
@@ -1032,7 +1036,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 # first search without model=, whose trials a spectral norm's power iteration
                 # set 1% apart, once; the next search records them before the forward. Not
                 # distributed: the ranks' call forms may differ, and each must take part)
-                if (f0_given is not None or reduce is not None) and \
+                if (f0_given is not None or (reduce is not None and self._ranks_given > 0)) and \
                         "_replay_checked" not in self.__dict__ and \
                         (buffers_before is not None or not replayed or reduce is not None):
                     # once per run in this process: the trial function at θ0 against the
@@ -1479,6 +1483,26 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return t / world
 
         return mean_over_ranks
+
+    def _share_of_ranks_given_a_loss(self, given: bool, reduce, device) -> float:
+        """The share of the ranks that hand the loss at θ0 over (``loss=``, ``provide_loss``),
+        read once per process, at its first search (one collective and one read, before any
+        rank's forward). Under FSDP2 a share strictly between 0 and 1 is refused on every rank:
+        the ranks without it would evaluate it by a forward, whose all-gathers meet the other
+        ranks' loss all-reduce, and every rank hung (DDP's forward has no collective: there a
+        rank without it evaluates it, to the same value). No rank with one: the check of the
+        trial function at θ0 has no loss to compare with (it compared the trial function with
+        itself: one forward more per run)."""
+        share = read_floats([reduce(torch.full((1,), float(given), dtype=torch.float64,
+                                               device=device))])[0]
+        if self._sharded and 0.0 < share < 1.0:
+            raise ValueError(
+                f"the loss at θ0 was handed over (step(loss=...), provide_loss) on "
+                f"{share:.0%} of the ranks only: under FSDP2 give it on every rank or on none "
+                "(a rank without it evaluates it by a forward, whose all-gathers the other "
+                "ranks would not join: every rank would hang). The step has been undone on "
+                "every rank")
+        return share
 
     @staticmethod
     def _probe_grad_sq(buffers) -> dict:
