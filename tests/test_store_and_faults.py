@@ -696,6 +696,32 @@ def test_zero_grad_drops_the_gradients_of_tensors_outside_the_store():
     assert model.bias.grad is None and model.weight.grad is not None
 
 
+@pytest.mark.parametrize("flat_store", [True, False], ids=["flat", "in_place"])
+def test_zero_grad_clears_tensors_added_since_the_store_was_built(flat_store):
+    # a linear probe, then fine-tuning: the backbone requires grad all along (its .grad sums
+    # every backward) and joins with add_param_group, then zero_grad(); torch's clears it, this
+    # one cleared only what its store held, and the first step folded every gradient summed
+    torch.manual_seed(0)
+    body, head = nn.Linear(4, 8), nn.Linear(8, 1)
+    x = torch.randn(16, 4)
+    f = lambda: head(torch.tanh(body(x))).pow(2).mean()  # noqa: E731
+    opt = ArmijoAdam(head.parameters(), flat=flat_store)
+    for _ in range(3):
+        opt.step(make_closure(opt, f))
+    assert body.weight.grad is not None  # (summed over three backwards)
+    opt.add_param_group({"params": list(body.parameters())})
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in body.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in body.parameters())
+    f().backward()
+    expected = [p.grad.clone() for p in body.parameters()]
+    opt.zero_grad()
+    opt.step(make_closure(opt, f))  # the first gradient folded is this backward's alone
+    for p, g in zip(body.parameters(), expected):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], 0.1 * g)
+
+
 def test_a_slow_heap_scan_points_at_model(monkeypatch):
     # Without model= (and no module in the loss function's reach) the trials find the modules
     # by scanning the heap: measured 0.5-4.6 s on large heaps, where the docs said a few

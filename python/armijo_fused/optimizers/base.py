@@ -667,7 +667,15 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
     def _zero_grad(self, set_to_none: bool) -> None:
         for buf in self._buffers:
             buf.zero_grad(set_to_none)
-        for p in self._outside:  # tensors the store does not hold (frozen): as torch does
+        outside = self._outside  # tensors the store does not hold (frozen): as torch does
+        if [len(g["params"]) for g in self.param_groups] != self._group_sizes:
+            # ... and those added since it was built (add_param_group; the store takes them
+            # at the next step): a linear probe's backbone joining with 20 steps of gradient
+            # summed in its .grad folded them all into its first step (22x its gradient, the
+            # second moments 480x), where torch's zero_grad clears them
+            held = {id(p) for b in self._buffers for p in b.params}
+            outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
+        for p in outside:
             if p.grad is not None:
                 if set_to_none:
                     p.grad = None

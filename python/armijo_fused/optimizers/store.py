@@ -276,6 +276,7 @@ class StoreMixin:
         self._deferred_load = False
         held = {id(p) for b in buffers for p in b.params}
         self._outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
+        self._group_sizes = [len(g["params"]) for g in self.param_groups]  # (zero_grad)
         self._last_dd = None  # (it held the old buffers; a cap needs a pass over the new ones)
         resumed = self.__dict__.get("_resumed_dd")  # ... a resumed one: only while they train
         if isinstance(resumed, tuple) and resumed[1] is not None and \
