@@ -97,6 +97,29 @@ def test_batched_search_with_no_acceptable_step_takes_no_step():
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("candidates", [None, 4], ids=["sequential", "batched"])
+def test_a_skipped_search_reports_the_one_trial_it_spent(candidates):
+    # the batched search reported the round's K step sizes, none of which it judged
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+    opt = ArmijoSGD(model.parameters(), cadence="every", model=model, candidates=candidates,
+                    backend="torch")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        if model.weight.grad is not None:  # (the training call; the trials have none)
+            model.weight.grad[0, 0] = float("nan")
+        return loss
+
+    opt.step(closure)
+    assert opt.stats["skipped"] and opt.stats["searched"] and opt.stats["trials"] == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_candidates_argument_is_checked():
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="candidates needs model="):

@@ -280,6 +280,81 @@ def test_a_search_step_skips_an_exploded_gradient_bitwise(direction, explosion):
     assert torch.isfinite(run.theta()).all() and not run.opt.stats["skipped"]
 
 
+def _skip_or_leave_out(run, skip):
+    """One call whose gradient is NaN (skip) or, in the twin, its forward and backward without
+    a step (the dropout draws and BatchNorm statistics as the skip's) and the step counter moved
+    on as the skip moves it: the runs must go on alike."""
+    if skip:
+        def poisoned():
+            out = run.closure()
+            run.model[0].weight.grad.fill_(math.nan)
+            return out
+
+        run.opt.step(poisoned)
+        assert run.opt.stats["skipped"]
+    else:
+        run.closure()
+        for g in run.opt.param_groups:
+            g["step"] += 1
+
+
+def test_a_skipped_first_step_leaves_the_first_search_to_replace_init_step_size():
+    # `searches` counts the skip, and the first real search was taken for a later one: the
+    # step it backtracked to was averaged with the start it had rejected and held there by
+    # max_drop (η̄ 0.5 against 0.0375 in a review's repro, θ 0.7 apart after 12 steps)
+    runs = []
+    for skip in (True, False):
+        run = Run("adam", init_step_size=1.0, trend_guard=False)
+        _skip_or_leave_out(run, skip)
+        run.steps(4)
+        runs.append(run)
+    a, b = runs
+    assert b.opt.param_groups[0]["step_size_avg"] < 0.5  # (the start was rejected: a backtrack)
+    for key in ("step_size", "step_size_avg"):
+        assert a.opt.param_groups[0][key] == b.opt.param_groups[0][key], key
+    assert torch.equal(a.theta(), b.theta())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_step_keeps_the_length_cap_of_the_steps_without_a_search(backend, monkeypatch):
+    # the skipped pass's sums (zeros) became the record of ‖d‖ the next step's cap reads, which
+    # then read no cap: SGD with momentum, whose d grows between searches, moved on uncapped
+    # (a review's repro: 0.0409 against the capped 0.0391)
+    import armijo_fused.optimizers.search as search
+
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(30, 32, 8, generator=g), torch.randn(30, 32, 1, generator=g)
+
+    def run(skip, ratio=search.STEP_LENGTH_RATIO):
+        monkeypatch.setattr(search, "STEP_LENGTH_RATIO", ratio)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                              nn.Linear(16, 1))
+        opt = ArmijoSGD(model.parameters(), model=model, momentum=0.9, nesterov=True,
+                        backend=backend)
+        plain = []
+        for i in range(26):
+            def closure(i=i):
+                opt.zero_grad()
+                out = nn.functional.mse_loss(model(xs[i]), ys[i])
+                out.backward()
+                if skip and i == 21:
+                    model[0].weight.grad[0, 0] = math.nan
+                return out
+            if i == 21 and not skip:  # the twin: the batch left out, the count moved on
+                for group in opt.param_groups:
+                    group["step"] += 1
+                continue
+            opt.step(closure)
+            plain.append(not opt.stats["searched"])
+        assert plain[20] and plain[21]  # (the skipped step and the next: no search)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    skipped, left_out = run(True), run(False)
+    assert not torch.equal(left_out, run(False, ratio=1e30))  # (the cap binds in this run)
+    assert torch.equal(skipped, left_out)
+
+
 def test_non_finite_gradient_on_the_very_first_step_leaves_fresh_state():
     run = Run("adam")
     theta = run.theta()

@@ -251,7 +251,9 @@ def batched_armijo_search(
         if guard is not None and start == 0 and not precond:
             g_vals, rows = rows[len(rows) - guard.numel() :], rows[: -guard.numel()]
             if not all(math.isfinite(x) for x in g_vals):
-                return SearchResult(None, len(etas), f_before, math.nan, math.nan, math.nan,
+                # (one trial spent, as the sequential search reports a skip: the round's
+                # forward; no step size was judged)
+                return SearchResult(None, 1, f_before, math.nan, math.nan, math.nan,
                                     skipped=True)
         gd_b = rows[0::3]
         gd, grad_sq = sum(gd_b), sum(rows[1::3])

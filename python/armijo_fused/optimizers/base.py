@@ -1130,7 +1130,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         accepted = self._fill_frozen(accepted, etas, frozen)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
                                                      skipped, k, frozen, resolution)
-        if dd is not None:
+        if dd is not None and not skipped:  # (a skipped pass's sums are zeros: no cap)
             self._last_dd, self._resumed_dd = (buffers, dd), None  # (a record of this pass)
         if accepted is not None and not skipped and result.block_dd:
             # (momentum searched along g: the result is the test of the step applied, along d;
@@ -1229,7 +1229,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             raise
         finally:
             self._reshard_fsdp()
-        self._last_dd, self._resumed_dd = (buffers, dd), None  # (a record of this pass)
+        self._last_dd, self._resumed_dd = (buffers, self._dd_over_a_skip(buffers, dd, passes)), None
         self._advance_unsettled(k, passes)
 
         # telemetry: device values, formed only when read (each op is a launch on a GPU), in
@@ -1261,6 +1261,18 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         return loss_before if given else None
+
+    def _dd_over_a_skip(self, buffers, dd, passes) -> list:
+        """The record of ‖d_b‖² the next step's length cap reads, after a pass without a search:
+        this pass's, or, where the guard skipped it (its sums are zeros, and the cap read them
+        as no cap: SGD with momentum moved on uncapped after any skip), the last one's, chosen
+        on the device (the skip is not known on the host without a sync)."""
+        last = self._last_dd
+        guard = self.check_finite or self.max_grad_norm is not None
+        if not guard or last is None or last[0] is not buffers:
+            return dd
+        skipped = passes.skipped()
+        return [torch.where(skipped.to(new.device), old, new) for old, new in zip(last[1], dd)]
 
     def _next_step_sizes(self):
         """The step size (per block, layer-wise) the next step starts from: every block's,
