@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import os
 
 import pytest
@@ -233,3 +234,33 @@ def test_a_cast_after_construction_rebuilds_in_place_as_the_flat_store_does(cast
     (flat_params, flat_keys), (in_place_params, in_place_keys) = results
     assert in_place_keys == flat_keys  # no master left after a cast to fp32 / fp64
     assert all(torch.equal(a, b) for a, b in zip(flat_params, in_place_params))
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "in_place"])
+def test_a_tensor_resized_through_data_trains_on_after_its_state_is_dropped(flat):
+    # HF's resize_token_embeddings writes a larger tensor into .data. The in-place store's
+    # table held views of the Parameters made with autograd on, which kept their AccumulateGrad
+    # nodes alive with the old shape: the next backward failed inside autograd ("returned an
+    # invalid gradient ... expected shape compatible with [50, 16]"), where AdamW trains on
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(emb=nn.Embedding(50, 16), head=nn.Linear(16, 50, bias=False)))
+    tokens, labels = torch.randint(0, 50, (32, 4)), torch.randint(0, 50, (32, 4))
+    vocab = [50]
+
+    def f():
+        logits = model.head(model.emb(tokens))
+        return nn.functional.cross_entropy(logits.reshape(-1, vocab[0]), labels.reshape(-1))
+
+    opt = ArmijoAdam(model.parameters(), model=model, flat=flat)
+    for _ in range(3):
+        opt.step(make_closure(opt, f))
+    for module in (model.emb, model.head):
+        bigger = 0.02 * torch.randn(60, 16)
+        bigger[:50] = module.weight.data
+        module.weight.data = bigger
+    vocab[0] = 60
+    for p in list(opt.state):  # what the store's error about the new shape asks for
+        del opt.state[p]
+    losses = [float(opt.step(make_closure(opt, f)).detach()) for _ in range(3)]
+    assert model.emb.weight.shape == (60, 16)
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]

@@ -97,8 +97,11 @@ def _tile_addresses(tensors: Sequence[Tensor], owner: Tensor, rank: Tensor, tile
 def make_table(layout: FlatLayout, offsets: Sequence[int], params: Sequence[Tensor],
                grads: Sequence[Tensor], device) -> TileTable:
     """The table of ``params`` and ``grads`` (same shapes, in layout order) at ``offsets``."""
-    params = [p.reshape(-1) for p in params]
-    grads = [g.reshape(-1) for g in grads]
+    # (detached: a view of a Parameter made with autograd on keeps its AccumulateGrad node
+    # alive, and a tensor resized through .data, as HF's resize_token_embeddings does, then
+    # failed its next backward against the old shape)
+    params = [p.detach().reshape(-1) for p in params]
+    grads = [g.detach().reshape(-1) for g in grads]
     why = table_ok(params + grads)
     if why:
         raise ValueError(why)
@@ -133,7 +136,7 @@ def make_table(layout: FlatLayout, offsets: Sequence[int], params: Sequence[Tens
 def with_grads(table: TileTable, grads: Sequence[Tensor]) -> TileTable:
     """The table with new gradient tensors (same shapes): FSDP2 writes a new gradient after
     every backward, so the g column is rebuilt at every step; θ's column stays."""
-    grads = [g.reshape(-1) for g in grads]
+    grads = [g.detach().reshape(-1) for g in grads]
     why = table_ok(grads)
     if why:
         raise ValueError(why)
