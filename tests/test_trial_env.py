@@ -1648,3 +1648,35 @@ def test_a_frozen_max_norm_embedding_is_not_copied_by_every_trial():
                 model.head(model.emb(idx)), y)))
     watch, protect = opt._params_written_by_forward([model])
     assert all(p is not model.emb.weight for p in watch + protect)
+
+
+def test_a_parameter_registered_again_after_the_record_is_not_hidden_by_its_old_attribute():
+    # prune.remove between capture_rng() and step() (a schedule that makes the mask permanent
+    # after backward) turns the plain `weight` attribute the record holds into a Parameter
+    # again: put back, the attribute hid it, every trial ran on the stale masked tensor and
+    # the search exhausted (a user audit)
+    import torch.nn.utils.prune as prune
+
+    import armijo_fused
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    x, y = torch.randn(128, 16), torch.randn(128, 1)
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+    seen = []
+    model[2].register_forward_pre_hook(
+        lambda mod, args: seen.append(model[0].weight is model[0]._parameters.get("weight"))
+        if armijo_fused.in_trial() else None)
+    f = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    for k in range(3):
+        opt.zero_grad()
+        opt.capture_rng()
+        loss = f()
+        loss.backward()
+        if k == 2:  # (the last step: its trials are the ones looked at)
+            prune.remove(model[0], "weight")
+        seen.clear()
+        opt.step(loss_fn=f, loss=loss)
+    assert seen and all(seen) and not opt.stats["exhausted"]
+    assert "weight" not in model[0].__dict__

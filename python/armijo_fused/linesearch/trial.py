@@ -483,8 +483,17 @@ def _put_back_attributes(entries) -> None:
     for d, k, value in entries:
         if value is _MISSING:
             d.pop(k, None)
-        elif d.get(k, _MISSING) is not value:
+        elif d.get(k, _MISSING) is not value and not _registered(d, k):
             d[k] = value
+
+
+def _registered(d, k) -> bool:
+    """Is ``k`` now a parameter, buffer or submodule of the module whose ``__dict__`` is
+    ``d``? Then an attribute of that name put back would hide it: ``prune.remove`` after the
+    record (between ``capture_rng()`` and ``step()``) turns the plain ``weight`` into a
+    Parameter again, and every trial forward then ran on the stale masked tensor (the search
+    exhausted, a user audit)."""
+    return any(k in (d.get(slot) or ()) for slot in ("_parameters", "_buffers", "_modules"))
 
 
 def snapshot_buffers(modules=(), buffers=(), beside=()) -> list:
