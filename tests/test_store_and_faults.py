@@ -722,6 +722,55 @@ def test_zero_grad_clears_tensors_added_since_the_store_was_built(flat_store):
         torch.testing.assert_close(opt.state[p]["exp_avg"], 0.1 * g)
 
 
+def _head_moved_run(move, flat_store=True, steps=(12, 6)):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    opt = ArmijoAdam(model.parameters(), model=model, flat=flat_store)
+    f = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    for _ in range(steps[0]):
+        opt.step(make_closure(opt, f))
+    if move:
+        head = list(model[2].parameters())
+        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"]
+                                         if all(p is not q for q in head)]
+        opt.add_param_group({"params": head})
+    for _ in range(steps[1]):
+        opt.step(make_closure(opt, f))
+    return opt, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("flat_store", [True, False], ids=["flat", "in_place"])
+def test_tensors_moved_into_a_new_group_of_their_own_keep_their_bias_correction(flat_store):
+    # taken out of their group and added with add_param_group (the head's own weight decay):
+    # the new group counted its gradients from 0 while the moments held 12, so Adam's
+    # correction mis-scaled the head's steps (0.08-0.3x AdamW's relative to the body, for
+    # hundreds of steps, a user audit). The group takes their count: the run is the unmoved one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (and nothing to warn about)
+        opt, moved = _head_moved_run(True, flat_store)
+    _, unmoved = _head_moved_run(False, flat_store)
+    assert [g["folded"] for g in opt.param_groups] == [18, 18]
+    assert torch.equal(moved, unmoved)
+
+
+def test_tensors_moved_into_a_group_with_another_count_are_named():
+    torch.manual_seed(0)
+    body, head = nn.Linear(8, 16), nn.Linear(16, 1)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    f = lambda: nn.functional.mse_loss(head(torch.tanh(body(x))), y)  # noqa: E731
+    opt = ArmijoAdam([body.weight], model=nn.ModuleList([body, head]))
+    for _ in range(4):
+        opt.step(make_closure(opt, f))
+    opt.add_param_group({"params": [body.bias, head.weight, head.bias]})  # (count 0)
+    for _ in range(2):
+        opt.step(make_closure(opt, f))
+    opt.param_groups[0]["params"] = []  # body.weight (6 gradients) joins the group of 2
+    opt.param_groups[1]["params"].append(body.weight)
+    with pytest.warns(UserWarning, match=r"moved into param group 1 .* \(2\) .* \(6\)"):
+        opt.step(make_closure(opt, f))
+
+
 def test_a_slow_heap_scan_points_at_model(monkeypatch):
     # Without model= (and no module in the loss function's reach) the trials find the modules
     # by scanning the heap: measured 0.5-4.6 s on large heaps, where the docs said a few

@@ -151,7 +151,7 @@ class CheckpointMixin:
         for key in ("_buffers", "_buffer_key", "_closure", "_pending_rng", "_pending_bufs",
                     "_trial_sources", "_pending_loss",
                     "_pending_skip", "_skip_host", "_last_dd", "_held", "_returned",
-                    "_block_names_of"):
+                    "_block_names_of", "_group_of"):
             setattr(self, key, None)
         self._sharded, self._constants, self.stats = False, {}, self._stats_before_any_step()
         self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])
@@ -326,6 +326,7 @@ class CheckpointMixin:
         if not self.layerwise:
             state_dict = self._global_from_layerwise(state_dict)
         saved = state_dict.get("state", {})
+        self._group_of = None  # (the loaded groups are new ones: no tensor has moved)
         super().load_state_dict(state_dict)
         if from_torch:
             # the run's start is the torch optimizer's lr, not init_step_size (the warning about

@@ -223,6 +223,7 @@ class StoreMixin:
         if self._buffers is not None and self.flat:
             self._warn_taken()
         self._restart_or_warn_stateless(restarted)
+        self._follow_moved_tensors()
         self._warn_shared_storage()
         self._keep_fp32_as_masters(self._buffers)
         by_slot: dict = {}
@@ -277,6 +278,9 @@ class StoreMixin:
         held = {id(p) for b in buffers for p in b.params}
         self._outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
         self._group_sizes = [len(g["params"]) for g in self.param_groups]  # (zero_grad)
+        # each trained tensor's group, for the next build (_follow_moved_tensors)
+        self._group_of = {id(p): self.param_groups[b.group_index] for b in buffers
+                          for p in b.params}
         self._last_dd = None  # (it held the old buffers; a cap needs a pass over the new ones)
         resumed = self.__dict__.get("_resumed_dd")  # ... a resumed one: only while they train
         if isinstance(resumed, tuple) and resumed[1] is not None and \
@@ -591,6 +595,43 @@ class StoreMixin:
                 "that grows with the time frozen). Freeze and unfreeze whole param groups (a "
                 "group for each part you freeze; a group with no trainable tensor keeps its "
                 "count), and the correction stays exact. (Said once.)")
+
+    def _follow_moved_tensors(self) -> None:
+        """Before the buffers are rebuilt: trained tensors that now sit in another param group
+        than at the last build (taken out of one and added with ``add_param_group``, to give
+        the head its own weight decay). Their moments hold the gradients their old group
+        folded, and the bias correction is the group's count: a fresh group made only of
+        tensors from groups with one count takes that count, as torch's per-tensor ``step``
+        goes on (it started at 0: the moved head's steps were 0.08-0.3x AdamW's, relative to
+        the body, for hundreds of steps, a user audit); where counts differ, say so."""
+        before = self.__dict__.get("_group_of")
+        if not before or not self.rule.bias_corrected:
+            return
+        first = self.rule.state_names[0]
+        moved: dict = {}  # new group index -> [old group of each moved tensor]
+        for gi, p in self._trainable():
+            old, new = before.get(id(p)), self.param_groups[gi]
+            if old is not None and old is not new and first in self.state.get(p, {}) and \
+                    old["folded"] != new["folded"]:
+                moved.setdefault(gi, []).append((p, old))
+        for gi, items in moved.items():
+            group = self.param_groups[gi]
+            counts = {old["folded"] for _, old in items}
+            ours = {id(p) for p, _ in items}
+            if group["folded"] == 0 and len(counts) == 1 and all(
+                    id(p) in ours or first not in self.state.get(p, {}) or
+                    not self.state[p][first].any() for p in group["params"]) and all(
+                    id(p) in ours for p in group["params"] if p.requires_grad):
+                group["folded"] = counts.pop()
+                continue
+            self._warn_once("moved between groups", (
+                f"{len(items)} trained parameter(s) moved into param group {gi} "
+                f"({self._shown([p for p, _ in items])}), whose count of gradients folded "
+                f"({group['folded']}) is not the one their moments hold "
+                f"({', '.join(str(c) for c in sorted(counts))}): bias corrections are counted "
+                "per group, so their next directions are mis-corrected. Move them into a new "
+                "group of their own (add_param_group with only them, from one group), which "
+                "takes their count. (Said once.)"))
 
     def _shown(self, params) -> str:
         """The first few of ``params`` by name, for a warning."""
