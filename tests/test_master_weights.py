@@ -278,3 +278,51 @@ def test_a_master_replaced_by_hand_moves_the_model_weight():
     opt.step(closure)
     assert (model.weight.float() - 0.25).abs().max() < 0.05  # the master, then one small step
     assert torch.equal(opt.state[model.weight]["master"].bfloat16(), model.weight.detach())
+
+
+def test_a_checkpoint_taken_between_a_half_cast_and_the_next_step_holds_the_fp32_master():
+    # model.to(bf16) between steps: the next step keeps the store's fp32 θ as the master, but
+    # a checkpoint taken before it had no master, and the resumed run went on from the rounded
+    # weights (3.5e-3 off the uninterrupted run, a user audit)
+
+    torch.manual_seed(1)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        return model, ArmijoAdam(model.parameters(), model=model, cadence="every")
+
+    def train(model, opt, n):
+        def closure():
+            opt.zero_grad()
+            out = nn.functional.mse_loss(model(x.to(model[0].weight.dtype)).float(), y)
+            out.backward()
+            return out
+        for _ in range(n):
+            opt.step(closure)
+
+    runs = []
+    for checkpoint in (True, False):
+        model, opt = build()
+        train(model, opt, 4)
+        model.to(torch.bfloat16)
+        if checkpoint:
+            saved = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+        train(model, opt, 4)
+        runs.append((model, opt))
+    (model, opt), (plain, plain_opt) = runs
+    # (taking the checkpoint changed nothing in the live run)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+    saved.seek(0)
+    ckpt = torch.load(saved)
+    assert all("master" in s for s in ckpt["opt"]["state"].values())
+    resumed, resumed_opt = build()
+    resumed.to(torch.bfloat16)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["opt"])
+    train(resumed, resumed_opt, 4)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master"], resumed_opt.state[q]["master"])

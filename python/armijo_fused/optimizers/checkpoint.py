@@ -242,6 +242,10 @@ class CheckpointMixin:
         state is mid-step."""
         self._refuse_mid_step("state_dict()")
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
+        # a model cast to bf16/fp16 since the last step: its fp32 θ, still in the store, is the
+        # master the next step keeps; the checkpoint must hold it too (it had none, and the
+        # resumed run went on from the rounded weights: 3.5e-3 off the uninterrupted one)
+        self._keep_fp32_as_masters(self._buffers)
         g0 = self.param_groups[0]
         saved_dd = self._saved_dd()
         g0["last_dd"], g0["last_dd_trainable"] = saved_dd or (None, None)
