@@ -284,7 +284,6 @@ def test_a_checkpoint_taken_between_a_half_cast_and_the_next_step_holds_the_fp32
     # model.to(bf16) between steps: the next step keeps the store's fp32 θ as the master, but
     # a checkpoint taken before it had no master, and the resumed run went on from the rounded
     # weights (3.5e-3 off the uninterrupted run, a user audit)
-
     torch.manual_seed(1)
     x, y = torch.randn(64, 8), torch.randn(64, 1)
 
