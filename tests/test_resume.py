@@ -549,6 +549,26 @@ def test_a_state_dict_for_other_shapes_is_refused_by_name_and_changes_nothing(st
     step(model, opt)  # still usable
 
 
+def test_a_state_dict_of_the_same_parameters_in_another_order_says_so():
+    # a script that prunes before building the optimizer, resuming a run that built it first:
+    # weight_orig now comes after bias, and "saved for another model" sent the user looking
+    # for a model change (a user audit)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    x = torch.randn(8, 4)
+    src = ArmijoAdam(model.parameters(), backend="torch")
+    src.step(make_closure(src, lambda: model(x).pow(2).mean()))
+    reordered = ArmijoAdam(list(model.parameters())[::-1], backend="torch")
+    with pytest.raises(ValueError, match=r"another model, or for these parameters in another "
+                                         r"order: .* build the optimizer from the parameters in "
+                                         r"the order") as caught:
+        reordered.load_state_dict(src.state_dict())
+    other = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    with pytest.raises(ValueError, match="another model$"):
+        ArmijoAdam(other.parameters(), backend="torch").load_state_dict(src.state_dict())
+    assert "weight_orig" in str(caught.value)
+
+
 def _stepped_adam(layerwise=False, steps=2):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))

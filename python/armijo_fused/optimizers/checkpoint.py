@@ -44,6 +44,24 @@ def _record_as_text(value):
     return json.dumps(value) if isinstance(value, list) else value
 
 
+def _another_order(saved_group: dict, group: dict, saved: dict, known: set) -> str:
+    """Where the saved group's state shapes are this group's in another order, say so: the
+    parameters are matched by position, as torch matches them, and a model whose parameters
+    were registered in another order (pruning re-registers ``weight`` as ``weight_orig`` after
+    ``bias``; the saving run built the optimizer before pruning) was called another model."""
+    def shape_of(pid):
+        return next((tuple(v.shape) for k, v in saved.get(pid, {}).items()
+                     if torch.is_tensor(v) and k in known), None)
+
+    shapes = [shape_of(pid) for pid in saved_group["params"]]
+    if None in shapes or sorted(shapes) != sorted(tuple(p.shape) for p in group["params"]):
+        return ""
+    return (", or for these parameters in another order: its tensors' shapes are these ones "
+            "reordered. The state is matched by position, as torch's: build the optimizer from "
+            "the parameters in the order the saving run had them (pruning registers weight "
+            "again as weight_orig, after bias; registration order changes model.parameters())")
+
+
 def _record_from_text(key: str, value):
     """A record as the checkpoint holds it, back as the list it was (a list, from an earlier
     version's checkpoint or an edit, is taken as it is), its shape checked: one that is not what
@@ -594,7 +612,7 @@ class CheckpointMixin:
                         raise ValueError(
                             f"the state dict's {name!r} of parameter {what} has shape "
                             f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}: it was "
-                            "saved for another model")
+                            "saved for another model" + _another_order(sg, g, saved, known))
 
     def _check_saved_hyperparameters(self, state_dict: dict) -> None:
         """The checkpoint's group hyperparameters win at load, as torch's do; a value the next
