@@ -257,6 +257,27 @@ def test_ddp_no_rank_handing_the_loss_over_makes_no_check_forward():
         assert all(calls == 1 + trials for calls, trials in r), r  # f0, then the trials
 
 
+def _rank_loss_on_one_rank_after_a_first_search_without(rank, world):
+    # the first search has no loss on any rank, the later ones on rank 0 only: the check at θ0
+    # was then made by rank 0 alone (its collectives met the other rank's search: gloo's
+    # "collective mismatch"; a review's repro)
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    x, y = half(batch(0)[0], rank, world), half(batch(0)[1], rank, world)
+    loss_fn = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    for step in range(4):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss_fn=loss_fn, loss=loss if step >= 1 and rank == 0 else None)
+    return params(model)
+
+
+def test_ddp_a_loss_handed_over_on_one_rank_from_a_later_search_on_keeps_the_ranks_paired():
+    r0, r1 = run_ranks(_rank_loss_on_one_rank_after_a_first_search_without, world=2, timeout=60)
+    assert all(torch.equal(p, q) for p, q in zip(r0, r1))
+
+
 def _rank_zero(rank, world):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 

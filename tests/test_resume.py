@@ -569,6 +569,41 @@ def test_a_state_dict_of_the_same_parameters_in_another_order_says_so():
     assert "weight_orig" in str(caught.value)
 
 
+def test_a_checkpoint_from_before_the_step_length_resumes_as_one_with_it():
+    # such a checkpoint loads with a step length of 0: the rule that lets the first search
+    # that judges η̄ replace init_step_size (after a skipped first step) took its next search
+    # for the first one, and the resumed run parted from the one resumed with the length
+    # (0.067 in θ, a review); η̄ is no longer the start there
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(40, 32, 8, generator=g), torch.randn(40, 32, 1, generator=g)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        return model, ArmijoAdam(model.parameters(), model=model, cadence="every",
+                                 init_step_size=0.5)
+
+    def train(model, opt, steps):
+        for i in steps:
+            opt.step(make_closure(opt, lambda i=i: nn.functional.mse_loss(model(xs[i]), ys[i])))
+
+    model, opt = build()
+    train(model, opt, range(11))
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    finals = []
+    for strip in (False, True):
+        model, opt = build()
+        model.load_state_dict(saved_model)
+        ckpt = copy.deepcopy(saved)
+        if strip:
+            for group in ckpt["param_groups"]:
+                del group["step_length"]
+        opt.load_state_dict(ckpt)
+        train(model, opt, range(11, 15))
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(*finals)
+
+
 def _stepped_adam(layerwise=False, steps=2):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))

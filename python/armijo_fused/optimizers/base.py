@@ -668,11 +668,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         for buf in self._buffers:
             buf.zero_grad(set_to_none)
         outside = self._outside  # tensors the store does not hold (frozen): as torch does
-        if [len(g["params"]) for g in self.param_groups] != self._group_sizes:
-            # ... and those added since it was built (add_param_group; the store takes them
-            # at the next step): a linear probe's backbone joining with 20 steps of gradient
-            # summed in its .grad folded them all into its first step (22x its gradient, the
-            # second moments 480x), where torch's zero_grad clears them
+        if self._trainable_key() != self._buffer_key:  # (~3 µs at 150 tensors)
+            # ... and those put into the groups since it was built (add_param_group, a tensor
+            # swapped in; the store takes them at the next step): a linear probe's backbone
+            # joining with 20 steps of gradient summed in its .grad folded them all into its
+            # first step (22x its gradient, the second moments 480x), where torch's zero_grad
+            # clears them
             held = {id(p) for b in self._buffers for p in b.params}
             outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
         for p in outside:
@@ -1044,7 +1045,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 # first search without model=, whose trials a spectral norm's power iteration
                 # set 1% apart, once; the next search records them before the forward. Not
                 # distributed: the ranks' call forms may differ, and each must take part)
-                if (f0_given is not None or (reduce is not None and self._ranks_given > 0)) and \
+                # (distributed: decided alike on every rank, by the share read at the process's
+                # first search; a rank's own f0_given made the check's collectives on some
+                # ranks only when the loss was handed over on some from a later step on)
+                if (f0_given is not None if reduce is None else self._ranks_given > 0) and \
                         "_replay_checked" not in self.__dict__ and \
                         (buffers_before is not None or not replayed or reduce is not None):
                     # once per run in this process: the trial function at θ0 against the

@@ -132,6 +132,7 @@ class CheckpointMixin:
                 "pickled (a torch ProcessGroup cannot be); copy its state_dict() instead")
         self._refuse_mid_step("__getstate__() (a copy or a pickle)")
         self._settle_skip()
+        self._follow_moved_tensors()  # (as state_dict(): a copy must not lose a move's count)
         out = super().__getstate__()
         out.update({k: self.__dict__[k] for k in self._CARRIED if k in self.__dict__})
         # the next plain step's length cap, as state_dict() has it
@@ -260,10 +261,9 @@ class CheckpointMixin:
         state is mid-step."""
         self._refuse_mid_step("state_dict()")
         self._settle_skip()  # the checkpoint must hold the count of the steps that folded
-        # a model cast to bf16/fp16 since the last step: its fp32 θ, still in the store, is the
-        # master the next step keeps; the checkpoint must hold it too (it had none, and the
-        # resumed run went on from the rounded weights: 3.5e-3 off the uninterrupted one)
-        self._keep_fp32_as_masters(self._buffers)
+        # tensors moved into a group of their own since the last step bring their count now,
+        # as the next step's build would (a resume had them start again at 0)
+        self._follow_moved_tensors()
         g0 = self.param_groups[0]
         saved_dd = self._saved_dd()
         g0["last_dd"], g0["last_dd_trainable"] = saved_dd or (None, None)
@@ -285,6 +285,18 @@ class CheckpointMixin:
                     group[key] = _record_as_text(value)
                 elif isinstance(value, list):
                     group[key] = [list(x) if isinstance(x, list) else x for x in value]
+        # a model cast to bf16/fp16 since the last step: its fp32 θ, still in the store, is the
+        # master the next step keeps; the checkpoint holds it too (it had none, and the resumed
+        # run went on from the rounded weights: 3.5e-3 off the uninterrupted one). Into the
+        # checkpoint only: the live state is not changed by taking one
+        masters = self._masters_of_a_cast(self._buffers)
+        if masters:
+            index = {id(p): i for i, p in enumerate(
+                p for g in self.param_groups for p in g["params"])}
+            for pid, master in masters.items():
+                i = index.get(pid)
+                if i is not None and i in out["state"]:
+                    out["state"][i] = {**out["state"][i], "master": master}
         # the direction rule: adam and nadam (momentum and nesterov) keep the same state
         # and hyperparameters, so nothing else in a checkpoint tells them apart
         out["direction"] = self.rule.name

@@ -277,7 +277,6 @@ class StoreMixin:
         self._deferred_load = False
         held = {id(p) for b in buffers for p in b.params}
         self._outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
-        self._group_sizes = [len(g["params"]) for g in self.param_groups]  # (zero_grad)
         # each trained tensor's group, for the next build (_follow_moved_tensors)
         self._group_of = {id(p): self.param_groups[b.group_index] for b in buffers
                           for p in b.params}
@@ -402,13 +401,22 @@ class StoreMixin:
         and the old θ would have come back over them."""
         if any(self.__dict__.get(k) for k in ("_loading", "_deferred_load")):
             return
+        by_id = {id(p): p for b in old or () for p in b.params}
+        for pid, master in self._masters_of_a_cast(old).items():
+            self.state[by_id[pid]]["master"] = master  # (the old buffer goes)
+
+    def _masters_of_a_cast(self, old) -> dict:
+        """id(tensor) -> its fp32 master: the θ the flat buffers ``old`` still hold for
+        tensors cast to bf16/fp16 since they were built, which have no master yet."""
+        out = {}
         for b in old or ():
             if type(b) is not FlatBuffer or b.master:
                 continue
             for p, view in zip(b.params, b._param_views):
                 if p.dtype in MASTER_DTYPES and p.shape == view.shape and \
                         p.device == view.device and "master" not in self.state.get(p, {}):
-                    self.state[p]["master"] = view.to(torch.float32, copy=True)  # (it goes)
+                    out[id(p)] = view.to(torch.float32, copy=True)
+        return out
 
     def _drop_stale_masters(self, buffers) -> None:
         """A bf16 checkpoint's master, loaded for what is fp32 now: θ is its own master, and a
