@@ -1593,6 +1593,58 @@ def test_a_warmup_that_ends_a_rounding_off_its_peak_applies_the_tested_step(lr):
     assert opt.stats["lr_factor"] == 1.0 and math.isfinite(opt.stats["loss_after"])
 
 
+@pytest.mark.parametrize("scheduler", [False, True], ids=["by-hand", "cosine"])
+def test_a_group_built_at_lr_0_and_unfrozen_later_follows_the_others_schedule(scheduler):
+    # lr_0 = 0 read lr_t / lr_0 as 1 at any lr: a backbone unfrozen by writing the head's lr
+    # into it moved by the full searched step to the end of a cosine while the head's step
+    # fell to 2% of it (a scheduler user's audit)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    f = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    opt = ArmijoSGD([{"params": model[0].parameters(), "lr": 0.0},
+                     {"params": model[2].parameters()}], lr=0.1, backend="torch")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12) if scheduler else None
+    factors = []
+    with pytest.warns(UserWarning, match="whose lr was 0 at construction .* taken as 0.1"):
+        for k in range(10):
+            if k == 3:  # unfreeze: the head's lr now
+                opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"]
+            if not scheduler:
+                for g in opt.param_groups:
+                    if g["lr"] > 0:
+                        g["lr"] = 0.1 * 0.8 ** k
+            opt.step(make_closure(opt, f))
+            if k >= 3:
+                factors.append([opt._lr_factor(g) for g in opt.param_groups])
+            if sched is not None:
+                sched.step()
+    assert opt.param_groups[0]["lr_ref"] == pytest.approx(0.1)
+    for backbone, head in factors:
+        assert backbone == pytest.approx(head) and head < 1.0
+
+
+def test_a_schedule_written_by_hand_far_below_the_default_lr_is_named():
+    # the default lr=1.0 with nanoGPT's get_lr peaking at 5e-4: each step applied η·5e-4,
+    # silently (a scheduler user's audit)
+    model, loss, _ = least_squares()
+    opt = ArmijoAdam(model.parameters())
+    with pytest.warns(UserWarning, match=r"below 1% of lr_0 = 1 .* lr=peak"):
+        for k in range(60):
+            for g in opt.param_groups:
+                g["lr"] = 5e-4 * min(1.0, (k + 1) / 10)
+            opt.step(make_closure(opt, loss))
+    # a warmup written in units of lr_0 (the default) is not named
+    model, loss, _ = least_squares()
+    opt = ArmijoAdam(model.parameters())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*below 1% of lr_0")
+        for k in range(60):
+            for g in opt.param_groups:
+                g["lr"] = min(1.0, (k + 1) / 40)
+            opt.step(make_closure(opt, loss))
+
+
 def test_cyclic_lr_applies_its_cycle_once_each_group_records_the_peak():
     # CyclicLR writes base_lr into lr and initial_lr and keeps max_lr to itself: lr_0 was the
     # bottom of the cycle, the factor capped at 1 at every step (the cycle did nothing)
