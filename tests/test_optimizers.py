@@ -1626,23 +1626,27 @@ def test_a_group_built_at_lr_0_and_unfrozen_later_follows_the_others_schedule(sc
 
 def test_a_schedule_written_by_hand_far_below_the_default_lr_is_named():
     # the default lr=1.0 with nanoGPT's get_lr peaking at 5e-4: each step applied η·5e-4,
-    # silently (a scheduler user's audit)
-    model, loss, _ = least_squares()
-    opt = ArmijoAdam(model.parameters())
-    with pytest.warns(UserWarning, match=r"below 1% of lr_0 = 1 .* lr=peak"):
-        for k in range(60):
+    # silently (a scheduler user's audit). Named where the warmup ends; not for schedules in
+    # units of lr_0 (a long warmup, one resumed, ReduceLROnPlateau from 1: a review)
+    def run(lrs, state=None):
+        model, loss, _ = least_squares()
+        opt = ArmijoAdam(model.parameters())
+        if state is not None:
+            opt.load_state_dict(state)
+        for lr in lrs:
             for g in opt.param_groups:
-                g["lr"] = 5e-4 * min(1.0, (k + 1) / 10)
+                g["lr"] = lr
             opt.step(make_closure(opt, loss))
-    # a warmup written in units of lr_0 (the default) is not named
-    model, loss, _ = least_squares()
-    opt = ArmijoAdam(model.parameters())
+        return opt
+
+    with pytest.warns(UserWarning, match=r"lr rose to 0.0005 and stopped there, below 1% of "
+                                         r"lr_0 = 1 .* lr=peak"):
+        run([5e-4 * min(1.0, (k + 1) / 10) for k in range(12)])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*below 1% of lr_0")
-        for k in range(60):
-            for g in opt.param_groups:
-                g["lr"] = min(1.0, (k + 1) / 40)
-            opt.step(make_closure(opt, loss))
+        run([(k + 1) / 10000 for k in range(120)])  # a warmup of 10k steps in units of lr_0
+        run([1.0] * 5 + [1e-3] * 5 + [1e-5] * 5)  # a plateau schedule from 1
+        run([1e-3, 1e-3, 1e-4], run([1.0] * 3 + [1e-3] * 3).state_dict())  # ... resumed low
 
 
 def test_cyclic_lr_applies_its_cycle_once_each_group_records_the_peak():

@@ -1665,7 +1665,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if lr_0 == 0.0:
             if lr_t == 0.0:
                 return 0.0
-            lr_0 = self._lr_0_of_a_group_built_frozen(group, lr_t)
+            # a scheduler's record of 0 (built while the group was frozen) is no peak: the
+            # group's own lr_0, taken when it was unfrozen
+            lr_0 = _lr_value(group.get("lr_ref", 0.0)) or \
+                self._lr_0_of_a_group_built_frozen(group, lr_t)
         self._note_hand_schedule_below_default(group, lr_t, lr_0)
         factor = lr_t / lr_0
         if factor > 1.0 + 1e-6:
@@ -1686,7 +1689,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                      if g is not group and (peak := _lr_value(lr_peak(g))) > 0.0
                      and _lr_value(g["lr"]) > 0.0), None)
         lr_0 = lr_t / lead if lead else lr_t
-        group["lr_ref"] = lr_0  # (a scheduler's record of 0 is passed over: lr_peak)
+        group["lr_ref"] = lr_0
         self._warn_once("lr_0 of a frozen group", (
             f"a param group whose lr was 0 at construction (or when its scheduler was built) "
             f"trains now at lr {lr_t:g}: its lr_0, the lr at which it applies the searched step "
@@ -1697,25 +1700,27 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         return lr_0
 
     def _note_hand_schedule_below_default(self, group, lr_t: float, lr_0: float) -> None:
-        """The default lr (1.0) with a schedule written by hand in absolute values (lr = 5e-4
-        at its peak): lr_0 is the lr given at construction, so every applied step is η·lr_t,
-        2000x short, silently (a scheduler user's audit: 0.53 against 0.43 in loss). Said once,
-        after 50 steps in which the group's lr never reached 1% of lr_0 (a warmup written in
-        units of lr_0 has by then), where no scheduler recorded its start."""
+        """The default lr (1.0) with a schedule written by hand in absolute values (a warmup
+        to 5e-4, nanoGPT's get_lr): lr_0 is the lr given at construction, so every applied
+        step is η·lr_t, 2000x short, silently (a scheduler user's audit: 0.53 against 0.43 in
+        loss). Said once, where no scheduler recorded its start, when the group's lr, seen to
+        rise in this process, stops rising (the warmup's end) with its peak below 1% of lr_0:
+        a schedule in units of lr_0 peaks near 1, one resumed or decaying never rose here."""
         if lr_0 != 1.0 or group.get("initial_lr") is not None or \
                 group.get("max_lr") is not None or "hand lr" in self.__dict__.get("_warned", ()):
             return
-        reached = self.__dict__.setdefault("_lr_reached", set())
-        if lr_t >= 0.01 or id(group) in reached:
-            reached.add(id(group))
-            return
-        if group["step"] + 1 >= 50 and lr_t > 0.0:
+        seen = self.__dict__.setdefault("_lr_seen", {})  # id(group) -> (last lr, rose, top)
+        last, rose, top = seen.get(id(group), (None, False, 0.0))
+        if last is not None and lr_t > last:
+            rose = True
+        elif rose and lr_t <= last and 0.0 < top < 0.01:
             self._warn_once("hand lr", (
-                f"lr has stayed below 1% of lr_0 = 1 (the lr given at construction, the "
-                f"default) for {group['step'] + 1} steps, now {lr_t:g}: each step applies the "
-                f"searched step size times lr_t / lr_0 = {lr_t:g}. A schedule written into the "
-                "groups by hand, in absolute values (nanoGPT's get_lr, a warmup to 5e-4), "
-                "needs its peak as the optimizer's lr: ArmijoAdam(params, lr=peak)"))
+                f"lr rose to {top:g} and stopped there, below 1% of lr_0 = 1 (the lr given at "
+                f"construction, the default): each step applies the searched step size times "
+                f"lr_t / lr_0 = {lr_t:g}. A schedule written into the groups by hand, in "
+                "absolute values (nanoGPT's get_lr, a warmup to 5e-4), needs its peak as the "
+                "optimizer's lr: ArmijoAdam(params, lr=peak)"))
+        seen[id(group)] = (lr_t, rose, max(top, lr_t))
 
     def _warn_lr_above_peak(self, lr_t: float, lr_0: float) -> None:
         self._warn_once(
@@ -1727,7 +1732,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             "only where it lowers lr below lr_0. Give the schedule's peak as the optimizer's lr "
             "(a warmup then starts below it), or use OneCycleLR, which records its max_lr. "
             "CyclicLR overwrites both lr and initial_lr with its base_lr and keeps max_lr to "
-            "itself: set each group's 'max_lr' to the cycle's peak after building it")
+            "itself: set each group's 'max_lr' to the cycle's peak after building it. A torch "
+            "optimizer's checkpoint saved mid-warmup by a schedule written by hand gives the lr "
+            "at the save: set each group's 'lr_ref' to the schedule's peak after loading it")
 
     def _count(self, forwards=0, backwards=0):
         for g in self.param_groups:

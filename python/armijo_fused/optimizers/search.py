@@ -472,15 +472,16 @@ class SearchMixin:
             if a is not None:
                 found.update({b: a for b in members})
             # η̄ is still the start: no search has judged this block. Global: none has run,
-            # or none has been accepted (no step length recorded) and η̄ is init_step_size
-            # still: `searches` also counts the skipped and unresolved ones, which judged
-            # nothing (after a skipped first step the first real search was averaged with the
-            # start it rejected, held by max_drop), and a checkpoint from before step_length
-            # existed, or one converted from layer-wise, may hold a length of 0 after searches
+            # or none has been accepted (no step length recorded) and η̄ is the start still
+            # (init_step_size, or a torch checkpoint's lr). `searches` also counts the skipped
+            # and unresolved ones, which judged nothing (after a skipped first step the first
+            # real search was averaged with the start it rejected, held by max_drop); a
+            # checkpoint from before step_length existed, or one converted from layer-wise,
+            # may hold a length of 0 after searches
             untested = (self.param_groups[gi]["block_searched_at"][lb] == 0 if self.layerwise
                         else self.param_groups[gi]["searches"] == 0 or (
                             self._eta(gi, lb, key="step_length") == 0.0
-                            and avg == self._init_step_size))
+                            and avg == self.__dict__.get("_growth_start", self._init_step_size)))
             again = bool(self._eta(gi, lb, key="collapsed"))  # its last search collapsed too
             lowest = None  # where the next search goes on after an exhausted one: its first
             # trial (η·growth) is the step below the last one this search tried, whatever the

@@ -145,10 +145,9 @@ _BOOKKEEPING = ("step", "mu_product")
 def lr_peak(group) -> object:
     """lr_0 of a param group, the lr at which the applied step equals the searched one: the
     schedule's peak when the group records it (``max_lr``: OneCycleLR), else ``initial_lr``
-    (torch schedulers' starting lr), else the lr given at construction (``lr_ref``). A
-    scheduler's record of 0 (built while the group was frozen at lr 0) is no peak."""
+    (torch schedulers' starting lr), else the lr given at construction (``lr_ref``)."""
     for key in ("max_lr", "initial_lr"):
-        if group.get(key) is not None and _float(group[key]) != 0.0:
+        if group.get(key) is not None:
             return group[key]
     return group["lr_ref"] if "lr_ref" in group else group["lr"]
 
@@ -295,13 +294,7 @@ def from_torch_state_dict(owner: str, rule, live_groups: list[dict], state_dict:
         # where it holds none above 0 (saved at lr 0, no scheduler's initial_lr), the live
         # optimizer's: lr_0 = 0 made the factor 1 at any lr, so the rest of a warmup written by
         # hand was not applied
-        # Where the live optimizer was given its own lr (not the default 1), the larger of the
-        # two: a schedule written by hand (nanoGPT's get_lr) saved mid-warmup took that lr for
-        # lr_0, and the rest of the warmup and most of the decay were capped at a factor of 1
-        # (a scheduler user's audit), where the lr given is the peak the docs ask for
         lr_ref = _float(saved["lr"]) if _float(lr_peak(saved)) > 0.0 else live["lr_ref"]
-        if live["lr_ref"] != 1.0 and live["lr_ref"] > 0.0:
-            lr_ref = max(lr_ref, live["lr_ref"])
         group.update(params=list(saved["params"]), lr_ref=lr_ref, step=folded,
                      folded=folded, step_size=per_block(eta), step_size_avg=per_block(eta),
                      step_length=per_block(0.0), collapsed=per_block(0),
