@@ -1680,3 +1680,65 @@ def test_a_parameter_registered_again_after_the_record_is_not_hidden_by_its_old_
         opt.step(loss_fn=f, loss=loss)
     assert seen and all(seen) and not opt.stats["exhausted"]
     assert "weight" not in model[0].__dict__
+
+
+class _RunningCentre(nn.Module):
+    """Uses its running mean, then updates it (a DINO centre, a running normaliser)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+
+    def forward(self, x):
+        out = x + self.mean
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.5).add_(0.5 * x.mean(0))
+        return out
+
+
+def test_the_first_search_starts_the_trials_of_a_module_beside_model_from_before_the_forward():
+    # the closure form, model=G, a discriminator beside it whose forward updates a buffer it
+    # uses: the record of the buffers before the training forward covered model= only until a
+    # search had found D, so the first search (and the first after every resume) started its
+    # trials from the buffers the forward left: f(θ0) 2% off, 12 trials exhausted, a warning
+    # blaming the user (a multi-model user's audit)
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2))
+    disc = nn.Sequential(_RunningCentre(2), nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = ArmijoAdam(gen.parameters(), model=gen, cadence="every")
+    z, ones = torch.randn(64, 4), torch.ones(64, 1)
+
+    def closure():
+        opt.zero_grad()
+        out = nn.functional.binary_cross_entropy_with_logits(disc(gen(z)), ones)
+        out.backward()
+        return out
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*at θ0 gives")
+        for _ in range(2):
+            opt.step(closure)
+            assert opt.stats["trials"] == 1 and not opt.stats["exhausted"]
+
+
+def test_without_model_a_network_the_loss_function_only_starts_running_later_is_kept():
+    # the models a loss function reaches were found once per set of trainable tensors: a
+    # generator trained on a reconstruction loss, then through a discriminator with BatchNorm,
+    # had its trials move the discriminator's statistics for good (a multi-model user's audit)
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    disc = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    opt = ArmijoAdam(gen.parameters(), cadence="every")
+    z, ones, target = torch.randn(32, 4), torch.ones(32, 1), torch.randn(32, 2)
+    phases = [lambda: nn.functional.mse_loss(gen(z), target),
+              lambda: nn.functional.binary_cross_entropy_with_logits(disc(gen(z)), ones)]
+    for loss_fn in phases:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            left = [b.clone() for b in disc.buffers()]
+            opt.step(loss_fn=loss_fn, loss=loss)
+            assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers()))
+    assert int(disc[1].num_batches_tracked) == 3  # the training forwards through it

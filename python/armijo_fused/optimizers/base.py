@@ -527,7 +527,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return
         # (NumPy's state, about 35 µs to read, only where the coming step is to search)
         self._pending_rng = trial_mod.get_rng_state(numpy=self._next_step_may_search())
-        self._pending_bufs = self._buffers_before_forward()
+        self._pending_bufs = self._buffers_before_forward(self._closure)
         self._pending_attrs = self._attributes_before_forward()
 
     def _next_step_may_search(self) -> bool:
@@ -554,18 +554,25 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             places = self._attr_places = trial_mod.tensor_attributes(models)
         return places
 
-    def _buffers_before_forward(self) -> list | None:
+    def _buffers_before_forward(self, evaluate=None) -> list | None:
         """Where the trials of the coming step start: a copy of the buffers they keep, taken
         with the RNG state before the training forward (a spectral norm's power-iteration
         vectors, a running normaliser the forward updates and uses: each trial at θ0 then
         computes the training forward's loss). Only when that step will search, and of the
-        modules the last search kept; before the first, of ``model=`` (without it, the first
-        search's trials start from the buffers the training forward left)."""
-        sources = self.__dict__.get("_trial_sources") or (
-            (self._modules, (), ()) if self._modules else None)
-        if sources is None:
-            return None
+        modules the last search kept; before the first (and in a resumed process), of
+        ``model=`` and the modules the loss function ``evaluate`` (the closure, or the one
+        ``set_closure`` registered) reaches beside it: a GAN discriminator's (its first search,
+        and the first after every resume, started from the buffers the training forward left:
+        12 trials exhausted where the uninterrupted run took 1, a multi-model user's audit).
+        Without ``model=`` or such a function, the first search's trials start from the
+        buffers the training forward left."""
+        sources = self.__dict__.get("_trial_sources")
         if not self._next_step_may_search():
+            return None
+        if sources is None and self._modules:
+            beside = self._modules_beside_model(evaluate) if evaluate is not None else ()
+            sources = (self._modules, (), beside)
+        if sources is None:
             return None
         return trial_mod.snapshot_buffers(*sources)
 
@@ -817,7 +824,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # the buffers go with the RNG state: recorded with it, or now, before the closure's
         # forward (a loss= step without capture_rng has neither)
         buffers_before = (self._pending_bufs if pending is not None else
-                          self._buffers_before_forward() if closure is not None else None)
+                          self._buffers_before_forward(closure) if closure is not None
+                          else None)
         attributes_before = (self._pending_attrs if pending is not None else
                              self._attributes_before_forward() if closure is not None else None)
         self._pending_rng = self._pending_bufs = self._pending_attrs = None

@@ -511,9 +511,12 @@ class StoreMixin:
 
     def _models_for_trials(self, evaluate) -> list:
         """Without a registered model: the models the loss function reaches, if they hold all
-        the parameters (found once; the closure is usually a new object every step). Else the
-        parameters' own modules are found by ``_owned_buffers``."""
-        key = self._buffer_key  # which tensors train: formed by this step's _sync_buffers
+        the parameters (found once, and again when the loss function's code changes: the
+        closure is usually a new object every step, and a second phase whose loss runs another
+        network, a discriminator, had its BatchNorm statistics moved by every trial, a
+        multi-model user's audit). Else the parameters' own modules: ``_owned_buffers``."""
+        # which tensors train (formed by this step's _sync_buffers), and the function's code
+        key = (self._buffer_key, _code_of(evaluate))
         if getattr(self, "_reached", (None, None))[0] != key:
             self._reached = (key, trial_mod.models_in_reach(
                 evaluate, [p for g in self.param_groups for p in g["params"]]))
