@@ -597,6 +597,14 @@ def test_parameters_that_share_a_storage_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         frozen_alias.step(make_closure(frozen_alias, lambda: head(emb(x)).pow(2).mean()))
+    # the alias outside the optimizer (filtered out by requires_grad) but in model=: the flat
+    # store moved the other one out from under it, silently (a multi-model user's audit)
+    model = nn.ModuleDict(dict(emb=nn.Embedding(5, 3), head=nn.Linear(3, 5, bias=False)))
+    model.head.weight.data = model.emb.weight.data
+    model.head.weight.requires_grad_(False)
+    opt = ArmijoAdam(filter(lambda p: p.requires_grad, model.parameters()), model=model)
+    with pytest.warns(UserWarning, match="share their memory .*head.weight"):
+        opt.step(make_closure(opt, lambda: model.head(model.emb(x)).pow(2).mean()))
 
 
 def test_a_plain_sgd_checkpoint_is_refused_by_a_momentum_rule():

@@ -1742,3 +1742,31 @@ def test_without_model_a_network_the_loss_function_only_starts_running_later_is_
             opt.step(loss_fn=loss_fn, loss=loss)
             assert all(torch.equal(a, b) for a, b in zip(left, disc.buffers()))
     assert int(disc[1].num_batches_tracked) == 3  # the training forwards through it
+
+
+def test_a_network_held_in_slots_is_reached_beside_model():
+    # the loss function reaches the discriminator through a dataclass(slots=True): objects
+    # without a __dict__ were not looked into, and every trial moved its BatchNorm statistics
+    # (a multi-model user's audit)
+    from dataclasses import dataclass
+
+    @dataclass(slots=True)
+    class Nets:
+        gen: nn.Module
+        disc: nn.Module
+
+    torch.manual_seed(0)
+    nets = Nets(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)),
+                nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1)))
+    opt = ArmijoAdam(nets.gen.parameters(), model=nets.gen, cadence="every")
+    z, ones = torch.randn(32, 4), torch.ones(32, 1)
+
+    def loss_fn(n=nets):
+        return nn.functional.binary_cross_entropy_with_logits(n.disc(n.gen(z)), ones)
+
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss_fn=loss_fn, loss=loss)
+    assert int(nets.disc[1].num_batches_tracked) == 3  # the training forwards only

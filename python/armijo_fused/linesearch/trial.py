@@ -324,16 +324,33 @@ def models_in_reach(fn, params, depth: int = 3, *, complete: bool = True
         elif isinstance(obj, (list, tuple)):
             for value in obj[:_CONTAINER_ITEMS]:
                 visit(value, level - 1)
-        elif not isinstance(obj, (type, types.ModuleType)) and isinstance(
-                getattr(obj, "__dict__", None), dict):
-            for value in list(vars(obj).values()):
-                visit(value, level - 1)
+        elif not isinstance(obj, (type, types.ModuleType)):
+            if isinstance(getattr(obj, "__dict__", None), dict):
+                for value in list(vars(obj).values()):
+                    visit(value, level - 1)
+            # an object without a __dict__ keeps its attributes in slots (a dataclass with
+            # slots=True holding the discriminator was not looked into: its BatchNorm
+            # statistics moved with every trial, a multi-model user's audit)
+            for name in _slot_names(type(obj)):
+                if hasattr(obj, name):
+                    visit(getattr(obj, name), level - 1)
 
     visit(fn, depth)
     if not complete:
         return found
     held = {id(p) for m in found for p in m.parameters()}
     return found if found and wanted <= held else None
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_names(cls) -> tuple:
+    """The ``__slots__`` attribute names of ``cls`` and its bases (a string is one name)."""
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else [n for n in slots
+                                                          if n not in ("__dict__", "__weakref__")]
+    return tuple(names)
 
 
 def _global_names(code, depth: int = 3) -> list[str]:

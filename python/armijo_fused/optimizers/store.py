@@ -365,8 +365,13 @@ class StoreMixin:
         tied. Say so, once. (Slices of one storage that do not overlap, such as another
         optimizer's flat buffer, train apart in torch too.)"""
         spans, seen_ids = [], set()
-        for group in self.param_groups:  # frozen ones too: a frozen alias of a trained tensor
-            for p in group["params"]:
+        # frozen ones too: a frozen alias of a trained tensor; and, with the flat store, the
+        # registered models' tensors outside the groups (a frozen alias filtered out by
+        # requires_grad: the optimized one moves into the flat buffer, the alias stays, and they
+        # parted unseen where torch's optimizers keep them tied, a multi-model user's audit)
+        outside = [p for model in (self._modules if self.flat else ()) for p in model.parameters()]
+        for params in [g["params"] for g in self.param_groups] + [outside]:
+            for p in params:
                 if id(p) in seen_ids or p.device.type == "meta" or is_dtensor(p) or \
                         p.numel() == 0 or _extent(p) != p.numel() or \
                         (not self.flat and not p.requires_grad):  # (in place: not stepped)
