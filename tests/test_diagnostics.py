@@ -772,3 +772,124 @@ def test_the_trace_estimate_and_a_spectrum_through_its_dict():
     assert spec.trace == pytest.approx(10.0)  # Rademacher probes are exact on a diagonal
     assert op.matvecs == 2 * 4 + 8
     assert Spectrum.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
+
+
+class _MergingLoRA(nn.Module):
+    """loralib's Linear in short: merges B·A into W in train(False), unmerges in train(True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4), requires_grad=False)
+        self.lora_a = nn.Parameter(0.1 * torch.randn(2, 4))
+        self.lora_b = nn.Parameter(0.1 * torch.randn(3, 2))
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.merged:
+            self.weight.data -= self.lora_b @ self.lora_a
+            self.merged = False
+        elif not mode and not self.merged:
+            self.weight.data += self.lora_b @ self.lora_a
+            self.merged = True
+        return self
+
+    def forward(self, x):
+        out = x @ self.weight.t()
+        return out if self.merged else out + x @ self.lora_a.t() @ self.lora_b.t()
+
+
+def test_a_module_with_its_own_train_is_left_as_it_was():
+    # the modes were restored by the flag alone: a merging LoRA layer came back 'training'
+    # but merged, and its factors got no gradient from then on (a diagnostics audit)
+    torch.manual_seed(0)
+    layer = _MergingLoRA()
+    model = nn.Sequential(layer, nn.Linear(3, 1))
+    x = torch.randn(8, 4)
+    weight = layer.weight.detach().clone()
+    hessian_spectrum(model, lambda: model(x).pow(2).mean(), params=[model[1].weight],
+                     num_steps=3, num_probes=1, power_iters=0)
+    assert layer.training and not layer.merged
+    torch.testing.assert_close(layer.weight, weight)  # (merged and unmerged: to rounding)
+    model(x).pow(2).mean().backward()
+    assert layer.lora_a.grad is not None and layer.lora_a.grad.abs().sum() > 0
+
+
+def test_a_cached_operator_follows_the_parameters_an_optimizer_moved():
+    # the cached graph held the products at the parameters it was built at: after ArmijoAdam
+    # steps (whose kernels bump no version counter) it kept returning the old Hessian
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    f = lambda: F.mse_loss(model(x), y)  # noqa: E731
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    opt.step(make_closure(opt, f))
+    op = HessianOperator(f, list(model.parameters()), model=model)
+    v = torch.randn(op.dim)
+    before = op(v)
+    for _ in range(3):
+        opt.step(make_closure(opt, f))
+    fresh = HessianOperator(f, list(model.parameters()), model=model)
+    torch.testing.assert_close(op(v), fresh(v))
+    assert not torch.allclose(op(v), before)
+
+
+def test_a_tensor_given_twice_to_the_operator_is_refused():
+    # a tied weight passed as both tensors doubled the dimension and every eigenvalue
+    emb = nn.Embedding(5, 3)
+    with pytest.raises(ValueError, match="holds coordinates of one parameter .* twice"):
+        HessianOperator(lambda: emb.weight.pow(2).sum(), [emb.weight, emb.weight])
+
+
+def test_head_granularity_keeps_a_grouped_query_fused_projection_whole():
+    # qkv of 4 query heads and 1 key/value head (12 = 8 + 2 + 2 rows of 8 inputs) was split in
+    # thirds under the names q/k/v, the rows mixed (a diagnostics audit)
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n_head = 4
+            self.qkv = nn.Linear(8, 12, bias=False)
+
+    model = nn.Module()
+    model.attn = Attn()
+    assert list(model_blocks(model, "head")) == ["attn.qkv.weight"]
+
+
+def test_the_determinism_check_lets_a_loss_take_its_own_derivatives():
+    # an input-gradient penalty differentiates inside the loss: the check ran under no_grad
+    # and raised "does not require grad"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+
+    def loss():
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        (g,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+        return out.pow(2).mean() + g.pow(2).mean()
+
+    spec = hessian_spectrum(model, loss, num_steps=4, num_probes=1, power_iters=5)
+    assert math.isfinite(spec.lambda_max)
+
+
+def test_recorder_stores_nothing_before_the_first_step():
+    model, loss_fn = _small_problem()
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    rec = TelemetryRecorder(opt)
+    assert rec.record() == {} and rec.records == []
+    opt.step(make_closure(opt, loss_fn))
+    resumed = ArmijoAdam(model.parameters(), cadence="every")
+    resumed.load_state_dict(opt.state_dict())
+    rec = TelemetryRecorder(resumed)
+    rec.record()  # (its first step GradScaler skipped: it stored a step 0 of NaN)
+    resumed.step(make_closure(resumed, loss_fn))
+    rec.record()
+    assert [r["step"] for r in rec.records] == [2]
+
+
+def test_a_density_of_fewer_than_two_points_is_refused():
+    x = torch.randn(4, requires_grad=True)
+    spec = hessian_spectrum(None, lambda: x.pow(2).sum(), params=[x], num_steps=2, num_probes=1,
+                            power_iters=0)
+    with pytest.raises(ValueError, match="num_points must be an integer >= 2"):
+        spec.density(num_points=1)

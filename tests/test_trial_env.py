@@ -1770,3 +1770,61 @@ def test_a_network_held_in_slots_is_reached_beside_model():
         loss.backward()
         opt.step(loss_fn=loss_fn, loss=loss)
     assert int(nets.disc[1].num_batches_tracked) == 3  # the training forwards only
+
+
+def test_a_phase_switch_inside_a_wrapping_closure_is_seen(monkeypatch):
+    # the closure calls the phase's loss function f: the key of the loss function's reach saw
+    # only the closure's code, so the switch to a loss through a discriminator went unseen and
+    # every trial moved its BatchNorm statistics (a review). And a criterion made at every step
+    # (nn.MSELoss() in the loop) no longer makes the walk of the reach run at every step
+    walks = []
+    real = trial_mod.models_in_reach
+    monkeypatch.setattr(trial_mod, "models_in_reach", lambda *a, **k: walks.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    disc = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    opt = ArmijoAdam(gen.parameters(), cadence="every")
+    z, ones, target = torch.randn(32, 4), torch.ones(32, 1), torch.randn(32, 2)
+    phases = [lambda crit: crit(gen(z), target),
+              lambda crit: nn.functional.binary_cross_entropy_with_logits(disc(gen(z)), ones)]
+    for f in phases:
+        walks.clear()
+        for _ in range(4):
+            crit = nn.MSELoss()  # (a new module at every step, with nothing to keep)
+
+            def closure(f=f, crit=crit):
+                opt.zero_grad()
+                out = f(crit)
+                out.backward()
+                return out
+
+            opt.step(closure)
+        assert len(walks) <= 2  # (found once per phase: before and after the store's key)
+    assert int(disc[1].num_batches_tracked) == 4  # the training forwards only
+
+
+def test_a_network_in_a_private_slot_is_reached():
+    class Holder:
+        __slots__ = ("__disc",)
+
+        def __init__(self, disc):
+            self.__disc = disc
+
+        def disc(self):
+            return self.__disc
+
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    holder = Holder(nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.Linear(16, 1)))
+    opt = ArmijoAdam(gen.parameters(), model=gen, cadence="every")
+    z, ones = torch.randn(32, 4), torch.ones(32, 1)
+
+    def loss_fn(h=holder):
+        return nn.functional.binary_cross_entropy_with_logits(h.disc()(gen(z)), ones)
+
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss_fn=loss_fn, loss=loss)
+    assert int(holder.disc()[1].num_batches_tracked) == 3

@@ -43,6 +43,19 @@ from torch import Tensor, nn
 __all__ = ["HessianOperator", "Segment", "eval_mode", "DoubleBackwardError"]
 
 
+def check_disjoint(name: str, segs) -> None:
+    """A block counts each coordinate once: a tensor given twice (or two overlapping segments
+    of one) doubled its dimension and its eigenvalues, without a word."""
+    spans: dict = {}
+    for s in segs:
+        lo, hi = s.span
+        for dim, olo, ohi in spans.get(id(s.param), []):
+            if dim != s.dim or (lo < ohi and olo < hi):
+                raise ValueError(f"{name} holds coordinates of one parameter (shape "
+                                 f"{tuple(s.param.shape)}) twice: give each coordinate once")
+        spans.setdefault(id(s.param), []).append((s.dim, lo, hi))
+
+
 class DoubleBackwardError(RuntimeError):
     """The model's graph cannot be differentiated twice (see :class:`HessianOperator`)."""
 
@@ -58,6 +71,13 @@ def eval_mode(model: Optional[nn.Module]):
     try:
         yield
     finally:
+        # back through the modules' own train() where they define one (loralib's Linear merges
+        # B·A into W in train(False) and unmerges in train(True): set only by the flag, a
+        # model left merged and 'training' gave its LoRA factors no gradient, the audit's
+        # repro), then every flag as it was (mixed modes: a frozen part kept in eval)
+        for m, training in modes:
+            if training and not m.training and type(m).train is not nn.Module.train:
+                m.train(True)
         for m, training in modes:
             m.training = training
 
@@ -172,6 +192,8 @@ class HessianOperator:
         self.segments = [s if isinstance(s, Segment) else Segment(s) for s in params]
         if not self.segments:
             raise ValueError("HessianOperator needs at least one parameter")
+        # (a tied tensor passed twice doubled the dimension and every eigenvalue: an audit)
+        check_disjoint("the operator's parameter list", self.segments)
         for s in self.segments:
             if not s.param.requires_grad:
                 raise ValueError(
@@ -350,8 +372,10 @@ class _GradCache:
             return
         self._checked = True
         first = self._batches()[0]
-        with torch.no_grad(), eval_mode(self.model), _sdpa_math_context(self.sdpa_math):
-            a, b = float(self._loss(first)), float(self._loss(first))
+        # (with autograd on: a loss that differentiates inside itself, a gradient penalty,
+        # raised "does not require grad" under no_grad)
+        with torch.enable_grad(), eval_mode(self.model), _sdpa_math_context(self.sdpa_math):
+            a, b = float(self._loss(first).detach()), float(self._loss(first).detach())
         if a != b and abs(a - b) > 1e-6 * max(1.0, abs(a)):
             raise RuntimeError(
                 f"the loss is not deterministic (two evaluations on the same batch gave {a} and "
@@ -360,12 +384,24 @@ class _GradCache:
                 "disable it for the diagnostics (or pass check_deterministic=False)"
             )
 
+    def _fingerprint(self) -> Tensor:
+        """A sum per parameter (float64): an optimizer step moves it. The flat store's
+        kernels write θ without bumping a version counter, so a cached graph, whose products
+        are those of the parameters it was built at, read as the current Hessian after steps
+        (5e-2 off after 5 ArmijoAdam steps, silently: a diagnostics audit)."""
+        with torch.no_grad():
+            return torch.stack([p.detach().double().sum().cpu() for p in self.params])
+
     def hvp(self, index, pieces):
         self._check()
         n = len(self._batches())
         total = [None] * len(index)
+        if self.cache_graph and self._graphs is not None and \
+                not torch.equal(self._fingerprint(), self._graphs_at):
+            self._graphs = None  # the parameters moved since the graph was built: build again
         if self.cache_graph and self._graphs is None:
             self._graphs = [self._gradients(b) for b in self._batches()]
+            self._graphs_at = self._fingerprint()
         for bi, batch in enumerate(self._batches()):
             grads = self._graphs[bi] if self.cache_graph else self._gradients(batch)
             outs, ins, vs, where = [], [], [], []
@@ -382,6 +418,12 @@ class _GradCache:
                         hv = torch.autograd.grad(outs, ins, grad_outputs=vs,
                                                  retain_graph=self.cache_graph, allow_unused=True)
                 except RuntimeError as e:
+                    if "modified by an inplace operation" in str(e):
+                        raise RuntimeError(
+                            "the parameters were changed in place since this operator built "
+                            "its graph (an optimizer step in between?): build a new "
+                            f"HessianOperator, or pass cache_graph=False. Original error: {e}"
+                        ) from e
                     raise DoubleBackwardError(f"{_DOUBLE_BACKWARD_HINT}. Original error: {e}") \
                         from e
             else:

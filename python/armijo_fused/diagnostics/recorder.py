@@ -161,7 +161,8 @@ class TelemetryRecorder:
     def record(self, loss=None, optimizer=None) -> dict:
         """Store what the last ``optimizer.step()`` did; returns the record. A call with no
         step since the last record (GradScaler skipped it: the optimizer never ran) stores
-        nothing and returns that record."""
+        nothing and returns that record; one before any step (a fresh optimizer, or one just
+        loaded) stores nothing and returns an empty dict."""
         rec = self._record(loss, optimizer, keep=False)
         self._read_pending()  # (the records before it, the hook's, in the same transfer)
         return rec
@@ -176,6 +177,11 @@ class TelemetryRecorder:
         if isinstance(stats, Mapping) and "step_size" in stats and records and \
                 "step" in stats and int(stats["step"]) == records[-1]["step"]:
             return records[-1]  # (it stored the step twice, with the skipped batch's loss)
+        if isinstance(stats, Mapping) and "step_size" in stats and "step" in stats and \
+                int(stats["step"]) == 0:
+            # no step yet (a fresh optimizer, or one just loaded, whose first step GradScaler
+            # skipped): nothing to store (it stored a step 0 of NaN between steps 3 and 4)
+            return {}
         if isinstance(stats, Mapping) and "step_size" in stats:
             get = stats.peek if keep and hasattr(stats, "peek") else stats.__getitem__
 

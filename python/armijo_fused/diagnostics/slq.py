@@ -107,6 +107,8 @@ class Spectrum:
             raise ValueError(f"density: sigma must be > 0, got {sigma!r}")
         if not scale > 0:
             raise ValueError(f"density: scale must be > 0, got {scale!r}")
+        if grid is None and not (isinstance(num_points, int) and num_points >= 2):
+            raise ValueError(f"density: num_points must be an integer >= 2, got {num_points!r}")
         nodes = [np.asarray(t, dtype=np.float64) / scale for t in self.nodes]
         if sigma is None:
             lo, hi = min(t.min() for t in nodes), max(t.max() for t in nodes)

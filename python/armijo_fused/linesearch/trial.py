@@ -331,7 +331,7 @@ def models_in_reach(fn, params, depth: int = 3, *, complete: bool = True
             # an object without a __dict__ keeps its attributes in slots (a dataclass with
             # slots=True holding the discriminator was not looked into: its BatchNorm
             # statistics moved with every trial, a multi-model user's audit)
-            for name in _slot_names(type(obj)):
+            for name in slot_names(type(obj)):
                 if hasattr(obj, name):
                     visit(getattr(obj, name), level - 1)
 
@@ -343,13 +343,18 @@ def models_in_reach(fn, params, depth: int = 3, *, complete: bool = True
 
 
 @functools.lru_cache(maxsize=256)
-def _slot_names(cls) -> tuple:
-    """The ``__slots__`` attribute names of ``cls`` and its bases (a string is one name)."""
+def slot_names(cls) -> tuple:
+    """The ``__slots__`` attribute names of ``cls`` and its bases (a string is one name), as
+    ``getattr`` takes them: a private one (``__disc``) is stored mangled, ``_Holder__disc``."""
     names = []
     for klass in cls.__mro__:
         slots = klass.__dict__.get("__slots__", ())
-        names += [slots] if isinstance(slots, str) else [n for n in slots
-                                                          if n not in ("__dict__", "__weakref__")]
+        for n in [slots] if isinstance(slots, str) else slots:
+            if n in ("__dict__", "__weakref__"):
+                continue
+            if n.startswith("__") and not n.endswith("__"):
+                n = f"_{klass.__name__.lstrip('_')}{n}"
+            names.append(n)
     return tuple(names)
 
 

@@ -1709,26 +1709,36 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
     def _note_hand_schedule_below_default(self, group, lr_t: float, lr_0: float) -> None:
         """The default lr (1.0) with a schedule written by hand in absolute values (a warmup
-        to 5e-4, nanoGPT's get_lr): lr_0 is the lr given at construction, so every applied
-        step is η·lr_t, 2000x short, silently (a scheduler user's audit: 0.53 against 0.43 in
-        loss). Said once, where no scheduler recorded its start, when the group's lr, seen to
-        rise in this process, stops rising (the warmup's end) with its peak below 1% of lr_0:
-        a schedule in units of lr_0 peaks near 1, one resumed or decaying never rose here."""
-        if lr_0 != 1.0 or group.get("initial_lr") is not None or \
+        to 5e-4, nanoGPT's get_lr, a constant 3e-4): lr_0 is the lr given at construction, so
+        every applied step is η·lr_t, 2000x short, silently (a scheduler user's audit: 0.53
+        against 0.43 in loss). Said once, where no scheduler recorded its start and the lr
+        never reached 1% of lr_0 in this process, when it fell after rising (a warmup's end),
+        held for 50 steps after rising, or, in a run seen from its first step, never rose in
+        50 steps (constant, or decaying from below 1%). Not where the lr rose past 1% (a
+        warmup in units of lr_0, stepped or long), nor for a process that met the group
+        mid-run below 1% and saw no rise (a resume near a decay's end, a plateau schedule)."""
+        if lr_0 != 1.0 or lr_t <= 0.0 or group.get("initial_lr") is not None or \
                 group.get("max_lr") is not None or "hand lr" in self.__dict__.get("_warned", ()):
             return
-        seen = self.__dict__.setdefault("_lr_seen", {})  # id(group) -> (last lr, rose, top)
-        last, rose, top = seen.get(id(group), (None, False, 0.0))
-        if last is not None and lr_t > last:
-            rose = True
-        elif rose and lr_t <= last and 0.0 < top < 0.01:
+        k = group["step"] + 1
+        seen = self.__dict__.setdefault("_lr_seen", {})
+        first, last, rose, top, since = seen.get(id(group), (k, lr_t, False, lr_t, k))
+        if lr_t != last:
+            rose, since = rose or lr_t > last, k
+        top = max(top, lr_t)
+        seen[id(group)] = (first, lr_t, rose, top, since)
+        if top >= 0.01:
+            return
+        fell = rose and lr_t < last
+        held = rose and k - since >= 50
+        flat = not rose and first == 1 and k >= 50
+        if fell or held or flat:
             self._warn_once("hand lr", (
-                f"lr rose to {top:g} and stopped there, below 1% of lr_0 = 1 (the lr given at "
-                f"construction, the default): each step applies the searched step size times "
+                f"lr has stayed below 1% of lr_0 = 1 (the lr given at construction, the "
+                f"default), at most {top:g}: each step applies the searched step size times "
                 f"lr_t / lr_0 = {lr_t:g}. A schedule written into the groups by hand, in "
-                "absolute values (nanoGPT's get_lr, a warmup to 5e-4), needs its peak as the "
-                "optimizer's lr: ArmijoAdam(params, lr=peak)"))
-        seen[id(group)] = (lr_t, rose, max(top, lr_t))
+                "absolute values (nanoGPT's get_lr, a warmup to 5e-4, a constant 3e-4), "
+                "needs its peak as the optimizer's lr: ArmijoAdam(params, lr=peak)"))
 
     def _warn_lr_above_peak(self, lr_t: float, lr_0: float) -> None:
         self._warn_once(

@@ -27,13 +27,18 @@ from .calls import outside_stacklevel
 _FLAT_HOLDERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _code_of(fn):
+def _code_of(fn, depth: int = 2):
     """What identifies a loss function across steps, where a new closure object is made at
     every step from the same code: its code object and the modules it holds at the first
     level (in closure cells, a partial's arguments, its defaults) or as attributes of the
-    objects it holds there (a method's or a callable's object). Modules only: they live as
-    long as training, where a wrapper object made per phase may be freed and its id reused.
-    A network reached through a container or a rebound global name is not told apart."""
+    objects it holds there (a method's or a callable's object, their slots too), and the same
+    of the functions it holds there (a closure that calls the phase's loss function `f`: the
+    switch to a loss that runs a discriminator went unseen). Modules with parameters or
+    buffers only: they live as long as training, where a wrapper object made per phase may be
+    freed and its id reused, and a criterion made at every step (nn.MSELoss() in the loop)
+    made the key new at every step, and the walk of the loss function's reach with it (+50 %
+    of a step at 600 modules, a review). A network reached through a container or a rebound
+    global name is not told apart."""
     held = []
     if isinstance(fn, functools.partial):
         held += [fn.func, *fn.args, *fn.keywords.values()]
@@ -51,13 +56,25 @@ def _code_of(fn):
         except ValueError:  # an empty cell
             pass
     held += getattr(fn, "__defaults__", None) or ()
-    modules = []
+    modules, inner = [], []
     for x in held:
         if isinstance(x, torch.nn.Module):
-            modules.append(id(x))
-        elif not isinstance(x, Tensor) and isinstance(getattr(x, "__dict__", None), dict):
-            modules += [id(v) for v in vars(x).values() if isinstance(v, torch.nn.Module)]
-    return code, tuple(modules)
+            modules.append(x)
+        elif depth > 0 and (inspect.isfunction(x) or inspect.ismethod(x) or
+                            isinstance(x, functools.partial)):
+            inner.append(_code_of(x, depth - 1))
+        elif not isinstance(x, (Tensor, type)):
+            values = list(vars(x).values()) if isinstance(getattr(x, "__dict__", None),
+                                                          dict) else []
+            try:  # (a slot whose read raises is not ours to judge)
+                values += [getattr(x, n) for n in trial_mod.slot_names(type(x))
+                           if hasattr(x, n)]
+            except Exception:
+                pass
+            modules += [v for v in values if isinstance(v, torch.nn.Module)]
+    kept = tuple(id(m) for m in modules if next(m.parameters(), None) is not None or
+                 next(m.buffers(), None) is not None)
+    return code, kept, tuple(inner)
 
 
 def trainable_key_reference(param_groups) -> tuple:
@@ -379,13 +396,17 @@ class StoreMixin:
                 seen_ids.add(id(p))
                 start = p.data_ptr()
                 spans.append((p.device, start, start + p.element_size() * p.numel(), p))
+        trained = {id(p) for _, p in self._trainable()}
         spans.sort(key=lambda s: (str(s[0]), s[1]))
-        shared, end, dev = [], -1, None
+        # an overlap with the span reaching furthest so far (it starts before this one and
+        # ends inside or after it) is judged where one of the two trains: frozen tensors tied
+        # only to each other stay tied (a frozen tied autoencoder was warned about, a review)
+        shared, end, dev, reach = [], -1, None, None
         for device, start, stop, p in spans:
-            if device == dev and start < end:
+            if device == dev and start < end and (id(p) in trained or id(reach) in trained):
                 shared.append(p)
             if device != dev or stop > end:
-                dev, end = device, max(stop, end if device == dev else -1)
+                dev, end, reach = device, max(stop, end if device == dev else -1), p
         if shared:
             what = ("The flat store gives each its own slot, so they train apart from here" if
                     self.flat else
