@@ -843,11 +843,13 @@ def test_a_tensor_given_twice_to_the_operator_is_refused():
 
 def test_head_granularity_keeps_a_grouped_query_fused_projection_whole():
     # qkv of 4 query heads and 1 key/value head (12 = 8 + 2 + 2 rows of 8 inputs) was split in
-    # thirds under the names q/k/v, the rows mixed (a diagnostics audit)
+    # thirds under the names q/k/v, the rows mixed (a diagnostics audit); told by the module's
+    # key/value head count (a rule on rows = 3 x inputs kept whole a qkv of heads x head_dim
+    # other than d_model, timm's EVA: a review)
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
-            self.n_head = 4
+            self.n_head, self.n_kv_head = 4, 1
             self.qkv = nn.Linear(8, 12, bias=False)
 
     model = nn.Module()
@@ -893,3 +895,16 @@ def test_a_density_of_fewer_than_two_points_is_refused():
                             power_iters=0)
     with pytest.raises(ValueError, match="num_points must be an integer >= 2"):
         spec.density(num_points=1)
+
+
+def test_head_granularity_splits_a_fused_projection_whose_heads_are_not_d_model_wide():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+            self.qkv = nn.Linear(32, 3 * 4 * 16, bias=False)  # head_dim 16, d_model 32
+
+    model = nn.Module()
+    model.attn = Attn()
+    assert len(model_blocks(model, "head")) == 4 + 4 + 1
+

@@ -1642,14 +1642,12 @@ def test_a_schedule_written_by_hand_far_below_the_default_lr_is_named():
     named = r"stayed below 1% of lr_0 = 1 .* at most 0.0005.* lr=peak"
     with pytest.warns(UserWarning, match=named):  # warmup, then a decay
         run([5e-4 * min(1.0, (k + 1) / 10) * (0.99 ** max(0, k - 10)) for k in range(12)])
-    with pytest.warns(UserWarning, match=named):  # warmup, then constant (a review)
-        run([5e-4 * min(1.0, (k + 1) / 10) for k in range(62)])
-    with pytest.warns(UserWarning, match=named):  # constant from the start (a review)
-        run([5e-4] * 52)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*below 1% of lr_0")
         run([(k + 1) / 10000 for k in range(120)])  # a warmup of 10k steps in units of lr_0
         run([min(1.0, (k // 10 + 1) / 400) for k in range(120)])  # stepped, every 10 steps
+        run([min(1.0, 0.005 * 2 ** (k // 60)) for k in range(130)])  # stairs of 60 from 0.005
+        run([0.001] * 200 + [1.0] * 5)  # Detectron's constant warmup (a review)
         run([1.0] * 5 + [1e-3] * 5 + [1e-5] * 5)  # a plateau schedule from 1
         run([1e-3, 1e-3, 1e-4], run([1.0] * 3 + [1e-3] * 3).state_dict())  # ... resumed low
 

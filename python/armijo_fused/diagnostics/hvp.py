@@ -66,18 +66,17 @@ def eval_mode(model: Optional[nn.Module]):
     if model is None:
         yield
         return
+    # By the flags alone, in and out, not through model.eval(): a module's own train() may do
+    # more (loralib's Linear merges B·A into W in train(False) and unmerges in train(True)),
+    # and a model so left merged but 'training' gave its LoRA factors no gradient, their
+    # Hessian read 0, and restoring through the overrides ran them on modules meant to stay
+    # in eval (audits). The flag is what dropout and BatchNorm read.
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in modes:
+        m.training = False
     try:
         yield
     finally:
-        # back through the modules' own train() where they define one (loralib's Linear merges
-        # B·A into W in train(False) and unmerges in train(True): set only by the flag, a
-        # model left merged and 'training' gave its LoRA factors no gradient, the audit's
-        # repro), then every flag as it was (mixed modes: a frozen part kept in eval)
-        for m, training in modes:
-            if training and not m.training and type(m).train is not nn.Module.train:
-                m.train(True)
         for m, training in modes:
             m.training = training
 
@@ -385,12 +384,22 @@ class _GradCache:
             )
 
     def _fingerprint(self) -> Tensor:
-        """A sum per parameter (float64): an optimizer step moves it. The flat store's
+        """A sum per parameter and floating buffer (float64): an optimizer step moves it. The flat store's
         kernels write θ without bumping a version counter, so a cached graph, whose products
         are those of the parameters it was built at, read as the current Hessian after steps
         (5e-2 off after 5 ArmijoAdam steps, silently: a diagnostics audit)."""
-        with torch.no_grad():
-            return torch.stack([p.detach().double().sum().cpu() for p in self.params])
+        with torch.no_grad():  # (summed in float64 without a copy; one transfer)
+            sums = [p.detach().sum(dtype=torch.float64) for p in self.params]
+            sums += [b.detach().sum(dtype=torch.float64) for b in self._buffers()]
+            dev = sums[0].device
+            return torch.stack([x.to(dev) for x in sums]).cpu()
+
+    def _buffers(self) -> list:
+        """The model's floating buffers (BatchNorm's statistics, recalibrated between products,
+        change the function the cached graph was built for)."""
+        if self.model is None:
+            return []
+        return [b for b in self.model.buffers() if b.is_floating_point()]
 
     def hvp(self, index, pieces):
         self._check()

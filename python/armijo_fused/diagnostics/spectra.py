@@ -41,22 +41,25 @@ __all__ = ["hessian_spectrum", "block_spectra", "model_blocks"]
 _SEPARATE_QK = re.compile(r"(?:^|\.)(q_proj|k_proj|wq|wk|query|key|to_q|to_k|q|k)\.weight$")
 _FUSED_QKV = re.compile(r"(?:^|\.)(?:(?:c_attn|qkv|Wqkv|qkv_proj)\.weight|in_proj_weight)$")
 _HEAD_ATTRS = ("n_head", "num_heads", "n_heads", "nhead", "num_attention_heads")
+_KV_HEAD_ATTRS = ("n_kv_head", "n_kv_heads", "num_kv_heads", "num_key_value_heads")
 
 
-def _find_heads(model: nn.Module, param_name: str) -> Optional[int]:
-    """``num_heads`` from the module holding the parameter or from one of its ancestors."""
+def _find_heads(model: nn.Module, param_name: str, attrs=None) -> Optional[int]:
+    """``num_heads`` (or another of ``attrs``) from the module holding the parameter or from
+    one of its ancestors, or their ``config``."""
+    attrs = _HEAD_ATTRS if attrs is None else attrs
     parts = param_name.split(".")[:-1]
     for depth in range(len(parts), -1, -1):
         try:
             mod = model.get_submodule(".".join(parts[:depth]))
         except AttributeError:
             continue
-        for attr in _HEAD_ATTRS:
+        for attr in attrs:
             v = getattr(mod, attr, None)
             if isinstance(v, int) and v > 0:
                 return v
         cfg = getattr(mod, "config", None)
-        for attr in _HEAD_ATTRS:
+        for attr in attrs:
             v = getattr(cfg, attr, None)
             if isinstance(v, int) and v > 0:
                 return v
@@ -105,9 +108,10 @@ def _head_segments(model, name, p, num_heads) -> Optional[list]:
     dim = _out_dim(model, name)
     outputs = p.shape[dim]
     if fused:
-        if outputs % 3 or outputs != 3 * p.shape[1 - dim]:
-            # (not a [Q; K; V] projection of d_model rows each after all: one block, as any
-            # tensor. A grouped-query one, 4 query heads beside 1 key/value head, was split
+        kv = _find_heads(model, name, _KV_HEAD_ATTRS)
+        if outputs % 3 or (kv is not None and kv != heads):
+            # (not a [Q; K; V] projection of three equal parts after all: one block, as any
+            # tensor. A grouped-query one, fewer key/value heads than query heads, was split
             # in thirds under confident names, the rows of q, k and v mixed: an audit)
             return None
         width = outputs // 3

@@ -404,7 +404,7 @@ class StoreMixin:
         shared, end, dev, reach = [], -1, None, None
         for device, start, stop, p in spans:
             if device == dev and start < end and (id(p) in trained or id(reach) in trained):
-                shared.append(p)
+                shared += [t for t in (reach, p) if all(t is not s for s in shared)]
             if device != dev or stop > end:
                 dev, end, reach = device, max(stop, end if device == dev else -1), p
         if shared:
