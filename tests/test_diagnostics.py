@@ -908,3 +908,38 @@ def test_head_granularity_splits_a_fused_projection_whose_heads_are_not_d_model_
     model.attn = Attn()
     assert len(model_blocks(model, "head")) == 4 + 4 + 1
 
+
+
+def test_the_key_value_head_count_is_read_where_the_head_count_is():
+    # an MPT-style grouped-query Wqkv (kv_n_heads) was split in thirds; a far ancestor's
+    # config of a grouped-query decoder kept a vision tower's plain qkv whole (a review)
+    class Attn(nn.Module):
+        def __init__(self, n_in, n_out, **heads):
+            super().__init__()
+            self.__dict__.update(heads)
+            self.Wqkv = nn.Linear(n_in, n_out, bias=False)
+
+    model = nn.Module()
+    model.attn = Attn(64, 96, n_heads=4, kv_n_heads=1)
+    assert list(model_blocks(model, "head")) == ["attn.Wqkv.weight"]
+    model = nn.Module()
+    model.n_head, model.n_kv_head = 4, 1
+    model.vision = nn.Module()
+    model.vision.attn = Attn(16, 48, num_heads=4)
+    assert len(model_blocks(model, "head")) == 4 + 4 + 1
+
+
+def test_a_nan_buffer_does_not_rebuild_the_cached_graph_at_every_product(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    model.register_buffer("unset", torch.full((3,), math.nan))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    op = HessianOperator(lambda: F.mse_loss(model(x), y), list(model.parameters()), model=model)
+    builds = []
+    real = type(op._shared)._gradients
+    monkeypatch.setattr(type(op._shared), "_gradients",
+                        lambda self, b: builds.append(1) or real(self, b))
+    v = torch.randn(op.dim)
+    for _ in range(5):
+        op(v)
+    assert len(builds) == 1

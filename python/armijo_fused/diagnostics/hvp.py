@@ -406,7 +406,8 @@ class _GradCache:
         n = len(self._batches())
         total = [None] * len(index)
         if self.cache_graph and self._graphs is not None and \
-                not torch.equal(self._fingerprint(), self._graphs_at):
+                not torch.equal(self._fingerprint().view(torch.int64),
+                                self._graphs_at.view(torch.int64)):  # (bits: NaN == NaN)
             self._graphs = None  # the parameters moved since the graph was built: build again
         if self.cache_graph and self._graphs is None:
             self._graphs = [self._gradients(b) for b in self._batches()]

@@ -41,12 +41,16 @@ __all__ = ["hessian_spectrum", "block_spectra", "model_blocks"]
 _SEPARATE_QK = re.compile(r"(?:^|\.)(q_proj|k_proj|wq|wk|query|key|to_q|to_k|q|k)\.weight$")
 _FUSED_QKV = re.compile(r"(?:^|\.)(?:(?:c_attn|qkv|Wqkv|qkv_proj)\.weight|in_proj_weight)$")
 _HEAD_ATTRS = ("n_head", "num_heads", "n_heads", "nhead", "num_attention_heads")
-_KV_HEAD_ATTRS = ("n_kv_head", "n_kv_heads", "num_kv_heads", "num_key_value_heads")
+_KV_HEAD_ATTRS = ("n_kv_head", "n_kv_heads", "num_kv_heads", "num_key_value_heads",
+                  "kv_n_heads", "n_head_kv", "kv_heads")
 
 
-def _find_heads(model: nn.Module, param_name: str, attrs=None) -> Optional[int]:
-    """``num_heads`` (or another of ``attrs``) from the module holding the parameter or from
-    one of its ancestors, or their ``config``."""
+def _find_heads(model: nn.Module, param_name: str, attrs=None, kv: bool = False
+                ) -> Optional[int]:
+    """``num_heads`` from the module holding the parameter or from one of its ancestors, or
+    their ``config``. ``kv``: the key/value head count, read only where the head count was
+    found (a far ancestor's config of a grouped-query decoder kept a vision tower's plain qkv
+    whole: a review), or 1 where that place says ``multi_query=True``."""
     attrs = _HEAD_ATTRS if attrs is None else attrs
     parts = param_name.split(".")[:-1]
     for depth in range(len(parts), -1, -1):
@@ -54,15 +58,18 @@ def _find_heads(model: nn.Module, param_name: str, attrs=None) -> Optional[int]:
             mod = model.get_submodule(".".join(parts[:depth]))
         except AttributeError:
             continue
-        for attr in attrs:
-            v = getattr(mod, attr, None)
-            if isinstance(v, int) and v > 0:
-                return v
-        cfg = getattr(mod, "config", None)
-        for attr in attrs:
-            v = getattr(cfg, attr, None)
-            if isinstance(v, int) and v > 0:
-                return v
+        for where in (mod, getattr(mod, "config", None)):
+            heads = next((getattr(where, a) for a in attrs if isinstance(
+                getattr(where, a, None), int) and getattr(where, a) > 0), None)
+            if heads is None:
+                continue
+            if not kv:
+                return heads
+            for attr in _KV_HEAD_ATTRS:
+                v = getattr(where, attr, None)
+                if isinstance(v, int) and v > 0:
+                    return v
+            return 1 if getattr(where, "multi_query", False) is True else None
     return None
 
 
@@ -108,7 +115,7 @@ def _head_segments(model, name, p, num_heads) -> Optional[list]:
     dim = _out_dim(model, name)
     outputs = p.shape[dim]
     if fused:
-        kv = _find_heads(model, name, _KV_HEAD_ATTRS)
+        kv = _find_heads(model, name, kv=True)
         if outputs % 3 or (kv is not None and kv != heads):
             # (not a [Q; K; V] projection of three equal parts after all: one block, as any
             # tensor. A grouped-query one, fewer key/value heads than query heads, was split
