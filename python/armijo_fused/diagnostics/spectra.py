@@ -45,13 +45,11 @@ _KV_HEAD_ATTRS = ("n_kv_head", "n_kv_heads", "num_kv_heads", "num_key_value_head
                   "kv_n_heads", "n_head_kv", "kv_heads")
 
 
-def _find_heads(model: nn.Module, param_name: str, attrs=None, kv: bool = False
-                ) -> Optional[int]:
+def _find_heads(model: nn.Module, param_name: str, kv: bool = False) -> Optional[int]:
     """``num_heads`` from the module holding the parameter or from one of its ancestors, or
     their ``config``. ``kv``: the key/value head count, read only where the head count was
     found (a far ancestor's config of a grouped-query decoder kept a vision tower's plain qkv
     whole: a review), or 1 where that place says ``multi_query=True``."""
-    attrs = _HEAD_ATTRS if attrs is None else attrs
     parts = param_name.split(".")[:-1]
     for depth in range(len(parts), -1, -1):
         try:
@@ -59,7 +57,7 @@ def _find_heads(model: nn.Module, param_name: str, attrs=None, kv: bool = False
         except AttributeError:
             continue
         for where in (mod, getattr(mod, "config", None)):
-            heads = next((getattr(where, a) for a in attrs if isinstance(
+            heads = next((getattr(where, a) for a in _HEAD_ATTRS if isinstance(
                 getattr(where, a, None), int) and getattr(where, a) > 0), None)
             if heads is None:
                 continue

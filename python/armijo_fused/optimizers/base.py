@@ -681,8 +681,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             # joining with 20 steps of gradient summed in its .grad folded them all into its
             # first step (22x its gradient, the second moments 480x), where torch's zero_grad
             # clears them
-            held = {id(p) for b in self._buffers for p in b.params}
-            outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
+            outside = self._tensors_outside(self._buffers)
         for p in outside:
             if p.grad is not None:
                 if set_to_none:
@@ -1280,8 +1279,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         as no cap: SGD with momentum moved on uncapped after any skip), the last one's, chosen
         on the device (the skip is not known on the host without a sync)."""
         last = self._last_dd
-        guard = self.check_finite or self.max_grad_norm is not None
-        if not guard or last is None or last[0] is not buffers:
+        if not passes.can_skip or last is None or last[0] is not buffers:
             return dd
         skipped = passes.skipped()
         return [torch.where(skipped.to(new.device), old, new) for old, new in zip(last[1], dd)]

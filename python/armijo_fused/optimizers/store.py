@@ -292,8 +292,7 @@ class StoreMixin:
         old, self._buffers, self._buffer_key = self._buffers, buffers, key
         self._empty_blocks = self._blocks_without_elements(buffers)
         self._deferred_load = False
-        held = {id(p) for b in buffers for p in b.params}
-        self._outside = [p for g in self.param_groups for p in g["params"] if id(p) not in held]
+        self._outside = self._tensors_outside(buffers)
         # each trained tensor's group, for the next build (_follow_moved_tensors)
         self._group_of = {id(p): self.param_groups[b.group_index] for b in buffers
                           for p in b.params}
@@ -632,6 +631,11 @@ class StoreMixin:
                 "that grows with the time frozen). Freeze and unfreeze whole param groups (a "
                 "group for each part you freeze; a group with no trainable tensor keeps its "
                 "count), and the correction stays exact. (Said once.)")
+
+    def _tensors_outside(self, buffers) -> list:
+        """The groups' tensors that ``buffers`` do not hold (frozen ones, those added since)."""
+        held = {id(p) for b in buffers for p in b.params}
+        return [p for g in self.param_groups for p in g["params"] if id(p) not in held]
 
     def _follow_moved_tensors(self) -> None:
         """Before the buffers are rebuilt: trained tensors that now sit in another param group
