@@ -2324,6 +2324,32 @@ def test_the_guard_skips_a_non_finite_step_on_every_device(device, bad, search):
         assert torch.equal(opt.state[params[0]][k], v), k
 
 
+@pytest.mark.parametrize("device", _GUARD_DEVICES)
+@pytest.mark.parametrize("search", [True, False], ids=["search", "plain"])
+def test_a_skipped_step_is_said_once(device, search):
+    """A skip is safe but loses the batch (a fully masked batch's mean loss is 0/0): the first
+    is warned about, naming its step, the later ones are not. On a GPU a plain step's skip
+    flag is read at the next step, so the warning comes then."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(9, device=device))
+    opt = ArmijoAdam([w], cadence="every" if search else 10**9)
+
+    def step(bad=False):
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        if bad:
+            w.grad[4] = math.nan
+        opt.step(loss_fn=lambda: (w * w).sum(), loss=loss.detach())
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for bad in (False, True, False, True, True, False):
+            step(bad)
+    said = [str(c.message) for c in caught if "was skipped" in str(c.message)]
+    assert len(said) == 1 and "step 2 was skipped" in said[0], said
+
+
 def test_a_float64_loss_beyond_float32s_range_is_not_taken_for_a_non_finite_one():
     """The guard's one-launch form (add with alpha 0) would round a float64 probe to float32
     first: a float64 loss of 1e300, finite, read as inf and skipped every step. It keeps the

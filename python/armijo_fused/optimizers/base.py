@@ -1138,6 +1138,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         groups = self.param_groups
         g0 = groups[0]
         skipped = result.skipped or not math.isfinite(result.loss_before)
+        if skipped:
+            self._warn_skipped(k)
         accepted = self._fill_frozen(accepted, etas, frozen)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
                                                      skipped, k, frozen, resolution)
@@ -1770,6 +1772,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return self._advance(k, folded=passes.groups)
         flag = passes.skipped()
         if flag.device.type != "cuda":  # CPU: free; other accelerators: one read
+            if bool(flag):
+                self._warn_skipped(k)
             return self._advance(k, folded=() if bool(flag) else passes.groups)
         if self._skip_host is None:  # one pinned flag and event, reused: settled before reuse
             self._skip_host = (torch.empty((), dtype=torch.bool, pin_memory=True),
@@ -1777,7 +1781,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         host, event = self._skip_host
         host.copy_(flag, non_blocking=True)
         event.record(torch.cuda.current_stream(flag.device))
-        self._pending_skip = (host, event, passes.groups)
+        self._pending_skip = (host, event, passes.groups, k)
         self._advance(k, folded=passes.groups)
 
     def _settle_skip(self) -> None:
@@ -1785,11 +1789,23 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         pending, self._pending_skip = self._pending_skip, None
         if pending is None:
             return
-        host, event, groups = pending
+        host, event, groups, k = pending
         event.synchronize()
         if bool(host):
             for gi in groups:
                 self.param_groups[gi]["folded"] -= 1
+            self._warn_skipped(k)
+
+    def _warn_skipped(self, k: int) -> None:
+        """A skipped step leaves θ and the state as they were, where torch's optimizers would
+        write NaN into them: safe, but a loop that skips (a fully masked batch whose mean loss
+        is 0/0, an overflow in bf16) loses those batches' gradients without a word otherwise.
+        GradScaler's skips never reach here (it does not call ``step`` on an overflow)."""
+        self._warn_once(
+            "skipped", f"step {k} was skipped: its gradient or its loss f(θ0) was not finite "
+            "(inf or NaN), so θ and the optimizer state were left as they were. Later skips "
+            "are not warned about: stats.skipped says which steps were (a loss that is 0/0 on "
+            "a batch whose targets are all masked is one cause)")
 
 
 __all__ = ["ArmijoOptimizer"]
