@@ -1890,3 +1890,38 @@ def test_the_trend_guard_at_extreme_settings_and_a_lowered_start():
     assert p.trend_error([1.0, 1.1, 2, 10.0, 10, 21], 40) is not None
     assert p.trend_error([1.0, 1.1, 2, 1.0, 1, 21], 20) is not None
     assert p.trend_error([1.0, 1.1, 2, 1.0, 1, 21], 21) is None
+
+
+def test_experts_frozen_while_unrouted_in_groups_of_their_own_count_their_own_steps():
+    """The README's recipe for parameters that get no gradient in some steps (an unrouted
+    expert): requires_grad=False while unused, one param group per expert. Then an expert
+    stands still, moments included, while unused, as torch skips it, and its group's count
+    (Adam's bias correction) is the number of steps it took part in; no warning."""
+    torch.manual_seed(0)
+    experts = nn.ModuleList([nn.Linear(6, 6) for _ in range(3)])
+    opt = ArmijoAdam([{"params": e.parameters()} for e in experts], weight_decay=0.1)
+    x = torch.randn(8, 6)
+    routes = [(0, 1), (1,), (1, 2), (0,), (2,), (1, 2), (0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for used in routes:
+            for j, e in enumerate(experts):
+                e.requires_grad_(j in used)
+            before = {j: ([p.detach().clone() for p in experts[j].parameters()],
+                          [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+                           for p in experts[j].parameters()])
+                      for j in range(3) if j not in used}
+
+            def loss_fn(used=used):
+                return sum(experts[j](x).square().mean() for j in used)
+
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            opt.step(loss_fn=loss_fn, loss=loss.detach())
+            for j, (weights, states) in before.items():
+                for p, w, st in zip(experts[j].parameters(), weights, states):
+                    assert torch.equal(p.detach(), w)
+                    for k, v in st.items():
+                        assert torch.equal(opt.state[p][k], v), (j, k)
+    assert [g["folded"] for g in opt.param_groups] == [sum(j in r for r in routes) for j in range(3)]
