@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
+from problems import make_closure
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -323,11 +325,32 @@ def test_a_compiled_training_step_runs_the_optimizer_step_eagerly():
             return opt.step(closure)
 
         fn = torch.compile(train_step, backend="eager") if compiled else train_step
-        with torch._dynamo.config.patch(error_on_recompile=compiled):
+        with torch._dynamo.config.patch(error_on_recompile=compiled), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             for step in range(6):
                 fn(*batch(step))
         runs.append([p.detach().clone() for p in model.parameters()])
+        # ... and says so, once: the closure's forward and backward ran eagerly too (an audit's
+        # compiled step with dropout and loss= compared inductor's masks with eager trials')
+        said = [w for w in caught if "torch.compile'd function" in str(w.message)]
+        assert len(said) == int(compiled), [str(w.message) for w in caught]
+        assert not said or said[0].filename == __file__
     assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+def test_a_compiled_model_stepped_from_eager_code_is_not_taken_for_a_compiled_step():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = make_model()
+    compiled = torch.compile(model, backend="eager")
+    opt = ArmijoAdam(model.parameters(), model=model, cadence="every")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(3):
+            x, y = batch(step)
+            opt.step(make_closure(opt, lambda: nn.functional.mse_loss(compiled(x), y)))
 
 
 def test_gradscaler_through_an_optimizer_wrapper_sharing_our_groups():

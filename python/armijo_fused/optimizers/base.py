@@ -50,6 +50,7 @@ from ..storage.sharded import is_dtensor
 from ..telemetry import StepStats
 from .calls import (
     as_loss,
+    called_from_compiled_code,
     calling_grad_scaler,
     lightning_training_closure,
     loss_in,
@@ -693,7 +694,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
     # -- the step ------------------------------------------------------------------------------
     # Not traced when a compiled function calls it: the search reads losses on the host, so a
     # trace would break there anyway, and specialising on each step size recompiled every step
-    # until dynamo's limit. The model's forward inside the closure stays compiled.
+    # until dynamo's limit. The disable is recursive: what the step calls (the closure, the
+    # trials' loss function) runs eagerly too, except a model compiled on its own.
     @torch.compiler.disable
     def step(self, closure=None, *, loss_fn: Callable | None = None, loss=None):
         """One optimizer step; returns the loss at the parameters before the step (or None).
@@ -726,6 +728,19 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "register_post_accumulate_grad_hook): the line search tests the whole gradient "
                 "against the loss at trial points, which it cannot do inside backward. Use one "
                 "optimizer over the model and call step() after loss.backward()")
+        if "compiled caller" not in self.__dict__.get("_warned", ()) and \
+                called_from_compiled_code():
+            # (an audit's compiled train step with dropout and loss=: its forward drew
+            # inductor's masks, the eager trials torch's, and η fell to 1e-8 in 300 steps)
+            self._warn_once(
+                "compiled caller", "step() was called from a torch.compile'd function. The step "
+                "runs eagerly (torch.compiler.disable), and with it the closure and the loss "
+                "function of its trials: unless the model is compiled on its own, a closure's "
+                "forward and backward are not compiled, and a forward the compiled function ran "
+                "itself (loss=) differs from the trials' eager one (its dropout masks, its "
+                "rounding), so the Armijo test compares two functions. Compile the model "
+                "(torch.compile(model) or model.compile()) and call step() from eager code: "
+                "compiling the function around step() adds nothing to that")
         self._in_step = True
         try:
             if torch.is_inference_mode_enabled():  # else the store would be built of inference
@@ -1619,7 +1634,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             "model=: pass model=nn.ModuleList([model, loss_module]); with loss=, no "
             "opt.capture_rng() before that forward); a trial function on other data than the "
             "training forward (a batch fetched inside it, random draws between micro-batches: "
-            "docs/integrations.md). Looked at once, at the first search"))
+            "docs/integrations.md); a training forward compiled with the function that calls "
+            "step() (torch.compile(train_step)), where the trials run eagerly: compile the model "
+            "instead. Looked at once, at the first search"))
         return True
 
     def _refuse_scaled_loss(self, f0: Tensor, at_theta0: Tensor, scale: float) -> None:

@@ -54,6 +54,23 @@ def calling_grad_scaler(opt):
     return None
 
 
+def called_from_compiled_code() -> bool:
+    """Was ``step()`` called from a ``torch.compile``'d function (a compiled training step)?
+    ``step`` is wrapped in ``torch.compiler.disable``, whose wrapper switches dynamo off for the
+    call and keeps the callback it found in its local ``prior``: dynamo's own when the caller
+    runs compiled code, None from eager code (torch 2.4 to 2.13; False where that changes)."""
+    frame = sys._getframe(1)
+    for _ in range(6):  # step <- the disable wrapper <- torch's step hooks
+        if frame is None:
+            return False
+        # (f_locals of the wrapper's frame alone: it holds the call's arguments, alive anyway)
+        if frame.f_code.co_name == "_fn" and frame.f_code.co_filename.endswith(
+                os.path.join("_dynamo", "eval_frame.py")):
+            return frame.f_locals.get("prior") is not None
+        frame = frame.f_back
+    return False
+
+
 def lightning_training_closure(closure) -> bool:
     """Is ``closure`` Lightning's automatic-optimization closure (``training_step`` and
     backward of the last micro-batch), as its precision plugin hands it to ``step``: a
