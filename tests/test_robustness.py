@@ -1239,6 +1239,27 @@ def test_sparse_gradient_error_leaves_the_model_usable():
     assert opt.stats["step_size"] > 0 and all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sparse_gradient_assigned_after_the_store_exists_is_the_same_clear_error(backend):
+    # (the store compared the gradient's data_ptr with its slot first: a sparse tensor has
+    # none, "Cannot access data pointer of Tensor that doesn't have storage")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = ArmijoAdam(model.parameters(), backend=backend)
+    x = torch.randn(8, 4)
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [v.clone() for v in opt.state[model.weight].values() if torch.is_tensor(v)]
+    model.weight.grad = torch.zeros(3, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients .* use sparse=False"):
+        opt.step(loss_fn=lambda: model(x).pow(2).mean())
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+    assert all(torch.equal(v, w) for v, w in zip(
+        [v for v in opt.state[model.weight].values() if torch.is_tensor(v)], state))
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))  # a dense one steps again
+    assert opt.stats["step_size"] > 0
+
+
 def test_complex_parameters_are_a_clear_error():
     with pytest.raises(TypeError, match="parameters must be floating point, got torch.complex64"):
         ArmijoAdam([nn.Parameter(torch.randn(3, dtype=torch.complex64))])

@@ -274,7 +274,7 @@ class FlatBuffer:
         with torch.no_grad():
             if g is None:
                 slot.zero_()
-            elif g.data_ptr() != slot.data_ptr():
+            elif g.is_sparse or g.data_ptr() != slot.data_ptr():  # (a sparse one has no data_ptr)
                 slot.copy_(_dense(p, g))
                 self.gathered = True
         if gview.data_ptr() != slot.data_ptr():
