@@ -146,13 +146,15 @@ def second_moments_non_negative(opt):
                for k, v in s.items() if k in ("exp_avg_sq", "square_avg"))
 
 
+_UNPATCHED = (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_grad,
+              torch.optim.Optimizer.zero_grad)
+
+
 def nothing_leaked():
     """The trial environment patches backward / zero_grad; a fault must not leave them patched."""
-    return (not trial_mod.in_trial() and torch.is_grad_enabled()
-            and torch.Tensor.backward is not trial_mod._noop
-            and torch.autograd.backward is not trial_mod._noop
-            and nn.Module.zero_grad is not trial_mod._noop
-            and torch.optim.Optimizer.zero_grad is not trial_mod._noop)
+    return (not trial_mod.in_trial() and torch.is_grad_enabled() and not trial_mod._trial_threads
+            and (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_grad,
+                 torch.optim.Optimizer.zero_grad) == _UNPATCHED)
 
 
 # == non-finite values ============================================================================

@@ -805,3 +805,70 @@ def test_steps_from_a_worker_thread():
     t.start()
     t.join(timeout=60)
     assert not errors and opt.param_groups[0]["step"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_two_threads_training_two_models_keep_their_backward_and_their_order():
+    """Two threads, each training its own model with its own optimizer (an audit's case): a
+    backward (and zero_grad) the second thread runs while the first one's trial forward runs is
+    its own training's, not suppressed; the second's step waits for the first's to end (trials
+    set the global RNG); and torch's functions are the originals afterwards (each thread putting
+    back what it found at its trial's start left the no-ops installed for good)."""
+    import threading
+
+    originals = (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_grad,
+                 torch.optim.Optimizer.zero_grad)
+    a_in_trial, b_backward_done = threading.Event(), threading.Event()
+    order, errors, grads = [], [], {}
+
+    def thread_a():
+        try:
+            model = nn.Linear(6, 1)
+            opt = ArmijoAdam(model.parameters(), cadence="every")
+            x = torch.randn(16, 6)
+
+            def closure():
+                if torch.is_grad_enabled():  # the training call
+                    opt.zero_grad()
+                    loss = model(x).square().mean()
+                    loss.backward()
+                    return loss
+                if not a_in_trial.is_set():  # the first trial: let b train meanwhile
+                    a_in_trial.set()
+                    b_backward_done.wait(30)
+                return model(x).square().mean()
+
+            order.append("a starts")
+            opt.step(closure)
+            order.append("a ends")
+        except Exception as e:  # (a thread's exception would not reach the test)
+            errors.append(e)
+
+    def thread_b():
+        try:
+            model = nn.Linear(6, 1)
+            opt = ArmijoAdam(model.parameters(), cadence="every")
+            x = torch.randn(16, 6)
+            a_in_trial.wait(30)
+            model.weight.grad = torch.ones_like(model.weight)
+            opt.zero_grad(set_to_none=False)  # (no store yet: torch's zero_grad, in place)
+            loss = model(x).square().mean()
+            loss.backward()
+            grads["b"] = model.weight.grad.clone()
+            grads["b expected"] = torch.autograd.grad(model(x).square().mean(), model.weight)[0]
+            b_backward_done.set()
+            opt.step(loss_fn=lambda: model(x).square().mean(), loss=loss.detach())
+            order.append("b steps")
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert torch.allclose(grads["b"], grads["b expected"])
+    assert order == ["a starts", "a ends", "b steps"]
+    assert (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_grad,
+            torch.optim.Optimizer.zero_grad) == originals

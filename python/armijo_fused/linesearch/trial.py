@@ -51,6 +51,7 @@ import gc
 import inspect
 import random
 import sys
+import threading
 import types
 
 import torch
@@ -166,7 +167,8 @@ _depth = 0
 def rng_setters_watched(env):
     """Inside: a call of torch's, Python's or NumPy's own state setters marks ``env.rng_set``
     (a trial function that sets the states it recorded per micro-batch replays them itself:
-    not a draw it cannot replay). Used around the few trials whose draws are looked at."""
+    not a draw it cannot replay). Used around the few trials whose draws are looked at. Only
+    this thread's calls mark it (another thread's training loop sets states of its own)."""
     np = sys.modules.get("numpy")
     places = [(torch, "set_rng_state"), (torch.random, "set_rng_state"), (random, "setstate")]
     if np is not None:
@@ -174,11 +176,13 @@ def rng_setters_watched(env):
     if torch.cuda.is_initialized():
         places += [(torch.cuda, "set_rng_state"), (torch.cuda, "set_rng_state_all")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in places]
+    here = threading.get_ident()
 
     def watched(real):
         @functools.wraps(real)
         def setter(*args, **kwargs):
-            env.rng_set = True
+            if threading.get_ident() == here:
+                env.rng_set = True
             return real(*args, **kwargs)
         return setter
 
@@ -197,12 +201,44 @@ def in_trial() -> bool:
     updated inside ``forward``, run once per trial too: guard them with ``if not in_trial()``.
     (Our own ``zero_grad`` checks it as well: it overrides the patch.) Process-wide, as the
     suppression of ``backward`` / ``zero_grad`` is: ``nn.DataParallel`` runs the trial's forward
-    in threads of its own; a backward another thread runs meanwhile is skipped too."""
+    in threads of its own. A backward or ``zero_grad`` another thread runs meanwhile is not
+    suppressed: that is :func:`in_trial_here`'s, the thread that runs the trial."""
     return _depth > 0
 
 
-def _noop(*args, **kwargs):
-    return None
+def in_trial_here() -> bool:
+    """True in the thread that runs a trial (whose closure's backward and ``zero_grad`` are
+    suppressed), False in every other: a training loop in a thread of its own goes on."""
+    return threading.get_ident() in _trial_threads
+
+
+# thread id -> depth of the trials it runs, and torch's functions as they were before the first
+# (the patches go in when the first trial starts and come out when the last ends, under a lock:
+# two threads each putting back what it found left the no-ops in place for good)
+_trial_threads: dict = {}
+_patch_lock = threading.Lock()
+_unpatched = None
+
+
+def _suppressible(real):
+    """``real``, except in a thread that runs a trial, where it does nothing."""
+    @functools.wraps(real)
+    def suppressible(*args, **kwargs):
+        if threading.get_ident() in _trial_threads:
+            return None
+        return real(*args, **kwargs)
+    return suppressible
+
+
+def _patch_places():
+    clip = torch.nn.utils.clip_grad
+    places = [(torch.Tensor, "backward"), (torch.autograd, "backward"), (nn.Module, "zero_grad"),
+              (torch.optim.Optimizer, "zero_grad")]
+    if "_clip_grads_with_norm_" in clip.__dict__:  # (torch >= 2.6; called by name)
+        places.append((clip, "_clip_grads_with_norm_"))
+    if "clip_grads_with_norm_" in torch.nn.utils.__dict__:  # (the same, exported)
+        places.append((torch.nn.utils, "clip_grads_with_norm_"))
+    return places
 
 
 @contextlib.contextmanager
@@ -211,40 +247,29 @@ def backward_suppressed():
     ``clip_grads_with_norm_``) are no-ops
     inside: a closure's ``clip_grad_norm_`` (the port of a torch recipe) ran again in every
     trial on the gradient the search is still using, and, its norm divided by norm + 1e-6,
-    shrank it by about 2e-6 each time (the moves then recomputed other directions)."""
-    global _depth
-    clip = torch.nn.utils.clip_grad
-    saved = (
-        torch.Tensor.backward,
-        torch.autograd.backward,
-        nn.Module.zero_grad,
-        torch.optim.Optimizer.zero_grad,
-    )
-    scale = clip.__dict__.get("_clip_grads_with_norm_")  # (torch >= 2.6; called by name)
-    public = torch.nn.utils.__dict__.get("clip_grads_with_norm_")  # (the same, exported)
-    torch.Tensor.backward = _noop
-    torch.autograd.backward = _noop
-    nn.Module.zero_grad = _noop
-    torch.optim.Optimizer.zero_grad = _noop
-    if scale is not None:
-        clip._clip_grads_with_norm_ = _noop
-    if public is not None:
-        torch.nn.utils.clip_grads_with_norm_ = _noop
-    _depth += 1
+    shrank it by about 2e-6 each time (the moves then recomputed other directions). In this
+    thread only: another thread's training loop keeps its backward."""
+    global _depth, _unpatched
+    here = threading.get_ident()
+    with _patch_lock:
+        if not _trial_threads:
+            _unpatched = [(owner, name, owner.__dict__[name]) for owner, name in _patch_places()]
+            for owner, name, real in _unpatched:
+                setattr(owner, name, _suppressible(real))
+        _trial_threads[here] = _trial_threads.get(here, 0) + 1
+        _depth += 1
     try:
         yield
     finally:
-        _depth -= 1
-        (
-            torch.Tensor.backward,
-            torch.autograd.backward,
-            nn.Module.zero_grad,
-            torch.optim.Optimizer.zero_grad,
-        ) = saved
-        if scale is not None:
-            clip._clip_grads_with_norm_ = scale
-        if public is not None:
-            torch.nn.utils.clip_grads_with_norm_ = public
+        with _patch_lock:
+            _depth -= 1
+            _trial_threads[here] -= 1
+            if not _trial_threads[here]:
+                del _trial_threads[here]
+            if not _trial_threads:
+                for owner, name, real in _unpatched:
+                    setattr(owner, name, real)
+                _unpatched = None
 
 
 _CONTAINER_ITEMS = 16  # entries of a dict / list / tuple that models_in_reach looks into

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -92,6 +93,9 @@ def _written_mark(grad: Tensor):
         return t._version, t.data_ptr()
     except RuntimeError:
         return None
+
+
+_ONE_STEP_AT_A_TIME = threading.RLock()
 
 
 def _first_moving(block_factors) -> int:
@@ -509,7 +513,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         Used once; a later call replaces it. Ignored inside a trial (a function that serves as
         the registered closure and also provides the loss: a trial's loss is not the next
         step's f(θ0))."""
-        if trial_mod.in_trial():
+        if trial_mod.in_trial_here():
             return
         self._pending_loss = as_loss(loss, "provide_loss()", verb="got")
 
@@ -524,7 +528,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         is replayed by the following one, closure or not (the integrations capture before an
         accumulation window's first micro-batch and step with a closure that runs its last).
         Ignored inside a trial, which replays the state captured for it."""
-        if trial_mod.in_trial():
+        if trial_mod.in_trial_here():
             return
         # (NumPy's state, about 35 µs to read, only where the coming step is to search)
         self._pending_rng = trial_mod.get_rng_state(numpy=self._next_step_may_search())
@@ -663,7 +667,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         ignored once the buffers exist. ``flat=False`` follows ``set_to_none`` as torch does
         (dropped, so their memory is free through the next forward, as with AdamW; or zeroed
         where they are). FSDP2: dropped, FSDP writes new ones."""
-        if trial_mod.in_trial():
+        if trial_mod.in_trial_here():
             return
         if self._buffers is None:
             return super().zero_grad(set_to_none=set_to_none)
@@ -709,15 +713,14 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         trial repeats the closure's side effects. ``step()``: uses the closure registered with
         ``set_closure``.
         """
-        if self.__dict__.get("_in_step") or trial_mod.in_trial():
+        if self.__dict__.get("_in_step") or trial_mod.in_trial_here():
             # (a loss function, hook or callback reached from a trial called step() again: the
             # nested step folded the gradient a third time, counted nothing, and switched off
             # the mid-step guards of the outer one)
             raise RuntimeError(
                 f"{type(self).__name__}.step() called while a step is in progress (from a trial's "
-                "loss function, or a forward hook or callback it reaches; trials are process-wide, "
-                "so also from another thread during one): call step() once per training step, "
-                "outside the loss function")
+                "loss function, or a forward hook or callback it reaches): call step() once per "
+                "training step, outside the loss function")
         if _in_backward():
             # (one optimizer per tensor, stepped from a gradient hook, ran a search per tensor
             # inside backward: f0 and a trial forward each, 9 forwards per backward for four
@@ -741,6 +744,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "rounding), so the Armijo test compares two functions. Compile the model "
                 "(torch.compile(model) or model.compile()) and call step() from eager code: "
                 "compiling the function around step() adds nothing to that")
+        # one step at a time in a process (another thread's waits): trials set the global RNG
+        # and patch torch's backward while they run (reentrant: a step inside another's
+        # training closure, as before)
+        _ONE_STEP_AT_A_TIME.acquire()
         self._in_step = True
         try:
             if torch.is_inference_mode_enabled():  # else the store would be built of inference
@@ -768,6 +775,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         finally:
             self._moving, self._returned, self._in_step = False, None, False
             self._rng_at_entry = None
+            _ONE_STEP_AT_A_TIME.release()
             held, self._held = self.__dict__.get("_held"), None
             if held is not None:
                 held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
@@ -1789,9 +1797,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return self._advance(k, folded=passes.groups)
         flag = passes.skipped()
         if flag.device.type != "cuda":  # CPU: free; other accelerators: one read
-            if bool(flag):
+            skipped = bool(flag)
+            if skipped:
                 self._warn_skipped(k)
-            return self._advance(k, folded=() if bool(flag) else passes.groups)
+            return self._advance(k, folded=() if skipped else passes.groups)
         if self._skip_host is None:  # one pinned flag and event, reused: settled before reuse
             self._skip_host = (torch.empty((), dtype=torch.bool, pin_memory=True),
                                torch.cuda.Event())
