@@ -152,7 +152,7 @@ _UNPATCHED = (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_gra
 
 def nothing_leaked():
     """The trial environment patches backward / zero_grad; a fault must not leave them patched."""
-    return (not trial_mod.in_trial() and torch.is_grad_enabled() and not trial_mod._trial_threads
+    return (not trial_mod.in_trial() and torch.is_grad_enabled() and not trial_mod._BACKWARD._values
             and (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_grad,
                  torch.optim.Optimizer.zero_grad) == _UNPATCHED)
 

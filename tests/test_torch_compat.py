@@ -808,18 +808,18 @@ def test_steps_from_a_worker_thread():
 
 
 @pytest.mark.timeout(120)
-def test_two_threads_training_two_models_keep_their_backward_and_their_order():
+def test_two_threads_training_two_models_keep_their_backward():
     """Two threads, each training its own model with its own optimizer (an audit's case): a
-    backward (and zero_grad) the second thread runs while the first one's trial forward runs is
-    its own training's, not suppressed; the second's step waits for the first's to end (trials
-    set the global RNG); and torch's functions are the originals afterwards (each thread putting
+    backward and a zero_grad the second thread runs while the first one's trial forward runs
+    are its own training's, not suppressed; its own step, searching while the first one's
+    trial waits, works; and torch's functions are the originals afterwards (each thread putting
     back what it found at its trial's start left the no-ops installed for good)."""
     import threading
 
     originals = (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_grad,
-                 torch.optim.Optimizer.zero_grad)
-    a_in_trial, b_backward_done = threading.Event(), threading.Event()
-    order, errors, grads = [], [], {}
+                 torch.optim.Optimizer.zero_grad, torch.set_rng_state)
+    a_in_trial, b_done = threading.Event(), threading.Event()
+    errors, seen = [], {}
 
     def thread_a():
         try:
@@ -833,14 +833,14 @@ def test_two_threads_training_two_models_keep_their_backward_and_their_order():
                     loss = model(x).square().mean()
                     loss.backward()
                     return loss
-                if not a_in_trial.is_set():  # the first trial: let b train meanwhile
+                if not a_in_trial.is_set():  # the first trial: b trains and steps meanwhile
                     a_in_trial.set()
-                    b_backward_done.wait(30)
+                    b_done.wait(30)
                 return model(x).square().mean()
 
-            order.append("a starts")
-            opt.step(closure)
-            order.append("a ends")
+            for _ in range(2):
+                opt.step(closure)
+            seen["a"] = opt.stats["step_size"]
         except Exception as e:  # (a thread's exception would not reach the test)
             errors.append(e)
 
@@ -852,15 +852,18 @@ def test_two_threads_training_two_models_keep_their_backward_and_their_order():
             a_in_trial.wait(30)
             model.weight.grad = torch.ones_like(model.weight)
             opt.zero_grad(set_to_none=False)  # (no store yet: torch's zero_grad, in place)
+            seen["zeroed"] = bool((model.weight.grad == 0).all())
             loss = model(x).square().mean()
             loss.backward()
-            grads["b"] = model.weight.grad.clone()
-            grads["b expected"] = torch.autograd.grad(model(x).square().mean(), model.weight)[0]
-            b_backward_done.set()
-            opt.step(loss_fn=lambda: model(x).square().mean(), loss=loss.detach())
-            order.append("b steps")
+            seen["b grad"] = model.weight.grad.clone()
+            seen["b expected"] = torch.autograd.grad(model(x).square().mean(), model.weight)[0]
+            for _ in range(2):
+                opt.step(make_closure(opt, lambda: model(x).square().mean()))
+            seen["b"] = opt.stats["step_size"]
         except Exception as e:
             errors.append(e)
+        finally:
+            b_done.set()
 
     threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
     for t in threads:
@@ -868,7 +871,37 @@ def test_two_threads_training_two_models_keep_their_backward_and_their_order():
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
-    assert torch.allclose(grads["b"], grads["b expected"])
-    assert order == ["a starts", "a ends", "b steps"]
+    assert seen["zeroed"] and torch.allclose(seen["b grad"], seen["b expected"])
+    assert seen["a"] > 0 and seen["b"] > 0
     assert (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_grad,
-            torch.optim.Optimizer.zero_grad) == originals
+            torch.optim.Optimizer.zero_grad, torch.set_rng_state) == originals
+
+
+def test_one_optimizer_stepped_from_two_threads_at_once_is_told_so():
+    import threading
+
+    model = nn.Linear(4, 1)
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    x = torch.randn(8, 4)
+    inside, errors = threading.Event(), []
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        if not inside.is_set():
+            inside.set()
+            worker = threading.Thread(target=second)
+            worker.start()
+            worker.join(timeout=30)
+        return loss
+
+    def second():
+        try:
+            opt.step(closure)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    opt.step(closure)
+    assert len(errors) == 1 and "from another thread while this optimizer's step runs" in errors[0]
+    assert opt.param_groups[0]["step"] == 1

@@ -145,10 +145,11 @@ def set_rng_state(state) -> None:
         raise TypeError("set_rng_state takes what armijo_fused.get_rng_state() returned (the "
                         f"torch, Python and NumPy states together), got {type(state).__name__}")
     cpu, cuda, py, np_state = state if len(state) == 4 else (*state, None, None)
-    if _active_env is not None:
-        _active_env.rng_set = True  # (the trial's own doing: not a draw it cannot replay)
+    env = getattr(_here, "env", None)
+    if env is not None:
+        env.rng_set = True  # (the trial's own doing: not a draw it cannot replay)
         if np_state is not None:
-            _active_env.keep_numpy_state()  # (before it changes: undone when the trials end)
+            env.keep_numpy_state()  # (before it changes: undone when the trials end)
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
@@ -158,79 +159,109 @@ def set_rng_state(state) -> None:
         sys.modules["numpy"].random.set_state(np_state)
 
 
-_active_env = None  # the TrialEnv whose trial runs now
+_here = threading.local()  # .env: the TrialEnv whose trial runs now in this thread
 
-_depth = 0
+_depth = 0  # trials running now, in all threads (in_trial())
 
 
-@contextlib.contextmanager
-def rng_setters_watched(env):
-    """Inside: a call of torch's, Python's or NumPy's own state setters marks ``env.rng_set``
-    (a trial function that sets the states it recorded per micro-batch replays them itself:
-    not a draw it cannot replay). Used around the few trials whose draws are looked at. Only
-    this thread's calls mark it (another thread's training loop sets states of its own)."""
+class ThreadScopedPatch:
+    """Patches of functions of torch's (NumPy's, Python's) that act only in the threads that
+    asked for them, each with a value of its own (``active(value)``); in every other thread the
+    patched function is the original. Installed when the first thread enters, removed when the
+    last one leaves, under a lock: two threads each putting back what it found at entry left
+    the patches installed for good (torch's backward a no-op in the whole process).
+
+    ``places()``: the (owner, name) pairs to patch, looked up at install time;
+    ``act(real, value, args, kwargs)``: what a call does in a thread that asked."""
+
+    def __init__(self, places, act):
+        self._places, self._act = places, act
+        self._lock = threading.Lock()
+        self._values: dict = {}  # thread id -> stack of the values its entries gave
+        self._originals: list = []
+
+    def value_here(self, default=None):
+        stack = self._values.get(threading.get_ident())
+        return stack[-1] if stack else default
+
+    def _patched(self, real):
+        values, act = self._values, self._act
+
+        @functools.wraps(real)
+        def patched(*args, **kwargs):
+            stack = values.get(threading.get_ident())
+            if not stack:
+                return real(*args, **kwargs)
+            return act(real, stack[-1], args, kwargs)
+        return patched
+
+    @contextlib.contextmanager
+    def active(self, value=True):
+        here = threading.get_ident()
+        with self._lock:
+            if not self._values:
+                self._originals = [(owner, name, owner.__dict__[name])
+                                   for owner, name in self._places()]
+                for owner, name, real in self._originals:
+                    setattr(owner, name, self._patched(real))
+            self._values.setdefault(here, []).append(value)
+        try:
+            yield
+        finally:
+            with self._lock:
+                stack = self._values[here]
+                stack.pop()
+                if not stack:
+                    del self._values[here]
+                if not self._values:
+                    for owner, name, real in self._originals:
+                        setattr(owner, name, real)
+                    self._originals = []
+
+
+def _rng_setter_places():
     np = sys.modules.get("numpy")
     places = [(torch, "set_rng_state"), (torch.random, "set_rng_state"), (random, "setstate")]
     if np is not None:
         places.append((np.random, "set_state"))
     if torch.cuda.is_initialized():
         places += [(torch.cuda, "set_rng_state"), (torch.cuda, "set_rng_state_all")]
-    saved = [(owner, name, getattr(owner, name)) for owner, name in places]
-    here = threading.get_ident()
+    return places
 
-    def watched(real):
-        @functools.wraps(real)
-        def setter(*args, **kwargs):
-            if threading.get_ident() == here:
-                env.rng_set = True
-            return real(*args, **kwargs)
-        return setter
 
-    for owner, name, real in saved:
-        setattr(owner, name, watched(real))
-    try:
-        yield
-    finally:
-        for owner, name, real in saved:
-            setattr(owner, name, real)
+def _mark_rng_set(real, env, args, kwargs):
+    env.rng_set = True
+    return real(*args, **kwargs)
+
+
+_RNG_SETTERS = ThreadScopedPatch(_rng_setter_places, _mark_rng_set)
+
+
+def rng_setters_watched(env):
+    """Inside: a call of torch's, Python's or NumPy's own state setters marks ``env.rng_set``
+    (a trial function that sets the states it recorded per micro-batch replays them itself:
+    not a draw it cannot replay). Used around the few trials whose draws are looked at. Only
+    this thread's calls mark it (another thread's training loop sets states of its own)."""
+    return _RNG_SETTERS.active(env)
 
 
 def in_trial() -> bool:
     """True while a trial forward runs (``armijo_fused.in_trial()``). Python-side effects of a
     forward, such as a forward hook that logs activations, a counter of seen tokens or a metric
     updated inside ``forward``, run once per trial too: guard them with ``if not in_trial()``.
-    (Our own ``zero_grad`` checks it as well: it overrides the patch.) Process-wide, as the
-    suppression of ``backward`` / ``zero_grad`` is: ``nn.DataParallel`` runs the trial's forward
-    in threads of its own. A backward or ``zero_grad`` another thread runs meanwhile is not
-    suppressed: that is :func:`in_trial_here`'s, the thread that runs the trial."""
+    Process-wide: ``nn.DataParallel`` runs the trial's forward in threads of its own. (The
+    suppression of ``backward`` and ``zero_grad`` is not: :func:`in_trial_here`.)"""
     return _depth > 0
 
 
 def in_trial_here() -> bool:
-    """True in the thread that runs a trial (whose closure's backward and ``zero_grad`` are
-    suppressed), False in every other: a training loop in a thread of its own goes on."""
-    return threading.get_ident() in _trial_threads
+    """True in a thread that runs a trial (its closure's backward and ``zero_grad`` are
+    suppressed; our own ``zero_grad`` checks this too, it overrides the patch), False in every
+    other: a training loop in a thread of its own goes on."""
+    return _BACKWARD.value_here(False)
 
 
-# thread id -> depth of the trials it runs, and torch's functions as they were before the first
-# (the patches go in when the first trial starts and come out when the last ends, under a lock:
-# two threads each putting back what it found left the no-ops in place for good)
-_trial_threads: dict = {}
-_patch_lock = threading.Lock()
-_unpatched = None
-
-
-def _suppressible(real):
-    """``real``, except in a thread that runs a trial, where it does nothing."""
-    @functools.wraps(real)
-    def suppressible(*args, **kwargs):
-        if threading.get_ident() in _trial_threads:
-            return None
-        return real(*args, **kwargs)
-    return suppressible
-
-
-def _patch_places():
+def _backward_places():
     clip = torch.nn.utils.clip_grad
     places = [(torch.Tensor, "backward"), (torch.autograd, "backward"), (nn.Module, "zero_grad"),
               (torch.optim.Optimizer, "zero_grad")]
@@ -241,64 +272,37 @@ def _patch_places():
     return places
 
 
-@contextlib.contextmanager
-def backward_suppressed():
-    """``backward``, ``zero_grad`` and the scaling step of ``clip_grad_norm_`` (and
-    ``clip_grads_with_norm_``) are no-ops
-    inside: a closure's ``clip_grad_norm_`` (the port of a torch recipe) ran again in every
-    trial on the gradient the search is still using, and, its norm divided by norm + 1e-6,
-    shrank it by about 2e-6 each time (the moves then recomputed other directions). In this
-    thread only: another thread's training loop keeps its backward."""
-    global _depth, _unpatched
-    here = threading.get_ident()
-    with _patch_lock:
-        if not _trial_threads:
-            _unpatched = [(owner, name, owner.__dict__[name]) for owner, name in _patch_places()]
-            for owner, name, real in _unpatched:
-                setattr(owner, name, _suppressible(real))
-        _trial_threads[here] = _trial_threads.get(here, 0) + 1
-        _depth += 1
-    try:
-        yield
-    finally:
-        with _patch_lock:
-            _depth -= 1
-            _trial_threads[here] -= 1
-            if not _trial_threads[here]:
-                del _trial_threads[here]
-            if not _trial_threads:
-                for owner, name, real in _unpatched:
-                    setattr(owner, name, real)
-                _unpatched = None
+# ``backward``, ``zero_grad`` and the scaling step of ``clip_grad_norm_`` (and
+# ``clip_grads_with_norm_``) do nothing in a thread running a trial: a closure's
+# ``clip_grad_norm_`` (the port of a torch recipe) ran again in every trial on the gradient the
+# search is still using, and, its norm divided by norm + 1e-6, shrank it by about 2e-6 each time
+_BACKWARD = ThreadScopedPatch(_backward_places, lambda real, value, args, kwargs: None)
+
+
+def _ddp_places():
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return [(ddp, "_check_sync_bufs_pre_fwd")] if "_check_sync_bufs_pre_fwd" in ddp.__dict__ \
+        else []  # (another torch: DDP left alone)
+
+
+def _no_buffer_sync(real, seen, args, kwargs):
+    wrapper = args[0]
+    seen.setdefault(wrapper, wrapper.require_forward_param_sync)
+    return False
+
+
+# DDP broadcasts its buffers in the first forward after a training forward. In a trial that is a
+# collective a rank whose loss function raised before its forward never joins (the ranks' next
+# collectives then mismatch: a hang or a crash), and the trial's forward clears the flag
+# (``require_forward_param_sync``), so the next training forward broadcast nothing. Inside a
+# trial DDP syncs no buffers; the dict given to ``active`` records each wrapper's flag as the
+# trial found it, and :meth:`TrialEnv.close` puts it back: the next training forward
+# broadcasts, as without trials. (Patched on the class: the loss function may reach a wrapper
+# the optimizer never sees.)
+_DDP_BUFFER_SYNC = ThreadScopedPatch(_ddp_places, _no_buffer_sync)
 
 
 _CONTAINER_ITEMS = 16  # entries of a dict / list / tuple that models_in_reach looks into
-
-
-@contextlib.contextmanager
-def _ddp_buffers_kept(seen: dict):
-    """DDP broadcasts its buffers in the first forward after a training forward. In a trial that
-    is a collective a rank whose loss function raised before its forward never joins (the ranks'
-    next collectives then mismatch: a hang or a crash), and the trial's forward clears the flag
-    (``require_forward_param_sync``), so the next training forward broadcast nothing. Inside a
-    trial DDP syncs no buffers; ``seen`` records each wrapper's flag as the trial found it, and
-    :meth:`TrialEnv.close` puts it back: the next training forward broadcasts, as without trials.
-    (Patched on the class: the loss function may reach a wrapper the optimizer never sees.)"""
-    ddp = torch.nn.parallel.DistributedDataParallel
-    check = ddp.__dict__.get("_check_sync_bufs_pre_fwd")
-    if check is None:  # another torch: leave DDP alone
-        yield
-        return
-
-    def no_sync(self):
-        seen.setdefault(self, self.require_forward_param_sync)
-        return False
-
-    ddp._check_sync_bufs_pre_fwd = no_sync
-    try:
-        yield
-    finally:
-        ddp._check_sync_bufs_pre_fwd = check
 
 
 def models_in_reach(fn, params, depth: int = 3, *, complete: bool = True
@@ -624,7 +628,7 @@ class TrialEnv:
 
     @contextlib.contextmanager
     def trial(self):
-        global _active_env
+        global _depth
         _put_back(self._start + self._start_later if self.used else self._start)
         _put_back_attributes(self._attrs_start)
         self.used = True
@@ -632,12 +636,19 @@ class TrialEnv:
         _clear_cast_caches()  # casts of the previous point (see the module's docstring)
         kept = [p.detach().clone() for p in self._protect]  # (before the trial is entered:
         watched = [p._version for p in self._watch]         # out of memory leaves none open)
-        outer, _active_env = _active_env, self
+        outer, _here.env = getattr(_here, "env", None), self
         try:
-            with torch.no_grad(), backward_suppressed(), _ddp_buffers_kept(self._ddp):
-                yield
+            with torch.no_grad(), _BACKWARD.active(), _DDP_BUFFER_SYNC.active(self._ddp):
+                # in_trial() last in, first out: a Ctrl-C the step holds until in_trial() (a
+                # trial forward stays interruptible) cannot land between the entries and the
+                # try that undoes them
+                _depth += 1
+                try:
+                    yield
+                finally:
+                    _depth -= 1
         finally:
-            _active_env = outer
+            _here.env = outer
             self._undo_writes(kept, watched)
 
     def drew_random_numbers(self) -> bool:

@@ -95,9 +95,6 @@ def _written_mark(grad: Tensor):
         return None
 
 
-_ONE_STEP_AT_A_TIME = threading.RLock()
-
-
 def _first_moving(block_factors) -> int:
     """The first block whose lr is not 0 now (0 if none): the one a global run's telemetry
     reports (a first group frozen at lr 0 reported an applied step and lr factor of 0)."""
@@ -250,6 +247,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._pending_loss = None
         self._returned = None  # what the closure returned, when it is a structure (HF outputs)
         self._pending_skip = None  # (pinned flag, event) of a GPU step whose skip is unread
+        self._scaled_closure = False  # this step's closure handed over by scaler.step(opt, closure)
         self._last_dd = None  # (buffers, per-buffer ‖d_b‖² of the last first pass): _length_caps
         self._sharded = False
         self._resumed_dd = None  # the ‖d_b‖² a loaded checkpoint carried
@@ -713,7 +711,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         trial repeats the closure's side effects. ``step()``: uses the closure registered with
         ``set_closure``.
         """
-        if self.__dict__.get("_in_step") or trial_mod.in_trial_here():
+        stepping = self.__dict__.get("_in_step")
+        if stepping not in (None, False, threading.get_ident()):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called from another thread while this "
+                "optimizer's step runs: one optimizer steps in one thread at a time")
+        if stepping or trial_mod.in_trial_here():
             # (a loss function, hook or callback reached from a trial called step() again: the
             # nested step folded the gradient a third time, counted nothing, and switched off
             # the mid-step guards of the outer one)
@@ -731,10 +734,12 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "register_post_accumulate_grad_hook): the line search tests the whole gradient "
                 "against the loss at trial points, which it cannot do inside backward. Use one "
                 "optimizer over the model and call step() after loss.backward()")
-        if "compiled caller" not in self.__dict__.get("_warned", ()) and \
-                called_from_compiled_code():
-            # (an audit's compiled train step with dropout and loss=: its forward drew
-            # inductor's masks, the eager trials torch's, and η fell to 1e-8 in 300 steps)
+        # looked at in this object's first three calls (a loop calls step() alike throughout;
+        # a look walks a dozen frames, ~4 µs). An audit's compiled train step with dropout and
+        # loss=: its forward drew inductor's masks, the eager trials torch's, η fell to 1e-8
+        checks = self.__dict__.get("_compile_checks", 0)
+        self._compile_checks = min(checks + 1, 3)
+        if checks < 3 and called_from_compiled_code():
             self._warn_once(
                 "compiled caller", "step() was called from a torch.compile'd function. The step "
                 "runs eagerly (torch.compiler.disable), and with it the closure and the loss "
@@ -744,11 +749,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 "rounding), so the Armijo test compares two functions. Compile the model "
                 "(torch.compile(model) or model.compile()) and call step() from eager code: "
                 "compiling the function around step() adds nothing to that")
-        # one step at a time in a process (another thread's waits): trials set the global RNG
-        # and patch torch's backward while they run (reentrant: a step inside another's
-        # training closure, as before)
-        _ONE_STEP_AT_A_TIME.acquire()
-        self._in_step = True
+        self._in_step = threading.get_ident()  # (its thread: another thread's call is told so)
         try:
             if torch.is_inference_mode_enabled():  # else the store would be built of inference
                 with torch.inference_mode(False):  # tensors, which no backward can use again
@@ -775,7 +776,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         finally:
             self._moving, self._returned, self._in_step = False, None, False
             self._rng_at_entry = None
-            _ONE_STEP_AT_A_TIME.release()
             held, self._held = self.__dict__.get("_held"), None
             if held is not None:
                 held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
@@ -862,6 +862,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._returned = f0  # what step() returns, as torch's: the closure's own value
             if scaler is not None:  # scaler.step(opt, closure): the closure's gradient is scaled
                 self._unscale_gradients(scaler, before)
+        self._scaled_closure = scaler is not None  # (its overflows are routine: not warned of)
         self._count(forwards=1, backwards=1)
         if f0 is not None:
             f0 = (as_loss(f0, "the closure") if closure is not None
@@ -1162,7 +1163,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         g0 = groups[0]
         skipped = result.skipped or not math.isfinite(result.loss_before)
         if skipped:
-            self._warn_skipped(k)
+            self._warn_skipped(k, self._scaled_closure)
         accepted = self._fill_frozen(accepted, etas, frozen)
         settled, collapsed = self._update_step_sizes(table, etas, plan, result, accepted,
                                                      skipped, k, frozen, resolution)
@@ -1799,7 +1800,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         if flag.device.type != "cuda":  # CPU: free; other accelerators: one read
             skipped = bool(flag)
             if skipped:
-                self._warn_skipped(k)
+                self._warn_skipped(k, self._scaled_closure)
             return self._advance(k, folded=() if skipped else passes.groups)
         if self._skip_host is None:  # one pinned flag and event, reused: settled before reuse
             self._skip_host = (torch.empty((), dtype=torch.bool, pin_memory=True),
@@ -1807,7 +1808,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         host, event = self._skip_host
         host.copy_(flag, non_blocking=True)
         event.record(torch.cuda.current_stream(flag.device))
-        self._pending_skip = (host, event, passes.groups, k)
+        self._pending_skip = (host, event, passes.groups, k, self._scaled_closure)
         self._advance(k, folded=passes.groups)
 
     def _settle_skip(self) -> None:
@@ -1815,18 +1816,22 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         pending, self._pending_skip = self._pending_skip, None
         if pending is None:
             return
-        host, event, groups, k = pending
+        host, event, groups, k, scaled = pending
         event.synchronize()
         if bool(host):
             for gi in groups:
                 self.param_groups[gi]["folded"] -= 1
-            self._warn_skipped(k)
+            self._warn_skipped(k, scaled)
 
-    def _warn_skipped(self, k: int) -> None:
+    def _warn_skipped(self, k: int, scaled_closure: bool) -> None:
         """A skipped step leaves θ and the state as they were, where torch's optimizers would
         write NaN into them: safe, but a loop that skips (a fully masked batch whose mean loss
         is 0/0, an overflow in bf16) loses those batches' gradients without a word otherwise.
-        GradScaler's skips never reach here (it does not call ``step`` on an overflow)."""
+        GradScaler's own skips do not call ``step``; the overflows of a closure that
+        ``scaler.step(opt, closure)`` hands over (accelerate's fp16 wrapper) are this step's,
+        and as routine: not warned of either."""
+        if scaled_closure:
+            return
         self._warn_once(
             "skipped", f"step {k} was skipped: its gradient or its loss f(θ0) was not finite "
             "(inf or NaN), so θ and the optimizer state were left as they were. Later skips "

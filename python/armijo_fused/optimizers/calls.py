@@ -54,19 +54,24 @@ def calling_grad_scaler(opt):
     return None
 
 
-def called_from_compiled_code() -> bool:
+def called_from_compiled_code(depth: int = 12) -> bool:
     """Was ``step()`` called from a ``torch.compile``'d function (a compiled training step)?
     ``step`` is wrapped in ``torch.compiler.disable``, whose wrapper switches dynamo off for the
     call and keeps the callback it found in its local ``prior``: dynamo's own when the caller
-    runs compiled code, None from eager code (torch 2.4 to 2.13; False where that changes)."""
+    runs compiled code, None from eager code (torch 2.4 to 2.13). Every such wrapper in the
+    ``depth`` frames above is looked at: a helper of the user's, itself disabled, may stand
+    between the compiled function and the step (a subclass's own disabled ``step`` too)."""
+    if getattr(getattr(getattr(torch, "_dynamo", None), "config", None), "disable", False):
+        return False  # (TORCH_COMPILE_DISABLE: torch.compile compiles nothing)
     frame = sys._getframe(1)
-    for _ in range(6):  # step <- the disable wrapper <- torch's step hooks
+    for _ in range(depth):
         if frame is None:
             return False
-        # (f_locals of the wrapper's frame alone: it holds the call's arguments, alive anyway)
+        # (f_locals of the wrappers' frames alone: they hold the calls' arguments, alive anyway)
         if frame.f_code.co_name == "_fn" and frame.f_code.co_filename.endswith(
-                os.path.join("_dynamo", "eval_frame.py")):
-            return frame.f_locals.get("prior") is not None
+                os.path.join("_dynamo", "eval_frame.py")) and \
+                frame.f_locals.get("prior") is not None:
+            return True
         frame = frame.f_back
     return False
 

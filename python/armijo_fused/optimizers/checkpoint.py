@@ -173,6 +173,7 @@ class CheckpointMixin:
                     "_block_names_of", "_group_of"):
             setattr(self, key, None)
         self._sharded, self._constants, self.stats = False, {}, self._stats_before_any_step()
+        self._scaled_closure = False
         self._names = {id(p): n for g, ns in zip(self.param_groups, names or [])
                        for p, n in zip(g["params"], ns) if n is not None}
         if not self._names and getattr(self, "_modules", None):
