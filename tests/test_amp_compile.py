@@ -430,3 +430,59 @@ def test_a_sparse_gradient_under_a_gradscaler_closure_gets_the_named_error():
     with pytest.raises(RuntimeError, match="do not support sparse gradients"):
         scaler.step(opt, closure)
     assert torch.equal(emb.weight.detach(), before)
+
+
+def test_a_compiled_step_behind_a_disabled_helper_is_said_and_nothing_under_compile_disable():
+    # the compiled function may reach step() through a helper of its own under
+    # torch.compiler.disable (the first wrapper above the step then shows no compiled caller);
+    # with dynamo's config.disable (TORCH_COMPILE_DISABLE=1) nothing is compiled: no warning
+    import torch._dynamo
+
+    def said(config_disable):
+        torch._dynamo.reset()
+        model = make_model()
+        opt = ArmijoAdam(model.parameters(), cadence="every")
+
+        @torch.compiler.disable
+        def do_step(x, y):
+            opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), y)))
+
+        def train_step(x, y):
+            do_step(x, y)
+            return x.sum()
+
+        fn = torch.compile(train_step, backend="eager")
+        with torch._dynamo.config.patch(disable=config_disable), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(2):
+                fn(*batch(step))
+        return [w for w in caught if "torch.compile'd function" in str(w.message)]
+
+    assert len(said(False)) == 1
+    assert said(True) == []
+
+
+def test_the_overflows_of_a_closure_a_grad_scaler_hands_over_are_not_warned_of():
+    # scaler.step(opt, closure) (accelerate's fp16 wrapper): the closure's scaled gradient
+    # overflows at a large scale, routinely at fp16's start; the step skips, as GradScaler would
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean() * 1e3
+        scaler.scale(loss).backward()
+        return loss
+
+    scaler.scale(torch.ones(()))  # (the scaler's scale tensor exists before its step)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scaler.step(opt, closure)
+        scaler.update()
+    assert opt.stats["skipped"]
+    assert not [w for w in caught if "was skipped" in str(w.message)]
