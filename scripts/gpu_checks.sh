@@ -3,9 +3,11 @@
 # command (at most 10 minutes; a session has about 15 minutes of device time, the machine's start
 # included, so part 2 runs on the machine part 1 left warm). Each stage has its own time limit
 # and the run goes on after a stage fails, so one problem does not cost the rest; the exit status
-# is that of the worst stage. Results land in bench/results/ and, when $OUT is set (the device
-# tool's output folder, which returns at most 8 files), in ONE archive $OUT/gpu_results_part<N>.tgz,
-# rewritten after every stage, next to the log and pytest's JUnit XML.
+# is that of the worst stage, except that a stage cut by its own limit counts as 3, not timeout's
+# 124 (which the device tool reads as the whole command running out of time). Results land in
+# bench/results/ and, when $OUT is set (the device tool's output folder, which returns at most 8
+# files), in ONE archive $OUT/gpu_results_part<N>.tgz, rewritten after every stage, next to the
+# log and pytest's JUnit XML. With $OUT set, GIT_COMMIT must be given (below).
 #
 # Usage (on the GPU machine, from the repository root; GIT_COMMIT names the commit in the results:
 # the device tool's machine gets the working tree with the .git of the session's start, so give
@@ -16,14 +18,16 @@
 #       wait for the extension's build included, add up to 560 s; on an H200 it took 170 s)
 #   GIT_COMMIT=<hash> bash scripts/gpu_checks.sh --part 2 --quick
 #       batched candidates, host overhead, layer-wise (toy model), the step profile, the host
-#       phases (limits: 405 s; on an H200 65 s before the py-spy part, which adds about 40), then
+#       phases (limits: 400 s; on an H200 65 s before the py-spy part, which adds about 40), then
 #       the convergence task on one seed (limit 150 s, not yet timed on a GPU: give the command
-#       the time part 2 has left, what it cuts is this stage's file only)
+#       the time part 2 has left, what it cuts is this stage's file only). On a machine part 1
+#       did not leave warm it builds the extension first, beside the batched benchmark
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
 #       --quick, more repeats and steps: part 1 then needs more than one 10-minute command)
 # A session's 15 minutes of device time, the machine's start included, may not leave part 2 the
 # 4 minutes a start needs: part 1 holds everything the acceptance lines need first.
-# Then, here: unpack both archives into bench/results/ and run
+# Then, here, from the repository root: tar -xzf gpu_results_part<N>.tgz (its paths start at
+# bench/results/) for each part, and run
 #   python scripts/acceptance_report.py --junit <the returned gpu_tests.xml>
 # The GPU machines have no network: first run scripts/fetch_gpu_wheels.sh where pip works and
 # carry the .whl folder it fills (the text and the peers).
@@ -42,7 +46,12 @@ while (($#)); do
   shift
 done
 [[ $PART == 1 || $PART == 2 || $PART == all ]] || { echo "--part must be 1 or 2" >&2; exit 2; }
+if [[ -n ${OUT:-} && -z ${GIT_COMMIT:-} ]]; then  # (the device's .git is the session start's)
+  echo "set GIT_COMMIT to the hash of the commit sent (the results would name a stale one)" >&2
+  exit 2
+fi
 status=0
+cut=()  # the stages their own limit stopped
 last=0  # the exit status of the latest stage
 LOG=${OUT:-/tmp}/gpu_checks_part${PART}.log
 : >"$LOG"
@@ -57,6 +66,11 @@ stage() {  # stage NAME SECONDS CMD...
   local rc=${PIPESTATUS[0]}
   last=$rc
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
+  if ((rc == 124 || rc == 137)); then
+    echo "== $name: stopped by its limit of ${limit}s" | tee -a "$LOG"
+    cut+=("$name")
+    rc=3
+  fi
   ((rc > status)) && status=$rc
   save_results
 }
@@ -81,6 +95,29 @@ save_results() {  # after every stage: a run cut short by the command's limit ke
     new=$(find bench/results -newer "$STAMP" -type f | sort)
     [[ -n $new ]] && tar -czf "$OUT/gpu_results_part${PART}.tgz" $new
   fi
+}
+
+start_extension_build() {
+  # The C++ extension holds the CPU kernels and also ViewCheck, the check before every step that
+  # the model's tensors still view the flat buffers, on any device: without it a Python loop
+  # (at GPT-2 124M's 148 tensors about half of a step's host time on these machines). A user's
+  # `pip install -e .` builds it; here it builds in the background while the tests run (they
+  # cover the Python loop), and the benchmarks wait for it.
+  # (built aside and renamed into the package, so no process that imports it meanwhile can
+  # load a half-copied library)
+  # Its own session (setsid -w: the build is its child even under job control), so a run that
+  # stops early ends the whole build (compilers too); its output goes to its log only. 200 s:
+  # the tests before the wait take up to 180.
+  EXTLOG=${OUT:-/tmp}/extension_build.log
+  $(command -v setsid && echo -w) bash -c '
+    MAX_JOBS=$(nproc) timeout 200 "$1" setup.py -q build_ext --build-lib build/ext &&
+      so=$(find build/ext -name "_C*.so" | head -1) && [[ -n $so ]] &&
+      cp "$so" python/armijo_fused/.C.so.partial &&
+      mv python/armijo_fused/.C.so.partial "python/armijo_fused/${so##*/}"
+    rc=$?
+    echo "extension build: exit $rc"
+    exit $rc' build "$PY" >"$EXTLOG" 2>&1 </dev/null &
+  EXT_PID=$!
 }
 
 # Part 1 installs; part 2 runs where part 1 left the build (the device keeps ignored build
@@ -108,25 +145,7 @@ JUNIT=${OUT:-/tmp}/gpu_tests.xml  # read by scripts/acceptance_report.py
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 EXT_PID=
 if [[ $PART != 2 ]]; then
-  # The C++ extension holds the CPU kernels and also ViewCheck, the check before every step that
-  # the model's tensors still view the flat buffers, on any device: without it a Python loop
-  # (at GPT-2 124M's 148 tensors about half of a step's host time on these machines). A user's
-  # `pip install -e .` builds it; here it builds in the background while the tests run (they
-  # cover the Python loop), and the benchmarks wait for it.
-  # (built aside and renamed into the package, so no process that imports it meanwhile can
-  # load a half-copied library)
-  # Its own session (setsid), so a run that stops early ends the whole build (compilers too);
-  # its output goes to its log only. 200 s: the tests before the wait take up to 180.
-  EXTLOG=${OUT:-/tmp}/extension_build.log
-  $(command -v setsid) bash -c '
-    MAX_JOBS=$(nproc) timeout 200 "$1" setup.py -q build_ext --build-lib build/ext &&
-      so=$(find build/ext -name "_C*.so" | head -1) && [[ -n $so ]] &&
-      cp "$so" python/armijo_fused/.C.so.partial &&
-      mv python/armijo_fused/.C.so.partial "python/armijo_fused/${so##*/}"
-    rc=$?
-    echo "extension build: exit $rc"
-    exit $rc' build "$PY" >"$EXTLOG" 2>&1 </dev/null &
-  EXT_PID=$!
+  start_extension_build
   # one compiled ArmijoAdam run against its torch twin first: when the optimizer cannot run on
   # this GPU every later stage would fail, and stopping here leaves the session's device time
   # for a second try after the fix
@@ -156,21 +175,29 @@ if [[ $PART != 2 ]]; then
   fi
 fi
 if [[ $PART != 1 ]]; then
+  # part 2 on a machine part 1 did not leave warm: no extension yet (the host benchmarks would
+  # time the Python fallback); it builds while the batched benchmark runs
+  if [[ $PART == 2 ]] && ! $PY -c "from armijo_fused import ops; assert ops._C is not None" 2>/dev/null; then
+    start_extension_build
+  fi
   if ((QUICK)); then
     # (30 steps: at 10, two runs of the same code gave 0.957 and 1.015 against the bound 1)
     stage batched 90 $PY bench/batched_candidates.py --device cuda --steps 30
+    [[ -n $EXT_PID ]] && wait_for_extension
     stage host-overhead 30 $PY bench/host_overhead.py --device cuda --repeats 100
     stage layerwise 90 $PY bench/layerwise.py --device cuda --steps 60
     # where a step's host and device time go (a diagnostic: cProfile, launches, block sums)
     stage profile 100 $PY bench/profile_step.py
     # the Triton path's host work on this machine's CPU (no-op kernels): with the optimizer
     # step's gap above, it shows how much slower than the CI machine this host runs the Python
-    stage host-phases 45 $PY bench/host_phases.py --repeats 200 --rounds 1 --out bench/results/host_phases_gpu_host.json
+    # (three interpreters importing torch and triton: ~10 s on the CI machine, ~3.5x that there)
+    stage host-phases 90 $PY bench/host_phases.py --repeats 200 --rounds 1 --out bench/results/host_phases_gpu_host.json
     # last: the convergence task's results file on this GPU (one seed; issue 7 wants the
     # scripts' GPU files too). A run cut short by the command's limit loses only this
     stage convergence 150 $PY bench/convergence.py --seeds 0 --quiet
   else
     stage batched 120 $PY bench/batched_candidates.py --device cuda
+    [[ -n $EXT_PID ]] && wait_for_extension
     stage host-overhead 40 $PY bench/host_overhead.py --device cuda
     stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200
     stage convergence 600 $PY bench/convergence.py --seeds 0,1,2,3 --quiet
@@ -180,5 +207,6 @@ fi
 # result here; after part 2 the report here, over both parts' results, is the one that counts)
 # (a gate where both parts ran in this call: a FAIL or MISSING line fails the run)
 stage acceptance 20 $PY scripts/acceptance_report.py $([[ -f $JUNIT ]] && echo --junit "$JUNIT") $([[ $PART == all ]] && echo --strict)
+((${#cut[@]})) && echo "== stopped by their limits: ${cut[*]}" | tee -a "$LOG"
 echo "== done, worst exit status $status" | tee -a "$LOG"
 exit $status
