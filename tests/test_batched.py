@@ -363,10 +363,19 @@ def test_a_batched_trial_that_raises_leaves_the_models_own_parameters_in_place()
     assert opt.param_groups[0]["step"] == 1
 
 
-def test_a_forward_vmap_cannot_batch_is_named_and_the_step_undone():
-    # an LSTM has no batching rule: torch's own error says nothing of candidates=
+def _channels_last_conv():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 1)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    return model, x, torch.randn(4, 1)
+
+
+@pytest.mark.parametrize("make", [_lstm, _channels_last_conv], ids=["lstm", "channels_last"])
+def test_a_forward_vmap_cannot_batch_is_named_and_the_step_undone(make):
+    # an LSTM has no batching rule, a channels-last conv asks vmap "NYI: querying
+    # is_contiguous inside of vmap": torch's own errors say nothing of candidates=
     torch.manual_seed(0)
-    model, x, y = _lstm()
+    model, x, y = make()
     theta = [p.detach().clone() for p in model.parameters()]
     opt = ArmijoAdam(model.parameters(), model=model, candidates=2, cadence="every")
     with pytest.raises(RuntimeError, match=r"cannot batch an operation of this forward: use "

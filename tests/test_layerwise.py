@@ -1256,3 +1256,16 @@ def test_a_skipped_step_keeps_the_block_whose_turn_it_was(block_search):
     twin, twin_cursors = _train_layerwise(block_search, 7)
     assert cursors == twin_cursors
     assert all(torch.equal(a, b) for a, b in zip(theta, twin))
+
+
+def test_a_norm_inside_a_numbered_module_is_not_the_final_norm():
+    # diffusers' UNet: each attention block has a `norm`, under down_blocks.<i>.attentions.<j>;
+    # they made one "final" block across the network, searched apart from their layers
+    from armijo_fused.blocks import block_name
+
+    assert block_name("down_blocks.0.attentions.0.norm.weight") == "down_blocks"
+    assert block_name("mid_block.attentions.0.norm.bias") == "mid_block"
+    assert block_name("3.norm.weight") == "3"  # (an nn.Sequential's child)
+    for name in ("norm.weight", "model.norm.weight", "transformer.ln_f.bias",
+                 "encoder.final_layer_norm.weight"):
+        assert block_name(name) == "final", name

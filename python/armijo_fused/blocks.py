@@ -12,7 +12,8 @@ block name             parameters
 ``layer.<i>``          everything under a numbered layer container: ``h.<i>`` (GPT-2,
                        nanoGPT), ``layer.<i>`` (BERT), ``layers.<i>`` (Llama, torchtitan),
                        ``blocks.<i>``, ``block.<i>`` (T5), ``resblocks.<i>`` (CLIP)
-``final``              the last norm before the head (``ln_f``, ``norm``, ``final_layernorm``)
+``final``              the last norm before the head (``ln_f``, ``norm``, ``final_layernorm``;
+                       not inside a numbered module: a UNet's attention blocks' ``norm``)
 ``head``               the output head (``lm_head``, ``head``, ``cls``, ``pooler``, ``classifier``,
                        ``output``)
 ``<i>``                children of an ``nn.Sequential`` (names start with a number)
@@ -71,7 +72,10 @@ def block_name(param_name: str) -> str:
         return f"layer.{int(m.group(1))}"
     if _EMBED.search(param_name):
         return "embeddings"
-    if _FINAL.search(param_name):
+    m = _FINAL.search(param_name)
+    # (the model's own last norm, not a norm inside a numbered module: a UNet's attention
+    # blocks' `norm`s, under down_blocks.1.attentions.0, made one "final" across the network)
+    if m and not any(part.isdigit() for part in param_name[: m.start()].split(".")):
         return "final"
     if _HEAD.search(param_name):
         return "head"

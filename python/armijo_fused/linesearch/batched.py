@@ -129,14 +129,18 @@ def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Mod
         try:
             return batched(*stacked)
         except RuntimeError as e:
-            if str(e).startswith("Batching rule not implemented"):  # (an LSTM, for one)
+            said = str(e)
+            # (an LSTM: "Batching rule not implemented"; a channels-last conv: "NYI: querying
+            # is_contiguous inside of vmap"; a dynamic shape: "vmap: We do not support ...")
+            if not said.startswith("vmap: It looks like you're") and (
+                    "Batching rule" in said or "vmap" in said):
                 raise RuntimeError(
                     "candidates= evaluates the loss at the K trial points at once, under "
                     "torch.func.vmap, which cannot batch an operation of this forward: use the "
                     f"sequential search (candidates=None). The step has been undone. (vmap: {e})"
                 ) from e
             # vmap's own words blame torch and ask for a bug report
-            if not str(e).startswith("vmap: It looks like you're"):
+            if not said.startswith("vmap: It looks like you're"):
                 raise
             raise RuntimeError(
                 "candidates= evaluates the loss at the K trial points at once, under "
