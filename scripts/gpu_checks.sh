@@ -3,8 +3,9 @@
 # command (at most 10 minutes; a session has about 15 minutes of device time, the machine's start
 # included, so part 2 runs on the machine part 1 left warm). Each stage has its own time limit
 # and the run goes on after a stage fails, so one problem does not cost the rest; the exit status
-# is that of the worst stage, except that a stage cut by its own limit counts as 3, not timeout's
-# 124 (which the device tool reads as the whole command running out of time). Results land in
+# is that of the worst stage, except that a stage cut by its own limit counts as 3 and one killed
+# (137: out of memory?) as 4, not 124 and 137, which the device tool reads as the whole command
+# running out of time; the extension's build is counted alike. Results land in
 # bench/results/ and, when $OUT is set (the device tool's output folder, which returns at most 8
 # files), in ONE archive $OUT/gpu_results_part<N>.tgz, rewritten after every stage, next to the
 # log and pytest's JUnit XML. With $OUT set, GIT_COMMIT must be given (below).
@@ -21,7 +22,7 @@
 #       phases (limits: 400 s; on an H200 65 s before the py-spy part, which adds about 40), then
 #       the convergence task on one seed (limit 150 s, not yet timed on a GPU: give the command
 #       the time part 2 has left, what it cuts is this stage's file only). On a machine part 1
-#       did not leave warm it builds the extension first, beside the batched benchmark
+#       did not leave warm it builds the extension first (up to 200 s more)
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
 #       --quick, more repeats and steps: part 1 then needs more than one 10-minute command)
 # A session's 15 minutes of device time, the machine's start included, may not leave part 2 the
@@ -66,13 +67,22 @@ stage() {  # stage NAME SECONDS CMD...
   local rc=${PIPESTATUS[0]}
   last=$rc
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
-  if ((rc == 124 || rc == 137)); then
+  count "$name" "$rc" "$limit"
+  save_results
+}
+
+count() {  # count NAME RC LIMIT: into the exit status, a limit's cut or a kill named
+  local name=$1 rc=$2 limit=$3
+  if ((rc == 124)); then
     echo "== $name: stopped by its limit of ${limit}s" | tee -a "$LOG"
     cut+=("$name")
     rc=3
+  elif ((rc == 137)); then
+    echo "== $name: killed (SIGKILL: out of memory?)" | tee -a "$LOG"
+    cut+=("$name (killed)")
+    rc=4
   fi
   ((rc > status)) && status=$rc
-  save_results
 }
 
 wait_for_extension() {  # the background build's end (counted in the exit status), and whether
@@ -82,7 +92,7 @@ wait_for_extension() {  # the background build's end (counted in the exit status
   wait "$EXT_PID"
   rc=$?
   EXT_PID=
-  ((rc > status)) && status=$rc
+  count extension-build "$rc" 200
   tail -3 "$EXTLOG" | tee -a "$LOG"
   $PY -c "from armijo_fused import ops; print('C++ extension loaded:', ops._C is not None)" \
     2>&1 | tee -a "$LOG"
@@ -176,14 +186,14 @@ if [[ $PART != 2 ]]; then
 fi
 if [[ $PART != 1 ]]; then
   # part 2 on a machine part 1 did not leave warm: no extension yet (the host benchmarks would
-  # time the Python fallback); it builds while the batched benchmark runs
+  # time the Python fallback); built first, alone (a compile beside a benchmark skews its times)
   if [[ $PART == 2 ]] && ! $PY -c "from armijo_fused import ops; assert ops._C is not None" 2>/dev/null; then
     start_extension_build
+    wait_for_extension
   fi
   if ((QUICK)); then
     # (30 steps: at 10, two runs of the same code gave 0.957 and 1.015 against the bound 1)
     stage batched 90 $PY bench/batched_candidates.py --device cuda --steps 30
-    [[ -n $EXT_PID ]] && wait_for_extension
     stage host-overhead 30 $PY bench/host_overhead.py --device cuda --repeats 100
     stage layerwise 90 $PY bench/layerwise.py --device cuda --steps 60
     # where a step's host and device time go (a diagnostic: cProfile, launches, block sums)
@@ -197,7 +207,6 @@ if [[ $PART != 1 ]]; then
     stage convergence 150 $PY bench/convergence.py --seeds 0 --quiet
   else
     stage batched 120 $PY bench/batched_candidates.py --device cuda
-    [[ -n $EXT_PID ]] && wait_for_extension
     stage host-overhead 40 $PY bench/host_overhead.py --device cuda
     stage layerwise 150 $PY bench/layerwise.py --device cuda --steps 200
     stage convergence 600 $PY bench/convergence.py --seeds 0,1,2,3 --quiet

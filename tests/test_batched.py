@@ -525,3 +525,17 @@ def test_a_cache_the_forward_builds_from_the_weights_does_not_escape_the_batched
     trained = torch.tanh(model.l1(x)).detach().mean(0)  # (θ moved: the cache is θ0's)
     assert not is_batchedtensor(model.cache) and model.cache.shape == (16,)
     assert torch.isfinite(model.cache).all() and not torch.equal(model.cache, trained)
+
+
+def test_a_users_own_error_that_mentions_vmap_reaches_the_user_as_it_is():
+    torch.manual_seed(0)
+    model, x, y = _mlp()
+    opt = ArmijoAdam(model.parameters(), model=model, candidates=2, cadence="every")
+
+    def loss():
+        if torch._C._functorch.is_batchedtensor(model[0]._parameters["weight"]):  # (batched)
+            raise RuntimeError("my pipeline: cannot remap the vmap-ed feature table")
+        return nn.functional.mse_loss(model(x), y)
+
+    with pytest.raises(RuntimeError, match="^my pipeline: cannot remap"):
+        opt.step(make_closure(opt, loss))

@@ -522,6 +522,55 @@ def test_ctrl_c_right_after_a_pass_is_held_until_the_step_is_whole(monkeypatch, 
         signal.raise_signal(signal.SIGINT)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("python_sigint_handler")
+def test_ctrl_c_after_a_pass_is_held_while_another_threads_trial_runs(monkeypatch):
+    """The hold lets a Ctrl-C through at once only in a trial of the thread it lands in (the
+    main thread's): another thread's trial made it cut the main thread's step between a pass
+    and its record (θ and the moments moved, the count did not)."""
+    import threading
+
+    from armijo_fused.backends import torch_backend
+
+    in_trial, release = threading.Event(), threading.Event()
+    other_model, other_opt, other_closure = _fault_setup("every")
+
+    def waiting_loss():
+        if not in_trial.is_set():
+            in_trial.set()
+            release.wait(60)
+        return other_closure()
+
+    other_opt.zero_grad()
+    other_loss = other_closure()
+    worker = threading.Thread(target=lambda: other_opt.step(loss_fn=waiting_loss,
+                                                             loss=other_loss))
+    ref_model, ref_opt, ref_closure = _fault_setup("every")
+    model, opt, closure = _fault_setup("every")
+    ref_opt.step(ref_closure)
+    original = torch_backend.first_pass
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if not calls and threading.current_thread() is threading.main_thread():
+            calls.append(1)
+            signal.raise_signal(signal.SIGINT)  # a Ctrl-C while the pass ran
+        return out
+
+    monkeypatch.setattr(torch_backend, "first_pass", interrupted)
+    worker.start()
+    try:
+        assert in_trial.wait(60)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(closure)
+    finally:
+        release.set()
+        worker.join(timeout=60)
+    assert calls
+    _assert_same(_snapshot(model, opt), _snapshot(ref_model, ref_opt))
+
+
 @pytest.mark.usefixtures("python_sigint_handler")
 def test_ctrl_c_in_a_trial_forward_interrupts_at_once_and_is_undone():
 

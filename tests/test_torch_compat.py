@@ -905,3 +905,53 @@ def test_one_optimizer_stepped_from_two_threads_at_once_is_told_so():
     opt.step(closure)
     assert len(errors) == 1 and "from another thread while this optimizer's step runs" in errors[0]
     assert opt.param_groups[0]["step"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_one_optimizer_stepped_by_two_threads_together_runs_one_step_at_a_time():
+    # (an audit's race: the guard read _in_step and a later line set it, so both threads could
+    # pass it; 5 of 30 runs stepped together and lost a step). Switching threads as often as
+    # the interpreter allows, each pair of calls gives one step and one refusal, or two steps
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(20):
+            model = nn.Linear(4, 1)
+            x = torch.randn(8, 4)
+            opt = ArmijoAdam(model.parameters(), cadence="every")
+            closure = make_closure(opt, lambda model=model, x=x: model(x).square().mean())
+            inside, most = [0], [0]
+            real = opt._step
+
+            def counted(*args, real=real, inside=inside, most=most, **kwargs):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    inside[0] -= 1
+
+            opt._step = counted
+            barrier, said = threading.Barrier(2), []
+
+            def go(opt=opt, closure=closure, barrier=barrier, said=said):
+                barrier.wait()
+                try:
+                    opt.step(closure)
+                    said.append("stepped")
+                except RuntimeError as e:
+                    said.append("refused" if "another thread" in str(e) else str(e))
+
+            threads = [threading.Thread(target=go) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert most[0] == 1
+            assert sorted(said) in (["refused", "stepped"], ["stepped", "stepped"]), said
+            assert opt.param_groups[0]["step"] == said.count("stepped")
+    finally:
+        sys.setswitchinterval(interval)

@@ -1822,3 +1822,32 @@ def test_a_network_in_a_private_slot_is_reached():
         loss.backward()
         opt.step(loss_fn=loss_fn, loss=loss)
     assert int(holder.disc()[1].num_batches_tracked) == 3
+
+
+def test_a_thread_scoped_patch_whose_entry_fails_leaves_nothing_installed():
+    # an exception (a Ctrl-C) in the middle of installing: the first function was patched, the
+    # undo was not yet entered, and the next entry took the patched one for the original
+    import types
+
+    class Refusing:
+        def __setattr__(self, name, value):
+            if fail:
+                raise KeyboardInterrupt
+            object.__setattr__(self, name, value)
+
+    def original():
+        return "original"
+
+    first, second = types.SimpleNamespace(f=original), Refusing()
+    object.__setattr__(second, "g", original)
+    patch = trial_mod.ThreadScopedPatch(lambda: [(first, "f"), (second, "g")],
+                                        lambda real, value, args, kwargs: "patched")
+    fail = True
+    with pytest.raises(KeyboardInterrupt):
+        with patch.active():
+            pass
+    assert first.f is original and not patch._values
+    fail = False
+    with patch.active():
+        assert first.f() == "patched" and second.g() == "patched"
+    assert first.f is original and second.g is original

@@ -130,10 +130,12 @@ def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Mod
             return batched(*stacked)
         except RuntimeError as e:
             said = str(e)
-            # (an LSTM: "Batching rule not implemented"; a channels-last conv: "NYI: querying
-            # is_contiguous inside of vmap"; a dynamic shape: "vmap: We do not support ...")
-            if not said.startswith("vmap: It looks like you're") and (
-                    "Batching rule" in said or "vmap" in said):
+            # torch's own words (an LSTM: "Batching rule not implemented"; a channels-last conv:
+            # "NYI: querying is_contiguous inside of vmap"; a dynamic shape: "vmap: We do not
+            # support ..."), not a message of the user's that mentions vmap
+            if said.startswith("Batching rule not implemented") or (
+                    said.startswith(("NYI", "vmap:")) and "vmap" in said
+                    and not said.startswith("vmap: It looks like you're")):
                 raise RuntimeError(
                     "candidates= evaluates the loss at the K trial points at once, under "
                     "torch.func.vmap, which cannot batch an operation of this forward: use the "

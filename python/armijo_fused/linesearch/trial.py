@@ -182,7 +182,7 @@ class ThreadScopedPatch:
 
     def value_here(self, default=None):
         stack = self._values.get(threading.get_ident())
-        return stack[-1] if stack else default
+        return stack[-1][0] if stack else default
 
     def _patched(self, real):
         values, act = self._values, self._act
@@ -192,27 +192,33 @@ class ThreadScopedPatch:
             stack = values.get(threading.get_ident())
             if not stack:
                 return real(*args, **kwargs)
-            return act(real, stack[-1], args, kwargs)
+            return act(real, stack[-1][0], args, kwargs)
         return patched
 
     @contextlib.contextmanager
     def active(self, value=True):
-        here = threading.get_ident()
-        with self._lock:
-            if not self._values:
-                self._originals = [(owner, name, owner.__dict__[name])
-                                   for owner, name in self._places()]
-                for owner, name, real in self._originals:
-                    setattr(owner, name, self._patched(real))
-            self._values.setdefault(here, []).append(value)
+        # the undo is entered first and takes back only this entry (a token of its own), so an
+        # exception anywhere in the entry (a Ctrl-C) leaves nothing installed that it put in
+        here, token = threading.get_ident(), (value,)
         try:
+            with self._lock:
+                if not self._values:
+                    if not self._originals:  # (kept where an undo was cut short: still true)
+                        self._originals = [(owner, name, owner.__dict__[name])
+                                           for owner, name in self._places()]
+                    for owner, name, real in self._originals:
+                        setattr(owner, name, self._patched(real))
+                self._values.setdefault(here, []).append(token)
             yield
         finally:
             with self._lock:
-                stack = self._values[here]
-                stack.pop()
+                stack = self._values.get(here, [])
+                for i in range(len(stack) - 1, -1, -1):
+                    if stack[i] is token:
+                        del stack[i]
+                        break
                 if not stack:
-                    del self._values[here]
+                    self._values.pop(here, None)
                 if not self._values:
                     for owner, name, real in self._originals:
                         setattr(owner, name, real)
@@ -237,14 +243,6 @@ def _mark_rng_set(real, env, args, kwargs):
 _RNG_SETTERS = ThreadScopedPatch(_rng_setter_places, _mark_rng_set)
 
 
-def rng_setters_watched(env):
-    """Inside: a call of torch's, Python's or NumPy's own state setters marks ``env.rng_set``
-    (a trial function that sets the states it recorded per micro-batch replays them itself:
-    not a draw it cannot replay). Used around the few trials whose draws are looked at. Only
-    this thread's calls mark it (another thread's training loop sets states of its own)."""
-    return _RNG_SETTERS.active(env)
-
-
 def in_trial() -> bool:
     """True while a trial forward runs (``armijo_fused.in_trial()``). Python-side effects of a
     forward, such as a forward hook that logs activations, a counter of seen tokens or a metric
@@ -256,9 +254,10 @@ def in_trial() -> bool:
 
 def in_trial_here() -> bool:
     """True in a thread that runs a trial (its closure's backward and ``zero_grad`` are
-    suppressed; our own ``zero_grad`` checks this too, it overrides the patch), False in every
-    other: a training loop in a thread of its own goes on."""
-    return _BACKWARD.value_here(False)
+    suppressed; our own ``zero_grad`` checks this too, it overrides the patch; a Ctrl-C is
+    delivered at once), False in every other: a training loop in a thread of its own goes on.
+    Entered after the trial's patches and left before them, as :func:`in_trial`."""
+    return getattr(_here, "depth", 0) > 0
 
 
 def _backward_places():
@@ -627,7 +626,10 @@ class TrialEnv:
                               sys.modules["numpy"].random.get_state(legacy=False))
 
     @contextlib.contextmanager
-    def trial(self):
+    def trial(self, watch_rng_setters: bool = False):
+        """One trial forward's surroundings; ``watch_rng_setters``: mark ``rng_set`` when the
+        trial function sets an RNG state itself (per micro-batch: a replay of its own, not a
+        draw the trials cannot replay; only this thread's calls)."""
         global _depth
         _put_back(self._start + self._start_later if self.used else self._start)
         _put_back_attributes(self._attrs_start)
@@ -638,15 +640,17 @@ class TrialEnv:
         watched = [p._version for p in self._watch]         # out of memory leaves none open)
         outer, _here.env = getattr(_here, "env", None), self
         try:
-            with torch.no_grad(), _BACKWARD.active(), _DDP_BUFFER_SYNC.active(self._ddp):
-                # in_trial() last in, first out: a Ctrl-C the step holds until in_trial() (a
-                # trial forward stays interruptible) cannot land between the entries and the
-                # try that undoes them
+            with torch.no_grad(), _BACKWARD.active(), _DDP_BUFFER_SYNC.active(self._ddp), (
+                    _RNG_SETTERS.active(self) if watch_rng_setters else contextlib.nullcontext()):
+                # in_trial() last in, first out: a Ctrl-C the step holds until then (a trial
+                # forward stays interruptible) cannot land in the patches' entries or undos
+                _here.depth = getattr(_here, "depth", 0) + 1
                 _depth += 1
                 try:
                     yield
                 finally:
                     _depth -= 1
+                    _here.depth -= 1
         finally:
             _here.env = outer
             self._undo_writes(kept, watched)

@@ -19,7 +19,6 @@ and checkpoints).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import threading
@@ -711,45 +710,25 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         trial repeats the closure's side effects. ``step()``: uses the closure registered with
         ``set_closure``.
         """
-        stepping = self.__dict__.get("_in_step")
-        if stepping not in (None, False, threading.get_ident()):
-            raise RuntimeError(
-                f"{type(self).__name__}.step() called from another thread while this "
-                "optimizer's step runs: one optimizer steps in one thread at a time")
-        if stepping or trial_mod.in_trial_here():
-            # (a loss function, hook or callback reached from a trial called step() again: the
-            # nested step folded the gradient a third time, counted nothing, and switched off
-            # the mid-step guards of the outer one)
-            raise RuntimeError(
-                f"{type(self).__name__}.step() called while a step is in progress (from a trial's "
-                "loss function, or a forward hook or callback it reaches): call step() once per "
-                "training step, outside the loss function")
-        if _in_backward():
-            # (one optimizer per tensor, stepped from a gradient hook, ran a search per tensor
-            # inside backward: f0 and a trial forward each, 9 forwards per backward for four
-            # tensors, each testing a gradient taken before the later tensors moved)
-            raise RuntimeError(
-                f"{type(self).__name__}.step() called during a backward pass (an optimizer "
-                "stepped from a gradient hook, as the 'optimizer in backward' pattern does with "
-                "register_post_accumulate_grad_hook): the line search tests the whole gradient "
-                "against the loss at trial points, which it cannot do inside backward. Use one "
-                "optimizer over the model and call step() after loss.backward()")
-        # looked at in this object's first three calls (a loop calls step() alike throughout;
-        # a look walks a dozen frames, ~4 µs). An audit's compiled train step with dropout and
-        # loss=: its forward drew inductor's masks, the eager trials torch's, η fell to 1e-8
-        checks = self.__dict__.get("_compile_checks", 0)
-        self._compile_checks = min(checks + 1, 3)
-        if checks < 3 and called_from_compiled_code():
-            self._warn_once(
-                "compiled caller", "step() was called from a torch.compile'd function. The step "
-                "runs eagerly (torch.compiler.disable), and with it the closure and the loss "
-                "function of its trials: unless the model is compiled on its own, a closure's "
-                "forward and backward are not compiled, and a forward the compiled function ran "
-                "itself (loss=) differs from the trials' eager one (its dropout masks, its "
-                "rounding), so the Armijo test compares two functions. Compile the model "
-                "(torch.compile(model) or model.compile()) and call step() from eager code: "
-                "compiling the function around step() adds nothing to that")
-        self._in_step = threading.get_ident()  # (its thread: another thread's call is told so)
+        # the optimizer is taken at once (setdefault is one operation under the GIL: a check
+        # and a later set let two threads' steps run together in an audit, one step lost), and
+        # given back only by the call that took it
+        here, token = threading.get_ident(), object()
+        try:
+            holder = self.__dict__.setdefault("_in_step", (here, token))
+            if holder[1] is not token:
+                if holder[0] != here:
+                    raise RuntimeError(
+                        f"{type(self).__name__}.step() called from another thread while this "
+                        "optimizer's step runs: one optimizer steps in one thread at a time")
+                self._refuse_nested_step()
+            if trial_mod.in_trial_here():  # (another optimizer's trial)
+                self._refuse_nested_step()
+            self._check_step_call()
+        except BaseException:
+            if self.__dict__.get("_in_step", (None, None))[1] is token:
+                del self.__dict__["_in_step"]
+            raise
         try:
             if torch.is_inference_mode_enabled():  # else the store would be built of inference
                 with torch.inference_mode(False):  # tensors, which no backward can use again
@@ -774,11 +753,50 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             self._warn_deferred(propagating=True)
             raise
         finally:
-            self._moving, self._returned, self._in_step = False, None, False
+            self._moving, self._returned = False, None
+            self.__dict__.pop("_in_step", None)
             self._rng_at_entry = None
             held, self._held = self.__dict__.get("_held"), None
             if held is not None:
                 held.release()  # a Ctrl-C that came while θ moved: raised now, step whole
+
+    def _refuse_nested_step(self):
+        # (a loss function, hook or callback reached from a trial called step() again: the
+        # nested step folded the gradient a third time, counted nothing, and switched off the
+        # mid-step guards of the outer one)
+        raise RuntimeError(
+            f"{type(self).__name__}.step() called while a step is in progress (from a trial's "
+            "loss function, or a forward hook or callback it reaches): call step() once per "
+            "training step, outside the loss function")
+
+    def _check_step_call(self):
+        """Where ``step()`` is called from, before it starts: not inside a backward, and said
+        once where a compiled function calls it."""
+        if _in_backward():
+            # (one optimizer per tensor, stepped from a gradient hook, ran a search per tensor
+            # inside backward: f0 and a trial forward each, 9 forwards per backward for four
+            # tensors, each testing a gradient taken before the later tensors moved)
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called during a backward pass (an optimizer "
+                "stepped from a gradient hook, as the 'optimizer in backward' pattern does with "
+                "register_post_accumulate_grad_hook): the line search tests the whole gradient "
+                "against the loss at trial points, which it cannot do inside backward. Use one "
+                "optimizer over the model and call step() after loss.backward()")
+        # looked at in this object's first three calls (a loop calls step() alike throughout;
+        # a look walks a dozen frames, ~4 µs). An audit's compiled train step with dropout and
+        # loss=: its forward drew inductor's masks, the eager trials torch's, η fell to 1e-8
+        checks = self.__dict__.get("_compile_checks", 0)
+        self._compile_checks = min(checks + 1, 3)
+        if checks < 3 and called_from_compiled_code(depth=14):
+            self._warn_once(
+                "compiled caller", "step() was called from a torch.compile'd function. The step "
+                "runs eagerly (torch.compiler.disable), and with it the closure and the loss "
+                "function of its trials: unless the model is compiled on its own, a closure's "
+                "forward and backward are not compiled, and a forward the compiled function ran "
+                "itself (loss=) differs from the trials' eager one (its dropout masks, its "
+                "rounding), so the Armijo test compares two functions. Compile the model "
+                "(torch.compile(model) or model.compile()) and call step() from eager code: "
+                "compiling the function around step() adds nothing to that")
 
     def _step(self, closure, loss_fn, loss):
         if closure is not None and loss is not None:  # (it was dropped without a word)
@@ -998,8 +1016,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
 
         def trial_loss(counted: bool = True) -> Tensor:
             self._reshard_fsdp()  # FSDP2: the forward must all-gather the moved shards
-            with trial_env().trial(), (trial_mod.rng_setters_watched(envs[0])
-                                       if draws_to_check[0] else contextlib.nullcontext()):
+            with trial_env().trial(watch_rng_setters=draws_to_check[0]):
                 try:
                     out = evaluate()
                 except RuntimeError as e:

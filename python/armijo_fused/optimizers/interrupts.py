@@ -30,7 +30,7 @@ try:  # the C functions ``signal.signal`` / ``signal.getsignal`` wrap (CPython)
 except ImportError:  # pragma: no cover - another interpreter: the wrappers themselves
     _getsignal, _setsignal = signal.getsignal, signal.signal
 
-from ..linesearch.trial import in_trial
+from ..linesearch.trial import in_trial_here
 
 
 class HeldInterrupts:
@@ -58,7 +58,8 @@ class HeldInterrupts:
         return held
 
     def _receive(self, signum, frame) -> None:
-        if in_trial() and self.handler is signal.default_int_handler:
+        # (this thread's trial: another thread's one does not make a pass of ours cuttable)
+        if in_trial_here() and self.handler is signal.default_int_handler:
             self.handler(signum, frame)  # KeyboardInterrupt in a trial: undone by the step
         else:
             self.pending = (signum, frame)
