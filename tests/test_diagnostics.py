@@ -943,3 +943,26 @@ def test_a_nan_buffer_does_not_rebuild_the_cached_graph_at_every_product(monkeyp
     for _ in range(5):
         op(v)
     assert len(builds) == 1
+
+
+def test_a_recorder_kept_for_its_plots_does_not_keep_the_optimizer_alive():
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = ArmijoAdam(model.parameters(), cadence="every")
+    rec = TelemetryRecorder(opt)
+    rec.attach()
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: model(x).square().mean()))
+    rec.detach()
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None and rec.optimizer is None
+    assert len(rec) == 3 and np.isfinite(rec.losses).all()
+    for twin in (copy.deepcopy(rec), pickle.loads(pickle.dumps(rec))):
+        assert len(twin) == 3 and twin.optimizer is None

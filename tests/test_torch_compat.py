@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 
 import pytest
@@ -955,3 +956,42 @@ def test_one_optimizer_stepped_by_two_threads_together_runs_one_step_at_a_time()
             assert opt.param_groups[0]["step"] == said.count("stepped")
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_the_stats_of_a_step_without_a_search_do_not_keep_the_optimizer_alive():
+    # its lazy values held the step's passes, which hold the optimizer: the two held each
+    # other (del opt freed nothing until the cycle collector ran) and a stats object kept for
+    # logging held θ, g, m and v for good
+    import gc
+    import weakref
+
+    model = nn.Linear(64, 64)
+    x = torch.randn(8, 64)
+    opt = ArmijoAdam(model.parameters(), cadence=1000)
+    for _ in range(3):
+        opt.step(make_closure(opt, lambda: model(x).square().mean()))
+    assert not opt.stats["searched"]
+    kept = opt.stats
+    gone = weakref.ref(opt), weakref.ref(opt.state[model.weight]["exp_avg_sq"])
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del opt
+        assert all(ref() is None for ref in gone)
+    finally:
+        if enabled:
+            gc.enable()
+    assert kept["step_size"] > 0 and not kept["skipped"] and kept["grad_norm"] > 0
+    assert math.isfinite(kept["gd"]) and kept["applied_step"] > 0
+
+
+def test_load_state_dict_again_and_again_keeps_no_record_of_the_replaced_groups():
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = ArmijoAdam(model.parameters())
+    opt.step(make_closure(opt, lambda: model(x).square().mean()))
+    saved = opt.state_dict()
+    for _ in range(30):
+        opt.load_state_dict(saved)
+        opt.step(make_closure(opt, lambda: model(x).square().mean()))
+    assert len(opt.__dict__.get("_lr_seen", {})) <= len(opt.param_groups)

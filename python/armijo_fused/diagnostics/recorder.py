@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Union
@@ -132,6 +133,7 @@ class TelemetryRecorder:
     def __init__(self, optimizer=None, read_every: int = 64):
         if isinstance(read_every, bool) or not isinstance(read_every, int) or read_every < 1:
             raise ValueError(f"read_every must be an int >= 1, got {read_every!r}")
+        self._optimizer = None
         self.optimizer = optimizer
         self.read_every = read_every
         self._records: list[dict] = []
@@ -139,6 +141,21 @@ class TelemetryRecorder:
         self.block_names: list[str] = []
         self.meta: dict = {}
         self._handle = None
+
+    # the optimizer through a weak reference: a recorder kept for its plots after training kept
+    # the whole optimizer (θ, g, m, v) alive, detached or not
+    @property
+    def optimizer(self):
+        """The default optimizer of ``record`` (held weakly: None once it is gone)."""
+        return None if self._optimizer is None else self._optimizer()
+
+    @optimizer.setter
+    def optimizer(self, opt) -> None:
+        self._optimizer = None if opt is None else weakref.ref(opt)
+
+    def __getstate__(self):  # (pickled or copied: the records, not the optimizer or the hook)
+        self._read_pending()
+        return {**self.__dict__, "_optimizer": None, "_handle": None}
 
     @property
     def records(self) -> list:

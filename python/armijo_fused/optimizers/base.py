@@ -94,6 +94,16 @@ def _written_mark(grad: Tensor):
         return None
 
 
+def report_per_block(values, table, lead: int, layerwise: bool, blocks):
+    """``ArmijoOptimizer._report`` on what it reads of the optimizer (``blocks``: its
+    ``_report_blocks()``), for telemetry formed later without holding the optimizer."""
+    if not layerwise:
+        return values[lead]
+    every, empty = blocks
+    at = {key: v for key, v in zip(table, values) if key not in empty}
+    return [at.get(key, math.nan) for key in every]
+
+
 def _first_moving(block_factors) -> int:
     """The first block whose lr is not 0 now (0 if none): the one a global run's telemetry
     reports (a first group frozen at lr 0 reported an applied step and lr factor of 0)."""
@@ -453,7 +463,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
     def set_closure(self, closure: Callable | None, model: torch.nn.Module | None = None) -> None:
         """Register a loss-only closure for loops that call ``step()`` bare (HF Trainer,
         torchtitan). It is called with no arguments and must return the loss on the current batch
-        at the current parameters. ``model``: modules whose buffers trials must not change."""
+        at the current parameters. ``model``: modules whose buffers trials must not change.
+        The optimizer keeps the closure, and what it captures (the batch), until it is replaced;
+        ``set_closure(None)`` unregisters it."""
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         if model is not None:
@@ -1287,17 +1299,21 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         self._advance_unsettled(k, passes)
 
         # telemetry: device values, formed only when read (each op is a launch on a GPU), in
-        # this step's blocks (a group added before the read must not lengthen the lists)
-        blocks = self._report_blocks()
+        # this step's blocks (a group added before the read must not lengthen the lists).
+        # The functions keep the step's small tensors, not the passes or the optimizer: a
+        # stats object kept for logging held the whole optimizer (θ, g, m, v), and the two
+        # held each other, so `del opt` freed nothing until the cycle collector ran
+        blocks, layerwise = self._report_blocks(), self.layerwise
+        skipped, grad_norm = passes.skipped_reader(), passes.grad_norm_reader(sums)
 
         def applied(scaled: bool):
-            moved = (~passes.skipped()).float()  # a skipped step moved nothing
+            moved = (~skipped()).float()  # a skipped step moved nothing
             per_block = etas if caps is None else [  # the η each block applied
                 c.clamp(max=e) for c, e in zip((c for cap in caps for c in cap), etas)]
             units = mfac or [1.0] * len(per_block)  # (the step along the applied d)
-            return self._report([moved * (e * f if scaled else e * u) for e, f, u
-                                 in zip(per_block, applied_factors, units)], table, lead,
-                                blocks)
+            return report_per_block([moved * (e * f if scaled else e * u) for e, f, u
+                                     in zip(per_block, applied_factors, units)], table, lead,
+                                    layerwise, blocks)
 
         self.stats = StepStats(
             step=k, searched=False, step_size=lambda: applied(False),
@@ -1305,10 +1321,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             loss_before=loss_before if loss_before is not None else math.nan,
             loss_after=math.nan, loss_trial=math.nan,
             # (NaN on a skipped step, as a search's: its sums are zeros, not a ⟨g, d⟩)
-            gd=lambda: total([s[:, 0].sum() for s in sums]) / (~passes.skipped()).double(),
-            grad_norm=lambda: passes.grad_norm(sums),
+            gd=lambda: total([s[:, 0].sum() for s in sums]) / (~skipped()).double(),
+            grad_norm=grad_norm,
             non_descent=False, unresolved=False, exhausted=False, collapsed=False,
-            skipped=passes.skipped, searched_blocks=[],
+            skipped=skipped, searched_blocks=[],
             # (host floats, read now: read lazily, a stats object kept for logging later
             # reported the step sizes of whatever step came last)
             next_step_size=self._next_step_sizes(),
@@ -1501,11 +1517,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         block with no trainable tensor at this step (frozen), so that the list keeps its length
         and order while layers freeze. ``blocks``: ``_report_blocks()`` taken at the step, for
         a value formed later."""
-        if not self.layerwise:
-            return values[lead]
-        every, empty = blocks or self._report_blocks()
-        at = {key: v for key, v in zip(table, values) if key not in empty}
-        return [at.get(key, math.nan) for key in every]
+        return report_per_block(values, table, lead, self.layerwise,
+                                blocks or self._report_blocks())
 
     def _report_blocks(self):
         """(every block, the blocks without elements): what the layer-wise lists are over."""
@@ -1763,6 +1776,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 group.get("max_lr") is not None or "hand lr" in self.__dict__.get("_warned", ()):
             return
         seen = self.__dict__.setdefault("_lr_seen", {})
+        if len(seen) >= len(self.param_groups):  # groups a load_state_dict replaced (a new
+            live = {id(g) for g in self.param_groups}  # group could take a dead one's id)
+            for gone in [i for i in seen if i not in live]:
+                del seen[gone]
         last, rose, top = seen.get(id(group), (lr_t, False, lr_t))
         rose = rose or lr_t > last
         top = max(top, lr_t)

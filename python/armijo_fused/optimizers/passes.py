@@ -324,6 +324,28 @@ class FlatPasses(Passes):
     def guard(self) -> Tensor:
         return self._scale0
 
+    # readers for telemetry formed later: they keep the tensors they read, not the passes
+    # (which hold the optimizer: a kept stats object held θ, g, m and v)
+    def skipped_reader(self):
+        """:meth:`skipped` as a function of the guard's tensor alone."""
+        if self._skipped is not None:
+            flag = self._skipped
+            return lambda: flag
+        scale0, read = self._scale0, []
+
+        def skipped():
+            if not read:
+                read.append(torch.isnan(scale0[0]))
+            return read[0]
+        return skipped
+
+    def grad_norm_reader(self, sums=None):
+        """:meth:`grad_norm` as a function of the sums alone."""
+        grad_sq, sums = self._grad_sq, sums or self._first_sums
+        if grad_sq is not None:
+            return lambda: grad_sq.sqrt()
+        return lambda: sum(s[:, 1].sum() for s in sums).sqrt()
+
     def skipped(self):
         if self._skipped is None:  # read by the step, the fold count and the telemetry
             self._skipped = torch.isnan(self._scale0[0])  # the guard puts NaN in both entries
