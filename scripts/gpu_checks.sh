@@ -3,8 +3,8 @@
 # command (at most 10 minutes; a session has about 15 minutes of device time, the machine's start
 # included, so part 2 runs on the machine part 1 left warm). Each stage has its own time limit
 # and the run goes on after a stage fails, so one problem does not cost the rest; the exit status
-# is that of the worst stage, except that a stage cut by its own limit counts as 3 and one killed
-# (137: out of memory?) as 4, not 124 and 137, which the device tool reads as the whole command
+# is that of the worst stage, except that a stage cut by its own limit counts as 70 and one killed
+# (137: out of memory?) as 71, not 124 and 137, which the device tool reads as the whole command
 # running out of time; the extension's build is counted alike. Results land in
 # bench/results/ and, when $OUT is set (the device tool's output folder, which returns at most 8
 # files), in ONE archive $OUT/gpu_results_part<N>.tgz, rewritten after every stage, next to the
@@ -22,7 +22,8 @@
 #       phases (limits: 400 s; on an H200 65 s before the py-spy part, which adds about 40), then
 #       the convergence task on one seed (limit 150 s, not yet timed on a GPU: give the command
 #       the time part 2 has left, what it cuts is this stage's file only). On a machine part 1
-#       did not leave warm it builds the extension first (up to 200 s more)
+#       did not leave warm it builds the extension first (up to 200 s more, so its limits pass
+#       the command's 600: send part 2 right after part 1, on the warm machine)
 #   bash scripts/gpu_checks.sh [--quick]   both, one after the other (a machine of your own; without
 #       --quick, more repeats and steps: part 1 then needs more than one 10-minute command)
 # A session's 15 minutes of device time, the machine's start included, may not leave part 2 the
@@ -76,11 +77,11 @@ count() {  # count NAME RC LIMIT: into the exit status, a limit's cut or a kill 
   if ((rc == 124)); then
     echo "== $name: stopped by its limit of ${limit}s" | tee -a "$LOG"
     cut+=("$name")
-    rc=3
+    rc=70
   elif ((rc == 137)); then
     echo "== $name: killed (SIGKILL: out of memory?)" | tee -a "$LOG"
     cut+=("$name (killed)")
-    rc=4
+    rc=71
   fi
   ((rc > status)) && status=$rc
 }
@@ -216,6 +217,6 @@ fi
 # result here; after part 2 the report here, over both parts' results, is the one that counts)
 # (a gate where both parts ran in this call: a FAIL or MISSING line fails the run)
 stage acceptance 20 $PY scripts/acceptance_report.py $([[ -f $JUNIT ]] && echo --junit "$JUNIT") $([[ $PART == all ]] && echo --strict)
-((${#cut[@]})) && echo "== stopped by their limits: ${cut[*]}" | tee -a "$LOG"
+((${#cut[@]})) && echo "== stopped by their limits, or killed: ${cut[*]}" | tee -a "$LOG"
 echo "== done, worst exit status $status" | tee -a "$LOG"
 exit $status

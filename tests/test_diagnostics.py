@@ -966,3 +966,12 @@ def test_a_recorder_kept_for_its_plots_does_not_keep_the_optimizer_alive():
     assert len(rec) == 3 and np.isfinite(rec.losses).all()
     for twin in (copy.deepcopy(rec), pickle.loads(pickle.dumps(rec))):
         assert len(twin) == 3 and twin.optimizer is None
+    with pytest.raises(ValueError, match="the recorder's optimizer is gone"):
+        rec.record()
+
+    class Slotted:  # (no weak references: held as before)
+        __slots__ = ("param_groups",)
+
+    slotted = Slotted()
+    slotted.param_groups = [{"lr": 0.1, "params": []}]
+    assert TelemetryRecorder(slotted).optimizer is slotted

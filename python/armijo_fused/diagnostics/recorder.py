@@ -151,7 +151,16 @@ class TelemetryRecorder:
 
     @optimizer.setter
     def optimizer(self, opt) -> None:
-        self._optimizer = None if opt is None else weakref.ref(opt)
+        try:
+            self._optimizer = None if opt is None else weakref.ref(opt)
+        except TypeError:  # (an object without weak references: held as before)
+            self._optimizer = lambda: opt
+
+    def _missing(self, what: str) -> str:
+        if self._optimizer is not None:  # (given, and collected since)
+            return (f"{what}: the recorder's optimizer is gone (it is held weakly, so that a "
+                    "recorder kept for its plots does not keep it alive); pass one here")
+        return f"{what} needs an optimizer: pass one here or to the recorder"
 
     def __getstate__(self):  # (pickled or copied: the records, not the optimizer or the hook)
         self._read_pending()
@@ -188,7 +197,7 @@ class TelemetryRecorder:
         """``keep``: leave device values as tensors, read with the next ``read_every``."""
         opt = optimizer or self.optimizer
         if opt is None:
-            raise ValueError("record() needs an optimizer: pass one here or to the recorder")
+            raise ValueError(self._missing("record()"))
         records = self._records
         stats = getattr(opt, "stats", None)
         if isinstance(stats, Mapping) and "step_size" in stats and records and \
@@ -253,7 +262,7 @@ class TelemetryRecorder:
         optimizers: call ``record(loss)`` yourself to keep it)."""
         opt = optimizer or self.optimizer
         if opt is None:
-            raise ValueError("attach() needs an optimizer")
+            raise ValueError(self._missing("attach()"))
         self.detach()  # (attached twice, every step was recorded twice and detach kept one)
         self.optimizer = opt
         self._handle = opt.register_step_post_hook(
@@ -312,7 +321,10 @@ class TelemetryRecorder:
         with a warning when more than half of the steps would be clipped, which names the
         ``percentile`` of the norms as a threshold to try (the playbook's 90th by default)."""
         if threshold is None:
-            threshold = getattr(self.optimizer, "max_grad_norm", None)
+            opt = self.optimizer
+            if opt is None and self._optimizer is not None:
+                raise ValueError(self._missing("check_clip()") + ", or a threshold")
+            threshold = getattr(opt, "max_grad_norm", None)
             if threshold is None:
                 raise ValueError("check_clip() needs a threshold (the optimizer has none)")
         frac = self.clipped_fraction(threshold)
