@@ -179,6 +179,7 @@ class ThreadScopedPatch:
         self._lock = threading.Lock()
         self._values: dict = {}  # thread id -> stack of the values its entries gave
         self._originals: list = []
+        self._made: dict = {}  # (id(owner), name) -> (original, its patch): made once, not per trial
 
     def value_here(self, default=None):
         stack = self._values.get(threading.get_ident())
@@ -207,7 +208,10 @@ class ThreadScopedPatch:
                         self._originals = [(owner, name, owner.__dict__[name])
                                            for owner, name in self._places()]
                     for owner, name, real in self._originals:
-                        setattr(owner, name, self._patched(real))
+                        made = self._made.get((id(owner), name))
+                        if made is None or made[0] is not real:
+                            made = self._made[(id(owner), name)] = (real, self._patched(real))
+                        setattr(owner, name, made[1])
                 self._values.setdefault(here, []).append(token)
             yield
         finally:

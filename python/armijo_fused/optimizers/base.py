@@ -1776,10 +1776,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 group.get("max_lr") is not None or "hand lr" in self.__dict__.get("_warned", ()):
             return
         seen = self.__dict__.setdefault("_lr_seen", {})
-        if len(seen) >= len(self.param_groups):  # groups a load_state_dict replaced: one
-            live = {id(g) for g in self.param_groups}  # record each per load, for good
-            for gone in [i for i in seen if i not in live]:
-                del seen[gone]
         # (the record holds its group, so no other group can take its id while it lives)
         held, last, rose, top = seen.get(id(group), (group, lr_t, False, lr_t))
         if held is not group:
@@ -1787,6 +1783,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         rose = rose or lr_t > last
         top = max(top, lr_t)
         seen[id(group)] = (group, lr_t, rose, top)
+        if len(seen) > len(self.param_groups):  # groups a load_state_dict replaced: one
+            live = {id(g) for g in self.param_groups}  # record each per load, for good
+            for gone in [i for i in seen if i not in live]:
+                del seen[gone]
         if top >= 0.01:
             return
         # (only there: a constant or stepped warmup in units of lr_0 stays below 1% for 200
