@@ -53,6 +53,7 @@ if [[ -n ${OUT:-} && -z ${GIT_COMMIT:-} ]]; then  # (the device's .git is the se
   exit 2
 fi
 status=0
+EXT_LIMIT=200  # the extension's build, seconds
 cut=()  # the stages their own limit stopped
 last=0  # the exit status of the latest stage
 LOG=${OUT:-/tmp}/gpu_checks_part${PART}.log
@@ -93,7 +94,7 @@ wait_for_extension() {  # the background build's end (counted in the exit status
   wait "$EXT_PID"
   rc=$?
   EXT_PID=
-  count extension-build "$rc" 200
+  count extension-build "$rc" "$EXT_LIMIT"
   tail -3 "$EXTLOG" | tee -a "$LOG"
   $PY -c "from armijo_fused import ops; print('C++ extension loaded:', ops._C is not None)" \
     2>&1 | tee -a "$LOG"
@@ -121,13 +122,13 @@ start_extension_build() {
   # the tests before the wait take up to 180.
   EXTLOG=${OUT:-/tmp}/extension_build.log
   $(command -v setsid && echo -w) bash -c '
-    MAX_JOBS=$(nproc) timeout 200 "$1" setup.py -q build_ext --build-lib build/ext &&
+    MAX_JOBS=$(nproc) timeout "$2" "$1" setup.py -q build_ext --build-lib build/ext &&
       so=$(find build/ext -name "_C*.so" | head -1) && [[ -n $so ]] &&
       cp "$so" python/armijo_fused/.C.so.partial &&
       mv python/armijo_fused/.C.so.partial "python/armijo_fused/${so##*/}"
     rc=$?
     echo "extension build: exit $rc"
-    exit $rc' build "$PY" >"$EXTLOG" 2>&1 </dev/null &
+    exit $rc' build "$PY" "$EXT_LIMIT" >"$EXTLOG" 2>&1 </dev/null &
   EXT_PID=$!
 }
 
@@ -188,7 +189,8 @@ fi
 if [[ $PART != 1 ]]; then
   # part 2 on a machine part 1 did not leave warm: no extension yet (the host benchmarks would
   # time the Python fallback); built first, alone (a compile beside a benchmark skews its times)
-  if [[ $PART == 2 ]] && ! $PY -c "from armijo_fused import ops; assert ops._C is not None" 2>/dev/null; then
+  if [[ $PART == 2 ]] &&
+    ! $PY -c "from armijo_fused import ops; assert ops._C is not None" 2>/dev/null; then
     start_extension_build
     wait_for_extension
   fi

@@ -1267,5 +1267,5 @@ def test_a_norm_inside_a_numbered_module_is_not_the_final_norm():
     assert block_name("mid_block.attentions.0.norm.bias") == "mid_block"
     assert block_name("3.norm.weight") == "3"  # (an nn.Sequential's child)
     for name in ("norm.weight", "model.norm.weight", "transformer.ln_f.bias",
-                 "encoder.final_layer_norm.weight"):
+                 "encoder.final_layer_norm.weight", "0.transformer.ln_f.weight"):
         assert block_name(name) == "final", name

@@ -16,7 +16,7 @@ import torch
 from problems import make_closure
 from torch import nn
 
-from armijo_fused import ArmijoAdam, ArmijoSGD
+from armijo_fused import ArmijoAdam, ArmijoSGD, in_trial
 
 PAIRS = [(ArmijoAdam, torch.optim.AdamW), (ArmijoSGD, torch.optim.SGD)]
 
@@ -851,6 +851,7 @@ def test_two_threads_training_two_models_keep_their_backward():
             opt = ArmijoAdam(model.parameters(), cadence="every")
             x = torch.randn(16, 6)
             a_in_trial.wait(30)
+            seen["overlap"] = in_trial()  # (a's trial runs now: what follows overlaps it)
             model.weight.grad = torch.ones_like(model.weight)
             opt.zero_grad(set_to_none=False)  # (no store yet: torch's zero_grad, in place)
             seen["zeroed"] = bool((model.weight.grad == 0).all())
@@ -872,6 +873,7 @@ def test_two_threads_training_two_models_keep_their_backward():
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
+    assert seen["overlap"]
     assert seen["zeroed"] and torch.allclose(seen["b grad"], seen["b expected"])
     assert seen["a"] > 0 and seen["b"] > 0
     assert (torch.Tensor.backward, torch.autograd.backward, nn.Module.zero_grad,

@@ -74,8 +74,10 @@ def block_name(param_name: str) -> str:
         return "embeddings"
     m = _FINAL.search(param_name)
     # (the model's own last norm, not a norm inside a numbered module: a UNet's attention
-    # blocks' `norm`s, under down_blocks.1.attentions.0, made one "final" across the network)
-    if m and not any(part.isdigit() for part in param_name[: m.start()].split(".")):
+    # blocks' `norm`s, under down_blocks.1.attentions.0, made one "final" across the network.
+    # A leading number with more path after it is an nn.Sequential around the whole model)
+    path = param_name[: m.start()].split(".") if m else []
+    if m and not any(part.isdigit() for part in (path[1:] if len(path) > 1 else path)):
         return "final"
     if _HEAD.search(param_name):
         return "head"

@@ -39,8 +39,9 @@ or zero the gradient the search still needs. :class:`TrialEnv` arranges all of t
   loss equal to f0). The cache is cleared before each trial and after the last, and so is the
   cache of a ``torch.nn.utils.parametrize.cached()`` region (weight_norm, spectral_norm).
 * Autograd: trials run under ``torch.no_grad()``; ``Tensor.backward``, ``torch.autograd.backward``
-  and ``zero_grad`` of modules and optimizers are no-ops inside a trial, so a closure that does
-  ``zero_grad(); loss.backward()`` (LBFGS / Lightning style) costs a forward only.
+  and ``zero_grad`` of modules and optimizers are no-ops inside a trial, in the thread that runs
+  it (:class:`ThreadScopedPatch`), so a closure that does ``zero_grad(); loss.backward()``
+  (LBFGS / Lightning style) costs a forward only.
 """
 
 from __future__ import annotations
@@ -179,11 +180,7 @@ class ThreadScopedPatch:
         self._lock = threading.Lock()
         self._values: dict = {}  # thread id -> stack of the values its entries gave
         self._originals: list = []
-        self._made: dict = {}  # (id(owner), name) -> (original, its patch): made once, not per trial
-
-    def value_here(self, default=None):
-        stack = self._values.get(threading.get_ident())
-        return stack[-1][0] if stack else default
+        self._made: dict = {}  # (id(owner), name) -> (original, its patch): made once
 
     def _patched(self, real):
         values, act = self._values, self._act
@@ -648,13 +645,15 @@ class TrialEnv:
                     _RNG_SETTERS.active(self) if watch_rng_setters else contextlib.nullcontext()):
                 # in_trial() last in, first out: a Ctrl-C the step holds until then (a trial
                 # forward stays interruptible) cannot land in the patches' entries or undos
-                _here.depth = getattr(_here, "depth", 0) + 1
                 _depth += 1
                 try:
-                    yield
+                    _here.depth = getattr(_here, "depth", 0) + 1
+                    try:
+                        yield
+                    finally:
+                        _here.depth -= 1
                 finally:
                     _depth -= 1
-                    _here.depth -= 1
         finally:
             _here.env = outer
             self._undo_writes(kept, watched)

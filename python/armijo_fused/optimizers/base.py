@@ -736,7 +736,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 self._refuse_nested_step()
             if trial_mod.in_trial_here():  # (another optimizer's trial)
                 self._refuse_nested_step()
-            self._check_step_call()
+            self._check_caller()
         except BaseException:
             if self.__dict__.get("_in_step", (None, None))[1] is token:
                 del self.__dict__["_in_step"]
@@ -781,9 +781,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             "loss function, or a forward hook or callback it reaches): call step() once per "
             "training step, outside the loss function")
 
-    def _check_step_call(self):
-        """Where ``step()`` is called from, before it starts: not inside a backward, and said
-        once where a compiled function calls it."""
+    def _check_caller(self):
+        """Where ``step()`` is called from, before it starts: not inside a backward; and said
+        once where a compiled function calls it, looked at in this optimizer's first three
+        steps."""
         if _in_backward():
             # (one optimizer per tensor, stepped from a gradient hook, ran a search per tensor
             # inside backward: f0 and a trial forward each, 9 forwards per backward for four
@@ -1776,7 +1777,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 group.get("max_lr") is not None or "hand lr" in self.__dict__.get("_warned", ()):
             return
         seen = self.__dict__.setdefault("_lr_seen", {})
-        # (the record holds its group, so no other group can take its id while it lives)
+        # (the record holds its group, so no other live group has its id; one carried by a
+        # pickle or a copy may name another process's or object's)
         held, last, rose, top = seen.get(id(group), (group, lr_t, False, lr_t))
         if held is not group:
             last, rose, top = lr_t, False, lr_t

@@ -54,13 +54,13 @@ def calling_grad_scaler(opt):
     return None
 
 
-def called_from_compiled_code(depth: int = 12) -> bool:
+def called_from_compiled_code(depth: int) -> bool:
     """Was ``step()`` called from a ``torch.compile``'d function (a compiled training step)?
     ``step`` is wrapped in ``torch.compiler.disable``, whose wrapper switches dynamo off for the
     call and keeps the callback it found in its local ``prior``: dynamo's own when the caller
     runs compiled code, None from eager code (torch 2.4 to 2.13). Every such wrapper in the
-    ``depth`` frames above is looked at: a helper of the user's, itself disabled, may stand
-    between the compiled function and the step (a subclass's own disabled ``step`` too)."""
+    ``depth`` frames above the caller is looked at: a helper of the user's, itself disabled, may
+    stand between the compiled function and the step (a subclass's own disabled ``step`` too)."""
     if getattr(getattr(getattr(torch, "_dynamo", None), "config", None), "disable", False):
         return False  # (TORCH_COMPILE_DISABLE: torch.compile compiles nothing)
     frame = sys._getframe(1)

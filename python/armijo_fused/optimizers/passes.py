@@ -317,9 +317,7 @@ class FlatPasses(Passes):
     def grad_norm(self, sums=None):
         """‖g‖ (unclipped): the guard's Σ g² where it was formed (over the ranks under FSDP2),
         else from the first pass's sums (``sums``: those sums over the ranks)."""
-        if self._grad_sq is not None:
-            return self._grad_sq.sqrt()
-        return sum(s[:, 1].sum() for s in (sums or self._first_sums)).sqrt()
+        return self.grad_norm_reader(sums)()
 
     def guard(self) -> Tensor:
         return self._scale0
@@ -327,7 +325,8 @@ class FlatPasses(Passes):
     # readers for telemetry formed later: they keep the tensors they read, not the passes
     # (which hold the optimizer: a kept stats object held θ, g, m and v)
     def skipped_reader(self):
-        """:meth:`skipped` as a function of the guard's tensor alone."""
+        """:meth:`skipped` as a function of the guard's tensor alone (formed when first read:
+        on a GPU each op is a launch, and a step that cannot skip has not formed it)."""
         if self._skipped is not None:
             flag = self._skipped
             return lambda: flag
