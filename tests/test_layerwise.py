@@ -1269,3 +1269,17 @@ def test_a_norm_inside_a_numbered_module_is_not_the_final_norm():
     for name in ("norm.weight", "model.norm.weight", "transformer.ln_f.bias",
                  "encoder.final_layer_norm.weight", "0.transformer.ln_f.weight"):
         assert block_name(name) == "final", name
+
+
+def test_layerwise_setups_that_cannot_do_what_they_ask_are_said():
+    # (an audit: both were taken without a word) one block in all is a global search; with one
+    # block per param group, merge_below (which merges within a group) can merge nothing
+    with pytest.warns(UserWarning, match="found one block"):
+        lone = nn.Sequential(nn.Linear(4, 4))
+        ArmijoAdam(lone.parameters(), model=lone, layerwise=True)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="each group here is one block: nothing can merge"):
+        ArmijoAdam(param_groups(model), layerwise=True, merge_below=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ArmijoAdam(model.parameters(), model=model, layerwise=True, merge_below=1e-6)

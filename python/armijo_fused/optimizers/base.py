@@ -311,6 +311,18 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 f"{self._init_step_size:g}: every block whose search backtracks below it "
                 "merges into a neighbour, and the blocks soon share one step size. Set it "
                 "well below the step sizes the blocks settle at"))
+        if self.layerwise:
+            per_group = [len(g.get("block_names") or (None,)) for g in self.param_groups]
+            if sum(per_group) == 1:  # (an audit: model=nn.Sequential(nn.Linear(...)), silently)
+                self._warn_once("one block", (
+                    "layerwise=True found one block (the model's modules name no layers: "
+                    "one module holds every tensor), so the search is a global one. Pass one "
+                    "param group per block, or a model whose modules name its layers"))
+            elif merge_below is not None and max(per_group) == 1:
+                self._warn_once("merge_below groups", (
+                    "merge_below merges a block into a neighbour within its param group, and "
+                    "each group here is one block: nothing can merge. Give the model's tensors "
+                    "in one group with model= (or names) for blocks that merge"))
         self.stats = self._stats_before_any_step()
 
     def _stats_before_any_step(self) -> StepStats:
