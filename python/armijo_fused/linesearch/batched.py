@@ -130,26 +130,24 @@ def stacked_loss(fn: Callable[[], Tensor], slots: Sequence[Sequence[tuple[nn.Mod
             return batched(*stacked)
         except RuntimeError as e:
             said = str(e)
+            if said.startswith("vmap: It looks like you're"):  # (vmap's own words ask for a
+                raise RuntimeError(                               # bug report in torch)
+                    "candidates= evaluates the loss at the K trial points at once, under "
+                    "torch.func.vmap, where no tensor's value can be read: return the loss "
+                    "tensor itself (not loss.item() or float(loss)) and keep the forward free of "
+                    "reads such as .item() or an `if` on a tensor, or use the sequential search "
+                    f"(candidates=None). The step has been undone. (vmap: {e})") from e
             # torch's own words only (an LSTM: "Batching rule not implemented"; a channels-last
             # conv: "NYI: querying is_contiguous inside of vmap"; a dynamic shape: "vmap: We do
             # not support ..."), not a message of the user's that mentions vmap
-            if said.startswith("vmap: It looks like you're"):
-                pass  # (a value read under vmap: below; vmap's own words ask for a bug report)
-            elif said.startswith(("Batching rule not implemented", "vmap:")) or (
+            if said.startswith(("Batching rule not implemented", "vmap:")) or (
                     said.startswith("NYI") and "vmap" in said):
                 raise RuntimeError(
                     "candidates= evaluates the loss at the K trial points at once, under "
                     "torch.func.vmap, which cannot batch an operation of this forward: use the "
                     f"sequential search (candidates=None). The step has been undone. (vmap: {e})"
                 ) from e
-            else:
-                raise
-            raise RuntimeError(
-                "candidates= evaluates the loss at the K trial points at once, under "
-                "torch.func.vmap, where no tensor's value can be read: return the loss tensor "
-                "itself (not loss.item() or float(loss)) and keep the forward free of reads such "
-                "as .item() or an `if` on a tensor, or use the sequential search "
-                f"(candidates=None). The step has been undone. (vmap: {e})") from e
+            raise
         finally:
             for bufs, name, buf in caches:
                 now = bufs.get(name)

@@ -94,6 +94,15 @@ def _written_mark(grad: Tensor):
         return None
 
 
+def _forget_replaced_groups(records: dict, groups) -> None:
+    """Drop the records (keyed by ``id(group)``) of groups a ``load_state_dict`` replaced:
+    kept, they were one more per load, for good. Only where there are more than groups."""
+    if len(records) > len(groups):
+        live = {id(g) for g in groups}
+        for gone in [i for i in records if i not in live]:
+            del records[gone]
+
+
 def report_per_block(values, table, lead: int, layerwise: bool, blocks):
     """``ArmijoOptimizer._report`` on what it reads of the optimizer (``blocks``: its
     ``_report_blocks()``), for telemetry formed later without holding the optimizer."""
@@ -385,10 +394,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             keys = self._validation_keys = ("weight_decay", *self.rule.hyperparameters,
                                             *GROUP_OPTION_KEYS)
         seen = self.__dict__.setdefault("_validated", {})
-        if len(seen) > len(self.param_groups):  # groups a load_state_dict replaced: their
-            live = {id(g) for g in self.param_groups}  # ids were kept one per load, for good
-            for gone in [i for i in seen if i not in live]:
-                del seen[gone]
+        _forget_replaced_groups(seen, self.param_groups)
         for group in self.param_groups:
             # (the keys: one written into a live group, an option of the whole optimizer that
             # would do nothing there, is refused like one given at construction, also when
@@ -1797,10 +1803,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         rose = rose or lr_t > last
         top = max(top, lr_t)
         seen[id(group)] = (group, lr_t, rose, top)
-        if len(seen) > len(self.param_groups):  # groups a load_state_dict replaced: one
-            live = {id(g) for g in self.param_groups}  # record each per load, for good
-            for gone in [i for i in seen if i not in live]:
-                del seen[gone]
+        _forget_replaced_groups(seen, self.param_groups)
         if top >= 0.01:
             return
         # (only there: a constant or stepped warmup in units of lr_0 stays below 1% for 200
