@@ -1263,12 +1263,110 @@ def test_a_norm_inside_a_numbered_module_is_not_the_final_norm():
     # they made one "final" block across the network, searched apart from their layers
     from armijo_fused.blocks import block_name
 
-    assert block_name("down_blocks.0.attentions.0.norm.weight") == "down_blocks"
+    assert block_name("down_blocks.0.attentions.0.norm.weight") == "down_blocks.0"
     assert block_name("mid_block.attentions.0.norm.bias") == "mid_block"
     assert block_name("3.norm.weight") == "3"  # (an nn.Sequential's child)
     for name in ("norm.weight", "model.norm.weight", "transformer.ln_f.bias",
                  "encoder.final_layer_norm.weight", "0.transformer.ln_f.weight"):
         assert block_name(name) == "final", name
+
+
+def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
+    # (an audit) DiT's, SD3's and Flux's transformer_blocks, a UNet's down_blocks and up_blocks
+    # and wav2vec2's conv_layers were one block each: one step size for the whole stack
+    from armijo_fused.blocks import block_name
+
+    for name, block in [
+            ("transformer_blocks.3.attn.to_q.weight", "transformer_blocks.3"),
+            ("single_transformer_blocks.0.proj_mlp.weight", "single_transformer_blocks.0"),
+            ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight", "down_blocks.1"),
+            ("up_blocks.0.resnets.1.conv1.weight", "up_blocks.0"),
+            ("wav2vec2.feature_extractor.conv_layers.2.conv.weight",
+             "wav2vec2.feature_extractor.conv_layers.2"),
+            ("module._orig_mod.transformer_blocks.1.ff.weight", "transformer_blocks.1"),
+            ("h.0.mlp.sub_layers.1.weight", "layer.0"),  # (the outermost container decides)
+            ("encoder_blocks.0.layers.1.weight", "encoder_blocks.0"),
+            ("mid_block.resnets.0.conv1.weight", "mid_block")]:
+        assert block_name(name) == block, name
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.norm = nn.Linear(2, 2), nn.LayerNorm(2)
+
+    class Flux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x_embedder = nn.Linear(2, 2)
+            self.transformer_blocks = nn.ModuleList(Block() for _ in range(2))
+            self.single_transformer_blocks = nn.ModuleList(Block() for _ in range(2))
+            self.proj_out = nn.Linear(2, 2)
+
+    class Wav2Vec2(nn.Module):  # (a classic stack beside another numbered container)
+        def __init__(self):
+            super().__init__()
+            self.feature_extractor = nn.Module()
+            self.feature_extractor.conv_layers = nn.ModuleList(nn.Conv1d(1, 1, 2) for _ in "ab")
+            self.encoder = nn.Module()
+            self.encoder.layers = nn.ModuleList(Block() for _ in range(2))
+
+    assert list(assign_blocks(Flux())) == [
+        "x_embedder", "transformer_blocks.0", "transformer_blocks.1",
+        "single_transformer_blocks.0", "single_transformer_blocks.1", "proj_out"]
+    holder = nn.Module()
+    holder.wav2vec2, holder.lm_head = Wav2Vec2(), nn.Linear(2, 2)
+    assert list(assign_blocks(holder)) == [
+        "wav2vec2.feature_extractor.conv_layers.0", "wav2vec2.feature_extractor.conv_layers.1",
+        "layer.0", "layer.1", "head"]
+
+
+def test_a_checkpoint_with_a_container_as_one_block_carries_its_state_to_each_layer():
+    # saved when transformer_blocks was one block: each of its layers resumes from that
+    # block's step size, search record and test, without the warning about another model
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ff = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return x + torch.tanh(self.ff(x))
+
+    class DiT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Linear(3, 3)
+            self.transformer_blocks = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            x = self.pos_embed(x)
+            for block in self.transformer_blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model, x = DiT(), torch.randn(8, 3)
+    opt = ArmijoAdam(model.parameters(), layerwise=True, model=model, backend="torch",
+                     cadence="every")
+    for _ in range(2):
+        opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    ck = copy.deepcopy(opt.state_dict())
+    g = ck["param_groups"][0]
+    assert g["block_names"] == ["pos_embed"] + [f"transformer_blocks.{i}" for i in range(3)]
+    for key in ("step_size", "step_size_avg", "step_length", "collapsed", "block_searched_at",
+                "block_tested"):
+        g[key] = g[key][:2]  # (as the old naming's two blocks)
+    g.update(block_names=["pos_embed", "transformer_blocks"], block_owner=[0, 1],
+             step_size=[0.5, 0.0123], step_size_avg=[0.5, 0.0123])
+    again = ArmijoAdam(model.parameters(), layerwise=True, model=model, backend="torch",
+                       cadence="every")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.load_state_dict(ck)
+        g = again.param_groups[0]
+        assert g["block_names"] == ["pos_embed"] + [f"transformer_blocks.{i}" for i in range(3)]
+        assert g["step_size"] == [0.5, 0.0123, 0.0123, 0.0123]
+        assert g["block_tested"] == [1, 1, 1, 1] and g["block_owner"] == [0, 1, 2, 3]
+        again.step(make_closure(again, lambda: model(x).pow(2).mean()))
 
 
 def test_layerwise_setups_that_cannot_do_what_they_ask_are_said():

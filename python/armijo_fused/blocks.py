@@ -16,6 +16,11 @@ block name             parameters
                        not inside a numbered module: a UNet's attention blocks' ``norm``)
 ``head``               the output head (``lm_head``, ``head``, ``cls``, ``pooler``, ``classifier``,
                        ``output``)
+``<path>.<i>``         everything under a numbered ``*_blocks`` / ``*_layers`` container, by its
+                       path: ``transformer_blocks.<i>`` (DiT, SD3, Flux; Flux's
+                       ``single_transformer_blocks.<i>``), ``down_blocks.<i>`` and
+                       ``up_blocks.<i>`` (diffusers' UNets), ``wav2vec2.feature_extractor.
+                       conv_layers.<i>``; the outermost numbered container of a name decides
 ``<i>``                children of an ``nn.Sequential`` (names start with a number)
 ``<first name>``       anything else: its top-level module name
 =====================  ===================================================================
@@ -45,6 +50,9 @@ from collections import OrderedDict
 from torch import nn
 
 _LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block|resblocks)\.(\d+)\.")
+# other numbered containers are named by their path: transformer_blocks.3 and
+# single_transformer_blocks.3 (Flux), down_blocks.1 and up_blocks.1 (a UNet) must not meet
+_CONTAINER = re.compile(r"(?:^|\.)\w+_(?:blocks|layers)\.(\d+)\.")
 _EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions"
                     r"|word_embeddings|position_embeddings|token_type_embeddings)(?:\.|$)")
 _FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm)\.")
@@ -68,6 +76,9 @@ def block_name(param_name: str) -> str:
     wrapper prefixes (``module.``, ``_orig_mod.``, ...) are not part of it."""
     param_name = bare_name(param_name)
     m = _LAYER.search(param_name)
+    c = _CONTAINER.search(param_name)
+    if c and (m is None or c.start() < m.start()):
+        return param_name[: c.end() - 1]
     if m:
         return f"layer.{int(m.group(1))}"
     if _EMBED.search(param_name):
@@ -90,7 +101,10 @@ def _stack(param_name: str) -> str | None:
     ``model.encoder.layers.3.fc1.weight``), or None outside one."""
     param_name = bare_name(param_name)
     m = _LAYER.search(param_name)
-    return None if m is None else param_name[: m.start()]
+    c = _CONTAINER.search(param_name)
+    if m is None or (c is not None and c.start() < m.start()):
+        return None  # (in a layer of another container: named by its own path)
+    return param_name[: m.start()]
 
 
 def block_names(param_names) -> dict[str, str]:

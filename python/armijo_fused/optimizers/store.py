@@ -182,6 +182,17 @@ class StoreMixin:
             if not all(isinstance(group.get(k), list) and len(group[k]) == len(old)
                        for k in keys + ("block_owner",)):
                 where = {}  # a checkpoint without some of them: start every block afresh
+        # a block cut finer (a checkpoint from before its container's layers were blocks of
+        # their own: "transformer_blocks" is now "transformer_blocks.0", ...): each part
+        # carries its whole's state, as the whole had it
+        parts = {}
+        for n in names:
+            whole_of = [o for o in where if n not in where and n.startswith(o + ".")]
+            if whole_of:
+                parts[n] = where[max(whole_of, key=len)]
+        refined = bool(parts) and all(o in names or any(n.startswith(o + ".") for n in parts)
+                                      for o in where)
+        where.update(parts)
         carried = [n for n in names if n in where]
         # a single block named after the module every tensor of the group lies under: the whole
         # group's η, as from a global checkpoint (a model held by one module, self.net =
@@ -204,9 +215,9 @@ class StoreMixin:
         owner = []
         for j, n in enumerate(names):  # a merge holds where both blocks are still there
             o = old[group["block_owner"][where[n]]] if n in where else n
-            owner.append(names.index(o) if o in names else j)
+            owner.append(names.index(o) if o in names and n not in parts else j)
         if old is not None and self.__dict__.get("_blocks_loaded") and set(old) != set(names) \
-                and not whole:
+                and not whole and not refined:
             self._warn_once("blocks_renamed", (
                 f"the checkpoint's blocks {old[:4]} are not this model's {names[:4]}: the "
                 f"blocks it does not name start from step size {eta:g}. Block names are read "
