@@ -1542,6 +1542,79 @@ def test_settings_the_store_is_built_from_are_fixed_at_construction(name, value)
     assert not opt.stats["skipped"]
 
 
+@pytest.mark.parametrize("name, value", [("init_step_size", 0.5), ("direction", "nadam"),
+                                         ("model", "other")])
+def test_what_the_constructor_read_is_read_back_and_a_write_is_refused(name, value):
+    # (an audit) each write was a new attribute nothing read: init_step_size=0.5 written before
+    # the first step still started at 1e-3, direction="nadam" still stepped Adam's direction
+    model, x = _usage_setup()
+    opt = ArmijoAdam(model.parameters(), model=model)
+    value = nn.Linear(2, 2) if value == "other" else value
+    assert (opt.init_step_size, opt.direction, opt.model) == (1e-3, "adam", model)
+    with pytest.raises(AttributeError, match=f"{name} is set at construction: "):
+        setattr(opt, name, value)
+    assert (opt.init_step_size, opt.direction, opt.model) == (1e-3, "adam", model)
+    assert ArmijoSGD(model.parameters(), momentum=0.9).direction == "momentum"
+    assert ArmijoSGD(model.parameters()).model is None
+
+
+def test_options_that_do_nothing_in_the_setup_given_are_said():
+    # (an audit: each was taken without a word and ran as if not given)
+    model, _ = _usage_setup()
+    params = list(model.parameters())
+    for kwargs, match in [
+            (dict(direction="rmsprop", betas=(0.5, 0.5)), r"betas=\(0.5, 0.5\) is not read by "
+             "direction='rmsprop'"),
+            (dict(alpha=0.9), "alpha=0.9 is not read by direction='adam'"),
+            (dict(cadence=5, max_interval=2), "max_interval=2 is the adaptive cadence's"),
+            (dict(cadence="every", max_interval=50), "max_interval=50 .* fixed \\('every'\\)"),
+            (dict(block_search="stale"), "block_search='stale' orders the blocks of the layer")]:
+        with pytest.warns(UserWarning, match=match):
+            ArmijoAdam(params, **kwargs)
+    with pytest.warns(UserWarning, match="sets blocks_by='group', which says how the layer-wise"):
+        ArmijoAdam([{"params": params, "blocks_by": "group"}])
+    with warnings.catch_warnings():  # the same values where they are read, or the defaults
+        warnings.simplefilter("error")
+        ArmijoAdam(params, direction="rmsprop", alpha=0.9, betas=[0.9, 0.999])
+        ArmijoAdam(params, betas=(0.5, 0.5), cadence="adaptive", max_interval=50)
+        two = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+        ArmijoAdam(two.parameters(), model=two, layerwise=True, block_search="stale")
+        ArmijoAdam([{"params": params[:1], "blocks_by": "group"}, {"params": params[1:]}],
+                   layerwise=True)
+        ArmijoSGD(params, trend_guard=None)  # (None: the default, as ArmijoAdam's)
+
+
+def test_a_flag_given_as_a_string_is_refused_for_nesterov_too():
+    # (an audit) nesterov="False" built the Nesterov direction: bool("False") is True
+    model, _ = _usage_setup()
+    with pytest.raises(TypeError, match="invalid nesterov: 'False' \\(expected True or False"):
+        ArmijoSGD(model.parameters(), momentum=0.9, nesterov="False")
+    with pytest.raises(TypeError, match="invalid nesterov in a param group: 'no'"):
+        ArmijoSGD([{"params": model.parameters(), "nesterov": "no"}], momentum=0.9)
+    assert ArmijoSGD(model.parameters(), momentum=0.9, nesterov=np.bool_(True)).direction \
+        == "nesterov"
+
+
+@pytest.mark.parametrize("key, value", [("step_size", 0.5), ("step", 3), ("loss_trend", (1, 2)),
+                                        ("block_names", ["a"])])
+def test_a_param_group_holding_the_searchs_own_state_is_refused_by_name(key, value):
+    # (an audit) a per-group step_size was taken as the search's state (one global η no
+    # longer shared; loss 0.44 against 0.71 after 3 steps); a loss_trend raised a bare
+    # ValueError from inside the step-size policy
+    model, x = _usage_setup()
+    first, *rest = model.parameters()
+    with pytest.raises(ValueError, match=f"a param group sets {key}, which the line search "
+                       "keeps in each group for itself"):
+        ArmijoAdam([{"params": [first]}, {"params": rest, key: value}], model=model)
+    opt = ArmijoAdam([{"params": [first]}], model=model)
+    with pytest.raises(ValueError, match=f"a param group sets {key}"):
+        opt.add_param_group({"params": rest, key: value})
+    assert len(opt.param_groups) == 1  # (nothing half added)
+    opt.add_param_group({"params": rest})
+    opt.step(make_closure(opt, lambda: model(x).pow(2).mean()))
+    assert not opt.stats["skipped"]
+
+
 def test_settings_written_later_are_checked_against_the_ones_they_combine_with():
     model, x = _usage_setup()
     plain = ArmijoAdam(model.parameters(), model=model)

@@ -145,6 +145,25 @@ class ArmijoAdam(ArmijoOptimizer):
             exact_revert=exact_revert, process_group=process_group, candidates=candidates,
             flat=flat,
         )
+        # (last, as the base class's warnings: a refusal first) the coefficients not read: an
+        # rmsprop run given betas (its one moment's coefficient is alpha) ran as if without
+        if direction == "rmsprop":
+            unread, value, default, read = "betas", betas, (0.9, 0.999), "alpha"
+            reads = "one moment's coefficient is alpha"
+        else:
+            unread, value, default, read = "alpha", alpha, 0.99, "betas"
+            reads = "moments' coefficients are betas"
+        if not _same(value, default):
+            self._warn_once("unused coefficient", (
+                f"{unread}={value!r} is not read by direction={direction!r}, whose {reads} "
+                f"({self.param_groups[0][read]!r} here): it does nothing"))
+
+
+def _same(value, default) -> bool:
+    try:
+        return bool(tuple(value) == default if isinstance(default, tuple) else value == default)
+    except Exception:  # (not comparable: not the default)
+        return False
 
 
 ArmijoAdam.__doc__ = ArmijoAdam.__doc__.replace("{LINESEARCH_ARGS}", LINESEARCH_ARGS).replace(

@@ -73,6 +73,11 @@ from .torch_compat import (
 _LS_KEYS = ("step", "folded", "step_size", "step_size_avg", "step_length", "collapsed",
             "next_search", "search_interval", "searches", "forwards", "backwards")
 _COUNTERS = tuple(k for k in COUNTER_MINIMA if k != "folded")
+#: every key the optimizer keeps in a group for itself: a group given with one is refused (a
+#: per-group "step_size" was taken as the search's state, unlike init_step_size's start)
+_OWN_GROUP_KEYS = (*_LS_KEYS, "lr_ref", "loss_trend", "step_size_along", "block_names",
+                   "block_owner", "block_searched_at", "block_tested", "block_cursor",
+                   "last_dd", "last_dd_trainable", "forward_writes")
 # ``step`` counts step() calls (cadence, schedules); ``folded`` counts the gradients folded into
 # the group's state, the count behind its bias corrections: a skipped step (non-finite gradient or
 # loss) adds to the first and not to the second, as torch's Adam does for a step GradScaler skips,
@@ -314,6 +319,16 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             for gi in range(len(self.param_groups)):
                 self._group_blocks(gi, [])
         # (last: a warning before a refusal, where warnings are errors, hid the refusal)
+        # options taken and doing nothing in this setup (an audit: each silently)
+        if not self.layerwise and block_search != "round_robin":
+            self._warn_once("unused block_search", (
+                f"block_search={block_search!r} orders the blocks of the layer-wise search, and "
+                "this optimizer searches one step size for all (layerwise=False): it does "
+                "nothing here"))
+        if self.cadence.spec != "adaptive" and max_interval != 10:
+            self._warn_once("unused max_interval", (
+                f"max_interval={max_interval!r} is the adaptive cadence's longest gap between "
+                f"searches, and this cadence is fixed ({cadence!r}): it does nothing here"))
         if merge_below is not None and merge_below >= self._init_step_size:
             self._warn_once("merge_below", (
                 f"merge_below={merge_below:g} is at or above init_step_size="
@@ -343,6 +358,14 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         (``add_param_group``, progressive unfreezing) joins the current global step size.
         ``constructing``: every group so far starts at ``init_step_size`` (no minimum to take
         over them, which was quadratic in the groups)."""
+        own = [key for key in _OWN_GROUP_KEYS if key in group]
+        if own:
+            name = type(self).__name__
+            raise ValueError(
+                f"{name}: a param group sets {', '.join(own)}, which the line search keeps in "
+                f"each group for itself: every group starts from init_step_size (pass it to "
+                f"{name}(...); layerwise=True gives each group its own step size); to go on "
+                "from another optimizer's search, load its state_dict()")
         self._validate_group(group)
         for p in group["params"]:
             if not p.is_floating_point():
@@ -369,6 +392,11 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             group.setdefault("loss_trend", None)
         if self.rule.heavy_ball:  # which direction η (step_size) is measured along
             group.setdefault("step_size_along", self.momentum_search)
+        if "blocks_by" in group and not self.layerwise:
+            self._warn_once("blocks_by", (
+                f"a param group sets blocks_by={group['blocks_by']!r}, which says how the "
+                "layer-wise search cuts the group into blocks, and this optimizer searches one "
+                "step size for all (layerwise=False): it does nothing here"))
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
             group.setdefault("block_cursor", first.get("block_cursor", 0))
             if constructing and "blocks_by" not in group and "block" not in group:

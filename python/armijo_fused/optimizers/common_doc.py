@@ -34,7 +34,7 @@ LINESEARCH_ARGS = r"""
             run ended at 1.08x the best AdamW, 0.96x with the bound: docs/results.md), None
             for ArmijoSGD (with its smoothing 0 the accepted step is applied as is; set 2 for
             noisy mini-batches)
-        trend_guard (bool, optional): the loss-trend guard: the loss of each searched batch
+        trend_guard (bool | None, optional): the loss-trend guard: the loss of each searched batch
             before its step (a batch the step has not yet fit) is averaged over windows of 10
             steps, the window means go into a recent and a longer running average, and where
             the recent one is above the longer one (from the sixth window on) η̄ shrinks, at
@@ -148,7 +148,8 @@ LINESEARCH_ARGS = r"""
     ``opt.backend = "torch"``) and is checked where written, except ``layerwise``, ``flat`` and
     ``momentum_search`` (and ``tile``, the reduction block the base class takes): the store and
     the blocks are built from them, so they are fixed at construction (build a new optimizer and
-    load the old one's ``state_dict()``).
+    load the old one's ``state_dict()``). ``init_step_size``, ``direction`` and ``model`` read
+    back what the constructor took; a write to them raises, saying where each is given.
 
     The group's ``lr`` belongs to your scheduler and is never written: the parameters move by
     η · min(1, lr_t / lr_0), where lr_0 is the schedule's peak when the group records it

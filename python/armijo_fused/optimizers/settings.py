@@ -11,6 +11,8 @@ Settings a later write could not honour are fixed at construction: the flat stor
 and the saved step sizes are built from ``layerwise``, ``flat``, ``tile`` and
 ``momentum_search``; a write to them was taken and did nothing, or broke the next step. Writing
 one raises, naming the way to change it (a new optimizer loading this one's ``state_dict()``).
+So does a write to ``init_step_size``, ``direction`` or ``model``, which the constructor read
+(the step sizes, the direction rule, the modules trials restore).
 The others take effect at the next step: ``backend`` moves the buffers built so far onto the new
 backend at once (an impossible one is refused there), ``block_search``, ``merge_below``,
 ``candidates`` and ``exact_revert`` are checked against the settings they combine with.
@@ -244,6 +246,24 @@ class _MaxInterval:
         obj.cadence = new
 
 
+class _ReadOnly:
+    """``opt.init_step_size``, ``opt.direction``, ``opt.model``: read from what the constructor
+    built; a write raises, saying where the value is given (written, each was a new attribute
+    nothing read: an audit)."""
+
+    def __init__(self, read, how: str):
+        self.read, self.how = read, how
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else self.read(_target(obj))
+
+    def __set__(self, obj, value):
+        raise AttributeError(f"{self.name} is set at construction: {self.how}")
+
+
 class SettingsMixin:
     """The settings a step reads from the optimizer itself (see the module docstring)."""
 
@@ -271,3 +291,16 @@ class SettingsMixin:
     tile = Checked(_fixed("tile", "the buffers' reduction blocks"))
     momentum_search = Checked(_fixed("momentum_search", "which direction the saved step "
                                      "sizes are measured along"))
+    init_step_size = _ReadOnly(
+        lambda opt: opt._init_step_size,
+        "the step sizes since are the search's own (param_groups[i]['step_size']); for "
+        "another start, build the optimizer with init_step_size=")
+    direction = _ReadOnly(
+        lambda opt: opt.rule.name,
+        "build a new optimizer with direction= (ArmijoSGD: momentum=, nesterov=) and load "
+        "this one's state_dict() into it")
+    model = _ReadOnly(
+        lambda opt: opt._modules[0] if opt._modules else None,
+        "pass model= to the constructor, or opt.set_closure(closure, model=model) (before "
+        "the first step, opt.name_parameters(model) names the tensors for the layer-wise "
+        "blocks)")
