@@ -1568,11 +1568,18 @@ def test_options_that_do_nothing_in_the_setup_given_are_said():
             (dict(alpha=0.9), "alpha=0.9 is not read by direction='adam'"),
             (dict(cadence=5, max_interval=2), "max_interval=2 is the adaptive cadence's"),
             (dict(cadence="every", max_interval=50), "max_interval=50 .* fixed \\('every'\\)"),
-            (dict(block_search="stale"), "block_search='stale' orders the blocks of the layer")]:
+            (dict(block_search="stale"), "block_search='stale' schedules the layer-wise")]:
         with pytest.warns(UserWarning, match=match):
             ArmijoAdam(params, **kwargs)
     with pytest.warns(UserWarning, match="sets blocks_by='group', which says how the layer-wise"):
         ArmijoAdam([{"params": params, "blocks_by": "group"}])
+    added = ArmijoAdam([{"params": params[:1]}])
+    with pytest.warns(UserWarning, match="sets blocks_by='name'"):
+        added.add_param_group({"params": params[1:], "blocks_by": "name"})
+    with warnings.catch_warnings():  # (the refusal, not the warning, where warnings are errors)
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="holds none of the optimizer's parameters"):
+            ArmijoAdam([{"params": params, "blocks_by": "group"}], model=nn.Linear(2, 2))
     with warnings.catch_warnings():  # the same values where they are read, or the defaults
         warnings.simplefilter("error")
         ArmijoAdam(params, direction="rmsprop", alpha=0.9, betas=[0.9, 0.999])
@@ -1593,6 +1600,7 @@ def test_a_flag_given_as_a_string_is_refused_for_nesterov_too():
         ArmijoSGD([{"params": model.parameters(), "nesterov": "no"}], momentum=0.9)
     assert ArmijoSGD(model.parameters(), momentum=0.9, nesterov=np.bool_(True)).direction \
         == "nesterov"
+    assert ArmijoSGD(model.parameters(), momentum=0.9, nesterov=None).direction == "momentum"
 
 
 @pytest.mark.parametrize("key, value", [("step_size", 0.5), ("step", 3), ("loss_trend", (1, 2)),

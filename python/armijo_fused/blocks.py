@@ -53,6 +53,7 @@ _LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block|resblocks)\.(\d+)\.
 # other numbered containers are named by their path: transformer_blocks.3 and
 # single_transformer_blocks.3 (Flux), down_blocks.1 and up_blocks.1 (a UNet) must not meet
 _CONTAINER = re.compile(r"(?:^|\.)\w+_(?:blocks|layers)\.(\d+)\.")
+_CONTAINER_BLOCK = re.compile(r"(?:.*\.)?\w+_(?:blocks|layers)\.\d+")
 _EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions"
                     r"|word_embeddings|position_embeddings|token_type_embeddings)(?:\.|$)")
 _FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm)\.")
@@ -71,12 +72,30 @@ def bare_name(param_name: str) -> str:
     return _WRAPPER.sub("", param_name)
 
 
+def is_container_block(block: str) -> bool:
+    """Is ``block`` a layer of a numbered ``*_blocks`` / ``*_layers`` container
+    (``transformer_blocks.3``)? Such layers were one block, the container's, before they were
+    blocks of their own; a checkpoint of then carries over (``StoreMixin._rename_blocks``)."""
+    return _CONTAINER_BLOCK.fullmatch(block) is not None
+
+
+def _container(param_name: str):
+    """The match of the outermost numbered ``*_blocks`` / ``*_layers`` container of a (bare)
+    name, or None. Not one inside a numbered module: there it is a part of that layer (a UNet's
+    mid_block.attentions.0.transformer_blocks; ldm's middle_block.1.in_layers, an
+    nn.Sequential(norm, act, conv)), which cut it into pieces of a norm or a conv each."""
+    c = _CONTAINER.search(param_name)
+    if c is None or any(part.isdigit() for part in param_name[: c.start()].split(".")):
+        return None
+    return c
+
+
 def block_name(param_name: str) -> str:
     """The block a parameter belongs to, from its qualified name (see the module docstring);
     wrapper prefixes (``module.``, ``_orig_mod.``, ...) are not part of it."""
     param_name = bare_name(param_name)
     m = _LAYER.search(param_name)
-    c = _CONTAINER.search(param_name)
+    c = _container(param_name)
     if c and (m is None or c.start() < m.start()):
         return param_name[: c.end() - 1]
     if m:
@@ -101,7 +120,7 @@ def _stack(param_name: str) -> str | None:
     ``model.encoder.layers.3.fc1.weight``), or None outside one."""
     param_name = bare_name(param_name)
     m = _LAYER.search(param_name)
-    c = _CONTAINER.search(param_name)
+    c = _container(param_name)
     if m is None or (c is not None and c.start() < m.start()):
         return None  # (in a layer of another container: named by its own path)
     return param_name[: m.start()]
@@ -110,13 +129,18 @@ def _stack(param_name: str) -> str | None:
 def block_names(param_names) -> dict[str, str]:
     """``{parameter name: block}`` for a whole model (:func:`_named_blocks`). Where that finds one
     block only because one module holds the whole model (``self.net = nn.Sequential(...)``: every
-    name starts with ``net.``, the block of every tensor), the blocks are those of the names
-    below it, so that layer-wise is not silently one global step size."""
+    name starts with ``net.``, the block of every tensor), or that module's block beside numbered
+    containers under it (``self.unet``: ``unet``, ``unet.down_blocks.0``, ...), the blocks are
+    those of the names below it, so that layer-wise is not silently one global step size."""
     param_names = list(param_names)
     out = _named_blocks(param_names)
-    if len(param_names) > 1 and len(set(out.values())) == 1:
-        bare = [bare_name(n) for n in param_names]
-        heads = {n.split(".", 1)[0] for n in bare}
+    bare = [bare_name(n) for n in param_names]
+    heads = {n.split(".", 1)[0] for n in bare}
+    # (or blocks that are that module and containers under it: a UNet held by a LightningModule,
+    # self.unet, was the block "unet" beside "unet.down_blocks.0", ...)
+    (head,) = heads if len(heads) == 1 else (None,)
+    if len(param_names) > 1 and (len(set(out.values())) == 1 or head is not None and all(
+            v == head or v.startswith(head + ".") for v in out.values())):
         below = [n.split(".", 1)[1] for n in bare] if "." in bare[0] else []
         # (not into one module's own tensors: a weight and its bias are one block)
         if len(heads) == 1 and all("." in n for n in bare) and any("." in n for n in below):

@@ -322,9 +322,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # options taken and doing nothing in this setup (an audit: each silently)
         if not self.layerwise and block_search != "round_robin":
             self._warn_once("unused block_search", (
-                f"block_search={block_search!r} orders the blocks of the layer-wise search, and "
+                f"block_search={block_search!r} schedules the layer-wise search's blocks, and "
                 "this optimizer searches one step size for all (layerwise=False): it does "
                 "nothing here"))
+        self._warn_unread_blocks_by(self.param_groups)
         if self.cadence.spec != "adaptive" and max_interval != 10:
             self._warn_once("unused max_interval", (
                 f"max_interval={max_interval!r} is the adaptive cadence's longest gap between "
@@ -392,11 +393,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             group.setdefault("loss_trend", None)
         if self.rule.heavy_ball:  # which direction η (step_size) is measured along
             group.setdefault("step_size_along", self.momentum_search)
-        if "blocks_by" in group and not self.layerwise:
-            self._warn_once("blocks_by", (
-                f"a param group sets blocks_by={group['blocks_by']!r}, which says how the "
-                "layer-wise search cuts the group into blocks, and this optimizer searches one "
-                "step size for all (layerwise=False): it does nothing here"))
         if self.layerwise:  # present from the start: DCP loads only the keys a fresh one has
             group.setdefault("block_cursor", first.get("block_cursor", 0))
             if constructing and "blocks_by" not in group and "block" not in group:
@@ -455,6 +451,16 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             if self.param_groups[0]["step"] == 0:  # stats before any step list its blocks too
                 self.stats = self._stats_before_any_step()
             self._warn_group_lrs()
+            self._warn_unread_blocks_by(self.param_groups[-1:])
+
+    def _warn_unread_blocks_by(self, groups) -> None:
+        """A group's ``blocks_by`` without ``layerwise=True``: taken, and read by nothing."""
+        given = [g["blocks_by"] for g in groups if "blocks_by" in g]
+        if given and not self.layerwise:
+            self._warn_once("blocks_by", (
+                f"a param group sets blocks_by={given[0]!r}, which says how the layer-wise "
+                "search cuts the group into blocks, and this optimizer searches one step size "
+                "for all (layerwise=False): it does nothing here"))
 
     def _warn_group_lrs(self) -> None:
         """Groups given different learning rates (a faster head, layer-wise lr decay) ask for
@@ -1187,6 +1193,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                                                     trial_losses, frozen, resolution, f0_failure,
                                                     along_fallback=mfac is not None,
                                                     table=table)
+                if result.waited:  # (kept their η, as frozen blocks do: see _run_search)
+                    frozen = [f or b in result.waited for b, f in enumerate(frozen)]
                 if accepted is None and snapshot is not None and not result.skipped:
                     passes.restore_params(snapshot)  # bitwise θ0; the state keeps g
                 # 3. The applied step: the search's η times the scheduler's lr_t / lr_0.
@@ -1270,6 +1278,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
                                                           exhausted or collapsed)
+        if self.layerwise and not skipped and any(
+                not t and f != 0.0 and self._hurries(*table[b])
+                for b, (t, f) in enumerate(zip(self._tested_all(table), block_factors))):
+            next_search = k + 1  # a block waits for its first search (_run_search): it is next
         if self.layerwise and self.block_search in IN_TURN and not skipped:
             # (a skipped step searched nothing: the block whose turn it was keeps it, as in a
             # run that never saw the step, and as the most-stale choice keeps it)

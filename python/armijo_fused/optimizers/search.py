@@ -220,17 +220,20 @@ class SearchMixin:
                     [0.0 if frozen[b] or e == 0.0 else self.policy.first_trial(e)
                      for b, e in enumerate(etas)])
             # one block searched, the others held at η that passed a test before: if the
-            # held ones overshoot now, restart with all backtracking (see armijo_search). Not
-            # while some held block is untested: at the start, every block but the searched
-            # one sits at init_step_size, and shrinking all of them to the stiffest block's
-            # scale left the others far too small (4x the iterations on the block quadratic)
+            # held ones overshoot now, restart with all backtracking (see armijo_search).
+            # Held blocks no test has judged (at the start, every block but the searched one,
+            # at init_step_size) leave the trials at the first rejection instead, and wait for
+            # their turn: shrinking all of them to the stiffest block's scale left the others
+            # far too small (4x the iterations on the block quadratic), and shrinking the
+            # searched one alone left it 500x below them
             # (which held blocks can move at all, the controller sees from the first pass)
             held = [b for b in range(len(etas)) if b not in searched and not frozen[b]]
-            joint_restart = self.layerwise and all(self._tested(*table[b]) for b in held)
+            untested = [b for b in held if self.layerwise and not self._tested(*table[b])]
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=plan[0] if partial else None,
                                    along_fallback=along_fallback, optimistic=optimistic,
-                                   joint_restart=joint_restart, **kw)
+                                   joint_restart=self.layerwise,
+                                   drop_on_reject=untested, **kw)
             return result, result.accepted
         # exact: each block alone, the others at θ0, from one first pass
         n = len(etas)

@@ -170,6 +170,8 @@ class StoreMixin:
         new one starts from the smallest step size carried over (mid-run: no untested step
         longer than a tested one), else from the group's global η (a global checkpoint) or
         ``init_step_size``; it is untested (``block_tested``) until an accepted search moves it."""
+        from ..blocks import is_container_block
+
         old = group.get("block_names")
         lists = isinstance(group["step_size"], list) and old is not None
         keys = ("step_size", "step_size_avg", "step_length", "collapsed", "block_searched_at",
@@ -185,13 +187,15 @@ class StoreMixin:
         # a block cut finer (a checkpoint from before its container's layers were blocks of
         # their own: "transformer_blocks" is now "transformer_blocks.0", ...): each part
         # carries its whole's state, as the whole had it
+        # (only a cut the blocks' rules make, a layer of a numbered container: "layer" and
+        # "layer.0" are another model's blocks)
         parts = {}
         for n in names:
             whole_of = [o for o in where if n not in where and n.startswith(o + ".")]
-            if whole_of:
+            if whole_of and is_container_block(n):
                 parts[n] = where[max(whole_of, key=len)]
-        refined = bool(parts) and all(o in names or any(n.startswith(o + ".") for n in parts)
-                                      for o in where)
+        refined = bool(parts) and all(n in where or n in parts for n in names) and all(
+            o in names or any(n.startswith(o + ".") for n in parts) for o in where)
         where.update(parts)
         carried = [n for n in names if n in where]
         # a single block named after the module every tensor of the group lies under: the whole

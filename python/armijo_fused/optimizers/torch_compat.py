@@ -80,7 +80,7 @@ def check_group_options(owner: str, rule, group: dict) -> None:
             f"{group['weight_decay']!r}: the weight decay here is always decoupled (AdamW style, "
             "d = u + λθ); L2 regularisation folded into the gradient (torch.optim.Adam's "
             "default) is not implemented: add the L2 term to the loss, or take the decoupled form")
-    if group.get("nesterov", False) not in (True, False):
+    if group.get("nesterov") not in (None, True, False):
         raise TypeError(f"{owner}: invalid nesterov in a param group: {group['nesterov']!r} "
                         "(expected True or False)")
     bad = [f"{key}={group[key]!r}" for key in _UNSUPPORTED_GROUP_OPTIONS if group.get(key)]
@@ -107,7 +107,8 @@ def sgd_direction(direction, momentum, dampening, nesterov) -> tuple[str, float 
     if momentum is not None and (not isinstance(momentum, numbers.Real)
                                  or isinstance(momentum, bool)):
         raise TypeError(f"invalid momentum: {momentum!r} (expected a number in [0.0, 1.0))")
-    if nesterov not in (True, False):  # (bool("False") is True: a silent Nesterov direction)
+    if nesterov is not None and nesterov not in (True, False):
+        # (bool("False") is True: a silent Nesterov direction; None is False, as torch's)
         raise TypeError(f"invalid nesterov: {nesterov!r} (expected True or False)")
     if dampening != 0:
         raise ValueError(f"ArmijoSGD does not support dampening (got {dampening!r}); the momentum "
