@@ -1334,6 +1334,39 @@ def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
         assert block_name(name) == block, name
 
 
+def test_a_models_own_tensors_beside_its_layers_are_named_below_the_module_they_share():
+    # (an audit) wav2vec2's input projection, positional convolution and last norm were one
+    # block "wav2vec2" (the module that also holds the layers); a ViT's final norm was "vit",
+    # GPT-NeoX's token embedding "gpt_neox", Mamba's final norm "backbone"
+    def blocks(names):
+        return list(dict.fromkeys(block_names(names).values()))
+
+    assert blocks(["wav2vec2.masked_spec_embed",
+                   "wav2vec2.feature_extractor.conv_layers.0.conv.weight",
+                   "wav2vec2.feature_projection.projection.weight",
+                   "wav2vec2.encoder.pos_conv_embed.conv.weight",
+                   "wav2vec2.encoder.layer_norm.weight",
+                   "wav2vec2.encoder.layers.0.attention.q_proj.weight",
+                   "wav2vec2.encoder.layers.1.attention.q_proj.weight",
+                   "lm_head.weight"]) == [
+        "masked_spec_embed", "wav2vec2.feature_extractor.conv_layers.0", "feature_projection",
+        "pos_conv_embed", "layer_norm", "layer.0", "layer.1", "head"]
+    assert blocks(["vit.embeddings.cls_token", "vit.encoder.layer.0.output.dense.weight",
+                   "vit.layernorm.weight", "classifier.weight"]) == [
+        "embeddings", "layer.0", "layernorm", "head"]
+    assert blocks(["gpt_neox.embed_in.weight", "gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
+                   "gpt_neox.final_layer_norm.weight", "embed_out.weight"])[:3] == [
+        "embeddings", "layer.0", "final"]
+    assert blocks(["backbone.embeddings.weight", "backbone.layers.0.mixer.A_log",
+                   "backbone.norm_f.weight"]) == ["embeddings", "layer.0", "final"]
+    # unchanged where the names said it already (GPT-2 under transformer., Llama under model.)
+    assert blocks(["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
+                   "transformer.ln_f.weight"]) == ["embeddings", "layer.0", "final"]
+    assert blocks(["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+                   "model.norm.weight", "lm_head.weight"]) == [
+        "embeddings", "layer.0", "final", "head"]
+
+
 def test_a_checkpoint_with_a_container_as_one_block_carries_its_state_to_each_layer():
     # saved when transformer_blocks was one block: each of its layers resumes from that
     # block's step size, search record and test, without the warning about another model

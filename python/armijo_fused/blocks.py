@@ -7,12 +7,12 @@ are read from ``model.named_parameters()``:
 =====================  ===================================================================
 block name             parameters
 =====================  ===================================================================
-``embeddings``         token / position embeddings (``wte``, ``wpe``, ``embed_tokens``,
+``embeddings``         token / position embeddings (``wte``, ``wpe``, ``embed_tokens``, ``embed_in``,
                        ``embeddings.*`` in BERT, ``tok_embeddings``; ``shared`` in an encoder-decoder)
 ``layer.<i>``          everything under a numbered layer container: ``h.<i>`` (GPT-2,
                        nanoGPT), ``layer.<i>`` (BERT), ``layers.<i>`` (Llama, torchtitan),
                        ``blocks.<i>``, ``block.<i>`` (T5), ``resblocks.<i>`` (CLIP)
-``final``              the last norm before the head (``ln_f``, ``norm``, ``final_layernorm``;
+``final``              the last norm before the head (``ln_f``, ``norm``, ``norm_f``, ``final_layernorm``;
                        not inside a numbered module: a UNet's attention blocks' ``norm``)
 ``head``               the output head (``lm_head``, ``head``, ``cls``, ``pooler``, ``classifier``,
                        ``output``)
@@ -20,9 +20,13 @@ block name             parameters
                        path: ``transformer_blocks.<i>`` (DiT, SD3, Flux; Flux's
                        ``single_transformer_blocks.<i>``), ``down_blocks.<i>`` and
                        ``up_blocks.<i>`` (diffusers' UNets), ``wav2vec2.feature_extractor.
-                       conv_layers.<i>``; the outermost numbered container of a name decides
+                       conv_layers.<i>``; the outermost numbered container of a name decides,
+                       and one inside a numbered module is part of that layer
 ``<i>``                children of an ``nn.Sequential`` (names start with a number)
-``<first name>``       anything else: its top-level module name
+``<first name>``       anything else: its top-level module name, or, where that module also holds
+                       the layers (``wav2vec2.``, ``vit.``), its module's name below the path
+                       it shares with them (``feature_projection``, ``pos_conv_embed``,
+                       ``layernorm``)
 =====================  ===================================================================
 
 A model whose every parameter lies under one module (``self.net = nn.Sequential(...)``, a wrapper
@@ -54,9 +58,9 @@ _LAYER = re.compile(r"(?:^|\.)(?:h|layer|layers|blocks|block|resblocks)\.(\d+)\.
 # single_transformer_blocks.3 (Flux), down_blocks.1 and up_blocks.1 (a UNet) must not meet
 _CONTAINER = re.compile(r"(?:^|\.)\w+_(?:blocks|layers)\.(\d+)\.")
 _CONTAINER_BLOCK = re.compile(r"(?:.*\.)?\w+_(?:blocks|layers)\.\d+")
-_EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|tok_embeddings|embeddings|embed_positions"
+_EMBED = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|embed_in|tok_embeddings|embeddings|embed_positions"
                     r"|word_embeddings|position_embeddings|token_type_embeddings)(?:\.|$)")
-_FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|final_norm)\.")
+_FINAL = re.compile(r"(?:^|\.)(?:ln_f|norm|norm_f|final_layernorm|final_layer_norm|final_norm)\.")
 _HEAD = re.compile(r"^(?:lm_head|head|cls|pooler|classifier|output|score)\.|\.(?:pooler)\.")
 
 
@@ -160,6 +164,8 @@ def _named_blocks(param_names: list) -> dict[str, str]:
     only (``text_model.embeddings``, ``vision_model.embeddings``): each tower's embeddings and
     norms keep their own step size."""
     stacks = sorted({_stack(n) for n in param_names} - {None})
+    if len(stacks) == 1 and stacks[0]:
+        return {n: _beside_stack(n, stacks[0]) for n in param_names}
     if len(stacks) < 2:
         return {n: block_name(n) for n in param_names}
     # a tower: the path above a stack, when no other stack lies under it (CLIP's text_model);
@@ -186,6 +192,24 @@ def _named_blocks(param_names: list) -> dict[str, str]:
             inner = bare[len(owner) + 1:] if owner else bare
             out[n] = f"{label[owner] or 'layers'}.{block_name(inner)}"
     return out
+
+
+def _beside_stack(param_name: str, stack: str) -> str:
+    """:func:`block_name`, except for a tensor that would be a block named after the model's
+    first module only because that module also holds the layers (wav2vec2's ``wav2vec2``:
+    its input projection, the positional convolution and the last norm in one step size; a
+    ViT's final ``layernorm`` named ``vit``): named below the path it shares with the layers'
+    stack (``feature_projection``, ``pos_conv_embed``, ``layer_norm``)."""
+    block = block_name(param_name)
+    bare = bare_name(param_name)
+    first = bare.split(".", 1)[0]
+    if block != first or _stack(param_name) is not None:
+        return block
+    parts, path = bare.split("."), stack.split(".")
+    k = 0
+    while k < min(len(path), len(parts) - 1) and parts[k] == path[k]:
+        k += 1
+    return block if k == 0 else block_name(".".join(parts[k:]))
 
 
 def _distinct_suffixes(paths: list[str]) -> dict[str, str]:

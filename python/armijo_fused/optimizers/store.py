@@ -227,7 +227,9 @@ class StoreMixin:
                 f"blocks it does not name start from step size {eta:g}. Block names are read "
                 "past wrapper prefixes (module., _orig_mod., peft's base_model.model.); a "
                 "checkpoint of a wrapped model saved before that was so names its blocks after "
-                "the wrapper (a PeftModel's head: 'base_model'), or it is another model's"))
+                "the wrapper (a PeftModel's head: 'base_model'), one saved by a version of "
+                "armijo_fused that cut this model otherwise (armijo_fused.blocks names the "
+                "blocks) names older blocks, or it is another model's"))
         group.update(block_names=names, block_owner=owner, **new)
 
     def _trainable_key(self) -> tuple:
