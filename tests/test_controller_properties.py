@@ -41,14 +41,17 @@ def searches(draw):
     eta0 = draw(st.lists(st.floats(1e-3, 4.0), min_size=n, max_size=n))
     dd = [1.0] * n
     search = None
+    drop = []
     if n > 1 and draw(st.booleans()):  # layer-wise: some blocks searched, the others held
         search = sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n - 1)))
         for b in set(range(n)) - set(search):  # a held block that cannot move, now and then
-            kind = draw(st.sampled_from(["moves", "frozen", "zero direction"]))
+            kind = draw(st.sampled_from(["moves", "frozen", "zero direction", "untested"]))
             if kind == "frozen":
                 eta0[b] = 0.0
             elif kind == "zero direction":
                 gd[b] = dd[b] = 0.0
+            elif kind == "untested":  # leaves the trials at the first rejection
+                drop.append(b)
     optimistic = None
     if search is not None and draw(st.booleans()):  # grow_all: every block grown first
         optimistic = [e * draw(st.floats(1.0, 2.0)) for e in eta0]
@@ -56,7 +59,7 @@ def searches(draw):
     shift = draw(st.sampled_from([0.0, 0.0, 0.5, 5.0]))
     kw = dict(c=draw(st.floats(0.01, 0.5)), backtrack=draw(st.sampled_from([0.3, 0.5, 0.8])),
               max_trials=draw(st.integers(1, 12)), search=search, optimistic=optimistic,
-              joint_restart=draw(st.booleans()))
+              joint_restart=draw(st.booleans()), drop_on_reject=sorted(drop))
     return gd, curvature, nan_at, eta0, dd, shift, kw
 
 
@@ -79,8 +82,12 @@ def test_every_search_keeps_the_controllers_invariants(case):
         assert decrease > 0.0
         assert result.loss_after <= 1.0 - kw["c"] * decrease
 
-    # counted trials, plus the uncounted ones (a non-descent switch, a failed optimistic trial)
-    assert result.trials == len(result.history) <= kw["max_trials"] + 2
+    # counted trials, plus the uncounted ones (a non-descent switch, a failed optimistic trial,
+    # the retry once the untested held blocks left)
+    assert result.trials == len(result.history) <= kw["max_trials"] + 2 + bool(result.waited)
+    assert set(result.waited) <= set(kw["drop_on_reject"])
+    if result.waited and result.accepted is not None:  # they did not move
+        assert all(result.accepted[b] == 0.0 for b in result.waited)
 
     # no trial repeats the point before it (but for the switch to the fallback line, at the
     # same η): a wasted forward
@@ -95,6 +102,8 @@ def test_every_search_keeps_the_controllers_invariants(case):
             # never above the start (the optimistic trial's, or eta0)
             assert e <= max(start[b], eta0[b]) * (1 + 1e-12)
             optimistic_trial = i == 0 and kw["optimistic"] is not None
+            if b in result.waited and e == 0.0:
+                continue  # left the trials
             if b in held and eta0[b] == 0.0:
                 assert e == 0.0  # frozen
             elif b in held and dd[b] == 0.0 and not (result.non_descent or optimistic_trial):

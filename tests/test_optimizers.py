@@ -1139,6 +1139,7 @@ def test_held_blocks_no_test_has_judged_leave_the_first_rejected_trial_and_wait(
     moved = [float((p - q).abs().max()) > 1e-6 for p, q in zip(m.parameters(), before)]
     assert moved == [True, True, False, False, False, False]
     assert opt.param_groups[0]["block_tested"] == [1, 0, 0]
+    assert opt.stats["applied_step"][1:] == [0.0, 0.0]  # (they did not move; 1.0 was said)
     eta = opt.param_groups[0]["step_size"]
     assert eta[0] >= 0.5 * max(eta), eta  # (1.2e-4 against 5e-2 before)
     for turn in (1, 2):  # the waiting blocks are searched at the next steps, in turn
@@ -1147,6 +1148,46 @@ def test_held_blocks_no_test_has_judged_leave_the_first_rejected_trial_and_wait(
     assert opt.param_groups[0]["block_tested"] == [1, 1, 1]
     eta = opt.param_groups[0]["step_size"]
     assert min(eta) >= 0.1 * max(eta), eta
+
+
+@pytest.mark.parametrize("block_search", ["round_robin", "grow_all"])
+def test_a_block_with_no_gradient_behind_a_zero_head_is_not_judged_by_its_lone_search(
+        block_search):
+    # (a review) behind a zero-initialised head the first layers' gradient is 0: searched
+    # alone once the untested held blocks left, their search predicted no decrease and ended
+    # unresolved, which marked them tested at η 1, and plain steps applied it (loss 8.9 ->
+    # 205 in four steps). They wait as blind blocks, searched once their gradient is live
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8) * 4, torch.randn(64, 1) * 3
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 1))
+    nn.init.zeros_(model[4].weight)
+    nn.init.zeros_(model[4].bias)
+    opt = ArmijoSGD(model.parameters(), model=model, layerwise=True, block_search=block_search)
+    loss = lambda: (model(x) - y).pow(2).mean()  # noqa: E731
+    losses = []
+    for _ in range(12):
+        opt.step(make_closure(opt, loss))
+        losses.append(float(loss().detach()))
+    assert opt.param_groups[0]["block_tested"] == [1, 1, 1]
+    assert all(b <= a * 1.01 for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_a_lone_search_below_the_losss_resolution_after_the_untested_blocks_left_is_unresolved():
+    # (a review) the rejection the untested held block caused was kept: the searched block's
+    # faint decrease then ended the search exhausted (η lowered, a search forced) instead of
+    # unresolved (η kept)
+    from problems import SimulatedPasses
+
+    from armijo_fused.linesearch.controller import armijo_search
+
+    passes = SimulatedPasses(gd=[1e-9, 1.0], curvature=[0.0, 1e6])
+    result = armijo_search(passes, passes.loss, torch.tensor(1.0, dtype=torch.float64),
+                           [1.0, 1.0], c=0.1, backtrack=0.5, max_trials=20, search=[0],
+                           drop_on_reject=[1], joint_restart=True, resolution=1e-7)
+    assert result.waited == (1,) and result.accepted is None
+    assert result.unresolved and result.rejected is None and result.trials == 2
 
 
 def test_blocks_of_very_different_curvature_each_find_their_scale_from_the_start():

@@ -272,8 +272,8 @@ def armijo_search(
     first_gd_b: list[float] = []
     unresolved = unchanged = overflow = False
     # trials the search may take: max_trials, plus one for each trial that is not counted
-    # (the non-descent one, a failed optimistic one); each such trial raises it by one, so the
-    # loop ends at most two trials past max_trials
+    # (the non-descent one, a failed optimistic one, the retry once untested held blocks left);
+    # each such trial raises it by one, so the loop ends at most three trials past max_trials
     limit = max_trials
     # the last trial the test could judge (or whose loss was not finite) and rejected: its η
     rejected = None
@@ -323,7 +323,10 @@ def armijo_search(
             passes.move_to(eta)
             limit += 1
             continue
-        if decrease <= 0.0 and not precond and grad_sq > 0.0 and allow_fallback:
+        # (the blocks still in the trials: after a drop, a searched block whose gradient is
+        # zero took a fallback line, and a forward, for the waited blocks' gradient)
+        live_sq = sum(x for b, x in enumerate(gsq_b) if b not in waited) if waited else grad_sq
+        if decrease <= 0.0 and not precond and live_sq > 0.0 and allow_fallback:
             # Not a descent direction: switch to the preconditioned gradient at the same η.
             # (⟨g, d⟩ arrives with the trial's loss, in one read: that forward is spent, but it
             # does not count against max_trials. Usually the first trial; a layer-wise search
@@ -373,6 +376,9 @@ def armijo_search(
             eta0 = [0.0 if b in drop else e for b, e in enumerate(eta0)]
             eta = list(eta0)
             solo_misses.clear()
+            # (a rejection they caused says nothing of the searched blocks: one below the
+            # loss's resolution alone is unresolved, not exhausted, as after the fallback)
+            rejected = optimistic_rejected = None
             limit += 1
             passes.move_to(eta)
             continue

@@ -24,7 +24,7 @@ import numbers
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -1201,8 +1201,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 taken_d, along_g = accepted, False  # the step size along the applied direction
                 if accepted is not None and mfac is not None and not result.skipped:
                     # searched along g: test (1-μ)·η along the momentum direction (search.py)
+                    waited = result.waited  # (the momentum check's result is its own)
                     result, accepted, taken_d, along_g = self._momentum_step(
                         passes, trial_loss, f0, result, accepted, mfac, reduce, resolution)
+                    result = replace(result, waited=waited)
                     passes.move_to([a * f for a, f in zip(taken_d, block_factors)],
                                    precond=along_g)
                 elif accepted is not None:
@@ -1263,6 +1265,14 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             # for a resolved one stalled an unfrozen block under a bf16 loss for 30+ steps, so
             # its blocks go on as before any accepted search (they apply their η)
             judged, blind = self._judged(result, accepted, etas)
+            if result.waited and accepted is None and \
+                    self._unresolved_kind(result, plan[0]) == "blind":
+                # the searched blocks alone, once the untested ones left, predicted no decrease
+                # (a zero gradient: a layer facing a zero-initialised head, LoRA's B = 0):
+                # nothing judged their η, which plain steps then applied (η 1, the loss 9 ->
+                # 205 in four steps: a review); they wait as a blind exact-mode block does
+                blind = set(blind) | set(plan[0])
+                judged = [0.0 if b in blind else j for b, j in enumerate(judged)]
             self._mark_tested(table, judged, frozen, blind=blind)
         nothing = accepted is None or getattr(result, "none_accepted", False)
         exhausted = nothing and not (skipped or result.unresolved)
@@ -1299,8 +1309,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         at_trial = all(f == 1.0 for a, f in zip(taken, block_factors) if a != 0.0 and f != 0.0)
         self.stats = StepStats(
             step=k, searched=True, step_size=self._report(taken, table),
-            applied_step=self._report([a * f for a, f in zip(taken, block_factors)], table,
-                                      lead),
+            # (a block that waited did not move: its η is reported, its applied step is 0)
+            applied_step=self._report([0.0 if b in result.waited else a * f
+                                       for b, (a, f) in enumerate(zip(taken, block_factors))],
+                                      table, lead),
             lr_factor=factors[table[lead][0]], trials=result.trials,
             loss_before=result.loss_before,
             loss_after=result.loss_after if at_trial else math.nan,

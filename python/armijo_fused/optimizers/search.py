@@ -115,8 +115,9 @@ class SearchMixin:
         return self._tested_value(gi, lb) != self.BLIND
 
     def _blind_waiting(self) -> bool:
-        """Does some block wait after a blind test (exact mode)?"""
-        return (self.layerwise and self.block_search == "exact"
+        """Does some block wait after a blind test (exact mode; or, in turn, its search once
+        the untested held blocks left it: ``_finish_search``)?"""
+        return (self.layerwise
                 and any(self.BLIND in (g.get("block_tested") or ()) for g in self.param_groups))
 
     def _blind_gradient_live(self, buffers, table, factors, reduce=None, known=None):
