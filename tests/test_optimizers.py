@@ -1150,7 +1150,7 @@ def test_held_blocks_no_test_has_judged_leave_the_first_rejected_trial_and_wait(
     assert min(eta) >= 0.1 * max(eta), eta
 
 
-@pytest.mark.parametrize("block_search", ["round_robin", "grow_all"])
+@pytest.mark.parametrize("block_search", ["round_robin", "grow_all", "stale"])
 def test_a_block_with_no_gradient_behind_a_zero_head_is_not_judged_by_its_lone_search(
         block_search):
     # (a review) behind a zero-initialised head the first layers' gradient is 0: searched

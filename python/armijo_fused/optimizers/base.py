@@ -1273,6 +1273,10 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 # 205 in four steps: a review); they wait as a blind exact-mode block does
                 blind = set(blind) | set(plan[0])
                 judged = [0.0 if b in blind else j for b, j in enumerate(judged)]
+                for b in plan[0]:  # (its turn was had: "stale" chose it again at every step,
+                    # a search per step for good behind a head that stayed zero)
+                    gi, lb = table[b]
+                    groups[gi]["block_searched_at"][lb] = k
             self._mark_tested(table, judged, frozen, blind=blind)
         nothing = accepted is None or getattr(result, "none_accepted", False)
         exhausted = nothing and not (skipped or result.unresolved)
