@@ -1193,7 +1193,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                                                     trial_losses, frozen, resolution, f0_failure,
                                                     along_fallback=mfac is not None,
                                                     table=table)
-                if result.waited:  # (kept their η, as frozen blocks do: see _run_search)
+                if result.waited:  # (they keep their η, as frozen blocks do: armijo_search's
+                    # drop_on_reject)
                     frozen = [f or b in result.waited for b, f in enumerate(frozen)]
                 if accepted is None and snapshot is not None and not result.skipped:
                     passes.restore_params(snapshot)  # bitwise θ0; the state keeps g
@@ -1292,10 +1293,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         # exhausted search, the next step must test it rather than apply it blindly
         next_search, interval = self.cadence.after_search(k, g0["search_interval"], settled,
                                                           exhausted or collapsed)
-        if self.layerwise and not skipped and any(
-                not t and f != 0.0 and self._hurries(*table[b])
-                for b, (t, f) in enumerate(zip(self._tested_all(table), block_factors))):
-            next_search = k + 1  # a block waits for its first search (_run_search): it is next
+        if self.layerwise and not skipped and self._hurrying(table, [
+                not t and f != 0.0 for t, f in zip(self._tested_all(table), block_factors)]):
+            next_search = k + 1  # a block waits for its first search (drop_on_reject): it is next
         if self.layerwise and self.block_search in IN_TURN and not skipped:
             # (a skipped step searched nothing: the block whose turn it was keeps it, as in a
             # run that never saw the step, and as the most-stale choice keeps it)
@@ -1354,7 +1354,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             untested = [not t and f != 0.0 for t, f in zip(tested, block_factors)]
             if any(untested) and any(tested):
                 etas = [0.0 if u else e for e, u in zip(etas, untested)]
-                if any(u and self._hurries(*table[b]) for b, u in enumerate(untested)):
+                if self._hurrying(table, untested):
                     for g in groups:
                         g["next_search"] = min(g["next_search"], k + 1)
         try:

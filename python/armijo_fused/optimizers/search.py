@@ -114,6 +114,11 @@ class SearchMixin:
         blind: a layer the forward never uses made every step a search (40 in 40 steps)."""
         return self._tested_value(gi, lb) != self.BLIND
 
+    def _hurrying(self, table, untested) -> bool:
+        """Does a block of ``untested`` (per block of ``table``: not yet tested, and not at lr
+        0) make the next step search? (:meth:`_hurries`)"""
+        return any(u and self._hurries(*table[b]) for b, u in enumerate(untested))
+
     def _blind_waiting(self) -> bool:
         """Does some block wait after a blind test (exact mode; or, in turn, its search once
         the untested held blocks left it: ``_finish_search``)?"""
