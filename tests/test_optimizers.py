@@ -1174,6 +1174,33 @@ def test_a_block_with_no_gradient_behind_a_zero_head_is_not_judged_by_its_lone_s
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_a_blind_block_frozen_while_it_waits_stops_waiting_and_is_searched_when_it_trains():
+    # (a review) a block left blind, then frozen (requires_grad=False), kept the optimizer
+    # waiting for its gradient: every step without a search probed it and captured the
+    # trials' RNG and buffers for a search that could not come
+    from armijo_fused.optimizers.search import SearchMixin
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8) * 4, torch.randn(64, 1) * 3
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 1))
+    nn.init.zeros_(model[4].weight)
+    nn.init.zeros_(model[4].bias)
+    opt = ArmijoSGD(model.parameters(), model=model, layerwise=True)
+    loss = lambda: (model(x) - y).pow(2).mean()  # noqa: E731
+    opt.step(make_closure(opt, loss))
+    assert opt.param_groups[0]["block_tested"][0] == SearchMixin.BLIND
+    model[0].requires_grad_(False)
+    for _ in range(12):
+        opt.step(make_closure(opt, loss))
+    assert not opt._blind_waiting()
+    assert opt.param_groups[0]["block_tested"] == [0, 1, 1]
+    model[0].requires_grad_(True)  # trains again: searched first, at once
+    opt.step(make_closure(opt, loss))
+    opt.step(make_closure(opt, loss))
+    assert opt.param_groups[0]["block_tested"] == [1, 1, 1]
+
+
 def test_a_lone_search_below_the_losss_resolution_after_the_untested_blocks_left_is_unresolved():
     # (a review) the rejection the untested held block caused was kept: the searched block's
     # faint decrease then ended the search exhausted (η lowered, a search forced) instead of

@@ -142,6 +142,16 @@ class SearchMixin:
             return False, known
         waiting = [self._tested_value(gi, lb) == self.BLIND and f != 0.0
                    for (gi, lb), f in zip(table, factors)]
+        if not any(waiting):  # (alike on every rank: the blocks' marks and lr are)
+            # the blocks that wait have nothing to train now (frozen, at lr 0): untested
+            # again, searched first once they train, as a block frozen from the start. Kept
+            # waiting, every step captured the trials' RNG and buffers for a search that could
+            # not come (a review)
+            for g in self.param_groups:
+                tested = g.get("block_tested")
+                if isinstance(tested, list):
+                    g["block_tested"] = [0 if t == self.BLIND else t for t in tested]
+            return False, known
         pos, parts, read = 0, [], dict(known)
         for i, b in enumerate(buffers):
             n = b.layout.nblocks
