@@ -1365,6 +1365,15 @@ def test_a_models_own_tensors_beside_its_layers_are_named_below_the_module_they_
     assert blocks(["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
                    "model.norm.weight", "lm_head.weight"]) == [
         "embeddings", "layer.0", "final", "head"]
+    # (a review) not into another module's block: backbone.proj beside a top-level proj
+    # shared its step size with it
+    assert block_names(["backbone.layers.0.attn.weight", "backbone.proj.weight",
+                        "backbone.scale", "proj.weight", "scale"]) == {
+        "backbone.layers.0.attn.weight": "layer.0", "backbone.proj.weight": "backbone",
+        "backbone.scale": "backbone", "proj.weight": "proj", "scale": "scale"}
+    with pytest.raises(TypeError, match=r"block_names\(\) takes parameter names .* "
+                       r"assign_blocks\(model\)"):
+        block_names(nn.Linear(2, 2))
 
 
 def test_a_checkpoint_with_a_container_as_one_block_carries_its_state_to_each_layer():

@@ -136,6 +136,10 @@ def block_names(param_names) -> dict[str, str]:
     name starts with ``net.``, the block of every tensor), or that module's block beside numbered
     containers under it (``self.unet``: ``unet``, ``unet.down_blocks.0``, ...), the blocks are
     those of the names below it, so that layer-wise is not silently one global step size."""
+    if isinstance(param_names, nn.Module):  # (a TypeError from deep inside: "not iterable")
+        raise TypeError("block_names() takes parameter names ([n for n, _ in "
+                        "model.named_parameters()]); for a model's blocks use "
+                        "assign_blocks(model) or param_groups(model)")
     param_names = list(param_names)
     out = _named_blocks(param_names)
     bare = [bare_name(n) for n in param_names]
@@ -165,7 +169,15 @@ def _named_blocks(param_names: list) -> dict[str, str]:
     norms keep their own step size."""
     stacks = sorted({_stack(n) for n in param_names} - {None})
     if len(stacks) == 1 and stacks[0]:
-        return {n: _beside_stack(n, stacks[0]) for n in param_names}
+        out = {n: _beside_stack(n, stacks[0]) for n in param_names}
+        # a name below the shared path that another module has already (backbone.proj beside
+        # a top-level proj: two modules in one step size, silently; a review) keeps the block
+        # it had
+        old = {n: block_name(n) for n in param_names}
+        sources: dict[str, set] = {}
+        for n in param_names:
+            sources.setdefault(out[n], set()).add(old[n])
+        return {n: out[n] if len(sources[out[n]]) == 1 else old[n] for n in param_names}
     if len(stacks) < 2:
         return {n: block_name(n) for n in param_names}
     # a tower: the path above a stack, when no other stack lies under it (CLIP's text_model);
