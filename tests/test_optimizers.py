@@ -1150,6 +1150,17 @@ def test_held_blocks_no_test_has_judged_leave_the_first_rejected_trial_and_wait(
     assert min(eta) >= 0.1 * max(eta), eta
 
 
+def _zero_head_task():
+    """An MLP whose head starts at zero (its first layers' gradient is 0 at first), its loss."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8) * 4, torch.randn(64, 1) * 3
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 1))
+    nn.init.zeros_(model[4].weight)
+    nn.init.zeros_(model[4].bias)
+    return model, lambda: (model(x) - y).pow(2).mean()
+
+
 @pytest.mark.parametrize("block_search", ["round_robin", "grow_all", "stale"])
 def test_a_block_with_no_gradient_behind_a_zero_head_is_not_judged_by_its_lone_search(
         block_search):
@@ -1157,14 +1168,8 @@ def test_a_block_with_no_gradient_behind_a_zero_head_is_not_judged_by_its_lone_s
     # alone once the untested held blocks left, their search predicted no decrease and ended
     # unresolved, which marked them tested at η 1, and plain steps applied it (loss 8.9 ->
     # 205 in four steps). They wait as blind blocks, searched once their gradient is live
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 8) * 4, torch.randn(64, 1) * 3
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                          nn.Linear(16, 1))
-    nn.init.zeros_(model[4].weight)
-    nn.init.zeros_(model[4].bias)
+    model, loss = _zero_head_task()
     opt = ArmijoSGD(model.parameters(), model=model, layerwise=True, block_search=block_search)
-    loss = lambda: (model(x) - y).pow(2).mean()  # noqa: E731
     losses = []
     for _ in range(12):
         opt.step(make_closure(opt, loss))
@@ -1180,14 +1185,8 @@ def test_a_blind_block_frozen_while_it_waits_stops_waiting_and_is_searched_when_
     # trials' RNG and buffers for a search that could not come
     from armijo_fused.optimizers.search import SearchMixin
 
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 8) * 4, torch.randn(64, 1) * 3
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                          nn.Linear(16, 1))
-    nn.init.zeros_(model[4].weight)
-    nn.init.zeros_(model[4].bias)
+    model, loss = _zero_head_task()
     opt = ArmijoSGD(model.parameters(), model=model, layerwise=True)
-    loss = lambda: (model(x) - y).pow(2).mean()  # noqa: E731
     opt.step(make_closure(opt, loss))
     assert opt.param_groups[0]["block_tested"][0] == SearchMixin.BLIND
     model[0].requires_grad_(False)
