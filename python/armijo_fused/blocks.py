@@ -169,11 +169,11 @@ def _named_blocks(param_names: list) -> dict[str, str]:
     norms keep their own step size."""
     stacks = sorted({_stack(n) for n in param_names} - {None})
     if len(stacks) == 1 and stacks[0]:
-        out = {n: _beside_stack(n, stacks[0]) for n in param_names}
+        old = {n: block_name(n) for n in param_names}
+        out = {n: _beside_stack(n, stacks[0], old[n]) for n in param_names}
         # a name below the shared path that another module has already (backbone.proj beside
         # a top-level proj: two modules in one step size, silently; a review) keeps the block
         # it had
-        old = {n: block_name(n) for n in param_names}
         sources: dict[str, set] = {}
         for n in param_names:
             sources.setdefault(out[n], set()).add(old[n])
@@ -206,13 +206,13 @@ def _named_blocks(param_names: list) -> dict[str, str]:
     return out
 
 
-def _beside_stack(param_name: str, stack: str) -> str:
+def _beside_stack(param_name: str, stack: str, block: str) -> str:
     """:func:`block_name`, except for a tensor that would be a block named after the model's
     first module only because that module also holds the layers (wav2vec2's ``wav2vec2``:
     its input projection, the positional convolution and the last norm in one step size; a
     ViT's final ``layernorm`` named ``vit``): named below the path it shares with the layers'
-    stack (``feature_projection``, ``pos_conv_embed``, ``layer_norm``)."""
-    block = block_name(param_name)
+    stack (``feature_projection``, ``pos_conv_embed``, ``layer_norm``). ``block``: its
+    :func:`block_name`."""
     bare = bare_name(param_name)
     first = bare.split(".", 1)[0]
     if block != first or _stack(param_name) is not None:

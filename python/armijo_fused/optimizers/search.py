@@ -136,6 +136,8 @@ class SearchMixin:
         the answer, so that every rank decides alike (a gradient DDP does not average, of an
         ignored parameter, differs between ranks). FSDP2 shards (a local norm) wait for the
         cadence. ``known``: the per-block Σ g² the guard has read already, by buffer index.
+        Where no waiting block has anything to train now (frozen, at lr 0), they are marked
+        untested again here, where the table says so, and nothing is read.
         """
         known = known or {}
         if any(isinstance(b, ShardedBuffer) and b.sum_scale != 1.0 for b in buffers):
