@@ -167,7 +167,8 @@ class StepSizePolicy:
 
     def after_search(self, step_size_avg: float, accepted: float | None,
                      untested: bool = False, again: bool = False,
-                     lowest: float | None = None) -> tuple[float, float, bool]:
+                     lowest: float | None = None,
+                     at_once: bool = False) -> tuple[float, float, bool]:
         """(new step_size, new step_size_avg, collapsed?) after a search that accepted ``accepted``
         (None: trials exhausted). ``untested``: η̄ is still ``init_step_size``, which no search
         has tested: a first search that backtracked below it replaces it (no collapse, and no
@@ -177,19 +178,30 @@ class StepSizePolicy:
         step below the last one it tried, over ``growth``); after a collapse, a second
         exhausted search hands it on, so the next one goes on below every step it tried
         rather than repeating the same sequence from η̄ (a loss whose scale needs steps below
-        η̄·backtrack^max_trials never trained, at max_trials forwards per step)."""
+        η̄·backtrack^max_trials never trained, at max_trials forwards per step). ``at_once``:
+        the search's first trial passed, so however far below η̄ it lies, it is no collapse (no
+        batch cut it; η was that small already, as a layer-wise block's is after other blocks'
+        searches shrank it in their joint phase: reset to η̄, it went 200x up, untested, and
+        dragged every block down with it at the next search)."""
         if accepted is None and again and lowest is not None:
             # (η̄ never rises on a failed search: η can sit above it after a search whose
             # trials were invisible to the loss, which hands on the grown trial)
             return self.cap(lowest), min(lowest, step_size_avg), True
-        small = accepted is not None and accepted < self.collapse_ratio * step_size_avg
+        small = (accepted is not None and accepted < self.collapse_ratio * step_size_avg
+                 and not at_once)
         if accepted is not None and ((untested and accepted < step_size_avg) or (again and small)):
             return self.cap(accepted), accepted, False
-        if accepted is None or accepted < self.collapse_ratio * step_size_avg:
+        if accepted is None or small:
             return self.cap(step_size_avg), step_size_avg, True
+        avg = self.average(step_size_avg, accepted)
+        return self.cap(avg), avg, False
+
+    def average(self, step_size_avg: float, accepted: float) -> float:
+        """η̄ after a search that accepted ``accepted`` (> 0): the smoothed (geometric) average,
+        lowered by at most ``max_drop``."""
         s = self.smoothing
         avg = accepted if s == 0.0 else math.exp(s * math.log(step_size_avg)
                                                    + (1.0 - s) * math.log(accepted))
         if self.max_drop is not None:  # one batch's outlier does not carry over (module doc)
             avg = max(avg, step_size_avg / self.max_drop)
-        return self.cap(avg), avg, False
+        return avg

@@ -512,8 +512,12 @@ class SearchMixin:
             last = self._last_tried(result, members) if a is None else None
             if last is not None:
                 lowest = last * self.backtrack / self.policy.growth or None
+            # (its first trial passed: η was small already, not cut by this batch; the joint
+            # phase of other blocks' searches leaves η far below η̄)
+            at_once = a is not None and a >= self._first_trial(result, members[0])
             eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,
-                                                               again=again, lowest=lowest)
+                                                               again=again, lowest=lowest,
+                                                               at_once=at_once)
             settled_all &= self.cadence.settled(a, avg) and not collapsed
             collapsed_any |= collapsed
             self._set_each(table, members, [new_avg] * len(members), key="step_size_avg")
