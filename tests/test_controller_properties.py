@@ -59,7 +59,8 @@ def searches(draw):
     shift = draw(st.sampled_from([0.0, 0.0, 0.5, 5.0]))
     kw = dict(c=draw(st.floats(0.01, 0.5)), backtrack=draw(st.sampled_from([0.3, 0.5, 0.8])),
               max_trials=draw(st.integers(1, 12)), search=search, optimistic=optimistic,
-              joint_restart=draw(st.booleans()), drop_on_reject=sorted(drop))
+              joint_restart=draw(st.booleans()), drop_on_reject=sorted(drop),
+              probe_held=draw(st.booleans()))
     return gd, curvature, nan_at, eta0, dd, shift, kw
 
 
@@ -83,8 +84,11 @@ def test_every_search_keeps_the_controllers_invariants(case):
         assert result.loss_after <= 1.0 - kw["c"] * decrease
 
     # counted trials, plus the uncounted ones (a non-descent switch, a failed optimistic trial,
-    # the retry once the untested held blocks left)
-    assert result.trials == len(result.history) <= kw["max_trials"] + 2 + bool(result.waited)
+    # the retry once the untested held blocks left, the held blocks' first trial alone)
+    alone = any(all(eta[b] == 0.0 for b in kw["search"] or ()) and any(eta)
+                for eta, _ in result.history) and kw["probe_held"]
+    assert result.trials == len(result.history) <= (kw["max_trials"] + 2 + bool(result.waited)
+                                                    + alone)
     assert set(result.waited) <= set(kw["drop_on_reject"])
     if result.waited and result.accepted is not None:  # they did not move
         assert all(result.accepted[b] == 0.0 for b in result.waited)

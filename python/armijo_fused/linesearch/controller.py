@@ -199,6 +199,7 @@ def armijo_search(
     optimistic: Sequence[float] | None = None,
     joint_restart: bool = False,
     drop_on_reject: Sequence[int] = (),
+    probe_held: bool = False,
 ) -> SearchResult:
     """Run one backtracking search; θ ends at the accepted trial point (or at θ0 if none).
 
@@ -212,7 +213,16 @@ def armijo_search(
     the held blocks are the ones overshooting (the miss of a searched block that overshoots
     shrinks by about ``backtrack``², its quadratic term), and the search restarts from ``eta0``
     with every block backtracking that can move (η > 0 and a direction that is not zero), instead
-    of shrinking the searched blocks alone towards a collapse first. ``drop_on_reject``: held
+    of shrinking the searched blocks alone towards a collapse first. ``probe_held``: the
+    searched blocks' η is one no test has judged (a layer unfrozen, a head added), so they are
+    the likelier culprits; where that miss rule would restart, the held blocks are tried alone
+    instead (the searched ones at θ0; the first such trial not counted against
+    ``max_trials``), backtracking alone until they pass the test; then the searched blocks go
+    on from where they were (retried there if the held ones had to backtrack, else below it),
+    the held ones at the η they passed at. (Far past its
+    overshoot the miss of an untested block shrank by less than ``backtrack``, and the restart
+    dragged the tested blocks 8-16x down with it, for good: an audit; where the held blocks did
+    overshoot, the restart shrank them to the searched block's scale.) ``drop_on_reject``: held
     blocks whose η no test has judged (a layer-wise run's first searches): they move in the
     trials until one is rejected; then they leave them (η 0, reported in ``waited``) and the
     search goes on from ``eta0`` without them (that trial not counted against
@@ -272,8 +282,8 @@ def armijo_search(
     first_gd_b: list[float] = []
     unresolved = unchanged = overflow = False
     # trials the search may take: max_trials, plus one for each trial that is not counted
-    # (the non-descent one, a failed optimistic one, the retry once untested held blocks left);
-    # each such trial raises it by one, so the loop ends at most three trials past max_trials
+    # (the non-descent one, a failed optimistic one, the retry once untested held blocks left,
+    # the held blocks' own trial); each raises it by one: at most four trials past max_trials
     limit = max_trials
     # the last trial the test could judge (or whose loss was not finite) and rejected: its η
     rejected = None
@@ -281,6 +291,10 @@ def armijo_search(
     solo_misses = []  # the test's miss at each rejected trial that held some blocks fixed
     drop = set(drop_on_reject) - moving
     waited = ()
+    # during the held blocks' own trials (probe_held): the searched blocks' η, the held blocks
+    # that can move, and whether those have backtracked
+    probing, probe_able, held_shrank = None, set(), False
+    cleared = False  # that trial passed: the held blocks backtrack no more in this search
     for trial in itertools.count(1):
         ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
         vec = [f0.reshape(1), ft.reshape(1)] + [s.reshape(-1) for s in sums]
@@ -307,6 +321,21 @@ def armijo_search(
         history.append((list(eta), f_trial))
         if not math.isfinite(f_before):
             break  # caller handles; θ reverted below
+        if probing is not None:  # the held blocks alone (probe_held): are they overshooting?
+            cleared = math.isfinite(f_trial) and f_trial <= f_before - c * max(decrease, 0.0)
+            if trial == limit:
+                break
+            if cleared:  # the held blocks at the η they passed at, the searched ones back:
+                # where the held ones passed at once, the trial that held them at it was
+                # rejected for the searched ones' sake, who go on below it; else it is retried
+                shrink = 1.0 if held_shrank else backtrack
+                eta = [shrink * probing[b] if b in moving else e for b, e in enumerate(eta)]
+                probing = None
+            else:  # they backtrack alone, to their own scale (not to the searched blocks')
+                eta = [backtrack * e if b in probe_able else e for b, e in enumerate(eta)]
+                held_shrank = True
+            passes.move_to(eta)
+            continue
         informative = decrease > resolution * abs(f_before)
         passed = (informative and math.isfinite(f_trial) and f_trial != f_before
                   and f_trial <= f_before - c * decrease)
@@ -336,6 +365,7 @@ def armijo_search(
             limit += 1
             solo_misses.clear()  # (a new line: the misses along d say nothing about it)
             rejected = optimistic_rejected = None  # (nor its rejections)
+            cleared = False  # (nor the held blocks' trial alone)
             continue
         if not math.isfinite(decrease):
             # ⟨g, d⟩ overflowed float32 (‖g‖ of 1e18 with momentum: Σ g² still finite, so the
@@ -390,7 +420,15 @@ def armijo_search(
             # (not a frozen one, at η 0, nor one whose gradient is zero at this step)
             able = {b for b in range(len(eta))
                     if b not in moving and eta0[b] > 0.0 and dd_b[b] > 0.0}
-            if joint_restart and able and _held_blocks_overshoot(solo_misses, backtrack):
+            if cleared:
+                pass  # (the held blocks passed the test alone: the searched ones overshoot)
+            elif joint_restart and able and _held_blocks_overshoot(solo_misses, backtrack):
+                if probe_held:
+                    probing, probe_able, held_shrank = eta, able, False
+                    eta = [0.0 if b in moving else e for b, e in enumerate(eta)]
+                    limit += 1
+                    passes.move_to(eta)
+                    continue
                 moving, eta = moving | able, list(eta0)
             elif trial - (limit - max_trials) >= max_trials // 2:
                 moving = moving | able

@@ -247,11 +247,14 @@ class SearchMixin:
             # (which held blocks can move at all, the controller sees from the first pass)
             held = [b for b in range(len(etas)) if b not in searched and not frozen[b]]
             untested = [b for b in held if self.layerwise and not self._tested(*table[b])]
+            # the searched block no test has judged (a layer unfrozen, a head added) is the
+            # likelier culprit: the held ones are tried alone before they are made to backtrack
+            probe = self.layerwise and any(not self._tested(*table[b]) for b in searched)
             result = armijo_search(passes, trial_loss, f0, eta0,
                                    search=plan[0] if partial else None,
                                    along_fallback=along_fallback, optimistic=optimistic,
                                    joint_restart=self.layerwise,
-                                   drop_on_reject=untested, **kw)
+                                   drop_on_reject=untested, probe_held=probe, **kw)
             return result, result.accepted
         # exact: each block alone, the others at θ0, from one first pass
         n = len(etas)
