@@ -1325,6 +1325,34 @@ def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
     wrapper = nn.Module()
     wrapper.unet = Flux()
     assert list(assign_blocks(wrapper)) == list(assign_blocks(Flux()))
+    # beside another module (a text encoder: a UNet's conv_in, time_embedding, mid_block and
+    # conv_out were one block "unet"), below its name the same way
+    pair = nn.Module()
+    pair.transformer, pair.text = Flux(), nn.Linear(2, 2)
+    assert list(assign_blocks(pair)) == [
+        "transformer." + b for b in assign_blocks(Flux())] + ["text"]
+    pair.text = Wav2Vec2()  # (a tower with layers of its own)
+    assert list(assign_blocks(pair))[:6] == ["transformer." + b for b in assign_blocks(Flux())]
+    # a checkpoint from then ("transformer" beside "transformer.transformer_blocks.0", ...)
+    # carries that block's state to its parts, without the warning about another model's
+    opt = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
+    names = opt.param_groups[0]["block_names"]
+    own = [b for b in names if b in ("transformer.x_embedder", "transformer.proj_out")]
+    old = ["transformer"] + [b for b in names if b not in own]
+    ck = copy.deepcopy(opt.state_dict())
+    g = ck["param_groups"][0]
+    for key in ("step_size_avg", "step_length", "collapsed", "block_searched_at",
+                "block_tested"):
+        g[key] = [g[key][0]] * len(old)
+    g.update(block_names=old, block_owner=list(range(len(old))),
+             step_size=[0.0123] + [0.5] * (len(old) - 1))
+    again = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.load_state_dict(ck)
+    eta = dict(zip(names, again.param_groups[0]["step_size"]))
+    assert [eta[b] for b in own] == [0.0123, 0.0123]
+    assert all(eta[b] == 0.5 for b in names if b not in own)
     # a container inside a numbered module is part of that layer: ldm's ResBlock in_layers
     # (an nn.Sequential(norm, act, conv)), a UNet's mid_block.attentions.0.transformer_blocks
     for name, block in [("middle_block.1.in_layers.2.weight", "middle_block"),

@@ -155,7 +155,29 @@ def block_names(param_names) -> dict[str, str]:
             inner = block_names(below)
             if len(set(inner.values())) > 1:  # (by name: a repeated name is one dict entry)
                 return {n: inner[b] for n, b in zip(param_names, below)}
+    if len(heads) > 1:
+        _cut_held_modules(param_names, bare, out)
     return out
+
+
+def _cut_held_modules(param_names: list, bare: list, out: dict) -> None:
+    """In ``out``, a module beside others whose blocks are itself and numbered containers under it
+    (``self.unet`` beside ``self.text_encoder``: ``unet``, ``unet.down_blocks.0``, ...) is cut as
+    the bare module is, below its name (``unet.conv_in``, ``unet.time_embedding``,
+    ``unet.mid_block``, ``unet.conv_out``; they were one block, ``unet``)."""
+    by_head: dict[str, list[int]] = {}
+    for i, n in enumerate(bare):
+        by_head.setdefault(n.split(".", 1)[0], []).append(i)
+    for head, idx in by_head.items():
+        blocks = {out[param_names[i]] for i in idx}
+        if head not in blocks or len(blocks) < 2 or not all(
+                b == head or b.startswith(head + ".") for b in blocks) or not all(
+                "." in bare[i] for i in idx):
+            continue
+        below = [bare[i].split(".", 1)[1] for i in idx]
+        inner = block_names(below)
+        for i, b in zip(idx, below):
+            out[param_names[i]] = f"{head}.{inner[b]}"
 
 
 def _named_blocks(param_names: list) -> dict[str, str]:

@@ -188,12 +188,17 @@ class StoreMixin:
         # their own: "transformer_blocks" is now "transformer_blocks.0", ...): each part
         # carries its whole's state, as the whole had it
         # (only a cut the blocks' rules make, a layer of a numbered container: "layer" and
-        # "layer.0" are another model's blocks)
+        # "layer.0" are another model's blocks; or a module's own block beside its containers,
+        # "unet" beside "unet.down_blocks.0", now cut below its name: "unet.conv_in", ...)
         parts = {}
         for n in names:
             whole_of = [o for o in where if n not in where and n.startswith(o + ".")]
-            if whole_of and is_container_block(n):
-                parts[n] = where[max(whole_of, key=len)]
+            if not whole_of:
+                continue
+            whole = max(whole_of, key=len)
+            held = "." not in whole and any(o.startswith(whole + ".") for o in where)
+            if is_container_block(n) or held:
+                parts[n] = where[whole]
         refined = bool(parts) and all(n in where or n in parts for n in names) and all(
             o in names or any(n.startswith(o + ".") for n in parts) for o in where)
         where.update(parts)
