@@ -283,7 +283,7 @@ def armijo_search(
     unresolved = unchanged = overflow = False
     # trials the search may take: max_trials, plus one for each trial that is not counted
     # (the non-descent one, a failed optimistic one, the retry once untested held blocks left,
-    # the held blocks' own trial); each raises it by one: at most four trials past max_trials
+    # the held blocks' first trial alone, once); each raises it by one: at most four past
     limit = max_trials
     # the last trial the test could judge (or whose loss was not finite) and rejected: its η
     rejected = None
@@ -293,7 +293,7 @@ def armijo_search(
     waited = ()
     # during the held blocks' own trials (probe_held): the searched blocks' η, the held blocks
     # that can move, and whether those have backtracked
-    probing, probe_able, held_shrank = None, set(), False
+    probing, probe_able, held_shrank, probed = None, set(), False, False
     cleared = False  # that trial passed: the held blocks backtrack no more in this search
     for trial in itertools.count(1):
         ft, failure = evaluate_on_every_rank(evaluate, reduce, f0.device)
@@ -322,8 +322,13 @@ def armijo_search(
         if not math.isfinite(f_before):
             break  # caller handles; θ reverted below
         if probing is not None:  # the held blocks alone (probe_held): are they overshooting?
-            cleared = math.isfinite(f_trial) and f_trial <= f_before - c * max(decrease, 0.0)
-            if trial == limit:
+            # (a decrease below the loss's resolution, or f0 to the last bit: rounding would
+            # decide, and they move too little to be what overshot)
+            cleared = math.isfinite(f_trial) and (
+                f_trial <= f_before - c * max(decrease, 0.0) or f_trial == f_before
+                or decrease <= resolution * abs(f_before))
+            # (and no trial alone that only a trial after it could use: the last one)
+            if trial == limit or (not cleared and trial + 1 == limit):
                 break
             if cleared:  # the held blocks at the η they passed at, the searched ones back:
                 # where the held ones passed at once, the trial that held them at it was
@@ -423,8 +428,10 @@ def armijo_search(
             if cleared:
                 pass  # (the held blocks passed the test alone: the searched ones overshoot)
             elif joint_restart and able and _held_blocks_overshoot(solo_misses, backtrack):
-                if probe_held:
-                    probing, probe_able, held_shrank = eta, able, False
+                # (once per search: on the fallback line after it, the restart; and not for
+                # searched blocks whose direction is zero, which cannot be what overshoots)
+                if probe_held and not probed and any(dd_b[b] > 0.0 for b in moving):
+                    probing, probe_able, held_shrank, probed = eta, able, False, True
                     eta = [0.0 if b in moving else e for b, e in enumerate(eta)]
                     limit += 1
                     passes.move_to(eta)

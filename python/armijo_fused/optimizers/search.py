@@ -580,7 +580,9 @@ class SearchMixin:
         passed and only the combined test after it failed, or ended unresolved)."""
         per_block = getattr(result, "block_results", None)
         if per_block is None:
-            return max(result.history[-1][0][b] for b in members) if result.history else None
+            # (not a trial of the held blocks alone, the searched ones at 0: probe_held)
+            moved = [eta for eta, _ in result.history if any(eta[b] for b in members)]
+            return max(moved[-1][b] for b in members) if moved else None
         for m, r in per_block:
             if list(m) == list(members) and r.accepted is None and not r.unresolved \
                     and r.history:
