@@ -1333,6 +1333,17 @@ def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
         "transformer." + b for b in assign_blocks(Flux())] + ["text"]
     pair.text = Wav2Vec2()  # (a tower with layers of its own)
     assert list(assign_blocks(pair))[:6] == ["transformer." + b for b in assign_blocks(Flux())]
+    # (a review) not a module whose blocks below it are a stack's: SD3's text encoders beside
+    # its transformer were cut too, and a checkpoint's projection block overwrote their layers'
+    names = ["transformer.x_embedder.weight", "transformer.transformer_blocks.0.ff.weight",
+             "text_encoder.text_model.encoder.layers.0.mlp.weight",
+             "text_encoder.text_projection.weight",
+             "text_encoder_2.text_model.encoder.layers.0.mlp.weight",
+             "text_encoder_2.text_projection.weight"]
+    assert list(block_names(names).values()) == [
+        "transformer.x_embedder", "transformer.transformer_blocks.0",
+        "text_encoder.text_model.encoder.layer.0", "text_encoder",
+        "text_encoder_2.text_model.encoder.layer.0", "text_encoder_2"]
     # a checkpoint from then ("transformer" beside "transformer.transformer_blocks.0", ...)
     # carries that block's state to its parts, without the warning about another model's
     opt = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
@@ -1353,6 +1364,17 @@ def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
     eta = dict(zip(names, again.param_groups[0]["step_size"]))
     assert [eta[b] for b in own] == [0.0123, 0.0123]
     assert all(eta[b] == 0.5 for b in names if b not in own)
+    # (a review) not where a block it had below that module is another's now (a LoRA'd
+    # transformer's layers, "transformer.base_model.model.transformer_blocks.0", renamed): the
+    # whole's state went to each part, the renamed layers' too
+    g["block_names"] = [b.replace("transformer.transformer_blocks.0",
+                                  "transformer.base_model.model.transformer_blocks.0")
+                        for b in old]
+    other = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
+    with pytest.warns(UserWarning, match="are not this model's"):
+        other.load_state_dict(ck)
+    eta = dict(zip(names, other.param_groups[0]["step_size"]))
+    assert eta["transformer.transformer_blocks.0"] != 0.0123 and eta[own[0]] != 0.0123
     # a container inside a numbered module is part of that layer: ldm's ResBlock in_layers
     # (an nn.Sequential(norm, act, conv)), a UNet's mid_block.attentions.0.transformer_blocks
     for name, block in [("middle_block.1.in_layers.2.weight", "middle_block"),

@@ -2033,6 +2033,16 @@ def test_a_first_trial_that_passes_is_no_collapse_however_far_below_the_average(
         opt.step(closure)
         assert opt.stats["searched_blocks"] == [0] and opt.stats["trials"] == 1
         assert g["step_size"][0] == pytest.approx(small * 1.2) and g["collapsed"][0] == 0
+    # the global search keeps its rule (a review): its η lies below η̄ only where it was
+    # lowered under a rejected trial, and a first trial passing that far below resets
+    a = nn.Parameter(torch.ones(4))
+    opt = ArmijoSGD([a], cadence="every", backend="torch")
+    closure = make_closure(opt, lambda: 0.5 * (a * a).sum())
+    opt.step(closure)
+    g = opt.param_groups[0]
+    g["step_size"] = g["step_size_avg"] / 1000
+    opt.step(closure)
+    assert opt.stats["trials"] == 1 and g["step_size"] == g["step_size_avg"] and g["collapsed"]
 
 
 def test_a_collapse_in_one_block_does_not_count_for_another():

@@ -170,9 +170,11 @@ def _cut_held_modules(param_names: list, bare: list, out: dict) -> None:
         by_head.setdefault(n.split(".", 1)[0], []).append(i)
     for head, idx in by_head.items():
         blocks = {out[param_names[i]] for i in idx}
+        # (its layers' containers only, named by their path: a text encoder's blocks below it,
+        # text_encoder.layer.0, are a stack's, and it stays as it was; a review)
         if head not in blocks or len(blocks) < 2 or not all(
-                b == head or b.startswith(head + ".") for b in blocks) or not all(
-                "." in bare[i] for i in idx):
+                b == head or (b.startswith(head + ".") and is_container_block(b))
+                for b in blocks) or not all("." in bare[i] for i in idx):
             continue
         below = [bare[i].split(".", 1)[1] for i in idx]
         inner = block_names(below)

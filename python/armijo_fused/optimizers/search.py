@@ -517,7 +517,10 @@ class SearchMixin:
                 lowest = last * self.backtrack / self.policy.growth or None
             # (its first trial passed: η was small already, not cut by this batch; the joint
             # phase of other blocks' searches leaves η far below η̄)
-            at_once = a is not None and a >= self._first_trial(result, members[0])
+            # (layer-wise only: a global η below the average was lowered under a rejected trial,
+            # _below_rejections, and resets there as before)
+            at_once = (self.layerwise and a is not None
+                       and a >= self._first_trial(result, members[0]))
             eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,
                                                                again=again, lowest=lowest,
                                                                at_once=at_once)

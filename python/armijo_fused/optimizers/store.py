@@ -196,8 +196,12 @@ class StoreMixin:
             if not whole_of:
                 continue
             whole = max(whole_of, key=len)
-            held = "." not in whole and any(o.startswith(whole + ".") for o in where)
-            if is_container_block(n) or held:
+            # (only where every block the checkpoint had below it is still one: another cut,
+            # a stack's layers renamed, has its own state, which the whole's would overwrite)
+            below = [o for o in where if o.startswith(whole + ".")]
+            held = "." not in whole and below and all(o in names for o in below)
+            # (a container's layer: from the container's own block, not any block above it)
+            if (is_container_block(n) and whole == n.rsplit(".", 1)[0]) or held:
                 parts[n] = where[whole]
         refined = bool(parts) and all(n in where or n in parts for n in names) and all(
             o in names or any(n.startswith(o + ".") for n in parts) for o in where)
