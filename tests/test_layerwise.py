@@ -1364,12 +1364,42 @@ def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
     eta = dict(zip(names, again.param_groups[0]["step_size"]))
     assert [eta[b] for b in own] == [0.0123, 0.0123]
     assert all(eta[b] == 0.5 for b in names if b not in own)
-    # (a review) not where a block it had below that module is another's now (a LoRA'd
-    # transformer's layers, "transformer.base_model.model.transformer_blocks.0", renamed): the
-    # whole's state went to each part, the renamed layers' too
+    # ... and from before its containers were blocks, when the whole module was one (a review)
+    g2 = copy.deepcopy(g)
+    keep = [i for i, b in enumerate(old) if not b.startswith("transformer.")]
+    for key in ("step_size_avg", "step_length", "collapsed", "block_searched_at",
+                "block_tested", "step_size"):
+        g2[key] = [g2[key][i] for i in keep]
+    g2.update(block_names=[old[i] for i in keep], block_owner=list(range(len(keep))))
+    ck2 = copy.deepcopy(ck)
+    ck2["param_groups"][0] = g2
+    older = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        older.load_state_dict(ck2)
+    eta = dict(zip(names, older.param_groups[0]["step_size"]))
+    assert all(eta[b] == 0.0123 for b in names if b.startswith("transformer."))
+    assert all(eta[b] == 0.5 for b in names if not b.startswith("transformer."))
+    # ... and where a wrapper inside it (torch.compile's _orig_mod.) named its containers, as
+    # it did then: "transformer._orig_mod.transformer_blocks.0" is "transformer.transformer_
+    # blocks.0" now, with its own state (a review: every block of it restarted, warned)
+    g3 = copy.deepcopy(g)
+    g3["block_names"] = [b.replace("transformer.", "transformer._orig_mod.") for b in old]
+    g3["step_size"] = [0.0123] + [0.001 * (i + 1) for i in range(len(old) - 1)]
+    ck3 = copy.deepcopy(ck)
+    ck3["param_groups"][0] = g3
+    compiled = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled.load_state_dict(ck3)
+    eta = dict(zip(names, compiled.param_groups[0]["step_size"]))
+    assert [eta[b] for b in own] == [0.0123, 0.0123]
+    assert [eta[b] for b in names if b not in own] == g3["step_size"][1:]
+    # (a review) not where a block it had below that module is not one now (another model's,
+    # "transformer.inner.transformer_blocks.0"): the whole's state went to each part, that
+    # block's part too
     g["block_names"] = [b.replace("transformer.transformer_blocks.0",
-                                  "transformer.base_model.model.transformer_blocks.0")
-                        for b in old]
+                                  "transformer.inner.transformer_blocks.0") for b in old]
     other = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
     with pytest.warns(UserWarning, match="are not this model's"):
         other.load_state_dict(ck)

@@ -170,7 +170,7 @@ class StoreMixin:
         new one starts from the smallest step size carried over (mid-run: no untested step
         longer than a tested one), else from the group's global η (a global checkpoint) or
         ``init_step_size``; it is untested (``block_tested``) until an accepted search moves it."""
-        from ..blocks import is_container_block
+        from ..blocks import bare_name, is_container_block
 
         old = group.get("block_names")
         lists = isinstance(group["step_size"], list) and old is not None
@@ -184,6 +184,17 @@ class StoreMixin:
             if not all(isinstance(group.get(k), list) and len(group[k]) == len(old)
                        for k in keys + ("block_owner",)):
                 where = {}  # a checkpoint without some of them: start every block afresh
+        # a model wrapped inside the module that holds it (torch.compile's _orig_mod., DDP's
+        # module., peft's base_model.model.) named its containers with the wrapper before such
+        # a module was cut below its name: "unet._orig_mod.down_blocks.0" is now
+        # "unet.down_blocks.0", the same block (a review)
+        renamed = {}
+        for o in list(where):
+            head, dot, rest = o.partition(".")
+            alias = f"{head}.{bare_name(rest)}" if dot else o
+            if alias != o and alias in names and alias not in where:
+                renamed[o] = alias
+                where[alias] = where.pop(o)
         # a block cut finer (a checkpoint from before its container's layers were blocks of
         # their own: "transformer_blocks" is now "transformer_blocks.0", ...): each part
         # carries its whole's state, as the whole had it
@@ -199,7 +210,11 @@ class StoreMixin:
             # (only where every block the checkpoint had below it is still one: another cut,
             # a stack's layers renamed, has its own state, which the whole's would overwrite)
             below = [o for o in where if o.startswith(whole + ".")]
-            held = "." not in whole and below and all(o in names for o in below)
+            # (or none: before its containers were blocks, the whole module was one; its parts
+            # are then the cut, which has a numbered container among them)
+            cut = below or any(is_container_block(m) for m in names if m.startswith(whole + "."))
+            held = "." not in whole and whole not in names and cut and all(
+                o in names for o in below)
             # (a container's layer: from the container's own block, not any block above it)
             if (is_container_block(n) and whole == n.rsplit(".", 1)[0]) or held:
                 parts[n] = where[whole]
@@ -228,6 +243,7 @@ class StoreMixin:
         owner = []
         for j, n in enumerate(names):  # a merge holds where both blocks are still there
             o = old[group["block_owner"][where[n]]] if n in where else n
+            o = renamed.get(o, o)
             owner.append(names.index(o) if o in names and n not in parts else j)
         if old is not None and self.__dict__.get("_blocks_loaded") and set(old) != set(names) \
                 and not whole and not refined:
