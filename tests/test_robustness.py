@@ -2018,8 +2018,6 @@ def test_a_first_trial_that_passes_is_no_collapse_however_far_below_the_average(
         6e-3, 6e-3, False)
     assert StepSizePolicy(smoothing=0.0).after_search(1.2, 6e-3) == (1.2, 1.2, True)
     for cls in (ArmijoSGD, ArmijoAdam):
-        # (ArmijoAdam: η̄ falls by at most max_drop = 2, and η, which is η̄ after a search,
-        # then jumped 400x above the step that had passed: (a review) not above it)
         a, b = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
         opt = cls([{"params": [a]}, {"params": [b]}], layerwise=True, cadence="every",
                   backend="torch")
@@ -2032,7 +2030,13 @@ def test_a_first_trial_that_passes_is_no_collapse_however_far_below_the_average(
         g["block_cursor"] = 0  # block 0's turn
         opt.step(closure)
         assert opt.stats["searched_blocks"] == [0] and opt.stats["trials"] == 1
-        assert g["step_size"][0] == pytest.approx(small * 1.2) and g["collapsed"][0] == 0
+        assert g["collapsed"][0] == 0
+        # ArmijoSGD (no smoothing) goes on from the step that passed; ArmijoAdam's η̄ falls by
+        # at most max_drop = 2 per search, and η follows η̄, as after any search. (Kept at the
+        # step that passed, a review's proposal, the blocks that joint phases had shrunk stayed
+        # small: the character LM's layer-wise loss with the schedule 2.231 against 2.180)
+        expected = small * 1.2 if cls is ArmijoSGD else avg / 2
+        assert g["step_size"][0] == pytest.approx(expected)
     # the global search keeps its rule (a review): its η lies below η̄ only where it was
     # lowered under a rejected trial, and a first trial passing that far below resets
     a = nn.Parameter(torch.ones(4))

@@ -194,8 +194,6 @@ class StepSizePolicy:
         if accepted is None or small:
             return self.cap(step_size_avg), step_size_avg, True
         avg = self.average(step_size_avg, accepted)
-        if at_once:  # (not above the step that passed: from η far below η̄, the average is)
-            return self.cap(min(avg, accepted)), avg, False
         return self.cap(avg), avg, False
 
     def average(self, step_size_avg: float, accepted: float) -> float:
