@@ -211,6 +211,58 @@ def test_a_model_held_by_one_module_is_cut_below_it():
         other.load_state_dict(ck)
 
 
+def test_a_checkpoint_carries_across_a_wrapper_inside_a_held_module_both_ways():
+    # (a review) a held module with no tensors of its own, wrapped (torch.compile's _orig_mod.)
+    # or not, names its containers with or without the wrapper: a checkpoint moved between
+    # the two restarted every one of them, or carried them but warned of another model's
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.foo_blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+
+    def holder(wrapped):
+        h = nn.Module()
+        h.enc = nn.Module() if wrapped else Stack()
+        if wrapped:
+            h.enc._orig_mod = Stack()
+        h.te = nn.Linear(2, 2)
+        return h
+
+    for saved, loaded in ((True, False), (False, True)):
+        source = holder(saved)
+        opt = ArmijoAdam(source.parameters(), layerwise=True, model=source)
+        ck = copy.deepcopy(opt.state_dict())
+        ck["param_groups"][0]["step_size"] = [1e-2, 3e-3, 5e-4]
+        target = holder(loaded)
+        again = ArmijoAdam(target.parameters(), layerwise=True, model=target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again.load_state_dict(ck)
+        assert again.param_groups[0]["step_size"] == [1e-2, 3e-3, 5e-4]
+    # not onto a block that is one of this model's under its own name: a module named "module"
+    # (an EMA's) beside the stack; the checkpoint lacks the stack's first block
+    model = holder(False)
+    model.enc.module = Stack()
+    opt = ArmijoAdam(model.parameters(), layerwise=True, model=model)
+    names = opt.param_groups[0]["block_names"]
+    assert "enc.module.foo_blocks.0" in names and "enc.foo_blocks.0" in names
+    ck = copy.deepcopy(opt.state_dict())
+    g = ck["param_groups"][0]
+    keep = [i for i, b in enumerate(names) if b != "enc.foo_blocks.0"]
+    for key in ("step_size", "step_size_avg", "step_length", "collapsed", "block_searched_at",
+                "block_tested"):
+        g[key] = [g[key][i] for i in keep]
+    g.update(block_names=[names[i] for i in keep], block_owner=list(range(len(keep))))
+    g["step_size"][g["block_names"].index("enc.module.foo_blocks.0")] = 0.0321
+    again = ArmijoAdam(model.parameters(), layerwise=True, model=model)
+    with pytest.warns(UserWarning, match="are not this model's"):
+        again.load_state_dict(ck)
+    g = again.param_groups[0]
+    eta = dict(zip(g["block_names"], g["step_size"]))
+    assert eta["enc.module.foo_blocks.0"] == 0.0321 and eta["enc.foo_blocks.0"] != 0.0321
+    assert g["block_owner"] == list(range(len(names)))  # (no merge the search did not make)
+
+
 def test_encoder_and_decoder_layers_are_blocks_of_their_own():
     # encoder layer i and decoder layer i (BART, T5, Whisper) were one block, "layer.i"
     class Stack(nn.Module):
@@ -1357,11 +1409,14 @@ def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
         g[key] = [g[key][0]] * len(old)
     g.update(block_names=old, block_owner=list(range(len(old))),
              step_size=[0.0123] + [0.5] * (len(old) - 1))
-    again = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again.load_state_dict(ck)
-    eta = dict(zip(names, again.param_groups[0]["step_size"]))
+    def resumed(checkpoint):  # {block: η} after loading it, without a warning
+        again = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again.load_state_dict(checkpoint)
+        return dict(zip(names, again.param_groups[0]["step_size"]))
+
+    eta = resumed(ck)
     assert [eta[b] for b in own] == [0.0123, 0.0123]
     assert all(eta[b] == 0.5 for b in names if b not in own)
     # ... and from before its containers were blocks, when the whole module was one (a review)
@@ -1373,11 +1428,7 @@ def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
     g2.update(block_names=[old[i] for i in keep], block_owner=list(range(len(keep))))
     ck2 = copy.deepcopy(ck)
     ck2["param_groups"][0] = g2
-    older = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        older.load_state_dict(ck2)
-    eta = dict(zip(names, older.param_groups[0]["step_size"]))
+    eta = resumed(ck2)
     assert all(eta[b] == 0.0123 for b in names if b.startswith("transformer."))
     assert all(eta[b] == 0.5 for b in names if not b.startswith("transformer."))
     # ... and where a wrapper inside it (torch.compile's _orig_mod.) named its containers, as
@@ -1388,11 +1439,7 @@ def test_numbered_containers_of_other_names_are_a_block_per_layer_by_path():
     g3["step_size"] = [0.0123] + [0.001 * (i + 1) for i in range(len(old) - 1)]
     ck3 = copy.deepcopy(ck)
     ck3["param_groups"][0] = g3
-    compiled = ArmijoAdam(pair.parameters(), layerwise=True, model=pair)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        compiled.load_state_dict(ck3)
-    eta = dict(zip(names, compiled.param_groups[0]["step_size"]))
+    eta = resumed(ck3)
     assert [eta[b] for b in own] == [0.0123, 0.0123]
     assert [eta[b] for b in names if b not in own] == g3["step_size"][1:]
     # (a review) not where a block it had below that module is not one now (another model's,

@@ -188,13 +188,21 @@ class StoreMixin:
         # module., peft's base_model.model.) named its containers with the wrapper before such
         # a module was cut below its name: "unet._orig_mod.down_blocks.0" is now
         # "unet.down_blocks.0", the same block (a review)
+        # (matched both ways, by the name without the wrapper, where one block has it: a held
+        # module with no tensors of its own keeps the wrapper in its containers' names)
+        def unwrapped(name):
+            head, dot, rest = name.partition(".")
+            return f"{head}.{bare_name(rest)}" if dot else name
+
+        by_key: dict[str, list] = {}
+        for n in names:
+            by_key.setdefault(unwrapped(n), []).append(n)
         renamed = {}
         for o in list(where):
-            head, dot, rest = o.partition(".")
-            alias = f"{head}.{bare_name(rest)}" if dot else o
-            if alias != o and alias in names and alias not in where:
-                renamed[o] = alias
-                where[alias] = where.pop(o)
+            alias = by_key.get(unwrapped(o), [])
+            if o not in names and len(alias) == 1 and alias[0] not in where:
+                renamed[o] = alias[0]
+                where[alias[0]] = where.pop(o)
         # a block cut finer (a checkpoint from before its container's layers were blocks of
         # their own: "transformer_blocks" is now "transformer_blocks.0", ...): each part
         # carries its whole's state, as the whole had it
@@ -218,8 +226,8 @@ class StoreMixin:
             # (a container's layer: from the container's own block, not any block above it)
             if (is_container_block(n) and whole == n.rsplit(".", 1)[0]) or held:
                 parts[n] = where[whole]
-        refined = bool(parts) and all(n in where or n in parts for n in names) and all(
-            o in names or any(n.startswith(o + ".") for n in parts) for o in where)
+        refined = bool(parts or renamed) and all(n in where or n in parts for n in names) \
+            and all(o in names or any(n.startswith(o + ".") for n in parts) for o in where)
         where.update(parts)
         carried = [n for n in names if n in where]
         # a single block named after the module every tensor of the group lies under: the whole
@@ -243,7 +251,7 @@ class StoreMixin:
         owner = []
         for j, n in enumerate(names):  # a merge holds where both blocks are still there
             o = old[group["block_owner"][where[n]]] if n in where else n
-            o = renamed.get(o, o)
+            o = renamed.get(o, o) if n in where else o  # (its owner under the checkpoint's name)
             owner.append(names.index(o) if o in names and n not in parts else j)
         if old is not None and self.__dict__.get("_blocks_loaded") and set(old) != set(names) \
                 and not whole and not refined:
