@@ -129,6 +129,25 @@ def result_slug(device: torch.device) -> str:
     return "cpu" if device.type != "cuda" else device_slug(torch.cuda.get_device_name(device))
 
 
+def run_child(script, args: list, path: str | None) -> dict:
+    """Run ``script`` (a benchmark's own file) with ``args`` in a fresh Python, with another
+    checkout's package first on the path (``path``: its python/ folder; None: this one's), and
+    return the JSON of its last output line: an A/B (``--against``) runs each checkout in a
+    process of its own."""
+    import json
+    import sys
+
+    env = dict(os.environ)
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{Path(script).stem} child ({path or 'this checkout'}) failed:\n"
+                           f"{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def write_result(path, result: dict) -> None:
     """Write a benchmark's result as indented JSON (creating the folder) and say where."""
     import json

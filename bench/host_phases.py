@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -128,15 +127,9 @@ def measure(mode: str, repeats: int) -> dict:
 
 
 def _child(path: str | None, mode: str, repeats: int) -> dict:
-    env = dict(os.environ)
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    out = subprocess.run([sys.executable, __file__, "--child", "--mode", mode,
-                          "--repeats", str(repeats)], env=env, capture_output=True, text=True,
-                         check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"host_phases child ({path or 'this checkout'}) failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from _env import run_child  # (bench/ is on the path: main puts it there)
+
+    return run_child(__file__, ["--child", "--mode", mode, "--repeats", str(repeats)], path)
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -72,16 +70,11 @@ def run(model_kind: str, optimizer: str, seed: int, frozen_steps: int, steps: in
 
 
 def _child(path: str | None, args, seed: int) -> dict:
-    env = dict(os.environ)
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, __file__, "--child", "--model", args.model,
-           "--optimizer", args.optimizer, "--seeds",
-           str(seed), "--frozen-steps", str(args.frozen_steps), "--steps", str(args.steps)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"child ({path or 'this checkout'}) failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from _env import run_child  # (bench/ is on the path: main puts it there)
+
+    return run_child(__file__, ["--child", "--model", args.model, "--optimizer", args.optimizer,
+                                "--seeds", str(seed), "--frozen-steps", str(args.frozen_steps),
+                                "--steps", str(args.steps)], path)
 
 
 def main(argv=None) -> int:
