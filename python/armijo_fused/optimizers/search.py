@@ -515,10 +515,9 @@ class SearchMixin:
             last = self._last_tried(result, members) if a is None else None
             if last is not None:
                 lowest = last * self.backtrack / self.policy.growth or None
-            # (its first trial passed: η was small already, not cut by this batch; the joint
-            # phase of other blocks' searches leaves η far below η̄)
-            # (layer-wise only: a global η below the average was lowered under a rejected trial,
-            # _below_rejections, and resets there as before)
+            # (its first trial passed: η was small already, not cut by this batch, as the joint
+            # phase of other blocks' searches leaves it. Layer-wise only: a global η below the
+            # average was lowered under a rejected trial, _below_rejections, and resets there)
             at_once = (self.layerwise and a is not None
                        and a >= self._first_trial(result, members[0]))
             eta, new_avg, collapsed = self.policy.after_search(avg, a, untested=untested,

@@ -187,9 +187,9 @@ class StoreMixin:
         # a model wrapped inside the module that holds it (torch.compile's _orig_mod., DDP's
         # module., peft's base_model.model.) named its containers with the wrapper before such
         # a module was cut below its name: "unet._orig_mod.down_blocks.0" is now
-        # "unet.down_blocks.0", the same block (a review)
-        # (matched both ways, by the name without the wrapper, where one block has it: a held
-        # module with no tensors of its own keeps the wrapper in its containers' names)
+        # "unet.down_blocks.0", the same block. Matched both ways, by the name without the
+        # wrapper, where one block has it (a held module with no tensors of its own keeps the
+        # wrapper in its containers' names), and not onto a name this model has itself
         def unwrapped(name):
             head, dot, rest = name.partition(".")
             return f"{head}.{bare_name(rest)}" if dot else name
