@@ -66,10 +66,11 @@ class SimulatedPasses:
     b: the slope ⟨g_b, d_b⟩ (``gd``; 1 along the fallback line), a curvature a_b, and ‖d_b‖²
     (``dd``, default 1; 1 along the fallback line); ``loss()`` is 1 − Σ η_b·slope_b + Σ a_b
     η_b² away from θ0, plus ``shift`` (a loss that does not follow the model: every trial worse
-    by as much), NaN at the calls numbered in ``nan_at``."""
+    by as much), capped at ``ceiling`` (saturated far past an overshoot, where halving η leaves
+    the loss where it was), NaN at the calls numbered in ``nan_at``."""
 
-    def __init__(self, gd, curvature=None, nan_at=(), dd=None, shift=0.0):
-        self.gd, self.nan_at, self.shift = list(gd), nan_at, shift
+    def __init__(self, gd, curvature=None, nan_at=(), dd=None, shift=0.0, ceiling=None):
+        self.gd, self.nan_at, self.shift, self.ceiling = list(gd), nan_at, shift, ceiling
         self.a = list(curvature) if curvature is not None else [0.0] * len(self.gd)
         self.dd = list(dd) if dd is not None else [1.0] * len(self.gd)
         self.eta, self.precond, self.calls = None, False, 0
@@ -102,4 +103,6 @@ class SimulatedPasses:
         slopes = self.slopes(self.precond)
         value = 1.0 - sum(e * s for e, s in zip(self.eta, slopes)) + sum(
             a * e * e for a, e in zip(self.a, self.eta))
+        if self.ceiling is not None:
+            value = min(value, self.ceiling)
         return torch.tensor(value + self.shift, dtype=torch.float64)

@@ -34,15 +34,18 @@ SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
 
 
 @st.composite
-def searches(draw):
-    n = draw(st.integers(1, 4))
+def searches(draw, held_alone=False):
+    """A search's problem and options. ``held_alone``: always layer-wise, with the restart and
+    the held blocks' trial alone (probe_held), on a loss that often saturates, so that the
+    trial alone is reached (about 1 example in 300 of the general draw reaches it)."""
+    n = draw(st.integers(2, 4) if held_alone else st.integers(1, 4))
     gd = draw(st.lists(st.floats(-1.0, 2.0), min_size=n, max_size=n))
     curvature = draw(st.lists(st.floats(0.0, 50.0), min_size=n, max_size=n))
     eta0 = draw(st.lists(st.floats(1e-3, 4.0), min_size=n, max_size=n))
     dd = [1.0] * n
     search = None
     drop = []
-    if n > 1 and draw(st.booleans()):  # layer-wise: some blocks searched, the others held
+    if n > 1 and (held_alone or draw(st.booleans())):  # layer-wise: some searched, some held
         search = sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n - 1)))
         for b in set(range(n)) - set(search):  # a held block that cannot move, now and then
             kind = draw(st.sampled_from(["moves", "frozen", "zero direction", "untested"]))
@@ -57,18 +60,32 @@ def searches(draw):
         optimistic = [e * draw(st.floats(1.0, 2.0)) for e in eta0]
     nan_at = draw(st.sets(st.integers(1, 12), max_size=2))
     shift = draw(st.sampled_from([0.0, 0.0, 0.5, 5.0]))
+    # (a saturating loss: the miss rule blames the held blocks, and probe_held tries them alone)
+    ceiling = draw(st.sampled_from([None, 1.5, 2.0, 5.0]))
+    joint_restart = held_alone or draw(st.booleans())
     kw = dict(c=draw(st.floats(0.01, 0.5)), backtrack=draw(st.sampled_from([0.3, 0.5, 0.8])),
               max_trials=draw(st.integers(1, 12)), search=search, optimistic=optimistic,
-              joint_restart=draw(st.booleans()), drop_on_reject=sorted(drop),
-              probe_held=draw(st.booleans()))
-    return gd, curvature, nan_at, eta0, dd, shift, kw
+              joint_restart=joint_restart, drop_on_reject=sorted(drop),
+              # (it acts on the restart)
+              probe_held=held_alone or (joint_restart and draw(st.booleans())))
+    return gd, curvature, nan_at, eta0, dd, shift, ceiling, kw
 
 
 @SETTINGS
 @given(searches())
 def test_every_search_keeps_the_controllers_invariants(case):
-    gd, curvature, nan_at, eta0, dd, shift, kw = case
-    passes = SimulatedPasses(gd, curvature, nan_at, dd, shift)
+    _search_keeps_the_invariants(case)
+
+
+@SETTINGS
+@given(searches(held_alone=True))
+def test_searches_that_try_the_held_blocks_alone_keep_the_invariants(case):
+    _search_keeps_the_invariants(case)
+
+
+def _search_keeps_the_invariants(case):
+    gd, curvature, nan_at, eta0, dd, shift, ceiling, kw = case
+    passes = SimulatedPasses(gd, curvature, nan_at, dd, shift, ceiling)
     result = armijo_search(passes, passes.loss, torch.tensor(1.0, dtype=torch.float64), eta0,
                            **kw)
 
@@ -98,6 +115,8 @@ def test_every_search_keeps_the_controllers_invariants(case):
     etas = [eta for eta, _ in result.history]
     repeats = sum(a == b for a, b in zip(etas, etas[1:]))
     assert repeats <= int(result.non_descent)
+    if not result.non_descent:  # nor any point before, on the one line searched
+        assert len({tuple(eta) for eta in etas}) == len(etas), etas
 
     start = kw["optimistic"] or eta0
     held = set(range(len(eta0))) - set(kw["search"] or range(len(eta0)))
