@@ -129,6 +129,14 @@ def result_slug(device: torch.device) -> str:
     return "cpu" if device.type != "cuda" else device_slug(torch.cuda.get_device_name(device))
 
 
+def add_ab_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--against DIR`` (another checkout's python/ folder, run in turn: an A/B) and the
+    hidden ``--child`` that :func:`run_child` runs the script with."""
+    parser.add_argument("--against", default=None,
+                        help="another checkout's python/ folder to run in turn (A/B)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
 def run_child(script, args: list, path: str | None) -> dict:
     """Run ``script`` (a benchmark's own file) with ``args`` in a fresh Python, with another
     checkout's package first on the path (``path``: its python/ folder; None: this one's), and

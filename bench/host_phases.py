@@ -139,12 +139,10 @@ def main(argv=None) -> int:
                     help="a step with a search (one accepted trial), without one, or both")
     ap.add_argument("--repeats", type=int, default=2000, help="timed steps per run")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each checkout, in turn")
-    ap.add_argument("--against", default=None,
-                    help="another checkout's python/ folder to measure in turn (A/B)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _env import add_out_argument, environment, git_commit, out_file, write_result
+    from _env import add_ab_arguments, add_out_argument, environment, git_commit, out_file, write_result
 
+    add_ab_arguments(ap)
     add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.rounds < 1:

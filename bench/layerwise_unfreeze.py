@@ -89,12 +89,10 @@ def main(argv=None) -> int:
     ap.add_argument("--frozen-steps", type=int, default=150,
                     help="steps with the middle layer frozen")
     ap.add_argument("--steps", type=int, default=60, help="steps after unfreezing it")
-    ap.add_argument("--against", default=None,
-                    help="another checkout's python/ folder to run in turn (A/B)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _env import add_out_argument, environment, git_commit, out_file, write_result
+    from _env import add_ab_arguments, add_out_argument, environment, git_commit, out_file, write_result
 
+    add_ab_arguments(ap)
     add_out_argument(ap, one_json=True)
     args = ap.parse_args(argv)
     try:
