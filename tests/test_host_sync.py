@@ -129,7 +129,8 @@ def test_the_audit_sees_a_synchronising_call():
 
     real = passes.device_floats
     try:  # as the step sizes were made before: torch.tensor(list, device=...)
-        passes.device_floats = lambda v, d: torch.tensor(v, dtype=torch.float32, device=d)
+        passes.device_floats = lambda v, d, dtype=torch.float32: torch.tensor(v, dtype=dtype,
+                                                                           device=d)
         _plain_steps("adam", "torch", "cpu", 6, audit)
     finally:
         passes.device_floats = real

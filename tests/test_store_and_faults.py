@@ -453,6 +453,80 @@ def test_float64_parameters_run_on_the_torch_backend():
     assert opt.stats["step_size"] > 0 and not torch.equal(flat(model.parameters()), theta)
 
 
+
+# -- a float64 user's audit: the torch backend computed a float64 model's steps in fp32 ----------
+def _least_squares64(scale=1e3):
+    torch.manual_seed(0)
+    A = torch.randn(20, 5, dtype=torch.float64) * scale
+    b = torch.randn(20, dtype=torch.float64)
+    w = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    return w, lambda: ((A @ w - b) ** 2).mean()
+
+
+@pytest.mark.parametrize("cls", [ArmijoSGD, ArmijoAdam])
+def test_a_float64_models_step_is_taken_in_float64(cls):
+    # (the accepted step landed 6e-8 from θ0 − η·d, fp32's accuracy; an exhausted search put
+    # θ back 1e-4 from θ0 at a step of 1e3)
+    w, loss = _least_squares64()
+    opt = cls([w], cadence="every", init_step_size=1e-7, weight_decay=0.0)
+    w0 = w.detach().clone()
+    l0 = loss()
+    g = torch.autograd.grad(l0, w)[0]
+    opt.step(make_closure(opt, loss))
+    eta = opt.stats["step_size"]
+    assert eta > 0
+    d = g if cls is ArmijoSGD else g / (g.abs() + 1e-8)  # (Adam's first direction)
+    assert torch.allclose(w.detach(), w0 - eta * d, rtol=1e-14, atol=1e-14)
+    # an exhausted search (every trial worse) puts θ back to float64's rounding
+    w1 = w.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.zero_grad()
+        l1 = loss()
+        l1.backward()
+        opt.step(loss_fn=lambda: l1.detach() + 1.0, loss=l1.detach())
+    assert opt.stats["exhausted"]
+    assert (w.detach() - w1).abs().max() <= 1e-12 * w1.abs().max()
+
+
+def test_a_float64_loss_of_a_float64_model_is_resolved_to_float64():
+    # (taken at fp32's resolution, 1e6 + ½‖x‖² from x = 10 stalled at 200 above 1e6: every
+    # search "below the loss's resolution")
+    x = nn.Parameter(torch.full((4,), 10.0, dtype=torch.float64))
+    opt = ArmijoSGD([x], cadence="every")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the last searches are below float64's resolution)
+        for _ in range(100):
+            opt.step(make_closure(opt, lambda: 1e6 + 0.5 * (x * x).sum()))
+    assert float(x.detach().abs().max()) < 1e-3
+
+
+def test_a_float64_loss_of_a_float32_model_keeps_float32s_resolution():
+    from armijo_fused.linesearch.controller import loss_resolution
+
+    f = torch.tensor(1.0, dtype=torch.float64)
+    assert loss_resolution(f) == loss_resolution(f.float()) == 8 * torch.finfo(torch.float32).eps
+    assert loss_resolution(f, float64_model=True) == 8 * torch.finfo(torch.float64).eps
+    assert loss_resolution(f.bfloat16(), float64_model=True) == 8 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e40])
+def test_a_float64_gradient_outside_float32s_range_takes_a_step(scale):
+    # (its Σ g² in fp32: 0 at 1e-50, "the gradient is zero everywhere", no step ever; inf at
+    # 1e40, every step skipped as not finite)
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5, dtype=torch.float64) * scale)
+    opt = ArmijoSGD([w], cadence="every", init_step_size=0.3)
+    w0 = w.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "zero gradient" warning, no skip warning
+        for _ in range(3):
+            opt.step(make_closure(opt, lambda: 0.5 * (w * w).sum()))
+    st = opt.stats
+    assert not st["skipped"] and st["step_size"] > 0
+    assert 0 < st["grad_norm"] < float("inf")
+    assert float(w.detach().norm()) < 0.5 * float(w0.norm())
+
 # -- found by the fault-injection review (each failed before its fix) ----------------------------
 def _fault_setup(cadence, backend="torch", dtype=torch.float32):
     torch.manual_seed(0)

@@ -40,7 +40,9 @@ too, rounded once from the master (the fused kernels do it in the same pass). Th
 first takes the model's side where the two disagree (the master rounds to something else than
 the model holds): the user wrote the weights since the last step (``load_state_dict``, an
 initialiser, a weight swap), and the model's value is then the starting point, not the stale
-master. ``grad`` may be fp32, bf16 or fp16; the math always runs in fp32.
+master. ``grad`` may be fp32, bf16 or fp16; the math runs in fp32. Only this backend takes fp64
+buffers (a float64 model's), and runs their math, sums and Σ g² in fp64: in fp32 a revert
+missed θ0 by 1e-4 at a step of 1e3 and Σ g² of a gradient of 1e-50 was 0.
 
 ``table``: a :class:`~armijo_fused.storage.table.TileTable` of tensors that stay where they are
 (FSDP2 shards). The passes then ignore ``param`` and ``grad`` and read and write θ and g in
@@ -73,8 +75,12 @@ def _blocks(layout: FlatLayout):
         yield b, slice(layout.block_offsets[b], layout.block_offsets[b + 1])
 
 
+def _math_dtype(t: Tensor) -> torch.dtype:
+    """fp64 for a float64 buffer, else fp32 (bf16/fp16 gradients are widened)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _block_sums(g: Tensor, d: Tensor) -> Tensor:
-    g, d = g.float(), d.float()
     return torch.stack([(g * d).sum(), (g * g).sum(), (d * d).sum()])
 
 
@@ -131,14 +137,15 @@ def first_pass(
         return sums
     _check_flat("first_pass", layout, param=param, grad=grad, states=list(states),
                 model_param=model_param)
-    sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
+    ct = _math_dtype(param)
+    sums = torch.zeros(layout.nblocks, 3, dtype=ct, device=param.device)
     scale = _unpack_scale(gscale)
     if scale is None:
         return sums
     if model_param is not None:  # weights written by the user since the last step win
         written = param.to(model_param.dtype) != model_param
         param[written] = model_param[written].float()
-    g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
+    g = grad.to(ct) * scale[0]  # bf16/fp16 gradients: the math runs in fp32
     g_in = g * scale[1]
     rule.update_state(g_in, states, scalars)
     moved = []
@@ -190,11 +197,12 @@ def move(
         return sums
     _check_flat("move", layout, param=param, grad=grad, states=list(states),
                 model_param=model_param)
-    sums = torch.zeros(layout.nblocks, 3, dtype=torch.float32, device=param.device)
+    ct = _math_dtype(param)
+    sums = torch.zeros(layout.nblocks, 3, dtype=ct, device=param.device)
     scale = _unpack_scale(gscale)
     if scale is None:
         return sums if compute_sums else None
-    g = grad.float() * scale[0]  # bf16/fp16 gradients: the math runs in fp32
+    g = grad.to(ct) * scale[0]  # bf16/fp16 gradients: the math runs in fp32
     g_in = g * scale[1]
     u_old, wd_old = _direction(rule, g_in, states, scalars, weight_decay, precond_old)
     u_new, wd_new = _direction(rule, g_in, states, scalars, weight_decay, precond_new)
@@ -235,11 +243,12 @@ def trial_points(
 ) -> Tensor:
     _check_flat("trial_points", layout, param=param, grad=grad, states=list(states))
     unscale, clip = (float(x) for x in gscale.tolist())
-    g_in = grad.float() * unscale * clip
+    ct = _math_dtype(param)
+    g_in = grad.to(ct) * unscale * clip
     u, wd = _direction(rule, g_in, states, scalars, weight_decay, precond)
     d = u if precond else u + wd * param
     del g_in, u
-    e = torch.tensor(list(etas), dtype=torch.float32, device=param.device)
+    e = torch.tensor(list(etas), dtype=torch.float32, device=param.device).to(ct)
     # row by row into the result: θ0 − η_k·d as [K, n] products and then their difference held
     # 2K copies of θ at once (the same roundings: the product, then the difference)
     out = torch.empty((len(etas), param.numel()), dtype=torch.promote_types(param.dtype, d.dtype),
@@ -254,7 +263,8 @@ def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = Non
     if table is not None:
         return table_grad_sq_norm(table)
     _check_flat("grad_sq_norm", layout, grad=grad)
-    out = torch.empty(layout.nblocks, dtype=torch.float32, device=grad.device)
+    ct = _math_dtype(grad)
+    out = torch.empty(layout.nblocks, dtype=ct, device=grad.device)
     for b, sl in _blocks(layout):
-        out[b] = grad[sl].float().square().sum()
+        out[b] = grad[sl].to(ct).square().sum()
     return out

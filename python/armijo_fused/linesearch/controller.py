@@ -170,12 +170,19 @@ def read_floats(tensors: Sequence[Tensor]) -> list[float]:
 FP32_RESOLUTION = 8.0 * torch.finfo(torch.float32).eps
 
 
-def loss_resolution(loss: Tensor) -> float:
+def loss_resolution(loss: Tensor, float64_model: bool = False) -> float:
     """The relative resolution of a loss value: 8 units in the last place of its dtype, so a
     decrease below it is decided by rounding in f(trial) and f0. fp32 (and a Python float,
-    usually one's ``.item()``, and a float64 loss, to stay on the safe side): 9.5e-7; a
-    bf16 / fp16 loss (autocast without an fp32 loss): 6.3e-2 / 7.8e-3."""
-    dtype = loss.dtype if loss.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    usually one's ``.item()``): 9.5e-7; a bf16 / fp16 loss (autocast without an fp32 loss):
+    6.3e-2 / 7.8e-3. A float64 loss counts as fp32 (``loss.double()`` of an fp32 model's
+    forward) unless ``float64_model``, every trained tensor float64 (autocast leaves float64
+    alone): 1.8e-15. (Taken as fp32, a float64 model's 1e6 + ½‖x‖² stalled at 200 above 1e6.)"""
+    if loss.dtype in (torch.bfloat16, torch.float16):
+        dtype = loss.dtype
+    elif loss.dtype == torch.float64 and float64_model:
+        dtype = torch.float64
+    else:
+        dtype = torch.float32
     return 8.0 * torch.finfo(dtype).eps
 
 

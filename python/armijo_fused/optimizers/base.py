@@ -1132,7 +1132,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                         f0_given is not None, reduce, buffers[0].device)
                 if f0 is None:
                     f0, failure = evaluate_on_every_rank(trial_loss, reduce, buffers[0].device)
-                resolution = loss_resolution(f0)  # of the loss's own dtype, before the mean
+                resolution = loss_resolution(  # of the loss's own dtype, before the mean
+                    f0, float64_model=all(b.dtype == torch.float64 for b in buffers))
                 if reduce is not None:  # the loss of the global batch, identical on every rank
                     # with a flag: a rank whose loss function raised takes part all the same;
                     # the flag is read with the first trial (no read of its own)

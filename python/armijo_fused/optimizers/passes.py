@@ -154,7 +154,10 @@ class FlatPasses(Passes):
         self._set_scale()
 
     def _eta(self, i: int, eta) -> Tensor:
-        return device_floats(eta[self.slices[i]], self.buffers[i].device)
+        b = self.buffers[i]
+        # (a float64 model's passes compute in fp64, torch_backend: η too, as the host has it)
+        dtype = torch.float64 if b.dtype == torch.float64 else torch.float32
+        return device_floats(eta[self.slices[i]], b.device, dtype)
 
     def first(self, eta, caps=None, factors=None, precond=False):
         """``caps``: per buffer, a device tensor of the largest searched η per block (a step
