@@ -248,7 +248,7 @@ def trial_points(
     u, wd = _direction(rule, g_in, states, scalars, weight_decay, precond)
     d = u if precond else u + wd * param
     del g_in, u
-    e = torch.tensor(list(etas), dtype=torch.float32, device=param.device).to(ct)
+    e = torch.tensor(list(etas), dtype=ct, device=param.device)  # (as the passes' η)
     # row by row into the result: θ0 − η_k·d as [K, n] products and then their difference held
     # 2K copies of θ at once (the same roundings: the product, then the difference)
     out = torch.empty((len(etas), param.numel()), dtype=torch.promote_types(param.dtype, d.dtype),

@@ -42,6 +42,16 @@ def _model_copy(buf) -> Tensor | None:
     return getattr(buf, "model_param", None) if getattr(buf, "master", False) else None
 
 
+def math_dtype(buf) -> torch.dtype:
+    """What a buffer's passes compute in, their step sizes and guard too: float64 for a float64
+    model's (the torch backend), else fp32."""
+    return torch.float64 if buf.dtype == torch.float64 else torch.float32
+
+
+def _scale_key(buf) -> tuple:
+    return buf.device, math_dtype(buf)
+
+
 def scalar_sum(x: Tensor) -> Tensor:
     """Σ of a small tensor as a 0-dim one; a view, not a launch, when it has one element."""
     return x.reshape(()) if x.numel() == 1 else x.sum()
@@ -108,8 +118,11 @@ class FlatPasses(Passes):
                  .to(dev0) for i, b in enumerate(self.buffers)])
             self._grad_sq = self._probe = sq
             if opt.max_grad_norm is not None:
+                # (in float64 where a float64 buffer made Σ g² float64: in fp32 the factor of a
+                # gradient of 1e40 was subnormal, of 1e50 0, and no step was taken)
                 clip = (opt.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-                self._base = torch.cat([self._base[:1], clip.reshape(1).float()])
+                dtype = torch.float64 if clip.dtype == torch.float64 else torch.float32
+                self._base = torch.cat([self._base[:1].to(dtype), clip.reshape(1).to(dtype)])
         if f0 is not None:
             self.set_loss(f0)
         elif not loss_follows:
@@ -129,7 +142,9 @@ class FlatPasses(Passes):
         else:
             self._scale0 = self._base + probe * 0
         self._skipped = None
-        self._gscale = {b.device: self._scale0.to(b.device) for b in self.buffers}
+        # per device, and per dtype the passes compute in (the fused backends take fp32)
+        self._gscale = {_scale_key(b): self._scale0.to(b.device, math_dtype(b))
+                        for b in self.buffers}
 
     def _sum_over_shards(self, per_buffer: list) -> Tensor:
         """Σ g² over the model from each buffer's local sum. FSDP2: the sharded buffers' sums
@@ -155,9 +170,7 @@ class FlatPasses(Passes):
 
     def _eta(self, i: int, eta) -> Tensor:
         b = self.buffers[i]
-        # (a float64 model's passes compute in fp64, torch_backend: η too, as the host has it)
-        dtype = torch.float64 if b.dtype == torch.float64 else torch.float32
-        return device_floats(eta[self.slices[i]], b.device, dtype)
+        return device_floats(eta[self.slices[i]], b.device, math_dtype(b))
 
     def first(self, eta, caps=None, factors=None, precond=False):
         """``caps``: per buffer, a device tensor of the largest searched η per block (a step
@@ -176,7 +189,7 @@ class FlatPasses(Passes):
                 eta_i = torch.minimum(eta_i, cap)
             sums.append(b.backend.first_pass(
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
-                self.wd[i], eta_i, self._gscale[b.device], b.layout, _model_copy(b),
+                self.wd[i], eta_i, self._gscale[_scale_key(b)], b.layout, _model_copy(b),
                 table=_table(b), precond=precond))
             self._passed(i, eta_i, eta, precond, known=caps is None)
         sums = self._written(sums)
@@ -193,7 +206,7 @@ class FlatPasses(Passes):
             return None
         out = []
         for b, s in zip(self.buffers, sums):
-            clip = self._gscale[b.device][1:].to(s.device)
+            clip = self._gscale[_scale_key(b)][1:].to(s.device)
             gg = s[:, 1]
             out.append(torch.stack([gg * clip, gg, gg * (clip * clip)], dim=1))
         return out
@@ -215,7 +228,7 @@ class FlatPasses(Passes):
             # a tile table has no flat θ for a kernel: its gathered copies, in torch math
             backend = torch_backend if _table(b) is not None else b.backend
             trial = backend.trial_points(self.opt.rule, b.param, b.grad, b.states, self.scalars[i],
-                                         self.wd[i], etas, self._gscale[b.device], b.layout,
+                                         self.wd[i], etas, self._gscale[_scale_key(b)], b.layout,
                                          precond)
             for j, p in enumerate(b.params):
                 params.append(p)
@@ -278,14 +291,14 @@ class FlatPasses(Passes):
         raised, or an interrupt came between two buffers' launches)."""
         if not self.started:
             return  # (nor may the guard exist yet: a search forms it once f0 is known)
-        scale = [float(x) for x in self._scale0.tolist()]
-        folded = all(math.isfinite(x) for x in scale)  # else the first pass wrote nothing
+        folded = all(math.isfinite(x) for x in self._scale0.tolist())  # else nothing written
         for i, b in enumerate(self.buffers):
             if self._at[i] is None:
                 continue
             self._move_buffer(i, self._at[i] * 0, False, False)
             if folded:
-                g_in = b.grad.float() * (scale[0] * scale[1])
+                scale = [float(x) for x in self._gscale[_scale_key(b)].tolist()]
+                g_in = b.grad.to(math_dtype(b)) * (scale[0] * scale[1])
                 self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
         self._written(None)
         self._forget()
@@ -295,7 +308,7 @@ class FlatPasses(Passes):
         b = self.buffers[i]
         return b.backend.move(
             self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
-            self.wd[i], self._at[i], eta_i, self._gscale[b.device], b.layout,
+            self.wd[i], self._at[i], eta_i, self._gscale[_scale_key(b)], b.layout,
             self._precond_at[i], precond, compute_sums, _model_copy(b), table=_table(b))
 
     def move_to(self, eta, *, precond=None, compute_sums=False):
