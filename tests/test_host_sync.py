@@ -5,9 +5,9 @@ On a GPU, ``torch.tensor(list, device="cuda")`` synchronises the stream (pageabl
 backward included. Such a wait would serialise the step behind the backward.
 
 * CPU (CI): every torch call made during steps without a search is recorded, and none of those
-  that would wait on a GPU may appear outside the two places that handle them
-  (``storage/scalars.py`` copies through pinned memory; the fold count reads its flag on a CPU
-  only). This catches a new ``torch.tensor(..., device=...)`` in the step path on any machine.
+  that would wait on a GPU may appear outside the places that handle them
+  (``storage/scalars.py`` copies through pinned memory; the fold count reads its flag, and the
+  repeated-batch watch its loss, on a CPU only). This catches a new ``torch.tensor(..., device=...)`` in the step path on any machine.
 * GPU (``-m gpu``): the same steps under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
@@ -25,9 +25,9 @@ from armijo_fused import ArmijoAdam, ArmijoSGD
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
 MAKERS = {"tensor", "as_tensor"}
-# where such calls are intended: device_floats (pinned, non_blocking on CUDA) and the fold
-# count's flag, read at once only when it is not on a GPU
-ALLOWED = ("storage/scalars.py", "_advance_unsettled")
+# where such calls are intended: device_floats (pinned, non_blocking on CUDA), the fold
+# count's flag and the repeated-batch watch's loss, read at once only when not on a GPU
+ALLOWED = ("storage/scalars.py", "_advance_unsettled", "_read_now")
 
 
 class SyncAudit(TorchFunctionMode):

@@ -60,6 +60,7 @@ from .calls import (
 from .checkpoint import CheckpointMixin
 from .interrupts import HeldInterrupts
 from .passes import FlatPasses, _flat_grad, _table, scalar_sum, total
+from .repeated_batch import RepeatedBatchWatch, repeated_batch_message
 from .search import COUNTER_MINIMA, IN_TURN, SearchMixin
 from .settings import SettingsMixin, check_flag
 from .store import StoreMixin
@@ -1333,6 +1334,17 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
+        if self._repeats().searched(k, result.loss_before, self.stats["loss_after"]):
+            self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
+
+    def _repeats(self) -> RepeatedBatchWatch:
+        """The watch for a batch that repeats (full-batch training, repeated_batch.py); none
+        with a search at every step."""
+        watch = self.__dict__.get("_repeat_watch")
+        if watch is None:
+            watch = self._repeat_watch = RepeatedBatchWatch()
+            watch.done = self.cadence.spec == 1
+        return watch
 
     def _plain_step(self, setup: StepSetup, passes, loss_before, given):
         """A step without a search: the first pass at the η each block carries over, no trial
@@ -1406,6 +1418,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
+        if self._repeats().plain(k, loss_before):
+            self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
         return loss_before if given else None
 
     def _dd_over_a_skip(self, buffers, dd, passes) -> list:
@@ -1545,13 +1559,31 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         f0, c, beta = result.loss_before, self.c, self.backtrack
         floor = 16.0 * resolution * abs(f0)
         share = []  # (η, r) of each trial whose predicted fall the loss resolves
+        rises = []  # f - f0 of those trials
         for etas, f in result.history:
             fall = sum(e * g for e, g in zip(etas, result.block_gd))
             if math.isfinite(f) and fall > floor:
                 share.append((max(etas), (f0 - f) / fall))
+                rises.append(f - f0)
         still = sum(e2 < e1 and r2 < c and 1.0 - r2 > 0.5 * (1.0 + beta) * (1.0 - r1)
                     for (e1, r1), (e2, r2) in zip(share, share[1:]))
-        if still >= 2:  # (two such backtracks: one could be noise)
+        last = rises[-3:]
+        if still >= 2 and len(last) == 3 and min(last) > 0 and max(last) <= 2 * min(last) \
+                and share[-3][0] >= 4 * share[-1][0]:
+            # f(trial) - f0 about the same whatever η: a floor of the loss itself, not a slope
+            # (a float32 Rosenbrock at f0 = 1.7e-11 rose 3.6e-13 at every trial, its rounding:
+            # it was named a gradient mismatch, a target recomputed inside the loss)
+            self._warn_once("gradient_mismatch", (
+                f"a search exhausted its trials: the trial losses stayed "
+                f"{min(last):.3g}-{max(last):.3g} above f0 = {f0:.3g} while η shrank "
+                f"{share[-3][0] / share[-1][0]:.0f}x, so at these step sizes the loss does not "
+                "follow the step: its change is below the loss's own rounding or noise at this "
+                "point (a float32 loss near an exact minimum, computed from terms much larger "
+                "than itself: compute it in float64, or stop, there is nothing left to gain "
+                "at this precision), or the loss jumps at θ0 (a top-k router whose logits tie, "
+                "a hard threshold, trials that see other random numbers, data or buffers than "
+                "the training forward)"))
+        elif still >= 2:  # (two such backtracks: one could be noise)
             shares = ", ".join(f"{r:.2f}" for _, r in share[-4:])
             self._warn_once("gradient_mismatch", (
                 f"a search exhausted its trials although the steps they tried were short "
