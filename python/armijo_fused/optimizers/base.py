@@ -1134,7 +1134,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 if f0 is None:
                     f0, failure = evaluate_on_every_rank(trial_loss, reduce, buffers[0].device)
                 resolution = loss_resolution(  # of the loss's own dtype, before the mean
-                    f0, float64_model=all(b.dtype == torch.float64 for b in buffers))
+                    f0, float64_model=f0.dtype == torch.float64 and all(
+                        b.dtype == torch.float64 for b in buffers))
                 if reduce is not None:  # the loss of the global batch, identical on every rank
                     # with a flag: a rank whose loss function raised takes part all the same;
                     # the flag is read with the first trial (no read of its own)
@@ -1334,7 +1335,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
-        if self._repeats().searched(k, result.loss_before, self.stats["loss_after"]):
+        watch = self._repeats()
+        if not watch.done and watch.searched(k, result.loss_before, self.stats["loss_after"]):
             self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
 
     def _repeats(self) -> RepeatedBatchWatch:
@@ -1418,7 +1420,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
-        if self._repeats().plain(k, loss_before):
+        watch = self._repeats()
+        if not watch.done and watch.plain(k, loss_before):
             self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
         return loss_before if given else None
 
