@@ -2739,6 +2739,7 @@ def test_a_warning_raised_as_an_error_after_a_whole_step_does_not_rewind_the_rng
 def _least_squares_steps(opt, w, steps, batch=None):
     torch.manual_seed(1)
     A, b = torch.randn(256, 20) @ torch.diag(torch.logspace(0, 1.5, 20)), torch.randn(256)
+    A, b = A.to(w.device), b.to(w.device)
     for _ in range(steps):
         idx = torch.arange(256) if batch is None else torch.randint(0, 256, (batch,))
         opt.step(make_closure(opt, lambda idx=idx: ((A[idx] @ w - b[idx]) ** 2).mean()))
@@ -2756,6 +2757,18 @@ def test_a_batch_that_repeats_under_a_cadence_that_skips_searches_is_named(caden
         _least_squares_steps(opt, w, 60)
     said = [str(c.message) for c in caught if "the batch repeats" in str(c.message)]
     assert len(said) == 1 and 'cadence="every"' in said[0], said
+
+
+@pytest.mark.gpu
+def test_a_batch_that_repeats_is_named_on_a_gpu_too():
+    # the loss of a step without a search goes to pinned memory there, read at the next search
+    # (that it adds no sync: test_host_sync's GPU test, whose plain steps follow searches)
+    w = nn.Parameter(torch.zeros(20, device="cuda"))
+    opt = ArmijoAdam([w])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _least_squares_steps(opt, w, 60)
+    assert [c for c in caught if "the batch repeats" in str(c.message)]
 
 
 def test_a_search_at_every_step_and_mini_batches_are_not_taken_for_a_repeated_batch():
@@ -2789,3 +2802,24 @@ def test_the_repeated_batch_watch_reads_a_deferred_loss_at_the_next_search():
     for k in (1, 4):
         assert not watch.searched(k, 2.0, 1.0) and not watch.plain(k + 1, torch.tensor(1.0))
     assert not watch.searched(7, 2.0, 1.0) and watch.plain(8, torch.tensor(1.0))
+
+
+def test_the_repeated_batch_watch_follows_a_cadence_changed_between_steps():
+    # (a review) the watch froze the cadence it was created under: switched to "every" it
+    # still advised cadence="every"; switched from it, it never looked
+    w = nn.Parameter(torch.zeros(20))
+    opt = ArmijoAdam([w])
+    _least_squares_steps(opt, w, 3)
+    opt.cadence = "every"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _least_squares_steps(opt, w, 40)
+    assert not [c for c in caught if "the batch repeats" in str(c.message)]
+    w = nn.Parameter(torch.zeros(20))
+    opt = ArmijoAdam([w], cadence="every")
+    _least_squares_steps(opt, w, 3)
+    opt.cadence = "adaptive"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _least_squares_steps(opt, w, 60)
+    assert [c for c in caught if "the batch repeats" in str(c.message)]

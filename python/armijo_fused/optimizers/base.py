@@ -1336,16 +1336,16 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         watch = self._repeats()
-        if not watch.done and watch.searched(k, result.loss_before, self.stats["loss_after"]):
+        if self.cadence.spec != 1 and not watch.done and watch.searched(
+                k, result.loss_before, math.nan if exhausted else self.stats["loss_after"]):
             self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
 
     def _repeats(self) -> RepeatedBatchWatch:
-        """The watch for a batch that repeats (full-batch training, repeated_batch.py); none
-        with a search at every step."""
+        """The watch for a batch that repeats (full-batch training, repeated_batch.py), asked
+        only while the cadence skips searches (``opt.cadence`` may change between steps)."""
         watch = self.__dict__.get("_repeat_watch")
         if watch is None:
             watch = self._repeat_watch = RepeatedBatchWatch()
-            watch.done = self.cadence.spec == 1
         return watch
 
     def _plain_step(self, setup: StepSetup, passes, loss_before, given):
@@ -1421,7 +1421,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         watch = self._repeats()
-        if not watch.done and watch.plain(k, loss_before):
+        if self.cadence.spec != 1 and not watch.done and watch.plain(k, loss_before):
             self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
         return loss_before if given else None
 

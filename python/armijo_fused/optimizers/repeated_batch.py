@@ -16,7 +16,9 @@ The sign that the batch repeats: the loss at the step after a search equals, to 
 resolution, the loss at the point that search accepted (which it evaluated on its own batch).
 On different batches that happens by chance rarely, so three searches in a row are asked for.
 A diagnostic only: nothing here changes a step, and nothing is saved with the optimizer (a
-resumed run looks again).
+resumed run looks again). It sees only what it can compare: not under a schedule whose factor
+is below 1 (the step then ends short of the point the search evaluated), nor without a loss
+handed to the steps between searches (``step(loss_fn=fn)`` alone).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class RepeatedBatchWatch:
         self.done = False
         self._accepted = None  # (step, the loss at the point the search accepted)
         self._pending = None  # (step, a device loss not read yet: a tensor, or (host, event))
-        self._host = {}  # dtype -> (pinned host scalar, event), reused
+        self._host = {}  # (device, dtype) -> (pinned host scalar, event), reused
         self._matches = self._misses = 0
 
     def searched(self, k: int, f0: float, loss_after: float) -> bool:
@@ -82,10 +84,11 @@ class RepeatedBatchWatch:
         return self._seen(k, f0)
 
     def _to_host(self, f0: Tensor) -> tuple:
-        if f0.dtype not in self._host:
-            self._host[f0.dtype] = (torch.empty((), dtype=f0.dtype, pin_memory=True),
-                                    torch.cuda.Event())
-        host, event = self._host[f0.dtype]
+        key = (f0.device, f0.dtype)  # (an event records on its own device's streams only)
+        if key not in self._host:
+            self._host[key] = (torch.empty((), dtype=f0.dtype, pin_memory=True),
+                               torch.cuda.Event())
+        host, event = self._host[key]
         host.copy_(f0.reshape(()), non_blocking=True)
         event.record(torch.cuda.current_stream(f0.device))
         return host, event
@@ -113,8 +116,8 @@ def repeated_batch_message(cadence) -> str:
         f"training?). Between searches {what} applies the searched step size untested, and it "
         "grows only at a search. On a deterministic problem try cadence=\"every\" (about twice "
         "the forwards): on least squares with κ = 1000 ArmijoAdam reached 4e-10 to 3e-7 in 500 "
-        "steps with it and 0.16 to 1.6 without; on a small MLP regression the two ended equal "
-        "(bench/full_batch.py)")
+        "steps with it and 0.16 to 1.6 without; on a small MLP regression the two ended within "
+        "2x of each other (bench/full_batch.py)")
 
 
 def _read_now(f0: Tensor) -> float:
