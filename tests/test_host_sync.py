@@ -7,7 +7,8 @@ backward included. Such a wait would serialise the step behind the backward.
 * CPU (CI): every torch call made during steps without a search is recorded, and none of those
   that would wait on a GPU may appear outside the places that handle them
   (``storage/scalars.py`` copies through pinned memory; the fold count reads its flag, and the
-  repeated-batch watch its loss, on a CPU only). This catches a new ``torch.tensor(..., device=...)`` in the step path on any machine.
+  repeated-batch watch its loss, on a CPU only). This catches a new
+  ``torch.tensor(..., device=...)`` in the step path on any machine.
 * GPU (``-m gpu``): the same steps under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
