@@ -1739,10 +1739,12 @@ def test_a_step_size_growing_without_a_schedule_is_named(schedule):
     sched = None
     if schedule is not None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, SCHEDULES[schedule])
+    (x, y), g = _, torch.Generator().manual_seed(0)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        for _ in range(80):
-            opt.step(make_closure(opt, loss))
+        for _ in range(80):  # (mini-batches: on a full batch η may grow, and nothing is said)
+            idx = torch.randint(0, len(y), (32,), generator=g)
+            opt.step(make_closure(opt, loss, x[idx], y[idx]))
             if sched is not None:
                 sched.step()
     assert opt.param_groups[0]["step_size_avg"] >= 20 * 1e-4

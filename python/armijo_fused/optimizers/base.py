@@ -1335,14 +1335,17 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             next_step_size=self._next_step_sizes(),
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
-        watch = self._repeats()
-        if self.cadence.spec != 1 and not watch.done and watch.searched(
-                k, result.loss_before, math.nan if exhausted else self.stats["loss_after"]):
+        watch = self._repeats()  # (asked at every cadence: a repeat also silences the
+        # growth warning, about noisy mini-batches; said only where the cadence skips searches)
+        if not watch.done and watch.searched(
+                k, result.loss_before, math.nan if exhausted else self.stats["loss_after"]) \
+                and self.cadence.spec != 1:
             self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
 
     def _repeats(self) -> RepeatedBatchWatch:
-        """The watch for a batch that repeats (full-batch training, repeated_batch.py), asked
-        only while the cadence skips searches (``opt.cadence`` may change between steps)."""
+        """The watch for a batch that repeats (full-batch training, repeated_batch.py); it
+        warns only while the cadence skips searches (``opt.cadence`` may change between
+        steps)."""
         watch = self.__dict__.get("_repeat_watch")
         if watch is None:
             watch = self._repeat_watch = RepeatedBatchWatch()
@@ -1421,7 +1424,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         watch = self._repeats()
-        if self.cadence.spec != 1 and not watch.done and watch.plain(k, loss_before):
+        if not watch.done and watch.plain(k, loss_before) and self.cadence.spec != 1:
             self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
         return loss_before if given else None
 
@@ -1486,6 +1489,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         cannot tell from warmup + cosine (a review's run with warmup then constant grew η 45×
         and ended well above AdamW, without a word)."""
         if not self.rule.warn_unannealed or "no_schedule" in self.__dict__.get("_warned", ()):
+            return
+        if self._repeats().repeated:  # full batch: no noise for the test to fit, η may grow
             return
         lrs = [_lr_value(g["lr"]) for g in self.param_groups]
         live = [(lr, g) for lr, g in zip(lrs, self.param_groups) if lr > 0.0]

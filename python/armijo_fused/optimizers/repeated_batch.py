@@ -47,6 +47,7 @@ class RepeatedBatchWatch:
 
     def __init__(self):
         self.done = False
+        self.repeated = False  # the batch was found to repeat
         self._accepted = None  # (step, the loss at the point the search accepted)
         self._pending = None  # (step, a device loss not read yet: a tensor, or (host, event))
         self._host = {}  # (device, dtype) -> (pinned host scalar, event), reused
@@ -103,8 +104,8 @@ class RepeatedBatchWatch:
         else:
             self._matches, self._misses = 0, self._misses + 1
         if self._matches >= MATCHES or self._misses >= MISSES:
-            self.done = True
-            return self._matches >= MATCHES
+            self.done, self.repeated = True, self._matches >= MATCHES
+            return self.repeated
         return False
 
 
