@@ -48,10 +48,6 @@ def math_dtype(buf) -> torch.dtype:
     return torch.float64 if buf.dtype == torch.float64 else torch.float32
 
 
-def _scale_key(buf) -> tuple:
-    return buf.device, math_dtype(buf)
-
-
 def scalar_sum(x: Tensor) -> Tensor:
     """Σ of a small tensor as a 0-dim one; a view, not a launch, when it has one element."""
     return x.reshape(()) if x.numel() == 1 else x.sum()
@@ -73,6 +69,9 @@ class FlatPasses(Passes):
         """``grad_sq``: per buffer index, per-block Σ g² already read this step (not read
         again by the guard)."""
         self.opt, self.buffers = opt, buffers
+        # each buffer's compute dtype and guard key, once (read at every pass)
+        self._dtypes = [math_dtype(b) for b in buffers]
+        self._keys = [(b.device, dt) for b, dt in zip(buffers, self._dtypes)]
         self._known_sq = grad_sq or {}
         self.groups = sorted({b.group_index for b in buffers})  # whose state this step updates
         self.slices, pos = [], 0
@@ -143,8 +142,7 @@ class FlatPasses(Passes):
             self._scale0 = self._base + probe * 0
         self._skipped = None
         # per device, and per dtype the passes compute in (the fused backends take fp32)
-        self._gscale = {_scale_key(b): self._scale0.to(b.device, math_dtype(b))
-                        for b in self.buffers}
+        self._gscale = {key: self._scale0.to(*key) for key in self._keys}
 
     def _sum_over_shards(self, per_buffer: list) -> Tensor:
         """Σ g² over the model from each buffer's local sum. FSDP2: the sharded buffers' sums
@@ -170,7 +168,7 @@ class FlatPasses(Passes):
 
     def _eta(self, i: int, eta) -> Tensor:
         b = self.buffers[i]
-        return device_floats(eta[self.slices[i]], b.device, math_dtype(b))
+        return device_floats(eta[self.slices[i]], b.device, self._dtypes[i])
 
     def first(self, eta, caps=None, factors=None, precond=False):
         """``caps``: per buffer, a device tensor of the largest searched η per block (a step
@@ -189,7 +187,7 @@ class FlatPasses(Passes):
                 eta_i = torch.minimum(eta_i, cap)
             sums.append(b.backend.first_pass(
                 self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
-                self.wd[i], eta_i, self._gscale[_scale_key(b)], b.layout, _model_copy(b),
+                self.wd[i], eta_i, self._gscale[self._keys[i]], b.layout, _model_copy(b),
                 table=_table(b), precond=precond))
             self._passed(i, eta_i, eta, precond, known=caps is None)
         sums = self._written(sums)
@@ -205,8 +203,8 @@ class FlatPasses(Passes):
         if not self.opt.rule.precond_is_gradient:
             return None
         out = []
-        for b, s in zip(self.buffers, sums):
-            clip = self._gscale[_scale_key(b)][1:].to(s.device)
+        for key, s in zip(self._keys, sums):
+            clip = self._gscale[key][1:].to(s.device)
             gg = s[:, 1]
             out.append(torch.stack([gg * clip, gg, gg * (clip * clip)], dim=1))
         return out
@@ -228,7 +226,7 @@ class FlatPasses(Passes):
             # a tile table has no flat θ for a kernel: its gathered copies, in torch math
             backend = torch_backend if _table(b) is not None else b.backend
             trial = backend.trial_points(self.opt.rule, b.param, b.grad, b.states, self.scalars[i],
-                                         self.wd[i], etas, self._gscale[_scale_key(b)], b.layout,
+                                         self.wd[i], etas, self._gscale[self._keys[i]], b.layout,
                                          precond)
             for j, p in enumerate(b.params):
                 params.append(p)
@@ -297,8 +295,8 @@ class FlatPasses(Passes):
                 continue
             self._move_buffer(i, self._at[i] * 0, False, False)
             if folded:
-                scale = [float(x) for x in self._gscale[_scale_key(b)].tolist()]
-                g_in = b.grad.to(math_dtype(b)) * (scale[0] * scale[1])
+                scale = [float(x) for x in self._gscale[self._keys[i]].tolist()]
+                g_in = b.grad.to(self._dtypes[i]) * (scale[0] * scale[1])
                 self.opt.rule.undo_state(g_in, b.states, self.scalars[i])
         self._written(None)
         self._forget()
@@ -308,7 +306,7 @@ class FlatPasses(Passes):
         b = self.buffers[i]
         return b.backend.move(
             self.opt.rule, _flat_param(b), _flat_grad(b), b.states, self.scalars[i],
-            self.wd[i], self._at[i], eta_i, self._gscale[_scale_key(b)], b.layout,
+            self.wd[i], self._at[i], eta_i, self._gscale[self._keys[i]], b.layout,
             self._precond_at[i], precond, compute_sums, _model_copy(b), table=_table(b))
 
     def move_to(self, eta, *, precond=None, compute_sums=False):
