@@ -1490,8 +1490,6 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         and ended well above AdamW, without a word)."""
         if not self.rule.warn_unannealed or "no_schedule" in self.__dict__.get("_warned", ()):
             return
-        if self._repeats().repeated:  # full batch: no noise for the test to fit, η may grow
-            return
         lrs = [_lr_value(g["lr"]) for g in self.param_groups]
         live = [(lr, g) for lr, g in zip(lrs, self.param_groups) if lr > 0.0]
         # at the peak and not moved since the last search: a cosine's first thousandth stays
@@ -1505,7 +1503,8 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             return  # the schedule lowers lr now (or reached its peak only just: OneCycleLR)
         avg = max(self._etas(table, key="step_size_avg"))
         start = self.__dict__.get("_growth_start", self._init_step_size)
-        if avg >= 20 * start:
+        if avg >= 20 * start and not self._repeats().repeated:  # (a full batch: no noise for
+            # the test to fit, η may grow)
             scheduled = any("initial_lr" in g or g["lr"] != g["lr_ref"] for g in self.param_groups)
             what = ("a schedule is attached, but lr has stayed at its peak lr_0 over the last "
                     "searches, so nothing anneals the applied step (a constant schedule, "
