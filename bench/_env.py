@@ -166,6 +166,14 @@ def write_result(path, result: dict) -> None:
     print(f"wrote {path}")
 
 
+def write_runs(args, benchmark: str, device: torch.device, runs: list, **extra) -> None:
+    """Write a benchmark's runs to ``<out>/<benchmark>_<device>.json`` (``args.out``, see
+    :func:`add_out_argument`) with the device, versions, commit and the arguments."""
+    out = out_file(args.out, f"{benchmark}_{result_slug(device)}.json")
+    write_result(out, {"benchmark": benchmark, **environment(device), "args": vars(args),
+                       **extra, "runs": runs})
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (``--steps 0`` ended in a ZeroDivisionError or an empty
     median deep in a run, not in an argument error)."""

@@ -40,7 +40,7 @@ from torch import nn
 from armijo_fused import ArmijoAdam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import add_out_argument, environment, out_file, positive_int, result_slug, write_result  # noqa: E402
+from _env import add_out_argument, positive_int, write_runs  # noqa: E402
 
 OPTIMIZERS = ("ArmijoAdam", "ArmijoAdam trend_guard=False", "AdamW lr=0.0003", "AdamW lr=0.001",
               "AdamW lr=0.003")
@@ -187,10 +187,7 @@ def main(argv=None) -> int:
                       f"test acc {r['test_acc']:.3f} forwards/step {r['forwards_per_step']:.2f}"
                       + (f" eta_bar {r['eta_bar_end']:.3g}" if "eta_bar_end" in r else ""),
                       flush=True)
-    device = torch.device("cpu")
-    out = out_file(args.out, f"fit_classifier_{result_slug(device)}.json")
-    write_result(out, {"benchmark": "fit_classifier", **environment(device), "args": vars(args),
-                       "runs": runs})
+    write_runs(args, "fit_classifier", torch.device("cpu"), runs)
     return 0
 
 

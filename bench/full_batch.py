@@ -24,7 +24,7 @@ import sys
 import warnings
 
 import torch
-from _env import add_out_argument, environment, out_file, positive_int, result_slug, write_result
+from _env import add_out_argument, positive_int, write_runs
 from torch import nn
 
 from armijo_fused import ArmijoAdam, ArmijoSGD
@@ -100,10 +100,7 @@ def main(argv=None) -> int:
                           f"{r['loss_start']:.3g} -> {r['loss_end']:.3e}  forwards/step "
                           f"{r['forwards_per_step']:.2f}  rises {r['rises_without_search']}",
                           flush=True)
-    device = torch.device("cpu")
-    out = out_file(args.out, f"full_batch_{result_slug(device)}.json")
-    write_result(out, {"benchmark": "full_batch", **environment(device), "args": vars(args),
-                       "runs": runs})
+    write_runs(args, "full_batch", torch.device("cpu"), runs)
     return 0
 
 
