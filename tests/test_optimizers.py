@@ -1755,6 +1755,29 @@ def test_a_step_size_growing_without_a_schedule_is_named(schedule):
         "warmup_cosine": (0, 0)}[schedule]
 
 
+@pytest.mark.parametrize("between", ["nothing", "load_state_dict"])
+def test_a_full_batch_warm_up_does_not_silence_the_growth_warning_of_the_mini_batches_after(
+        between):
+    # (a review) a repeat found on a few full-batch steps (an "overfit one batch" check) kept
+    # the growth warning quiet for the whole mini-batch run after it, η 2300x its start, and
+    # through a load_state_dict into the same optimizer
+    model, loss, (x, y) = least_squares()
+    opt = ArmijoAdam(model.parameters(), init_step_size=1e-4, cadence="every")
+    fresh = opt.state_dict()
+    for _ in range(5):
+        opt.step(make_closure(opt, loss))
+    if between == "load_state_dict":
+        opt.load_state_dict(fresh)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(80):
+            idx = torch.randint(0, len(y), (32,), generator=g)
+            opt.step(make_closure(opt, loss, x[idx], y[idx]))
+    assert opt.param_groups[0]["step_size_avg"] >= 20 * 1e-4
+    assert len([w for w in seen if "no schedule attached" in str(w.message)]) == 1
+
+
 def test_a_loss_of_exactly_zero_with_zero_gradient_is_no_mistake():
     w = nn.Parameter(torch.zeros(3))
     opt = ArmijoAdam([w], cadence="every")

@@ -2798,14 +2798,18 @@ def test_the_repeated_batch_watch_reads_a_deferred_loss_at_the_next_search():
 
     watch = RepeatedBatchWatch()
     for k in (1, 4, 7):
-        assert not watch.searched(k, 2.0, 1.0)  # (f0, the loss where its step ended)
+        assert not watch.repeated
+        watch.searched(k, 2.0, 1.0)  # (f0, the loss where its step ended)
         watch._pending = (k + 1, torch.tensor(1.0))  # the loss at the step after it
-    assert watch.searched(10, 2.0, 1.0)  # the third repeat, read at this search
-    assert watch.done and not watch.searched(13, 2.0, 1.0)
+    watch.searched(10, 2.0, 1.0)  # the third repeat, read at this search
+    assert watch.repeated
+    watch.plain(11, torch.tensor(1.5))  # another batch: no longer repeating
+    assert not watch.repeated and not watch.done
     watch = RepeatedBatchWatch()  # on a CPU the step after the search compares at once
-    for k in (1, 4):
-        assert not watch.searched(k, 2.0, 1.0) and not watch.plain(k + 1, torch.tensor(1.0))
-    assert not watch.searched(7, 2.0, 1.0) and watch.plain(8, torch.tensor(1.0))
+    for k in (1, 4, 7):
+        watch.searched(k, 2.0, 1.0)
+        watch.plain(k + 1, torch.tensor(1.0))
+    assert watch.repeated
 
 
 def test_the_repeated_batch_watch_follows_a_cadence_changed_between_steps():
@@ -2821,7 +2825,7 @@ def test_the_repeated_batch_watch_follows_a_cadence_changed_between_steps():
     assert not [c for c in caught if "the batch repeats" in str(c.message)]
     w = nn.Parameter(torch.zeros(20))
     opt = ArmijoAdam([w], cadence="every")
-    _least_squares_steps(opt, w, 3)
+    _least_squares_steps(opt, w, 10)  # (the batch found to repeat while every step searches)
     opt.cadence = "adaptive"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -453,6 +453,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 self.stats = self._stats_before_any_step()
             self._warn_group_lrs()
             self._warn_unread_blocks_by(self.param_groups[-1:])
+            self.__dict__.pop("_repeat_watch", None)  # (another model, or more of it: looked at anew)
 
     def _warn_unread_blocks_by(self, groups) -> None:
         """A group's ``blocks_by`` without ``layerwise=True``: taken, and read by nothing."""
@@ -1337,9 +1338,13 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
         )
         watch = self._repeats()  # (asked at every cadence: a repeat also silences the
         # growth warning, about noisy mini-batches; said only where the cadence skips searches)
-        if not watch.done and watch.searched(
-                k, result.loss_before, math.nan if exhausted else self.stats["loss_after"]) \
-                and self.cadence.spec != 1:
+        if not watch.done:
+            watch.searched(k, result.loss_before,
+                           math.nan if exhausted else self.stats["loss_after"])
+            self._note_repeated_batch(watch)
+
+    def _note_repeated_batch(self, watch: RepeatedBatchWatch) -> None:
+        if watch.repeated and self.cadence.spec != 1:  # (the cadence may change between steps)
             self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
 
     def _repeats(self) -> RepeatedBatchWatch:
@@ -1424,8 +1429,9 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
             forwards=g0["forwards"], backwards=g0["backwards"],
         )
         watch = self._repeats()
-        if not watch.done and watch.plain(k, loss_before) and self.cadence.spec != 1:
-            self._warn_once("repeated_batch", repeated_batch_message(self.cadence.spec))
+        if not watch.done:
+            watch.plain(k, loss_before)
+            self._note_repeated_batch(watch)
         return loss_before if given else None
 
     def _dd_over_a_skip(self, buffers, dd, passes) -> list:

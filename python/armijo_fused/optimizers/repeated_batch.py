@@ -14,11 +14,15 @@ search (ArmijoAdam's least squares at none). A float64 user's audit saw a PINN w
 
 The sign that the batch repeats: the loss at the step after a search equals, to fp32's
 resolution, the loss at the point that search accepted (which it evaluated on its own batch).
-On different batches that happens by chance rarely, so three searches in a row are asked for.
-A diagnostic only: nothing here changes a step, and nothing is saved with the optimizer (a
-resumed run looks again). It sees only what it can compare: not under a schedule whose factor
-is below 1 (the step then ends short of the point the search evaluated), nor without a loss
-handed to the steps between searches (``step(loss_fn=fn)`` alone).
+On different batches that happens by chance rarely, so three searches in a row are asked for
+(a sampler that draws one of three samples at a time repeats by chance all the same: a search
+whose next loss differs clears it). A repeat found also keeps quiet the warning about η grown
+without a schedule, which is about noisy mini-batches. A diagnostic only: nothing here changes
+a step, and nothing is saved with the optimizer (a resumed run looks again, as does one after
+``load_state_dict`` or ``add_param_group``). It sees only what it can compare: not under a
+schedule whose factor is below 1 (the step then ends short of the point the search evaluated),
+nor without a loss handed to the steps between searches (``step(loss_fn=fn)`` alone), nor once
+it has stopped after 20 searches on differing batches.
 """
 
 from __future__ import annotations
@@ -30,59 +34,60 @@ from torch import Tensor
 
 from ..linesearch.controller import FP32_RESOLUTION
 
-#: searches in a row whose next loss repeated their accepted one, before it is said
+#: searches in a row whose next loss repeated their accepted one: the batch repeats
 MATCHES = 3
-#: searches whose next loss did not repeat, after which the watch ends (mini-batch training)
+#: searches in a row whose next loss did not, after which the watch stops (mini-batch training)
 MISSES = 20
 
 
 class RepeatedBatchWatch:
     """Compares the loss at the step after each search with the loss that search accepted.
 
-    ``searched`` after each search, ``plain`` at each step without one; each returns True once,
-    when the batch has repeated at ``MATCHES`` searches in a row. A loss on a GPU at a step
-    without a search is not read there (that step has no host sync): it is copied to pinned
-    memory without a sync, as the skip flag is, and read at the next search, whose trials have
-    synchronised the device past it."""
+    ``repeated``: the last ``MATCHES`` searches were each followed by their own accepted loss,
+    so the batch repeats now; a search whose next loss differs clears it (a full-batch warm-up,
+    an "overfit one batch" check, then mini-batches). ``done``: ``MISSES`` in a row, the
+    batches differ and the watch stops looking (its cost on a GPU: one copy per search). Call
+    ``searched`` after each search and ``plain`` at each step without one. A loss on a GPU at a
+    step without a search is not read there (that step has no host sync): it is copied to
+    pinned memory without a sync, as the skip flag is, and read at the next search, whose
+    trials have synchronised the device past it."""
 
     def __init__(self):
         self.done = False
-        self.repeated = False  # the batch was found to repeat
+        self.repeated = False
         self._accepted = None  # (step, the loss at the point the search accepted)
         self._pending = None  # (step, a device loss not read yet: a tensor, or (host, event))
         self._host = {}  # (device, dtype) -> (pinned host scalar, event), reused
         self._matches = self._misses = 0
 
-    def searched(self, k: int, f0: float, loss_after: float) -> bool:
+    def searched(self, k: int, f0: float, loss_after: float) -> None:
         """At the end of the search at step ``k``: its f0 (the loss at θ_k, the previous
         step's end point) and ``loss_after``, its loss where the step ended (NaN where that is
         not a point it evaluated: a schedule's factor below 1 shortened the step)."""
         if self.done:
-            return False
-        said = False
+            return
         if self._pending is not None:
             step, loss = self._pending
             self._pending = None
             if isinstance(loss, tuple):  # (CUDA: long done, the trials synchronised)
                 loss[1].synchronize()
                 loss = loss[0]
-            said = self._seen(step, float(loss))
-        said = self._seen(k, f0) or said
+            self._seen(step, float(loss))
+        self._seen(k, f0)
         accepted = (math.isfinite(loss_after) and math.isfinite(f0) and loss_after != 0.0
                     and loss_after < f0)  # (a constant loss repeats whatever the batch)
         self._accepted = (k, loss_after) if accepted and not self.done else None
-        return said
 
-    def plain(self, k: int, f0) -> bool:
+    def plain(self, k: int, f0) -> None:
         """At the step ``k`` without a search, with its loss at θ_k (None if not handed over)."""
         if self.done or f0 is None or self._accepted is None or self._accepted[0] != k - 1:
-            return False
+            return
         if isinstance(f0, Tensor):
             if f0.device.type == "cuda":
                 self._pending = (k, self._to_host(f0.detach()))
-                return False
+                return
             f0 = _read_now(f0)
-        return self._seen(k, f0)
+        self._seen(k, f0)
 
     def _to_host(self, f0: Tensor) -> tuple:
         key = (f0.device, f0.dtype)  # (an event records on its own device's streams only)
@@ -94,19 +99,17 @@ class RepeatedBatchWatch:
         event.record(torch.cuda.current_stream(f0.device))
         return host, event
 
-    def _seen(self, k: int, f0: float) -> bool:
+    def _seen(self, k: int, f0: float) -> None:
         if self._accepted is None or self._accepted[0] != k - 1:
-            return False
+            return
         accepted = self._accepted[1]
         self._accepted = None
         if abs(f0 - accepted) <= FP32_RESOLUTION * abs(accepted):
-            self._matches += 1
+            self._matches, self._misses = self._matches + 1, 0
         else:
             self._matches, self._misses = 0, self._misses + 1
-        if self._matches >= MATCHES or self._misses >= MISSES:
-            self.done, self.repeated = True, self._matches >= MATCHES
-            return self.repeated
-        return False
+        self.repeated = self._matches >= MATCHES
+        self.done = self._misses >= MISSES
 
 
 def repeated_batch_message(cadence) -> str:
