@@ -453,7 +453,7 @@ class ArmijoOptimizer(CheckpointMixin, StoreMixin, SearchMixin, SettingsMixin,
                 self.stats = self._stats_before_any_step()
             self._warn_group_lrs()
             self._warn_unread_blocks_by(self.param_groups[-1:])
-            self.__dict__.pop("_repeat_watch", None)  # (another model, or more of it: looked at anew)
+            self._repeats().restart()  # (another model, or more of it: looked at again)
 
     def _warn_unread_blocks_by(self, groups) -> None:
         """A group's ``blocks_by`` without ``layerwise=True``: taken, and read by nothing."""

@@ -370,7 +370,7 @@ class CheckpointMixin:
                 v for g in state_dict["param_groups"] for v in (
                     g["step_size"] if isinstance(g["step_size"], list) else [g["step_size"]]))
         self._pending_skip = None  # a flag of the steps before the load is no longer ours
-        self.__dict__.pop("_repeat_watch", None)  # (nor what the watch saw: it looks again)
+        self._repeats().restart()  # (nor is what the watch waited for: it looks again)
         self._last_dd = None
         g0 = self.param_groups[0]
         # taken up by _length_caps (if the same tensors train then)

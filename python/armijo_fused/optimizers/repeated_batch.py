@@ -18,11 +18,12 @@ On different batches that happens by chance rarely, so three searches in a row a
 (a sampler that draws one of three samples at a time repeats by chance all the same: a search
 whose next loss differs clears it). A repeat found also keeps quiet the warning about η grown
 without a schedule, which is about noisy mini-batches. A diagnostic only: nothing here changes
-a step, and nothing is saved with the optimizer (a resumed run looks again, as does one after
-``load_state_dict`` or ``add_param_group``). It sees only what it can compare: not under a
-schedule whose factor is below 1 (the step then ends short of the point the search evaluated),
-nor without a loss handed to the steps between searches (``step(loss_fn=fn)`` alone), nor once
-it has stopped after 20 searches on differing batches.
+a step, and nothing is saved with the optimizer (a resumed run looks again; after
+``load_state_dict`` or ``add_param_group`` it looks again from its last verdict). It sees only
+what it can compare: not under a schedule whose factor is below 1 (the step then ends short of
+the point the search evaluated), nor without a loss handed to the steps between searches
+(``step(loss_fn=fn)`` alone), nor once it has stopped after 20 searches on differing batches;
+a search that gives it nothing to compare ends a repeat found before.
 """
 
 from __future__ import annotations
@@ -76,7 +77,19 @@ class RepeatedBatchWatch:
         self._seen(k, f0)
         accepted = (math.isfinite(loss_after) and math.isfinite(f0) and loss_after != 0.0
                     and loss_after < f0)  # (a constant loss repeats whatever the batch)
+        if self._accepted is not None or not accepted:
+            # the last search's point went uncompared (no loss handed to the step after it),
+            # or this one has none (a schedule's factor below 1 shortened its step): no
+            # evidence either way, so the streak ends (not counted as a differing batch)
+            self._matches, self.repeated = 0, False
         self._accepted = (k, loss_after) if accepted and not self.done else None
+
+    def restart(self) -> None:
+        """After ``load_state_dict`` or ``add_param_group``: what was pending belongs to the
+        steps before; the verdict stands until the next comparisons say otherwise (dropped,
+        a full batch got the growth warning at the first search after a load)."""
+        self._accepted = self._pending = None
+        self.done, self._misses = False, 0
 
     def plain(self, k: int, f0) -> None:
         """At the step ``k`` without a search, with its loss at θ_k (None if not handed over)."""
