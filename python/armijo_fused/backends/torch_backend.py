@@ -64,6 +64,7 @@ from torch import Tensor
 
 from ..directions.base import DirectionRule
 from ..storage.layout import FlatLayout
+from ..storage.scalars import compute_dtype
 from ..storage.table import TileTable, gather, scatter
 from ..storage.table import grad_sq_norm as table_grad_sq_norm
 
@@ -73,11 +74,6 @@ name = "torch"
 def _blocks(layout: FlatLayout):
     for b in range(layout.nblocks):
         yield b, slice(layout.block_offsets[b], layout.block_offsets[b + 1])
-
-
-def _math_dtype(t: Tensor) -> torch.dtype:
-    """fp64 for a float64 buffer, else fp32 (bf16/fp16 gradients are widened)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _block_sums(g: Tensor, d: Tensor) -> Tensor:
@@ -137,7 +133,7 @@ def first_pass(
         return sums
     _check_flat("first_pass", layout, param=param, grad=grad, states=list(states),
                 model_param=model_param)
-    ct = _math_dtype(param)
+    ct = compute_dtype(param.dtype)
     sums = torch.zeros(layout.nblocks, 3, dtype=ct, device=param.device)
     scale = _unpack_scale(gscale)
     if scale is None:
@@ -197,7 +193,7 @@ def move(
         return sums
     _check_flat("move", layout, param=param, grad=grad, states=list(states),
                 model_param=model_param)
-    ct = _math_dtype(param)
+    ct = compute_dtype(param.dtype)
     sums = torch.zeros(layout.nblocks, 3, dtype=ct, device=param.device)
     scale = _unpack_scale(gscale)
     if scale is None:
@@ -243,7 +239,7 @@ def trial_points(
 ) -> Tensor:
     _check_flat("trial_points", layout, param=param, grad=grad, states=list(states))
     unscale, clip = (float(x) for x in gscale.tolist())
-    ct = _math_dtype(param)
+    ct = compute_dtype(param.dtype)
     g_in = grad.to(ct) * unscale * clip
     u, wd = _direction(rule, g_in, states, scalars, weight_decay, precond)
     d = u if precond else u + wd * param
@@ -263,7 +259,7 @@ def grad_sq_norm(grad: Tensor, layout: FlatLayout, table: TileTable | None = Non
     if table is not None:
         return table_grad_sq_norm(table)
     _check_flat("grad_sq_norm", layout, grad=grad)
-    ct = _math_dtype(grad)
+    ct = compute_dtype(grad.dtype)
     out = torch.empty(layout.nblocks, dtype=ct, device=grad.device)
     for b, sl in _blocks(layout):
         out[b] = grad[sl].to(ct).square().sum()

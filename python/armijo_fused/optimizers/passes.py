@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..backends import torch_backend
 from ..linesearch.controller import Passes
-from ..storage.scalars import device_floats, to_device
+from ..storage.scalars import compute_dtype, device_floats, to_device
 from ..storage.sharded import ShardedBuffer
 
 if TYPE_CHECKING:
@@ -42,12 +42,6 @@ def _model_copy(buf) -> Tensor | None:
     return getattr(buf, "model_param", None) if getattr(buf, "master", False) else None
 
 
-def math_dtype(buf) -> torch.dtype:
-    """What a buffer's passes compute in, their step sizes and guard too: float64 for a float64
-    model's (the torch backend), else fp32."""
-    return torch.float64 if buf.dtype == torch.float64 else torch.float32
-
-
 def scalar_sum(x: Tensor) -> Tensor:
     """Σ of a small tensor as a 0-dim one; a view, not a launch, when it has one element."""
     return x.reshape(()) if x.numel() == 1 else x.sum()
@@ -70,7 +64,7 @@ class FlatPasses(Passes):
         again by the guard)."""
         self.opt, self.buffers = opt, buffers
         # each buffer's compute dtype and guard key, once (read at every pass)
-        self._dtypes = [math_dtype(b) for b in buffers]
+        self._dtypes = [compute_dtype(b.dtype) for b in buffers]
         self._keys = [(b.device, dt) for b, dt in zip(buffers, self._dtypes)]
         self._known_sq = grad_sq or {}
         self.groups = sorted({b.group_index for b in buffers})  # whose state this step updates
@@ -120,7 +114,7 @@ class FlatPasses(Passes):
                 # (in float64 where a float64 buffer made Σ g² float64: in fp32 the factor of a
                 # gradient of 1e40 was subnormal, of 1e50 0, and no step was taken)
                 clip = (opt.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-                dtype = torch.float64 if clip.dtype == torch.float64 else torch.float32
+                dtype = compute_dtype(clip.dtype)
                 self._base = torch.cat([self._base[:1].to(dtype), clip.reshape(1).to(dtype)])
         if f0 is not None:
             self.set_loss(f0)

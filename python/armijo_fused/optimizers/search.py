@@ -15,9 +15,9 @@ from torch import Tensor
 from ..directions.base import as_real
 from ..linesearch.batched import batched_armijo_search
 from ..linesearch.controller import FP32_RESOLUTION, armijo_search, loss_resolution
-from ..storage.scalars import device_floats
+from ..storage.scalars import compute_dtype, device_floats
 from ..storage.sharded import ShardedBuffer
-from .passes import _flat_grad, _table, math_dtype, scalar_sum, total
+from .passes import _flat_grad, _table, scalar_sum, total
 
 #: the counters every param group keeps (and a checkpoint holds), with their least valid value
 COUNTER_MINIMA = {"step": 0, "folded": 0, "next_search": 0, "search_interval": 1, "searches": 0,
@@ -659,7 +659,7 @@ class SearchMixin:
             if (mask is None or mask == self._trainable_mask(self._buffer_key)) and \
                     len(saved) == len(buffers) and all(
                     len(v) == b.layout.nblocks for v, b in zip(saved, buffers)):
-                self._last_dd = (buffers, [device_floats(v, b.device, math_dtype(b))
+                self._last_dd = (buffers, [device_floats(v, b.device, compute_dtype(b.dtype))
                                            for v, b in zip(saved, buffers)])
         last = self._last_dd
         if last is None or last[0] is not buffers:
@@ -674,11 +674,11 @@ class SearchMixin:
             cap = torch.nan_to_num(inv_norm * (STEP_LENGTH_RATIO * ref[0]), nan=math.inf)
             # (each in its buffer's dtype: a float64 buffer's ‖d‖² made it float64, which the
             # fp32 buffers' fused passes refuse)
-            return [cap.to(b.device, math_dtype(b)).expand(b.layout.nblocks) for b in buffers]
+            return [cap.to(b.device, compute_dtype(b.dtype)).expand(b.layout.nblocks) for b in buffers]
         caps, pos = [], 0
         for b, dd in zip(buffers, last[1]):
             n = b.layout.nblocks
-            r = device_floats(ref[pos : pos + n], dd.device, math_dtype(b))
+            r = device_floats(ref[pos : pos + n], dd.device, compute_dtype(b.dtype))
             caps.append(torch.nan_to_num(dd.rsqrt() * (STEP_LENGTH_RATIO * r), nan=math.inf))
             pos += n
         return caps

@@ -31,3 +31,9 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the passes compute in for buffers (or a Σ g²) of ``dtype``: float64 for a float64
+    model's (the torch backend, the only one that takes them), else fp32 (bf16/fp16 widened)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
